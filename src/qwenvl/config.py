@@ -1,0 +1,316 @@
+"""Typed configuration for Qwen-VL, mapped one-to-one onto the official ``config.json``.
+
+Three dataclasses: :class:`VisionConfig` (ViT + resampler, the official ``visual`` dict),
+:class:`LMConfig` (the Qwen language model) and :class:`QwenVLConfig` (both, plus the
+generation defaults read from ``generation_config.json``). Named presets live in ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Special token ids of the official tokenizer (DESIGN.md section 1, "Tokenizer").
+ENDOFTEXT_ID = 151643
+IM_START_ID = 151644
+IM_END_ID = 151645
+REF_START_ID = 151851
+REF_END_ID = 151852
+BOX_START_ID = 151853
+BOX_END_ID = 151854
+QUAD_START_ID = 151855
+QUAD_END_ID = 151856
+IMG_START_ID = 151857
+IMG_END_ID = 151858
+IMG_PAD_ID = 151859
+TOKENIZER_SIZE = 151860
+IMG_TOKEN_SPAN = 256  # ids strictly between <img> and </img>
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or disagrees with something it must match."""
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower (ViT-bigG at full size) and its cross-attention resampler."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    width: int = 1664
+    layers: int = 48
+    heads: int = 16
+    mlp_ratio: float = 4.9231
+    output_dim: int = 4096
+    n_queries: int = 256
+    image_start_id: int = IMG_START_ID
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "width", "layers", "heads", "output_dim", "n_queries"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"visual.{name} must be positive, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"visual.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ConfigError(f"visual.width {self.width} is not divisible by heads {self.heads}")
+        if self.output_dim % 128:
+            raise ConfigError(f"visual.output_dim {self.output_dim} must be a multiple of 128 (resampler head size)")
+        grid = math.isqrt(self.n_queries)
+        if grid * grid != self.n_queries:
+            raise ConfigError(f"visual.n_queries {self.n_queries} must be a perfect square")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def resampler_heads(self) -> int:
+        return self.output_dim // 128
+
+    def to_official(self) -> dict[str, Any]:
+        out = {
+            "heads": self.heads,
+            "image_size": self.image_size,
+            "image_start_id": self.image_start_id,
+            "layers": self.layers,
+            "mlp_ratio": self.mlp_ratio,
+            "output_dim": self.output_dim,
+            "patch_size": self.patch_size,
+            "width": self.width,
+        }
+        if self.n_queries != 256:
+            out["n_queries"] = self.n_queries
+        return out
+
+    @classmethod
+    def from_official(cls, d: dict[str, Any]) -> VisionConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class LMConfig:
+    """The Qwen-7B language model (names follow the official ``config.json``)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    intermediate_size: int = 22016
+    seq_length: int = 2048
+    max_position_embeddings: int = 8192
+    layer_norm_epsilon: float = 1e-6
+    rotary_emb_base: float = 10000.0
+    rotary_pct: float = 1.0
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+    no_bias: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
+                     "intermediate_size", "seq_length"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads * self.kv_channels != self.hidden_size:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) x kv_channels ({self.kv_channels}) "
+                f"must equal hidden_size ({self.hidden_size})"
+            )
+        if self.intermediate_size % 2:
+            raise ConfigError(f"intermediate_size must be even (w1/w2 are intermediate_size // 2), got {self.intermediate_size}")
+        if self.rotary_pct != 1.0:
+            raise ConfigError(f"rotary_pct {self.rotary_pct} is not supported: Qwen-VL rotates the whole head (1.0)")
+        if self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings=True is not Qwen-VL: wte and lm_head are separate")
+        if self.vocab_size < TOKENIZER_SIZE:
+            raise ConfigError(f"vocab_size {self.vocab_size} is smaller than the tokenizer ({TOKENIZER_SIZE} ids)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def ffn_dim(self) -> int:
+        """Width of each of w1 and w2 (the official config stores twice this)."""
+        return self.intermediate_size // 2
+
+
+@dataclass
+class GenerationDefaults:
+    """What ``generation_config.json`` says (chat format and sampling defaults)."""
+
+    chat_format: str = "chatml"
+    do_sample: bool = True
+    top_p: float = 0.3
+    top_k: int = 0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+    max_window_size: int = 6144
+    eos_token_id: int = ENDOFTEXT_ID
+    pad_token_id: int = ENDOFTEXT_ID
+
+    def __post_init__(self) -> None:
+        if self.chat_format not in ("raw", "chatml"):
+            raise ConfigError(f"chat_format must be 'raw' or 'chatml', got {self.chat_format!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationDefaults:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        if kw.get("top_k") is None:
+            kw["top_k"] = 0
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QwenVLConfig:
+    """The whole model: LM + vision tower, and the generation defaults of the checkpoint."""
+
+    lm: LMConfig = field(default_factory=LMConfig)
+    visual: VisionConfig = field(default_factory=VisionConfig)
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.visual.output_dim != self.lm.hidden_size:
+            raise ConfigError(
+                f"visual.output_dim ({self.visual.output_dim}) must equal hidden_size ({self.lm.hidden_size}): "
+                "image features replace token embeddings"
+            )
+        if self.visual.n_queries != IMG_TOKEN_SPAN:
+            raise ConfigError(f"n_queries must be {IMG_TOKEN_SPAN} (the tokens between <img> and </img>)")
+
+    # ---- official config.json --------------------------------------------------------------
+    def to_official(self) -> dict[str, Any]:
+        lm = self.lm
+        return {
+            "architectures": ["QWenLMHeadModel"],
+            "model_type": "qwen",
+            "attn_dropout_prob": 0.0,
+            "emb_dropout_prob": 0.0,
+            "bf16": self.torch_dtype == "bfloat16",
+            "fp16": self.torch_dtype == "float16",
+            "fp32": self.torch_dtype == "float32",
+            "hidden_size": lm.hidden_size,
+            "initializer_range": 0.02,
+            "intermediate_size": lm.intermediate_size,
+            "kv_channels": lm.kv_channels,
+            "layer_norm_epsilon": lm.layer_norm_epsilon,
+            "max_position_embeddings": lm.max_position_embeddings,
+            "no_bias": lm.no_bias,
+            "num_attention_heads": lm.num_attention_heads,
+            "num_hidden_layers": lm.num_hidden_layers,
+            "rotary_emb_base": lm.rotary_emb_base,
+            "rotary_pct": lm.rotary_pct,
+            "scale_attn_weights": True,
+            "seq_length": lm.seq_length,
+            "tie_word_embeddings": lm.tie_word_embeddings,
+            "tokenizer_type": "QWenTokenizer",
+            "torch_dtype": self.torch_dtype,
+            "use_cache": True,
+            "use_dynamic_ntk": lm.use_dynamic_ntk,
+            "use_flash_attn": False,
+            "use_logn_attn": lm.use_logn_attn,
+            "visual": self.visual.to_official(),
+            "vocab_size": lm.vocab_size,
+        }
+
+    @classmethod
+    def from_official(cls, d: dict[str, Any], generation: dict[str, Any] | None = None) -> QwenVLConfig:
+        if d.get("model_type", "qwen") != "qwen":
+            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'qwen'")
+        if "visual" not in d:
+            raise ConfigError("config.json has no 'visual' section: this is a text-only Qwen checkpoint, not Qwen-VL")
+        known = {f.name for f in fields(LMConfig)}
+        lm = LMConfig(**{k: v for k, v in d.items() if k in known})
+        dtype = d.get("torch_dtype") or "bfloat16"
+        gen = GenerationDefaults.from_dict(generation) if generation else GenerationDefaults()
+        return cls(lm=lm, visual=VisionConfig.from_official(d["visual"]), generation=gen, torch_dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> QwenVLConfig:
+        """Read ``config.json`` (and ``generation_config.json`` if present) from a checkpoint folder."""
+        path = Path(path)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        try:
+            d = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from e
+        gen = None
+        gen_file = cfg_file.parent / "generation_config.json"
+        if gen_file.is_file():
+            try:
+                gen = json.loads(gen_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{gen_file} is not valid JSON: {e}") from e
+        try:
+            return cls.from_official(d, gen)
+        except TypeError as e:
+            raise ConfigError(f"{cfg_file}: {e}") from e
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.to_official(), indent=2) + "\n", encoding="utf-8")
+        gen = self.generation.to_dict()
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_preset(cls, name: str) -> QwenVLConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]()
+
+
+def _preset_9_6b(chat: bool = False) -> QwenVLConfig:
+    gen = GenerationDefaults(chat_format="chatml", top_p=0.3) if chat else GenerationDefaults(chat_format="raw", top_p=0.5)
+    return QwenVLConfig(lm=LMConfig(), visual=VisionConfig(), generation=gen)
+
+
+def _preset_tiny() -> QwenVLConfig:
+    """A few-MB model with the real vocabulary, for tests (the golden fixture's shapes)."""
+    return QwenVLConfig(
+        lm=LMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64, intermediate_size=512),
+        visual=VisionConfig(image_size=448, patch_size=14, width=64, layers=2, heads=2, mlp_ratio=2.0, output_dim=128),
+        generation=GenerationDefaults(chat_format="chatml", top_p=0.3),
+        torch_dtype="float32",
+    )
+
+
+def _preset_mid() -> QwenVLConfig:
+    """The benchmark's mid-size model: hidden 1024, 8 layers, real vocabulary."""
+    return QwenVLConfig(
+        lm=LMConfig(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, kv_channels=128, intermediate_size=5632),
+        visual=VisionConfig(width=256, layers=4, heads=4, mlp_ratio=4.0, output_dim=1024),
+        generation=GenerationDefaults(chat_format="chatml", top_p=0.3),
+        torch_dtype="float32",
+    )
+
+
+PRESETS = {
+    "qwen-vl-9.6b": lambda: _preset_9_6b(chat=False),
+    "qwen-vl-chat-9.6b": lambda: _preset_9_6b(chat=True),
+    "mid": _preset_mid,
+    "tiny": _preset_tiny,
+}

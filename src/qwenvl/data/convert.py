@@ -1,0 +1,257 @@
+"""LLaVA instruction data -> the Qwen-VL fine-tuning format (the MindFormers ``data_convert`` rule).
+
+LLaVA record::
+
+    {"id": "000000215677", "image": "000000215677.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}]}
+
+becomes::
+
+    {"id": "000000215677",
+     "conversations": [{"from": "user", "value": "Picture 1: <img>train2014/COCO_train2014_000000215677.jpg</img>\\nWhat is ..."},
+                       {"from": "assistant", "value": "..."}]}
+
+Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
+
+- ``human`` -> ``user_role_name``, ``gpt`` -> ``assistant_role_name``; any other ``from`` is malformed.
+- The image tag is taken out of the turn that holds it: ``<image>\\n`` is tried first, then ``\\n<image>``,
+  then (fallback, for data that writes it inline) a bare ``<image>``. The turn then starts with
+  ``Picture 1: <img>{image_prefix}{image}</img>\\n``. MindFormers substitutes ``\\n<image>`` in place, which
+  glues the picture line onto the end of the question; we always put it first, where the model saw images
+  in training.
+- A record with an ``image`` but no tag in any turn gets the picture line at the start of its first user
+  turn (otherwise the image would be silently lost); these are counted in ``ConvertSummary.untagged``.
+- The ``image`` key is removed; other record keys are kept. Turns keep only ``from`` and ``value``.
+- A record whose image file ``image_location / (image_prefix + image)`` does not exist is dropped and counted.
+- A record without an ``image`` key is kept as text-only.
+- Malformed records are skipped and listed (index, id, reason), or raise ``ValueError`` with ``strict=True``.
+  Malformed means: not an object; ``conversations`` missing, not a list, or empty; a turn that is not an
+  object or lacks a string ``from``/``value``; an unknown ``from``; an ``image`` that is not a non-empty
+  string; more than one image tag; an image tag in a ``gpt`` turn; an image tag with no ``image`` key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qwenvl.fileio import atomic_write_text
+
+__all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
+
+logger = logging.getLogger(__name__)
+
+LLAVA_IMAGE_TOKEN = "<image>"
+# Tried in this order; the bare token is the fallback.
+_IMAGE_TAG_FORMS = (LLAVA_IMAGE_TOKEN + "\n", "\n" + LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKEN)
+DEFAULT_IMAGE_PREFIX = "train2014/COCO_train2014_"
+MAX_EXAMPLES = 5  # missing-image paths kept in the summary / shown in the log
+
+
+@dataclass(frozen=True)
+class MalformedRecord:
+    """A record that was skipped: its position in the input list, its ``id`` (None if absent) and why."""
+
+    index: int
+    id: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record {self.index} (id={self.id!r}): {self.reason}"
+
+
+@dataclass
+class ConvertSummary:
+    """What :func:`convert_llava` did. ``total == written + missing_images + len(malformed)``."""
+
+    total: int = 0
+    written: int = 0
+    text_only: int = 0  # written records without an image
+    # written records whose image had no <image> tag (picture put at the start of the first user turn)
+    untagged: int = 0
+    missing_images: int = 0
+    missing_image_examples: list[str] = field(default_factory=list)  # the first MAX_EXAMPLES paths
+    malformed: list[MalformedRecord] = field(default_factory=list)
+    output_path: Path | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.total} records read, {self.written} written ({self.text_only} text-only, "
+            f"{self.untagged} with an untagged image), {self.missing_images} dropped for a missing image, "
+            f"{len(self.malformed)} malformed skipped"
+        ]
+        if self.missing_images:
+            more = self.missing_images - len(self.missing_image_examples)
+            lines.append(
+                "missing images: "
+                + ", ".join(self.missing_image_examples)
+                + (f" (and {more} more)" if more > 0 else "")
+            )
+        lines.extend(f"malformed {m}" for m in self.malformed[:MAX_EXAMPLES])
+        if len(self.malformed) > MAX_EXAMPLES:
+            lines.append(f"(and {len(self.malformed) - MAX_EXAMPLES} more malformed records)")
+        return "\n".join(lines)
+
+
+class _Malformed(Exception):
+    """Internal: carries the reason a record is rejected."""
+
+
+def _load_llava(data_path: Path) -> list[Any]:
+    try:
+        raw = data_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"LLaVA data file not found: {data_path}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{data_path}: not UTF-8 text ({e})") from e
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{data_path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
+        ) from e
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{data_path}: expected a JSON list of LLaVA records at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def _strip_image_tag(value: str) -> str | None:
+    """Return ``value`` without its image tag, or None if it has none."""
+    for form in _IMAGE_TAG_FORMS:
+        if form in value:
+            return value.replace(form, "", 1)
+    return None
+
+
+def _convert_record(
+    record: Any, roles: dict[str, str], image_prefix: str
+) -> tuple[dict[str, Any], str | None, bool]:
+    """Convert one record; return (output record, image path relative to the image root or None, untagged).
+
+    Raises _Malformed.
+    """
+    if not isinstance(record, dict):
+        raise _Malformed(f"expected an object, got {type(record).__name__}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Malformed("'conversations' is missing, not a list or empty")
+    image = record.get("image")
+    if "image" in record and (not isinstance(image, str) or not image):
+        raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
+    rel_path = None if image is None else image_prefix + image
+    picture = "" if rel_path is None else f"Picture 1: <img>{rel_path}</img>\n"
+
+    out_turns: list[dict[str, str]] = []
+    tagged = 0
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise _Malformed(f"turn {t} is not an object")
+        speaker, value = turn.get("from"), turn.get("value")
+        if not isinstance(speaker, str) or not isinstance(value, str):
+            raise _Malformed(f"turn {t} needs string 'from' and 'value'")
+        if speaker not in roles:
+            raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt')")
+        stripped = _strip_image_tag(value)
+        if stripped is not None:
+            tagged += 1 + stripped.count(LLAVA_IMAGE_TOKEN)
+            if rel_path is None:
+                raise _Malformed(f"turn {t} has an {LLAVA_IMAGE_TOKEN} tag but the record has no 'image'")
+            if speaker != "human":
+                raise _Malformed(
+                    f"turn {t} ({speaker!r}) has an {LLAVA_IMAGE_TOKEN} tag; only human turns may"
+                )
+            value = picture + stripped
+        out_turns.append({"from": roles[speaker], "value": value})
+    if tagged > 1:
+        raise _Malformed(f"{tagged} {LLAVA_IMAGE_TOKEN} tags; a record holds at most one image")
+
+    untagged = rel_path is not None and tagged == 0
+    if untagged:
+        first_user = next((t for t in out_turns if t["from"] == roles["human"]), None)
+        if first_user is None:
+            raise _Malformed("the record has an 'image' but no human turn to show it in")
+        first_user["value"] = picture + first_user["value"]
+
+    out = {k: v for k, v in record.items() if k not in ("image", "conversations")}
+    out["conversations"] = out_turns
+    return out, rel_path, untagged
+
+
+def convert_records(
+    records: list[Any],
+    image_location: str | os.PathLike[str],
+    user_role_name: str = "user",
+    assistant_role_name: str = "assistant",
+    image_prefix: str = DEFAULT_IMAGE_PREFIX,
+    strict: bool = False,
+) -> tuple[list[dict[str, Any]], ConvertSummary]:
+    """Convert already-loaded LLaVA records (see the module docstring); nothing is written."""
+    if user_role_name == assistant_role_name:
+        raise ValueError(f"user and assistant role names must differ, both are {user_role_name!r}")
+    root = Path(image_location)
+    if not root.is_dir():
+        raise NotADirectoryError(f"image_location is not a folder: {root}")
+    roles = {"human": user_role_name, "gpt": assistant_role_name}
+
+    summary = ConvertSummary(total=len(records))
+    converted: list[dict[str, Any]] = []
+    for index, record in enumerate(records):
+        try:
+            out, rel_path, untagged = _convert_record(record, roles, image_prefix)
+        except _Malformed as e:
+            bad = MalformedRecord(index, record.get("id") if isinstance(record, dict) else None, str(e))
+            if strict:
+                raise ValueError(f"malformed LLaVA {bad}") from None
+            logger.debug("skipping malformed %s", bad)
+            summary.malformed.append(bad)
+            continue
+        if rel_path is not None:
+            image_file = root / rel_path
+            if not image_file.is_file():
+                logger.debug(
+                    "dropping record %d (id=%r): image not found: %s", index, out.get("id"), image_file
+                )
+                summary.missing_images += 1
+                if len(summary.missing_image_examples) < MAX_EXAMPLES:
+                    summary.missing_image_examples.append(str(image_file))
+                continue
+        else:
+            summary.text_only += 1
+        summary.untagged += int(untagged)
+        converted.append(out)
+    summary.written = len(converted)
+    return converted, summary
+
+
+def convert_llava(
+    data_path: str | os.PathLike[str],
+    image_location: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    user_role_name: str = "user",
+    assistant_role_name: str = "assistant",
+    image_prefix: str = DEFAULT_IMAGE_PREFIX,
+    strict: bool = False,
+) -> ConvertSummary:
+    """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
+
+    The output is a UTF-8 JSON list written atomically; it is not written at all when the input cannot be
+    read (missing file, invalid JSON, top level not a list: FileNotFoundError / ValueError naming the file)
+    or, with ``strict``, when a record is malformed. Returns the summary, which is also logged.
+    """
+    data_path = Path(data_path)
+    records = _load_llava(data_path)
+    converted, summary = convert_records(
+        records, image_location, user_role_name, assistant_role_name, image_prefix, strict
+    )
+    summary.output_path = atomic_write_text(
+        output_path, json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
+    )
+    level = logging.WARNING if summary.missing_images or summary.malformed else logging.INFO
+    logger.log(level, "converted %s -> %s: %s", data_path, summary.output_path, summary)
+    return summary

@@ -1,0 +1,170 @@
+"""Crash-safe writes: a file or a whole folder appears complete at its final path, or not at all.
+
+Everything is staged in a hidden sibling of the target (same folder, hence same filesystem) and moved into
+place with ``os.replace``/``os.rename``, which are atomic on POSIX. Readers never see a half-written file,
+and a failure leaves the previous version (if any) untouched and no temporary files behind.
+
+Not meant for several writers racing on the same path: the last one to finish wins, as with plain writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    # The umask can only be read by setting it; do it once (at first use) to keep the race window tiny.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable. Best effort: not every platform can open a folder."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink or a folder tree; a missing path is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically; return the path.
+
+    Parent folders are created. A file being replaced keeps its permission bits; a new file gets the
+    usual ``0o666 & ~umask``. With ``fsync`` the data (and the rename) are flushed to disk before returning,
+    so a power loss leaves either the old or the new file, never an empty one.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write a file over the folder {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp creates 0o600
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_text(
+    path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", fsync: bool = True
+) -> Path:
+    """Write ``text`` to ``path`` atomically (no newline translation); return the path."""
+    return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            file = Path(dirpath) / name
+            if file.is_symlink() or not file.is_file():
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it to ``path`` when the ``with`` block succeeds.
+
+    ::
+
+        with atomic_dir("runs/ckpt/step-100") as tmp:
+            save_weights(tmp / "model.safetensors")
+            atomic_write_text(tmp / "config.json", text)   # plain writes are fine inside tmp too
+
+    - On success an existing folder at ``path`` is replaced: it is renamed away, the new folder is renamed
+      in, then the old one is deleted. If the rename-in fails the old folder is put back.
+    - On any exception (including KeyboardInterrupt) the temporary folder is deleted and ``path`` is left
+      exactly as it was.
+    - With ``fsync`` every file in the new folder is flushed to disk before it becomes visible.
+
+    A crash between the two renames (a window of two syscalls) leaves ``path`` missing and the previous
+    version in a hidden sibling named ``.<name>.old-<hex>``; a crash at any other time leaves either the old
+    or the new folder at ``path``, plus possibly a hidden ``.<name>.*.tmp`` / ``.old-`` sibling to delete.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot replace {target} with a folder: it exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0o700
+        yield tmp
+        if fsync:
+            _fsync_tree(tmp)
+        _swap_in(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    if fsync:
+        _fsync_dir(target.parent)
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``, replacing an existing ``target`` (a folder or a link to one)."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(new, target)
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"cannot replace {target} with a folder: it exists and is not a folder")
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    try:
+        _remove(old)
+    except OSError as e:  # the new folder is in place; a leftover old copy is only wasted space
+        logger.warning("replaced %s but could not delete the previous version %s: %s", target, old, e)

@@ -1,0 +1,222 @@
+"""Text generation: greedy and sampled decoding over a preallocated KV cache, batched and streamed.
+
+Batches are left-padded; every sequence gets positions, dynamic-NTK factor and LogN scale from its own
+unpadded length, so a batch yields the same greedy tokens as each prompt alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+
+if TYPE_CHECKING:
+    from .model import QwenVL
+
+logger = logging.getLogger(__name__)
+
+STOP_IDS = {"raw": (ENDOFTEXT_ID,), "chatml": (IM_END_ID, IM_START_ID, ENDOFTEXT_ID)}
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. Defaults are greedy; ``from_defaults`` fills them from a checkpoint."""
+
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = field(default_factory=lambda: STOP_IDS["chatml"])
+    pad_token_id: int = ENDOFTEXT_ID
+
+    def validate(self) -> None:
+        if int(self.max_new_tokens) <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def process_logits(
+    logits: torch.Tensor, tokens: torch.Tensor | None, step: int, p: SamplingParams
+) -> torch.Tensor:
+    """Apply min_new_tokens, repetition penalty, temperature, top-k and top-p to float32 logits (B, V)."""
+    logits = logits.float()
+    if step < p.min_new_tokens:
+        logits[:, list(p.stop_token_ids)] = float("-inf")
+    if p.repetition_penalty != 1.0 and tokens is not None:
+        seen = logits.gather(1, tokens)
+        seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        logits = logits.scatter(1, tokens, seen)
+    if not p.do_sample:
+        return logits
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= (1 - p.top_p)
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    if not p.do_sample:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_step(model: QwenVL, token: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
+    """One decode step for the whole batch: (B, 1) token -> (B, V) logits. Small enough for torch.compile."""
+    return model(token, attention_mask=attention_mask, past_key_values=cache).logits[:, -1]
+
+
+def stream_tokens(
+    model: QwenVL,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    max_context: int | None = None,
+    step_fn: Callable | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence, (B,) per step; finished sequences yield ``pad_token_id``."""
+    p = params or SamplingParams()
+    p.validate()
+    device = model.device
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    if t == 0:
+        raise ValueError("empty prompt: input_ids has no tokens")
+    limit = max_context or model.config.lm.max_position_embeddings
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    longest = int(attention_mask.sum(-1).max())
+    if longest >= limit:
+        raise ValueError(f"prompt of {longest} tokens does not fit the context of {limit} tokens")
+    max_new = min(int(p.max_new_tokens), limit - longest)
+    if max_new < p.max_new_tokens:
+        logger.warning("max_new_tokens lowered from %d to %d to fit the context of %d", p.max_new_tokens, max_new, limit)
+    generator = None
+    if p.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+    cache = model.new_cache(b, t + max_new)
+    logits = model(input_ids, attention_mask=attention_mask, images=images, past_key_values=cache,
+                   logits_to_keep=1).logits[:, -1]
+    step_fn = step_fn or decode_step
+    stop = torch.tensor(list(p.stop_token_ids), device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    history = input_ids if p.repetition_penalty != 1.0 else None
+    ones = torch.ones(b, 1, dtype=attention_mask.dtype, device=device)
+    for step in range(max_new):
+        token = pick(process_logits(logits, history, step, p), p, generator)
+        token = torch.where(finished, torch.full_like(token, p.pad_token_id), token)
+        yield token
+        finished |= torch.isin(token, stop)
+        if bool(finished.all()) or step == max_new - 1:
+            return
+        if history is not None:
+            history = torch.cat([history, token[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, ones], dim=1)
+        logits = step_fn(model, token[:, None], attention_mask, cache)
+
+
+@torch.no_grad()
+def generate(
+    model: QwenVL,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    chat_format: str | None = None,
+    max_context: int | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Prompt + continuation ids (B, T + new), padded with ``<|endoftext|>`` after each sequence stops.
+
+    Greedy unless ``do_sample``; sampling defaults (top_p, top_k) and the stop tokens come from the
+    checkpoint's ``generation_config.json`` (``chat_format`` raw: ``<|endoftext|>``; chatml: also
+    ``<|im_end|>`` and ``<|im_start|>``). The stop token is kept in the output.
+    """
+    params = sampling_params(model, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                             repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids,
+                             chat_format=chat_format)
+    new = list(stream_tokens(model, input_ids, attention_mask, images, params, max_context))
+    out = torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
+    return torch.cat([input_ids.to(out.device), out], dim=1)
+
+
+def sampling_params(
+    model: QwenVL, *, max_new_tokens: int | None = None, top_p: float | None = None, top_k: int | None = None,
+    stop_token_ids: Sequence[int] | None = None, chat_format: str | None = None, **kw: object
+) -> SamplingParams:
+    """SamplingParams with the checkpoint's defaults for whatever is None."""
+    g = model.config.generation
+    fmt = chat_format or g.chat_format
+    if fmt not in STOP_IDS:
+        raise ValueError(f"chat_format must be one of {sorted(STOP_IDS)}, got {fmt!r}")
+    return SamplingParams(
+        max_new_tokens=g.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        top_p=g.top_p if top_p is None else top_p,
+        top_k=g.top_k if top_k is None else top_k,
+        stop_token_ids=tuple(stop_token_ids) if stop_token_ids is not None else STOP_IDS[fmt],
+        pad_token_id=g.pad_token_id,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character."""
+
+    def __init__(self, decode: Callable[[list[int]], str], skip_ids: Sequence[int] = ()) -> None:
+        self.decode = decode
+        self.skip = set(skip_ids)
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        if token not in self.skip:
+            self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        delta, self.emitted = text[self.emitted :], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        delta, self.emitted = text[self.emitted :], len(text)
+        return delta

@@ -1,0 +1,123 @@
+"""The Qwen-7B language model blocks: RMSNorm, attention with RoPE (dynamic NTK, LogN), SwiGLU MLP.
+
+Names follow the official checkpoint (``transformer.h.N.attn.c_attn`` ...). Inference-only tricks of
+the official model (dynamic-NTK RoPE and LogN query scaling past ``seq_length``) are computed here per
+sequence from explicit positions, so left-padded batches give each sequence its own values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LMConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fact: normalize in float32, cast back to the input dtype, then scale (the order matters in bf16)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def ntk_alpha(length: int, seq_length: int) -> float:
+    """fact: dynamic-NTK factor for a prompt of ``length`` tokens: max(1, 2^ceil(log2(L/S) + 1) - 1)."""
+    value = math.log(length / seq_length, 2) + 1
+    return float(max(2 ** math.ceil(value) - 1, 1))
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, alpha: torch.Tensor, head_dim: int, base: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, hd) in float32 for ``positions`` (B, T) and per-row NTK ``alpha`` (B,)."""
+    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    # fact: base' = base * alpha^(d / (d - 2))
+    row_base = base * alpha.double().pow(head_dim / (head_dim - 2))  # (B,)
+    inv_freq = 1.0 / row_base.float()[:, None].pow(exponent[None, :])  # (B, hd/2)
+    freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE over the whole head, computed in float32 (fact)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """fact: query at 0-based position p is scaled by log(p + 1) / log(S) when p + 1 > S. (B, T) float32."""
+    p1 = positions.float() + 1
+    return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.kv_channels
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=not cfg.no_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_scale: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)  # fact: [q; k; v] row blocks
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if q_scale is not None:
+            q = q * q_scale[:, None, :, None].to(q.dtype)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.c_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))  # fact: silu on w2, not w1
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, q_scale, mask, cache, layer):  # noqa: ANN001, ANN201 (hot path)
+        x = x + self.attn(self.ln_1(x), cos, sin, q_scale, mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))

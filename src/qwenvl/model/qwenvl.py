@@ -1,0 +1,306 @@
+"""The glue: embeddings, image features scattered into the ``<img>`` spans, the LM stack, ``lm_head``.
+
+``QwenVL`` takes tensors only (``input_ids``, ``attention_mask``, ``images`` as pixels); turning text and
+pictures into those tensors is the processor's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
+from .kv_cache import KVCache
+from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin
+from .vision import VisionTower
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class QwenVLOutput:
+    logits: torch.Tensor | None = None  # (B, T_kept, vocab) or None when only the loss was asked for
+    loss: torch.Tensor | None = None
+    num_loss_tokens: int = 0
+    past_key_values: KVCache | None = None
+
+
+class QwenModel(nn.Module):
+    """Everything under ``transformer.``: ``wte``, ``h``, ``ln_f`` and the vision tower ``visual``."""
+
+    def __init__(self, config: QwenVLConfig) -> None:
+        super().__init__()
+        lm = config.lm
+        self.wte = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.h = nn.ModuleList(Block(lm) for _ in range(lm.num_hidden_layers))
+        self.ln_f = RMSNorm(lm.hidden_size, lm.layer_norm_epsilon)
+        self.visual = VisionTower(config.visual)
+
+
+def image_span_mask(input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Boolean (B, T) mask of the 256 positions strictly inside each ``<img>..</img>`` span, and the span count.
+
+    Raises ValueError when a span is malformed (no ``</img>`` exactly 257 positions after ``<img>``).
+    """
+    starts = (input_ids == IMG_START_ID).nonzero()
+    n = starts.shape[0]
+    if n == 0:
+        return torch.zeros_like(input_ids, dtype=torch.bool), 0
+    t = input_ids.shape[1]
+    ends = starts[:, 1] + IMG_TOKEN_SPAN + 1
+    ok = (ends < t) & (input_ids[starts[:, 0], ends.clamp(max=t - 1)] == IMG_END_ID)
+    if not bool(ok.all()):
+        b, p = starts[~ok][0].tolist()
+        raise ValueError(
+            f"malformed image span in sequence {b} at position {p}: <img> must be followed by {IMG_TOKEN_SPAN} ids "
+            "and </img> (use the Processor to build input_ids)"
+        )
+    offsets = torch.arange(1, IMG_TOKEN_SPAN + 1, device=input_ids.device)
+    cols = (starts[:, 1:2] + offsets).reshape(-1)
+    rows = starts[:, 0:1].expand(-1, IMG_TOKEN_SPAN).reshape(-1)
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask, n
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None, t: int, past: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean (B|1, 1, t, past+t) mask, or None when plain causal attention (or none) is exact.
+
+    Padded query rows may attend to themselves so that no row is fully masked (SDPA would give NaN).
+    """
+    total = past + t
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past == 0 or t == 1):
+        return None
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]  # (1, 1, t, total)
+    if padded:
+        allowed = allowed & attention_mask.bool()[:, None, None, :total]
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed
+
+
+class QwenVL(nn.Module):
+    """Qwen-VL: ``transformer`` (LM + ``visual``) and an untied ``lm_head``. Parameter names are the official ones."""
+
+    def __init__(self, config: QwenVLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = QwenModel(config)
+        self.lm_head = nn.Linear(config.lm.hidden_size, config.lm.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: QwenVLConfig | str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+        seed: int | None = None,
+    ) -> QwenVL:
+        """A randomly initialized model (a preset name or a config)."""
+        if isinstance(config, str):
+            config = QwenVLConfig.from_preset(config)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights()
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    ) -> QwenVL:
+        """Load an official (or our) checkpoint folder strictly; see :func:`qwenvl.checkpoint.load_weights`."""
+        from ..checkpoint import load_weights
+
+        config = QwenVLConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, path, dtype=_as_dtype(dtype), device=device)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, self.config, path, **kwargs)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        for name, module in self.named_modules():
+            if name.startswith("transformer.visual"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(std=std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for module in self.transformer.visual.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, nn.Conv2d):
+                nn.init.trunc_normal_(module.weight, std=std)
+            elif isinstance(module, nn.MultiheadAttention):
+                nn.init.trunc_normal_(module.in_proj_weight, std=std)
+                module.in_proj_bias.zero_()
+        self.transformer.visual.reset_parameters()
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+        self.transformer.visual.transformer.gradient_checkpointing = enabled
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+        lm = self.config.lm
+        return KVCache(lm.num_hidden_layers, batch_size, lm.num_attention_heads, lm.kv_channels, max_length,
+                       dtype or self.dtype, self.device)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, 3, H, W) -> features (N, 256, hidden)."""
+        return self.transformer.visual(images.to(self.device))
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features in place of the 256 ids inside each ``<img>..</img>``."""
+        h = self.transformer.wte(input_ids)
+        if images is None and image_features is None:
+            return h
+        mask, n = image_span_mask(input_ids)
+        if image_features is None:
+            image_features = self.encode_images(images)
+        if image_features.shape[0] != n:
+            raise ValueError(
+                f"the prompt has {n} image span(s) (<img>..</img>) but {image_features.shape[0]} image(s) were given"
+            )
+        return h.masked_scatter(mask[..., None], image_features.to(h.dtype))
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_features: torch.Tensor | None = None,
+        rope_alpha: torch.Tensor | None = None,
+        **_: Any,
+    ) -> QwenVLOutput:
+        """One pass over ``input_ids`` (B, T).
+
+        attention_mask: (B, past + T), 1 for real tokens (left padding for batches). With a KV cache, pass
+        the mask for all positions so far. labels: (B, T) aligned with input_ids (-100 = ignored); the model
+        shifts them, computes ``lm_head`` only where labels exist and returns the mean loss.
+        logits_to_keep: 0 = all positions, k > 0 = the last k, or a 1-D tensor of positions.
+        rope_alpha: (B,) dynamic-NTK factors overriding the ones derived from the lengths.
+        """
+        lm = self.config.lm
+        b, t = input_ids.shape
+        cache = past_key_values
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (b, past + t):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + t)}")
+        if past == 0 and images is None and image_features is None and bool((input_ids == IMG_START_ID).any()):
+            raise ValueError("input_ids contain <img> spans but no images were given (the model reads pixels, not paths)")
+
+        x = self.embed(input_ids, images, image_features) if past == 0 else self.transformer.wte(input_ids)
+
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        inference = not self.training
+        if rope_alpha is None and cache is not None and cache.rope_alpha is not None and past > 0:
+            rope_alpha = cache.rope_alpha
+        if rope_alpha is None:
+            if inference and lm.use_dynamic_ntk:
+                lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [past + t] * b
+                rope_alpha = torch.tensor([ntk_alpha(int(n), lm.seq_length) for n in lengths], device=x.device)
+            else:
+                rope_alpha = torch.ones(b, device=x.device)
+        if cache is not None and past == 0:
+            cache.rope_alpha = rope_alpha
+        cos, sin = rope_cos_sin(position_ids, rope_alpha, lm.kv_channels, lm.rotary_emb_base)
+        q_scale = logn_scale(position_ids, lm.seq_length) if inference and lm.use_logn_attn else None
+        mask = attention_bias(attention_mask, t, past, x.device)
+
+        for i, block in enumerate(self.transformer.h):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, q_scale, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, q_scale, mask, cache, i)
+        if cache is not None:
+            cache.advance(t)
+        x = self.transformer.ln_f(x)
+
+        if labels is not None:
+            loss, n = self.loss(x, labels)
+            return QwenVLOutput(loss=loss, num_loss_tokens=n, past_key_values=cache)
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[:, logits_to_keep]
+        elif logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return QwenVLOutput(logits=self.lm_head(x), past_key_values=cache)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled positions; ``lm_head`` runs only on those positions,
+        in chunks, so [B, T, vocab] logits are never materialized."""
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        h = hidden[:, :-1][keep]  # (N, hidden)
+        y = target[keep]
+        n = int(y.numel())
+        if n == 0:
+            return hidden.sum() * 0.0, 0
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, n, chunk):
+            logits = self.lm_head(h[s : s + chunk]).float()
+            total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
+        return total / n, n
+
+    # ---- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Greedy (default) or sampled continuation; see :func:`qwenvl.generation.generate`."""
+        from ..generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "auto": None}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]

@@ -1,0 +1,333 @@
+"""LLaVA -> Qwen-VL conversion: exact output, summary counts, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qwenvl.data.convert import ConvertSummary, MalformedRecord, convert_llava, convert_records
+
+PREFIX = "train2014/COCO_train2014_"
+PIC = "Picture 1: <img>train2014/COCO_train2014_{}</img>\n"
+
+RECORDS: list[Any] = [
+    {  # 0: the usual shape
+        "id": "000000215677",
+        "image": "000000215677.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"},
+            {"from": "gpt", "value": "A red bus."},
+            {"from": "human", "value": "Is it moving?"},
+            {"from": "gpt", "value": "No."},
+        ],
+    },
+    {  # 1: image file absent
+        "id": "000000000001",
+        "image": "000000000001.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."},
+            {"from": "gpt", "value": "A cat."},
+        ],
+    },
+    {  # 2: malformed: unknown speaker
+        "id": "000000000002",
+        "image": "000000000002.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nHi"},
+            {"from": "robot", "value": "beep"},
+        ],
+    },
+    {  # 3: text-only
+        "id": "text-3",
+        "conversations": [
+            {"from": "human", "value": "What is 2+2?"},
+            {"from": "gpt", "value": "4, déjà vu."},
+        ],
+    },
+    {  # 4: tag at the end of the question
+        "id": "000000000004",
+        "image": "000000000004.jpg",
+        "conversations": [
+            {"from": "human", "value": "What colour is the car?\n<image>"},
+            {"from": "gpt", "value": "Blue."},
+        ],
+    },
+]
+
+EXPECTED = [
+    {
+        "id": "000000215677",
+        "conversations": [
+            {"from": "user", "value": PIC.format("000000215677.jpg") + "What is in the picture?"},
+            {"from": "assistant", "value": "A red bus."},
+            {"from": "user", "value": "Is it moving?"},
+            {"from": "assistant", "value": "No."},
+        ],
+    },
+    {
+        "id": "text-3",
+        "conversations": [
+            {"from": "user", "value": "What is 2+2?"},
+            {"from": "assistant", "value": "4, déjà vu."},
+        ],
+    },
+    {
+        "id": "000000000004",
+        "conversations": [
+            {"from": "user", "value": PIC.format("000000000004.jpg") + "What colour is the car?"},
+            {"from": "assistant", "value": "Blue."},
+        ],
+    },
+]
+
+
+def _write(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "coco"
+    (root / "train2014").mkdir(parents=True)
+    for name in ("000000215677.jpg", "000000000002.jpg", "000000000004.jpg"):
+        (root / (PREFIX + name)).write_bytes(b"\xff\xd8\xff")
+    return root
+
+
+def test_converts_llava_file(tmp_path: Path, images: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = _write(tmp_path / "detail.json", RECORDS)
+    out = tmp_path / "out" / "qwen.json"
+    with caplog.at_level(logging.INFO, logger="qwenvl.data.convert"):
+        summary = convert_llava(src, images, out)
+
+    # Exact bytes: UTF-8 (no \u escapes), one-space indent, trailing newline.
+    assert out.read_text(encoding="utf-8") == json.dumps(EXPECTED, ensure_ascii=False, indent=1) + "\n"
+    assert "déjà vu" in out.read_text(encoding="utf-8")
+    missing = str(images / (PREFIX + "000000000001.jpg"))
+    assert summary == ConvertSummary(
+        total=5,
+        written=3,
+        text_only=1,
+        untagged=0,
+        missing_images=1,
+        missing_image_examples=[missing],
+        malformed=[
+            MalformedRecord(
+                2, "000000000002", "turn 1 has unknown 'from' 'robot' (expected 'human' or 'gpt')"
+            )
+        ],
+        output_path=out,
+    )
+    assert str(summary) == (
+        "5 records read, 3 written (1 text-only, 0 with an untagged image), 1 dropped for a missing image, "
+        "1 malformed skipped\n"
+        f"missing images: {missing}\n"
+        "malformed record 2 (id='000000000002'): turn 1 has unknown 'from' 'robot' (expected 'human' or 'gpt')"
+    )
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert str(summary) in caplog.records[0].getMessage()
+    # The input is not modified, and nothing but the output is left in its folder.
+    assert json.loads(src.read_text(encoding="utf-8")) == RECORDS
+    assert sorted(p.name for p in out.parent.iterdir()) == ["qwen.json"]
+
+
+def test_role_names_and_prefix(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"x")
+    rec = {
+        "id": 7,
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>Look."}, {"from": "gpt", "value": "Ok."}],
+    }
+    converted, summary = convert_records([rec], tmp_path, "Human", "Bot", image_prefix="imgs/")
+    assert converted == [
+        {
+            "id": 7,
+            "conversations": [
+                {"from": "Human", "value": "Picture 1: <img>imgs/a.png</img>\nLook."},
+                {"from": "Bot", "value": "Ok."},
+            ],
+        }
+    ]
+    assert (summary.written, summary.text_only, summary.malformed) == (1, 0, [])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<image>\nQ?", "Q?"),
+        ("Q?\n<image>", "Q?"),
+        ("Q? <image> more", "Q?  more"),  # bare tag: removed where it stands
+        ("<image>", ""),
+        ("<image>\nQ?\n", "Q?\n"),
+    ],
+)
+def test_image_tag_forms(tmp_path: Path, value: str, expected: str) -> None:
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    rec = {"id": "r", "image": "x.jpg", "conversations": [{"from": "human", "value": value}]}
+    converted, _ = convert_records([rec], tmp_path, image_prefix="")
+    assert converted[0]["conversations"][0]["value"] == "Picture 1: <img>x.jpg</img>\n" + expected
+
+
+def test_untagged_image_goes_to_first_user_turn(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    rec = {
+        "id": "r",
+        "image": "x.jpg",
+        "extra": [1],
+        "conversations": [{"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Describe."}],
+    }
+    converted, summary = convert_records([rec], tmp_path, image_prefix="")
+    assert converted == [
+        {
+            "id": "r",
+            "extra": [1],
+            "conversations": [
+                {"from": "assistant", "value": "Hello."},
+                {"from": "user", "value": "Picture 1: <img>x.jpg</img>\nDescribe."},
+            ],
+        }
+    ]
+    assert summary.untagged == 1
+
+
+BAD: list[tuple[Any, str]] = [
+    ("not a dict", "expected an object, got str"),
+    ({"id": "a"}, "'conversations' is missing, not a list or empty"),
+    ({"id": "b", "conversations": []}, "'conversations' is missing, not a list or empty"),
+    ({"id": "c", "conversations": [{"from": "human"}]}, "turn 0 needs string 'from' and 'value'"),
+    ({"id": "d", "conversations": [{"value": "hi"}]}, "turn 0 needs string 'from' and 'value'"),
+    ({"id": "e", "conversations": ["hi"]}, "turn 0 is not an object"),
+    (
+        {"id": "f", "conversations": [{"from": "system", "value": "hi"}]},
+        "turn 0 has unknown 'from' 'system' (expected 'human' or 'gpt')",
+    ),
+    (
+        {"id": "g", "image": "", "conversations": [{"from": "human", "value": "hi"}]},
+        "'image' must be a non-empty string, got ''",
+    ),
+    (
+        {"id": "h", "conversations": [{"from": "human", "value": "<image>\nhi"}]},
+        "turn 0 has an <image> tag but the record has no 'image'",
+    ),
+    (
+        {
+            "id": "i",
+            "image": "x.jpg",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<image>\nthere"}],
+        },
+        "turn 1 ('gpt') has an <image> tag; only human turns may",
+    ),
+    (
+        {
+            "id": "j",
+            "image": "x.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nhi"},
+                {"from": "human", "value": "<image>\nagain"},
+            ],
+        },
+        "2 <image> tags; a record holds at most one image",
+    ),
+    (
+        {"id": "k", "image": "x.jpg", "conversations": [{"from": "human", "value": "<image>\n<image>\nhi"}]},
+        "2 <image> tags; a record holds at most one image",
+    ),
+    (
+        {"id": "l", "image": "x.jpg", "conversations": [{"from": "gpt", "value": "hi"}]},
+        "the record has an 'image' but no human turn to show it in",
+    ),
+]
+
+
+def test_malformed_records_are_listed(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").write_bytes(b"x")
+    records = [rec for rec, _ in BAD]
+    converted, summary = convert_records(records, tmp_path, image_prefix="")
+    assert converted == []
+    expected_ids = [None] + [rec["id"] for rec in records[1:]]
+    assert summary.malformed == [
+        MalformedRecord(i, id_, reason) for i, (id_, (_, reason)) in enumerate(zip(expected_ids, BAD))
+    ]
+    assert summary.total == len(BAD) and summary.written == 0
+    assert str(summary).endswith(f"(and {len(BAD) - 5} more malformed records)")
+
+
+def test_strict_raises_and_writes_nothing(tmp_path: Path, images: Path) -> None:
+    src = _write(tmp_path / "detail.json", RECORDS)
+    out = tmp_path / "out.json"
+    with pytest.raises(
+        ValueError, match=r"record 2 \(id='000000000002'\): turn 1 has unknown 'from' 'robot'"
+    ):
+        convert_llava(src, images, out, strict=True)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coco", "detail.json"]
+
+
+def test_missing_examples_are_capped(tmp_path: Path) -> None:
+    recs = [
+        {"id": i, "image": f"{i}.jpg", "conversations": [{"from": "human", "value": "<image>\nq"}]}
+        for i in range(8)
+    ]
+    _, summary = convert_records(recs, tmp_path)
+    assert summary.missing_images == 8
+    assert summary.missing_image_examples == [str(tmp_path / f"{PREFIX}{i}.jpg") for i in range(5)]
+    assert "(and 3 more)" in str(summary)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '[{"id": 1,}]',
+            r"bad\.json: not valid JSON: Expecting property name enclosed in double quotes "
+            r"at line 1 column 11 \(char 10\)",
+        ),
+        ("", r"bad\.json: not valid JSON: Expecting value at line 1 column 1"),
+        ('{"id": 1}', r"bad\.json: expected a JSON list of LLaVA records at the top level, got dict"),
+    ],
+)
+def test_unreadable_input_writes_nothing(tmp_path: Path, content: str, message: str) -> None:
+    src = tmp_path / "bad.json"
+    src.write_text(content, encoding="utf-8")
+    out = tmp_path / "out.json"
+    with pytest.raises(ValueError, match=message):
+        convert_llava(src, tmp_path, out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json"]
+
+
+def test_not_utf8_input(tmp_path: Path) -> None:
+    src = tmp_path / "bad.json"
+    src.write_bytes(b'["\xff"]')
+    with pytest.raises(ValueError, match=r"bad\.json: not UTF-8 text"):
+        convert_llava(src, tmp_path, tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_missing_input_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"LLaVA data file not found: .*nope\.json"):
+        convert_llava(tmp_path / "nope.json", tmp_path, tmp_path / "out.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_image_location_and_roles(tmp_path: Path) -> None:
+    src = _write(tmp_path / "d.json", RECORDS)
+    with pytest.raises(NotADirectoryError, match="image_location is not a folder"):
+        convert_llava(src, tmp_path / "nowhere", tmp_path / "out.json")
+    with pytest.raises(ValueError, match="role names must differ"):
+        convert_llava(src, tmp_path, tmp_path / "out.json", user_role_name="a", assistant_role_name="a")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_existing_output_is_replaced(tmp_path: Path, images: Path) -> None:
+    src = _write(tmp_path / "d.json", RECORDS)
+    out = tmp_path / "out.json"
+    out.write_text("old", encoding="utf-8")
+    convert_llava(src, images, out)
+    assert json.loads(out.read_text(encoding="utf-8")) == EXPECTED

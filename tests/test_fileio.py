@@ -1,0 +1,174 @@
+"""Atomic file and folder writes: results appear whole or not at all, and no temporaries are left."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from qwenvl import fileio
+from qwenvl.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ---- files ----
+
+
+def test_write_text_creates_parents_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "report.txt"
+    assert atomic_write_text(target, "héllo\r\nworld") == target
+    assert target.read_bytes() == "héllo\r\nworld".encode()  # no newline translation
+    assert _names(target.parent) == ["report.txt"]
+
+
+def test_write_bytes_replaces_and_keeps_mode(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    atomic_write_bytes(target, b"new", fsync=False)
+    assert target.read_bytes() == b"new"
+    assert _mode(target) == 0o640
+    assert _names(tmp_path) == ["f.bin"]
+
+
+def test_new_file_mode_follows_umask(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    atomic_write_text(target, "x")
+    assert _mode(target) == 0o666 & ~fileio._umask()
+
+
+def test_failed_write_keeps_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def boom(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fileio.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert _names(tmp_path) == ["f.txt"]
+
+
+def test_write_over_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        atomic_write_text(tmp_path / "d", "x")
+    assert _names(tmp_path) == ["d"]
+
+
+# ---- folders ----
+
+
+def test_atomic_dir_creates(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt" / "step-1"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        assert not target.exists()  # invisible until the block succeeds
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"w")
+        atomic_write_text(tmp / "config.json", "{}")
+    assert _names(target) == ["config.json", "sub"]
+    assert (target / "sub" / "w.bin").read_bytes() == b"w"
+    assert _names(target.parent) == ["step-1"]
+    assert _mode(target) == 0o777 & ~fileio._umask()
+
+
+def test_atomic_dir_replaces_existing(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "stale.txt").write_text("stale")
+    with atomic_dir(target) as tmp:
+        (tmp / "fresh.txt").write_text("fresh")
+        assert (target / "stale.txt").exists()  # old version still readable meanwhile
+    assert _names(target) == ["fresh.txt"]
+    assert _names(tmp_path) == ["out"]  # neither temp nor old copy left behind
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("fail"), KeyboardInterrupt()])
+def test_atomic_dir_failure_keeps_old_and_cleans_up(tmp_path: Path, exc: BaseException) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(type(exc)), atomic_dir(target) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise exc
+    assert _names(target) == ["old.txt"]
+    assert _names(tmp_path) == ["out"]
+
+
+def test_atomic_dir_failure_without_old(tmp_path: Path) -> None:
+    with pytest.raises(ValueError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+        raise ValueError
+    assert _names(tmp_path) == []
+
+
+def test_atomic_dir_rename_in_failure_restores_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real_rename = os.rename
+    calls: list[tuple[str, str]] = []
+
+    def flaky_rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # 1: old away, 2: new in (fails), 3: old back
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(fileio.os, "rename", flaky_rename)
+    with pytest.raises(OSError, match="rename failed"), atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert len(calls) == 3 and calls[2][1] == "out"
+    assert _names(target) == ["old.txt"]
+    assert _names(tmp_path) == ["out"]
+
+
+def test_atomic_dir_over_file_is_refused_upfront(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("file")
+    with pytest.raises(NotADirectoryError), atomic_dir(tmp_path / "out"):
+        pytest.fail("the body must not run")
+    assert _names(tmp_path) == ["out"]
+    assert (tmp_path / "out").read_text() == "file"
+
+
+def test_atomic_dir_replaces_symlink_not_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with atomic_dir(link) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not link.is_symlink() and _names(link) == ["new.txt"]
+    assert _names(real) == ["keep.txt"]
+    assert _names(tmp_path) == ["link", "real"]
+
+
+def test_old_copy_that_cannot_be_deleted_only_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+
+    def no_rmtree(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError("busy")
+
+    monkeypatch.setattr(fileio.shutil, "rmtree", no_rmtree)
+    with atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert _names(target) == ["new.txt"]
+    assert "could not delete the previous version" in caplog.text
+    leftovers = [n for n in _names(tmp_path) if n != "out"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.old-")
