@@ -78,7 +78,7 @@ EXPECTED = [
     {
         "id": "000000000004",
         "conversations": [
-            {"from": "user", "value": PIC.format("000000000004.jpg") + "What colour is the car?"},
+            {"from": "user", "value": "What colour is the car?" + PIC.format("000000000004.jpg")},
             {"from": "assistant", "value": "Blue."},
         ],
     },
@@ -160,18 +160,18 @@ def test_role_names_and_prefix(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("<image>\nQ?", "Q?"),
-        ("Q?\n<image>", "Q?"),
-        ("Q? <image> more", "Q?  more"),  # bare tag: removed where it stands
-        ("<image>", ""),
-        ("<image>\nQ?\n", "Q?\n"),
+        ("<image>\nQ?", "{P}Q?"),
+        ("Q?\n<image>", "Q?{P}"),  # replaced in place, as the MindFormers converter does
+        ("Q? <image> more", "Q? {P} more"),  # bare tag: replaced where it stands
+        ("<image>", "{P}"),
+        ("<image>\nQ?\n", "{P}Q?\n"),
     ],
 )
 def test_image_tag_forms(tmp_path: Path, value: str, expected: str) -> None:
     (tmp_path / "x.jpg").write_bytes(b"x")
     rec = {"id": "r", "image": "x.jpg", "conversations": [{"from": "human", "value": value}]}
     converted, _ = convert_records([rec], tmp_path, image_prefix="")
-    assert converted[0]["conversations"][0]["value"] == "Picture 1: <img>x.jpg</img>\n" + expected
+    assert converted[0]["conversations"][0]["value"] == expected.replace("{P}", "Picture 1: <img>x.jpg</img>\n")
 
 
 def test_untagged_image_goes_to_first_user_turn(tmp_path: Path) -> None:

@@ -14,11 +14,10 @@ becomes::
 Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
 
 - ``human`` -> ``user_role_name``, ``gpt`` -> ``assistant_role_name``; any other ``from`` is malformed.
-- The image tag is taken out of the turn that holds it: ``<image>\\n`` is tried first, then ``\\n<image>``,
-  then (fallback, for data that writes it inline) a bare ``<image>``. The turn then starts with
-  ``Picture 1: <img>{image_prefix}{image}</img>\\n``. MindFormers substitutes ``\\n<image>`` in place, which
-  glues the picture line onto the end of the question; we always put it first, where the model saw images
-  in training.
+- The image tag is replaced where it stands, as the MindFormers converter does: ``<image>\\n`` is tried
+  first, then ``\\n<image>``, then (fallback, for data that writes it inline) a bare ``<image>``; each becomes
+  ``Picture 1: <img>{image_prefix}{image}</img>\\n``. A trailing ``\\n<image>`` therefore puts the picture
+  line after the question, exactly as MindFormers writes it (DESIGN.md states this rule as a fact).
 - A record with an ``image`` but no tag in any turn gets the picture line at the start of its first user
   turn (otherwise the image would be silently lost); these are counted in ``ConvertSummary.untagged``.
 - The ``image`` key is removed; other record keys are kept. Turns keep only ``from`` and ``value``.
@@ -121,11 +120,11 @@ def _load_llava(data_path: Path) -> list[Any]:
     return data
 
 
-def _strip_image_tag(value: str) -> str | None:
-    """Return ``value`` without its image tag, or None if it has none."""
+def _replace_image_tag(value: str, picture: str) -> str | None:
+    """Return ``value`` with its image tag replaced by ``picture`` in place, or None if it has none."""
     for form in _IMAGE_TAG_FORMS:
         if form in value:
-            return value.replace(form, "", 1)
+            return value.replace(form, picture, 1)
     return None
 
 
@@ -157,16 +156,16 @@ def _convert_record(
             raise _Malformed(f"turn {t} needs string 'from' and 'value'")
         if speaker not in roles:
             raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt')")
-        stripped = _strip_image_tag(value)
-        if stripped is not None:
-            tagged += 1 + stripped.count(LLAVA_IMAGE_TOKEN)
+        replaced = _replace_image_tag(value, picture)
+        if replaced is not None:
+            tagged += 1 + replaced.count(LLAVA_IMAGE_TOKEN)
             if rel_path is None:
                 raise _Malformed(f"turn {t} has an {LLAVA_IMAGE_TOKEN} tag but the record has no 'image'")
             if speaker != "human":
                 raise _Malformed(
                     f"turn {t} ({speaker!r}) has an {LLAVA_IMAGE_TOKEN} tag; only human turns may"
                 )
-            value = picture + stripped
+            value = replaced
         out_turns.append({"from": roles[speaker], "value": value})
     if tagged > 1:
         raise _Malformed(f"{tagged} {LLAVA_IMAGE_TOKEN} tags; a record holds at most one image")

@@ -1,0 +1,168 @@
+"""High-level inference: batched prediction over many prompts, streaming, and a multi-turn chat session."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .generation import STOP_IDS, SamplingParams, TextStream, stream_tokens
+from .images import load_image
+from .model import QwenVL
+from .processor import Processor
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
+         base_dir: str | os.PathLike | None = None) -> tuple[QwenVL, Processor]:
+    """Model and processor of a checkpoint folder (``dtype`` None/"auto" keeps the stored dtype)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {model_dir}")
+    model = QwenVL.from_pretrained(model_dir, dtype=dtype, device=pick_device(device))
+    return model, Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir)
+
+
+@dataclass
+class Prediction:
+    prompt: str  # the prompt as text (image paths shown inside <img>..</img>)
+    response: str  # the continuation, without the stop token
+    text: str  # prompt + continuation with special tokens, as the reference CLI prints it
+    num_tokens: int = 0  # new tokens
+    stopped: bool = False  # ended on a stop token (else on max_new_tokens)
+
+
+def _split_response(processor: Processor, new_ids: list[int], params: SamplingParams) -> tuple[str, int, bool]:
+    stops = set(params.stop_token_ids)
+    cut = next((k for k, t in enumerate(new_ids) if t in stops), None)
+    body = new_ids if cut is None else new_ids[:cut]
+    return processor.decode(body), len(new_ids if cut is None else new_ids[: cut + 1]), cut is not None
+
+
+def predict(
+    model: QwenVL,
+    processor: Processor,
+    prompts: Sequence[Any],
+    params: SamplingParams,
+    batch_size: int = 1,
+    base_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[Prediction]:
+    """Generate for every prompt (strings, list-format lists or messages), ``batch_size`` at a time.
+
+    Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    out: list[Prediction] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc="predict", unit="prompt")
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        inputs = processor(chunk, base_dir=base_dir)  # a list of prompts is always a batch
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        steps = list(stream_tokens(model, ids, mask, inputs["images"], params))
+        new = torch.stack(steps, 1).cpu() if steps else ids.new_zeros((ids.shape[0], 0))
+        for b in range(ids.shape[0]):
+            prompt_ids = ids[b][mask[b].bool()].tolist()
+            response, n, stopped = _split_response(processor, new[b].tolist(), params)
+            full = prompt_ids + new[b, :n].tolist()
+            out.append(Prediction(processor.decode(prompt_ids), response, processor.decode(full), n, stopped))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def stream_text(
+    model: QwenVL, processor: Processor, prompt: Any, params: SamplingParams, base_dir: str | os.PathLike | None = None
+) -> Iterator[str]:
+    """Yield the response text of one prompt as it is decoded (never splitting a UTF-8 character)."""
+    inputs = processor([prompt], base_dir=base_dir)
+    stream = TextStream(processor.decode, skip_ids=params.stop_token_ids)
+    stops = set(params.stop_token_ids)
+    for token in stream_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], params):
+        t = int(token[0])
+        if t in stops:
+            break
+        delta = stream.push(t)
+        if delta:
+            yield delta
+    tail = stream.flush()
+    if tail:
+        yield tail
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn ChatML conversation with pictures; history is trimmed oldest-first by the processor."""
+
+    model: QwenVL
+    processor: Processor
+    params: SamplingParams
+    system: str | None = None
+    base_dir: str | os.PathLike | None = None
+    history: list[tuple[list[dict[str, Any]], str]] = field(default_factory=list)
+    pending_images: list[str] = field(default_factory=list)
+    last_image: str | None = None
+
+    def add_image(self, path: str) -> None:
+        load_image(path, self.base_dir)  # fail now, with a clear message, not at the next question
+        self.pending_images.append(path)
+        self.last_image = path
+
+    def clear(self) -> None:
+        self.history.clear()
+        self.pending_images.clear()
+        self.last_image = None
+
+    def messages(self, query: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        msgs: list[dict[str, Any]] = []
+        if self.system is not None:
+            msgs.append({"role": "system", "content": self.system})
+        for q, r in self.history:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        msgs.append({"role": "user", "content": query})
+        return msgs
+
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        if not text.strip() and not self.pending_images:
+            raise ValueError("empty message")
+        query = [{"image": p} for p in self.pending_images] + [{"text": text}]
+        pieces = []
+        for delta in stream_text(self.model, self.processor, self.messages(query), self.params, self.base_dir):
+            pieces.append(delta)
+            if on_text is not None:
+                on_text(delta)
+        answer = "".join(pieces)
+        self.history.append((query, answer))
+        self.pending_images = []
+        return answer
+
+
+def chat_params(model: QwenVL, **overrides: Any) -> SamplingParams:
+    """Sampling defaults of a chat: the checkpoint's generation_config (sampling, top_p, chatml stops)."""
+    g = model.config.generation
+    base = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_p": g.top_p, "top_k": g.top_k,
+            "stop_token_ids": STOP_IDS["chatml"], "pad_token_id": g.pad_token_id}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**base)

@@ -1,0 +1,371 @@
+"""CLI subcommands ``info``, ``predict``, ``chat``, ``convert`` and ``data-convert``.
+
+``predict`` keeps the reference tool's flags (``--predict_data IMAGE TEXT --modal_type image text
+--load_checkpoint DIR --config YAML --predict_batch_size N``) and prints what it printed: the prompt
+followed by the answer and its stop token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import QwenVLConfig
+
+PREDICT_KEYS = {  # YAML key -> type (a predict config holds these; command-line flags win)
+    "load_checkpoint": str, "dtype": str, "device": str, "predict_batch_size": int, "modal_type": list,
+    "max_new_tokens": int, "min_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float,
+    "top_k": int, "repetition_penalty": float, "seed": int, "chat_format": str, "image_dir": str, "run_mode": str,
+    "use_parallel": bool, "auto_trans_ckpt": bool,
+}
+
+
+def str2bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {v!r}")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--load_checkpoint", dest="load_checkpoint", metavar="DIR",
+                   help="checkpoint folder in the official layout (Qwen/Qwen-VL, Qwen/Qwen-VL-Chat or ours)")
+    p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="weights dtype (default: as stored)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--image_dir", help="folder that relative image paths are resolved against (default: cwd)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max_new_tokens", type=int)
+    p.add_argument("--min_new_tokens", type=int)
+    p.add_argument("--do_sample", type=str2bool, help="True to sample (default: greedy for predict)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top_p", type=float, help="default: the checkpoint's generation_config.json")
+    p.add_argument("--top_k", type=int, help="0 = off (default: the checkpoint's)")
+    p.add_argument("--repetition_penalty", type=float)
+    p.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    p.add_argument("--chat_format", choices=["raw", "chatml"], help="default: the checkpoint's")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print a checkpoint's config, parameter counts by part and dtype")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder")
+    p.add_argument("--preset", help="describe a preset instead (tiny, mid, qwen-vl-9.6b, qwen-vl-chat-9.6b)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("predict", help="answer prompts with images (the reference tool's flags work)")
+    p.add_argument("--config", help="predict YAML (e.g. configs/predict_qwenvl_9.6b.yaml); flags override it")
+    p.add_argument("--run_mode", help="only 'predict' is meaningful here")
+    _add_model_flags(p)
+    p.add_argument("--predict_data", nargs="+", metavar="ITEM",
+                   help="items grouped by --modal_type, e.g. demo.jpeg 'Describe the image in English:'")
+    p.add_argument("--modal_type", nargs="+", choices=["image", "text"], help="kinds of the items of one prompt")
+    p.add_argument("--predict_batch_size", type=int, help="prompts per batch (default 1)")
+    p.add_argument("--jsonl", help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
+    p.add_argument("--output", help="with --jsonl: where to write the answers (JSONL; default: stdout)")
+    p.add_argument("--output_only", action="store_true", help="print only the answers, not the prompts")
+    p.add_argument("--use_parallel", type=str2bool, help="accepted for compatibility; use torchrun for parallel runs")
+    p.add_argument("--auto_trans_ckpt", type=str2bool, help="accepted for compatibility (checkpoints load on any layout)")
+    _add_sampling_flags(p)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (:image PATH, :clear, :quit)")
+    _add_model_flags(p)
+    p.add_argument("--system", help="system prompt (default: You are a helpful assistant.)")
+    p.add_argument("--draw", metavar="DIR", help="write the latest picture with the answer's boxes drawn into DIR")
+    _add_sampling_flags(p)
+
+    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format) or merge a LoRA adapter")
+    p.add_argument("source", nargs="?", help="checkpoint folder to convert (or --load_checkpoint)")
+    p.add_argument("output", nargs="?", help="output folder (or --output_dir)")
+    p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
+    p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
+    p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    p.add_argument("--max_shard_size", default="5GB")
+    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    p.add_argument("--merge_lora", action="store_true", help="merge --adapter into the base checkpoint")
+    p.add_argument("--adapter", help="LoRA adapter folder (from qwenvl finetune with lora)")
+
+    p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
+    p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
+    p.add_argument("--image_location", required=True, help="folder holding train2014/COCO_train2014_*.jpg")
+    p.add_argument("--output_path", required=True)
+    p.add_argument("--user_role_name", default="user")
+    p.add_argument("--assistant_role_name", default="assistant")
+    p.add_argument("--image_prefix", default="train2014/COCO_train2014_")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping it")
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    return {"info": run_info, "predict": run_predict, "chat": run_chat, "convert": run_convert,
+            "data-convert": run_data_convert}[args.command](args)
+
+
+# ---- info --------------------------------------------------------------------------------------------
+def run_info(args: argparse.Namespace) -> int:
+    from .model.summary import describe
+
+    if bool(args.checkpoint) == bool(args.preset):
+        raise ValueError("give a checkpoint folder or --preset NAME (one of them)")
+    info = describe(args.checkpoint or QwenVLConfig.from_preset(args.preset))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [f"checkpoint: {info['source']}", f"dtype: {info['dtype']}", "", "parameters:"]
+    for part, n in info["parameters"].items():
+        lines.append(f"  {part:<28} {n:>15,}  ({n / 1e9:.3f} B)")
+    lines += ["", "config:"]
+    lines += [f"  {k}: {v}" for k, v in info["config"].items() if k != "visual"]
+    lines += [f"  visual.{k}: {v}" for k, v in info["config"]["visual"].items()]
+    lines += ["", "generation:"] + [f"  {k}: {v}" for k, v in info["generation"].items()]
+    return "\n".join(lines)
+
+
+# ---- predict -------------------------------------------------------------------------------------------
+def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config not found: {path}")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of options")
+        unknown = sorted(set(loaded) - set(PREDICT_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(PREDICT_KEYS))}")
+        opts.update({k: v for k, v in loaded.items() if v is not None})
+    for key in PREDICT_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            opts[key] = value
+    if opts.get("run_mode", "predict") != "predict":
+        raise ValueError(f"--run_mode {opts['run_mode']!r}: this command predicts; use 'qwenvl finetune' to train")
+    return opts
+
+
+def _prompts_from_predict_data(items: list[str], modal_types: list[str]) -> list[list[dict[str, str]]]:
+    if len(items) % len(modal_types):
+        raise ValueError(
+            f"--predict_data has {len(items)} item(s), not a multiple of --modal_type's {len(modal_types)} "
+            f"({' '.join(modal_types)})"
+        )
+    prompts = []
+    for s in range(0, len(items), len(modal_types)):
+        prompt = [{m: item} for m, item in zip(modal_types, items[s : s + len(modal_types)])]
+        prompts.append(prompt)
+    return prompts
+
+
+def _prompts_from_jsonl(path: str) -> list[Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file not found: {file}")
+    prompts = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{n}: not valid JSON: {e.msg} at column {e.colno}") from e
+        prompts.append(_prompt_of_record(rec, f"{file}:{n}"))
+    if not prompts:
+        raise ValueError(f"{file}: no prompts")
+    return prompts
+
+
+def _prompt_of_record(rec: Any, where: str) -> Any:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    if "messages" in rec:
+        return rec["messages"]
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str):
+            raise ValueError(f"{where}: 'prompt' must be a string")
+        return rec["prompt"]
+    if "query" in rec:
+        return rec["query"]
+    if "text" not in rec and "image" not in rec:
+        raise ValueError(f"{where}: needs 'text' (and optionally 'image'), 'prompt', 'query' or 'messages'")
+    images = rec.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    return [{"image": p} for p in images] + [{"text": str(rec.get("text", ""))}]
+
+
+def _sampling(model: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
+    from .generation import sampling_params
+
+    kw = {k: opts[k] for k in ("max_new_tokens", "top_p", "top_k", "chat_format") if k in opts}
+    for k in ("min_new_tokens", "temperature", "repetition_penalty", "seed"):
+        if k in opts:
+            kw[k] = opts[k]
+    kw["do_sample"] = opts.get("do_sample", False if greedy_default else model.config.generation.do_sample)
+    return sampling_params(model, **kw)
+
+
+def _as_chat(prompt: Any, chat_format: str) -> Any:
+    """For a chat checkpoint, a list-format query becomes a one-turn conversation (as the reference chat)."""
+    if chat_format == "chatml" and isinstance(prompt, list) and prompt and "role" not in prompt[0]:
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .fileio import atomic_write_text
+    from .inference import load, predict
+
+    opts = _merged_predict_options(args)
+    if not opts.get("load_checkpoint"):
+        raise ValueError("no checkpoint: pass --model DIR (or --load_checkpoint DIR, or load_checkpoint in --config)")
+    if bool(args.predict_data) == bool(args.jsonl):
+        raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
+    if args.predict_data:
+        prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
+    else:
+        prompts = _prompts_from_jsonl(args.jsonl)
+    if opts.get("use_parallel"):
+        print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
+    model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"))
+    params = _sampling(model, opts, greedy_default=True)
+    fmt = opts.get("chat_format", model.config.generation.chat_format)
+    prompts = [_as_chat(p, fmt) for p in prompts]
+    preds = predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
+                    base_dir=opts.get("image_dir"), progress=bool(args.jsonl))
+    if args.jsonl:
+        lines = [json.dumps({"prompt": p.prompt, "response": p.response, "num_tokens": p.num_tokens,
+                             "stopped": p.stopped}, ensure_ascii=False) for p in preds]
+        text = "\n".join(lines) + "\n"
+        if args.output:
+            atomic_write_text(args.output, text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    for p in preds:
+        print(p.response if args.output_only else p.text)
+    return 0
+
+
+# ---- chat ----------------------------------------------------------------------------------------------
+CHAT_HELP = ":image PATH  add a picture to your next message\n:clear       forget the conversation\n:quit        leave"
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .inference import ChatSession, chat_params, load
+
+    if not args.load_checkpoint:
+        raise ValueError("no checkpoint: pass --model DIR")
+    model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir)
+    processor.chat_format = "chatml"
+    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
+                                          "top_k", "repetition_penalty", "seed")}
+    session = ChatSession(model, processor, chat_params(model, **opts), system=args.system, base_dir=args.image_dir)
+    interactive = sys.stdin.isatty()
+    print(f"qwenvl chat: {args.load_checkpoint}\n{CHAT_HELP}", file=sys.stderr)
+    turn = 0
+    while True:
+        if interactive:
+            print("user> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith(":"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in (":quit", ":exit", ":q"):
+                break
+            if cmd == ":clear":
+                session.clear()
+                print("(conversation cleared)", file=sys.stderr)
+            elif cmd == ":image":
+                try:
+                    session.add_image(rest.strip())
+                    print(f"(picture added: {rest.strip()})", file=sys.stderr)
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+            else:
+                print(f"unknown command {cmd!r}\n{CHAT_HELP}", file=sys.stderr)
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            answer = session.ask(line, on_text=lambda d: print(d, end="", flush=True))
+        except ValueError as e:  # e.g. the conversation no longer fits: keep the session alive
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        print()
+        turn += 1
+        if args.draw and session.last_image:
+            drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
+            if drawn:
+                print(f"(boxes drawn: {drawn})", file=sys.stderr)
+    return 0
+
+
+def _draw_answer(answer: str, image_path: str, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
+    from .fileio import atomic_write_bytes
+    from .grounding import denormalize_objects, draw_boxes, parse_grounding
+    from .images import load_image
+
+    objects = parse_grounding(answer)
+    if not any(o.boxes for o in objects):
+        return None
+    image = load_image(image_path, base_dir)
+    drawn = draw_boxes(image, denormalize_objects(objects, image.width, image.height))
+    import io
+
+    buf = io.BytesIO()
+    drawn.save(buf, format="PNG")
+    out = out_dir / f"turn-{turn:03d}.png"
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+# ---- convert -------------------------------------------------------------------------------------------
+def run_convert(args: argparse.Namespace) -> int:
+    source = args.source or args.source_flag
+    output = args.output or args.output_flag
+    if not source or not output:
+        raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
+    if Path(output).resolve() == Path(source).resolve():
+        raise ValueError("OUTPUT must differ from SOURCE (the source is read while the output is written)")
+    if args.merge_lora:
+        from .train.lora import merge_lora
+
+        if not args.adapter:
+            raise ValueError("--merge_lora needs --adapter DIR")
+        merge_lora(source, args.adapter, output, dtype=args.dtype)
+    else:
+        from .model import QwenVL
+
+        model = QwenVL.from_pretrained(source, dtype=args.dtype)
+        if args.dtype:
+            model.config.torch_dtype = str(model.dtype).removeprefix("torch.")
+        model.save_pretrained(output, max_shard_size=args.max_shard_size,
+                              safe_serialization=args.format == "safetensors")
+    print(f"wrote {output}")
+    return 0
+
+
+# ---- data-convert --------------------------------------------------------------------------------------
+def run_data_convert(args: argparse.Namespace) -> int:
+    from .data.convert import convert_llava
+
+    summary = convert_llava(args.data_path, args.image_location, args.output_path,
+                            user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
+                            image_prefix=args.image_prefix, strict=args.strict)
+    print(summary)
+    return 0

@@ -1,0 +1,60 @@
+"""Parameter counts by part and the stored dtype of a model or checkpoint (``qwenvl info``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import QwenVLConfig
+from .qwenvl import QwenVL
+
+# Stage-3 trainable parts of the vision tower: the resampler and what follows it.
+RESAMPLER_PREFIXES = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
+
+
+def part_of(name: str) -> str:
+    if name.startswith(RESAMPLER_PREFIXES):
+        return "resampler"
+    if name.startswith("transformer.visual."):
+        return "vision tower (ViT)"
+    if name.startswith("transformer.wte."):
+        return "LM embedding (wte)"
+    if name.startswith("lm_head."):
+        return "LM head (lm_head)"
+    return "LM blocks (h, ln_f)"
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for name, p in model.named_parameters():
+        counts[part_of(name)] += p.numel()
+    out = dict(sorted(counts.items()))
+    out["total"] = sum(counts.values())
+    return out
+
+
+def describe(source: str | Path | QwenVLConfig) -> dict[str, Any]:
+    """Config, parameter counts by part (built on the meta device: no weights are read) and stored dtype."""
+    if isinstance(source, QwenVLConfig):
+        config, where, dtype = source, "preset", source.torch_dtype
+    else:
+        from ..checkpoint import load_state_dict
+
+        config, where = QwenVLConfig.from_pretrained(source), str(source)
+        tensors = load_state_dict(source)  # memory-mapped: only headers are read
+        dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+        dtype = ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())
+        del tensors
+    with torch.device("meta"):
+        model = QwenVL(config)
+    official = config.to_official()
+    return {
+        "source": where,
+        "dtype": dtype,
+        "parameters": count_parameters(model),
+        "config": {k: v for k, v in official.items() if k not in ("architectures",)},
+        "generation": config.generation.to_dict(),
+    }

@@ -1,0 +1,47 @@
+"""Shared fixtures: the golden checkpoint (what the official implementation computes) and tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_expected() -> dict:
+    from safetensors.torch import load_file
+
+    meta = json.loads((GOLDEN / "expected.json").read_text())
+    meta["tensors"] = load_file(GOLDEN / "expected.safetensors")
+    meta["texts"] = [golden_prompt(p) for p in meta["prompts"]]
+    return meta
+
+
+def golden_prompt(template: str) -> str:
+    for k, v in GOLDEN_IMAGES.items():
+        template = template.replace(k, v)
+    return template
+
+
+@pytest.fixture(scope="session")
+def golden_model():
+    from qwenvl import QwenVL
+
+    return QwenVL.from_pretrained(GOLDEN, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from qwenvl import QwenVL
+
+    return QwenVL.from_config("tiny", seed=0)

@@ -1,0 +1,107 @@
+"""KV-cache decoding equals full forward passes, also past seq_length where NTK and LogN are active."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qwenvl import QwenVL
+from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID, LMConfig, QwenVLConfig, VisionConfig
+from qwenvl.model.llm import logn_scale, ntk_alpha
+
+
+def short_context_model(seq_length: int = 32) -> QwenVL:
+    cfg = QwenVLConfig(
+        lm=LMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64,
+                    intermediate_size=256, seq_length=seq_length),
+        visual=VisionConfig(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=128),
+    )
+    return QwenVL.from_config(cfg, seed=0).float()
+
+
+def test_ntk_alpha_and_logn_values():
+    assert ntk_alpha(1, 2048) == 1
+    assert ntk_alpha(2048, 2048) == 1
+    assert ntk_alpha(2049, 2048) == 3
+    assert ntk_alpha(4096, 2048) == 3
+    assert ntk_alpha(4097, 2048) == 7
+    s = logn_scale(torch.tensor([[0, 2047, 2048, 4095]]), 2048)
+    torch.testing.assert_close(s, torch.tensor([[1.0, 1.0, math.log(2049) / math.log(2048), math.log(4096) / math.log(2048)]]))
+
+
+@pytest.mark.parametrize("prompt_len", [10, 40])  # below and beyond seq_length=32
+def test_cached_decoding_equals_full_forward(prompt_len):
+    model = short_context_model(32)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 5000, (2, prompt_len + 20))
+    steps = ids.shape[1] - prompt_len
+    alpha = torch.full((2,), ntk_alpha(prompt_len, 32))  # decode keeps the prefill's alpha
+    with torch.no_grad():
+        full = model(ids, rope_alpha=alpha).logits
+        cache = model.new_cache(2, ids.shape[1])
+        pre = model(ids[:, :prompt_len], past_key_values=cache).logits
+        step_logits = [pre[:, -1]]
+        for i in range(prompt_len, prompt_len + steps - 1):
+            step_logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1])
+    torch.testing.assert_close(pre, full[:, :prompt_len], atol=1e-5, rtol=0)
+    got = torch.stack(step_logits, 1)
+    torch.testing.assert_close(got, full[:, prompt_len - 1 : -1], atol=1e-5, rtol=0)
+    if prompt_len > 32:
+        assert float(alpha[0]) == 3.0  # NTK really was active
+
+
+def test_chunked_prefill_equals_full_forward():
+    model = short_context_model(32)
+    ids = torch.randint(0, 5000, (1, 50))
+    alpha = torch.ones(1)
+    with torch.no_grad():
+        full = model(ids, rope_alpha=alpha).logits
+        cache = model.new_cache(1, 50)
+        a = model(ids[:, :20], past_key_values=cache, rope_alpha=alpha).logits
+        b = model(ids[:, 20:], past_key_values=cache, rope_alpha=alpha).logits
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padding_matches_unpadded():
+    model = short_context_model(32)
+    ids = torch.randint(0, 5000, (1, 40))
+    padded = torch.cat([torch.full((1, 7), 151643), ids], 1)
+    mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 40, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = model(padded, attention_mask=mask).logits[:, 7:]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def _span() -> list[int]:
+    return [IMG_START_ID] + [ord("a")] + [IMG_PAD_ID] * 255 + [IMG_END_ID]
+
+
+def test_image_count_mismatch_raises():
+    model = short_context_model()
+    ids = torch.tensor([[1, 2] + _span() + [3]])
+    pixels = torch.zeros(2, 3, 56, 56)
+    with pytest.raises(ValueError, match="1 image span.*2 image"):
+        model(ids, images=pixels)
+    with pytest.raises(ValueError, match="no images were given"):
+        model(ids)
+
+
+def test_malformed_image_span_raises():
+    model = short_context_model()
+    ids = torch.tensor([[1, IMG_START_ID, 5, 6, IMG_END_ID, 3]])
+    with pytest.raises(ValueError, match="malformed image span"):
+        model(ids, images=torch.zeros(1, 3, 56, 56))
+
+
+def test_image_features_fill_exactly_the_span():
+    model = short_context_model()
+    ids = torch.tensor([[1, 2] + _span() + [3]])
+    feats = torch.randn(1, 256, 128)
+    h = model.embed(ids, image_features=feats)
+    torch.testing.assert_close(h[0, 3:259], feats[0])
+    plain = model.transformer.wte(ids)
+    torch.testing.assert_close(h[0, :3], plain[0, :3])  # <img> keeps its own embedding
+    torch.testing.assert_close(h[0, 259:], plain[0, 259:])  # </img> too
