@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import LMConfig
 from .kv_cache import KVCache
+from .linear import linear
 
 
 class RMSNorm(nn.Module):
@@ -63,6 +64,18 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
     return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
 
 
+def single_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention for one new token per row (decode): plain matmuls beat the fused CPU kernels here,
+    whose fixed cost per call is larger than the work for a single query."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, 1, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -82,7 +95,7 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.c_attn(x).split(x.shape[-1], dim=-1)  # fact: [q; k; v] row blocks
+        q, k, v = linear(x, self.c_attn).split(x.shape[-1], dim=-1)  # fact: [q; k; v] row blocks
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -92,11 +105,13 @@ class Attention(nn.Module):
             q = q * q_scale[:, None, :, None].to(q.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        if t == 1:
+            out = single_query_attention(q, k, v, mask)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.c_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return linear(out.transpose(1, 2).reshape(b, t, -1), self.c_proj)
 
 
 class MLP(nn.Module):
@@ -107,7 +122,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))  # fact: silu on w2, not w1
+        return linear(linear(x, self.w1) * F.silu(linear(x, self.w2)), self.c_proj)  # fact: silu on w2, not w1
 
 
 class Block(nn.Module):

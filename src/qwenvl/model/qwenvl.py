@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
 from .kv_cache import KVCache
+from .linear import linear
 from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin
 from .vision import VisionTower
 
@@ -269,7 +270,7 @@ class QwenVL(nn.Module):
             x = x[:, logits_to_keep]
         elif logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return QwenVLOutput(logits=self.lm_head(x), past_key_values=cache)
+        return QwenVLOutput(logits=linear(x, self.lm_head), past_key_values=cache)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions; ``lm_head`` runs only on those positions,

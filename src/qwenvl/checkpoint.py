@@ -1,0 +1,498 @@
+"""Checkpoint folders in the official Hugging Face layout of ``Qwen/Qwen-VL``: find, read, check, write.
+
+Reading: :func:`find_weights` locates ``model.safetensors``, ``model-0000K-of-0000N.safetensors`` + index, or
+the older ``pytorch_model*.bin`` (+ index); safetensors win when a folder has both. :func:`load_state_dict`
+opens them lazily (``safe_open``; ``torch.load(mmap=True, weights_only=True)``): nothing is read until used,
+no pickled code is run, and ``.py`` files in the folder are ignored.
+
+Loading: :func:`load_weights` checks every key and shape *before* touching the model, then fills it (usually
+built on the meta device) with ``load_state_dict(assign=True)``, casting/moving one tensor at a time.
+On CPU with the stored dtype the parameters *are* the file pages, mapped copy-on-write (``MAP_PRIVATE``, as
+both safetensors >= 0.4 and ``torch.load(mmap=True)`` map): peak RSS is about 1x the weight bytes, reached
+as pages are first touched, and those pages are clean and file-backed (reclaimable). In-place updates
+(training) copy only the written pages into private memory, replacing their file-backed twins: the file never
+changes and RSS stays about 1x. Never rewrite a checkpoint file *in place* while a model loaded from it lives
+(untouched pages would read the new bytes); :func:`save_pretrained` builds a new folder and renames it in.
+With a cast (bf16 -> fp32) or a move to a GPU the host holds the converted tensors plus at most one shard
+of touched source pages, released shard by shard.
+
+Writing: :func:`save_pretrained` writes ``config.json``, ``generation_config.json``, ``qwen.tiktoken`` and
+the weights (sharded at ``max_shard_size``; safetensors streamed tensor by tensor, no second copy of a
+shard in memory) into a temporary sibling folder renamed into place: a folder is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import shutil
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import QwenVLConfig
+from .fileio import atomic_dir
+
+__all__ = ["CheckpointError", "find_weights", "load_state_dict", "load_weights", "parse_size", "save_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+VOCAB_NAME = "qwen.tiktoken"
+BUNDLED_VOCAB = Path(__file__).resolve().parent / "vocab" / VOCAB_NAME
+
+MAX_LISTED_PROBLEMS = 20
+
+# safetensors dtype names (the format's spec) <-> torch dtypes.
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, malformed, unsafe, or does not match the model."""
+
+
+# ---- sizes ---------------------------------------------------------------------------------------------
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string like ``"5GB"`` (10^9, as Hugging Face), ``"2GiB"`` (2^30), ``"300MB"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else ""
+        if not m or unit not in _SIZE_UNITS:
+            raise ValueError(f"cannot parse size {size!r}: use bytes or a number with KB/MB/GB/TB or KiB/MiB/GiB/TiB")
+        value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+# ---- finding the files ---------------------------------------------------------------------------------
+def _read_index(index_file: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file, checked: plain file names only, all files present."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the index {index_file}: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file} has no 'weight_map' (a non-empty object of tensor name -> shard file)")
+    folder = index_file.parent
+    missing: list[str] = []
+    for name in sorted(set(weight_map.values())):
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index_file} names the shard {name!r}: shards must be plain file names in the folder")
+        if not (folder / name).is_file():
+            missing.append(name)
+    if missing:
+        raise CheckpointError(
+            f"{index_file} references shard(s) missing from {folder}: {', '.join(missing)} "
+            "(an incomplete download?)"
+        )
+    return weight_map
+
+
+def _locate(ckpt_dir: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """Weight files of a checkpoint (in order) and the index's weight_map (None for a single file)."""
+    path = Path(ckpt_dir)
+    if path.is_file() and path.suffix in (".safetensors", ".bin"):
+        return [path], None
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME), (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)):
+        if (path / single).is_file():
+            return [path / single], None
+        if (path / index_name).is_file():
+            weight_map = _read_index(path / index_name)
+            stem = single.split(".")[0]
+            unlisted = sorted(p.name for p in path.glob(f"{stem}-*-of-*{Path(single).suffix}")
+                              if p.name not in weight_map.values())
+            if unlisted:
+                logger.warning("%s does not list %s: ignored", index_name, ", ".join(unlisted))
+            return [path / name for name in sorted(set(weight_map.values()))], weight_map
+    stray = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+    hint = f"; found {', '.join(stray)}" if stray else ""
+    if any(re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", s) for s in stray):
+        hint += " (sharded weights need their index .json file)"
+    elif any(s.endswith(".ckpt") for s in stray):
+        hint += " (a MindSpore .ckpt must be converted first: `qwenvl convert`)"
+    raise CheckpointError(
+        f"no weights in {path}: expected {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME}, {BIN_WEIGHTS_NAME} or {BIN_INDEX_NAME}"
+        + hint
+    )
+
+
+def find_weights(ckpt_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in shard order.
+
+    The format is their suffix: all ``.safetensors`` or all ``.bin``. Safetensors are preferred when the folder
+    has both. An index must name existing shard files (else :class:`CheckpointError` naming the missing ones).
+    ``ckpt_dir`` may also be a single ``.safetensors``/``.bin`` file.
+    """
+    return _locate(ckpt_dir)[0]
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def _open_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, mapped copy-on-write (no data read yet)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt file?)") from e
+
+
+def _open_bin(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``torch.save`` file with ``weights_only=True``: a pickle that wants code is refused."""
+    # mmap needs the zip format (torch >= 1.6); the legacy format is read into memory.
+    mmap = zipfile.is_zipfile(file)
+    try:
+        obj = torch.load(str(file), map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).splitlines()[0] if str(e) else repr(e)
+        if "weights only" in first_line.lower():
+            raise CheckpointError(
+                f"refusing to load {file}: it is not a plain tensor file, weights_only=True rejected it "
+                f"(it may reference code): {_weights_only_reason(e)}"
+            ) from e
+        raise CheckpointError(f"cannot read {file}: {first_line} (truncated or corrupt file?)") from e
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt file?)") from e
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _weights_only_reason(e: Exception) -> str:
+    """The line of torch's weights_only message that names the refused global, if any."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln:
+            return ln
+    return lines[0] if lines else repr(e)
+
+
+def _open_shard(file: Path) -> dict[str, torch.Tensor]:
+    return _open_safetensors(file) if file.suffix == ".safetensors" else _open_bin(file)
+
+
+def _format_problems(header: str, problems: list[str], footer: str = "") -> str:
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    lines = [header, *(f"  - {p}" for p in shown)]
+    if len(problems) > len(shown):
+        lines.append(f"  ... and {len(problems) - len(shown)} more")
+    if footer:
+        lines.append(footer)
+    return "\n".join(lines)
+
+
+def _iter_shards(ckpt_dir: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """(file, its tensors) per shard, after checking the shards against each other and against the index.
+
+    Every shard is opened (lazily, nothing read) before the first is yielded, so that a bad shard or an
+    inconsistent index fails before anything is used.
+    """
+    files, weight_map = _locate(ckpt_dir)
+    shards = [(file, _open_shard(file)) for file in files]
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    for file, tensors in shards:
+        for key in tensors:
+            if key in seen:
+                problems.append(f"{key} is in both {seen[key].name} and {file.name}")
+            else:
+                seen[key] = file
+    if weight_map is not None:
+        for key, name in sorted(weight_map.items()):
+            if key not in seen:
+                problems.append(f"the index puts {key} in {name}, which does not contain it")
+            elif seen[key].name != name:
+                problems.append(f"the index puts {key} in {name}, but it is in {seen[key].name}")
+        for key, file in sorted(seen.items()):
+            if key not in weight_map:
+                problems.append(f"{file.name} contains {key}, which the index does not list")
+    if problems:
+        raise CheckpointError(_format_problems(f"inconsistent checkpoint {ckpt_dir}:", problems))
+    yield from shards
+
+
+def load_state_dict(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, by official name.
+
+    On CPU the tensors are copy-on-write maps of the files (read on first use, safe to modify). Raises
+    :class:`CheckpointError` for a missing, truncated, corrupt or code-carrying file, a key in two shards, or
+    an index that disagrees with the shards.
+    """
+    device = torch.device(device)
+    out: dict[str, torch.Tensor] = {}
+    for _file, tensors in _iter_shards(ckpt_dir):
+        for key in list(tensors):
+            out[key] = tensors.pop(key).to(device)
+    return out
+
+
+# ---- loading into a model --------------------------------------------------------------------------------
+def _shape(t: torch.Tensor | torch.Size) -> str:
+    return str(list(t.shape if isinstance(t, torch.Tensor) else t))
+
+
+def _check_against_model(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], ckpt_dir: str | Path, strict: bool
+) -> None:
+    """Raise one CheckpointError listing every missing/extra key and every shape mismatch."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    mismatched = [k for k in expected if k in found and expected[k].shape != found[k].shape]
+    problems = [
+        f"shape mismatch for {k}: the model expects {_shape(expected[k])}, the checkpoint has {_shape(found[k])}"
+        for k in mismatched
+    ]
+    if strict:
+        problems += [f"missing from the checkpoint: {k} (expected shape {_shape(expected[k])})" for k in missing]
+        problems += [f"unexpected in the checkpoint: {k} (shape {_shape(found[k])})" for k in extra]
+    elif missing or extra:
+        logger.warning("non-strict load from %s: %d key(s) missing, %d unexpected key(s) ignored",
+                       ckpt_dir, len(missing), len(extra))
+    if not problems:
+        return
+    hints = []
+    if mismatched:
+        hints.append("config.json may not match the weights (hidden_size, num_hidden_layers, intermediate_size, "
+                     "vocab_size, visual.*)")
+    if strict and any(k.startswith(("llm_model.", "vision_encoder.")) for k in extra):
+        hints.append("these look like MindFormers names: convert the checkpoint first (`qwenvl convert`)")
+    footer = "hint: " + "; ".join(hints) if hints else ""
+    raise CheckpointError(
+        _format_problems(f"checkpoint {ckpt_dir} does not match the model ({len(problems)} problem(s)):",
+                         problems, footer)
+    )
+
+
+def _float_dtypes(tensors: Iterable[torch.Tensor]) -> list[torch.dtype]:
+    """The floating dtypes among ``tensors``, the one holding most bytes first."""
+    counts: Counter[torch.dtype] = Counter()
+    for t in tensors:
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel() * t.element_size()
+    return [d for d, _ in counts.most_common()]
+
+
+def load_weights(
+    model: nn.Module,
+    ckpt_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> nn.Module:
+    """Fill ``model`` (on any device, typically meta) with the checkpoint's tensors; return it.
+
+    Every checkpoint tensor the model has must match its shape; with ``strict`` (the default) every model key
+    must also be in the checkpoint and the checkpoint must have no other keys (non-strict: extra keys are
+    ignored, missing ones keep their values, or fail the meta check below). All problems are collected and
+    raised as one :class:`CheckpointError` before any parameter changes.
+
+    ``dtype``: floating tensors are cast to it. ``None`` keeps the checkpoint's stored dtype (the official
+    weights are bf16, as ``config.json``'s ``torch_dtype`` says), so loading on CPU is a zero-copy map; a
+    checkpoint that mixes floating dtypes is cast to the one holding most bytes. Integer tensors are never
+    cast. ``device``: where the parameters end up.
+
+    ``requires_grad`` of each parameter is kept (``assign=True`` wraps new tensors in Parameters with the
+    model's flag). Raises if a parameter or buffer is still on the meta device afterwards.
+    """
+    device = torch.device(device)
+    shards = list(_iter_shards(ckpt_dir))
+    found = {k: t for _file, tensors in shards for k, t in tensors.items()}
+    expected = model.state_dict(keep_vars=True)
+    _check_against_model(expected, found, ckpt_dir, strict)
+    if dtype is None:
+        stored = _float_dtypes(t for k, t in found.items() if k in expected)
+        dtype = stored[0] if stored else None
+        if len(stored) > 1:
+            logger.warning("%s mixes floating dtypes %s: casting all floating tensors to %s",
+                           ckpt_dir, [str(d) for d in stored], dtype)
+    del found
+
+    state: dict[str, torch.Tensor] = {}
+    for _file, tensors in shards:
+        # pop each source as it is converted, so a shard's mapping is released once its last tensor is done
+        for key in list(tensors):
+            src = tensors.pop(key)
+            if key not in expected:
+                continue
+            target_dtype = dtype if dtype is not None and src.is_floating_point() else src.dtype
+            state[key] = src.to(device=device, dtype=target_dtype)
+            del src
+    shards.clear()
+    model.load_state_dict(state, strict=strict, assign=True)
+    del state
+
+    on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise CheckpointError(
+            _format_problems(
+                f"after loading {ckpt_dir}, {len(on_meta)} tensor(s) are still on the meta device "
+                "(not in the checkpoint, or a non-persistent buffer the model must create itself):",
+                on_meta,
+            )
+        )
+    logger.info("loaded %s (%d tensors, dtype %s) onto %s", ckpt_dir, len(expected), dtype, device)
+    return model
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _plan_shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Keys per shard, in order (Hugging Face's rule: start a new shard when the next tensor would overflow)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in state.items():
+        n = _tensor_bytes(t)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    return shards
+
+
+def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _write_tensor_data(f: BinaryIO, t: torch.Tensor) -> None:
+    t = _host_contiguous(t)
+    if t.numel():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _write_safetensors(file: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write one safetensors file, streaming one tensor at a time.
+
+    Layout per the format: u64 little-endian header size, the JSON header (padded with spaces to a multiple
+    of 8), then the tensors' bytes back to back. Tensors are ordered by decreasing element size then name,
+    as safetensors itself does, so every tensor starts aligned to its element size.
+    """
+    order = sorted(state, key=lambda k: (-state[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        t = state[key]
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"cannot save {key}: dtype {t.dtype} has no safetensors equivalent")
+        n = _tensor_bytes(t)
+        header[key] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key in order:
+            _write_tensor_data(f, state[key])
+
+
+def _write_bin(file: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """``torch.save`` one shard; views of a larger storage are copied so only their own bytes are written."""
+    out = {}
+    for key, t in state.items():
+        t = _host_contiguous(t)
+        if t.untyped_storage().nbytes() != _tensor_bytes(t):
+            t = t.clone()
+        out[key] = t
+    torch.save(out, file)
+
+
+def _state_dict_of(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, nn.Module):
+        state = model_or_state_dict.state_dict()
+    else:
+        state = dict(model_or_state_dict)
+    problems = [f"{k}: not a tensor ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    problems += [f"{k}: on the meta device (no data)" for k, v in state.items()
+                 if isinstance(v, torch.Tensor) and v.is_meta]
+    if problems:
+        raise CheckpointError(_format_problems("cannot save this state dict:", problems))
+    if not state:
+        raise CheckpointError("cannot save an empty state dict")
+    return state
+
+
+def save_pretrained(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    config: QwenVLConfig | None,
+    out_dir: str | Path,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+    vocab_file: str | Path | None = None,
+) -> Path:
+    """Write a checkpoint folder in the official layout, atomically; return its path.
+
+    ``config`` defaults to ``model.config``; its ``torch_dtype`` is rewritten to the weights' floating dtype.
+    One shard -> ``model.safetensors``; more -> ``model-0000K-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json``. ``safe_serialization=False`` writes ``pytorch_model*.bin`` instead.
+    ``vocab_file`` (default: the bundled official ``qwen.tiktoken``) is copied as ``qwen.tiktoken``.
+    An existing ``out_dir`` is replaced only once the new folder is complete.
+    """
+    if config is None:
+        config = getattr(model_or_state_dict, "config", None)
+        if not isinstance(config, QwenVLConfig):
+            raise CheckpointError("save_pretrained needs a QwenVLConfig (none given and the model has no .config)")
+    state = _state_dict_of(model_or_state_dict)
+    max_bytes = parse_size(max_shard_size)
+    vocab = Path(vocab_file) if vocab_file is not None else BUNDLED_VOCAB
+    if not vocab.is_file():
+        raise FileNotFoundError(f"vocabulary file {vocab} not found")
+    stored = _float_dtypes(state.values())
+    if stored and stored[0] in _DTYPE_NAMES and config.torch_dtype != _DTYPE_NAMES[stored[0]]:
+        config = replace(config, torch_dtype=_DTYPE_NAMES[stored[0]])
+
+    stem, ext, index_name = ("model", "safetensors", SAFE_INDEX_NAME) if safe_serialization else \
+        ("pytorch_model", "bin", BIN_INDEX_NAME)
+    plan = _plan_shards(state, max_bytes)
+    names = [f"{stem}.{ext}"] if len(plan) == 1 else \
+        [f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))]
+
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        config.save_pretrained(tmp)
+        weight_map: dict[str, str] = {}
+        for name, keys in zip(names, plan):
+            shard = {k: state[k] for k in keys}
+            if safe_serialization:
+                _write_safetensors(tmp / name, shard, {"format": "pt"})
+            else:
+                _write_bin(tmp / name, shard)
+            weight_map.update(dict.fromkeys(keys, name))
+            logger.debug("wrote %s (%d tensors)", name, len(keys))
+        if len(plan) > 1:
+            total = sum(_tensor_bytes(t) for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(vocab, tmp / VOCAB_NAME)
+    logger.info("saved %d tensors in %d shard(s) to %s", len(state), len(plan), out)
+    return out

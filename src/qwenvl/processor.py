@@ -1,0 +1,335 @@
+"""Text, chat messages and images -> model tensors; training conversations -> ids and labels.
+
+Everything here reproduces an official rule exactly (DESIGN.md section 1, "Prompts and generation" and
+"Fine-tuning"): prompts are tokenized as by the official tokenizer, chat prompts as by ``make_context`` in
+``qwen_generation_utils.py`` (role, newline and content tokenized *separately*), training samples as by
+``preprocess`` in Qwen-VL's ``finetune.py``. The model only ever gets tensors: images are loaded here from
+the ``<img>PATH</img>`` spans (or supplied by the caller) and passed as pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, QwenVLConfig
+from .images import ImageSource, pixel_values
+from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
+
+__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "Processor"]
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
+
+_TRAIN_ROLES = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
+
+# One prompt: raw text, a list-format list ([{"image": ...}, {"text": ...}]) or OpenAI-style messages.
+Prompt = str | list[dict[str, Any]]
+
+
+def _is_messages(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(m, dict) for m in items) and any("role" in m for m in items)
+
+
+class Processor:
+    """Turns prompts (and images) into the tensors the model takes, and conversations into labels.
+
+    ``chat_format`` is what the checkpoint's ``generation_config.json`` says: ``"chatml"`` for Qwen-VL-Chat,
+    ``"raw"`` for the base Qwen-VL. It only affects messages and :meth:`build_chat_prompt`; a plain string
+    prompt is always tokenized as is (it may already hold the ChatML tags).
+    """
+
+    def __init__(
+        self,
+        tokenizer: QwenTokenizer | None = None,
+        image_size: int = 448,
+        chat_format: str = "chatml",
+        base_dir: str | os.PathLike | None = None,
+        max_window_size: int = 6144,
+        system: str = DEFAULT_SYSTEM,
+    ) -> None:
+        if chat_format not in ("chatml", "raw"):
+            raise ValueError(f"chat_format must be 'chatml' or 'raw', got {chat_format!r}")
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.tokenizer = tokenizer if tokenizer is not None else QwenTokenizer.from_pretrained()
+        self.image_size = int(image_size)
+        self.chat_format = chat_format
+        self.base_dir = base_dir
+        self.max_window_size = int(max_window_size)
+        self.system = system
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | os.PathLike | None = None,
+        config: QwenVLConfig | None = None,
+        base_dir: str | os.PathLike | None = None,
+    ) -> Processor:
+        """The processor of a checkpoint folder (or the defaults of Qwen-VL-Chat when there is none).
+
+        The vocabulary is the folder's ``qwen.tiktoken`` or else the bundled one; ``image_size`` comes from
+        ``config.json`` (``visual.image_size``), ``chat_format`` and ``max_window_size`` from
+        ``generation_config.json``. An explicit ``config`` wins over the folder's files.
+        """
+        tokenizer = QwenTokenizer.from_pretrained(ckpt_dir)
+        gen = GenerationDefaults()
+        image_size = 448
+        if config is None and ckpt_dir is not None:
+            folder = Path(ckpt_dir)
+            if (folder / "config.json").is_file():
+                config = QwenVLConfig.from_pretrained(folder)
+            elif (folder / "generation_config.json").is_file():
+                gen = GenerationDefaults.from_dict(_read_json(folder / "generation_config.json"))
+        if config is not None:
+            gen = config.generation
+            image_size = config.visual.image_size
+        return cls(
+            tokenizer,
+            image_size=image_size,
+            chat_format=gen.chat_format,
+            base_dir=base_dir,
+            max_window_size=gen.max_window_size,
+        )
+
+    # ---- prompts -> tensors ----------------------------------------------------------------------
+    def __call__(
+        self,
+        text: Prompt | Sequence[Prompt],
+        images: Sequence[ImageSource] | None = None,
+        base_dir: str | os.PathLike | None = None,
+        return_tensors: str = "pt",
+    ) -> dict[str, torch.Tensor | None]:
+        """Prompt(s) -> ``input_ids`` [B, T], ``attention_mask`` [B, T], ``images`` [N, 3, S, S] or None.
+
+        ``text`` is one prompt or a list of prompts; a prompt is a string (tokenized as is), a list-format
+        list (see ``QwenTokenizer.from_list_format``) or a list of ``{"role", "content"}`` messages (turned
+        into a chat prompt by :meth:`build_messages_prompt`). Prompts of different lengths are padded on the
+        LEFT with ``<|endoftext|>`` (mask 0), so every row ends at its last real token, as generation needs.
+
+        Images: by default the path inside each ``<img>PATH</img>`` is loaded (relative paths against
+        ``base_dir``, else the processor's ``base_dir``, else the working directory). With ``images=``, the
+        k-th supplied image (a path, bytes, data URL or PIL image) is the pixels of the k-th ``<img>`` span
+        counted over the whole batch in order (prompt 0's spans first); the span's text is then only a name.
+        ``images`` [N, 3, S, S] lists the images in that same order; it is None when there are none.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        prompts = self._split_batch(text)
+        rows = []
+        for k, prompt in enumerate(prompts):
+            ids = self._prompt_ids(prompt)
+            if not ids:
+                raise ValueError(f"empty prompt (prompt {k} of the batch): there is nothing to condition on")
+            rows.append(ids)
+        spans = [path for ids in rows for path in self.tokenizer.image_paths(ids)]
+        if images is not None:
+            images = list(images)
+            if len(images) != len(spans):
+                raise ValueError(
+                    f"got {len(images)} images for {len(spans)} <img> spans in the prompt(s): supply exactly "
+                    "one image per <img>...</img>, in order"
+                )
+            sources: list[ImageSource] = images
+        else:
+            sources = list(spans)
+        pixels = self.pixel_values_for(sources, base_dir) if sources else None
+
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), ENDOFTEXT_ID, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, ids in enumerate(rows):
+            input_ids[b, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, width - len(ids) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "images": pixels}
+
+    @staticmethod
+    def _split_batch(text: Prompt | Sequence[Prompt]) -> list[Prompt]:
+        if isinstance(text, str):
+            return [text]
+        if not isinstance(text, Sequence):
+            raise TypeError(f"prompt must be a str, a list-format list, messages or a list of those, got {type(text).__name__}")
+        items = list(text)
+        if not items:
+            raise ValueError("empty prompt: got an empty list")
+        if all(isinstance(t, dict) for t in items):
+            return [items]  # one prompt: messages or list format
+        if all(isinstance(t, (str, list)) for t in items):
+            return items
+        raise TypeError("a batch must be a list of prompts (str, list-format lists or message lists)")
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if _is_messages(prompt):
+            return self.build_messages_prompt(prompt)[1]
+        return self.tokenizer.encode(self.tokenizer.from_list_format(prompt))
+
+    # ---- chat ------------------------------------------------------------------------------------
+    def _content_text(self, content: Any, where: str) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return self.tokenizer.from_list_format(content)
+        raise ValueError(f"{where}: content must be a str or a list-format list, got {type(content).__name__}")
+
+    def build_chat_prompt(
+        self,
+        query: str | list[dict[str, Any]],
+        history: Sequence[tuple[Any, Any]] | None = None,
+        system: str | None = None,
+        max_window_size: int | None = None,
+    ) -> tuple[str, list[int]]:
+        """``(raw_text, input_ids)`` of a chat prompt, exactly as the official ``make_context``.
+
+        ChatML: ``<|im_start|>system\\n{system}<|im_end|>``, then each past ``(query, response)`` turn as
+        ``\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{r}<|im_end|>`` (a None response leaves
+        the turn open), then ``\\n<|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n``. Roles,
+        newlines and contents are tokenized separately, contents with only the Qwen-VL tags (``<img>``,
+        ``<ref>``, ``<box>``, ...) as special tokens, so ``<|im_end|>`` typed by a user stays plain text.
+        History is walked newest first and a turn is kept while the total stays below ``max_window_size``
+        (default: the checkpoint's, 6144); the first turn that does not fit ends the walk.
+        With chat_format "raw" the prompt is the query text alone (history and system are not used).
+        """
+        enc = self.tokenizer.encode
+        query = self._content_text(query, "query")
+        if self.chat_format == "raw":
+            return query, enc(query)
+        system = self.system if system is None else system
+        window = self.max_window_size if max_window_size is None else max_window_size
+        nl = enc("\n")
+        im_start, im_end = [IM_START_ID], [IM_END_ID]
+
+        def part(role: str, content: str) -> list[int]:
+            return enc(role, allowed_special=IMAGE_SPECIAL_TOKENS) + nl + enc(content, allowed_special=IMAGE_SPECIAL_TOKENS)
+
+        system_ids = im_start + part("system", system) + im_end
+        context: list[int] = []
+        raw = ""
+        for turn in reversed(list(history or [])):
+            if len(turn) != 2:
+                raise ValueError(f"each history turn must be a (query, response) pair, got {turn!r}")
+            q = self._content_text(turn[0], "history query")
+            r = None if turn[1] is None else self._content_text(turn[1], "history response")
+            nxt = nl + im_start + part("user", q) + im_end + nl
+            text = f"\n<|im_start|>user\n{q}<|im_end|>\n"
+            if r is not None:
+                nxt += im_start + part("assistant", r) + im_end
+                text += f"<|im_start|>assistant\n{r}<|im_end|>"
+            if len(system_ids) + len(nxt) + len(context) < window:
+                context = nxt + context
+                raw = text + raw
+            else:
+                break
+        ids = system_ids + context
+        ids += nl + im_start + part("user", query) + im_end + nl + im_start + enc("assistant") + nl
+        raw = f"<|im_start|>system\n{system}<|im_end|>" + raw + f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
+        return raw, ids
+
+    def build_messages_prompt(
+        self, messages: Sequence[dict[str, Any]], max_window_size: int | None = None
+    ) -> tuple[str, list[int]]:
+        """OpenAI-style ``[{"role": "system"|"user"|"assistant", "content": ...}]`` -> :meth:`build_chat_prompt`.
+
+        An optional system message comes first; then user and assistant alternate and the last message is
+        the user's query. Contents are strings or list-format lists.
+        """
+        msgs = list(messages)
+        if not msgs:
+            raise ValueError("empty prompt: no messages")
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {k} must be a dict with 'role' and 'content', got {m!r}")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"message {k} has unknown role {m['role']!r}; expected system, user or assistant")
+        system = None
+        if msgs[0]["role"] == "system":
+            system = self._content_text(msgs[0]["content"], "system message")
+            msgs = msgs[1:]
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ValueError("the last message must be the user's (the model answers it)")
+        if len(msgs) % 2 == 0:  # user/assistant pairs, then the query
+            raise ValueError("messages must alternate user, assistant, ... and end with a user message")
+        history = []
+        for k in range(0, len(msgs) - 1, 2):
+            if msgs[k]["role"] != "user" or msgs[k + 1]["role"] != "assistant":
+                raise ValueError(
+                    f"messages must alternate user, assistant, ... after the system message; "
+                    f"got {msgs[k]['role']!r} then {msgs[k + 1]['role']!r}"
+                )
+            history.append((msgs[k]["content"], msgs[k + 1]["content"]))
+        return self.build_chat_prompt(msgs[-1]["content"], history, system, max_window_size)
+
+    # ---- fine-tuning samples ---------------------------------------------------------------------
+    def encode_conversation(
+        self,
+        conversations: Sequence[dict[str, Any]],
+        system_message: str = DEFAULT_SYSTEM,
+        max_length: int | None = None,
+    ) -> dict[str, list[Any]]:
+        """One training sample -> ``input_ids``, ``labels`` (aligned; the model shifts) and ``image_paths``.
+
+        Exactly the official ``finetune.py`` rule: a first turn that is not the user's is dropped; the system
+        block and user turns contribute only ``<|im_start|>``, ``<|im_end|>`` and ``\\n`` as labels; in assistant
+        turns ``assistant\\n`` is masked and ``<|im_start|>``, the content, ``<|im_end|>`` and ``\\n`` are learned.
+        Masked positions hold ``IGNORE_INDEX`` (-100). No truncation or padding here (the dataset decides);
+        with ``max_length`` a longer sample raises ``ValueError``.
+        """
+        turns = list(conversations)
+        if not turns:
+            raise ValueError("empty conversation: no turns")
+        for j, t in enumerate(turns):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                raise ValueError(f"turn {j} must be a dict with 'from' and 'value', got {t!r}")
+            if t["from"] not in _TRAIN_ROLES:
+                raise ValueError(f"turn {j} has unknown role {t['from']!r}; expected 'user' or 'assistant'")
+            if not isinstance(t["value"], str):
+                raise ValueError(f"turn {j}: value must be a str, got {type(t['value']).__name__}")
+        if turns[0]["from"] != "user":
+            turns = turns[1:]  # as official: a leading non-user turn has no question to answer
+        if not any(t["from"] == "assistant" for t in turns):
+            raise ValueError("conversation has no assistant turn to learn from (a leading assistant turn is dropped)")
+
+        enc = self.tokenizer.encode
+        nl = enc("\n")
+        input_ids = [IM_START_ID] + enc("system") + nl + enc(system_message) + [IM_END_ID] + nl
+        labels = [IM_START_ID] + [IGNORE_INDEX] * (len(input_ids) - 3) + [IM_END_ID] + nl
+        for t in turns:
+            role = enc(_TRAIN_ROLES[t["from"]])
+            ids = role + nl + enc(t["value"]) + [IM_END_ID] + nl
+            if t["from"] == "user":
+                lab = [IM_START_ID] + [IGNORE_INDEX] * (len(ids) - 3) + [IM_END_ID] + nl
+            else:
+                lab = [IM_START_ID] + [IGNORE_INDEX] * len(role) + ids[len(role) + 1 : -2] + [IM_END_ID] + nl
+            input_ids += ids
+            labels += lab
+        if len(input_ids) != len(labels):  # only if "\n" stopped being one token: a broken vocabulary
+            raise ValueError(f"internal error: {len(input_ids)} ids but {len(labels)} labels")
+        if max_length is not None and len(input_ids) > max_length:
+            raise ValueError(f"conversation is {len(input_ids)} tokens long, more than max_length={max_length}")
+        return {"input_ids": input_ids, "labels": labels, "image_paths": self.tokenizer.image_paths(input_ids)}
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def pixel_values_for(
+        self, paths_or_images: Sequence[ImageSource], base_dir: str | os.PathLike | None = None
+    ) -> torch.Tensor:
+        """Load and transform images -> float32 [N, 3, S, S] (relative paths against ``base_dir``)."""
+        return pixel_values(list(paths_or_images), self.image_size, base_dir if base_dir is not None else self.base_dir)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, batch: Any, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(batch, skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

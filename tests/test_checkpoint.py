@@ -1,0 +1,525 @@
+"""Checkpoint folders: layout detection, strict loading, clear errors, atomic saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qwenvl import checkpoint
+from qwenvl.checkpoint import (
+    BUNDLED_VOCAB,
+    CheckpointError,
+    find_weights,
+    load_state_dict,
+    load_weights,
+    parse_size,
+    save_pretrained,
+)
+from qwenvl.config import QwenVLConfig
+from qwenvl.model import QwenVL
+
+FIXTURE = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+
+
+# ---- a small module whose names mimic the official ones -------------------------------------------------
+class _Attn(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d, bias=False)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.Parameter(torch.ones(d))
+        self.attn = _Attn(d)
+
+
+class _AttnPool(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 1)
+        self.pos_embed = nn.Parameter(torch.zeros(4, d), requires_grad=False)  # frozen, as the official one
+
+
+class _Visual(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, d, 2, 2, bias=False)
+        self.attn_pool = _AttnPool(d)
+
+
+class _Transformer(nn.Module):
+    def __init__(self, d: int, vocab: int, layers: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.h = nn.ModuleList(_Block(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.visual = _Visual(d)
+
+
+class Mini(nn.Module):
+    def __init__(self, d: int = 8, vocab: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.transformer = _Transformer(d, vocab, layers)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+
+def _random_state(model: nn.Module, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g).to(dtype) for k, v in model.state_dict().items()}
+
+
+def _meta_mini(**kw: int) -> Mini:
+    with torch.device("meta"):
+        return Mini(**kw)
+
+
+@pytest.fixture
+def config() -> QwenVLConfig:
+    return QwenVLConfig.from_preset("tiny")
+
+
+@pytest.fixture
+def state() -> dict[str, torch.Tensor]:
+    return _random_state(Mini())
+
+
+def _files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(sorted(a)) == list(sorted(b))
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- sizes -----------------------------------------------------------------------------------------------
+def test_parse_size() -> None:
+    assert parse_size("5GB") == 5_000_000_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("300MB") == 300_000_000
+    assert parse_size("1.5 kb") == 1500
+    assert parse_size(4096) == 4096
+    assert parse_size("100") == 100
+    for bad in ("5 parsecs", "", "-1GB", "0", "GB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+# ---- round trips -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_round_trip_single_file(tmp_path: Path, config: QwenVLConfig, state: dict, safe: bool) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt", safe_serialization=safe)
+    weights = "model.safetensors" if safe else "pytorch_model.bin"
+    assert _files(out) == {"config.json", "generation_config.json", "qwen.tiktoken", weights}
+    assert find_weights(out) == [out / weights]
+    _assert_same(load_state_dict(out), state)
+    assert (out / "qwen.tiktoken").read_bytes() == BUNDLED_VOCAB.read_bytes()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the weights' dtype
+    if safe:
+        with safe_open(str(out / weights), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+        _assert_same(load_file(out / weights), state)  # readable by the reference reader
+    else:
+        _assert_same(torch.load(out / weights, weights_only=True), state)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_round_trip_sharded(tmp_path: Path, config: QwenVLConfig, state: dict, safe: bool) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt", max_shard_size="600B", safe_serialization=safe)
+    stem, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
+    files = find_weights(out)
+    n = len(files)
+    assert n >= 3
+    assert [f.name for f in files] == [f"{stem}-{i:05d}-of-{n:05d}.{ext}" for i in range(1, n + 1)]
+    assert _files(out) == {"config.json", "generation_config.json", "qwen.tiktoken",
+                           f"{stem}.{ext}.index.json", *(f.name for f in files)}
+    index = json.loads((out / f"{stem}.{ext}.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert sorted(index["weight_map"]) == sorted(state)
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    for f in files:  # every shard is within the limit unless it holds one oversized tensor
+        tensors = load_state_dict(f)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= 600 or len(tensors) == 1
+        assert all(index["weight_map"][k] == f.name for k in tensors)
+    _assert_same(load_state_dict(out), state)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_round_trip_dtypes_views_and_shared_storage(tmp_path: Path, config: QwenVLConfig, safe: bool) -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    state = {
+        "a.view_rows": base[1:3],                   # a view into a larger storage
+        "a.transposed": base.t(),                   # non-contiguous
+        "a.alias": base,                            # two keys, one storage
+        "a.alias2": base,
+        "b.half": torch.randn(3, 5).half(),
+        "b.bf16": torch.randn(7).bfloat16(),
+        "c.long": torch.arange(5),
+        "c.bool": torch.tensor([True, False, True]),
+        "c.scalar": torch.tensor(3.5),
+        "c.empty": torch.zeros(0, 4),
+    }
+    out = save_pretrained(state, config, tmp_path / "ckpt", max_shard_size="64B", safe_serialization=safe)
+    loaded = load_state_dict(out)
+    _assert_same(loaded, {k: v.contiguous() for k, v in state.items()})
+    if not safe:  # each shard holds only its own tensors' bytes, not a whole shared storage
+        for f in find_weights(out):
+            assert f.stat().st_size < 4096
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_model_round_trip_into_meta_module(tmp_path: Path, config: QwenVLConfig, safe: bool) -> None:
+    src = Mini()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_()
+    out = save_pretrained(src, config, tmp_path / "ckpt", max_shard_size="1KB", safe_serialization=safe)
+    model = load_weights(_meta_mini(), out)
+    _assert_same(model.state_dict(), src.state_dict())
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    assert model.transformer.visual.attn_pool.pos_embed.requires_grad is False  # frozen stays frozen
+    assert model.lm_head.weight.requires_grad is True
+
+
+def test_loaded_params_are_safe_to_modify_in_place(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    before = (out / "model.safetensors").read_bytes()
+    model = load_weights(_meta_mini(), out)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"] + 1.0)
+    assert (out / "model.safetensors").read_bytes() == before  # copy-on-write mapping: the file is untouched
+    _assert_same(load_state_dict(out), state)
+
+
+def test_dtype_cast_and_default_dtype(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt", max_shard_size="1KB")
+    kept = load_weights(_meta_mini(), out)  # dtype=None: the stored dtype
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    cast = load_weights(_meta_mini(), out, dtype=torch.float32)
+    assert {p.dtype for p in cast.parameters()} == {torch.float32}
+    for k, v in cast.state_dict().items():
+        assert torch.equal(v, state[k].float()), k
+
+
+def test_default_dtype_of_mixed_checkpoint_is_the_majority(tmp_path: Path, config: QwenVLConfig) -> None:
+    state = _random_state(Mini(), torch.float16)
+    state["transformer.ln_f.weight"] = state["transformer.ln_f.weight"].float()
+    state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"].bfloat16()
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    model = load_weights(_meta_mini(), out)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+
+
+def test_integer_tensors_are_never_cast(tmp_path: Path, config: QwenVLConfig) -> None:
+    class WithBuffer(Mini):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    state = _random_state(Mini())
+    state["step"] = torch.tensor(7)
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with torch.device("meta"):
+        model = WithBuffer()
+    load_weights(model, out, dtype=torch.float32)
+    assert model.step.dtype == torch.long and int(model.step) == 7
+
+
+def test_safetensors_preferred_over_bin(tmp_path: Path, config: QwenVLConfig) -> None:
+    a, b = _random_state(Mini(), seed=1), _random_state(Mini(), seed=2)
+    out = save_pretrained(a, config, tmp_path / "ckpt")
+    save_pretrained(b, config, tmp_path / "bin", safe_serialization=False)
+    shutil.copy(tmp_path / "bin" / "pytorch_model.bin", out / "pytorch_model.bin")
+    assert find_weights(out) == [out / "model.safetensors"]
+    _assert_same(load_state_dict(out), a)
+
+
+def test_python_files_in_the_folder_are_never_run(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    marker = tmp_path / "executed"
+    for name in ("modeling_qwen.py", "configuration_qwen.py", "__init__.py"):
+        (out / name).write_text(f"open({str(marker)!r}, 'w').write('x')\nraise SystemExit(1)\n")
+    load_weights(_meta_mini(), out)
+    assert not marker.exists()
+
+
+def test_save_replaces_an_existing_folder_completely(tmp_path: Path, config: QwenVLConfig) -> None:
+    a, b = _random_state(Mini(), seed=1), _random_state(Mini(), seed=2)
+    out = save_pretrained(a, config, tmp_path / "ckpt", max_shard_size="1KB")
+    assert (out / "model.safetensors.index.json").exists()
+    # the model is still mapped from the old files while the folder is replaced
+    model = load_weights(_meta_mini(), out)
+    save_pretrained(b, config, out)
+    assert _files(out) == {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors"}
+    _assert_same(load_state_dict(out), b)
+    _assert_same(model.state_dict(), a)
+    assert _files(tmp_path) == {"ckpt"}
+
+
+# ---- atomic saving -----------------------------------------------------------------------------------------
+def test_failed_save_leaves_nothing(tmp_path: Path, config: QwenVLConfig, state: dict,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real = checkpoint._write_safetensors
+    calls = []
+
+    def flaky(file: Path, shard: dict, metadata: dict) -> None:
+        calls.append(file.name)
+        if len(calls) == 2:
+            file.write_bytes(b"half a shard")
+            raise OSError("disk full")
+        real(file, shard, metadata)
+
+    monkeypatch.setattr(checkpoint, "_write_safetensors", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(state, config, tmp_path / "new", max_shard_size="1KB")
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []  # no out_dir, no temporary sibling
+
+
+def test_failed_save_keeps_the_existing_folder(tmp_path: Path, config: QwenVLConfig, state: dict,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(file: Path, shard: dict, metadata: dict) -> None:
+        file.write_bytes(b"garbage")
+        raise RuntimeError("writer crashed")
+
+    monkeypatch.setattr(checkpoint, "_write_safetensors", broken)
+    with pytest.raises(RuntimeError, match="writer crashed"):
+        save_pretrained(_random_state(Mini(), seed=5), config, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _files(tmp_path) == {"ckpt"}
+
+
+def test_saving_a_meta_model_is_refused(tmp_path: Path, config: QwenVLConfig) -> None:
+    with pytest.raises(CheckpointError, match="meta device"):
+        save_pretrained(_meta_mini(), config, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+def _truncate(file: Path, keep: float = 0.6) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_truncated_shard(tmp_path: Path, config: QwenVLConfig, state: dict, safe: bool) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt", max_shard_size="1KB", safe_serialization=safe)
+    shard = find_weights(out)[1]
+    _truncate(shard)
+    with pytest.raises(CheckpointError, match=f"cannot read .*{shard.name}.*truncated or corrupt"):
+        load_state_dict(out)
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_weights(_meta_mini(), out)
+
+
+def test_garbage_shard(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_state_dict(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        load_state_dict(tmp_path)
+
+
+def test_missing_key(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    del state["transformer.h.1.attn.c_attn.bias"]
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    model = _meta_mini()
+    with pytest.raises(CheckpointError) as e:
+        load_weights(model, out)
+    assert "missing from the checkpoint: transformer.h.1.attn.c_attn.bias (expected shape [24])" in str(e.value)
+    assert all(p.is_meta for p in model.parameters())  # nothing assigned before the check
+    with pytest.raises(CheckpointError, match="still on the meta device"):  # non-strict cannot invent it either
+        load_weights(_meta_mini(), out, strict=False)
+
+
+def test_extra_key(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    state["transformer.h.2.attn.c_attn.weight"] = torch.zeros(24, 8)
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"unexpected in the checkpoint: transformer\.h\.2\.attn\.c_attn\.weight "
+                                              r"\(shape \[24, 8\]\)"):
+        load_weights(_meta_mini(), out)
+    model = load_weights(_meta_mini(), out, strict=False)  # non-strict ignores it
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
+
+
+def test_wrong_shape(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    state["transformer.wte.weight"] = torch.zeros(33, 8)
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError) as e:
+        load_weights(_meta_mini(), out, strict=False)  # shapes are checked even when not strict
+    msg = str(e.value)
+    assert "shape mismatch for transformer.wte.weight: the model expects [32, 8], the checkpoint has [33, 8]" in msg
+    assert "config.json may not match the weights" in msg
+
+
+def test_all_problems_in_one_capped_message(tmp_path: Path, config: QwenVLConfig) -> None:
+    out = save_pretrained(_random_state(Mini(d=8, layers=2)), config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError) as e:
+        load_weights(_meta_mini(d=16, layers=12), out)
+    msg = str(e.value)
+    lines = msg.splitlines()
+    n = len(_meta_mini(d=16, layers=12).state_dict())
+    assert f"({n} problem(s))" in lines[0]
+    assert sum(line.startswith("  - ") for line in lines) == checkpoint.MAX_LISTED_PROBLEMS
+    assert f"  ... and {n - checkpoint.MAX_LISTED_PROBLEMS} more" in lines
+    assert "shape mismatch" in msg and "missing from the checkpoint" in msg and lines[-1].startswith("hint:")
+
+
+def test_mindformers_names_get_a_hint(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    state = {"llm_model." + k: v for k, v in state.items()}
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="MindFormers"):
+        load_weights(_meta_mini(), out)
+
+
+def test_index_naming_a_missing_shard(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt", max_shard_size="1KB")
+    gone = find_weights(out)[-1]
+    gone.unlink()
+    with pytest.raises(CheckpointError, match=f"missing .*{gone.name}"):
+        find_weights(out)
+    with pytest.raises(CheckpointError, match=gone.name):
+        load_weights(_meta_mini(), out)
+
+
+def test_index_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../evil.safetensors"}}))
+    with pytest.raises(CheckpointError, match="plain file names"):
+        find_weights(tmp_path)
+
+
+def test_index_disagreeing_with_shards(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    out = save_pretrained(state, config, tmp_path / "ckpt", max_shard_size="1KB")
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first, second = find_weights(out)[:2]
+    moved = next(k for k, f in index["weight_map"].items() if f == first.name)
+    index["weight_map"][moved] = second.name
+    dropped = next(k for k, f in index["weight_map"].items() if f == second.name and k != moved)
+    del index["weight_map"][dropped]
+    index["weight_map"]["transformer.ghost.weight"] = first.name
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict(out)
+    msg = str(e.value)
+    assert f"the index puts {moved} in {second.name}, but it is in {first.name}" in msg
+    assert f"{second.name} contains {dropped}, which the index does not list" in msg
+    assert f"the index puts transformer.ghost.weight in {first.name}, which does not contain it" in msg
+
+
+def test_key_in_two_shards(tmp_path: Path) -> None:
+    save_file({"x": torch.zeros(2), "y": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"x": torch.ones(2)}, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"x": "model-00002-of-00002.safetensors",
+                                            "y": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="x is in both model-00001-of-00002.safetensors and "
+                                              "model-00002-of-00002.safetensors"):
+        load_state_dict(tmp_path)
+
+
+def test_empty_or_absent_folder(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no weights in .*model.safetensors"):
+        find_weights(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        find_weights(tmp_path / "nope")
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="need their index"):
+        load_state_dict(tmp_path)
+
+
+class _Payload:
+    """Pickles as a call to os.system: weights_only must refuse to run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickled_function_reference() -> None:  # module-level, so pickle stores it as a GLOBAL reference
+    raise AssertionError("must never be called")
+
+
+@pytest.mark.parametrize("payload", ["os.system", "function"])
+def test_bin_with_code_is_refused(tmp_path: Path, payload: str) -> None:
+    marker = tmp_path / "pwned"
+    bad = _Payload(marker) if payload == "os.system" else _pickled_function_reference
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"lm_head.weight": torch.zeros(2), "evil": bad}, ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*pytorch_model\.bin.*weights_only.*GLOBAL"):
+        load_state_dict(ckpt)
+    assert not marker.exists()
+
+
+def test_bin_that_is_not_a_state_dict(tmp_path: Path) -> None:
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="does not hold a state dict"):
+        load_state_dict(tmp_path)
+
+
+def test_legacy_bin_format_loads(tmp_path: Path, state: dict) -> None:
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _assert_same(load_state_dict(tmp_path), state)
+
+
+# ---- the real model ------------------------------------------------------------------------------------------
+def test_golden_fixture_loads_strictly() -> None:
+    model = QwenVL.from_pretrained(FIXTURE)
+    stored = load_file(FIXTURE / "model.safetensors")
+    assert set(model.state_dict()) == set(stored)
+    _assert_same(model.state_dict(), stored)
+    assert model.dtype == torch.float16  # the stored dtype (config.json says float16 too)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    fp32 = QwenVL.from_pretrained(FIXTURE, dtype=torch.float32)
+    assert fp32.dtype == torch.float32
+    assert torch.equal(fp32.transformer.wte.weight, stored["transformer.wte.weight"].float())
+
+
+def test_qwenvl_save_and_reload(tmp_path: Path) -> None:
+    model = QwenVL.from_pretrained(FIXTURE)
+    out = tmp_path / "saved"
+    model.save_pretrained(out, max_shard_size="20MB")
+    assert len(find_weights(out)) > 1
+    assert QwenVLConfig.from_pretrained(out) == QwenVLConfig.from_pretrained(FIXTURE)
+    _assert_same(QwenVL.from_pretrained(out).state_dict(), model.state_dict())
+
+
+def test_config_that_disagrees_with_the_weights(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.symlink(FIXTURE / "model.safetensors", ckpt / "model.safetensors")
+    cfg = json.loads((FIXTURE / "config.json").read_text())
+    cfg.update(hidden_size=256, num_attention_heads=4)
+    cfg["visual"]["output_dim"] = 256
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as e:
+        QwenVL.from_pretrained(ckpt)
+    msg = str(e.value)
+    assert ("shape mismatch for transformer.wte.weight: the model expects [151936, 256], "
+            "the checkpoint has [151936, 128]") in msg
+    assert "config.json may not match the weights" in msg

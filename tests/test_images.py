@@ -1,0 +1,135 @@
+"""Image loading (every source kind, every failure named) and the official transform (golden pixels)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from qwenvl.config import CLIP_MEAN, CLIP_STD
+from qwenvl.images import ImageError, load_image, pixel_values, preprocess
+
+FIXTURE = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+IMAGES = ["images/cat.png", "images/street.jpg"]
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sample() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "RGB")
+
+
+def test_golden_pixels() -> None:
+    with safe_open(str(FIXTURE / "expected.safetensors"), framework="pt") as f:
+        expected = f.get_tensor("pixels")
+    got = pixel_values(IMAGES, 448, base_dir=FIXTURE)
+    assert got.shape == expected.shape == (2, 3, 448, 448) and got.dtype == torch.float32
+    # torch.testing.assert_close costs seconds on first use; a max-abs check says the same here
+    assert (got - expected).abs().max().item() < 1e-5  # the brief allows 1e-4; we get 0 (same PIL path)
+
+
+def test_preprocess_is_bicubic_then_clip_normalization(sample: Image.Image) -> None:
+    for size in (448, 224, 28):
+        x = preprocess(sample, size)
+        ref = np.asarray(sample.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        ref = (ref - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+        assert x.shape == (3, size, size) and x.dtype == torch.float32
+        assert (x - torch.from_numpy(ref).permute(2, 0, 1)).abs().max().item() < 1e-6
+    # a pure white image lands at (1 - mean) / std in each channel
+    white = preprocess(Image.new("RGB", (10, 20), (255, 255, 255)), 28)
+    expected = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)])
+    assert (white[:, 5, 5] - expected).abs().max().item() < 1e-6
+
+
+def test_sources_agree(sample: Image.Image, tmp_path: Path) -> None:
+    data = png_bytes(sample)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "s.png").write_bytes(data)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    ref = np.asarray(sample)
+    for src, base in [
+        (tmp_path / "sub" / "s.png", None),
+        (str(tmp_path / "sub" / "s.png"), "/ignored/for/absolute/paths"),
+        ("sub/s.png", tmp_path),
+        (Path("s.png"), tmp_path / "sub"),
+        (data, None),
+        (bytearray(data), None),
+        (url, None),
+        (sample, None),
+    ]:
+        img = load_image(src, base)
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img), ref), src if not isinstance(src, bytes) else "bytes"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA", "CMYK", "1", "I;16"])
+def test_modes_convert_like_pil(sample: Image.Image, mode: str) -> None:
+    img = sample.convert(mode)
+    got = load_image(img)
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(img.convert("RGB")))
+
+
+def test_rgba_file_drops_alpha(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (4, 4), (200, 100, 50, 0))
+    (tmp_path / "a.png").write_bytes(png_bytes(rgba))
+    assert load_image(tmp_path / "a.png").getpixel((1, 1)) == (200, 100, 50)
+
+
+def test_errors_name_the_problem(sample: Image.Image, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "random.jpg").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (tmp_path / "notes.png").write_text("this is a text file, not an image\n")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(png_bytes(sample)[:300])
+    (tmp_path / "folder.png").mkdir()
+    cases = [
+        ("missing.png", f"image not found: {tmp_path / 'missing.png'}"),
+        ("random.jpg", f"cannot decode image {tmp_path / 'random.jpg'}: not a PNG/JPEG"),
+        ("notes.png", f"cannot decode image {tmp_path / 'notes.png'}: not a PNG/JPEG"),
+        ("empty.jpg", f"image file {tmp_path / 'empty.jpg'} is empty (zero size)"),
+        ("truncated.png", f"cannot decode image {tmp_path / 'truncated.png'}"),
+        ("folder.png", "image path is not a file"),
+        ("http://example.com/a.jpg", "image URLs are not downloaded: http://example.com/a.jpg"),
+        ("HTTPS://example.com/a.jpg", "image URLs are not downloaded"),
+        ("data:image/png;base64,@@@", "data URL has invalid base64"),
+        ("data:image/png,rawpixels", "not base64-encoded"),
+        ("data:image/png;base64,", "data URL holds no data"),
+        ("", "empty image path"),
+    ]
+    for src, message in cases:
+        with pytest.raises(ImageError) as info:
+            load_image(src, tmp_path)
+        assert message in str(info.value), (src, str(info.value))
+        assert isinstance(info.value, ValueError)
+    with pytest.raises(ImageError, match="image bytes are empty"):
+        load_image(b"")
+    with pytest.raises(ImageError, match=r"cannot decode image <5 bytes>: not a PNG/JPEG"):
+        load_image(b"hello")
+    with pytest.raises(ImageError, match=r"has zero size \(0x5\)"):
+        load_image(Image.new("RGB", (0, 5)))
+    with pytest.raises(ImageError, match="cannot load an image from a int"):
+        load_image(123)  # type: ignore[arg-type]
+
+
+def test_decompression_bomb_guard(sample: Image.Image) -> None:
+    data = png_bytes(sample)  # 53x37 = 1961 pixels
+    with pytest.raises(ImageError, match=r"53x37 = 1961 pixels, more than the limit of 1000"):
+        load_image(data, max_pixels=1000)
+    assert load_image(data, max_pixels=1961).size == (53, 37)
+
+
+def test_pixel_values_empty_and_mixed(sample: Image.Image) -> None:
+    assert pixel_values([], 448).shape == (0, 3, 448, 448)
+    px = pixel_values([sample, png_bytes(sample)], 56)
+    assert px.shape == (2, 3, 56, 56) and torch.equal(px[0], px[1])
