@@ -91,6 +91,17 @@ def decode_step(model: QwenVL, token: torch.Tensor, attention_mask: torch.Tensor
     return model(token, attention_mask=attention_mask, past_key_values=cache).logits[:, -1]
 
 
+_compiled_step: Callable | None = None
+
+
+def compiled_decode_step() -> Callable:
+    """``decode_step`` under ``torch.compile`` (one graph; sequence length is dynamic), built once."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, dynamic=True, fullgraph=True)
+    return _compiled_step
+
+
 def stream_tokens(
     model: QwenVL,
     input_ids: torch.Tensor,
@@ -99,8 +110,12 @@ def stream_tokens(
     params: SamplingParams | None = None,
     max_context: int | None = None,
     step_fn: Callable | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence, (B,) per step; finished sequences yield ``pad_token_id``."""
+    """Yield the next token of every sequence, (B,) per step; finished sequences yield ``pad_token_id``.
+
+    ``compile=True`` runs the decode steps through ``torch.compile`` (worth it for long generations on a GPU).
+    """
     p = params or SamplingParams()
     p.validate()
     device = model.device
@@ -126,7 +141,7 @@ def stream_tokens(
     cache = model.new_cache(b, t + max_new)
     logits = model(input_ids, attention_mask=attention_mask, images=images, past_key_values=cache,
                    logits_to_keep=1).logits[:, -1]
-    step_fn = step_fn or decode_step
+    step_fn = step_fn or (compiled_decode_step() if compile else decode_step)
     stop = torch.tensor(list(p.stop_token_ids), device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     history = input_ids if p.repetition_penalty != 1.0 else None
@@ -162,6 +177,7 @@ def generate(
     stop_token_ids: Sequence[int] | None = None,
     chat_format: str | None = None,
     max_context: int | None = None,
+    compile: bool = False,
     **_: object,
 ) -> torch.Tensor:
     """Prompt + continuation ids (B, T + new), padded with ``<|endoftext|>`` after each sequence stops.
@@ -174,7 +190,7 @@ def generate(
                              do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                              repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids,
                              chat_format=chat_format)
-    new = list(stream_tokens(model, input_ids, attention_mask, images, params, max_context))
+    new = list(stream_tokens(model, input_ids, attention_mask, images, params, max_context, compile=compile))
     out = torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
     return torch.cat([input_ids.to(out.device), out], dim=1)
 

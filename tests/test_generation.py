@@ -1,0 +1,145 @@
+"""Generation: batch invariance, streaming, sampling, stop tokens, bad arguments, compiled decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenvl import Processor
+from qwenvl.config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from qwenvl.generation import SamplingParams, TextStream, compiled_decode_step, stream_tokens
+from qwenvl.inference import predict, stream_text
+
+PROMPTS = [
+    "Hello, how are you today? Tell me about the weather in Hangzhou.",
+    "Picture 1: <img>images/cat.png</img>\nDescribe the image in English:",
+    "Picture 1: <img>images/cat.png</img>\nPicture 2: <img>images/street.jpg</img>\nWhat differs between them?",
+    "Picture 1: <img>images/street.jpg</img>\n<ref>the car</ref>",
+]
+
+
+def _greedy(model, processor, prompts, base_dir, n=10):
+    inputs = processor(prompts, base_dir=base_dir)
+    params = SamplingParams(max_new_tokens=n, min_new_tokens=n, stop_token_ids=(ENDOFTEXT_ID,))
+    steps = list(stream_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], params))
+    return torch.stack(steps, 1).tolist()
+
+
+@pytest.mark.parametrize("which", ["golden_model", "tiny_model"])
+def test_batch_equals_one_by_one(which, request, golden_dir):
+    model = request.getfixturevalue(which)
+    processor = Processor.from_pretrained(golden_dir)
+    batched = _greedy(model, processor, PROMPTS, golden_dir)
+    alone = [_greedy(model, processor, [p], golden_dir)[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_streaming_text_equals_non_streaming(golden_model, golden_dir):
+    processor = Processor.from_pretrained(golden_dir)
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(ENDOFTEXT_ID,))
+    streamed = "".join(stream_text(golden_model, processor, PROMPTS[1], params, base_dir=golden_dir))
+    (pred,) = predict(golden_model, processor, [PROMPTS[1]], params, base_dir=golden_dir)
+    assert streamed == pred.response
+    assert pred.text.startswith(pred.prompt) and pred.text.endswith(pred.response)
+
+
+def test_text_stream_never_splits_utf8():
+    processor = Processor()
+    ids = processor.tokenizer.encode("框出图中的蓝色方块 🐱‍👤 done")
+    # feed one token at a time; many of these tokens are partial UTF-8 sequences
+    stream = TextStream(processor.decode)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == "框出图中的蓝色方块 🐱‍👤 done"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    ids = torch.randint(1000, 50000, (2, 16), generator=torch.Generator().manual_seed(0))
+    a = tiny_model.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, top_k=50, temperature=1.3, seed=7)
+    b = tiny_model.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, top_k=50, temperature=1.3, seed=7)
+    c = tiny_model.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, top_k=50, temperature=1.3, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_one_equals_greedy(tiny_model):
+    ids = torch.randint(1000, 50000, (1, 16), generator=torch.Generator().manual_seed(1))
+    greedy = tiny_model.generate(ids, max_new_tokens=6)
+    sampled = tiny_model.generate(ids, max_new_tokens=6, do_sample=True, top_k=1, seed=3)
+    assert torch.equal(greedy, sampled)
+
+
+def test_stop_token_ends_sequence_and_pads_the_rest(tiny_model):
+    ids = torch.randint(1000, 50000, (2, 10), generator=torch.Generator().manual_seed(2))
+    free = tiny_model.generate(ids, max_new_tokens=6, stop_token_ids=())
+    stop_at = int(free[0, 11])  # make row 0's second new token a stop token
+    out = tiny_model.generate(ids, max_new_tokens=6, stop_token_ids=(stop_at,))
+    assert out[0, 11] == stop_at
+    assert (out[0, 12:] == ENDOFTEXT_ID).all()  # padded after its stop
+
+
+def test_min_new_tokens_suppresses_stop(tiny_model):
+    ids = torch.randint(1000, 50000, (1, 10), generator=torch.Generator().manual_seed(2))
+    first = int(tiny_model.generate(ids, max_new_tokens=1)[0, -1])
+    out = tiny_model.generate(ids, max_new_tokens=4, min_new_tokens=4, stop_token_ids=(first,))
+    assert out.shape[1] == 14 and first not in out[0, 10:].tolist()
+
+
+def test_stop_tokens_follow_the_chat_format(golden_model):
+    from qwenvl.generation import sampling_params
+
+    assert golden_model.config.generation.chat_format == "raw"  # the fixture is a base-model checkpoint
+    assert sampling_params(golden_model).stop_token_ids == (ENDOFTEXT_ID,)
+    assert set(sampling_params(golden_model, chat_format="chatml").stop_token_ids) == {IM_END_ID, IM_START_ID, ENDOFTEXT_ID}
+    assert sampling_params(golden_model).top_p == 0.5  # from generation_config.json
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be > 0"),
+        ({"max_new_tokens": -3}, "max_new_tokens must be > 0"),
+        ({"do_sample": True, "top_p": 0.0}, "top_p"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 2, "min_new_tokens": 5}, "min_new_tokens"),
+    ],
+)
+def test_bad_generation_arguments(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(torch.tensor([[1, 2, 3]]), **kwargs)
+
+
+def test_prompt_longer_than_context_fails_before_work(tiny_model):
+    with pytest.raises(ValueError, match="does not fit the context of 8 tokens"):
+        tiny_model.generate(torch.ones(1, 9, dtype=torch.long), max_new_tokens=2, max_context=8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        tiny_model.generate(torch.ones(1, 0, dtype=torch.long), max_new_tokens=2)
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tiny_model):
+    ids = torch.randint(1000, 50000, (2, 12), generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(max_new_tokens=6, min_new_tokens=6)
+    eager = torch.stack(list(stream_tokens(tiny_model, ids, params=params)), 1)
+    compiled = torch.stack(list(stream_tokens(tiny_model, ids, params=params, step_fn=compiled_decode_step())), 1)
+    assert torch.equal(eager, compiled)
+
+
+def test_bf16_cpu_fast_path_matches_f_linear():
+    from qwenvl import QwenVL
+    from qwenvl.model.linear import set_cpu_gemv
+
+    model = QwenVL.from_config("tiny", seed=0, dtype=torch.bfloat16)
+    try:
+        ids = torch.randint(1000, 50000, (1, 12), generator=torch.Generator().manual_seed(4))
+        cache = model.new_cache(1, 13)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            set_cpu_gemv(True)
+            fast = model(torch.tensor([[5]]), past_key_values=cache).logits
+            cache.length -= 1
+            set_cpu_gemv(False)
+            ref = model(torch.tensor([[5]]), past_key_values=cache).logits
+        torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    finally:
+        set_cpu_gemv(True)
