@@ -55,6 +55,8 @@ def _fast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    if type(layer) is not nn.Linear:  # a wrapped layer (e.g. a peft LoRA adapter): run its own forward
+        return layer(x)
     w, b = layer.weight, layer.bias
     if (
         _enabled

@@ -1,0 +1,321 @@
+"""Fine-tuning data: conversation records -> tokenized samples (ids, labels, images) -> padded batches.
+
+The file is the stage-3 format (DESIGN.md section 1, "Fine-tuning")::
+
+    [{"id": "...", "conversations": [{"from": "user", "value": "Picture 1: <img>a/b.jpg</img>\\nWhat is it?"},
+                                     {"from": "assistant", "value": "A cat."}]}, ...]
+
+(a ``.jsonl`` file with one record per line works too). Image paths are resolved against ``dataset_dir``.
+
+Every record is checked and tokenized when the dataset is built, so a bad file fails before training
+starts, with messages that name the file position or the record (index and id). Pixels are loaded per
+sample in ``__getitem__``.
+
+Truncation to ``max_length`` never cuts through an ``<img>...</img>`` span: when the cut falls inside one,
+the sample is cut just before its ``<img>`` and that image is dropped. A sample cut before its first
+assistant answer (nothing left to learn but the ChatML frame) is a bad record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID
+
+__all__ = ["BadRecord", "ConversationDataset", "DatasetError", "TruncationStats", "answer_labels", "collate", "load_records"]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+MAX_LISTED = 10  # bad records named in one error message
+
+
+class DatasetError(ValueError):
+    """The data file or one of its records cannot be used; the message names the file position or record."""
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that cannot be trained on: its index in the file, its ``id`` and why."""
+
+    index: int
+    id: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record {self.index} (id={self.id!r}): {self.reason}"
+
+
+@dataclass
+class TruncationStats:
+    """What cutting samples to ``max_length`` removed."""
+
+    samples: int = 0  # samples that were cut
+    tokens: int = 0  # tokens removed in all
+    images: int = 0  # images dropped with them
+    labels: int = 0  # learnable labels removed
+
+    def add(self, other: TruncationStats) -> None:
+        self.samples += other.samples
+        self.tokens += other.tokens
+        self.images += other.images
+        self.labels += other.labels
+
+    def __str__(self) -> str:
+        return (f"{self.samples} sample(s) truncated: {self.tokens} tokens, {self.labels} learnable labels "
+                f"and {self.images} image(s) removed")
+
+
+@dataclass
+class _Encoded:
+    id: Any
+    input_ids: np.ndarray  # (T,) int32
+    labels: np.ndarray  # (T,) int32, IGNORE_INDEX where not learned
+    image_paths: list[str] = field(default_factory=list)
+
+
+def load_records(data_path: str | os.PathLike[str]) -> list[Any]:
+    """Read a JSON list (or JSON Lines) of records; errors name the file and the position."""
+    path = Path(data_path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training data file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: malformed JSON at line {lineno} column {e.colno}: {e.msg}") from e
+        return records
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DatasetError(
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
+        ) from e
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
+    return data
+
+
+def image_spans(ids: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` positions of each ``<img>`` and its ``</img>`` (both inclusive), in order."""
+    ids = np.asarray(ids)
+    starts = np.flatnonzero(ids == IMG_START_ID)
+    ends = np.flatnonzero(ids == IMG_END_ID)
+    spans = []
+    for s in starts:
+        later = ends[ends > s]
+        if later.size == 0:
+            raise ValueError(f"unclosed <img> at token {int(s)}")
+        spans.append((int(s), int(later[0])))
+    return spans
+
+
+def truncation_point(ids: Sequence[int] | np.ndarray, max_length: int) -> tuple[int, int]:
+    """Where to cut ``ids`` to at most ``max_length`` tokens without splitting an image span.
+
+    Returns ``(cut, images_kept)``: keep ``ids[:cut]`` and the first ``images_kept`` images.
+    """
+    spans = image_spans(ids)
+    cut = min(len(ids), max_length)
+    for s, e in spans:
+        if s < cut <= e:  # the cut falls inside this span: drop it whole
+            cut = s
+            break
+    return cut, sum(1 for _s, e in spans if e < cut)
+
+
+def answer_labels(ids: np.ndarray, labels: np.ndarray) -> int:
+    """How many labels are assistant answer tokens rather than the ChatML frame.
+
+    By the official rule system and user turns only learn ``<|im_start|>``, ``<|im_end|>`` and the ``\\n``
+    after it; everything else that is learned is an answer.
+    """
+    after_end = np.zeros_like(ids, dtype=bool)
+    after_end[1:] = ids[:-1] == IM_END_ID
+    frame = (ids == IM_START_ID) | (ids == IM_END_ID) | after_end
+    learned = labels != IGNORE_INDEX
+    learned[0] = False  # the first position is never a target (labels are shifted)
+    return int((learned & ~frame).sum())
+
+
+class ConversationDataset(Dataset):
+    """Tokenized conversations with their images; ``dataset[i]`` -> one sample (see :meth:`__getitem__`).
+
+    Args:
+        data_path: the JSON / JSONL file, or the records themselves (a list of dicts).
+        processor: a :class:`qwenvl.Processor` (``encode_conversation`` and ``pixel_values_for``).
+        dataset_dir: folder that relative image paths are resolved against (default: the data file's folder,
+            or the working directory for in-memory records).
+        max_length: longer samples are truncated (``truncate=True``) or rejected.
+        max_images: a record with more images is rejected (None: no limit).
+        skip_bad: drop bad records (listed in ``self.skipped`` and logged) instead of raising
+            :class:`DatasetError` listing them.
+        system_message: the ChatML system prompt of every sample.
+    """
+
+    def __init__(
+        self,
+        data_path: str | os.PathLike[str] | Sequence[dict[str, Any]],
+        processor: Any,
+        dataset_dir: str | os.PathLike[str] | None = None,
+        max_length: int = 2048,
+        max_images: int | None = None,
+        skip_bad: bool = False,
+        truncate: bool = True,
+        system_message: str = "You are a helpful assistant.",
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if max_images is not None and max_images < 0:
+            raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+        if isinstance(data_path, (str, os.PathLike)):
+            self.source = str(data_path)
+            records = load_records(data_path)
+            default_dir = Path(data_path).parent
+        else:
+            self.source = "<records>"
+            records = list(data_path)
+            default_dir = Path.cwd()
+        self.processor = processor
+        self.dataset_dir = Path(dataset_dir) if dataset_dir is not None else default_dir
+        self.max_length = int(max_length)
+        self.max_images = max_images
+        self.truncate = truncate
+        self.system_message = system_message
+        self.truncation = TruncationStats()
+        self.skipped: list[BadRecord] = []
+        self.samples: list[_Encoded] = []
+
+        for index, record in enumerate(records):
+            rid = record.get("id") if isinstance(record, dict) else None
+            try:
+                self.samples.append(self._encode(record))
+            except ValueError as e:
+                self.skipped.append(BadRecord(index, rid, str(e)))
+        self._report(len(records), skip_bad)
+
+    # ---- building --------------------------------------------------------------------------------------
+    def _encode(self, record: Any) -> _Encoded:
+        """Check, tokenize and truncate one record; raise ValueError with the reason."""
+        if not isinstance(record, dict):
+            raise ValueError(f"expected an object, got {type(record).__name__}")
+        turns = record.get("conversations")
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' is missing or not a list")
+        if not turns:
+            raise ValueError("empty conversation (no turns)")
+        enc = self.processor.encode_conversation(turns, system_message=self.system_message)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        labels = np.asarray(enc["labels"], dtype=np.int32)
+        paths = list(enc["image_paths"])
+        if self.max_images is not None and len(paths) > self.max_images:
+            raise ValueError(f"{len(paths)} images, more than max_images={self.max_images}")
+        for p in paths:
+            file = Path(p).expanduser()
+            file = file if file.is_absolute() else self.dataset_dir / file
+            if not file.is_file():
+                raise ValueError(f"image not found: {file}")
+        if len(ids) > self.max_length:
+            if not self.truncate:
+                raise ValueError(f"{len(ids)} tokens, more than max_length={self.max_length} (truncation is off)")
+            cut, kept = truncation_point(ids, self.max_length)
+            removed = TruncationStats(1, len(ids) - cut, len(paths) - kept,
+                                      int((labels[max(cut, 1):] != IGNORE_INDEX).sum()))
+            ids, labels, paths = ids[:cut], labels[:cut], paths[:kept]
+        else:
+            removed = TruncationStats()
+        if not bool((labels[1:] != IGNORE_INDEX).any()):
+            raise ValueError("no learnable label")
+        if removed.samples and answer_labels(ids, labels) == 0:
+            raise ValueError(f"no learnable label within max_length={self.max_length} tokens "
+                             "(the first assistant answer starts after the cut)")
+        self.truncation.add(removed)
+        return _Encoded(record.get("id"), ids, labels, paths)
+
+    def _report(self, total: int, skip_bad: bool) -> None:
+        if self.skipped and not skip_bad:
+            shown = [f"  - {b}" for b in self.skipped[:MAX_LISTED]]
+            if len(self.skipped) > MAX_LISTED:
+                shown.append(f"  ... and {len(self.skipped) - MAX_LISTED} more")
+            raise DatasetError("\n".join([f"{self.source}: {len(self.skipped)} bad record(s) of {total} "
+                                          "(pass skip_bad=True to drop them):", *shown]))
+        for bad in self.skipped:
+            logger.warning("%s: skipping %s", self.source, bad)
+        if not self.samples:
+            raise DatasetError(f"{self.source}: no usable sample ({total} record(s), {len(self.skipped)} bad)")
+        if self.truncation.samples:
+            logger.warning("%s: %s (max_length=%d)", self.source, self.truncation, self.max_length)
+        logger.info("%s: %d samples (%d skipped), %d tokens, %d images", self.source, len(self.samples),
+                    len(self.skipped), sum(len(s.input_ids) for s in self.samples),
+                    sum(len(s.image_paths) for s in self.samples))
+
+    # ---- access ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def lengths(self) -> list[int]:
+        return [len(s.input_ids) for s in self.samples]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """``input_ids`` (T,) long, ``labels`` (T,) long, ``images`` (N, 3, S, S) float or None, ``id``."""
+        s = self.samples[i]
+        images = None
+        if s.image_paths:
+            try:
+                images = self.processor.pixel_values_for(s.image_paths, self.dataset_dir)
+            except ValueError as e:  # ImageError: unreadable / corrupt file
+                raise DatasetError(f"{self.source}: sample {i} (id={s.id!r}): {e}") from e
+        return {
+            "input_ids": torch.from_numpy(s.input_ids.astype(np.int64)),
+            "labels": torch.from_numpy(s.labels.astype(np.int64)),
+            "images": images,
+            "id": s.id,
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]], pad_id: int = ENDOFTEXT_ID) -> dict[str, Any]:
+    """Right-pad a list of samples to the longest one.
+
+    Returns ``input_ids`` (B, T) long (pads = ``pad_id``), ``labels`` (B, T) long (pads = -100),
+    ``attention_mask`` (B, T) long (1 = real token), ``images`` (N, 3, S, S) with the images of all samples
+    in order (None when there are none) and ``ids``. Causal attention keeps real tokens from seeing the
+    trailing pads, so a training forward may pass ``attention_mask=None``.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    width = max(int(s["input_ids"].numel()) for s in samples)
+    b = len(samples)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((b, width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = int(s["input_ids"].numel())
+        input_ids[row, :n] = s["input_ids"]
+        labels[row, :n] = s["labels"]
+        attention_mask[row, :n] = 1
+    images = [s["images"] for s in samples if s.get("images") is not None and len(s["images"])]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "images": torch.cat(images) if images else None,
+        "ids": [s.get("id") for s in samples],
+    }

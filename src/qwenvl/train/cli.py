@@ -1,0 +1,132 @@
+"""``qwenvl finetune``: parse flags into a :class:`TrainConfig` and call :func:`qwenvl.train.train`.
+
+The MindFormers-style flags keep working (``--config``, ``--load_checkpoint``, ``--run_mode finetune``,
+``--train_data``, ``--use_parallel``, ``--resume_training``); any other ``--field value`` (or
+``--field=value``; a bare ``--flag`` for true/false settings) overrides that field of the YAML config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from .config import TrainConfig, TrainConfigError, check_known
+
+__all__ = ["add_parser", "main", "parse_overrides", "run"]
+
+logger = logging.getLogger(__name__)
+
+_BOOL_FIELDS = frozenset(name for name, tp in typing.get_type_hints(TrainConfig).items() if tp is bool)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``finetune`` on the ``qwenvl`` command's subparsers."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune Qwen-VL (full stage 3 or LoRA) on conversation data",
+        description="Fine-tune Qwen-VL. Settings come from --config YAML; any other --FIELD VALUE overrides "
+                    "that TrainConfig field (e.g. --learning_rate 2e-5 --max_steps 100 --use_lora true).",
+        epilog="TrainConfig fields: " + ", ".join(f.name for f in fields(TrainConfig)),
+    )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (e.g. configs/finetune_qwenvl_9.6b_bf16.yaml)")
+    p.add_argument("--load_checkpoint", help="checkpoint folder (official layout) to start from")
+    p.add_argument("--run_mode", help="must be 'finetune' (kept for MindFormers-style command lines)")
+    p.add_argument("--train_data", "--data_path", dest="data_path", help="conversation JSON/JSONL file")
+    p.add_argument("--dataset_dir", help="folder that relative image paths are resolved against")
+    p.add_argument("--output_dir", help="where checkpoints and the final model go")
+    p.add_argument("--resume_training", nargs="?", const="true", metavar="true|false|CHECKPOINT_DIR",
+                   help="continue from the newest checkpoint in output_dir (or from the given folder)")
+    p.add_argument("--use_parallel", nargs="?", const="true", metavar="true|false",
+                   help="accepted for compatibility; training runs single-process")
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
+    """``["--lr", "1e-3", "--bf16", "--seed=3"]`` -> ``{"lr": "1e-3", "bf16": "true", "seed": "3"}``.
+
+    Names may use dashes or underscores. Unknown names raise :class:`TrainConfigError` naming them.
+    """
+    out: dict[str, str] = {}
+    toks = list(tokens)
+    i = 0
+    while i < len(toks):
+        tok = toks[i]
+        if not tok.startswith("--") or tok == "--":
+            raise TrainConfigError(f"unexpected argument {tok!r}: settings are given as --field value")
+        name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if not eq:
+            if i + 1 < len(toks) and not toks[i + 1].startswith("--"):
+                value = toks[i + 1]
+                i += 1
+            elif name in _BOOL_FIELDS:
+                value = "true"
+            else:
+                check_known({name: None}, "command line")
+                raise TrainConfigError(f"--{name} needs a value")
+        if name in out:
+            raise TrainConfigError(f"--{name} is given twice")
+        out[name] = value
+        i += 1
+    check_known(out, "command line")
+    return out
+
+
+def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> TrainConfig:
+    """The run's TrainConfig: the YAML file, then the named flags, then the ``--field value`` overrides."""
+    overrides = parse_overrides(extra)
+    if args.run_mode is not None and args.run_mode != "finetune":
+        raise TrainConfigError(f"--run_mode {args.run_mode!r} is not supported by 'finetune'; use --run_mode finetune "
+                               "(prediction is 'qwenvl predict')")
+    named = {name: getattr(args, name) for name in ("load_checkpoint", "data_path", "dataset_dir", "output_dir")}
+    for name, value in named.items():
+        if value is not None:
+            if name in overrides:
+                raise TrainConfigError(f"--{name} is given twice")
+            overrides[name] = value
+    if args.resume_training is not None:
+        flag = args.resume_training.strip().lower()
+        if flag in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            overrides["resume_training"] = flag
+        else:
+            overrides.update(resume_training="true", resume_from=args.resume_training)
+    if args.use_parallel is not None:
+        overrides["use_parallel"] = args.use_parallel
+    return TrainConfig.from_yaml(args.config, overrides)
+
+
+def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
+    """Run ``finetune`` with parsed ``args`` and the leftover ``--field value`` tokens; return the exit status."""
+    from .trainer import train
+
+    result = train(config_from_args(args, extra))
+    last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    logger.info("finished %d steps: last loss %s, %.0f tokens/s; model saved to %s", result.steps, last,
+                result.tokens_per_second, result.final_path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m qwenvl.train.cli [flags]``: the same as ``qwenvl finetune [flags]``."""
+    parser = argparse.ArgumentParser(prog="python -m qwenvl.train.cli", description="Fine-tune Qwen-VL.")
+    add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args, extra)
+    except (ValueError, FileNotFoundError) as e:
+        logger.error("finetune: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The fine-tuning run configuration: one flat typed dataclass, read from YAML with command-line overrides.
+
+The YAML file may group keys in sections (``data:``, ``model:``, ``optim:`` ...): sections are flattened,
+so a key means the same wherever it sits. Unknown keys are errors that name them; values are converted to
+the field's type (YAML writes ``1e-5`` as a string, for instance), with errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import PRESETS
+
+__all__ = ["LM_LORA_TARGET", "TrainConfig", "TrainConfigError", "parse_value"]
+
+# The LM's attention and MLP projections; anchored on ``transformer.h.N`` so the vision tower's
+# ``mlp.c_proj`` / ``attn.out_proj`` are never hit.
+LM_LORA_TARGET = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.w2)"
+
+
+class TrainConfigError(ValueError):
+    """A training setting is unknown, has the wrong type or an invalid value."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a fine-tuning run needs. Defaults are the stage-3 values of the paper (DESIGN.md section 1)."""
+
+    # ---- data
+    data_path: str = ""  # JSON/JSONL conversations; not needed when train() is given a dataset
+    dataset_dir: str = ""  # relative image paths are resolved here ("" = the data file's folder)
+    max_length: int = 2048
+    max_images: int | None = None  # per sample; None = no limit
+    skip_bad_samples: bool = False  # drop (and report) bad records instead of stopping
+    system_message: str = "You are a helpful assistant."
+    # ---- model
+    load_checkpoint: str = ""  # official-layout folder to start from
+    preset: str = ""  # random init from a preset when there is no load_checkpoint (tests, benchmarks)
+    # ---- output and checkpoints
+    output_dir: str = "output"
+    save_steps: int = 0  # 0 = only the final save
+    save_total_limit: int = 2  # checkpoint-STEP folders kept (0 = all)
+    save_dtype: str = "auto"  # dtype of the final weights: auto (= training dtype), bfloat16, float16, float32
+    logging_steps: int = 10
+    # ---- schedule
+    batch_size: int = 1  # per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = num_epochs passes over the data
+    num_epochs: int = 1
+    learning_rate: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 300
+    # ---- optimizer
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    # ---- precision and memory
+    bf16: bool = True  # bf16 autocast over fp32 master weights
+    gradient_checkpointing: bool = True
+    cpu_malloc_cache: bool = True  # CPU + glibc: reuse freed memory across steps (see train/cpu_memory.py)
+    # ---- what trains
+    freeze_vision: bool = True  # the ViT; the resampler (attn_pool, ln_post, proj) follows freeze_resampler
+    freeze_resampler: bool = False
+    freeze_llm: bool = False
+    # ---- LoRA (peft)
+    use_lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = LM_LORA_TARGET
+    lora_train_resampler: bool = False  # train the resampler fully next to the adapters
+    # ---- run
+    seed: int = 42
+    device: str = "auto"  # auto = cuda when available, else cpu
+    resume_training: bool = False  # continue from the newest checkpoint-STEP in output_dir
+    resume_from: str = ""  # or from this checkpoint folder
+    # ---- compatibility with the MindFormers-style command line
+    run_mode: str = "finetune"
+    use_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+        problems = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(self.run_mode == "finetune", f"run_mode must be 'finetune', got {self.run_mode!r}")
+        need(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
+        need(self.max_images is None or self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")
+        need(not self.preset or self.preset in PRESETS,
+             f"unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+        for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_steps", "save_total_limit", "max_steps", "num_epochs", "warmup_steps", "lora_dropout",
+                     "weight_decay", "max_grad_norm", "min_lr", "adam_eps"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.max_steps > 0 or self.num_epochs > 0, "set max_steps or num_epochs (both are 0)")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.min_lr <= self.learning_rate,
+             f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        for name in ("adam_beta1", "adam_beta2"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        need(self.save_dtype in ("auto", "bfloat16", "float16", "float32"),
+             f"save_dtype must be auto, bfloat16, float16 or float32, got {self.save_dtype!r}")
+        need(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        need(not (self.freeze_llm and self.freeze_resampler and self.freeze_vision and not self.use_lora),
+             "nothing to train: freeze_llm, freeze_resampler and freeze_vision are all true")
+        need(bool(self.output_dir), "output_dir must not be empty")
+        if problems:
+            raise TrainConfigError("invalid training config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a flat or sectioned mapping; unknown keys raise naming them (with a suggestion)."""
+        flat = flatten(values, source)
+        check_known(flat, source)
+        return cls(**flat)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str] | None, overrides: dict[str, str] | None = None) -> TrainConfig:
+        """Read ``path`` (None: defaults only), then apply ``overrides`` (field -> text, as typed on a command line)."""
+        values: dict[str, Any] = {}
+        source = "defaults"
+        if path is not None:
+            source = str(path)
+            values = flatten(read_yaml(path), source)
+        over = dict(overrides or {})
+        check_known(over, "command line")
+        types_ = _field_types()
+        for key, text in over.items():
+            values[key] = parse_value(key, text, types_[key]) if isinstance(text, str) else text
+        check_known(values, source)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training config not found: {file}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{file}: invalid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{file}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def flatten(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Lift the keys of nested sections to the top; a key set twice is an error."""
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for key, value in d.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and key not in known:
+                walk(value, path + ".")
+                continue
+            if key in out:
+                raise TrainConfigError(f"{source}: {key!r} is set twice ({where[key]} and {path})")
+            out[key] = value
+            where[key] = path
+
+    walk(values, "")
+    return out
+
+
+def check_known(values: dict[str, Any], source: str) -> None:
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = [k for k in values if k not in known]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), known, n=1)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TrainConfigError(f"{source}: unknown training setting(s): {', '.join(hints)}")
+
+
+# ---- typed values --------------------------------------------------------------------------------------
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); X -> (X, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def parse_value(key: str, text: str, tp: Any) -> Any:
+    """Text from a command line -> the field's type (``none``/``null`` for optional fields)."""
+    base, optional = _split_optional(tp)
+    if optional and text.strip().lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        return text
+    except ValueError as e:
+        raise TrainConfigError(f"{key}: cannot read {text!r} as {base.__name__}: {e}") from None
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """A value from YAML or Python -> the field's type; strings are parsed, ints widen to floats."""
+    base, optional = _split_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise TrainConfigError(f"{key} must not be null")
+    if isinstance(value, str) and base is not str:
+        return parse_value(key, value, tp)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise TrainConfigError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r} ({type(value).__name__})")

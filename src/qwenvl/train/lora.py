@@ -1,0 +1,196 @@
+"""LoRA fine-tuning through peft, on our plain ``nn.Module`` (no Hugging Face ``PreTrainedModel`` needed).
+
+Adapters go on the language model's ``attn.c_attn``, ``attn.c_proj``, ``mlp.w1`` and ``mlp.w2`` (the official
+Qwen-VL LoRA targets), selected by a regex anchored on ``transformer.h.N`` so that the vision tower's own
+``c_proj``/``out_proj`` are never touched. ``peft.inject_adapter_in_model`` wraps those Linears in place:
+the model stays a :class:`~qwenvl.model.QwenVL`, and only the adapter weights (plus, optionally, the
+resampler trained in full) require gradients.
+
+Saved adapter folder (peft's ``PeftModel.save_pretrained`` format, so ``PeftModel.from_pretrained(QwenVL(...),
+folder)`` reads it too)::
+
+    adapter_config.json            the LoraConfig
+    adapter_model.safetensors      base_model.model.<module>.lora_A.weight / lora_B.weight
+    non_lora_trainables.safetensors  parameters trained in full next to the adapters (official names), if any
+
+:func:`merge_lora` folds the adapters into the base weights and writes a normal checkpoint in the
+official layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..fileio import atomic_dir
+from .config import TrainConfig
+
+__all__ = [
+    "ADAPTER_PREFIX",
+    "apply_lora",
+    "load_adapter",
+    "lora_config_from",
+    "merge_lora",
+    "save_adapter",
+]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names adapter weights
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXTRA_WEIGHTS = "non_lora_trainables.safetensors"
+
+
+def _peft():  # noqa: ANN202 - the module; imported lazily so that plain fine-tuning does not need peft
+    try:
+        import peft
+    except ImportError as e:  # pragma: no cover - peft is a declared extra
+        raise ImportError("LoRA needs peft: pip install 'qwenvl[lora]'") from e
+    return peft
+
+
+def lora_config_from(cfg: TrainConfig):  # noqa: ANN201 - peft.LoraConfig
+    return _peft().LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target,
+        bias="none",
+    )
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | None = None):  # noqa: ANN201
+    """Freeze ``model``, add LoRA adapters in place and return the ``LoraConfig``.
+
+    ``extra_trainable``: names of parameters trained in full next to the adapters (the resampler).
+    Raises ValueError when the target regex matches no module.
+    """
+    peft = _peft()
+    lora_cfg = lora_config_from(cfg)
+    model.requires_grad_(False)
+    try:
+        peft.inject_adapter_in_model(lora_cfg, model)
+    except ValueError as e:
+        raise ValueError(f"LoRA target {cfg.lora_target!r} matches no module of the model: {e}") from e
+    _check_adapters_are_used(model)
+    params = dict(model.named_parameters())
+    for name in extra_trainable or []:
+        params[name].requires_grad_(True)
+    n_lora = sum(p.numel() for n, p in params.items() if "lora_" in n)
+    logger.info("LoRA r=%d alpha=%d on %r: %d adapter parameters (+%d trained in full)", cfg.lora_r,
+                cfg.lora_alpha, cfg.lora_target, n_lora, sum(params[n].numel() for n in extra_trainable or []))
+    return lora_cfg
+
+
+def _check_adapters_are_used(model: nn.Module) -> None:
+    """Run two tokens through the model and make sure a LoRA layer took part.
+
+    peft swaps modules in place, so a forward that reads ``layer.weight`` itself instead of calling
+    ``layer(x)`` would skip the adapters: training would then silently change nothing.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    calls: list[bool] = []
+    handle = layer.register_forward_hook(lambda *_: calls.append(True))
+    was_training = model.training
+    model.eval()  # no dropout: the check must not draw random numbers
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not calls:
+        raise RuntimeError(
+            "the model's forward does not call the LoRA-wrapped modules (it uses their .weight directly), so the "
+            "adapters would never train; call the modules (layer(x)) for anything that is not a plain nn.Linear"
+        )
+
+
+def _extra_trainables(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters that are not adapter weights, by their official name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str]) -> Path:  # noqa: ANN001
+    """Write the adapters (and the parameters trained in full) to ``out_dir`` atomically; return it."""
+    peft = _peft()
+    state = peft.get_peft_model_state_dict(model)
+    adapters = {ADAPTER_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    extras = {k: v.to("cpu").contiguous() for k, v in _extra_trainables(model).items()}
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        save_file(adapters, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        lora_cfg.save_pretrained(str(tmp))
+        if extras:
+            save_file(extras, str(tmp / EXTRA_WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
+    """Load saved adapter (and full-trained) weights into a model that already has the same adapters."""
+    peft = _peft()
+    folder = Path(adapter_dir)
+    file = folder / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {folder}")
+    state = {k.removeprefix(ADAPTER_PREFIX): v for k, v in load_file(str(file)).items()}
+    expected = set(peft.get_peft_model_state_dict(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter {folder} does not match the model's adapters: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]} (different lora_r or lora_target?)")
+    peft.set_peft_model_state_dict(model, state)
+    _load_extras(model, folder)
+
+
+def _load_extras(model: nn.Module, folder: Path) -> None:
+    file = folder / EXTRA_WEIGHTS
+    if not file.is_file():
+        return
+    params = dict(model.named_parameters())
+    extras = load_file(str(file))
+    unknown = [k for k in extras if k not in params]
+    bad = [k for k in extras if k in params and params[k].shape != extras[k].shape]
+    if unknown or bad:
+        raise ValueError(f"{file}: unknown parameters {unknown[:5]} or shape mismatches {bad[:5]}")
+    with torch.no_grad():
+        for k, v in extras.items():
+            params[k].copy_(v)
+
+
+def merge_lora(
+    base_dir: str | os.PathLike[str],
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Fold a saved adapter into the base checkpoint and write a full checkpoint in the official layout.
+
+    The merge is computed in float32; the result is stored in ``dtype`` (default: the base checkpoint's
+    dtype). Parameters trained in full next to the adapters (``non_lora_trainables.safetensors``) replace
+    the base ones. ``out_dir`` appears complete or not at all.
+    """
+    peft = _peft()
+    from ..checkpoint import save_pretrained
+    from ..config import QwenVLConfig
+    from ..model import QwenVL
+    from ..model.qwenvl import _as_dtype
+
+    config = QwenVLConfig.from_pretrained(base_dir)
+    target = _as_dtype(dtype if dtype is not None else config.torch_dtype) or torch.float32
+    base = QwenVL.from_pretrained(base_dir, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    _load_extras(merged, Path(adapter_dir))
+    merged.to(target)
+    out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size)
+    logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, out, target)
+    return out
+

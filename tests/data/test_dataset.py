@@ -1,0 +1,173 @@
+"""ConversationDataset and collate: encoding, image-safe truncation, dynamic padding, bad records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl.config import ENDOFTEXT_ID, IMG_END_ID, IMG_START_ID
+from qwenvl.data.dataset import ConversationDataset, DatasetError, collate, truncation_point
+
+FIXTURE_IMAGES = Path(__file__).parents[1] / "fixtures" / "qwenvl-tiny" / "images"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from qwenvl.processor import Processor
+
+    return Processor.from_pretrained()
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    (tmp_path / "img").mkdir()
+    shutil.copy(FIXTURE_IMAGES / "cat.png", tmp_path / "img" / "cat.png")
+    shutil.copy(FIXTURE_IMAGES / "street.jpg", tmp_path / "img" / "street.jpg")
+    return tmp_path
+
+
+def turn(who: str, text: str) -> dict:
+    return {"from": who, "value": text}
+
+
+def record(rid: str, *turns: dict) -> dict:
+    return {"id": rid, "conversations": list(turns)}
+
+
+def write(path: Path, records: list) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+RECORDS = [
+    record("cat", turn("user", "Picture 1: <img>img/cat.png</img>\nWhat is this?"), turn("assistant", "A cat.")),
+    record("text", turn("user", "What is 2+2?"), turn("assistant", "4")),
+    record("street", turn("user", "Picture 1: <img>img/street.jpg</img>\nWhere?"),
+           turn("assistant", "A street with many cars and people walking by."),
+           turn("user", "Anything else?"), turn("assistant", "No.")),
+]
+
+
+def test_samples_match_the_processor_rule(processor, data_dir: Path) -> None:
+    ds = ConversationDataset(write(data_dir / "train.json", RECORDS), processor)
+    assert len(ds) == 3 and ds.skipped == []
+    for i, rec in enumerate(RECORDS):
+        enc = processor.encode_conversation(rec["conversations"])
+        s = ds[i]
+        assert s["id"] == rec["id"]
+        assert s["input_ids"].tolist() == enc["input_ids"]
+        assert s["labels"].tolist() == enc["labels"]
+    assert ds[0]["images"].shape == (1, 3, 448, 448)
+    assert ds[1]["images"] is None  # text-only conversations work
+    expected = processor.pixel_values_for(["img/cat.png"], data_dir)
+    assert torch.equal(ds[0]["images"], expected)
+
+
+def test_jsonl_and_in_memory_records(processor, data_dir: Path) -> None:
+    jsonl = data_dir / "train.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n", encoding="utf-8")
+    a = ConversationDataset(jsonl, processor)
+    b = ConversationDataset(RECORDS, processor, dataset_dir=data_dir)
+    assert [s["input_ids"].tolist() for s in a] == [s["input_ids"].tolist() for s in b]
+
+
+def test_truncation_point_never_splits_an_image_span() -> None:
+    ids = [1] * 10 + [IMG_START_ID] + [0] * 256 + [IMG_END_ID] + [2] * 10  # span at 10..267
+    assert truncation_point(ids, 5) == (5, 0)
+    assert truncation_point(ids, 11) == (10, 0)  # the cut would keep <img> only: cut before it
+    assert truncation_point(ids, 200) == (10, 0)
+    assert truncation_point(ids, 267) == (10, 0)  # would drop only </img>
+    assert truncation_point(ids, 268) == (268, 1)  # the whole span fits
+    assert truncation_point(ids, 1000) == (len(ids), 1)
+
+
+def test_truncation_drops_the_image_whole_and_is_counted(processor, data_dir: Path, caplog) -> None:
+    rec = record("long", turn("user", "Hello"), turn("assistant", "Hi there."),
+                 turn("user", "Picture 1: <img>img/cat.png</img>\nAnd this?"), turn("assistant", "A cat."))
+    full = processor.encode_conversation(rec["conversations"])["input_ids"]
+    start = full.index(IMG_START_ID)
+    with caplog.at_level(logging.WARNING):
+        ds = ConversationDataset([rec], processor, dataset_dir=data_dir, max_length=start + 100)
+    s = ds[0]
+    assert s["input_ids"].tolist() == full[:start]  # cut just before <img>
+    assert s["images"] is None
+    assert IMG_START_ID not in s["input_ids"].tolist()
+    assert (ds.truncation.samples, ds.truncation.images, ds.truncation.tokens) == (1, 1, len(full) - start)
+    assert "1 sample(s) truncated" in caplog.text
+
+    # a cut after the span keeps the image
+    ds = ConversationDataset([rec], processor, dataset_dir=data_dir, max_length=start + 258 + 3)
+    assert ds[0]["images"].shape[0] == 1 and ds[0]["input_ids"].numel() == start + 261
+    assert ds.truncation.images == 0
+
+
+def test_collate_pads_right_to_the_longest_of_the_batch(processor, data_dir: Path) -> None:
+    ds = ConversationDataset(write(data_dir / "train.json", RECORDS), processor)
+    samples = [ds[1], ds[0], ds[2]]
+    lengths = [s["input_ids"].numel() for s in samples]
+    batch = collate(samples)
+    width = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, width)
+    for row, (s, n) in enumerate(zip(samples, lengths)):
+        assert torch.equal(batch["input_ids"][row, :n], s["input_ids"])
+        assert torch.equal(batch["labels"][row, :n], s["labels"])
+        assert (batch["input_ids"][row, n:] == ENDOFTEXT_ID).all()
+        assert (batch["labels"][row, n:] == -100).all()
+        assert batch["attention_mask"][row].sum() == n
+    # images of all samples in order: the cat (sample 0 of the batch has none), then the street
+    assert torch.equal(batch["images"], torch.cat([ds[0]["images"], ds[2]["images"]]))
+    assert batch["ids"] == ["text", "cat", "street"]
+    # padding only to the longest of *this* batch
+    assert collate([ds[1]])["input_ids"].shape == (1, lengths[0])
+    assert collate([ds[1]])["images"] is None
+
+
+def test_malformed_json_names_the_file_and_position(processor, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n {"id": "a", "conversations": []},\n]\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"bad\.json: malformed JSON at line 3 column 1"):
+        ConversationDataset(bad, processor)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (record("nopic", turn("user", "Picture 1: <img>img/missing.png</img>\nHi"), turn("assistant", "x")),
+         r"record 1 \(id='nopic'\): image not found: .*missing\.png"),
+        (record("empty"), r"record 1 \(id='empty'\): empty conversation"),
+        (record("noanswer", turn("user", "Hi"), turn("user", "Hello?")),
+         r"record 1 \(id='noanswer'\): .*no assistant turn"),
+        ({"id": "noconv"}, r"record 1 \(id='noconv'\): 'conversations' is missing"),
+        (record("role", turn("user", "Hi"), turn("robot", "beep")), r"record 1 \(id='role'\): .*unknown role"),
+    ],
+)
+def test_bad_records_are_named(processor, data_dir: Path, bad: dict, message: str) -> None:
+    path = write(data_dir / "train.json", [RECORDS[1], bad])
+    with pytest.raises(DatasetError, match=message) as err:
+        ConversationDataset(path, processor)
+    assert "train.json: 1 bad record(s) of 2" in str(err.value)
+    ds = ConversationDataset(path, processor, skip_bad=True)  # or dropped and reported
+    assert len(ds) == 1 and [b.index for b in ds.skipped] == [1]
+
+
+def test_over_long_and_label_free_samples_are_named(processor, data_dir: Path) -> None:
+    long_user = record("long", turn("user", "word " * 300), turn("assistant", "ok"))
+    with pytest.raises(DatasetError, match=r"record 0 \(id='long'\): \d+ tokens, more than max_length=64"):
+        ConversationDataset([long_user], processor, max_length=64, truncate=False)
+    # truncated before the answer: no learnable label left
+    with pytest.raises(DatasetError, match=r"record 0 \(id='long'\): no learnable label within max_length=64"):
+        ConversationDataset([long_user], processor, max_length=64)
+    two = record("pics", turn("user", "Picture 1: <img>img/cat.png</img>\nPicture 2: <img>img/cat.png</img>\n"),
+                 turn("assistant", "Two cats."))
+    with pytest.raises(DatasetError, match=r"record 0 \(id='pics'\): 2 images, more than max_images=1"):
+        ConversationDataset([two], processor, dataset_dir=data_dir, max_images=1)
+
+
+def test_everything_bad_is_an_error_even_when_skipping(processor, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no usable sample"):
+        ConversationDataset([record("empty")], processor, skip_bad=True)

@@ -1,0 +1,72 @@
+"""``finetune`` on the command line: flags, overrides, errors, and an end-to-end run of the tiny config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from qwenvl.model import QwenVL
+from qwenvl.train import TrainConfigError
+from qwenvl.train.cli import add_parser, config_from_args, main, parse_overrides, run
+
+TINY = Path(__file__).parents[2] / "configs" / "finetune_qwenvl_tiny.yaml"
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="qwenvl")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_known_args(["finetune", *argv])
+
+
+def test_flags_and_overrides_become_the_config(tmp_path: Path) -> None:
+    args, extra = _parse(["--config", str(TINY), "--train_data", "d.json", "--output_dir", str(tmp_path),
+                          "--learning_rate", "3e-4", "--use-lora", "--lora_r=8", "--resume_training", "--use_parallel"])
+    cfg = config_from_args(args, extra)
+    assert (cfg.data_path, cfg.output_dir, cfg.learning_rate) == ("d.json", str(tmp_path), 3e-4)
+    assert (cfg.use_lora, cfg.lora_r, cfg.resume_training, cfg.use_parallel) == (True, 8, True, True)
+    assert cfg.preset == "tiny"  # from the YAML
+    args, extra = _parse(["--config", str(TINY), "--resume_training", str(tmp_path / "checkpoint-4")])
+    cfg = config_from_args(args, extra)
+    assert cfg.resume_training and cfg.resume_from == str(tmp_path / "checkpoint-4")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--run_mode", "predict"], r"--run_mode 'predict' is not supported"),
+        (["--learning_rat", "1"], r"'learning_rat' \(did you mean 'learning_rate'\?\)"),
+        (["--max_steps"], r"--max_steps needs a value"),
+        (["--max_steps", "x"], r"max_steps: cannot read 'x' as int"),
+        (["--seed", "1", "--seed", "2"], r"--seed is given twice"),
+    ],
+)
+def test_bad_command_lines_are_clear_errors(argv: list[str], message: str) -> None:
+    args, extra = _parse(["--config", str(TINY), *argv])
+    with pytest.raises(TrainConfigError, match=message):
+        config_from_args(args, extra)
+
+
+def test_parse_overrides_rejects_stray_values() -> None:
+    with pytest.raises(TrainConfigError, match="unexpected argument 'oops'"):
+        parse_overrides(["oops"])
+
+
+def test_finetune_tiny_config_end_to_end(train_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args, extra = _parse(["--config", str(TINY), "--run_mode", "finetune", "--train_data", str(train_data),
+                          "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1"])
+    assert run(args, extra) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["progress"]["step"] == 2 and len(state["progress"]["losses"]) == 2
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # save_total_limit 1
+    QwenVL.from_pretrained(out)
+
+    # the module entry point resumes the finished run's last checkpoint and ends with the same state
+    assert main(["--config", str(TINY), "--train_data", str(train_data), "--output_dir", str(out),
+                 "--max_steps", "2", "--resume_training"]) == 0
+    again = json.loads((out / "trainer_state.json").read_text())
+    assert again["progress"]["losses"] == state["progress"]["losses"]
+    assert main(["--config", str(TINY), "--run_mode", "predict"]) == 2

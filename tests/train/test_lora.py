@@ -1,0 +1,98 @@
+"""LoRA through peft: what trains, what stays frozen, adapter save/resume, merge into an official checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl.data.dataset import collate
+from qwenvl.model import QwenVL
+from qwenvl.train import merge_lora, train
+from qwenvl.train import trainer as T
+
+pytest.importorskip("peft")
+
+RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
+
+
+@pytest.fixture(scope="module")
+def lora_run(make_cfg, processor, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("lora")
+    QwenVL.from_config("tiny", seed=0).save_pretrained(root / "base")
+    cfg = make_cfg(root / "out", preset="", load_checkpoint=str(root / "base"), use_lora=True, lora_r=4,
+                   lora_alpha=8, lora_dropout=0.1, lora_train_resampler=True, max_steps=3, save_steps=2)
+    return root, cfg, train(cfg, processor=processor)
+
+
+def _batch(cfg, processor, model) -> dict:
+    ds = T._build_dataset(cfg, processor, model)
+    return collate([ds[0], ds[1]])
+
+
+def test_only_adapters_and_the_resampler_get_gradients(lora_run, processor) -> None:
+    root, cfg, result = lora_run
+    model = result.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora_names = {n for n in trainable if ".lora_" in n}
+    assert lora_names and trainable - lora_names == {
+        n for n, _ in model.named_parameters() if n.startswith(RESAMPLER) and not n.endswith("pos_embed")}
+    # adapters on the LM's c_attn, attn.c_proj, w1, w2 only: never in the vision tower
+    targets = {n.split(".lora_")[0].split(".", 3)[-1] for n in lora_names}
+    assert targets == {"attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2"}
+    assert not any(n.startswith("transformer.visual") for n in lora_names)
+
+    batch = _batch(cfg, processor, model)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(batch["input_ids"], images=batch["images"], labels=batch["labels"]).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    model.zero_grad(set_to_none=True)
+
+    # the base weights did not move; the adapters did
+    base = QwenVL.from_pretrained(root / "base").state_dict()
+    state = model.state_dict()
+    for name, before in base.items():
+        if name.startswith(RESAMPLER):
+            continue
+        key = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(before, state[key if key in state else name]), name
+    assert any(state[n].abs().sum() > 0 for n in state if "lora_B" in n)
+
+
+def test_adapter_folder_and_resume(lora_run, processor) -> None:
+    root, cfg, result = lora_run
+    adapter = root / "out" / "adapter"
+    assert result.final_path == adapter
+    assert {p.name for p in adapter.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"}
+    assert (root / "out" / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
+    resumed = train(cfg.replace(resume_training=True, output_dir=str(root / "out")), processor=processor)
+    assert resumed.resumed_from == root / "out" / "checkpoint-2"
+    assert resumed.losses == result.losses  # dropout RNG restored too
+    want, got = result.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_merged_checkpoint_gives_the_adapted_logits(lora_run, processor) -> None:
+    root, cfg, result = lora_run
+    merged_dir = merge_lora(root / "base", result.final_path, root / "merged")
+    merged = QwenVL.from_pretrained(merged_dir)
+    base = QwenVL.from_pretrained(root / "base")
+    assert set(merged.state_dict()) == set(base.state_dict())  # official names, nothing extra
+    model = result.model.eval()
+    batch = _batch(cfg, processor, model)
+    with torch.no_grad():
+        want = model(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
+        got = merged(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
+        plain = base(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (plain - want).abs().max() > 1e-3  # the adapters did change the model
+
+
+def test_bad_lora_target_is_a_clear_error(make_cfg, processor, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, use_lora=True, lora_target=r"nothing\.matches")
+    with pytest.raises(ValueError, match="matches no module"):
+        train(cfg, processor=processor)

@@ -1,0 +1,128 @@
+"""Full (stage-3) fine-tuning on the tiny preset: learning, freezing, checkpoints, exact resume, atomic saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl.data.dataset import collate
+from qwenvl.model import QwenVL
+from qwenvl.train import TrainConfig, train
+from qwenvl.train import trainer as T
+from qwenvl.train.trainer import cosine_with_warmup, select_trainable
+
+
+@pytest.fixture(scope="module")
+def full_run(make_cfg, processor, tmp_path_factory: pytest.TempPathFactory):
+    cfg = make_cfg(tmp_path_factory.mktemp("full"), max_steps=6, save_steps=3)
+    return cfg, train(cfg, processor=processor)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_lowers_the_loss(full_run) -> None:
+    _cfg, result = full_run
+    assert result.steps == 6 and len(result.losses) == 6
+    assert result.losses[-1] < 0.5 * result.losses[0], result.losses
+    assert result.num_loss_tokens > 0 and result.tokens_per_second > 0
+    assert result.learning_rates[0] == pytest.approx(1e-2)  # no warmup: full lr at step 1
+
+
+def test_frozen_parameters_stay_bit_identical(full_run) -> None:
+    cfg, result = full_run
+    initial = QwenVL.from_config("tiny", seed=cfg.seed).state_dict()
+    trained = result.model.state_dict()
+    trainable = set(select_trainable(result.model, cfg))
+    assert "transformer.visual.attn_pool.query" in trainable and "transformer.visual.proj" in trainable
+    assert "transformer.visual.ln_post.weight" in trainable and "lm_head.weight" in trainable
+    assert not any(n.startswith(("transformer.visual.transformer.", "transformer.visual.conv1")) for n in trainable)
+    assert "transformer.visual.attn_pool.pos_embed" not in trainable
+    for name, before in initial.items():
+        if name in trainable:
+            continue
+        assert torch.equal(before, trained[name]), f"frozen {name} changed"
+    changed = [n for n in trainable if not torch.equal(initial[n], trained[n])]
+    assert "transformer.visual.attn_pool.query" in changed and "transformer.h.0.attn.c_attn.weight" in changed
+
+
+def test_saved_checkpoints_load_with_the_trainers_logits(full_run, processor) -> None:
+    cfg, result = full_run
+    out = Path(cfg.output_dir)
+    assert result.final_path == out and result.checkpoints == [out / "checkpoint-3"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    loaded = QwenVL.from_pretrained(out)
+    assert loaded.dtype == torch.float32
+    ds = T._build_dataset(cfg, processor, loaded)
+    batch = collate([ds[0], ds[1]])  # one with an image, one without
+    model = result.model.eval()
+    with torch.no_grad():
+        want = model(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
+        got = loaded(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    QwenVL.from_pretrained(out / "checkpoint-3")  # the periodic checkpoint is a complete official folder
+
+
+def test_interrupted_then_resumed_run_is_exact(full_run, make_cfg, processor, tmp_path: Path) -> None:
+    full_cfg, full = full_run
+    cfg = make_cfg(tmp_path, max_steps=6, save_steps=0)
+    # stop after step 3 (save_steps=0: stopping saves the checkpoint)
+    stopped = train(cfg, processor=processor, callback=lambda info: info.step == 3)
+    assert stopped.stopped_early and stopped.final_path is None and stopped.steps == 3
+    assert not (tmp_path / "model.safetensors").exists()
+    assert stopped.losses == full.losses[:3]
+
+    resumed = train(cfg.replace(resume_training=True), processor=processor)
+    assert resumed.resumed_from == tmp_path / "checkpoint-3"
+    assert resumed.losses == full.losses  # bit-identical floats, history included
+    want, got = full.model.state_dict(), resumed.model.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_a_failed_save_leaves_no_half_written_checkpoint(make_cfg, processor, tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg(tmp_path / "out", max_steps=2)
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+
+    def disk_full(*args, **kwargs) -> None:  # the weights are already written when this fails
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("qwenvl.train.state.torch.save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        T._save_checkpoint(run)
+    assert list((tmp_path / "out").iterdir()) == []  # neither checkpoint-0 nor a temporary folder
+
+
+def test_gradient_accumulation_equals_one_big_batch(make_cfg, processor, tmp_path: Path) -> None:
+    """4 samples as 1 x 4 or as 2 micro-batches x 2 give the same (token-weighted) loss and gradient."""
+    grads = []
+    losses = []
+    for bs, accum in ((4, 1), (2, 2)):
+        cfg = make_cfg(tmp_path, batch_size=bs, gradient_accumulation_steps=accum, bf16=False,
+                       gradient_checkpointing=False)
+        model = T._prepare_model(cfg, None, torch.device("cpu"))
+        run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+        loss, _norm = T._train_step(run, T._next_micro_batches(run))
+        losses.append(loss)
+        # after one AdamW step exp_avg = (1 - beta1) * clipped gradient
+        grads.append({n: run.optimizer.state[p]["exp_avg"] for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-9, msg=name)
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    f = [cosine_with_warmup(s, warmup=10, total=110, min_ratio=0.1) for s in range(0, 121)]
+    assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1) and f[120] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_missing_model_or_data_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no model: set load_checkpoint"):
+        train(TrainConfig(output_dir=str(tmp_path), max_steps=1))
