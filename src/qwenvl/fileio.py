@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text"]
 
@@ -168,3 +170,27 @@ def _swap_in(new: Path, target: Path) -> None:
         _remove(old)
     except OSError as e:  # the new folder is in place; a leftover old copy is only wasted space
         logger.warning("replaced %s but could not delete the previous version %s: %s", target, old, e)
+
+
+def iter_jsonl(
+    path: str | os.PathLike[str], error: type[ValueError] = ValueError, what: str = "data"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSON-lines file.
+
+    A missing file raises ``FileNotFoundError``; a line that is not a JSON object raises ``error`` with a
+    message naming the file and the line, so the user can go straight to it.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} not found: {file}")
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+            if not isinstance(obj, dict):
+                raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj

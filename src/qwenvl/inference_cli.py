@@ -170,26 +170,15 @@ def _prompts_from_predict_data(items: list[str], modal_types: list[str]) -> list
 
 
 def _prompts_from_jsonl(path: str) -> list[Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file not found: {file}")
-    prompts = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{n}: not valid JSON: {e.msg} at column {e.colno}") from e
-        prompts.append(_prompt_of_record(rec, f"{file}:{n}"))
+    from .fileio import iter_jsonl
+
+    prompts = [_prompt_of_record(rec, f"{path}:{n}") for n, rec in iter_jsonl(path, what="prompt file")]
     if not prompts:
-        raise ValueError(f"{file}: no prompts")
+        raise ValueError(f"{path}: no prompts")
     return prompts
 
 
 def _prompt_of_record(rec: Any, where: str) -> Any:
-    if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object")
     if "messages" in rec:
         return rec["messages"]
     if "prompt" in rec:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID
+from .convert import MalformedRecord
 
 __all__ = ["BadRecord", "ConversationDataset", "DatasetError", "TruncationStats", "answer_labels", "collate", "load_records"]
 
@@ -44,16 +45,8 @@ class DatasetError(ValueError):
     """The data file or one of its records cannot be used; the message names the file position or record."""
 
 
-@dataclass(frozen=True)
-class BadRecord:
-    """A record that cannot be trained on: its index in the file, its ``id`` and why."""
-
-    index: int
-    id: Any
-    reason: str
-
-    def __str__(self) -> str:
-        return f"record {self.index} (id={self.id!r}): {self.reason}"
+# A record that cannot be trained on: its index in the file, its ``id`` and why (the converter's type).
+BadRecord = MalformedRecord
 
 
 @dataclass
