@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
+from qwenvl.model.linear import cpu_gemv_default, set_cpu_gemv
 
 
 def best_of(fn, repeat: int) -> float:  # noqa: ANN001
@@ -128,6 +129,10 @@ def main() -> None:
     model = model.to(torch.bfloat16)
     res["floor_bf16_ms"] = weight_floor(model, 10) * 1e3
     res["decode_bf16_b1_ms"] = decode_seconds_per_step(model, 1, args.new_tokens, args.prompt_len, args.repeat) * 1e3
+    set_cpu_gemv(not cpu_gemv_default())  # the other choice of the one-row bf16 kernel, for comparison
+    res["decode_bf16_b1_other_kernel_ms"] = decode_seconds_per_step(model, 1, args.new_tokens, args.prompt_len,
+                                                                    args.repeat) * 1e3
+    set_cpu_gemv(cpu_gemv_default())
     res["decode_bf16_b8_ms"] = decode_seconds_per_step(model, 8, args.new_tokens, args.prompt_len, args.repeat) * 1e3
 
     ids = torch.tensor([prompt(270, True, seed=0)])

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 _HALF = (torch.bfloat16, torch.float16)
 _enabled = os.environ.get("QWENVL_CPU_GEMV", "1") != "0"
+
+
+def cpu_gemv_default() -> bool:
+    """Whether the fast path is on unless switched (``QWENVL_CPU_GEMV=0`` turns it off)."""
+    return os.environ.get("QWENVL_CPU_GEMV", "1") != "0"
+
 _gemv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 

@@ -26,9 +26,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fact: normalize in float32, cast back to the input dtype, then scale (the order matters in bf16)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def ntk_alpha(length: int, seq_length: int) -> float:
@@ -95,12 +93,10 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = linear(x, self.c_attn).split(x.shape[-1], dim=-1)  # fact: [q; k; v] row blocks
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        qkv = linear(x, self.c_attn).view(b, t, 3, self.num_heads, self.head_dim)  # fact: [q; k; v] row blocks
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
+        qk = apply_rope(qkv[:2], cos, sin)  # q and k rotated together: one set of kernels, not two
+        q, k, v = qk[0], qk[1], qkv[2]
         if q_scale is not None:
             q = q * q_scale[:, None, :, None].to(q.dtype)
         if cache is not None:

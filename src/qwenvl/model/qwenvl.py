@@ -79,8 +79,10 @@ def attention_bias(
     Padded query rows may attend to themselves so that no row is fully masked (SDPA would give NaN).
     """
     total = past + t
-    if t == 1:  # decode: no data-dependent branch, so a compiled step captures one graph
-        return None if attention_mask is None else attention_mask.bool()[:, None, None, :total]
+    if t == 1:  # decode: no data-dependent branch when compiled, so the step captures one graph
+        if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
+            return None
+        return attention_mask.bool()[:, None, None, :total]
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (past == 0 or t == 1):
         return None
