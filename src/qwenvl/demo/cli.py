@@ -1,0 +1,48 @@
+"""``qwenvl demo``: train a tiny Qwen-VL from scratch on synthetic shapes and report what it learned.
+
+    qwenvl demo                      # the full run: < 10 minutes on 2 CPU cores, report in demo_out/
+    qwenvl demo --steps 20 --output_dir /tmp/demo   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``demo``."""
+    p = sub.add_parser(
+        "demo",
+        help="train a tiny Qwen-VL from scratch to box coloured shapes; report accuracy before/after, plots",
+        description="Generates a synthetic grounding dataset, trains a tiny Qwen-VL from scratch with the "
+        "package's trainer, evaluates held-out grounding accuracy (Acc@0.5) before and after, and writes "
+        "loss_curve.png, predictions.png, metrics.json and report.md into --output_dir.",
+    )
+    p.add_argument("--output_dir", default="demo_out", help="report folder (default: demo_out/)")
+    p.add_argument("--steps", type=int, help="train only N steps on a small dataset (a quick check; "
+                                             "default: the full recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    import torch
+
+    from .run import run_demo
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device)
+    print(f"held-out Acc@0.5: {100 * result.accuracy_before:.1f}% before training, "
+          f"{100 * result.accuracy_after:.1f}% after {result.steps} steps "
+          f"({result.total_seconds:.0f} s); report: {result.files['report']}")
+    return 0

@@ -1,0 +1,150 @@
+"""Report figures drawn with PIL only (no plotting dependency): a loss curve and a grid of boxed images."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..grounding import BoxLike, draw_boxes
+
+__all__ = ["GridItem", "draw_loss_curve", "draw_prediction_grid", "smooth"]
+
+# Box colours that no shape of the synthetic data has (its shapes are red/green/blue/yellow/purple/orange).
+TRUE_COLOR = "#ffffff"
+PRED_COLOR = "#00e5ff"
+OK_TEXT = (20, 140, 40)
+BAD_TEXT = (200, 30, 30)
+RAW_COLOR = (170, 190, 225)
+SMOOTH_COLOR = (31, 119, 180)
+AXIS_COLOR = (60, 60, 60)
+GRID_COLOR = (225, 225, 225)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """Debiased exponential moving average (TensorBoard-style smoothing)."""
+    out, avg = [], 0.0
+    for k, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**k))
+    return out
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    ticks = []
+    for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
+        for m in (1, 2, 5):
+            t = m * 10.0**e
+            if lo <= t <= hi:
+                ticks.append(t)
+    return ticks
+
+
+def _tick_label(v: float) -> str:
+    return f"{v:g}" if v >= 0.01 else f"{v:.0e}"
+
+
+def draw_loss_curve(
+    losses: Sequence[float],
+    path: str | os.PathLike,
+    title: str = "training loss",
+    size: tuple[int, int] = (900, 520),
+) -> Path:
+    """PNG of per-step losses (log scale): raw values faint, smoothed values bold."""
+    values = [float(v) for v in losses if math.isfinite(v) and v > 0]
+    if not values:
+        raise ValueError("no finite positive loss values to plot")
+    w, h = size
+    left, right, top, bottom = 80, 30, 50, 60
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(values), max(values)
+    lo, hi = (lo / 1.5, hi * 1.5) if lo == hi else (lo / 1.15, hi * 1.15)
+    n = len(values)
+
+    def xy(i: float, v: float) -> tuple[float, float]:
+        x = left + (w - left - right) * (i / max(1, n - 1))
+        y = top + (h - top - bottom) * (math.log(hi) - math.log(v)) / (math.log(hi) - math.log(lo))
+        return x, y
+
+    small, big = _font(14), _font(18)
+    for t in _log_ticks(lo, hi):
+        _, y = xy(0, t)
+        draw.line((left, y, w - right, y), fill=GRID_COLOR)
+        draw.text((left - 8, y), _tick_label(t), fill=AXIS_COLOR, font=small, anchor="rm")
+    step = next(m * 10**e for e in range(12) for m in (1, 2, 5) if n / (m * 10**e) <= 10)
+    for s in range(0, n + 1, step):
+        x, _ = xy(max(0, s - 1), hi)  # tick at step s (steps count from 1)
+        draw.line((x, h - bottom, x, h - bottom + 5), fill=AXIS_COLOR)
+        draw.text((x, h - bottom + 8), str(max(1, s)), fill=AXIS_COLOR, font=small, anchor="mt")
+    draw.rectangle((left, top, w - right, h - bottom), outline=AXIS_COLOR)
+    if n > 1:
+        draw.line([xy(i, v) for i, v in enumerate(values)], fill=RAW_COLOR, width=1)
+        draw.line([xy(i, v) for i, v in enumerate(smooth(values))], fill=SMOOTH_COLOR, width=3)
+    else:
+        x, y = xy(0, values[0])
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=SMOOTH_COLOR)
+    draw.text((w / 2, 16), title, fill=(0, 0, 0), font=big, anchor="mt")
+    draw.text((w / 2, h - 22), "step", fill=AXIS_COLOR, font=small, anchor="mt")
+    draw.text((12, top - 24), "loss (log scale)", fill=AXIS_COLOR, font=small)
+    draw.text((w - right, top - 24), f"last {values[-1]:.3f} (smoothed {smooth(values)[-1]:.3f})",
+              fill=AXIS_COLOR, font=small, anchor="ra")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out, format="PNG")
+    return out
+
+
+@dataclass
+class GridItem:
+    """One tile: an image, the true box and the predicted one (pixels; None when nothing was parsed)."""
+
+    image: Image.Image
+    caption: str
+    true_box: BoxLike
+    pred_box: BoxLike | None
+    correct: bool
+
+
+def draw_prediction_grid(
+    items: Sequence[GridItem], path: str | os.PathLike, columns: int = 4, tile: int = 224
+) -> Path:
+    """PNG grid: each image with its true box (white) and predicted box (cyan), the caption underneath."""
+    if not items:
+        raise ValueError("no images to draw")
+    columns = max(1, min(columns, len(items)))
+    rows = math.ceil(len(items) / columns)
+    caption_h, pad, header = 40, 8, 36
+    sheet = Image.new("RGB", (columns * (tile + pad) + pad, header + rows * (tile + caption_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    font, head = _font(13), _font(16)
+    draw.text((pad, 10), "held-out images: true box (white) vs predicted box (cyan)", fill=(0, 0, 0), font=head)
+    for k, item in enumerate(items):
+        r, c = divmod(k, columns)
+        scale = tile / max(item.image.size)
+        objects: list[tuple[str | None, BoxLike]] = [(None, [v * scale for v in item.true_box])]
+        colors = [TRUE_COLOR]
+        if item.pred_box is not None:
+            objects.append((None, [v * scale for v in item.pred_box]))
+            colors.append(PRED_COLOR)
+        shown = item.image.convert("RGB").resize(
+            (max(1, round(item.image.width * scale)), max(1, round(item.image.height * scale))), Image.BICUBIC
+        )
+        shown = draw_boxes(shown, objects, colors=colors, width=2)
+        x, y = pad + c * (tile + pad), header + r * (tile + caption_h + pad)
+        sheet.paste(shown, (x, y))
+        verdict = "correct" if item.correct else ("no box" if item.pred_box is None else "wrong")
+        draw.text((x, y + tile + 4), item.caption, fill=(0, 0, 0), font=font)
+        draw.text((x, y + tile + 20), verdict, fill=OK_TEXT if item.correct else BAD_TEXT, font=font)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, format="PNG")
+    return out

@@ -1,0 +1,292 @@
+"""``qwenvl demo``: train a tiny Qwen-VL from scratch to box coloured shapes, and show that it learned.
+
+The run, end to end on a laptop CPU:
+
+1. write a synthetic grounding dataset (:mod:`qwenvl.demo.synthetic`) in the official conversation format;
+2. build a tiny Qwen-VL (:func:`demo_model_config`: 224 px images, a small ViT and LM, the real vocabulary)
+   with random weights;
+3. measure held-out grounding accuracy with :func:`qwenvl.eval.runners.evaluate_grounding` (near 0);
+4. train every parameter with :func:`qwenvl.train.train`;
+5. measure again, and write a report folder: ``loss_curve.png``, ``predictions.png`` (held-out images with
+   true and predicted boxes), ``metrics.json``, ``report.md``, the per-sample predictions before/after,
+   and the trained model (``model/``, official layout) with its data (``data/``).
+
+The recipe (why it learns in minutes where a default from-scratch run stalls near 0) is in
+:func:`local_resampler_init` and :class:`DemoConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
+from ..fileio import atomic_write_text
+from ..images import load_image
+from ..model import QwenVL
+from ..processor import DEFAULT_SYSTEM, Processor
+from .report import GridItem, draw_loss_curve, draw_prediction_grid
+from .synthetic import SyntheticConfig, make_dataset, question
+
+__all__ = ["DEMO_PROMPT", "DemoConfig", "DemoResult", "demo_model_config", "local_resampler_init", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+# The held-out prompt: the training conversation's user turn, then the assistant turn opened up to <box>, as the
+# official grounding eval opens it (`<ref>{expression}</ref><box>`). It tokenizes to the same ids as the
+# training sample's prefix (checked in tests).
+DEMO_PROMPT = (
+    f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+    "<|im_start|>user\nPicture 1: <img>{image}</img>\n" + question("{expression}") + "<|im_end|>\n"
+    "<|im_start|>assistant\n<ref>{expression}</ref><box>"
+)
+
+
+def demo_model_config() -> QwenVLConfig:
+    """A ~40M-parameter Qwen-VL: 224 px images (16x16 patches of 14 px), ViT width 128 x 4 layers,
+    LM hidden 128 x 2 layers, and the real 151,936-row vocabulary (the tokenizer's ids need it; the
+    embedding and ``lm_head`` hold 39M of the parameters)."""
+    return QwenVLConfig(
+        lm=LMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64,
+                    intermediate_size=512),
+        visual=VisionConfig(image_size=224, patch_size=14, width=128, layers=4, heads=4, mlp_ratio=4.0,
+                            output_dim=128),
+        generation=GenerationDefaults(chat_format="chatml", do_sample=False, max_new_tokens=28),
+        torch_dtype="float32",
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def local_resampler_init(model: QwenVL, scale: float = 3.0) -> None:
+    """Start the resampler's cross-attention *local*: query i attends to the patches around position i.
+
+    Why: the resampler's keys and queries both carry the same 2D sin-cos position table, but with random
+    q/k projections the attention starts uniform, so all 256 image tokens the LM sees are the same global
+    average and hold no position at all; a from-scratch model then needs many hundreds of steps to discover
+    where things are. With the q and k projections set to ``scale * I`` and the learned query's LayerNorm
+    gain at 0, the logits are ``scale^2 * pos_i . pos_j / sqrt(d)`` plus content terms: each image token
+    starts as its own 3x3-patch neighbourhood (~80% of the attention mass at scale 3). Everything stays
+    trainable; this only changes where training starts.
+    """
+    pool = model.transformer.visual.attn_pool
+    d = pool.query.shape[1]
+    eye = torch.eye(d, dtype=pool.attn.in_proj_weight.dtype, device=pool.attn.in_proj_weight.device)
+    pool.attn.in_proj_weight[: 2 * d] = scale * torch.cat([eye, eye])  # [q; k; v] row blocks
+    pool.attn.in_proj_bias[: 2 * d] = 0.0
+    pool.ln_q.weight.zero_()
+
+
+@dataclass
+class DemoConfig:
+    """Knobs of the demo. The defaults are the recipe that reaches >= 50% held-out Acc@0.5 on 2 CPU cores."""
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 1e-3  # from scratch: ~100x the fine-tuning rate
+    min_lr: float = 1e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    n_train: int = 4800
+    n_eval: int = 128
+    image_size: int = 224
+    min_shapes: int = 2
+    max_shapes: int = 2
+    min_size: float = 0.25
+    max_size: float = 0.45
+    resampler_init_scale: float = 3.0  # 0 = the model's default random init
+    eval_batch_size: int = 32
+    eval_every: int = 0  # also measure held-out accuracy every N steps (0 = only before and after)
+    grid_images: int = 16
+    bf16: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.n_train < 1 or self.n_eval < 1:
+            raise ValueError(f"n_train and n_eval must be >= 1, got {self.n_train} and {self.n_eval}")
+
+    @classmethod
+    def small(cls, steps: int, **overrides: Any) -> DemoConfig:
+        """A quick variant (for tests and smoke runs): as many training images as the steps need."""
+        base = {"n_train": max(16, steps * 16), "n_eval": 8, "warmup_steps": min(30, max(1, steps // 5)),
+                "grid_images": 4}
+        return cls(steps=steps, **{**base, **overrides})
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured and where it wrote it."""
+
+    output_dir: Path
+    accuracy_before: float
+    accuracy_after: float
+    steps: int
+    losses: list[float]
+    curve: list[tuple[int, float]]  # (step, held-out accuracy), step 0 = untrained
+    train_seconds: float
+    total_seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output_dir"] = str(self.output_dir)
+        d["files"] = {k: str(v) for k, v in self.files.items()}
+        return d
+
+
+def _evaluate(model: QwenVL, processor: Processor, data: Path, image_dir: Path, cfg: DemoConfig,
+              out: Path | None, desc: str) -> Any:
+    from ..eval.runners import evaluate_grounding
+
+    logger.info("grounding accuracy on %s (%s)", data.name, desc)
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_grounding(data, model=model, processor=processor, image_dir=image_dir,
+                                  batch_size=cfg.eval_batch_size, prompt=DEMO_PROMPT, chat_format="chatml",
+                                  output=out, progress=out is not None)
+    finally:
+        model.train(was_training)
+
+
+def _grid_items(result: Any, image_dir: Path, count: int) -> list[GridItem]:
+    items = []
+    for p in result.predictions[:count]:
+        image = load_image(p["image"], image_dir)
+        iou = f" IoU {p['iou']:.2f}" if p["pred_bbox"] is not None else ""
+        items.append(GridItem(image, f"{p['sent']}{iou}", p["bbox"], p["pred_bbox"], bool(p["correct"])))
+    return items
+
+
+def _shape_count(cfg: DemoConfig) -> str:
+    return str(cfg.min_shapes) if cfg.min_shapes == cfg.max_shapes else f"{cfg.min_shapes}-{cfg.max_shapes}"
+
+
+def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_params: int) -> str:
+    lm, vis = model_cfg.lm, model_cfg.visual
+    return "\n".join([
+        "# qwenvl demo: grounding coloured shapes, trained from scratch",
+        "",
+        f"- held-out Acc@0.5 before training: **{100 * result.accuracy_before:.1f}%**",
+        f"- held-out Acc@0.5 after {result.steps} steps: **{100 * result.accuracy_after:.1f}%**",
+        f"- training: {result.train_seconds:.0f} s; whole demo: {result.total_seconds:.0f} s "
+        f"({torch.get_num_threads()} threads, device {cfg.device})",
+        f"- final loss: {result.losses[-1]:.4f} (first: {result.losses[0]:.4f})" if result.losses else "",
+        "",
+        "## Setup",
+        f"- data: {cfg.n_train} training / {cfg.n_eval} held-out images of {cfg.image_size} px, "
+        f"{_shape_count(cfg)} shapes each ({cfg.min_size:.0%}-{cfg.max_size:.0%} of the side), "
+        "one shape asked for per image (`data/train.json`, `data/eval.jsonl`)",
+        f"- model: {n_params / 1e6:.1f}M parameters; ViT width {vis.width} x {vis.layers} layers "
+        f"(patch {vis.patch_size}), LM hidden {lm.hidden_size} x {lm.num_hidden_layers} layers, vocabulary "
+        f"{lm.vocab_size}; resampler attention started local (scale {cfg.resampler_init_scale})",
+        f"- training: every parameter, AdamW lr {cfg.learning_rate:g} -> {cfg.min_lr:g} (cosine, "
+        f"{cfg.warmup_steps} warmup steps), batch {cfg.batch_size}, {'bf16 autocast' if cfg.bf16 else 'fp32'}, "
+        f"seed {cfg.seed}",
+        "- evaluation: greedy, the official grounding protocol (box parsed from the continuation of `<box>`, "
+        "x / 999 * W, correct when IoU >= 0.5) with the training conversation as prompt",
+        "",
+        "## Files",
+        "- `loss_curve.png`, `predictions.png` (true box white, predicted cyan), `metrics.json`",
+        "- `eval_before.json`, `eval_after.json`: every held-out prediction",
+        "- `model/`: the trained model (official layout): `qwenvl eval grounding --model model "
+        "--data data/eval.jsonl --image_dir data --chat_format chatml --prompt ...` (prompt in metrics.json)",
+        "",
+    ])  # fmt: skip
+
+
+def run_demo(
+    output_dir: str | os.PathLike = "demo_out",
+    steps: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    config: DemoConfig | None = None,
+) -> DemoResult:
+    """Run the whole demo into ``output_dir`` and return what it measured.
+
+    ``steps`` alone picks the small variant (:meth:`DemoConfig.small`); ``config`` sets everything.
+    """
+    from ..train import TrainConfig, train
+
+    start = time.perf_counter()
+    if config is None:
+        config = DemoConfig(seed=seed, device=device) if steps is None else DemoConfig.small(steps, seed=seed,
+                                                                                           device=device)
+    cfg = config
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=SyntheticConfig(
+        image_size=cfg.image_size, min_shapes=cfg.min_shapes, max_shapes=cfg.max_shapes, min_size=cfg.min_size,
+        max_size=cfg.max_size))  # fmt: skip
+
+    model_cfg = demo_model_config()
+    model_cfg.visual.image_size = cfg.image_size
+    model = QwenVL.from_config(model_cfg, seed=cfg.seed, device=cfg.device)
+    if cfg.resampler_init_scale > 0:
+        local_resampler_init(model, cfg.resampler_init_scale)
+    n_params = sum(p.numel() for p in model.parameters())
+    processor = Processor(image_size=cfg.image_size, chat_format="chatml")
+
+    before = _evaluate(model, processor, data.eval_jsonl, data.root, cfg, out / "eval_before.json", "untrained")
+    train_cfg = TrainConfig(
+        data_path=str(data.train_json), dataset_dir=str(data.root), output_dir=str(out / "model"),
+        max_length=512, batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        min_lr=min(cfg.min_lr, cfg.learning_rate), warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        bf16=cfg.bf16, gradient_checkpointing=False, freeze_vision=False, freeze_resampler=False,
+        freeze_llm=False, seed=cfg.seed, device=cfg.device, logging_steps=max(1, cfg.steps // 10), save_steps=0,
+    )  # fmt: skip
+    curve: list[tuple[int, float]] = [(0, before.score)]
+
+    def during(info: Any) -> None:
+        if cfg.eval_every and info.step % cfg.eval_every == 0 and info.step < info.total_steps:
+            acc = _evaluate(model, processor, data.eval_jsonl, data.root, cfg, None, f"step {info.step}").score
+            curve.append((info.step, acc))
+            logger.info("step %d: held-out Acc@0.5 %.1f%%", info.step, 100 * acc)
+
+    trained = train(train_cfg, model=model, processor=processor, callback=during)
+    after = _evaluate(model, processor, data.eval_jsonl, data.root, cfg, out / "eval_after.json", "trained")
+    curve.append((trained.steps, after.score))
+
+    files = {
+        "loss_curve": draw_loss_curve(trained.losses, out / "loss_curve.png",
+                                      title=f"training loss ({cfg.steps} steps of {cfg.batch_size})"),
+        "predictions": draw_prediction_grid(_grid_items(after, data.root, cfg.grid_images), out / "predictions.png"),
+        "eval_before": out / "eval_before.json",
+        "eval_after": out / "eval_after.json",
+        "model": out / "model",
+        "data": data.root,
+    }
+    result = DemoResult(out, before.score, after.score, trained.steps, list(trained.losses), curve,
+                        trained.train_seconds, 0.0, files)
+    result.total_seconds = time.perf_counter() - start
+    metrics = {
+        "accuracy_before": before.score,
+        "accuracy_after": after.score,
+        "num_eval": after.num_samples,
+        "steps": trained.steps,
+        "final_loss": trained.losses[-1] if trained.losses else math.nan,
+        "train_seconds": trained.train_seconds,
+        "total_seconds": result.total_seconds,
+        "tokens_per_second": trained.tokens_per_second,
+        "num_parameters": n_params,
+        "eval_prompt": DEMO_PROMPT,
+        "demo_config": asdict(cfg),
+        "model_config": model_cfg.to_official(),
+        "accuracy_curve": curve,
+        "losses": trained.losses,
+    }
+    files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    files["report"] = atomic_write_text(out / "report.md", _report_md(result, cfg, model_cfg, n_params))
+    logger.info("demo: held-out Acc@0.5 %.1f%% -> %.1f%% in %.0f s; report in %s", 100 * before.score,
+                100 * after.score, result.total_seconds, out)
+    return result

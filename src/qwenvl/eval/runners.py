@@ -1,0 +1,561 @@
+"""Benchmark runners: grounding (RefCOCO protocol), VQA and captioning, batched, greedy, in-process scoring.
+
+Each runner reads a dataset file, builds the official Qwen-VL prompt per sample, generates greedily in
+batches (left-padded batches give the same tokens as single prompts), scores with :mod:`qwenvl.eval.metrics`
+and returns an :class:`EvalResult` (optionally written atomically as JSON, with every prediction).
+
+Protocols (Qwen-VL's ``eval_mm`` scripts):
+
+- grounding: prompt ``<img>{image}</img><ref>{expression}</ref><box>``, greedy, ``max_new_tokens=28``,
+  ``min_new_tokens=10``, stop at ``<|endoftext|>``. The prompt ends in ``<box>``, so the continuation starts
+  ``(x1,y1),(x2,y2)</box>``: the first box in it is mapped to pixels with ``x / 999 * W`` and is correct
+  when its IoU with the target is >= 0.5. No parseable box = wrong.
+- VQA: ``<img>{image}</img>{question} Answer:``, ``max_new_tokens=10``, ``min_new_tokens=1``; the answer
+  (special tokens dropped, stripped) is scored with the VQAv2 accuracy and its normalization.
+- captioning: ``<img>{image}</img>Describe the image in English:``, ``max_new_tokens=30``,
+  ``min_new_tokens=8``; CIDEr(-D) over the whole set.
+
+Input formats (one JSON object per line; blank lines are skipped; relative image paths are resolved
+against ``image_dir``):
+
+- grounding: ``{"image": "...", "sent": "the man on the left", "bbox": [x1, y1, x2, y2], "height": H,
+  "width": W}`` with ``bbox`` in pixels of the original image (``bbox_format="xywh"`` reads COCO's
+  ``[x, y, w, h]`` instead). ``height``/``width`` may be omitted: they are then read from the image file.
+- VQA: ``{"image": "...", "question": "...", "answers": ["yes", "yes", ...]}`` (VQAv2: the 10 annotators'
+  answers; ``{"answer": ...}`` dicts are accepted too) or ``"answer": "yes"`` for a single reference;
+  optional ``question_id``.
+- captioning: ``{"image": "...", "captions": ["...", ...]}`` with an optional ``id``, or the COCO-style JSON
+  that Qwen-VL's caption eval reads (``{"images": [{"id", "image"|"file_name"}], "annotations":
+  [{"image_id", "caption"}]}``).
+
+Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts), so the runners can be
+driven by a real model (:func:`model_generate_fn`) or by a stub in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..fileio import atomic_write_text, iter_jsonl
+from ..grounding import denormalize_box, first_box, iou
+from .metrics import cider, exact_match, relaxed_correctness, vqa_accuracy
+
+if TYPE_CHECKING:
+    from ..model import QwenVL
+    from ..processor import Processor
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "GROUNDING_PROMPT",
+    "VQA_PROMPT",
+    "CaptionRecord",
+    "EvalDataError",
+    "EvalResult",
+    "GenerateFn",
+    "GroundingRecord",
+    "VQARecord",
+    "evaluate_caption",
+    "evaluate_grounding",
+    "evaluate_vqa",
+    "load_caption_data",
+    "load_grounding_data",
+    "load_vqa_data",
+    "model_generate_fn",
+]
+
+logger = logging.getLogger(__name__)
+
+GROUNDING_PROMPT = "<img>{image}</img><ref>{expression}</ref><box>"
+VQA_PROMPT = "<img>{image}</img>{question} Answer:"
+CAPTION_PROMPT = "<img>{image}</img>Describe the image in English:"
+
+# Prompts -> the text each one continues with (stop token excluded).
+GenerateFn = Callable[[Sequence[str]], list[str]]
+
+
+class EvalDataError(ValueError):
+    """An evaluation file is malformed; the message names the file and the line (or entry)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_generate_fn(
+    model: QwenVL,
+    processor: Processor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    chat_format: str = "raw",
+    skip_special_tokens: bool = True,
+    base_dir: str | os.PathLike | None = None,
+) -> GenerateFn:
+    """A :data:`GenerateFn` that runs greedy decoding with ``model``.
+
+    Images are loaded by the processor from the ``<img>`` paths (relative ones against ``base_dir``).
+    ``chat_format`` picks the stop tokens: ``raw`` stops at ``<|endoftext|>`` only, as the official evals do
+    even for the chat model; ``chatml`` also at ``<|im_end|>``/``<|im_start|>``. Each continuation is cut at
+    its first stop token before decoding.
+    """
+    from ..generation import STOP_IDS, generate
+
+    if chat_format not in STOP_IDS:
+        raise ValueError(f"chat_format must be one of {sorted(STOP_IDS)}, got {chat_format!r}")
+    stops = set(STOP_IDS[chat_format])
+
+    def run(prompts: Sequence[str]) -> list[str]:
+        inputs = processor(list(prompts), base_dir=base_dir)
+        ids = inputs["input_ids"]
+        out = generate(
+            model, ids, attention_mask=inputs["attention_mask"], images=inputs["images"],
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+            chat_format=chat_format,
+        )  # fmt: skip
+        texts = []
+        for row in out[:, ids.shape[1] :].tolist():
+            cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+            texts.append(processor.decode(row[:cut], skip_special_tokens=skip_special_tokens))
+        return texts
+
+    return run
+
+
+def _batches(n: int, batch_size: int) -> Iterator[range]:
+    for start in range(0, n, batch_size):
+        yield range(start, min(n, start + batch_size))
+
+
+def _generate_all(
+    prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool, desc: str
+) -> list[str]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    answers: list[str] = []
+    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
+        for idx in _batches(len(prompts), batch_size):
+            batch = [prompts[i] for i in idx]
+            out = generate_fn(batch)
+            if len(out) != len(batch):
+                raise RuntimeError(f"generate returned {len(out)} answers for {len(batch)} prompts")
+            answers.extend(out)
+            bar.update(len(batch))
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """What a runner measured. ``score`` is a fraction (0..1) for accuracies, the CIDEr value for captions."""
+
+    task: str
+    metric: str
+    score: float
+    num_samples: int
+    predictions: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            self.metric: self.score,
+            "num_samples": self.num_samples,
+            **self.details,
+            "settings": self.settings,
+            "predictions": self.predictions,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically (a crash leaves the previous file, never half of one)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading datasets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; errors name the file and the line."""
+    return iter_jsonl(path, EvalDataError, what="evaluation data")
+
+
+def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise EvalDataError(f"{where}: missing key {key!r} (has: {', '.join(sorted(obj)) or 'nothing'})")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise EvalDataError(f"{where}: {key!r} must be a {names}, got {value!r}")
+    return value
+
+
+def _image_path(image: str, image_dir: str | os.PathLike | None, where: str) -> Path:
+    path = Path(image).expanduser()
+    if not path.is_absolute() and image_dir is not None:
+        path = Path(image_dir).expanduser() / path
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: image not found: {path}")
+    return path
+
+
+def _check_prompt_image(image: str, where: str) -> None:
+    # The path travels inside <img>...</img>: it must fit the 256-byte span and hold no tags.
+    if len(image.encode("utf-8")) > 256:
+        raise EvalDataError(f"{where}: image path is longer than the 256 bytes that fit in <img>...</img>")
+    if "<" in image and ">" in image:
+        raise EvalDataError(f"{where}: image path {image!r} looks like it holds a tag")
+
+
+@dataclass
+class GroundingRecord:
+    image: str
+    sent: str
+    bbox: tuple[float, float, float, float]  # pixels, x1 y1 x2 y2
+    width: float
+    height: float
+    where: str = ""
+
+
+def _read_size(path: Path, where: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError as e:
+        raise EvalDataError(f"{where}: cannot read the size of {path}: {e}") from e
+
+
+def load_grounding_data(
+    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, bbox_format: str = "xyxy"
+) -> list[GroundingRecord]:
+    """Read a grounding JSONL file (see the module docstring); every image must exist."""
+    if bbox_format not in ("xyxy", "xywh"):
+        raise ValueError(f"bbox_format must be 'xyxy' or 'xywh', got {bbox_format!r}")
+    path = Path(path)
+    records = []
+    for lineno, obj in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        image = _require(obj, "image", str, where)
+        sent = _require(obj, "sent", str, where)
+        box = _require(obj, "bbox", list, where)
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
+            raise EvalDataError(f"{where}: 'bbox' must be 4 finite numbers, got {box!r}")
+        x1, y1, a, b = (float(v) for v in box)
+        bbox = (x1, y1, x1 + a, y1 + b) if bbox_format == "xywh" else (x1, y1, a, b)
+        _check_prompt_image(image, where)
+        file = _image_path(image, image_dir, where)
+        if "width" in obj or "height" in obj:
+            width = float(_require(obj, "width", (int, float), where))
+            height = float(_require(obj, "height", (int, float), where))
+        else:
+            w, h = _read_size(file, where)
+            width, height = float(w), float(h)
+        if not (width > 0 and height > 0):
+            raise EvalDataError(f"{where}: width and height must be positive, got {width}x{height}")
+        records.append(GroundingRecord(image, sent, bbox, width, height, where))
+    if not records:
+        raise EvalDataError(f"{path}: no samples")
+    return records
+
+
+@dataclass
+class VQARecord:
+    image: str
+    question: str
+    answers: list[str]
+    question_id: Any = None
+    where: str = ""
+
+
+def _answers(obj: dict[str, Any], where: str) -> list[str]:
+    if "answers" in obj:
+        raw = obj["answers"]
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw:
+            raise EvalDataError(f"{where}: 'answers' must be a non-empty list, got {raw!r}")
+        out = []
+        for a in raw:
+            a = a.get("answer") if isinstance(a, dict) else a
+            if not isinstance(a, str):
+                raise EvalDataError(f"{where}: every answer must be a string (or {{'answer': str}}), got {a!r}")
+            out.append(a)
+        return out
+    if "answer" in obj:
+        return [_require(obj, "answer", str, where)]
+    raise EvalDataError(f"{where}: missing key 'answers' (or 'answer')")
+
+
+def load_vqa_data(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[VQARecord]:
+    """Read a VQA JSONL file (see the module docstring); every image must exist."""
+    path = Path(path)
+    records = []
+    for lineno, obj in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        image = _require(obj, "image", str, where)
+        question = _require(obj, "question", str, where)
+        _check_prompt_image(image, where)
+        _image_path(image, image_dir, where)
+        records.append(VQARecord(image, question, _answers(obj, where), obj.get("question_id"), where))
+    if not records:
+        raise EvalDataError(f"{path}: no samples")
+    return records
+
+
+@dataclass
+class CaptionRecord:
+    image: str
+    captions: list[str]
+    id: Any = None
+    where: str = ""
+
+
+def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise EvalDataError(f"{path}: a .json caption file must hold 'images' and 'annotations' (COCO style)")
+    refs: dict[Any, list[str]] = {}
+    for k, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise EvalDataError(f"{path}: annotations[{k}] needs 'image_id' and a string 'caption'")
+        refs.setdefault(ann["image_id"], []).append(ann["caption"])
+    out = []
+    for k, img in enumerate(data["images"]):
+        where = f"{path}: images[{k}]"
+        if not isinstance(img, dict) or "id" not in img:
+            raise EvalDataError(f"{where}: needs 'id' and 'image' (or 'file_name')")
+        image = img.get("image", img.get("file_name"))
+        out.append((where, {"id": img["id"], "image": image, "captions": refs.get(img["id"], [])}))
+    return out
+
+
+def load_caption_data(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[CaptionRecord]:
+    """Read captioning data: JSONL, or COCO-style JSON (see the module docstring); every image must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation data not found: {path}")
+    entries = _coco_captions(path) if path.suffix == ".json" else [(f"{path}:{n}", o) for n, o in _read_jsonl(path)]
+    records = []
+    for where, obj in entries:
+        image = _require(obj, "image", str, where)
+        captions = _require(obj, "captions", list, where)
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise EvalDataError(f"{where}: 'captions' must be a non-empty list of strings")
+        _check_prompt_image(image, where)
+        _image_path(image, image_dir, where)
+        records.append(CaptionRecord(image, captions, obj.get("id", len(records)), where))
+    if not records:
+        raise EvalDataError(f"{path}: no samples")
+    ids = [r.id for r in records]
+    if len(set(map(str, ids))) != len(ids):
+        raise EvalDataError(f"{path}: caption ids must be unique")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runners
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _resolve_generate(
+    generate_fn: GenerateFn | None,
+    model: QwenVL | None,
+    processor: Processor | None,
+    image_dir: str | os.PathLike | None,
+    **kw: Any,
+) -> GenerateFn:
+    if generate_fn is not None:
+        return generate_fn
+    if model is None:
+        raise ValueError("pass a model (and optionally a processor) or a generate_fn")
+    if processor is None:
+        from ..processor import Processor
+
+        processor = Processor(image_size=model.config.visual.image_size, chat_format="raw")
+    return model_generate_fn(model, processor, base_dir=image_dir, **kw)
+
+
+def _format(template: str, where: str, **fields: str) -> str:
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"prompt template {template!r} cannot be filled ({e!r}); it may use {', '.join('{' + k + '}' for k in fields)}"
+        ) from e
+
+
+def evaluate_grounding(
+    data: str | os.PathLike | Sequence[GroundingRecord],
+    *,
+    model: QwenVL | None = None,
+    processor: Processor | None = None,
+    generate_fn: GenerateFn | None = None,
+    image_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    prompt: str = GROUNDING_PROMPT,
+    max_new_tokens: int = 28,
+    min_new_tokens: int = 10,
+    chat_format: str = "raw",
+    bbox_format: str = "xyxy",
+    threshold: float = 0.5,
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Acc@``threshold`` of referring-expression grounding with the official Qwen-VL protocol.
+
+    ``data`` is a JSONL path or records from :func:`load_grounding_data`. ``prompt`` may use ``{image}``
+    and ``{expression}``; when it ends in ``<box>`` the continuation is read as the inside of that box.
+    Predicted boxes (normalized to [0, 1000)) are mapped to pixels with ``x / 999 * W``.
+    """
+    records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(data, image_dir, bbox_format)
+    run = _resolve_generate(generate_fn, model, processor, image_dir, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False)
+    prompts = [_format(prompt, r.where, image=r.image, expression=r.sent) for r in records]
+    answers = _generate_all(prompts, run, batch_size, progress, "grounding")
+    opens_box = prompt.rstrip().endswith("<box>")
+    predictions, correct, unparsed = [], 0, 0
+    for r, answer in zip(records, answers):
+        box = first_box("<box>" + answer if opens_box else answer)
+        entry: dict[str, Any] = {"image": r.image, "sent": r.sent, "bbox": list(r.bbox), "answer": answer}
+        if box is None:
+            unparsed += 1
+            entry.update(pred_box_norm=None, pred_bbox=None, iou=0.0, correct=False)
+        else:
+            px = denormalize_box(box, r.width, r.height)
+            overlap = iou(px, r.bbox)
+            ok = overlap >= threshold
+            correct += ok
+            entry.update(pred_box_norm=list(box.as_tuple()), pred_bbox=[round(v, 2) for v in px.as_tuple()],
+                         iou=round(overlap, 4), correct=ok)
+        predictions.append(entry)
+    n = len(records)
+    result = EvalResult(
+        task="grounding", metric="accuracy", score=correct / n, num_samples=n, predictions=predictions,
+        settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                  "chat_format": chat_format, "iou_threshold": threshold, "scale": 999},
+        details={"num_correct": correct, "num_unparseable": unparsed},
+    )  # fmt: skip
+    logger.info("grounding: Acc@%.1f = %.4f (%d/%d correct, %d without a box)", threshold, result.score, correct,
+                n, unparsed)
+    if output is not None:
+        result.save(output)
+    return result
+
+
+VQA_METRICS = ("auto", "vqa", "exact_match", "relaxed")
+
+
+def _vqa_sample_score(metric: str, answer: str, refs: Sequence[str]) -> float:
+    if metric == "vqa":
+        return vqa_accuracy(answer, refs)
+    if metric == "exact_match":
+        return exact_match(answer, refs)
+    return float(max(relaxed_correctness(answer, t) for t in refs))
+
+
+def evaluate_vqa(
+    data: str | os.PathLike | Sequence[VQARecord],
+    *,
+    model: QwenVL | None = None,
+    processor: Processor | None = None,
+    generate_fn: GenerateFn | None = None,
+    image_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    prompt: str = VQA_PROMPT,
+    max_new_tokens: int = 10,
+    min_new_tokens: int = 1,
+    chat_format: str = "raw",
+    metric: str = "auto",
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
+
+    ``metric``: ``vqa`` (VQAv2 accuracy, for 10-annotator answers), ``exact_match`` (GQA/AI2D style),
+    ``relaxed`` (ChartQA), or ``auto``: ``vqa`` when every sample has several reference answers, else
+    ``exact_match`` (the VQAv2 formula scores 0 against a single reference: leaving out its only annotator
+    leaves nothing to match).
+    """
+    if metric not in VQA_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(VQA_METRICS)}, got {metric!r}")
+    records = data if not isinstance(data, (str, os.PathLike)) else load_vqa_data(data, image_dir)
+    if metric == "auto":
+        metric = "vqa" if all(len(r.answers) > 1 for r in records) else "exact_match"
+    run = _resolve_generate(generate_fn, model, processor, image_dir, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
+    prompts = [_format(prompt, r.where, image=r.image, question=r.question) for r in records]
+    answers = [a.strip() for a in _generate_all(prompts, run, batch_size, progress, "vqa")]
+    predictions, total = [], 0.0
+    for r, answer in zip(records, answers):
+        score = _vqa_sample_score(metric, answer, r.answers)
+        total += score
+        predictions.append({"question_id": r.question_id, "image": r.image, "question": r.question,
+                            "answer": answer, "references": r.answers, "score": score})
+    n = len(records)
+    result = EvalResult(
+        task="vqa", metric="accuracy", score=total / n, num_samples=n, predictions=predictions,
+        settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                  "chat_format": chat_format, "vqa_metric": metric},
+    )  # fmt: skip
+    logger.info("vqa (%s): accuracy = %.4f over %d questions", metric, result.score, n)
+    if output is not None:
+        result.save(output)
+    return result
+
+
+def evaluate_caption(
+    data: str | os.PathLike | Sequence[CaptionRecord],
+    *,
+    model: QwenVL | None = None,
+    processor: Processor | None = None,
+    generate_fn: GenerateFn | None = None,
+    image_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    prompt: str = CAPTION_PROMPT,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 8,
+    chat_format: str = "raw",
+    output: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Corpus CIDEr(-D) of greedy captions with the official prompt (``prompt`` may use ``{image}``)."""
+    records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(data, image_dir)
+    run = _resolve_generate(generate_fn, model, processor, image_dir, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
+    prompts = [_format(prompt, r.where, image=r.image) for r in records]
+    captions = [c.strip() for c in _generate_all(prompts, run, batch_size, progress, "caption")]
+    keys = [str(r.id) for r in records]
+    score, per_image = cider(dict(zip(keys, captions)), {k: r.captions for k, r in zip(keys, records)})
+    predictions = [{"id": r.id, "image": r.image, "caption": c, "references": r.captions, "cider": per_image[k]}
+                   for r, c, k in zip(records, captions, keys)]
+    result = EvalResult(
+        task="caption", metric="cider", score=score, num_samples=len(records), predictions=predictions,
+        settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                  "chat_format": chat_format},
+    )  # fmt: skip
+    logger.info("caption: CIDEr = %.4f over %d images", score, len(records))
+    if output is not None:
+        result.save(output)
+    return result
+
+

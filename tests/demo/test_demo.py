@@ -1,0 +1,156 @@
+"""The demo: synthetic data, the report figures, the eval prompt, and a short end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl.demo.report import GridItem, draw_loss_curve, draw_prediction_grid, smooth
+from qwenvl.demo.synthetic import COLORS, SyntheticConfig, make_dataset, render_sample
+from qwenvl.grounding import NORM_GRID, parse_grounding
+
+
+def test_rendered_boxes_are_tight_and_disjoint() -> None:
+    rng = random.Random(0)
+    cfg = SyntheticConfig(image_size=224, min_shapes=3, max_shapes=3)
+    for _ in range(20):
+        image, specs = render_sample(rng, cfg)
+        pixels = np.asarray(image)
+        assert len({s.color for s in specs}) == 3
+        for s in specs:
+            x1, y1, x2, y2 = s.box
+            assert 0 <= x1 < x2 <= 224 and 0 <= y1 < y2 <= 224
+            mask = np.all(pixels == COLORS[s.color], axis=-1)
+            ys, xs = np.nonzero(mask)
+            # every pixel of that colour lies in the box, and the painted extent is the box
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == s.box
+
+
+def test_dataset_formats_and_determinism(tmp_path: Path) -> None:
+    a = make_dataset(tmp_path / "a", 6, 3, seed=7)
+    b = make_dataset(tmp_path / "b", 6, 3, seed=7)
+    assert a.train_json.read_bytes() == b.train_json.read_bytes()
+    assert (a.root / a.train[0].image).read_bytes() == (b.root / b.train[0].image).read_bytes()
+    records = json.loads(a.train_json.read_text())
+    assert len(records) == 6
+    user, assistant = records[0]["conversations"]
+    assert user["from"] == "user" and assistant["from"] == "assistant"
+    assert re.fullmatch(r"Picture 1: <img>images/train/000000\.png</img>\nBox the \w+ \w+", user["value"])
+    (obj,) = parse_grounding(assistant["value"])
+    assert obj.ref == a.train[0].expression and len(obj.boxes) == 1
+    sample = a.train[0]
+    box = sample.target_shape.box
+    assert obj.boxes[0].as_tuple() == tuple(min(int(v / 224 * NORM_GRID), 999) for v in box)
+    lines = [json.loads(line) for line in a.eval_jsonl.read_text().splitlines()]
+    assert len(lines) == 3 and set(lines[0]) == {"image", "sent", "bbox", "height", "width"}
+    assert (a.root / lines[0]["image"]).is_file()
+    # held-out images are not training images
+    train_imgs = {(a.root / s.image).read_bytes() for s in a.train}
+    assert all((a.root / s.image).read_bytes() not in train_imgs for s in a.eval)
+
+
+def test_synthetic_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="min_shapes"):
+        SyntheticConfig(min_shapes=0)
+    with pytest.raises(ValueError, match="min_size"):
+        SyntheticConfig(min_size=0.5, max_size=0.4)
+    with pytest.raises(ValueError, match="unknown colours"):
+        SyntheticConfig(colors=("teal",))
+    with pytest.raises(ValueError, match="without overlap"):
+        render_sample(random.Random(0), SyntheticConfig(min_shapes=6, max_shapes=6, min_size=0.6, max_size=0.9))
+
+
+def test_report_figures(tmp_path: Path) -> None:
+    assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+    curve = draw_loss_curve([12.0 * 0.97**i + 0.3 for i in range(150)], tmp_path / "loss.png")
+    one = draw_loss_curve([2.0], tmp_path / "one.png")
+    with Image.open(curve) as im:
+        assert im.format == "PNG" and im.size == (900, 520)
+    Image.open(one).verify()
+    with pytest.raises(ValueError, match="no finite"):
+        draw_loss_curve([float("nan")], tmp_path / "bad.png")
+    img = Image.new("RGB", (224, 224), "white")
+    items = [GridItem(img, "the red circle", (10, 10, 80, 80), (12, 8, 85, 70), True),
+             GridItem(img, "the blue square", (100, 100, 200, 200), None, False)] * 3
+    grid = draw_prediction_grid(items, tmp_path / "grid.png", columns=4)
+    with Image.open(grid) as im:
+        assert im.width == 4 * (224 + 8) + 8
+        arr = np.asarray(im.convert("RGB"))
+    assert (np.all(arr == (255, 255, 255), axis=-1)).any() and (np.all(arr == (0, 0xE5, 0xFF), axis=-1)).any()
+
+
+def test_eval_prompt_matches_training_tokens(tmp_path: Path) -> None:
+    """The held-out prompt must be the exact prefix the model was trained on, up to and including <box>."""
+    from qwenvl.demo.run import DEMO_PROMPT
+    from qwenvl.processor import Processor
+
+    data = make_dataset(tmp_path, 2, 1, seed=0)
+    proc = Processor(image_size=224, chat_format="chatml")
+    record = json.loads(data.train_json.read_text())[0]
+    train_ids = proc.encode_conversation(record["conversations"])["input_ids"]
+    sample = data.train[0]
+    prompt_ids = proc.tokenizer.encode(DEMO_PROMPT.format(image=sample.image, expression=sample.expression))
+    assert train_ids[: len(prompt_ids)] == prompt_ids
+    assert proc.tokenizer.decode(train_ids[len(prompt_ids) :]).startswith("(")
+
+
+def test_local_resampler_init_makes_image_tokens_local() -> None:
+    import torch
+
+    from qwenvl.demo.run import demo_model_config, local_resampler_init
+    from qwenvl.model import QwenVL
+
+    model = QwenVL.from_config(demo_model_config(), seed=0)
+    pixels = torch.randn(1, 3, 224, 224)
+
+    def spread() -> float:
+        with torch.no_grad():
+            feats = model.encode_images(pixels)[0]  # (256, hidden)
+        return float(feats.std(0).mean())  # how much the 256 tokens differ from each other
+
+    uniform = spread()
+    local_resampler_init(model)
+    assert spread() > 5 * uniform  # with the default init all tokens are nearly the same average
+
+
+def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
+    from qwenvl.demo import run_demo
+
+    start = time.perf_counter()
+    result = run_demo(tmp_path / "out", steps=3, seed=0)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"the small demo took {elapsed:.0f} s"
+    out = tmp_path / "out"
+    for name in ("loss_curve.png", "predictions.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "steps", "final_loss", "train_seconds", "total_seconds",
+                "eval_prompt", "losses", "demo_config", "model_config"):
+        assert key in metrics
+    assert metrics["steps"] == 3 and len(metrics["losses"]) == 3
+    assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
+    assert result.losses[-1] < result.losses[0]
+    assert "Acc@0.5" in (out / "report.md").read_text()
+    assert (out / "model" / "config.json").is_file()
+    assert len(json.loads((out / "eval_after.json").read_text())["predictions"]) == 8
+
+
+def test_demo_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from qwenvl.demo.cli import add_parser, run
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--steps", "1", "--output_dir", str(tmp_path / "d"), "--seed", "1"])
+    assert run(args) == 0
+    assert "held-out Acc@0.5" in capsys.readouterr().out
+    assert (tmp_path / "d" / "report.md").is_file()

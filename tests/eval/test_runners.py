@@ -1,0 +1,284 @@
+"""Benchmark runners: scores equal hand-computed values with stub generators; bad input names the line."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qwenvl.eval import runners
+from qwenvl.eval.runners import (
+    EvalDataError,
+    evaluate_caption,
+    evaluate_grounding,
+    evaluate_vqa,
+    load_grounding_data,
+)
+
+GOLDEN = Path(__file__).parents[1] / "fixtures" / "qwenvl-tiny"
+
+
+@pytest.fixture()
+def image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (200, 100), "white").save(folder / "a.png")
+    Image.new("RGB", (100, 100), "gray").save(folder / "b.png")
+    return folder
+
+
+def write_jsonl(path: Path, rows: Sequence[dict | str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def stub(answers: dict[str, str]):  # noqa: ANN201
+    """A GenerateFn answering by the text of the prompt after the image (the expression/question)."""
+    calls: list[list[str]] = []
+
+    def run(prompts: Sequence[str]) -> list[str]:
+        calls.append(list(prompts))
+        out = []
+        for p in prompts:
+            key = re.sub(r"<img>.*?</img>", "", p)
+            out.append(next(v for k, v in answers.items() if k in key))
+        return out
+
+    run.calls = calls  # type: ignore[attr-defined]
+    return run
+
+
+# ---- grounding ----------------------------------------------------------------------------------------------
+
+
+def grounding_rows() -> list[dict]:
+    return [
+        # a.png is 200x100: the normalized box (0,0),(499,999) maps to (0,0,99.9,100) with /999.
+        {"image": "a.png", "sent": "left half", "bbox": [0, 0, 100, 100], "height": 100, "width": 200},
+        {"image": "a.png", "sent": "right half", "bbox": [100, 0, 200, 100], "height": 100, "width": 200},
+        {"image": "b.png", "sent": "the middle", "bbox": [25, 25, 75, 75], "height": 100, "width": 100},
+        {"image": "b.png", "sent": "nothing", "bbox": [0, 0, 10, 10], "height": 100, "width": 100},
+    ]
+
+
+def test_grounding_accuracy_matches_hand_computed(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", grounding_rows())
+    gen = stub({
+        "left half": "(0,0),(499,999)</box>",  # IoU 0.999 -> correct
+        "right half": "(0,0),(499,999)</box>",  # the other half: IoU 0 -> wrong
+        "the middle": "(250,250),(999,999)</box><ref>x</ref><box>(250,250),(750,750)</box>",  # first box counts
+        "nothing": "I cannot see it",  # unparseable -> wrong
+    })  # fmt: skip
+    out = tmp_path / "res" / "g.json"
+    result = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, batch_size=3, output=out, progress=False)
+    # the middle: pred (25.025, 25.025, 100, 100) vs (25, 25, 75, 75): IoU 0.444 < 0.5
+    assert result.score == pytest.approx(1 / 4)
+    assert result.details == {"num_correct": 1, "num_unparseable": 1}
+    assert [len(c) for c in gen.calls] == [3, 1]  # batched
+    assert gen.calls[0][0] == "<img>a.png</img><ref>left half</ref><box>"  # the official prompt
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"] == pytest.approx(0.25) and saved["num_samples"] == 4
+    preds = saved["predictions"]
+    assert preds[0]["pred_bbox"] == [0.0, 0.0, 99.9, 100.0] and preds[0]["correct"] is True
+    assert preds[2]["pred_box_norm"] == [250.0, 250.0, 999.0, 999.0]
+    inter, union = (75 - 25.025) ** 2, 74.975**2 + 50**2 - (75 - 25.025) ** 2
+    assert preds[2]["iou"] == pytest.approx(inter / union, abs=1e-4) and preds[2]["correct"] is False
+    assert preds[3]["pred_bbox"] is None and preds[3]["correct"] is False
+
+
+def test_grounding_perfect_predictions_score_100(tmp_path: Path, image_dir: Path) -> None:
+    rows = grounding_rows()
+    data = write_jsonl(tmp_path / "g.jsonl", rows)
+
+    def perfect(prompts: Sequence[str]) -> list[str]:
+        out = []
+        for p in prompts:
+            row = next(r for r in rows if f"<ref>{r['sent']}</ref>" in p)
+            w, h = row["width"], row["height"]
+            x1, y1, x2, y2 = row["bbox"]
+            out.append(f"({round(x1 / w * 999)},{round(y1 / h * 999)}),({round(x2 / w * 999)},{round(y2 / h * 999)})</box>")
+        return out
+
+    result = evaluate_grounding(data, generate_fn=perfect, image_dir=image_dir, progress=False)
+    assert result.score == 1.0
+
+
+def test_grounding_xywh_and_size_from_image(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "s", "bbox": [100, 0, 100, 100]}])
+    (rec,) = load_grounding_data(data, image_dir, bbox_format="xywh")
+    assert rec.bbox == (100.0, 0.0, 200.0, 100.0) and (rec.width, rec.height) == (200.0, 100.0)
+    result = evaluate_grounding([rec], generate_fn=lambda ps: ["(500,0),(999,999)"] * len(ps), progress=False)
+    assert result.score == 1.0  # unclosed box still parses (generation stopped at max_new_tokens)
+
+
+def test_grounding_custom_prompt_without_box_suffix(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", grounding_rows()[:1])
+    result = evaluate_grounding(
+        data, generate_fn=lambda ps: ["<ref>left half</ref><box>(0,0),(499,999)</box>"], image_dir=image_dir,
+        prompt="Picture 1: <img>{image}</img>\nBox {expression}", progress=False,
+    )  # fmt: skip
+    assert result.score == 1.0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1]', "invalid JSON"),
+        ('{"image": "a.png", "bbox": [0, 0, 1, 1]}', "missing key 'sent'"),
+        ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1]}', "4 finite numbers"),
+        ('["a.png"]', "expected a JSON object"),
+        ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": 0, "height": 5}', "positive"),
+    ],
+)
+def test_malformed_line_names_its_number(tmp_path: Path, image_dir: Path, line: str, message: str) -> None:
+    good = json.dumps(grounding_rows()[0])
+    data = write_jsonl(tmp_path / "g.jsonl", [good, "", line])
+    with pytest.raises(EvalDataError, match=rf"g\.jsonl:3: .*{re.escape(message)}"):
+        load_grounding_data(data, image_dir)
+
+
+def test_missing_image_names_line_and_path(tmp_path: Path, image_dir: Path) -> None:
+    rows = [grounding_rows()[0], {**grounding_rows()[0], "image": "nope.png"}]
+    data = write_jsonl(tmp_path / "g.jsonl", rows)
+    with pytest.raises(FileNotFoundError, match=r"g\.jsonl:2: image not found: .*nope\.png"):
+        evaluate_grounding(data, generate_fn=lambda ps: [""] * len(ps), image_dir=image_dir, progress=False)
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="evaluation data not found"):
+        load_grounding_data(tmp_path / "none.jsonl")
+
+
+def test_bad_template_and_batch_size(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", grounding_rows()[:1])
+    with pytest.raises(ValueError, match="cannot be filled"):
+        evaluate_grounding(data, generate_fn=lambda ps: [""], image_dir=image_dir, prompt="{nope}", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_grounding(data, generate_fn=lambda ps: [""], image_dir=image_dir, batch_size=0, progress=False)
+
+
+# ---- VQA ------------------------------------------------------------------------------------------------------
+
+
+def test_vqa_accuracy_matches_hand_computed(tmp_path: Path, image_dir: Path) -> None:
+    ten = ["2"] * 3 + ["3"] * 7
+    data = write_jsonl(tmp_path / "v.jsonl", [
+        {"image": "a.png", "question": "How many dogs?", "answers": ten, "question_id": 1},
+        {"image": "a.png", "question": "How many cats?", "answers": ten, "question_id": 2},
+        {"image": "b.png", "question": "Color?", "answers": [{"answer": "red"}] * 10, "question_id": 3},
+    ])  # fmt: skip
+    gen = stub({"dogs": " Two.", "cats": "three", "Color": "blue"})
+    result = evaluate_vqa(data, generate_fn=gen, image_dir=image_dir, progress=False)
+    # "Two." -> "2": 3 matches; leave-one-out: 7 x min(1, 3/3) + 3 x min(1, 2/3) -> 0.9; "3": 7 matches -> 1.0
+    assert result.settings["vqa_metric"] == "vqa"
+    assert result.score == pytest.approx((0.9 + 1.0 + 0.0) / 3)
+    assert gen.calls[0][0] == "<img>a.png</img>How many dogs? Answer:"
+    assert [p["answer"] for p in result.predictions] == ["Two.", "three", "blue"]  # stripped
+
+
+def test_vqa_single_answers_use_exact_match(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "v.jsonl", [
+        {"image": "a.png", "question": "q1", "answer": "Yes"},
+        {"image": "a.png", "question": "q2", "answer": "no"},
+    ])  # fmt: skip
+    result = evaluate_vqa(data, generate_fn=stub({"q1": "yes", "q2": "maybe"}), image_dir=image_dir, progress=False)
+    assert result.settings["vqa_metric"] == "exact_match" and result.score == 0.5
+
+
+def test_vqa_missing_answers(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "v.jsonl", [{"image": "a.png", "question": "q"}])
+    with pytest.raises(EvalDataError, match=r"v\.jsonl:1: missing key 'answers'"):
+        evaluate_vqa(data, generate_fn=lambda ps: [""], image_dir=image_dir, progress=False)
+
+
+# ---- captioning -------------------------------------------------------------------------------------------------
+
+
+def test_caption_cider_equals_metric_and_perfect_beats_wrong(tmp_path: Path, image_dir: Path) -> None:
+    from qwenvl.eval.metrics import cider
+
+    refs = {"1": ["a white rectangle on a table", "a plain white picture"], "2": ["a gray square", "gray box"]}
+    data = write_jsonl(tmp_path / "c.jsonl", [
+        {"id": 1, "image": "a.png", "captions": refs["1"]},
+        {"id": 2, "image": "b.png", "captions": refs["2"]},
+    ])  # fmt: skip
+    caps = {"a.png": "a white rectangle on a table", "b.png": "a red car"}
+
+    def gen(prompts: Sequence[str]) -> list[str]:
+        return [next(v for k, v in caps.items() if k in p) for p in prompts]
+
+    result = evaluate_caption(data, generate_fn=gen, image_dir=image_dir, progress=False)
+    expected, _ = cider({"1": caps["a.png"], "2": caps["b.png"]}, refs)
+    assert result.metric == "cider" and result.score == pytest.approx(expected)
+    assert result.predictions[0]["cider"] > result.predictions[1]["cider"]
+
+
+def test_caption_coco_json_format(tmp_path: Path, image_dir: Path) -> None:
+    data = tmp_path / "c.json"
+    data.write_text(json.dumps({
+        "images": [{"id": 7, "image": "a.png"}, {"id": 8, "file_name": "b.png"}],
+        "annotations": [{"image_id": 7, "caption": "white"}, {"image_id": 8, "caption": "gray"}],
+    }))  # fmt: skip
+    records = runners.load_caption_data(data, image_dir)
+    assert [(r.id, r.image, r.captions) for r in records] == [(7, "a.png", ["white"]), (8, "b.png", ["gray"])]
+
+
+# ---- a real (tiny, random) model end to end --------------------------------------------------------------------
+
+
+def test_real_tiny_model_through_every_runner(tmp_path: Path, golden_model) -> None:  # noqa: ANN001
+    img = GOLDEN / "images"
+    g = write_jsonl(tmp_path / "g.jsonl", [
+        {"image": "cat.png", "sent": "the cat", "bbox": [10, 10, 100, 100], "height": 240, "width": 320},
+        {"image": "street.jpg", "sent": "a car", "bbox": [0, 0, 50, 50], "height": 360, "width": 200},
+    ])  # fmt: skip
+    v = write_jsonl(tmp_path / "v.jsonl", [{"image": "cat.png", "question": "What is it?", "answers": ["cat"] * 10}])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"image": "cat.png", "captions": ["a cat"]},
+                                           {"image": "street.jpg", "captions": ["a street"]}])
+    res_g = evaluate_grounding(g, model=golden_model, image_dir=img, batch_size=2, max_new_tokens=6,
+                               min_new_tokens=0, output=tmp_path / "g.json", progress=False)
+    assert 0.0 <= res_g.score <= 1.0 and len(res_g.predictions) == 2
+    res_v = evaluate_vqa(v, model=golden_model, image_dir=img, max_new_tokens=3, progress=False)
+    assert 0.0 <= res_v.score <= 1.0 and isinstance(res_v.predictions[0]["answer"], str)
+    res_c = evaluate_caption(c, model=golden_model, image_dir=img, max_new_tokens=4, min_new_tokens=2,
+                             progress=False)
+    assert res_c.score >= 0.0 and len(res_c.predictions) == 2
+    assert json.loads((tmp_path / "g.json").read_text())["num_samples"] == 2
+
+
+def test_batched_answers_equal_single(tmp_path: Path, golden_model) -> None:  # noqa: ANN001
+    from qwenvl.processor import Processor
+
+    proc = Processor(image_size=golden_model.config.visual.image_size)
+    run = runners.model_generate_fn(golden_model, proc, max_new_tokens=5, base_dir=GOLDEN / "images",
+                                    skip_special_tokens=False)
+    prompts = ["<img>cat.png</img><ref>the cat</ref><box>", "<img>street.jpg</img>What is in the picture? Answer:"]
+    assert run(prompts) == [run([p])[0] for p in prompts]
+
+
+def test_cli_grounding(tmp_path: Path) -> None:
+    from qwenvl.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", [
+        {"image": "cat.png", "sent": "the cat", "bbox": [10, 10, 100, 100], "height": 240, "width": 320},
+    ])  # fmt: skip
+    out = tmp_path / "out.json"
+    rc = main(["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--image_dir",
+               str(GOLDEN / "images"), "--output", str(out), "--max_new_tokens", "4", "--min_new_tokens", "0",
+               "--device", "cpu", "--no_progress"])  # fmt: skip
+    assert rc == 0
+    saved = json.loads(out.read_text())
+    assert saved["task"] == "grounding" and saved["settings"]["max_new_tokens"] == 4
+
+
+def test_cli_bad_line_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenvl.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", ["{not json"])
+    rc = main(["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--no_progress"])
+    assert rc == 2
+    assert "g.jsonl:1: invalid JSON" in capsys.readouterr().err
