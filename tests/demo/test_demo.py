@@ -86,19 +86,20 @@ def test_report_figures(tmp_path: Path) -> None:
     assert (np.all(arr == (255, 255, 255), axis=-1)).any() and (np.all(arr == (0, 0xE5, 0xFF), axis=-1)).any()
 
 
-def test_eval_prompt_matches_training_tokens(tmp_path: Path) -> None:
+@pytest.mark.parametrize("style", ["ask", "ref"])
+def test_eval_prompt_matches_training_tokens(tmp_path: Path, style: str) -> None:
     """The held-out prompt must be the exact prefix the model was trained on, up to and including <box>."""
-    from qwenvl.demo.run import DEMO_PROMPT
+    from qwenvl.demo.run import DEMO_PROMPTS
     from qwenvl.processor import Processor
 
-    data = make_dataset(tmp_path, 2, 1, seed=0)
+    data = make_dataset(tmp_path, 2, 1, seed=0, style=style)
     proc = Processor(image_size=224, chat_format="chatml")
     record = json.loads(data.train_json.read_text())[0]
     train_ids = proc.encode_conversation(record["conversations"])["input_ids"]
     sample = data.train[0]
-    prompt_ids = proc.tokenizer.encode(DEMO_PROMPT.format(image=sample.image, expression=sample.expression))
+    prompt_ids = proc.tokenizer.encode(DEMO_PROMPTS[style].format(image=sample.image, expression=sample.expression))
     assert train_ids[: len(prompt_ids)] == prompt_ids
-    assert proc.tokenizer.decode(train_ids[len(prompt_ids) :]).startswith("(")
+    assert re.fullmatch(r"\(\d+,\d+\),\(\d+,\d+\)</box><\|im_end\|>\n", proc.tokenizer.decode(train_ids[len(prompt_ids) :]))
 
 
 def test_local_resampler_init_makes_image_tokens_local() -> None:

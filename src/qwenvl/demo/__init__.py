@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEMO_PROMPT", "DemoConfig", "DemoResult", "demo_model_config", "local_resampler_init", "run_demo"]
+__all__ = ["DEMO_PROMPTS", "DemoConfig", "DemoResult", "demo_model_config", "local_resampler_init", "run_demo"]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,6 +22,7 @@ BAD_TEXT = (200, 30, 30)
 RAW_COLOR = (170, 190, 225)
 SMOOTH_COLOR = (31, 119, 180)
 AXIS_COLOR = (60, 60, 60)
+ACC_COLOR = (230, 120, 20)
 GRID_COLOR = (225, 225, 225)
 
 
@@ -57,13 +58,17 @@ def draw_loss_curve(
     path: str | os.PathLike,
     title: str = "training loss",
     size: tuple[int, int] = (900, 520),
+    accuracy: Sequence[tuple[int, float]] = (),
 ) -> Path:
-    """PNG of per-step losses (log scale): raw values faint, smoothed values bold."""
+    """PNG of per-step losses (log scale): raw values faint, smoothed values bold.
+
+    ``accuracy``: optional (step, fraction) points, drawn against a 0-100% axis on the right.
+    """
     values = [float(v) for v in losses if math.isfinite(v) and v > 0]
     if not values:
         raise ValueError("no finite positive loss values to plot")
     w, h = size
-    left, right, top, bottom = 80, 30, 50, 60
+    left, right, top, bottom = 80, 70 if accuracy else 30, 50, 60
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     lo, hi = min(values), max(values)
@@ -92,15 +97,42 @@ def draw_loss_curve(
     else:
         x, y = xy(0, values[0])
         draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=SMOOTH_COLOR)
+    if accuracy:
+        _draw_accuracy(draw, accuracy, n, (left, top, w - right, h - bottom), small)
     draw.text((w / 2, 16), title, fill=(0, 0, 0), font=big, anchor="mt")
     draw.text((w / 2, h - 22), "step", fill=AXIS_COLOR, font=small, anchor="mt")
     draw.text((12, top - 24), "loss (log scale)", fill=AXIS_COLOR, font=small)
-    draw.text((w - right, top - 24), f"last {values[-1]:.3f} (smoothed {smooth(values)[-1]:.3f})",
+    draw.text((w - right, h - 22), f"last {values[-1]:.3f} (smoothed {smooth(values)[-1]:.3f})",
               fill=AXIS_COLOR, font=small, anchor="ra")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out, format="PNG")
     return out
+
+
+def _draw_accuracy(
+    draw: ImageDraw.ImageDraw,
+    points: Sequence[tuple[int, float]],
+    n: int,
+    frame: tuple[float, float, float, float],
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+) -> None:
+    """Held-out accuracy (fraction) against the right axis; step 0 (untrained) sits on the left edge."""
+    x0, y0, x1, y1 = frame
+
+    def xy(step: int, acc: float) -> tuple[float, float]:
+        return x0 + (x1 - x0) * max(0, step - 1) / max(1, n - 1), y1 - (y1 - y0) * min(1.0, max(0.0, acc))
+
+    for pct in (0, 25, 50, 75, 100):
+        _, y = xy(0, pct / 100)
+        draw.line((x1, y, x1 + 5, y), fill=ACC_COLOR)
+        draw.text((x1 + 8, y), f"{pct}%", fill=ACC_COLOR, font=font, anchor="lm")
+    pts = [xy(s, a) for s, a in points]
+    if len(pts) > 1:
+        draw.line(pts, fill=ACC_COLOR, width=2)
+    for x, y in pts:
+        draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=ACC_COLOR)
+    draw.text((x1, y0 - 24), "held-out Acc@0.5", fill=ACC_COLOR, font=font, anchor="ra")
 
 
 @dataclass

@@ -91,15 +91,25 @@ class SyntheticSample:
     def expression(self) -> str:
         return self.target_shape.expression
 
-    def conversation(self, sample_id: str) -> dict:
-        """The sample in the official fine-tuning format, coordinates normalized to [0, 1000)."""
+    def conversation(self, sample_id: str, style: str = "ask") -> dict:
+        """The sample in the official fine-tuning format, coordinates normalized to [0, 1000).
+
+        ``style="ask"``: the user asks "Box the red circle", the assistant answers
+        ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``. ``style="ref"``: the user's turn ends with
+        ``<ref>the red circle</ref>`` and the assistant answers only ``<box>(x1,y1),(x2,y2)</box>`` (the
+        grounding-pretraining form: shorter, and nothing to learn but the box).
+        """
         norm = normalize_box(self.target_shape.box, self.width, self.height)
+        picture = f"Picture 1: <img>{self.image}</img>\n"
+        if style == "ask":
+            turns = (picture + question(self.expression), format_box(norm, ref=self.expression))
+        elif style == "ref":
+            turns = (picture + f"<ref>{self.expression}</ref>", format_box(norm))
+        else:
+            raise ValueError(f"style must be 'ask' or 'ref', got {style!r}")
         return {
             "id": sample_id,
-            "conversations": [
-                {"from": "user", "value": f"Picture 1: <img>{self.image}</img>\n{question(self.expression)}"},
-                {"from": "assistant", "value": format_box(norm, ref=self.expression)},
-            ],
+            "conversations": [{"from": "user", "value": turns[0]}, {"from": "assistant", "value": turns[1]}],
         }
 
     def eval_record(self) -> dict:
@@ -222,9 +232,16 @@ def _make_split(
 
 
 def make_dataset(
-    root: str | Path, n_train: int, n_eval: int, seed: int = 0, config: SyntheticConfig | None = None
+    root: str | Path,
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+    config: SyntheticConfig | None = None,
+    style: str = "ask",
 ) -> SyntheticDataset:
     """Write ``n_train`` training and ``n_eval`` held-out samples under ``root`` (images/, train.json, eval.jsonl).
+
+    ``style``: the conversation form, see :meth:`SyntheticSample.conversation`.
 
     Held-out images are drawn from the same distribution but are different images (a separate stream of
     the seeded generator), so evaluation measures generalization, not memorization.
@@ -238,7 +255,8 @@ def make_dataset(
     held_out = _make_split(root, "eval", n_eval, random.Random(f"{seed}-eval"), cfg)
     train_json = atomic_write_text(
         root / "train.json",
-        json.dumps([s.conversation(f"shapes-{i:06d}") for i, s in enumerate(train)], ensure_ascii=False, indent=1),
+        json.dumps([s.conversation(f"shapes-{i:06d}", style) for i, s in enumerate(train)], ensure_ascii=False,
+                   indent=1),
     )
     eval_jsonl = atomic_write_text(
         root / "eval.jsonl", "".join(json.dumps(s.eval_record(), ensure_ascii=False) + "\n" for s in held_out)
