@@ -101,7 +101,8 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the best recipe found so far; on 2 CPU cores it stays far below the
-    50% held-out Acc@0.5 aimed for (about 10-15% after 300 steps in the experiments run so far)."""
+    50% held-out Acc@0.5 aimed for (variants of it reached at most ~14% after 300 steps in the experiments
+    run so far)."""
 
     steps: int = 300  # optimizer steps in all
     frozen_vision_steps: int = 0  # the first N of them train the LM only (ViT + resampler at their init)
