@@ -155,3 +155,14 @@ def test_demo_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert run(args) == 0
     assert "held-out Acc@0.5" in capsys.readouterr().out
     assert (tmp_path / "d" / "report.md").is_file()
+
+
+def test_demo_config_validation() -> None:
+    from qwenvl.demo.run import DemoConfig
+
+    with pytest.raises(ValueError, match="frozen_vision_steps"):
+        DemoConfig(steps=10, frozen_vision_steps=10)
+    with pytest.raises(ValueError, match="style"):
+        DemoConfig(style="chat")
+    small = DemoConfig.small(20)
+    assert small.steps == 20 and 0 <= small.frozen_vision_steps < 20 and small.n_eval == 8

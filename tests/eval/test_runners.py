@@ -282,3 +282,20 @@ def test_cli_bad_line_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFix
     rc = main(["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--no_progress"])
     assert rc == 2
     assert "g.jsonl:1: invalid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_cli_vqa_and_caption(tmp_path: Path, task: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenvl.cli import main
+
+    row = {"image": "cat.png", "question": "What is it?", "answers": ["cat"] * 10} if task == "vqa" else \
+        {"image": "cat.png", "captions": ["a cat"]}
+    data = write_jsonl(tmp_path / "d.jsonl", [row, {**row, "image": "street.jpg"}])
+    out = tmp_path / "out.json"
+    rc = main(["eval", task, "--model", str(GOLDEN), "--data", str(data), "--image_dir", str(GOLDEN / "images"),
+               "--output", str(out), "--max_new_tokens", "3", "--min_new_tokens", "1", "--batch_size", "2",
+               "--device", "cpu", "--no_progress", "--limit", "1"])  # fmt: skip
+    assert rc == 0
+    saved = json.loads(out.read_text())
+    assert saved["task"] == task and saved["num_samples"] == 1
+    assert ("VQA accuracy" if task == "vqa" else "CIDEr") in capsys.readouterr().out
