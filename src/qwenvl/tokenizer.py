@@ -191,7 +191,7 @@ def _safe_chunks(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def _image_spans(ids: list[int], strict: bool) -> list[tuple[int, int]]:
+def image_spans(ids: list[int], strict: bool = True) -> list[tuple[int, int]]:
     """``(start, end)`` index pairs of ``<img>``..``</img>`` in ``ids`` (both tags included at the ends).
 
     As the official code: find the next ``<img>``, then the next ``</img>`` after it. An ``<img>`` with no
@@ -340,7 +340,7 @@ class QwenTokenizer:
             return ids
         out: list[int] = []
         pos = 0
-        for s, e in _image_spans(ids, strict=True):
+        for s, e in image_spans(ids, strict=True):
             out += ids[pos:s]
             inner = ids[s + 1 : e]
             bad = [i for i in inner if i >= ENDOFTEXT_ID]
@@ -379,7 +379,7 @@ class QwenTokenizer:
         errors = errors or self.errors
         out = bytearray()
         pos = 0
-        for s, e in _image_spans(ids, strict=False):
+        for s, e in image_spans(ids, strict=False):
             out += self._decode_plain(ids[pos:s], skip_special_tokens)
             inner = ids[s + 1 : e]
             path_ids = inner[: inner.index(IMG_PAD_ID)] if IMG_PAD_ID in inner else inner
@@ -416,7 +416,7 @@ class QwenTokenizer:
         """
         ids = _as_id_list(ids)
         paths = []
-        for s, e in _image_spans(ids, strict=True):
+        for s, e in image_spans(ids, strict=True):
             inner = ids[s + 1 : e]
             path_ids = inner[: inner.index(IMG_PAD_ID)] if IMG_PAD_ID in inner else inner
             if not all(0 <= i < 256 for i in path_ids):

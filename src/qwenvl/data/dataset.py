@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID
+from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from ..tokenizer import image_spans
 from .convert import MalformedRecord
 
 __all__ = ["BadRecord", "ConversationDataset", "DatasetError", "TruncationStats", "answer_labels", "collate", "load_records"]
@@ -107,26 +108,12 @@ def load_records(data_path: str | os.PathLike[str]) -> list[Any]:
     return data
 
 
-def image_spans(ids: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
-    """``(start, end)`` positions of each ``<img>`` and its ``</img>`` (both inclusive), in order."""
-    ids = np.asarray(ids)
-    starts = np.flatnonzero(ids == IMG_START_ID)
-    ends = np.flatnonzero(ids == IMG_END_ID)
-    spans = []
-    for s in starts:
-        later = ends[ends > s]
-        if later.size == 0:
-            raise ValueError(f"unclosed <img> at token {int(s)}")
-        spans.append((int(s), int(later[0])))
-    return spans
-
-
 def truncation_point(ids: Sequence[int] | np.ndarray, max_length: int) -> tuple[int, int]:
     """Where to cut ``ids`` to at most ``max_length`` tokens without splitting an image span.
 
     Returns ``(cut, images_kept)``: keep ``ids[:cut]`` and the first ``images_kept`` images.
     """
-    spans = image_spans(ids)
+    spans = image_spans([int(i) for i in ids])  # the tokenizer's scan: next <img>, then its </img>
     cut = min(len(ids), max_length)
     for s, e in spans:
         if s < cut <= e:  # the cut falls inside this span: drop it whole
