@@ -3,8 +3,10 @@
     python benchmarks/generate.py                 # mid-size random model (hidden 1024, 8 layers, real vocab)
     python benchmarks/generate.py --preset tiny   # quick check
 
-Prints:
-  * the weight-read floor: one batch-1 pass over every LM matrix (lm_head included), timed here;
+Decode runs with the weights prepacked for oneDNN (``QwenVL.prepack_cpu_weights``, what ``qwenvl.inference.load``
+does on the CPU); the plain ``nn.Linear`` path is timed too, for comparison. Prints:
+  * the weight-read floor: the fastest batch-1 pass over every LM matrix (lm_head included), timed here
+    with F.linear and with the prepacked kernel;
   * batch-1 decode time per token in fp32 and bf16, and fp32 decode / floor (target <= 1.05);
   * bf16 decode speed-up over fp32 (target >= 1.8 on CPUs with native bf16 matmul);
   * batch-8 decode throughput over batch 1 (target >= 6);
@@ -16,6 +18,7 @@ Speed is never asserted; these machines are noisy, so compare numbers from one r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
-from qwenvl.model.linear import cpu_gemv_default, set_cpu_gemv
+from qwenvl.model.linear import PackedLinear, can_prepack, cpu_gemv_default, set_cpu_gemv
 
 
 def best_of(fn, repeat: int) -> float:  # noqa: ANN001
@@ -51,17 +54,31 @@ def lm_matrices(model: QwenVL) -> list[torch.Tensor]:
     return [*mats, model.lm_head.weight]
 
 
-def weight_floor(model: QwenVL, repeat: int) -> float:
-    """Seconds for one batch-1 product with every LM matrix: what a decode step cannot beat."""
+def weight_floor(model: QwenVL, repeat: int) -> tuple[float, float]:
+    """Seconds for one batch-1 product with every LM matrix, with F.linear and with prepacked weights: what a
+    decode step cannot beat."""
     mats = lm_matrices(model)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
 
-    def one_pass() -> None:
+    def plain() -> None:
         for w in mats:
             F.linear(xs[w.shape[1]], w)
 
-    one_pass()
-    return best_of(one_pass, repeat)
+    plain()
+    t_plain = best_of(plain, repeat)
+    if not can_prepack(mats[0].dtype):
+        return t_plain, float("inf")
+    packed = [PackedLinear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                           .to_empty(device="cpu").requires_grad_(False).to(w.dtype)) for w in mats]
+    for layer, w in zip(packed, mats):
+        layer.load_state_dict({"weight": w})
+
+    def prepacked() -> None:
+        for layer in packed:
+            layer(xs[layer.in_features])
+
+    prepacked()
+    return t_plain, best_of(prepacked, repeat)
 
 
 def prompt(length: int, with_image: bool, seed: int) -> list[int]:
@@ -122,30 +139,43 @@ def main() -> None:
     res["peak_bf16_gflops"] = matmul_peak(torch.bfloat16) / 1e9
 
     model = QwenVL.from_config(args.preset, seed=0).float()
-    res["floor_fp32_ms"] = weight_floor(model, 10) * 1e3
-    res["decode_fp32_b1_ms"] = decode_seconds_per_step(model, 1, args.new_tokens, args.prompt_len, args.repeat) * 1e3
-    res["decode_fp32_b8_ms"] = decode_seconds_per_step(model, 8, args.new_tokens, args.prompt_len, args.repeat) * 1e3
-
-    model = model.to(torch.bfloat16)
-    res["floor_bf16_ms"] = weight_floor(model, 10) * 1e3
-    res["decode_bf16_b1_ms"] = decode_seconds_per_step(model, 1, args.new_tokens, args.prompt_len, args.repeat) * 1e3
-    set_cpu_gemv(not cpu_gemv_default())  # the other choice of the one-row bf16 kernel, for comparison
-    res["decode_bf16_b1_other_kernel_ms"] = decode_seconds_per_step(model, 1, args.new_tokens, args.prompt_len,
-                                                                    args.repeat) * 1e3
-    set_cpu_gemv(cpu_gemv_default())
-    res["decode_bf16_b8_ms"] = decode_seconds_per_step(model, 8, args.new_tokens, args.prompt_len, args.repeat) * 1e3
-
-    ids = torch.tensor([prompt(270, True, seed=0)])
-    pixels = torch.randn(1, 3, model.config.visual.image_size, model.config.visual.image_size)
-    with torch.no_grad():
-        model(ids, images=pixels, logits_to_keep=1)
-        t = best_of(lambda: model(ids, images=pixels, logits_to_keep=1), args.repeat)
-    res["prefill_270_bf16_ms"] = t * 1e3
-    res["prefill_270_bf16_gflops"] = prefill_flops(model, 270, 1) / t / 1e9
+    n, r = args.new_tokens, args.repeat
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        model = model.to(dtype)
+        plain_floor, packed_floor = weight_floor(model, 10)
+        res[f"floor_{tag}_ms"] = min(plain_floor, packed_floor) * 1e3
+        res[f"floor_{tag}_f_linear_ms"] = plain_floor * 1e3
+        res[f"decode_{tag}_b1_plain_ms"] = decode_seconds_per_step(model, 1, n, args.prompt_len, r) * 1e3
+        if tag == "bf16":  # the other choice of the one-row bf16 kernel on plain weights, for comparison
+            set_cpu_gemv(not cpu_gemv_default())
+            res["decode_bf16_b1_plain_other_kernel_ms"] = decode_seconds_per_step(model, 1, n, args.prompt_len,
+                                                                                  r) * 1e3
+            set_cpu_gemv(cpu_gemv_default())
+        res[f"decode_{tag}_b8_plain_ms"] = decode_seconds_per_step(model, 8, n, args.prompt_len, r) * 1e3
+        packed = model.prepack_cpu_weights() > 0
+        suffix = "" if packed else "_plain"  # where packing is unavailable the plain numbers stand in
+        if packed:
+            res[f"decode_{tag}_b1_ms"] = decode_seconds_per_step(model, 1, n, args.prompt_len, r) * 1e3
+            res[f"decode_{tag}_b8_ms"] = decode_seconds_per_step(model, 8, n, args.prompt_len, r) * 1e3
+        else:
+            res[f"decode_{tag}_b1_ms"] = res[f"decode_{tag}_b1{suffix}_ms"]
+            res[f"decode_{tag}_b8_ms"] = res[f"decode_{tag}_b8{suffix}_ms"]
+        if tag == "bf16":
+            ids = torch.tensor([prompt(270, True, seed=0)])
+            pixels = torch.randn(1, 3, model.config.visual.image_size, model.config.visual.image_size)
+            with torch.no_grad():
+                model(ids, images=pixels, logits_to_keep=1)
+                t = best_of(functools.partial(model, ids, images=pixels, logits_to_keep=1), r)
+            res["prefill_270_bf16_ms"] = t * 1e3
+            res["prefill_270_bf16_gflops"] = prefill_flops(model, 270, 1) / t / 1e9
+        model.unpack_cpu_weights()
 
     ratios = {
         "fp32 decode / weight floor (<= 1.05)": res["decode_fp32_b1_ms"] / res["floor_fp32_ms"],
         "bf16 decode / bf16 weight floor": res["decode_bf16_b1_ms"] / res["floor_bf16_ms"],
+        "fp32 decode, prepacked / plain": res["decode_fp32_b1_ms"] / res["decode_fp32_b1_plain_ms"],
+        "batch-8 / batch-1 throughput, bf16, plain weights": 8 * res["decode_bf16_b1_plain_ms"]
+        / res["decode_bf16_b8_plain_ms"],
         "bf16 decode speed-up over fp32 (>= 1.8)": res["decode_fp32_b1_ms"] / res["decode_bf16_b1_ms"],
         "batch-8 / batch-1 throughput, fp32 (>= 6)": 8 * res["decode_fp32_b1_ms"] / res["decode_fp32_b8_ms"],
         "batch-8 / batch-1 throughput, bf16 (>= 6)": 8 * res["decode_bf16_b1_ms"] / res["decode_bf16_b8_ms"],

@@ -143,3 +143,13 @@ def test_bf16_cpu_fast_path_matches_f_linear():
         torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
     finally:
         set_cpu_gemv(True)
+
+
+def test_generate_rejects_unknown_options_and_takes_sampling_params(tiny_model):
+    ids = torch.randint(1000, 50000, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError, match="max_new_token"):
+        tiny_model.generate(ids, max_new_token=3)  # misspelt: must not silently generate 512 tokens
+    out = tiny_model.generate(ids, params=SamplingParams(max_new_tokens=3, min_new_tokens=3))
+    assert out.shape == (1, 11) and torch.equal(out, tiny_model.generate(ids, max_new_tokens=3, min_new_tokens=3))
+    with pytest.raises(TypeError, match="params= and max_new_tokens"):
+        tiny_model.generate(ids, params=SamplingParams(max_new_tokens=3), max_new_tokens=4)

@@ -118,6 +118,9 @@ def stream_tokens(
     """
     p = params or SamplingParams()
     p.validate()
+    if compile and getattr(model, "is_prepacked", False):
+        raise ValueError("compile=True needs plain weights: this model's are prepacked for the CPU "
+                         "(call model.unpack_cpu_weights(), or load it with prepack=False)")
     device = model.device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape
@@ -178,18 +181,30 @@ def generate(
     chat_format: str | None = None,
     max_context: int | None = None,
     compile: bool = False,
-    **_: object,
+    params: SamplingParams | None = None,
 ) -> torch.Tensor:
     """Prompt + continuation ids (B, T + new), padded with ``<|endoftext|>`` after each sequence stops.
 
     Greedy unless ``do_sample``; sampling defaults (top_p, top_k) and the stop tokens come from the
     checkpoint's ``generation_config.json`` (``chat_format`` raw: ``<|endoftext|>``; chatml: also
-    ``<|im_end|>`` and ``<|im_start|>``). The stop token is kept in the output.
+    ``<|im_end|>`` and ``<|im_start|>``). The stop token is kept in the output. ``params`` (a
+    :class:`SamplingParams`) replaces the individual sampling arguments, which must then stay unset.
+    Unknown keyword arguments are errors (a misspelt option never falls back to a default silently).
     """
-    params = sampling_params(model, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                             repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids,
-                             chat_format=chat_format)
+    if params is None:
+        params = sampling_params(model, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                                 repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids,
+                                 chat_format=chat_format)
+    else:
+        given = {"max_new_tokens": max_new_tokens is not None, "min_new_tokens": min_new_tokens != 0,
+                 "do_sample": do_sample, "temperature": temperature != 1.0, "top_p": top_p is not None,
+                 "top_k": top_k is not None, "repetition_penalty": repetition_penalty != 1.0,
+                 "seed": seed is not None, "stop_token_ids": stop_token_ids is not None,
+                 "chat_format": chat_format is not None}
+        clash = [k for k, v in given.items() if v]
+        if clash:
+            raise TypeError(f"generate() got params= and {', '.join(clash)}: give one or the other")
     new = list(stream_tokens(model, input_ids, attention_mask, images, params, max_context, compile=compile))
     out = torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
     return torch.cat([input_ids.to(out.device), out], dim=1)
