@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text", "iter_jsonl", "read_json_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +194,37 @@ def iter_jsonl(
             if not isinstance(obj, dict):
                 raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def read_json_records(
+    path: str | os.PathLike[str], error: type[ValueError] = ValueError, what: str = "data file",
+    items: str = "records",
+) -> list[Any]:
+    """The records of a JSON file holding one list (or, for ``.jsonl``, one value per non-blank line).
+
+    A missing file raises ``FileNotFoundError`` (``"{what} not found: ..."``); text that is not UTF-8, not
+    JSON or not a list raises ``error`` with the file, and the line and column where parsing stopped.
+    """
+    file = Path(path)
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {file}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{file}: not UTF-8 text ({e})") from e
+    if file.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise error(f"{file}: not valid JSON: {e.msg} at line {lineno} column {e.colno}") from e
+        return records
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise error(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
+    if not isinstance(data, list):
+        raise error(f"{file}: expected a JSON list of {items} at the top level, got {type(data).__name__}")
+    return data

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenvl.fileio import atomic_write_text
+from qwenvl.fileio import atomic_write_text, read_json_records
 
 __all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
 
@@ -101,23 +101,7 @@ class _Malformed(Exception):
 
 
 def _load_llava(data_path: Path) -> list[Any]:
-    try:
-        raw = data_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"LLaVA data file not found: {data_path}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{data_path}: not UTF-8 text ({e})") from e
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{data_path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
-        ) from e
-    if not isinstance(data, list):
-        raise ValueError(
-            f"{data_path}: expected a JSON list of LLaVA records at the top level, got {type(data).__name__}"
-        )
-    return data
+    return read_json_records(data_path, what="LLaVA data file", items="LLaVA records")
 
 
 def _replace_image_tag(value: str, picture: str) -> str | None:

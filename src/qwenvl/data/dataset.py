@@ -18,7 +18,6 @@ assistant answer (nothing left to learn but the ChatML frame) is a bad record.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from ..fileio import read_json_records
 from ..tokenizer import image_spans
 from .convert import MalformedRecord
 
@@ -80,32 +80,7 @@ class _Encoded:
 
 def load_records(data_path: str | os.PathLike[str]) -> list[Any]:
     """Read a JSON list (or JSON Lines) of records; errors name the file and the position."""
-    path = Path(data_path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"training data file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: malformed JSON at line {lineno} column {e.colno}: {e.msg}") from e
-        return records
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
-        ) from e
-    if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
-    return data
+    return read_json_records(data_path, DatasetError, what="training data file")
 
 
 def truncation_point(ids: Sequence[int] | np.ndarray, max_length: int) -> tuple[int, int]:
