@@ -4,7 +4,9 @@ Writes one random checkpoint of at least ``--size-gb`` in the official layout (s
 ``.bin`` shards from the same tensors), then loads each in a fresh Python process with the stored dtype and
 reports wall time and peak RSS, raw and net of the process's RSS just before loading, divided by the weight
 bytes (target: net <= 1.3x). Loading maps the files lazily, so the script also reads every parameter once
-("+ touch") to count the pages a forward pass would fault in.
+("+ touch") to count the pages a forward pass would fault in, then prepacks the weights for CPU inference
+("+ prepack", what ``qwenvl.inference.load`` does on the CPU; RssAnon shows the packed copies, RssFile the
+mapped file pages the kernel may drop once nothing references them).
 
     python benchmarks/load.py                       # 2 GB, bf16, temp dir removed afterwards
     python benchmarks/load.py --size-gb 4 --cold    # evict the files from the page cache before each load
@@ -105,6 +107,16 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _rss_parts() -> tuple[int, int]:
+    """(RssAnon, RssFile) of this process in bytes."""
+    parts = dict.fromkeys(("RssAnon:", "RssFile:"), 0)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(maxsplit=1)[0] if line else ""
+        if key in parts:
+            parts[key] = int(line.split()[1]) * 1024
+    return parts["RssAnon:"], parts["RssFile:"]
+
+
 def child(folder: Path, dtype: str) -> None:
     """Runs in a fresh process: load, then read every parameter; print one JSON line."""
     import psutil
@@ -118,10 +130,17 @@ def child(folder: Path, dtype: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.sum()  # faults in every page of the mapped weights
+    del p  # the loop variable would keep the last weight (and its mapped file) alive
     t_touch = time.perf_counter() - t0
+    rss_touch, peak_touch = proc.memory_info().rss, _peak_rss()
+    packed = model.prepack_cpu_weights()
+    t_pack = time.perf_counter() - t0
+    anon, file = _rss_parts()
     print(json.dumps({
         "base": base, "load_s": t_load, "rss_load": rss_load, "peak_load": peak_load,
-        "touch_s": t_touch, "rss_touch": proc.memory_info().rss, "peak_touch": _peak_rss(),
+        "touch_s": t_touch, "rss_touch": rss_touch, "peak_touch": peak_touch,
+        "prepack_s": t_pack, "rss_prepack": proc.memory_info().rss, "peak_prepack": _peak_rss(),
+        "packed_layers": packed, "anon_prepack": anon, "file_prepack": file,
     }))
 
 
@@ -159,13 +178,18 @@ def main() -> None:
           f"workdir {workdir}")
     try:
         folders = write_checkpoints(workdir, config, DTYPES[args.dtype], args.max_shard_size)
-        rows = []
+        rows, notes = [], []
         for fmt, folder in folders.items():
             r = measure(folder, args.dtype, args.cold)
-            for stage in ("load", "touch"):
+            stages = ("load", "touch", "prepack") if r["packed_layers"] else ("load", "touch")
+            for stage in stages:
                 net = r[f"peak_{stage}"] - r["base"]
-                rows.append((fmt, "load" if stage == "load" else "+ touch", r[f"{stage}_s"], r[f"rss_{stage}"] / GB,
-                             r[f"peak_{stage}"] / GB, net / GB, net / weight_bytes, r["base"] / GB))
+                rows.append((fmt, "load" if stage == "load" else f"+ {stage}", r[f"{stage}_s"],
+                             r[f"rss_{stage}"] / GB, r[f"peak_{stage}"] / GB, net / GB, net / weight_bytes,
+                             r["base"] / GB))
+            if r["packed_layers"]:
+                notes.append(f"{fmt}: after prepacking {r['packed_layers']} layers, RssAnon "
+                             f"{r['anon_prepack'] / GB:.3f} GB, RssFile {r['file_prepack'] / GB:.3f} GB")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -178,6 +202,8 @@ def main() -> None:
     for fmt, stage, secs, rss, peak, net, ratio, base in rows:
         print(f"{fmt:<12}{stage:<9}{secs:>12.2f}{rss:>12.3f}{peak:>12.3f}{net:>12.3f}{ratio:>12.2f}{base:>12.3f}")
     print("net = peak RSS (VmHWM) - RSS just before from_pretrained; target net/weights <= 1.3")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

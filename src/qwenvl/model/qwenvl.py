@@ -188,7 +188,15 @@ class QwenVL(nn.Module):
         if not can_prepack(self.dtype, self.device):
             return 0
         self.requires_grad_(False)  # an inference model: forward passes need no torch.no_grad()
-        return prepack_linears(self)
+        n = prepack_linears(self)
+        # The other tensors (embedding, norms, biases, ...) may still be views of the mapped checkpoint files,
+        # which would keep every page of those files mapped (and counted in RSS) next to the packed copies:
+        # give them their own memory so the files are unmapped.
+        with torch.no_grad():
+            for t in [*self.parameters(), *self.buffers()]:
+                if t.layout == torch.strided:
+                    t.data = t.data.clone()
+        return n
 
     def unpack_cpu_weights(self) -> int:
         """Undo :meth:`prepack_cpu_weights` (plain ``nn.Linear`` layers again); returns how many were unpacked."""
