@@ -35,9 +35,10 @@ def test_info_prints_parts_and_dtype(golden_dir):
     assert "9.657 B" in out.stdout
 
 
-def test_predict_seed_flags_print_prompt_and_answer(golden_dir, golden_expected):
+@pytest.mark.parametrize("prepack", ["true", "false"])  # oneDNN-prepacked weights (the CPU default) or plain
+def test_predict_seed_flags_print_prompt_and_answer(golden_dir, golden_expected, prepack):
     out = qwenvl("predict", "--config", "configs/predict_qwenvl_9.6b.yaml", "--load_checkpoint", str(golden_dir),
-                 "--dtype", "float32", "--device", "cpu", "--image_dir", str(golden_dir),
+                 "--dtype", "float32", "--device", "cpu", "--image_dir", str(golden_dir), "--prepack", prepack,
                  "--predict_data", "images/cat.png", "Describe the image in English:", "--modal_type", "image", "text",
                  "--max_new_tokens", "10", "--min_new_tokens", "10", "--predict_batch_size", "1")
     assert out.returncode == 0, out.stderr
