@@ -274,6 +274,7 @@ class QwenVL(nn.Module):
 
         x = self.embed(input_ids, images, image_features) if past == 0 else self.transformer.wte(input_ids)
 
+        explicit_positions = position_ids is not None
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -291,7 +292,10 @@ class QwenVL(nn.Module):
         if cache is not None and past == 0:
             cache.rope_alpha = rope_alpha
         cos, sin = rope_cos_sin(position_ids, rope_alpha, lm.kv_channels, lm.rotary_emb_base)
-        q_scale = logn_scale(position_ids, lm.seq_length) if inference and lm.use_logn_attn else None
+        # LogN scales positions p with p + 1 > seq_length; derived positions never exceed past + t - 1, so
+        # shorter sequences skip the per-layer multiply by ones
+        logn = inference and lm.use_logn_attn and (explicit_positions or past + t > lm.seq_length)
+        q_scale = logn_scale(position_ids, lm.seq_length) if logn else None
         mask = attention_bias(attention_mask, t, past, x.device)
 
         for i, block in enumerate(self.transformer.h):
