@@ -45,6 +45,7 @@ def test_sections_are_flattened_and_overrides_typed(tmp_path: Path) -> None:
         ("run_mode: predict\n", {}, r"run_mode must be 'finetune'"),
         ("learning_rate: 1e-6\nmin_lr: 1e-5\n", {}, r"min_lr \(1e-05\) must not exceed learning_rate"),
         ("preset: huge\n", {}, r"unknown preset 'huge'"),
+        ("vision_lr_scale: -0.1\n", {}, r"vision_lr_scale must be >= 0"),
         ("- a\n- b\n", {}, r"expected a mapping"),
     ],
 )

@@ -118,7 +118,9 @@ def test_gradient_accumulation_equals_one_big_batch(make_cfg, processor, tmp_pat
 
 def test_cosine_schedule_with_warmup() -> None:
     f = [cosine_with_warmup(s, warmup=10, total=110, min_ratio=0.1) for s in range(0, 121)]
-    assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
+    # the first step already trains (1/warmup), the warmup's last step reaches the peak
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1) and f[120] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
 
@@ -126,3 +128,53 @@ def test_cosine_schedule_with_warmup() -> None:
 def test_missing_model_or_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no model: set load_checkpoint"):
         train(TrainConfig(output_dir=str(tmp_path), max_steps=1))
+
+
+def test_warmup_first_step_moves_the_weights(make_cfg, processor, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, max_steps=2, warmup_steps=4, learning_rate=1e-2)
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    before = _state(model)
+    result = train(cfg, model=model, processor=processor)
+    assert result.learning_rates == pytest.approx([2.5e-3, 5e-3])
+    assert not torch.equal(before["lm_head.weight"], model.state_dict()["lm_head.weight"])
+
+
+def test_lr_scales_give_vision_and_resampler_their_own_rates(make_cfg, processor, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, freeze_vision=False, vision_lr_scale=0.1, resampler_lr_scale=0.5, max_steps=3,
+                   warmup_steps=0, learning_rate=1e-2, min_lr=1e-2)
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+    part = {id(p): T.part_of(n) for n, p in model.named_parameters()}
+    expected = {"llm": 1e-2, "resampler": 5e-3, "vision": 1e-3}
+    seen = set()
+    for group in run.optimizer.param_groups:
+        assert {part[id(p)] for p in group["params"]} == {next(part[id(p)] for p in group["params"])}
+        kind = part[id(group["params"][0])]
+        assert group["lr"] == pytest.approx(expected[kind])
+        seen.add(kind)
+    assert seen == {"llm", "resampler", "vision"}
+    # the base rate is what the run reports
+    result = train(cfg, model=model, processor=processor)
+    assert result.learning_rates == pytest.approx([1e-2] * 3)
+
+
+def test_default_scales_keep_the_two_optimizer_groups(make_cfg, processor, tmp_path: Path) -> None:
+    """Multipliers of 1 give the two groups (decay, no decay) that checkpoints of earlier runs hold."""
+    cfg = make_cfg(tmp_path, freeze_vision=False)
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [[id(p) for p in g["params"]] for g in run.optimizer.param_groups] == [
+        [id(p) for _n, p in named if p.ndim >= 2], [id(p) for _n, p in named if p.ndim < 2]]
+
+
+def test_freeze_embedding_freezes_only_the_input_embedding(make_cfg, processor, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, freeze_embedding=True, max_steps=2)
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    before = _state(model)
+    train(cfg, model=model, processor=processor)
+    after = model.state_dict()
+    assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert "transformer.wte.weight" not in select_trainable(model, cfg)
+    assert "transformer.wte.weight" in select_trainable(model, cfg.replace(freeze_embedding=False))

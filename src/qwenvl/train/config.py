@@ -73,6 +73,9 @@ class TrainConfig:
     freeze_vision: bool = True  # the ViT; the resampler (attn_pool, ln_post, proj) follows freeze_resampler
     freeze_resampler: bool = False
     freeze_llm: bool = False
+    freeze_embedding: bool = False  # the input embedding (transformer.wte) alone; the rest of the LM follows freeze_llm
+    vision_lr_scale: float = 1.0  # the ViT trains at learning_rate x this (min_lr too)
+    resampler_lr_scale: float = 1.0  # the resampler trains at learning_rate x this
     # ---- LoRA (peft)
     use_lora: bool = False
     lora_r: int = 64
@@ -106,7 +109,7 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_steps", "save_total_limit", "max_steps", "num_epochs", "warmup_steps", "lora_dropout",
-                     "weight_decay", "max_grad_norm", "min_lr", "adam_eps"):
+                     "weight_decay", "max_grad_norm", "min_lr", "adam_eps", "vision_lr_scale", "resampler_lr_scale"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.max_steps > 0 or self.num_epochs > 0, "set max_steps or num_epochs (both are 0)")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")

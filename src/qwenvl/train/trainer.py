@@ -51,7 +51,7 @@ from .state import (
     save_checkpoint,
 )
 
-__all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "select_trainable", "train"]
+__all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "part_of", "select_trainable", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
 # Never trained: the resampler's fixed 2D sin-cos position table.
 FIXED = frozenset({"transformer.visual.attn_pool.pos_embed"})
+# The input embedding: part of the LM, but ``freeze_embedding`` keeps it alone frozen.
+EMBEDDING = "transformer.wte.weight"
 _WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
 
@@ -193,7 +195,9 @@ def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
     for name, _ in model.named_parameters():
         if name in FIXED:
             continue
-        if name.startswith(RESAMPLER[:2]) or name == RESAMPLER[2]:
+        if name == EMBEDDING:
+            trains = not (cfg.freeze_llm or cfg.freeze_embedding)
+        elif name.startswith(RESAMPLER[:2]) or name == RESAMPLER[2]:
             trains = not cfg.freeze_resampler
         elif name.startswith("transformer.visual."):
             trains = not cfg.freeze_vision
@@ -216,21 +220,38 @@ def _set_trainable(model: QwenVL, cfg: TrainConfig) -> Any:
     return None
 
 
+def part_of(name: str) -> str:
+    """Which part a parameter belongs to: ``"vision"`` (the ViT), ``"resampler"`` or ``"llm"`` (everything else)."""
+    if name.startswith(RESAMPLER[:2]) or name == RESAMPLER[2]:
+        return "resampler"
+    return "vision" if name.startswith("transformer.visual.") else "llm"
+
+
 def _build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # As usual: no weight decay on biases and norm weights (every 1-D parameter).
-    decay = [p for _n, p in params if p.ndim >= 2]
-    no_decay = [p for _n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # As usual: no weight decay on biases and norm weights (every 1-D parameter). The ViT and the resampler
+    # may train at ``learning_rate`` times their own multiplier (the schedule scales every group alike); each
+    # (decay, multiplier) pair is one group, in parameter order, so with multipliers of 1 the groups are the
+    # two they always were (checkpoints of earlier runs still resume).
+    scale = {"llm": 1.0, "resampler": cfg.resampler_lr_scale, "vision": cfg.vision_lr_scale}
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for decayed in (True, False):
+        for name, p in params:
+            if (p.ndim >= 2) == decayed:
+                grouped.setdefault((decayed, scale[part_of(name)]), []).append(p)
+    groups = [{"params": ps, "weight_decay": cfg.weight_decay if decayed else 0.0, "lr": cfg.learning_rate * k,
+               "lr_scale": k} for (decayed, k), ps in grouped.items()]
     # fused: one pass over weights, grads and moments (benchmarks/finetune.py: ~15% faster steps than foreach)
     fused = True if device.type in ("cpu", "cuda") else None
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``min_ratio`` at ``total``."""
+    """LR multiplier of optimizer step ``step + 1``: linear warmup ``1/warmup, 2/warmup, ..., 1`` over the first
+    ``warmup`` steps (the first step already moves the weights; a multiplier of 0 would waste it), then cosine
+    1 -> ``min_ratio`` at ``total``."""
     if step < warmup:
-        return step / warmup
+        return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -324,7 +345,8 @@ def _loop(run: _Run, callback: Callable[[StepInfo], bool | None] | None) -> bool
         while prog.step < run.total_steps:
             t0 = time.perf_counter()
             tokens_before = prog.num_tokens
-            lr = run.optimizer.param_groups[0]["lr"]
+            group = run.optimizer.param_groups[0]
+            lr = group["lr"] / group.get("lr_scale", 1.0)  # the base rate (learning_rate x schedule)
             loss, grad_norm = _train_step(run, _next_micro_batches(run))
             run.scheduler.step()
             dt = time.perf_counter() - t0
