@@ -28,17 +28,24 @@ def pick_device(device: str | None) -> str:
 
 
 def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
-         base_dir: str | os.PathLike | None = None, prepack: bool = True) -> tuple[QwenVL, Processor]:
+         base_dir: str | os.PathLike | None = None, prepack: bool | None = None,
+         batch_size: int = 1) -> tuple[QwenVL, Processor]:
     """Model and processor of a checkpoint folder, for inference (``dtype`` None/"auto" keeps the stored dtype).
 
-    On the CPU, ``prepack`` (default) stores fp32/bf16 weights in oneDNN's layout
-    (:meth:`QwenVL.prepack_cpu_weights`): faster decode, batches nearly free; ``prepack=False`` keeps plain
-    ``nn.Linear`` layers (needed to compile or train the returned model).
+    On the CPU, ``prepack=True`` stores fp32/bf16 weights in oneDNN's layout
+    (:meth:`QwenVL.prepack_cpu_weights`): ~1.7x faster fp32 decode, and batches nearly free; ``False`` keeps
+    plain ``nn.Linear`` layers (needed to compile or train the returned model). ``None`` (default) decides by
+    what is fastest for ``batch_size`` (the batch the caller will decode): packed, except bf16 at batch 1,
+    where the compiled one-row kernel on plain weights is faster (see ``benchmarks/generate.py``).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {model_dir}")
     model = QwenVL.from_pretrained(model_dir, dtype=dtype, device=pick_device(device))
+    if prepack is None:
+        from .model.linear import cpu_gemv_enabled
+
+        prepack = not (model.dtype == torch.bfloat16 and batch_size <= 1 and cpu_gemv_enabled())
     if prepack:
         model.prepack_cpu_weights()
     return model, Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir)

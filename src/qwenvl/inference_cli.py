@@ -41,7 +41,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--prepack", type=str2bool,
-                   help="on the CPU, store weights in oneDNN's layout for faster decode (default True)")
+                   help="on the CPU, store weights in oneDNN's layout (default: yes, except bf16 at batch 1, "
+                        "where plain weights decode faster)")
     p.add_argument("--image_dir", help="folder that relative image paths are resolved against (default: cwd)")
 
 
@@ -230,7 +231,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            prepack=opts.get("prepack", True))
+                            prepack=opts.get("prepack"), batch_size=opts.get("predict_batch_size", 1))
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     prompts = [_as_chat(p, fmt) for p in prompts]
@@ -260,7 +261,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
-                            prepack=args.prepack is not False)
+                            prepack=args.prepack)
     processor.chat_format = "chatml"
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}

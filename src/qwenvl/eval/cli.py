@@ -40,8 +40,8 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--prepack", type=str2bool, default=True,
-                   help="on the CPU, store weights in oneDNN's layout for faster decode (default True)")
+    p.add_argument("--prepack", type=str2bool,
+                   help="on the CPU, store weights in oneDNN's layout (default: yes, except bf16 at batch 1)")
     p.add_argument("--prompt", default=prompt, help=f"prompt template (default: {prompt!r})")
     p.add_argument("--max_new_tokens", type=int, default=max_new, help=f"default {max_new} (official)")
     p.add_argument("--min_new_tokens", type=int, default=min_new, help=f"default {min_new} (official)")
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     else:
         records = loaders[task](args.data, args.image_dir)
     records = _limit(records, args.limit)
-    model, processor = load(args.model, args.dtype, args.device, args.image_dir, prepack=args.prepack)
+    model, processor = load(args.model, args.dtype, args.device, args.image_dir, prepack=args.prepack,
+                            batch_size=args.batch_size)
     common: dict[str, Any] = dict(
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

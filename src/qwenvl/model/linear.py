@@ -29,7 +29,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedLinear", "can_prepack", "cpu_gemv_default", "linear", "prepack_linears", "set_cpu_gemv",
+__all__ = ["PackedLinear", "can_prepack", "cpu_gemv_default", "cpu_gemv_enabled", "linear", "prepack_linears", "set_cpu_gemv",
            "unpack_linears"]
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -48,6 +48,11 @@ _gemv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 def _row_dot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # x: (1, K) half, w: (N, K) half -> (1, N) half; fp32 accumulation
     return (w.float() * x.float()).sum(-1, keepdim=False).unsqueeze(0).to(x.dtype)
+
+
+def cpu_gemv_enabled() -> bool:
+    """Whether the one-row fast path is on now (it switches itself off if it cannot compile)."""
+    return _enabled
 
 
 def set_cpu_gemv(enabled: bool) -> None:
@@ -129,7 +134,7 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def _pack(cls, w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), cls.BATCH_HINT)
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), cls.BATCH_HINT)
 
     def unpacked(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the same weights."""
