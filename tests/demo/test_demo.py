@@ -86,7 +86,7 @@ def test_report_figures(tmp_path: Path) -> None:
     assert (np.all(arr == (255, 255, 255), axis=-1)).any() and (np.all(arr == (0, 0xE5, 0xFF), axis=-1)).any()
 
 
-@pytest.mark.parametrize("style", ["ask", "ref"])
+@pytest.mark.parametrize("style", ["ask", "ref", "ref_first"])
 def test_eval_prompt_matches_training_tokens(tmp_path: Path, style: str) -> None:
     """The held-out prompt must be the exact prefix the model was trained on, up to and including <box>."""
     from qwenvl.demo.run import DEMO_PROMPTS
@@ -161,8 +161,37 @@ def test_demo_config_validation() -> None:
     from qwenvl.demo.run import DemoConfig
 
     with pytest.raises(ValueError, match="frozen_vision_steps"):
-        DemoConfig(steps=10, frozen_vision_steps=10)
+        DemoConfig(steps=10, frozen_vision_steps=11)
+    assert DemoConfig(steps=10, frozen_vision_steps=10).frozen_vision_steps == 10  # all steps LM-only
     with pytest.raises(ValueError, match="style"):
         DemoConfig(style="chat")
     small = DemoConfig.small(20)
-    assert small.steps == 20 and 0 <= small.frozen_vision_steps < 20 and small.n_eval == 8
+    assert small.steps == 20 and 0 <= small.frozen_vision_steps <= 20 and small.n_eval == 8
+
+
+def test_recency_attention_init_makes_the_first_layer_look_back_a_few_tokens() -> None:
+    import torch
+
+    from qwenvl.demo.run import demo_model_config, recency_attention_init
+    from qwenvl.model import QwenVL
+    from qwenvl.model.llm import apply_rope, rope_cos_sin
+
+    model = QwenVL.from_config(demo_model_config(), seed=0)
+    lm = model.config.lm
+    t, heads, hd = 300, lm.num_attention_heads, lm.kv_channels
+    ids = torch.randint(0, 150_000, (1, t), generator=torch.Generator().manual_seed(0))
+
+    def last_position_attention() -> torch.Tensor:  # (heads, t): where the last token looks in layer 0
+        with torch.no_grad():
+            block = model.transformer.h[0]
+            qkv = block.attn.c_attn(block.ln_1(model.transformer.wte(ids))).view(1, t, 3, heads, hd)
+            cos, sin = rope_cos_sin(torch.arange(t)[None], torch.ones(1), hd, lm.rotary_emb_base)
+            q, k = apply_rope(qkv.permute(2, 0, 3, 1, 4)[:2], cos, sin)
+            return (q[0, :, -1:] @ k[0].transpose(-1, -2) / hd**0.5).softmax(-1)[:, 0]
+
+    assert float(last_position_attention()[:, -16:].sum(-1).max()) < 0.15  # ~uniform over 300 tokens
+    recency_attention_init(model, layers=1)
+    recent = last_position_attention()
+    assert float(recent[:, -16:].sum(-1).min()) > 0.6
+    assert float(recent[:, -11].min()) > 5 / t  # a token 10 back: several times its uniform share
+    assert model.transformer.h[1].attn.c_attn.bias.abs().max() == 0  # later layers untouched

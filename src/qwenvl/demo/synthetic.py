@@ -91,26 +91,34 @@ class SyntheticSample:
     def expression(self) -> str:
         return self.target_shape.expression
 
-    def conversation(self, sample_id: str, style: str = "ask") -> dict:
+    def conversation(self, sample_id: str, style: str = "ask", ask_all: bool = False) -> dict:
         """The sample in the official fine-tuning format, coordinates normalized to [0, 1000).
 
         ``style="ask"``: the user asks "Box the red circle", the assistant answers
         ``<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>``. ``style="ref"``: the user's turn ends with
         ``<ref>the red circle</ref>`` and the assistant answers only ``<box>(x1,y1),(x2,y2)</box>`` (the
         grounding-pretraining form: shorter, and nothing to learn but the box).
+
+        ``ask_all``: after the target, one more question-answer turn per other shape of the image (a multi-turn
+        conversation in the same format), so one image teaches every shape on it, and the same picture with
+        a different expression needs a different box.
         """
-        norm = normalize_box(self.target_shape.box, self.width, self.height)
-        picture = f"Picture 1: <img>{self.image}</img>\n"
-        if style == "ask":
-            turns = (picture + question(self.expression), format_box(norm, ref=self.expression))
-        elif style == "ref":
-            turns = (picture + f"<ref>{self.expression}</ref>", format_box(norm))
-        else:
-            raise ValueError(f"style must be 'ask' or 'ref', got {style!r}")
-        return {
-            "id": sample_id,
-            "conversations": [{"from": "user", "value": turns[0]}, {"from": "assistant", "value": turns[1]}],
-        }
+        if style not in ("ask", "ref", "ref_first"):
+            raise ValueError(f"style must be 'ask', 'ref' or 'ref_first', got {style!r}")
+        order = [self.target] + ([i for i in range(len(self.shapes)) if i != self.target] if ask_all else [])
+        conversations = []
+        for k, index in enumerate(order):
+            shape = self.shapes[index]
+            norm = normalize_box(shape.box, self.width, self.height)
+            picture = f"Picture 1: <img>{self.image}</img>\n" if k == 0 else ""
+            if style == "ask":
+                turn = (picture + question(shape.expression), format_box(norm, ref=shape.expression))
+            elif style == "ref_first":  # the request before the picture: image tokens can see what is asked
+                turn = (f"<ref>{shape.expression}</ref>\n" + picture, format_box(norm))
+            else:
+                turn = (picture + f"<ref>{shape.expression}</ref>", format_box(norm))
+            conversations += [{"from": "user", "value": turn[0]}, {"from": "assistant", "value": turn[1]}]
+        return {"id": sample_id, "conversations": conversations}
 
     def eval_record(self) -> dict:
         """The sample as one line of ``qwenvl eval grounding`` input (box in pixels)."""
@@ -238,10 +246,11 @@ def make_dataset(
     seed: int = 0,
     config: SyntheticConfig | None = None,
     style: str = "ask",
+    ask_all: bool = False,
 ) -> SyntheticDataset:
     """Write ``n_train`` training and ``n_eval`` held-out samples under ``root`` (images/, train.json, eval.jsonl).
 
-    ``style``: the conversation form, see :meth:`SyntheticSample.conversation`.
+    ``style``, ``ask_all``: the conversation form, see :meth:`SyntheticSample.conversation`.
 
     Held-out images are drawn from the same distribution but are different images (a separate stream of
     the seeded generator), so evaluation measures generalization, not memorization.
@@ -255,7 +264,7 @@ def make_dataset(
     held_out = _make_split(root, "eval", n_eval, random.Random(f"{seed}-eval"), cfg)
     train_json = atomic_write_text(
         root / "train.json",
-        json.dumps([s.conversation(f"shapes-{i:06d}", style) for i, s in enumerate(train)], ensure_ascii=False,
+        json.dumps([s.conversation(f"shapes-{i:06d}", style, ask_all) for i, s in enumerate(train)], ensure_ascii=False,
                    indent=1),
     )
     eval_jsonl = atomic_write_text(
