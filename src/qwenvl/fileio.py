@@ -18,7 +18,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,16 +184,22 @@ def iter_jsonl(
     if not file.is_file():
         raise FileNotFoundError(f"{what} not found: {file}")
     with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+        for lineno, obj in _json_lines(f, file, error):
             if not isinstance(obj, dict):
                 raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line; a line that is not JSON raises ``error`` naming it."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+        yield lineno, value
 
 
 def read_json_records(
@@ -213,14 +219,7 @@ def read_json_records(
     except UnicodeDecodeError as e:
         raise error(f"{file}: not UTF-8 text ({e})") from e
     if file.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise error(f"{file}: not valid JSON: {e.msg} at line {lineno} column {e.colno}") from e
-        return records
+        return [value for _lineno, value in _json_lines(raw.splitlines(), file, error)]
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:

@@ -132,6 +132,10 @@ def test_malformed_json_names_the_file_and_position(processor, tmp_path: Path) -
     bad.write_text('[\n {"id": "a", "conversations": []},\n]\n', encoding="utf-8")
     with pytest.raises(DatasetError, match=r"bad\.json: not valid JSON: .* at line 3 column 1"):
         ConversationDataset(bad, processor)
+    bad_lines = tmp_path / "bad.jsonl"
+    bad_lines.write_text('{"id": "a", "conversations": []}\n\n{"id": "b",\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:3: invalid JSON: .* \(column 12\)"):
+        ConversationDataset(bad_lines, processor)
 
 
 @pytest.mark.parametrize(
