@@ -129,7 +129,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"cannot prepack a {w.dtype} weight on {w.device} (CPU, float32 or bfloat16 with "
                              "native bf16 support)")
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.register_buffer("weight", self._pack(w.detach()))
+        self.register_buffer("weight", self._pack(w))
         self.bias = layer.bias
 
     @classmethod
@@ -192,10 +192,10 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def prepack_linears(root: nn.Module, names: Callable[[str], bool] = lambda name: True) -> int:
-    """Replace every plain ``nn.Linear`` under ``root`` whose name passes ``names`` with a :class:`PackedLinear`,
-    one at a time (each plain weight is dropped once packed). Returns how many were packed."""
-    chosen = [(n, m) for n, m in root.named_modules() if type(m) is nn.Linear and names(n)]
+def prepack_linears(root: nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` under ``root`` with a :class:`PackedLinear`, one at a time (each plain
+    weight is dropped once packed). Returns how many were packed."""
+    chosen = [(n, m) for n, m in root.named_modules() if type(m) is nn.Linear]
     for name, layer in chosen:
         _replace(root, name, PackedLinear(layer))
     return len(chosen)

@@ -191,21 +191,9 @@ def _build_dataset(cfg: TrainConfig, processor: Any, model: QwenVL) -> Conversat
 
 def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
     """Names of the parameters that full fine-tuning trains under ``cfg``'s freeze switches."""
-    names = []
-    for name, _ in model.named_parameters():
-        if name in FIXED:
-            continue
-        if name == EMBEDDING:
-            trains = not (cfg.freeze_llm or cfg.freeze_embedding)
-        elif name.startswith(RESAMPLER[:2]) or name == RESAMPLER[2]:
-            trains = not cfg.freeze_resampler
-        elif name.startswith("transformer.visual."):
-            trains = not cfg.freeze_vision
-        else:
-            trains = not cfg.freeze_llm
-        if trains:
-            names.append(name)
-    return names
+    frozen = {"llm": cfg.freeze_llm, "resampler": cfg.freeze_resampler, "vision": cfg.freeze_vision}
+    return [name for name, _ in model.named_parameters()
+            if name not in FIXED and not frozen[part_of(name)] and not (name == EMBEDDING and cfg.freeze_embedding)]
 
 
 def _set_trainable(model: QwenVL, cfg: TrainConfig) -> Any:
