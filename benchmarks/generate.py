@@ -68,10 +68,11 @@ def weight_floor(model: QwenVL, repeat: int) -> tuple[float, float]:
     t_plain = best_of(plain, repeat)
     if not can_prepack(mats[0].dtype):
         return t_plain, float("inf")
-    packed = [PackedLinear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-                           .to_empty(device="cpu").requires_grad_(False).to(w.dtype)) for w in mats]
-    for layer, w in zip(packed, mats):
-        layer.load_state_dict({"weight": w})
+    packed = []
+    for w in mats:
+        plain = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        plain.weight = torch.nn.Parameter(w, requires_grad=False)
+        packed.append(PackedLinear(plain))
 
     def prepacked() -> None:
         for layer in packed:
