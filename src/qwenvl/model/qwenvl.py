@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
+from .cross_entropy import linear_cross_entropy
 from .kv_cache import KVCache
 from .linear import linear
 from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin
@@ -318,7 +319,8 @@ class QwenVL(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions; ``lm_head`` runs only on those positions,
-        in chunks, so [B, T, vocab] logits are never materialized."""
+        fused with the loss (:func:`~qwenvl.model.cross_entropy.linear_cross_entropy`), or in chunks for a
+        wrapped ``lm_head``, so [B, T, vocab] logits are never kept for the backward pass."""
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         h = hidden[:, :-1][keep]  # (N, hidden)
@@ -326,6 +328,8 @@ class QwenVL(nn.Module):
         n = int(y.numel())
         if n == 0:
             return hidden.sum() * 0.0, 0
+        if type(self.lm_head) is nn.Linear:  # a wrapped lm_head (e.g. LoRA) runs its own forward below
+            return linear_cross_entropy(h, self.lm_head.weight, y) / n, n
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, n, chunk):
             logits = self.lm_head(h[s : s + chunk]).float()
