@@ -86,7 +86,7 @@ def test_report_figures(tmp_path: Path) -> None:
     assert (np.all(arr == (255, 255, 255), axis=-1)).any() and (np.all(arr == (0, 0xE5, 0xFF), axis=-1)).any()
 
 
-@pytest.mark.parametrize("style", ["ask", "ref", "ref_first"])
+@pytest.mark.parametrize("style", ["ask", "ref", "ref_first", "ref_both"])
 def test_eval_prompt_matches_training_tokens(tmp_path: Path, style: str) -> None:
     """The held-out prompt must be the exact prefix the model was trained on, up to and including <box>."""
     from qwenvl.demo.run import DEMO_PROMPTS
@@ -100,6 +100,19 @@ def test_eval_prompt_matches_training_tokens(tmp_path: Path, style: str) -> None
     prompt_ids = proc.tokenizer.encode(DEMO_PROMPTS[style].format(image=sample.image, expression=sample.expression))
     assert train_ids[: len(prompt_ids)] == prompt_ids
     assert re.fullmatch(r"\(\d+,\d+\),\(\d+,\d+\)</box><\|im_end\|>\n", proc.tokenizer.decode(train_ids[len(prompt_ids) :]))
+
+
+def test_each_shape_asks_for_every_shape_of_a_training_image(tmp_path: Path) -> None:
+    cfg = SyntheticConfig(min_shapes=2, max_shapes=3)
+    one = make_dataset(tmp_path / "one", 5, 2, seed=3, config=cfg, style="ref_both")
+    each = make_dataset(tmp_path / "each", 5, 2, seed=3, config=cfg, style="ref_both", each_shape=True)
+    records = json.loads(each.train_json.read_text())
+    assert [s.shapes for s in each.train] == [s.shapes for s in one.train]  # the same images
+    assert len(records) == sum(len(s.shapes) for s in each.train)
+    first = [r for r in records if r["id"].startswith("shapes-000000-")]
+    asked = {r["conversations"][1]["value"].split("</ref>")[0] for r in first}
+    assert asked == {f"<ref>{shape.expression}" for shape in each.train[0].shapes}
+    assert each.eval_jsonl.read_text() == one.eval_jsonl.read_text()  # held-out: one request per image
 
 
 def test_local_resampler_init_makes_image_tokens_local() -> None:

@@ -32,9 +32,14 @@ at 28.9% (step 570) and ended at 18.8%. Earlier recipes, all with the request af
 (LM 2x2 or 4x4, with or without a recency-biased first layer, "ask" or "ref" style, two-phase training,
 or every shape of the image asked in one conversation). 128 held-out images give +-4 points of noise.
 
-What still limits it (far from the 50% aimed for): the colour-to-location binding is learned late and
-unstably within ~750 steps of 16, and the boxes on the right shape are often off (about half of them
-reach IoU 0.5): the location has to be read from frozen random features.
+What still limits it (far from the 50% aimed for): choosing *which* shape. With one shape per image the same
+recipe reaches 73-75% held-out Acc@0.5 (on one-shape images) after 285-380 steps, so reading a location
+from the frozen random features works; with two shapes the colour-to-location binding is learned late and
+unstably: held-out accuracy swings by 10-15 points between evaluations 95 steps apart. Variants that did not
+move it beyond that band (760 steps each, two-shape held-out images): 250 one-shape steps first
+(curriculum) then two-shape ones: 29.7% (28.9% with the second phase at half the rate, 19.5% when also
+asking each shape); each training image asked about each of its shapes (``each_shape``): 27.3%; that plus
+the request repeated in the answer (style ``"ref_both"``, the official ``<ref>..</ref><box>`` answer): 23.4%.
 """
 
 from __future__ import annotations
@@ -67,11 +72,13 @@ logger = logging.getLogger(__name__)
 # official grounding eval opens it (`<ref>{expression}</ref><box>`). Each tokenizes to the same ids as the
 # training sample's prefix (checked in tests). One per conversation style of `synthetic.make_dataset`.
 _CHAT_USER = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nPicture 1: <img>{{image}}</img>\n"
+_REF_FIRST_USER = (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<ref>{{expression}}</ref>\n"
+                   "Picture 1: <img>{image}</img>\n<|im_end|>\n")
 DEMO_PROMPTS = {
     "ask": _CHAT_USER + question("{expression}") + "<|im_end|>\n<|im_start|>assistant\n<ref>{expression}</ref><box>",
     "ref": _CHAT_USER + "<ref>{expression}</ref><|im_end|>\n<|im_start|>assistant\n<box>",
-    "ref_first": f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<ref>{{expression}}</ref>\n"
-    "Picture 1: <img>{image}</img>\n<|im_end|>\n<|im_start|>assistant\n<box>",
+    "ref_first": _REF_FIRST_USER + "<|im_start|>assistant\n<box>",
+    "ref_both": _REF_FIRST_USER + "<|im_start|>assistant\n<ref>{expression}</ref><box>",
 }
 
 
@@ -175,8 +182,9 @@ class DemoConfig:
     vision_lr_scale: float = 1.0  # after the LM-only phase, the ViT trains at full_learning_rate x this
     resampler_lr_scale: float = 1.0  # ... and the resampler at full_learning_rate x this
     freeze_embedding: bool = False  # keep the input embedding (151,936 x hidden) at its random init throughout
-    style: str = "ref_first"  # conversation form: "ask" (Box the red circle -> <ref>..</ref><box>..</box>) or "ref"
+    style: str = "ref_first"  # conversation form (synthetic.STYLES): "ask", "ref", "ref_first" or "ref_both"
     ask_all: bool = False  # training conversations ask for every shape of the image, one turn each
+    each_shape: bool = False  # every training image is asked about each of its shapes, one conversation each
     n_train: int = 12160  # one epoch of 760 x 16: every step sees new images
     n_eval: int = 128
     image_size: int = 224
@@ -291,7 +299,8 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         "## Setup",
         f"- data: {cfg.n_train} training / {cfg.n_eval} held-out images of {cfg.image_size} px, "
         f"{_shape_count(cfg)} shapes each ({cfg.min_size:.0%}-{cfg.max_size:.0%} of the side, distinct colours), "
-        f"one shape asked for per image, conversation style {cfg.style!r} (`data/train.json`, `data/eval.jsonl`)",
+        f"{'each shape' if cfg.each_shape else 'one shape'} asked for per training image (one per held-out image), "
+        f"conversation style {cfg.style!r} (`data/train.json`, `data/eval.jsonl`)",
         f"- model: {n_params / 1e6:.1f}M parameters; ViT width {vis.width} x {vis.layers} layers "
         f"(patch {vis.patch_size}), LM hidden {lm.hidden_size} x {lm.num_hidden_layers} layers, vocabulary "
         f"{lm.vocab_size}; resampler attention started local (scale {cfg.resampler_init_scale:g})"
@@ -335,7 +344,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=SyntheticConfig(
         image_size=cfg.image_size, min_shapes=cfg.min_shapes, max_shapes=cfg.max_shapes, min_size=cfg.min_size,
-        max_size=cfg.max_size), style=cfg.style, ask_all=cfg.ask_all)  # fmt: skip
+        max_size=cfg.max_size), style=cfg.style, ask_all=cfg.ask_all, each_shape=cfg.each_shape)  # fmt: skip
 
     model_cfg = demo_model_config()
     model_cfg.visual.image_size = cfg.image_size

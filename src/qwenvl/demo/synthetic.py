@@ -16,6 +16,7 @@ Everything is drawn from one seeded ``random.Random``: the same seed gives the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -52,6 +53,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 130, 0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+STYLES: tuple[str, ...] = ("ask", "ref", "ref_first", "ref_both")  # conversation forms, see SyntheticSample
 # The CLIP mean colour: it normalizes to ~0, so background patches embed to (almost) nothing but their position
 # while shape patches are dominated by their colour. The ViT's LayerNorms then turn "where the shapes are" into
 # features that even the untrained model carries (a linear probe on its averaged image features finds the
@@ -103,8 +105,8 @@ class SyntheticSample:
         conversation in the same format), so one image teaches every shape on it, and the same picture with
         a different expression needs a different box.
         """
-        if style not in ("ask", "ref", "ref_first"):
-            raise ValueError(f"style must be 'ask', 'ref' or 'ref_first', got {style!r}")
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
         order = [self.target] + ([i for i in range(len(self.shapes)) if i != self.target] if ask_all else [])
         conversations = []
         for k, index in enumerate(order):
@@ -115,6 +117,8 @@ class SyntheticSample:
                 turn = (picture + question(shape.expression), format_box(norm, ref=shape.expression))
             elif style == "ref_first":  # the request before the picture: image tokens can see what is asked
                 turn = (f"<ref>{shape.expression}</ref>\n" + picture, format_box(norm))
+            elif style == "ref_both":  # ... and the answer names it again, in the official <ref>..</ref><box> form
+                turn = (f"<ref>{shape.expression}</ref>\n" + picture, format_box(norm, ref=shape.expression))
             else:
                 turn = (picture + f"<ref>{shape.expression}</ref>", format_box(norm))
             conversations += [{"from": "user", "value": turn[0]}, {"from": "assistant", "value": turn[1]}]
@@ -239,6 +243,12 @@ def _make_split(
     return samples
 
 
+def _targets(sample: SyntheticSample, each_shape: bool) -> list[tuple[int, SyntheticSample]]:
+    if not each_shape:
+        return [(sample.target, sample)]
+    return [(t, dataclasses.replace(sample, target=t)) for t in range(len(sample.shapes))]
+
+
 def make_dataset(
     root: str | Path,
     n_train: int,
@@ -247,10 +257,13 @@ def make_dataset(
     config: SyntheticConfig | None = None,
     style: str = "ask",
     ask_all: bool = False,
+    each_shape: bool = False,
 ) -> SyntheticDataset:
     """Write ``n_train`` training and ``n_eval`` held-out samples under ``root`` (images/, train.json, eval.jsonl).
 
     ``style``, ``ask_all``: the conversation form, see :meth:`SyntheticSample.conversation`.
+    ``each_shape``: every training image yields one conversation per shape on it (the same picture with
+    different requests and boxes), instead of one for a randomly chosen shape; held-out images always yield one.
 
     Held-out images are drawn from the same distribution but are different images (a separate stream of
     the seeded generator), so evaluation measures generalization, not memorization.
@@ -264,8 +277,9 @@ def make_dataset(
     held_out = _make_split(root, "eval", n_eval, random.Random(f"{seed}-eval"), cfg)
     train_json = atomic_write_text(
         root / "train.json",
-        json.dumps([s.conversation(f"shapes-{i:06d}", style, ask_all) for i, s in enumerate(train)], ensure_ascii=False,
-                   indent=1),
+        json.dumps([s.conversation(f"shapes-{i:06d}" + (f"-{t}" if each_shape else ""), style, ask_all)
+                    for i, sample in enumerate(train)
+                    for t, s in _targets(sample, each_shape)], ensure_ascii=False, indent=1),
     )
     eval_jsonl = atomic_write_text(
         root / "eval.jsonl", "".join(json.dumps(s.eval_record(), ensure_ascii=False) + "\n" for s in held_out)
