@@ -75,9 +75,10 @@ logger = logging.getLogger(__name__)
 # The held-out prompts: the training conversation's user turn, then the assistant turn opened up to <box>, as the
 # official grounding eval opens it (`<ref>{expression}</ref><box>`). Each tokenizes to the same ids as the
 # training sample's prefix (checked in tests). One per conversation style of `synthetic.make_dataset`.
-_CHAT_USER = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nPicture 1: <img>{{image}}</img>\n"
-_REF_FIRST_USER = (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n<ref>{{expression}}</ref>\n"
-                   "Picture 1: <img>{image}</img>\n<|im_end|>\n")
+_USER = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+_PICTURE = "Picture 1: <img>{image}</img>\n"
+_CHAT_USER = _USER + _PICTURE
+_REF_FIRST_USER = _USER + "<ref>{expression}</ref>\n" + _PICTURE + "<|im_end|>\n"
 DEMO_PROMPTS = {
     "ask": _CHAT_USER + question("{expression}") + "<|im_end|>\n<|im_start|>assistant\n<ref>{expression}</ref><box>",
     "ref": _CHAT_USER + "<ref>{expression}</ref><|im_end|>\n<|im_start|>assistant\n<box>",

@@ -115,10 +115,10 @@ class SyntheticSample:
             picture = f"Picture 1: <img>{self.image}</img>\n" if k == 0 else ""
             if style == "ask":
                 turn = (picture + question(shape.expression), format_box(norm, ref=shape.expression))
-            elif style == "ref_first":  # the request before the picture: image tokens can see what is asked
-                turn = (f"<ref>{shape.expression}</ref>\n" + picture, format_box(norm))
-            elif style == "ref_both":  # ... and the answer names it again, in the official <ref>..</ref><box> form
-                turn = (f"<ref>{shape.expression}</ref>\n" + picture, format_box(norm, ref=shape.expression))
+            elif style in ("ref_first", "ref_both"):  # the request before the picture: image tokens can see it
+                # ref_both: the answer names it again, in the official <ref>..</ref><box> form
+                turn = (f"<ref>{shape.expression}</ref>\n" + picture,
+                        format_box(norm, ref=shape.expression if style == "ref_both" else None))
             else:
                 turn = (picture + f"<ref>{shape.expression}</ref>", format_box(norm))
             conversations += [{"from": "user", "value": turn[0]}, {"from": "assistant", "value": turn[1]}]
@@ -243,10 +243,11 @@ def _make_split(
     return samples
 
 
-def _targets(sample: SyntheticSample, each_shape: bool) -> list[tuple[int, SyntheticSample]]:
+def _asked(sample: SyntheticSample, each_shape: bool) -> list[SyntheticSample]:
+    """The sample as drawn, or one copy per shape of its image, each asking for that shape."""
     if not each_shape:
-        return [(sample.target, sample)]
-    return [(t, dataclasses.replace(sample, target=t)) for t in range(len(sample.shapes))]
+        return [sample]
+    return [dataclasses.replace(sample, target=t) for t in range(len(sample.shapes))]
 
 
 def make_dataset(
@@ -277,9 +278,9 @@ def make_dataset(
     held_out = _make_split(root, "eval", n_eval, random.Random(f"{seed}-eval"), cfg)
     train_json = atomic_write_text(
         root / "train.json",
-        json.dumps([s.conversation(f"shapes-{i:06d}" + (f"-{t}" if each_shape else ""), style, ask_all)
+        json.dumps([s.conversation(f"shapes-{i:06d}" + (f"-{s.target}" if each_shape else ""), style, ask_all)
                     for i, sample in enumerate(train)
-                    for t, s in _targets(sample, each_shape)], ensure_ascii=False, indent=1),
+                    for s in _asked(sample, each_shape)], ensure_ascii=False, indent=1),
     )
     eval_jsonl = atomic_write_text(
         root / "eval.jsonl", "".join(json.dumps(s.eval_record(), ensure_ascii=False) + "\n" for s in held_out)
