@@ -90,8 +90,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     docstring). Runs in the autocast dtype when autocast is on, like ``F.linear`` would."""
     if hidden.dim() != 2 or target.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden (N, d) and target (N,), got {tuple(hidden.shape)} and {tuple(target.shape)}")
-    if hidden.shape[0] and (int(target.min()) < 0 or int(target.max()) >= weight.shape[0]):
-        raise ValueError(f"target ids must be in [0, {weight.shape[0]}), got {int(target.min())}..{int(target.max())}")
+    if hidden.shape[0]:
+        lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one device sync per call, not two
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"target ids must be in [0, {weight.shape[0]}), got {lo}..{hi}")
     dtype = _compute_dtype(hidden)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, target, dtype)
