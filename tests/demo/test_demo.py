@@ -190,6 +190,10 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
     assert result.losses[-1] < result.losses[0]
     assert "Acc@0.5" in (out / "report.md").read_text()
+    landing = metrics["where_boxes_land"]
+    assert landing == result.landing and sum(landing[k] for k in ("asked", "other", "neither", "unparsed")) == 8
+    assert landing["asked"] == round(8 * result.accuracy_after)
+    assert "where the final boxes land" in (out / "report.md").read_text()
     assert (out / "model" / "config.json").is_file()
     assert len(json.loads((out / "eval_after.json").read_text())["predictions"]) == 8
 
@@ -245,3 +249,26 @@ def test_recency_attention_init_makes_the_first_layer_look_back_a_few_tokens() -
     assert float(recent[:, -16:].sum(-1).min()) > 0.6
     assert float(recent[:, -11].min()) > 5 / t  # a token 10 back: several times its uniform share
     assert model.transformer.h[1].attn.c_attn.bias.abs().max() == 0  # later layers untouched
+
+
+def test_where_boxes_land_tells_locating_from_choosing(tmp_path: Path) -> None:
+    from qwenvl.demo.run import where_boxes_land
+
+    data = make_dataset(tmp_path / "d", 1, 6, seed=3, config=SyntheticConfig(min_shapes=2, max_shapes=2))
+
+    def record(s, box, correct):  # noqa: ANN001, ANN202
+        return {"image": s.image, "pred_bbox": None if box is None else list(box), "correct": correct}
+
+    asked = [record(s, s.target_shape.box, True) for s in data.eval]
+    assert where_boxes_land(asked, data.eval) == {"asked": 6, "other": 0, "neither": 0, "unparsed": 0,
+                                                  "nearer_asked": 6, "nearer_other": 0}
+    other = [record(s, s.shapes[1 - s.target].box, False) for s in data.eval]
+    assert where_boxes_land(other, data.eval) == {"asked": 0, "other": 6, "neither": 0, "unparsed": 0,
+                                                  "nearer_asked": 0, "nearer_other": 6}
+    mixed = [record(data.eval[0], None, False), record(data.eval[1], (0, 0, 1, 1), False), *asked[2:]]
+    counts = where_boxes_land(mixed, data.eval)
+    assert (counts["unparsed"], counts["neither"], counts["asked"]) == (1, 1, 4)
+    with pytest.raises(ValueError, match="does not belong"):
+        where_boxes_land(asked[::-1], data.eval)
+    with pytest.raises(ValueError, match="5 predictions for 6"):
+        where_boxes_land(asked[:5], data.eval)
