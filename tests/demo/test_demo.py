@@ -219,6 +219,8 @@ def test_demo_config_validation() -> None:
     assert DemoConfig(steps=10, frozen_vision_steps=10).frozen_vision_steps == 10  # all steps LM-only
     with pytest.raises(ValueError, match="style"):
         DemoConfig(style="chat")
+    with pytest.raises(ValueError, match="lm_init_std"):
+        DemoConfig(lm_init_std=-0.1)
     small = DemoConfig.small(20)
     assert small.steps == 20 and 0 <= small.frozen_vision_steps <= 20 and small.n_eval == 8
 
@@ -272,3 +274,19 @@ def test_where_boxes_land_tells_locating_from_choosing(tmp_path: Path) -> None:
         where_boxes_land(asked[::-1], data.eval)
     with pytest.raises(ValueError, match="5 predictions for 6"):
         where_boxes_land(asked[:5], data.eval)
+
+
+def test_lm_block_init_redraws_only_the_block_matrices() -> None:
+    import torch
+
+    from qwenvl.demo.run import demo_model_config, lm_block_init
+    from qwenvl.model import QwenVL
+
+    model = QwenVL.from_config(demo_model_config(), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lm_block_init(model, 0.09)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    blocks = {k for k, v in before.items() if k.startswith("transformer.h.") and v.dim() == 2}
+    assert changed == blocks and blocks
+    for k in blocks:
+        assert abs(float(model.state_dict()[k].std()) - 0.09) < 0.01, k
