@@ -45,10 +45,9 @@ Why, as far as we measured (attention of trained models at the position that pre
 averaged over the 128 held-out prompts): in the four runs measured, no head of layers 0-2 gives the colour
 word more than 3.5% of its mass (0.6% in the default recipe; in two other runs a last-layer head does, with
 19% and 33%: too late to steer an attention over the image), and in the default recipe no head gives either
-shape more than its
-share of the area (each shape's box covers ~16% of the image), so the box is read from an unselective
-average of the image tokens rather than from the asked shape's tokens.
-The task needs two steps learned together (bring the colour word to the answer, then attend to image
+shape more than its share of the area (each shape's box covers ~16% of the image), so the box is read from
+an unselective average of the image tokens rather than from the asked shape's tokens. The task needs two
+steps learned together (bring the colour word to the answer, then attend to image
 tokens of that colour), and neither pays off alone. Variants that stayed in the same band (760 steps of 16
 unless said; "lands" = asked / other / neither):
 
@@ -61,9 +60,8 @@ unless said; "lands" = asked / other / neither):
   LM block weights at std 0.088 instead of 0.02 (:func:`lm_block_init`): 36.7% (lands 47 / 34 / 47), and
   with ``each_shape`` 43.8% (56 / 32 / 40, centre nearer the asked shape 80 vs 48 times: the one run that
   chose), but 32.8% (42 / 44 / 42, 65 vs 63) with std 0.0884 and 35.9% (46 / 44 / 34) with seed 1, so
-  luck, not yet a recipe; the first layer's
-  attention also copying the recent tokens (``recency_copy_scale`` 1) with ``ref_both``: 31.2% (40 / 32 /
-  56); batch 8 for 1,520 steps: 22.7% (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary
+  luck, not yet a recipe; the first layer's attention also copying the recent tokens
+  (``recency_copy_scale`` 1) with ``ref_both``: 31.2% (40 / 32 / 56); batch 8 for 1,520 steps: 22.7% (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary
   pairs that keep a content match over the 256 image tokens): 31.2% (40 / 42 / 46);
 - a smooth sin-cos ViT position table (``position_init_scale`` 1, key/value gain 0.03) makes a shape
   token's position linearly readable (R^2 0.33 -> 0.95) while its colour stays readable (prototype AUC
@@ -162,13 +160,13 @@ def lm_block_init(model: QwenVL, std: float) -> None:
 
     Why: the official init (std 0.02) is sized for a 4096-wide model; at hidden 128 it makes every attention
     logit ~0 at the start, so no head prefers one token over another until the weights have grown; at std
-    1/sqrt(hidden) the random heads already attend unevenly. Off by default, because what it bought was not
-    reproducible: 760 steps at std 0.088: 36.7% held-out Acc@0.5 (34.4% without); with ``each_shape`` (6,080
-    images asked about both shapes; ``DemoConfig(lm_init_std=0.088, each_shape=True, n_train=6080)``, 482 s)
-    43.8%, the only run so far whose boxes clearly prefer the asked shape
-    (56 on it vs 32 on the other, centre nearer it 80 vs 48 times); the same with std 0.0884 (1/sqrt(128)):
-    32.8%, 42 vs 44, 65 vs 63; std 0.088 with seed 1: 35.9%, 46 vs 44, 58 vs 66. So the choice can emerge
-    within the budget, but in one run of three.
+    1/sqrt(hidden) the random heads already attend unevenly. Off by default, because what it bought did not hold
+    across runs (each run repeats exactly; small changes do not): 760 steps at std 0.088: 36.7% held-out Acc@0.5
+    (34.4% without); with ``each_shape`` (6,080 images asked about both shapes; ``DemoConfig(lm_init_std=0.088,
+    each_shape=True, n_train=6080)``, 482 s) 43.8%, the only run so far whose boxes clearly prefer the asked
+    shape (56 on it vs 32 on the other, centre nearer it 80 vs 48 times); the same with std 0.0884
+    (1/sqrt(128)): 32.8%, 42 vs 44, 65 vs 63; std 0.088 with seed 1: 35.9%, 46 vs 44, 58 vs 66. So the choice
+    can emerge within the budget, but in one run of three.
     """
     for block in model.transformer.h:
         for p in block.parameters():
@@ -283,7 +281,7 @@ class DemoConfig:
     def small(cls, steps: int, **overrides: Any) -> DemoConfig:
         """A quick variant (tests, smoke runs): the same recipe scaled down to ``steps`` and a few images."""
         full = cls()
-        base = {"n_train": max(16, steps * 16 // (full.max_shapes if full.each_shape else 1)), "n_eval": 8, "warmup_steps": min(full.warmup_steps, max(1, steps // 5)),
+        base = {"n_train": max(16, steps * 16), "n_eval": 8, "warmup_steps": min(full.warmup_steps, max(1, steps // 5)),
                 "grid_images": 4, "frozen_vision_steps": full.frozen_vision_steps * steps // full.steps,
                 "eval_every": 0}
         return cls(steps=steps, **{**base, **overrides})
