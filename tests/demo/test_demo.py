@@ -33,6 +33,25 @@ def test_rendered_boxes_are_tight_and_disjoint() -> None:
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == s.box
 
 
+def test_grid_puts_shapes_on_the_grid() -> None:
+    cfg = SyntheticConfig(min_shapes=2, max_shapes=2, min_size=0.3, max_size=0.5, grid=14)
+    rng = random.Random(0)
+    sizes = set()
+    for _ in range(30):
+        image, specs = render_sample(rng, cfg)
+        pixels = np.asarray(image)
+        for s in specs:
+            assert all(v % 14 == 0 for v in s.box), s.box
+            sizes.add(s.box[2] - s.box[0])
+            ys, xs = np.nonzero(np.all(pixels == COLORS[s.color], axis=-1))
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == s.box
+    assert sizes <= {70, 84, 98, 112} and len(sizes) > 1  # 30-50% of 224 px in steps of 14
+    # the default (grid 1) places shapes anywhere
+    free = [render_sample(rng, SyntheticConfig(min_shapes=2, max_shapes=2, min_size=0.3, max_size=0.5))[1]
+            for _ in range(5)]
+    assert any(v % 14 for specs in free for s in specs for v in s.box)
+
+
 def test_dataset_formats_and_determinism(tmp_path: Path) -> None:
     a = make_dataset(tmp_path / "a", 6, 3, seed=7)
     b = make_dataset(tmp_path / "b", 6, 3, seed=7)
@@ -65,6 +84,10 @@ def test_synthetic_config_rejects_bad_values() -> None:
         SyntheticConfig(colors=("teal",))
     with pytest.raises(ValueError, match="without overlap"):
         render_sample(random.Random(0), SyntheticConfig(min_shapes=6, max_shapes=6, min_size=0.6, max_size=0.9))
+    with pytest.raises(ValueError, match="grid must be"):
+        SyntheticConfig(grid=0)
+    with pytest.raises(ValueError, match="under one grid step"):
+        SyntheticConfig(min_size=0.05, max_size=0.5, grid=28)
 
 
 def test_report_figures(tmp_path: Path) -> None:

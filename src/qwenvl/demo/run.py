@@ -252,6 +252,7 @@ class DemoConfig:
     max_shapes: int = 2
     min_size: float = 0.3
     max_size: float = 0.5
+    grid: int = 1  # shape positions and sizes are multiples of this many pixels (SyntheticConfig.grid; 1 = anywhere)
     resampler_init_scale: float = 3.0  # 0 = the model's default random init
     resampler_kv_gain: float = 0.1  # the resampler's ln_kv gain at init (see local_resampler_init)
     recency_init_layers: int = 1  # the first N LM layers start with recency-biased attention (0 = off)
@@ -458,7 +459,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=SyntheticConfig(
         image_size=cfg.image_size, min_shapes=cfg.min_shapes, max_shapes=cfg.max_shapes, min_size=cfg.min_size,
-        max_size=cfg.max_size), style=cfg.style, ask_all=cfg.ask_all, each_shape=cfg.each_shape)  # fmt: skip
+        max_size=cfg.max_size, grid=cfg.grid), style=cfg.style, ask_all=cfg.ask_all, each_shape=cfg.each_shape)  # fmt: skip
 
     model_cfg = demo_model_config()
     model_cfg.visual.image_size = cfg.image_size

@@ -151,6 +151,7 @@ class SyntheticConfig:
     max_size: float = 0.45
     colors: Sequence[str] = field(default_factory=lambda: tuple(COLORS))
     kinds: Sequence[str] = SHAPES
+    grid: int = 1  # shapes' positions and sizes are multiples of this many pixels (1 = anywhere)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -168,6 +169,10 @@ class SyntheticConfig:
             )
         if not 0 < self.min_size <= self.max_size < 1:
             raise ValueError(f"need 0 < min_size <= max_size < 1, got {self.min_size}, {self.max_size}")
+        if not 1 <= self.grid <= self.image_size // 4:
+            raise ValueError(f"grid must be in [1, image_size / 4], got {self.grid}")
+        if self.grid > 1 and round(self.min_size * self.image_size) // self.grid < 1:
+            raise ValueError(f"min_size {self.min_size:.0%} of {self.image_size} px is under one grid step of {self.grid} px")
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
@@ -188,8 +193,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, spec: ShapeSpec) -> None:
 
 def render_sample(rng: random.Random, cfg: SyntheticConfig) -> tuple[Image.Image, list[ShapeSpec]]:
     """Draw one image: ``min_shapes..max_shapes`` non-overlapping shapes, distinct colours, random kinds."""
-    side = cfg.image_size
+    side, g = cfg.image_size, cfg.grid
     lo, hi = max(4, round(cfg.min_size * side)), max(4, round(cfg.max_size * side))
+    lo, hi, cells = max(1, -(-lo // g)), max(1, hi // g), side // g  # sizes and positions in grid steps
     count = rng.randint(cfg.min_shapes, cfg.max_shapes)
     for _attempt in range(100):
         colors = rng.sample(list(cfg.colors), count)
@@ -197,9 +203,10 @@ def render_sample(rng: random.Random, cfg: SyntheticConfig) -> tuple[Image.Image
         for color in colors:
             for _try in range(50):
                 kind = rng.choice(list(cfg.kinds))
-                w = rng.randint(lo, hi)
-                h = rng.randint(lo, hi) if kind == "triangle" else w  # circles and squares stay round/square
-                x, y = rng.randint(0, side - w), rng.randint(0, side - h)
+                w = rng.randint(lo, max(lo, hi))
+                h = rng.randint(lo, max(lo, hi)) if kind == "triangle" else w  # circles and squares stay round/square
+                x, y = rng.randint(0, cells - w) * g, rng.randint(0, cells - h) * g
+                w, h = w * g, h * g
                 box = (x, y, x + w, y + h)
                 if all(not _overlaps(box, s.box, gap=2) for s in specs):
                     specs.append(ShapeSpec(color, kind, box))

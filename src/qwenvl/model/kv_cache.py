@@ -29,6 +29,7 @@ class KVCache:
         self.length = 0  # positions filled so far (the same for every layer once a step ends)
         # Per-row dynamic-NTK factor chosen at prefill; decode steps keep it (the official behaviour).
         self.rope_alpha: torch.Tensor | None = None
+        self.rope_inv_freq: torch.Tensor | None = None  # (B, hd/2) from rope_alpha, computed once at prefill
 
     @property
     def batch_size(self) -> int:
@@ -52,3 +53,5 @@ class KVCache:
         self.v = [t.index_select(0, index) for t in self.v]
         if self.rope_alpha is not None:
             self.rope_alpha = self.rope_alpha.index_select(0, index)
+        if self.rope_inv_freq is not None:
+            self.rope_inv_freq = self.rope_inv_freq.index_select(0, index)

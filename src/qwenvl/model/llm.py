@@ -35,25 +35,37 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     return float(max(2 ** math.ceil(value) - 1, 1))
 
 
-def rope_cos_sin(
-    positions: torch.Tensor, alpha: torch.Tensor, head_dim: int, base: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, 1, T, hd) in float32 for ``positions`` (B, T) and per-row NTK ``alpha`` (B,)."""
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+def rope_inv_freq(alpha: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """Per-row inverse frequencies (B, hd/2) in float32 for dynamic-NTK factors ``alpha`` (B,)."""
+    exponent = torch.arange(0, head_dim, 2, device=alpha.device, dtype=torch.float32) / head_dim
     # fact: base' = base * alpha^(d / (d - 2))
     row_base = base * alpha.double().pow(head_dim / (head_dim - 2))  # (B,)
-    inv_freq = 1.0 / row_base.float()[:, None].pow(exponent[None, :])  # (B, hd/2)
+    return 1.0 / row_base.float()[:, None].pow(exponent[None, :])
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, alpha: torch.Tensor, head_dim: int, base: float, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and *signed* sin, each (B, 1, T, hd) in float32, for ``positions`` (B, T) and per-row NTK ``alpha`` (B,)
+    (or their precomputed ``inv_freq``, see :func:`rope_inv_freq`).
+
+    The sin's first half is negated so that :func:`apply_rope` can rotate with one ``roll`` instead of
+    slicing, negating and concatenating: ``rotate_half(x) * sin == roll(x, hd/2) * signed_sin`` exactly.
+    """
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(alpha, head_dim, base)
     freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[..., : head_dim // 2].neg_()
+    return emb.cos(), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE over the whole head, computed in float32 (fact)."""
+    """Rotate-half RoPE over the whole head, computed in float32 (fact); ``sin`` signed as
+    :func:`rope_cos_sin` returns it."""
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
 from .cross_entropy import linear_cross_entropy
 from .kv_cache import KVCache
 from .linear import linear
-from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin
+from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin, rope_inv_freq
 from .vision import VisionTower
 
 logger = logging.getLogger(__name__)
@@ -290,9 +290,13 @@ class QwenVL(nn.Module):
                 rope_alpha = torch.tensor([ntk_alpha(int(n), lm.seq_length) for n in lengths], device=x.device)
             else:
                 rope_alpha = torch.ones(b, device=x.device)
+        inv_freq = None
         if cache is not None and past == 0:
             cache.rope_alpha = rope_alpha
-        cos, sin = rope_cos_sin(position_ids, rope_alpha, lm.kv_channels, lm.rotary_emb_base)
+            cache.rope_inv_freq = inv_freq = rope_inv_freq(rope_alpha, lm.kv_channels, lm.rotary_emb_base)
+        elif cache is not None and rope_alpha is cache.rope_alpha:  # decode: the factors chosen at prefill
+            inv_freq = cache.rope_inv_freq
+        cos, sin = rope_cos_sin(position_ids, rope_alpha, lm.kv_channels, lm.rotary_emb_base, inv_freq)
         # LogN scales positions p with p + 1 > seq_length; derived positions never exceed past + t - 1, so
         # shorter sequences skip the per-layer multiply by ones
         logn = inference and lm.use_logn_attn and (explicit_positions or past + t > lm.seq_length)
