@@ -219,6 +219,12 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert "where the final boxes land" in (out / "report.md").read_text()
     assert (out / "model" / "config.json").is_file()
     assert len(json.loads((out / "eval_after.json").read_text())["predictions"]) == 8
+    # the default data: shapes on the 14-px patch grid, every training image asked about each of its shapes
+    boxes = [json.loads(line)["bbox"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
+    assert all(v % 14 == 0 for box in boxes for v in box)
+    train = json.loads((out / "data" / "train.json").read_text())
+    assert len(train) == 2 * metrics["demo_config"]["n_train"]
+    assert "on a 14 px grid" in (out / "report.md").read_text()
 
 
 def test_demo_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,29 +27,52 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
   <img>..</img>``, answer ``<box>..</box>``; Qwen-VL's interleaved format allows text before images), meant
   to let the image tokens see which colour is asked for (it scored higher than the request after the
   picture: 24.2% vs 16-20%, but see below);
-- LM 4 layers x 4 heads, shapes 30-50% of the side, bf16 autocast, every step on new images (one epoch).
+- shapes sit on the 14-px patch grid (``grid=14``: positions and sizes are multiples of one patch), so every
+  box edge is a patch boundary and its normalized coordinates (multiples of 62.5, truncated) follow from
+  which patch it is. With shapes anywhere (``grid=1``) the last one or two digits of each coordinate are
+  sub-patch detail: the final training loss was 0.84 nats per answer token there and 0.13-0.19 on the grid,
+  and that irreducible part of the loss was noise in every gradient. Alone, the grid moved held-out
+  Acc@0.5 34.4% -> 32.8% but boxed *a* shape far more often (103 of 128 boxes on some shape vs 74);
+- every training image is asked about each of its shapes (``each_shape``; one conversation per shape, so
+  6,080 images give 12,160 conversations, one epoch), so the same picture with another colour word needs
+  another box and the more salient shape is no answer;
+- the LM blocks' matrices start at std 0.088 instead of 0.02 (:func:`lm_block_init`): random heads attend
+  unevenly from step 1 (with the grid and ``each_shape``: 47.7% with it, 38.3% without);
+- LM 4 layers x 4 heads, shapes 30-50% of the side, bf16 autocast, every step on new conversations.
 
-Measured (seed 0, 2 idle cores, ``time qwenvl demo``): held-out Acc@0.5 0% -> 34.4% (44/128) in 480 s
-(curve 0 / 12.5 / 17.2 / 35.2 / 34.4% at steps 0 / 190 / 380 / 570 / 760; a later rerun gave the same
-numbers in 524 s). Before the key/value gain: 24.2%
-in 517 s (0 / 7.8 / 10.9 / 24.2 / 24.2%), 26.6% in a rerun. 128 held-out images give +-4 points of noise.
+Measured (2 cores, ``time qwenvl demo``): held-out Acc@0.5 0% -> 47.7% (61/128) in 517 s with seed 0, curve
+0 / 17.2 / 27.3 / 46.9 / 47.7% at steps 0 / 190 / 380 / 570 / 760; seed 1: 47.7% as well (0 / 23.4 / 36.7
+/ 46.9 / 47.7%). The previous default (shapes anywhere, one question per image, LM std 0.02): 34.4% in 480 s
+(0 / 12.5 / 17.2 / 35.2 / 34.4%); before the key/value gain 24.2%. 128 held-out images give +-4 points of
+noise.
 
-What still limits it (far from the 50% aimed for): choosing *which* shape. The report's "where the final
-boxes land" line (:func:`where_boxes_land`) sorts the held-out predictions: 44 on the asked shape (IoU >= 0.5),
-30 on the other shape, 54 on neither, and the predicted centre is nearer the asked shape than the other in
-67 cases and nearer the other in 61: the model boxes *a* shape, with hardly any preference for the one
-asked for (before the gain: 34 / 24 / 66, nearer 63 vs 61). Reading a location is not the bottleneck: with
-one shape per image the recipe (before the gain) reaches 73-75% after 285-380 steps.
+What still limits it (below the 50% aimed for): choosing *which* shape. The report's "where the final boxes
+land" line (:func:`where_boxes_land`) sorts the held-out predictions: 61 on the asked shape (IoU >= 0.5), 51
+on the other shape, 16 on neither (both seeds gave exactly these counts on their own held-out sets), centre
+nearer the asked shape 67 times and nearer the other 61: the model now boxes a shape 88% of the time, and
+picks the asked one only a little more often than the other (a model that boxed a random one of the two
+perfectly would score 50%). Under the previous default: 44 / 30 / 54, nearer 67 vs 61.
 
 Why, as far as we measured (attention of trained models at the position that predicts the first digit,
-averaged over the 128 held-out prompts): in the four runs measured, no head of layers 0-2 gives the colour
-word more than 3.5% of its mass (0.6% in the default recipe; in two other runs a last-layer head does, with
-19% and 33%: too late to steer an attention over the image), and in the default recipe no head gives either
-shape more than its share of the area (each shape's box covers ~16% of the image), so the box is read from
-an unselective average of the image tokens rather than from the asked shape's tokens. The task needs two
-steps learned together (bring the colour word to the answer, then attend to image
-tokens of that colour), and neither pays off alone. Variants that stayed in the same band (760 steps of 16
-unless said; "lands" = asked / other / neither):
+averaged over the 128 held-out prompts): in the five runs measured, no head of layers 0-2 gives the colour
+word more than 3.5% of its mass (0.6% under the previous default, 0.0% in every head of the current one; in
+two other runs a last-layer head does, with 19% and 33%: too late to steer an attention over the image).
+Under the previous default no head gave either shape more than its share of the area (each shape's box
+covers ~16% of the image): the box was read from an unselective average of the image tokens. Under the
+current one a few heads give the asked shape about twice the other's mass (5.7% vs 1.2%, 11.2% vs 5.6%), but
+64-95% of every image-reading head's mass stays on the background. The task needs two steps learned
+together (bring the colour word to the answer, then attend to image tokens of that colour), and neither
+pays off alone.
+
+Variants of the current recipe (760 steps of 16; "lands" = asked / other / neither): without the LM std
+38.3% (49 / 54 / 25); without ``each_shape`` and the LM std (the grid alone) 32.8% (42 / 61 / 25); style
+``"ref_both"`` (the request repeated in the answer, right before the box) with a first layer that copies the
+recent tokens (``recency_copy_scale`` 1): 46.9% (60 / 47 / 21, 617 s); the learning rate decaying to 1e-3
+instead of 1e-4: 36.7% (47 / 58 / 23). Before the grid (shapes anywhere), with ``each_shape`` and the LM std:
+both conversations of an image in the same batch 29.7% (38 / 37 / 53); a second layer started as
+"similarity" heads (equal query and key matrices on the slow rotary pairs) with ``ref_both``: 28.9%; LM 6
+layers x 8 heads: 35.9% (46 / 52 / 30, 808 s, over the time budget). Earlier variants, all before the grid
+(same band):
 
 - before the gain: 250 one-shape steps then two-shape ones (curriculum): 29.7% (28.9% with the second
   phase at half the rate, 19.5% when also asking each shape); each training image asked about each of its
@@ -160,13 +183,11 @@ def lm_block_init(model: QwenVL, std: float) -> None:
 
     Why: the official init (std 0.02) is sized for a 4096-wide model; at hidden 128 it makes every attention
     logit ~0 at the start, so no head prefers one token over another until the weights have grown; at std
-    1/sqrt(hidden) the random heads already attend unevenly. Off by default, because what it bought did not hold
-    across runs (each run repeats exactly; small changes do not): 760 steps at std 0.088: 36.7% held-out Acc@0.5
-    (34.4% without); with ``each_shape`` (6,080 images asked about both shapes; ``DemoConfig(lm_init_std=0.088,
-    each_shape=True, n_train=6080)``, 482 s) 43.8%, the only run so far whose boxes clearly prefer the asked
-    shape (56 on it vs 32 on the other, centre nearer it 80 vs 48 times); the same with std 0.0884
-    (1/sqrt(128)): 32.8%, 42 vs 44, 65 vs 63; std 0.088 with seed 1: 35.9%, 46 vs 44, 58 vs 66. So the choice
-    can emerge within the budget, but in one run of three.
+    1/sqrt(hidden) the random heads already attend unevenly. The demo uses std 0.088 (``DemoConfig.lm_init_std``):
+    with shapes on the patch grid and ``each_shape``, 47.7% held-out Acc@0.5 vs 38.3% at 0.02 (760 steps, seed
+    0; 47.7% with seed 1 too). With shapes anywhere it did not hold across runs (each run repeats exactly; small
+    changes do not): 43.8% with ``each_shape`` (boxes on the asked shape vs the other 56 vs 32), but 32.8% with
+    std 0.0884 and 35.9% with seed 1.
     """
     for block in model.transformer.h:
         for p in block.parameters():
@@ -225,9 +246,9 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned to finish in < 10 minutes on 2 CPU cores.
 
-    Measured (seed 0, 2 idle cores): held-out Acc@0.5 0% -> 34.4% in 480 s, below the 50% aimed for; the
-    plain recipe (every parameter from step 1, default init, light background) stays at 0-5% for the same
-    budget. What limits it: see the module docstring.
+    Measured (seeds 0 and 1, 2 cores): held-out Acc@0.5 0% -> 47.7% in ~520 s, below the 50% aimed for; the
+    plain recipe (every parameter from step 1, default init, light background, shapes anywhere) stays at 0-5%
+    for the same budget. What limits it: see the module docstring.
     """
 
     steps: int = 760  # optimizer steps in all
@@ -243,16 +264,16 @@ class DemoConfig:
     freeze_embedding: bool = False  # keep the input embedding (151,936 x hidden) at its random init throughout
     style: str = "ref_first"  # conversation form (synthetic.STYLES): "ask", "ref", "ref_first" or "ref_both"
     ask_all: bool = False  # training conversations ask for every shape of the image, one turn each
-    each_shape: bool = False  # every training image is asked about each of its shapes, one conversation each
-    n_train: int = 12160  # one epoch of 760 x 16: every step sees new images (halve it with each_shape)
-    lm_init_std: float = 0.0  # > 0: the LM blocks' matrices start at this std (see lm_block_init; 0 = 0.02)
+    each_shape: bool = True  # every training image is asked about each of its shapes, one conversation each
+    n_train: int = 6080  # images; with each_shape one epoch of 760 x 16 conversations (every step sees new ones)
+    lm_init_std: float = 0.088  # > 0: the LM blocks' matrices start at this std (see lm_block_init; 0 = 0.02)
     n_eval: int = 128
     image_size: int = 224
     min_shapes: int = 2
     max_shapes: int = 2
     min_size: float = 0.3
     max_size: float = 0.5
-    grid: int = 1  # shape positions and sizes are multiples of this many pixels (SyntheticConfig.grid; 1 = anywhere)
+    grid: int = 14  # shape positions and sizes are multiples of this many pixels (the patch; 1 = anywhere)
     resampler_init_scale: float = 3.0  # 0 = the model's default random init
     resampler_kv_gain: float = 0.1  # the resampler's ln_kv gain at init (see local_resampler_init)
     recency_init_layers: int = 1  # the first N LM layers start with recency-biased attention (0 = off)
@@ -411,7 +432,8 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         "",
         "## Setup",
         f"- data: {cfg.n_train} training / {cfg.n_eval} held-out images of {cfg.image_size} px, "
-        f"{_shape_count(cfg)} shapes each ({cfg.min_size:.0%}-{cfg.max_size:.0%} of the side, distinct colours), "
+        f"{_shape_count(cfg)} shapes each ({cfg.min_size:.0%}-{cfg.max_size:.0%} of the side, distinct colours"
+        f"{f', on a {cfg.grid} px grid' if cfg.grid > 1 else ''}), "
         f"{'each shape' if cfg.each_shape else 'one shape'} asked for per training image (one per held-out image), "
         f"conversation style {cfg.style!r} (`data/train.json`, `data/eval.jsonl`)",
         f"- model: {n_params / 1e6:.1f}M parameters; ViT width {vis.width} x {vis.layers} layers "
