@@ -67,7 +67,8 @@ pays off alone.
 Variants of the current recipe (760 steps of 16; "lands" = asked / other / neither): without the LM std
 38.3% (49 / 54 / 25); without ``each_shape`` and the LM std (the grid alone) 32.8% (42 / 61 / 25); style
 ``"ref_both"`` (the request repeated in the answer, right before the box) with a first layer that copies the
-recent tokens (``recency_copy_scale`` 1): 46.9% (60 / 47 / 21, 617 s); the learning rate decaying to 1e-3
+recent tokens (``recency_copy_scale`` 1): 46.9% (60 / 47 / 21, 617 s); the request after the picture (style
+``"ask"``) with that copying layer: 37.5% (48 / 60 / 20); the learning rate decaying to 1e-3
 instead of 1e-4: 36.7% (47 / 58 / 23); 860 steps (one epoch of 6,880 images, 580 s): 46.9% (60 / 48 / 20).
 Before the grid (shapes anywhere), with ``each_shape`` and the LM std:
 both conversations of an image in the same batch 29.7% (38 / 37 / 53); a second layer started as
