@@ -55,21 +55,24 @@ def lm_matrices(model: QwenVL) -> list[torch.Tensor]:
     return [*mats, model.lm_head.weight]
 
 
-def mean_of(fn, passes: int, repeat: int) -> float:
-    """Seconds per call: the mean over ``passes`` consecutive calls, best of ``repeat`` rounds (how decode is timed)."""
-    best = float("inf")
+def pass_times(fn, passes: int, repeat: int) -> tuple[float, float]:  # noqa: ANN001
+    """Seconds per call as decode is timed (the mean over ``passes`` consecutive calls, best of ``repeat``
+    rounds), and the fastest single call among those same calls."""
+    best_mean = best_single = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        start = last = time.perf_counter()
         for _ in range(passes):
             fn()
-        best = min(best, (time.perf_counter() - t) / passes)
-    return best
+            now = time.perf_counter()
+            best_single, last = min(best_single, now - last), now
+        best_mean = min(best_mean, (last - start) / passes)
+    return best_mean, best_single
 
 
 def weight_floor(model: QwenVL, passes: int, repeat: int) -> dict[str, float]:
     """Seconds for one batch-1 product with every LM matrix, with F.linear and with prepacked weights: what a
-    decode step cannot beat. ``plain`` / ``prepacked`` use decode's statistic (:func:`mean_of`, ``passes`` =
-    the decode steps timed), ``*_best_single`` the fastest single pass of ``passes * repeat`` (a lower bound
+    decode step cannot beat. ``plain`` / ``prepacked`` use decode's statistic (:func:`pass_times`, ``passes`` =
+    the decode steps timed), ``*_best_single`` the fastest single pass among the same passes (a lower bound
     that a mean over many steps never reaches on a noisy machine, so not the one to compare decode with)."""
     mats = lm_matrices(model)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
@@ -79,7 +82,7 @@ def weight_floor(model: QwenVL, passes: int, repeat: int) -> dict[str, float]:
             F.linear(xs[w.shape[1]], w)
 
     plain()
-    out = {"plain": mean_of(plain, passes, repeat), "plain_best_single": best_of(plain, passes * repeat)}
+    out = dict(zip(("plain", "plain_best_single"), pass_times(plain, passes, repeat)))
     if not can_prepack(mats[0].dtype):
         return {**out, "prepacked": float("inf"), "prepacked_best_single": float("inf")}
     packed = []
@@ -93,8 +96,7 @@ def weight_floor(model: QwenVL, passes: int, repeat: int) -> dict[str, float]:
             layer(xs[layer.in_features])
 
     prepacked()
-    return {**out, "prepacked": mean_of(prepacked, passes, repeat),
-            "prepacked_best_single": best_of(prepacked, passes * repeat)}
+    return {**out, **dict(zip(("prepacked", "prepacked_best_single"), pass_times(prepacked, passes, repeat)))}
 
 
 def prompt(length: int, with_image: bool, seed: int) -> list[int]:
