@@ -40,15 +40,15 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
   unevenly from step 1 (with the grid and ``each_shape``: 47.7% with it, 38.3% without);
 - LM 4 layers x 4 heads, shapes 30-50% of the side, bf16 autocast, every step on new conversations.
 
-Measured (2 cores, ``time qwenvl demo``): held-out Acc@0.5 0% -> 47.7% (61/128) in 517 s with seed 0, curve
+Measured (2 cores, ``time qwenvl demo``): held-out Acc@0.5 0% -> 47.7% (61/128) in 470 s with seed 0, curve
 0 / 17.2 / 27.3 / 46.9 / 47.7% at steps 0 / 190 / 380 / 570 / 760; seed 1: 47.7% as well (0 / 23.4 / 36.7
-/ 46.9 / 47.7%), seed 2: 38.3% (lands 49 / 63 / 16: as many boxes on a shape, more of them on the other one). The previous default (shapes anywhere, one question per image, LM std 0.02): 34.4% in 480 s
-(0 / 12.5 / 17.2 / 35.2 / 34.4%); before the key/value gain 24.2%. 128 held-out images give +-4 points of
-noise.
+/ 46.9 / 47.7%); seed 2: 38.3% (lands 49 / 63 / 16: as many boxes on a shape, more of them on the other
+one). The previous default (shapes anywhere, one question per image, LM std 0.02): 34.4% in 480 s (0 / 12.5
+/ 17.2 / 35.2 / 34.4%); before the key/value gain 24.2%. 128 held-out images give +-4 points of noise.
 
 What still limits it (below the 50% aimed for): choosing *which* shape. The report's "where the final boxes
 land" line (:func:`where_boxes_land`) sorts the held-out predictions: 61 on the asked shape (IoU >= 0.5), 51
-on the other shape, 16 on neither (both seeds gave exactly these counts on their own held-out sets), centre
+on the other shape, 16 on neither (seeds 0 and 1 gave exactly these counts on their own held-out sets), centre
 nearer the asked shape 67 times and nearer the other 61: the model now boxes a shape 88% of the time, and
 picks the asked one only a little more often than the other (a model that boxed a random one of the two
 perfectly would score 50%). Under the previous default: 44 / 30 / 54, nearer 67 vs 61.
@@ -86,8 +86,8 @@ layers x 8 heads: 35.9% (46 / 52 / 30, 808 s, over the time budget). Earlier var
   with ``each_shape`` 43.8% (56 / 32 / 40, centre nearer the asked shape 80 vs 48 times: the one run that
   chose), but 32.8% (42 / 44 / 42, 65 vs 63) with std 0.0884 and 35.9% (46 / 44 / 34) with seed 1, so
   luck, not yet a recipe; the first layer's attention also copying the recent tokens
-  (``recency_copy_scale`` 1) with ``ref_both``: 31.2% (40 / 32 / 56); batch 8 for 1,520 steps: 22.7% (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary
-  pairs that keep a content match over the 256 image tokens): 31.2% (40 / 42 / 46);
+  (``recency_copy_scale`` 1) with ``ref_both``: 31.2% (40 / 32 / 56); batch 8 for 1,520 steps: 22.7%
+  (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary pairs that keep a content match over the 256 image tokens): 31.2% (40 / 42 / 46);
 - a smooth sin-cos ViT position table (``position_init_scale`` 1, key/value gain 0.03) makes a shape
   token's position linearly readable (R^2 0.33 -> 0.95) while its colour stays readable (prototype AUC
   0.97 -> 0.94), and the trained heads then do attend to the shapes (up to ~50% of their mass on the two
@@ -187,9 +187,9 @@ def lm_block_init(model: QwenVL, std: float) -> None:
     logit ~0 at the start, so no head prefers one token over another until the weights have grown; at std
     1/sqrt(hidden) the random heads already attend unevenly. The demo uses std 0.088 (``DemoConfig.lm_init_std``):
     with shapes on the patch grid and ``each_shape``, 47.7% held-out Acc@0.5 vs 38.3% at 0.02 (760 steps, seed
-    0; 47.7% with seed 1, 38.3% with seed 2). With shapes anywhere it did not hold across runs (each run repeats exactly; small
-    changes do not): 43.8% with ``each_shape`` (boxes on the asked shape vs the other 56 vs 32), but 32.8% with
-    std 0.0884 and 35.9% with seed 1.
+    0; 47.7% with seed 1, 38.3% with seed 2). With shapes anywhere it did not hold across runs (each run
+    repeats exactly; small changes do not): 43.8% with ``each_shape`` (boxes on the asked shape vs the other
+    56 vs 32), but 32.8% with std 0.0884 and 35.9% with seed 1.
     """
     for block in model.transformer.h:
         for p in block.parameters():
