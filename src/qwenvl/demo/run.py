@@ -87,7 +87,8 @@ layers x 8 heads: 35.9% (46 / 52 / 30, 808 s, over the time budget). Earlier var
   chose), but 32.8% (42 / 44 / 42, 65 vs 63) with std 0.0884 and 35.9% (46 / 44 / 34) with seed 1, so
   luck, not yet a recipe; the first layer's attention also copying the recent tokens
   (``recency_copy_scale`` 1) with ``ref_both``: 31.2% (40 / 32 / 56); batch 8 for 1,520 steps: 22.7%
-  (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary pairs that keep a content match over the 256 image tokens): 31.2% (40 / 42 / 46);
+  (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary pairs that keep a content match over
+  the 256 image tokens): 31.2% (40 / 42 / 46);
 - a smooth sin-cos ViT position table (``position_init_scale`` 1, key/value gain 0.03) makes a shape
   token's position linearly readable (R^2 0.33 -> 0.95) while its colour stays readable (prototype AUC
   0.97 -> 0.94), and the trained heads then do attend to the shapes (up to ~50% of their mass on the two
