@@ -3,17 +3,26 @@
     python benchmarks/generate.py                 # mid-size random model (hidden 1024, 8 layers, real vocab)
     python benchmarks/generate.py --preset tiny   # quick check
 
-Decode runs with the weights prepacked for oneDNN (``QwenVL.prepack_cpu_weights``, what ``qwenvl.inference.load``
-does on the CPU); the plain ``nn.Linear`` path is timed too, for comparison. Prints:
-  * the weight-read floor: a batch-1 pass over every LM matrix (lm_head included), timed here with F.linear
-    and with the prepacked kernel, with the statistic decode is timed with (the mean over as many consecutive
-    passes as decode steps, best of ``--repeat`` rounds); the single fastest pass is printed too;
-  * batch-1 decode time per token in fp32 and bf16, and fp32 decode / floor (target <= 1.05);
+Three ways to run batch-1 decode are timed: eager on plain weights (one-row products take the compiled row
+kernel of ``qwenvl.model.linear``; what ``qwenvl.inference.load`` gives for batch 1), eager with the weights
+prepacked for oneDNN (``QwenVL.prepack_cpu_weights``; what ``load`` gives for batches), and the decode step
+under ``torch.compile`` (``stream_tokens(compile=True)`` / ``--compile``: the one-row products become
+reductions inside the graph, fused with the rest of the step).
+
+This machine's memory bandwidth drifts by tens of percent from one minute to the next, so a ratio of two
+numbers taken minutes apart measures the drift. Every measurement below is therefore taken once per round,
+``--rounds`` rounds one after the other, each ratio is computed within a round, and the median over rounds
+is printed (the per-round numbers go to ``--json``). Prints:
+  * the weight-read floor: a batch-1 pass over every LM matrix (lm_head included) with each product kernel:
+    ``F.linear``, the eager row kernel, the prepacked oneDNN kernel, and all products as reductions in one
+    compiled graph (the same code as the compiled decode step's products); the floor of a round is the
+    fastest of them. Each is timed as decode is: the mean over as many consecutive passes as decode steps;
+  * batch-1 decode / floor per way of running (target <= 1.05, fp32);
   * bf16 decode speed-up over fp32 (target >= 1.8 on CPUs with native bf16 matmul);
-  * batch-8 decode throughput over batch 1 (target >= 6);
+  * batch-8 decode throughput over batch 1 (target >= 6), and the batch-8 step's FLOP/s over the matmul peak;
   * prefill of a 270-token one-image prompt (bf16, logits for the last position only): achieved FLOP/s
     over the bf16 matmul peak measured here (target >= 0.5).
-Speed is never asserted; these machines are noisy, so compare numbers from one run only.
+Speed is never asserted; compare numbers from one run only.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import argparse
 import functools
 import json
 import platform
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +41,8 @@ import torch.nn.functional as F
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
-from qwenvl.model.linear import PackedLinear, can_prepack, cpu_gemv_default, set_cpu_gemv
+from qwenvl.model import linear as qlinear
+from qwenvl.model.linear import PackedLinear, can_prepack
 
 
 def best_of(fn, repeat: int) -> float:  # noqa: ANN001
@@ -69,34 +81,38 @@ def pass_times(fn, passes: int, repeat: int) -> tuple[float, float]:  # noqa: AN
     return best_mean, best_single
 
 
-def weight_floor(model: QwenVL, passes: int, repeat: int) -> dict[str, float]:
-    """Seconds for one batch-1 product with every LM matrix, with F.linear and with prepacked weights: what a
-    decode step cannot beat. ``plain`` / ``prepacked`` use decode's statistic (:func:`pass_times`, ``passes`` =
-    the decode steps timed), ``*_best_single`` the fastest single pass among the same passes (a lower bound
-    that a mean over many steps never reaches on a noisy machine, so not the one to compare decode with)."""
+def floor_passes(model: QwenVL) -> dict[str, Callable[[], None]]:
+    """One batch-1 product with every LM matrix, per product kernel: what a decode step cannot beat."""
     mats = lm_matrices(model)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats}
 
-    def plain() -> None:
+    def f_linear() -> None:
         for w in mats:
             F.linear(xs[w.shape[1]], w)
 
-    plain()
-    out = dict(zip(("plain", "plain_best_single"), pass_times(plain, passes, repeat)))
-    if not can_prepack(mats[0].dtype):
-        return {**out, "prepacked": float("inf"), "prepacked_best_single": float("inf")}
-    packed = []
-    for w in mats:
-        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        layer.weight = torch.nn.Parameter(w, requires_grad=False)
-        packed.append(PackedLinear(layer))
+    passes = {"f_linear": f_linear}
+    if qlinear.cpu_gemv_enabled() and qlinear._fast(xs[mats[0].shape[1]], mats[0]) is not None:
 
-    def prepacked() -> None:
-        for layer in packed:
-            layer(xs[layer.in_features])
+        def row_kernel() -> None:
+            for w in mats:
+                qlinear._fast(xs[w.shape[1]], w)
 
-    prepacked()
-    return {**out, **dict(zip(("prepacked", "prepacked_best_single"), pass_times(prepacked, passes, repeat)))}
+        passes["row_kernel"] = row_kernel
+    if can_prepack(mats[0].dtype):
+        packed = []
+        for w in mats:
+            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            layer.weight = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
+            packed.append(PackedLinear(layer))
+
+        def prepacked() -> None:
+            for layer in packed:
+                layer(xs[layer.in_features])
+
+        passes["prepacked"] = prepacked
+    for fn in passes.values():
+        fn()  # warm-up (compiles the row kernel for each shape)
+    return passes
 
 
 def prompt(length: int, with_image: bool, seed: int) -> list[int]:
@@ -106,20 +122,37 @@ def prompt(length: int, with_image: bool, seed: int) -> list[int]:
     return text[:4] + span + text[4:]
 
 
-def decode_seconds_per_step(model: QwenVL, batch: int, new_tokens: int, prompt_len: int, repeat: int) -> float:
+def decoder(model: QwenVL, batch: int, new_tokens: int, prompt_len: int, compile: bool = False) -> Callable[[], float]:
+    """A function that generates ``new_tokens`` after a prompt and returns the seconds per decode step (the
+    prefill and first token excluded). Called once here as a warm-up (and to compile, when compiling)."""
     ids = torch.tensor([prompt(prompt_len, False, seed=b) for b in range(batch)])
     params = SamplingParams(max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1)
 
+    @torch.no_grad()
     def run() -> float:
-        it = stream_tokens(model, ids, params=params)
+        it = stream_tokens(model, ids, params=params, compile=compile)
         next(it)  # prefill + first token
         t = time.perf_counter()
         n = sum(1 for _ in it)
         return (time.perf_counter() - t) / n
 
+    run()
+    return run
+
+
+def compiled_pass(model: QwenVL) -> Callable[[], None]:
+    """One batch-1 product with every LM matrix as reductions in one compiled graph: the products exactly as
+    the compiled decode step computes them, without the rest of the step."""
+    mats = [w.detach() for w in lm_matrices(model)]
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats]
+
+    def products(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [(w.float() * x.float()).sum(-1).to(x.dtype) for x, w in zip(xs, ws)]
+
+    fn = torch.compile(products, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        run()
-        return min(run() for _ in range(repeat))
+        fn(xs, mats)
+    return lambda: fn(xs, mats)
 
 
 def prefill_flops(model: QwenVL, tokens: int, images: int) -> float:
@@ -145,77 +178,89 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of every floor and decode measurement")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    n, plen = args.new_tokens, args.prompt_len
 
     res: dict[str, float | str] = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
                                    "torch": torch.__version__, "preset": args.preset}
     res["peak_fp32_gflops"] = matmul_peak(torch.float32) / 1e9
     res["peak_bf16_gflops"] = matmul_peak(torch.bfloat16) / 1e9
 
-    model = QwenVL.from_config(args.preset, seed=0).float()
-    n, r = args.new_tokens, args.repeat
+    # every measurement as a function returning seconds per pass / per step; all are run once per round
+    timed: dict[str, Callable[[], float]] = {}
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        model = model.to(dtype)
-        floor = weight_floor(model, n, r)
-        res[f"floor_{tag}_ms"] = min(floor["plain"], floor["prepacked"]) * 1e3
-        res[f"floor_{tag}_f_linear_ms"] = floor["plain"] * 1e3
-        res[f"floor_{tag}_best_single_pass_ms"] = min(floor["plain_best_single"], floor["prepacked_best_single"]) * 1e3
-        res[f"decode_{tag}_b1_plain_ms"] = decode_seconds_per_step(model, 1, n, args.prompt_len, r) * 1e3
-        if tag == "bf16":  # the other choice of the one-row bf16 kernel on plain weights, for comparison
-            set_cpu_gemv(not cpu_gemv_default())
-            res["decode_bf16_b1_plain_other_kernel_ms"] = decode_seconds_per_step(model, 1, n, args.prompt_len,
-                                                                                  r) * 1e3
-            set_cpu_gemv(cpu_gemv_default())
-        res[f"decode_{tag}_b8_plain_ms"] = decode_seconds_per_step(model, 8, n, args.prompt_len, r) * 1e3
-        flops_270 = prefill_flops(model, 270, 1)  # from the plain layers' shapes
-        packed = model.prepack_cpu_weights() > 0
-        suffix = "" if packed else "_plain"  # where packing is unavailable the plain numbers stand in
-        if packed:
-            res[f"decode_{tag}_b1_ms"] = decode_seconds_per_step(model, 1, n, args.prompt_len, r) * 1e3
-            res[f"decode_{tag}_b8_ms"] = decode_seconds_per_step(model, 8, n, args.prompt_len, r) * 1e3
-        else:
-            res[f"decode_{tag}_b1_ms"] = res[f"decode_{tag}_b1{suffix}_ms"]
-            res[f"decode_{tag}_b8_ms"] = res[f"decode_{tag}_b8{suffix}_ms"]
+        plain = QwenVL.from_config(args.preset, seed=0, dtype=dtype)
+        res["lm_matrix_params"] = float(sum(w.numel() for w in lm_matrices(plain)))
+        for name, fn in {**floor_passes(plain), "compiled": compiled_pass(plain)}.items():
+            if name == "f_linear":  # far slower than the others (see the README); timed once, not per round
+                res[f"floor_{tag}_f_linear_ms"] = pass_times(fn, n, 1)[0] * 1e3
+                continue
+            timed[f"floor_{tag}_{name}"] = functools.partial(lambda f: pass_times(f, n, 1)[0], fn)
+        timed[f"decode_{tag}_b1_compiled"] = decoder(plain, 1, n, plen, compile=True)
+        timed[f"decode_{tag}_b1_eager"] = decoder(plain, 1, n, plen)
+        res[f"decode_{tag}_b8_plain_ms"] = decoder(plain, 8, n, plen)() * 1e3  # slow: once, not per round
+        packed = QwenVL.from_config(args.preset, seed=0, dtype=dtype)
+        if packed.prepack_cpu_weights() > 0:
+            timed[f"decode_{tag}_b1_prepacked"] = decoder(packed, 1, n, plen)
+            timed[f"decode_{tag}_b8_prepacked"] = decoder(packed, 8, n, plen)
         if tag == "bf16":
             ids = torch.tensor([prompt(270, True, seed=0)])
-            pixels = torch.randn(1, 3, model.config.visual.image_size, model.config.visual.image_size)
+            pixels = torch.randn(1, 3, plain.config.visual.image_size, plain.config.visual.image_size)
+            model = packed if packed.is_prepacked else plain
             with torch.no_grad():
                 model(ids, images=pixels, logits_to_keep=1)
-                t = best_of(functools.partial(model, ids, images=pixels, logits_to_keep=1), r)
+                t = best_of(functools.partial(model, ids, images=pixels, logits_to_keep=1), 3)
             res["prefill_270_bf16_ms"] = t * 1e3
-            res["prefill_270_bf16_gflops"] = flops_270 / t / 1e9
-        model.unpack_cpu_weights()
+            res["prefill_270_bf16_gflops"] = prefill_flops(plain, 270, 1) / t / 1e9
 
-    ratios = {
-        "fp32 decode / weight floor (<= 1.05)": res["decode_fp32_b1_ms"] / res["floor_fp32_ms"],
-        "fp32 decode / fastest single floor pass": res["decode_fp32_b1_ms"] / res["floor_fp32_best_single_pass_ms"],
-        "bf16 decode / bf16 weight floor": res["decode_bf16_b1_ms"] / res["floor_bf16_ms"],
-        "fp32 decode, prepacked / plain": res["decode_fp32_b1_ms"] / res["decode_fp32_b1_plain_ms"],
-        "batch-8 / batch-1 throughput, bf16, plain weights": 8 * res["decode_bf16_b1_plain_ms"]
-        / res["decode_bf16_b8_plain_ms"],
-        "bf16 decode speed-up over fp32 (>= 1.8)": res["decode_fp32_b1_ms"] / res["decode_bf16_b1_ms"],
-        "bf16 batch-1 decode, plain (row kernel) / prepacked": res["decode_bf16_b1_plain_ms"]
-        / res["decode_bf16_b1_ms"],
-        "bf16 decode speed-up over fp32, best of each": min(res["decode_fp32_b1_ms"], res["decode_fp32_b1_plain_ms"])
-        / min(res["decode_bf16_b1_ms"], res["decode_bf16_b1_plain_ms"]),
-        "batch-8 / best batch-1 throughput, bf16": 8 * min(res["decode_bf16_b1_ms"], res["decode_bf16_b1_plain_ms"])
-        / res["decode_bf16_b8_ms"],
-        "batch-8 / batch-1 throughput, fp32 (>= 6)": 8 * res["decode_fp32_b1_ms"] / res["decode_fp32_b8_ms"],
-        "batch-8 / batch-1 throughput, bf16 (>= 6)": 8 * res["decode_bf16_b1_ms"] / res["decode_bf16_b8_ms"],
-        "prefill FLOP/s / bf16 peak (>= 0.5)": res["prefill_270_bf16_gflops"] / res["peak_bf16_gflops"],
-    }
+    rounds = []
+    for _ in range(args.rounds):
+        row = {k: fn() * 1e3 for k, fn in timed.items()}
+        for tag in ("fp32", "bf16"):
+            row[f"floor_{tag}"] = min(v for k, v in row.items() if k.startswith(f"floor_{tag}_"))
+            row[f"decode_{tag}_b1_best"] = min(v for k, v in row.items() if k.startswith(f"decode_{tag}_b1_"))
+        rounds.append(row)
+
+    def med(fn: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(fn(row) for row in rounds)
+
+    for k in rounds[0]:
+        res[f"{k}_ms"] = med(lambda row, k=k: row[k])
+    ratios: dict[str, float] = {}
+    for tag in ("fp32", "bf16"):
+        for mode in ("compiled", "eager", "prepacked"):
+            key = f"decode_{tag}_b1_{mode}"
+            if key in rounds[0]:
+                target = " (<= 1.05)" if tag == "fp32" and mode == "compiled" else ""
+                ratios[f"{tag} batch-1 decode, {mode} / floor{target}"] = med(lambda r, k=key, t=tag: r[k] / r[f"floor_{t}"])
+    for mode in ("compiled", "eager", "prepacked", "best"):
+        key = f"decode_{{}}_b1_{mode}"
+        if key.format("fp32") in rounds[0]:
+            target = " (>= 1.8)" if mode == "best" else ""
+            ratios[f"bf16 decode speed-up over fp32, {mode}{target}"] = med(
+                lambda r, k=key: r[k.format("fp32")] / r[k.format("bf16")])
+    for tag in ("fp32", "bf16"):
+        b8 = f"decode_{tag}_b8_prepacked"
+        if b8 in rounds[0]:
+            ratios[f"{tag} batch-8 / batch-1 throughput, prepacked batch 8 / fastest batch 1 (>= 6)"] = med(
+                lambda r, b8=b8, t=tag: 8 * r[f"decode_{t}_b1_best"] / r[b8])
+            ratios[f"{tag} batch-8 / batch-1 throughput, both prepacked"] = med(
+                lambda r, b8=b8, t=tag: 8 * r[f"decode_{t}_b1_prepacked"] / r[b8])
+            ratios[f"{tag} batch-8 prepacked, achieved FLOP/s / {tag} matmul peak"] = med(
+                lambda r, b8=b8: 8 * 2 * res["lm_matrix_params"] / (r[b8] / 1e3)) / (res[f"peak_{tag}_gflops"] * 1e9)
+    ratios["prefill FLOP/s / bf16 peak (>= 0.5)"] = res["prefill_270_bf16_gflops"] / res["peak_bf16_gflops"]
     for k, v in res.items():
-        print(f"{k:<28} {v:.2f}" if isinstance(v, float) else f"{k:<28} {v}")
+        print(f"{k:<40} {v:.2f}" if isinstance(v, float) else f"{k:<40} {v}")
     print()
     for k, v in ratios.items():
-        print(f"{k:<44} {v:.2f}")
+        print(f"{k:<80} {v:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**res, "ratios": ratios}, f, indent=2)
+            json.dump({**res, "ratios": ratios, "rounds": rounds}, f, indent=2)
 
 
 if __name__ == "__main__":

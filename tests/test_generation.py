@@ -117,19 +117,26 @@ def test_prompt_longer_than_context_fails_before_work(tiny_model):
         tiny_model.generate(torch.ones(1, 0, dtype=torch.long), max_new_tokens=2)
 
 
-def test_compiled_decode_step_gives_the_same_tokens(tiny_model):
-    ids = torch.randint(1000, 50000, (2, 12), generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: the one-row products are reductions inside the graph
+def test_compiled_decode_step_gives_the_same_tokens(tiny_model, batch):
+    ids = torch.randint(1000, 50000, (batch, 12), generator=torch.Generator().manual_seed(3))
     params = SamplingParams(max_new_tokens=6, min_new_tokens=6)
     eager = torch.stack(list(stream_tokens(tiny_model, ids, params=params)), 1)
     compiled = torch.stack(list(stream_tokens(tiny_model, ids, params=params, step_fn=compiled_decode_step())), 1)
     assert torch.equal(eager, compiled)
 
 
-def test_bf16_cpu_fast_path_matches_f_linear():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_one_row_fast_path_matches_f_linear(dtype, monkeypatch):
     from qwenvl import QwenVL
+    from qwenvl.model import linear as linear_module
     from qwenvl.model.linear import set_cpu_gemv
 
-    model = QwenVL.from_config("tiny", seed=0, dtype=torch.bfloat16)
+    calls = []
+    row_kernel = linear_module._fast
+    monkeypatch.setattr(linear_module, "_fast", lambda x, w: calls.append(w.shape) or row_kernel(x, w))
+
+    model = QwenVL.from_config("tiny", seed=0, dtype=dtype)
     try:
         ids = torch.randint(1000, 50000, (1, 12), generator=torch.Generator().manual_seed(4))
         cache = model.new_cache(1, 13)
@@ -140,7 +147,10 @@ def test_bf16_cpu_fast_path_matches_f_linear():
             cache.length -= 1
             set_cpu_gemv(False)
             ref = model(torch.tensor([[5]]), past_key_values=cache).logits
-        torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(fast.float(), ref.float(), atol=tol, rtol=tol)
+        n_layers = len(model.transformer.h)
+        assert len(calls) == 5 * n_layers + 1  # every LM product of the fast step took the row kernel
     finally:
         set_cpu_gemv(True)
 

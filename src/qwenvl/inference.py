@@ -33,10 +33,11 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     """Model and processor of a checkpoint folder, for inference (``dtype`` None/"auto" keeps the stored dtype).
 
     On the CPU, ``prepack=True`` stores fp32/bf16 weights in oneDNN's layout
-    (:meth:`QwenVL.prepack_cpu_weights`): ~1.7x faster fp32 decode, and batches nearly free; ``False`` keeps
-    plain ``nn.Linear`` layers (needed to compile or train the returned model). ``None`` (default) decides by
-    what is fastest for ``batch_size`` (the batch the caller will decode): packed, except bf16 at batch 1,
-    where the compiled one-row kernel on plain weights is faster (see ``benchmarks/generate.py``).
+    (:meth:`QwenVL.prepack_cpu_weights`): batches of several rows decode nearly as fast as one; ``False``
+    keeps plain ``nn.Linear`` layers (needed to compile or train the returned model), where batch-1 decode
+    runs the compiled one-row kernel, faster than the packed weights. ``None`` (default) decides by
+    ``batch_size`` (the batch the caller will decode): plain for 1, packed for more
+    (see ``benchmarks/generate.py``).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -45,7 +46,7 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     if prepack is None:
         from .model.linear import cpu_gemv_enabled
 
-        prepack = not (model.dtype == torch.bfloat16 and batch_size <= 1 and cpu_gemv_enabled())
+        prepack = batch_size > 1 or not cpu_gemv_enabled()
     if prepack:
         model.prepack_cpu_weights()
     return model, Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir)
@@ -75,10 +76,12 @@ def predict(
     batch_size: int = 1,
     base_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> list[Prediction]:
     """Generate for every prompt (strings, list-format lists or messages), ``batch_size`` at a time.
 
     Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
+    ``compile=True`` decodes with the ``torch.compile``-d step (plain weights; the first call compiles).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -93,7 +96,7 @@ def predict(
         chunk = prompts[s : s + batch_size]
         inputs = processor(chunk, base_dir=base_dir)  # a list of prompts is always a batch
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        steps = list(stream_tokens(model, ids, mask, inputs["images"], params))
+        steps = list(stream_tokens(model, ids, mask, inputs["images"], params, compile=compile))
         new = torch.stack(steps, 1).cpu() if steps else ids.new_zeros((ids.shape[0], 0))
         for b in range(ids.shape[0]):
             prompt_ids = ids[b][mask[b].bool()].tolist()
@@ -108,13 +111,15 @@ def predict(
 
 
 def stream_text(
-    model: QwenVL, processor: Processor, prompt: Any, params: SamplingParams, base_dir: str | os.PathLike | None = None
+    model: QwenVL, processor: Processor, prompt: Any, params: SamplingParams, base_dir: str | os.PathLike | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the response text of one prompt as it is decoded (never splitting a UTF-8 character)."""
     inputs = processor([prompt], base_dir=base_dir)
     stream = TextStream(processor.decode, skip_ids=params.stop_token_ids)
     stops = set(params.stop_token_ids)
-    for token in stream_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], params):
+    for token in stream_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], params,
+                               compile=compile):
         t = int(token[0])
         if t in stops:
             break
@@ -138,6 +143,7 @@ class ChatSession:
     history: list[tuple[list[dict[str, Any]], str]] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
     last_image: str | None = None
+    compile: bool = False  # decode with the torch.compile-d step
 
     def add_image(self, path: str) -> None:
         load_image(path, self.base_dir)  # fail now, with a clear message, not at the next question
@@ -163,7 +169,8 @@ class ChatSession:
             raise ValueError("empty message")
         query = [{"image": p} for p in self.pending_images] + [{"text": text}]
         pieces = []
-        for delta in stream_text(self.model, self.processor, self.messages(query), self.params, self.base_dir):
+        for delta in stream_text(self.model, self.processor, self.messages(query), self.params, self.base_dir,
+                                 self.compile):
             pieces.append(delta)
             if on_text is not None:
                 on_text(delta)

@@ -41,8 +41,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--prepack", type=str2bool,
-                   help="on the CPU, store weights in oneDNN's layout (default: yes, except bf16 at batch 1, "
-                        "where plain weights decode faster)")
+                   help="on the CPU, store weights in oneDNN's layout (default: for batches of 2 or more; batch 1 "
+                        "decodes faster on plain weights)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile (plain weights; compiling takes a while, then each token is "
+                        "faster: worth it for long answers or many prompts)")
     p.add_argument("--image_dir", help="folder that relative image paths are resolved against (default: cwd)")
 
 
@@ -231,12 +234,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            prepack=opts.get("prepack"), batch_size=opts.get("predict_batch_size", 1))
+                            prepack=_prepack(opts.get("prepack"), args.compile),
+                            batch_size=opts.get("predict_batch_size", 1))
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     prompts = [_as_chat(p, fmt) for p in prompts]
     preds = predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
-                    base_dir=opts.get("image_dir"), progress=bool(args.jsonl))
+                    base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile)
     if args.jsonl:
         lines = [json.dumps({"prompt": p.prompt, "response": p.response, "num_tokens": p.num_tokens,
                              "stopped": p.stopped}, ensure_ascii=False) for p in preds]
@@ -251,6 +255,12 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepack(prepack: bool | None, compile: bool) -> bool | None:
+    if compile and prepack:
+        raise ValueError("--compile needs plain weights: drop --prepack true")
+    return False if compile else prepack
+
+
 # ---- chat ----------------------------------------------------------------------------------------------
 CHAT_HELP = ":image PATH  add a picture to your next message\n:clear       forget the conversation\n:quit        leave"
 
@@ -261,11 +271,12 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
-                            prepack=args.prepack)
+                            prepack=_prepack(args.prepack, args.compile))
     processor.chat_format = "chatml"
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}
-    session = ChatSession(model, processor, chat_params(model, **opts), system=args.system, base_dir=args.image_dir)
+    session = ChatSession(model, processor, chat_params(model, **opts), system=args.system, base_dir=args.image_dir,
+                          compile=args.compile)
     interactive = sys.stdin.isatty()
     print(f"qwenvl chat: {args.load_checkpoint}\n{CHAT_HELP}", file=sys.stderr)
     turn = 0

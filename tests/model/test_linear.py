@@ -115,20 +115,15 @@ def test_prepack_is_a_no_op_where_it_cannot_apply():
 
 
 @needs_fp32
-def test_load_prepacks_on_cpu_unless_told_not_to(golden_dir):
-    model, _ = load(golden_dir, dtype="float32", device="cpu")
-    assert model.is_prepacked
-    model, _ = load(golden_dir, dtype="float32", device="cpu", prepack=False)
-    assert not model.is_prepacked
-
-
-@needs_bf16
-def test_load_keeps_bf16_plain_for_batch_one_when_the_row_kernel_is_on(golden_dir):
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_bf16)])
+def test_load_keeps_batch_one_plain_when_the_row_kernel_is_on(golden_dir, dtype):
     from qwenvl.model.linear import cpu_gemv_enabled
 
-    model, _ = load(golden_dir, dtype="bfloat16", device="cpu", batch_size=1)
+    model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=1)
     assert model.is_prepacked == (not cpu_gemv_enabled())
-    model, _ = load(golden_dir, dtype="bfloat16", device="cpu", batch_size=8)
+    model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=8)
     assert model.is_prepacked
-    model, _ = load(golden_dir, dtype="bfloat16", device="cpu", batch_size=1, prepack=True)
+    model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=8, prepack=False)
+    assert not model.is_prepacked
+    model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=1, prepack=True)
     assert model.is_prepacked
