@@ -225,6 +225,10 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     train = json.loads((out / "data" / "train.json").read_text())
     assert len(train) == 2 * metrics["demo_config"]["n_train"]
     assert "on a 14 px grid" in (out / "report.md").read_text()
+    # ... in the default colours only
+    sents = [json.loads(line)["sent"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
+    assert all(s.split()[1] in ("red", "green", "blue", "yellow") for s in sents)
+    assert "from red, green, blue, yellow" in (out / "report.md").read_text()
 
 
 def test_demo_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -234,10 +238,16 @@ def test_demo_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["demo", "--steps", "1", "--output_dir", str(tmp_path / "d"), "--seed", "1"])
+    args = parser.parse_args(["demo", "--steps", "1", "--output_dir", str(tmp_path / "d"), "--seed", "1",
+                              "--colors", "purple, orange"])
     assert run(args) == 0
     assert "held-out Acc@0.5" in capsys.readouterr().out
     assert (tmp_path / "d" / "report.md").is_file()
+    sents = [json.loads(line)["sent"] for line in (tmp_path / "d" / "data" / "eval.jsonl").read_text().splitlines()]
+    assert {s.split()[1] for s in sents} <= {"purple", "orange"}
+    args = parser.parse_args(["demo", "--steps", "1", "--output_dir", str(tmp_path / "e"), "--colors", "red,teal"])
+    with pytest.raises(ValueError, match="unknown colours"):
+        run(args)
 
 
 def test_demo_config_validation() -> None:

@@ -1,6 +1,6 @@
 """Linear layers for CPU inference: ``linear(x, layer)`` and oneDNN-prepacked weights.
 
-Two ways to make CPU decode read the weights at memory speed:
+Two ways to make CPU decode read the weights fast (the first for batches, the second for one row):
 
 * :class:`PackedLinear` (:func:`prepack_linears`, ``QwenVL.prepack_cpu_weights``): the weight is reordered
   once into oneDNN's blocked layout, the layout its matrix kernels stream fastest. Measured on the mid
@@ -14,7 +14,7 @@ Two ways to make CPU decode read the weights at memory speed:
   ~16 GB/s, bf16 at a fraction of that), so for one row we use a small compiled reduction that reads each
   weight once and accumulates in fp32 (for bf16/fp16: converts in registers, the same arithmetic as a half
   matmul with fp32 accumulation). Measured on the mid benchmark model, 2 threads, in alternating rounds: a
-  pass over every LM matrix takes ~0.84x the prepacked oneDNN time in fp32, and eager fp32 decode is ~27%
+  pass over every LM matrix takes 0.73-0.84x the prepacked oneDNN time in fp32, and eager fp32 decode is ~27%
   faster than with prepacked weights. Inside ``torch.compile`` the same reduction is emitted into the graph,
   so inductor fuses it with the surrounding element-wise work (the compiled decode step). Everything else
   (prefill, batches, training, GPUs) goes to ``F.linear`` unchanged. If compilation is unavailable (no C++
