@@ -67,18 +67,12 @@ def lm_matrices(model: QwenVL) -> list[torch.Tensor]:
     return [*mats, model.lm_head.weight]
 
 
-def pass_times(fn, passes: int, repeat: int) -> tuple[float, float]:  # noqa: ANN001
-    """Seconds per call as decode is timed (the mean over ``passes`` consecutive calls, best of ``repeat``
-    rounds), and the fastest single call among those same calls."""
-    best_mean = best_single = float("inf")
-    for _ in range(repeat):
-        start = last = time.perf_counter()
-        for _ in range(passes):
-            fn()
-            now = time.perf_counter()
-            best_single, last = min(best_single, now - last), now
-        best_mean = min(best_mean, (last - start) / passes)
-    return best_mean, best_single
+def mean_pass_seconds(fn, passes: int) -> float:  # noqa: ANN001
+    """Seconds per call as decode is timed: the mean over ``passes`` consecutive calls."""
+    start = time.perf_counter()
+    for _ in range(passes):
+        fn()
+    return (time.perf_counter() - start) / passes
 
 
 def floor_passes(model: QwenVL) -> dict[str, Callable[[], None]]:
@@ -111,7 +105,7 @@ def floor_passes(model: QwenVL) -> dict[str, Callable[[], None]]:
 
         passes["prepacked"] = prepacked
     for fn in passes.values():
-        fn()  # warm-up (compiles the row kernel for each shape)
+        fn()  # warm-up (compiles the row kernel)
     return passes
 
 
@@ -147,7 +141,7 @@ def compiled_pass(model: QwenVL) -> Callable[[], None]:
     xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats]
 
     def products(xs: list[torch.Tensor], ws: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [(w.float() * x.float()).sum(-1).to(x.dtype) for x, w in zip(xs, ws)]
+        return [qlinear._row_dot(x, w) for x, w in zip(xs, ws)]  # what linear() puts in a compiled graph
 
     fn = torch.compile(products, fullgraph=True, dynamic=False)
     with torch.no_grad():
@@ -197,9 +191,9 @@ def main() -> None:
         res["lm_matrix_params"] = float(sum(w.numel() for w in lm_matrices(plain)))
         for name, fn in {**floor_passes(plain), "compiled": compiled_pass(plain)}.items():
             if name == "f_linear":  # far slower than the others (see the README); timed once, not per round
-                res[f"floor_{tag}_f_linear_ms"] = pass_times(fn, n, 1)[0] * 1e3
+                res[f"floor_{tag}_f_linear_ms"] = mean_pass_seconds(fn, n) * 1e3
                 continue
-            timed[f"floor_{tag}_{name}"] = functools.partial(lambda f: pass_times(f, n, 1)[0], fn)
+            timed[f"floor_{tag}_{name}"] = functools.partial(mean_pass_seconds, fn, n)
         timed[f"decode_{tag}_b1_compiled"] = decoder(plain, 1, n, plen, compile=True)
         timed[f"decode_{tag}_b1_eager"] = decoder(plain, 1, n, plen)
         res[f"decode_{tag}_b8_plain_ms"] = decoder(plain, 8, n, plen)() * 1e3  # slow: once, not per round

@@ -264,9 +264,9 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned to finish in < 10 minutes on 2 CPU cores.
 
-    Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2); the plain recipe
-    (every parameter from step 1, default init, light background, shapes anywhere, six colours) stays at 0-5%
-    for the same budget. Why each knob: see the module docstring.
+    Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
+    the plain recipe (every parameter from step 1, default init, light background, shapes anywhere, six
+    colours) stays at 0-5% for the same budget. Why each knob: see the module docstring.
     """
 
     steps: int = 760  # optimizer steps in all
