@@ -3,20 +3,23 @@
     python benchmarks/generate.py                 # mid-size random model (hidden 1024, 8 layers, real vocab)
     python benchmarks/generate.py --preset tiny   # quick check
 
-Three ways to run batch-1 decode are timed: eager on plain weights (one-row products take the compiled row
-kernel of ``qwenvl.model.linear``; what ``qwenvl.inference.load`` gives for batch 1), eager with the weights
-prepacked for oneDNN (``QwenVL.prepack_cpu_weights``; what ``load`` gives for batches), and the decode step
-under ``torch.compile`` (``stream_tokens(compile=True)`` / ``--compile``: the one-row products become
-reductions inside the graph, fused with the rest of the step).
+Ways to run decode that are timed: eager on plain weights (one-row products take the compiled row kernel
+of ``qwenvl.model.linear``; what ``qwenvl.inference.load`` gives fp32 for batch 1), eager on packed weights
+(``QwenVL.prepack_cpu_weights``: bf16 for our AVX512-BF16 kernel where the CPU has it, else oneDNN's
+layout; what ``load`` gives bf16 always and fp32 for batches), and the decode step under ``torch.compile``
+(``stream_tokens(compile=True)`` / ``--compile``) on plain weights (the one-row products become reductions
+inside the graph, fused with the rest of the step) and, for the bf16 kernel, on packed weights (each product
+one op call in the graph). Batch 8 is timed on packed weights, eager and (bf16 kernel) compiled, and with
+oneDNN's bf16 packing for comparison.
 
 This machine's memory bandwidth drifts by tens of percent from one minute to the next, so a ratio of two
 numbers taken minutes apart measures the drift. Every measurement below is therefore taken once per round,
 ``--rounds`` rounds one after the other, each ratio is computed within a round, and the median over rounds
 is printed (the per-round numbers go to ``--json``). Prints:
   * the weight-read floor: a batch-1 pass over every LM matrix (lm_head included) with each product kernel:
-    ``F.linear``, the eager row kernel, the prepacked oneDNN kernel, and all products as reductions in one
-    compiled graph (the same code as the compiled decode step's products); the floor of a round is the
-    fastest of them. Each is timed as decode is: the mean over as many consecutive passes as decode steps;
+    ``F.linear``, the eager row kernel, the prepacked oneDNN kernel, the bf16 kernel (bf16), and all
+    products as reductions in one compiled graph (the same code as the compiled decode step's products); the
+    floor of a round is the fastest of them. Each is timed as decode is: the mean over as many consecutive passes as decode steps;
   * batch-1 decode / floor per way of running (target <= 1.05, fp32);
   * bf16 decode speed-up over fp32 (target >= 1.8 on CPUs with native bf16 matmul);
   * batch-8 decode throughput over batch 1 (target >= 6), and the batch-8 step's FLOP/s over the matmul peak;
@@ -41,8 +44,9 @@ import torch.nn.functional as F
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
+from qwenvl.model import bf16_kernel
 from qwenvl.model import linear as qlinear
-from qwenvl.model.linear import PackedLinear, can_prepack
+from qwenvl.model.linear import PackedLinear, can_prepack, onednn_packed, prepack_linears
 
 
 def best_of(fn, repeat: int) -> float:  # noqa: ANN001
@@ -92,6 +96,14 @@ def floor_passes(model: QwenVL) -> dict[str, Callable[[], None]]:
                 qlinear._fast(xs[w.shape[1]], w)
 
         passes["row_kernel"] = row_kernel
+    if bf16_kernel.can_pack(mats[0]):
+        kernel_packed = [(bf16_kernel.pack(w), xs[w.shape[1]]) for w in mats]
+
+        def bf16_kernel_pass() -> None:
+            for wp, x in kernel_packed:
+                torch.ops.qwenvl.bf16_packed_linear(x, wp, None)
+
+        passes["bf16_kernel"] = bf16_kernel_pass
     if can_prepack(mats[0].dtype):
         packed = []
         for w in mats:
@@ -201,6 +213,16 @@ def main() -> None:
         if packed.prepack_cpu_weights() > 0:
             timed[f"decode_{tag}_b1_prepacked"] = decoder(packed, 1, n, plen)
             timed[f"decode_{tag}_b8_prepacked"] = decoder(packed, 8, n, plen)
+            if not onednn_packed(packed):  # the bf16 kernel's packing: compiled decode works on it
+                res["packing_" + tag] = "bf16 kernel"
+                timed[f"decode_{tag}_b1_prepacked_compiled"] = decoder(packed, 1, n, plen, compile=True)
+                timed[f"decode_{tag}_b8_prepacked_compiled"] = decoder(packed, 8, n, plen, compile=True)
+                onednn = QwenVL.from_config(args.preset, seed=0, dtype=dtype).requires_grad_(False)
+                unpacked = prepack_linears(onednn, onednn_only=True)
+                assert unpacked and onednn_packed(onednn)
+                timed[f"decode_{tag}_b8_onednn"] = decoder(onednn, 8, n, plen)
+            else:
+                res["packing_" + tag] = "oneDNN"
         if tag == "bf16":
             ids = torch.tensor([prompt(270, True, seed=0)])
             pixels = torch.randn(1, 3, plain.config.visual.image_size, plain.config.visual.image_size)
@@ -238,14 +260,20 @@ def main() -> None:
             ratios[f"bf16 decode speed-up over fp32, {mode}{target}"] = med(
                 lambda r, k=key: r[k.format("fp32")] / r[k.format("bf16")])
     for tag in ("fp32", "bf16"):
-        b8 = f"decode_{tag}_b8_prepacked"
-        if b8 in rounds[0]:
-            ratios[f"{tag} batch-8 / batch-1 throughput, prepacked batch 8 / fastest batch 1 (>= 6)"] = med(
+        for mode in ("prepacked", "prepacked_compiled"):
+            b8 = f"decode_{tag}_b8_{mode}"
+            if b8 not in rounds[0]:
+                continue
+            name = mode.replace("_", " ")
+            ratios[f"{tag} batch-8 / batch-1 throughput, {name} batch 8 / fastest batch 1 (>= 6)"] = med(
                 lambda r, b8=b8, t=tag: 8 * r[f"decode_{t}_b1_best"] / r[b8])
-            ratios[f"{tag} batch-8 / batch-1 throughput, both prepacked"] = med(
-                lambda r, b8=b8, t=tag: 8 * r[f"decode_{t}_b1_prepacked"] / r[b8])
-            ratios[f"{tag} batch-8 prepacked, achieved FLOP/s / {tag} matmul peak"] = med(
+            ratios[f"{tag} batch-8 / batch-1 throughput, both {name}"] = med(
+                lambda r, b8=b8, t=tag, m=mode: 8 * r[f"decode_{t}_b1_{m}"] / r[b8])
+            ratios[f"{tag} batch-8 {name}, achieved FLOP/s / {tag} matmul peak"] = med(
                 lambda r, b8=b8: 8 * 2 * res["lm_matrix_params"] / (r[b8] / 1e3)) / (res[f"peak_{tag}_gflops"] * 1e9)
+        if f"decode_{tag}_b8_onednn" in rounds[0]:
+            ratios[f"{tag} batch-8 decode, oneDNN-prepacked time / bf16-kernel time (eager)"] = med(
+                lambda r, t=tag: r[f"decode_{t}_b8_onednn"] / r[f"decode_{t}_b8_prepacked"])
     ratios["prefill FLOP/s / bf16 peak (>= 0.5)"] = res["prefill_270_bf16_gflops"] / res["peak_bf16_gflops"]
     for k, v in res.items():
         print(f"{k:<40} {v:.2f}" if isinstance(v, float) else f"{k:<40} {v}")

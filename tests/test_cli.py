@@ -77,7 +77,7 @@ def test_predict_jsonl_batched(tmp_path, golden_dir):
         (["--predict_data", "images/cat.png", "hi", "--max_new_tokens", "0"], "max_new_tokens must be > 0"),
         (["--predict_data", "images/cat.png", "hi", "--run_mode", "train"], "run_mode"),
         (["--predict_data", "images/cat.png", "hi", "--predict_batch_size", "0"], "batch_size"),
-        (["--predict_data", "images/cat.png", "hi", "--compile", "--prepack", "true"], "needs plain weights"),
+        (["--predict_data", "images/cat.png", "hi", "--compile", "--prepack", "true"], "oneDNN-prepacked weights"),
     ],
 )
 def test_predict_bad_input_is_a_clear_error(golden_dir, args, message):

@@ -29,24 +29,31 @@ def pick_device(device: str | None) -> str:
 
 def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
          base_dir: str | os.PathLike | None = None, prepack: bool | None = None,
-         batch_size: int = 1) -> tuple[QwenVL, Processor]:
+         batch_size: int = 1, compile: bool = False) -> tuple[QwenVL, Processor]:
     """Model and processor of a checkpoint folder, for inference (``dtype`` None/"auto" keeps the stored dtype).
 
-    On the CPU, ``prepack=True`` stores fp32/bf16 weights in oneDNN's layout
-    (:meth:`QwenVL.prepack_cpu_weights`): batches of several rows decode nearly as fast as one; ``False``
-    keeps plain ``nn.Linear`` layers (needed to compile or train the returned model), where batch-1 decode
-    runs the compiled one-row kernel, faster than the packed weights. ``None`` (default) decides by
-    ``batch_size`` (the batch the caller will decode): plain for 1, packed for more
-    (see ``benchmarks/generate.py``).
+    On the CPU, ``prepack=True`` packs the linear weights (:meth:`QwenVL.prepack_cpu_weights`): bf16 weights
+    for the AVX512-BF16 kernel where the CPU has it (``qwenvl.model.bf16_kernel``), else fp32/bf16 weights in
+    oneDNN's layout; either way batches of several rows decode nearly as fast as one. ``False`` keeps plain
+    ``nn.Linear`` layers (needed to train the returned model), where batch-1 decode runs the one-row kernel.
+    ``None`` (default) decides (see ``benchmarks/generate.py``): weights the bf16 kernel takes are packed
+    for every batch size (eager batch-1 decode ~20% faster than on plain weights, compiled the same); other
+    weights stay plain for batch 1 (the row kernel beats oneDNN there) and are packed for larger batches
+    (``batch_size``: the batch the caller will decode). ``compile=True`` says the caller will compile the
+    decode step: only the bf16 kernel's packing compiles, so ``None`` then packs only for it, and ``True``
+    with weights oneDNN would pack is an error.
     """
+    from .model.linear import can_prepack, cpu_gemv_enabled, packs_for_compile
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {model_dir}")
     model = QwenVL.from_pretrained(model_dir, dtype=dtype, device=pick_device(device))
     if prepack is None:
-        from .model.linear import cpu_gemv_enabled
-
-        prepack = batch_size > 1 or not cpu_gemv_enabled()
+        prepack = packs_for_compile(model) or (not compile and (batch_size > 1 or not cpu_gemv_enabled()))
+    elif prepack and compile and can_prepack(model.dtype, model.device) and not packs_for_compile(model):
+        raise ValueError(f"compiled decoding cannot run oneDNN-prepacked weights ({model.dtype} on this machine): "
+                         "drop prepack (--prepack true) or compile (--compile)")
     if prepack:
         model.prepack_cpu_weights()
     return model, Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir)

@@ -41,11 +41,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--prepack", type=str2bool,
-                   help="on the CPU, store weights in oneDNN's layout (default: for batches of 2 or more; batch 1 "
+                   help="on the CPU, pack the weights: bf16 for the AVX512-BF16 kernel where the CPU has it "
+                        "(default: always), else oneDNN's layout (default: for batches of 2 or more; batch 1 "
                         "decodes faster on plain weights)")
     p.add_argument("--compile", action="store_true",
-                   help="decode with torch.compile (plain weights; compiling takes a while, then each token is "
-                        "faster: worth it for long answers or many prompts)")
+                   help="decode with torch.compile (plain weights, or bf16 ones packed for the AVX512-BF16 kernel; "
+                        "compiling takes a while, then each token is faster: worth it for long answers or many "
+                        "prompts)")
     p.add_argument("--image_dir", help="folder that relative image paths are resolved against (default: cwd)")
 
 
@@ -234,8 +236,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            prepack=_prepack(opts.get("prepack"), args.compile),
-                            batch_size=opts.get("predict_batch_size", 1))
+                            prepack=opts.get("prepack"), batch_size=opts.get("predict_batch_size", 1),
+                            compile=args.compile)
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     prompts = [_as_chat(p, fmt) for p in prompts]
@@ -255,12 +257,6 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepack(prepack: bool | None, compile: bool) -> bool | None:
-    if compile and prepack:
-        raise ValueError("--compile needs plain weights: drop --prepack true")
-    return False if compile else prepack
-
-
 # ---- chat ----------------------------------------------------------------------------------------------
 CHAT_HELP = ":image PATH  add a picture to your next message\n:clear       forget the conversation\n:quit        leave"
 
@@ -271,7 +267,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
-                            prepack=_prepack(args.prepack, args.compile))
+                            prepack=args.prepack, compile=args.compile)
     processor.chat_format = "chatml"
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}

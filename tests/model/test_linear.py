@@ -116,11 +116,14 @@ def test_prepack_is_a_no_op_where_it_cannot_apply():
 
 @needs_fp32
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_bf16)])
-def test_load_keeps_batch_one_plain_when_the_row_kernel_is_on(golden_dir, dtype):
+def test_load_packs_by_batch_size_and_dtype(golden_dir, dtype):
+    from qwenvl.model import bf16_kernel
     from qwenvl.model.linear import cpu_gemv_enabled
 
+    # bf16 weights the AVX512-BF16 kernel takes are packed for every batch size; others stay plain for batch 1
+    kernel = dtype == "bfloat16" and bf16_kernel.available()
     model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=1)
-    assert model.is_prepacked == (not cpu_gemv_enabled())
+    assert model.is_prepacked == (kernel or not cpu_gemv_enabled())
     model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=8)
     assert model.is_prepacked
     model, _ = load(golden_dir, dtype=dtype, device="cpu", batch_size=8, prepack=False)

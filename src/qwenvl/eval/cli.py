@@ -41,7 +41,8 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--prepack", type=str2bool,
-                   help="on the CPU, store weights in oneDNN's layout (default: for batches of 2 or more)")
+                   help="on the CPU, pack the weights: bf16 for the AVX512-BF16 kernel where the CPU has it "
+                        "(default: always), else oneDNN's layout (default: for batches of 2 or more)")
     p.add_argument("--prompt", default=prompt, help=f"prompt template (default: {prompt!r})")
     p.add_argument("--max_new_tokens", type=int, default=max_new, help=f"default {max_new} (official)")
     p.add_argument("--min_new_tokens", type=int, default=min_new, help=f"default {min_new} (official)")

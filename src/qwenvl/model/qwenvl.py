@@ -179,11 +179,12 @@ class QwenVL(nn.Module):
         return self.lm_head.weight.dtype
 
     def prepack_cpu_weights(self) -> int:
-        """Prepack every linear layer's weight for oneDNN (CPU inference only; see
-        :class:`qwenvl.model.linear.PackedLinear`): ~1.6x faster fp32 decode and batches of 8 at nearly the
-        cost of one row. A no-op (returns 0) where the device or dtype cannot be packed. Parameter names and
+        """Pack every linear layer's weight for CPU inference: bf16 weights for the AVX512-BF16 kernel where
+        the CPU has it (:class:`qwenvl.model.linear.Bf16PackedLinear`), other layers for oneDNN
+        (:class:`qwenvl.model.linear.PackedLinear`). Batches of 8 decode at little more than the cost of one
+        row. A no-op (returns 0) where the device or dtype cannot be packed. Parameter names and
         ``state_dict()`` are unchanged; parameters stop requiring grad. :meth:`unpack_cpu_weights` undoes it
-        (needed to train, compile or move the model)."""
+        (needed to train or move the model; oneDNN-packed weights also cannot be compiled)."""
         from .linear import can_prepack, prepack_linears
 
         if not can_prepack(self.dtype, self.device):

@@ -1,0 +1,188 @@
+"""A bf16 matrix kernel for x86 CPUs with AVX512-BF16, built from ``kernels/bf16_linear.c`` at first use.
+
+Why: decoding reads every weight once per step. With bf16 weights on this kind of CPU, oneDNN's prepacked
+matmul runs a batch of 8 rows at ~40% of the bf16 peak, so 8 rows cost ~1.6x one row; this kernel keeps
+8 rows x 48 outputs of accumulators in registers and feeds each 64-byte weight load to 8 ``vdpbf16ps``
+instructions, so 8 rows cost about what the weight read costs (see ``benchmarks/generate.py``). One row
+runs at memory speed too.
+
+The weight is stored packed (:func:`pack`): ``[N/16][K/2][16][2]``, the pair layout ``vdpbf16ps`` reads. The
+source is compiled with the C compiler and OpenMP that ``torch.compile`` uses on CPUs (``CC``, else ``cc``;
+``-fopenmp``) into ``$QWENVL_CACHE_DIR`` (default ``~/.cache/qwenvl``) under a name that hashes the source,
+flags and compiler, so it is built once per machine (~1 s); then loaded with ``ctypes`` and checked against
+``F.linear`` on a small case. Anything missing (not Linux/x86, no ``avx512_bf16`` flag, no compiler, a
+failed build or check) makes :func:`available` False with the reason in :func:`unavailable_reason`, and
+callers keep the other paths. ``QWENVL_BF16_KERNEL=0`` switches it off.
+
+``bf16_packed_linear(x, packed_weight, bias)`` is a ``torch.library`` op (``qwenvl::bf16_packed_linear``), so
+``torch.compile`` keeps it in the graph as one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["available", "bf16_packed_linear", "can_pack", "pack", "unavailable_reason", "unpack"]
+
+_SOURCE = Path(__file__).with_name("kernels") / "bf16_linear.c"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+_state: dict[str, object] = {}  # "fn": the loaded C function, or "reason": why there is none
+
+
+def _cpu_has_bf16() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        return False
+    return False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QWENVL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qwenvl")
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, version]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"bf16_linear-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build next to the target and rename: a concurrent or interrupted build never leaves a partial library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    if os.environ.get("QWENVL_BF16_KERNEL", "1") == "0":
+        _state["reason"] = "switched off (QWENVL_BF16_KERNEL=0)"
+        return
+    if not _cpu_has_bf16():
+        _state["reason"] = "this CPU has no AVX512-BF16 (or is not Linux x86-64)"
+        return
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        fn = lib.qwenvl_bf16_linear
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        _state["fn"] = fn
+        _self_check()
+    except Exception as e:  # noqa: BLE001 -- any build/load/check failure: keep the other paths
+        _state.pop("fn", None)
+        _state["reason"] = f"{type(e).__name__}: {e}"
+        logger.warning("bf16 CPU kernel unavailable (%s); using oneDNN", _state["reason"])
+
+
+def _self_check() -> None:
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in ((1, 48, 64), (5, 80, 34), (11, 64, 128)):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16()
+        want = F.linear(x.float(), w.float(), b.float())
+        got = _call(x, pack(w), b).float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"self-check failed for {m}x{k} @ {k}x{n}: relative error {err:.3g}")
+
+
+def available() -> bool:
+    """Whether the kernel is built and usable here (builds it on the first call)."""
+    if not _state:
+        _load()
+    return "fn" in _state
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    return None if available() else str(_state.get("reason"))
+
+
+def can_pack(w: torch.Tensor) -> bool:
+    """Whether this weight can use the kernel: bf16 on the CPU, (N, K) with N % 16 == 0 and even K."""
+    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() == 2 and w.shape[0] % 16 == 0
+            and w.shape[1] % 2 == 0 and available())
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight -> the packed layout, returned with the same (N, K) shape."""
+    n, k = w.shape
+    return w.detach().reshape(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous().reshape(n, k)
+
+
+def unpack(wp: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack`."""
+    n, k = wp.shape
+    return wp.reshape(n // 16, k // 2, 16, 2).transpose(1, 2).contiguous().reshape(n, k)
+
+
+def _call(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # kept lean: at batch 8 a decode step calls this ~60 times (mid model), ~5 us each
+    n, k = wp.shape
+    if "fn" not in _state and not available():
+        raise RuntimeError(f"the bf16 CPU kernel is unavailable: {unavailable_reason()}")
+    if (x.dtype != torch.bfloat16 or wp.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k
+            or n % 16 or k % 2 or not wp.is_contiguous()
+            or (bias is not None and (bias.dtype != torch.bfloat16 or tuple(bias.shape) != (n,)))):
+        raise ValueError(f"bf16_packed_linear: x {tuple(x.shape)} {x.dtype} on {x.device}, packed weight "
+                         f"{tuple(wp.shape)} {wp.dtype}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}:"
+                         " needs bf16 CPU tensors, x's last dim = K, a contiguous packed (N, K) weight with "
+                         "N % 16 == 0 and even K, bias (N,)")
+    x = x.contiguous()
+    y = x.new_empty(x.shape[:-1] + (n,))
+    rows = x.numel() // k
+    if rows:
+        b = None if bias is None else bias.contiguous().data_ptr()
+        _state["fn"](x.data_ptr(), wp.data_ptr(), b, y.data_ptr(), rows, n, k, torch.get_num_threads())
+    return y
+
+
+# A plain torch.library op with a CPU kernel: inside a compiled graph each call costs ~10 us, half what a
+# torch.library.custom_op costs (its Python wrapper), which at ~60 calls per step is ~0.6 ms per token.
+_lib = torch.library.Library("qwenvl", "FRAGMENT")
+_lib.define("bf16_packed_linear(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor")
+_lib.impl("bf16_packed_linear", _call, "CPU")
+
+
+@torch.library.register_fake("qwenvl::bf16_packed_linear")
+def _(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (packed_weight.shape[0],))
+
+
+def bf16_packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, unpack(packed_weight), bias)`` for bf16 CPU tensors, by the kernel (the op
+    ``torch.ops.qwenvl.bf16_packed_linear``; call :func:`available` first)."""
+    return torch.ops.qwenvl.bf16_packed_linear(x, packed_weight, bias)
