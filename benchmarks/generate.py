@@ -98,10 +98,11 @@ def floor_passes(model: QwenVL) -> dict[str, Callable[[], None]]:
         passes["row_kernel"] = row_kernel
     if bf16_kernel.can_pack(mats[0]):
         kernel_packed = [(bf16_kernel.pack(w), xs[w.shape[1]]) for w in mats]
+        op = bf16_kernel.operator()
 
         def bf16_kernel_pass() -> None:
             for wp, x in kernel_packed:
-                torch.ops.qwenvl.bf16_packed_linear(x, wp, None)
+                op(x, wp, None)
 
         passes["bf16_kernel"] = bf16_kernel_pass
     if can_prepack(mats[0].dtype):

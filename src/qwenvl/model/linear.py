@@ -223,6 +223,7 @@ class Bf16PackedLinear(PackedLinear):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.register_buffer("weight", self._pack(w))
         self.bias = layer.bias
+        self._op = bf16_kernel.operator()
 
     @classmethod
     def _pack(cls, w: torch.Tensor) -> torch.Tensor:
@@ -238,7 +239,7 @@ class Bf16PackedLinear(PackedLinear):
         if x.dtype != torch.bfloat16:
             raise TypeError(f"input dtype {x.dtype} does not match the packed weight's torch.bfloat16")
         bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.qwenvl.bf16_packed_linear(x, self.weight, bias)
+        return self._op(x, self.weight, bias)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
