@@ -249,11 +249,11 @@ def main() -> None:
         res[f"{k}_ms"] = med(lambda row, k=k: row[k])
     ratios: dict[str, float] = {}
     for tag in ("fp32", "bf16"):
-        for mode in ("compiled", "eager", "prepacked"):
+        for mode in ("compiled", "eager", "prepacked", "prepacked_compiled"):
             key = f"decode_{tag}_b1_{mode}"
             if key in rounds[0]:
                 target = " (<= 1.05)" if tag == "fp32" and mode == "compiled" else ""
-                ratios[f"{tag} batch-1 decode, {mode} / floor{target}"] = med(lambda r, k=key, t=tag: r[k] / r[f"floor_{t}"])
+                ratios[f"{tag} batch-1 decode, {mode.replace('_', ' ')} / floor{target}"] = med(lambda r, k=key, t=tag: r[k] / r[f"floor_{t}"])
     for mode in ("compiled", "eager", "prepacked", "best"):
         key = f"decode_{{}}_b1_{mode}"
         if key.format("fp32") in rounds[0]:

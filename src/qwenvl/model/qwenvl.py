@@ -185,7 +185,7 @@ class QwenVL(nn.Module):
         row. A no-op (returns 0) where the device or dtype cannot be packed. Parameter names and
         ``state_dict()`` are unchanged; parameters stop requiring grad. :meth:`unpack_cpu_weights` undoes it
         (needed to train or move the model; oneDNN-packed weights also cannot be compiled)."""
-        from .linear import can_prepack, prepack_linears
+        from .linear import PackedLinear, can_prepack, prepack_linears
 
         if not can_prepack(self.dtype, self.device):
             return 0
@@ -193,10 +193,11 @@ class QwenVL(nn.Module):
         n = prepack_linears(self)
         # The other tensors (embedding, norms, biases, ...) may still be views of the mapped checkpoint files,
         # which would keep every page of those files mapped (and counted in RSS) next to the packed copies:
-        # give them their own memory so the files are unmapped.
+        # give them their own memory so the files are unmapped. (The packed weights are new memory already.)
+        packed = {id(m.weight) for m in self.modules() if isinstance(m, PackedLinear)}
         with torch.no_grad():
             for t in [*self.parameters(), *self.buffers()]:
-                if t.layout == torch.strided:
+                if t.layout == torch.strided and id(t) not in packed:
                     t.data = t.data.clone()
         return n
 
