@@ -1,21 +1,24 @@
-"""A bf16 matrix kernel for x86 CPUs with AVX512-BF16, built from ``kernels/bf16_linear.c`` at first use.
+"""A bf16 matrix kernel for x86 CPUs with AVX512-BF16, built from ``kernels/`` at first use.
 
-Why: decoding reads every weight once per step. With bf16 weights on this kind of CPU, oneDNN's prepacked
-matmul runs a batch of 8 rows at ~40% of the bf16 peak, so 8 rows cost ~1.6x one row; this kernel keeps
+Why: decoding reads every weight once per step. With bf16 weights on this kind of CPU, oneDNN's packed
+matmul runs a batch of 8 rows at ~35% of the bf16 peak, so 8 rows cost ~2.3x one row; this kernel keeps
 8 rows x 48 outputs of accumulators in registers and feeds each 64-byte weight load to 8 ``vdpbf16ps``
-instructions, so 8 rows cost about what the weight read costs (see ``benchmarks/generate.py``). One row
-runs at memory speed too.
+instructions (0.64 of the peak in the compiled decode step), so 8 rows cost ~1.25x one row. One row reads
+12 weight streams at once, at the speed fp32 streams (see ``benchmarks/generate.py``).
 
-The weight is stored packed (:func:`pack`): ``[N/16][K/2][16][2]``, the pair layout ``vdpbf16ps`` reads. The
+The weight is stored packed (:func:`pack`): ``[N/16][K/2][16][2]``, the pair layout ``vdpbf16ps`` reads. The C
 source is compiled with the C compiler and OpenMP that ``torch.compile`` uses on CPUs (``CC``, else ``cc``;
-``-fopenmp``) into ``$QWENVL_CACHE_DIR`` (default ``~/.cache/qwenvl``) under a name that hashes the source,
-flags and compiler, so it is built once per machine (~1 s); then loaded with ``ctypes`` and checked against
-``F.linear`` on a small case. Anything missing (not Linux/x86, no ``avx512_bf16`` flag, no compiler, a
-failed build or check) makes :func:`available` False with the reason in :func:`unavailable_reason`, and
-callers keep the other paths. ``QWENVL_BF16_KERNEL=0`` switches it off.
-
-``bf16_packed_linear(x, packed_weight, bias)`` is a ``torch.library`` op (``qwenvl::bf16_packed_linear``), so
-``torch.compile`` keeps it in the graph as one call.
+``-fopenmp``) into ``$QWENVL_CACHE_DIR/kernels`` (default ``~/.cache/qwenvl/kernels``) under a name that
+hashes the sources, flags and compilers, so it is built once per machine; loaded with ``ctypes`` and checked
+against ``F.linear`` on small cases. A C++ operator around it (``kernels/bf16_linear_op.cpp``, built against
+torch's headers with ``CXX``, else ``c++``; ~9 s the first time) is then loaded as
+``torch.ops.qwenvl_kernels.bf16_packed_linear``: the dispatcher calls it without Python, ~5 us per call in a
+compiled graph instead of ~10 us for ``torch.ops.qwenvl.bf16_packed_linear``, the Python operator kept as
+the fallback. Anything missing (not Linux/x86, no ``avx512_bf16`` flag, no C compiler, a failed build or
+check) makes :func:`available` False with the reason in :func:`unavailable_reason`, and callers keep the
+other paths (oneDNN). ``QWENVL_BF16_KERNEL=0`` switches it off; ``QWENVL_BF16_KERNEL=python`` skips the
+C++ operator. Both operators are ``torch.library`` ops, so ``torch.compile`` keeps each product in the graph
+as one call.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ Three ways to make CPU decode read the weights fast (the first two for batches, 
 
 * :class:`Bf16PackedLinear` (bf16 weights on CPUs with AVX512-BF16; :mod:`qwenvl.model.bf16_kernel`): the
   weight is packed into pairs for ``vdpbf16ps`` and multiplied by our own kernel, which feeds each weight
-  load to up to 8 rows. Measured on the mid benchmark model (2 threads, same rounds): a pass over every LM
-  matrix takes 13.5 ms for 8 rows against 20.7 ms with oneDNN's packing, and 12.7 ms for one row with the
-  compiled reduction below, so a batch of 8 costs about one row. The product is a custom op, so the decode
-  step still compiles.
+  load to up to 8 rows. Measured on the mid benchmark model (2 threads, alternating rounds): a pass over
+  every LM matrix takes 11.7 ms for 8 rows (oneDNN's packing: 20.7 ms) and 9.9 ms for one row (the compiled
+  reduction below: 12.6 ms), so a batch of 8 costs little more than one row. The product is a
+  ``torch.library`` operator, so the decode step still compiles.
 * :class:`PackedLinear` (:func:`prepack_linears`, ``QwenVL.prepack_cpu_weights``; every other dtype/CPU): the
   weight is reordered once into oneDNN's blocked layout, the layout its matrix kernels stream fastest.
   Measured on the mid benchmark model (2 threads): a pass over every LM matrix at batch 1 takes 41 ms in fp32
