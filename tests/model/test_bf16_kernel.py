@@ -179,3 +179,12 @@ def test_the_op_refuses_what_the_kernel_cannot_read():
                 (x, torch.randn(24, 8).bfloat16(), None)]:
         with pytest.raises((ValueError, RuntimeError), match="bf16_packed_linear"):
             bf16_kernel.bf16_packed_linear(*bad)
+
+
+@needs_kernel
+def test_an_unusable_cache_folder_falls_back_to_a_temporary_one(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    out = _probe({"QWENVL_CACHE_DIR": str(blocker)})
+    assert out[:3] == ["True", "None", "qwenvl_kernels.bf16_packed_linear"]
+    assert blocker.read_text() == ""

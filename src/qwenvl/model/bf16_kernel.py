@@ -83,10 +83,21 @@ def _cached_build(name: str, key_parts: list[str | bytes], commands) -> Path:  #
     h = hashlib.sha256()
     for part in key_parts:
         h.update(part if isinstance(part, bytes) else part.encode())
-    out = _cache_dir() / f"{name}-{h.hexdigest()[:16]}.so"
+    filename = f"{name}-{h.hexdigest()[:16]}.so"
+    out = _cache_dir() / filename
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent):  # writable?
+            pass
+    except OSError as e:  # a read-only or broken cache folder: build in a private temporary one instead
+        fallback = Path(tempfile.gettempdir()) / f"qwenvl-kernels-{os.getuid()}"
+        logger.info("bf16 kernel: cannot use %s (%s); building in %s", out.parent, e, fallback)
+        out = fallback / filename
+        if out.exists():
+            return out
+        out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent)
     try:
         tmp = os.path.join(work, "lib.so")
