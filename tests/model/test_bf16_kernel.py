@@ -3,6 +3,7 @@ batch, packing round trips, compiled decoding on packed weights, and the fallbac
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -77,6 +78,11 @@ def test_packed_layer_state_dict_and_compile():
     other.load_state_dict(sd)
     assert torch.equal(other.weight, packed.weight)
     assert torch.equal(packed.unpacked().weight, layer.weight)
+    buf = io.BytesIO()
+    torch.save(packed, buf)  # whole-module pickling too (the operator handle is looked up again)
+    buf.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buf, weights_only=False)(x), packed(x))
     with pytest.raises(TypeError, match="dtype"):
         packed(x.float())
     with pytest.raises(ValueError, match="cannot pack"):

@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ _OP_SOURCE = _KERNELS / "bf16_linear_op.cpp"
 _ISA = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC"]
 # "fn": the C function (ctypes); "op": the operator to call; "reason": why there is none
 _state: dict[str, object] = {}
+_loading = threading.RLock()
 
 
 def _cpu_has_bf16() -> bool:
@@ -188,7 +190,9 @@ def _self_check(fn) -> None:  # noqa: ANN001
 def available() -> bool:
     """Whether the kernel is built and usable here (builds it on the first call)."""
     if not _state:
-        _load()
+        with _loading:  # one build and load per process, whichever thread asks first
+            if not _state:
+                _load()
     return "fn" in _state
 
 

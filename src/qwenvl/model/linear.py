@@ -229,6 +229,14 @@ class Bf16PackedLinear(PackedLinear):
     def _pack(cls, w: torch.Tensor) -> torch.Tensor:
         return bf16_kernel.pack(w.detach())
 
+    def __getstate__(self) -> dict:  # the operator handle does not pickle; it is looked up again on load
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k != "_op"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._op = bf16_kernel.operator()
+
     def _dense(self) -> torch.Tensor:
         return bf16_kernel.unpack(self.weight)
 
