@@ -45,7 +45,7 @@ _KERNELS = Path(__file__).with_name("kernels")
 _C_SOURCE = _KERNELS / "bf16_linear.c"
 _OP_SOURCE = _KERNELS / "bf16_linear_op.cpp"
 _ISA = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC"]
-# "fn": the C function (ctypes); "op": the operator to call; "reason": why there is none
+# "fn": the C function (ctypes); "op": the operator to call; "reason": why there is none; "done": loaded
 _state: dict[str, object] = {}
 _loading = threading.RLock()
 
@@ -189,10 +189,13 @@ def _self_check(fn) -> None:  # noqa: ANN001
 
 def available() -> bool:
     """Whether the kernel is built and usable here (builds it on the first call)."""
-    if not _state:
+    if "done" not in _state:
         with _loading:  # one build and load per process, whichever thread asks first
-            if not _state:
-                _load()
+            if "done" not in _state:
+                try:
+                    _load()
+                finally:
+                    _state["done"] = True  # published last: other threads see all of it or wait
     return "fn" in _state
 
 
