@@ -19,31 +19,20 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from generate import lm_matrices, onednn_layers  # the sibling script (this folder is on sys.path)
 
 from qwenvl import QwenVL
 from qwenvl.model import bf16_kernel
-from qwenvl.model.linear import PackedLinear
 
 # (N, K) of the 9.6B model's LM products: c_attn, w1/w2, mlp c_proj, lm_head
 LARGE = {"9.6B c_attn 12288x4096": (12288, 4096), "9.6B w1 11008x4096": (11008, 4096),
          "9.6B mlp c_proj 4096x11008": (4096, 11008), "9.6B lm_head 151936x4096": (151936, 4096)}
 
 
-def mid_matrices() -> list[torch.Tensor]:
-    model = QwenVL.from_config("mid", seed=0, dtype=torch.bfloat16)
-    mats = [m.weight.detach() for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.startswith("transformer.h.")]
-    return [*mats, model.lm_head.weight.detach()]
-
-
 def passes(mats: list[torch.Tensor], rows: int) -> dict[str, Callable[[], None]]:
     op = bf16_kernel.operator()
     packed = [bf16_kernel.pack(w) for w in mats]
-    onednn = []
-    for w in mats:
-        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        layer.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
-        onednn.append(PackedLinear(layer))
+    onednn = onednn_layers(mats)
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]).bfloat16() for w in mats}
     return {
         "kernel": lambda: [op(xs[w.shape[1]], w, None) for w in packed],
@@ -74,7 +63,8 @@ def main() -> None:
     if not bf16_kernel.available():
         raise SystemExit(f"the bf16 kernel is unavailable here: {bf16_kernel.unavailable_reason()}")
     print(f"operator {bf16_kernel.operator()}, {args.threads} threads, torch {torch.__version__}")
-    workloads = {"mid model, every LM matrix": mid_matrices()}
+    mid = QwenVL.from_config("mid", seed=0, dtype=torch.bfloat16)
+    workloads = {"mid model, every LM matrix": [w.detach() for w in lm_matrices(mid)]}
     workloads.update({name: [torch.randn(n, k).bfloat16()] for name, (n, k) in LARGE.items()})
     print(f"{'workload':<30} {'rows':>4} {'kernel ms':>10} {'GB/s':>6} {'GFLOP/s':>8} "
           f"{'oneDNN ms':>10} {'F.linear ms':>12} {'oneDNN/kernel':>14}")

@@ -19,7 +19,8 @@ is printed (the per-round numbers go to ``--json``). Prints:
   * the weight-read floor: a batch-1 pass over every LM matrix (lm_head included) with each product kernel:
     ``F.linear``, the eager row kernel, the prepacked oneDNN kernel, the bf16 kernel (bf16), and all
     products as reductions in one compiled graph (the same code as the compiled decode step's products); the
-    floor of a round is the fastest of them. Each is timed as decode is: the mean over as many consecutive passes as decode steps;
+    floor of a round is the fastest of them. Each is timed as decode is: the mean over as many consecutive
+    passes as decode steps;
   * batch-1 decode / floor per way of running (target <= 1.05, fp32);
   * bf16 decode speed-up over fp32 (target >= 1.8 on CPUs with native bf16 matmul);
   * batch-8 decode throughput over batch 1 (target >= 6), and the batch-8 step's FLOP/s over the matmul peak;
@@ -71,6 +72,16 @@ def lm_matrices(model: QwenVL) -> list[torch.Tensor]:
     return [*mats, model.lm_head.weight]
 
 
+def onednn_layers(mats: list[torch.Tensor]) -> list[PackedLinear]:
+    """A oneDNN-packed bias-free layer per weight (copies; the weights stay as they are)."""
+    layers = []
+    for w in mats:
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer.weight = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
+        layers.append(PackedLinear(layer))
+    return layers
+
+
 def mean_pass_seconds(fn, passes: int) -> float:  # noqa: ANN001
     """Seconds per call as decode is timed: the mean over ``passes`` consecutive calls."""
     start = time.perf_counter()
@@ -106,11 +117,7 @@ def floor_passes(model: QwenVL) -> dict[str, Callable[[], None]]:
 
         passes["bf16_kernel"] = bf16_kernel_pass
     if can_prepack(mats[0].dtype):
-        packed = []
-        for w in mats:
-            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-            layer.weight = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
-            packed.append(PackedLinear(layer))
+        packed = onednn_layers(mats)
 
         def prepacked() -> None:
             for layer in packed:
@@ -219,8 +226,8 @@ def main() -> None:
                 timed[f"decode_{tag}_b1_prepacked_compiled"] = decoder(packed, 1, n, plen, compile=True)
                 timed[f"decode_{tag}_b8_prepacked_compiled"] = decoder(packed, 8, n, plen, compile=True)
                 onednn = QwenVL.from_config(args.preset, seed=0, dtype=dtype).requires_grad_(False)
-                unpacked = prepack_linears(onednn, onednn_only=True)
-                assert unpacked and onednn_packed(onednn)
+                n_packed = prepack_linears(onednn, onednn_only=True)
+                assert n_packed and onednn_packed(onednn)
                 timed[f"decode_{tag}_b8_onednn"] = decoder(onednn, 8, n, plen)
             else:
                 res["packing_" + tag] = "oneDNN"
@@ -253,7 +260,8 @@ def main() -> None:
             key = f"decode_{tag}_b1_{mode}"
             if key in rounds[0]:
                 target = " (<= 1.05)" if tag == "fp32" and mode == "compiled" else ""
-                ratios[f"{tag} batch-1 decode, {mode.replace('_', ' ')} / floor{target}"] = med(lambda r, k=key, t=tag: r[k] / r[f"floor_{t}"])
+                ratios[f"{tag} batch-1 decode, {mode.replace('_', ' ')} / floor{target}"] = med(
+                    lambda r, k=key, t=tag: r[k] / r[f"floor_{t}"])
     for mode in ("compiled", "eager", "prepacked", "best"):
         key = f"decode_{{}}_b1_{mode}"
         if key.format("fp32") in rounds[0]:

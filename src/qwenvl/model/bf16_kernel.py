@@ -24,6 +24,7 @@ as one call.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -74,8 +75,12 @@ def _compiler(env: str, *names: str) -> tuple[str, str]:
     cc = os.environ.get(env) or next((p for p in map(shutil.which, names) if p), None)
     if not cc:
         raise RuntimeError(f"no compiler (set {env}, or install gcc/g++)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    return cc, version
+    return cc, _version(cc)
+
+
+@functools.cache
+def _version(compiler: str) -> str:  # part of the cache keys; asked once per compiler and process
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
 
 
 def _cached_build(name: str, key_parts: list[str | bytes], commands) -> Path:  # noqa: ANN001

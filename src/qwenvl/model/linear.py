@@ -41,8 +41,8 @@ from . import bf16_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Bf16PackedLinear", "PackedLinear", "onednn_packed", "packs_for_compile", "can_prepack", "cpu_gemv_default", "cpu_gemv_enabled", "linear", "prepack_linears", "set_cpu_gemv",
-           "unpack_linears"]
+__all__ = ["Bf16PackedLinear", "PackedLinear", "can_prepack", "cpu_gemv_default", "cpu_gemv_enabled", "linear",
+           "onednn_packed", "packs_for_compile", "prepack_linears", "set_cpu_gemv", "unpack_linears"]
 
 _ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -138,13 +138,16 @@ class PackedLinear(nn.Module):
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
-        w = layer.weight
+        self._require_packable(layer.weight)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("weight", self._pack(layer.weight))
+        self.bias = layer.bias
+
+    @classmethod
+    def _require_packable(cls, w: torch.Tensor) -> None:
         if not can_prepack(w.dtype, w.device):
             raise ValueError(f"cannot prepack a {w.dtype} weight on {w.device} (CPU, float32 or bfloat16 with "
                              "native bf16 support)")
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.register_buffer("weight", self._pack(w))
-        self.bias = layer.bias
 
     @classmethod
     def _pack(cls, w: torch.Tensor) -> torch.Tensor:
@@ -214,24 +217,22 @@ class Bf16PackedLinear(PackedLinear):
     LAYOUT = "bf16-packed"
 
     def __init__(self, layer: nn.Linear) -> None:
-        nn.Module.__init__(self)
-        w = layer.weight
+        super().__init__(layer)
+        self._op = bf16_kernel.operator()
+
+    @classmethod
+    def _require_packable(cls, w: torch.Tensor) -> None:
         if not bf16_kernel.can_pack(w):
             raise ValueError(f"cannot pack a {w.dtype} {tuple(w.shape)} weight on {w.device} for the bf16 kernel "
                              f"(bf16, out_features % 16 == 0, even in_features; kernel: "
                              f"{bf16_kernel.unavailable_reason() or 'available'})")
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.register_buffer("weight", self._pack(w))
-        self.bias = layer.bias
-        self._op = bf16_kernel.operator()
 
     @classmethod
     def _pack(cls, w: torch.Tensor) -> torch.Tensor:
         return bf16_kernel.pack(w.detach())
 
     def __getstate__(self) -> dict:  # the operator handle does not pickle; it is looked up again on load
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k != "_op"}
+        return {k: v for k, v in super().__getstate__().items() if k != "_op"}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
