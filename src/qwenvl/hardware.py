@@ -1,0 +1,110 @@
+"""What the hardware computes natively, and the compute dtype chosen from it.
+
+bf16 is the default only where the device multiplies bf16 matrices natively: CUDA GPUs that support it,
+and CPUs with AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm). Elsewhere bf16 products are
+emulated (on an AVX2-only x86 CPU ~40-70x slower than fp32), so fp32 is the default there.
+
+The CPU's flags come from ``/proc/cpuinfo`` (Linux). oneDNN, which runs PyTorch's CPU matrix products,
+can be capped to an older instruction set with ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``); such a cap removes
+native bf16 as well, and this module honours it, so a capped run gets the defaults of that older CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+
+import torch
+
+__all__ = ["cpu_flags", "cpu_summary", "default_dtype", "resolve_bf16", "supports_bf16"]
+
+logger = logging.getLogger(__name__)
+
+_X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN ISA caps below which bf16 products are no longer native (names as oneDNN spells them, upper case)
+_ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (x86 ``flags`` / Arm ``Features`` of the first CPU in ``/proc/cpuinfo``);
+    empty where that file does not exist."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _onednn_cap() -> str | None:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap else None
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    if _onednn_cap() in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
+    return any(f in flags for f in _X86_BF16_FLAGS) or "bf16" in flags  # "bf16": Arm's FEAT_BF16
+
+
+def supports_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (not by emulation)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return device.type in ("xpu", "mps")
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The compute dtype to use on ``device`` when the user did not choose: bf16 where native, else fp32."""
+    return torch.bfloat16 if supports_bf16(device) else torch.float32
+
+
+def _device_words(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu with native bf16" if cpu_has_native_bf16() else "cpu without native bf16"
+    return f"{device.type} with bf16" if supports_bf16(device) else f"{device.type} without bf16"
+
+
+def resolve_bf16(choice: bool | str | None, device: str | torch.device, what: str = "training") -> bool:
+    """Whether to compute in bf16: ``choice`` True/False as given, None or "auto" from the hardware.
+
+    Logs the decision in one line; an explicit True where bf16 is emulated warns that it will be slow.
+    """
+    device = torch.device(device)
+    native = supports_bf16(device)
+    if choice is None or (isinstance(choice, str) and choice.lower() == "auto"):
+        logger.info("%s: %s in %s", _device_words(device), what, "bfloat16" if native else "float32")
+        return native
+    use = bool(choice)
+    if use and not native:
+        logger.warning("%s: bf16 was asked for, but bf16 products are emulated here and run many times slower "
+                       "than float32 (drop --bf16 true / use --dtype float32 for speed)", _device_words(device))
+    return use
+
+
+def cpu_summary() -> str:
+    """One line about this machine's CPU for benchmark output: model, cores, the flags that decide speed."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")) or f in ("bf16", "asimd", "sve"))
+    cap = _onednn_cap()
+    extra = f", ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, flags: {' '.join(keep) or 'none'}"
+            f"{extra}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}")
