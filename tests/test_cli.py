@@ -35,8 +35,8 @@ def test_info_prints_parts_and_dtype(golden_dir):
     assert "9.657 B" in out.stdout
 
 
-# oneDNN-prepacked weights, plain weights (the batch-1 default: the one-row kernel), the compiled decode step
-@pytest.mark.parametrize("mode", [["--prepack", "true"], ["--prepack", "false"], ["--compile"]])
+# eager decoding, the compiled decode step (one-row products as reductions in the graph)
+@pytest.mark.parametrize("mode", [[], ["--compile"]])
 def test_predict_seed_flags_print_prompt_and_answer(golden_dir, golden_expected, mode):
     out = qwenvl("predict", "--config", "configs/predict_qwenvl_9.6b.yaml", "--load_checkpoint", str(golden_dir),
                  "--dtype", "float32", "--device", "cpu", "--image_dir", str(golden_dir), *mode,
@@ -77,7 +77,7 @@ def test_predict_jsonl_batched(tmp_path, golden_dir):
         (["--predict_data", "images/cat.png", "hi", "--max_new_tokens", "0"], "max_new_tokens must be > 0"),
         (["--predict_data", "images/cat.png", "hi", "--run_mode", "train"], "run_mode"),
         (["--predict_data", "images/cat.png", "hi", "--predict_batch_size", "0"], "batch_size"),
-        (["--predict_data", "images/cat.png", "hi", "--compile", "--prepack", "true"], "oneDNN-prepacked weights"),
+        (["--predict_data", "images/cat.png", "hi", "--quantize", "int4"], "invalid choice: 'int4'"),
     ],
 )
 def test_predict_bad_input_is_a_clear_error(golden_dir, args, message):

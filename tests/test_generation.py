@@ -126,35 +126,6 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_model, batch):
     assert torch.equal(eager, compiled)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_one_row_fast_path_matches_f_linear(dtype, monkeypatch):
-    from qwenvl import QwenVL
-    from qwenvl.model import linear as linear_module
-    from qwenvl.model.linear import set_cpu_gemv
-
-    calls = []
-    row_kernel = linear_module._fast
-    monkeypatch.setattr(linear_module, "_fast", lambda x, w: calls.append(w.shape) or row_kernel(x, w))
-
-    model = QwenVL.from_config("tiny", seed=0, dtype=dtype)
-    try:
-        ids = torch.randint(1000, 50000, (1, 12), generator=torch.Generator().manual_seed(4))
-        cache = model.new_cache(1, 13)
-        with torch.no_grad():
-            model(ids, past_key_values=cache)
-            set_cpu_gemv(True)
-            fast = model(torch.tensor([[5]]), past_key_values=cache).logits
-            cache.length -= 1
-            set_cpu_gemv(False)
-            ref = model(torch.tensor([[5]]), past_key_values=cache).logits
-        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-        torch.testing.assert_close(fast.float(), ref.float(), atol=tol, rtol=tol)
-        n_layers = len(model.transformer.h)
-        assert len(calls) == 5 * n_layers + 1  # every LM product of the fast step took the row kernel
-    finally:
-        set_cpu_gemv(True)
-
-
 def test_generate_rejects_unknown_options_and_takes_sampling_params(tiny_model):
     ids = torch.randint(1000, 50000, (1, 8), generator=torch.Generator().manual_seed(1))
     with pytest.raises(TypeError, match="max_new_token"):

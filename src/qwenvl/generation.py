@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
-from .model.linear import onednn_packed
 
 if TYPE_CHECKING:
     from .model import QwenVL
@@ -129,9 +128,6 @@ def stream_tokens(
     """
     p = params or SamplingParams()
     p.validate()
-    if compile and onednn_packed(model):
-        raise ValueError("compile=True cannot run oneDNN-prepacked weights: this model's are prepacked for the "
-                         "CPU (call model.unpack_cpu_weights(), or load it with prepack=False)")
     device = model.device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape

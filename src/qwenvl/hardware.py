@@ -82,7 +82,12 @@ def resolve_bf16(choice: bool | str | None, device: str | torch.device, what: st
     """
     device = torch.device(device)
     native = supports_bf16(device)
-    if choice is None or (isinstance(choice, str) and choice.lower() == "auto"):
+    if isinstance(choice, str):
+        low = choice.strip().lower()
+        if low not in ("auto", "true", "false"):
+            raise ValueError(f"bf16 must be auto, true or false, got {choice!r}")
+        choice = None if low == "auto" else low == "true"
+    if choice is None:
         logger.info("%s: %s in %s", _device_words(device), what, "bfloat16" if native else "float32")
         return native
     use = bool(choice)

@@ -27,35 +27,39 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
-         base_dir: str | os.PathLike | None = None, prepack: bool | None = None,
-         batch_size: int = 1, compile: bool = False) -> tuple[QwenVL, Processor]:
-    """Model and processor of a checkpoint folder, for inference (``dtype`` None/"auto" keeps the stored dtype).
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """The inference dtype: as given, or (None / "auto") bf16 where ``device`` computes it natively, else fp32
+    (logged in one line; an explicit bf16 where it is emulated warns that it will be slow)."""
+    from .hardware import resolve_bf16
+    from .model.qwenvl import _as_dtype
 
-    On the CPU, ``prepack=True`` packs the linear weights (:meth:`QwenVL.prepack_cpu_weights`): bf16 weights
-    for the AVX512-BF16 kernel where the CPU has it (``qwenvl.model.bf16_kernel``), else fp32/bf16 weights in
-    oneDNN's layout; either way batches of several rows decode nearly as fast as one. ``False`` keeps plain
-    ``nn.Linear`` layers (needed to train the returned model), where batch-1 decode runs the one-row kernel.
-    ``None`` (default) decides (see ``benchmarks/generate.py``): weights the bf16 kernel takes are packed
-    for every batch size (eager batch-1 decode ~20% faster than on plain weights, compiled the same); other
-    weights stay plain for batch 1 (the row kernel beats oneDNN there) and are packed for larger batches
-    (``batch_size``: the batch the caller will decode). ``compile=True`` says the caller will compile the
-    decode step: only the bf16 kernel's packing compiles, so ``None`` then packs only for it, and ``True``
-    with weights oneDNN would pack is an error.
+    chosen = _as_dtype(dtype)
+    if chosen is None:
+        return torch.bfloat16 if resolve_bf16(None, device, "inference") else torch.float32
+    if chosen == torch.bfloat16:
+        resolve_bf16(True, device, "inference")
+    return chosen
+
+
+def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
+         base_dir: str | os.PathLike | None = None, quantize: str | None = None) -> tuple[QwenVL, Processor]:
+    """Model and processor of a checkpoint folder, ready for inference.
+
+    ``dtype`` None/"auto" picks bf16 where the device computes it natively (CUDA with bf16, CPUs with
+    AVX512-BF16 or AMX) and fp32 elsewhere, whatever the stored dtype (:mod:`qwenvl.hardware`).
+    ``quantize="int8"`` stores the language model's linear weights as int8 (weight-only, per output
+    channel; :mod:`qwenvl.quantize`): 1/4 of the fp32 bytes, and the fastest batch-1 decoding with
+    ``compile=True`` in :func:`predict` / :func:`stream_text`. The layers are swapped from outside the model
+    (:func:`qwenvl.quantize.optimize_for_inference`); the returned model is for inference only.
     """
-    from .model.linear import can_prepack, cpu_gemv_enabled, packs_for_compile
+    from .quantize import optimize_for_inference
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {model_dir}")
-    model = QwenVL.from_pretrained(model_dir, dtype=dtype, device=pick_device(device))
-    if prepack is None:
-        prepack = packs_for_compile(model) or (not compile and (batch_size > 1 or not cpu_gemv_enabled()))
-    elif prepack and compile and can_prepack(model.dtype, model.device) and not packs_for_compile(model):
-        raise ValueError(f"compiled decoding cannot run oneDNN-prepacked weights ({model.dtype} on this machine): "
-                         "drop prepack (--prepack true) or compile (--compile)")
-    if prepack:
-        model.prepack_cpu_weights()
+    device = pick_device(device)
+    model = QwenVL.from_pretrained(model_dir, dtype=resolve_dtype(dtype, device), device=device)
+    optimize_for_inference(model.eval(), quantize)
     return model, Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir)
 
 

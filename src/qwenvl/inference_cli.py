@@ -21,7 +21,7 @@ PREDICT_KEYS = {  # YAML key -> type (a predict config holds these; command-line
     "load_checkpoint": str, "dtype": str, "device": str, "predict_batch_size": int, "modal_type": list,
     "max_new_tokens": int, "min_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float,
     "top_k": int, "repetition_penalty": float, "seed": int, "chat_format": str, "image_dir": str, "run_mode": str,
-    "use_parallel": bool, "auto_trans_ckpt": bool, "prepack": bool,
+    "use_parallel": bool, "auto_trans_ckpt": bool, "quantize": str,
 }
 
 
@@ -34,20 +34,24 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {v!r}")
 
 
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype, --device and --quantize: how a checkpoint is loaded for inference (predict, chat, eval)."""
+    p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="compute dtype (default auto: bfloat16 where the device computes it natively - CUDA with "
+                        "bf16, CPUs with AVX512-BF16 or AMX - else float32; the choice is logged)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quantize", choices=["none", "int8"],
+                   help="int8: weight-only int8 for the language model's linear layers (1/4 of the fp32 bytes; "
+                        "fastest with --compile)")
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--load_checkpoint", dest="load_checkpoint", metavar="DIR",
                    help="checkpoint folder in the official layout (Qwen/Qwen-VL, Qwen/Qwen-VL-Chat or ours)")
-    p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="weights dtype (default: as stored)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--prepack", type=str2bool,
-                   help="on the CPU, pack the weights: bf16 for the AVX512-BF16 kernel where the CPU has it "
-                        "(default: always), else oneDNN's layout (default: for batches of 2 or more; batch 1 "
-                        "decodes faster on plain weights)")
+    add_runtime_flags(p)
     p.add_argument("--compile", action="store_true",
-                   help="decode with torch.compile (plain weights, or bf16 ones packed for the AVX512-BF16 kernel; "
-                        "compiling takes a while, then each token is faster: worth it for long answers or many "
-                        "prompts)")
+                   help="decode with torch.compile (compiling takes a while - about 20-60 s on a CPU, logged - "
+                        "then each token is faster: worth it for long answers or many prompts)")
     p.add_argument("--image_dir", help="folder that relative image paths are resolved against (default: cwd)")
 
 
@@ -236,8 +240,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            prepack=opts.get("prepack"), batch_size=opts.get("predict_batch_size", 1),
-                            compile=args.compile)
+                            quantize=opts.get("quantize"))
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     prompts = [_as_chat(p, fmt) for p in prompts]
@@ -267,7 +270,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
-                            prepack=args.prepack, compile=args.compile)
+                            quantize=args.quantize)
     processor.chat_format = "chatml"
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}

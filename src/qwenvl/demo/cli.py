@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--colors", help="comma-separated shape colours (default: red,green,blue,yellow; also known: "
                                     "purple,orange)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
+                   help="bf16 autocast (default auto: where the device computes bf16 natively; float32 elsewhere)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
 
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors else None
-    result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors)
+    result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors,
+                           bf16=args.bf16)
     print(f"held-out Acc@0.5: {100 * result.accuracy_before:.1f}% before training, "
           f"{100 * result.accuracy_after:.1f}% after {result.steps} steps "
           f"({result.total_seconds:.0f} s); report: {result.files['report']}")

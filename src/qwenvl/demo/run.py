@@ -45,7 +45,8 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
   six colours it boxed a shape 88% of the time but picked the asked one barely more often than the other
   (47.7%, lands 61 / 51 / 16); with four it lands 84 / 23 / 21 (65.6%), i.e. the asked shape 3.7x as often
   as the other;
-- LM 4 layers x 4 heads, shapes 30-50% of the side, bf16 autocast, every step on new conversations.
+- LM 4 layers x 4 heads, shapes 30-50% of the side, every step on new conversations; bf16 autocast where the
+  CPU computes bf16 natively, float32 elsewhere (``bf16="auto"``).
 
 Measured (2 cores, ``time qwenvl demo``, the defaults): held-out Acc@0.5 0% -> 65.6% (84/128) in 459 s,
 curve 0 / 17.2 / 38.3 / 54.7 / 65.6% at steps 0 / 190 / 380 / 570 / 760; boxes land 84 on the asked shape /
@@ -126,6 +127,7 @@ import torch
 from ..config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
 from ..fileio import atomic_write_text
 from ..grounding import iou
+from ..hardware import cpu_summary, resolve_bf16
 from ..images import load_image
 from ..model import QwenVL
 from ..processor import DEFAULT_SYSTEM, Processor
@@ -304,7 +306,7 @@ class DemoConfig:
     eval_batch_size: int = 32
     eval_every: int = 190  # also measure held-out accuracy every N steps (0 = only before and after)
     grid_images: int = 16
-    bf16: bool = True
+    bf16: str = "auto"  # bf16 autocast: auto (where the device computes bf16 natively), true or false
     seed: int = 0
     device: str = "cpu"
 
@@ -344,6 +346,7 @@ class DemoResult:
     total_seconds: float
     files: dict[str, Path] = field(default_factory=dict)
     landing: dict[str, int] = field(default_factory=dict)  # where the final boxes land: where_boxes_land
+    bf16: bool = False  # trained with bf16 autocast
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -447,7 +450,7 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         f"- held-out Acc@0.5 after {result.steps} steps: **{100 * result.accuracy_after:.1f}%**",
         f"- held-out Acc@0.5 by step: {curve}",
         f"- training: {result.train_seconds:.0f} s; whole demo: {result.total_seconds:.0f} s "
-        f"({torch.get_num_threads()} threads, device {cfg.device})",
+        f"({torch.get_num_threads()} threads, device {cfg.device}; {cpu_summary()})",
         f"- loss: {result.losses[0]:.3f} at the first step, {result.losses[-1]:.3f} at the last" if result.losses else "",
         _landing_line(result.landing),
         "",
@@ -465,7 +468,7 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         + (f"; the first {cfg.recency_init_layers} LM layer(s) started with recency-biased attention"
            if cfg.recency_init_layers else "")
         + (f"; LM block matrices drawn at std {cfg.lm_init_std:g}" if cfg.lm_init_std > 0 else ""),
-        f"- training ({'bf16 autocast' if cfg.bf16 else 'fp32'}, AdamW, cosine schedule, batch {cfg.batch_size}, "
+        f"- training ({'bf16 autocast' if result.bf16 else 'fp32'}, AdamW, cosine schedule, batch {cfg.batch_size}, "
         f"seed {cfg.seed}): {schedule}",
         "- evaluation: greedy, the official grounding protocol (box parsed from the continuation of `<box>`, "
         "x / 999 * W, correct when IoU >= 0.5) with the training conversation as prompt",
@@ -488,6 +491,7 @@ def run_demo(
     device: str = "cpu",
     config: DemoConfig | None = None,
     colors: Sequence[str] | None = None,
+    bf16: str = "auto",
 ) -> DemoResult:
     """Run the whole demo into ``output_dir`` and return what it measured.
 
@@ -498,9 +502,11 @@ def run_demo(
 
     start = time.perf_counter()
     if config is None:
-        kw: dict[str, Any] = {"seed": seed, "device": device, **({} if colors is None else {"colors": tuple(colors)})}
+        kw: dict[str, Any] = {"seed": seed, "device": device, "bf16": bf16,
+                              **({} if colors is None else {"colors": tuple(colors)})}
         config = DemoConfig(**kw) if steps is None else DemoConfig.small(steps, **kw)
     cfg = config
+    use_bf16 = resolve_bf16(cfg.bf16, cfg.device, "training")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=SyntheticConfig(
@@ -527,7 +533,7 @@ def run_demo(
         data_path=str(data.train_json), dataset_dir=str(data.root), output_dir=str(out / "model"),
         max_length=512, batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
         min_lr=min(cfg.min_lr, cfg.learning_rate), warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        bf16=cfg.bf16, gradient_checkpointing=False, freeze_vision=False, freeze_resampler=False,
+        bf16=str(use_bf16), gradient_checkpointing=False, freeze_vision=False, freeze_resampler=False,
         freeze_llm=False, freeze_embedding=cfg.freeze_embedding, vision_lr_scale=cfg.vision_lr_scale,
         resampler_lr_scale=cfg.resampler_lr_scale, seed=cfg.seed, device=cfg.device,
         logging_steps=max(1, cfg.steps // 10), save_steps=0,
@@ -572,11 +578,14 @@ def run_demo(
         "data": data.root,
     }
     landing = where_boxes_land(after.predictions, data.eval)
-    result = DemoResult(out, before.score, after.score, cfg.steps, losses, curve, train_seconds, 0.0, files, landing)
+    result = DemoResult(out, before.score, after.score, cfg.steps, losses, curve, train_seconds, 0.0, files, landing,
+                        use_bf16)
     result.total_seconds = time.perf_counter() - start
     metrics = {
         "accuracy_before": before.score,
         "accuracy_after": after.score,
+        "bf16": use_bf16,
+        "cpu": cpu_summary(),
         "num_eval": after.num_samples,
         "steps": cfg.steps,
         "final_loss": losses[-1] if losses else math.nan,

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..inference_cli import str2bool
+from ..inference_cli import add_runtime_flags
 from .runners import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_METRICS, VQA_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--output", metavar="FILE", help="JSON file for the score and every prediction (written atomically)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
-    p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="weights dtype (default: as stored)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--prepack", type=str2bool,
-                   help="on the CPU, pack the weights: bf16 for the AVX512-BF16 kernel where the CPU has it "
-                        "(default: always), else oneDNN's layout (default: for batches of 2 or more)")
+    add_runtime_flags(p)
     p.add_argument("--prompt", default=prompt, help=f"prompt template (default: {prompt!r})")
     p.add_argument("--max_new_tokens", type=int, default=max_new, help=f"default {max_new} (official)")
     p.add_argument("--min_new_tokens", type=int, default=min_new, help=f"default {min_new} (official)")
@@ -92,8 +87,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     else:
         records = loaders[task](args.data, args.image_dir)
     records = _limit(records, args.limit)
-    model, processor = load(args.model, args.dtype, args.device, args.image_dir, prepack=args.prepack,
-                            batch_size=args.batch_size)
+    model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize)
     common: dict[str, Any] = dict(
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

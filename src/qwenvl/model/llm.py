@@ -15,7 +15,6 @@ from torch import nn
 
 from ..config import LMConfig
 from .kv_cache import KVCache
-from .linear import linear
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +104,7 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        qkv = linear(x, self.c_attn).view(b, t, 3, self.num_heads, self.head_dim)  # fact: [q; k; v] row blocks
+        qkv = self.c_attn(x).view(b, t, 3, self.num_heads, self.head_dim)  # fact: [q; k; v] row blocks
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
         qk = apply_rope(qkv[:2], cos, sin)  # q and k rotated together: one set of kernels, not two
         q, k, v = qk[0], qk[1], qkv[2]
@@ -119,7 +118,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return linear(out.transpose(1, 2).reshape(b, t, -1), self.c_proj)
+        return self.c_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -130,7 +129,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(linear(x, self.w1) * F.silu(linear(x, self.w2)), self.c_proj)  # fact: silu on w2, not w1
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))  # fact: silu on w2, not w1
 
 
 class Block(nn.Module):

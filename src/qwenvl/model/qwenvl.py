@@ -18,7 +18,6 @@ from torch import nn
 from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
 from .cross_entropy import linear_cross_entropy
 from .kv_cache import KVCache
-from .linear import linear
 from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin, rope_inv_freq
 from .vision import VisionTower
 
@@ -172,49 +171,12 @@ class QwenVL(nn.Module):
     # ---- helpers ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.transformer.wte.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
-
-    def prepack_cpu_weights(self) -> int:
-        """Pack every linear layer's weight for CPU inference: bf16 weights for the AVX512-BF16 kernel where
-        the CPU has it (:class:`qwenvl.model.linear.Bf16PackedLinear`), other layers for oneDNN
-        (:class:`qwenvl.model.linear.PackedLinear`). Batches of 8 decode at little more than the cost of one
-        row. A no-op (returns 0) where the device or dtype cannot be packed. Parameter names and
-        ``state_dict()`` are unchanged; parameters stop requiring grad. :meth:`unpack_cpu_weights` undoes it
-        (needed to train or move the model; oneDNN-packed weights also cannot be compiled)."""
-        from .linear import PackedLinear, can_prepack, prepack_linears
-
-        if not can_prepack(self.dtype, self.device):
-            return 0
-        self.requires_grad_(False)  # an inference model: forward passes need no torch.no_grad()
-        n = prepack_linears(self)
-        # The other tensors (embedding, norms, biases, ...) may still be views of the mapped checkpoint files,
-        # which would keep every page of those files mapped (and counted in RSS) next to the packed copies:
-        # give them their own memory so the files are unmapped. (The packed weights are new memory already.)
-        packed = {id(m.weight) for m in self.modules() if isinstance(m, PackedLinear)}
-        with torch.no_grad():
-            for t in [*self.parameters(), *self.buffers()]:
-                if t.layout == torch.strided and id(t) not in packed:
-                    t.data = t.data.clone()
-        return n
-
-    def unpack_cpu_weights(self) -> int:
-        """Undo :meth:`prepack_cpu_weights` (plain ``nn.Linear`` layers again); returns how many were unpacked."""
-        from .linear import unpack_linears
-
-        n = unpack_linears(self)
-        if n:
-            self.requires_grad_(True)
-        return n
-
-    @property
-    def is_prepacked(self) -> bool:
-        from .linear import PackedLinear
-
-        return isinstance(self.lm_head, PackedLinear)
+        """The compute dtype: that of the embedding (quantized layers may store their weights otherwise)."""
+        return self.transformer.wte.weight.dtype
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -321,7 +283,7 @@ class QwenVL(nn.Module):
             x = x[:, logits_to_keep]
         elif logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return QwenVLOutput(logits=linear(x, self.lm_head), past_key_values=cache)
+        return QwenVLOutput(logits=self.lm_head(x), past_key_values=cache)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions; ``lm_head`` runs only on those positions,

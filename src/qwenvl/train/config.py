@@ -66,7 +66,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 = no clipping
     # ---- precision and memory
-    bf16: bool = True  # bf16 autocast over fp32 master weights
+    bf16: str = "auto"  # bf16 autocast over fp32 master weights: auto (where the device has native bf16), true, false
     gradient_checkpointing: bool = True
     cpu_malloc_cache: bool = True  # CPU + glibc: reuse freed memory across steps (see train/cpu_memory.py)
     # ---- what trains
@@ -93,6 +93,8 @@ class TrainConfig:
     use_parallel: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.bf16, bool):  # YAML true/false, Python True/False
+            self.bf16 = "true" if self.bf16 else "false"
         for f in fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
         problems = []
@@ -101,6 +103,8 @@ class TrainConfig:
             if not ok:
                 problems.append(msg)
 
+        self.bf16 = self.bf16.strip().lower()
+        need(self.bf16 in ("auto", "true", "false"), f"bf16 must be auto, true or false, got {self.bf16!r}")
         need(self.run_mode == "finetune", f"run_mode must be 'finetune', got {self.run_mode!r}")
         need(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         need(self.max_images is None or self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")

@@ -37,6 +37,7 @@ from ..checkpoint import load_state_dict as read_checkpoint
 from ..checkpoint import save_pretrained
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, collate
 from ..fileio import atomic_write_text
+from ..hardware import resolve_bf16
 from ..model import QwenVL
 from . import lora
 from .config import TrainConfig, TrainConfigError
@@ -112,6 +113,7 @@ class _Run:
     total_steps: int
     lora_config: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
+    bf16: bool = False  # bf16 autocast, resolved from cfg.bf16 and the hardware
 
 
 # ---- public entry --------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.devi
     logger.info("training %d of %d parameters (%.1f%%), %d samples, %d steps of %d x %d micro-batches", n_train,
                 n_all, 100 * n_train / n_all, len(dataset), total, cfg.gradient_accumulation_steps, cfg.batch_size)
     return _Run(cfg, model, dataset, device, optimizer, scheduler, BatchOrder(len(dataset), cfg.batch_size, cfg.seed),
-                Progress(), total, lora_config, [p for _n, p in named])
+                Progress(), total, lora_config, [p for _n, p in named], resolve_bf16(cfg.bf16, device))
 
 
 def _maybe_resume(run: _Run) -> Path | None:
@@ -310,7 +312,7 @@ def _train_step(run: _Run, micro: list[dict[str, Any]]) -> tuple[float, float]:
         if n == 0:
             continue
         images = b["images"].to(dev, non_blocking=True) if b["images"] is not None else None
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.cfg.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.bf16):
             out = run.model(b["input_ids"].to(dev, non_blocking=True), images=images,
                             labels=b["labels"].to(dev, non_blocking=True))
         # weight by labelled tokens so accumulation equals one big batch

@@ -1,0 +1,142 @@
+"""Inference-time layer swaps, applied to a built model from outside (gpt-fast's ``quantize.py`` pattern).
+
+The model's code never changes: it calls ``self.c_attn(x)`` and friends. :func:`optimize_for_inference`
+(called by :func:`qwenvl.inference.load`) replaces the language model's ``nn.Linear`` layers in place:
+
+* ``quantize="int8"``: :class:`Int8Linear`, weight-only int8 with one symmetric scale per output channel
+  (``w ~= q * scale``, ``q`` in [-127, 127]). The LM's block matrices and ``lm_head`` are quantized (at the
+  real sizes ``lm_head`` is a third of the LM's weight bytes); the vision tower, the embedding and the
+  norms keep the compute dtype. Quantized weights take 1/4 of fp32's bytes (+ one scale per row).
+* otherwise, on the CPU: :class:`RowLinear`, a plain ``nn.Linear`` (same parameters and state dict) whose
+  one-row products are written as a reduction when they run inside ``torch.compile``.
+
+Why the reductions: batch-1 decoding reads every weight once per token, so its speed is the speed of
+streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
+reads each weight once, in its stored dtype (int8 stays int8 in memory: 1/4 of the fp32 bytes), fused with
+the element-wise work around it; ``F.linear(x, q.to(dtype))`` would first write a full-precision copy of
+the weight. Eager (uncompiled) code runs ``F.linear`` (for int8 on the dequantized weight), so nothing here
+needs a C++ compiler unless the caller compiles (``--compile``). Everything else (prefill, batches, training,
+GPUs) runs the ordinary product.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "optimize_for_inference", "quantize_int8",
+           "use_row_products"]
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+
+
+def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(..., K) with one row in all x (N, K) weight -> (..., N) in fp32: a reduction that reads each weight
+    once in its stored dtype and accumulates in fp32 (as a half-precision matmul with fp32 accumulation)."""
+    y = (weight.float() * x.reshape(1, -1).float()).sum(-1)  # (N,)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class RowLinear(nn.Linear):
+    """``nn.Linear`` whose one-row products are reductions under ``torch.compile`` (see the module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _one_row(x):
+            y = _row_product(x, self.weight).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer: ``y = (x @ q.T) * scales + bias`` with ``q`` int8 (out, in) and one
+    scale per output channel. Inference only (buffers, no gradients)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype or torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device)
+                             if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, device="meta")
+        q, scales = quantize_weight(w)
+        layer.weight, layer.scales = q, scales.to(w.dtype)
+        layer.bias = None if linear.bias is None else linear.bias.detach().clone()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _one_row(x):
+            y = (_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (out, in) -> (int8 (out, in), fp32 scales (out,)), w ~= q * scale."""
+    wf = w.float()
+    scales = wf.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def _lm_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for every plain ``nn.Linear`` of the language model (blocks + lm_head)."""
+    found = []
+    for parent in [*model.transformer.h.modules(), model]:
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear and (parent is not model or name == "lm_head"):
+                found.append((parent, name, child))
+    return found
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
+    full-precision weight of a layer is freed as soon as its int8 copy exists). Returns how many."""
+    layers = _lm_linears(model)
+    for parent, name, layer in layers:
+        setattr(parent, name, Int8Linear.from_linear(layer))
+    return len(layers)
+
+
+def use_row_products(model: nn.Module) -> int:
+    """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters, no copy)."""
+    layers = _lm_linears(model)
+    for _, _, layer in layers:
+        layer.__class__ = RowLinear
+    return len(layers)
+
+
+def optimize_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
+    """Apply the inference layer swaps in place (see the module doc) and return the model.
+
+    ``quantize``: None/"none" keeps the weights, "int8" quantizes the LM weight-only. The model stops
+    requiring gradients (these layers are for inference only)."""
+    quantize = quantize or "none"
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    model.requires_grad_(False)
+    if quantize == "int8":
+        n = quantize_int8(model)
+        logger.info("int8 weight-only: %d linear layers of the language model quantized", n)
+    elif next(model.parameters()).device.type == "cpu":
+        use_row_products(model)
+    return model

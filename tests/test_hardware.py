@@ -1,0 +1,84 @@
+"""The compute dtype follows what the hardware does natively: bf16 only where it is not emulated."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from qwenvl import hardware
+
+AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"})  # e.g. AMD EPYC without AVX-512
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16"}
+AMX = AVX2_ONLY | {"avx512f", "amx_tile", "amx_bf16"}
+
+
+@pytest.fixture
+def cpu(monkeypatch: pytest.MonkeyPatch):
+    """Pretend to run on a CPU with the given flags (and no oneDNN cap)."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+
+    def use(flags: frozenset[str]) -> None:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+
+    return use
+
+
+@pytest.mark.parametrize(("flags", "native"), [(AVX2_ONLY, False), (AVX512_BF16, True), (AMX, True),
+                                               (frozenset({"fp", "asimd", "bf16"}), True), (frozenset(), False)])
+def test_native_bf16_from_cpu_flags(cpu, flags: frozenset[str], native: bool) -> None:
+    cpu(flags)
+    assert hardware.supports_bf16("cpu") is native
+    assert hardware.default_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+
+
+def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(cpu, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu(AMX)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not hardware.supports_bf16("cpu")
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in hardware.cpu_summary()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert hardware.supports_bf16("cpu")
+
+
+def test_cpu_flags_are_read_from_this_machine() -> None:
+    flags = hardware.cpu_flags()
+    summary = hardware.cpu_summary()
+    assert "native bf16: " in summary and "threads" in summary
+    if "avx2" in flags:
+        assert "avx2" in summary
+
+
+def test_auto_is_logged_and_an_emulated_bf16_request_warns(cpu, caplog: pytest.LogCaptureFixture) -> None:
+    cpu(AVX2_ONLY)
+    with caplog.at_level(logging.INFO, logger="qwenvl.hardware"):
+        assert hardware.resolve_bf16("auto", "cpu") is False
+        assert hardware.resolve_bf16(False, "cpu") is False
+    assert "cpu without native bf16: training in float32" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qwenvl.hardware"):
+        assert hardware.resolve_bf16("true", "cpu") is True
+    assert any(r.levelno == logging.WARNING and "emulated" in r.getMessage() for r in caplog.records)
+    cpu(AMX)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qwenvl.hardware"):
+        assert hardware.resolve_bf16(None, "cpu", "inference") is True
+        assert hardware.resolve_bf16(True, "cpu") is True
+    assert "cpu with native bf16: inference in bfloat16" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with pytest.raises(ValueError, match="bf16 must be auto, true or false"):
+        hardware.resolve_bf16("maybe", "cpu")
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [(AVX2_ONLY, torch.float32), (AMX, torch.bfloat16)])
+def test_load_picks_the_inference_dtype_from_the_hardware(cpu, golden_dir, flags, dtype) -> None:
+    from qwenvl.inference import load
+
+    cpu(flags)
+    model, _ = load(golden_dir)  # the golden weights are stored in fp16: neither choice is "as stored"
+    assert model.dtype == dtype
+    model, _ = load(golden_dir, dtype="float16")  # an explicit choice wins
+    assert model.dtype == torch.float16
