@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "purple,orange)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use --output_dir even if it is a non-empty folder qwenvl did not write (only the demo's "
+                        "files are replaced; nothing else is deleted)")
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors else None
-    result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors)
+    result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors,
+                           overwrite=args.overwrite)
     print(f"held-out Acc@0.5: {100 * result.accuracy_before:.1f}% before training, "
           f"{100 * result.accuracy_after:.1f}% after {result.steps} steps "
           f"({result.total_seconds:.0f} s); report: {result.files['report']}")
