@@ -72,7 +72,7 @@ def test_convert_again_into_its_own_output(src: Path, tmp_path: Path) -> None:
                      MARKER_FILE}
 
 
-def test_predict_and_eval_output_must_not_be_their_input(tmp_path: Path, capsys) -> None:
+def test_predict_eval_and_data_convert_output_must_not_be_their_input(tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "Hello"}\n')
     _refused(["predict", "--model", str(GOLDEN), "--jsonl", str(prompts), "--output", str(prompts)], capsys,
@@ -81,7 +81,12 @@ def test_predict_and_eval_output_must_not_be_their_input(tmp_path: Path, capsys)
     data.write_text('{"image": "a.png", "question": "q?", "answer": "a"}\n')
     _refused(["eval", "vqa", "--model", str(GOLDEN), "--data", str(data), "--output", str(data)], capsys,
              "is the --data file")
+    llava = tmp_path / "llava.json"
+    llava.write_text("[]")
+    _refused(["data-convert", "--data_path", str(llava), "--image_location", str(tmp_path), "--output_path",
+              str(llava)], capsys, "is the --data_path file")
     assert prompts.read_text() == '{"text": "Hello"}\n' and data.read_text().startswith('{"image"')
+    assert llava.read_text() == "[]"
 
 
 def test_demo_refuses_a_users_folder(tmp_path: Path, capsys) -> None:
