@@ -215,3 +215,13 @@ def test_new_folder_appears_whole_and_leaves_no_sibling(tmp_path: Path, tiny) ->
     save_pretrained(state, config, tmp_path / "a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert read_marker(tmp_path / "a")["command"] == "save_pretrained"
+
+
+def test_a_planted_lock_symlink_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(OutputDirError, match="cannot create the lock file"):
+        acquire_lock(tmp_path / "out", "convert")
+    assert victim.read_text() == "precious"

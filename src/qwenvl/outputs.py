@@ -235,7 +235,10 @@ def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
     path = Path(folder) / LOCK_FILE
     host = socket.gethostname()
     for _attempt in range(20):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise OutputDirError(f"cannot create the lock file {path}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
