@@ -22,13 +22,14 @@ run (not resuming) in a folder that holds checkpoints of an earlier one is refus
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,23 +140,40 @@ def train(
     """
     if cfg.use_parallel:
         logger.warning("use_parallel: this trainer runs single-process on one device; training on %s", cfg.device)
+    with _hold_output_dir(cfg):
+        return _train(cfg, model, processor, dataset, callback)
+
+
+def _train(
+    cfg: TrainConfig,
+    model: QwenVL | None,
+    processor: Any,
+    dataset: Any,
+    callback: Callable[[StepInfo], bool | None] | None,
+) -> TrainResult:
+    device = _resolve_device(cfg.device)
+    _seed_everything(cfg.seed)
+    model = _prepare_model(cfg, model, device)
+    if dataset is None:
+        dataset = _build_dataset(cfg, processor, model)
+    run = _setup_run(cfg, model, dataset, device)
+    _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
+    resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
+    with keep_freed_memory(cfg.cpu_malloc_cache and device.type == "cpu"):
+        stopped = _loop(run, callback)
+    final = None if stopped else _save_final(run)
+    return _result(run, final, resumed_from, stopped)
+
+
+@contextlib.contextmanager
+def _hold_output_dir(cfg: TrainConfig) -> Iterator[None]:
+    """Check ``output_dir`` against the inputs, lock it for the run and settle what an earlier run left."""
     check_separate(cfg.output_dir, {"load_checkpoint": cfg.load_checkpoint, "training data": cfg.data_path,
                                     "dataset_dir": cfg.dataset_dir},
                    may_lie_inside=("dataset_dir",), what="output_dir")
     with claim_output(cfg.output_dir, "finetune", overwrite=cfg.overwrite, flag="--overwrite (overwrite: true)"):
         _check_earlier_run(cfg)
-        device = _resolve_device(cfg.device)
-        _seed_everything(cfg.seed)
-        model = _prepare_model(cfg, model, device)
-        if dataset is None:
-            dataset = _build_dataset(cfg, processor, model)
-        run = _setup_run(cfg, model, dataset, device)
-        _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
-        resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
-        with keep_freed_memory(cfg.cpu_malloc_cache and device.type == "cpu"):
-            stopped = _loop(run, callback)
-        final = None if stopped else _save_final(run)
-        return _result(run, final, resumed_from, stopped)
+        yield
 
 
 def _check_earlier_run(cfg: TrainConfig) -> None:
