@@ -171,4 +171,4 @@ def test_old_copy_that_cannot_be_deleted_only_warns(
     assert _names(target) == ["new.txt"]
     assert "could not delete the previous version" in caplog.text
     leftovers = [n for n in _names(tmp_path) if n != "out"]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".out.old-")
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.qwenvl-old-")

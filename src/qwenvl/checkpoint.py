@@ -18,7 +18,9 @@ of touched source pages, released shard by shard.
 
 Writing: :func:`save_pretrained` writes ``config.json``, ``generation_config.json``, ``qwen.tiktoken`` and
 the weights (sharded at ``max_shard_size``; safetensors streamed tensor by tensor, no second copy of a
-shard in memory) into a temporary sibling folder renamed into place: a folder is complete or absent.
+shard in memory) through :func:`qwenvl.outputs.output_files`: a new folder is built in a temporary sibling and
+renamed into place (complete or absent); an existing one must be empty or ours (``overwrite`` to write into
+another), gets its files replaced one by one (``config.json`` last) and keeps every file we did not write.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import QwenVLConfig
-from .fileio import atomic_dir
+from .outputs import output_files
 
 __all__ = ["CheckpointError", "find_weights", "load_state_dict", "load_weights", "parse_size", "save_pretrained"]
 
@@ -449,14 +451,18 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
     vocab_file: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a checkpoint folder in the official layout, atomically; return its path.
+    """Write a checkpoint folder in the official layout, crash-safely; return its path.
 
     ``config`` defaults to ``model.config``; its ``torch_dtype`` is rewritten to the weights' floating dtype.
     One shard -> ``model.safetensors``; more -> ``model-0000K-of-0000N.safetensors`` plus
     ``model.safetensors.index.json``. ``safe_serialization=False`` writes ``pytorch_model*.bin`` instead.
     ``vocab_file`` (default: the bundled official ``qwen.tiktoken``) is copied as ``qwen.tiktoken``.
-    An existing ``out_dir`` is replaced only once the new folder is complete.
+    A new ``out_dir`` appears complete or not at all. An existing one must be empty or one of our outputs
+    (``overwrite=True``: any folder); its files are replaced only once the new ones are complete, weight
+    files of an earlier save of ours that this one does not rewrite are deleted, and nothing else is
+    touched (:func:`qwenvl.outputs.output_files`). Raises :class:`qwenvl.outputs.OutputDirError` otherwise.
     """
     if config is None:
         config = getattr(model_or_state_dict, "config", None)
@@ -478,7 +484,7 @@ def save_pretrained(
         [f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))]
 
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with output_files(out, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         weight_map: dict[str, str] = {}
         for name, keys in zip(names, plan):

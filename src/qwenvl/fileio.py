@@ -4,7 +4,14 @@ Everything is staged in a hidden sibling of the target (same folder, hence same 
 place with ``os.replace``/``os.rename``, which are atomic on POSIX. Readers never see a half-written file,
 and a failure leaves the previous version (if any) untouched and no temporary files behind.
 
-Not meant for several writers racing on the same path: the last one to finish wins, as with plain writes.
+Not meant for several writers racing on the same path: the last one to finish wins, as with plain writes
+(``qwenvl.outputs`` gives a run its output folder to itself).
+
+Every temporary name contains ``.qwenvl-tmp-`` (staging), ``.qwenvl-old-`` (a replaced folder waiting to be
+deleted) or ``.qwenvl-trash-`` (a folder being deleted): :func:`clean_temporary` recognises them, so the next
+run in a folder removes what a killed one left (and puts back an ``old`` folder whose replacement never
+arrived). ``QWENVL_FAULT_POINT`` makes the process kill itself at a named point (:func:`fault_point`): the
+tests use it to check that every such crash is recovered.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import stat
 import tempfile
 import uuid
@@ -22,9 +31,88 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text", "iter_jsonl", "read_json_records"]
+__all__ = [
+    "TEMP_TAG",
+    "atomic_dir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "clean_temporary",
+    "fault_point",
+    "is_temporary",
+    "iter_jsonl",
+    "read_json_records",
+    "read_yaml",
+    "remove_tree",
+    "temp_name",
+]
 
 logger = logging.getLogger(__name__)
+
+TEMP_TAG = ".qwenvl-"  # in every temporary name we create, and in no name we publish
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.qwenvl-(?P<kind>tmp|old|trash)-[A-Za-z0-9_]+$")
+FAULT_ENV = "QWENVL_FAULT_POINT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test hook: SIGKILL this process here when ``$QWENVL_FAULT_POINT`` is ``name`` (or ``name@N``: at the
+    N-th time this point is reached). Costs one environment lookup otherwise."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition("@")
+    if point != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(nth or 1):
+        logger.warning("fault injection: killing the process at %s", spec)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_name(name: str, kind: str = "tmp") -> str:
+    """A hidden, unique, recognisable sibling name for ``name`` (``kind``: tmp, old or trash)."""
+    return f".{name}{TEMP_TAG}{kind}-{uuid.uuid4().hex}"
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names :func:`temp_name`, :func:`atomic_dir` and :func:`atomic_write_bytes` create."""
+    return _TEMP_RE.match(name) is not None
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder by renaming it to a hidden trash name first, so that an interrupted delete leaves
+    something :func:`clean_temporary` finishes instead of a half-deleted folder under its real name."""
+    trash = path.parent / temp_name(path.name, "trash")
+    os.rename(path, trash)
+    fault_point("remove_tree.renamed")
+    shutil.rmtree(trash)
+
+
+def clean_temporary(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove what interrupted writes left in ``folder`` (its top level); return the names handled.
+
+    Only our own temporary names (:func:`is_temporary`) are touched. A ``.NAME.qwenvl-old-*`` folder whose
+    ``NAME`` is missing is a replacement that crashed between its two renames: it is renamed back to ``NAME``.
+    Call it only while no other writer uses ``folder`` (``qwenvl.outputs`` holds the folder's lock).
+    """
+    root = Path(folder)
+    handled = []
+    for entry in sorted(root.iterdir()):
+        m = _TEMP_RE.match(entry.name)
+        if not m:
+            continue
+        original = root / m.group("name")
+        if m.group("kind") == "old" and not (original.exists() or original.is_symlink()):
+            os.rename(entry, original)
+            logger.warning("restored %s from an interrupted replacement", original)
+        else:
+            _remove(entry)
+            logger.info("removed %s left by an interrupted run", entry)
+        handled.append(entry.name)
+    if handled:
+        _fsync_dir(root)
+    return handled
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,7 +163,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     except FileNotFoundError:
         mode = 0o666 & ~_umask()
 
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_TAG}tmp-")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -131,19 +219,21 @@ def atomic_dir(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[
     - With ``fsync`` every file in the new folder is flushed to disk before it becomes visible.
 
     A crash between the two renames (a window of two syscalls) leaves ``path`` missing and the previous
-    version in a hidden sibling named ``.<name>.old-<hex>``; a crash at any other time leaves either the old
-    or the new folder at ``path``, plus possibly a hidden ``.<name>.*.tmp`` / ``.old-`` sibling to delete.
+    version in a hidden sibling named ``.<name>.qwenvl-old-<hex>``; a crash at any other time leaves either the
+    old or the new folder at ``path``, plus possibly a hidden ``.<name>.qwenvl-tmp-*`` / ``-old-`` sibling:
+    :func:`clean_temporary` repairs both.
     """
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot replace {target} with a folder: it exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}{TEMP_TAG}tmp-"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0o700
         yield tmp
         if fsync:
             _fsync_tree(tmp)
+        fault_point("atomic_dir.staged")
         _swap_in(tmp, target)
     except BaseException:
         _remove(tmp)
@@ -159,8 +249,9 @@ def _swap_in(new: Path, target: Path) -> None:
         return
     if not target.is_dir():
         raise NotADirectoryError(f"cannot replace {target} with a folder: it exists and is not a folder")
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    old = target.parent / temp_name(target.name, "old")
     os.rename(target, old)
+    fault_point("atomic_dir.swapped_out")
     try:
         os.rename(new, target)
     except BaseException:
@@ -226,4 +317,74 @@ def read_json_records(
         raise error(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
     if not isinstance(data, list):
         raise error(f"{file}: expected a JSON list of {items} at the top level, got {type(data).__name__}")
+    return data
+
+
+# ---- YAML --------------------------------------------------------------------------------------------------
+MAX_YAML_BYTES = 1 << 20  # run configs are a few KB
+MAX_YAML_DEPTH = 32
+
+
+def _bounded_loader(file: Path, error: type[ValueError]) -> type:
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        """SafeLoader without anchors and aliases (a 1 KB file of nested aliases expands to gigabytes:
+        "billion laughs") and with a nesting limit (the composer recurses once per level)."""
+
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                mark = event.start_mark
+                raise error(f"{file}:{mark.line + 1}: YAML anchors and aliases (&name, *name) are not supported; "
+                            "write the values out")
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise error(f"{file}:{event.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedLoader
+
+
+def read_yaml(
+    path: str | os.PathLike[str], error: type[ValueError] = ValueError, what: str = "config",
+    max_bytes: int = MAX_YAML_BYTES,
+) -> dict[str, Any]:
+    """The mapping in a YAML file (an empty file gives ``{}``), parsed with bounded cost.
+
+    Anchors/aliases, nesting deeper than ``MAX_YAML_DEPTH`` and files over ``max_bytes`` raise ``error``
+    with a one-line message naming the file; so do invalid YAML and a top level that is not a mapping.
+    """
+    import yaml
+
+    file = Path(path)
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {file}") from None
+    if not file.is_file():
+        raise error(f"{what} {file} is not a file")
+    if size > max_bytes:
+        raise error(f"{file}: {size} bytes is too large for a {what} (at most {max_bytes})")
+    with file.open("rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise error(f"{file}: too large for a {what} (at most {max_bytes} bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{file}: not UTF-8 text ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_bounded_loader(file, error))  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise error(f"{file}: invalid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{file}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data

@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import QwenVLConfig
 
 PREDICT_KEYS = {  # YAML key -> type (a predict config holds these; command-line flags win)
@@ -104,6 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--merge_lora", action="store_true", help="merge --adapter into the base checkpoint")
     p.add_argument("--adapter", help="LoRA adapter folder (from qwenvl finetune with lora)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUTPUT even if it is a non-empty folder qwenvl did not write (only the files "
+                        "of the checkpoint are replaced; nothing else is deleted)")
 
     p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
     p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
@@ -149,12 +150,10 @@ def format_info(info: dict[str, Any]) -> str:
 def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if args.config:
+        from .fileio import read_yaml
+
         path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of options")
+        loaded = read_yaml(path, what="predict config")
         unknown = sorted(set(loaded) - set(PREDICT_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(PREDICT_KEYS))}")
@@ -233,6 +232,10 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("no checkpoint: pass --model DIR (or --load_checkpoint DIR, or load_checkpoint in --config)")
     if bool(args.predict_data) == bool(args.jsonl):
         raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
+    if args.output:
+        from .outputs import check_output_file
+
+        check_output_file(args.output, {"--jsonl file": args.jsonl, "--config file": args.config})
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
@@ -344,22 +347,26 @@ def run_convert(args: argparse.Namespace) -> int:
     output = args.output or args.output_flag
     if not source or not output:
         raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
-    if Path(output).resolve() == Path(source).resolve():
-        raise ValueError("OUTPUT must differ from SOURCE (the source is read while the output is written)")
-    if args.merge_lora:
-        from .train.lora import merge_lora
+    if args.merge_lora and not args.adapter:
+        raise ValueError("--merge_lora needs --adapter DIR")
+    from .outputs import check_separate, claim_output
 
-        if not args.adapter:
-            raise ValueError("--merge_lora needs --adapter DIR")
-        merge_lora(source, args.adapter, output, dtype=args.dtype)
-    else:
-        from .model import QwenVL
+    # the sources are read while the output is written: never the same folder, nor one inside the other
+    check_separate(output, {"SOURCE": source, "--adapter": args.adapter if args.merge_lora else None},
+                   what="OUTPUT folder")
+    with claim_output(output, "convert", overwrite=args.overwrite):
+        if args.merge_lora:
+            from .train.lora import merge_lora
 
-        model = QwenVL.from_pretrained(source, dtype=args.dtype)
-        if args.dtype:
-            model.config.torch_dtype = str(model.dtype).removeprefix("torch.")
-        model.save_pretrained(output, max_shard_size=args.max_shard_size,
-                              safe_serialization=args.format == "safetensors")
+            merge_lora(source, args.adapter, output, dtype=args.dtype)
+        else:
+            from .model import QwenVL
+
+            model = QwenVL.from_pretrained(source, dtype=args.dtype)
+            if args.dtype:
+                model.config.torch_dtype = str(model.dtype).removeprefix("torch.")
+            model.save_pretrained(output, max_shard_size=args.max_shard_size,
+                                  safe_serialization=args.format == "safetensors")
     print(f"wrote {output}")
     return 0
 
@@ -367,7 +374,9 @@ def run_convert(args: argparse.Namespace) -> int:
 # ---- data-convert --------------------------------------------------------------------------------------
 def run_data_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert_llava
+    from .outputs import check_output_file
 
+    check_output_file(args.output_path, {"--data_path file": args.data_path})
     summary = convert_llava(args.data_path, args.image_location, args.output_path,
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
                             image_prefix=args.image_prefix, strict=args.strict)

@@ -9,6 +9,7 @@ import torch
 
 from qwenvl.data.dataset import collate
 from qwenvl.model import QwenVL
+from qwenvl.outputs import MARKER_FILE
 from qwenvl.train import TrainConfig, train
 from qwenvl.train import trainer as T
 from qwenvl.train.trainer import cosine_with_warmup, select_trainable
@@ -53,7 +54,8 @@ def test_saved_checkpoints_load_with_the_trainers_logits(full_run, processor) ->
     cfg, result = full_run
     out = Path(cfg.output_dir)
     assert result.final_path == out and result.checkpoints == [out / "checkpoint-3"]
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    # no staging leftovers and no lock: only our output marker is hidden
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MARKER_FILE]
     loaded = QwenVL.from_pretrained(out)
     assert loaded.dtype == torch.float32
     ds = T._build_dataset(cfg, processor, loaded)

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
                    help="bf16 autocast (default auto: where the device computes bf16 natively; float32 elsewhere)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use --output_dir even if it is a non-empty folder qwenvl did not write (only the demo's "
+                        "files are replaced; nothing else is deleted)")
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors else None
     result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors,
-                           bf16=args.bf16)
+                           bf16=args.bf16, overwrite=args.overwrite)
     print(f"held-out Acc@0.5: {100 * result.accuracy_before:.1f}% before training, "
           f"{100 * result.accuracy_after:.1f}% after {result.steps} steps "
           f"({result.total_seconds:.0f} s); report: {result.files['report']}")

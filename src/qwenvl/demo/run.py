@@ -130,6 +130,7 @@ from ..grounding import iou
 from ..hardware import cpu_summary, resolve_bf16
 from ..images import load_image
 from ..model import QwenVL
+from ..outputs import claim_output
 from ..processor import DEFAULT_SYSTEM, Processor
 from .report import GridItem, draw_loss_curve, draw_prediction_grid
 from .synthetic import SyntheticConfig, SyntheticSample, make_dataset, question
@@ -492,23 +493,28 @@ def run_demo(
     config: DemoConfig | None = None,
     colors: Sequence[str] | None = None,
     bf16: str = "auto",
+    overwrite: bool = False,
 ) -> DemoResult:
     """Run the whole demo into ``output_dir`` and return what it measured.
 
     ``steps`` alone picks the small variant (:meth:`DemoConfig.small`); ``colors`` the shapes' colours (names
-    from ``synthetic.COLORS``); ``config`` sets everything.
+    from ``synthetic.COLORS``); ``config`` sets everything. ``output_dir`` must be new, empty or an earlier
+    output of ours (``overwrite``: any folder; only the demo's own files are replaced) and is locked for the run.
     """
-    from ..train import TrainConfig, train
-
     start = time.perf_counter()
     if config is None:
         kw: dict[str, Any] = {"seed": seed, "device": device, "bf16": bf16,
                               **({} if colors is None else {"colors": tuple(colors)})}
         config = DemoConfig(**kw) if steps is None else DemoConfig.small(steps, **kw)
+    with claim_output(output_dir, "demo", overwrite=overwrite):  # new, empty or an earlier demo's; locked
+        return _run_demo(Path(output_dir), config, start)
+
+
+def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
+    from ..train import TrainConfig, train
+
     cfg = config
     use_bf16 = resolve_bf16(cfg.bf16, cfg.device, "training")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=SyntheticConfig(
         image_size=cfg.image_size, min_shapes=cfg.min_shapes, max_shapes=cfg.max_shapes, min_size=cfg.min_size,
         max_size=cfg.max_size, grid=cfg.grid, colors=cfg.colors), style=cfg.style, ask_all=cfg.ask_all, each_shape=cfg.each_shape)  # fmt: skip

@@ -77,9 +77,11 @@ def _limit(records: list[Any], n: int | None) -> list[Any]:
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from ..inference import load
+    from ..outputs import check_output_file
     from . import runners
 
     task = args.eval_task
+    check_output_file(args.output, {"--data file": args.data})
     loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
                "caption": runners.load_caption_data}  # fmt: skip
     if task == "grounding":

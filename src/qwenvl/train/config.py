@@ -13,11 +13,9 @@ import os
 import types
 import typing
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import fileio
 from ..config import PRESETS
 
 __all__ = ["LM_LORA_TARGET", "TrainConfig", "TrainConfigError", "parse_value"]
@@ -88,6 +86,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     resume_training: bool = False  # continue from the newest checkpoint-STEP in output_dir
     resume_from: str = ""  # or from this checkpoint folder
+    overwrite: bool = False  # output_dir may be a non-empty folder we did not write / start over from its checkpoints
     # ---- compatibility with the MindFormers-style command line
     run_mode: str = "finetune"
     use_parallel: bool = False
@@ -162,20 +161,8 @@ class TrainConfig:
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"training config not found: {file}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"{file}: invalid YAML: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{file}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
+    """The settings of a YAML run config (bounded parsing: no aliases, size and depth limits)."""
+    return fileio.read_yaml(path, TrainConfigError, what="training config")
 
 
 def flatten(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -2,17 +2,21 @@
 
 A checkpoint folder ``output_dir/checkpoint-STEP/`` holds the model (the official layout, or ``adapter/``
 for LoRA runs) plus ``trainer_state.pt`` (optimizer, scheduler, step, data position, RNG states; loaded
-with ``weights_only=True``) and ``trainer_state.json`` (the same in readable form, without tensors).
-Folders are built in a temporary sibling and renamed into place, so a crash never leaves a half-written one.
+with ``weights_only=True``; also the run's settings) and ``trainer_state.json`` (the same in readable form,
+without tensors), and our output marker (``qwenvl.outputs``). Folders are built in a temporary sibling and
+renamed into place, so a crash never leaves a half-written one; pruning renames a folder to a hidden trash
+name before deleting it, so a crash never leaves a half-deleted one under its real name (the next run in the
+folder deletes the trash). Only folders holding our marker are pruned.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import re
-import shutil
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,17 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, fault_point, remove_tree
+from ..outputs import is_ours, record_files
 
 __all__ = [
     "STATE_FILE",
     "BatchOrder",
+    "RESUME_KEYS",
+    "TrainStateError",
+    "check_resume_settings",
     "Progress",
     "checkpoint_dirs",
     "latest_checkpoint",
     "load_state",
     "prune_checkpoints",
+    "read_state",
     "rng_state",
+    "saved_config",
     "save_checkpoint",
     "set_rng_state",
 ]
@@ -41,6 +51,10 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainStateError(ValueError):
+    """A checkpoint's trainer state cannot be read or does not fit this run."""
 
 
 # ---- data order ------------------------------------------------------------------------------------------
@@ -169,12 +183,15 @@ def save_checkpoint(
         "data": order.state_dict(),
         "rng": rng_state(),
         "progress": asdict(progress),
+        "config": config,
     }
     readable = {"step": progress.step, "data": order.state_dict(), "progress": asdict(progress), "config": config}
     with atomic_dir(path) as tmp:
         write_model(tmp)
+        fault_point("checkpoint.model_written")
         torch.save(state, tmp / STATE_FILE)
         (tmp / STATE_JSON).write_text(json.dumps(readable, indent=1) + "\n", encoding="utf-8")
+        record_files(tmp, [p.name for p in tmp.iterdir()], command="finetune")
     return path
 
 
@@ -183,26 +200,98 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     order: BatchOrder,
+    state: dict[str, Any] | None = None,
 ) -> Progress:
-    """Restore optimizer, scheduler, data position and RNG states from a checkpoint folder."""
+    """Restore optimizer, scheduler, data position and RNG states from a checkpoint folder (``state``: its
+    :func:`read_state`, when already read)."""
+    state = read_state(path) if state is None else state
+    try:
+        order.load_state_dict(state["data"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return Progress(**state["progress"])
+    except TrainStateError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise TrainStateError(f"{path / STATE_FILE}: the trainer state does not fit this run "
+                              f"({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder; a missing, truncated or corrupt file is a one-line
+    :class:`TrainStateError` (``FileNotFoundError`` when there is none)."""
     file = path / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint: no {STATE_FILE}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    order.load_state_dict(state["data"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return Progress(**state["progress"])
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise TrainStateError(f"{file}: corrupt or unreadable trainer state ({type(e).__name__}: {_one_line(e)}); "
+                              "resume from another checkpoint (--resume_training DIR) or delete this one") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "data", "rng", "progress"} <= set(state):
+        raise TrainStateError(f"{file}: not a trainer state (missing keys); resume from another checkpoint")
+    return state
+
+
+def saved_config(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The run settings a checkpoint was written with (older checkpoints: from trainer_state.json)."""
+    config = state.get("config")
+    if isinstance(config, dict):
+        return config
+    try:
+        readable = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = readable.get("config") if isinstance(readable, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoint folders (``keep`` 0: keep all); return the deleted ones."""
-    dirs = checkpoint_dirs(output_dir)
+    """Delete all but the newest ``keep`` of our checkpoint folders (``keep`` 0: keep all); return the deleted
+    ones. Each is renamed to a hidden trash name first (see the module docstring)."""
+    dirs = [(step, p) for step, p in checkpoint_dirs(output_dir) if is_ours(p)]
     if keep <= 0 or len(dirs) <= keep:
         return []
     doomed = [p for _step, p in dirs[:-keep]]
     for p in doomed:
-        shutil.rmtree(p)
+        remove_tree(p)
         logger.info("deleted old checkpoint %s (save_total_limit=%d)", p, keep)
     return doomed
+
+
+# ---- resuming with other settings ----------------------------------------------------------------------------
+# Settings that shape the optimization: a resumed run with other values would continue a different schedule
+# (or optimizer) from a state made under the old one, while the checkpoint records the new values.
+RESUME_KEYS = (
+    "learning_rate", "min_lr", "warmup_steps", "max_steps", "num_epochs", "batch_size",
+    "gradient_accumulation_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",
+    "vision_lr_scale", "resampler_lr_scale", "seed", "freeze_vision", "freeze_resampler", "freeze_llm",
+    "freeze_embedding", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "lora_train_resampler",
+)
+
+
+def check_resume_settings(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume from ``path`` when a :data:`RESUME_KEYS` setting differs from the checkpoint's, naming
+    each one (``num_epochs`` counts only when ``max_steps`` is 0 in both)."""
+    if saved is None:
+        logger.warning("%s records no run settings (an older checkpoint): cannot check that they match", path)
+        return
+    changed = []
+    for key in RESUME_KEYS:
+        if key not in saved or key not in current:
+            continue
+        if key == "num_epochs" and (saved.get("max_steps") or current.get("max_steps")):
+            continue
+        if saved[key] != current[key]:
+            changed.append(f"{key} {saved[key]!r} -> {current[key]!r}")
+    if changed:
+        raise TrainStateError(
+            f"cannot resume from {path}: {', '.join(changed)} differ from the checkpoint's settings (a resumed run "
+            "must continue the same schedule); use the checkpoint's values, or start a new run in a new output_dir"
+        )

@@ -11,19 +11,25 @@ Checkpoints (``output_dir/checkpoint-STEP/``, the newest ``save_total_limit`` ke
 the official layout and the trainer state; a run started with ``resume_training`` continues exactly where
 the checkpoint left off: same following losses and bit-identical final weights as an uninterrupted run.
 The final weights go to ``output_dir`` (LoRA runs: ``output_dir/adapter``).
+
+The run holds ``output_dir`` for itself (``qwenvl.outputs``): it must be new, empty or one of our outputs
+(``overwrite``: any folder, of which only the files we write are replaced), must not be, contain or lie
+inside ``load_checkpoint`` (nor be or contain the training data), and is locked for the whole run. A new
+run (not resuming) in a folder that holds checkpoints of an earlier one is refused unless ``overwrite``
+(which deletes those checkpoints). Resuming refuses changed optimization settings
+(:data:`~qwenvl.train.state.RESUME_KEYS`), naming them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,20 +42,24 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_state_dict as read_checkpoint
 from ..checkpoint import save_pretrained
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, collate
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, remove_tree
 from ..hardware import resolve_bf16
 from ..model import QwenVL
+from ..outputs import OutputDirError, check_separate, claim_output, is_ours, record_files
 from . import lora
 from .config import TrainConfig, TrainConfigError
 from .cpu_memory import keep_freed_memory
 from .state import (
     BatchOrder,
     Progress,
+    check_resume_settings,
     checkpoint_dirs,
     latest_checkpoint,
     load_state,
     prune_checkpoints,
+    read_state,
     save_checkpoint,
+    saved_config,
 )
 
 __all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "part_of", "select_trainable", "train"]
@@ -62,7 +72,6 @@ RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "tr
 FIXED = frozenset({"transformer.visual.attn_pool.pos_embed"})
 # The input embedding: part of the LM, but ``freeze_embedding`` keeps it alone frozen.
 EMBEDDING = "transformer.wte.weight"
-_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
 
 @dataclass
@@ -133,6 +142,17 @@ def train(
     """
     if cfg.use_parallel:
         logger.warning("use_parallel: this trainer runs single-process on one device; training on %s", cfg.device)
+    with _hold_output_dir(cfg):
+        return _train(cfg, model, processor, dataset, callback)
+
+
+def _train(
+    cfg: TrainConfig,
+    model: QwenVL | None,
+    processor: Any,
+    dataset: Any,
+    callback: Callable[[StepInfo], bool | None] | None,
+) -> TrainResult:
     device = _resolve_device(cfg.device)
     _seed_everything(cfg.seed)
     model = _prepare_model(cfg, model, device)
@@ -145,6 +165,40 @@ def train(
         stopped = _loop(run, callback)
     final = None if stopped else _save_final(run)
     return _result(run, final, resumed_from, stopped)
+
+
+@contextlib.contextmanager
+def _hold_output_dir(cfg: TrainConfig) -> Iterator[None]:
+    """Check ``output_dir`` against the inputs, lock it for the run and settle what an earlier run left."""
+    check_separate(cfg.output_dir, {"load_checkpoint": cfg.load_checkpoint, "training data": cfg.data_path,
+                                    "dataset_dir": cfg.dataset_dir},
+                   may_lie_inside=("dataset_dir",), what="output_dir")
+    with claim_output(cfg.output_dir, "finetune", overwrite=cfg.overwrite, flag="--overwrite (overwrite: true)"):
+        _check_earlier_run(cfg)
+        yield
+
+
+def _check_earlier_run(cfg: TrainConfig) -> None:
+    """A new run must not mix its checkpoints with an earlier run's; with ``overwrite`` ours are deleted.
+    Resuming the newest checkpoint first finishes a pruning that an interrupted run did not get to."""
+    found = checkpoint_dirs(cfg.output_dir)
+    if cfg.resume_training or cfg.resume_from:
+        if not cfg.resume_from:
+            prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+        return
+    if not found:
+        return
+    names = ", ".join(p.name for _s, p in found)
+    if not cfg.overwrite:
+        raise OutputDirError(f"output_dir {cfg.output_dir} holds checkpoints of an earlier run ({names}): resume it "
+                             "with --resume_training, or pass --overwrite to start over (deletes them)")
+    foreign = [p.name for _s, p in found if not is_ours(p)]
+    if foreign:
+        raise OutputDirError(f"output_dir {cfg.output_dir} holds checkpoint folders qwenvl did not write "
+                             f"({', '.join(foreign)}); move them away or choose another output_dir")
+    for _step, path in found:
+        remove_tree(path)
+        logger.info("overwrite: deleted %s of an earlier run", path)
 
 
 # ---- setup ---------------------------------------------------------------------------------------------------
@@ -278,6 +332,8 @@ def _maybe_resume(run: _Run) -> Path | None:
     path = Path(cfg.resume_from) if cfg.resume_from else latest_checkpoint(cfg.output_dir)
     if path is None:
         raise FileNotFoundError(f"resume_training: no checkpoint-STEP folder with a trainer state in {cfg.output_dir}")
+    trainer_state = read_state(path)  # a corrupt state fails here, before the model is touched
+    check_resume_settings(path, saved_config(path, trainer_state), cfg.to_dict())
     if run.lora_config is not None:
         lora.load_adapter(run.model, path / "adapter")
     else:
@@ -285,7 +341,7 @@ def _maybe_resume(run: _Run) -> Path | None:
         with torch.no_grad():
             run.model.load_state_dict(state, strict=True)
         del state
-    run.progress = load_state(path, run.optimizer, run.scheduler, run.order)
+    run.progress = load_state(path, run.optimizer, run.scheduler, run.order, trainer_state)
     logger.info("resumed from %s at step %d", path, run.progress.step)
     return path
 
@@ -389,10 +445,12 @@ def _save_final(run: _Run) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if run.lora_config is not None:
         final = lora.save_adapter(run.model, run.lora_config, out / "adapter")
+        record_files(out, [final.name])
     else:
         final = publish_weights(run.model, out, _save_dtype(run))
     summary = {"progress": asdict(run.progress), "config": run.cfg.to_dict()}
     atomic_write_text(out / "trainer_state.json", _json(summary))
+    record_files(out, ["trainer_state.json"])
     logger.info("saved the final %s to %s", "adapter" if run.lora_config is not None else "model", final)
     return final
 
@@ -403,25 +461,13 @@ def _save_dtype(run: _Run) -> torch.dtype:
 
 
 def publish_weights(model: QwenVL, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Save ``model`` in the official layout into ``out_dir`` without disturbing its other contents.
+    """Save ``model`` in the official layout into our output folder ``out_dir``, leaving its other contents.
 
-    The weights are written complete into a hidden staging folder first, then its files are moved into
-    ``out_dir`` (``config.json`` last); weight files of an earlier save that the new one does not have
-    are deleted so that the folder never mixes two layouts.
+    :func:`~qwenvl.checkpoint.save_pretrained` stages the files in a unique hidden folder, moves them in
+    (``config.json`` last) and deletes only weight files that our marker lists and the new save lacks.
     """
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    staging = out_dir / ".final-staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_pretrained(state, model.config, staging)
-    names = sorted((p.name for p in staging.iterdir()), key=lambda n: n == "config.json")
-    for old in out_dir.iterdir():
-        if old.is_file() and old.name.startswith(_WEIGHT_FILE_PREFIXES) and old.name not in names:
-            old.unlink()
-    for name in names:
-        os.replace(staging / name, out_dir / name)
-    staging.rmdir()
-    return out_dir
+    return save_pretrained(state, model.config, out_dir)
 
 
 def _json(obj: Any) -> str:

@@ -1,0 +1,359 @@
+"""Output folders: where a command may write, one run per folder, and recovery after a killed run.
+
+The rules (README "Safety"):
+
+- **Never delete what we did not write.** An output folder is new, empty, or *ours*: it holds the marker
+  file ``.qwenvl-output.json`` (written first thing; it names the command and the files we wrote there).
+  A non-empty folder without the marker is refused; ``overwrite=True`` (``--overwrite``) lets a command write
+  there anyway, replacing only the files it writes itself. Weight files of an earlier save are deleted only
+  when the marker lists them as ours and the new save does not rewrite them (a ``model-card.md`` or a
+  ``model.safetensors.md5`` is never touched: names are matched exactly, not by prefix).
+- **Inputs stay untouched**: :func:`check_separate` refuses an output folder that is, contains or lies
+  inside an input (a checkpoint being read, an adapter).
+- **One run per folder**: :func:`claim_output` holds ``.qwenvl-lock`` (``fcntl.flock``; the file names the
+  holder's pid, host, command and start time) for the whole run. A second run is refused with a message
+  naming the holder. The kernel drops a flock when its process dies, so the lock file of a killed run is
+  taken over, with a warning (unless its pid still runs on this host: then we refuse and say how to clear it).
+- **Recovery**: after taking the lock, temporary names left by a killed run (``*.qwenvl-tmp-*``,
+  ``-old-``, ``-trash-``: see :mod:`qwenvl.fileio`) are cleaned.
+- **Publishing** (:func:`output_files`): files are staged in a unique hidden folder inside the output
+  folder, then renamed into place with ``config.json`` last (and removed first), so a folder that has a
+  ``config.json`` is complete; a new folder is built whole in a sibling and renamed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .fileio import (
+    _fsync_dir,
+    _fsync_tree,
+    _remove,
+    atomic_dir,
+    atomic_write_text,
+    clean_temporary,
+    fault_point,
+    is_temporary,
+)
+
+__all__ = [
+    "LOCK_FILE",
+    "MARKER_FILE",
+    "OutputDirError",
+    "RunLock",
+    "acquire_lock",
+    "check_output_file",
+    "check_separate",
+    "claim_output",
+    "is_ours",
+    "output_files",
+    "read_marker",
+    "record_files",
+]
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = ".qwenvl-output.json"
+LOCK_FILE = ".qwenvl-lock"
+# Weight files of the official layout (exact names: a prefix match would hit model-card.md).
+WEIGHT_FILE_RE = re.compile(
+    r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$|^(model\.safetensors|pytorch_model\.bin)\.index\.json$"
+)
+LAST = "config.json"  # published last, removed first: a folder with a config.json is complete
+
+
+class OutputDirError(ValueError):
+    """An output folder may not be used: not ours, in use by another run, or overlapping an input."""
+
+
+# ---- inputs vs outputs ---------------------------------------------------------------------------------
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_separate(
+    output: str | os.PathLike[str],
+    inputs: Mapping[str, str | os.PathLike[str] | None],
+    may_lie_inside: Iterable[str] = (),
+    what: str = "output folder",
+) -> None:
+    """Refuse ``output`` when it is, contains or lies inside one of ``inputs`` (label -> path; None and ""
+    are skipped); for the labels in ``may_lie_inside`` only "is" and "contains" are refused.
+
+    Paths are compared after resolving symlinks, ``~`` and ``..``, so another spelling of the same folder
+    (the current directory as ``.``, a link to it) is caught too.
+    """
+    out = _real(output)
+    lenient = set(may_lie_inside)
+    for label, path in inputs.items():
+        if path is None or os.fspath(path) == "":
+            continue
+        src = _real(path)
+        if out == src:
+            raise OutputDirError(f"the {what} {output} is the {label} {path}; write the output somewhere else")
+        if _within(src, out):
+            raise OutputDirError(f"the {what} {output} contains the {label} {path}; choose a folder outside it")
+        if label not in lenient and _within(out, src):
+            raise OutputDirError(f"the {what} {output} lies inside the {label} {path}; choose a folder outside it")
+
+
+def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse an output file that is one of the input files (it would be replaced before being read in full
+    by a later run, or lost when this one fails)."""
+    if not output:
+        return
+    out = _real(output)
+    for label, path in inputs.items():
+        if path and (out == _real(path) or (out.exists() and Path(path).exists() and out.samefile(path))):
+            raise OutputDirError(f"the output file {output} is the {label} {path}; write the output somewhere else")
+
+
+# ---- the marker ----------------------------------------------------------------------------------------
+def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The marker of one of our output folders, or None for a folder we did not write."""
+    file = Path(folder) / MARKER_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):  # ours (only we use that name) but damaged: start its list afresh
+        return {"written_by": "qwenvl", "command": "unknown", "files": []}
+    files = data.get("files")
+    data["files"] = [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
+    return data
+
+
+def is_ours(folder: str | os.PathLike[str]) -> bool:
+    return read_marker(folder) is not None
+
+
+def _write_marker(folder: Path, command: str, files: Iterable[str]) -> None:
+    body = {"written_by": "qwenvl", "command": command,
+            "files": sorted(set(files) - {MARKER_FILE, LOCK_FILE})}
+    atomic_write_text(folder / MARKER_FILE, json.dumps(body, indent=1) + "\n")
+
+
+def record_files(folder: str | os.PathLike[str], names: Iterable[str], command: str = "qwenvl") -> None:
+    """Add ``names`` (top-level entries of ``folder`` that we wrote) to its marker, creating the marker."""
+    root = Path(folder)
+    marker = read_marker(root)
+    old = marker["files"] if marker else []
+    _write_marker(root, marker["command"] if marker else command, [*old, *names])
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of a folder that are neither our lock nor our temporary names."""
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name))
+
+
+def _refuse_foreign(folder: Path, entries: list[str], flag: str) -> None:
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise OutputDirError(
+        f"{folder} is not empty and was not written by qwenvl ({shown}); choose a new or empty folder, or pass "
+        f"{flag} to write there anyway (only the files this command writes are replaced; nothing else is deleted)"
+    )
+
+
+# ---- the lock ------------------------------------------------------------------------------------------
+@dataclass
+class RunLock:
+    """An exclusive lock on an output folder, held until :meth:`release`."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if _same_file(self.fd, self.path):
+                self.path.unlink()
+        except OSError as e:
+            logger.warning("could not remove the lock file %s: %s", self.path, e)
+        finally:
+            os.close(self.fd)  # drops the flock
+            self.fd = -1
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (OSError, ValueError):
+        data = {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+            f"qwenvl {holder.get('command', '?')} started {holder.get('started', '?')}")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
+    """Take ``folder``'s run lock or raise :class:`OutputDirError` naming the run that holds it."""
+    path = Path(folder) / LOCK_FILE
+    host = socket.gethostname()
+    for _attempt in range(20):
+        try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise OutputDirError(f"cannot create the lock file {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputDirError(f"{folder} is in use by another qwenvl run ({_describe(holder)}); wait for it to "
+                                 "finish or choose another output folder") from None
+        if not _same_file(fd, path):  # the previous holder removed the file between our open and flock
+            os.close(fd)
+            continue
+        previous = _holder(fd)
+        pid = previous.get("pid")
+        if previous and pid != os.getpid():
+            if previous.get("host") == host and _pid_alive(pid):
+                os.close(fd)
+                raise OutputDirError(
+                    f"{folder} is locked by {_describe(previous)}, which is still running (this filesystem may not "
+                    f"support locks); if no qwenvl run uses the folder, delete {path}")
+            logger.warning("%s: taking over the lock of a run that is no longer running (%s)", folder,
+                           _describe(previous))
+        me = {"pid": os.getpid(), "host": host, "command": command,
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        data = (json.dumps(me) + "\n").encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        return RunLock(path, fd)
+    raise OutputDirError(f"could not lock {folder}: its lock file keeps changing; is another run starting there?")
+
+
+@contextlib.contextmanager
+def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool = False,
+                 flag: str = "--overwrite") -> Iterator[Path]:
+    """Hold ``folder`` for one run of ``command``: create it (or accept it empty or ours; a foreign non-empty
+    folder needs ``overwrite``), take its lock, mark it ours and clean what a killed run left there."""
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise OutputDirError(f"the output folder {root} exists and is not a folder")
+    root.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(root, command)
+    try:
+        marker = read_marker(root)
+        if marker is None:
+            entries = _foreign_entries(root)
+            if entries and not overwrite:
+                _refuse_foreign(root, entries, flag)
+            _write_marker(root, command, [])
+        cleaned = clean_temporary(root)
+        if cleaned:
+            logger.warning("%s: cleaned %d temporary entr%s left by an interrupted run", root, len(cleaned),
+                           "y" if len(cleaned) == 1 else "ies")
+        yield root
+    finally:
+        lock.release()
+
+
+# ---- publishing files ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def output_files(folder: str | os.PathLike[str], command: str = "save_pretrained", overwrite: bool = False,
+                 fsync: bool = True) -> Iterator[Path]:
+    """Yield a staging folder; when the block succeeds its entries replace their namesakes in ``folder``.
+
+    - ``folder`` missing: built whole in a hidden sibling and renamed in (complete or absent).
+    - ``folder`` empty or ours: entries are renamed in one by one, ``config.json`` removed first and put last;
+      weight files the marker lists as ours that this save does not rewrite are deleted afterwards (so the
+      folder never mixes two layouts). Nothing else in the folder is touched.
+    - ``folder`` not ours and not empty: refused unless ``overwrite``; then, if it holds weight files this
+      save would not replace, refused too (the result would mix two checkpoints).
+    A failure inside the block leaves ``folder`` exactly as it was.
+    """
+    root = Path(folder)
+    if not root.exists():
+        with atomic_dir(root, fsync=fsync) as tmp:
+            yield tmp
+            _write_marker(tmp, command, [p.name for p in tmp.iterdir()])
+        return
+    if not root.is_dir():
+        raise OutputDirError(f"the output folder {root} exists and is not a folder")
+    marker = read_marker(root)
+    if marker is None and _foreign_entries(root) and not overwrite:
+        _refuse_foreign(root, _foreign_entries(root), "overwrite=True")
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".publish.qwenvl-tmp-"))
+    try:
+        yield staging
+        _publish(root, staging, marker, command, fsync)
+    finally:
+        _remove(staging)
+
+
+def _publish(root: Path, staging: Path, marker: dict[str, Any] | None, command: str, fsync: bool) -> None:
+    new = sorted((p.name for p in staging.iterdir()), key=lambda n: (n == LAST, n))
+    ours = set(marker["files"]) if marker else set()
+    stale = [n for n in sorted(ours - set(new)) if WEIGHT_FILE_RE.match(n) and (root / n).exists()]
+    foreign = [p.name for p in root.iterdir() if WEIGHT_FILE_RE.match(p.name) and p.name not in ours
+               and p.name not in new]
+    if foreign:
+        raise OutputDirError(f"{root} holds weight files this save would not replace ({', '.join(sorted(foreign))}); "
+                             "the folder would mix two checkpoints: remove them or choose another folder")
+    if fsync:
+        _fsync_tree(staging)
+    kept_command = marker["command"] if marker else command
+    _write_marker(root, kept_command, ours | set(new))  # a crash from here on leaves only recorded files
+    if LAST in new:
+        (root / LAST).unlink(missing_ok=True)
+    for i, name in enumerate(new):
+        target = root / name
+        if (staging / name).is_dir() and target.is_dir():
+            _remove(target)
+        os.replace(staging / name, target)
+        if i == 0:
+            fault_point("publish.moving")
+    for name in stale:
+        _remove(root / name)
+    _write_marker(root, kept_command, (ours - set(stale)) | set(new))
+    if fsync:
+        _fsync_dir(root)

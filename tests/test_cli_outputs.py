@@ -1,0 +1,121 @@
+"""What the commands may write: never over inputs, never over a folder we did not write, bounded YAML.
+
+Every refusal is one line on stderr and exit status 2, and leaves the files exactly as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from qwenvl.checkpoint import load_state_dict
+from qwenvl.cli import main
+
+GOLDEN = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+MARKER_FILE = ".qwenvl-output.json"  # spelled out: these tests also run (and fail) against code without it
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.fixture()
+def src(tmp_path: Path) -> Path:
+    """A copy of the tiny checkpoint inside tmp_path/work."""
+    return Path(shutil.copytree(GOLDEN, tmp_path / "work" / "ckpt", ignore=shutil.ignore_patterns("expected*")))
+
+
+def test_convert_never_writes_over_its_source(src: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    before = _tree(tmp_path)
+    _refused(["convert", str(src), str(src)], capsys, "is the SOURCE")
+    _refused(["convert", str(src), str(src.parent)], capsys, "contains the SOURCE")  # the parent folder
+    _refused(["convert", str(src), str(src / "converted")], capsys, "lies inside the SOURCE")
+    monkeypatch.chdir(src.parent)
+    _refused(["convert", "ckpt", "."], capsys, "contains the SOURCE")  # the current directory
+    assert _tree(tmp_path) == before
+
+
+def test_convert_refuses_a_users_folder_and_overwrite_keeps_the_users_files(src: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    out = tmp_path / "mine"
+    (out / "photos").mkdir(parents=True)
+    (out / "photos" / "a.jpg").write_bytes(b"jpeg")
+    (out / "notes.txt").write_text("notes")
+    (out / "model-card.md").write_text("card")
+    before = _tree(out)
+    _refused(["convert", str(src), str(out)], capsys, "not empty and was not written by qwenvl")
+    assert _tree(out) == before
+    assert main(["convert", str(src), str(out), "--overwrite", "--dtype", "bf16"]) == 0
+    after = _tree(out)
+    assert all(after[k] == v for k, v in before.items())
+    assert json.loads((out / MARKER_FILE).read_text())["command"] == "convert"
+    assert set(load_state_dict(out)) == set(load_state_dict(src))
+
+
+def test_convert_again_into_its_own_output(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--max_shard_size", "300KB"]) == 0
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    (out / "README.md").write_text("added by the user")
+    assert main(["convert", str(src), str(out)]) == 0  # ours: no flag needed; one file replaces the shards
+    names = {p.name for p in out.iterdir()}
+    assert names == {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors", "README.md",
+                     MARKER_FILE}
+
+
+def test_predict_eval_and_data_convert_output_must_not_be_their_input(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "Hello"}\n')
+    _refused(["predict", "--model", str(GOLDEN), "--jsonl", str(prompts), "--output", str(prompts)], capsys,
+             "is the --jsonl file")
+    data = tmp_path / "vqa.jsonl"
+    data.write_text('{"image": "a.png", "question": "q?", "answer": "a"}\n')
+    _refused(["eval", "vqa", "--model", str(GOLDEN), "--data", str(data), "--output", str(data)], capsys,
+             "is the --data file")
+    llava = tmp_path / "llava.json"
+    llava.write_text("[]")
+    _refused(["data-convert", "--data_path", str(llava), "--image_location", str(tmp_path), "--output_path",
+              str(llava)], capsys, "is the --data_path file")
+    assert prompts.read_text() == '{"text": "Hello"}\n' and data.read_text().startswith('{"image"')
+    assert llava.read_text() == "[]"
+
+
+def test_demo_refuses_a_users_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("notes")
+    _refused(["demo", "--steps", "1", "--output_dir", str(tmp_path)], capsys, "not written by qwenvl")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def _billion_laughs(path: Path, key: str) -> Path:
+    """``key: [&a [lol x 9], &b [*a x 9], ..., &i [*h x 9]]``: under 1 KB, 9^9 strings once expanded (the
+    error message that prints the value, for one, expands it)."""
+    levels = ["&a [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]" for i in range(1, 9)]
+    path.write_text(f"{key}: [{', '.join(levels)}]\n")
+    assert path.stat().st_size < 1024
+    return path
+
+
+@pytest.mark.parametrize(("command", "key"), [(["finetune", "--max_steps", "1"], "lora_target"),
+                                             (["predict", "--predict_data", "x"], "modal_type")])
+def test_yaml_bombs_fail_fast_in_every_command_that_reads_yaml(tmp_path: Path, capsys, command, key) -> None:
+    bomb = _billion_laughs(tmp_path / "bomb.yaml", key)
+    start = time.perf_counter()
+    _refused([command[0], "--config", str(bomb), *command[1:]], capsys, "anchors and aliases")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    _refused([command[0], "--config", str(deep), *command[1:]], capsys, "nested deeper than")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    _refused([command[0], "--config", str(big), *command[1:]], capsys, "too large")
+    assert time.perf_counter() - start < 10

@@ -1,0 +1,227 @@
+"""Output folders (qwenvl.outputs): ours or refused, inputs untouched, one run per folder, crash leftovers cleaned."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenvl.checkpoint import load_state_dict, save_pretrained
+from qwenvl.config import QwenVLConfig
+from qwenvl.fileio import clean_temporary, is_temporary, remove_tree, temp_name
+from qwenvl.model import QwenVL
+from qwenvl.outputs import (
+    LOCK_FILE,
+    MARKER_FILE,
+    OutputDirError,
+    acquire_lock,
+    check_output_file,
+    check_separate,
+    claim_output,
+    read_marker,
+)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _user_folder(path: Path) -> dict[str, bytes]:
+    (path / "photos").mkdir(parents=True)
+    (path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    (path / "notes.txt").write_text("my notes")
+    (path / "model-card.md").write_text("# my model")
+    (path / "model.safetensors.md5").write_text("0123")
+    return _tree(path)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[dict[str, torch.Tensor], QwenVLConfig]:
+    model = QwenVL.from_config("tiny", seed=0)
+    return model.state_dict(), model.config
+
+
+# ---- inputs vs outputs -------------------------------------------------------------------------------------
+def test_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    for out, word in ((src, "is the SOURCE"), (tmp_path, "contains the SOURCE"), (src / "sub", "lies inside")):
+        with pytest.raises(OutputDirError, match=word):
+            check_separate(out, {"SOURCE": src})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputDirError, match="contains the SOURCE"):
+        check_separate(".", {"SOURCE": "ckpt"})  # the current directory, spelled "."
+    (tmp_path / "link").symlink_to(src)
+    with pytest.raises(OutputDirError, match="is the SOURCE"):
+        check_separate("link", {"SOURCE": src})  # another name for the same folder
+    check_separate(tmp_path / "elsewhere", {"SOURCE": src, "unused": None})
+    check_separate(src / "out", {"data": src}, may_lie_inside=("data",))  # allowed for that label only
+
+
+def test_output_file_that_is_an_input_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(OutputDirError, match="is the --jsonl file"):
+        check_output_file(tmp_path / "." / "prompts.jsonl", {"--jsonl file": data})
+    check_output_file(tmp_path / "answers.jsonl", {"--jsonl file": data, "--config file": None})
+
+
+# ---- claiming a folder -------------------------------------------------------------------------------------
+def test_new_or_empty_folder_is_claimed_marked_and_unlocked_after(tmp_path: Path) -> None:
+    for out in (tmp_path / "new" / "deep", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        with claim_output(out, "convert") as root:
+            assert (root / LOCK_FILE).is_file()
+            holder = json.loads((root / LOCK_FILE).read_text())
+            assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        assert read_marker(out)["command"] == "convert"
+        assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE]  # the lock is gone
+
+
+def test_foreign_non_empty_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    before = _user_folder(out)
+    with (pytest.raises(OutputDirError, match=r"not empty and was not written by qwenvl .*--overwrite") as e,
+          claim_output(out, "convert")):
+        pytest.fail("must not get here")
+    assert "\n" not in str(e.value)
+    assert _tree(out) == before and not (out / LOCK_FILE).exists() and not (out / MARKER_FILE).exists()
+    with claim_output(out, "convert", overwrite=True):
+        pass
+    assert {k: v for k, v in _tree(out).items() if k != MARKER_FILE} == before
+
+
+def test_second_run_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    with (claim_output(tmp_path / "out", "finetune"),
+          pytest.raises(OutputDirError, match=rf"in use by another qwenvl run \(pid {os.getpid()} on host "),
+          claim_output(tmp_path / "out", "convert")):
+        pytest.fail("two runs in one folder")
+    with claim_output(tmp_path / "out", "convert"):  # free again once the first run is over
+        pass
+
+
+HOLD = "import sys, time; from qwenvl.outputs import acquire_lock; acquire_lock(sys.argv[1], 'test'); " \
+       "print('locked', flush=True); time.sleep(60)"
+
+
+def test_lock_of_another_process_then_its_stale_lock_after_kill_9(tmp_path: Path, caplog) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirError, match=rf"in use by another qwenvl run \(pid {child.pid} on host"):
+            acquire_lock(out, "convert")
+    finally:
+        child.kill()  # SIGKILL: the lock file stays, naming a process that no longer exists
+        child.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == child.pid
+    with caplog.at_level(logging.WARNING, logger="qwenvl.outputs"):
+        lock = acquire_lock(out, "convert")
+    assert f"taking over the lock of a run that is no longer running (pid {child.pid}" in caplog.text
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_unlocked_lock_file_of_a_live_process_on_this_host_is_respected(tmp_path: Path) -> None:
+    """A filesystem without working flock: the lock file still names a live process, so we do not take it."""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(OutputDirError, match=rf"pid {os.getppid()} .*still running.*delete .*{LOCK_FILE}"):
+        acquire_lock(tmp_path, "convert")
+
+
+# ---- leftovers of killed runs ------------------------------------------------------------------------------
+def test_only_our_temporary_names_are_cleaned_and_an_interrupted_swap_is_undone(tmp_path: Path) -> None:
+    ours = [temp_name("checkpoint-4"), temp_name("model.safetensors"), temp_name("checkpoint-2", "trash"),
+            ".publish.qwenvl-tmp-abc_123", ".trainer_state.json.qwenvl-tmp-x1y2z3w4"]
+    for name in ours:
+        assert is_temporary(name), name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "half").write_text("x")
+    theirs = [".cache", ".notes.txt.tmp", "model-card.md", ".x.old-1234", "model.safetensors.md5"]
+    for name in theirs:
+        assert not is_temporary(name), name
+        (tmp_path / name).write_text("keep")
+    # a folder replacement killed between its two renames: the previous version waits under an -old- name
+    old = tmp_path / temp_name("checkpoint-6", "old")
+    old.mkdir()
+    (old / "weights").write_text("w6")
+    # ... and one whose replacement did arrive: the old copy is just deleted
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / temp_name("checkpoint-8", "old")).mkdir()
+    clean_temporary(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*theirs, "checkpoint-6", "checkpoint-8"])
+    assert (tmp_path / "checkpoint-6" / "weights").read_text() == "w6"
+
+
+def test_remove_tree_goes_through_a_trash_name(tmp_path: Path, monkeypatch) -> None:
+    victim = tmp_path / "checkpoint-1"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "f").write_text("x")
+    seen = []
+    monkeypatch.setattr("qwenvl.fileio.shutil.rmtree", lambda p: seen.append(sorted(os.listdir(tmp_path))))
+    remove_tree(victim)  # "interrupted" before the delete: only a trash folder is left
+    assert len(seen) == 1 and len(seen[0]) == 1 and is_temporary(seen[0][0]) and "trash" in seen[0][0]
+    monkeypatch.undo()
+    clean_temporary(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- saving into folders -----------------------------------------------------------------------------------
+def test_save_pretrained_keeps_what_it_did_not_write(tmp_path: Path, tiny) -> None:
+    state, config = tiny
+    out = tmp_path / "ckpt"
+    save_pretrained(state, config, out, max_shard_size="200KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(shards) <= set(read_marker(out)["files"])
+    (out / "model-card.md").write_text("# card")
+    (out / "model.safetensors.md5").write_text("abc")
+    (out / "pytorch_model-notes.txt").write_text("mine")
+    save_pretrained(state, config, out)  # one file now: our old shards and index go, the user's files stay
+    names = {p.name for p in out.iterdir()}
+    assert names == {"config.json", "generation_config.json", "qwen.tiktoken", "model.safetensors", MARKER_FILE,
+                     "model-card.md", "model.safetensors.md5", "pytorch_model-notes.txt"}
+    assert (out / "model-card.md").read_text() == "# card"
+
+
+def test_save_pretrained_into_a_foreign_folder(tmp_path: Path, tiny) -> None:
+    state, config = tiny
+    out = tmp_path / "theirs"
+    before = _user_folder(out)
+    with pytest.raises(OutputDirError, match="not written by qwenvl"):
+        save_pretrained(state, config, out)
+    assert _tree(out) == before
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"someone else's shard")
+    with pytest.raises(OutputDirError, match=r"weight files this save would not replace \(model-00001-of-00002"):
+        save_pretrained(state, config, out, overwrite=True)  # the folder would mix two checkpoints
+    (out / "model-00001-of-00002.safetensors").unlink()
+    save_pretrained(state, config, out, overwrite=True)
+    after = _tree(out)
+    assert all(after[k] == v for k, v in before.items())
+    assert set(load_state_dict(out)) == set(state)
+
+
+def test_new_folder_appears_whole_and_leaves_no_sibling(tmp_path: Path, tiny) -> None:
+    state, config = tiny
+    save_pretrained(state, config, tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert read_marker(tmp_path / "a")["command"] == "save_pretrained"
+
+
+def test_a_planted_lock_symlink_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(OutputDirError, match="cannot create the lock file"):
+        acquire_lock(tmp_path / "out", "convert")
+    assert victim.read_text() == "precious"

@@ -1,0 +1,127 @@
+"""finetune and its output folder: inputs untouched, one run at a time, no mixed runs, consistent resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qwenvl.cli import main
+from qwenvl.fileio import temp_name
+from qwenvl.model import QwenVL
+from qwenvl.outputs import LOCK_FILE, MARKER_FILE, OutputDirError, acquire_lock
+from qwenvl.train import train
+from qwenvl.train.state import STATE_FILE, TrainStateError
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def done(make_cfg, processor, tmp_path_factory: pytest.TempPathFactory):
+    """A finished 2-step run with checkpoint-1 kept."""
+    cfg = make_cfg(tmp_path_factory.mktemp("done") / "out", max_steps=2, save_steps=1, save_total_limit=1)
+    return cfg, train(cfg, processor=processor)
+
+
+def test_output_dir_must_stay_clear_of_the_checkpoint_it_loads(train_data: Path, tmp_path: Path, capsys) -> None:
+    base = tmp_path / "base"
+    QwenVL.from_config("tiny", seed=0).save_pretrained(base)
+    before = _tree(tmp_path)
+    common = ["finetune", "--load_checkpoint", str(base), "--train_data", str(train_data), "--max_steps", "1"]
+    _one_line_error([*common, "--output_dir", str(base)], capsys, "is the load_checkpoint")
+    _one_line_error([*common, "--output_dir", str(tmp_path)], capsys, "contains the load_checkpoint")
+    _one_line_error([*common, "--output_dir", str(train_data.parent)], capsys, "contains the training data")
+    assert _tree(tmp_path) == before
+
+
+def test_a_second_run_in_the_same_folder_is_refused(make_cfg, tmp_path: Path) -> None:
+    lock = acquire_lock(tmp_path, "finetune")  # another run holds the folder
+    try:
+        with pytest.raises(OutputDirError, match=rf"in use by another qwenvl run \(pid {os.getpid()} on host .*"
+                                                 r"qwenvl finetune started"):
+            train(make_cfg(tmp_path, max_steps=1))
+    finally:
+        lock.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written by the refused run
+
+
+def test_resume_refuses_changed_optimization_settings(done, processor) -> None:
+    cfg, _result = done
+    changed = cfg.replace(resume_training=True, learning_rate=2e-2, min_lr=2e-3, warmup_steps=1)
+    with pytest.raises(TrainStateError, match=r"cannot resume from .*checkpoint-1: learning_rate 0\.01 -> 0\.02, "
+                                              r"min_lr 0\.001 -> 0\.002, warmup_steps 0 -> 1 differ"):
+        train(changed, processor=processor)
+    with pytest.raises(TrainStateError, match=r"batch_size 4 -> 2, gradient_accumulation_steps 1 -> 2 differ"):
+        train(cfg.replace(resume_training=True, batch_size=2, gradient_accumulation_steps=2), processor=processor)
+
+
+def test_corrupt_trainer_state_is_a_one_line_error(done, train_data: Path, tmp_path: Path, capsys) -> None:
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    state = out / "checkpoint-1" / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    argv = ["finetune", "--preset", "tiny", "--train_data", str(train_data), "--output_dir", str(out),
+            "--batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-2", "--min_lr", "1e-3",
+            "--warmup_steps", "0", "--seed", "0", "--device", "cpu", "--save_steps", "1", "--save_total_limit", "1",
+            "--resume_training"]
+    _one_line_error(argv, capsys, "corrupt or unreadable trainer state")
+    state.write_bytes(b"not a zip file at all")
+    _one_line_error(argv, capsys, "corrupt or unreadable trainer state")
+
+
+def test_a_new_run_does_not_mix_with_an_earlier_runs_checkpoints(done, processor, tmp_path: Path) -> None:
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    with pytest.raises(OutputDirError, match=r"holds checkpoints of an earlier run \(checkpoint-1\): resume it"):
+        train(cfg.replace(output_dir=str(out)), processor=processor)
+    # the user's files next to ours: a model card and a checksum, named like weight files by prefix only
+    (out / "model-card.md").write_text("# my fine-tune")
+    (out / "model.safetensors.md5").write_text("0123")
+    (out / "pytorch_model_notes.txt").write_text("mine")
+    (out / "checkpoint-1" / "sentinel").write_text("from the earlier run")
+    result = train(cfg.replace(output_dir=str(out), overwrite=True, save_steps=0), processor=processor)
+    assert result.steps == 2 and not (out / "checkpoint-1").exists()  # the earlier run's checkpoint is gone
+    assert (out / "model-card.md").read_text() == "# my fine-tune"
+    assert (out / "model.safetensors.md5").read_text() == "0123"
+    assert (out / "pytorch_model_notes.txt").read_text() == "mine"
+    QwenVL.from_pretrained(out)
+
+
+def test_a_users_folder_needs_overwrite_and_keeps_its_files(make_cfg, processor, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(OutputDirError, match="not empty and was not written by qwenvl"):
+        train(make_cfg(tmp_path, max_steps=1), processor=processor)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    train(make_cfg(tmp_path, max_steps=1, overwrite=True), processor=processor)
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+    assert json.loads((tmp_path / MARKER_FILE).read_text())["command"] == "finetune"
+
+
+def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(done, processor, tmp_path: Path) -> None:
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    half_pruned = out / temp_name("checkpoint-0", "trash")  # a pruning killed half-way
+    (half_pruned / "sub").mkdir(parents=True)
+    staged = out / temp_name("checkpoint-2")  # a checkpoint killed before its rename
+    staged.mkdir()
+    (out / ".publish.qwenvl-tmp-k1ll3d00").mkdir()  # a final save killed while staging
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": "elsewhere"}))  # its lock file
+    (out / ".keep.tmp").write_text("not ours")
+    unmarked = out / "checkpoint-0"  # a checkpoint folder we did not write: never pruned
+    shutil.copytree(out / "checkpoint-1", unmarked)
+    (unmarked / MARKER_FILE).unlink()
+    train(cfg.replace(output_dir=str(out), resume_training=True), processor=processor)
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == [".keep.tmp", MARKER_FILE]
+    assert (unmarked / STATE_FILE).is_file()
