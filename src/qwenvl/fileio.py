@@ -20,9 +20,9 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_text", "iter_jsonl", "read_json_records"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text", "iter_jsonl", "read_json_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically; return the path.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Write a file through the yielded binary stream; it appears at ``path`` when the ``with`` block succeeds.
 
-    Parent folders are created. A file being replaced keeps its permission bits; a new file gets the
-    usual ``0o666 & ~umask``. With ``fsync`` the data (and the rename) are flushed to disk before returning,
-    so a power loss leaves either the old or the new file, never an empty one.
+    For data too large to hold in memory (streamed piece by piece). Parent folders are created. A file being
+    replaced keeps its permission bits; a new file gets the usual ``0o666 & ~umask``. On any exception the
+    temporary file is deleted and ``path`` is left as it was. With ``fsync`` the data (and the rename) are
+    flushed to disk before the block exits, so a power loss leaves either the old or the new file.
     """
     target = Path(path)
     if target.is_dir():
@@ -79,7 +81,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -90,7 +92,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
         raise
     if fsync:
         _fsync_dir(target.parent)
-    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`); return the path."""
+    with atomic_file(path, fsync=fsync) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(

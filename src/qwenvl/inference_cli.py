@@ -90,9 +90,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draw", metavar="DIR", help="write the latest picture with the answer's boxes drawn into DIR")
     _add_sampling_flags(p)
 
-    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format) or merge a LoRA adapter")
-    p.add_argument("source", nargs="?", help="checkpoint folder to convert (or --load_checkpoint)")
-    p.add_argument("output", nargs="?", help="output folder (or --output_dir)")
+    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format), merge a LoRA adapter, or "
+                                       "convert from/to a MindFormers .ckpt")
+    p.add_argument("source", nargs="?", help="checkpoint folder to convert, or a MindFormers .ckpt (or --load_checkpoint)")
+    p.add_argument("output", nargs="?", help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
     p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
     p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
     p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
@@ -100,6 +101,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--merge_lora", action="store_true", help="merge --adapter into the base checkpoint")
     p.add_argument("--adapter", help="LoRA adapter folder (from qwenvl finetune with lora)")
+    p.add_argument("--config", help="importing a .ckpt: folder with config.json, a config.json, a preset or a "
+                                    "MindFormers YAML (predict_qwenvl_9.6b.yaml)")
+    p.add_argument("--use_qkv_concat", action="store_true", help="exporting a .ckpt: keep the LM's qkv fused")
+    p.add_argument("--emb_strategy", type=int, metavar="N",
+                   help="exporting a .ckpt: pad wte/lm_head rows to a multiple of 512 x N (MindFormers enable_emb_opt)")
 
     p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
     p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
@@ -343,6 +349,12 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
     if Path(output).resolve() == Path(source).resolve():
         raise ValueError("OUTPUT must differ from SOURCE (the source is read while the output is written)")
+    from .mindformers import convert, is_mindspore_path
+
+    if is_mindspore_path(source) or is_mindspore_path(output):
+        print(convert(source, output, config=args.config, dtype=args.dtype, use_qkv_concat=args.use_qkv_concat,
+                      emb_strategy=args.emb_strategy, max_shard_size=args.max_shard_size))
+        return 0
     if args.merge_lora:
         from .train.lora import merge_lora
 
