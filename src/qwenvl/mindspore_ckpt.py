@@ -200,6 +200,22 @@ def _parse_value(r: _Reader, limit: int, index: int) -> tuple[str, str, tuple[in
     return name, code, dims, content  # type: ignore[return-value]
 
 
+def _name_at(r: _Reader, end: int, index: int) -> str:
+    """``tensor 'name'`` of the Value starting at the reader's position if its name can be read, else ``entry N``."""
+    start = r.pos
+    try:
+        if r.varint(end, "") == 0x0A:
+            n = r.varint(end, "")
+            if r.pos + n <= end:
+                return f"tensor {r.read(n, '').decode('utf-8')!r}"
+    except (CkptFormatError, UnicodeDecodeError):
+        pass
+    finally:
+        r.pos = start
+        r.f.seek(start)
+    return f"entry {index}"
+
+
 def _element_size(code: str) -> int:
     return 4 if code == STR_CODE else torch.empty((), dtype=DTYPE_OF_CODE[code]).element_size()
 
@@ -235,8 +251,10 @@ def scan(path: str | os.PathLike[str]) -> list[CkptTensor]:
                 if index == 0:
                     raise r.fail("not a MindSpore checkpoint (it does not start with a protobuf Checkpoint.value)")
                 raise r.fail(f"corrupt file: unexpected data at byte {r.pos - 1} after tensor {out[-1].name!r}")
-            last = f" after tensor {out[-1].name!r}" if out else ""
-            n = r.length(end, f"entry {index}{last}")
+            n = r.varint(end, f"entry {index}")
+            if r.pos + n > end:
+                raise r.fail(f"truncated file: {_name_at(r, end, index)} needs {n} bytes at byte {r.pos}, "
+                             f"the file ends at byte {end}")
             stop = r.pos + n
             name, code, dims, content = _parse_value(r, stop, index)
             _add_piece(out, seen, name, code, dims, content, r)
