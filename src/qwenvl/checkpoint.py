@@ -526,7 +526,10 @@ def save_pretrained(
         for name, keys in zip(names, plan):
             shard = {k: state[k] for k in keys}
             if safe_serialization:
-                _write_safetensors(tmp / name, shard, {"format": "pt"}, load)
+                if load is None:
+                    _write_safetensors(tmp / name, shard, {"format": "pt"})
+                else:
+                    _write_safetensors(tmp / name, shard, {"format": "pt"}, load)
             else:
                 _write_bin(tmp / name, shard)
             weight_map.update(dict.fromkeys(keys, name))

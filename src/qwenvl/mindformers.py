@@ -262,10 +262,10 @@ def _one_line(what: str, items: list[str]) -> str:
 
 
 # ---- import -------------------------------------------------------------------------------------------------
-def _choose_rules(config: QwenVLConfig, present: set[str]) -> list[Rule]:
+def _choose_rules(shapes: dict[str, torch.Size], present: set[str]) -> list[Rule]:
     """Per tensor, the layout the file uses (split or fused qkv); the split one where neither is complete."""
     chosen = []
-    for name in official_shapes(config):
+    for name in shapes:
         candidates = [rule(name, False), rule(name, True)]
         chosen.append(next((r for r in candidates if set(r.ms_names) <= present), candidates[0]))
     return chosen
@@ -321,10 +321,10 @@ def import_checkpoint(
     """
     path = os.fspath(ckpt)
     entries = {t.name: t for t in scan(path)}
-    chosen = _choose_rules(config, set(entries))
+    shapes = official_shapes(config)
+    chosen = _choose_rules(shapes, set(entries))
     wanted = {n for r in chosen for n in r.ms_names}
     ignored = _classify(entries, wanted, path)
-    shapes = official_shapes(config)
     missing = [n for r in chosen for n in r.ms_names if n not in entries]
     if missing:
         raise CheckpointError(_one_line(f"{path}: {len(missing)} Qwen-VL weight(s) missing for this config",

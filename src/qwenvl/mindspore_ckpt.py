@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import torch
@@ -259,9 +259,7 @@ def scan(path: str | os.PathLike[str]) -> list[CkptTensor]:
             name, code, dims, content = _parse_value(r, stop, index)
             _add_piece(out, seen, name, code, dims, content, r)
             index += 1
-    for t in out:
-        _check_size(t, path)
-    return out
+    return [_checked(t, path) for t in out]
 
 
 def _add_piece(out: list[CkptTensor], seen: set[str], name: str, code: str, dims: tuple[int, ...],
@@ -281,17 +279,17 @@ def _add_piece(out: list[CkptTensor], seen: set[str], name: str, code: str, dims
     out.append(CkptTensor(name, code, dims, (content,)))
 
 
-def _check_size(t: CkptTensor, path: str) -> None:
+def _checked(t: CkptTensor, path: str) -> CkptTensor:
+    """``t`` with its size checked against its dims (a scalar written with dims [0] gets shape ())."""
     if t.code == STR_CODE:
-        return
-    shape = t.shape
-    if shape == (0,) and t.nbytes == _element_size(t.code):
-        shape = ()  # old files write a scalar's dims as [0]; MindSpore reads it as a scalar
-        object.__setattr__(t, "shape", shape)
-    need = math.prod(shape) * _element_size(t.code)
+        return t
+    if t.shape == (0,) and t.nbytes == _element_size(t.code):
+        t = replace(t, shape=())  # old files write a scalar's dims as [0]; MindSpore reads it as a scalar
+    need = t.numel * _element_size(t.code)
     if t.nbytes != need:
         raise CkptFormatError(f"{path}: corrupt file: tensor {t.name!r} holds {t.nbytes} bytes, "
-                              f"but {t.code}{list(shape)} needs {need}")
+                              f"but {t.code}{list(t.shape)} needs {need}")
+    return t
 
 
 def read_tensor(f: BinaryIO, t: CkptTensor) -> torch.Tensor | str:
