@@ -41,13 +41,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from qwenvl.model.linear import PackedLinear, can_prepack, onednn_packed, prepack_linears
 
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
 from qwenvl.model import bf16_kernel
 from qwenvl.model import linear as qlinear
-from qwenvl.model.linear import PackedLinear, can_prepack, onednn_packed, prepack_linears
 
 
 def best_of(fn, repeat: int) -> float:  # noqa: ANN001

@@ -45,3 +45,22 @@ def tiny_model():
     from qwenvl import QwenVL
 
     return QwenVL.from_config("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mindformers_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """``mindformers_ckpt(name)``: the path of ``fixtures/mindformers/<name>.ckpt.gz`` decompressed (once per
+    session; treat it as read-only). The fixtures were written by MindSpore itself (make_fixtures.py)."""
+    import gzip
+    import shutil
+
+    folder = tmp_path_factory.mktemp("mindformers")
+
+    def get(name: str) -> Path:
+        out = folder / f"{name}.ckpt"
+        if not out.exists():
+            with gzip.open(GOLDEN.parent / "mindformers" / f"{name}.ckpt.gz", "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        return out
+
+    return get

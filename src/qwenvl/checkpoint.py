@@ -32,7 +32,7 @@ import re
 import shutil
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,7 +44,8 @@ from torch import nn
 from .config import QwenVLConfig
 from .outputs import output_files
 
-__all__ = ["CheckpointError", "find_weights", "load_state_dict", "load_weights", "parse_size", "save_pretrained"]
+__all__ = ["CheckpointError", "find_weights", "iter_tensor_bytes", "load_state_dict", "load_weights", "parse_size",
+           "save_pretrained"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 _DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+TensorLoader = Callable[[str], torch.Tensor]
 
 
 class CheckpointError(ValueError):
@@ -386,18 +390,40 @@ def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _write_tensor_data(f: BinaryIO, t: torch.Tensor) -> None:
-    t = _host_contiguous(t)
-    if t.numel():
-        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+CAST_BLOCK_BYTES = 64 * 2**20  # a cast while writing converts this much at a time, not the whole tensor
 
 
-def _write_safetensors(file: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def iter_tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> Iterator[memoryview]:
+    """The raw bytes of ``t`` (row-major, native byte order), cast to ``dtype`` on the way in blocks.
+
+    Without a cast the bytes are the tensor's own memory (no copy); with one, at most
+    :data:`CAST_BLOCK_BYTES` of converted data exist at a time.
+    """
+    flat = _host_contiguous(t).reshape(-1)
+    if dtype is None or flat.dtype == dtype:
+        if flat.numel():
+            yield memoryview(flat.view(torch.uint8).numpy())
+        return
+    step = max(1, CAST_BLOCK_BYTES // max(flat.element_size(), torch.empty((), dtype=dtype).element_size()))
+    for i in range(0, flat.numel(), step):
+        yield memoryview(flat[i:i + step].to(dtype).view(torch.uint8).numpy())
+
+
+def _write_tensor_data(f: BinaryIO, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    for block in iter_tensor_bytes(t, dtype):
+        f.write(block)
+
+
+def _write_safetensors(
+    file: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str], load: TensorLoader | None = None
+) -> None:
     """Write one safetensors file, streaming one tensor at a time.
 
     Layout per the format: u64 little-endian header size, the JSON header (padded with spaces to a multiple
     of 8), then the tensors' bytes back to back. Tensors are ordered by decreasing element size then name,
-    as safetensors itself does, so every tensor starts aligned to its element size.
+    as safetensors itself does, so every tensor starts aligned to its element size. With ``load``, ``state``
+    only describes the tensors (meta tensors will do) and ``load(key)`` gives each one's data when it is
+    written (cast to the described dtype on the way).
     """
     order = sorted(state, key=lambda k: (-state[k].element_size(), k))
     header: dict[str, Any] = {"__metadata__": metadata}
@@ -415,7 +441,14 @@ def _write_safetensors(file: Path, state: Mapping[str, torch.Tensor], metadata: 
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for key in order:
-            _write_tensor_data(f, state[key])
+            if load is None:
+                _write_tensor_data(f, state[key])
+                continue
+            t = load(key)
+            if t.shape != state[key].shape:
+                raise CheckpointError(f"{key}: expected shape {_shape(state[key])}, got {_shape(t)}")
+            _write_tensor_data(f, t, state[key].dtype)
+            del t
 
 
 def _write_bin(file: Path, state: Mapping[str, torch.Tensor]) -> None:
@@ -429,14 +462,16 @@ def _write_bin(file: Path, state: Mapping[str, torch.Tensor]) -> None:
     torch.save(out, file)
 
 
-def _state_dict_of(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _state_dict_of(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], lazy: bool = False
+) -> dict[str, torch.Tensor]:
     if isinstance(model_or_state_dict, nn.Module):
         state = model_or_state_dict.state_dict()
     else:
         state = dict(model_or_state_dict)
     problems = [f"{k}: not a tensor ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
     problems += [f"{k}: on the meta device (no data)" for k, v in state.items()
-                 if isinstance(v, torch.Tensor) and v.is_meta]
+                 if isinstance(v, torch.Tensor) and v.is_meta and not lazy]
     if problems:
         raise CheckpointError(_format_problems("cannot save this state dict:", problems))
     if not state:
@@ -452,6 +487,7 @@ def save_pretrained(
     safe_serialization: bool = True,
     vocab_file: str | Path | None = None,
     overwrite: bool = False,
+    load: TensorLoader | None = None,
 ) -> Path:
     """Write a checkpoint folder in the official layout, crash-safely; return its path.
 
@@ -463,12 +499,18 @@ def save_pretrained(
     (``overwrite=True``: any folder); its files are replaced only once the new ones are complete, weight
     files of an earlier save of ours that this one does not rewrite are deleted, and nothing else is
     touched (:func:`qwenvl.outputs.output_files`). Raises :class:`qwenvl.outputs.OutputDirError` otherwise.
+
+    ``load`` (safetensors only): ``model_or_state_dict`` is a mapping that only describes the tensors (meta
+    tensors of the wanted shape and dtype) and ``load(key)`` produces each one when it is written, so that a
+    converter holds one tensor at a time.
     """
     if config is None:
         config = getattr(model_or_state_dict, "config", None)
         if not isinstance(config, QwenVLConfig):
             raise CheckpointError("save_pretrained needs a QwenVLConfig (none given and the model has no .config)")
-    state = _state_dict_of(model_or_state_dict)
+    if load is not None and not safe_serialization:
+        raise CheckpointError("tensors produced one by one (load=...) can only be written as safetensors")
+    state = _state_dict_of(model_or_state_dict, lazy=load is not None)
     max_bytes = parse_size(max_shard_size)
     vocab = Path(vocab_file) if vocab_file is not None else BUNDLED_VOCAB
     if not vocab.is_file():
@@ -490,7 +532,10 @@ def save_pretrained(
         for name, keys in zip(names, plan):
             shard = {k: state[k] for k in keys}
             if safe_serialization:
-                _write_safetensors(tmp / name, shard, {"format": "pt"})
+                if load is None:
+                    _write_safetensors(tmp / name, shard, {"format": "pt"})
+                else:
+                    _write_safetensors(tmp / name, shard, {"format": "pt"}, load)
             else:
                 _write_bin(tmp / name, shard)
             weight_map.update(dict.fromkeys(keys, name))

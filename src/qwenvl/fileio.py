@@ -29,11 +29,12 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "TEMP_TAG",
     "atomic_dir",
+    "atomic_file",
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_temporary",
@@ -147,12 +148,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically; return the path.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Write a file through the yielded binary stream; it appears at ``path`` when the ``with`` block succeeds.
 
-    Parent folders are created. A file being replaced keeps its permission bits; a new file gets the
-    usual ``0o666 & ~umask``. With ``fsync`` the data (and the rename) are flushed to disk before returning,
-    so a power loss leaves either the old or the new file, never an empty one.
+    For data too large to hold in memory (streamed piece by piece). Parent folders are created. A file being
+    replaced keeps its permission bits; a new file gets the usual ``0o666 & ~umask``. On any exception the
+    temporary file is deleted and ``path`` is left as it was. With ``fsync`` the data (and the rename) are
+    flushed to disk before the block exits, so a power loss leaves either the old or the new file.
     """
     target = Path(path)
     if target.is_dir():
@@ -167,7 +170,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -178,7 +181,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
         raise
     if fsync:
         _fsync_dir(target.parent)
-    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`); return the path."""
+    with atomic_file(path, fsync=fsync) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(
@@ -329,17 +338,21 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
     import yaml
 
     class BoundedLoader(yaml.SafeLoader):
-        """SafeLoader without anchors and aliases (a 1 KB file of nested aliases expands to gigabytes:
-        "billion laughs") and with a nesting limit (the composer recurses once per level)."""
+        """SafeLoader whose aliases may only name scalars (``&size 448`` ... ``*size``, as MindFormers' YAMLs
+        use them): an alias of a list or mapping is refused, since a 1 KB file of nested ones expands to
+        gigabytes ("billion laughs"), while scalar aliases cost no more than writing the value out. Also a
+        nesting limit (the composer recurses once per level)."""
 
         depth = 0
 
         def compose_node(self, parent: Any, index: Any) -> Any:
             event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                mark = event.start_mark
-                raise error(f"{file}:{mark.line + 1}: YAML anchors and aliases (&name, *name) are not supported; "
-                            "write the values out")
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None and not isinstance(target, yaml.ScalarNode):
+                    mark = event.start_mark
+                    raise error(f"{file}:{mark.line + 1}: YAML aliases of lists or mappings (*{event.anchor}) are "
+                                "not supported; write the values out")
             self.depth += 1
             if self.depth > MAX_YAML_DEPTH:
                 raise error(f"{file}:{event.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")

@@ -92,9 +92,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draw", metavar="DIR", help="write the latest picture with the answer's boxes drawn into DIR")
     _add_sampling_flags(p)
 
-    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format) or merge a LoRA adapter")
-    p.add_argument("source", nargs="?", help="checkpoint folder to convert (or --load_checkpoint)")
-    p.add_argument("output", nargs="?", help="output folder (or --output_dir)")
+    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format), merge a LoRA adapter, or "
+                                       "convert from/to a MindFormers .ckpt")
+    p.add_argument("source", nargs="?", help="checkpoint folder to convert, or a MindFormers .ckpt (or --load_checkpoint)")
+    p.add_argument("output", nargs="?", help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
     p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
     p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
     p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
@@ -105,6 +106,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into OUTPUT even if it is a non-empty folder qwenvl did not write (only the files "
                         "of the checkpoint are replaced; nothing else is deleted)")
+    p.add_argument("--config", help="importing a .ckpt: folder with config.json, a config.json, a preset or a "
+                                    "MindFormers YAML (predict_qwenvl_9.6b.yaml)")
+    p.add_argument("--use_qkv_concat", action="store_true", help="exporting a .ckpt: keep the LM's qkv fused")
+    p.add_argument("--emb_strategy", type=int, metavar="N",
+                   help="exporting a .ckpt: pad wte/lm_head rows to a multiple of 512 x N (MindFormers enable_emb_opt)")
 
     p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
     p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
@@ -349,7 +355,25 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
     if args.merge_lora and not args.adapter:
         raise ValueError("--merge_lora needs --adapter DIR")
-    from .outputs import check_separate, claim_output
+    from .mindformers import convert as convert_mindspore
+    from .mindformers import is_mindspore_path
+    from .outputs import check_output_file, check_separate, claim_output
+
+    if is_mindspore_path(source) or is_mindspore_path(output):
+        if args.merge_lora:
+            raise ValueError("--merge_lora works on checkpoint folders, not MindSpore .ckpt files")
+        kw = {"config": args.config, "dtype": args.dtype, "use_qkv_concat": args.use_qkv_concat,
+              "emb_strategy": args.emb_strategy, "max_shard_size": args.max_shard_size}
+        if is_mindspore_path(output):  # export: one file, written atomically
+            check_output_file(output, {"SOURCE": source})
+            if Path(output).exists() and not args.overwrite:
+                raise ValueError(f"{output} exists: pass --overwrite to replace it")
+            print(convert_mindspore(source, output, **kw))
+            return 0
+        check_separate(output, {"SOURCE": source}, what="OUTPUT folder")
+        with claim_output(output, "convert", overwrite=args.overwrite):
+            print(convert_mindspore(source, output, **kw))
+        return 0
 
     # the sources are read while the output is written: never the same folder, nor one inside the other
     check_separate(output, {"SOURCE": source, "--adapter": args.adapter if args.merge_lora else None},

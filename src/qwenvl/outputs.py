@@ -275,12 +275,15 @@ def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
 def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool = False,
                  flag: str = "--overwrite") -> Iterator[Path]:
     """Hold ``folder`` for one run of ``command``: create it (or accept it empty or ours; a foreign non-empty
-    folder needs ``overwrite``), take its lock, mark it ours and clean what a killed run left there."""
+    folder needs ``overwrite``), take its lock, mark it ours and clean what a killed run left there.
+    A folder this call created is removed again when the run fails before writing anything into it."""
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise OutputDirError(f"the output folder {root} exists and is not a folder")
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(root, command)
+    failed = True
     try:
         marker = read_marker(root)
         if marker is None:
@@ -293,8 +296,23 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
             logger.warning("%s: cleaned %d temporary entr%s left by an interrupted run", root, len(cleaned),
                            "y" if len(cleaned) == 1 else "ies")
         yield root
+        failed = False
     finally:
         lock.release()
+        if failed and created:
+            _remove_if_unused(root)
+
+
+def _remove_if_unused(root: Path) -> None:
+    """Remove a folder that holds nothing but our marker and lock (a run that failed before any output)."""
+    own = {MARKER_FILE, LOCK_FILE}
+    try:
+        if all(p.name in own for p in root.iterdir()):
+            for name in own:
+                (root / name).unlink(missing_ok=True)
+            root.rmdir()
+    except OSError:
+        pass
 
 
 # ---- publishing files ----------------------------------------------------------------------------------

@@ -1,0 +1,283 @@
+"""MindFormers checkpoints: import of the MindSpore-written fixtures gives the golden weights exactly, export of the
+golden checkpoint gives the fixtures byte for byte, fp32 round trips are bit-identical, configs come from
+MindFormers YAMLs, and bad inputs fail with one line naming the tensor and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwenvl import mindformers as mf
+from qwenvl.checkpoint import load_state_dict, save_pretrained
+from qwenvl.cli import main
+from qwenvl.config import QwenVLConfig
+from qwenvl.mindspore_ckpt import CkptWriter, read_tensor, scan
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "qwenvl-tiny"
+MANIFEST = json.loads((FIXTURES / "mindformers" / "manifest.json").read_text())
+# fixture -> (dtype of its weights, export options that reproduce it)
+EXPORTS = {
+    "tiny_fp32": (torch.float32, {"dtype": torch.float32}),
+    "tiny_fp16": (torch.float16, {}),
+    "tiny_bf16": (torch.bfloat16, {"dtype": torch.bfloat16}),
+    "tiny_fp16_qkv_concat_emb_opt": (torch.float16, {"use_qkv_concat": True, "emb_strategy": 1}),
+}
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, torch.Tensor]:
+    return load_file(GOLDEN / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def config() -> QwenVLConfig:
+    return QwenVLConfig.from_pretrained(GOLDEN)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# ---- import ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [*EXPORTS, "tiny_trainer"])
+def test_import_gives_the_golden_weights(name, mindformers_ckpt, golden, config, tmp_path):
+    out = tmp_path / "official"
+    summary = mf.import_checkpoint(mindformers_ckpt(name), out, config)
+    dtype = EXPORTS.get(name, (torch.float16,))[0]  # the trainer's weights are fp16 (norms fp32: cast, exact)
+    got = load_state_dict(out)
+    assert set(got) == set(golden)
+    for key, want in golden.items():
+        assert got[key].dtype == dtype and torch.equal(got[key], want.to(dtype)), key
+    assert QwenVLConfig.from_pretrained(out).torch_dtype == str(dtype).removeprefix("torch.")
+    assert summary.tensors == 61 and "\n" not in str(summary)
+    if name == "tiny_trainer":
+        assert len(summary.ignored) == 93 and "adam_m.* x42" in str(summary) and "global_step" in str(summary)
+    assert _leftovers(tmp_path) == []
+
+
+def test_imported_folder_loads_and_computes_like_the_golden(mindformers_ckpt, golden_model, tmp_path):
+    from qwenvl import QwenVL
+
+    assert main(["convert", str(mindformers_ckpt("tiny_fp16")), str(tmp_path / "m"), "--config", str(GOLDEN),
+                 "--dtype", "float32"]) == 0
+    model = QwenVL.from_pretrained(tmp_path / "m")
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645]])
+    assert torch.equal(model(input_ids=ids).logits, golden_model(input_ids=ids).logits)
+
+
+def test_import_with_a_mindformers_yaml(mindformers_ckpt, golden, config, tmp_path):
+    yaml_file = tmp_path / "predict_qwenvl_tiny.yaml"
+    yaml_file.write_text(_TINY_YAML)
+    cfg = mf.load_config(yaml_file)
+    assert cfg.lm == config.lm and cfg.visual == config.visual
+    mf.import_checkpoint(mindformers_ckpt("tiny_fp16_qkv_concat_emb_opt"), tmp_path / "o", cfg, dtype=torch.float32)
+    got = load_state_dict(tmp_path / "o")
+    assert all(torch.equal(got[k], v.float()) for k, v in golden.items())
+
+
+def test_the_real_mindformers_yamls_map_to_the_9_6b_model(tmp_path):
+    yaml_file = tmp_path / "predict_qwenvl_9.6b.yaml"
+    yaml_file.write_text(_REAL_YAML)
+    cfg = mf.load_config(yaml_file)
+    preset = QwenVLConfig.from_preset("qwen-vl-9.6b")
+    assert cfg.lm == preset.lm and cfg.visual == preset.visual  # mlp_ratio 4.9231, intermediate 2 x 11008
+    assert mf.load_config("tiny").lm.hidden_size == 128
+    assert mf.load_config(GOLDEN / "config.json").visual.width == 64
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_export_equals_the_mindspore_written_fixture(name, mindformers_ckpt, tmp_path):
+    out = tmp_path / "out.ckpt"
+    summary = mf.export_checkpoint(GOLDEN, out, **EXPORTS[name][1])
+    assert out.read_bytes() == mindformers_ckpt(name).read_bytes()  # names, order, shapes, dtypes, values, framing
+    assert summary.tensors == len(MANIFEST["fixtures"][name]["tensors"])
+    assert mf.ms_names(QwenVLConfig.from_pretrained(GOLDEN), "qkv" in name) == \
+        [n for n, _dtype, _shape in MANIFEST["fixtures"][name]["tensors"]]
+
+
+def test_export_by_the_command(mindformers_ckpt, tmp_path, capsys):
+    assert main(["convert", str(GOLDEN), str(tmp_path / "qwenvl.ckpt")]) == 0  # float16, as convert_weight.py
+    assert (tmp_path / "qwenvl.ckpt").read_bytes() == mindformers_ckpt("tiny_fp16").read_bytes()
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("81 tensors (Float16 x81), 79.01 MB") and "\n" not in line
+
+
+@pytest.mark.parametrize("options", [{}, {"use_qkv_concat": True, "emb_strategy": 2}])
+def test_fp32_round_trip_is_bit_identical(options, config, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    shapes = mf.official_shapes(config)
+    state = {k: torch.randn(s, generator=g) for k, s in shapes.items()}  # full fp32 mantissas
+    save_pretrained(state, config, tmp_path / "a")
+    mf.export_checkpoint(tmp_path / "a", tmp_path / "a.ckpt", dtype=torch.float32, **options)
+    mf.import_checkpoint(tmp_path / "a.ckpt", tmp_path / "b", config)
+    back = load_state_dict(tmp_path / "b")
+    assert set(back) == set(state)
+    for k, t in state.items():
+        assert back[k].dtype == torch.float32 and torch.equal(back[k], t), k
+
+
+def test_vit_qkv_is_regrouped_per_head():
+    # in_proj rows are [head0: q k v][head1: q k v]; dense1 (q) takes head0's q then head1's q
+    r = mf.rule("transformer.visual.transformer.resblocks.0.attn.in_proj.weight")
+    t = torch.arange(12).reshape(12, 1)  # 2 heads x (q, k, v) x head_dim 2
+    (q,), (k,), (v,) = mf._split(r, t, heads=2, pad_rows=0)
+    assert q.flatten().tolist() == [0, 1, 6, 7] and k.flatten().tolist() == [2, 3, 8, 9]
+    assert torch.equal(mf._join(r, [q, k, v], heads=2, vocab=0), t)
+    assert r.ms_names[0] == "vision_encoder.transformer.resblocks.0.attn.dense1.weight"
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------------------
+def _fails(args: list[str], capsys, *expected: str) -> str:
+    assert main(["convert", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("qwenvl convert: error:"), err
+    for e in expected:
+        assert e in err, err
+    return err
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        w = CkptWriter(out)
+        for t in scan(src):
+            for name, data in edit(t.name, read_tensor(f, t)):
+                w.write(name, data)
+    return dst
+
+
+def test_bad_checkpoints_fail_with_one_line_and_no_output(mindformers_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = ["--config", str(GOLDEN)]
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint\n")
+    _fails([str(tmp_path / "notes.ckpt"), str(out), *cfg], capsys, "not a MindSpore checkpoint")
+
+    raw = mindformers_ckpt("tiny_fp16").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(raw[:-1000])  # inside the last tensor
+    _fails([str(tmp_path / "cut.ckpt"), str(out), *cfg], capsys, "truncated", "'llm_model.lm_head.weight'")
+
+    (tmp_path / "code.ckpt").write_bytes(raw.replace(b"Float16", b"Float08", 1))
+    _fails([str(tmp_path / "code.ckpt"), str(out), *cfg], capsys, "'llm_model.transformer.wte.embedding_weight'",
+           "'Float08'")
+
+    def extra(name, t):
+        yield name, t
+        if name.endswith("ffn_norm.weight"):
+            yield name.replace("ffn_norm", "ffn_norm_extra"), t
+
+    _rewrite(mindformers_ckpt("tiny_fp16"), tmp_path / "extra.ckpt", extra)
+    _fails([str(tmp_path / "extra.ckpt"), str(out), *cfg], capsys, "neither MindFormers Qwen-VL weights",
+           "'llm_model.transformer.layers.0.ffn_norm_extra.weight' [128]")
+
+    def drop(name, t):
+        if "wk" not in name:
+            yield name, t
+
+    _rewrite(mindformers_ckpt("tiny_fp16"), tmp_path / "drop.ckpt", drop)
+    _fails([str(tmp_path / "drop.ckpt"), str(out), *cfg], capsys, "missing",
+           "'llm_model.transformer.layers.0.attention.wk.weight'")
+
+    wide = json.loads((GOLDEN / "config.json").read_text()) | {"intermediate_size": 640}
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    _fails([str(mindformers_ckpt("tiny_fp16")), str(out), "--config", str(tmp_path / "wide.json")], capsys,
+           "'llm_model.transformer.layers.0.feed_forward.w1.weight' has shape [256, 128], the config needs [320, 128]")
+
+    _fails([str(mindformers_ckpt("tiny_fp16")), str(out)], capsys, "needs --config")
+    _fails([str(mindformers_ckpt("tiny_fp16")), str(out), "--config", "no-such-preset"], capsys, "neither a folder")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_bad_export_sources_fail_with_one_line_and_no_output(tmp_path, capsys, golden, config):
+    state = dict(golden)
+    del state["transformer.h.1.mlp.w1.weight"]
+    save_pretrained(state, config, tmp_path / "partial")
+    _fails([str(tmp_path / "partial"), str(tmp_path / "x.ckpt")], capsys, "transformer.h.1.mlp.w1.weight is missing")
+    _fails([str(tmp_path / "nowhere"), str(tmp_path / "x.ckpt")], capsys, "nowhere")
+    _fails([str(GOLDEN), str(tmp_path / "x.ckpt"), "--config", "tiny"], capsys, "--config is for importing")
+    assert not (tmp_path / "x.ckpt").exists() and _leftovers(tmp_path) == []
+
+
+_TINY_YAML = """\
+model:
+  model_config:
+    type: QwenVLConfig
+    num_queries: 256
+    proj_output_dim: 128
+    vision_model:
+      arch:
+        type: QwenVLVisionModel
+      model_config:
+        type: QwenVLVisionConfig
+        hidden_size: 64
+        intermediate_size: 128
+        num_hidden_layers: 2
+        num_attention_heads: 2
+        image_size: &image_size 448
+        patch_size: 14
+    llm_model:
+      arch:
+        type: QwenForCausalLM
+      model_config:
+        type: QwenConfig
+        seq_length: 2048
+        hidden_size: 128
+        num_layers: 2
+        num_heads: 2
+        vocab_size: 151936
+        intermediate_size: 256
+        rms_norm_eps: 1.0e-6
+        enable_emb_opt: True
+        qkv_concat: True
+        rotary_pct: 1.0
+        rotary_emb_base: 10000
+        kv_channels: 64
+  arch:
+    type: QwenVL
+"""
+
+# the model section of MindFormers' research/qwenvl/qwenvl_9.6b/predict_qwenvl_9.6b.yaml (abridged)
+_REAL_YAML = """\
+model:
+  model_config:
+    type: QwenVLConfig
+    freeze_vision: True
+    compute_dtype: "float16"
+    param_init_type: "float16"
+    vision_model:
+      arch:
+        type: QwenVLVisionModel
+      model_config:
+        type: QwenVLVisionConfig
+        hidden_size: 1664
+        intermediate_size: 8192
+        num_hidden_layers: 48
+        num_attention_heads: 16
+        image_size: 448
+        patch_size: 14
+        gelu_dtype: "float32"
+    llm_model:
+      arch:
+        type: QwenForCausalLM
+      model_config:
+        type: QwenConfig
+        batch_size: 1
+        seq_length: 2048
+        hidden_size: 4096
+        num_layers: 32
+        num_heads: 32
+        vocab_size: 151936
+        intermediate_size: 11008
+        rms_norm_eps: 1.0e-6
+        enable_emb_opt: True
+        qkv_concat: False
+        rotary_pct: 1.0
+        rotary_emb_base: 10000
+        kv_channels: 128
+  arch:
+    type: QwenVL
+"""
