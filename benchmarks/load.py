@@ -4,9 +4,9 @@ Writes one random checkpoint of at least ``--size-gb`` in the official layout (s
 ``.bin`` shards from the same tensors), then loads each in a fresh Python process with the stored dtype and
 reports wall time and peak RSS, raw and net of the process's RSS just before loading, divided by the weight
 bytes (target: net <= 1.3x). Loading maps the files lazily, so the script also reads every parameter once
-("+ touch") to count the pages a forward pass would fault in, then prepacks the weights for CPU inference
-("+ prepack", what ``qwenvl.inference.load`` does on the CPU; RssAnon shows the packed copies, RssFile the
-mapped file pages the kernel may drop once nothing references them).
+("+ touch") to count the pages a forward pass would fault in, then quantizes the language model to int8
+("+ int8", what ``qwenvl.inference.load(..., quantize="int8")`` does; RssAnon shows the int8 copies, RssFile
+the mapped file pages the kernel may drop once nothing references them).
 
     python benchmarks/load.py                       # 2 GB, bf16, temp dir removed afterwards
     python benchmarks/load.py --size-gb 4 --cold    # evict the files from the page cache before each load
@@ -31,6 +31,7 @@ import torch
 from qwenvl.checkpoint import find_weights, save_pretrained
 from qwenvl.config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
 from qwenvl.model import QwenVL
+from qwenvl.quantize import Int8Linear, optimize_for_inference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -133,14 +134,15 @@ def child(folder: Path, dtype: str) -> None:
     del p  # the loop variable would keep the last weight (and its mapped file) alive
     t_touch = time.perf_counter() - t0
     rss_touch, peak_touch = proc.memory_info().rss, _peak_rss()
-    packed = model.prepack_cpu_weights()
+    optimize_for_inference(model, "int8")
+    packed = sum(isinstance(m, Int8Linear) for m in model.modules())
     t_pack = time.perf_counter() - t0
     anon, file = _rss_parts()
     print(json.dumps({
         "base": base, "load_s": t_load, "rss_load": rss_load, "peak_load": peak_load,
         "touch_s": t_touch, "rss_touch": rss_touch, "peak_touch": peak_touch,
-        "prepack_s": t_pack, "rss_prepack": proc.memory_info().rss, "peak_prepack": _peak_rss(),
-        "packed_layers": packed, "anon_prepack": anon, "file_prepack": file,
+        "int8_s": t_pack, "rss_int8": proc.memory_info().rss, "peak_int8": _peak_rss(),
+        "int8_layers": packed, "anon_int8": anon, "file_int8": file,
     }))
 
 
@@ -181,15 +183,14 @@ def main() -> None:
         rows, notes = [], []
         for fmt, folder in folders.items():
             r = measure(folder, args.dtype, args.cold)
-            stages = ("load", "touch", "prepack") if r["packed_layers"] else ("load", "touch")
+            stages = ("load", "touch", "int8")
             for stage in stages:
                 net = r[f"peak_{stage}"] - r["base"]
                 rows.append((fmt, "load" if stage == "load" else f"+ {stage}", r[f"{stage}_s"],
                              r[f"rss_{stage}"] / GB, r[f"peak_{stage}"] / GB, net / GB, net / weight_bytes,
                              r["base"] / GB))
-            if r["packed_layers"]:
-                notes.append(f"{fmt}: after prepacking {r['packed_layers']} layers, RssAnon "
-                             f"{r['anon_prepack'] / GB:.3f} GB, RssFile {r['file_prepack'] / GB:.3f} GB")
+            notes.append(f"{fmt}: after quantizing {r['int8_layers']} layers to int8, RssAnon "
+                         f"{r['anon_int8'] / GB:.3f} GB, RssFile {r['file_int8'] / GB:.3f} GB")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

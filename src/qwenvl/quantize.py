@@ -90,11 +90,18 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (out, in) -> (int8 (out, in), fp32 scales (out,)), w ~= q * scale."""
-    wf = w.float()
-    scales = wf.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_weight(w: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (out, in) -> (int8 (out, in), fp32 scales (out,)), w ~= q * scale.
+
+    Works through ``rows_per_chunk`` rows at a time, so the fp32 temporaries stay small next to the weight
+    (a 151,936-row ``lm_head`` is never copied whole)."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], rows_per_chunk):
+        wf = w[start : start + rows_per_chunk].float()
+        s = wf.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        q[start : start + rows_per_chunk] = torch.round(wf / s[:, None]).clamp_(-127, 127)
+        scales[start : start + rows_per_chunk] = s
     return q, scales
 
 
