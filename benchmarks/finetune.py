@@ -1,4 +1,4 @@
-"""Fine-tuning speed on the CPU against the machine's own bf16 matmul peak, measured in the same run.
+"""Fine-tuning speed on the CPU against the machine's own matmul peak, measured in the same run.
 
     python benchmarks/finetune.py                    # tiny and mid presets, the trainer's step
     python benchmarks/finetune.py --presets mid --compare   # + bf16 weights / no recompute / foreach AdamW
@@ -10,22 +10,25 @@ steps, tokens/s, peak RSS, and the achieved FLOP/s:
 
     (6 x LM matrix params x tokens + 6 x hidden x vocab x labelled tokens + 3 x resampler matmul FLOPs) / time
 
-over the peak of a 2048^3 bf16 matmul timed in the same subprocess just before (target >= 40%). The
+over the peak of a 2048^3 matmul in the training dtype (bf16 where the CPU has it natively, else fp32: as
+``bf16: auto`` trains) timed in the same subprocess just before (target >= 40%). The
 frozen ViT's forward and attention scores are not counted (they cost time all the same). Speed is never
 asserted; the machine is shared and noisy, so compare rows of one run only and repeat for the best.
 
 Modes:
   autocast      the trainer's step (qwenvl.train.trainer._train_step): fp32 master weights, bf16 autocast
+                where bf16 is native (else plain fp32)
   bf16-weights  bf16 weights in the model, fp32 master copy in the optimizer, fp32 gradients copied out
 With --compare each preset also runs without activation recompute, with foreach instead of fused AdamW,
-and with glibc's default malloc (no keep_freed_memory).
+and with glibc told to keep freed memory (``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:...``: large buffers are
+reused instead of mapped and page-faulted in on every step).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import resource
 import subprocess
 import sys
@@ -37,13 +40,17 @@ import torch
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID, QwenVLConfig
 
 SEQ = 512
+# glibc keeps freed memory for reuse instead of unmapping large buffers (set before the process starts)
+KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 BATCH = 2
 LABELLED = 200  # answer tokens per sample
 
 
 def matmul_peak(n: int = 2048, repeat: int = 5) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    from qwenvl.hardware import default_dtype
+
+    a = torch.randn(n, n, dtype=default_dtype("cpu"))
+    b = torch.randn(n, n, dtype=default_dtype("cpu"))
     a @ b
     best = float("inf")
     for _ in range(repeat):
@@ -111,11 +118,10 @@ def run_one(preset: str, mode: str, steps: int, checkpointing: bool, foreach: bo
     from qwenvl.model import QwenVL
     from qwenvl.train import TrainConfig
     from qwenvl.train import trainer as T
-    from qwenvl.train.cpu_memory import keep_freed_memory
 
     peak = max(matmul_peak() for _ in range(2))
     cfg = TrainConfig(preset=preset, batch_size=BATCH, max_steps=steps + 1, gradient_checkpointing=checkpointing,
-                      bf16=True, warmup_steps=0, device="cpu")
+                      bf16="auto", warmup_steps=0, device="cpu")
     model = QwenVL.from_config(preset, dtype=torch.float32, seed=0)
     samples = synthetic_samples(model.config, BATCH * (steps + 1))
     model = T._prepare_model(cfg, model, torch.device("cpu"))
@@ -135,11 +141,10 @@ def run_one(preset: str, mode: str, steps: int, checkpointing: bool, foreach: bo
             return T._train_step(run, T._next_micro_batches(run))[0]
 
     times = []
-    with keep_freed_memory(cache):  # as train() does on the CPU
-        for _ in range(steps + 1):
-            t = time.perf_counter()
-            loss = step()
-            times.append(time.perf_counter() - t)
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t)
     best = min(times[1:])  # the first step pays for allocation
     labelled = BATCH * (LABELLED - 0)
     flops = step_flops(model.config, BATCH * SEQ, labelled, BATCH)
@@ -174,20 +179,22 @@ def main() -> None:
 
     configs = []
     for preset in args.presets:
-        base = {"preset": preset, "mode": "autocast", "checkpointing": True, "foreach": False, "cache": True}
+        base = {"preset": preset, "mode": "autocast", "checkpointing": True, "foreach": False, "cache": False}
         configs.append(base)
         if args.compare:
             configs += [{**base, "mode": "bf16-weights"}, {**base, "checkpointing": False},
-                        {**base, "foreach": True}, {**base, "cache": False}]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {BATCH} x {SEQ} tokens/step, 1 image/sample, {LABELLED} labelled/sample")
+                        {**base, "foreach": True}, {**base, "cache": True}]
+    from qwenvl.hardware import cpu_summary
+
+    print(f"# {cpu_summary()}; {BATCH} x {SEQ} tokens/step, 1 image/sample, {LABELLED} labelled/sample")
     header = f"{'preset':6} {'mode':12} {'recompute':9} {'adamw':7} {'malloc':6} {'step s':>7} {'tok/s':>7} " \
              f"{'GFLOP/s':>8} {'peak':>6} {'of peak':>7} {'RSS GB':>7}"
     print(header)
     for spec in configs:
         cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
                "--one", json.dumps(spec)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = {**os.environ, "GLIBC_TUNABLES": KEEP_FREED} if spec["cache"] else None
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if out.returncode != 0:
             print(f"{spec['preset']:6} {spec['mode']:12} failed: {out.stderr.strip().splitlines()[-1:]}")
             continue

@@ -66,7 +66,6 @@ class TrainConfig:
     # ---- precision and memory
     bf16: str = "auto"  # bf16 autocast over fp32 master weights: auto (where the device has native bf16), true, false
     gradient_checkpointing: bool = True
-    cpu_malloc_cache: bool = True  # CPU + glibc: reuse freed memory across steps (see train/cpu_memory.py)
     # ---- what trains
     freeze_vision: bool = True  # the ViT; the resampler (attn_pool, ln_post, proj) follows freeze_resampler
     freeze_resampler: bool = False

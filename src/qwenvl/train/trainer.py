@@ -48,7 +48,6 @@ from ..model import QwenVL
 from ..outputs import OutputDirError, check_separate, claim_output, is_ours, record_files
 from . import lora
 from .config import TrainConfig, TrainConfigError
-from .cpu_memory import keep_freed_memory
 from .state import (
     BatchOrder,
     Progress,
@@ -161,8 +160,7 @@ def _train(
     run = _setup_run(cfg, model, dataset, device)
     _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
     resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
-    with keep_freed_memory(cfg.cpu_malloc_cache and device.type == "cpu"):
-        stopped = _loop(run, callback)
+    stopped = _loop(run, callback)
     final = None if stopped else _save_final(run)
     return _result(run, final, resumed_from, stopped)
 
