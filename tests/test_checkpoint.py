@@ -132,7 +132,9 @@ def test_round_trip_single_file(tmp_path: Path, config: QwenVLConfig, state: dic
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the weights' dtype
     if safe:
         with safe_open(str(out / weights), framework="pt") as f:
-            assert f.metadata() == {"format": "pt"}
+            meta = f.metadata()
+        assert meta["format"] == "pt"  # what transformers checks
+        assert json.loads(meta["qwenvl.unseen_config"])["num_attention_heads"] == config.lm.num_attention_heads
         _assert_same(load_file(out / weights), state)  # readable by the reference reader
     else:
         _assert_same(torch.load(out / weights, weights_only=True), state)
@@ -525,3 +527,59 @@ def test_config_that_disagrees_with_the_weights(tmp_path: Path) -> None:
     assert ("shape mismatch for transformer.wte.weight: the model expects [151936, 256], "
             "the checkpoint has [151936, 128]") in msg
     assert "config.json may not match the weights" in msg
+
+
+# ---- what the shapes do not catch ------------------------------------------------------------------------
+def test_an_integer_tensor_where_weights_belong_is_refused(tmp_path: Path, config: QwenVLConfig, state: dict) -> None:
+    state = dict(state)
+    state["lm_head.weight"] = state["lm_head.weight"].to(torch.int32)
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"dtype mismatch for lm_head.weight: .* torch.int32"):
+        load_weights(_meta_mini(), out)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_at_load(tmp_path: Path, config: QwenVLConfig, state: dict, bad: float) -> None:
+    state = {k: v.clone() for k, v in state.items()}
+    state["transformer.h.1.attn.c_attn.weight"][3, 2] = bad
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite .* transformer.h.1.attn.c_attn.weight: 1 of"):
+        load_weights(_meta_mini(), out)
+    load_weights(_meta_mini(), out, check_finite=False)  # the check can be skipped knowingly
+
+
+def _edit_config(folder: Path, **changes: object) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("visual."):
+            cfg["visual"][key.removeprefix("visual.")] = value
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes", [
+    {"num_attention_heads": 4, "kv_channels": 32},  # 4 x 32 = 2 x 64: the same shapes, other heads
+    {"layer_norm_epsilon": 1e-5},
+    {"rotary_emb_base": 1000000},
+    {"visual.heads": 4},
+])
+def test_a_config_that_fits_the_shapes_but_not_the_weights_is_caught(tmp_path: Path, changes: dict) -> None:
+    QwenVL.from_config("tiny", seed=0).save_pretrained(tmp_path / "ckpt")
+    QwenVL.from_pretrained(tmp_path / "ckpt")  # as saved: fine
+    _edit_config(tmp_path / "ckpt", **changes)
+    with pytest.raises(CheckpointError, match="does not describe the model") as info:
+        QwenVL.from_pretrained(tmp_path / "ckpt")
+    for key in changes:
+        assert f"{key}: config.json says" in str(info.value)
+
+
+def test_an_official_checkpoint_with_unusual_settings_is_warned_about(tmp_path: Path, caplog) -> None:
+    shutil.copytree(FIXTURE, tmp_path / "ckpt")  # official layout, no metadata of ours
+    with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
+        QwenVL.from_pretrained(tmp_path / "ckpt")
+    assert not caplog.records
+    _edit_config(tmp_path / "ckpt", num_attention_heads=4, kv_channels=32)
+    with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
+        QwenVL.from_pretrained(tmp_path / "ckpt")
+    assert "shapes of tiny" in caplog.text and "num_attention_heads=4 (the preset has 2)" in caplog.text

@@ -41,11 +41,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import QwenVLConfig
+from .config import PRESETS, SHAPE_FIELDS, UNSEEN_FIELDS, QwenVLConfig
 from .outputs import output_files
 
-__all__ = ["CheckpointError", "find_weights", "iter_tensor_bytes", "load_state_dict", "load_weights", "parse_size",
-           "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "check_config",
+    "find_weights",
+    "iter_tensor_bytes",
+    "load_state_dict",
+    "load_weights",
+    "parse_size",
+    "save_pretrained",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,8 @@ VOCAB_NAME = "qwen.tiktoken"
 BUNDLED_VOCAB = Path(__file__).resolve().parent / "vocab" / VOCAB_NAME
 
 MAX_LISTED_PROBLEMS = 20
+# safetensors metadata key under which we record the config settings the shapes do not show (UNSEEN_FIELDS)
+CONFIG_METADATA_KEY = "qwenvl.unseen_config"
 
 # safetensors dtype names (the format's spec) <-> torch dtypes.
 _ST_DTYPES: dict[torch.dtype, str] = {
@@ -205,6 +215,9 @@ def _open_shard(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _format_problems(header: str, problems: list[str], footer: str = "") -> str:
+    """``header`` and the problems: on one line when there is one, else one per line below it."""
+    if len(problems) == 1:
+        return f"{header} {problems[0]}" + (f" ({footer})" if footer else "")
     shown = problems[:MAX_LISTED_PROBLEMS]
     lines = [header, *(f"  - {p}" for p in shown)]
     if len(problems) > len(shown):
@@ -275,6 +288,11 @@ def _check_against_model(
         f"shape mismatch for {k}: the model expects {_shape(expected[k])}, the checkpoint has {_shape(found[k])}"
         for k in mismatched
     ]
+    problems += [
+        f"dtype mismatch for {k}: the model expects a floating-point tensor, the checkpoint has {found[k].dtype}"
+        for k in expected
+        if k in found and expected[k].is_floating_point() and not found[k].is_floating_point()
+    ]
     if strict:
         problems += [f"missing from the checkpoint: {k} (expected shape {_shape(expected[k])})" for k in missing]
         problems += [f"unexpected in the checkpoint: {k} (shape {_shape(found[k])})" for k in extra]
@@ -311,6 +329,7 @@ def load_weights(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Fill ``model`` (on any device, typically meta) with the checkpoint's tensors; return it.
 
@@ -325,7 +344,9 @@ def load_weights(
     cast. ``device``: where the parameters end up.
 
     ``requires_grad`` of each parameter is kept (``assign=True`` wraps new tensors in Parameters with the
-    model's flag). Raises if a parameter or buffer is still on the meta device afterwards.
+    model's flag). Raises if a parameter or buffer is still on the meta device afterwards, if an integer
+    tensor stands where the model has a floating one, and (``check_finite``, one reduction per tensor as it
+    is loaded) if a floating tensor holds NaN or infinity.
     """
     device = torch.device(device)
     shards = list(_iter_shards(ckpt_dir))
@@ -341,6 +362,7 @@ def load_weights(
     del found
 
     state: dict[str, torch.Tensor] = {}
+    non_finite: list[str] = []
     for _file, tensors in shards:
         # pop each source as it is converted, so a shard's mapping is released once its last tensor is done
         for key in list(tensors):
@@ -349,8 +371,14 @@ def load_weights(
                 continue
             target_dtype = dtype if dtype is not None and src.is_floating_point() else src.dtype
             state[key] = src.to(device=device, dtype=target_dtype)
+            if check_finite and not _all_finite(state[key]):
+                non_finite.append(f"{key}: {_count_non_finite(state[key])}")
             del src
     shards.clear()
+    if non_finite:
+        raise CheckpointError(_format_problems(
+            f"checkpoint {ckpt_dir} holds NaN or infinite values in {len(non_finite)} tensor(s) (a corrupt file, "
+            "or a training run that diverged):", non_finite))
     model.load_state_dict(state, strict=strict, assign=True)
     del state
 
@@ -365,6 +393,74 @@ def load_weights(
         )
     logger.info("loaded %s (%d tensors, dtype %s) onto %s", ckpt_dir, len(expected), dtype, device)
     return model
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``: one sum (NaN and inf propagate), confirmed elementwise only when it is not finite."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())  # the sum may overflow float32 without any bad value
+
+
+def _count_non_finite(t: torch.Tensor) -> str:
+    bad = ~torch.isfinite(t)
+    return f"{int(bad.sum())} of {t.numel()} values ({int(torch.isnan(t).sum())} NaN)"
+
+
+# ---- config settings the shapes do not show ---------------------------------------------------------------
+def _saved_unseen_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """What our save recorded about the config (in the first safetensors shard's metadata), or None."""
+    files = [f for f in _locate(ckpt_dir)[0] if f.suffix == ".safetensors"]
+    if not files:
+        return None
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            raw = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {files[0]}: {e} (truncated or corrupt file?)") from e
+    if raw is None:
+        return None
+    try:
+        saved = json.loads(raw)
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        logger.warning("%s: unreadable %s metadata, ignored", files[0], CONFIG_METADATA_KEY)
+        return None
+    return saved
+
+
+def check_config(config: QwenVLConfig, ckpt_dir: str | Path) -> None:
+    """Catch a ``config.json`` that fits the weights' shapes but not the model they were trained as.
+
+    Head count (and so head size), norm epsilons and the RoPE base do not show in the shapes. Checkpoints we
+    save record them in the safetensors metadata: a disagreement raises :class:`CheckpointError` naming each
+    setting. For other checkpoints (the official ones), a config whose shapes are a known preset's (e.g.
+    Qwen-VL 9.6B) but whose unseen settings differ from it is warned about.
+    """
+    mine = config.fields_by_name(UNSEEN_FIELDS)
+    saved = _saved_unseen_config(ckpt_dir)
+    if saved is not None:
+        diffs = [f"{k}: config.json says {mine[k]!r}, the weights were saved with {v!r}"
+                 for k, v in sorted(saved.items()) if k in mine and v != mine[k]]
+        if diffs:
+            raise CheckpointError(_format_problems(
+                f"config.json of {ckpt_dir} does not describe the model its weights were saved from "
+                "(same shapes, different computation):", diffs, "hint: restore these settings in config.json"))
+        return
+    shapes = config.fields_by_name(SHAPE_FIELDS)
+    for name, make in PRESETS.items():
+        preset = make()
+        if preset.fields_by_name(SHAPE_FIELDS) != shapes:
+            continue
+        expected = preset.fields_by_name(UNSEEN_FIELDS)
+        diffs = [f"{k}={mine[k]!r} (the preset has {v!r})" for k, v in expected.items() if v != mine[k]]
+        if diffs:
+            logger.warning("%s has the shapes of %s but a different %s: unless that is intended, config.json is "
+                           "wrong and the model will compute something else", ckpt_dir, name, ", ".join(diffs))
+        return
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
@@ -525,6 +621,7 @@ def save_pretrained(
     names = [f"{stem}.{ext}"] if len(plan) == 1 else \
         [f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))]
 
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.fields_by_name(UNSEEN_FIELDS))}
     out = Path(out_dir)
     with output_files(out, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
@@ -533,9 +630,9 @@ def save_pretrained(
             shard = {k: state[k] for k in keys}
             if safe_serialization:
                 if load is None:
-                    _write_safetensors(tmp / name, shard, {"format": "pt"})
+                    _write_safetensors(tmp / name, shard, metadata)
                 else:
-                    _write_safetensors(tmp / name, shard, {"format": "pt"}, load)
+                    _write_safetensors(tmp / name, shard, metadata, load)
             else:
                 _write_bin(tmp / name, shard)
             weight_map.update(dict.fromkeys(keys, name))

@@ -37,6 +37,15 @@ class ConfigError(ValueError):
     """A configuration value is invalid or disagrees with something it must match."""
 
 
+# Settings the weights' shapes do not show but that change what the model computes: a config.json that gets
+# one of them wrong loads without a shape error and gives wrong answers (see qwenvl.checkpoint.check_config).
+UNSEEN_FIELDS = ("num_attention_heads", "kv_channels", "layer_norm_epsilon", "rotary_emb_base", "visual.heads",
+                 "visual.layer_norm_eps")
+# Settings the shapes do fix (two configs that agree on these load the same weights).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "visual.width",
+                "visual.layers", "visual.mlp_ratio", "visual.output_dim", "visual.patch_size")
+
+
 @dataclass
 class VisionConfig:
     """The vision tower (ViT-bigG at full size) and its cross-attention resampler."""
@@ -275,6 +284,14 @@ class QwenVLConfig:
         (path / "config.json").write_text(json.dumps(self.to_official(), indent=2) + "\n", encoding="utf-8")
         gen = self.generation.to_dict()
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+
+    def fields_by_name(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """``{"num_attention_heads": 32, "visual.heads": 16, ...}`` for the dotted official names given."""
+        out = {}
+        for name in names:
+            part, _, key = name.rpartition(".")
+            out[name] = getattr(self.visual if part == "visual" else self.lm, key)
+        return out
 
     @classmethod
     def from_preset(cls, name: str) -> QwenVLConfig:

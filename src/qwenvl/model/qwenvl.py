@@ -128,10 +128,13 @@ class QwenVL(nn.Module):
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
     ) -> QwenVL:
-        """Load an official (or our) checkpoint folder strictly; see :func:`qwenvl.checkpoint.load_weights`."""
-        from ..checkpoint import load_weights
+        """Load an official (or our) checkpoint folder strictly; see :func:`qwenvl.checkpoint.load_weights`
+        (every key, shape and dtype, no NaN/inf) and :func:`qwenvl.checkpoint.check_config` (the settings the
+        shapes do not show)."""
+        from ..checkpoint import check_config, load_weights
 
         config = QwenVLConfig.from_pretrained(path)
+        check_config(config, path)
         with torch.device("meta"):
             model = cls(config)
         load_weights(model, path, dtype=_as_dtype(dtype), device=device)
