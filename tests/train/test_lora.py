@@ -96,3 +96,40 @@ def test_bad_lora_target_is_a_clear_error(make_cfg, processor, tmp_path: Path) -
     cfg = make_cfg(tmp_path, use_lora=True, lora_target=r"nothing\.matches")
     with pytest.raises(ValueError, match="matches no module"):
         train(cfg, processor=processor)
+
+
+def test_a_missing_adapter_fails_at_once_without_going_online(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from qwenvl.checkpoint import CheckpointError
+
+    # peft takes a name that is not a local folder for a Hub id (a 35 s wait for the network, offline)
+    start = time.perf_counter()
+    for name in ("org/name", str(tmp_path / "nothing")):  # a hub id, a missing folder: the same to us
+        with pytest.raises(CheckpointError, match="adapter folder .* not found .*nothing is downloaded"):
+            merge_lora(tmp_path / "base-that-is-not-read", name, tmp_path / "merged")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no adapter_config.json"):
+        merge_lora(tmp_path / "base", tmp_path / "empty", tmp_path / "merged")
+    assert time.perf_counter() - start < 5
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set when peft is imported by us, unless the user set it
+
+
+def test_a_bad_adapter_file_is_a_clear_error(lora_run, tmp_path: Path) -> None:
+    import shutil
+
+    from qwenvl.checkpoint import CheckpointError
+
+    root, _cfg, result = lora_run
+    bad = tmp_path / "adapter"
+    shutil.copytree(result.final_path, bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="cannot merge the adapter .*") as info:
+        merge_lora(root / "base", bad, tmp_path / "merged")
+    assert "\n" not in str(info.value)
+    (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read .*adapter_config.json"):
+        merge_lora(root / "base", bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

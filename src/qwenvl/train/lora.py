@@ -15,15 +15,21 @@ folder)`` reads it too)::
 
 :func:`merge_lora` folds the adapters into the base weights and writes a normal checkpoint in the
 official layout.
+
+Nothing is downloaded: an adapter is a local folder, checked before peft sees it (peft would take a missing
+folder for a Hugging Face Hub id and go online), and peft is imported with ``HF_HUB_OFFLINE=1`` unless the
+environment says otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,6 +38,7 @@ from .config import TrainConfig
 
 __all__ = [
     "ADAPTER_PREFIX",
+    "adapter_folder",
     "apply_lora",
     "load_adapter",
     "lora_config_from",
@@ -43,10 +50,17 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names adapter weights
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 EXTRA_WEIGHTS = "non_lora_trainables.safetensors"
+
+# What peft (or safetensors under it) raises for a bad adapter folder: a corrupt file, a config with unknown
+# fields, weights that do not fit the base model.
+_ADAPTER_ERRORS = (SafetensorError, OSError, TypeError, KeyError, RuntimeError, ValueError)
 
 
 def _peft():  # noqa: ANN202 - the module; imported lazily so that plain fine-tuning does not need peft
+    # peft reaches the Hugging Face Hub through huggingface_hub, which reads this when first imported
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import peft
     except ImportError as e:  # pragma: no cover - peft is a declared extra
@@ -133,6 +147,45 @@ def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str]) ->
     return out
 
 
+def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
+    """``adapter_dir`` checked to be a local adapter folder (config readable, weights present); raise if not.
+
+    Checked here, before peft sees the name: peft takes anything that is not a local folder for a Hub id.
+    """
+    from ..checkpoint import CheckpointError
+
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder {folder} not found (an adapter is a local folder written by "
+                              "`qwenvl finetune` with use_lora; nothing is downloaded)")
+    config = folder / ADAPTER_CONFIG
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {config}: {e}") from None
+    if not isinstance(loaded, dict) or loaded.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{config} does not describe a LoRA adapter")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}")
+    return folder
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    from ..checkpoint import CheckpointError
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {file}: {_first_line(e)} (truncated or corrupt file?)") from None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
     """Load saved adapter (and full-trained) weights into a model that already has the same adapters."""
     peft = _peft()
@@ -140,7 +193,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
     file = folder / ADAPTER_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {folder}")
-    state = {k.removeprefix(ADAPTER_PREFIX): v for k, v in load_file(str(file)).items()}
+    state = {k.removeprefix(ADAPTER_PREFIX): v for k, v in _read_weights(file).items()}
     expected = set(peft.get_peft_model_state_dict(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -155,7 +208,7 @@ def _load_extras(model: nn.Module, folder: Path) -> None:
     if not file.is_file():
         return
     params = dict(model.named_parameters())
-    extras = load_file(str(file))
+    extras = _read_weights(file)
     unknown = [k for k in extras if k not in params]
     bad = [k for k in extras if k in params and params[k].shape != extras[k].shape]
     if unknown or bad:
@@ -176,10 +229,12 @@ def merge_lora(
 
     The merge is computed in float32; the result is stored in ``dtype`` (default: the base checkpoint's
     dtype). Parameters trained in full next to the adapters (``non_lora_trainables.safetensors``) replace
-    the base ones. ``out_dir`` appears complete or not at all.
+    the base ones. ``out_dir`` appears complete or not at all. ``adapter_dir`` must be a local folder
+    (see :func:`adapter_folder`); a bad adapter raises :class:`qwenvl.checkpoint.CheckpointError`.
     """
+    folder = adapter_folder(adapter_dir)  # before anything slow, and before peft could go online
     peft = _peft()
-    from ..checkpoint import save_pretrained
+    from ..checkpoint import CheckpointError, save_pretrained
     from ..config import QwenVLConfig
     from ..model import QwenVL
     from ..model.qwenvl import _as_dtype
@@ -187,8 +242,11 @@ def merge_lora(
     config = QwenVLConfig.from_pretrained(base_dir)
     target = _as_dtype(dtype if dtype is not None else config.torch_dtype) or torch.float32
     base = QwenVL.from_pretrained(base_dir, dtype=torch.float32)
-    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    _load_extras(merged, Path(adapter_dir))
+    try:
+        merged = peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    except _ADAPTER_ERRORS as e:
+        raise CheckpointError(f"cannot merge the adapter {folder} into {base_dir}: {_first_line(e)}") from None
+    _load_extras(merged, folder)
     merged.to(target)
     out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size)
     logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, out, target)
