@@ -69,6 +69,33 @@ def test_predict_jsonl_batched(tmp_path, golden_dir):
     assert all(0 < r["num_tokens"] <= 4 for r in rows)
 
 
+def test_predict_jsonl_keeps_every_answer_when_one_image_is_bad(tmp_path, golden_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "images/cat.png", "text": "What is it?"},
+        {"image": "images/missing.png", "text": "And this?"},
+        {"image": "images/street.jpg", "text": "Where?"},
+    ]) + "\n")
+    out_file = tmp_path / "answers.jsonl"
+    out = qwenvl("predict", "--model", str(golden_dir), "--dtype", "fp32", "--image_dir", str(golden_dir),
+                 "--jsonl", str(prompts), "--output", str(out_file), "--max_new_tokens", "3", "--predict_batch_size", "3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("qwenvl predict: error: 1 of 3 prompt(s) failed")
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert ["error" in r for r in rows] == [False, True, False]
+    assert "image not found" in rows[1]["error"] and rows[0]["num_tokens"] > 0 and rows[2]["num_tokens"] > 0
+
+
+def test_predict_can_restrict_images_to_the_image_dir(tmp_path, golden_dir):
+    outside = tmp_path / "cat.png"
+    outside.write_bytes((golden_dir / "images" / "cat.png").read_bytes())
+    args = ["predict", "--model", str(golden_dir), "--dtype", "fp32", "--image_dir", str(golden_dir / "images"),
+            "--max_new_tokens", "2", "--predict_data", str(outside), "What is it?"]
+    assert qwenvl(*args).returncode == 0  # the user's own prompt: any file they can read (the default)
+    out = qwenvl(*args, "--allow_any_local_path", "false")
+    assert out.returncode == 2 and "not allowed: only files inside the media folder" in out.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -134,3 +136,23 @@ def test_generate_rejects_unknown_options_and_takes_sampling_params(tiny_model):
     assert out.shape == (1, 11) and torch.equal(out, tiny_model.generate(ids, max_new_tokens=3, min_new_tokens=3))
     with pytest.raises(TypeError, match="params= and max_new_tokens"):
         tiny_model.generate(ids, params=SamplingParams(max_new_tokens=3), max_new_tokens=4)
+
+
+def test_predict_records_a_bad_prompt_and_answers_the_others(golden_model, golden_dir, tmp_path):
+    processor = Processor.from_pretrained(golden_dir)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG broken")
+    good = [PROMPTS[1], PROMPTS[3]]
+    bad = "Picture 1: <img>../../etc/hostname</img>\nWhat is it?"  # refused by the policy
+    broken = "Picture 1: <img>images/broken.png</img>\nWhat is it?"
+    shutil.copytree(golden_dir / "images", tmp_path / "images", dirs_exist_ok=True)
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(ENDOFTEXT_ID,))
+    want = predict(golden_model, processor, good, params, batch_size=2, base_dir=tmp_path)
+    got = predict(golden_model, processor, [good[0], bad, broken, good[1]], params, batch_size=2,
+                  base_dir=tmp_path, on_error="record")
+    assert [p.error is None for p in got] == [True, False, False, True]
+    assert "not allowed" in got[1].error and "cannot decode image" in got[2].error
+    assert got[1].prompt == bad and got[1].response == ""
+    assert [p.response for p in (got[0], got[3])] == [p.response for p in want]  # same as without the bad ones
+    with pytest.raises(ValueError, match="cannot decode image"):
+        predict(golden_model, processor, [good[0], broken], params, batch_size=2, base_dir=tmp_path)

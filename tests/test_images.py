@@ -73,11 +73,36 @@ def test_sources_agree(sample: Image.Image, tmp_path: Path) -> None:
         assert img.mode == "RGB" and np.array_equal(np.asarray(img), ref), src if not isinstance(src, bytes) else "bytes"
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA", "CMYK", "1", "I;16"])
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "LA", "CMYK", "1", "I", "F"])
 def test_modes_convert_like_pil(sample: Image.Image, mode: str) -> None:
+    # 8-bit content in every mode converts exactly as the official convert("RGB") (16-bit: the next test)
     img = sample.convert(mode)
     got = load_image(img)
     assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(img.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_sixteen_bit_grayscale_png_scales_to_eight_bits(tmp_path: Path, mode: str) -> None:
+    # PIL's convert("RGB") clips 16-bit values at 255: a 16-bit scan comes out almost white
+    values = np.linspace(0, 65535, 64 * 32).round().astype(np.uint16).reshape(32, 64)
+    expected = ((values.astype(np.int64) + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 -> 255
+    src = Image.fromarray(values)  # I;16
+    if mode == "I;16":
+        src.save(tmp_path / "g.png")
+        img = load_image(tmp_path / "g.png")
+    elif mode == "I;16B":  # big-endian 16-bit (TIFF, some PNG readers); given in memory
+        img = load_image(Image.frombytes("I;16B", (64, 32), values.astype(">u2").tobytes()))
+    else:  # how older Pillow opens a 16-bit PNG: mode I, format PNG
+        src.save(tmp_path / "g.png")
+        opened = Image.open(tmp_path / "g.png")
+        opened.load()
+        as_i = opened.convert("I")
+        as_i.format = "PNG"
+        img = load_image(as_i)
+    got = np.asarray(img)
+    assert img.mode == "RGB" and np.array_equal(got[..., 0], expected)
+    assert np.array_equal(got[..., 0], got[..., 1]) and np.array_equal(got[..., 1], got[..., 2])
+    assert got.mean() < 140  # PIL's own conversion: nearly all 255
 
 
 def test_rgba_file_drops_alpha(tmp_path: Path) -> None:

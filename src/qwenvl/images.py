@@ -7,7 +7,13 @@ model output, which is why only PIL is used here.
 
 Loading is where user input goes wrong (missing file, a text file named ``.jpg``, a truncated download, a
 decompression bomb), so every failure becomes an :class:`ImageError` that names the image and the problem.
-As the official code, EXIF orientation is not applied.
+As the official code, EXIF orientation is not applied. 16-bit grayscale images (modes ``I;16*`` and ``I``) are
+scaled to 8 bits first; PIL's own ``convert("RGB")`` clips them to white (every other mode converts exactly
+as the official code does).
+
+Which local files a path *from text* may name is the :class:`MediaPolicy` (the processor applies it to every
+``<img>PATH</img>``): paths resolve under a media root, and anything that leads out of it is refused with one
+message that does not depend on whether the file exists.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import binascii
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,7 +33,17 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageError", "ImageSource", "load_image", "pixel_values", "preprocess"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "ImageError",
+    "ImageSource",
+    "MediaAccessError",
+    "MediaPolicy",
+    "check_image",
+    "load_image",
+    "pixel_values",
+    "preprocess",
+]
 
 # PIL's own hard limit (2x Image.MAX_IMAGE_PIXELS): larger images are refused before decoding.
 MAX_IMAGE_PIXELS = 178_956_970
@@ -36,6 +53,72 @@ ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
 
 class ImageError(ValueError):
     """An image could not be loaded: the message names the image and the problem."""
+
+
+class MediaAccessError(ImageError):
+    """A path names a file that the media policy does not let us read (the message never says if it exists)."""
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """Which local files an image path taken from text (``<img>PATH</img>``, a data file) may name.
+
+    ``root``: the media folder. Relative paths resolve against it (``"."``: the working directory at the
+    time of the call). ``allow_any_local_path=False`` (the default) reads only files inside ``root``: an
+    absolute path must point into it, and ``~``, ``..`` that leaves it, and symbolic links that lead out of it
+    are refused. ``root=None`` then reads no local file at all (only images passed as pixels, bytes or
+    ``data:`` URLs). ``allow_any_local_path=True`` reads any path the process can read (relative ones against
+    ``root``, or the working directory when it is None): for the user's own prompts on their own machine.
+
+    Refusals raise :class:`MediaAccessError` with the same message whether the file exists or not.
+    """
+
+    root: str | os.PathLike | None = "."
+    allow_any_local_path: bool = False
+
+    def resolve(self, path: str | os.PathLike) -> Path:
+        """The file ``path`` names under this policy (not checked for existence); raise if it is refused."""
+        text = os.fsdecode(os.fspath(path))
+        if not text:
+            raise ImageError("empty image path")
+        if "\0" in text:
+            raise MediaAccessError(f"image path {_shown(text)} holds a NUL character")
+        if self.allow_any_local_path:
+            p = Path(text).expanduser()
+            if not p.is_absolute() and self.root is not None:
+                p = Path(self.root).expanduser() / p
+            return p.absolute()
+        if self.root is None:
+            raise MediaAccessError(
+                f"image path {_shown(text)}: reading local image files is disabled here (no media folder); "
+                "pass the image itself (pixels, bytes or a data: URL)"
+            )
+        given = Path(os.path.normpath(Path(self.root).expanduser().absolute()))
+        root = Path(os.path.realpath(given))
+        refused = MediaAccessError(
+            f"image path {_shown(text)} is not allowed: only files inside the media folder are read "
+            "(no absolute path outside it, no '~', no '..' or link leading out of it)"
+        )
+        if text.startswith("~"):
+            raise refused
+        # First the text itself, without touching the disk: it must stay inside the root (as given or real) ...
+        lexical = Path(os.path.normpath(given / text))
+        if not (_inside(lexical, given) or _inside(lexical, root)):
+            raise refused
+        # ... then the file it really is, links followed (realpath does not need the file to exist).
+        real = Path(os.path.realpath(lexical))
+        if not _inside(real, root):
+            raise refused
+        return real
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
 
 
 def _describe(src: object) -> str:
@@ -87,30 +170,70 @@ def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
+    # 16-bit grayscale: I;16, I;16B, I;16L, I;16N (PNG, TIFF, ...), and I when read from a PNG (PNG has no 32-bit
+    # grayscale: older Pillow opens 16-bit PNGs as I). Any other I image keeps PIL's conversion.
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        img = _sixteen_to_eight(img)
     # Exactly the official conversion (palette, RGBA, L, CMYK, ... -> RGB; alpha is dropped, not blended).
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _sixteen_to_eight(img: Image.Image) -> Image.Image:
+    """16-bit grayscale -> mode L, 0..65535 onto 0..255 (rounded). ``convert("RGB")`` would clip at 255."""
+    a = np.asarray(img).astype(np.int64)  # (H, W); PIL's I;16B is big-endian, numpy reads it as such
+    a = (np.clip(a, 0, 65535) + 128) // 257
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
 def load_image(
-    src: ImageSource, base_dir: str | os.PathLike | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS
+    src: ImageSource,
+    base_dir: str | os.PathLike | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    policy: MediaPolicy | None = None,
 ) -> Image.Image:
     """Load ``src`` as an RGB ``PIL.Image``.
 
-    ``src`` is a path (relative ones are resolved against ``base_dir``), a ``PIL.Image``, the raw bytes of an
-    image file, or a ``data:image/...;base64,...`` URL. http(s) URLs are refused: nothing is downloaded at run
-    time. Raises :class:`ImageError` (a ``ValueError``) naming the image and the problem.
+    ``src`` is a path, a ``PIL.Image``, the raw bytes of an image file, or a ``data:image/...;base64,...`` URL.
+    http(s) URLs are refused: nothing is downloaded at run time. A path is read under ``policy`` (see
+    :class:`MediaPolicy`; its root is ``base_dir`` when that is given). Without a policy the path comes from
+    the caller's code and is read as given (relative ones against ``base_dir``). Raises :class:`ImageError`
+    (a ``ValueError``) naming the image and the problem.
     """
+    img, name = _open_source(src, base_dir, max_pixels, policy)
+    return _to_rgb(img, name)
+
+
+def check_image(
+    src: ImageSource,
+    base_dir: str | os.PathLike | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    policy: MediaPolicy | None = None,
+) -> tuple[int, int]:
+    """Decode ``src`` fully (as :func:`load_image`, without the RGB conversion) and return its (width, height).
+
+    For checks made before long work: a truncated or corrupt file fails here, not hours later.
+    """
+    img, name = _open_source(src, base_dir, max_pixels, policy)
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
+    return img.size
+
+
+def _open_source(
+    src: ImageSource, base_dir: str | os.PathLike | None, max_pixels: int, policy: MediaPolicy | None
+) -> tuple[Image.Image, str]:
+    """The decoded image of any source kind, and its name for messages."""
     if isinstance(src, Image.Image):
-        return _to_rgb(src, "<PIL image>")
+        return src, "<PIL image>"
     if isinstance(src, (bytes, bytearray)):
         if not src:
             raise ImageError("image bytes are empty (zero size)")
-        return _to_rgb(_open(io.BytesIO(bytes(src)), _describe(src), max_pixels), _describe(src))
+        return _open(io.BytesIO(bytes(src)), _describe(src), max_pixels), _describe(src)
     if not isinstance(src, (str, os.PathLike)):
         raise ImageError(f"cannot load an image from a {type(src).__name__}: pass a path, bytes, or a PIL image")
-    text = os.fspath(src)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
+    text = os.fsdecode(os.fspath(src))
     lowered = text[:8].lower()
     if lowered.startswith(("http://", "https://")):
         raise ImageError(
@@ -120,13 +243,14 @@ def load_image(
         data = _decode_data_url(text)
         if not data:
             raise ImageError("data URL holds no data (zero size)")
-        return _to_rgb(_open(io.BytesIO(data), _describe(text), max_pixels), _describe(text))
+        return _open(io.BytesIO(data), _describe(text), max_pixels), _describe(text)
     if not text:
         raise ImageError("empty image path")
-    path = Path(text).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir).expanduser() / path
-    path = path.absolute()
+    if policy is None:
+        policy = MediaPolicy(base_dir, allow_any_local_path=True)
+    elif base_dir is not None:
+        policy = MediaPolicy(base_dir, policy.allow_any_local_path)
+    path = policy.resolve(text)
     if not path.exists():
         raise ImageError(f"image not found: {path}")
     if not path.is_file():
@@ -140,7 +264,7 @@ def load_image(
         raise
     except OSError as e:
         raise ImageError(f"cannot read image {path}: {e}") from e
-    return _to_rgb(img, str(path))
+    return img, str(path)
 
 
 def preprocess(image: Image.Image, image_size: int = 448) -> torch.Tensor:
@@ -156,9 +280,12 @@ def preprocess(image: Image.Image, image_size: int = 448) -> torch.Tensor:
 
 
 def pixel_values(
-    sources: list[ImageSource], image_size: int = 448, base_dir: str | os.PathLike | None = None
+    sources: list[ImageSource],
+    image_size: int = 448,
+    base_dir: str | os.PathLike | None = None,
+    policy: MediaPolicy | None = None,
 ) -> torch.Tensor:
-    """Load and transform several images -> float32 [N, 3, S, S] (N may be 0)."""
+    """Load and transform several images -> float32 [N, 3, S, S] (N may be 0); paths as in :func:`load_image`."""
     if not sources:
         return torch.empty(0, 3, image_size, image_size)
-    return torch.stack([preprocess(load_image(s, base_dir), image_size) for s in sources])
+    return torch.stack([preprocess(load_image(s, base_dir, policy=policy), image_size) for s in sources])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 
 from .generation import STOP_IDS, SamplingParams, TextStream, stream_tokens
-from .images import load_image
 from .model import QwenVL
 from .processor import Processor
 
@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 def pick_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     return device
@@ -42,8 +46,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
-         base_dir: str | os.PathLike | None = None, quantize: str | None = None) -> tuple[QwenVL, Processor]:
+         base_dir: str | os.PathLike | None = None, quantize: str | None = None, *,
+         allowed_media_dir: str | os.PathLike | None = ".", allow_any_local_path: bool = False,
+         ) -> tuple[QwenVL, Processor]:
     """Model and processor of a checkpoint folder, ready for inference.
+
+    ``allowed_media_dir`` / ``allow_any_local_path`` (``base_dir``: the older name of the first) are the
+    processor's media policy: which local files ``<img>PATH</img>`` may name (see :class:`Processor`).
 
     ``dtype`` None/"auto" picks bf16 where the device computes it natively (CUDA with bf16, CPUs with
     AVX512-BF16 or AMX) and fp32 elsewhere, whatever the stored dtype (:mod:`qwenvl.hardware`).
@@ -60,7 +69,10 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     device = pick_device(device)
     model = QwenVL.from_pretrained(model_dir, dtype=resolve_dtype(dtype, device), device=device)
     optimize_for_inference(model.eval(), quantize)
-    return model, Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir)
+    processor = Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir,
+                                          allowed_media_dir=allowed_media_dir,
+                                          allow_any_local_path=allow_any_local_path)
+    return model, processor
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Prediction:
     text: str  # prompt + continuation with special tokens, as the reference CLI prints it
     num_tokens: int = 0  # new tokens
     stopped: bool = False  # ended on a stop token (else on max_new_tokens)
+    error: str | None = None  # why this prompt was not answered (on_error="record"); response is then ""
 
 
 def _split_response(processor: Processor, new_ids: list[int], params: SamplingParams) -> tuple[str, int, bool]:
@@ -88,14 +101,20 @@ def predict(
     base_dir: str | os.PathLike | None = None,
     progress: bool = False,
     compile: bool = False,
+    on_error: str = "raise",
 ) -> list[Prediction]:
     """Generate for every prompt (strings, list-format lists or messages), ``batch_size`` at a time.
 
     Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
     ``compile=True`` decodes with the ``torch.compile``-d step (plain weights; the first call compiles).
+    ``on_error``: a prompt the processor cannot take (a bad or refused image, a malformed prompt) raises
+    its ``ValueError`` (``"raise"``) or gives a :class:`Prediction` with ``error`` set while the others are
+    answered (``"record"``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if on_error not in ("raise", "record"):
+        raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     prompts = list(prompts)
     out: list[Prediction] = []
     bar = None
@@ -105,20 +124,61 @@ def predict(
         bar = tqdm(total=len(prompts), desc="predict", unit="prompt")
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
-        inputs = processor(chunk, base_dir=base_dir)  # a list of prompts is always a batch
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        steps = list(stream_tokens(model, ids, mask, inputs["images"], params, compile=compile))
-        new = torch.stack(steps, 1).cpu() if steps else ids.new_zeros((ids.shape[0], 0))
-        for b in range(ids.shape[0]):
-            prompt_ids = ids[b][mask[b].bool()].tolist()
-            response, n, stopped = _split_response(processor, new[b].tolist(), params)
-            full = prompt_ids + new[b, :n].tolist()
-            out.append(Prediction(processor.decode(prompt_ids), response, processor.decode(full), n, stopped))
+        inputs, errors = _process(processor, chunk, base_dir, on_error)
+        answered = iter(_generate_batch(model, processor, inputs, params, compile) if inputs is not None else [])
+        for k, prompt in enumerate(chunk):
+            if k in errors:
+                out.append(Prediction(_prompt_text(prompt), "", "", error=errors[k]))
+            else:
+                out.append(next(answered))
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return out
+
+
+def _process(processor: Processor, chunk: list[Any], base_dir: str | os.PathLike | None,
+             on_error: str) -> tuple[dict[str, Any] | None, dict[int, str]]:
+    """The processor's inputs for the prompts of ``chunk`` that it takes, and the errors of the others by index."""
+    try:
+        return processor(chunk, base_dir=base_dir), {}  # a list of prompts is always a batch
+    except ValueError:
+        if on_error == "raise":
+            raise
+    errors: dict[int, str] = {}
+    good = []
+    for k, prompt in enumerate(chunk):  # find the culprits one by one; the others are answered as a batch
+        try:
+            processor([prompt], base_dir=base_dir)
+            good.append(prompt)
+        except ValueError as e:
+            errors[k] = str(e)
+    return (processor(good, base_dir=base_dir) if good else None), errors
+
+
+def _generate_batch(model: QwenVL, processor: Processor, inputs: dict[str, Any], params: SamplingParams,
+                    compile: bool) -> list[Prediction]:
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    steps = list(stream_tokens(model, ids, mask, inputs["images"], params, compile=compile))
+    new = torch.stack(steps, 1).cpu() if steps else ids.new_zeros((ids.shape[0], 0))
+    out = []
+    for b in range(ids.shape[0]):
+        prompt_ids = ids[b][mask[b].bool()].tolist()
+        response, n, stopped = _split_response(processor, new[b].tolist(), params)
+        full = prompt_ids + new[b, :n].tolist()
+        out.append(Prediction(processor.decode(prompt_ids), response, processor.decode(full), n, stopped))
+    return out
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A failed prompt as text for its result row (no tokenizing: that may be what failed)."""
+    if isinstance(prompt, str):
+        return prompt
+    try:
+        return json.dumps(prompt, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(prompt)
 
 
 def stream_text(
@@ -157,7 +217,7 @@ class ChatSession:
     compile: bool = False  # decode with the torch.compile-d step
 
     def add_image(self, path: str) -> None:
-        load_image(path, self.base_dir)  # fail now, with a clear message, not at the next question
+        self.processor.load_image(path, self.base_dir)  # fail now, with a clear message, not at the next question
         self.pending_images.append(path)
         self.last_image = path
 

@@ -8,8 +8,10 @@ followed by the answer and its stop token.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,13 @@ PREDICT_KEYS = {  # YAML key -> type (a predict config holds these; command-line
     "load_checkpoint": str, "dtype": str, "device": str, "predict_batch_size": int, "modal_type": list,
     "max_new_tokens": int, "min_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float,
     "top_k": int, "repetition_penalty": float, "seed": int, "chat_format": str, "image_dir": str, "run_mode": str,
-    "use_parallel": bool, "auto_trans_ckpt": bool, "quantize": str,
+    "use_parallel": bool, "auto_trans_ckpt": bool, "quantize": str, "allow_any_local_path": bool,
 }
+
+MEDIA_HELP = ("which image files your prompts may name: true (default) reads any file you can read (absolute "
+              "paths, ~, ..; relative ones against --image_dir); false reads only files inside --image_dir "
+              "(default: the working directory) and refuses absolute paths, ~, .. and links leading out of it. "
+              "Image paths in the model's own answers are never read")
 
 
 def str2bool(v: str) -> bool:
@@ -51,6 +58,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="decode with torch.compile (compiling takes a while - about 20-60 s on a CPU, logged - "
                         "then each token is faster: worth it for long answers or many prompts)")
     p.add_argument("--image_dir", help="folder that relative image paths are resolved against (default: cwd)")
+    p.add_argument("--allow_any_local_path", type=str2bool, metavar="BOOL", help=MEDIA_HELP)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -249,24 +257,35 @@ def run_predict(args: argparse.Namespace) -> int:
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            quantize=opts.get("quantize"))
+                            quantize=opts.get("quantize"), allow_any_local_path=opts.get("allow_any_local_path", True))
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     prompts = [_as_chat(p, fmt) for p in prompts]
     preds = predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
-                    base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile)
+                    base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,
+                    on_error="record" if args.jsonl else "raise")
     if args.jsonl:
-        lines = [json.dumps({"prompt": p.prompt, "response": p.response, "num_tokens": p.num_tokens,
-                             "stopped": p.stopped}, ensure_ascii=False) for p in preds]
+        lines = [json.dumps(_result_row(p), ensure_ascii=False) for p in preds]
         text = "\n".join(lines) + "\n"
         if args.output:
             atomic_write_text(args.output, text)
         else:
             sys.stdout.write(text)
+        failed = sum(p.error is not None for p in preds)
+        if failed:  # every other answer is written: a bad row costs only itself
+            raise ValueError(f"{failed} of {len(preds)} prompt(s) failed: see the rows with an 'error' field "
+                             f"in {args.output or 'the output'}")
         return 0
     for p in preds:
         print(p.response if args.output_only else p.text)
     return 0
+
+
+def _result_row(p: Any) -> dict[str, Any]:
+    row = {"prompt": p.prompt, "response": p.response, "num_tokens": p.num_tokens, "stopped": p.stopped}
+    if p.error is not None:
+        row["error"] = p.error
+    return row
 
 
 # ---- chat ----------------------------------------------------------------------------------------------
@@ -279,7 +298,8 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
-                            quantize=args.quantize)
+                            quantize=args.quantize,
+                            allow_any_local_path=True if args.allow_any_local_path is None else args.allow_any_local_path)
     processor.chat_format = "chatml"
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}
@@ -322,21 +342,21 @@ def run_chat(args: argparse.Namespace) -> int:
         print()
         turn += 1
         if args.draw and session.last_image:
-            drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
+            load_last = functools.partial(processor.load_image, session.last_image, args.image_dir)
+            drawn = _draw_answer(answer, load_last, Path(args.draw), turn)
             if drawn:
                 print(f"(boxes drawn: {drawn})", file=sys.stderr)
     return 0
 
 
-def _draw_answer(answer: str, image_path: str, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
+def _draw_answer(answer: str, load_image: Callable[[], Any], out_dir: Path, turn: int) -> Path | None:
     from .fileio import atomic_write_bytes
     from .grounding import denormalize_objects, draw_boxes, parse_grounding
-    from .images import load_image
 
     objects = parse_grounding(answer)
     if not any(o.boxes for o in objects):
         return None
-    image = load_image(image_path, base_dir)
+    image = load_image()
     drawn = draw_boxes(image, denormalize_objects(objects, image.width, image.height))
     import io
 

@@ -5,6 +5,12 @@ Everything here reproduces an official rule exactly (DESIGN.md section 1, "Promp
 ``qwen_generation_utils.py`` (role, newline and content tokenized *separately*), training samples as by
 ``preprocess`` in Qwen-VL's ``finetune.py``. The model only ever gets tensors: images are loaded here from
 the ``<img>PATH</img>`` spans (or supplied by the caller) and passed as pixels.
+
+This is the one place where paths in text become file reads, under the processor's media policy
+(:class:`qwenvl.images.MediaPolicy`): relative paths resolve against ``allowed_media_dir`` and nothing outside
+it is read unless ``allow_any_local_path=True``; ``allowed_media_dir=None`` reads no local file at all. In a
+chat, an assistant turn never carries a picture: ``<img>``/``</img>`` in an assistant's content (for example
+the model's own earlier answer) are plain text, so nothing is read because of them.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, QwenVLConfig
-from .images import ImageSource, pixel_values
+from .images import ImageSource, MediaPolicy, load_image, pixel_values
 from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
 
 __all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "Processor"]
@@ -27,6 +34,9 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
 
 _TRAIN_ROLES = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
+
+# What an assistant's content may hold as tags in a chat prompt: refs, boxes and quads, but not pictures.
+_ASSISTANT_SPECIAL_TOKENS = tuple(t for t in IMAGE_SPECIAL_TOKENS if t not in ("<img>", "</img>", "<imgpad>"))
 
 # One prompt: raw text, a list-format list ([{"image": ...}, {"text": ...}]) or OpenAI-style messages.
 Prompt = str | list[dict[str, Any]]
@@ -42,6 +52,19 @@ class Processor:
     ``chat_format`` is what the checkpoint's ``generation_config.json`` says: ``"chatml"`` for Qwen-VL-Chat,
     ``"raw"`` for the base Qwen-VL. It only affects messages and :meth:`build_chat_prompt`; a plain string
     prompt is always tokenized as is (it may already hold the ChatML tags).
+
+    Media policy (which local files ``<img>PATH</img>`` may name; see :class:`qwenvl.images.MediaPolicy`):
+
+    - ``allowed_media_dir`` (default ``"."``, the working directory at each call): relative paths resolve
+      against it and only files inside it are read; absolute paths outside it, ``~``, ``..`` leading out of
+      it and symbolic links pointing out of it are refused (:class:`qwenvl.images.MediaAccessError`, the
+      same message whether the file exists or not). ``None``: no local file is read at all.
+    - ``allow_any_local_path=True``: any path the process can read (relative ones against
+      ``allowed_media_dir``, or the working directory when it is None). For the user's own prompts only.
+    - ``base_dir``: the older name of ``allowed_media_dir`` (give one of them).
+
+    Images passed with ``images=`` as pixels, bytes or ``data:`` URLs are never file reads; paths passed there
+    follow the same policy.
     """
 
     def __init__(
@@ -52,17 +75,39 @@ class Processor:
         base_dir: str | os.PathLike | None = None,
         max_window_size: int = 6144,
         system: str = DEFAULT_SYSTEM,
+        *,
+        allowed_media_dir: str | os.PathLike | None = ".",
+        allow_any_local_path: bool = False,
     ) -> None:
         if chat_format not in ("chatml", "raw"):
             raise ValueError(f"chat_format must be 'chatml' or 'raw', got {chat_format!r}")
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if base_dir is not None:
+            if allowed_media_dir != ".":
+                raise ValueError("give allowed_media_dir or its older name base_dir, not both")
+            allowed_media_dir = base_dir
         self.tokenizer = tokenizer if tokenizer is not None else QwenTokenizer.from_pretrained()
         self.image_size = int(image_size)
         self.chat_format = chat_format
-        self.base_dir = base_dir
+        self.allowed_media_dir = allowed_media_dir
+        self.allow_any_local_path = bool(allow_any_local_path)
         self.max_window_size = int(max_window_size)
         self.system = system
+
+    @property
+    def base_dir(self) -> str | os.PathLike | None:
+        """The older name of :attr:`allowed_media_dir`."""
+        return self.allowed_media_dir
+
+    def media_policy(self, base_dir: str | os.PathLike | None = None) -> MediaPolicy:
+        """The policy image paths are read under (``base_dir``, when given, as the media folder of one call)."""
+        root = base_dir if base_dir is not None else self.allowed_media_dir
+        return MediaPolicy(root, self.allow_any_local_path)
+
+    def load_image(self, src: ImageSource, base_dir: str | os.PathLike | None = None) -> Image.Image:
+        """One image as RGB, a path read under :meth:`media_policy` (errors: :class:`qwenvl.images.ImageError`)."""
+        return load_image(src, policy=self.media_policy(base_dir))
 
     @classmethod
     def from_pretrained(
@@ -70,12 +115,16 @@ class Processor:
         ckpt_dir: str | os.PathLike | None = None,
         config: QwenVLConfig | None = None,
         base_dir: str | os.PathLike | None = None,
+        *,
+        allowed_media_dir: str | os.PathLike | None = ".",
+        allow_any_local_path: bool = False,
     ) -> Processor:
         """The processor of a checkpoint folder (or the defaults of Qwen-VL-Chat when there is none).
 
         The vocabulary is the folder's ``qwen.tiktoken`` or else the bundled one; ``image_size`` comes from
         ``config.json`` (``visual.image_size``), ``chat_format`` and ``max_window_size`` from
-        ``generation_config.json``. An explicit ``config`` wins over the folder's files.
+        ``generation_config.json``. An explicit ``config`` wins over the folder's files. The media policy
+        keywords are the constructor's.
         """
         tokenizer = QwenTokenizer.from_pretrained(ckpt_dir)
         gen = GenerationDefaults()
@@ -95,6 +144,8 @@ class Processor:
             chat_format=gen.chat_format,
             base_dir=base_dir,
             max_window_size=gen.max_window_size,
+            allowed_media_dir=allowed_media_dir,
+            allow_any_local_path=allow_any_local_path,
         )
 
     # ---- prompts -> tensors ----------------------------------------------------------------------
@@ -112,11 +163,11 @@ class Processor:
         into a chat prompt by :meth:`build_messages_prompt`). Prompts of different lengths are padded on the
         LEFT with ``<|endoftext|>`` (mask 0), so every row ends at its last real token, as generation needs.
 
-        Images: by default the path inside each ``<img>PATH</img>`` is loaded (relative paths against
-        ``base_dir``, else the processor's ``base_dir``, else the working directory). With ``images=``, the
-        k-th supplied image (a path, bytes, data URL or PIL image) is the pixels of the k-th ``<img>`` span
-        counted over the whole batch in order (prompt 0's spans first); the span's text is then only a name.
-        ``images`` [N, 3, S, S] lists the images in that same order; it is None when there are none.
+        Images: by default the path inside each ``<img>PATH</img>`` is loaded under the media policy (see the
+        class; ``base_dir`` replaces ``allowed_media_dir`` for this call). With ``images=``, the k-th supplied
+        image (a PIL image, bytes, a data URL, or a path read under the same policy) is the pixels of the k-th
+        ``<img>`` span counted over the whole batch in order (prompt 0's spans first); the span's text is then
+        only a name. ``images`` [N, 3, S, S] lists the images in that same order; it is None when there are none.
         """
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
@@ -192,6 +243,8 @@ class Processor:
         the turn open), then ``\\n<|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n``. Roles,
         newlines and contents are tokenized separately, contents with only the Qwen-VL tags (``<img>``,
         ``<ref>``, ``<box>``, ...) as special tokens, so ``<|im_end|>`` typed by a user stays plain text.
+        Unlike the official code, an assistant's content (a past response) gets ``<ref>``/``<box>``/``<quad>``
+        but not ``<img>``: an image path in an answer is plain text, never a file to read.
         History is walked newest first and a turn is kept while the total stays below ``max_window_size``
         (default: the checkpoint's, 6144); the first turn that does not fit ends the walk.
         With chat_format "raw" the prompt is the query text alone (history and system are not used).
@@ -206,7 +259,8 @@ class Processor:
         im_start, im_end = [IM_START_ID], [IM_END_ID]
 
         def part(role: str, content: str) -> list[int]:
-            return enc(role, allowed_special=IMAGE_SPECIAL_TOKENS) + nl + enc(content, allowed_special=IMAGE_SPECIAL_TOKENS)
+            tags = _ASSISTANT_SPECIAL_TOKENS if role == "assistant" else IMAGE_SPECIAL_TOKENS
+            return enc(role, allowed_special=IMAGE_SPECIAL_TOKENS) + nl + enc(content, allowed_special=tags)
 
         system_ids = im_start + part("system", system) + im_end
         context: list[int] = []
@@ -318,8 +372,8 @@ class Processor:
     def pixel_values_for(
         self, paths_or_images: Sequence[ImageSource], base_dir: str | os.PathLike | None = None
     ) -> torch.Tensor:
-        """Load and transform images -> float32 [N, 3, S, S] (relative paths against ``base_dir``)."""
-        return pixel_values(list(paths_or_images), self.image_size, base_dir if base_dir is not None else self.base_dir)
+        """Load and transform images -> float32 [N, 3, S, S]; paths under :meth:`media_policy` (``base_dir``)."""
+        return pixel_values(list(paths_or_images), self.image_size, policy=self.media_policy(base_dir))
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

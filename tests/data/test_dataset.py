@@ -175,3 +175,21 @@ def test_over_long_and_label_free_samples_are_named(processor, data_dir: Path) -
 def test_everything_bad_is_an_error_even_when_skipping(processor, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no usable sample"):
         ConversationDataset([record("empty")], processor, skip_bad=True)
+
+
+def test_undecodable_images_are_bad_records_before_training(processor, data_dir: Path) -> None:
+    # a file that exists but does not decode must fail now, not at the step that first draws it
+    street = (data_dir / "img" / "street.jpg").read_bytes()
+    (data_dir / "img" / "cut.jpg").write_bytes(street[: len(street) // 2])  # a truncated download
+    (data_dir / "img" / "text.png").write_text("not an image")
+    recs = [RECORDS[0],
+            record("cut", turn("user", "<img>img/cut.jpg</img>What?"), turn("assistant", "A street.")),
+            record("text", turn("user", "<img>img/text.png</img>What?"), turn("assistant", "Text.")),
+            record("cut again", turn("user", "<img>img/cut.jpg</img>And?"), turn("assistant", "Cars."))]
+    path = write(data_dir / "train.json", recs)
+    with pytest.raises(DatasetError, match=r"3 bad record\(s\) of 4") as err:
+        ConversationDataset(path, processor)
+    assert "record 1 (id='cut'): cannot decode image" in str(err.value) and "truncated" in str(err.value)
+    assert "record 2 (id='text'): cannot decode image" in str(err.value)
+    ds = ConversationDataset(path, processor, skip_bad=True)
+    assert [s.id for s in ds.samples] == ["cat"] and [b.index for b in ds.skipped] == [1, 2, 3]

@@ -77,7 +77,7 @@ def test_grounding_accuracy_matches_hand_computed(tmp_path: Path, image_dir: Pat
     result = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, batch_size=3, output=out, progress=False)
     # the middle: pred (25.025, 25.025, 100, 100) vs (25, 25, 75, 75): IoU 0.444 < 0.5
     assert result.score == pytest.approx(1 / 4)
-    assert result.details == {"num_correct": 1, "num_unparseable": 1}
+    assert result.details == {"num_correct": 1, "num_unparseable": 1, "num_errors": 0}
     assert [len(c) for c in gen.calls] == [3, 1]  # batched
     assert gen.calls[0][0] == "<img>a.png</img><ref>left half</ref><box>"  # the official prompt
     saved = json.loads(out.read_text())
@@ -193,6 +193,27 @@ def test_vqa_missing_answers(tmp_path: Path, image_dir: Path) -> None:
     data = write_jsonl(tmp_path / "v.jsonl", [{"image": "a.png", "question": "q"}])
     with pytest.raises(EvalDataError, match=r"v\.jsonl:1: missing key 'answers'"):
         evaluate_vqa(data, generate_fn=lambda ps: [""], image_dir=image_dir, progress=False)
+
+
+def test_a_failing_sample_is_an_error_row_and_the_rest_is_kept(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "v.jsonl", [
+        {"image": "a.png", "question": "q1", "answer": "yes"},
+        {"image": "b.png", "question": "q2 broken", "answer": "no"},
+        {"image": "a.png", "question": "q3", "answer": "no"},
+    ])  # fmt: skip
+    answers = stub({"q1": "yes", "q3": "no"})
+
+    def gen(prompts: Sequence[str]) -> list[str]:
+        if any("broken" in p for p in prompts):
+            raise ValueError("cannot decode image b.png")
+        return answers(prompts)
+
+    out = tmp_path / "res.json"
+    result = evaluate_vqa(data, generate_fn=gen, image_dir=image_dir, batch_size=3, output=out, progress=False)
+    assert result.details == {"num_errors": 1} and result.score == pytest.approx(2 / 3)  # the failure counts as wrong
+    saved = json.loads(out.read_text())["predictions"]
+    assert [p.get("error") for p in saved] == [None, "cannot decode image b.png", None]
+    assert [p["answer"] for p in saved] == ["yes", "", "no"]
 
 
 # ---- captioning -------------------------------------------------------------------------------------------------

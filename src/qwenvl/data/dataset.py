@@ -5,11 +5,14 @@ The file is the stage-3 format (DESIGN.md section 1, "Fine-tuning")::
     [{"id": "...", "conversations": [{"from": "user", "value": "Picture 1: <img>a/b.jpg</img>\\nWhat is it?"},
                                      {"from": "assistant", "value": "A cat."}]}, ...]
 
-(a ``.jsonl`` file with one record per line works too). Image paths are resolved against ``dataset_dir``.
+(a ``.jsonl`` file with one record per line works too). Image paths are read under the processor's media
+policy with ``dataset_dir`` as the media folder (:class:`qwenvl.images.MediaPolicy`: relative paths resolve
+there and, unless the processor has ``allow_any_local_path=True``, nothing outside it is read).
 
-Every record is checked and tokenized when the dataset is built, so a bad file fails before training
-starts, with messages that name the file position or the record (index and id). Pixels are loaded per
-sample in ``__getitem__``.
+Every record is checked and tokenized when the dataset is built, and every image it names is decoded once
+(a truncated or corrupt file is a bad record now, not a crash hours into training), so a bad file fails
+before training starts, with messages that name the file position or the record (index and id). Pixels
+are loaded per sample in ``__getitem__``.
 
 Truncation to ``max_length`` never cuts through an ``<img>...</img>`` span: when the cut falls inside one,
 the sample is cut just before its ``<img>`` and that image is dropped. A sample cut before its first
@@ -31,6 +34,7 @@ from torch.utils.data import Dataset
 
 from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from ..fileio import read_json_records
+from ..images import check_image
 from ..tokenizer import image_spans
 from .convert import MalformedRecord
 
@@ -116,7 +120,7 @@ class ConversationDataset(Dataset):
 
     Args:
         data_path: the JSON / JSONL file, or the records themselves (a list of dicts).
-        processor: a :class:`qwenvl.Processor` (``encode_conversation`` and ``pixel_values_for``).
+        processor: a :class:`qwenvl.Processor` (``encode_conversation``, ``pixel_values_for``, ``media_policy``).
         dataset_dir: folder that relative image paths are resolved against (default: the data file's folder,
             or the working directory for in-memory records).
         max_length: longer samples are truncated (``truncate=True``) or rejected.
@@ -158,6 +162,8 @@ class ConversationDataset(Dataset):
         self.truncation = TruncationStats()
         self.skipped: list[BadRecord] = []
         self.samples: list[_Encoded] = []
+        self._policy = processor.media_policy(self.dataset_dir)
+        self._checked: dict[str, str | None] = {}  # image path -> why it cannot be used (None: it decodes)
 
         for index, record in enumerate(records):
             rid = record.get("id") if isinstance(record, dict) else None
@@ -184,10 +190,7 @@ class ConversationDataset(Dataset):
         if self.max_images is not None and len(paths) > self.max_images:
             raise ValueError(f"{len(paths)} images, more than max_images={self.max_images}")
         for p in paths:
-            file = Path(p).expanduser()
-            file = file if file.is_absolute() else self.dataset_dir / file
-            if not file.is_file():
-                raise ValueError(f"image not found: {file}")
+            self._check_image(p)
         if len(ids) > self.max_length:
             if not self.truncate:
                 raise ValueError(f"{len(ids)} tokens, more than max_length={self.max_length} (truncation is off)")
@@ -205,7 +208,22 @@ class ConversationDataset(Dataset):
         self.truncation.add(removed)
         return _Encoded(record.get("id"), ids, labels, paths)
 
+    def _check_image(self, path: str) -> None:
+        """Decode ``path`` once per dataset (a path shared by many records is checked once)."""
+        if path not in self._checked:
+            try:
+                check_image(path, policy=self._policy)
+                self._checked[path] = None
+            except ValueError as e:  # ImageError, MediaAccessError
+                self._checked[path] = str(e)
+        problem = self._checked[path]
+        if problem is not None:
+            raise ValueError(problem)
+
     def _report(self, total: int, skip_bad: bool) -> None:
+        if len(self.skipped) == 1 and not skip_bad:  # one line for one problem
+            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} (pass skip_bad=True to drop it): "
+                               f"{self.skipped[0]}")
         if self.skipped and not skip_bad:
             shown = [f"  - {b}" for b in self.skipped[:MAX_LISTED]]
             if len(self.skipped) > MAX_LISTED:

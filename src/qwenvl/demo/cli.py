@@ -48,6 +48,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    from ..inference import pick_device
+
+    pick_device(args.device)  # a bad name fails here, in one line, not deep inside the run
     colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors else None
     result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors,
                            bf16=args.bf16, overwrite=args.overwrite)

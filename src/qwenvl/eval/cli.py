@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..inference_cli import add_runtime_flags
+from ..inference_cli import add_runtime_flags, str2bool
 from .runners import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_METRICS, VQA_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                    help="checkpoint folder (official layout or ours)")
     p.add_argument("--data", required=True, metavar="FILE", help="evaluation data (see `qwenvl.eval.runners`)")
     p.add_argument("--image_dir", metavar="DIR", help="folder relative image paths are resolved against (default: cwd)")
+    p.add_argument("--allow_any_local_path", type=str2bool, default=False, metavar="BOOL",
+                   help="which image files the data may name: false (default) reads only files inside --image_dir "
+                        "(default: the working directory) and refuses absolute paths outside it, ~, .. and links "
+                        "leading out of it; true reads any file you can read")
     p.add_argument("--output", metavar="FILE", help="JSON file for the score and every prediction (written atomically)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
@@ -84,12 +88,13 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     check_output_file(args.output, {"--data file": args.data})
     loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
                "caption": runners.load_caption_data}  # fmt: skip
+    media = {"allow_any_local_path": args.allow_any_local_path}
     if task == "grounding":
-        records = runners.load_grounding_data(args.data, args.image_dir, args.bbox_format)
+        records = runners.load_grounding_data(args.data, args.image_dir, args.bbox_format, **media)
     else:
-        records = loaders[task](args.data, args.image_dir)
+        records = loaders[task](args.data, args.image_dir, **media)
     records = _limit(records, args.limit)
-    model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize)
+    model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize, **media)
     common: dict[str, Any] = dict(
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
@@ -107,4 +112,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     print(line)  # the command's answer, for the user
     if args.output:
         print(f"predictions written to {Path(args.output)}")
+    failed = result.details.get("num_errors", 0)
+    if failed:  # scored as wrong; every other prediction is kept
+        where = f"the predictions with an 'error' field in {args.output}" if args.output else "the warnings above"
+        raise ValueError(f"{failed} of {result.num_samples} sample(s) failed and were scored as wrong: see {where}")
     return 0

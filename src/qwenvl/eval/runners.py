@@ -15,8 +15,9 @@ Protocols (Qwen-VL's ``eval_mm`` scripts):
 - captioning: ``<img>{image}</img>Describe the image in English:``, ``max_new_tokens=30``,
   ``min_new_tokens=8``; CIDEr(-D) over the whole set.
 
-Input formats (one JSON object per line; blank lines are skipped; relative image paths are resolved
-against ``image_dir``):
+Input formats (one JSON object per line; blank lines are skipped; image paths are read under the media
+policy of :class:`qwenvl.images.MediaPolicy` with ``image_dir`` (default: the working directory) as the media
+folder: relative paths resolve there and, unless ``allow_any_local_path=True``, nothing outside it is read):
 
 - grounding: ``{"image": "...", "sent": "the man on the left", "bbox": [x1, y1, x2, y2], "height": H,
   "width": W}`` with ``bbox`` in pixels of the original image (``bbox_format="xywh"`` reads COCO's
@@ -29,7 +30,9 @@ against ``image_dir``):
   [{"image_id", "caption"}]}``).
 
 Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts), so the runners can be
-driven by a real model (:func:`model_generate_fn`) or by a stub in tests.
+driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
+generator refuses with a ``ValueError`` (an undecodable image, say) does not stop the run: its prediction
+gets an ``error`` field and an empty answer (scored as wrong), and ``details["num_errors"]`` counts them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,7 @@ from tqdm.auto import tqdm
 
 from ..fileio import atomic_write_text, iter_jsonl
 from ..grounding import denormalize_box, first_box, iou
+from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy
 from .metrics import cider, exact_match, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
@@ -139,19 +144,31 @@ def _batches(n: int, batch_size: int) -> Iterator[range]:
 
 def _generate_all(
     prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool, desc: str
-) -> list[str]:
+) -> tuple[list[str], dict[int, str]]:
+    """The answer to every prompt ("" for a failed one) and the errors of the failed ones by index."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     answers: list[str] = []
+    errors: dict[int, str] = {}
     with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
         for idx in _batches(len(prompts), batch_size):
             batch = [prompts[i] for i in idx]
-            out = generate_fn(batch)
+            try:
+                out = generate_fn(batch)
+            except ValueError:  # one bad sample: answer the others one by one (same greedy tokens as batched)
+                out = []
+                for i in idx:
+                    try:
+                        out += generate_fn([prompts[i]])
+                    except ValueError as e:
+                        errors[i] = str(e)
+                        out.append("")
+                        logger.warning("%s: sample %d failed: %s", desc, i, e)
             if len(out) != len(batch):
                 raise RuntimeError(f"generate returned {len(out)} answers for {len(batch)} prompts")
             answers.extend(out)
             bar.update(len(batch))
-    return answers
+    return answers, errors
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,10 +224,15 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
     return value
 
 
-def _image_path(image: str, image_dir: str | os.PathLike | None, where: str) -> Path:
-    path = Path(image).expanduser()
-    if not path.is_absolute() and image_dir is not None:
-        path = Path(image_dir).expanduser() / path
+def _media_policy(image_dir: str | os.PathLike | None, allow_any_local_path: bool) -> MediaPolicy:
+    return MediaPolicy(image_dir if image_dir is not None else ".", allow_any_local_path)
+
+
+def _image_path(image: str, policy: MediaPolicy, where: str) -> Path:
+    try:
+        path = policy.resolve(image)
+    except ImageError as e:
+        raise EvalDataError(f"{where}: {e}") from None
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image not found: {path}")
     return path
@@ -235,19 +257,28 @@ class GroundingRecord:
 
 
 def _read_size(path: Path, where: str) -> tuple[int, int]:
+    """(width, height) from the file's header: no decoding, and no trust in what it claims."""
     try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError as e:
-        raise EvalDataError(f"{where}: cannot read the size of {path}: {e}") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise EvalDataError(f"{where}: cannot read the size of {path}: {e}") from None
+    if w * h > MAX_IMAGE_PIXELS:
+        raise EvalDataError(f"{where}: image {path} is {w}x{h} = {w * h} pixels, more than the limit of "
+                            f"{MAX_IMAGE_PIXELS} (a decompression bomb?)")
+    return w, h
 
 
 def load_grounding_data(
-    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, bbox_format: str = "xyxy"
+    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, bbox_format: str = "xyxy",
+    *, allow_any_local_path: bool = False,
 ) -> list[GroundingRecord]:
-    """Read a grounding JSONL file (see the module docstring); every image must exist."""
+    """Read a grounding JSONL file (see the module docstring); every image must exist under the media policy."""
     if bbox_format not in ("xyxy", "xywh"):
         raise ValueError(f"bbox_format must be 'xyxy' or 'xywh', got {bbox_format!r}")
+    policy = _media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     records = []
     for lineno, obj in _read_jsonl(path):
@@ -260,7 +291,7 @@ def load_grounding_data(
         x1, y1, a, b = (float(v) for v in box)
         bbox = (x1, y1, x1 + a, y1 + b) if bbox_format == "xywh" else (x1, y1, a, b)
         _check_prompt_image(image, where)
-        file = _image_path(image, image_dir, where)
+        file = _image_path(image, policy, where)
         if "width" in obj or "height" in obj:
             width = float(_require(obj, "width", (int, float), where))
             height = float(_require(obj, "height", (int, float), where))
@@ -303,8 +334,11 @@ def _answers(obj: dict[str, Any], where: str) -> list[str]:
     raise EvalDataError(f"{where}: missing key 'answers' (or 'answer')")
 
 
-def load_vqa_data(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[VQARecord]:
-    """Read a VQA JSONL file (see the module docstring); every image must exist."""
+def load_vqa_data(
+    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, allow_any_local_path: bool = False
+) -> list[VQARecord]:
+    """Read a VQA JSONL file (see the module docstring); every image must exist under the media policy."""
+    policy = _media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     records = []
     for lineno, obj in _read_jsonl(path):
@@ -312,7 +346,7 @@ def load_vqa_data(path: str | os.PathLike, image_dir: str | os.PathLike | None =
         image = _require(obj, "image", str, where)
         question = _require(obj, "question", str, where)
         _check_prompt_image(image, where)
-        _image_path(image, image_dir, where)
+        _image_path(image, policy, where)
         records.append(VQARecord(image, question, _answers(obj, where), obj.get("question_id"), where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
@@ -349,8 +383,12 @@ def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def load_caption_data(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[CaptionRecord]:
-    """Read captioning data: JSONL, or COCO-style JSON (see the module docstring); every image must exist."""
+def load_caption_data(
+    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, allow_any_local_path: bool = False
+) -> list[CaptionRecord]:
+    """Read captioning data: JSONL, or COCO-style JSON (see the module docstring); every image must exist
+    under the media policy."""
+    policy = _media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation data not found: {path}")
@@ -362,7 +400,7 @@ def load_caption_data(path: str | os.PathLike, image_dir: str | os.PathLike | No
         if not captions or not all(isinstance(c, str) for c in captions):
             raise EvalDataError(f"{where}: 'captions' must be a non-empty list of strings")
         _check_prompt_image(image, where)
-        _image_path(image, image_dir, where)
+        _image_path(image, policy, where)
         records.append(CaptionRecord(image, captions, obj.get("id", len(records)), where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
@@ -382,6 +420,7 @@ def _resolve_generate(
     model: QwenVL | None,
     processor: Processor | None,
     image_dir: str | os.PathLike | None,
+    allow_any_local_path: bool,
     **kw: Any,
 ) -> GenerateFn:
     if generate_fn is not None:
@@ -391,8 +430,16 @@ def _resolve_generate(
     if processor is None:
         from ..processor import Processor
 
-        processor = Processor(image_size=model.config.visual.image_size, chat_format="raw")
+        processor = Processor(image_size=model.config.visual.image_size, chat_format="raw",
+                              allow_any_local_path=allow_any_local_path)
     return model_generate_fn(model, processor, base_dir=image_dir, **kw)
+
+
+def _mark_error(entry: dict[str, Any], errors: dict[int, str], k: int) -> dict[str, Any]:
+    """Add the ``error`` of sample ``k``, if it failed, to its prediction entry."""
+    if k in errors:
+        entry["error"] = errors[k]
+    return entry
 
 
 def _format(template: str, where: str, **fields: str) -> str:
@@ -420,6 +467,7 @@ def evaluate_grounding(
     threshold: float = 0.5,
     output: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_any_local_path: bool = False,
 ) -> EvalResult:
     """Acc@``threshold`` of referring-expression grounding with the official Qwen-VL protocol.
 
@@ -427,16 +475,18 @@ def evaluate_grounding(
     and ``{expression}``; when it ends in ``<box>`` the continuation is read as the inside of that box.
     Predicted boxes (normalized to [0, 1000)) are mapped to pixels with ``x / 999 * W``.
     """
-    records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(data, image_dir, bbox_format)
-    run = _resolve_generate(generate_fn, model, processor, image_dir, max_new_tokens=max_new_tokens,
+    records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(
+        data, image_dir, bbox_format, allow_any_local_path=allow_any_local_path)
+    run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False)
     prompts = [_format(prompt, r.where, image=r.image, expression=r.sent) for r in records]
-    answers = _generate_all(prompts, run, batch_size, progress, "grounding")
+    answers, errors = _generate_all(prompts, run, batch_size, progress, "grounding")
     opens_box = prompt.rstrip().endswith("<box>")
     predictions, correct, unparsed = [], 0, 0
-    for r, answer in zip(records, answers):
-        box = first_box("<box>" + answer if opens_box else answer)
+    for k, (r, answer) in enumerate(zip(records, answers)):
+        box = None if k in errors else first_box("<box>" + answer if opens_box else answer)
         entry: dict[str, Any] = {"image": r.image, "sent": r.sent, "bbox": list(r.bbox), "answer": answer}
+        _mark_error(entry, errors, k)
         if box is None:
             unparsed += 1
             entry.update(pred_box_norm=None, pred_bbox=None, iou=0.0, correct=False)
@@ -453,7 +503,7 @@ def evaluate_grounding(
         task="grounding", metric="accuracy", score=correct / n, num_samples=n, predictions=predictions,
         settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                   "chat_format": chat_format, "iou_threshold": threshold, "scale": 999},
-        details={"num_correct": correct, "num_unparseable": unparsed},
+        details={"num_correct": correct, "num_unparseable": unparsed, "num_errors": len(errors)},
     )  # fmt: skip
     logger.info("grounding: Acc@%.1f = %.4f (%d/%d correct, %d without a box)", threshold, result.score, correct,
                 n, unparsed)
@@ -488,6 +538,7 @@ def evaluate_vqa(
     metric: str = "auto",
     output: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_any_local_path: bool = False,
 ) -> EvalResult:
     """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
 
@@ -498,24 +549,27 @@ def evaluate_vqa(
     """
     if metric not in VQA_METRICS:
         raise ValueError(f"metric must be one of {', '.join(VQA_METRICS)}, got {metric!r}")
-    records = data if not isinstance(data, (str, os.PathLike)) else load_vqa_data(data, image_dir)
+    records = data if not isinstance(data, (str, os.PathLike)) else load_vqa_data(
+        data, image_dir, allow_any_local_path=allow_any_local_path)
     if metric == "auto":
         metric = "vqa" if all(len(r.answers) > 1 for r in records) else "exact_match"
-    run = _resolve_generate(generate_fn, model, processor, image_dir, max_new_tokens=max_new_tokens,
+    run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
     prompts = [_format(prompt, r.where, image=r.image, question=r.question) for r in records]
-    answers = [a.strip() for a in _generate_all(prompts, run, batch_size, progress, "vqa")]
+    answers, errors = _generate_all(prompts, run, batch_size, progress, "vqa")
     predictions, total = [], 0.0
-    for r, answer in zip(records, answers):
-        score = _vqa_sample_score(metric, answer, r.answers)
+    for k, (r, answer) in enumerate(zip(records, answers)):
+        answer = answer.strip()
+        score = 0.0 if k in errors else _vqa_sample_score(metric, answer, r.answers)
         total += score
-        predictions.append({"question_id": r.question_id, "image": r.image, "question": r.question,
-                            "answer": answer, "references": r.answers, "score": score})
+        predictions.append(_mark_error({"question_id": r.question_id, "image": r.image, "question": r.question,
+                                        "answer": answer, "references": r.answers, "score": score}, errors, k))
     n = len(records)
     result = EvalResult(
         task="vqa", metric="accuracy", score=total / n, num_samples=n, predictions=predictions,
         settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                   "chat_format": chat_format, "vqa_metric": metric},
+        details={"num_errors": len(errors)},
     )  # fmt: skip
     logger.info("vqa (%s): accuracy = %.4f over %d questions", metric, result.score, n)
     if output is not None:
@@ -537,21 +591,26 @@ def evaluate_caption(
     chat_format: str = "raw",
     output: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_any_local_path: bool = False,
 ) -> EvalResult:
     """Corpus CIDEr(-D) of greedy captions with the official prompt (``prompt`` may use ``{image}``)."""
-    records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(data, image_dir)
-    run = _resolve_generate(generate_fn, model, processor, image_dir, max_new_tokens=max_new_tokens,
+    records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(
+        data, image_dir, allow_any_local_path=allow_any_local_path)
+    run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
     prompts = [_format(prompt, r.where, image=r.image) for r in records]
-    captions = [c.strip() for c in _generate_all(prompts, run, batch_size, progress, "caption")]
+    raw, errors = _generate_all(prompts, run, batch_size, progress, "caption")
+    captions = [c.strip() for c in raw]
     keys = [str(r.id) for r in records]
     score, per_image = cider(dict(zip(keys, captions)), {k: r.captions for k, r in zip(keys, records)})
-    predictions = [{"id": r.id, "image": r.image, "caption": c, "references": r.captions, "cider": per_image[k]}
-                   for r, c, k in zip(records, captions, keys)]
+    predictions = [_mark_error({"id": r.id, "image": r.image, "caption": c, "references": r.captions,
+                                "cider": per_image[k]}, errors, i)
+                   for i, (r, c, k) in enumerate(zip(records, captions, keys))]
     result = EvalResult(
         task="caption", metric="cider", score=score, num_samples=len(records), predictions=predictions,
         settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                   "chat_format": chat_format},
+        details={"num_errors": len(errors)},
     )  # fmt: skip
     logger.info("caption: CIDEr = %.4f over %d images", score, len(records))
     if output is not None:

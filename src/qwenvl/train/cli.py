@@ -112,6 +112,9 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     logger.info("finished %d steps: last loss %s, %.0f tokens/s; model saved to %s", result.steps, last,
                 result.tokens_per_second, result.final_path)
+    if result.bad_samples:
+        logger.warning("%d sample(s) failed to load during the run and were skipped (see the warnings above)",
+                       len(result.bad_samples))
     return 0
 
 

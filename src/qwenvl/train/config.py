@@ -39,6 +39,7 @@ class TrainConfig:
     max_length: int = 2048
     max_images: int | None = None  # per sample; None = no limit
     skip_bad_samples: bool = False  # drop (and report) bad records instead of stopping
+    allow_any_local_path: bool = False  # images may lie outside dataset_dir (absolute paths, .., links out)
     system_message: str = "You are a helpful assistant."
     # ---- model
     load_checkpoint: str = ""  # official-layout folder to start from

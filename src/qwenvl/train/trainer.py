@@ -104,6 +104,7 @@ class TrainResult:
     resumed_from: Path | None = None
     stopped_early: bool = False
     model: nn.Module | None = field(default=None, repr=False)
+    bad_samples: list[str] = field(default_factory=list)  # skipped during the run (skip_bad_samples), with why
 
 
 @dataclass
@@ -122,6 +123,7 @@ class _Run:
     lora_config: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
     bf16: bool = False  # bf16 autocast, resolved from cfg.bf16 and the hardware
+    bad_samples: list[str] = field(default_factory=list)
 
 
 # ---- public entry --------------------------------------------------------------------------------------------
@@ -201,9 +203,12 @@ def _check_earlier_run(cfg: TrainConfig) -> None:
 
 # ---- setup ---------------------------------------------------------------------------------------------------
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from ..inference import pick_device  # the one place device names are checked
+
+    try:
+        return torch.device(pick_device(name))
+    except ValueError as e:
+        raise TrainConfigError(str(e).replace("--device", "device", 1)) from None
 
 
 def _seed_everything(seed: int) -> None:
@@ -237,7 +242,8 @@ def _build_dataset(cfg: TrainConfig, processor: Any, model: QwenVL) -> Conversat
     if processor is None:
         from ..processor import Processor
 
-        processor = Processor.from_pretrained(cfg.load_checkpoint or None, config=model.config)
+        processor = Processor.from_pretrained(cfg.load_checkpoint or None, config=model.config,
+                                              allow_any_local_path=cfg.allow_any_local_path)
     return ConversationDataset(cfg.data_path, processor, cfg.dataset_dir or None, max_length=cfg.max_length,
                                max_images=cfg.max_images, skip_bad=cfg.skip_bad_samples,
                                system_message=cfg.system_message)
@@ -346,7 +352,24 @@ def _maybe_resume(run: _Run) -> Path | None:
 
 # ---- the loop ------------------------------------------------------------------------------------------------
 def _next_micro_batches(run: _Run) -> list[dict[str, Any]]:
-    return [collate([run.dataset[i] for i in run.order.next()]) for _ in range(run.cfg.gradient_accumulation_steps)]
+    """The step's micro-batches; with skip_bad_samples a sample that fails to load is left out (and reported)."""
+    out = []
+    for _ in range(run.cfg.gradient_accumulation_steps):
+        samples = [s for i in run.order.next() if (s := _load_sample(run, i)) is not None]
+        if samples:
+            out.append(collate(samples))
+    return out
+
+
+def _load_sample(run: _Run, i: int) -> dict[str, Any] | None:
+    try:
+        return run.dataset[i]
+    except ValueError as e:  # DatasetError: an image that decoded at the start no longer does
+        if not run.cfg.skip_bad_samples:
+            raise
+        run.bad_samples.append(str(e))
+        logger.warning("step %d: skipping a bad sample (skip_bad_samples): %s", run.progress.step + 1, e)
+        return None
 
 
 def _loss_tokens(labels: torch.Tensor) -> int:
@@ -490,4 +513,5 @@ def _result(run: _Run, final: Path | None, resumed_from: Path | None, stopped: b
         resumed_from=resumed_from,
         stopped_early=stopped,
         model=run.model,
+        bad_samples=list(run.bad_samples),
     )

@@ -1,0 +1,108 @@
+"""Every subcommand, given bad input a user can fix: one line on stderr, exit status 2, never a traceback.
+
+The commands run in-process (``qwenvl.cli.main``) so that the walk stays fast; an exception that escaped
+``main`` would fail the test as surely as a traceback would.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwenvl import cli
+
+GOLDEN = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+
+
+def png_bomb(path: Path, side: int = 40_000) -> Path:
+    """A PNG header that claims side x side pixels (1.6e9): PIL refuses it as a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Bad inputs of every kind, made once."""
+    d = tmp_path_factory.mktemp("bad")
+    int_ckpt = d / "int32-ckpt"
+    shutil.copytree(GOLDEN, int_ckpt)
+    state = load_file(int_ckpt / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"].to(torch.int32)
+    save_file(state, int_ckpt / "model.safetensors", metadata={"format": "pt"})
+    shutil.copytree(GOLDEN / "images", d / "images")
+    png_bomb(d / "images" / "bomb.png")
+    (d / "vqa.jsonl").write_text(json.dumps({"image": "images/bomb.png", "question": "q?", "answer": "a"}) + "\n")
+    (d / "grounding.jsonl").write_text(json.dumps({"image": "images/bomb.png", "sent": "x", "bbox": [0, 0, 1, 1]}))
+    (d / "caption.jsonl").write_text(json.dumps({"image": "/etc/passwd", "captions": ["x"]}) + "\n")
+    (d / "adapter").mkdir()
+    (d / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
+    (d / "train.json").write_text(json.dumps([{"id": "a", "conversations": [
+        {"from": "user", "value": "<img>/etc/hostname</img>hi"}, {"from": "assistant", "value": "ok"}]}]))
+    return {"dir": d, "int_ckpt": int_ckpt}
+
+
+def cases(b: dict[str, Path]) -> dict[str, list[list[str]]]:
+    d, g = b["dir"], str(GOLDEN)
+    model = ["--model", g, "--dtype", "fp32"]
+    return {
+        "info": [["info", str(d / "missing")]],
+        "predict": [
+            ["predict", *model, "--device", "bogus", "--predict_data", "images/cat.png", "hi"],
+            ["predict", *model, "--image_dir", str(d), "--predict_data", "images/bomb.png", "hi"],
+            ["predict", *model, "--image_dir", g, "--allow_any_local_path", "false",
+             "--predict_data", "/etc/hostname", "hi"],
+        ],
+        "chat": [["chat", *model, "--device", "bogus"]],
+        "convert": [
+            ["convert", str(b["int_ckpt"]), str(d / "out-int")],
+            ["convert", g, str(d / "out-merged"), "--merge_lora", "--adapter", "org/name"],
+            ["convert", g, str(d / "out-merged"), "--merge_lora", "--adapter", str(d / "adapter")],
+        ],
+        "data-convert": [["data-convert", "--data_path", str(d / "missing.json"), "--image_location", str(d),
+                          "--output_path", str(d / "conv.json")]],
+        "finetune": [
+            ["finetune", "--preset", "tiny", "--data_path", str(d / "train.json"), "--output_dir", str(d / "ft1")],
+            ["finetune", "--preset", "tiny", "--data_path", str(d / "train.json"), "--output_dir", str(d / "ft2"),
+             "--device", "bogus"],
+        ],
+        "eval": [
+            ["eval", "grounding", *model, "--data", str(d / "grounding.jsonl"), "--image_dir", str(d)],
+            ["eval", "vqa", *model, "--data", str(d / "vqa.jsonl"), "--image_dir", str(d), "--device", "bogus"],
+            ["eval", "vqa", *model, "--data", str(d / "vqa.jsonl"), "--image_dir", str(d), "--no_progress",
+             "--output", str(d / "vqa-result.json")],  # the bomb: an error row, then exit 2
+            ["eval", "caption", *model, "--data", str(d / "caption.jsonl"), "--image_dir", str(d)],
+        ],
+        "demo": [["demo", "--output_dir", str(d / "demo"), "--steps", "1", "--device", "bogus"]],
+    }
+
+
+def test_every_subcommand_is_walked() -> None:
+    assert set(cases({"dir": Path(), "int_ckpt": Path()})) == set(cli.SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(cli.SUBCOMMANDS))
+def test_bad_input_is_one_line_and_exit_2(command: str, bad: dict[str, Path], capsys, monkeypatch) -> None:
+    monkeypatch.chdir(bad["dir"])
+    for argv in cases(bad)[command]:
+        status = cli.main(argv)
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert status == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith(f"qwenvl {command}: error: "), (argv, err)
+        assert "Traceback" not in err
+    if command == "eval":  # the answers already computed are kept, the bad sample marked
+        (row,) = json.loads((bad["dir"] / "vqa-result.json").read_text())["predictions"]
+        assert "decompression bomb" in row["error"] or "too large" in row["error"]
