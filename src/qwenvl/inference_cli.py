@@ -8,10 +8,8 @@ followed by the answer and its stop token.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -342,21 +340,22 @@ def run_chat(args: argparse.Namespace) -> int:
         print()
         turn += 1
         if args.draw and session.last_image:
-            load_last = functools.partial(processor.load_image, session.last_image, args.image_dir)
-            drawn = _draw_answer(answer, load_last, Path(args.draw), turn)
+            # the picture passed the media policy when it was added (ChatSession.add_image)
+            drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
             if drawn:
                 print(f"(boxes drawn: {drawn})", file=sys.stderr)
     return 0
 
 
-def _draw_answer(answer: str, load_image: Callable[[], Any], out_dir: Path, turn: int) -> Path | None:
+def _draw_answer(answer: str, image_path: str, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
     from .fileio import atomic_write_bytes
     from .grounding import denormalize_objects, draw_boxes, parse_grounding
+    from .images import load_image
 
     objects = parse_grounding(answer)
     if not any(o.boxes for o in objects):
         return None
-    image = load_image()
+    image = load_image(image_path, base_dir)
     drawn = draw_boxes(image, denormalize_objects(objects, image.width, image.height))
     import io
 
