@@ -100,6 +100,10 @@ class Processor:
         """The older name of :attr:`allowed_media_dir`."""
         return self.allowed_media_dir
 
+    @base_dir.setter
+    def base_dir(self, value: str | os.PathLike | None) -> None:
+        self.allowed_media_dir = value
+
     def media_policy(self, base_dir: str | os.PathLike | None = None) -> MediaPolicy:
         """The policy image paths are read under (``base_dir``, when given, as the media folder of one call)."""
         root = base_dir if base_dir is not None else self.allowed_media_dir
