@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "chat": "qwenvl.inference_cli",
     "convert": "qwenvl.inference_cli",
     "data-convert": "qwenvl.inference_cli",
+    "serve": "qwenvl.serve.cli",
     "finetune": "qwenvl.train.cli",
     "eval": "qwenvl.eval.cli",
     "demo": "qwenvl.demo.cli",
@@ -33,7 +34,7 @@ TAKES_OVERRIDES = {"finetune"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenvl",
-        description="Qwen-VL in PyTorch: load the official checkpoints, predict, chat, fine-tune, evaluate.",
+        description="Qwen-VL in PyTorch: load the official checkpoints, predict, chat, serve, fine-tune, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"qwenvl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
 from .cross_entropy import linear_cross_entropy
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SlotDecode
 from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin, rope_inv_freq
 from .vision import VisionTower
 
@@ -216,7 +216,7 @@ class QwenVL(nn.Module):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | SlotDecode | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_features: torch.Tensor | None = None,

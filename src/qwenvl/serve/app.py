@@ -1,0 +1,481 @@
+"""The HTTP front end: OpenAI's ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``, plus
+``/health``, ``/metrics`` (Prometheus text) and ``GET /`` (a chat page).
+
+Requests are checked and turned into token ids and pixels here (in a worker thread), then handed to the
+:class:`~qwenvl.serve.engine.Engine`; answers come back as events and are sent whole or as server-sent
+events in OpenAI's chunk format. Every refused request gets a 4xx with OpenAI's error body
+(:func:`~qwenvl.serve.protocol.error_body`) and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.resources
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generation import STOP_IDS, SamplingParams
+from ..processor import Processor
+from . import protocol
+from .engine import Delta, Engine, Event, Failed, Finished, QueueFull
+from .engine import Request as EngineRequest
+from .media import MediaError, MediaLimits, fetch_image
+from .metrics import ServeMetrics
+
+__all__ = ["APIError", "ServeSettings", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    model_name: str = "qwenvl"
+    api_key: str | None = None  # clients must send "Authorization: Bearer KEY" to /v1/*
+    max_request_bytes: int = 20 * 2**20
+    max_images_per_request: int = 4
+    max_tokens_cap: int = 2048
+    media: MediaLimits = field(default_factory=MediaLimits)
+
+
+class APIError(Exception):
+    """A request the server refuses: answered with ``status`` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(protocol.error_body(self.message, self.type, self.code, self.param), self.status)
+
+
+@dataclass
+class _Prepared:
+    """A checked request: what the engine runs and what the answer needs to be sent."""
+
+    input_ids: list[int]
+    images: torch.Tensor | None
+    params: SamplingParams
+    stop: list[str]
+    image_size: tuple[int, int] | None  # (width, height) of the request's last image: boxes map onto it
+    image_count: int
+
+
+class _Guard:
+    """ASGI middleware: refuses bodies over ``limit`` bytes (413, before the app reads them) and counts
+    every answer in ``qwenvl_requests_total`` by endpoint and status."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int, metrics: ServeMetrics,
+                 endpoints: frozenset[str]) -> None:
+        self.app, self.limit, self.metrics, self.endpoints = app, limit, metrics, endpoints
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = [0]
+
+        async def counted_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await self._too_large(counted_send)
+                return
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: the client's disconnect
+
+            await self.app(scope, replay, counted_send)
+        finally:
+            if status[0]:
+                self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+
+    async def _read_body(self, scope: dict[str, Any], receive: Callable) -> bytes | None:
+        """The whole body, or None when it is larger than the limit (declared or actual)."""
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client left; the app will see an empty body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _too_large(self, send: Callable) -> None:
+        body = json.dumps(protocol.error_body(
+            f"request body is larger than this server's limit of {self.limit} bytes", code="request_too_large"
+        )).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _Events:
+    """Engine events (from the engine thread) into an asyncio queue of the request's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _sse(body: dict[str, Any] | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class _Server:
+    def __init__(self, engine: Engine, processor: Processor, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.engine, self.processor, self.settings, self.metrics = engine, processor, settings, metrics
+        self.defaults = engine.model.config.generation
+        self.max_model_len = engine.config.max_model_len
+
+    # ---- turning requests into token ids and pixels ----------------------------------------------------
+    def prepare_chat(self, body: protocol.ChatCompletionRequest) -> _Prepared:
+        self._check_common(body)
+        messages: list[dict[str, Any]] = []
+        urls: list[str] = []
+        for k, m in enumerate(body.messages):
+            parts = [protocol.TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+            items: list[dict[str, str]] = []
+            for part in parts:
+                if isinstance(part, protocol.TextPart):
+                    _check_text(part.text, f"messages[{k}]")
+                    items.append({"text": part.text})
+                elif m.role != "user":
+                    raise APIError(400, f"messages[{k}]: images are read only from user messages", param="messages")
+                else:
+                    urls.append(part.image_url.url)
+                    items.append({"image": f"image-{len(urls)}"})  # a name only: the pixels come from `urls`
+            text_only = "".join(i.get("text", "") for i in items)
+            messages.append({"role": m.role, "content": items if m.role == "user" else text_only})
+        self._check_image_count(len(urls))
+        try:
+            _, ids = self.processor.build_messages_prompt(messages)
+            spans = len(self.processor.tokenizer.image_paths(ids))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        # history trimmed to the window (or left out: chat_format "raw" prompts are the query alone) drops the
+        # oldest images
+        kept = urls[len(urls) - spans :] if spans else []
+        return self._finish(body, messages, kept, len(urls), STOP_IDS[self.processor.chat_format])
+
+    def prepare_completion(self, body: protocol.CompletionRequest) -> _Prepared:
+        self._check_common(body)
+        try:
+            prompt = body.prompt_text()
+            ids = self.processor.tokenizer.encode(prompt)
+            spans = len(self.processor.tokenizer.image_paths(ids))
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from e
+        urls = list(body.images or [])
+        self._check_image_count(len(urls))
+        if spans != len(urls):
+            raise APIError(400, f"the prompt has {spans} <img></img> span(s) but {len(urls)} image(s) were given: "
+                                "send one image URL per span in 'images' (a span's text is only a name)",
+                           param="images")
+        return self._finish(body, prompt, urls, len(urls), STOP_IDS[self.defaults.chat_format])
+
+    def _check_common(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest) -> None:
+        if body.model != self.settings.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+                                f"{self.settings.model_name!r}", code="model_not_found", param="model")
+        why = body.unsupported()
+        if why is not None:
+            raise APIError(400, why, param=why.split(":")[0])
+
+    def _check_image_count(self, n: int) -> None:
+        if n > self.settings.max_images_per_request:
+            raise APIError(400, f"{n} images in one request; this server takes at most "
+                                f"{self.settings.max_images_per_request}", param="messages")
+
+    def _finish(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest, prompt: Any,
+                urls: list[str], image_count: int, stop_ids: tuple[int, ...]) -> _Prepared:
+        try:
+            stop = body.stop_strings()
+        except ValueError as e:
+            raise APIError(400, str(e), param="stop") from e
+        try:
+            pictures = [fetch_image(u, self.settings.media) for u in urls]
+        except MediaError as e:
+            raise APIError(400, str(e), param="image_url") from e
+        try:
+            # explicit images: the <img> spans' text is never opened as a path
+            inputs = self.processor(prompt, images=pictures)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        ids = inputs["input_ids"][0].tolist()
+        limit = body.answer_limit
+        cap = self.settings.max_tokens_cap
+        if limit is not None and limit > cap:
+            raise APIError(400, f"max_tokens is {limit}; this server allows at most {cap}", param="max_tokens")
+        room = self.max_model_len - len(ids)
+        if room < 1 or (limit is not None and limit > room):
+            asked = f"; you asked for {limit} more" if limit is not None else ""
+            raise APIError(400, f"this server's context is {self.max_model_len} tokens for prompt and answer; the "
+                                f"prompt has {len(ids)} tokens{asked}", code="context_length_exceeded",
+                           param="messages")
+        if limit is None:
+            limit = min(self.defaults.max_new_tokens, cap, room)
+        size = pictures[-1].size if pictures else None
+        return _Prepared(ids, inputs["images"], self._params(body, limit, stop_ids), stop, size, image_count)
+
+    def _params(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest, limit: int,
+                stop_ids: tuple[int, ...]) -> SamplingParams:
+        """OpenAI's knobs onto SamplingParams; what the request leaves out comes from generation_config.json.
+        ``temperature`` 0 is greedy."""
+        g = self.defaults
+        if body.temperature is None:
+            do_sample, temperature = g.do_sample, g.temperature
+        else:
+            do_sample, temperature = body.temperature > 0, body.temperature or 1.0
+        return SamplingParams(
+            max_new_tokens=limit, do_sample=do_sample, temperature=temperature,
+            top_p=g.top_p if body.top_p is None else body.top_p, top_k=g.top_k if body.top_k is None else body.top_k,
+            seed=body.seed, stop_token_ids=stop_ids, pad_token_id=g.pad_token_id,
+        )
+
+    # ---- running them --------------------------------------------------------------------------------
+    def submit(self, prepared: _Prepared) -> tuple[EngineRequest, _Events]:
+        events = _Events()
+        request = EngineRequest(prepared.input_ids, prepared.params, events.put, prepared.images, prepared.stop)
+        try:
+            self.engine.submit(request)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_exceeded",
+                           code="rate_limit_exceeded") from e
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        return request, events
+
+    async def collect(self, http: Request, request: EngineRequest, events: _Events) -> Finished:
+        """Wait for the whole answer; a client that leaves meanwhile cancels it."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise APIError(499, "client closed the request") from None
+                    continue
+                if isinstance(event, Finished):
+                    return event
+                if isinstance(event, Failed):
+                    raise APIError(500, event.message, type="server_error")
+        finally:
+            request.cancel()  # a no-op once finished
+
+    async def stream(self, request: EngineRequest, events: _Events, first: str | None,
+                     piece: Callable[[str], dict[str, Any]], last: Callable[[Finished], list[dict[str, Any]]]
+                     ) -> AsyncIterator[str]:
+        """Server-sent events: ``first`` (if any), a ``piece`` per text delta, the ``last`` ones, ``[DONE]``.
+        A client that disconnects ends the generator, which cancels the request."""
+        try:
+            if first is not None:
+                yield first
+            while True:
+                event = await events.queue.get()
+                if isinstance(event, Delta):
+                    yield _sse(piece(event.text))
+                elif isinstance(event, Finished):
+                    for body in last(event):
+                        yield _sse(body)
+                    break
+                else:
+                    yield _sse(protocol.error_body(event.message, type="server_error"))
+                    break
+            yield _sse("[DONE]")
+        finally:
+            request.cancel()
+
+
+def _check_text(text: str, where: str) -> None:
+    """Images come only as image_url parts: an <img> tag in text could otherwise claim a picture's place."""
+    if "<img>" in text or "</img>" in text:
+        raise APIError(400, f"{where}: <img> tags in message text are not allowed; send images as image_url "
+                            "content parts", param="messages")
+
+
+def _page() -> str:
+    return (importlib.resources.files("qwenvl.serve") / "static" / "index.html").read_text(encoding="utf-8")
+
+
+def create_app(engine: Engine, processor: Processor, settings: ServeSettings | None = None,
+               metrics: ServeMetrics | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; it starts the engine thread on startup and stops it on shutdown."""
+    settings = settings or ServeSettings()
+    metrics = metrics or engine.metrics or ServeMetrics()
+    metrics.queue_depth.read = lambda: engine.waiting
+    metrics.active_slots.read = lambda: engine.active
+    metrics.slots.read = lambda: engine.config.max_batch_size
+    if engine.metrics is None:
+        engine.metrics = metrics
+    server = _Server(engine, processor, settings, metrics)
+    page = _page()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="qwenvl", description="Qwen-VL behind OpenAI's chat/completions API",
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # no CDN: the docs pages load theirs
+    endpoints = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+    app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        return APIError(400, f"{where}: {message}" if where else message, param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return APIError(500, f"internal error: {type(e).__name__}", type="server_error").response()
+
+    async def authorized(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           type="authentication_error", code="invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "active": engine.active,
+                             "waiting": engine.waiting, "slots": engine.config.max_batch_size},
+                            200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": settings.model_name, "object": "model", "created": int(started), "owned_by": "qwenvl",
+                "max_model_len": engine.config.max_model_len}
+
+    started = time.time()
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])
+    async def model(name: str) -> dict[str, Any]:
+        if name != settings.model_name:
+            raise APIError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat(body: protocol.ChatCompletionRequest, http: Request) -> Response:
+        prepared = await run_in_threadpool(server.prepare_chat, body)
+        request, events = server.submit(prepared)
+        rid, name = protocol.new_id("chatcmpl"), settings.model_name
+
+        def grounding(text: str) -> list[dict[str, Any]] | None:
+            return protocol.grounding_field(text, prepared.image_size, prepared.image_count or None)
+
+        if not body.stream:
+            done = await server.collect(http, request, events)
+            return JSONResponse(protocol.chat_completion(rid, name, done.text, done.reason, done.prompt_tokens,
+                                                         done.completion_tokens, grounding(done.text)))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def last(done: Finished) -> list[dict[str, Any]]:
+            g = grounding(done.text)
+            out = [protocol.chat_chunk(rid, name, {"grounding": g} if g else {}, done.reason)]
+            if include_usage:
+                out.append(protocol.chat_chunk(rid, name, None, usage_=protocol.usage(done.prompt_tokens,
+                                                                                     done.completion_tokens)))
+            return out
+
+        first = _sse(protocol.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+        return StreamingResponse(
+            server.stream(request, events, first, lambda t: protocol.chat_chunk(rid, name, {"content": t}), last),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def complete(body: protocol.CompletionRequest, http: Request) -> Response:
+        prepared = await run_in_threadpool(server.prepare_completion, body)
+        request, events = server.submit(prepared)
+        rid, name = protocol.new_id("cmpl"), settings.model_name
+
+        def grounding(text: str) -> list[dict[str, Any]] | None:
+            return protocol.grounding_field(text, prepared.image_size, prepared.image_count or None)
+
+        if not body.stream:
+            done = await server.collect(http, request, events)
+            return JSONResponse(protocol.completion(rid, name, done.text, done.reason,
+                                                    protocol.usage(done.prompt_tokens, done.completion_tokens),
+                                                    grounding(done.text)))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def last(done: Finished) -> list[dict[str, Any]]:
+            out = [protocol.completion(rid, name, "", done.reason, grounding=grounding(done.text))]
+            if include_usage:
+                out.append(protocol.completion(rid, name, None,
+                                               usage_=protocol.usage(done.prompt_tokens, done.completion_tokens)))
+            return out
+
+        return StreamingResponse(
+            server.stream(request, events, None, lambda t: protocol.completion(rid, name, t), last),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+

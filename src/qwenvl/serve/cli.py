@@ -1,0 +1,107 @@
+"""``qwenvl serve``: load a checkpoint and serve it over OpenAI's HTTP API (see :mod:`qwenvl.serve.app`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", help="serve a checkpoint over OpenAI's chat/completions HTTP API (with a chat page at /)",
+        description="An OpenAI-compatible server for Qwen-VL: /v1/chat/completions (text and image_url parts, "
+                    "streaming), /v1/completions, /v1/models, /health, /metrics, and a chat page at /. "
+                    "Requests are decoded together with continuous batching.",
+    )
+    p.add_argument("--model", "--load_checkpoint", dest="model", required=True, metavar="DIR",
+                   help="checkpoint folder in the official layout (Qwen/Qwen-VL-Chat, Qwen/Qwen-VL or ours)")
+    p.add_argument("--served_model_name", help="the model name clients send (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the log says which)")
+    p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="weights dtype (default: as stored)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--max_batch_size", type=int, default=8, help="decode slots: sequences generated together")
+    p.add_argument("--max_model_len", type=int,
+                   help="positions per slot, prompt and answer together (default: the model's seq_length); "
+                        "the KV cache holds max_batch_size x max_model_len positions")
+    p.add_argument("--max_queue", type=int, default=64,
+                   help="requests that may wait for a slot; more are answered 429 (default 64)")
+    p.add_argument("--compile", action="store_true", help="decode with torch.compile (the first steps compile)")
+    p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    p.add_argument("--allow_remote_images", action="store_true",
+                   help="fetch http(s) image URLs (size and time limited); default: only data: URLs")
+    p.add_argument("--remote_image_timeout", type=float, default=10.0, help="seconds for one image download")
+    p.add_argument("--allowed_local_media_path", metavar="DIR",
+                   help="let requests name image files (file:// URLs) under DIR; default: no local files")
+    p.add_argument("--max_request_bytes", type=int, default=20 * 2**20, help="largest request body (default 20 MiB)")
+    p.add_argument("--max_image_bytes", type=int, default=10 * 2**20, help="largest image file (default 10 MiB)")
+    p.add_argument("--max_image_pixels", type=int, default=40_000_000,
+                   help="largest image in pixels, checked before decoding (default 40M)")
+    p.add_argument("--max_images_per_request", type=int, default=4)
+    p.add_argument("--max_tokens_cap", type=int, default=2048, help="largest max_tokens a request may ask for")
+    return p
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.listen(2048)
+    return sock
+
+
+def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"qwenvl serve needs FastAPI and uvicorn ({e.name} is missing): "
+                         "pip install 'qwenvl[serve]'") from e
+
+    from ..inference import load
+    from .app import ServeSettings, create_app
+    from .engine import Engine, EngineConfig
+    from .media import MediaLimits
+
+    for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_images_per_request < 0 or args.max_queue < 0:
+        raise ValueError("--max_images_per_request and --max_queue must be >= 0")
+    root = None
+    if args.allowed_local_media_path is not None:
+        root = Path(args.allowed_local_media_path)
+        if not root.is_dir():
+            raise NotADirectoryError(f"--allowed_local_media_path {root}: not a folder")
+    sock = _listen(args.host, args.port)
+    model, processor = load(args.model, args.dtype, args.device, batch_size=args.max_batch_size, compile=args.compile)
+    lm = model.config.lm
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue, compile=args.compile,
+                          max_model_len=args.max_model_len or min(lm.seq_length, lm.max_position_embeddings))
+    settings = ServeSettings(
+        model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
+        max_tokens_cap=args.max_tokens_cap,
+        media=MediaLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                          allow_remote=args.allow_remote_images, remote_timeout=args.remote_image_timeout,
+                          local_root=root),
+    )
+    app = create_app(Engine(model, processor.decode, config), processor, settings)
+    host, port = sock.getsockname()[:2]
+    logger.info("serving %s on http://%s:%d (%d slots of %d positions; chat page at /)", settings.model_name,
+                host, port, config.max_batch_size, config.max_model_len)
+    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    return 0

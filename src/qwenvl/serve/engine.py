@@ -1,0 +1,399 @@
+"""Continuous batching: a fixed number of decode slots over one preallocated :class:`SlotKVCache`.
+
+One thread owns the model. Requests wait in a bounded queue; between two decode steps every free slot takes
+the next waiting request and runs its prefill (batch 1, through the same ``KVCache`` code path as
+``model.generate``), then all occupied slots decode together, each at its own position with the RoPE factor
+its prefill chose and its own LogN scale, so a sequence's greedy tokens do not depend on what else is in the
+batch. A finished or cancelled sequence frees its slot at once.
+
+The decode step (:func:`decode_slots`) has static shapes apart from two sizes the engine picks on the host:
+the number of slots up to the highest occupied one, and the attention window (the longest sequence rounded
+up to ``window_bucket`` positions). Tokens, positions and the occupied-slot mask live on the device; a step
+reads back only the new tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..generation import SamplingParams, TextStream, pick, process_logits
+from ..model.kv_cache import SlotKVCache
+
+if TYPE_CHECKING:
+    from ..model import QwenVL
+    from .metrics import ServeMetrics
+
+__all__ = ["Delta", "Engine", "EngineConfig", "Failed", "Finished", "QueueFull", "Request", "decode_slots"]
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is full (the server answers 429)."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8  # decode slots
+    max_model_len: int = 2048  # positions per slot: prompt + answer
+    max_queue: int = 64  # requests that may wait for a slot; one more is refused with QueueFull
+    window_bucket: int = 128  # attention reads a multiple of this many positions per step
+    compile: bool = False  # decode with torch.compile (one graph; windows and batch sizes are dynamic)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_model_len", "window_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (a prompt token and an answer token), got {self.max_model_len}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+
+
+@dataclass
+class Delta:
+    """New answer text (never half a UTF-8 character, never part of a stop string)."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    """The answer is complete: ``reason`` is "stop" (stop token or string), "length" or "cancelled"."""
+
+    reason: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class Request:
+    """One prompt to continue. ``on_event`` is called from the engine thread with each :data:`Event`."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    images: torch.Tensor | None = None  # (N, 3, S, S) pixels of the prompt's <img> spans, in order
+    stop: Sequence[str] = ()  # stop strings: the answer ends before the first one
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating (the client left): the engine frees the slot before its next step."""
+        self.cancelled = True
+
+
+def decode_slots(
+    model: QwenVL, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor
+) -> torch.Tensor:
+    """One decode step of slots ``[0, n)``: ``tokens`` (n,) at ``positions`` (n,) -> (n, V) float32 logits.
+
+    Attention reads the first ``len(key_positions)`` positions of every slot, masked to each slot's own
+    length. All sizes come from tensor shapes, so ``torch.compile(dynamic=True)`` keeps one graph.
+    """
+    mask = key_positions[None, :] <= positions[:, None]  # (n, W): a slot sees its keys up to its own position
+    step_cache = cache.decode(positions, key_positions.shape[0])
+    out = model(tokens[:, None], attention_mask=mask, position_ids=positions[:, None], past_key_values=step_cache)
+    return out.logits[:, -1].float()
+
+
+class _AnswerText:
+    """Text deltas of one answer: UTF-8 safe (:class:`TextStream`), cut before the first stop string, holding
+    back any tail that may still become one."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_ids: Sequence[int], stop: Sequence[str]) -> None:
+        self.stream = TextStream(decode, skip_ids=stop_ids)
+        self.stop = [s for s in stop if s]
+        self.text = ""
+        self.sent = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """The text to send after ``token``, and whether a stop string ended the answer."""
+        self.text += self.stream.push(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        self.text += self.stream.flush()
+        return self._emit(final=True)[0]
+
+    def _emit(self, final: bool) -> tuple[str, bool]:
+        # No stop string starts before self.sent: a tail that could begin one is never sent (see _held).
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            final = True
+        end = len(self.text) if final else len(self.text) - self._held()
+        delta = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return delta, bool(hits)
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is the beginning of a stop string."""
+        for n in range(min(len(self.text) - self.sent, max((len(s) for s in self.stop), default=0)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+
+@dataclass
+class _Slot:
+    request: Request
+    length: int  # positions filled: the next token is written here
+    max_new: int
+    text: _AnswerText
+    generator: torch.Generator | None
+    generated: int = 0
+    last_time: float = 0.0
+
+
+class Engine:
+    """Continuous-batching generation over ``config.max_batch_size`` slots; see the module docstring.
+
+    ``decode`` turns token ids into text (``processor.decode``). :meth:`start` runs the engine thread,
+    :meth:`submit` queues a request (raising :class:`QueueFull`), :meth:`stop` ends the thread.
+    """
+
+    def __init__(
+        self,
+        model: QwenVL,
+        decode: Callable[[list[int]], str],
+        config: EngineConfig | None = None,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.decode = decode
+        self.config = config = config or EngineConfig()
+        limit = model.config.lm.max_position_embeddings
+        if config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} is more than the model's {limit} positions")
+        self.metrics = metrics
+        lm = model.config.lm
+        dev = model.device
+        self.cache = SlotKVCache(lm.num_hidden_layers, config.max_batch_size, lm.num_attention_heads,
+                                 lm.kv_channels, config.max_model_len, model.dtype, dev)
+        n = config.max_batch_size
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)  # each slot's latest token
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)  # where each slot writes next
+        self.occupied = torch.zeros(n, dtype=torch.long, device=dev)  # 1 for a slot that holds a sequence
+        self.key_positions = torch.arange(config.max_model_len, device=dev)
+        self.slots: list[_Slot | None] = [None] * n
+        self.step_fn: Callable[..., torch.Tensor] = decode_slots
+        if config.compile:
+            self.step_fn = torch.compile(decode_slots, dynamic=True, fullgraph=True)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    # ---- public ------------------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``. Raises ValueError when it cannot fit a slot, QueueFull when too many wait."""
+        n = len(request.input_ids)
+        if n == 0:
+            raise ValueError("empty prompt: there is nothing to condition on")
+        if n >= self.config.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; this server's context is {self.config.max_model_len} "
+                             "tokens for prompt and answer together")
+        request.params.validate()
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue + self._free_slots():
+                raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot; try again later")
+            self._waiting.append(request)
+        self._wake.set()
+
+    # ---- the engine thread ------------------------------------------------------------------------------
+    def _free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            while self._running:
+                self._drop_cancelled()
+                self._admit()
+                if self.active == 0:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                try:
+                    self._step()
+                except Exception as e:  # keep serving: fail the sequences of this batch, not the server
+                    logger.exception("decode step failed")
+                    for i, s in enumerate(self.slots):
+                        if s is not None:
+                            self._free(i, Failed(f"generation failed: {e}"))
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for r in waiting:
+            r.on_event(Failed("the server is shutting down"))
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                self._free(i, Failed("the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        for i, s in enumerate(self.slots):
+            if s is not None and s.request.cancelled:
+                self._free(i, self._finished(s, "cancelled"))
+
+    def _admit(self) -> None:
+        for i in range(len(self.slots)):
+            if self.slots[i] is not None:
+                continue
+            with self._lock:
+                request = self._waiting.popleft() if self._waiting else None
+            while request is not None and request.cancelled:
+                self._count_finish("cancelled")
+                with self._lock:
+                    request = self._waiting.popleft() if self._waiting else None
+            if request is None:
+                return
+            try:
+                self._prefill(i, request)
+            except Exception as e:
+                logger.exception("prefill failed")
+                if self.slots[i] is not None:
+                    self._free(i, Failed(f"generation failed: {e}"))
+                else:
+                    self._count_finish("error")
+                    request.on_event(Failed(f"generation failed: {e}"))
+
+    def _prefill(self, i: int, request: Request) -> None:
+        p = request.params
+        n = len(request.input_ids)
+        generator = None
+        if p.do_sample:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        slot = _Slot(request, n, min(int(p.max_new_tokens), self.config.max_model_len - n),
+                     _AnswerText(self.decode, p.stop_token_ids, request.stop), generator)
+        self.slots[i] = slot
+        kv = self.cache.slot(i)
+        ids = torch.tensor([request.input_ids], device=self.model.device)
+        logits = self.model(ids, images=request.images, past_key_values=kv, logits_to_keep=1).logits[:, -1]
+        self.cache.keep_rope(i, kv)
+        token = self._pick(logits.float(), [slot])
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(n)
+            self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
+        if self._accept(i, int(token[0])):
+            self.tokens[i] = token[0]
+            self.positions[i] = n
+            self.occupied[i] = 1
+
+    def _step(self) -> None:
+        n = max(i for i, s in enumerate(self.slots) if s is not None) + 1
+        longest = max(s.length for s in self.slots if s is not None)
+        bucket = self.config.window_bucket
+        window = min(self.config.max_model_len, -(-(longest + 1) // bucket) * bucket)
+        logits = self.step_fn(self.model, self.cache, self.tokens[:n], self.positions[:n], self.key_positions[:window])
+        new = self._pick(logits, self.slots[:n])
+        self.tokens[:n] = new
+        self.positions[:n] += self.occupied[:n]
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(self.active)
+        for i, token in enumerate(new.tolist()):  # the step's one read from the device
+            slot = self.slots[i]
+            if slot is not None:
+                slot.length += 1
+                self._accept(i, token)
+
+    def _pick(self, logits: torch.Tensor, rows: Sequence[_Slot | None]) -> torch.Tensor:
+        """Next token per row: argmax, or sampled with the row's own parameters and generator."""
+        new = logits.argmax(-1)
+        for i, s in enumerate(rows):
+            if s is not None and s.request.params.do_sample:
+                p = s.request.params
+                new[i] = pick(process_logits(logits[i : i + 1], None, s.generated, p), p, s.generator)[0]
+        return new
+
+    def _accept(self, i: int, token: int) -> bool:
+        """Record slot ``i``'s new token; False when that ended its sequence (the slot is then free)."""
+        slot = self.slots[i]
+        assert slot is not None
+        slot.generated += 1
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+            if slot.generated > 1:
+                self.metrics.inter_token_latency.observe(now - slot.last_time)
+        slot.last_time = now
+        p = slot.request.params
+        if token in p.stop_token_ids:
+            self._send_tail(slot)
+            self._free(i, self._finished(slot, "stop"))
+            return False
+        delta, stopped = slot.text.push(token)
+        if delta:
+            slot.request.on_event(Delta(delta))
+        if stopped:
+            self._free(i, self._finished(slot, "stop"))
+            return False
+        if slot.generated >= slot.max_new:  # max_new keeps the last written position inside the slot
+            self._send_tail(slot)
+            self._free(i, self._finished(slot, "length"))
+            return False
+        return True
+
+    def _send_tail(self, slot: _Slot) -> None:
+        tail = slot.text.flush()
+        if tail:
+            slot.request.on_event(Delta(tail))
+
+    def _finished(self, slot: _Slot, reason: str) -> Finished:
+        return Finished(reason, slot.text.text, len(slot.request.input_ids), slot.generated)
+
+    def _free(self, i: int, event: Event) -> None:
+        slot = self.slots[i]
+        self.slots[i] = None
+        self.occupied[i] = 0
+        self.positions[i] = 0
+        if slot is None:
+            return
+        self._count_finish(event.reason if isinstance(event, Finished) else "error")
+        if self.metrics is not None:
+            self.metrics.request_latency.observe(time.monotonic() - slot.request.submitted)
+        slot.request.on_event(event)
+
+    def _count_finish(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.finished.inc(reason=reason)

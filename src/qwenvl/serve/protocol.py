@@ -1,0 +1,207 @@
+"""OpenAI's chat/completions wire format: request models (validated by pydantic) and response bodies.
+
+Only what the server implements is accepted with a meaning; fields OpenAI clients send that change nothing
+here (``user``, ``metadata``, ...) are ignored, and options we cannot honour (``n`` > 1, ``logprobs``,
+penalties) are refused with a 400 rather than silently dropped.
+
+Extensions: ``top_k`` on both requests; ``images`` (a list of image URLs, one per ``<img></img>`` span of
+the prompt, in order) on ``/v1/completions``; ``grounding`` on answers that hold boxes (see
+:func:`grounding_field`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..grounding import denormalize_box, parse_grounding
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "ContentPart",
+    "ImagePart",
+    "Message",
+    "TextPart",
+    "error_body",
+    "grounding_field",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str
+    detail: str | None = None  # accepted, no effect: Qwen-VL always sees 448x448
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class _Sampling(_Model):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise ValueError("stop: at most 4 stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop: stop strings must not be empty")
+        return stops
+
+    def unsupported(self) -> str | None:
+        """Why the request asks for something this server does not do, or None."""
+        if self.n != 1:
+            return "n: only n=1 is supported"
+        if self.logprobs:
+            return "logprobs: not supported"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty/frequency_penalty: not supported (leave them 0)"
+        return None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @property
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+    images: list[str] | None = None  # extension: one image URL per <img></img> span of the prompt
+
+    @property
+    def answer_limit(self) -> int | None:
+        return self.max_tokens
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ValueError(f"prompt: one prompt per request (got a list of {len(self.prompt)})")
+        return self.prompt[0]
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo: not supported"
+        if self.suffix:
+            return "suffix: not supported"
+        return super().unsupported()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int, grounding: list[dict[str, Any]] | None) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if grounding:
+        message["grounding"] = grounding
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(rid: str, model: str, delta: dict[str, Any] | None, finish_reason: str | None = None,
+               usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; ``delta`` None gives the usage-only chunk (no choices)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": model, "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def completion(rid: str, model: str, text: str | None, finish_reason: str | None = None,
+               usage_: dict[str, int] | None = None, grounding: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A ``text_completion``: the whole answer, or one streamed piece of it (``finish_reason`` None until the
+    end); ``text`` None gives the usage-only piece (no choices)."""
+    choices = []
+    if text is not None:
+        choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        if grounding:
+            choice["grounding"] = grounding
+        choices.append(choice)
+    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def grounding_field(text: str, image_size: tuple[int, int] | None = None,
+                    image_index: int | None = None) -> list[dict[str, Any]] | None:
+    """The ``grounding`` extension: every ``<ref>..</ref><box>..</box>`` of an answer, parsed.
+
+    Each entry is ``{"ref": str | None, "box_normalized": [x1, y1, x2, y2]}`` (the model's [0, 1000) grid, as
+    written), plus, when the request had images, ``"box"``: the same box in pixels of the request's last
+    image (``image_size`` = (width, height): the picture a grounding answer refers to; ``x / 999 * width``
+    as the official grounding eval) and ``"image"``: that image's 1-based position among the request's
+    images (``image_index``). None when the answer holds no box.
+    """
+    entries = []
+    for obj in parse_grounding(text):
+        for b in obj.boxes:
+            entry: dict[str, Any] = {"ref": obj.ref, "box_normalized": [b.x1, b.y1, b.x2, b.y2]}
+            if image_size is not None:
+                entry["box"] = [round(v, 2) for v in denormalize_box(b, *image_size)]
+                entry["image"] = image_index
+            entries.append(entry)
+    return entries or None
