@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -76,7 +77,7 @@ def server(golden_model, processor) -> Iterator[Running]:
 
 
 def data_url(path) -> str:
-    return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def expected_answer(model: QwenVL, processor: Processor, prompt, images, max_tokens: int,

@@ -1,0 +1,84 @@
+"""``qwenvl serve`` as users run it: --help, one-line errors (exit 2), and a real process answering."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from qwenvl.cli import main
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--dtype", "--max_batch_size", "--api_key", "--allow_remote_images",
+                 "--allowed_local_media_path", "--max_request_bytes", "--max_image_pixels", "--max_tokens_cap"):
+        assert flag in text, flag
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
+    assert main(["serve", "--model", str(golden_dir), "--allowed_local_media_path", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a folder" in err
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        assert main(["serve", "--model", str(golden_dir), "--port", str(busy.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    finally:
+        busy.close()
+    assert main(["serve", "--model", str(golden_dir), "--max_batch_size", "0"]) == 2
+    assert "--max_batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_a_real_server_process(golden_dir):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwenvl.cli", "serve", "--model", str(golden_dir), "--port", "0",
+         "--max_batch_size", "2", "--max_model_len", "512", "--served_model_name", "tiny", "--dtype", "float32"],
+        stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    try:
+        url, log = None, []
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                log.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            match = re.search(r"serving tiny on (http://127\.0\.0\.1:\d+)", log[-1])
+            url = match.group(1) if match else None
+        assert url is not None, "".join(log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        got = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                        temperature=0)
+        assert got.usage.completion_tokens == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,150 @@
+"""The continuous-batching engine without HTTP: greedy tokens equal ``model.generate`` whatever shares the
+batch (also past ``seq_length``, where each slot has its own NTK factor and LogN scale), the decode step
+compiles as one graph, cancelled sequences free their slot, the queue is bounded, stop strings cut text."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from qwenvl import QwenVL
+from qwenvl.config import LMConfig, QwenVLConfig, VisionConfig
+from qwenvl.generation import SamplingParams
+from qwenvl.processor import Processor
+from qwenvl.serve.engine import (
+    Delta,
+    Engine,
+    EngineConfig,
+    Failed,
+    Finished,
+    QueueFull,
+    Request,
+    _AnswerText,
+    decode_slots,
+)
+
+CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if isinstance(event, (Finished, Failed)):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, Delta))
+
+
+def run_all(engine: Engine, requests: list[Request], timeout: float = 120) -> None:
+    engine.start()
+    try:
+        for r in requests:
+            engine.submit(r)
+        deadline = time.monotonic() + timeout
+        for r in requests:
+            assert r.on_event.done.wait(max(0.0, deadline - time.monotonic())), "engine did not finish in time"
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def short_model() -> QwenVL:
+    """seq_length 32: prompts and answers cross it, so dynamic NTK and LogN differ from slot to slot."""
+    cfg = QwenVLConfig(
+        lm=LMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64,
+                    intermediate_size=256, seq_length=32),
+        visual=VisionConfig(image_size=56, patch_size=14, width=32, layers=1, heads=2, mlp_ratio=2.0, output_dim=128),
+    )
+    return QwenVL.from_config(cfg, seed=0).float()
+
+
+def greedy(model: QwenVL, ids: list[int], images, max_new: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), images=images, max_new_tokens=max_new, stop_token_ids=())
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("step", ["eager", "compiled"])
+def test_batched_slots_equal_generate_alone(short_model, step):
+    """3 slots, 7 requests of 5..70 prompt tokens (one with a picture): requests join as slots free up, and
+    each one's greedy tokens equal model.generate for its prompt alone. ``compiled``: the decode step goes
+    through torch.compile(fullgraph=True, dynamic=True) (backend "eager": the graph capture is what is
+    checked, quickly)."""
+    torch.manual_seed(0)
+    processor = Processor(image_size=56)
+    picture = processor.pixel_values_for([Image.open(CAT)])
+    image_prompt = processor.tokenizer.encode("Picture 1: <img>a</img>\nWhat is it?")
+    prompts = [torch.randint(0, 5000, (n,)).tolist() for n in (5, 40, 12, 70, 31, 3)] + [image_prompt]
+    lengths = [20, 9, 33, 14, 26, 40, 11]
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731 (token ids as text: easy to compare)
+    engine = Engine(short_model, decode, EngineConfig(max_batch_size=3, max_model_len=320, window_bucket=16))
+    if step == "compiled":
+        torch._dynamo.reset()
+        engine.step_fn = torch.compile(decode_slots, backend="eager", fullgraph=True, dynamic=True)
+    requests = [Request(ids, SamplingParams(max_new_tokens=n, stop_token_ids=()), Collector(),
+                        picture if ids is image_prompt else None)
+                for ids, n in zip(prompts, lengths)]
+    run_all(engine, requests)
+    for r, n in zip(requests, lengths):
+        want = greedy(short_model, r.input_ids, r.images, n)
+        assert r.on_event.events[-1] == Finished("length", decode(want), len(r.input_ids), n)
+        assert r.on_event.text == decode(want)
+
+
+def test_cancel_frees_the_slot_and_the_queue_is_bounded(golden_model, processor):
+    engine = Engine(golden_model, processor.decode, EngineConfig(max_batch_size=1, max_queue=1, max_model_len=4096))
+    ids = processor.tokenizer.encode("Hello")
+    first, second, third = Collector(), Collector(), Collector()
+    long = Request(ids, SamplingParams(max_new_tokens=3000, stop_token_ids=()), first)
+    short = Request(ids, SamplingParams(max_new_tokens=4, stop_token_ids=()), second)
+    engine.submit(long)
+    engine.submit(short)  # waits: the only slot is (about to be) taken
+    with pytest.raises(QueueFull):
+        engine.submit(Request(ids, SamplingParams(max_new_tokens=4), third))
+    with pytest.raises(ValueError, match="context is 4096 tokens"):
+        engine.submit(Request([1] * 4096, SamplingParams(max_new_tokens=4), third))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(isinstance(e, Delta) for e in first.events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        long.cancel()
+        assert second.done.wait(30) and first.done.wait(30)
+    finally:
+        engine.stop()
+    finished = first.events[-1]
+    assert finished.reason == "cancelled" and finished.completion_tokens < 3000
+    assert second.events[-1].reason == "length" and second.events[-1].completion_tokens == 4
+    assert engine.active == 0 and engine.waiting == 0
+
+
+def test_answer_text_holds_back_what_may_become_a_stop_string():
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731
+    text = _AnswerText(decode, stop_ids=(0,), stop=["cd", "xyz"])
+    assert [text.push(ord(c)) for c in "abx"] == [("a", False), ("b", False), ("", False)]
+    assert text.push(ord("c")) == ("x", False)  # "x" can no longer start "xyz"; "c" may start "cd"
+    assert text.push(ord("d")) == ("", True)
+    assert text.text == "abx"
+    tail = _AnswerText(decode, stop_ids=(), stop=["cd"])
+    assert tail.push(ord("c")) == ("", False)
+    assert tail.flush() == "c"  # the end of the answer releases what was held
+
+
+def test_stop_token_ends_the_answer(golden_model, processor):
+    """A stop token ends the answer ("stop") and is not part of the text."""
+    ids = processor.tokenizer.encode("Hello")
+    first = greedy(golden_model, ids, None, 6)
+    collector = Collector()
+    engine = Engine(golden_model, processor.decode, EngineConfig(max_batch_size=2, max_model_len=64))
+    run_all(engine, [Request(ids, SamplingParams(max_new_tokens=20, stop_token_ids=(first[3],)), collector)])
+    cut = first.index(first[3])
+    assert collector.events[-1] == Finished("stop", processor.decode(first[:cut]), len(ids), cut + 1)

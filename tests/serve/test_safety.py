@@ -1,0 +1,246 @@
+"""Hostile and broken requests: each gets a 4xx with OpenAI's error body, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from qwenvl.generation import STOP_IDS
+from qwenvl.serve.app import ServeSettings
+from qwenvl.serve.media import MediaLimits
+
+from .conftest import MODEL_NAME, data_url, expected_answer, make_engine, running
+
+CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
+STREET = "tests/fixtures/qwenvl-tiny/images/street.jpg"
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims width x height pixels (10 G here) in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def b64_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def guarded(golden_model, processor, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    Image.open(CAT).save(media / "cat.png")
+    (tmp_path_factory.mktemp("outside") / "secret.png").write_bytes(Path(STREET).read_bytes())
+    settings = ServeSettings(model_name=MODEL_NAME, max_request_bytes=2_000_000, max_images_per_request=2,
+                             max_tokens_cap=64, media=MediaLimits(max_image_pixels=2_000_000, local_root=media))
+    engine = make_engine(golden_model, processor, max_batch_size=2, max_model_len=600)
+    with running(engine, processor, settings) as r:
+        r.media = media
+        yield r
+
+
+def post(server, path: str, body=None, content: bytes | None = None, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(server.v1 + path, json=body, content=content, headers=headers, timeout=60)
+
+
+def assert_error(r: httpx.Response, status: int, words: str = "") -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert isinstance(error["message"], str) and error["type"]
+    assert words.lower() in error["message"].lower(), error["message"]
+    return error
+
+
+def chat(content, **extra) -> dict:
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 4,
+            "temperature": 0, **extra}
+
+
+def test_paths_in_text_are_never_opened(guarded, golden_model, processor, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(Path(STREET).read_bytes())
+    # chat: <img> tags in any message text are refused
+    assert_error(post(guarded, "/chat/completions", chat(f"<img>{secret}</img> what is this?")), 400, "image_url")
+    body = {"model": MODEL_NAME, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": f"<img>{secret}</img>"},
+        {"role": "user", "content": "and?"}]}
+    assert_error(post(guarded, "/chat/completions", body), 400, "<img>")
+    assert_error(post(guarded, "/chat/completions", {"model": MODEL_NAME, "max_tokens": 4, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [image_part(data_url(CAT))]},
+        {"role": "user", "content": "and?"}]}), 400, "only from user")
+    # completions: a span's text is only a name; without an image for it the request is refused ...
+    prompt = f"Picture 1: <img>{secret}</img>\nDescribe the image in English:"
+    assert_error(post(guarded, "/completions", {"model": MODEL_NAME, "prompt": prompt}), 400, "1 <img></img> span")
+    # ... and with one, the answer is the one for that image, not for the file the text names
+    want, _, _ = expected_answer(golden_model, processor, prompt, [Image.open(CAT)], 8, STOP_IDS["raw"])
+    r = post(guarded, "/completions", {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                       "images": [data_url(CAT)]})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
+def test_image_urls_local_and_remote(guarded, golden_model, processor):
+    # local files: only under --allowed_local_media_path, no escape through .. or absolute paths
+    ok = post(guarded, "/chat/completions", chat([image_part("file://" + str(guarded.media / "cat.png")),
+                                                  {"type": "text", "text": "hi"}]))
+    assert ok.status_code == 200, ok.text
+    for url in ("file:///etc/passwd", "/etc/hostname", "../outside/secret.png", "file://otherhost/cat.png",
+                f"file://{guarded.media}/../outside/secret.png"):
+        assert_error(post(guarded, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])), 400)
+    # remote URLs: refused unless --allow_remote_images
+    assert_error(post(guarded, "/chat/completions", chat([image_part("http://127.0.0.1:9/cat.png")])), 400,
+                 "allow_remote_images")
+    assert_error(post(guarded, "/chat/completions", chat([image_part("ftp://example.com/cat.png")])), 400,
+                 "scheme")
+
+
+def test_bad_images(guarded):
+    def ask(url: str) -> httpx.Response:
+        return post(guarded, "/chat/completions", chat([image_part(url), {"type": "text", "text": "what?"}]))
+
+    assert_error(ask(b64_url(bomb_png())), 400, "pixels")
+    big = io.BytesIO()
+    Image.new("RGB", (2000, 1500)).save(big, "PNG")  # 3 M pixels > the 2 M limit of this server
+    assert_error(ask(b64_url(big.getvalue())), 400, "more than the limit")
+    assert_error(ask(b64_url(b"this is not an image at all")), 400, "cannot decode")
+    assert_error(ask("data:image/png;base64,@@@not-base64@@@"), 400, "base64")
+    assert_error(ask("data:image/png,rawbytes"), 400, "malformed data url")
+    too_many = [image_part(data_url(CAT))] * 3 + [{"type": "text", "text": "compare"}]
+    assert_error(post(guarded, "/chat/completions", chat(too_many)), 400, "at most 2")
+
+
+def test_malformed_requests(guarded):
+    assert_error(post(guarded, "/chat/completions", content=b"{not json", headers={"content-type": "application/json"}),
+                 400, "not valid JSON")
+    assert_error(post(guarded, "/chat/completions", {"model": MODEL_NAME, "messages": "hello"}), 400, "messages")
+    assert_error(post(guarded, "/chat/completions", chat("hi", max_tokens="many")), 400, "max_tokens")
+    assert_error(post(guarded, "/chat/completions", chat("hi", temperature=5)), 400, "temperature")
+    assert_error(post(guarded, "/chat/completions", chat([{"type": "audio", "audio": "x"}])), 400)
+    assert_error(post(guarded, "/chat/completions", {"model": MODEL_NAME, "messages": []}), 400, "messages")
+    assert_error(post(guarded, "/chat/completions", {"model": MODEL_NAME, "messages": [
+        {"role": "assistant", "content": "I speak first"}]}), 400, "last message")
+    assert_error(post(guarded, "/chat/completions", {"model": MODEL_NAME, "messages": [
+        {"role": "tool", "content": "x"}]}), 400, "role")
+    error = assert_error(post(guarded, "/chat/completions", chat("hi", model="gpt-4o")), 404, "gpt-4o")
+    assert error["code"] == "model_not_found"
+    assert_error(post(guarded, "/chat/completions", chat("hi", n=2)), 400, "n=1")
+    assert_error(post(guarded, "/chat/completions", chat("hi", logprobs=True)), 400, "logprobs")
+    assert_error(post(guarded, "/chat/completions", chat("hi", stop=["a", "b", "c", "d", "e"])), 400, "stop")
+    assert_error(post(guarded, "/chat/completions", chat("hi", max_tokens=65)), 400, "at most 64")
+    error = assert_error(post(guarded, "/chat/completions", chat("word " * 700)), 400, "context is 600 tokens")
+    assert error["code"] == "context_length_exceeded"
+    assert_error(post(guarded, "/chat/completions", chat("word " * 560, max_tokens=64)), 400, "you asked for 64")
+    assert_error(post(guarded, "/completions", {"model": MODEL_NAME, "prompt": ["a", "b"]}), 400, "one prompt")
+    assert_error(post(guarded, "/completions", {"model": MODEL_NAME, "prompt": "<img>unclosed"}), 400)
+    assert_error(httpx.get(guarded.url + "/v1/nothing-here"), 404)
+    assert_error(httpx.get(guarded.v1 + "/chat/completions"), 405)
+
+
+def test_oversized_body_is_refused_before_reading(guarded):
+    huge = chat([image_part("data:image/png;base64," + "A" * 2_100_000)])
+    assert_error(post(guarded, "/chat/completions", huge), 413, "larger than")
+
+    def chunks():  # no Content-Length: the limit holds for chunked bodies too
+        yield b'{"model": "qwenvl-tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 100_000
+        yield b'"}]}'
+
+    r = httpx.post(guarded.v1 + "/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413)
+
+
+def test_server_still_healthy_after_all_that(guarded):
+    assert httpx.get(guarded.url + "/health").json()["status"] == "ok"
+    c = openai.OpenAI(base_url=guarded.v1, api_key="x", max_retries=0)
+    assert c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=3).usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=9999)
+    metrics = httpx.get(guarded.url + "/metrics").text
+    assert 'qwenvl_requests_total{endpoint="/v1/chat/completions",status="400"}' in metrics
+    assert 'status="413"' in metrics
+
+
+def test_api_key(golden_model, processor):
+    settings = ServeSettings(model_name=MODEL_NAME, api_key="s3cret")
+    with running(make_engine(golden_model, processor, max_batch_size=1), processor, settings) as r:
+        bad = openai.OpenAI(base_url=r.v1, api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert_error(httpx.post(r.v1 + "/chat/completions", json=chat("hi")), 401, "API key")
+        good = openai.OpenAI(base_url=r.v1, api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=2).choices[0].finish_reason
+        assert httpx.get(r.url + "/health").status_code == 200  # probes need no key
+
+
+def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(golden_model, processor):
+    """One slot, no waiting room: a second request while a stream runs gets 429; closing the stream cancels
+    its generation at once, and the next request gets the slot."""
+    engine = make_engine(golden_model, processor, max_batch_size=1, max_queue=0, max_model_len=4096)
+    with running(engine, processor) as r:
+        body = chat("tell me everything", max_tokens=2000, stream=True)
+        with httpx.stream("POST", r.v1 + "/chat/completions", json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ") and engine.active == 1
+            busy = openai.OpenAI(base_url=r.v1, api_key="x", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as e:
+                busy.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
+            assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
+        deadline = time.monotonic() + 20
+        while engine.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.active == 0
+        metrics = httpx.get(r.url + "/metrics").text
+        assert 'qwenvl_sequences_finished_total{reason="cancelled"} 1' in metrics
+        generated = next(line for line in metrics.splitlines() if line.startswith("qwenvl_generation_tokens_total"))
+        assert float(generated.split()[-1]) < 2000
+        got = busy.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, temperature=0)
+        assert got.usage.completion_tokens == 5
+
+
+def test_remote_images_with_limits(golden_model, processor, tmp_path):
+    (tmp_path / "cat.png").write_bytes(Path(CAT).read_bytes())
+    (tmp_path / "big.bin").write_bytes(b"\0" * 300_000)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def log_message(self, *a) -> None:
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    settings = ServeSettings(model_name=MODEL_NAME, media=MediaLimits(allow_remote=True, max_image_bytes=250_000,
+                                                                      remote_timeout=5))
+    try:
+        with running(make_engine(golden_model, processor, max_batch_size=1), processor, settings) as r:
+            def ask(url: str) -> httpx.Response:
+                return post(r, "/chat/completions", chat([image_part(url), {"type": "text", "text": "hi"}]))
+
+            assert ask(base + "/cat.png").status_code == 200
+            assert_error(ask(base + "/big.bin"), 400, "limit of 250000 bytes")
+            assert_error(ask(base + "/missing.png"), 400, "HTTP 404")
+            assert_error(ask("http://127.0.0.1:1/x.png"), 400, "cannot download")
+    finally:
+        files.shutdown()
