@@ -15,11 +15,13 @@ import pytest
 import uvicorn
 
 from qwenvl import Processor, QwenVL
+from qwenvl.config import IM_END_ID
 from qwenvl.generation import STOP_IDS
 from qwenvl.serve.app import ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig
 
 MODEL_NAME = "qwenvl-tiny"
+GROUNDED_ANSWER = "<ref>the cat</ref><box>(100,200),(500,800)</box> is here"
 
 
 @dataclass
@@ -90,3 +92,24 @@ def expected_answer(model: QwenVL, processor: Processor, prompt, images, max_tok
     new = out[0, prompt_len:].tolist()
     cut = next((k for k, t in enumerate(new) if t in stop_ids), None)
     return processor.decode(new if cut is None else new[:cut]), prompt_len, len(new) if cut is None else cut + 1
+
+
+class ScriptedEngine(Engine):
+    """Answers with fixed tokens (a random tiny model never writes boxes), through the real engine."""
+
+    script: list[int] = []
+
+    def _pick(self, logits, rows):
+        new = super()._pick(logits, rows)
+        for i, s in enumerate(rows):
+            if s is not None:
+                new[i] = self.script[min(s.generated, len(self.script) - 1)]
+        return new
+
+
+@pytest.fixture(scope="module")
+def grounding_server(golden_model, processor):
+    engine = make_engine(golden_model, processor, ScriptedEngine, max_batch_size=2)
+    engine.script = processor.tokenizer.encode(GROUNDED_ANSWER) + [IM_END_ID]
+    with running(engine, processor) as r:
+        yield r

@@ -8,14 +8,11 @@ import json
 
 import httpx
 import openai
-import pytest
 from PIL import Image
 
-from qwenvl.config import IM_END_ID
 from qwenvl.generation import STOP_IDS
-from qwenvl.serve.engine import Engine
 
-from .conftest import MODEL_NAME, data_url, expected_answer, make_engine, running
+from .conftest import GROUNDED_ANSWER, MODEL_NAME, data_url, expected_answer
 
 CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
 STREET = "tests/fixtures/qwenvl-tiny/images/street.jpg"
@@ -165,35 +162,13 @@ def test_models_health_metrics(server):
     assert 'qwenvl_requests_total{endpoint="/v1/models",status="200"}' in text
 
 
-class ScriptedEngine(Engine):
-    """Answers with fixed tokens (a random tiny model never writes boxes), through the real engine."""
-
-    script: list[int] = []
-
-    def _pick(self, logits, rows):
-        new = super()._pick(logits, rows)
-        for i, s in enumerate(rows):
-            if s is not None:
-                new[i] = self.script[min(s.generated, len(self.script) - 1)]
-        return new
-
-
-@pytest.fixture(scope="module")
-def grounding_server(golden_model, processor):
-    answer = "<ref>the cat</ref><box>(100,200),(500,800)</box> is here"
-    engine = make_engine(golden_model, processor, ScriptedEngine, max_batch_size=2)
-    engine.script = processor.tokenizer.encode(answer) + [IM_END_ID]
-    with running(engine, processor) as r:
-        yield r
-
-
 def test_grounding_boxes_in_pixels(grounding_server):
     width, height = Image.open(CAT).size
     _, theirs = image_messages("Where is the cat?")
     c = client(grounding_server)
     got = c.chat.completions.create(model=MODEL_NAME, messages=theirs, max_tokens=40)
     message = got.choices[0].message
-    assert message.content == "<ref>the cat</ref><box>(100,200),(500,800)</box> is here"
+    assert message.content == GROUNDED_ANSWER
     box = [round(v, 2) for v in (100 / 999 * width, 200 / 999 * height, 500 / 999 * width, 800 / 999 * height)]
     assert message.grounding == [{"ref": "the cat", "box_normalized": [100, 200, 500, 800], "box": box, "image": 1}]
     chunks = list(c.chat.completions.create(model=MODEL_NAME, messages=theirs, max_tokens=40, stream=True))

@@ -91,6 +91,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     lm = model.config.lm
     config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue, compile=args.compile,
                           max_model_len=args.max_model_len or min(lm.seq_length, lm.max_position_embeddings))
+    # chat history is trimmed oldest-first to what the slots hold, not to the checkpoint's longer window
+    processor.max_window_size = min(processor.max_window_size, config.max_model_len)
     settings = ServeSettings(
         model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
         max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
