@@ -397,7 +397,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = engine._thread is not None and engine._thread.is_alive()
+        alive = engine.running
         return JSONResponse({"status": "ok" if alive else "engine stopped", "active": engine.active,
                              "waiting": engine.waiting, "slots": engine.config.max_batch_size},
                             200 if alive else 503)

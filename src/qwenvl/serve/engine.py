@@ -8,8 +8,9 @@ batch. A finished or cancelled sequence frees its slot at once.
 
 The decode step (:func:`decode_slots`) has static shapes apart from two sizes the engine picks on the host:
 the number of slots up to the highest occupied one, and the attention window (the longest sequence rounded
-up to ``window_bucket`` positions). Tokens, positions and the occupied-slot mask live on the device; a step
-reads back only the new tokens.
+up to ``window_bucket`` positions). Tokens, positions and the occupied-slot mask live on the device; a
+compiled step reads back only the new tokens (eager, the model's check for an all-ones mask reads one more
+value). Prefill runs whole, between steps: a long prompt delays the others' next token by its prefill time.
 """
 
 from __future__ import annotations
@@ -212,6 +213,11 @@ class Engine:
     @property
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive (``/health``)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is not None:
