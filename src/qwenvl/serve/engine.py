@@ -47,7 +47,7 @@ class EngineConfig:
     max_model_len: int = 2048  # positions per slot: prompt + answer
     max_queue: int = 64  # requests that may wait for a slot; one more is refused with QueueFull
     window_bucket: int = 128  # attention reads a multiple of this many positions per step
-    compile: bool = False  # decode with torch.compile (one graph; windows and batch sizes are dynamic)
+    compile: bool = False  # decode with torch.compile (windows and batch sizes are dynamic shapes)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_model_len", "window_bucket"):
