@@ -25,7 +25,8 @@ def test_help_lists_the_flags(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--dtype", "--max_batch_size", "--api_key", "--allow_remote_images",
-                 "--allowed_local_media_path", "--max_request_bytes", "--max_image_pixels", "--max_tokens_cap"):
+                 "--allowed_local_media_path", "--max_request_bytes", "--max_image_pixels", "--max_tokens_cap",
+                 "--quantize"):
         assert flag in text, flag
 
 
@@ -49,7 +50,7 @@ def test_a_real_server_process(golden_dir):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwenvl.cli", "serve", "--model", str(golden_dir), "--port", "0",
-         "--max_batch_size", "2", "--max_model_len", "512", "--served_model_name", "tiny", "--dtype", "float32"],
+         "--max_batch_size", "2", "--max_model_len", "512", "--served_model_name", "tiny", "--dtype", "float32", "--quantize", "int8"],
         stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()

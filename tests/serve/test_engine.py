@@ -15,6 +15,7 @@ from qwenvl import QwenVL
 from qwenvl.config import LMConfig, QwenVLConfig, VisionConfig
 from qwenvl.generation import SamplingParams
 from qwenvl.processor import Processor
+from qwenvl.quantize import optimize_for_inference
 from qwenvl.serve.engine import (
     Delta,
     Engine,
@@ -148,3 +149,17 @@ def test_stop_token_ends_the_answer(golden_model, processor):
     run_all(engine, [Request(ids, SamplingParams(max_new_tokens=20, stop_token_ids=(first[3],)), collector)])
     cut = first.index(first[3])
     assert collector.events[-1] == Finished("stop", processor.decode(first[:cut]), len(ids), cut + 1)
+
+
+def test_int8_weights_batched_equal_generate(golden_dir, processor):
+    """What ``qwenvl serve --quantize int8`` loads: still the tokens of model.generate for each prompt alone."""
+    model = QwenVL.from_pretrained(golden_dir, dtype=torch.float32)
+    optimize_for_inference(model, "int8")
+    prompts = [processor.tokenizer.encode(t) for t in ("Hello", "A much longer question about many things", "x y")]
+    engine = Engine(model, processor.decode, EngineConfig(max_batch_size=2, max_model_len=128))
+    requests = [Request(ids, SamplingParams(max_new_tokens=n, stop_token_ids=()), Collector())
+                for ids, n in zip(prompts, (12, 7, 9))]
+    run_all(engine, requests)
+    for r in requests:
+        want = greedy(model, r.input_ids, None, r.params.max_new_tokens)
+        assert r.on_event.events[-1].text == processor.decode(want)

@@ -8,6 +8,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..inference_cli import add_runtime_flags
+
 __all__ = ["add_parser", "run"]
 
 logger = logging.getLogger(__name__)
@@ -25,9 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--served_model_name", help="the model name clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the log says which)")
-    p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="weights dtype (default: as stored)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
+    add_runtime_flags(p)  # --dtype, --device, --quantize, as predict and chat have them
     p.add_argument("--max_batch_size", type=int, default=8, help="decode slots: sequences generated together")
     p.add_argument("--max_model_len", type=int,
                    help="positions per slot, prompt and answer together (default: the model's seq_length); "
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         if not root.is_dir():
             raise NotADirectoryError(f"--allowed_local_media_path {root}: not a folder")
     sock = _listen(args.host, args.port)
-    model, processor = load(args.model, args.dtype, args.device, batch_size=args.max_batch_size, compile=args.compile)
+    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize)
     lm = model.config.lm
     config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue, compile=args.compile,
                           max_model_len=args.max_model_len or min(lm.seq_length, lm.max_position_embeddings))
