@@ -20,6 +20,7 @@ from qwenvl.generation import STOP_IDS
 from qwenvl.serve.app import ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig
 
+GOLDEN = "tests/fixtures/qwenvl-tiny"
 MODEL_NAME = "qwenvl-tiny"
 GROUNDED_ANSWER = "<ref>the cat</ref><box>(100,200),(500,800)</box> is here"
 
@@ -36,8 +37,9 @@ class Running:
 
 @pytest.fixture(scope="session")
 def processor(golden_dir) -> Processor:
-    """ChatML prompts, as Qwen-VL-Chat's (the golden checkpoint's generation_config says "raw")."""
-    p = Processor.from_pretrained(golden_dir)
+    """As ``qwenvl serve`` builds it: no local files (no media folder); ChatML prompts, as Qwen-VL-Chat's (the
+    golden checkpoint's generation_config says "raw")."""
+    p = Processor.from_pretrained(golden_dir, allowed_media_dir=None)
     p.chat_format = "chatml"
     return p
 

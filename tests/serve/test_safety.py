@@ -16,11 +16,12 @@ import openai
 import pytest
 from PIL import Image
 
+from qwenvl import Processor
 from qwenvl.generation import STOP_IDS
 from qwenvl.serve.app import ServeSettings
 from qwenvl.serve.media import MediaLimits
 
-from .conftest import MODEL_NAME, data_url, expected_answer, make_engine, running
+from .conftest import GOLDEN, MODEL_NAME, data_url, expected_answer, make_engine, running
 
 CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
 STREET = "tests/fixtures/qwenvl-tiny/images/street.jpg"
@@ -46,12 +47,16 @@ def image_part(url: str) -> dict:
 def guarded(golden_model, processor, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     Image.open(CAT).save(media / "cat.png")
-    (tmp_path_factory.mktemp("outside") / "secret.png").write_bytes(Path(STREET).read_bytes())
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.png").write_bytes(Path(STREET).read_bytes())
     settings = ServeSettings(model_name=MODEL_NAME, max_request_bytes=2_000_000, max_images_per_request=2,
-                             max_tokens_cap=64, media=MediaLimits(max_image_pixels=2_000_000, local_root=media))
+                             max_tokens_cap=64, media=MediaLimits(max_image_pixels=2_000_000))
     engine = make_engine(golden_model, processor, max_batch_size=2, max_model_len=600)
-    with running(engine, processor, settings) as r:
-        r.media = media
+    # file:// URLs go through the processor's media policy: here a media folder, as --allowed_local_media_path
+    with_media = Processor.from_pretrained(GOLDEN, allowed_media_dir=media)
+    with_media.chat_format = "chatml"
+    with running(engine, with_media, settings) as r:
+        r.media, r.outside = media, outside
         yield r
 
 
@@ -103,6 +108,10 @@ def test_image_urls_local_and_remote(guarded, golden_model, processor):
     for url in ("file:///etc/passwd", "/etc/hostname", "../outside/secret.png", "file://otherhost/cat.png",
                 f"file://{guarded.media}/../outside/secret.png"):
         assert_error(post(guarded, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])), 400)
+    # symlinks out of the folder are followed before the check
+    (guarded.media / "link.png").symlink_to(guarded.outside / "secret.png")
+    assert_error(post(guarded, "/chat/completions", chat([image_part("link.png"), {"type": "text", "text": "x"}])),
+                 400, "not allowed")
     # remote URLs: refused unless --allow_remote_images
     assert_error(post(guarded, "/chat/completions", chat([image_part("http://127.0.0.1:9/cat.png")])), 400,
                  "allow_remote_images")

@@ -63,6 +63,14 @@ def test_history_and_system_messages(server, golden_model, processor):
     assert got.choices[0].message.content == want
 
 
+def test_no_local_files_without_a_media_folder(server):
+    """The default server (its processor has no media folder) reads no file, whatever the URL or text says."""
+    for url in ("file:///etc/hostname", CAT, "tests/fixtures/qwenvl-tiny/images/cat.png"):
+        r = httpx.post(server.v1 + "/chat/completions", json={"model": MODEL_NAME, "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+        assert r.status_code == 400 and "allowed_local_media_path" in r.json()["error"]["message"]
+
+
 def test_sse_wire_format(server):
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
             "temperature": 0, "stream": True}

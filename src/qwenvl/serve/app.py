@@ -161,6 +161,10 @@ def _sse(body: dict[str, Any] | str) -> str:
 class _Server:
     def __init__(self, engine: Engine, processor: Processor, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.engine, self.processor, self.settings, self.metrics = engine, processor, settings, metrics
+        self.media_policy = processor.media_policy()
+        if self.media_policy.allow_any_local_path:
+            raise ValueError("a server's processor must not allow any local path: give it allowed_media_dir "
+                             "(a media folder) or None (no local files)")
         self.defaults = engine.model.config.generation
         self.max_model_len = engine.config.max_model_len
 
@@ -230,7 +234,7 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="stop") from e
         try:
-            pictures = [fetch_image(u, self.settings.media) for u in urls]
+            pictures = [fetch_image(u, self.settings.media, self.media_policy) for u in urls]
         except MediaError as e:
             raise APIError(400, str(e), param="image_url") from e
         try:

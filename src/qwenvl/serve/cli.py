@@ -87,7 +87,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         if not root.is_dir():
             raise NotADirectoryError(f"--allowed_local_media_path {root}: not a folder")
     sock = _listen(args.host, args.port)
-    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize)
+    # the one media policy: file:// image URLs only under --allowed_local_media_path, else no local file
+    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize, allowed_media_dir=root)
     lm = model.config.lm
     config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue, compile=args.compile,
                           max_model_len=args.max_model_len or min(lm.seq_length, lm.max_position_embeddings))
@@ -98,8 +99,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
         max_tokens_cap=args.max_tokens_cap,
         media=MediaLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                          allow_remote=args.allow_remote_images, remote_timeout=args.remote_image_timeout,
-                          local_root=root),
+                          allow_remote=args.allow_remote_images, remote_timeout=args.remote_image_timeout),
     )
     app = create_app(Engine(model, processor.decode, config), processor, settings)
     host, port = sock.getsockname()[:2]

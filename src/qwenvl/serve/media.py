@@ -2,8 +2,10 @@
 
 The server loads every image itself, with byte and pixel limits, and hands the processor the decoded
 pictures (``images=[...]``): the text of an ``<img>..</img>`` span is then only a name, so nothing written in
-a message makes the server open a file or a URL. Pixel limits are checked from the image header, before
-decoding (:func:`qwenvl.images.load_image`), so a decompression bomb costs nothing.
+a message makes the server open a file or a URL. ``file://`` URLs are read under the processor's media
+policy (:class:`qwenvl.images.MediaPolicy`; ``qwenvl serve`` gives it ``--allowed_local_media_path`` as the
+media folder, or none). Pixel limits are checked from the image header, before decoding
+(:func:`qwenvl.images.load_image`), so a decompression bomb costs nothing.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image
 
-from ..images import ImageError, load_image
+from ..images import ImageError, MediaPolicy, load_image
 
 __all__ = ["MediaError", "MediaLimits", "fetch_image"]
 
@@ -34,11 +35,10 @@ class MediaLimits:
     max_image_pixels: int = 40_000_000
     allow_remote: bool = False
     remote_timeout: float = 10.0  # seconds for a whole download
-    local_root: Path | None = None  # files under this folder may be named by file:// URLs
 
 
-def fetch_image(url: str, limits: MediaLimits) -> Image.Image:
-    """The RGB picture at ``url`` (``data:``, ``http(s)://`` or ``file://``), or MediaError."""
+def fetch_image(url: str, limits: MediaLimits, policy: MediaPolicy) -> Image.Image:
+    """The RGB picture at ``url`` (``data:``, ``http(s)://``, or ``file://`` read under ``policy``), or MediaError."""
     scheme = url[: url.find(":")].lower() if ":" in url else ""
     if scheme == "data":
         data = _data_url_bytes(url, limits.max_image_bytes)
@@ -48,7 +48,7 @@ def fetch_image(url: str, limits: MediaLimits) -> Image.Image:
                              "send the image as a data: URL")
         data = _download(url, limits)
     elif scheme == "file" or scheme == "":
-        data = _local_file(url, limits)
+        data = _local_file(url, limits, policy)
     else:
         raise MediaError(f"unsupported image URL scheme {scheme!r}: use a data:image/...;base64 URL")
     try:
@@ -114,21 +114,20 @@ def _download(url: str, limits: MediaLimits) -> bytes:
     return bytes(data)
 
 
-def _local_file(url: str, limits: MediaLimits) -> bytes:
-    """A file under ``limits.local_root`` (symlinks resolved first, so none leads outside it)."""
-    if limits.local_root is None:
+def _local_file(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
+    """A file the media policy lets requests name (inside its folder; links resolved first)."""
+    if policy.root is None and not policy.allow_any_local_path:
         raise MediaError("local image files are not read by this server (it runs without "
                          "--allowed_local_media_path): send the image as a data: URL")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme and parts.netloc not in ("", "localhost"):
         raise MediaError(f"file URL names another host: {url}")
-    name = urllib.parse.unquote(parts.path if parts.scheme else url)
-    root = limits.local_root.resolve()
-    path = (root / name).resolve()  # an absolute name replaces root; both end up checked against it
-    if not path.is_relative_to(root):
-        raise MediaError(f"image path is outside the allowed media folder: {name}")
+    try:
+        path = policy.resolve(urllib.parse.unquote(parts.path if parts.scheme else url))
+    except ImageError as e:
+        raise MediaError(str(e)) from e
     if not path.is_file():
-        raise MediaError(f"image file not found in the allowed media folder: {name}")
+        raise MediaError(f"image file not found in the allowed media folder: {url}")
     size = path.stat().st_size
     if size > limits.max_image_bytes:
         raise _too_big(size, limits.max_image_bytes)
