@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import peft  # noqa: F401 -- a dev dependency: the LoRA tests run, never skip
 import pytest
 import torch
 
@@ -11,8 +12,6 @@ from qwenvl.data.dataset import collate
 from qwenvl.model import QwenVL
 from qwenvl.train import merge_lora, train
 from qwenvl.train import trainer as T
-
-pytest.importorskip("peft")
 
 RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
 
