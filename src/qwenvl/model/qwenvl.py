@@ -21,6 +21,11 @@ from .kv_cache import KVCache, SlotDecode
 from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin, rope_inv_freq
 from .vision import VisionTower
 
+try:  # FSDP2 shards parameters as DTensors; absent from builds without torch.distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
@@ -298,14 +303,18 @@ class QwenVL(nn.Module):
         y = target[keep]
         n = int(y.numel())
         if n == 0:
-            return hidden.sum() * 0.0, 0
-        if type(self.lm_head) is nn.Linear:  # a wrapped lm_head (e.g. LoRA) runs its own forward below
-            return linear_cross_entropy(h, self.lm_head.weight, y) / n, n
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, n, chunk):
-            logits = self.lm_head(h[s : s + chunk]).float()
-            total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
-        return total / n, n
+            # nothing to learn, but lm_head still takes part (with zero gradients): under data parallelism every
+            # rank must produce gradients for the same parameters, or their reduction would not match
+            h, y = hidden.reshape(-1, hidden.shape[-1])[:1], target.new_zeros(1)
+        weight = _plain_linear_weight(self.lm_head)
+        if weight is not None:
+            total = linear_cross_entropy(h, weight, y)
+        else:  # a wrapped lm_head (LoRA, packed weights) runs its own forward
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for s in range(0, h.shape[0], chunk):
+                logits = self.lm_head(h[s : s + chunk]).float()
+                total = total + F.cross_entropy(logits, y[s : s + chunk], reduction="sum")
+        return (total / n, n) if n else (total * 0.0, 0)
 
     # ---- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -314,6 +323,19 @@ class QwenVL(nn.Module):
         from ..generation import generate
 
         return generate(self, input_ids, **kwargs)
+
+
+def _plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The weight of a layer that computes exactly ``x @ weight.T``, for the fused loss; else None.
+
+    That is an ``nn.Linear`` without bias whose forward is ``nn.Linear``'s own: FSDP2's ``fully_shard`` changes
+    the class (``FSDPLinear``) but not the forward, LoRA and packed layers bring their own forward. A weight
+    still sharded (a DTensor: ``lm_head`` sharded in a group of its own, whose forward never runs here) must
+    be gathered by that forward instead; grouped with ``ln_f`` it is whole by the time the loss runs.
+    """
+    if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward or layer.bias is not None:
+        return None
+    return None if isinstance(layer.weight, DTensor) else layer.weight
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

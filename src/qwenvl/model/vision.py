@@ -62,7 +62,7 @@ class VisualAttention(nn.Module):
         qkv = self.in_proj(x).view(b, n, self.heads, 3 * self.head_dim)  # fact: per-head q|k|v
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each (B, nh, N, hd)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 class VisualBlock(nn.Module):
