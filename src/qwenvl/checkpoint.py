@@ -486,6 +486,21 @@ def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")  # a DTensor (FSDP2 / tensor parallel): the rows live on several ranks
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: DTensors are gathered from every rank (a collective: all ranks must call it in turn)."""
+    return _host_contiguous(t.full_tensor()) if _is_sharded(t) else t
+
+
+def _writes_files() -> bool:
+    """Whether this process writes a sharded state (rank 0 of the default process group does)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
 CAST_BLOCK_BYTES = 64 * 2**20  # a cast while writing converts this much at a time, not the whole tensor
 
 
@@ -599,6 +614,9 @@ def save_pretrained(
     ``load`` (safetensors only): ``model_or_state_dict`` is a mapping that only describes the tensors (meta
     tensors of the wanted shape and dtype) and ``load(key)`` produces each one when it is written, so that a
     converter holds one tensor at a time.
+
+    A sharded model (DTensor parameters, e.g. after FSDP2's ``fully_shard``) is saved collectively: every rank
+    calls this, the tensors of one output file at a time are gathered, and rank 0 writes them.
     """
     if config is None:
         config = getattr(model_or_state_dict, "config", None)
@@ -623,11 +641,16 @@ def save_pretrained(
 
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.fields_by_name(UNSEEN_FIELDS))}
     out = Path(out_dir)
+    if any(_is_sharded(t) for t in state.values()) and not _writes_files():
+        for keys in plan:  # take part in every gather, in the writer's order; rank 0 writes
+            for k in keys:
+                _gathered(state[k])
+        return out
     with output_files(out, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         weight_map: dict[str, str] = {}
         for name, keys in zip(names, plan):
-            shard = {k: state[k] for k in keys}
+            shard = {k: _gathered(state[k]) for k in keys}  # a sharded model: one file's tensors at a time
             if safe_serialization:
                 if load is None:
                     _write_safetensors(tmp / name, shard, metadata)
