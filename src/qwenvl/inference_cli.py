@@ -98,8 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draw", metavar="DIR", help="write the latest picture with the answer's boxes drawn into DIR")
     _add_sampling_flags(p)
 
-    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format), merge a LoRA adapter, or "
-                                       "convert from/to a MindFormers .ckpt")
+    p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format), merge a LoRA adapter, "
+                                       "convert from/to a MindFormers .ckpt, or consolidate a sharded training "
+                                       "checkpoint (RUN/checkpoint-STEP) into the official layout")
     p.add_argument("source", nargs="?", help="checkpoint folder to convert, or a MindFormers .ckpt (or --load_checkpoint)")
     p.add_argument("output", nargs="?", help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
     p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
@@ -402,6 +403,13 @@ def run_convert(args: argparse.Namespace) -> int:
             from .train.lora import merge_lora
 
             merge_lora(source, args.adapter, output, dtype=args.dtype)
+        elif Path(source, ".metadata").is_file():  # a sharded training checkpoint (finetune's checkpoint-STEP)
+            from .model.qwenvl import _as_dtype
+            from .train.sharded_checkpoint import consolidate
+
+            if args.format != "safetensors":
+                raise ValueError("a sharded training checkpoint is consolidated into safetensors only")
+            consolidate(source, output, dtype=_as_dtype(args.dtype), max_shard_size=args.max_shard_size)
         else:
             from .model import QwenVL
 

@@ -12,6 +12,7 @@ from qwenvl.model import QwenVL
 from qwenvl.outputs import MARKER_FILE
 from qwenvl.train import TrainConfig, train
 from qwenvl.train import trainer as T
+from qwenvl.train.sharded_checkpoint import consolidate
 from qwenvl.train.trainer import cosine_with_warmup, select_trainable
 
 
@@ -65,7 +66,11 @@ def test_saved_checkpoints_load_with_the_trainers_logits(full_run, processor) ->
         want = model(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
         got = loaded(batch["input_ids"], batch["attention_mask"], images=batch["images"]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    QwenVL.from_pretrained(out / "checkpoint-3")  # the periodic checkpoint is a complete official folder
+    # the periodic checkpoint is sharded (DCP); consolidated it is an official folder with the step-3 weights
+    assert (out / "checkpoint-3" / ".metadata").is_file() and (out / "checkpoint-3" / "config.json").is_file()
+    at_3 = QwenVL.from_pretrained(consolidate(out / "checkpoint-3", out.parent / "full-step3"))
+    assert at_3.state_dict().keys() == model.state_dict().keys()
+    assert not torch.equal(at_3.lm_head.weight, model.lm_head.weight)  # 3 steps before the end
 
 
 def test_interrupted_then_resumed_run_is_exact(full_run, make_cfg, processor, tmp_path: Path) -> None:
@@ -91,10 +96,10 @@ def test_a_failed_save_leaves_no_half_written_checkpoint(make_cfg, processor, tm
     model = T._prepare_model(cfg, None, torch.device("cpu"))
     run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
 
-    def disk_full(*args, **kwargs) -> None:  # the weights are already written when this fails
+    def disk_full(*args, **kwargs) -> None:  # the sharded weights are already written when this fails
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("qwenvl.train.state.torch.save", disk_full)
+    monkeypatch.setattr("qwenvl.train.sharded_checkpoint.record_files", disk_full)
     with pytest.raises(OSError, match="No space left"):
         T._save_checkpoint(run)
     assert list((tmp_path / "out").iterdir()) == []  # neither checkpoint-0 nor a temporary folder

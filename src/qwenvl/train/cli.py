@@ -44,10 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_data", "--data_path", dest="data_path", help="conversation JSON/JSONL file")
     p.add_argument("--dataset_dir", help="folder that relative image paths are resolved against")
     p.add_argument("--output_dir", help="where checkpoints and the final model go")
-    p.add_argument("--resume_training", nargs="?", const="true", metavar="true|false|CHECKPOINT_DIR",
-                   help="continue from the newest checkpoint in output_dir (or from the given folder)")
+    p.add_argument("--resume_training", nargs="?", const="true", metavar="true|false|auto|CHECKPOINT_DIR",
+                   help="continue from the newest checkpoint in output_dir (auto: if there is one), or from the "
+                        "given folder")
     p.add_argument("--use_parallel", nargs="?", const="true", metavar="true|false",
-                   help="accepted for compatibility; training runs single-process")
+                   help="accepted for compatibility: launch with torchrun to train on several devices or nodes")
 
 
 def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
@@ -95,7 +96,7 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
             overrides[name] = value
     if args.resume_training is not None:
         flag = args.resume_training.strip().lower()
-        if flag in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if flag in ("true", "1", "yes", "on", "false", "0", "no", "off", "auto"):
             overrides["resume_training"] = flag
         else:
             overrides.update(resume_training="true", resume_from=args.resume_training)

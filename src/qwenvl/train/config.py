@@ -65,8 +65,11 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 = no clipping
     # ---- precision and memory
-    bf16: str = "auto"  # bf16 autocast over fp32 master weights: auto (where the device has native bf16), true, false
+    # bf16 autocast over fp32 master weights: auto (where the device has native bf16), true, false (under torchrun:
+    # FSDP gathers the parameters in bf16 instead)
+    bf16: str = "auto"
     gradient_checkpointing: bool = True
+    reshard_after_forward: bool = True  # distributed: free gathered weights after each forward (ZeRO-3; false: ZeRO-2)
     # ---- what trains
     freeze_vision: bool = True  # the ViT; the resampler (attn_pool, ln_post, proj) follows freeze_resampler
     freeze_resampler: bool = False
@@ -84,12 +87,15 @@ class TrainConfig:
     # ---- run
     seed: int = 42
     device: str = "auto"  # auto = cuda when available, else cpu
-    resume_training: bool = False  # continue from the newest checkpoint-STEP in output_dir
+    # continue from the newest checkpoint-STEP in output_dir; "auto": if there is one (restarts under torchrun)
+    resume_training: bool | str = False
     resume_from: str = ""  # or from this checkpoint folder
     overwrite: bool = False  # output_dir may be a non-empty folder we did not write / start over from its checkpoints
+    num_workers: int = 2  # DataLoader processes per rank decoding images ahead of the step (0: in the loop)
+    dist_timeout: float = 300.0  # seconds a collective may wait for the other ranks before the job fails
     # ---- compatibility with the MindFormers-style command line
     run_mode: str = "finetune"
-    use_parallel: bool = False
+    use_parallel: bool = False  # accepted; parallelism comes from the launch (torchrun sets RANK and WORLD_SIZE)
 
     def __post_init__(self) -> None:
         if isinstance(self.bf16, bool):  # YAML true/false, Python True/False
@@ -126,6 +132,10 @@ class TrainConfig:
         need(not (self.freeze_llm and self.freeze_resampler and self.freeze_vision and not self.use_lora),
              "nothing to train: freeze_llm, freeze_resampler and freeze_vision are all true")
         need(bool(self.output_dir), "output_dir must not be empty")
+        need(self.resume_training in (True, False, "auto"),
+             f"resume_training must be true, false or auto, got {self.resume_training!r}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if problems:
             raise TrainConfigError("invalid training config:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -216,8 +226,16 @@ def _split_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _is_bool_or_word(tp: Any) -> bool:
+    """``bool | str``: true/false, or a word such as ``auto``."""
+    return set(typing.get_args(tp)) == {bool, str}
+
+
 def parse_value(key: str, text: str, tp: Any) -> Any:
     """Text from a command line -> the field's type (``none``/``null`` for optional fields)."""
+    if _is_bool_or_word(tp):
+        low = text.strip().lower()
+        return True if low in _TRUE else False if low in _FALSE else low
     base, optional = _split_optional(tp)
     if optional and text.strip().lower() in ("none", "null", ""):
         return None
@@ -240,6 +258,8 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """A value from YAML or Python -> the field's type; strings are parsed, ints widen to floats."""
+    if _is_bool_or_word(tp):
+        return parse_value(key, value, tp) if isinstance(value, str) else bool(value)
     base, optional = _split_optional(tp)
     if value is None:
         if optional:

@@ -40,6 +40,7 @@ __all__ = [
     "ADAPTER_PREFIX",
     "adapter_folder",
     "apply_lora",
+    "check_adapters_are_used",
     "load_adapter",
     "lora_config_from",
     "merge_lora",
@@ -78,11 +79,13 @@ def lora_config_from(cfg: TrainConfig):  # noqa: ANN201 - peft.LoraConfig
     )
 
 
-def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | None = None):  # noqa: ANN201
+def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | None = None,  # noqa: ANN201
+               check: bool = True):
     """Freeze ``model``, add LoRA adapters in place and return the ``LoraConfig``.
 
     ``extra_trainable``: names of parameters trained in full next to the adapters (the resampler).
-    Raises ValueError when the target regex matches no module.
+    Raises ValueError when the target regex matches no module. ``check``: run :func:`check_adapters_are_used`
+    (a model on the meta device is checked once it has weights).
     """
     peft = _peft()
     lora_cfg = lora_config_from(cfg)
@@ -91,7 +94,8 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | 
         peft.inject_adapter_in_model(lora_cfg, model)
     except ValueError as e:
         raise ValueError(f"LoRA target {cfg.lora_target!r} matches no module of the model: {e}") from e
-    _check_adapters_are_used(model)
+    if check:
+        check_adapters_are_used(model)
     params = dict(model.named_parameters())
     for name in extra_trainable or []:
         params[name].requires_grad_(True)
@@ -101,7 +105,7 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | 
     return lora_cfg
 
 
-def _check_adapters_are_used(model: nn.Module) -> None:
+def check_adapters_are_used(model: nn.Module) -> None:
     """Run two tokens through the model and make sure a LoRA layer took part.
 
     peft swaps modules in place, so a forward that reads ``layer.weight`` itself instead of calling
@@ -132,12 +136,17 @@ def _extra_trainables(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
 
 
-def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str]) -> Path:  # noqa: ANN001
-    """Write the adapters (and the parameters trained in full) to ``out_dir`` atomically; return it."""
+def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str],  # noqa: ANN001
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapters (and the parameters trained in full) to ``out_dir`` atomically; return it.
+
+    ``state``: the trained parameters by name, whole (for a sharded model: gathered), instead of the model's own.
+    """
     peft = _peft()
-    state = peft.get_peft_model_state_dict(model)
-    adapters = {ADAPTER_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    extras = {k: v.to("cpu").contiguous() for k, v in _extra_trainables(model).items()}
+    adapters = peft.get_peft_model_state_dict(model, state_dict=state)
+    adapters = {ADAPTER_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapters.items()}
+    trained = _extra_trainables(model) if state is None else {k: v for k, v in state.items() if "lora_" not in k}
+    extras = {k: v.detach().to("cpu").contiguous() for k, v in trained.items()}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(adapters, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

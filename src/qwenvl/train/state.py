@@ -1,12 +1,13 @@
 """What a resumed run needs to continue exactly: data order, RNG states, and the checkpoint folders.
 
-A checkpoint folder ``output_dir/checkpoint-STEP/`` holds the model (the official layout, or ``adapter/``
-for LoRA runs) plus ``trainer_state.pt`` (optimizer, scheduler, step, data position, RNG states; loaded
-with ``weights_only=True``; also the run's settings) and ``trainer_state.json`` (the same in readable form,
-without tensors), and our output marker (``qwenvl.outputs``). Folders are built in a temporary sibling and
-renamed into place, so a crash never leaves a half-written one; pruning renames a folder to a hidden trash
-name before deleting it, so a crash never leaves a half-deleted one under its real name (the next run in the
-folder deletes the trash). Only folders holding our marker are pruned.
+A checkpoint folder ``output_dir/checkpoint-STEP/`` (written by :mod:`qwenvl.train.sharded_checkpoint`: the
+weights and optimizer state sharded with ``torch.distributed.checkpoint``) is complete when it holds
+``trainer_state.pt`` (scheduler, step, data order, world size and global batch, the run's settings; loaded
+with ``weights_only=True``), beside ``trainer_state.json`` (the same in readable form) and our output marker
+(``qwenvl.outputs``). Folders are built in a temporary sibling and renamed into place, so a crash never leaves
+a half-written one; pruning renames a folder to a hidden trash name before deleting it, so a crash never
+leaves a half-deleted one under its real name (the next run in the folder deletes the trash). Only folders
+holding our marker are pruned.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ import pickle
 import random
 import re
 import zipfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..fileio import atomic_dir, fault_point, remove_tree
-from ..outputs import is_ours, record_files
+from ..fileio import remove_tree
+from ..outputs import is_ours
 
 __all__ = [
     "STATE_FILE",
+    "STATE_JSON",
     "BatchOrder",
     "RESUME_KEYS",
     "TrainStateError",
@@ -37,12 +38,10 @@ __all__ = [
     "Progress",
     "checkpoint_dirs",
     "latest_checkpoint",
-    "load_state",
     "prune_checkpoints",
     "read_state",
     "rng_state",
     "saved_config",
-    "save_checkpoint",
     "set_rng_state",
 ]
 
@@ -59,51 +58,62 @@ class TrainStateError(ValueError):
 
 # ---- data order ------------------------------------------------------------------------------------------
 class BatchOrder:
-    """An endless stream of micro-batches of sample indices: each epoch is a fresh seeded permutation.
+    """Which samples each optimizer step trains on: seeded epoch permutations back to back, cut into global batches.
 
-    The permutation of epoch ``e`` depends only on ``seed + e``, so the position ``(epoch, batch)`` is all a
-    checkpoint must store to replay the same order. The last micro-batch of an epoch may be smaller.
+    Step ``s`` takes positions ``[s * G, (s + 1) * G)`` of the stream (``G`` = global batch = micro-batch size x
+    accumulation steps x world size), the permutation of epoch ``e`` depending only on ``seed + e``: the samples
+    of a step depend on the seed and ``G`` alone, so runs on N and on M ranks with the same ``G`` train on the
+    same samples, and the step number is all a checkpoint needs to replay the order. A step that crosses the
+    end of an epoch takes the rest of it and the start of the next, so every step is full and every rank gets
+    the same number of samples. Rank ``r`` trains on the ``r``-th of ``world`` equal slices of a step's samples,
+    in micro-batches of ``batch_size``.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_samples: int, global_batch: int, seed: int) -> None:
         if num_samples < 1:
             raise ValueError("no samples to train on")
         self.num_samples = num_samples
-        self.batch_size = batch_size
+        self.global_batch = global_batch
         self.seed = seed
-        self.epoch = 0
-        self.batch = 0  # micro-batches already taken from this epoch
-        self._perm: list[int] | None = None
+        self._perms: dict[int, list[int]] = {}
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.num_samples, generator=g).tolist()
+        return self._perms[epoch]
 
-    def _permutation(self) -> list[int]:
-        if self._perm is None:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm = torch.randperm(self.num_samples, generator=g).tolist()
-        return self._perm
+    def step_samples(self, step: int) -> list[int]:
+        """The ``global_batch`` sample indices of 0-based optimizer step ``step``."""
+        out: list[int] = []
+        pos = step * self.global_batch
+        while len(out) < self.global_batch:
+            epoch, offset = divmod(pos, self.num_samples)
+            take = min(self.global_batch - len(out), self.num_samples - offset)
+            out += self._permutation(epoch)[offset : offset + take]
+            pos += take
+        return out
 
-    def next(self) -> list[int]:
-        if self.batch >= self.batches_per_epoch:
-            self.epoch, self.batch, self._perm = self.epoch + 1, 0, None
-        start = self.batch * self.batch_size
-        self.batch += 1
-        return self._permutation()[start : start + self.batch_size]
+    def micro_batches(self, step: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+        """Rank ``rank``'s micro-batches of step ``step``."""
+        per_rank = self.global_batch // world_size
+        mine = self.step_samples(step)[rank * per_rank : (rank + 1) * per_rank]
+        return [mine[i : i + batch_size] for i in range(0, per_rank, batch_size)]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "num_samples": self.num_samples,
-                "batch_size": self.batch_size, "seed": self.seed}
+        return {"num_samples": self.num_samples, "global_batch": self.global_batch, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("num_samples", "batch_size", "seed"):
-            if state[key] != getattr(self, key):
+        """Check that a checkpoint's order is this one (the position is the step count)."""
+        for key in ("num_samples", "global_batch", "seed"):
+            if state.get(key) != getattr(self, key):
                 raise ValueError(
-                    f"cannot resume: the checkpoint was trained with {key}={state[key]}, this run has "
-                    f"{getattr(self, key)}; the data order would differ (use the same data and settings)"
+                    f"cannot resume: the checkpoint was trained with {key}={state.get(key)}, this run has "
+                    f"{getattr(self, key)}; the data order would differ (use the same data, seed and global batch "
+                    "= batch_size x gradient_accumulation_steps x world size)"
                 )
-        self.epoch, self.batch, self._perm = state["epoch"], state["batch"], None
 
 
 # ---- RNG ---------------------------------------------------------------------------------------------------
@@ -167,57 +177,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def save_checkpoint(
-    path: Path,
-    write_model: Callable[[Path], None],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    order: BatchOrder,
-    progress: Progress,
-    config: dict[str, Any],
-) -> Path:
-    """Write a resumable checkpoint folder atomically: ``write_model(folder)`` then the trainer state."""
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data": order.state_dict(),
-        "rng": rng_state(),
-        "progress": asdict(progress),
-        "config": config,
-    }
-    readable = {"step": progress.step, "data": order.state_dict(), "progress": asdict(progress), "config": config}
-    with atomic_dir(path) as tmp:
-        write_model(tmp)
-        fault_point("checkpoint.model_written")
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / STATE_JSON).write_text(json.dumps(readable, indent=1) + "\n", encoding="utf-8")
-        record_files(tmp, [p.name for p in tmp.iterdir()], command="finetune")
-    return path
-
-
-def load_state(
-    path: Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    order: BatchOrder,
-    state: dict[str, Any] | None = None,
-) -> Progress:
-    """Restore optimizer, scheduler, data position and RNG states from a checkpoint folder (``state``: its
-    :func:`read_state`, when already read)."""
-    state = read_state(path) if state is None else state
-    try:
-        order.load_state_dict(state["data"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        return Progress(**state["progress"])
-    except TrainStateError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise TrainStateError(f"{path / STATE_FILE}: the trainer state does not fit this run "
-                              f"({type(e).__name__}: {_one_line(e)})") from None
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 300 else text[:297] + "..."
@@ -234,7 +193,7 @@ def read_state(path: Path) -> dict[str, Any]:
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise TrainStateError(f"{file}: corrupt or unreadable trainer state ({type(e).__name__}: {_one_line(e)}); "
                               "resume from another checkpoint (--resume_training DIR) or delete this one") from None
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "data", "rng", "progress"} <= set(state):
+    if not isinstance(state, dict) or not {"scheduler", "data", "progress", "world_size"} <= set(state):
         raise TrainStateError(f"{file}: not a trainer state (missing keys); resume from another checkpoint")
     return state
 
@@ -267,10 +226,11 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
 
 # ---- resuming with other settings ----------------------------------------------------------------------------
 # Settings that shape the optimization: a resumed run with other values would continue a different schedule
-# (or optimizer) from a state made under the old one, while the checkpoint records the new values.
+# (or optimizer) from a state made under the old one, while the checkpoint records the new values. The global
+# batch (batch_size x gradient_accumulation_steps x world size) counts, not how it is split: a checkpoint of
+# 2 ranks x batch 2 resumes on 1 rank x batch 4 (see BatchOrder).
 RESUME_KEYS = (
-    "learning_rate", "min_lr", "warmup_steps", "max_steps", "num_epochs", "batch_size",
-    "gradient_accumulation_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",
+    "learning_rate", "min_lr", "warmup_steps", "max_steps", "num_epochs", "global_batch_size", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",
     "vision_lr_scale", "resampler_lr_scale", "seed", "freeze_vision", "freeze_resampler", "freeze_llm",
     "freeze_embedding", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "lora_train_resampler",
 )

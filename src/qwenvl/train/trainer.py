@@ -1,23 +1,27 @@
 """Stage-3 fine-tuning: the LM and the resampler train, the ViT stays frozen (DESIGN.md section 1).
 
-One process, one device. Fused AdamW over fp32 master weights, bf16 autocast (on the CPU as fast as or faster
-than bf16 weights with an fp32 master copy: ``benchmarks/finetune.py --compare``), cosine schedule with linear
-warmup down to ``min_lr``, gradient clipping, gradient accumulation, activation checkpointing. The frozen
-ViT records no autograd graph (no input or weight of it requires grad), so it costs one forward. Gradient
-accumulation weights each micro-batch by its labelled-token count, so ``k`` micro-batches of size ``b``
-give the same update as one batch of ``k * b`` (up to rounding).
+One process on one device, or many under ``torchrun`` (:mod:`qwenvl.train.distributed`): then the model is
+sharded with FSDP2 (:func:`qwenvl.train.parallelize.parallelize`) and each rank trains on its slice of every
+global batch (``batch_size x gradient_accumulation_steps x world size`` samples, chosen by
+:class:`~qwenvl.train.state.BatchOrder` from the seed and the global batch alone). Fused AdamW over fp32
+master weights, bf16 autocast (or FSDP's bf16 parameters), cosine schedule with linear warmup down to
+``min_lr``, gradient clipping, gradient accumulation, activation checkpointing. The frozen ViT records no
+autograd graph. Every micro-batch is weighted by its share of the step's labelled tokens over all ranks, so
+``k`` micro-batches of ``b`` samples on ``n`` ranks give the same update as one batch of ``k * b * n``
+(up to rounding). A ``DataLoader`` with ``num_workers`` processes decodes the images of the next
+micro-batches while the current one trains.
 
-Checkpoints (``output_dir/checkpoint-STEP/``, the newest ``save_total_limit`` kept) hold the weights in
-the official layout and the trainer state; a run started with ``resume_training`` continues exactly where
-the checkpoint left off: same following losses and bit-identical final weights as an uninterrupted run.
-The final weights go to ``output_dir`` (LoRA runs: ``output_dir/adapter``).
+Checkpoints (``output_dir/checkpoint-STEP/``, the newest ``save_total_limit`` kept) are sharded
+(:mod:`qwenvl.train.sharded_checkpoint`); a run started with ``resume_training`` continues exactly where the
+checkpoint left off, on any number of ranks with the same global batch. The final weights go to
+``output_dir`` in the official layout (gathered one file at a time; LoRA runs: ``output_dir/adapter``).
 
-The run holds ``output_dir`` for itself (``qwenvl.outputs``): it must be new, empty or one of our outputs
+The run (its rank 0) holds ``output_dir`` for itself (``qwenvl.outputs``): it must be new, empty or one of our outputs
 (``overwrite``: any folder, of which only the files we write are replaced), must not be, contain or lie
 inside ``load_checkpoint`` (nor be or contain the training data), and is locked for the whole run. A new
 run (not resuming) in a folder that holds checkpoints of an earlier one is refused unless ``overwrite``
 (which deletes those checkpoints). Resuming refuses changed optimization settings
-(:data:`~qwenvl.train.state.RESUME_KEYS`), naming them.
+(:data:`~qwenvl.train.state.RESUME_KEYS`; the global batch, not its split), naming them.
 """
 
 from __future__ import annotations
@@ -37,31 +41,33 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_state_dict as read_checkpoint
 from ..checkpoint import save_pretrained
+from ..config import QwenVLConfig
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, collate
 from ..fileio import atomic_write_text, remove_tree
 from ..hardware import resolve_bf16
 from ..model import QwenVL
 from ..outputs import OutputDirError, check_separate, claim_output, is_ours, record_files
-from . import lora
+from . import distributed, lora
+from . import sharded_checkpoint as sharded
 from .config import TrainConfig, TrainConfigError
+from .distributed import DistEnv, DistributedError
 from .state import (
     BatchOrder,
     Progress,
     check_resume_settings,
     checkpoint_dirs,
     latest_checkpoint,
-    load_state,
     prune_checkpoints,
     read_state,
-    save_checkpoint,
     saved_config,
 )
 
-__all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "part_of", "select_trainable", "train"]
+__all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "global_batch_size", "part_of", "select_trainable",
+           "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,7 @@ RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "tr
 FIXED = frozenset({"transformer.visual.attn_pool.pos_embed"})
 # The input embedding: part of the LM, but ``freeze_embedding`` keeps it alone frozen.
 EMBEDDING = "transformer.wte.weight"
+_WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
 
 @dataclass
@@ -122,8 +129,14 @@ class _Run:
     total_steps: int
     lora_config: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
-    bf16: bool = False  # bf16 autocast, resolved from cfg.bf16 and the hardware
+    env: DistEnv | None = None
+    bf16: bool = False  # bf16 autocast (single process), resolved from cfg.bf16 and the hardware
     bad_samples: list[str] = field(default_factory=list)
+    batches: Any = None  # iterator over this rank's micro-batches, from progress.step on
+
+    def __post_init__(self) -> None:
+        if self.env is None:
+            self.env = DistEnv.single(self.device)
 
 
 # ---- public entry --------------------------------------------------------------------------------------------
@@ -139,12 +152,21 @@ def train(
 
     A given model is trained in place (moved to ``cfg.device``, fp32 master weights). ``dataset[i]`` must give
     ``input_ids``/``labels`` (1-D long) and ``images`` (or None), as :class:`ConversationDataset` does.
-    ``callback(info)`` runs after each step; returning True stops the run after saving a checkpoint.
+    ``callback(info)`` runs after each step (on every rank; all ranks must agree); returning True stops the run
+    after saving a checkpoint. Under ``torchrun`` every rank calls this; see the module docstring.
     """
-    if cfg.use_parallel:
-        logger.warning("use_parallel: this trainer runs single-process on one device; training on %s", cfg.device)
-    with _hold_output_dir(cfg):
-        return _train(cfg, model, processor, dataset, callback)
+    env = distributed.setup(str(_resolve_device(cfg.device)), cfg.dist_timeout, cfg.use_parallel)
+    try:
+        with _hold_output_dir(cfg, env):
+            return _train(cfg, model, processor, dataset, callback, env)
+    except torch.distributed.DistError as e:  # a collective outside our own helpers (FSDP, DCP) failed
+        raise env.lost(e) from e
+    except RuntimeError as e:
+        if env.distributed and not isinstance(e, DistributedError) and _looks_like_lost_peer(e):
+            raise env.lost(e) from e
+        raise
+    finally:
+        distributed.teardown(env)
 
 
 def _train(
@@ -153,13 +175,13 @@ def _train(
     processor: Any,
     dataset: Any,
     callback: Callable[[StepInfo], bool | None] | None,
+    env: DistEnv,
 ) -> TrainResult:
-    device = _resolve_device(cfg.device)
     _seed_everything(cfg.seed)
-    model = _prepare_model(cfg, model, device)
+    model = _prepare_model(cfg, model, env.device, env)
     if dataset is None:
         dataset = _build_dataset(cfg, processor, model)
-    run = _setup_run(cfg, model, dataset, device)
+    run = _setup_run(cfg, model, dataset, env.device, env)
     _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
     resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
     stopped = _loop(run, callback)
@@ -168,13 +190,26 @@ def _train(
 
 
 @contextlib.contextmanager
-def _hold_output_dir(cfg: TrainConfig) -> Iterator[None]:
-    """Check ``output_dir`` against the inputs, lock it for the run and settle what an earlier run left."""
-    check_separate(cfg.output_dir, {"load_checkpoint": cfg.load_checkpoint, "training data": cfg.data_path,
-                                    "dataset_dir": cfg.dataset_dir},
-                   may_lie_inside=("dataset_dir",), what="output_dir")
-    with claim_output(cfg.output_dir, "finetune", overwrite=cfg.overwrite, flag="--overwrite (overwrite: true)"):
-        _check_earlier_run(cfg)
+def _hold_output_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
+    """Check ``output_dir`` against the inputs, lock it for the run and settle what an earlier run left (rank 0;
+    the other ranks learn its verdict and fail with it)."""
+    with contextlib.ExitStack() as stack:
+        failure: Exception | None = None
+        if env.is_main:
+            try:
+                check_separate(cfg.output_dir, {"load_checkpoint": cfg.load_checkpoint, "training data": cfg.data_path,
+                                                "dataset_dir": cfg.dataset_dir},
+                               may_lie_inside=("dataset_dir",), what="output_dir")
+                stack.enter_context(claim_output(cfg.output_dir, "finetune", overwrite=cfg.overwrite,
+                                                 flag="--overwrite (overwrite: true)"))
+                _check_earlier_run(cfg)
+            except (ValueError, OSError) as e:
+                failure = e
+        verdict = env.broadcast(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if verdict is not None:
+            raise OutputDirError(verdict)
         yield
 
 
@@ -201,6 +236,11 @@ def _check_earlier_run(cfg: TrainConfig) -> None:
         logger.info("overwrite: deleted %s of an earlier run", path)
 
 
+def _looks_like_lost_peer(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout"))
+
+
 # ---- setup ---------------------------------------------------------------------------------------------------
 def _resolve_device(name: str) -> torch.device:
     from ..inference import pick_device  # the one place device names are checked
@@ -217,9 +257,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_model(cfg: TrainConfig, model: QwenVL | None, device: torch.device) -> QwenVL:
+def _prepare_model(cfg: TrainConfig, model: QwenVL | None, device: torch.device, env: DistEnv | None = None) -> QwenVL:
+    """The model to train, on ``device`` in fp32. Distributed runs from a checkpoint get it on the meta device:
+    each rank reads only its shards once it is sharded (:func:`_setup_run`)."""
     if model is None:
-        if cfg.load_checkpoint:
+        if cfg.load_checkpoint and env is not None and env.distributed:
+            config = QwenVLConfig.from_pretrained(cfg.load_checkpoint)
+            with torch.device("meta"):
+                model = QwenVL(config)
+        elif cfg.load_checkpoint:
             model = QwenVL.from_pretrained(cfg.load_checkpoint, dtype=torch.float32, device=device)
         elif cfg.preset:
             model = QwenVL.from_config(cfg.preset, dtype=torch.float32, device=device, seed=cfg.seed)
@@ -230,10 +276,15 @@ def _prepare_model(cfg: TrainConfig, model: QwenVL | None, device: torch.device)
         logger.warning("model weights are %s: training keeps fp32 master weights, casting the model to float32",
                        ", ".join(low))
         model.float()
-    model.to(device)
+    if not _on_meta(model):
+        model.to(device)
     model.train()
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     return model
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def _build_dataset(cfg: TrainConfig, processor: Any, model: QwenVL) -> ConversationDataset:
@@ -256,12 +307,12 @@ def select_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
             if name not in FIXED and not frozen[part_of(name)] and not (name == EMBEDDING and cfg.freeze_embedding)]
 
 
-def _set_trainable(model: QwenVL, cfg: TrainConfig) -> Any:
+def _set_trainable(model: QwenVL, cfg: TrainConfig, check: bool = True) -> Any:
     """Set ``requires_grad`` (adding LoRA adapters when asked); return the LoraConfig or None."""
     if cfg.use_lora:
         resampler = cfg.replace(freeze_llm=True, freeze_vision=True, freeze_resampler=False)
         extra = select_trainable(model, resampler) if cfg.lora_train_resampler else []
-        return lora.apply_lora(model, cfg, extra)
+        return lora.apply_lora(model, cfg, extra, check=check)
     chosen = set(select_trainable(model, cfg))
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
@@ -304,29 +355,52 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float) -> 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _plan_steps(cfg: TrainConfig, num_samples: int) -> int:
+def global_batch_size(cfg: TrainConfig, world_size: int = 1) -> int:
+    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+
+
+def _plan_steps(cfg: TrainConfig, num_samples: int, world_size: int = 1) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    micro = cfg.num_epochs * -(-num_samples // cfg.batch_size)
-    return -(-micro // cfg.gradient_accumulation_steps)
+    return -(-cfg.num_epochs * num_samples // global_batch_size(cfg, world_size))
 
 
-def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.device) -> _Run:
-    lora_config = _set_trainable(model, cfg)
+def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.device, env: DistEnv | None = None) -> _Run:
+    env = env or DistEnv.single(device)
+    meta = _on_meta(model)
+    lora_config = _set_trainable(model, cfg, check=not meta)
+    if env.distributed:
+        from .parallelize import parallelize
+
+        parallelize(model, env.mesh, cfg)
+        if meta:  # each rank reads its rows of the checkpoint
+            from .load_sharded import load_sharded_weights
+
+            model.to_empty(device=env.device)
+            load_sharded_weights(model, cfg.load_checkpoint)
+    if lora_config is not None:
+        from .load_sharded import init_lora_parameters
+
+        init_lora_parameters(model, cfg.seed)  # the same adapters whatever the number of ranks
+        if meta:
+            lora.check_adapters_are_used(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise TrainConfigError("nothing to train: every parameter is frozen")
     optimizer = _build_optimizer(named, cfg, device)
-    total = _plan_steps(cfg, len(dataset))
+    total = _plan_steps(cfg, len(dataset), env.world_size)
     schedule = functools.partial(cosine_with_warmup, warmup=cfg.warmup_steps, total=total,
                                  min_ratio=cfg.min_lr / cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     n_train = sum(p.numel() for _n, p in named)
     n_all = sum(p.numel() for p in model.parameters())
-    logger.info("training %d of %d parameters (%.1f%%), %d samples, %d steps of %d x %d micro-batches", n_train,
-                n_all, 100 * n_train / n_all, len(dataset), total, cfg.gradient_accumulation_steps, cfg.batch_size)
-    return _Run(cfg, model, dataset, device, optimizer, scheduler, BatchOrder(len(dataset), cfg.batch_size, cfg.seed),
-                Progress(), total, lora_config, [p for _n, p in named], resolve_bf16(cfg.bf16, device))
+    g = global_batch_size(cfg, env.world_size)
+    logger.info("training %d of %d parameters (%.1f%%), %d samples, %d steps of %d samples (%d x %d micro-batches "
+                "on %d rank(s))", n_train, n_all, 100 * n_train / n_all, len(dataset), total, g,
+                cfg.gradient_accumulation_steps, cfg.batch_size, env.world_size)
+    bf16 = resolve_bf16(cfg.bf16, device) if not env.distributed else False  # distributed: FSDP's bf16 parameters
+    return _Run(cfg, model, dataset, device, optimizer, scheduler, BatchOrder(len(dataset), g, cfg.seed),
+                Progress(), total, lora_config, [p for _n, p in named], env, bf16)
 
 
 def _maybe_resume(run: _Run) -> Path | None:
@@ -335,41 +409,92 @@ def _maybe_resume(run: _Run) -> Path | None:
         return None
     path = Path(cfg.resume_from) if cfg.resume_from else latest_checkpoint(cfg.output_dir)
     if path is None:
+        if cfg.resume_training == "auto":
+            logger.info("resume_training auto: no checkpoint in %s yet, starting from step 0", cfg.output_dir)
+            return None
         raise FileNotFoundError(f"resume_training: no checkpoint-STEP folder with a trainer state in {cfg.output_dir}")
-    trainer_state = read_state(path)  # a corrupt state fails here, before the model is touched
-    check_resume_settings(path, saved_config(path, trainer_state), cfg.to_dict())
-    if run.lora_config is not None:
-        lora.load_adapter(run.model, path / "adapter")
-    else:
-        state = read_checkpoint(path)
-        with torch.no_grad():
-            run.model.load_state_dict(state, strict=True)
-        del state
-    run.progress = load_state(path, run.optimizer, run.scheduler, run.order, trainer_state)
-    logger.info("resumed from %s at step %d", path, run.progress.step)
+    state = read_state(path)  # a corrupt state fails here, before the model is touched
+    saved = saved_config(path, state)
+    g = run.order.global_batch
+    check_resume_settings(path, None if saved is None else {**saved, "global_batch_size": state.get("global_batch_size")},
+                          {**cfg.to_dict(), "global_batch_size": g})
+    run.order.load_state_dict(state["data"])
+    sharded.load_checkpoint(path, run.env, run.model, run.optimizer, trained_only=run.lora_config is not None,
+                            state=state)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.progress = Progress(**state["progress"])
+    run.batches = None
+    logger.info("resumed from %s at step %d (saved by %s rank(s), now %d)", path, run.progress.step,
+                state.get("world_size"), run.env.world_size)
     return path
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
+class _StepSampler:
+    """The micro-batches (index lists) of this rank for steps ``start, start + 1, ...`` (a DataLoader batch sampler)."""
+
+    def __init__(self, run: _Run, start: int) -> None:
+        self.order, self.start, self.stop = run.order, start, run.total_steps
+        self.rank, self.world, self.batch_size = run.env.rank, run.env.world_size, run.cfg.batch_size
+        self.accum = run.cfg.gradient_accumulation_steps
+
+    def __iter__(self) -> Any:
+        for step in range(self.start, self.stop):
+            yield from self.order.micro_batches(step, self.rank, self.world, self.batch_size)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+class _Samples:
+    """The dataset as the loader's workers read it: with ``skip_bad_samples`` a sample that fails to load (an
+    image that decoded at the start no longer does) becomes ``{"bad": why}`` instead of stopping the run."""
+
+    def __init__(self, dataset: Any, skip_bad: bool) -> None:
+        self.dataset, self.skip_bad = dataset, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self.dataset[i]
+        except ValueError as e:  # DatasetError
+            if not self.skip_bad:
+                raise
+            return {"bad": str(e)}
+
+
+def _collate_good(samples: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
+    good = [s for s in samples if "bad" not in s]
+    return (collate(good) if good else None), [s["bad"] for s in samples if "bad" in s]
+
+
+def _loader(run: _Run) -> DataLoader:
+    workers = run.cfg.num_workers
+    # its own generator: the loader draws a seed for its workers, which must not move the global (dropout) RNG
+    return DataLoader(_Samples(run.dataset, run.cfg.skip_bad_samples), batch_sampler=_StepSampler(run, run.progress.step),
+                      collate_fn=_collate_good, num_workers=workers, prefetch_factor=2 if workers else None,
+                      pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed))
+
+
 def _next_micro_batches(run: _Run) -> list[dict[str, Any]]:
-    """The step's micro-batches; with skip_bad_samples a sample that fails to load is left out (and reported)."""
+    """This rank's micro-batches of the next step (decoded ahead by the loader's workers); with skip_bad_samples a
+    sample that fails to load is left out (and reported)."""
+    if run.batches is None:
+        run.batches = iter(_loader(run))
     out = []
     for _ in range(run.cfg.gradient_accumulation_steps):
-        samples = [s for i in run.order.next() if (s := _load_sample(run, i)) is not None]
-        if samples:
-            out.append(collate(samples))
+        batch, bad = next(run.batches)
+        for why in bad:
+            run.bad_samples.append(why)
+            logger.warning("step %d: skipping a bad sample (skip_bad_samples): %s", run.progress.step + 1, why)
+        if batch is not None:
+            out.append(batch)
+        elif run.env.distributed:  # every rank must run the same forward passes (FSDP's collectives)
+            raise ValueError(f"rank {run.env.rank}: no sample of a micro-batch of step {run.progress.step + 1} could be "
+                             f"loaded ({'; '.join(bad)})")
     return out
-
-
-def _load_sample(run: _Run, i: int) -> dict[str, Any] | None:
-    try:
-        return run.dataset[i]
-    except ValueError as e:  # DatasetError: an image that decoded at the start no longer does
-        if not run.cfg.skip_bad_samples:
-            raise
-        run.bad_samples.append(str(e))
-        logger.warning("step %d: skipping a bad sample (skip_bad_samples): %s", run.progress.step + 1, e)
-        return None
 
 
 def _loss_tokens(labels: torch.Tensor) -> int:
@@ -377,37 +502,54 @@ def _loss_tokens(labels: torch.Tensor) -> int:
 
 
 def _train_step(run: _Run, micro: list[dict[str, Any]]) -> tuple[float, float]:
-    """Forward/backward over the micro-batches, clip, step; return (mean loss, grad norm)."""
+    """Forward/backward over the micro-batches, clip, step; return (mean loss over all ranks, grad norm)."""
+    env, dev, k = run.env, run.device, len(micro)
     counts = [_loss_tokens(b["labels"]) for b in micro]
-    total = sum(counts)
+    # one collective for the whole step: labelled tokens and image counts of every micro-batch over all ranks
+    sums = env.sum([*counts, *(float(b["images"] is not None) for b in micro)])
+    total, any_images = sum(sums[:k]), sums[k:]
     if total == 0:
         logger.warning("step %d has no labelled token; skipped", run.progress.step + 1)
         return float("nan"), 0.0
-    loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
-    dev = run.device
-    for b, n in zip(micro, counts):
-        if n == 0:
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+    for b, n, imgs in zip(micro, counts, any_images):
+        if n == 0 and not env.distributed:
             continue
-        images = b["images"].to(dev, non_blocking=True) if b["images"] is not None else None
+        images = b["images"]
+        if images is None and imgs:  # another rank encodes images: this one runs the vision tower on none
+            size = run.model.config.visual.image_size
+            images = torch.zeros(0, 3, size, size)
+        images = images.to(dev, non_blocking=True) if images is not None else None
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run.bf16):
             out = run.model(b["input_ids"].to(dev, non_blocking=True), images=images,
                             labels=b["labels"].to(dev, non_blocking=True))
-        # weight by labelled tokens so accumulation equals one big batch
+        # weight by labelled tokens so accumulation (and ranks) equal one big batch
         (out.loss * (n / total)).backward()
         loss_sum += out.loss.detach().float() * n
-    max_norm = run.cfg.max_grad_norm or math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    grad_norm = _clip_grad_norm(run.params, run.cfg.max_grad_norm or math.inf)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.progress.num_loss_tokens += total
-    run.progress.num_tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-    return float(loss_sum) / total, float(grad_norm)
+    loss_total, tokens = env.sum([float(loss_sum), sum(int(b["attention_mask"].sum()) for b in micro)])
+    run.progress.num_loss_tokens += int(total)
+    run.progress.num_tokens += int(tokens)
+    return loss_total / total, grad_norm
+
+
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients to ``max_norm`` (global over all ranks' shards); return their norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):  # sharded gradients: the norm of each shard, reduced over ranks
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def _loop(run: _Run, callback: Callable[[StepInfo], bool | None] | None) -> bool:
     """Train until ``total_steps``; return True when the callback stopped the run."""
     cfg, prog = run.cfg, run.progress
-    bar = tqdm(total=run.total_steps, initial=prog.step, desc="finetune", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=prog.step, desc="finetune", unit="step", dynamic_ncols=True,
+               disable=not run.env.is_main)
     try:
         while prog.step < run.total_steps:
             t0 = time.perf_counter()
@@ -444,35 +586,61 @@ def _loop(run: _Run, callback: Callable[[StepInfo], bool | None] | None) -> bool
 
 
 # ---- saving --------------------------------------------------------------------------------------------------
-def _write_model(run: _Run, folder: Path) -> None:
-    """The weights a checkpoint needs: the full model (master dtype) or, for LoRA, the adapter."""
-    if run.lora_config is not None:
-        lora.save_adapter(run.model, run.lora_config, folder / "adapter")
-    else:
-        save_pretrained(run.model, run.model.config, folder)
+def _trainer_state(run: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what a checkpoint needs to resume, the readable summary)."""
+    p, env = run.progress, run.env
+    info = {"world_size": env.world_size, "global_batch_size": run.order.global_batch}
+    state = {"scheduler": run.scheduler.state_dict(), "data": run.order.state_dict(), "progress": asdict(p), **info,
+             "config": run.cfg.to_dict()}
+    readable = {"step": p.step, "data": run.order.state_dict(), "progress": asdict(p), **info,
+                "config": run.cfg.to_dict()}
+    return state, readable
 
 
 def _save_checkpoint(run: _Run) -> Path:
     path = Path(run.cfg.output_dir) / f"checkpoint-{run.progress.step}"
-    save_checkpoint(path, functools.partial(_write_model, run), run.optimizer, run.scheduler, run.order,
-                    run.progress, run.cfg.to_dict())
+    state, readable = _trainer_state(run)
+    extra = functools.partial(_write_adapter, run) if run.lora_config is not None else None
+    sharded.save_checkpoint(path, run.env, run.model, run.optimizer, state, readable, run.model.config,
+                            trained_only=run.lora_config is not None, write_extra=extra)
     logger.info("saved %s", path)
-    prune_checkpoints(run.cfg.output_dir, run.cfg.save_total_limit)
+    if run.env.is_main:
+        prune_checkpoints(run.cfg.output_dir, run.cfg.save_total_limit)
+    run.env.barrier()
     return path
+
+
+def _write_adapter(run: _Run, folder: Path) -> Path:
+    """The LoRA adapter (and the parameters trained in full next to it) in peft's format; gathered when sharded."""
+    state = None
+    if run.env.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(run.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if not run.env.is_main:
+            return folder / sharded.ADAPTER_DIR
+    return lora.save_adapter(run.model, run.lora_config, folder / sharded.ADAPTER_DIR, state=state)
 
 
 def _save_final(run: _Run) -> Path:
     out = Path(run.cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if run.env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if run.lora_config is not None:
-        final = lora.save_adapter(run.model, run.lora_config, out / "adapter")
-        record_files(out, [final.name])
+        final = _write_adapter(run, out)
+        if run.env.is_main:
+            record_files(out, [final.name])
     else:
         final = publish_weights(run.model, out, _save_dtype(run))
-    summary = {"progress": asdict(run.progress), "config": run.cfg.to_dict()}
-    atomic_write_text(out / "trainer_state.json", _json(summary))
-    record_files(out, ["trainer_state.json"])
-    logger.info("saved the final %s to %s", "adapter" if run.lora_config is not None else "model", final)
+    if run.env.is_main:
+        _state, summary = _trainer_state(run)
+        summary = {"progress": summary["progress"], "world_size": summary["world_size"],
+                   "global_batch_size": summary["global_batch_size"], "config": summary["config"]}
+        atomic_write_text(out / "trainer_state.json", _json(summary))
+        record_files(out, ["trainer_state.json"])
+        logger.info("saved the final %s to %s", "adapter" if run.lora_config is not None else "model", final)
+    run.env.barrier()
     return final
 
 
@@ -485,7 +653,8 @@ def publish_weights(model: QwenVL, out_dir: Path, dtype: torch.dtype = torch.flo
     """Save ``model`` in the official layout into our output folder ``out_dir``, leaving its other contents.
 
     :func:`~qwenvl.checkpoint.save_pretrained` stages the files in a unique hidden folder, moves them in
-    (``config.json`` last) and deletes only weight files that our marker lists and the new save lacks.
+    (``config.json`` last) and deletes only weight files that our marker lists and the new save lacks. A sharded
+    model is gathered one file at a time (every rank calls this; rank 0 writes).
     """
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     return save_pretrained(state, model.config, out_dir)

@@ -1,0 +1,155 @@
+"""The process group of a ``torchrun`` launch: who we are, which device we use, how ranks talk.
+
+``qwenvl finetune`` runs unchanged under ``torchrun`` (one node or many, c10d rendezvous): torchrun sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, and :func:`setup` joins the
+group (NCCL for CUDA tensors and gloo for CPU ones on GPUs, gloo on CPUs) with ``dist_timeout`` seconds as
+the limit for every collective. Without those variables the run is a plain single process with no process
+group at all (:meth:`DistEnv.single`); every helper here is then a no-op or the identity.
+
+A rank that dies or hangs makes the others fail within ``dist_timeout`` instead of waiting forever; the
+error they raise (:class:`DistributedError`) names their own rank, and torchrun's summary names the rank that
+failed first. With ``torchrun --max_restarts K`` the whole group is restarted and ``resume_training: auto``
+continues from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "DistributedError", "launched_by_torchrun", "setup", "teardown"]
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """Another rank died or stopped answering within ``dist_timeout`` (or the network failed)."""
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the job. ``mesh`` is None for a single process without a process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh (1-D, all ranks: data parallel + FSDP)
+    owns_group: bool = False  # setup() created the process group, so teardown() destroys it
+    timeout_s: float = 0.0
+
+    @classmethod
+    def single(cls, device: torch.device) -> DistEnv:
+        return cls(0, 1, 0, device)
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all ranks (float64, so token counts stay exact)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._collective(dist.all_reduce, t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self._collective(dist.barrier)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        self._collective(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (dist.DistError, RuntimeError) as e:
+            raise self.lost(e) from e
+
+    def lost(self, error: BaseException) -> DistributedError:
+        """The error to raise when a collective failed: names this rank, the timeout and the cause."""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return DistributedError(
+            f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, hung for more than "
+            f"dist_timeout={self.timeout_s:g} s, or the network failed; torchrun's summary names the rank that "
+            f"failed first): {first}"
+        )
+
+
+def _device_for(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dict[str, Any]:
+    """``init_process_group`` arguments that give each torchrun restart its own keys in torchrun's store.
+
+    torchrun's agent keeps one store across ``--max_restarts`` (``TORCHELASTIC_USE_AGENT_STORE``); the
+    restarted ranks would otherwise find the addresses the dead ones published and time out connecting to them.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # the env:// default
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"qwenvl/attempt-{attempt}", store), "rank": int(os.environ["RANK"]),
+            "world_size": world}
+
+
+def setup(device_name: str, timeout_s: float, use_parallel: bool = False) -> DistEnv:
+    """Join torchrun's process group when launched by it (or use the one the caller made); else one process."""
+    if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
+        if use_parallel:
+            logger.warning("use_parallel: not launched by torchrun (no RANK/WORLD_SIZE), training in one process; "
+                           "launch with `torchrun --nproc_per_node N --no-python qwenvl finetune ...`")
+        return DistEnv.single(_device_for(device_name, 0))
+    if not dist.is_available():
+        raise DistributedError("launched by torchrun, but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for(device_name, local_rank)
+    owns = not dist.is_initialized()
+    if owns:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **_attempt_store(timeout))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    if rank != 0:  # one voice in the logs: the other ranks only warn (and their errors name them)
+        logging.getLogger("qwenvl").setLevel(logging.WARNING)
+    logger.info("rank %d of %d (local rank %d) on %s, dist_timeout %g s", rank, world, local_rank, device, timeout_s)
+    return DistEnv(rank, world, local_rank, device, mesh, owns, timeout_s)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
