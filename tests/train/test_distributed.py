@@ -1,0 +1,232 @@
+"""Data-parallel fine-tuning under torchrun (gloo, real processes): N ranks equal one, any-world-size resume,
+two nodes with c10d rendezvous, a killed rank (failure and restart), LoRA, sharded checkpoints consolidated.
+
+Every run trains the tiny preset (loaded from a saved checkpoint, so each rank reads only its rows) for 4
+steps of 4 samples in fp32; the 1-process reference runs in this process without a process group. Losses
+and final weights must agree within 1e-5 (lr 1e-3: Adam turns rounding differences in near-zero gradients
+into update differences proportional to the learning rate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwenvl.model import QwenVL
+from qwenvl.train import train
+from qwenvl.train.sharded_checkpoint import consolidate
+
+ROOT = Path(__file__).parents[2]
+TINY = ROOT / "configs" / "finetune_qwenvl_tiny.yaml"
+TOL = 1e-5
+
+
+def _flags(**over: Any) -> dict[str, Any]:
+    flags = dict(batch_size=2, max_steps=4, save_steps=2, save_total_limit=0, bf16=False, learning_rate=1e-3,
+                 min_lr=1e-4, warmup_steps=0, num_workers=0, seed=0, logging_steps=1, dist_timeout=60)
+    flags.update(over)
+    return flags
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, train_data: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    QwenVL.from_config("tiny", seed=0).save_pretrained(root / "base")
+    return {"root": root, "base": root / "base", "data": train_data}
+
+
+def _cfg(setup: dict[str, Path], out: Path, **over: Any):
+    from qwenvl.train import TrainConfig
+
+    values = TrainConfig.from_yaml(TINY).to_dict()
+    values.update(data_path=str(setup["data"]), load_checkpoint=str(setup["base"]), output_dir=str(out),
+                  **_flags(batch_size=4, **over))
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def reference(setup, processor):
+    """One process, batch 4 (= 2 ranks x batch 2): the run every distributed one must equal."""
+    return train(_cfg(setup, setup["root"] / "ref"), processor=processor)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(setup, processor):
+    return train(_cfg(setup, setup["root"] / "lora-ref", use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                      lora_train_resampler=True), processor=processor)
+
+
+def _command(setup: dict[str, Path], out: Path, launch: list[str], **over: Any) -> list[str]:
+    args = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "qwenvl", "finetune", "--config", str(TINY),
+            "--train_data", str(setup["data"]), "--load_checkpoint", str(setup["base"]), "--output_dir", str(out)]
+    for key, value in _flags(**over).items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _standalone(nproc: int = 2, restarts: int = 0) -> list[str]:
+    return ["--standalone", "--nproc_per_node", str(nproc), "--max_restarts", str(restarts), "--monitor_interval", "0.2"]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return res
+
+
+def _losses(out: Path) -> list[float]:
+    return json.loads((out / "trainer_state.json").read_text())["progress"]["losses"]
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=TOL, msg=k)
+
+
+def _final(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def _worker(agent: psutil.Process, rank: int) -> psutil.Process | None:
+    for child in agent.children():  # the workers (their DataLoader processes would be grandchildren)
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+# ---- N ranks = 1 rank, killed rank restarted, resume on another world size ----------------------------------
+@pytest.fixture(scope="module")
+def restarted_run(setup):
+    """2 ranks, batch 2 each, ``--max_restarts 1``: rank 1 is killed once checkpoint-2 exists; the restarted job
+    resumes from it by itself (``resume_training auto``) and finishes."""
+    out = setup["root"] / "restarted"
+    cmd = _command(setup, out, _standalone(2, restarts=1), resume_training="auto")
+    agent = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        deadline = time.monotonic() + 240
+        while killed is None and agent.poll() is None and time.monotonic() < deadline:
+            if (out / "checkpoint-2" / "trainer_state.pt").is_file():
+                worker = _worker(psutil.Process(agent.pid), 1)
+                if worker is not None:
+                    worker.send_signal(signal.SIGKILL)
+                    killed = worker.pid
+            time.sleep(0.05)
+        log, _ = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    return out, agent.returncode, log, killed
+
+
+def test_two_ranks_equal_one_and_a_killed_rank_restarts_from_the_checkpoint(restarted_run, reference) -> None:
+    out, rc, log, killed = restarted_run
+    assert killed is not None, log[-3000:]
+    assert rc == 0, log[-5000:]
+    assert "resumed from" in log and "checkpoint-2" in log  # the restarted workers continued from step 2
+    losses = _losses(out)
+    assert len(losses) == 4
+    assert losses == pytest.approx(reference.losses, abs=TOL)
+    _assert_same_weights(_final(out), _final(reference.output_dir))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["world_size"], state["global_batch_size"]) == (2, 4)
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process(restarted_run, reference, setup, processor, tmp_path) -> None:
+    out = restarted_run[0]
+    ckpt = out / "checkpoint-2"
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    resumed = train(_cfg(setup, tmp_path, resume_from=str(ckpt), resume_training=True), processor=processor)
+    assert resumed.resumed_from == ckpt
+    assert resumed.losses == pytest.approx(reference.losses, abs=TOL)
+    _assert_same_weights(_final(tmp_path), _final(reference.output_dir))
+    # consolidated, the 2-rank checkpoint is the official layout of the step-2 weights of the 1-process run
+    at_2 = consolidate(ckpt, tmp_path / "step2")
+    _assert_same_weights(load_file(str(at_2 / "model.safetensors")),
+                         load_file(str(consolidate(reference.output_dir / "checkpoint-2", tmp_path / "ref2")
+                                       / "model.safetensors")))
+
+
+# ---- two nodes, c10d rendezvous, resuming a 1-process checkpoint ---------------------------------------------
+def test_two_nodes_resume_a_one_process_checkpoint(setup, reference) -> None:
+    """Two torchrun agents ("nodes") on 127.0.0.1 with one process each continue the 1-process run's checkpoint-2
+    and end where it ended."""
+    out = setup["root"] / "nodes"
+    port = _free_port()
+    agents = []
+    for node in (0, 1):
+        launch = ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                  "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "qwenvl-test", "--monitor_interval", "0.2"]
+        cmd = _command(setup, out, launch, resume_from=str(reference.output_dir / "checkpoint-2"))
+        agents.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [a.communicate(timeout=240)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    assert _losses(out) == pytest.approx(reference.losses, abs=TOL)
+    _assert_same_weights(_final(out), _final(reference.output_dir))
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------
+def test_lora_on_two_ranks_equals_one(setup, lora_reference) -> None:
+    out = setup["root"] / "lora"
+    _run(_command(setup, out, _standalone(2), use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                  lora_train_resampler=True, num_workers=1))
+    assert _losses(out) == pytest.approx(lora_reference.losses, abs=TOL)
+    got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(Path(lora_reference.output_dir) / "adapter" / "adapter_model.safetensors"))
+    _assert_same_weights(got, want)
+    _assert_same_weights(load_file(str(out / "adapter" / "non_lora_trainables.safetensors")),
+                         load_file(str(Path(lora_reference.output_dir) / "adapter" / "non_lora_trainables.safetensors")))
+
+
+# ---- failure ------------------------------------------------------------------------------------------------
+def test_a_killed_rank_fails_the_job_naming_it(setup) -> None:
+    out = setup["root"] / "killed"
+    timeout = 30
+    cmd = _command(setup, out, _standalone(2), dist_timeout=timeout, max_steps=50, save_steps=1)
+    agent = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        worker = None
+        deadline = time.monotonic() + 240
+        while worker is None and agent.poll() is None and time.monotonic() < deadline:
+            if (out / "checkpoint-1").is_dir():
+                worker = _worker(psutil.Process(agent.pid), 1)
+            time.sleep(0.05)
+        assert worker is not None, "the run ended before rank 1 could be killed"
+        worker.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        log, _ = agent.communicate(timeout=timeout + 60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0
+    assert elapsed < timeout, elapsed
+    assert "rank      : 1 (local_rank: 1)" in log and "Signal 9 (SIGKILL)" in log, log[-3000:]
+    assert not (out / "model.safetensors").exists()
