@@ -45,7 +45,7 @@ def reference(make_cfg, tmp_path_factory: pytest.TempPathFactory):
     ("checkpoint.model_written@2", "checkpoint-1"),  # checkpoint-2 half-written in its temporary folder
     ("atomic_dir.staged@3", "checkpoint-2"),  # checkpoint-3 complete but not yet renamed into place
     ("remove_tree.renamed", "checkpoint-3"),  # pruning checkpoint-1: renamed to trash, not deleted yet
-    ("publish.moving@4", "checkpoint-3"),  # the final save: one file moved in, config.json not yet
+    ("publish.moving@1", "checkpoint-3"),  # the final save (checkpoints are DCP folders): one file moved in, config.json not yet
 ])
 def test_killed_then_resumed_run_equals_an_uninterrupted_one(reference, tmp_path: Path, point: str,
                                                              resumes_from: str) -> None:
