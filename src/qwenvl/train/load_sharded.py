@@ -67,13 +67,10 @@ def _read_header(file: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
-class _Shapes(dict):
-    """name -> a meta tensor with the stored shape (what ``_check_against_model`` compares)."""
-
-
-def _safetensors_index(files: list[Path]) -> tuple[dict[str, tuple[Path, int, dict]], _Shapes]:
+def _safetensors_index(files: list[Path]) -> tuple[dict[str, tuple[Path, int, dict]], dict[str, torch.Tensor]]:
+    """Where each stored tensor's bytes are, and a meta tensor of its shape (what the strict check compares)."""
     where: dict[str, tuple[Path, int, dict]] = {}
-    shapes = _Shapes()
+    shapes: dict[str, torch.Tensor] = {}
     for file in files:
         try:
             start, header = _read_header(file)
