@@ -504,13 +504,34 @@ def test_golden_fixture_loads_strictly() -> None:
     assert torch.equal(fp32.transformer.wte.weight, stored["transformer.wte.weight"].float())
 
 
-def test_qwenvl_save_and_reload(tmp_path: Path) -> None:
+def test_qwenvl_save_and_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = QwenVL.from_pretrained(FIXTURE)
     out = tmp_path / "saved"
-    model.save_pretrained(out, max_shard_size="20MB")
+    with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
+        model.save_pretrained(out, max_shard_size="20MB")
     assert len(find_weights(out)) > 1
     assert QwenVLConfig.from_pretrained(out) == QwenVLConfig.from_pretrained(FIXTURE)
     _assert_same(QwenVL.from_pretrained(out).state_dict(), model.state_dict())
+    # wte and lm_head (151936 x 128 fp16, 38.9 MB each) do not fit a 20 MB shard: one line says so
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["max_shard_size 20MB is smaller than transformer.wte.weight (38.9 MB) and 1 more: a tensor "
+                        "is never split, so each is written alone in a shard over the limit"]
+
+    # the official keys we do not use are written back as read (auto_map: the official remote code loads it)
+    official, saved = (json.loads((d / "config.json").read_text()) for d in (FIXTURE, out))
+    assert saved["auto_map"] == official["auto_map"]
+    derived = {"fp16"}  # ours says what the weights are (the fixture's flags are all false)
+    assert {k: v for k, v in saved.items() if k not in derived} == {k: v for k, v in official.items() if k not in derived}
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["transformers_version"] == "4.31.0"
+
+
+def test_no_shard_warning_when_every_tensor_fits(tmp_path: Path, config: QwenVLConfig,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
+        save_pretrained({"a": torch.zeros(8), "b": torch.zeros(8)}, config, tmp_path / "ckpt", max_shard_size="40B")
+    assert not caplog.records
+    assert len(find_weights(tmp_path / "ckpt")) == 2
 
 
 def test_config_that_disagrees_with_the_weights(tmp_path: Path) -> None:

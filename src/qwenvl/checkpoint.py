@@ -482,6 +482,18 @@ def _plan_shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[list
     return shards
 
 
+def _warn_oversized(state: Mapping[str, torch.Tensor], max_bytes: int, max_shard_size: int | str) -> None:
+    """One warning line when tensors are larger than the shard limit (each then fills a shard over it)."""
+    over = sorted(((_tensor_bytes(t), k) for k, t in state.items() if _tensor_bytes(t) > max_bytes), reverse=True)
+    if not over:
+        return
+    size, key = over[0]
+    others = f" and {len(over) - 1} more" if len(over) > 1 else ""
+    logger.warning("max_shard_size %s is smaller than %s (%.1f MB)%s: a tensor is never split, so %s written "
+                   "alone in a shard over the limit", max_shard_size, key, size / 1e6, others,
+                   "each is" if others else "it is")
+
+
 def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
@@ -636,6 +648,7 @@ def save_pretrained(
     stem, ext, index_name = ("model", "safetensors", SAFE_INDEX_NAME) if safe_serialization else \
         ("pytorch_model", "bin", BIN_INDEX_NAME)
     plan = _plan_shards(state, max_bytes)
+    _warn_oversized(state, max_bytes, max_shard_size)
     names = [f"{stem}.{ext}"] if len(plan) == 1 else \
         [f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}" for i in range(len(plan))]
 

@@ -171,6 +171,8 @@ class GenerationDefaults:
     max_window_size: int = 6144
     eos_token_id: int = ENDOFTEXT_ID
     pad_token_id: int = ENDOFTEXT_ID
+    # keys of generation_config.json we do not use (stop_words_ids, transformers_version, ...), written back as read
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.chat_format not in ("raw", "chatml"):
@@ -178,16 +180,18 @@ class GenerationDefaults:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationDefaults:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"extra"}
         kw = {k: v for k, v in d.items() if k in known and v is not None}
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         if kw.get("top_k") is None:
             kw["top_k"] = 0
-        return cls(**kw)
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        extra = out.pop("extra")
+        return {**out, **{k: v for k, v in extra.items() if k not in out}}
 
 
 @dataclass
@@ -198,6 +202,10 @@ class QwenVLConfig:
     visual: VisionConfig = field(default_factory=VisionConfig)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     torch_dtype: str = "bfloat16"
+    # keys of config.json that no field holds (auto_map, transformers_version, ...) and values of the constant
+    # keys we do not use (use_flash_attn, initializer_range, ...): written back as read, so that a converted
+    # checkpoint still loads in the official remote code
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.visual.output_dim != self.lm.hidden_size:
@@ -241,7 +249,7 @@ class QwenVLConfig:
             "use_logn_attn": lm.use_logn_attn,
             "visual": self.visual.to_official(),
             "vocab_size": lm.vocab_size,
-        }
+        } | {k: v for k, v in self.extra.items() if k not in _DERIVED_KEYS}
 
     @classmethod
     def from_official(cls, d: dict[str, Any], generation: dict[str, Any] | None = None) -> QwenVLConfig:
@@ -253,7 +261,9 @@ class QwenVLConfig:
         lm = LMConfig(**{k: v for k, v in d.items() if k in known})
         dtype = d.get("torch_dtype") or "bfloat16"
         gen = GenerationDefaults.from_dict(generation) if generation else GenerationDefaults()
-        return cls(lm=lm, visual=VisionConfig.from_official(d["visual"]), generation=gen, torch_dtype=dtype)
+        extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
+        return cls(lm=lm, visual=VisionConfig.from_official(d["visual"]), generation=gen, torch_dtype=dtype,
+                   extra=extra)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> QwenVLConfig:
@@ -298,6 +308,11 @@ class QwenVLConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return PRESETS[name]()
+
+
+# config.json keys computed from the fields above (never taken from ``extra``)
+_DERIVED_KEYS = frozenset({f.name for f in fields(LMConfig)} | {"bf16", "fp16", "fp32", "torch_dtype", "visual",
+                                                                 "model_type"})
 
 
 def _preset_9_6b(chat: bool = False) -> QwenVLConfig:
