@@ -43,6 +43,9 @@ def test_predict_seed_flags_print_prompt_and_answer(golden_dir, golden_expected,
                  "--predict_data", "images/cat.png", "Describe the image in English:", "--modal_type", "image", "text",
                  "--max_new_tokens", "10", "--min_new_tokens", "10", "--predict_batch_size", "1")
     assert out.returncode == 0, out.stderr
+    # the first compiled call is a long silent wait unless it is logged: when it starts and how long it took
+    assert ("compiling the decode step (cpu) with torch.compile" in out.stderr) == bool(mode)
+    assert ("compiled the decode step (cpu) in " in out.stderr) == bool(mode)
     text = out.stdout.strip()
     assert text.startswith("Picture 1: <img>images/cat.png</img>\nDescribe the image in English:")
     # the same 10 greedy tokens as the official implementation on this prompt

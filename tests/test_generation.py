@@ -128,6 +128,21 @@ def test_compiled_decode_step_gives_the_same_tokens(tiny_model, batch):
     assert torch.equal(eager, compiled)
 
 
+def test_compilation_is_logged_once_when_it_starts_and_ends(caplog):
+    from qwenvl.generation import _log_first_call
+
+    calls = []
+    step = _log_first_call(lambda *a: calls.append(a) or len(calls), "the decode step (cpu)")
+    with caplog.at_level("INFO", logger="qwenvl.generation"):
+        assert [step(1), step(2), step(3)] == [1, 2, 3]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("compiling the decode step (cpu) with torch.compile, once per process: usually "
+                                  "20 s to a few minutes")
+    assert messages[1].startswith("compiled the decode step (cpu) in ") and messages[1].endswith(" s")
+    assert calls == [(1,), (2,), (3,)]
+
+
 def test_generate_rejects_unknown_options_and_takes_sampling_params(tiny_model):
     ids = torch.randint(1000, 50000, (1, 8), generator=torch.Generator().manual_seed(1))
     with pytest.raises(TypeError, match="max_new_token"):

@@ -7,6 +7,7 @@ unpadded length, so a batch yields the same greedy tokens as each prompt alone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -105,11 +106,32 @@ _CPU_COMPILE_OPTIONS = {"realize_acc_reads_threshold": 1}
 
 def compiled_decode_step(device_type: str = "cpu") -> Callable:
     """``decode_step`` under ``torch.compile`` (one graph; sequence length is dynamic), built once per device
-    type. On the CPU one-row products are reductions inside the graph (see ``qwenvl.model.linear``)."""
+    type. On the CPU one-row products are reductions inside the graph (see ``qwenvl.model.linear``). The first
+    call compiles, which takes long enough to look like a hang: it is logged when it starts and ends."""
     if device_type not in _compiled_steps:
         options = _CPU_COMPILE_OPTIONS if device_type == "cpu" else None
-        _compiled_steps[device_type] = torch.compile(decode_step, dynamic=True, fullgraph=True, options=options)
+        compiled = torch.compile(decode_step, dynamic=True, fullgraph=True, options=options)
+        _compiled_steps[device_type] = _log_first_call(compiled, f"the decode step ({device_type})")
     return _compiled_steps[device_type]
+
+
+def _log_first_call(fn: Callable, what: str) -> Callable:
+    """``fn``, logging when its first call (the compilation) starts and how long it took."""
+    done = False
+
+    def call(*args: object) -> object:
+        nonlocal done
+        if done:
+            return fn(*args)
+        logger.info("compiling %s with torch.compile, once per process: usually 20 s to a few minutes (longer for "
+                    "larger models and the first time on a machine); the first token waits for it", what)
+        start = time.perf_counter()
+        out = fn(*args)
+        done = True
+        logger.info("compiled %s in %.1f s", what, time.perf_counter() - start)
+        return out
+
+    return call
 
 
 def stream_tokens(
