@@ -117,6 +117,44 @@ def test_predict_bad_input_is_a_clear_error(golden_dir, args, message):
     assert "Traceback" not in out.stderr
 
 
+def test_predict_checks_images_before_loading_the_model(tmp_path, golden_dir):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"image": "images/cat.png", "text": "ok"},
+        {"messages": [{"role": "user", "content": [{"image": str(tmp_path / "notes.jpg")}, {"text": "?"}]}]},
+        {"prompt": "Picture 1: <img>gone.png</img>\nWhat?"},
+    ]) + "\n")
+    # the checkpoint folder does not exist: an error about the images shows they were checked first
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--image_dir", str(golden_dir),
+                 "--jsonl", str(prompts))
+    assert out.returncode == 2
+    err = out.stderr.strip()
+    assert err.startswith(f"qwenvl predict: error: prompt 2 of 3: cannot read image {tmp_path / 'notes.jpg'}: ")
+    assert err.endswith("(2 prompts have a bad image)") and "\n" not in err
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--predict_data", "missing.png", "hi")
+    assert out.returncode == 2 and out.stderr.strip() == f"qwenvl predict: error: image not found: {ROOT / 'missing.png'}"
+
+
+def test_predict_chat_format_chatml_keeps_system_and_history_on_a_base_checkpoint(tmp_path, golden_dir):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": messages}) + "\n")
+    args = ("predict", "--model", str(golden_dir), "--dtype", "fp32", "--jsonl", str(prompts), "--max_new_tokens", "1")
+    out = qwenvl(*args)  # the golden checkpoint is a base one: chat_format raw
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt"] == "Bye"
+    assert ("dropped the system text 'Be brief.' and 1 history turn(s); chat_format chatml (--chat_format chatml) "
+            "keeps them") in out.stderr
+    out = qwenvl(*args, "--chat_format", "chatml")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt"] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>"
+                                                "\n<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye"
+                                                "<|im_end|>\n<|im_start|>assistant\n")
+    assert "dropped" not in out.stderr
+
+
 def test_predict_rejects_unknown_flag_values(golden_dir):
     out = qwenvl("predict", "--model", str(golden_dir), "--dtype", "fp8", "--predict_data", "a", "b")
     assert out.returncode == 2 and "invalid choice" in out.stderr

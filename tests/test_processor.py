@@ -259,8 +259,6 @@ def test_messages_api(chat: Processor, tok: QwenTokenizer) -> None:
     batch = chat([messages, messages[1:2]])
     assert batch["input_ids"].shape[0] == 2 and batch["images"].shape[0] == 2
     assert chat([{"role": "user", "content": "hi"}])["input_ids"].tolist() == [chat.build_chat_prompt("hi")[1]]
-    raw_proc = Processor(tok, chat_format="raw")
-    assert raw_proc.build_messages_prompt(messages) == ("Where is it?", tok.encode("Where is it?"))
     for bad, msg in [
         ([{"role": "assistant", "content": "x"}], "last message must be the user's"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
@@ -350,3 +348,28 @@ def test_pixel_values_for(chat: Processor, golden) -> None:
     px = chat.pixel_values_for(["images/street.jpg", FIXTURE / "images" / "cat.png"])
     assert px.shape == (2, 3, 448, 448) and (px - pixels[[1, 0]]).abs().max().item() < 1e-4
     assert chat.pixel_values_for([]).shape == (0, 3, 448, 448)
+
+
+def test_raw_format_keeps_the_last_user_message_and_says_what_it_dropped(
+    tok: QwenTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is it?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Where is it?"},
+    ]
+    raw_proc = Processor(tok, chat_format="raw")
+    with caplog.at_level("WARNING", logger="qwenvl.processor"):
+        assert raw_proc.build_messages_prompt(messages) == ("Where is it?", tok.encode("Where is it?"))  # official
+        raw_proc.build_messages_prompt(messages)  # said once per processor
+    assert [r.getMessage() for r in caplog.records] == [
+        "chat_format raw (a base checkpoint) prompts with the last user message alone: dropped the system text "
+        "'Be brief.' and 1 history turn(s); chat_format chatml (--chat_format chatml) keeps them (said once)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwenvl.processor"):  # nothing dropped, nothing said
+        Processor(tok, chat_format="raw")([{"role": "user", "content": "Hi"}])
+    assert not caplog.records
+    raw_proc.chat_format = "chatml"  # asked for: the whole conversation
+    text = raw_proc.build_messages_prompt(messages)[0]
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "A cat." in text

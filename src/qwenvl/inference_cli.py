@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,61 @@ def _prompt_of_record(rec: Any, where: str) -> Any:
     return [{"image": p} for p in images] + [{"text": str(rec.get("text", ""))}]
 
 
+_IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.S)
+
+
+def _image_refs(prompt: Any) -> list[str]:
+    """The image paths a prompt names: ``<img>`` spans in text, list-format ``{"image": P}`` items, and both
+    inside messages (assistant turns excepted: their pictures are never read)."""
+    if isinstance(prompt, str):
+        return _IMG_SPAN.findall(prompt)
+    if not isinstance(prompt, list):
+        return []
+    refs: list[str] = []
+    for item in prompt:
+        if not isinstance(item, dict):
+            continue
+        if "role" in item:
+            if item.get("role") != "assistant":
+                refs += _image_refs(item.get("content"))
+        elif isinstance(item.get("image"), str):
+            refs.append(item["image"])
+        elif isinstance(item.get("text"), str):
+            refs += _IMG_SPAN.findall(item["text"])
+    return refs
+
+
+def check_prompt_images(prompts: list[Any], base_dir: str | None) -> None:
+    """Before any weight is read: every local image the prompts name exists and has a readable image header
+    (PIL reads the header only). One line names the first bad one and how many prompts have one."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .images import ImageError
+
+    bad: list[tuple[int, str]] = []
+    for k, prompt in enumerate(prompts, 1):
+        for ref in _image_refs(prompt):
+            if ref.lower().startswith(("data:", "http://", "https://")):
+                continue  # not a file: the processor says what is wrong with it
+            path = Path(ref).expanduser()
+            path = (Path(base_dir).expanduser() / path if base_dir and not path.is_absolute() else path).absolute()
+            try:
+                with Image.open(path) as im:
+                    im.size  # noqa: B018 (the header is read: a text file named .jpg fails here)
+                continue
+            except FileNotFoundError:
+                problem = f"image not found: {path}"
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+                problem = f"cannot read image {path}: {e}"
+            bad.append((k, problem))
+            break
+    if bad:
+        k, problem = bad[0]
+        where = f"prompt {k} of {len(prompts)}: " if len(prompts) > 1 else ""
+        more = f" ({len(bad)} prompts have a bad image)" if len(bad) > 1 else ""
+        raise ImageError(f"{where}{problem}{more}")
+
+
 def _sampling(model: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
     from .generation import sampling_params
 
@@ -255,10 +311,12 @@ def run_predict(args: argparse.Namespace) -> int:
         prompts = _prompts_from_jsonl(args.jsonl)
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
+    check_prompt_images(prompts, opts.get("image_dir"))  # seconds now, not after minutes of loading weights
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
                             quantize=opts.get("quantize"), allow_any_local_path=opts.get("allow_any_local_path", True))
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
+    processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
     prompts = [_as_chat(p, fmt) for p in prompts]
     preds = predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
                     base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,

@@ -16,6 +16,7 @@ the model's own earlier answer) are plain text, so nothing is read because of th
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ __all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "Processor"]
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
+
+logger = logging.getLogger(__name__)
 
 _TRAIN_ROLES = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"}
 
@@ -251,11 +254,14 @@ class Processor:
         but not ``<img>``: an image path in an answer is plain text, never a file to read.
         History is walked newest first and a turn is kept while the total stays below ``max_window_size``
         (default: the checkpoint's, 6144); the first turn that does not fit ends the walk.
-        With chat_format "raw" the prompt is the query text alone (history and system are not used).
+        With chat_format "raw" the prompt is the query text alone, as in the official code; a given system text
+        or history is then dropped with a warning naming it (once per processor; set ``chat_format="chatml"``
+        to keep them).
         """
         enc = self.tokenizer.encode
         query = self._content_text(query, "query")
         if self.chat_format == "raw":
+            self._warn_raw_drops(system, len(history or []))
             return query, enc(query)
         system = self.system if system is None else system
         window = self.max_window_size if max_window_size is None else max_window_size
@@ -288,6 +294,15 @@ class Processor:
         ids += nl + im_start + part("user", query) + im_end + nl + im_start + enc("assistant") + nl
         raw = f"<|im_start|>system\n{system}<|im_end|>" + raw + f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
         return raw, ids
+
+    def _warn_raw_drops(self, system: str | None, turns: int) -> None:
+        dropped = ([f"the system text {system[:40] + '...' if len(system) > 40 else system!r}"]
+                   if system is not None else []) + ([f"{turns} history turn(s)"] if turns else [])
+        if not dropped or getattr(self, "_warned_raw_drops", False):
+            return
+        self._warned_raw_drops = True
+        logger.warning("chat_format raw (a base checkpoint) prompts with the last user message alone: dropped %s; "
+                       "chat_format chatml (--chat_format chatml) keeps them (said once)", " and ".join(dropped))
 
     def build_messages_prompt(
         self, messages: Sequence[dict[str, Any]], max_window_size: int | None = None
