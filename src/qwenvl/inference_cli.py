@@ -128,6 +128,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--assistant_role_name", default="assistant")
     p.add_argument("--image_prefix", default="train2014/COCO_train2014_")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping it")
+    p.add_argument("--tag_in_place", action="store_true",
+                   help="put the picture line where <image> stood, as MindFormers' data_convert.py (a trailing "
+                        "'\\n<image>' then follows the question with no separator); default: it starts the turn, "
+                        "as LLaVA's own training puts it")
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
@@ -488,6 +492,6 @@ def run_data_convert(args: argparse.Namespace) -> int:
     check_output_file(args.output_path, {"--data_path file": args.data_path})
     summary = convert_llava(args.data_path, args.image_location, args.output_path,
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
-                            image_prefix=args.image_prefix, strict=args.strict)
-    print(summary)
+                            image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place)
+    print(summary)  # once: the library only logs it at DEBUG level
     return 0

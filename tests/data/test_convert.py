@@ -78,7 +78,7 @@ EXPECTED = [
     {
         "id": "000000000004",
         "conversations": [
-            {"from": "user", "value": "What colour is the car?" + PIC.format("000000000004.jpg")},
+            {"from": "user", "value": PIC.format("000000000004.jpg") + "What colour is the car?"},
             {"from": "assistant", "value": "Blue."},
         ],
     },
@@ -104,6 +104,7 @@ def test_converts_llava_file(tmp_path: Path, images: Path, caplog: pytest.LogCap
     out = tmp_path / "out" / "qwen.json"
     with caplog.at_level(logging.INFO, logger="qwenvl.data.convert"):
         summary = convert_llava(src, images, out)
+    assert not caplog.records  # the summary is returned (the CLI prints it once), not logged a second time
 
     # Exact bytes: UTF-8 (no \u escapes), one-space indent, trailing newline.
     assert out.read_text(encoding="utf-8") == json.dumps(EXPECTED, ensure_ascii=False, indent=1) + "\n"
@@ -129,8 +130,6 @@ def test_converts_llava_file(tmp_path: Path, images: Path, caplog: pytest.LogCap
         f"missing images: {missing}\n"
         "malformed record 2 (id='000000000002'): turn 1 has unknown 'from' 'robot' (expected 'human' or 'gpt')"
     )
-    assert [r.levelname for r in caplog.records] == ["WARNING"]
-    assert str(summary) in caplog.records[0].getMessage()
     # The input is not modified, and nothing but the output is left in its folder.
     assert json.loads(src.read_text(encoding="utf-8")) == RECORDS
     assert sorted(p.name for p in out.parent.iterdir()) == ["qwen.json"]
@@ -158,20 +157,34 @@ def test_role_names_and_prefix(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"),
+    ("value", "expected", "mindformers"),
     [
-        ("<image>\nQ?", "{P}Q?"),
-        ("Q?\n<image>", "Q?{P}"),  # replaced in place, as the MindFormers converter does
-        ("Q? <image> more", "Q? {P} more"),  # bare tag: replaced where it stands
-        ("<image>", "{P}"),
-        ("<image>\nQ?\n", "{P}Q?\n"),
+        ("<image>\nQ?", "{P}Q?", "{P}Q?"),
+        # the picture line starts the turn (as LLaVA trains); MindFormers glues it to the question
+        ("Describe it in detail.\n<image>", "{P}Describe it in detail.", "Describe it in detail.{P}"),
+        ("Q? <image> more", "{P}Q?  more", "Q? {P} more"),  # bare tag
+        ("<image>", "{P}", "{P}"),
+        ("<image>\nQ?\n", "{P}Q?\n", "{P}Q?\n"),
     ],
 )
-def test_image_tag_forms(tmp_path: Path, value: str, expected: str) -> None:
+def test_image_tag_forms(tmp_path: Path, value: str, expected: str, mindformers: str) -> None:
     (tmp_path / "x.jpg").write_bytes(b"x")
     rec = {"id": "r", "image": "x.jpg", "conversations": [{"from": "human", "value": value}]}
+    pic = "Picture 1: <img>x.jpg</img>\n"
     converted, _ = convert_records([rec], tmp_path, image_prefix="")
-    assert converted[0]["conversations"][0]["value"] == expected.replace("{P}", "Picture 1: <img>x.jpg</img>\n")
+    assert converted[0]["conversations"][0]["value"] == expected.replace("{P}", pic)
+    converted, _ = convert_records([rec], tmp_path, image_prefix="", tag_in_place=True)
+    assert converted[0]["conversations"][0]["value"] == mindformers.replace("{P}", pic)
+
+
+def test_data_convert_command_prints_the_summary_once(tmp_path: Path, images: Path, capsys) -> None:
+    from qwenvl.cli import main
+
+    src = _write(tmp_path / "detail.json", RECORDS)
+    assert main(["data-convert", "--data_path", str(src), "--image_location", str(images), "--output_path",
+                 str(tmp_path / "qwen.json")]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("5 records read, 3 written") == 1 and "5 records read" not in err
 
 
 def test_untagged_image_goes_to_first_user_turn(tmp_path: Path) -> None:

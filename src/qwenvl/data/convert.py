@@ -14,10 +14,14 @@ becomes::
 Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
 
 - ``human`` -> ``user_role_name``, ``gpt`` -> ``assistant_role_name``; any other ``from`` is malformed.
-- The image tag is replaced where it stands, as the MindFormers converter does: ``<image>\\n`` is tried
-  first, then ``\\n<image>``, then (fallback, for data that writes it inline) a bare ``<image>``; each becomes
-  ``Picture 1: <img>{image_prefix}{image}</img>\\n``. A trailing ``\\n<image>`` therefore puts the picture
-  line after the question, exactly as MindFormers writes it (DESIGN.md states this rule as a fact).
+- The image tag becomes the picture line ``Picture 1: <img>{image_prefix}{image}</img>\\n`` (DESIGN.md's fact):
+  ``<image>\\n`` is tried first, then ``\\n<image>``, then (fallback, for data that writes it inline) a bare
+  ``<image>``. The tag is taken out of the text and the picture line starts the turn: where LLaVA's own
+  training puts the image (its ``preprocess_multimodal`` moves ``<image>`` to the front) and where Qwen-VL's
+  prompts put pictures. For the usual leading ``<image>\\n`` this is exactly MindFormers' output.
+  MindFormers' ``data_convert.py`` instead replaces the tag where it stands, so a trailing ``\\n<image>``
+  glues the picture line to the question (``...in detail.Picture 1: <img>...</img>\\n``, no separator, the
+  picture after the question); ``tag_in_place=True`` (``--tag_in_place``) reproduces that byte for byte.
 - A record with an ``image`` but no tag in any turn gets the picture line at the start of its first user
   turn (otherwise the image would be silently lost); these are counted in ``ConvertSummary.untagged``.
 - The ``image`` key is removed; other record keys are kept. Turns keep only ``from`` and ``value``.
@@ -104,16 +108,17 @@ def _load_llava(data_path: Path) -> list[Any]:
     return read_json_records(data_path, what="LLaVA data file", items="LLaVA records")
 
 
-def _replace_image_tag(value: str, picture: str) -> str | None:
-    """Return ``value`` with its image tag replaced by ``picture`` in place, or None if it has none."""
+def _replace_image_tag(value: str, picture: str, in_place: bool = False) -> str | None:
+    """``value`` with its image tag taken out and ``picture`` in front (``in_place``: ``picture`` where the tag
+    stood, as MindFormers), or None if it has none."""
     for form in _IMAGE_TAG_FORMS:
         if form in value:
-            return value.replace(form, picture, 1)
+            return value.replace(form, picture, 1) if in_place else picture + value.replace(form, "", 1)
     return None
 
 
 def _convert_record(
-    record: Any, roles: dict[str, str], image_prefix: str
+    record: Any, roles: dict[str, str], image_prefix: str, tag_in_place: bool = False
 ) -> tuple[dict[str, Any], str | None, bool]:
     """Convert one record; return (output record, image path relative to the image root or None, untagged).
 
@@ -140,7 +145,7 @@ def _convert_record(
             raise _Malformed(f"turn {t} needs string 'from' and 'value'")
         if speaker not in roles:
             raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt')")
-        replaced = _replace_image_tag(value, picture)
+        replaced = _replace_image_tag(value, picture, tag_in_place)
         if replaced is not None:
             tagged += 1 + replaced.count(LLAVA_IMAGE_TOKEN)
             if rel_path is None:
@@ -173,6 +178,7 @@ def convert_records(
     assistant_role_name: str = "assistant",
     image_prefix: str = DEFAULT_IMAGE_PREFIX,
     strict: bool = False,
+    tag_in_place: bool = False,
 ) -> tuple[list[dict[str, Any]], ConvertSummary]:
     """Convert already-loaded LLaVA records (see the module docstring); nothing is written."""
     if user_role_name == assistant_role_name:
@@ -186,7 +192,7 @@ def convert_records(
     converted: list[dict[str, Any]] = []
     for index, record in enumerate(records):
         try:
-            out, rel_path, untagged = _convert_record(record, roles, image_prefix)
+            out, rel_path, untagged = _convert_record(record, roles, image_prefix, tag_in_place)
         except _Malformed as e:
             bad = MalformedRecord(index, record.get("id") if isinstance(record, dict) else None, str(e))
             if strict:
@@ -220,21 +226,22 @@ def convert_llava(
     assistant_role_name: str = "assistant",
     image_prefix: str = DEFAULT_IMAGE_PREFIX,
     strict: bool = False,
+    tag_in_place: bool = False,
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
     The output is a UTF-8 JSON list written atomically; it is not written at all when the input cannot be
     read (missing file, invalid JSON, top level not a list: FileNotFoundError / ValueError naming the file)
-    or, with ``strict``, when a record is malformed. Returns the summary, which is also logged.
+    or, with ``strict``, when a record is malformed. Returns the summary (for the caller to show: it is
+    logged only at DEBUG level, so that the command line prints it once).
     """
     data_path = Path(data_path)
     records = _load_llava(data_path)
     converted, summary = convert_records(
-        records, image_location, user_role_name, assistant_role_name, image_prefix, strict
+        records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place
     )
     summary.output_path = atomic_write_text(
         output_path, json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
     )
-    level = logging.WARNING if summary.missing_images or summary.malformed else logging.INFO
-    logger.log(level, "converted %s -> %s: %s", data_path, summary.output_path, summary)
+    logger.debug("converted %s -> %s: %s", data_path, summary.output_path, summary)
     return summary
