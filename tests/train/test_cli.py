@@ -64,9 +64,9 @@ def test_finetune_tiny_config_end_to_end(train_data: Path, tmp_path: Path) -> No
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # save_total_limit 1
     QwenVL.from_pretrained(out)
 
-    # the module entry point resumes the finished run's last checkpoint and ends with the same state
+    # the module entry point: resuming the finished run resumes nothing and leaves its state as it was
+    before = (out / "trainer_state.json").stat().st_mtime_ns
     assert main(["--config", str(TINY), "--train_data", str(train_data), "--output_dir", str(out),
                  "--max_steps", "2", "--resume_training"]) == 0
-    again = json.loads((out / "trainer_state.json").read_text())
-    assert again["progress"]["losses"] == state["progress"]["losses"]
+    assert (out / "trainer_state.json").stat().st_mtime_ns == before
     assert main(["--config", str(TINY), "--run_mode", "predict"]) == 2

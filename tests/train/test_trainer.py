@@ -73,7 +73,7 @@ def test_saved_checkpoints_load_with_the_trainers_logits(full_run, processor) ->
     assert not torch.equal(at_3.lm_head.weight, model.lm_head.weight)  # 3 steps before the end
 
 
-def test_interrupted_then_resumed_run_is_exact(full_run, make_cfg, processor, tmp_path: Path) -> None:
+def test_interrupted_then_resumed_run_is_exact(full_run, make_cfg, processor, tmp_path: Path, caplog) -> None:
     full_cfg, full = full_run
     cfg = make_cfg(tmp_path, max_steps=6, save_steps=0)
     # stop after step 3 (save_steps=0: stopping saves the checkpoint)
@@ -89,6 +89,18 @@ def test_interrupted_then_resumed_run_is_exact(full_run, make_cfg, processor, tm
     assert want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+    # resuming the finished run trains nothing, writes nothing and says so
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and ".qwenvl-lock" not in p.name}
+    with caplog.at_level("INFO", logger="qwenvl.train.trainer"):
+        again = train(cfg.replace(resume_training=True), processor=processor)
+    assert f"the run in {tmp_path} is complete (6 steps; final model in {tmp_path}): nothing to resume" in caplog.text
+    assert "resumed from" not in caplog.text
+    assert (again.steps, again.losses, again.final_path, again.resumed_from) == (6, full.losses, tmp_path, None)
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    # another run's settings: not this run's result, resuming goes on as before (here: refused, naming them)
+    with pytest.raises(ValueError, match="learning_rate"):
+        train(cfg.replace(resume_training=True, learning_rate=cfg.learning_rate / 2), processor=processor)
 
 
 def test_a_failed_save_leaves_no_half_written_checkpoint(make_cfg, processor, tmp_path: Path, monkeypatch) -> None:

@@ -56,6 +56,8 @@ from . import sharded_checkpoint as sharded
 from .config import TrainConfig, TrainConfigError
 from .distributed import DistEnv, DistributedError
 from .state import (
+    RESUME_KEYS,
+    STATE_JSON,
     BatchOrder,
     Progress,
     check_resume_settings,
@@ -158,6 +160,9 @@ def train(
     env = distributed.setup(str(_resolve_device(cfg.device)), cfg.dist_timeout, cfg.use_parallel)
     try:
         with _hold_output_dir(cfg, env):
+            done = env.broadcast(_completed_run(cfg) if env.is_main else None)  # rank 0 reads the folder
+            if done is not None:
+                return done
             return _train(cfg, model, processor, dataset, callback, env)
     except torch.distributed.DistError as e:  # a collective outside our own helpers (FSDP, DCP) failed
         raise env.lost(e) from e
@@ -167,6 +172,43 @@ def train(
         raise
     finally:
         distributed.teardown(env)
+
+
+def _completed_run(cfg: TrainConfig) -> TrainResult | None:
+    """``resume_training`` (no checkpoint named) in a folder whose run has finished: that run's result, with
+    nothing trained or written. Finished means: the final ``trainer_state.json`` has the settings of this run
+    and is further along than the newest checkpoint, whose loss history it continues."""
+    if not cfg.resume_training or cfg.resume_from:
+        return None
+    out = Path(cfg.output_dir)
+    try:
+        final = json.loads((out / STATE_JSON).read_text(encoding="utf-8"))
+        progress = Progress(**final["progress"])
+        saved = final["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    current = cfg.to_dict()
+    if any(saved.get(k) != current.get(k) for k in (*RESUME_KEYS, "data_path", "load_checkpoint", "preset")):
+        return None  # another run's result: resuming goes on as usual (and names what differs)
+    latest = latest_checkpoint(out)
+    if latest is not None:
+        try:
+            ckpt = json.loads((latest / STATE_JSON).read_text(encoding="utf-8"))["progress"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        n = int(ckpt["step"])
+        if n >= progress.step or json.dumps(progress.losses[:n]) != json.dumps(ckpt["losses"]):
+            return None
+    final_path = out / "adapter" if cfg.use_lora else out
+    logger.info("the run in %s is complete (%d steps; final %s in %s): nothing to resume", out, progress.step,
+                "adapter" if cfg.use_lora else "model", final_path)
+    return TrainResult(
+        output_dir=out, final_path=final_path, steps=progress.step, total_steps=progress.step,
+        losses=progress.losses, learning_rates=progress.learning_rates, grad_norms=progress.grad_norms,
+        num_tokens=progress.num_tokens, num_loss_tokens=progress.num_loss_tokens,
+        tokens_per_second=progress.num_tokens / progress.train_seconds if progress.train_seconds else 0.0,
+        train_seconds=progress.train_seconds, checkpoints=[p for _s, p in checkpoint_dirs(out)],
+    )  # fmt: skip
 
 
 def _train(
