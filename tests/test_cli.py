@@ -179,12 +179,14 @@ def test_chat_scripted_session_with_image_and_boxes(tmp_path, golden_dir):
     assert "picture added: images/street.jpg" in out.stderr
     assert out.stdout.count("assistant> ") == 3
     assert "conversation cleared" in out.stderr
+    # every answer about a picture says what --draw did with it (5 random tokens hold no box)
+    assert out.stderr.count("(nothing drawn: the answer has no <box>)") + out.stderr.count("(boxes drawn:") == 2
 
 
 def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
     from PIL import Image, ImageChops
 
-    from qwenvl.inference_cli import _draw_answer
+    from qwenvl.inference_cli import _draw_answer, _no_box_note
 
     answer = "<ref>the car</ref><box>(100,200),(600,900)</box>"
     out = _draw_answer(answer, "images/street.jpg", str(golden_dir), tmp_path, 3)
@@ -194,3 +196,7 @@ def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
     assert drawn.size == original.size
     assert ImageChops.difference(drawn, original).getbbox() is not None  # something was drawn
     assert _draw_answer("no boxes here", "images/street.jpg", str(golden_dir), tmp_path, 4) is None
+    assert _no_box_note("no boxes here") == "(nothing drawn: the answer has no <box>)"
+    assert _draw_answer("<box>(100,200),(600</box>", "images/street.jpg", str(golden_dir), tmp_path, 5) is None
+    assert _no_box_note("<box>(100,200),(600</box>") == ("(nothing drawn: the answer's <box> is malformed; a box is "
+                                                         "<box>(x1,y1),(x2,y2)</box>)")

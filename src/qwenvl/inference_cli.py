@@ -405,9 +405,15 @@ def run_chat(args: argparse.Namespace) -> int:
         if args.draw and session.last_image:
             # the picture passed the media policy when it was added (ChatSession.add_image)
             drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
-            if drawn:
-                print(f"(boxes drawn: {drawn})", file=sys.stderr)
+            print(f"(boxes drawn: {drawn})" if drawn else _no_box_note(answer), file=sys.stderr)
     return 0
+
+
+def _no_box_note(answer: str) -> str:
+    """Why ``--draw`` drew nothing for ``answer``: no box at all, or boxes that do not parse."""
+    if "<box>" in answer or "<quad>" in answer:
+        return "(nothing drawn: the answer's <box> is malformed; a box is <box>(x1,y1),(x2,y2)</box>)"
+    return "(nothing drawn: the answer has no <box>)"
 
 
 def _draw_answer(answer: str, image_path: str, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
