@@ -209,6 +209,10 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
     assert result.losses[-1] < result.losses[0]
     assert "Acc@0.5" in (out / "report.md").read_text()
+    # the prompt the model is measured with, and the command that measures it again (run by tests/test_readme.py)
+    assert (out / "eval_prompt.txt").read_text(encoding="utf-8") == metrics["eval_prompt"]
+    assert ("```bash\nqwenvl eval grounding --model model --data data/eval.jsonl --image_dir data \\\n    "
+            "--chat_format chatml --prompt_file eval_prompt.txt --dtype float32\n```") in (out / "report.md").read_text()
     landing = metrics["where_boxes_land"]
     assert landing == result.landing and sum(landing[k] for k in ("asked", "other", "neither", "unparsed")) == 8
     assert landing["asked"] == round(8 * result.accuracy_after)
@@ -237,7 +241,11 @@ def test_demo_cli_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     args = parser.parse_args(["demo", "--steps", "1", "--output_dir", str(tmp_path / "d"), "--seed", "1",
                               "--colors", "purple, orange"])
     assert run(args) == 0
-    assert "held-out Acc@0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "held-out Acc@0.5" in out
+    d = tmp_path / "d"
+    assert (f"measure it again: qwenvl eval grounding --model {d}/model --data {d}/data/eval.jsonl --image_dir "
+            f"{d}/data --chat_format chatml --prompt_file {d}/eval_prompt.txt --dtype float32") in out
     assert (tmp_path / "d" / "report.md").is_file()
     sents = [json.loads(line)["sent"] for line in (tmp_path / "d" / "data" / "eval.jsonl").read_text().splitlines()]
     assert {s.split()[1] for s in sents} <= {"purple", "orange"}

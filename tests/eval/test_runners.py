@@ -281,19 +281,69 @@ def test_batched_answers_equal_single(tmp_path: Path, golden_model) -> None:  # 
     assert run(prompts) == [run([p])[0] for p in prompts]
 
 
-def test_cli_grounding(tmp_path: Path) -> None:
+def test_cli_grounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from qwenvl.cli import main
 
     data = write_jsonl(tmp_path / "g.jsonl", [
         {"image": "cat.png", "sent": "the cat", "bbox": [10, 10, 100, 100], "height": 240, "width": 320},
     ])  # fmt: skip
     out = tmp_path / "out.json"
-    rc = main(["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--image_dir",
-               str(GOLDEN / "images"), "--output", str(out), "--max_new_tokens", "4", "--min_new_tokens", "0",
-               "--device", "cpu", "--no_progress"])  # fmt: skip
+    args = ["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--image_dir", str(GOLDEN / "images"),
+            "--output", str(out), "--max_new_tokens", "4", "--min_new_tokens", "0", "--device", "cpu", "--no_progress"]
+    rc = main(args)  # fmt: skip
     assert rc == 0
     saved = json.loads(out.read_text())
     assert saved["task"] == "grounding" and saved["settings"]["max_new_tokens"] == 4
+    # which prompt and format the score is for: on stderr before the run, and in the output's settings
+    assert ("eval grounding: prompt '<img>{image}</img><ref>{expression}</ref><box>' (official), chat_format raw, "
+            "max_new_tokens 4, min_new_tokens 0") in capsys.readouterr().err
+    assert (saved["settings"]["prompt"], saved["settings"]["chat_format"], saved["settings"]["protocol"]) == (
+        runners.GROUNDING_PROMPT, "raw", "official")
+
+    # --prompt_file: the template exactly as the file holds it, newlines included
+    template = "<|im_start|>user\nPicture 1: <img>{image}</img>\n<ref>{expression}</ref><|im_end|>\n<|im_start|>assistant\n<box>"
+    (tmp_path / "prompt.txt").write_text(template, encoding="utf-8")
+    assert main([*args, "--chat_format", "chatml", "--prompt_file", str(tmp_path / "prompt.txt")]) == 0
+    saved = json.loads(out.read_text())
+    assert (saved["settings"]["prompt"], saved["settings"]["chat_format"], saved["settings"]["protocol"]) == (
+        template, "chatml", f"--prompt_file {tmp_path / 'prompt.txt'}")
+    assert f"eval grounding: prompt {template!r} (--prompt_file {tmp_path / 'prompt.txt'}), chat_format chatml" in \
+        capsys.readouterr().err
+    assert main([*args, "--prompt_file", str(tmp_path / "nope.txt")]) == 2
+    assert "--prompt_file" in capsys.readouterr().err
+
+
+def test_cli_checks_the_data_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenvl.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "gone.png", "sent": "x", "bbox": [0, 0, 1, 1]}])
+    # the model folder does not exist either: the data error comes first
+    assert main(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == 2
+    assert "image not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["grounding", "vqa", "caption"])
+def test_help_shows_the_data_format_with_a_two_line_example_also_in_the_readme(task: str, capsys,
+                                                                               tmp_path: Path) -> None:
+    from qwenvl.cli import main
+    from qwenvl.eval.cli import DATA_FORMATS
+
+    with pytest.raises(SystemExit):
+        main(["eval", task, "--help"])
+    shown = capsys.readouterr().out
+    examples = [line for line in DATA_FORMATS[task].splitlines() if line.startswith("{")]
+    assert len(examples) == 2 and all(line in shown for line in examples)
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert all(line in readme for line in examples)
+    # and the examples are data the loader reads
+    for line in examples:
+        image = tmp_path / json.loads(line)["image"]
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (640, 640)).save(image, format="PNG")
+    (tmp_path / "d.jsonl").write_text("\n".join(examples) + "\n")
+    loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
+               "caption": runners.load_caption_data}
+    assert len(loaders[task](tmp_path / "d.jsonl", tmp_path)) == 2
 
 
 def test_cli_bad_line_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     import torch
 
-    from .run import run_demo
+    from .run import eval_command, run_demo
 
     if args.threads is not None:
         if args.threads < 1:
@@ -57,4 +57,5 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     print(f"held-out Acc@0.5: {100 * result.accuracy_before:.1f}% before training, "
           f"{100 * result.accuracy_after:.1f}% after {result.steps} steps "
           f"({result.total_seconds:.0f} s); report: {result.files['report']}")
+    print(f"measure it again: {eval_command(args.output_dir)}")
     return 0

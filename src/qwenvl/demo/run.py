@@ -135,7 +135,7 @@ from ..processor import DEFAULT_SYSTEM, Processor
 from .report import GridItem, draw_loss_curve, draw_prediction_grid
 from .synthetic import SyntheticConfig, SyntheticSample, make_dataset, question
 
-__all__ = ["DEMO_PROMPTS", "DemoConfig", "DemoResult", "demo_model_config", "lm_block_init",
+__all__ = ["DEMO_PROMPTS", "DemoConfig", "DemoResult", "demo_model_config", "eval_command", "lm_block_init",
            "local_resampler_init", "recency_attention_init", "run_demo", "where_boxes_land"]
 
 logger = logging.getLogger(__name__)
@@ -478,11 +478,26 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         "- `loss_curve.png` (loss, and held-out accuracy on the right axis), `predictions.png` (true box white, "
         "predicted cyan), `metrics.json`",
         "- `eval_before.json`, `eval_after.json`: every held-out prediction",
-        "- `model/`: the trained model (official layout); `qwenvl eval grounding --model model --data "
-        "data/eval.jsonl --image_dir data --chat_format chatml --prompt \"$(jq -r .eval_prompt metrics.json)\"` "
-        "measures it again",
+        "- `model/`: the trained model (official layout); `eval_prompt.txt`: the prompt it is evaluated with (the "
+        "training conversation up to `<box>`, ChatML)",
+        "",
+        "## Measure it again",
+        "The model answers its own ChatML prompt, not the official raw grounding prompt (which `qwenvl eval` uses "
+        "by default and on which this model scores near 0). From this folder (`--dtype float32` as the demo's own "
+        "evaluation; the default picks bf16 on CPUs that compute it natively):",
+        "",
+        "```bash",
+        eval_command(".", " \\\n    "),
+        "```",
         "",
     ])  # fmt: skip
+
+
+def eval_command(output_dir: str, sep: str = " ") -> str:
+    """The ``qwenvl eval grounding`` command line that measures the demo model in ``output_dir`` as the demo does."""
+    d = output_dir.rstrip("/") + "/" if output_dir not in ("", ".") else ""
+    return (f"qwenvl eval grounding --model {d}model --data {d}data/eval.jsonl --image_dir {d}data{sep}"
+            f"--chat_format chatml --prompt_file {d}eval_prompt.txt --dtype float32")
 
 
 def run_demo(
@@ -606,6 +621,7 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         "where_boxes_land": landing,
         "losses": losses,
     }
+    files["eval_prompt"] = atomic_write_text(out / "eval_prompt.txt", DEMO_PROMPTS[cfg.style])  # as is, no newline
     files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     files["report"] = atomic_write_text(out / "report.md", _report_md(result, cfg, model_cfg, n_params))
     logger.info("demo: held-out Acc@0.5 %.1f%% -> %.1f%% in %.0f s; report in %s", 100 * before.score,

@@ -5,14 +5,16 @@ Example::
     qwenvl eval grounding --model Qwen-VL --data refcoco_val.jsonl --image_dir coco/ --batch_size 8 \\
         --output results/refcoco_val.json
 
-Input formats are described in :mod:`qwenvl.eval.runners`. The output JSON holds the score, the settings
-and every prediction; it is written atomically.
+Input formats: :data:`DATA_FORMATS` (shown by ``--help`` and in the README; the full rules are in
+:mod:`qwenvl.eval.runners`). The prompt and chat format used are said on stderr before the run and recorded
+in the output JSON's ``settings``, with the score and every prediction; it is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,33 @@ _DEFAULTS = {  # task -> (prompt, max_new_tokens, min_new_tokens): the official 
 }
 
 
+# What --data holds, per task: shown by `qwenvl eval TASK --help` and in the README (tests keep them equal).
+DATA_FORMATS = {
+    "grounding": """\
+--data: JSONL, one referring expression per line: "image" (relative to --image_dir), "sent", "bbox" in pixels
+of the original image ([x1, y1, x2, y2]; COCO's [x, y, w, h] with --bbox_format xywh), and optionally
+"height"/"width" (else read from the image file). Example:
+{"image": "val2014/COCO_val2014_000000000139.jpg", "sent": "the man on the left", "bbox": [10.5, 20, 200, 310.2], "height": 426, "width": 640}
+{"image": "val2014/COCO_val2014_000000000285.jpg", "sent": "brown bear", "bbox": [0, 50, 640, 586]}""",
+    "vqa": """\
+--data: JSONL, one question per line: "image", "question", and the reference answers: "answers" (VQAv2: the
+10 annotators' answers, strings or {"answer": ...} objects) or "answer" (one reference, scored by exact
+match); optionally "question_id". Example:
+{"image": "val2014/COCO_val2014_000000262148.jpg", "question": "Where is he looking?", "answers": ["down", "down", "at table", "skateboard", "down", "table", "down", "down", "down", "down"], "question_id": 262148000}
+{"image": "charts/bar_017.png", "question": "What is the highest value?", "answer": "42"}""",
+    "caption": """\
+--data: JSONL, one image per line: "image", "captions" (the references), optionally "id"; or a COCO-style
+.json ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}). Example:
+{"image": "val2014/COCO_val2014_000000391895.jpg", "captions": ["A man with a red helmet on a small moped on a dirt road.", "Man riding a motor bike on a dirt road on the countryside."], "id": 391895}
+{"image": "val2014/COCO_val2014_000000060623.jpg", "captions": ["A young girl inhales with the intent of blowing out a candle."]}""",
+}
+
+
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     prompt, max_new, min_new = _DEFAULTS[task]
     p.add_argument("--model", "--load_checkpoint", dest="model", required=True, metavar="DIR",
                    help="checkpoint folder (official layout or ours)")
-    p.add_argument("--data", required=True, metavar="FILE", help="evaluation data (see `qwenvl.eval.runners`)")
+    p.add_argument("--data", required=True, metavar="FILE", help="evaluation data (format below)")
     p.add_argument("--image_dir", metavar="DIR", help="folder relative image paths are resolved against (default: cwd)")
     p.add_argument("--allow_any_local_path", type=str2bool, default=False, metavar="BOOL",
                    help="which image files the data may name: false (default) reads only files inside --image_dir "
@@ -42,7 +66,11 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     add_runtime_flags(p)
-    p.add_argument("--prompt", default=prompt, help=f"prompt template (default: {prompt!r})")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--prompt", default=prompt, help=f"prompt template (default, the official one: {prompt!r})")
+    given.add_argument("--prompt_file", metavar="FILE",
+                       help="read the prompt template from FILE, exactly as it is (newlines included; e.g. the "
+                            "demo's eval_prompt.txt)")
     p.add_argument("--max_new_tokens", type=int, default=max_new, help=f"default {max_new} (official)")
     p.add_argument("--min_new_tokens", type=int, default=min_new, help=f"default {min_new} (official)")
     p.add_argument("--chat_format", choices=["raw", "chatml"], default="raw",
@@ -56,18 +84,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: grounding (RefCOCO), VQA, captioning (CIDEr)")
     tasks = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
 
-    g = tasks.add_parser("grounding", help="referring expression grounding, Acc@0.5 (RefCOCO/+/g protocol)")
+    def task_parser(name: str, help: str) -> argparse.ArgumentParser:
+        return tasks.add_parser(name, help=help, description=help, epilog=DATA_FORMATS[name],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    g = task_parser("grounding", "referring expression grounding, Acc@0.5 (RefCOCO/+/g protocol)")
     _common(g, "grounding")
     g.add_argument("--bbox_format", choices=["xyxy", "xywh"], default="xyxy",
                    help="'bbox' in the data: [x1,y1,x2,y2] pixels (default) or COCO [x,y,w,h]")
     g.add_argument("--iou_threshold", type=float, default=0.5)
 
-    v = tasks.add_parser("vqa", help="visual question answering, VQAv2 accuracy")
+    v = task_parser("vqa", "visual question answering, VQAv2 accuracy")
     _common(v, "vqa")
     v.add_argument("--metric", choices=VQA_METRICS, default="auto",
                    help="auto: VQAv2 accuracy with several answers per question, else exact match")
 
-    c = tasks.add_parser("caption", help="captioning, CIDEr")
+    c = task_parser("caption", "captioning, CIDEr")
     _common(c, "caption")
 
 
@@ -85,7 +117,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from . import runners
 
     task = args.eval_task
-    check_output_file(args.output, {"--data file": args.data})
+    check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file})
     loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
                "caption": runners.load_caption_data}  # fmt: skip
     media = {"allow_any_local_path": args.allow_any_local_path}
@@ -94,11 +126,13 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     else:
         records = loaders[task](args.data, args.image_dir, **media)
     records = _limit(records, args.limit)
+    prompt, protocol = _prompt(args, task)
     model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize, **media)
+    _say_prompt(task, prompt, protocol, args, model.config.generation.chat_format)
     common: dict[str, Any] = dict(
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
-        prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-        chat_format=args.chat_format, output=args.output, progress=not args.no_progress,
+        prompt=prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        chat_format=args.chat_format, output=None, progress=not args.no_progress,
     )  # fmt: skip
     if task == "grounding":
         result = runners.evaluate_grounding(records, threshold=args.iou_threshold, **common)
@@ -109,6 +143,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     else:
         result = runners.evaluate_caption(records, **common)
         line = f"CIDEr: {result.score:.4f} over {result.num_samples} images"
+    result.settings["protocol"] = protocol
+    if args.output:
+        result.save(args.output)
     print(line)  # the command's answer, for the user
     if args.output:
         print(f"predictions written to {Path(args.output)}")
@@ -117,3 +154,23 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         where = f"the predictions with an 'error' field in {args.output}" if args.output else "the warnings above"
         raise ValueError(f"{failed} of {result.num_samples} sample(s) failed and were scored as wrong: see {where}")
     return 0
+
+
+def _prompt(args: argparse.Namespace, task: str) -> tuple[str, str]:
+    """The prompt template and where it came from: "official", "--prompt" or "--prompt_file FILE"."""
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt_file {path}: no such file")
+        return path.read_text(encoding="utf-8"), f"--prompt_file {path}"
+    return args.prompt, "official" if args.prompt == _DEFAULTS[task][0] else "--prompt"
+
+
+def _say_prompt(task: str, prompt: str, protocol: str, args: argparse.Namespace, model_format: str) -> None:
+    """One stderr line: the prompt and format this score will be for (plus a hint when they may not suit)."""
+    print(f"eval {task}: prompt {prompt!r} ({protocol}), chat_format {args.chat_format}, max_new_tokens "
+          f"{args.max_new_tokens}, min_new_tokens {args.min_new_tokens}", file=sys.stderr)
+    if protocol == "official" and model_format == "chatml" and args.chat_format == "raw":
+        print("note: the official protocol prompts every checkpoint in the raw format; a model fine-tuned on a "
+              "ChatML prompt of its own (such as the demo's, saved in its eval_prompt.txt) may score far lower this "
+              "way than with --chat_format chatml --prompt_file FILE", file=sys.stderr)
