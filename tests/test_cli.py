@@ -125,15 +125,28 @@ def test_predict_checks_images_before_loading_the_model(tmp_path, golden_dir):
         {"messages": [{"role": "user", "content": [{"image": str(tmp_path / "notes.jpg")}, {"text": "?"}]}]},
         {"prompt": "Picture 1: <img>gone.png</img>\nWhat?"},
     ]) + "\n")
-    # the checkpoint folder does not exist: an error about the images shows they were checked first
+    # the checkpoint folder does not exist: what is said about the images before that error was checked first.
+    # --jsonl: a bad row costs only itself, so the bad images are a note and the run goes on (to the model)
     out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--image_dir", str(golden_dir),
                  "--jsonl", str(prompts))
     assert out.returncode == 2
-    err = out.stderr.strip()
-    assert err.startswith(f"qwenvl predict: error: prompt 2 of 3: cannot read image {tmp_path / 'notes.jpg'}: ")
-    assert err.endswith("(2 prompts have a bad image)") and "\n" not in err
+    note, error = out.stderr.strip().splitlines()
+    assert note.startswith(f"note: prompt 2 of 3: cannot read image {tmp_path / 'notes.jpg'}: ")
+    assert note.endswith("(2 prompts have a bad image); answering the others (the bad ones become rows with an "
+                         "'error' field)")
+    assert error.startswith("qwenvl predict: error: checkpoint folder not found")
+    # ... and when no prompt is left, or with --predict_data, it is the error
+    prompts.write_text(json.dumps({"prompt": "Picture 1: <img>gone.png</img>\nWhat?"}) + "\n")
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--image_dir", str(golden_dir),
+                 "--jsonl", str(prompts))
+    assert out.returncode == 2 and out.stderr.strip() == ("qwenvl predict: error: image not found: "
+                                                          f"{golden_dir / 'gone.png'}")
     out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--predict_data", "missing.png", "hi")
     assert out.returncode == 2 and out.stderr.strip() == f"qwenvl predict: error: image not found: {ROOT / 'missing.png'}"
+    # the media policy applies already: with --allow_any_local_path false nothing outside --image_dir is read
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--image_dir", str(golden_dir),
+                 "--allow_any_local_path", "false", "--predict_data", str(tmp_path / "notes.jpg"), "hi")
+    assert out.returncode == 2 and "is not allowed: only files inside the media folder are read" in out.stderr
 
 
 def test_predict_chat_format_chatml_keeps_system_and_history_on_a_base_checkpoint(tmp_path, golden_dir):

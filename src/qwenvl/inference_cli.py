@@ -247,9 +247,10 @@ def _image_refs(prompt: Any) -> list[str]:
     return refs
 
 
-def check_prompt_images(prompts: list[Any], base_dir: str | None) -> None:
-    """Before any weight is read: every local image the prompts name exists and has a readable image header
-    (PIL reads the header only). One line names the first bad one and how many prompts have one."""
+def bad_prompt_images(prompts: list[Any], policy: Any) -> list[tuple[int, str]]:
+    """(prompt number from 1, problem) for every prompt naming a local image that ``policy``
+    (:class:`qwenvl.images.MediaPolicy`) refuses, that does not exist, or whose header PIL cannot read (the
+    header only: seconds for thousands of images). Meant for before the weights load."""
     from PIL import Image, UnidentifiedImageError
 
     from .images import ImageError
@@ -259,23 +260,20 @@ def check_prompt_images(prompts: list[Any], base_dir: str | None) -> None:
         for ref in _image_refs(prompt):
             if ref.lower().startswith(("data:", "http://", "https://")):
                 continue  # not a file: the processor says what is wrong with it
-            path = Path(ref).expanduser()
-            path = (Path(base_dir).expanduser() / path if base_dir and not path.is_absolute() else path).absolute()
             try:
+                path = policy.resolve(ref)
                 with Image.open(path) as im:
                     im.size  # noqa: B018 (the header is read: a text file named .jpg fails here)
                 continue
+            except ImageError as e:  # refused by the media policy
+                problem = str(e)
             except FileNotFoundError:
                 problem = f"image not found: {path}"
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
                 problem = f"cannot read image {path}: {e}"
             bad.append((k, problem))
             break
-    if bad:
-        k, problem = bad[0]
-        where = f"prompt {k} of {len(prompts)}: " if len(prompts) > 1 else ""
-        more = f" ({len(bad)} prompts have a bad image)" if len(bad) > 1 else ""
-        raise ImageError(f"{where}{problem}{more}")
+    return bad
 
 
 def _sampling(model: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
@@ -315,9 +313,12 @@ def run_predict(args: argparse.Namespace) -> int:
         prompts = _prompts_from_jsonl(args.jsonl)
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
-    check_prompt_images(prompts, opts.get("image_dir"))  # seconds now, not after minutes of loading weights
+    from .images import MediaPolicy
+
+    any_path = opts.get("allow_any_local_path", True)
+    _check_images_first(prompts, MediaPolicy(opts.get("image_dir") or ".", any_path), per_row=bool(args.jsonl))
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            quantize=opts.get("quantize"), allow_any_local_path=opts.get("allow_any_local_path", True))
+                            quantize=opts.get("quantize"), allow_any_local_path=any_path)
     params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
@@ -340,6 +341,23 @@ def run_predict(args: argparse.Namespace) -> int:
     for p in preds:
         print(p.response if args.output_only else p.text)
     return 0
+
+
+def _check_images_first(prompts: list[Any], policy: Any, per_row: bool) -> None:
+    """Bad images are said before minutes of loading weights: an error (one line) when every prompt has one or
+    without ``per_row``; else a one-line note, and those prompts become rows with an 'error' field."""
+    from .images import ImageError
+
+    bad = bad_prompt_images(prompts, policy)
+    if not bad:
+        return
+    k, problem = bad[0]
+    where = f"prompt {k} of {len(prompts)}: " if len(prompts) > 1 else ""
+    more = f" ({len(bad)} prompts have a bad image)" if len(bad) > 1 else ""
+    if not per_row or len(bad) == len(prompts):
+        raise ImageError(f"{where}{problem}{more}")
+    print(f"note: {where}{problem}{more}; answering the others (the bad ones become rows with an 'error' field)",
+          file=sys.stderr)
 
 
 def _result_row(p: Any) -> dict[str, Any]:
