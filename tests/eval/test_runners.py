@@ -281,7 +281,7 @@ def test_batched_answers_equal_single(tmp_path: Path, golden_model) -> None:  # 
     assert run(prompts) == [run([p])[0] for p in prompts]
 
 
-def test_cli_grounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_grounding(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from qwenvl.cli import main
 
     data = write_jsonl(tmp_path / "g.jsonl", [
@@ -290,25 +290,29 @@ def test_cli_grounding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     out = tmp_path / "out.json"
     args = ["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--image_dir", str(GOLDEN / "images"),
             "--output", str(out), "--max_new_tokens", "4", "--min_new_tokens", "0", "--device", "cpu", "--no_progress"]
-    rc = main(args)  # fmt: skip
+    with caplog.at_level("INFO", logger="qwenvl.eval.cli"):
+        rc = main(args)  # fmt: skip
     assert rc == 0
     saved = json.loads(out.read_text())
     assert saved["task"] == "grounding" and saved["settings"]["max_new_tokens"] == 4
     # which prompt and format the score is for: on stderr before the run, and in the output's settings
     assert ("eval grounding: prompt '<img>{image}</img><ref>{expression}</ref><box>' (official), chat_format raw, "
-            "max_new_tokens 4, min_new_tokens 0") in capsys.readouterr().err
+            "max_new_tokens 4, min_new_tokens 0") in caplog.text
+    assert "note: the official protocol" not in caplog.text  # the golden checkpoint is a raw-format one
     assert (saved["settings"]["prompt"], saved["settings"]["chat_format"], saved["settings"]["protocol"]) == (
         runners.GROUNDING_PROMPT, "raw", "official")
 
     # --prompt_file: the template exactly as the file holds it, newlines included
     template = "<|im_start|>user\nPicture 1: <img>{image}</img>\n<ref>{expression}</ref><|im_end|>\n<|im_start|>assistant\n<box>"
     (tmp_path / "prompt.txt").write_text(template, encoding="utf-8")
-    assert main([*args, "--chat_format", "chatml", "--prompt_file", str(tmp_path / "prompt.txt")]) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qwenvl.eval.cli"):
+        assert main([*args, "--chat_format", "chatml", "--prompt_file", str(tmp_path / "prompt.txt")]) == 0
     saved = json.loads(out.read_text())
     assert (saved["settings"]["prompt"], saved["settings"]["chat_format"], saved["settings"]["protocol"]) == (
         template, "chatml", f"--prompt_file {tmp_path / 'prompt.txt'}")
     assert f"eval grounding: prompt {template!r} (--prompt_file {tmp_path / 'prompt.txt'}), chat_format chatml" in \
-        capsys.readouterr().err
+        caplog.text
     assert main([*args, "--prompt_file", str(tmp_path / "nope.txt")]) == 2
     assert "--prompt_file" in capsys.readouterr().err
 

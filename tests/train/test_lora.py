@@ -68,7 +68,9 @@ def test_adapter_folder_and_resume(lora_run, processor) -> None:
     assert {p.name for p in adapter.iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"}
     assert (root / "out" / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
-    resumed = train(cfg.replace(resume_training=True, output_dir=str(root / "out")), processor=processor)
+    # the run is finished (resume_training alone would say so and train nothing): resume its checkpoint by name
+    resumed = train(cfg.replace(resume_training=True, resume_from=str(root / "out" / "checkpoint-2"),
+                                output_dir=str(root / "out")), processor=processor)
     assert resumed.resumed_from == root / "out" / "checkpoint-2"
     assert resumed.losses == result.losses  # dropout RNG restored too
     want, got = result.model.state_dict(), resumed.model.state_dict()

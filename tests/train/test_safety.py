@@ -70,6 +70,7 @@ def test_resume_refuses_changed_optimization_settings(done, processor) -> None:
 def test_corrupt_trainer_state_is_a_one_line_error(done, train_data: Path, tmp_path: Path, capsys) -> None:
     cfg, _result = done
     out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    (out / "trainer_state.json").unlink()  # a run killed after checkpoint-1 (a finished one has nothing to resume)
     state = out / "checkpoint-1" / STATE_FILE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     argv = ["finetune", "--preset", "tiny", "--train_data", str(train_data), "--output_dir", str(out),

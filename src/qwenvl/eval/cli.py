@@ -6,7 +6,7 @@ Example::
         --output results/refcoco_val.json
 
 Input formats: :data:`DATA_FORMATS` (shown by ``--help`` and in the README; the full rules are in
-:mod:`qwenvl.eval.runners`). The prompt and chat format used are said on stderr before the run and recorded
+:mod:`qwenvl.eval.runners`). The prompt and chat format used are logged (stderr) before the run and recorded
 in the output JSON's ``settings``, with the score and every prediction; it is written atomically.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +166,10 @@ def _prompt(args: argparse.Namespace, task: str) -> tuple[str, str]:
 
 
 def _say_prompt(task: str, prompt: str, protocol: str, args: argparse.Namespace, model_format: str) -> None:
-    """One stderr line: the prompt and format this score will be for (plus a hint when they may not suit)."""
-    print(f"eval {task}: prompt {prompt!r} ({protocol}), chat_format {args.chat_format}, max_new_tokens "
-          f"{args.max_new_tokens}, min_new_tokens {args.min_new_tokens}", file=sys.stderr)
+    """One log line (stderr): the prompt and format this score will be for (plus a hint when they may not suit)."""
+    logger.info("eval %s: prompt %r (%s), chat_format %s, max_new_tokens %d, min_new_tokens %d", task, prompt,
+                protocol, args.chat_format, args.max_new_tokens, args.min_new_tokens)
     if protocol == "official" and model_format == "chatml" and args.chat_format == "raw":
-        print("note: the official protocol prompts every checkpoint in the raw format; a model fine-tuned on a "
-              "ChatML prompt of its own (such as the demo's, saved in its eval_prompt.txt) may score far lower this "
-              "way than with --chat_format chatml --prompt_file FILE", file=sys.stderr)
+        logger.info("note: the official protocol prompts every checkpoint in the raw format; a model fine-tuned on "
+                    "a ChatML prompt of its own (such as the demo's, saved in its eval_prompt.txt) may score far "
+                    "lower this way than with --chat_format chatml --prompt_file FILE")
