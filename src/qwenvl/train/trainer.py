@@ -160,7 +160,7 @@ def train(
     env = distributed.setup(str(_resolve_device(cfg.device)), cfg.dist_timeout, cfg.use_parallel)
     try:
         with _hold_output_dir(cfg, env):
-            done = env.broadcast(_completed_run(cfg) if env.is_main else None)  # rank 0 reads the folder
+            done = env.broadcast(_completed_run(cfg, env.world_size) if env.is_main else None)  # rank 0 reads
             if done is not None:
                 return done
             return _train(cfg, model, processor, dataset, callback, env)
@@ -174,7 +174,7 @@ def train(
         distributed.teardown(env)
 
 
-def _completed_run(cfg: TrainConfig) -> TrainResult | None:
+def _completed_run(cfg: TrainConfig, world_size: int = 1) -> TrainResult | None:
     """``resume_training`` (no checkpoint named) in a folder whose run has finished: that run's result, with
     nothing trained or written. Finished means: the final ``trainer_state.json`` has the settings of this run
     and is further along than the newest checkpoint, whose loss history it continues."""
@@ -188,7 +188,10 @@ def _completed_run(cfg: TrainConfig) -> TrainResult | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     current = cfg.to_dict()
-    if any(saved.get(k) != current.get(k) for k in (*RESUME_KEYS, "data_path", "load_checkpoint", "preset")):
+    same = (*RESUME_KEYS, "batch_size", "gradient_accumulation_steps", "data_path", "load_checkpoint", "preset")
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    if final.get("global_batch_size", global_batch) != global_batch or any(
+            saved.get(k) != current.get(k) for k in same if k != "global_batch_size"):
         return None  # another run's result: resuming goes on as usual (and names what differs)
     latest = latest_checkpoint(out)
     if latest is not None:
