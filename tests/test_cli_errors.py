@@ -86,6 +86,11 @@ def cases(b: dict[str, Path]) -> dict[str, list[list[str]]]:
             ["eval", "caption", *model, "--data", str(d / "caption.jsonl"), "--image_dir", str(d)],
         ],
         "demo": [["demo", "--output_dir", str(d / "demo"), "--steps", "1", "--device", "bogus"]],
+        "serve": [
+            ["serve", *model, "--device", "bogus", "--port", "0"],
+            ["serve", *model, "--allowed_local_media_path", str(d / "missing-dir"), "--port", "0"],
+            ["serve", "--model", str(d / "missing"), "--port", "0"],
+        ],
     }
 
 
