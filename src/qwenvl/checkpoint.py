@@ -399,7 +399,11 @@ def _all_finite(t: torch.Tensor) -> bool:
     """No NaN/inf in ``t``: one sum (NaN and inf propagate), confirmed elementwise only when it is not finite."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    flat = t.reshape(-1)
+    # in slices: a half-precision sum with dtype=float32 converts its whole input first (a float32 copy of the
+    # largest tensor would raise the load's peak memory by 2x its size)
+    chunk = 1 << 22
+    if all(bool(torch.isfinite(flat[i : i + chunk].sum(dtype=torch.float32))) for i in range(0, flat.numel(), chunk)):
         return True
     return bool(torch.isfinite(t).all())  # the sum may overflow float32 without any bad value
 
