@@ -66,14 +66,20 @@ def sized_config(size_bytes: float, dtype: str) -> QwenVLConfig:
     return _config(max(1, 1 + math.ceil((size_bytes - one) / per_layer)), dtype)
 
 
-def write_checkpoints(workdir: Path, config: QwenVLConfig, dtype: torch.dtype, shard: str) -> dict[str, Path]:
-    """Random weights generated tensor by tensor (no model object), saved once per format."""
+def random_state(config: QwenVLConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random weights (std 0.02, seed 0) generated tensor by tensor, without building a model."""
     g = torch.Generator().manual_seed(0)
     state = {}
     for key, shape in _shapes(config).items():
         t = torch.empty(shape, dtype=dtype)
         t.normal_(std=0.02, generator=g)
         state[key] = t
+    return state
+
+
+def write_checkpoints(workdir: Path, config: QwenVLConfig, dtype: torch.dtype, shard: str) -> dict[str, Path]:
+    """Random weights generated tensor by tensor (no model object), saved once per format."""
+    state = random_state(config, dtype)
     out = {}
     for fmt, safe in (("safetensors", True), ("bin", False)):
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import GB, _nbytes, _peak_rss, _shapes, sized_config  # noqa: E402 (a sibling script)
+from load import GB, _nbytes, _peak_rss, _shapes, random_state, sized_config  # noqa: E402 (a sibling script)
 
 from qwenvl.checkpoint import find_weights, save_pretrained  # noqa: E402
 from qwenvl.config import QwenVLConfig  # noqa: E402
@@ -46,13 +46,7 @@ def _rss() -> int:
 
 
 def write_checkpoint(folder: Path, config: QwenVLConfig, dtype: torch.dtype) -> Path:
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, shape in _shapes(config).items():
-        t = torch.empty(shape, dtype=dtype)
-        t.normal_(std=0.02, generator=g)
-        state[key] = t
-    return save_pretrained(state, config, folder, max_shard_size="1GB")
+    return save_pretrained(random_state(config, dtype), config, folder, max_shard_size="1GB")
 
 
 def rank_main(source: Path, workdir: Path) -> None:

@@ -16,6 +16,13 @@ from __future__ import annotations
 import torch
 
 
+def _buffers(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device | str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed key and value buffers of ``shape`` for every layer."""
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+
+
 class KVCache:
     def __init__(
         self,
@@ -27,9 +34,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (batch_size, num_heads, max_length, head_dim)
-        self._start([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                    [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+        self._start(*_buffers(num_layers, (batch_size, num_heads, max_length, head_dim), dtype, device))
 
     @classmethod
     def over(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> KVCache:
@@ -94,9 +99,7 @@ class SlotKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (slots, num_heads, max_length, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k, self.v = _buffers(num_layers, (slots, num_heads, max_length, head_dim), dtype, device)
         self.max_length = max_length
         self.rope_alpha = torch.ones(slots, device=device)
         self.rope_inv_freq = torch.zeros(slots, head_dim // 2, device=device)
