@@ -106,7 +106,7 @@ def predict(
     """Generate for every prompt (strings, list-format lists or messages), ``batch_size`` at a time.
 
     Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
-    ``compile=True`` decodes with the ``torch.compile``-d step (plain weights; the first call compiles).
+    ``compile=True`` decodes with the ``torch.compile``-d step (the first call compiles; int8 weights are fastest so).
     ``on_error``: a prompt the processor cannot take (a bad or refused image, a malformed prompt) raises
     its ``ValueError`` (``"raise"``) or gives a :class:`Prediction` with ``error`` set while the others are
     answered (``"record"``).

@@ -431,15 +431,13 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         prepared = await run_in_threadpool(server.prepare_chat, body)
         request, events = server.submit(prepared)
         rid, name = protocol.new_id("chatcmpl"), settings.model_name
-
-        def grounding(text: str) -> list[dict[str, Any]] | None:
-            return protocol.grounding_field(text, prepared.image_size, prepared.image_count or None)
+        grounding = _grounding_of(prepared)
 
         if not body.stream:
             done = await server.collect(http, request, events)
             return JSONResponse(protocol.chat_completion(rid, name, done.text, done.reason, done.prompt_tokens,
                                                          done.completion_tokens, grounding(done.text)))
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        include_usage = _include_usage(body)
 
         def last(done: Finished) -> list[dict[str, Any]]:
             g = grounding(done.text)
@@ -450,25 +448,22 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
             return out
 
         first = _sse(protocol.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
-        return StreamingResponse(
-            server.stream(request, events, first, lambda t: protocol.chat_chunk(rid, name, {"content": t}), last),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(
+            server.stream(request, events, first, lambda t: protocol.chat_chunk(rid, name, {"content": t}), last))
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def complete(body: protocol.CompletionRequest, http: Request) -> Response:
         prepared = await run_in_threadpool(server.prepare_completion, body)
         request, events = server.submit(prepared)
         rid, name = protocol.new_id("cmpl"), settings.model_name
-
-        def grounding(text: str) -> list[dict[str, Any]] | None:
-            return protocol.grounding_field(text, prepared.image_size, prepared.image_count or None)
+        grounding = _grounding_of(prepared)
 
         if not body.stream:
             done = await server.collect(http, request, events)
             return JSONResponse(protocol.completion(rid, name, done.text, done.reason,
                                                     protocol.usage(done.prompt_tokens, done.completion_tokens),
                                                     grounding(done.text)))
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        include_usage = _include_usage(body)
 
         def last(done: Finished) -> list[dict[str, Any]]:
             out = [protocol.completion(rid, name, "", done.reason, grounding=grounding(done.text))]
@@ -477,9 +472,20 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
                                                usage_=protocol.usage(done.prompt_tokens, done.completion_tokens)))
             return out
 
-        return StreamingResponse(
-            server.stream(request, events, None, lambda t: protocol.completion(rid, name, t), last),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _event_stream(server.stream(request, events, None, lambda t: protocol.completion(rid, name, t), last))
 
     return app
 
+
+def _grounding_of(prepared: Any) -> Callable[[str], list[dict[str, Any]] | None]:
+    """The grounding extension field of an answer to ``prepared`` (boxes in pixels of its last image)."""
+    return lambda text: protocol.grounding_field(text, prepared.image_size, prepared.image_count or None)
+
+
+def _include_usage(body: Any) -> bool:
+    return body.stream_options is not None and bool(body.stream_options.include_usage)
+
+
+def _event_stream(events: Any) -> StreamingResponse:
+    """Server-sent events, as OpenAI's streaming endpoints send them."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
