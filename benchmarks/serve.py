@@ -18,7 +18,6 @@ import asyncio
 import base64
 import io
 import json
-import platform
 import socket
 import threading
 import time
@@ -29,6 +28,8 @@ import uvicorn
 from PIL import Image
 
 from qwenvl import Processor, QwenVL
+from qwenvl.hardware import cpu_summary
+from qwenvl.quantize import QUANTIZE_CHOICES, optimize_for_inference
 from qwenvl.serve.app import ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig
 
@@ -95,11 +96,16 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--max_batch_size", type=int, default=8)
     ap.add_argument("--max_tokens", type=int, default=64)
+    ap.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
 
-    model = QwenVL.from_config(args.preset, seed=0, dtype=getattr(torch, args.dtype))
+    torch.set_num_threads(args.threads)
+    # the layer swaps `qwenvl serve` gets from qwenvl.inference.load
+    model = optimize_for_inference(QwenVL.from_config(args.preset, seed=0, dtype=getattr(torch, args.dtype)).eval(),
+                                   args.quantize)
     processor = Processor(image_size=model.config.visual.image_size)
     config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=1024, max_queue=1024,
                           compile=args.compile)
@@ -114,8 +120,9 @@ def main() -> None:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     image = picture_url(0)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"preset {args.preset} {args.dtype}, {args.max_batch_size} slots, max_tokens {args.max_tokens}")
+    print(f"cpu: {cpu_summary()}")
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, preset {args.preset} {args.dtype}, "
+          f"quantize {args.quantize}, {args.max_batch_size} slots, max_tokens {args.max_tokens}")
     asyncio.run(round_of(url, 2, 4, image))  # warm-up: first-call costs out of the numbers
     rows = [asyncio.run(round_of(url, n, args.max_tokens, image)) for n in args.clients]
     base = rows[0]["tokens_per_s"]

@@ -37,6 +37,28 @@ def test_int8_layer_matches_the_dequantized_product() -> None:
     torch.testing.assert_close(compiled(x[:1, :1]), want[:1, :1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (2, 4, 48), (12, 48), (13, 48), (2, 9, 48)])
+def test_sliced_products_equal_the_plain_product(shape, monkeypatch) -> None:
+    """Eager CPU paths over slices of the weight's rows (few-row fp32 products, int8 dequantization) give the
+    plain product, whatever the number of rows and however the slices fall (here 16 rows per slice of 40)."""
+    import qwenvl.quantize as qz
+
+    monkeypatch.setattr(qz, "_SLICE_BYTES", 16 * 48 * 4)
+    monkeypatch.setattr(qz, "_BIG_SLICE_BYTES", 16 * 48 * 4)
+    lin = nn.Linear(48, 40).requires_grad_(False)
+    rows = RowLinear(48, 40).requires_grad_(False)
+    rows.load_state_dict(lin.state_dict())
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(shape)
+    torch.testing.assert_close(rows(x), lin(x), rtol=1e-5, atol=1e-5)
+    want = nn.functional.linear(x, q.weight.float() * q.scales[:, None], lin.bias)
+    torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)  # with gradients wanted: the plain product (the sliced one writes into a buffer)
+    rows.weight.requires_grad_(True)
+    rows(x).sum().backward()
+    assert x.grad is not None and rows.weight.grad is not None
+
+
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:
     model = _golden(golden_dir, "int8")
     n_blocks = len(model.transformer.h)

@@ -10,7 +10,9 @@ the whole model: peak host memory is about the rank's share of the weights. ``.b
 with ``torch.load(mmap=True)`` and sliced.
 
 Checking is as strict as :func:`qwenvl.checkpoint.load_weights`: every key and every shape, all problems in
-one :class:`~qwenvl.checkpoint.CheckpointError` before anything is read. Parameters that LoRA adds
+one :class:`~qwenvl.checkpoint.CheckpointError` before anything is read; ``config.json`` against the settings the
+weights were saved with (:func:`qwenvl.checkpoint.check_config`); and, as the rows are read, no NaN or infinity
+(each rank checks its rows, and every rank raises when any rank found one). Parameters that LoRA adds
 (``lora_A``/``lora_B``) are not in the checkpoint and are initialized here, identically on every rank;
 LoRA-wrapped layers keep their weights under ``.base_layer.``, which is mapped back to the official names.
 """
@@ -23,10 +25,20 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import CheckpointError, _check_against_model, _locate, load_state_dict
+from ..checkpoint import (
+    CheckpointError,
+    _all_finite,
+    _check_against_model,
+    _count_non_finite,
+    _format_problems,
+    _locate,
+    check_config,
+    load_state_dict,
+)
 
 __all__ = ["init_lora_parameters", "load_sharded_weights", "local_rows"]
 
@@ -112,16 +124,23 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
     :func:`init_lora_parameters`.
     """
     files, _weight_map = _locate(ckpt_dir)
+    if hasattr(model, "config"):
+        check_config(model.config, ckpt_dir)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     wanted = {_official_name(n): t for n, t in tensors.items() if not _is_lora(n)}
+    non_finite: list[str] = []
     if all(f.suffix == ".safetensors" for f in files):
         where, shapes = _safetensors_index(files)
         _check_against_model(wanted, shapes, ckpt_dir, strict=True)
         for name, t in wanted.items():
             file, data_start, info = where[name]
             start, stop = local_rows(t)
-            _read_rows(file, data_start, info, start, stop, t.to_local() if isinstance(t, DTensor) else t)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            _read_rows(file, data_start, info, start, stop, local)
+            if not _all_finite(local):
+                non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
+        _raise_if_non_finite(non_finite, ckpt_dir, next(iter(wanted.values()), None))
     else:  # .bin: mapped (torch.load mmap=True), then sliced
         found = load_state_dict(ckpt_dir)
         _check_against_model(wanted, found, ckpt_dir, strict=True)
@@ -129,9 +148,26 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
             start, stop = local_rows(t)
             local = t.to_local() if isinstance(t, DTensor) else t
             local.copy_(found.pop(name)[start:stop] if t.dim() else found.pop(name))
+            if not _all_finite(local):
+                non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
         del found
+    _raise_if_non_finite(non_finite, ckpt_dir, next(iter(wanted.values()), None))
     logger.info("loaded %s: %d tensors, this rank's rows only", ckpt_dir, len(wanted))
     return model
+
+
+def _raise_if_non_finite(non_finite: list[str], ckpt_dir: str | Path, like: torch.Tensor | None) -> None:
+    """Raise on every rank when any rank read a NaN/inf (one all-reduce of a count), naming this rank's finds."""
+    bad = len(non_finite)
+    if dist.is_available() and dist.is_initialized():
+        device = like.device if like is not None and like.device.type != "meta" else "cpu"
+        count = torch.tensor([bad], dtype=torch.int64, device=device)
+        dist.all_reduce(count)
+        bad = int(count.item())
+    if bad:
+        raise CheckpointError(_format_problems(
+            f"checkpoint {ckpt_dir} holds NaN or infinite values in {bad} tensor shard(s) (a corrupt file, or a "
+            "training run that diverged)" + ("; this rank's:" if non_finite else "; found by other ranks"), non_finite))
 
 
 @torch.no_grad()
