@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="train only N steps on a small dataset (a quick check; "
                                              "default: the full recipe)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--colors", help="comma-separated shape colours (default: red,green,blue; also known: "
-                                    "yellow,purple,orange)")
+    p.add_argument("--colors", help="comma-separated shape colours (default: red,green,blue,yellow; also known: "
+                                    "purple,orange)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--bf16", default="auto", choices=["auto", "true", "false"],
                    help="bf16 autocast (default auto: where the device computes bf16 natively; float32 elsewhere)")
