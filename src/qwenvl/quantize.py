@@ -15,9 +15,13 @@ Why the reductions: batch-1 decoding reads every weight once per token, so its s
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
 reads each weight once, in its stored dtype (int8 stays int8 in memory: 1/4 of the fp32 bytes), fused with
 the element-wise work around it; ``F.linear(x, q.to(dtype))`` would first write a full-precision copy of
-the weight. Eager (uncompiled) code runs ``F.linear`` (for int8 on the dequantized weight), so nothing here
-needs a C++ compiler unless the caller compiles (``--compile``). Everything else (prefill, batches, training,
-GPUs) runs the ordinary product.
+the weight. Eager (uncompiled) code runs ``F.linear`` or the slices below, so nothing here needs a C++
+compiler unless the caller compiles (``--compile``). Everything else (prefill, training, GPUs) runs the
+ordinary product.
+
+A limit measured on AVX2 (``benchmarks/generate.py``): inductor's AVX2 code loads the int8 weight 8 values
+at a time through a small stack buffer (a partial vector load), which makes the compiled int8 reduction
+slower than fp32 there; with AVX-512 the same code runs at the int8 read speed.
 
 Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) repacks the whole
 weight on every call, so a batch-8 decode step read the weights about three times instead of once (lm_head
