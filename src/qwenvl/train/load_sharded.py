@@ -140,7 +140,6 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
             _read_rows(file, data_start, info, start, stop, local)
             if not _all_finite(local):
                 non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
-        _raise_if_non_finite(non_finite, ckpt_dir, next(iter(wanted.values()), None))
     else:  # .bin: mapped (torch.load mmap=True), then sliced
         found = load_state_dict(ckpt_dir)
         _check_against_model(wanted, found, ckpt_dir, strict=True)
