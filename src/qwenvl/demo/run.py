@@ -278,7 +278,8 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned for ~8-11 minutes on 2 CPU cores with native bf16;
-    in float32 (2 AVX2 cores) the same run takes ~15 minutes (57.0% at seed 0; shorter recipes: module docstring).
+    in float32 (2 AVX2 cores) the same run takes ~15 minutes (57.0% at seed 0, 47.7% and 45.3% at seeds 1 and 2;
+    shorter recipes: module docstring).
 
     Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
     the plain recipe (every parameter from step 1, default init, light background, shapes anywhere, six
