@@ -48,7 +48,7 @@ QUANTIZE_CHOICES = ("none", "int8")
 
 
 def _one_row(x: torch.Tensor) -> bool:
-    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+    return _rows(x) == 1 and torch.compiler.is_compiling()
 
 
 _FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of the weight (module doc)
@@ -56,13 +56,14 @@ _SLICE_BYTES = 1 << 20  # bytes of compute-dtype weight per slice for few rows (
 _BIG_SLICE_BYTES = 16 << 20  # ... and for many rows (prefill), where a larger product runs closer to peak
 
 
-def _few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (1 < x.numel() // x.shape[-1] <= _FEW_ROWS and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and not torch.compiler.is_compiling() and not _needs_grad(x, weight))
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the sliced products run: eager CPU code without gradients (they write into buffers)."""
+    return (weight.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def _sliced_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, slice_bytes: int) -> torch.Tensor:
@@ -95,7 +96,7 @@ class RowLinear(nn.Linear):
         if _one_row(x):
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if _few_rows(x, self.weight):
+        if 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32 and _eager_cpu(x, self.weight):
             y = _sliced_product(x, self.weight, x.dtype, _SLICE_BYTES)
             return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -127,11 +128,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
             y = (_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif torch.compiler.is_compiling() or self.weight.device.type != "cpu" or _needs_grad(x):
+        elif not _eager_cpu(x, self.weight):
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         else:  # eager CPU: dequantize slice by slice (module doc)
-            few = x.numel() // x.shape[-1] <= _FEW_ROWS
-            y = _sliced_product(x, self.weight, x.dtype, _SLICE_BYTES if few else _BIG_SLICE_BYTES)
+            y = _sliced_product(x, self.weight, x.dtype, _SLICE_BYTES if _rows(x) <= _FEW_ROWS else _BIG_SLICE_BYTES)
             y = y.mul_(self.scales.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

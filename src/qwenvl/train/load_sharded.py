@@ -129,17 +129,13 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     wanted = {_official_name(n): t for n, t in tensors.items() if not _is_lora(n)}
-    non_finite: list[str] = []
     if all(f.suffix == ".safetensors" for f in files):
         where, shapes = _safetensors_index(files)
         _check_against_model(wanted, shapes, ckpt_dir, strict=True)
         for name, t in wanted.items():
             file, data_start, info = where[name]
             start, stop = local_rows(t)
-            local = t.to_local() if isinstance(t, DTensor) else t
-            _read_rows(file, data_start, info, start, stop, local)
-            if not _all_finite(local):
-                non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
+            _read_rows(file, data_start, info, start, stop, t.to_local() if isinstance(t, DTensor) else t)
     else:  # .bin: mapped (torch.load mmap=True), then sliced
         found = load_state_dict(ckpt_dir)
         _check_against_model(wanted, found, ckpt_dir, strict=True)
@@ -147,9 +143,13 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
             start, stop = local_rows(t)
             local = t.to_local() if isinstance(t, DTensor) else t
             local.copy_(found.pop(name)[start:stop] if t.dim() else found.pop(name))
-            if not _all_finite(local):
-                non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
         del found
+    non_finite = []
+    for name, t in wanted.items():  # each rank checks the rows it holds
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if not _all_finite(local):
+            start, stop = local_rows(t)
+            non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
     _raise_if_non_finite(non_finite, ckpt_dir, next(iter(wanted.values()), None))
     logger.info("loaded %s: %d tensors, this rank's rows only", ckpt_dir, len(wanted))
     return model
