@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -44,13 +45,18 @@ def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
         busy.close()
     assert main(["serve", "--model", str(golden_dir), "--max_batch_size", "0"]) == 2
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(golden_dir), "--kv_cache_memory", "0"]) == 2
+    assert "--kv_cache_memory must be > 0 GiB" in capsys.readouterr().err
 
 
 def test_a_real_server_process(golden_dir):
+    """Started as users start it; the slot count comes from --kv_cache_memory (room for exactly two slots)."""
+    lm = json.loads((golden_dir / "config.json").read_text())
+    two_slots = 2 * 2 * lm["num_hidden_layers"] * lm["num_attention_heads"] * lm["kv_channels"] * 512 * 4
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwenvl.cli", "serve", "--model", str(golden_dir), "--port", "0",
-         "--max_batch_size", "2", "--max_model_len", "512", "--served_model_name", "tiny", "--dtype", "float32", "--quantize", "int8"],
+         "--kv_cache_memory", str((two_slots + 100) / 2**30), "--max_model_len", "512", "--served_model_name", "tiny", "--dtype", "float32", "--quantize", "int8"],
         stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
@@ -65,6 +71,7 @@ def test_a_real_server_process(golden_dir):
             match = re.search(r"serving tiny on (http://127\.0\.0\.1:\d+)", log[-1])
             url = match.group(1) if match else None
         assert url is not None, "".join(log)
+        assert "(2 slots of 512 positions" in log[-1], log[-1]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

@@ -17,6 +17,7 @@ from qwenvl.generation import SamplingParams
 from qwenvl.processor import Processor
 from qwenvl.quantize import optimize_for_inference
 from qwenvl.serve.engine import (
+    MAX_AUTO_SLOTS,
     Delta,
     Engine,
     EngineConfig,
@@ -25,7 +26,10 @@ from qwenvl.serve.engine import (
     QueueFull,
     Request,
     _AnswerText,
+    auto_batch_size,
     decode_slots,
+    kv_cache_budget,
+    slot_bytes,
 )
 
 CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
@@ -163,3 +167,18 @@ def test_int8_weights_batched_equal_generate(golden_dir, processor):
     for r in requests:
         want = greedy(model, r.input_ids, None, r.params.max_new_tokens)
         assert r.on_event.events[-1].text == processor.decode(want)
+
+
+def test_the_default_slot_count_fits_the_kv_cache_budget(golden_model):
+    per_slot = slot_bytes(golden_model, 512)
+    lm = golden_model.config.lm
+    assert per_slot == 2 * lm.num_hidden_layers * lm.num_attention_heads * lm.kv_channels * 512 * 4  # fp32
+    assert auto_batch_size(golden_model, 512, budget=3 * per_slot + per_slot // 2) == 3
+    assert auto_batch_size(golden_model, 512, budget=1) == 1  # always one slot, however small the budget
+    assert auto_batch_size(golden_model, 512, budget=1 << 50) == MAX_AUTO_SLOTS
+    budget = kv_cache_budget(torch.device("cpu"))
+    assert 0 < budget <= 4 << 30
+    slots = auto_batch_size(golden_model, 512, 2 * per_slot)
+    engine = Engine(golden_model, lambda ids: "", EngineConfig(max_batch_size=slots, max_model_len=512))
+    cache_bytes = sum(t.numel() * t.element_size() for t in engine.cache.k + engine.cache.v)
+    assert engine.cache.slots == 2 and cache_bytes == 2 * per_slot

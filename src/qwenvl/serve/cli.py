@@ -28,7 +28,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the log says which)")
     add_runtime_flags(p)  # --dtype, --device, --quantize, as predict and chat have them
-    p.add_argument("--max_batch_size", type=int, default=8, help="decode slots: sequences generated together")
+    p.add_argument("--max_batch_size", type=int,
+                   help="decode slots: sequences generated together (default: as many as --kv_cache_memory holds, "
+                        "up to 32)")
+    p.add_argument("--kv_cache_memory", type=float, metavar="GIB",
+                   help="GiB of KV cache for the default --max_batch_size (default: on a GPU half its free memory "
+                        "after loading, on the CPU a quarter of the available RAM, at most 4)")
     p.add_argument("--max_model_len", type=int,
                    help="positions per slot, prompt and answer together (default: the model's seq_length); "
                         "the KV cache holds max_batch_size x max_model_len positions")
@@ -73,12 +78,14 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
 
     from ..inference import load
     from .app import ServeSettings, create_app
-    from .engine import Engine, EngineConfig
+    from .engine import Engine, EngineConfig, auto_batch_size, slot_bytes
     from .media import MediaLimits
 
     for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
+        raise ValueError(f"--kv_cache_memory must be > 0 GiB, got {args.kv_cache_memory}")
     if args.max_images_per_request < 0 or args.max_queue < 0:
         raise ValueError("--max_images_per_request and --max_queue must be >= 0")
     root = None
@@ -90,8 +97,13 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     # the one media policy: file:// image URLs only under --allowed_local_media_path, else no local file
     model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize, allowed_media_dir=root)
     lm = model.config.lm
-    config = EngineConfig(max_batch_size=args.max_batch_size, max_queue=args.max_queue, compile=args.compile,
-                          max_model_len=args.max_model_len or min(lm.seq_length, lm.max_position_embeddings))
+    max_model_len = args.max_model_len or min(lm.seq_length, lm.max_position_embeddings)
+    slots = args.max_batch_size
+    if slots is None:
+        budget = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)
+        slots = auto_batch_size(model, max_model_len, budget)
+    config = EngineConfig(max_batch_size=slots, max_queue=args.max_queue, compile=args.compile,
+                          max_model_len=max_model_len)
     # chat history is trimmed oldest-first to what the slots hold, not to the checkpoint's longer window
     processor.max_window_size = min(processor.max_window_size, config.max_model_len)
     settings = ServeSettings(
@@ -103,7 +115,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     )
     app = create_app(Engine(model, processor.decode, config), processor, settings)
     host, port = sock.getsockname()[:2]
-    logger.info("serving %s on http://%s:%d (%d slots of %d positions; chat page at /)", settings.model_name,
-                host, port, config.max_batch_size, config.max_model_len)
+    kv_gib = config.max_batch_size * slot_bytes(model, config.max_model_len) / 2**30
+    logger.info("serving %s on http://%s:%d (%d slots of %d positions, KV cache %.2f GiB; chat page at /)",
+                settings.model_name, host, port, config.max_batch_size, config.max_model_len, kv_gib)
     uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     return 0
