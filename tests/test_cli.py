@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,20 @@ def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
     assert _draw_answer("<box>(100,200),(600</box>", "images/street.jpg", str(golden_dir), tmp_path, 5) is None
     assert _no_box_note("<box>(100,200),(600</box>") == ("(nothing drawn: the answer's <box> is malformed; a box is "
                                                          "<box>(x1,y1),(x2,y2)</box>)")
+
+
+@pytest.mark.parametrize(("env", "torch_first", "want"), [
+    (None, False, "True 1"),  # the CLI asks for huge pages before torch loads
+    ("0", False, "False 0"),  # the operator's setting wins
+    (None, True, "False None"),  # too late once torch is imported: left alone
+])
+def test_the_cli_asks_for_huge_pages_before_torch_loads(env, torch_first, want):
+    code = ("import os, sys\n" + ("import torch\n" if torch_first else "") +
+            "from qwenvl.cli import use_huge_pages\n"
+            "print(use_huge_pages(), os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env is not None:
+        environ["THP_MEM_ALLOC_ENABLE"] = env
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
+    assert out.stdout.strip() == want

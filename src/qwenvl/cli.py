@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,7 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_huge_pages() -> bool:
+    """Ask PyTorch's CPU allocator for transparent huge pages (2 MiB) for tensors of 2 MiB or more, through its
+    ``THP_MEM_ALLOC_ENABLE`` environment variable (PyTorch's CPU tuning guide recommends it). PyTorch reads it
+    once, at its first allocation, so this works only before ``torch`` is imported: :func:`main` calls it
+    before any subcommand loads torch. Returns whether huge pages are asked for.
+
+    Why: each large tensor of a training step (the loss's [tokens, vocab] logits, the gradients of the
+    embedding and ``lm_head``) comes fresh from the kernel and is faulted in 4 KiB at a time on first write:
+    writing 262 MB of logits took 189 ms into a new tensor and 88 ms into an existing one, and a ``qwenvl
+    demo`` step took 1.10 s with huge pages against 1.22 s without (2 cores capped to AVX2). An operator's own
+    setting wins (``THP_MEM_ALLOC_ENABLE=0`` turns it off); a kernel without huge pages ignores the request."""
+    name = "THP_MEM_ALLOC_ENABLE"
+    if name not in os.environ and "torch" not in sys.modules and sys.platform.startswith("linux"):
+        os.environ[name] = "1"
+    return os.environ.get(name, "0").strip() not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    use_huge_pages()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(

@@ -52,9 +52,17 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Te
             hs, ys = h[s : s + rows], target[s : s + rows]
             logits = hs @ w.t()  # (r, vocab), compute dtype; becomes the logits' gradient in place
             for b in range(0, logits.shape[0], _ROW_BLOCK):
-                block = logits[b : b + _ROW_BLOCK]
-                logp = torch.log_softmax(block.to(acc), dim=-1)
                 yb = ys[b : b + _ROW_BLOCK, None]
+                block = logits[b : b + _ROW_BLOCK]
+                if block.dtype == acc:  # fp32 logits: turned into softmax - one_hot in place, no temporary
+                    top = block.amax(dim=-1, keepdim=True)
+                    picked = block.gather(1, yb)
+                    z = block.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                    total += (top + z.log() - picked).sum()  # log-sum-exp - the target's logit
+                    if need_h or need_w:
+                        block.div_(z).scatter_add_(1, yb, minus_one[: yb.shape[0]])
+                    continue
+                logp = torch.log_softmax(block.to(acc), dim=-1)
                 total -= logp.gather(1, yb).sum()
                 if need_h or need_w:
                     block.copy_(logp.exp_().scatter_add_(1, yb, minus_one[: yb.shape[0]]))  # softmax - one_hot
