@@ -21,7 +21,9 @@ Modes:
   bf16-weights  bf16 weights in the model, fp32 master copy in the optimizer, fp32 gradients copied out
 With --compare each preset also runs without activation recompute, with foreach instead of fused AdamW,
 and with glibc told to keep freed memory (``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:...``: large buffers are
-reused instead of mapped and page-faulted in on every step).
+reused instead of mapped and page-faulted in on every step). Every run asks for transparent huge pages as the
+``qwenvl`` command does (``THP_MEM_ALLOC_ENABLE=1``, printed in the CPU line; ``THP_MEM_ALLOC_ENABLE=0`` in the
+environment turns that off).
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ import sys
 import time
 from typing import Any
 
-import torch
+from qwenvl.cli import use_huge_pages
 
-from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID, QwenVLConfig
+use_huge_pages()  # what the qwenvl command does, before torch loads (qwenvl.cli.use_huge_pages)
+
+import torch  # noqa: E402
+
+from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID, QwenVLConfig  # noqa: E402
 
 SEQ = 512
 # glibc keeps freed memory for reuse instead of unmapping large buffers (set before the process starts)
