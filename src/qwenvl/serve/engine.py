@@ -75,8 +75,8 @@ def auto_batch_size(model: QwenVL, max_model_len: int, budget: int | None = None
     :func:`kv_cache_budget`), between 1 and :data:`MAX_AUTO_SLOTS`.
 
     Why more than a few: a decode step reads every weight once whatever the batch, so on a memory-bound
-    device each extra sequence costs little (``benchmarks/serve.py``: 64 clients on the mid model got 2.8x
-    one client's tokens/s with 8 slots and 4.6x with 32, on 2 AVX2 cores)."""
+    device each extra sequence costs little (``benchmarks/serve.py``: 64 clients on the mid model got 2.6-2.8x
+    one client's tokens/s with 8 slots and 4.5-4.6x with 32, on 2 AVX2 cores)."""
     budget = kv_cache_budget(model.device) if budget is None else budget
     return max(1, min(MAX_AUTO_SLOTS, budget // slot_bytes(model, max_model_len)))
 
