@@ -21,8 +21,8 @@ Modes:
   bf16-weights  bf16 weights in the model, fp32 master copy in the optimizer, fp32 gradients copied out
 With --compare each preset also runs without activation recompute, with foreach instead of fused AdamW,
 and with glibc told to keep freed memory (``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:...``: large buffers are
-reused instead of mapped and page-faulted in on every step). Every run asks for transparent huge pages as the
-``qwenvl`` command does (``THP_MEM_ALLOC_ENABLE=1``, printed in the CPU line; ``THP_MEM_ALLOC_ENABLE=0`` in the
+reused instead of mapped and page-faulted in on every step). Every run asks for transparent huge pages as
+``qwenvl finetune`` does (``THP_MEM_ALLOC_ENABLE=1``, printed in the CPU line; ``THP_MEM_ALLOC_ENABLE=0`` in the
 environment turns that off).
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 
 from qwenvl.cli import use_huge_pages
 
-use_huge_pages()  # what the qwenvl command does, before torch loads (qwenvl.cli.use_huge_pages)
+use_huge_pages()  # what `qwenvl finetune` does, before torch loads (qwenvl.cli.use_huge_pages)
 
 import torch  # noqa: E402
 

@@ -25,17 +25,13 @@ import statistics
 import time
 from collections.abc import Callable
 
-from qwenvl.cli import use_huge_pages
+import torch
 
-use_huge_pages()  # what the qwenvl command does, before torch loads (qwenvl.cli.use_huge_pages)
-
-import torch  # noqa: E402
-
-from qwenvl import QwenVL  # noqa: E402
-from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID  # noqa: E402
-from qwenvl.generation import SamplingParams, stream_tokens  # noqa: E402
-from qwenvl.hardware import cpu_summary, default_dtype  # noqa: E402
-from qwenvl.quantize import Int8Linear, optimize_for_inference  # noqa: E402
+from qwenvl import QwenVL
+from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
+from qwenvl.generation import SamplingParams, stream_tokens
+from qwenvl.hardware import cpu_summary, default_dtype
+from qwenvl.quantize import Int8Linear, optimize_for_inference
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:

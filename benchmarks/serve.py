@@ -27,20 +27,15 @@ import threading
 import time
 
 import httpx
+import torch
+import uvicorn
+from PIL import Image
 
-from qwenvl.cli import use_huge_pages
-
-use_huge_pages()  # what the qwenvl command does, before torch loads (qwenvl.cli.use_huge_pages)
-
-import torch  # noqa: E402
-import uvicorn  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from qwenvl import Processor, QwenVL  # noqa: E402
-from qwenvl.hardware import cpu_summary  # noqa: E402
-from qwenvl.quantize import QUANTIZE_CHOICES, optimize_for_inference  # noqa: E402
-from qwenvl.serve.app import ServeSettings, create_app  # noqa: E402
-from qwenvl.serve.engine import Engine, EngineConfig, auto_batch_size  # noqa: E402
+from qwenvl import Processor, QwenVL
+from qwenvl.hardware import cpu_summary
+from qwenvl.quantize import QUANTIZE_CHOICES, optimize_for_inference
+from qwenvl.serve.app import ServeSettings, create_app
+from qwenvl.serve.engine import Engine, EngineConfig, auto_batch_size
 
 
 def picture_url(seed: int) -> str:

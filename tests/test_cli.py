@@ -231,3 +231,14 @@ def test_the_cli_asks_for_huge_pages_before_torch_loads(env, torch_first, want):
     environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True)
     assert out.stdout.strip() == want
+
+
+@pytest.mark.parametrize(("argv", "want"), [(["demo", "--help"], "1"), (["-v", "finetune", "--help"], "1"),
+                                            (["predict", "--help"], "None"), (["serve", "--help"], "None")])
+def test_only_the_training_commands_ask_for_huge_pages(argv, want):
+    code = ("import os, sys\nfrom qwenvl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), file=sys.stderr)")
+    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=environ, check=True)
+    assert out.stderr.strip().splitlines()[-1] == want

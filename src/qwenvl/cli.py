@@ -46,16 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that train: they ask for huge pages (use_huge_pages); the others keep the allocator's default
+HUGE_PAGE_COMMANDS = {"finetune", "demo"}
+
+
 def use_huge_pages() -> bool:
     """Ask PyTorch's CPU allocator for transparent huge pages (2 MiB) for tensors of 2 MiB or more, through its
     ``THP_MEM_ALLOC_ENABLE`` environment variable (PyTorch's CPU tuning guide recommends it). PyTorch reads it
     once, at its first allocation, so this works only before ``torch`` is imported: :func:`main` calls it
-    before any subcommand loads torch. Returns whether huge pages are asked for.
+    for the training commands (:data:`HUGE_PAGE_COMMANDS`) before anything loads torch. Returns whether huge
+    pages are asked for.
 
-    Why: each large tensor of a training step (the loss's [tokens, vocab] logits, the gradients of the
+    Why for training: each large tensor of a step (the loss's [tokens, vocab] logits, the gradients of the
     embedding and ``lm_head``) comes fresh from the kernel and is faulted in 4 KiB at a time on first write:
     writing 262 MB of logits took 189 ms into a new tensor and 88 ms into an existing one, and a ``qwenvl
-    demo`` step took 1.10 s with huge pages against 1.22 s without (2 cores capped to AVX2). An operator's own
+    demo`` step took 1.10 s with huge pages against 1.22 s without (2 cores capped to AVX2). Why not for the
+    others: loading a 2 GB checkpoint (``benchmarks/load.py``) took 1.55 s with huge pages against 0.99 s
+    (the kernel prepares each 2 MiB page on first touch), and decoding did not get faster. An operator's own
     setting wins (``THP_MEM_ALLOC_ENABLE=0`` turns it off); a kernel without huge pages ignores the request."""
     name = "THP_MEM_ALLOC_ENABLE"
     if name not in os.environ and "torch" not in sys.modules and sys.platform.startswith("linux"):
@@ -64,7 +71,9 @@ def use_huge_pages() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    use_huge_pages()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if next((a for a in argv if not a.startswith("-")), None) in HUGE_PAGE_COMMANDS:
+        use_huge_pages()  # before build_parser, which loads torch
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
