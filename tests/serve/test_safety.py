@@ -208,7 +208,11 @@ def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(golden_model, pr
         body = chat("tell me everything", max_tokens=2000, stream=True)
         with httpx.stream("POST", r.v1 + "/chat/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()
-            assert next(lines).startswith("data: ") and engine.active == 1
+            assert next(lines).startswith("data: ")  # the role chunk may come before the engine takes the request
+            deadline = time.monotonic() + 20
+            while engine.active != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.active == 1
             busy = openai.OpenAI(base_url=r.v1, api_key="x", max_retries=0)
             with pytest.raises(openai.RateLimitError) as e:
                 busy.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
