@@ -12,6 +12,18 @@ GOLDEN = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
 GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
 
 
+@pytest.fixture(scope="module")
+def module_tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A temporary folder shared by one test module and removed when the module is done: the training and
+    checkpoint tests write gigabytes in all, and the suite must fit on a small disk (pytest itself removes
+    each passing test's ``tmp_path``: ``tmp_path_retention_policy = "failed"`` in pyproject.toml)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN

@@ -33,9 +33,9 @@ def png_bomb(path: Path, side: int = 40_000) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bad(module_tmp_path: Path) -> dict[str, Path]:
     """Bad inputs of every kind, made once."""
-    d = tmp_path_factory.mktemp("bad")
+    d = module_tmp_path
     int_ckpt = d / "int32-ckpt"
     shutil.copytree(GOLDEN, int_ckpt)
     state = load_file(int_ckpt / "model.safetensors")

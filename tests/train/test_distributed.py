@@ -41,8 +41,8 @@ def _flags(**over: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, train_data: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dist")
+def setup(module_tmp_path: Path, train_data: Path) -> dict[str, Path]:
+    root = module_tmp_path
     QwenVL.from_config("tiny", seed=0).save_pretrained(root / "base")
     return {"root": root, "base": root / "base", "data": train_data}
 

@@ -34,8 +34,8 @@ def _files(root: Path) -> dict[str, bytes | None]:
 
 
 @pytest.fixture(scope="module")
-def reference(make_cfg, tmp_path_factory: pytest.TempPathFactory):
-    cfg = make_cfg(tmp_path_factory.mktemp("reference") / "out", max_steps=4, save_steps=1, save_total_limit=2, batch_size=2,
+def reference(make_cfg, module_tmp_path):
+    cfg = make_cfg(module_tmp_path / "out", max_steps=4, save_steps=1, save_total_limit=2, batch_size=2,
                    gradient_checkpointing=False)
     result = train(cfg)
     return cfg, result, _files(Path(cfg.output_dir))

@@ -17,8 +17,8 @@ RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "tr
 
 
 @pytest.fixture(scope="module")
-def lora_run(make_cfg, processor, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("lora")
+def lora_run(make_cfg, processor, module_tmp_path):
+    root = module_tmp_path
     QwenVL.from_config("tiny", seed=0).save_pretrained(root / "base")
     cfg = make_cfg(root / "out", preset="", load_checkpoint=str(root / "base"), use_lora=True, lora_r=4,
                    lora_alpha=8, lora_dropout=0.1, lora_train_resampler=True, max_steps=3, save_steps=2)

@@ -28,9 +28,9 @@ def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], match: 
 
 
 @pytest.fixture(scope="module")
-def done(make_cfg, processor, tmp_path_factory: pytest.TempPathFactory):
+def done(make_cfg, processor, module_tmp_path):
     """A finished 2-step run with checkpoint-1 kept."""
-    cfg = make_cfg(tmp_path_factory.mktemp("done") / "out", max_steps=2, save_steps=1, save_total_limit=1)
+    cfg = make_cfg(module_tmp_path / "out", max_steps=2, save_steps=1, save_total_limit=1)
     return cfg, train(cfg, processor=processor)
 
 

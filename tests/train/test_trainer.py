@@ -17,8 +17,8 @@ from qwenvl.train.trainer import cosine_with_warmup, select_trainable
 
 
 @pytest.fixture(scope="module")
-def full_run(make_cfg, processor, tmp_path_factory: pytest.TempPathFactory):
-    cfg = make_cfg(tmp_path_factory.mktemp("full"), max_steps=6, save_steps=3)
+def full_run(make_cfg, processor, module_tmp_path):
+    cfg = make_cfg(module_tmp_path / "full", max_steps=6, save_steps=3)
     return cfg, train(cfg, processor=processor)
 
 
