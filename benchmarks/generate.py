@@ -30,7 +30,7 @@ import torch
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
-from qwenvl.hardware import cpu_summary, default_dtype
+from qwenvl.hardware import cpu_summary, default_dtype, separate_compile_cache
 from qwenvl.quantize import Int8Linear, optimize_for_inference
 
 
@@ -126,6 +126,7 @@ def prefiller(model: QwenVL, tokens: int) -> Callable[[], float]:
 
 
 def main() -> None:
+    separate_compile_cache()  # --compile under ATEN_CPU_CAPABILITY: a cache of its own
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mid")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",

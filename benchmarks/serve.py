@@ -32,7 +32,7 @@ import uvicorn
 from PIL import Image
 
 from qwenvl import Processor, QwenVL
-from qwenvl.hardware import cpu_summary
+from qwenvl.hardware import cpu_summary, separate_compile_cache
 from qwenvl.quantize import QUANTIZE_CHOICES, optimize_for_inference
 from qwenvl.serve.app import ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig, auto_batch_size
@@ -94,6 +94,7 @@ async def round_of(url: str, clients: int, max_tokens: int, image: str) -> dict:
 
 
 def main() -> None:
+    separate_compile_cache()  # --compile under ATEN_CPU_CAPABILITY: a cache of its own
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mid")
     ap.add_argument("--dtype", default="float32")

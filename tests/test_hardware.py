@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -82,3 +83,17 @@ def test_load_picks_the_inference_dtype_from_the_hardware(cpu, golden_dir, flags
     assert model.dtype == dtype
     model, _ = load(golden_dir, dtype="float16")  # an explicit choice wins
     assert model.dtype == torch.float16
+
+
+def test_a_capped_instruction_set_gets_a_compile_cache_of_its_own(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert hardware.separate_compile_cache() is None  # torch's own default: nothing changes
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    path = hardware.separate_compile_cache()
+    assert path is not None and os.path.basename(path).startswith("torchinductor_") and path.endswith("_avx2")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == path
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an operator's own folder wins
+    assert hardware.separate_compile_cache() is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)

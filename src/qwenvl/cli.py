@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if next((a for a in argv if not a.startswith("-")), None) in HUGE_PAGE_COMMANDS:
         use_huge_pages()  # before build_parser, which loads torch
+    from .hardware import separate_compile_cache  # loads torch: after use_huge_pages
+
+    separate_compile_cache()  # --compile under ATEN_CPU_CAPABILITY=...: a cache of its own
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(

@@ -12,9 +12,12 @@ native bf16 as well, and this module honours it, so a capped run gets the defaul
 from __future__ import annotations
 
 import functools
+import getpass
 import logging
 import os
 import platform
+import re
+import tempfile
 
 import torch
 
@@ -115,3 +118,27 @@ def cpu_summary() -> str:
         extra += f", THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, flags: {' '.join(keep) or 'none'}"
             f"{extra}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}")
+
+
+def separate_compile_cache() -> str | None:
+    """Give ``torch.compile`` a cache folder of its own for the instruction set that ``ATEN_CPU_CAPABILITY``
+    asks for (``torchinductor_<user>_avx2`` beside inductor's default folder) and return it; None when that
+    variable is unset or ``TORCHINDUCTOR_CACHE_DIR`` is already set (an operator's own setting wins).
+
+    Why: inductor's cache does not tell kernels generated for one capability from another's. Seen here with
+    torch 2.13: decoding compiled under ``ATEN_CPU_CAPABILITY=avx2`` and then, on the same machine, without
+    it, reused the AVX2 kernel sources but built them for AVX-512, and the process died of heap corruption
+    (``malloc(): unaligned tcache chunk detected``); with a folder per capability both run. :func:`qwenvl.cli.main`
+    calls this before any command runs; the benchmarks call it too. It changes only an environment variable
+    and nothing when the variable is unset, which is how PyTorch runs unless told otherwise."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if not cap or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"torchinductor_{user}_{cap}")
+    path = os.path.join(tempfile.gettempdir(), name)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path

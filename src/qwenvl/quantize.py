@@ -8,8 +8,8 @@ The model's code never changes: it calls ``self.c_attn(x)`` and friends. :func:`
   real sizes ``lm_head`` is a third of the LM's weight bytes); the vision tower, the embedding and the
   norms keep the compute dtype. Quantized weights take 1/4 of fp32's bytes (+ one scale per row).
 * otherwise, on the CPU: :class:`RowLinear`, a plain ``nn.Linear`` (same parameters and state dict) whose
-  one-row products are written as a reduction when they run inside ``torch.compile``, and whose fp32
-  few-row products (batched decoding, 2-12 rows) run over slices of the weight's rows.
+  half-precision one-row products are written as a reduction when they run inside ``torch.compile``, and
+  whose fp32 few-row products (batched decoding, 2-12 rows) run over slices of the weight's rows.
 
 Why the reductions: batch-1 decoding reads every weight once per token, so its speed is the speed of
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
@@ -17,7 +17,10 @@ reads each weight once, in its stored dtype (int8 stays int8 in memory: 1/4 of t
 the element-wise work around it; ``F.linear(x, q.to(dtype))`` would first write a full-precision copy of
 the weight. Eager (uncompiled) code runs ``F.linear`` or the slices below, so nothing here needs a C++
 compiler unless the caller compiles (``--compile``). Everything else (prefill, training, GPUs) runs the
-ordinary product.
+ordinary product, and so do fp32 weights: their one-row product is already a matrix-vector product that
+reads each weight once, and compiled, the reduction was slower than it (mid model, batch-1 compiled decode:
+55-63 ms per token with the reduction, 44-47 ms with ``F.linear`` under AVX2; 57-58 vs 41-44 ms with
+AVX-512), while for bf16 weights the reduction was faster (40-47 ms vs 48-56 ms with AMX).
 
 A limit measured on AVX2 (``benchmarks/generate.py``): inductor's AVX2 code loads the int8 weight 8 values
 at a time through a small stack buffer (a partial vector load), which makes the compiled int8 reduction
@@ -90,10 +93,11 @@ def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class RowLinear(nn.Linear):
-    """``nn.Linear`` whose one-row products are reductions under ``torch.compile`` (see the module doc)."""
+    """``nn.Linear`` whose half-precision one-row products are reductions under ``torch.compile`` (see the
+    module doc)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _one_row(x):
+        if _one_row(x) and self.weight.dtype != torch.float32:
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32 and _eager_cpu(x, self.weight):
