@@ -114,6 +114,8 @@ def cpu_summary() -> str:
     keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")) or f in ("bf16", "asimd", "sve"))
     cap = _onednn_cap()
     extra = f", ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
+    if os.environ.get("ATEN_CPU_CAPABILITY"):  # ATen's own kernels capped too (e.g. avx2 on an AVX-512 CPU)
+        extra += f", ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}"
     if os.environ.get("THP_MEM_ALLOC_ENABLE"):  # huge pages for large tensors (qwenvl.cli.use_huge_pages)
         extra += f", THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, flags: {' '.join(keep) or 'none'}"

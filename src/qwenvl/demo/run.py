@@ -60,9 +60,10 @@ Float32 (CPUs without native bf16: a step of 16 takes ~0.9 s on 2 AVX2 cores, th
 minutes): the default recipe reached 47.7% at seed 0, 46.1% and 45.3% at seeds 1 and 2 (the previous
 revision's loss, which rounded differently, got 57.0% at seed 0: accuracy spreads over ~45-57% with seed
 and rounding). The default's 760 steps at learning rate 3e-3 instead of 2e-3 scored lower: 35.9% (46 / 52 / 29)
-and 39.1% (50 / 53 / 25) at seeds 0 and 1. Shorter recipes for float32: none kept choosing the asked shape
-across seeds. Held-out Acc@0.5 (lands
-asked / other / neither), float32 with oneDNN and ATen capped to AVX2, seed 0 unless said: four colours, 440
+and 39.1% (50 / 53 / 25) at seeds 0 and 1; keeping the input embedding at its random init
+(``freeze_embedding``, a slightly cheaper step) scored 43.8% and 38.3% at seeds 0 and 1. Shorter recipes
+for float32: none kept choosing the asked shape across seeds. Held-out Acc@0.5 (lands asked / other /
+neither), float32 with oneDNN and ATen capped to AVX2, seed 0 unless said: four colours, 440
 steps of 16 at learning rate 2e-3: 31.2% (40 / 50 / 38), at 3e-3: 34.4% (44 / 44 / 40), 480 steps at 2e-3:
 42.2%; 880 steps of 8 at 2e-3: 40.6% (52 / 43 / 33). Three colours (red, green, blue) at 3e-3: 440 steps of
 16: 48.4% (62 / 33 / 33), but 480 steps gave 34.4% (44 / 46 / 38) and 39.8% (51 / 51 / 26) with seeds 1 and
