@@ -155,6 +155,7 @@ def test_bad_records_are_named(processor, data_dir: Path, bad: dict, message: st
     with pytest.raises(DatasetError, match=message) as err:
         ConversationDataset(path, processor)
     assert "train.json: 1 bad record(s) of 2" in str(err.value)
+    assert "skip_bad=True, or --skip_bad_samples true when training" in str(err.value)  # the way out, named
     ds = ConversationDataset(path, processor, skip_bad=True)  # or dropped and reported
     assert len(ds) == 1 and [b.index for b in ds.skipped] == [1]
 

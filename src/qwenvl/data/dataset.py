@@ -222,14 +222,14 @@ class ConversationDataset(Dataset):
 
     def _report(self, total: int, skip_bad: bool) -> None:
         if len(self.skipped) == 1 and not skip_bad:  # one line for one problem
-            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} (pass skip_bad=True to drop it): "
+            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} (skip_bad=True, or --skip_bad_samples true when training, drops it): "
                                f"{self.skipped[0]}")
         if self.skipped and not skip_bad:
             shown = [f"  - {b}" for b in self.skipped[:MAX_LISTED]]
             if len(self.skipped) > MAX_LISTED:
                 shown.append(f"  ... and {len(self.skipped) - MAX_LISTED} more")
             raise DatasetError("\n".join([f"{self.source}: {len(self.skipped)} bad record(s) of {total} "
-                                          "(pass skip_bad=True to drop them):", *shown]))
+                                          "(skip_bad=True, or --skip_bad_samples true when training, drops them):", *shown]))
         for bad in self.skipped:
             logger.warning("%s: skipping %s", self.source, bad)
         if not self.samples:
