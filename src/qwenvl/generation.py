@@ -106,8 +106,9 @@ _CPU_COMPILE_OPTIONS = {"realize_acc_reads_threshold": 1}
 
 def compiled_decode_step(device_type: str = "cpu") -> Callable:
     """``decode_step`` under ``torch.compile`` (one graph; sequence length is dynamic), built once per device
-    type. On the CPU one-row products are reductions inside the graph (see ``qwenvl.model.linear``). The first
-    call compiles, which takes long enough to look like a hang: it is logged when it starts and ends."""
+    type. On the CPU, one-row products of bf16/fp16 and int8 weights are reductions inside the graph (see
+    ``qwenvl.quantize``). The first call compiles, which takes long enough to look like a hang: it is logged
+    when it starts and ends."""
     if device_type not in _compiled_steps:
         options = _CPU_COMPILE_OPTIONS if device_type == "cpu" else None
         compiled = torch.compile(decode_step, dynamic=True, fullgraph=True, options=options)
