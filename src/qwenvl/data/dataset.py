@@ -50,6 +50,9 @@ class DatasetError(ValueError):
     """The data file or one of its records cannot be used; the message names the file position or record."""
 
 
+# How to train on without the bad records, for Python and for the CLI (TrainConfig.skip_bad_samples).
+_SKIP_HINT = "skip_bad=True, or --skip_bad_samples true when training,"
+
 # A record that cannot be trained on: its index in the file, its ``id`` and why (the converter's type).
 BadRecord = MalformedRecord
 
@@ -222,14 +225,13 @@ class ConversationDataset(Dataset):
 
     def _report(self, total: int, skip_bad: bool) -> None:
         if len(self.skipped) == 1 and not skip_bad:  # one line for one problem
-            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} (skip_bad=True, or --skip_bad_samples true when training, drops it): "
-                               f"{self.skipped[0]}")
+            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} ({_SKIP_HINT} drops it): {self.skipped[0]}")
         if self.skipped and not skip_bad:
             shown = [f"  - {b}" for b in self.skipped[:MAX_LISTED]]
             if len(self.skipped) > MAX_LISTED:
                 shown.append(f"  ... and {len(self.skipped) - MAX_LISTED} more")
             raise DatasetError("\n".join([f"{self.source}: {len(self.skipped)} bad record(s) of {total} "
-                                          "(skip_bad=True, or --skip_bad_samples true when training, drops them):", *shown]))
+                                          f"({_SKIP_HINT} drops them):", *shown]))
         for bad in self.skipped:
             logger.warning("%s: skipping %s", self.source, bad)
         if not self.samples:
