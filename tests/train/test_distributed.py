@@ -230,3 +230,30 @@ def test_a_killed_rank_fails_the_job_naming_it(setup) -> None:
     assert elapsed < timeout, elapsed
     assert "rank      : 1 (local_rank: 1)" in log and "Signal 9 (SIGKILL)" in log, log[-3000:]
     assert not (out / "model.safetensors").exists()
+
+
+# ---- the Python API under torchrun -----------------------------------------------------------------------------
+_API_SCRIPT = """
+import gc, sys
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+from qwenvl.train import TrainConfig, train
+values = TrainConfig.from_yaml(sys.argv[1]).to_dict()
+values.update(data_path=sys.argv[2], load_checkpoint=sys.argv[3], output_dir=sys.argv[4], batch_size=2, max_steps=2,
+              save_steps=0, save_total_limit=0, bf16=False, num_workers=0)
+result = train(TrainConfig(**values))
+gc.collect()
+print("model:", result.model, "sharded parameter groups alive:", sum(isinstance(o, FSDPParamGroup) for o in gc.get_objects()))
+"""
+
+
+def test_train_under_torchrun_lets_go_of_the_process_group(setup, tmp_path) -> None:
+    """``train()`` destroys the process group it created, and nothing it returns still holds it: the sharded
+    model (FSDP keeps the group) is not returned, so the group is not left to be torn down at interpreter exit,
+    where it could abort a finished run (exit code -6)."""
+    script = tmp_path / "api.py"
+    script.write_text(_API_SCRIPT)
+    out = tmp_path / "out"
+    res = _run([sys.executable, "-m", "torch.distributed.run", *_standalone(2), str(script), str(TINY),
+                str(setup["data"]), str(setup["base"]), str(out)])
+    assert res.stdout.count("model: None sharded parameter groups alive: 0") == 2, res.stdout[-3000:]
+    assert (out / "model.safetensors").is_file()

@@ -15,6 +15,7 @@ continues from the newest complete checkpoint.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -151,5 +152,9 @@ def setup(device_name: str, timeout_s: float, use_parallel: bool = False) -> Dis
 
 
 def teardown(env: DistEnv) -> None:
+    """Destroy the process group we created, then collect the garbage that still refers to it (a sharded
+    model's hooks form reference cycles): its threads must stop while the interpreter is fully alive."""
     if env.owns_group and dist.is_initialized():
+        env.mesh = None
         dist.destroy_process_group()
+        gc.collect()

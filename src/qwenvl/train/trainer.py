@@ -15,6 +15,9 @@ Checkpoints (``output_dir/checkpoint-STEP/``, the newest ``save_total_limit`` ke
 (:mod:`qwenvl.train.sharded_checkpoint`); a run started with ``resume_training`` continues exactly where the
 checkpoint left off, on any number of ranks with the same global batch. The final weights go to
 ``output_dir`` in the official layout (gathered one file at a time; LoRA runs: ``output_dir/adapter``).
+When ``train`` made the process group itself (under ``torchrun``), it destroys it at the end and the result's
+``model`` is None: the sharded model needs that group, and one left to interpreter exit could abort a run
+that had finished; load the saved folder instead.
 
 The run (its rank 0) holds ``output_dir`` for itself (``qwenvl.outputs``): it must be new, empty or one of our outputs
 (``overwrite``: any folder, of which only the files we write are replaced), must not be, contain or lie
@@ -112,7 +115,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
     stopped_early: bool = False
-    model: nn.Module | None = field(default=None, repr=False)
+    model: nn.Module | None = field(default=None, repr=False)  # None after a torchrun job (module docstring)
     bad_samples: list[str] = field(default_factory=list)  # skipped during the run (skip_bad_samples), with why
 
 
@@ -163,7 +166,14 @@ def train(
             done = env.broadcast(_completed_run(cfg, env.world_size) if env.is_main else None)  # rank 0 reads
             if done is not None:
                 return done
-            return _train(cfg, model, processor, dataset, callback, env)
+            result = _train(cfg, model, processor, dataset, callback, env)
+            if env.distributed and env.owns_group:
+                # The sharded model holds the process group we are about to destroy (FSDP keeps it), and a
+                # process group released only at interpreter exit can abort the process there ("terminate
+                # called without an active exception", exit code -6, after a run that finished and saved).
+                # It cannot compute without that group anyway: the saved folder is the result.
+                result.model = None
+            return result
     except torch.distributed.DistError as e:  # a collective outside our own helpers (FSDP, DCP) failed
         raise env.lost(e) from e
     except RuntimeError as e:
