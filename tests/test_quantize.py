@@ -30,11 +30,26 @@ def test_int8_layer_matches_the_dequantized_product() -> None:
     lin = nn.Linear(48, 40, bias=True)
     layer = Int8Linear.from_linear(lin)
     x = torch.randn(2, 5, 48)
-    want = nn.functional.linear(x, layer.weight.float() * layer.scales[:, None], lin.bias)
+    want = nn.functional.linear(x, layer.dequantize(), lin.bias)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), lin(x), rtol=0.05, atol=0.02)
-    compiled = torch.compile(layer, fullgraph=True)  # one row: the reduction path
+    compiled = torch.compile(layer, fullgraph=True)  # one row: the reduction over int32-packed weights
     torch.testing.assert_close(compiled(x[:1, :1]), want[:1, :1], rtol=1e-5, atol=1e-5)
+    odd = Int8Linear.from_linear(nn.Linear(45, 7))  # columns not a multiple of 4: stored in the usual order
+    assert odd.groups == 1
+    torch.testing.assert_close(torch.compile(odd, fullgraph=True)(x[:1, :1, :45]),
+                               nn.functional.linear(x[:1, :1, :45], odd.dequantize(), odd.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_weights_are_stored_interleaved_for_four_per_int32_load() -> None:
+    """Stored column 4 i + j is column j K/4 + i; read as int32, element i packs one weight of each quarter of
+    the input (little-endian byte j = quarter j), and the packed product equals the plain one."""
+    lin = nn.Linear(8, 3, bias=False)
+    layer = Int8Linear.from_linear(lin)
+    q = torch.round(layer.dequantize() / layer.scales[:, None]).to(torch.int8)
+    assert torch.equal(layer.weight, q[:, [0, 2, 4, 6, 1, 3, 5, 7]])
+    x = torch.randn(1, 8)
+    torch.testing.assert_close(layer._packed_row_product(x) * layer.scales, x @ layer.dequantize().T)
 
 
 @pytest.mark.parametrize("shape", [(1, 48), (3, 48), (2, 4, 48), (12, 48), (13, 48), (2, 9, 48)])
@@ -51,7 +66,7 @@ def test_sliced_products_equal_the_plain_product(shape, monkeypatch) -> None:
     q = Int8Linear.from_linear(lin)
     x = torch.randn(shape)
     torch.testing.assert_close(rows(x), lin(x), rtol=1e-5, atol=1e-5)
-    want = nn.functional.linear(x, q.weight.float() * q.scales[:, None], lin.bias)
+    want = nn.functional.linear(x, q.dequantize(), lin.bias)
     torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
     x.requires_grad_(True)  # with gradients wanted: the plain product (the sliced one writes into a buffer)
     rows.weight.requires_grad_(True)

@@ -15,28 +15,39 @@ Why the reductions: batch-1 decoding reads every weight once per token, so its s
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
 reads each weight once, in its stored dtype (int8 stays int8 in memory: 1/4 of the fp32 bytes), fused with
 the element-wise work around it; ``F.linear(x, q.to(dtype))`` would first write a full-precision copy of
-the weight. Eager (uncompiled) code runs ``F.linear`` or the slices below, so nothing here needs a C++
-compiler unless the caller compiles (``--compile``). Everything else (prefill, training, GPUs) runs the
-ordinary product, and so do fp32 weights: their one-row product is already a matrix-vector product that
-reads each weight once, and compiled, the reduction was slower than it (mid model, batch-1 compiled decode:
-55-63 ms per token with the reduction, 44-47 ms with ``F.linear`` under AVX2; 57-58 vs 41-44 ms with
-AVX-512), while for bf16 weights the reduction was faster (40-47 ms vs 48-56 ms with AMX).
+the weight. Everything else (prefill, training, GPUs) runs the ordinary product, and so do fp32 weights:
+their one-row product is already a matrix-vector product that reads each weight once, and compiled, the
+reduction was slower than it (mid model, batch-1 compiled decode: 55-63 ms per token with the reduction,
+44-47 ms with ``F.linear`` under AVX2; 57-58 vs 41-44 ms with AVX-512), while for bf16 weights the
+reduction was faster (40-47 ms vs 48-56 ms with AMX).
 
-A limit measured on AVX2 (``benchmarks/generate.py``): inductor's AVX2 code loads the int8 weight 8 values
-at a time through a small stack buffer (a partial vector load), which makes the compiled int8 reduction
-slower than fp32 there; with AVX-512 the same code runs at the int8 read speed.
+Why int8 rows are stored interleaved: inductor's AVX2 code loads int8 values 8 at a time through a small
+stack buffer, which made the compiled int8 reduction slower than fp32 (the mid model's ``lm_head``, one row:
+106 ms against 21.5 ms for fp32 ``F.linear``). :class:`Int8Linear` stores each row's columns in the order ``0, K/4, K/2, 3K/4,
+1, K/4 + 1, ...``, so that the row read as int32 holds in element ``i`` the weights of inputs ``i``,
+``K/4 + i``, ``K/2 + i`` and ``3K/4 + i``, one per byte. The compiled product then loads 32 weights per
+256-bit int32 load, takes each byte out with two shifts (sign-extending), and multiplies it by a contiguous
+quarter of the input: every load is a full vector load. Mid model, AVX2, 2 threads: 24-26 ms per token,
+1.73-1.97x the tokens/s of the fastest fp32 decoding (``benchmarks/generate.py``); ``lm_head`` alone: 13.7 ms
+(with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the same interleaved order (a copy of one
+activation row), so the stored weight is used as it is; :meth:`Int8Linear.dequantize` gives the weight in
+the usual order.
 
 Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) repacks the whole
 weight on every call, so a batch-8 decode step read the weights about three times instead of once (lm_head
 of the mid model, AVX2: 87 ms for 8 rows vs 30 ms for one). Products over 1 MiB slices of the weight's rows
-keep each packed slice in cache: 52 ms (``benchmarks/generate.py`` measures the whole step). Eager int8 uses
-the same slices to dequantize: each slice is turned into the compute dtype in cache and multiplied at once,
-instead of writing a full-precision copy of the whole weight per call.
+keep each packed slice in cache: 52 ms (``benchmarks/generate.py`` measures the whole step). Int8 weights
+use the same slices to dequantize: each slice is turned into the compute dtype in cache and multiplied at
+once, instead of writing a full-precision copy of the whole weight per call. Inside ``torch.compile`` (a
+batch decoded with ``--compile``) the sliced product runs as one custom operator (``qwenvl::sliced_product``),
+so compiled batches take the same path as eager ones. Nothing here needs a C++ compiler unless the caller
+compiles (``--compile``).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +74,9 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def _eager_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Where the sliced products run: eager CPU code without gradients (they write into buffers)."""
-    return (weight.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+def _cpu_no_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the sliced products run: CPU weights, no gradients wanted (they write into buffers)."""
+    return weight.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 def _sliced_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, slice_bytes: int) -> torch.Tensor:
@@ -85,6 +95,26 @@ def _sliced_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, s
     return out.reshape(*x.shape[:-1], n)
 
 
+@torch.library.custom_op("qwenvl::sliced_product", mutates_args=())
+def _sliced_product_op(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+    """:func:`_sliced_product` as one opaque operator for ``torch.compile``: inside a compiled decode step a
+    batch's products run as they do eagerly (inductor would multiply by a full-precision copy of an int8
+    weight made on every call, and repack fp32 weights for every few-row product)."""
+    return _sliced_product(x, weight, x.dtype, slice_bytes)
+
+
+@_sliced_product_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _sliced(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+    """``x @ weight.T`` in ``x``'s dtype over slices of the weight's rows, eager or compiled."""
+    if torch.compiler.is_compiling():
+        return _sliced_product_op(x, weight, slice_bytes)
+    return _sliced_product(x, weight, x.dtype, slice_bytes)
+
+
 def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(..., K) with one row in all x (N, K) weight -> (..., N) in fp32: a reduction that reads each weight
     once in its stored dtype and accumulates in fp32 (as a half-precision matmul with fp32 accumulation)."""
@@ -100,20 +130,26 @@ class RowLinear(nn.Linear):
         if _one_row(x) and self.weight.dtype != torch.float32:
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32 and _eager_cpu(x, self.weight):
-            y = _sliced_product(x, self.weight, x.dtype, _SLICE_BYTES)
+        if 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32 and _cpu_no_grad(x, self.weight):
+            y = _sliced(x, self.weight, _SLICE_BYTES)
             return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer: ``y = (x @ q.T) * scales + bias`` with ``q`` int8 (out, in) and one
-    scale per output channel. Inference only (buffers, no gradients)."""
+    scale per output channel. Inference only (buffers, no gradients).
+
+    ``weight`` holds ``q`` with each row's columns interleaved in ``groups`` (4 when ``in_features`` is a
+    multiple of 4): stored column ``4 * i + j`` is column ``j * in_features / 4 + i``, so that the row viewed
+    as int32 packs in element ``i`` one weight of each quarter of the input (see the module doc).
+    :meth:`dequantize` gives the weight in the usual layout."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.groups = 4 if in_features % 4 == 0 and sys.byteorder == "little" else 1
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype or torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.float32, device=device)
@@ -124,23 +160,54 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, device="meta")
-        q, scales = quantize_weight(w)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+        for start in range(0, w.shape[0], 1024):  # a block of rows at a time: no second copy of the whole weight
+            rows = slice(start, start + 1024)
+            block, scales[rows] = quantize_weight(w[rows])
+            q[rows] = _interleave(block, layer.groups)
         layer.weight, layer.scales = q, scales.to(w.dtype)
         layer.bias = None if linear.bias is None else linear.bias.detach().clone()
         return layer
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight ``q * scales`` in the usual column order."""
+        n, k = self.weight.shape
+        q = self.weight.view(n, k // self.groups, self.groups).transpose(1, 2).reshape(n, k)
+        return q.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
-            y = (_row_product(x, self.weight) * self.scales.float()).to(x.dtype)
-        elif not _eager_cpu(x, self.weight):
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        else:  # eager CPU: dequantize slice by slice (module doc)
-            y = _sliced_product(x, self.weight, x.dtype, _SLICE_BYTES if _rows(x) <= _FEW_ROWS else _BIG_SLICE_BYTES)
-            y = y.mul_(self.scales.to(x.dtype))
+            y = (self._packed_row_product(x) * self.scales.float()).to(x.dtype)
+        else:
+            # stored column order: the product with the interleaved weight is the product in the usual order
+            xi = x.unflatten(-1, (self.groups, -1)).transpose(-1, -2).flatten(-2) if self.groups > 1 else x
+            if not _cpu_no_grad(x, self.weight):
+                y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            else:  # CPU: dequantize slice by slice (module doc)
+                y = _sliced(xi, self.weight, _SLICE_BYTES if _rows(x) <= _FEW_ROWS else _BIG_SLICE_BYTES)
+                y = y.mul_(self.scales.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _packed_row_product(self, x: torch.Tensor) -> torch.Tensor:
+        """One row (..., K) -> (..., N) in fp32, unscaled: the weight read as int32, four int8 weights per load,
+        each taken out with shifts (byte ``j`` of element ``i`` multiplies input ``j * K / 4 + i``)."""
+        if self.groups == 1:
+            return _row_product(x, self.weight)
+        w = self.weight.view(torch.int32)  # (N, K / 4)
+        xs = x.reshape(4, -1).float()
+        y = ((w << 24 >> 24).float() * xs[0] + (w << 16 >> 24).float() * xs[1]
+             + (w << 8 >> 24).float() * xs[2] + (w >> 24).float() * xs[3]).sum(-1)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _interleave(q: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, K) -> (N, K), stored column ``groups * i + j`` = column ``j * K / groups + i``."""
+    n, k = q.shape
+    return q if groups == 1 else q.view(n, groups, k // groups).transpose(1, 2).reshape(n, k).contiguous()
 
 
 def quantize_weight(w: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
