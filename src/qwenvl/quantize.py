@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "optimize_for_inference", "quantize_int8",
+__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "optimize_for_inference", "quantize_int8",
            "use_row_products"]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def _one_row(x: torch.Tensor) -> bool:
 
 
 _FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of the weight (module doc)
+# Row counts that take each path of these layers (one row, a few, many): a compiled step is specialized on
+# them, so a server that compiles warms it up once per entry (qwenvl.serve.engine.Engine.warm_up).
+PATH_ROWS = (1, 2, _FEW_ROWS + 1)
 _SLICE_BYTES = 1 << 20  # bytes of compute-dtype weight per slice for few rows (fits in L2)
 _BIG_SLICE_BYTES = 16 << 20  # ... and for many rows (prefill), where a larger product runs closer to peak
 

@@ -4,6 +4,7 @@ compiles as one graph, cancelled sequences free their slot, the queue is bounded
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -26,6 +27,7 @@ from qwenvl.serve.engine import (
     QueueFull,
     Request,
     _AnswerText,
+    _compiled_decode_slots,
     auto_batch_size,
     decode_slots,
     kv_cache_budget,
@@ -103,6 +105,49 @@ def test_batched_slots_equal_generate_alone(short_model, step):
         want = greedy(short_model, r.input_ids, r.images, n)
         assert r.on_event.events[-1] == Finished("length", decode(want), len(r.input_ids), n)
         assert r.on_event.text == decode(want)
+
+
+def test_a_compiling_engine_warms_up_each_path_before_serving(short_model):
+    """``compile``: start() runs the step once for 1, 2 and 13 slots (the layers' one-row, few-row and many-row
+    paths, each its own compiled graph) before any request; what that writes into empty slots does not change
+    an answer."""
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    engine = Engine(short_model, decode, EngineConfig(max_batch_size=16, max_model_len=64, window_bucket=16,
+                                                      compile=True))
+    calls = []
+
+    def step(model, cache, tokens, positions, key_positions):
+        calls.append((len(tokens), len(key_positions)))
+        return decode_slots(model, cache, tokens, positions, key_positions)
+
+    engine.step_fn = step  # eager, counted (the real one is torch.compile(decode_slots))
+    ids = torch.randint(0, 5000, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    request = Request(ids, SamplingParams(max_new_tokens=6, stop_token_ids=()), Collector())
+    run_all(engine, [request])
+    assert calls[:3] == [(1, 16), (2, 16), (13, 16)]
+    assert request.on_event.text == decode(greedy(short_model, ids, None, 6))
+
+
+def test_the_compiled_step_compiles_only_while_warming_up(short_model):
+    """After warm_up, no number of slots and no attention window compiles again (a window equal to a model
+    size, 64 = this model's head size here, used to be compiled as a constant)."""
+    compiled = []
+
+    def backend(gm, example_inputs):  # counts compilations, runs the captured graph as it is
+        compiled.append(len(example_inputs))
+        return gm.forward
+
+    model = optimize_for_inference(copy.deepcopy(short_model).eval())  # the layers qwenvl serve runs
+    engine = Engine(model, str, EngineConfig(max_batch_size=16, max_model_len=256, window_bucket=64, compile=True))
+    torch._dynamo.reset()
+    engine.step_fn = _compiled_decode_slots(backend)
+    engine.warm_up()
+    assert len(compiled) == 3  # 1 slot, 2-12 slots, 13 or more
+    with torch.no_grad():
+        for n in (1, 2, 5, 12, 13, 16):
+            for window in (64, 128, 192):
+                engine.step_fn(model, engine.cache, engine.tokens[:n], engine.positions[:n], engine.key_positions[:window])
+    assert len(compiled) == 3
 
 
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(golden_model, processor):

@@ -159,6 +159,20 @@ def decode_slots(
     return out.logits[:, -1].float()
 
 
+def _compiled_decode_slots(backend: str | Callable = "inductor") -> Callable[..., torch.Tensor]:
+    """:func:`decode_slots` under ``torch.compile``, with the attention window marked dynamic on every call:
+    otherwise a window equal to a size of the model (128 positions = Qwen's head size) is compiled as that
+    constant, and the first longer window compiles again while every stream waits."""
+    compiled = torch.compile(decode_slots, backend=backend, dynamic=True, fullgraph=True)
+
+    def step(model: QwenVL, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+             key_positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        torch._dynamo.mark_dynamic(key_positions, 0)
+        return compiled(model, cache, tokens, positions, key_positions)
+
+    return step
+
+
 class _AnswerText:
     """Text deltas of one answer: UTF-8 safe (:class:`TextStream`), cut before the first stop string, holding
     back any tail that may still become one."""
@@ -242,7 +256,7 @@ class Engine:
         self.slots: list[_Slot | None] = [None] * n
         self.step_fn: Callable[..., torch.Tensor] = decode_slots
         if config.compile:
-            self.step_fn = torch.compile(decode_slots, dynamic=True, fullgraph=True)
+            self.step_fn = _compiled_decode_slots()
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -266,9 +280,30 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self.warm_up()
         self._running = True
         self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
         self._thread.start()
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """With ``compile``: compile the decode step now, once for each number of slots that takes another path
+        through the model's layers (:data:`qwenvl.quantize.PATH_ROWS`), so that no request waits for a
+        compilation later (each takes seconds to minutes; without this, the first batch of 2 and of 13 slots
+        stalled every stream for ~15 s). Writes only position 0 of empty slots, which a prefill overwrites."""
+        if not self.config.compile or any(s is not None for s in self.slots):
+            return
+        from ..quantize import PATH_ROWS
+
+        sizes = sorted({min(n, self.config.max_batch_size) for n in PATH_ROWS})
+        window = min(self.config.max_model_len, self.config.window_bucket)
+        logger.info("compiling the decode step for %s slots before serving (once; seconds to minutes each)",
+                    ", ".join(map(str, sizes)))
+        start = time.perf_counter()
+        for n in sizes:
+            positions = torch.zeros_like(self.positions[:n])
+            self.step_fn(self.model, self.cache, self.tokens[:n], positions, self.key_positions[:window])
+        logger.info("compiled the decode step in %.1f s", time.perf_counter() - start)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._running = False
