@@ -39,7 +39,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "the KV cache holds max_batch_size x max_model_len positions")
     p.add_argument("--max_queue", type=int, default=64,
                    help="requests that may wait for a slot; more are answered 429 (default 64)")
-    p.add_argument("--compile", action="store_true", help="decode with torch.compile (the first steps compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile: compiled once per path (1, 2-12, 13+ slots) before serving; "
+                        "seconds to minutes")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     p.add_argument("--allow_remote_images", action="store_true",
                    help="fetch http(s) image URLs (size and time limited); default: only data: URLs")
