@@ -140,7 +140,7 @@ def test_the_compiled_step_compiles_only_while_warming_up(short_model):
     model = optimize_for_inference(copy.deepcopy(short_model).eval())  # the layers qwenvl serve runs
     engine = Engine(model, str, EngineConfig(max_batch_size=16, max_model_len=256, window_bucket=64, compile=True))
     torch._dynamo.reset()
-    engine.step_fn = _compiled_decode_slots(backend)
+    engine.step_fn = _compiled_decode_slots("cpu", backend)
     engine.warm_up()
     assert len(compiled) == 3  # 1 slot, 2-12 slots, 13 or more
     with torch.no_grad():
