@@ -23,15 +23,15 @@ reduction was faster (40-47 ms vs 48-56 ms with AMX).
 
 Why int8 rows are stored interleaved: inductor's AVX2 code loads int8 values 8 at a time through a small
 stack buffer, which made the compiled int8 reduction slower than fp32 (the mid model's ``lm_head``, one row:
-106 ms against 21.5 ms for fp32 ``F.linear``). :class:`Int8Linear` stores each row's columns in the order ``0, K/4, K/2, 3K/4,
-1, K/4 + 1, ...``, so that the row read as int32 holds in element ``i`` the weights of inputs ``i``,
-``K/4 + i``, ``K/2 + i`` and ``3K/4 + i``, one per byte. The compiled product then loads 32 weights per
-256-bit int32 load, takes each byte out with two shifts (sign-extending), and multiplies it by a contiguous
-quarter of the input: every load is a full vector load. Mid model, AVX2, 2 threads: 24-26 ms per token,
-1.73-1.97x the tokens/s of the fastest fp32 decoding (``benchmarks/generate.py``); ``lm_head`` alone: 13.7 ms
-(with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the same interleaved order (a copy of one
-activation row), so the stored weight is used as it is; :meth:`Int8Linear.dequantize` gives the weight in
-the usual order.
+106 ms against 21.5 ms for fp32 ``F.linear``). :class:`Int8Linear` stores each row's columns in the order
+``0, K/4, K/2, 3K/4, 1, K/4 + 1, ...``, so that the row read as int32 holds in element ``i`` the weights of
+inputs ``i``, ``K/4 + i``, ``K/2 + i`` and ``3K/4 + i``, one per byte. The compiled product then loads 32
+weights per 256-bit int32 load, takes each byte out with two shifts (sign-extending), and multiplies it by a
+contiguous quarter of the input: every load is a full vector load. Mid model, AVX2, 2 threads: 24-26 ms per
+token, 1.73-1.97x the tokens/s of the fastest fp32 decoding (``benchmarks/generate.py``); ``lm_head`` alone:
+13.7 ms (with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the same interleaved
+order (a copy of the activations), so the stored weight is used as it is; :meth:`Int8Linear.dequantize`
+gives the weight in the usual order.
 
 Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) repacks the whole
 weight on every call, so a batch-8 decode step read the weights about three times instead of once (lm_head
@@ -71,6 +71,7 @@ _FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of t
 PATH_ROWS = (1, 2, _FEW_ROWS + 1)
 _SLICE_BYTES = 1 << 20  # bytes of compute-dtype weight per slice for few rows (fits in L2)
 _BIG_SLICE_BYTES = 16 << 20  # ... and for many rows (prefill), where a larger product runs closer to peak
+_ROWS_PER_BLOCK = 1024  # rows quantized at a time: the fp32 temporaries stay small next to the weight
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -165,8 +166,8 @@ class Int8Linear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, device="meta")
         q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
         scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-        for start in range(0, w.shape[0], 1024):  # a block of rows at a time: no second copy of the whole weight
-            rows = slice(start, start + 1024)
+        for start in range(0, w.shape[0], _ROWS_PER_BLOCK):  # no second copy of the whole weight
+            rows = slice(start, start + _ROWS_PER_BLOCK)
             block, scales[rows] = quantize_weight(w[rows])
             q[rows] = _interleave(block, layer.groups)
         layer.weight, layer.scales = q, scales.to(w.dtype)
@@ -213,7 +214,7 @@ def _interleave(q: torch.Tensor, groups: int) -> torch.Tensor:
     return q if groups == 1 else q.view(n, groups, k // groups).transpose(1, 2).reshape(n, k).contiguous()
 
 
-def quantize_weight(w: torch.Tensor, rows_per_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, rows_per_chunk: int = _ROWS_PER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (out, in) -> (int8 (out, in), fp32 scales (out,)), w ~= q * scale.
 
     Works through ``rows_per_chunk`` rows at a time, so the fp32 temporaries stay small next to the weight
