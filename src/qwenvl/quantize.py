@@ -184,8 +184,7 @@ class Int8Linear(nn.Module):
         if _one_row(x):
             y = (self._packed_row_product(x) * self.scales.float()).to(x.dtype)
         else:
-            # stored column order: the product with the interleaved weight is the product in the usual order
-            xi = x.unflatten(-1, (self.groups, -1)).transpose(-1, -2).flatten(-2) if self.groups > 1 else x
+            xi = _interleave(x, self.groups)  # the input in the stored column order: the same product
             if not _cpu_no_grad(x, self.weight):
                 y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
             else:  # CPU: dequantize slice by slice (module doc)
@@ -208,10 +207,10 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _interleave(q: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, K) -> (N, K), stored column ``groups * i + j`` = column ``j * K / groups + i``."""
-    n, k = q.shape
-    return q if groups == 1 else q.view(n, groups, k // groups).transpose(1, 2).reshape(n, k).contiguous()
+def _interleave(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(..., K) -> (..., K) in :class:`Int8Linear`'s stored column order: column ``groups * i + j`` of the result
+    is column ``j * K / groups + i`` of ``t`` (int8 weights when quantizing, activations when multiplying)."""
+    return t if groups == 1 else t.unflatten(-1, (groups, -1)).transpose(-1, -2).flatten(-2)
 
 
 def quantize_weight(w: torch.Tensor, rows_per_chunk: int = _ROWS_PER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
