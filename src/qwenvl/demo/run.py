@@ -70,7 +70,10 @@ decay) instead of cosine: 68.0% (87 / 18 / 23), 39.1% (50 / 45 / 33) and 36.7% (
 and 2 (624 s for seed 2 with 2 threads): as good on average, far more spread. Shorter recipes
 for float32: none kept choosing the asked shape across seeds. Held-out Acc@0.5 (lands asked / other /
 neither), float32 with oneDNN and ATen capped to AVX2, seed 0 unless said: four colours, 440
-steps of 16 at learning rate 2e-3: 31.2% (40 / 50 / 38), at 3e-3: 34.4% (44 / 44 / 40), 480 steps at 2e-3:
+steps of 16 at learning rate 2e-3: 31.2% (40 / 50 / 38), at 3e-3: 34.4% (44 / 44 / 40); 540 steps (4,320
+images, what fits 10 minutes with the install) at 2e-3: 34.4% (44 / 49 / 35), at 2.5e-3: 45.3% (58 / 46 / 24),
+at 2.5e-3 with LM std 0.11: 34.4% (44 / 46 / 38); 640 steps of 14 at 2.5e-3: 40.6% (52 / 49 / 27) (run side by
+side with the last one, one thread each, a step of 14 took about what one of 16 did: ~1.40 vs ~1.38 s); 480 steps at 2e-3:
 42.2%; 880 steps of 8 at 2e-3: 40.6% (52 / 43 / 33). Three colours (red, green, blue) at 3e-3: 440 steps of
 16: 48.4% (62 / 33 / 33), but 480 steps gave 34.4% (44 / 46 / 38) and 39.8% (51 / 51 / 26) with seeds 1 and
 2, 760 steps of 8: 31.2% (40 / 42 / 46), 560 steps of 12: 26.6% (34 / 51 / 43); at 5e-3, 480 steps: 28.9% and
