@@ -90,15 +90,13 @@ def _sliced_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, s
     n, k = weight.shape
     out = torch.empty(x2.shape[0], n, dtype=dtype, device=x.device)
     step = max(16, slice_bytes // (k * dtype.itemsize))
-    # the slices come from split() (one call for all of them, not a Python slice per step): at ~600 slices of
-    # the mid model's lm_head that was ~8% of a batch-8 product
-    if weight.dtype == dtype:
-        for w_t, o in zip(weight.t().split(step, 1), out.split(step, 1)):
-            torch.mm(x2, w_t, out=o)
-    else:
-        buf = torch.empty(min(step, n), k, dtype=dtype, device=x.device)
-        for w, o in zip(weight.split(step), out.split(step, 1)):
-            torch.mm(x2, buf[: w.shape[0]].copy_(w).t(), out=o)
+    buf = None if weight.dtype == dtype else torch.empty(min(step, n), k, dtype=dtype, device=x.device)
+    # split(): one call for all the slices instead of a Python slice of the weight and the output per step (the
+    # mid model's lm_head with 8 rows, ~600 slices: a few % up to ~15% faster in one-off timings)
+    for w, o in zip(weight.split(step), out.split(step, 1)):
+        if buf is not None:
+            w = buf[: w.shape[0]].copy_(w)
+        torch.mm(x2, w.t(), out=o)
     return out.reshape(*x.shape[:-1], n)
 
 
