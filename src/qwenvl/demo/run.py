@@ -73,11 +73,10 @@ neither), float32 with oneDNN and ATen capped to AVX2, seed 0 unless said: four 
 steps of 16 at learning rate 2e-3: 31.2% (40 / 50 / 38), at 3e-3: 34.4% (44 / 44 / 40); 540 steps (4,320
 images, what fits 10 minutes with the install) at 2e-3: 34.4% (44 / 49 / 35), at 2.5e-3: 45.3% (58 / 46 / 24)
 (the same run without the AVX2 cap, i.e. other fp32 kernels and rounding: 39.8% (51 / 51 / 26); with bf16
-autocast on AMX: 46.1% (59 / 47 / 22)),
-at 2.5e-3 with LM std 0.11: 34.4% (44 / 46 / 38); 640 steps of 14 at 2.5e-3: 40.6% (52 / 49 / 27) (run side by
-side with the last one, one thread each, a step of 14 took about what one of 16 did: ~1.40 vs ~1.38 s); 480 steps at 2e-3:
-42.2%; 880 steps of 8 at 2e-3: 40.6% (52 / 43 / 33). Three colours (red, green, blue) at 3e-3: 440 steps of
-16: 48.4% (62 / 33 / 33), but 480 steps gave 34.4% (44 / 46 / 38) and 39.8% (51 / 51 / 26) with seeds 1 and
+autocast on AMX: 46.1% (59 / 47 / 22)), at 2.5e-3 with LM std 0.11: 34.4% (44 / 46 / 38); 640 steps of 14 at
+2.5e-3: 40.6% (52 / 49 / 27) (run side by side with the last one, one thread each, a step of 14 took about what
+one of 16 did: ~1.40 vs ~1.38 s); 480 steps at 2e-3: 42.2%; 880 steps of 8 at 2e-3: 40.6% (52 / 43 / 33).
+Three colours (red, green, blue) at 3e-3: 440 steps of 16: 48.4% (62 / 33 / 33), but 480 steps gave 34.4% (44 / 46 / 38) and 39.8% (51 / 51 / 26) with seeds 1 and
 2, 760 steps of 8: 31.2% (40 / 42 / 46), 560 steps of 12: 26.6% (34 / 51 / 43); at 5e-3, 480 steps: 28.9% and
 25.8% (seeds 1 and 2). In these runs the choice (asked well above other) appears after ~500-570 steps of
 16 or not at all; with fewer steps the model boxes either shape about equally often, so the default keeps
