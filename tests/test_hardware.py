@@ -44,6 +44,13 @@ def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(cpu, monkeypatch: pyte
     assert hardware.supports_bf16("cpu")
 
 
+def test_the_summary_names_every_instruction_set_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    summary = hardware.cpu_summary()
+    assert "ATEN_CPU_CAPABILITY=avx2" in summary and "MKL_ENABLE_INSTRUCTIONS=AVX2" in summary
+
+
 def test_cpu_flags_are_read_from_this_machine() -> None:
     flags = hardware.cpu_flags()
     summary = hardware.cpu_summary()

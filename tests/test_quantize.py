@@ -74,6 +74,34 @@ def test_sliced_products_equal_the_plain_product(shape, monkeypatch) -> None:
     assert x.grad is not None and rows.weight.grad is not None
 
 
+@pytest.mark.parametrize("avx512", [True, False])
+def test_few_row_slices_follow_mkl_instruction_set(avx512, monkeypatch) -> None:
+    """fp32 few-row products run over weight slices only where MKL runs AVX-512 code; elsewhere ``F.linear``."""
+    import qwenvl.quantize as qz
+
+    monkeypatch.setattr(qz, "mkl_runs_avx512", lambda: avx512)
+    model = QwenVL.from_config("tiny", seed=0)
+    optimize_for_inference(model)
+    layer = model.lm_head
+    assert isinstance(layer, RowLinear) and layer.slice_few_rows is avx512
+    calls = []
+    monkeypatch.setattr(qz, "_sliced", lambda *a: calls.append(a) or qz._sliced_product(a[0], a[1], a[0].dtype, a[2]))
+    x = torch.randn(8, layer.in_features)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert len(calls) == (1 if avx512 else 0)
+
+
+def test_mkl_instruction_set_follows_flags_and_cap(monkeypatch) -> None:
+    from qwenvl import hardware
+
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    mkl = torch.backends.mkl.is_available()
+    assert hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"})) is mkl
+    assert not hardware.mkl_runs_avx512(frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "avx2")
+    assert not hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"}))
+
+
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:
     model = _golden(golden_dir, "int8")
     n_blocks = len(model.transformer.h)

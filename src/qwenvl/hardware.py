@@ -4,9 +4,11 @@ bf16 is the default only where the device multiplies bf16 matrices natively: CUD
 and CPUs with AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension (Arm). Elsewhere bf16 products are
 emulated (on an AVX2-only x86 CPU ~40-70x slower than fp32), so fp32 is the default there.
 
-The CPU's flags come from ``/proc/cpuinfo`` (Linux). oneDNN, which runs PyTorch's CPU matrix products,
+The CPU's flags come from ``/proc/cpuinfo`` (Linux). oneDNN, which runs PyTorch's CPU bf16 matrix products,
 can be capped to an older instruction set with ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``); such a cap removes
-native bf16 as well, and this module honours it, so a capped run gets the defaults of that older CPU.
+native bf16 as well, and this module honours it, so a capped run gets the defaults of that older CPU. fp32
+products run in MKL (x86 builds), capped with ``MKL_ENABLE_INSTRUCTIONS``, and ATen's own kernels with
+``ATEN_CPU_CAPABILITY``: to see on an AVX-512 machine what an AVX2-only CPU gets, cap all three.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_summary", "default_dtype", "resolve_bf16", "supports_bf16"]
+__all__ = ["cpu_flags", "cpu_summary", "default_dtype", "mkl_runs_avx512", "resolve_bf16", "supports_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,21 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     if _onednn_cap() in _ONEDNN_ISAS_WITHOUT_BF16:
         return False
     return any(f in flags for f in _X86_BF16_FLAGS) or "bf16" in flags  # "bf16": Arm's FEAT_BF16
+
+
+# MKL_ENABLE_INSTRUCTIONS values that keep MKL's kernels below AVX-512 (MKL's own spelling, upper case)
+_MKL_ISAS_BELOW_AVX512 = {"SSE4_2", "AVX", "AVX2"}
+
+
+def mkl_runs_avx512(flags: frozenset[str] | None = None) -> bool:
+    """Whether PyTorch's fp32 matrix products (MKL's sgemm on x86 builds) run AVX-512 code here: MKL is in
+    this build, the CPU has AVX-512F and ``MKL_ENABLE_INSTRUCTIONS`` does not cap MKL below it.
+
+    It decides how few-row fp32 products run (:mod:`qwenvl.quantize`): MKL's AVX-512 sgemm repacks the whole
+    weight for a product of a few rows, its AVX2 sgemm does not lose as much (measured in that module)."""
+    flags = cpu_flags() if flags is None else flags
+    cap = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
+    return torch.backends.mkl.is_available() and "avx512f" in flags and cap not in _MKL_ISAS_BELOW_AVX512
 
 
 def supports_bf16(device: str | torch.device = "cpu") -> bool:
@@ -116,6 +133,8 @@ def cpu_summary() -> str:
     extra = f", ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
     if os.environ.get("ATEN_CPU_CAPABILITY"):  # ATen's own kernels capped too (e.g. avx2 on an AVX-512 CPU)
         extra += f", ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}"
+    if os.environ.get("MKL_ENABLE_INSTRUCTIONS"):  # MKL's fp32 products (sgemm) capped too (e.g. AVX2)
+        extra += f", MKL_ENABLE_INSTRUCTIONS={os.environ['MKL_ENABLE_INSTRUCTIONS']}"
     if os.environ.get("THP_MEM_ALLOC_ENABLE"):  # huge pages for large tensors (qwenvl.cli.use_huge_pages)
         extra += f", THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
     return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, flags: {' '.join(keep) or 'none'}"

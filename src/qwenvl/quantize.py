@@ -9,7 +9,8 @@ The model's code never changes: it calls ``self.c_attn(x)`` and friends. :func:`
   norms keep the compute dtype. Quantized weights take 1/4 of fp32's bytes (+ one scale per row).
 * otherwise, on the CPU: :class:`RowLinear`, a plain ``nn.Linear`` (same parameters and state dict) whose
   half-precision one-row products are written as a reduction when they run inside ``torch.compile``, and
-  whose fp32 few-row products (batched decoding, 2-12 rows) run over slices of the weight's rows.
+  whose fp32 few-row products (batched decoding, 2-12 rows) run over slices of the weight's rows where MKL
+  runs AVX-512 code.
 
 Why the reductions: batch-1 decoding reads every weight once per token, so its speed is the speed of
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
@@ -33,10 +34,15 @@ token, 1.73-1.97x the tokens/s of the fastest fp32 decoding (``benchmarks/genera
 order (a copy of the activations), so the stored weight is used as it is; :meth:`Int8Linear.dequantize`
 gives the weight in the usual order.
 
-Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) repacks the whole
-weight on every call, so a batch-8 decode step read the weights about three times instead of once (lm_head
-of the mid model, AVX2: 87 ms for 8 rows vs 30 ms for one). Products over 1 MiB slices of the weight's rows
-keep each packed slice in cache: 52 ms (``benchmarks/generate.py`` measures the whole step). Int8 weights
+Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) with AVX-512 repacks
+the whole weight on every call, so a batch-8 decode step read the weights about three times instead of once
+(lm_head of the mid model: 87 ms for 8 rows vs 30 ms for one). Products over 1 MiB slices of the weight's
+rows keep each packed slice in cache: 52 ms. MKL's AVX2 sgemm (an AVX2-only CPU, or ``MKL_ENABLE_INSTRUCTIONS=
+AVX2``) loses less there and more to the slices, so fp32 layers slice only where MKL runs AVX-512 code
+(:func:`qwenvl.hardware.mkl_runs_avx512`). Mid model, batch-8 eager decode step, medians of 4 alternating
+rounds in one process (oneDNN and ATen capped to AVX2): MKL with AVX-512, slices 91 ms vs ``F.linear`` 165
+ms; MKL capped to AVX2, slices 137 ms vs ``F.linear`` 128 ms (``benchmarks/generate.py`` measures the whole
+step). Int8 weights
 use the same slices to dequantize: each slice is turned into the compute dtype in cache and multiplied at
 once, instead of writing a full-precision copy of the whole weight per call. Inside ``torch.compile`` (a
 batch decoded with ``--compile``) the sliced product runs as one custom operator (``qwenvl::sliced_product``),
@@ -52,6 +58,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .hardware import mkl_runs_avx512
 
 __all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "optimize_for_inference", "quantize_int8",
            "use_row_products"]
@@ -128,14 +136,17 @@ def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class RowLinear(nn.Linear):
-    """``nn.Linear`` whose half-precision one-row products are reductions under ``torch.compile`` (see the
-    module doc)."""
+    """``nn.Linear`` whose half-precision one-row products are reductions under ``torch.compile``, and whose
+    fp32 few-row products run over slices of the weight when ``slice_few_rows`` (see the module doc)."""
+
+    slice_few_rows = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x) and self.weight.dtype != torch.float32:
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32 and _cpu_no_grad(x, self.weight):
+        if (self.slice_few_rows and 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32
+                and _cpu_no_grad(x, self.weight)):
             y = _sliced(x, self.weight, _SLICE_BYTES)
             return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -248,11 +259,17 @@ def quantize_int8(model: nn.Module) -> int:
     return len(layers)
 
 
-def use_row_products(model: nn.Module) -> int:
-    """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters, no copy)."""
+def use_row_products(model: nn.Module, slice_few_rows: bool | None = None) -> int:
+    """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters, no copy).
+
+    ``slice_few_rows``: run fp32 products of 2-12 rows over slices of the weight; None decides from the
+    hardware: where MKL runs AVX-512 code (:func:`qwenvl.hardware.mkl_runs_avx512`; module doc)."""
+    if slice_few_rows is None:
+        slice_few_rows = mkl_runs_avx512()
     layers = _lm_linears(model)
     for _, _, layer in layers:
         layer.__class__ = RowLinear
+        layer.slice_few_rows = slice_few_rows
     return len(layers)
 
 
