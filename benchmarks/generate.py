@@ -12,6 +12,10 @@ Prints the CPU (model, flags, whether bf16 is native) and, for the model as ``qw
   * batch-8 decode throughput over batch 1 (target >= 5);
   * prefill of a 270-token one-image prompt: achieved FLOP/s over the matmul peak measured here (target >= 0.5).
 
+To see on an AVX-512 machine what an AVX2-only CPU gets, cap all three of PyTorch's CPU kernel libraries:
+``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/generate.py``
+(MKL runs the fp32 products; capping oneDNN and ATen alone leaves them on AVX-512). The CPU line names the caps.
+
 This machine's memory bandwidth drifts from one minute to the next, so every measurement is taken once per
 round, ``--rounds`` rounds in a row, each ratio is computed within a round and the median over rounds is
 printed (per-round numbers go to ``--json``). Speed is never asserted; compare numbers from one run only.
