@@ -56,10 +56,16 @@ curve 0 / 17.2 / 38.3 / 54.7 / 65.6% at steps 0 / 190 / 380 / 570 / 760; boxes l
 speed). So seed 0 is the lucky one, and every seed so far clears 50%. 128 held-out images give +-4 points of
 noise.
 
-Float32 (CPUs without native bf16: a step of 16 takes ~0.9 s on 2 AVX2 cores, the default trains for ~11.5
-minutes): the default recipe reached 47.7% at seed 0, 46.1% and 45.3% at seeds 1 and 2 (the previous
-revision's loss, which rounded differently, got 57.0% at seed 0: accuracy spreads over ~45-57% with seed
-and rounding). The default's 760 steps at learning rate 3e-3 instead of 2e-3 scored lower: 35.9% (46 / 52 / 29)
+Float32 (CPUs without native bf16), on 2 cores of an AVX-512 Xeon with oneDNN, MKL and ATen all capped to
+AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2``): a step of 16 takes
+1.0-1.6 s (the machine's speed drifts), the default trained in 979 s (demo 1026 s) and reached 56.2% at seed 0
+(72 / 30 / 26); seeds 1 and 2 (side by side, one thread each) 48.4% (62 / 48 / 18) and 46.9% (60 / 43 / 25).
+A step costs ~79 GFLOP (the loss's three [416 x 151,936 x 128] products 48.5, the LM layers and attention
+~23, the frozen vision tower ~7), so at that cap's fp32 peak (123-131 GFLOP/s) 760 steps cannot take less than
+~470 s. The runs below capped only oneDNN and ATen, so MKL's fp32 products still ran AVX-512 code (about twice
+as fast; a step of 16 took ~0.9 s): there the default reached 47.7% at seed 0, 46.1% and 45.3% at seeds 1 and 2
+(the revision before, whose loss rounded differently, got 57.0% at seed 0: accuracy spreads over ~45-57% with
+seed and rounding). The default's 760 steps at learning rate 3e-3 instead of 2e-3 scored lower: 35.9% (46 / 52 / 29)
 and 39.1% (50 / 53 / 25) at seeds 0 and 1; keeping the input embedding at its random init
 (``freeze_embedding``, a slightly cheaper step) scored 43.8% and 38.3% at seeds 0 and 1; keeping ``lm_head``
 at its random init (no weight gradient for it, a third of the loss's matrix products: 40 steps took 32 s
@@ -293,9 +299,8 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned for ~8-11 minutes on 2 CPU cores with native bf16;
-    in float32 (2 AVX2 cores) the same run takes ~13 minutes (47.7% at seed 0, 46.1% and 45.3% at seeds 1 and
-    2; the previous revision, whose loss rounded differently, got 57.0% at seed 0; shorter recipes: module
-    docstring).
+    in float32 (2 cores capped to AVX2) the same run takes ~17.5 minutes (56.2% at seed 0, 48.4% and 46.9% at
+    seeds 1 and 2; shorter recipes and why a step costs what it does: module docstring).
 
     Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
     the plain recipe (every parameter from step 1, default init, light background, shapes anywhere, six
