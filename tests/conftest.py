@@ -9,6 +9,15 @@ import pytest
 import torch
 
 GOLDEN = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite compiles in-process (``stream_tokens(compile=True)``): under ``ATEN_CPU_CAPABILITY`` (the suite
+    run as on an older CPU) it gets a compile cache of its own, as the ``qwenvl`` command does; with torch 2.13
+    kernels cached for another capability crash the process (:func:`qwenvl.hardware.separate_compile_cache`)."""
+    from qwenvl.hardware import separate_compile_cache
+
+    separate_compile_cache()
 GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
 
 

@@ -142,12 +142,15 @@ def test_the_compiled_step_compiles_only_while_warming_up(short_model):
     torch._dynamo.reset()
     engine.step_fn = _compiled_decode_slots("cpu", backend)
     engine.warm_up()
-    assert len(compiled) == 3  # 1 slot, 2-12 slots, 13 or more
+    # 1 slot, 2-12 slots, 13 or more; where few-row products are not sliced (MKL without AVX-512), 2-12 and 13+
+    # take the same path and share one graph
+    assert len(compiled) == (3 if model.lm_head.slice_few_rows else 2)
+    warmed = len(compiled)
     with torch.no_grad():
         for n in (1, 2, 5, 12, 13, 16):
             for window in (64, 128, 192):
                 engine.step_fn(model, engine.cache, engine.tokens[:n], engine.positions[:n], engine.key_positions[:window])
-    assert len(compiled) == 3
+    assert len(compiled) == warmed
 
 
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(golden_model, processor):
