@@ -9,6 +9,7 @@ import pytest
 import torch
 
 GOLDEN = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
+GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -18,7 +19,6 @@ def pytest_configure(config: pytest.Config) -> None:
     from qwenvl.hardware import separate_compile_cache
 
     separate_compile_cache()
-GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,8 @@ def use_huge_pages() -> bool:
     embedding and ``lm_head``) comes fresh from the kernel and is faulted in 4 KiB at a time on first write:
     writing 262 MB of logits took 189 ms into a new tensor and 88 ms into an existing one, and a ``qwenvl
     demo`` step took 1.10 s with huge pages against 1.22 s without (2 cores, oneDNN and ATen capped to
-    AVX2). Why not for the others: loading a 2 GB checkpoint (``benchmarks/load.py``) took 1.55 s with huge pages against 0.99 s
-    (the kernel prepares each 2 MiB page on first touch), and decoding did not get faster. An operator's own
+    AVX2). Why not for the others: loading a 2 GB checkpoint (``benchmarks/load.py``) took 1.55 s with huge
+    pages against 0.99 s (the kernel prepares each 2 MiB page on first touch), and decoding did not get faster. An operator's own
     setting wins (``THP_MEM_ALLOC_ENABLE=0`` turns it off); a kernel without huge pages ignores the request."""
     name = "THP_MEM_ALLOC_ENABLE"
     if name not in os.environ and "torch" not in sys.modules and sys.platform.startswith("linux"):

@@ -42,11 +42,10 @@ AVX2``) loses less there and more to the slices, so fp32 layers slice only where
 (:func:`qwenvl.hardware.mkl_runs_avx512`). Mid model, batch-8 eager decode step, medians of 4 alternating
 rounds in one process (oneDNN and ATen capped to AVX2): MKL with AVX-512, slices 91 ms vs ``F.linear`` 165
 ms; MKL capped to AVX2, slices 137 ms vs ``F.linear`` 128 ms (``benchmarks/generate.py`` measures the whole
-step). Int8 weights
-use the same slices to dequantize: each slice is turned into the compute dtype in cache and multiplied at
-once, instead of writing a full-precision copy of the whole weight per call. Inside ``torch.compile`` (a
-batch decoded with ``--compile``) the sliced product runs as one custom operator (``qwenvl::sliced_product``),
-so compiled batches take the same path as eager ones. Nothing here needs a C++ compiler unless the caller
+step). Int8 weights use the same slices to dequantize: each slice is turned into the compute dtype in cache
+and multiplied at once, instead of writing a full-precision copy of the whole weight per call. Inside
+``torch.compile`` (a batch decoded with ``--compile``) the sliced product runs as one custom operator
+(``qwenvl::sliced_product``), so compiled batches take the same path as eager ones. Nothing here needs a C++ compiler unless the caller
 compiles (``--compile``).
 """
 
