@@ -51,6 +51,15 @@ def test_the_summary_names_every_instruction_set_cap(monkeypatch: pytest.MonkeyP
     assert "ATEN_CPU_CAPABILITY=avx2" in summary and "MKL_ENABLE_INSTRUCTIONS=AVX2" in summary
 
 
+def test_mkl_instruction_set_follows_flags_and_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    mkl = torch.backends.mkl.is_available()
+    assert hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"})) is mkl
+    assert not hardware.mkl_runs_avx512(frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "avx2")
+    assert not hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"}))
+
+
 def test_cpu_flags_are_read_from_this_machine() -> None:
     flags = hardware.cpu_flags()
     summary = hardware.cpu_summary()

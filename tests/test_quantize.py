@@ -91,17 +91,6 @@ def test_few_row_slices_follow_mkl_instruction_set(avx512, monkeypatch) -> None:
     assert len(calls) == (1 if avx512 else 0)
 
 
-def test_mkl_instruction_set_follows_flags_and_cap(monkeypatch) -> None:
-    from qwenvl import hardware
-
-    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
-    mkl = torch.backends.mkl.is_available()
-    assert hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"})) is mkl
-    assert not hardware.mkl_runs_avx512(frozenset({"avx2", "fma"}))
-    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "avx2")
-    assert not hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"}))
-
-
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:
     model = _golden(golden_dir, "int8")
     n_blocks = len(model.transformer.h)

@@ -45,8 +45,8 @@ ms; MKL capped to AVX2, slices 137 ms vs ``F.linear`` 128 ms (``benchmarks/gener
 step). Int8 weights use the same slices to dequantize: each slice is turned into the compute dtype in cache
 and multiplied at once, instead of writing a full-precision copy of the whole weight per call. Inside
 ``torch.compile`` (a batch decoded with ``--compile``) the sliced product runs as one custom operator
-(``qwenvl::sliced_product``), so compiled batches take the same path as eager ones. Nothing here needs a C++ compiler unless the caller
-compiles (``--compile``).
+(``qwenvl::sliced_product``), so compiled batches take the same path as eager ones. Nothing here needs a
+C++ compiler unless the caller compiles (``--compile``).
 """
 
 from __future__ import annotations

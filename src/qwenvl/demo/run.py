@@ -62,11 +62,11 @@ AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY
 (72 / 30 / 26); seeds 1 and 2 (side by side, one thread each) 48.4% (62 / 48 / 18) and 46.9% (60 / 43 / 25).
 A step costs ~79 GFLOP (the loss's three [416 x 151,936 x 128] products 48.5, the LM layers and attention
 ~23, the frozen vision tower ~7), so at that cap's fp32 peak (123-131 GFLOP/s) 760 steps cannot take less than
-~470 s. The runs below capped only oneDNN and ATen, so MKL's fp32 products still ran AVX-512 code (about twice
-as fast; a step of 16 took ~0.9 s): there the default reached 47.7% at seed 0, 46.1% and 45.3% at seeds 1 and 2
-(the revision before, whose loss rounded differently, got 57.0% at seed 0: accuracy spreads over ~45-57% with
-seed and rounding). The default's 760 steps at learning rate 3e-3 instead of 2e-3 scored lower: 35.9% (46 / 52 / 29)
-and 39.1% (50 / 53 / 25) at seeds 0 and 1; keeping the input embedding at its random init
+~470 s. The runs below capped only oneDNN and ATen, so MKL's fp32 products still ran AVX-512 code (about
+twice as fast; a step of 16 took ~0.9 s): there the default reached 47.7% at seed 0, 46.1% and 45.3% at seeds
+1 and 2 (the revision before, whose loss rounded differently, got 57.0% at seed 0: accuracy spreads over
+~45-57% with seed and rounding). The default's 760 steps at learning rate 3e-3 instead of 2e-3 scored lower:
+35.9% (46 / 52 / 29) and 39.1% (50 / 53 / 25) at seeds 0 and 1; keeping the input embedding at its random init
 (``freeze_embedding``, a slightly cheaper step) scored 43.8% and 38.3% at seeds 0 and 1; keeping ``lm_head``
 at its random init (no weight gradient for it, a third of the loss's matrix products: 40 steps took 32 s
 instead of 36-45 s) scored 38.3% (49 / 50 / 29) and 36.7% (47 / 53 / 28) at seeds 0 and 1, boxing either shape
@@ -82,8 +82,9 @@ images, what fits 10 minutes with the install) at 2e-3: 34.4% (44 / 49 / 35), at
 autocast on AMX: 46.1% (59 / 47 / 22)), at 2.5e-3 with LM std 0.11: 34.4% (44 / 46 / 38); 640 steps of 14 at
 2.5e-3: 40.6% (52 / 49 / 27) (run side by side with the last one, one thread each, a step of 14 took about what
 one of 16 did: ~1.40 vs ~1.38 s); 480 steps at 2e-3: 42.2%; 880 steps of 8 at 2e-3: 40.6% (52 / 43 / 33).
-Three colours (red, green, blue) at 3e-3: 440 steps of 16: 48.4% (62 / 33 / 33), but 480 steps gave 34.4% (44 / 46 / 38) and 39.8% (51 / 51 / 26) with seeds 1 and
-2, 760 steps of 8: 31.2% (40 / 42 / 46), 560 steps of 12: 26.6% (34 / 51 / 43); at 5e-3, 480 steps: 28.9% and
+Three colours (red, green, blue) at 3e-3: 440 steps of 16: 48.4% (62 / 33 / 33), but 480 steps gave 34.4%
+(44 / 46 / 38) and 39.8% (51 / 51 / 26) with seeds 1 and 2, 760 steps of 8: 31.2% (40 / 42 / 46), 560 steps
+of 12: 26.6% (34 / 51 / 43); at 5e-3, 480 steps: 28.9% and
 25.8% (seeds 1 and 2). In these runs the choice (asked well above other) appears after ~500-570 steps of
 16 or not at all; with fewer steps the model boxes either shape about equally often, so the default keeps
 760 steps. The int8 check: the 48.4% model scored 47.7% with ``--quantize int8`` (121 of 128 boxes
