@@ -19,7 +19,8 @@ To see on an AVX-512 machine what an AVX2-only CPU gets, cap all three of PyTorc
 This machine's memory bandwidth drifts from one minute to the next, so every measurement is taken once per
 round, ``--rounds`` rounds in a row, each ratio is computed within a round and the median over rounds is
 printed (per-round numbers go to ``--json``); a batch-1 decode is compared with the floor from the bandwidth
-read right before and right after it (the mean of the two), not with the round's first reading. Speed is never asserted; compare numbers from one run only.
+read right before and right after it (the mean of the two), not with the round's first reading. Speed is never
+asserted; compare numbers from one run only.
 """
 
 from __future__ import annotations
