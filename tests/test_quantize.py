@@ -84,6 +84,11 @@ def test_few_row_slices_follow_mkl_instruction_set(avx512, monkeypatch) -> None:
     optimize_for_inference(model)
     layer = model.lm_head
     assert isinstance(layer, RowLinear) and layer.slice_few_rows is avx512
+    # MKL on AVX2: fp32 weights column-major (same shape and values; the product MKL streams faster there)
+    assert (layer.weight.stride() == (1, layer.out_features)) is not avx512
+    fresh = QwenVL.from_config("tiny", seed=0)
+    for name, p in fresh.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], p, rtol=0, atol=0)
     calls = []
     monkeypatch.setattr(qz, "_sliced", lambda *a: calls.append(a) or qz._sliced_product(a[0], a[1], a[0].dtype, a[2]))
     x = torch.randn(8, layer.in_features)
