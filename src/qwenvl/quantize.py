@@ -28,9 +28,16 @@ stack buffer, which made the compiled int8 reduction slower than fp32 (the mid m
 ``0, K/4, K/2, 3K/4, 1, K/4 + 1, ...``, so that the row read as int32 holds in element ``i`` the weights of
 inputs ``i``, ``K/4 + i``, ``K/2 + i`` and ``3K/4 + i``, one per byte. The compiled product then loads 32
 weights per 256-bit int32 load, takes each byte out with two shifts (sign-extending), and multiplies it by a
-contiguous quarter of the input: every load is a full vector load. Mid model, AVX2, 2 threads: 24-26 ms per
-token, 1.73-1.97x the tokens/s of the fastest fp32 decoding (``benchmarks/generate.py``); ``lm_head`` alone:
-13.7 ms (with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the same interleaved
+contiguous quarter of the input: every load is a full vector load. The row is read through a float32 view
+(``weight.view(torch.float32).view(torch.int32)``): PyTorch's AVX2 ``Vectorized<int32_t>::loadu(ptr, count)``
+has no full-vector fast path (it copies the 32 bytes through a stack buffer in two 16-byte halves and reloads
+them, a store-forwarding stall on every load), while the float load is one instruction and the float-to-int32
+view is a bit cast. Results are bit-identical; the mid model's int8 ``lm_head``, one row, compiled, on an AMD
+EPYC (AVX2, 2 threads, two demo trainings running alongside): 78-81 ms read as int32 vs 29-31 ms through
+the float view. Mid model, 2 threads, ``benchmarks/generate.py``: on the AMD EPYC
+28-34 ms per token, 3.3x the tokens/s of fp32 decoding in the same run (a busy host) and 2.2x the fastest fp32
+decoding measured there; on an AVX-512 Xeon capped to AVX2 (before the float view), 24-26 ms per token,
+1.73-1.97x fp32, ``lm_head`` alone 13.7 ms (with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the same interleaved
 order (a copy of the activations), so the stored weight is used as it is; :meth:`Int8Linear.dequantize`
 gives the weight in the usual order.
 
@@ -219,7 +226,10 @@ class Int8Linear(nn.Module):
         each taken out with shifts (byte ``j`` of element ``i`` multiplies input ``j * K / 4 + i``)."""
         if self.groups == 1:
             return _row_product(x, self.weight)
-        w = self.weight.view(torch.int32)  # (N, K / 4)
+        # (N, K / 4) int32, read through a float32 view: inductor then loads full vectors as floats and bit-casts
+        # them to int32 in registers (bit-identical). Read as int32 directly, PyTorch's AVX2 vector load copies
+        # every 32 bytes through a stack buffer in two halves (a store-forwarding stall): 2.6x slower (module doc).
+        w = self.weight.view(torch.float32).view(torch.int32)
         xs = x.reshape(4, -1).float()
         y = ((w << 24 >> 24).float() * xs[0] + (w << 16 >> 24).float() * xs[1]
              + (w << 8 >> 24).float() * xs[2] + (w >> 24).float() * xs[3]).sum(-1)
