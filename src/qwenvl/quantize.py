@@ -34,12 +34,12 @@ has no full-vector fast path (it copies the 32 bytes through a stack buffer in t
 them, a store-forwarding stall on every load), while the float load is one instruction and the float-to-int32
 view is a bit cast. Results are bit-identical; the mid model's int8 ``lm_head``, one row, compiled, on an AMD
 EPYC (AVX2, 2 threads, two demo trainings running alongside): 78-81 ms read as int32 vs 29-31 ms through
-the float view. Mid model, 2 threads, ``benchmarks/generate.py``: on the AMD EPYC
-28-34 ms per token, 3.3x the tokens/s of fp32 decoding in the same run (a busy host) and 2.2x the fastest fp32
-decoding measured there; on an AVX-512 Xeon capped to AVX2 (before the float view), 24-26 ms per token,
-1.73-1.97x fp32, ``lm_head`` alone 13.7 ms (with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the same interleaved
-order (a copy of the activations), so the stored weight is used as it is; :meth:`Int8Linear.dequantize`
-gives the weight in the usual order.
+the float view. Mid model, 2 threads, ``benchmarks/generate.py``: on the AMD EPYC 28-34 ms per token, 3.3x
+the tokens/s of fp32 decoding in the same run (a busy host) and 2.2x the fastest fp32 decoding measured
+there; on an AVX-512 Xeon capped to AVX2 (before the float view), 24-26 ms per token, 1.73-1.97x fp32,
+``lm_head`` alone 13.7 ms (with AVX-512 both layouts take 12-15 ms). Eager code multiplies the input in the
+same interleaved order (a copy of the activations), so the stored weight is used as it is;
+:meth:`Int8Linear.dequantize` gives the weight in the usual order.
 
 Why column-major fp32 weights: ``F.linear`` multiplies by the (out, in) weight transposed, and MKL's AVX2
 sgemm/sgemv streams a transposed row-major weight more slowly than the same numbers stored column-major
@@ -286,7 +286,7 @@ def use_row_products(model: nn.Module, slice_few_rows: bool | None = None, colum
     fp32 CPU weight column-major (the same (out, in) tensor, strides (1, out)), so that MKL multiplies without
     transposing it. None decides both from the hardware: slices where MKL runs AVX-512 code
     (:func:`qwenvl.hardware.mkl_runs_avx512`), column-major weights where it runs AVX2 code (module doc)."""
-    avx512 = mkl_runs_avx512() if slice_few_rows is None or column_major is None else False
+    avx512 = mkl_runs_avx512()
     slice_few_rows = avx512 if slice_few_rows is None else slice_few_rows
     column_major = not avx512 if column_major is None else column_major
     layers = _lm_linears(model)
