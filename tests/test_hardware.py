@@ -60,6 +60,16 @@ def test_mkl_instruction_set_follows_flags_and_cap(monkeypatch: pytest.MonkeyPat
     assert not hardware.mkl_runs_avx512(frozenset({"avx2", "avx512f"}))
 
 
+def test_fp32_product_path_follows_mkl_and_vendor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    avx2 = frozenset({"avx2", "fma"})
+    mkl = torch.backends.mkl.is_available()
+    assert hardware.fp32_product_path(avx2, "AuthenticAMD") == ("amd" if mkl else "avx2")
+    assert hardware.fp32_product_path(avx2, "GenuineIntel") == "avx2"
+    assert hardware.fp32_product_path(frozenset({"avx2", "avx512f"}), "GenuineIntel") == ("avx512" if mkl else "avx2")
+    assert hardware.cpu_vendor() == hardware.cpu_vendor().strip()
+
+
 def test_cpu_flags_are_read_from_this_machine() -> None:
     flags = hardware.cpu_flags()
     summary = hardware.cpu_summary()

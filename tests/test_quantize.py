@@ -52,8 +52,9 @@ def test_int8_weights_are_stored_interleaved_for_four_per_int32_load() -> None:
     torch.testing.assert_close(layer._packed_row_product(x) * layer.scales, x @ layer.dequantize().T)
 
 
+@pytest.mark.parametrize("few_rows", ["slices", "transposed"])
 @pytest.mark.parametrize("shape", [(1, 48), (3, 48), (2, 4, 48), (12, 48), (13, 48), (2, 9, 48)])
-def test_sliced_products_equal_the_plain_product(shape, monkeypatch) -> None:
+def test_sliced_products_equal_the_plain_product(shape, few_rows, monkeypatch) -> None:
     """Eager CPU paths over slices of the weight's rows (few-row fp32 products, int8 dequantization) give the
     plain product, whatever the number of rows and however the slices fall (here 16 rows per slice of 40)."""
     import qwenvl.quantize as qz
@@ -63,6 +64,7 @@ def test_sliced_products_equal_the_plain_product(shape, monkeypatch) -> None:
     lin = nn.Linear(48, 40).requires_grad_(False)
     rows = RowLinear(48, 40).requires_grad_(False)
     rows.load_state_dict(lin.state_dict())
+    rows.few_rows = few_rows
     q = Int8Linear.from_linear(lin)
     x = torch.randn(shape)
     torch.testing.assert_close(rows(x), lin(x), rtol=1e-5, atol=1e-5)
@@ -74,26 +76,54 @@ def test_sliced_products_equal_the_plain_product(shape, monkeypatch) -> None:
     assert x.grad is not None and rows.weight.grad is not None
 
 
-@pytest.mark.parametrize("avx512", [True, False])
-def test_few_row_slices_follow_mkl_instruction_set(avx512, monkeypatch) -> None:
-    """fp32 few-row products run over weight slices only where MKL runs AVX-512 code; elsewhere ``F.linear``."""
+@pytest.mark.parametrize("path", ["avx512", "amd", "avx2"])
+def test_fp32_products_follow_the_machine(path, monkeypatch) -> None:
+    """Each machine path (hardware.fp32_product_path) sets the layers up as documented, keeps the weights as
+    they are (row-major, values unchanged) and computes the same products: slices for 2-12 rows with MKL's
+    AVX-512 code, transposed products for 2-32 rows and compiled one-row reductions on AMD CPUs, F.linear
+    elsewhere; int8 layers multiply their dequantized slices transposed on AMD CPUs."""
     import qwenvl.quantize as qz
 
-    monkeypatch.setattr(qz, "mkl_runs_avx512", lambda: avx512)
+    monkeypatch.setattr(qz, "fp32_product_path", lambda: path)
     model = QwenVL.from_config("tiny", seed=0)
     optimize_for_inference(model)
     layer = model.lm_head
-    assert isinstance(layer, RowLinear) and layer.slice_few_rows is avx512
-    # MKL on AVX2: fp32 weights column-major (same shape and values; the product MKL streams faster there)
-    assert (layer.weight.stride() == (1, layer.out_features)) is not avx512
+    assert isinstance(layer, RowLinear)
+    assert (layer.few_rows, layer.fp32_row_reduction) == {"avx512": ("slices", False), "amd": ("transposed", True),
+                                                          "avx2": ("plain", False)}[path]
+    assert layer.weight.is_contiguous()
     fresh = QwenVL.from_config("tiny", seed=0)
     for name, p in fresh.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], p, rtol=0, atol=0)
-    calls = []
-    monkeypatch.setattr(qz, "_sliced", lambda *a: calls.append(a) or qz._sliced_product(a[0], a[1], a[0].dtype, a[2]))
-    x = torch.randn(8, layer.in_features)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
-    assert len(calls) == (1 if avx512 else 0)
+    sliced, transposed = [], []
+    monkeypatch.setattr(qz, "_sliced", lambda *a: sliced.append(a) or qz._sliced_product(a[0], a[1], a[0].dtype, a[2]))
+    monkeypatch.setattr(qz, "_transposed_product", lambda *a: transposed.append(a) or qz.F.linear(*a))
+    with torch.no_grad():
+        for rows in (8, 20, 40):
+            x = torch.randn(rows, layer.in_features)
+            torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert len(sliced) == (1 if path == "avx512" else 0)  # 8 rows
+    assert len(transposed) == (2 if path == "amd" else 0)  # 8 and 20 rows
+    q = QwenVL.from_config("tiny", seed=0)
+    optimize_for_inference(q, "int8")
+    assert q.lm_head.transposed_slices is (path == "amd")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 32, 33])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_transposed_equal_plain(rows, transposed) -> None:
+    """The transposed product and the sliced products (fp32 and int8, either orientation) equal ``F.linear``."""
+    import qwenvl.quantize as qz
+
+    lin = nn.Linear(48, 40).requires_grad_(False)
+    x = torch.randn(rows, 48)
+    torch.testing.assert_close(qz._transposed_product(x, lin.weight), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    got = qz._sliced_product(x, lin.weight, torch.float32, 16 * 48 * 4, transposed)
+    torch.testing.assert_close(got, x @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    q = Int8Linear.from_linear(lin)
+    q.transposed_slices = transposed
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:

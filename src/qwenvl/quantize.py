@@ -9,17 +9,23 @@ The model's code never changes: it calls ``self.c_attn(x)`` and friends. :func:`
   norms keep the compute dtype. Quantized weights take 1/4 of fp32's bytes (+ one scale per row).
 * otherwise, on the CPU: :class:`RowLinear`, a plain ``nn.Linear`` (same parameters and state dict) whose
   half-precision one-row products are written as a reduction when they run inside ``torch.compile``, and
-  whose fp32 few-row products (batched decoding, 2-12 rows) run over slices of the weight's rows where MKL
-  runs AVX-512 code, and whose fp32 weights are stored column-major where MKL runs AVX2 code.
+  whose fp32 products take the path that measured fastest on the machine's kind of CPU
+  (:func:`qwenvl.hardware.fp32_product_path`): where MKL runs AVX-512 code, few-row products (batched
+  decoding, 2-12 rows) run over slices of the weight's rows; on AMD CPUs without it (the project's own machine
+  type), products of 2-32 rows run transposed and compiled one-row products are reductions too; elsewhere
+  ``F.linear``.
 
 Why the reductions: batch-1 decoding reads every weight once per token, so its speed is the speed of
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
 reads each weight once, in its stored dtype (int8 stays int8 in memory: 1/4 of the fp32 bytes), fused with
 the element-wise work around it; ``F.linear(x, q.to(dtype))`` would first write a full-precision copy of
-the weight. Everything else (prefill, training, GPUs) runs the ordinary product, and so do fp32 weights:
-their one-row product is already a matrix-vector product that reads each weight once, and compiled, the
-reduction was slower than it (mid model, batch-1 compiled decode: 55-63 ms per token with the reduction,
-44-47 ms with ``F.linear`` under AVX2; 57-58 vs 41-44 ms with AVX-512), while for bf16 weights the
+the weight. Everything else (prefill, training, GPUs) runs the ordinary product. fp32 weights take the
+reduction on AMD CPUs only: their one-row product is already a matrix-vector product that reads each weight
+once, and on an AVX-512 Xeon the compiled reduction was slower than it (mid model, batch-1 compiled decode:
+55-63 ms per token with the reduction, 44-47 ms with ``F.linear`` with MKL, oneDNN and ATen capped to AVX2;
+57-58 vs 41-44 ms with AVX-512), while on an AMD EPYC (Zen 3, AVX2, 2 threads) MKL's matrix-vector product
+streamed the mid model's ``lm_head`` (151,936 x 1,024) at 10.5 GB/s and the reduction at 14.6 GB/s (a plain
+sum: 18-21 GB/s in the same minutes). For bf16 weights the
 reduction was faster (40-47 ms vs 48-56 ms with AMX).
 
 Why int8 rows are stored interleaved: inductor's AVX2 code loads int8 values 8 at a time through a small
@@ -41,16 +47,20 @@ there; on an AVX-512 Xeon capped to AVX2 (before the float view), 24-26 ms per t
 same interleaved order (a copy of the activations), so the stored weight is used as it is;
 :meth:`Int8Linear.dequantize` gives the weight in the usual order.
 
-Why column-major fp32 weights: ``F.linear`` multiplies by the (out, in) weight transposed, and MKL's AVX2
-sgemm/sgemv streams a transposed row-major weight more slowly than the same numbers stored column-major
-(strides (1, out): the weight's transpose is then an ordinary row-major matrix). On an AMD EPYC (Zen 3, AVX2
-only, 2 threads), one row through the mid model's ``lm_head`` (151,936 x 1,024): 14 GB/s row-major vs 22 GB/s
-column-major, against 25-27 GB/s for a plain sum; the mid model's decode step, three alternating rounds in
-one process: batch 1 eager 80-97 ms row-major vs 68-76 ms column-major, compiled 80-94 vs 65-68 ms, batch 8
-253-297 vs 212-237 ms, the 270-token prefill 700-796 vs 649-762 ms (on an AVX-512 Xeon with MKL capped
-to AVX2 the two layouts decoded alike: 53.3 vs 54.3 ms a token). The parameter keeps its (out, in) shape
-and values (state dicts and checkpoints are unchanged; saving makes tensors contiguous). Where MKL runs
-AVX-512 code the weights stay row-major and few-row products use slices (below).
+Why transposed few-row products on AMD CPUs: ``F.linear(x, w)`` with a few rows ``x`` asks MKL for ``x @ w.T``,
+and on an AMD EPYC (Zen 3, AVX2 only, 2 threads) MKL's kernels for that shape reached 14-30 GFLOP/s (the
+fp32 peak of a 2048^3 product: 104-174). The same numbers computed as ``(w @ x.T).T`` (the stored (N, K)
+weight as the left matrix, the rows as columns) ran 2-4x faster for 2-32 rows and alike at 64: the mid model's
+``lm_head`` (medians of 5 alternating rounds) 60 vs 126 ms for 2 rows, 67 vs 249 ms for 4, 98 vs 249 ms
+for 8, 170 vs 255 ms for 16, 208 vs 324 ms for 32, 412 vs 424 ms for 64; a (3072, 1024) block matrix 1.70
+vs 2.40 ms for 8 rows. Its result comes out (N, rows) and is copied to (rows, N) (rows x N floats, small next
+to the weight). Whole mid model in one process (rounds alternating with the previous revision, which stored
+the weights column-major for MKL's matrix-vector product): batch-1 compiled decode 58-65 vs 76-90 ms a token,
+batch-8 eager 143-226 vs 244-311 ms a step, compiled 137-147 vs 223-287 ms; batch-1 eager lost ~10% (93 vs 80
+ms, MKL's one-row product by a column-major weight was the faster one there). Inductor's own prepacked fp32
+products (``freezing``) did no better (batch 1 compiled 75-106 ms, batch 8 136-162 ms) and keep a second,
+packed copy of every weight. Int8 layers on AMD CPUs multiply each dequantized slice (below) transposed as
+well: batch-8 eager 209-258 vs 257-483 ms a step.
 
 Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) with AVX-512 repacks
 the whole weight on every call, so a batch-8 decode step read the weights about three times instead of once
@@ -76,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hardware import mkl_runs_avx512
+from .hardware import fp32_product_path
 
 __all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "optimize_for_inference", "quantize_int8",
            "use_row_products"]
@@ -90,10 +100,13 @@ def _one_row(x: torch.Tensor) -> bool:
     return _rows(x) == 1 and torch.compiler.is_compiling()
 
 
-_FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of the weight (module doc)
+_FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of the weight ("slices", module doc)
+_TRANSPOSED_ROWS = 32  # ... or transposed ("transposed"; at 64 rows both ways took the same time)
 # Row counts that take each path of these layers (one row, a few, many): a compiled step is specialized on
 # them, so a server that compiles warms it up once per entry (qwenvl.serve.engine.Engine.warm_up).
-PATH_ROWS = (1, 2, _FEW_ROWS + 1)
+PATH_ROWS = (1, 2, _FEW_ROWS + 1, _TRANSPOSED_ROWS + 1)
+# fp32_product_path -> (RowLinear.few_rows, RowLinear.fp32_row_reduction)
+_PATHS = {"avx512": ("slices", False), "amd": ("transposed", True), "avx2": ("plain", False)}
 _SLICE_BYTES = 1 << 20  # bytes of compute-dtype weight per slice for few rows (fits in L2)
 _BIG_SLICE_BYTES = 16 << 20  # ... and for many rows (prefill), where a larger product runs closer to peak
 _ROWS_PER_BLOCK = 1024  # rows quantized at a time: the fp32 temporaries stay small next to the weight
@@ -108,41 +121,49 @@ def _cpu_no_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-def _sliced_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, slice_bytes: int) -> torch.Tensor:
+def _sliced_product(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, slice_bytes: int,
+                    transposed: bool = False) -> torch.Tensor:
     """``x @ weight.T`` in ``dtype``, one slice of the weight's rows at a time (converted to ``dtype`` in a
-    reused buffer when it is stored in another dtype, e.g. int8): (..., K) x (N, K) -> (..., N)."""
+    reused buffer when it is stored in another dtype, e.g. int8): (..., K) x (N, K) -> (..., N). ``transposed``:
+    each slice times the rows transposed (``slice @ x.T``, the product MKL runs faster on AMD CPUs; module doc)."""
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     n, k = weight.shape
-    out = torch.empty(x2.shape[0], n, dtype=dtype, device=x.device)
+    out = torch.empty((n, x2.shape[0]) if transposed else (x2.shape[0], n), dtype=dtype, device=x.device)
     step = max(16, slice_bytes // (k * dtype.itemsize))
     buf = None if weight.dtype == dtype else torch.empty(min(step, n), k, dtype=dtype, device=x.device)
     # split(): one call for all the slices instead of a Python slice of the weight and the output per step (the
     # mid model's lm_head with 8 rows, ~600 slices: a few % up to ~15% faster in one-off timings)
-    for w, o in zip(weight.split(step), out.split(step, 1)):
+    xt = x2.t()
+    for w, o in zip(weight.split(step), out.split(step, 0 if transposed else 1)):
         if buf is not None:
             w = buf[: w.shape[0]].copy_(w)
-        torch.mm(x2, w.t(), out=o)
+        if transposed:
+            torch.mm(w, xt, out=o)
+        else:
+            torch.mm(x2, w.t(), out=o)
+    if transposed:
+        out = out.t().contiguous()
     return out.reshape(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("qwenvl::sliced_product", mutates_args=())
-def _sliced_product_op(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+def _sliced_product_op(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int, transposed: bool) -> torch.Tensor:
     """:func:`_sliced_product` as one opaque operator for ``torch.compile``: inside a compiled decode step a
     batch's products run as they do eagerly (inductor would multiply by a full-precision copy of an int8
     weight made on every call, and repack fp32 weights for every few-row product)."""
-    return _sliced_product(x, weight, x.dtype, slice_bytes)
+    return _sliced_product(x, weight, x.dtype, slice_bytes, transposed)
 
 
 @_sliced_product_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int, transposed: bool) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _sliced(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int) -> torch.Tensor:
+def _sliced(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int, transposed: bool = False) -> torch.Tensor:
     """``x @ weight.T`` in ``x``'s dtype over slices of the weight's rows, eager or compiled."""
     if torch.compiler.is_compiling():
-        return _sliced_product_op(x, weight, slice_bytes)
-    return _sliced_product(x, weight, x.dtype, slice_bytes)
+        return _sliced_product_op(x, weight, slice_bytes, transposed)
+    return _sliced_product(x, weight, x.dtype, slice_bytes, transposed)
 
 
 def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -152,20 +173,38 @@ def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-class RowLinear(nn.Linear):
-    """``nn.Linear`` whose half-precision one-row products are reductions under ``torch.compile``, and whose
-    fp32 few-row products run over slices of the weight when ``slice_few_rows`` (see the module doc)."""
+def _transposed_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` computed as ``(weight @ x.T).T``: MKL multiplies the row-major (N, K) weight as it is
+    stored by a few rows turned into columns (module doc), then the (N, rows) result is made (rows, N)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(weight, x2.t()).t().contiguous()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
-    slice_few_rows = True
+
+class RowLinear(nn.Linear):
+    """``nn.Linear`` whose products of one row (compiled) and of a few rows (fp32 on the CPU, no gradients) take
+    the path that suits the machine (:func:`qwenvl.hardware.fp32_product_path`; see the module doc):
+
+    * ``few_rows``: ``"slices"`` (2-12 rows over 1 MiB slices of the weight), ``"transposed"`` (2-32 rows as
+      the weight times the rows transposed) or ``"plain"`` (``F.linear``);
+    * ``fp32_row_reduction``: under ``torch.compile`` a one-row fp32 product is a reduction (half-precision
+      weights always are)."""
+
+    few_rows = "plain"
+    fp32_row_reduction = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _one_row(x) and self.weight.dtype != torch.float32:
+        fp32 = self.weight.dtype == torch.float32
+        if _one_row(x) and (not fp32 or self.fp32_row_reduction):
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if (self.slice_few_rows and 1 < _rows(x) <= _FEW_ROWS and self.weight.dtype == torch.float32
-                and _cpu_no_grad(x, self.weight)):
-            y = _sliced(x, self.weight, _SLICE_BYTES)
-            return y if self.bias is None else y.add_(self.bias)
+        if self.few_rows != "plain" and fp32 and _rows(x) > 1 and _cpu_no_grad(x, self.weight):
+            if self.few_rows == "slices" and _rows(x) <= _FEW_ROWS:
+                y = _sliced(x, self.weight, _SLICE_BYTES)
+                return y if self.bias is None else y.add_(self.bias)
+            if self.few_rows == "transposed" and _rows(x) <= _TRANSPOSED_ROWS:
+                y = _transposed_product(x, self.weight)
+                return y if self.bias is None else y.add_(self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -176,7 +215,10 @@ class Int8Linear(nn.Module):
     ``weight`` holds ``q`` with each row's columns interleaved in ``groups`` (4 when ``in_features`` is a
     multiple of 4): stored column ``4 * i + j`` is column ``j * in_features / 4 + i``, so that the row viewed
     as int32 packs in element ``i`` one weight of each quarter of the input (see the module doc).
-    :meth:`dequantize` gives the weight in the usual layout."""
+    :meth:`dequantize` gives the weight in the usual layout. ``transposed_slices``: products of 2-12 rows multiply
+    each dequantized slice by the rows transposed (set by :func:`quantize_int8` on AMD CPUs; module doc)."""
+
+    transposed_slices = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
@@ -217,7 +259,9 @@ class Int8Linear(nn.Module):
             if not _cpu_no_grad(x, self.weight):
                 y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
             else:  # CPU: dequantize slice by slice (module doc)
-                y = _sliced(xi, self.weight, _SLICE_BYTES if _rows(x) <= _FEW_ROWS else _BIG_SLICE_BYTES)
+                few = _rows(x) <= _FEW_ROWS
+                transposed = few and self.transposed_slices and _rows(x) > 1
+                y = _sliced(xi, self.weight, _SLICE_BYTES if few else _BIG_SLICE_BYTES, transposed)
                 y = y.mul_(self.scales.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -274,29 +318,28 @@ def quantize_int8(model: nn.Module) -> int:
     """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
     full-precision weight of a layer is freed as soon as its int8 copy exists). Returns how many."""
     layers = _lm_linears(model)
+    transposed = fp32_product_path() == "amd"
     for parent, name, layer in layers:
-        setattr(parent, name, Int8Linear.from_linear(layer))
+        q = Int8Linear.from_linear(layer)
+        q.transposed_slices = transposed
+        setattr(parent, name, q)
     return len(layers)
 
 
-def use_row_products(model: nn.Module, slice_few_rows: bool | None = None, column_major: bool | None = None) -> int:
-    """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters and values).
-
-    ``slice_few_rows``: run fp32 products of 2-12 rows over slices of the weight; ``column_major``: store each
-    fp32 CPU weight column-major (the same (out, in) tensor, strides (1, out)), so that MKL multiplies without
-    transposing it. None decides both from the hardware: slices where MKL runs AVX-512 code
-    (:func:`qwenvl.hardware.mkl_runs_avx512`), column-major weights where it runs AVX2 code (module doc)."""
-    avx512 = mkl_runs_avx512()
-    slice_few_rows = avx512 if slice_few_rows is None else slice_few_rows
-    column_major = not avx512 if column_major is None else column_major
+def use_row_products(model: nn.Module, path: str | None = None) -> int:
+    """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters and values) set up for
+    ``path`` (None: :func:`qwenvl.hardware.fp32_product_path` decides from the machine): ``"avx512"``: fp32
+    products of 2-12 rows over slices of the weight; ``"amd"``: products of 2-32 rows transposed, compiled
+    one-row products as reductions; ``"avx2"``: ``F.linear`` (half-precision weights: one-row reductions
+    wherever compiled). Returns how many layers."""
+    path = fp32_product_path() if path is None else path
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
+    few_rows, reduction = _PATHS[path]
     layers = _lm_linears(model)
     for _, _, layer in layers:
         layer.__class__ = RowLinear
-        layer.slice_few_rows = slice_few_rows
-        w = layer.weight
-        if column_major and w.device.type == "cpu" and w.dtype == torch.float32 and w.stride(0) != 1:
-            # one layer at a time: at most one extra weight's bytes while the layout changes
-            layer.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+        layer.few_rows, layer.fp32_row_reduction = few_rows, reduction
     return len(layers)
 
 
