@@ -34,32 +34,32 @@ _ONEDNN_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
 
 
 @functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's ``key: value`` lines of ``/proc/cpuinfo``; empty where that file does not exist."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not line.strip():  # a blank line ends the first CPU's block
+                    break
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (x86 ``flags`` / Arm ``Features`` of the first CPU in ``/proc/cpuinfo``);
     empty where that file does not exist."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
+    info = _cpuinfo()
+    return frozenset(info.get("flags", info.get("Features", "")).split())
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The x86 ``vendor_id`` of ``/proc/cpuinfo`` (``GenuineIntel``, ``AuthenticAMD``, ...); empty elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    return value.strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo().get("vendor_id", "")
 
 
 def _onednn_cap() -> str | None:
@@ -149,15 +149,7 @@ def fp32_product_path(flags: frozenset[str] | None = None, vendor: str | None = 
 
 def cpu_summary() -> str:
     """One line about this machine's CPU for benchmark output: model, cores, the flags that decide speed."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.partition(":")[2].strip()
-                    break
-    except OSError:
-        pass
+    model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")) or f in ("bf16", "asimd", "sve"))
     cap = _onednn_cap()
     extra = f", ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
@@ -167,7 +159,8 @@ def cpu_summary() -> str:
         extra += f", MKL_ENABLE_INSTRUCTIONS={os.environ['MKL_ENABLE_INSTRUCTIONS']}"
     if os.environ.get("THP_MEM_ALLOC_ENABLE"):  # huge pages for large tensors (qwenvl.cli.use_huge_pages)
         extra += f", THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
-    vendor = f"{cpu_vendor()}, " if cpu_vendor() and cpu_vendor() not in model else ""
+    vendor = cpu_vendor()
+    vendor = f"{vendor}, " if vendor and vendor not in model else ""
     return (f"{model}, {vendor}{os.cpu_count()} cores, {torch.get_num_threads()} threads, flags: {' '.join(keep) or 'none'}"
             f"{extra}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}")
 
