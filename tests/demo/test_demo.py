@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwenvl.demo.report import GridItem, draw_loss_curve, draw_prediction_grid, smooth
@@ -218,6 +219,21 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert landing["asked"] == round(8 * result.accuracy_after)
     assert "where the final boxes land" in (out / "report.md").read_text()
     assert (out / "model" / "config.json").is_file()
+    # lm_head trained as a shared row outside the answers' tokens (demo.vocab) is saved whole: a plain model
+    # whose other rows are all equal, and they moved from their start at 0
+    from qwenvl.data.dataset import ConversationDataset
+    from qwenvl.demo.vocab import label_ids
+    from qwenvl.model import QwenVL
+    from qwenvl.processor import Processor
+
+    saved = QwenVL.from_pretrained(out / "model", dtype=torch.float32)
+    assert type(saved.lm_head) is torch.nn.Linear
+    answers = label_ids(ConversationDataset(out / "data" / "train.json", Processor(chat_format="chatml"), out / "data"))
+    assert 10 < len(answers) < 40  # digits, punctuation, </box>, <|im_end|>, ...
+    others = torch.ones(saved.lm_head.out_features, dtype=torch.bool)
+    others[answers] = False
+    rest = saved.lm_head.weight[others]
+    assert torch.equal(rest, rest[:1].expand_as(rest)) and rest.abs().sum() > 0
     assert len(json.loads((out / "eval_after.json").read_text())["predictions"]) == 8
     # the default data: shapes on the 14-px patch grid, every training image asked about each of its shapes
     boxes = [json.loads(line)["bbox"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]

@@ -26,7 +26,7 @@ def lora_run(make_cfg, processor, module_tmp_path):
 
 
 def _batch(cfg, processor, model) -> dict:
-    ds = T._build_dataset(cfg, processor, model)
+    ds = T.build_dataset(cfg, processor, model)
     return collate([ds[0], ds[1]])
 
 

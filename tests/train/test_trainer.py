@@ -59,7 +59,7 @@ def test_saved_checkpoints_load_with_the_trainers_logits(full_run, processor) ->
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [MARKER_FILE]
     loaded = QwenVL.from_pretrained(out)
     assert loaded.dtype == torch.float32
-    ds = T._build_dataset(cfg, processor, loaded)
+    ds = T.build_dataset(cfg, processor, loaded)
     batch = collate([ds[0], ds[1]])  # one with an image, one without
     model = result.model.eval()
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_interrupted_then_resumed_run_is_exact(full_run, make_cfg, processor, tm
 def test_a_failed_save_leaves_no_half_written_checkpoint(make_cfg, processor, tmp_path: Path, monkeypatch) -> None:
     cfg = make_cfg(tmp_path / "out", max_steps=2)
     model = T._prepare_model(cfg, None, torch.device("cpu"))
-    run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+    run = T._setup_run(cfg, model, T.build_dataset(cfg, processor, model), torch.device("cpu"))
 
     def disk_full(*args, **kwargs) -> None:  # the sharded weights are already written when this fails
         raise OSError("No space left on device")
@@ -125,7 +125,7 @@ def test_gradient_accumulation_equals_one_big_batch(make_cfg, processor, tmp_pat
         cfg = make_cfg(tmp_path, batch_size=bs, gradient_accumulation_steps=accum, bf16=False,
                        gradient_checkpointing=False)
         model = T._prepare_model(cfg, None, torch.device("cpu"))
-        run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+        run = T._setup_run(cfg, model, T.build_dataset(cfg, processor, model), torch.device("cpu"))
         loss, _norm = T._train_step(run, T._next_micro_batches(run))
         losses.append(loss)
         # after one AdamW step exp_avg = (1 - beta1) * clipped gradient
@@ -162,7 +162,7 @@ def test_lr_scales_give_vision_and_resampler_their_own_rates(make_cfg, processor
     cfg = make_cfg(tmp_path, freeze_vision=False, vision_lr_scale=0.1, resampler_lr_scale=0.5, max_steps=3,
                    warmup_steps=0, learning_rate=1e-2, min_lr=1e-2)
     model = T._prepare_model(cfg, None, torch.device("cpu"))
-    run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+    run = T._setup_run(cfg, model, T.build_dataset(cfg, processor, model), torch.device("cpu"))
     part = {id(p): T.part_of(n) for n, p in model.named_parameters()}
     expected = {"llm": 1e-2, "resampler": 5e-3, "vision": 1e-3}
     seen = set()
@@ -181,7 +181,7 @@ def test_default_scales_keep_the_two_optimizer_groups(make_cfg, processor, tmp_p
     """Multipliers of 1 give the two groups (decay, no decay) that checkpoints of earlier runs hold."""
     cfg = make_cfg(tmp_path, freeze_vision=False)
     model = T._prepare_model(cfg, None, torch.device("cpu"))
-    run = T._setup_run(cfg, model, T._build_dataset(cfg, processor, model), torch.device("cpu"))
+    run = T._setup_run(cfg, model, T.build_dataset(cfg, processor, model), torch.device("cpu"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert [[id(p) for p in g["params"]] for g in run.optimizer.param_groups] == [
         [id(p) for _n, p in named if p.ndim >= 2], [id(p) for _n, p in named if p.ndim < 2]]

@@ -57,9 +57,25 @@ speed). So seed 0 is the lucky one, and every seed so far clears 50%. 128 held-o
 noise.
 
 Float32 (CPUs without native bf16), on 2 cores of an AVX2-only AMD EPYC (Zen 3; the project's machine type):
-``time qwenvl demo`` took 16 min 24 s (training 927 s, 1.2-1.35 s a step, ~40% of the fp32 matmul peak) and
-reached 52.3% at seed 0 (curve 0 / 25.0 / 30.5 / 48.4 / 52.3%, lands 67 / 40 / 21); with ``--quantize int8``
-the trained model also scored 52.3% (121 of 128 answers identical).
+``time qwenvl demo`` takes 8 min 50 s (training 478 s, ~0.6 s a step) and reaches 52.3% at seed 0 (curve 0 /
+14.8 / 44.5 / 42.2 / 52.3%, lands 67 / 39 / 21). What made it fit, none of it changing what is trained (the
+same model, loss and AdamW updates, up to float rounding):
+
+- ``lm_head``'s rows of the tokens no answer uses (all but ~20 of 151,936) start at 0 instead of random
+  (``shared_head``; the one change to the recipe) and, staying equal, train as one shared row
+  (:class:`~qwenvl.demo.vocab.SharedRowsHead`): the loss's three [416 x 151,936 x 128] products (48.5 of a
+  step's ~79 GFLOP) shrink to ~0.2 GFLOP. A step of 16 took 0.79 s against 1.68 s with the full head (30
+  steps each, same minutes);
+- the frozen vision tower encodes each image once (:func:`~qwenvl.demo.cache.cached_image_features`; each
+  image is asked about twice, and the tower took ~150 of a ~700 ms step): 601 s -> 565 s for the demo;
+- the input embedding trains only the rows the conversations use (:class:`~qwenvl.demo.vocab.UsedRowsEmbedding`;
+  AdamW's decay of the others is followed exactly): no dense 151,936 x 128 gradient to zero, clip and step
+  (~60 ms a step): 565 s -> 526 s.
+
+With the full head (random rows) this CPU took 16 min 24 s (training 927 s, 1.2-1.35 s a step) for 52.3%
+(curve 0 / 25.0 / 30.5 / 48.4 / 52.3%, lands 67 / 40 / 21); with ``--quantize int8`` that model also scored
+52.3% (121 of 128 answers identical). The zero-started head alone (before the other two changes) gave 53.1%
+at seed 0 (0 / 19.5 / 35.9 / 47.7 / 53.1%, lands 68 / 35 / 25), with and without the cached features.
 
 Float32 on 2 cores of an AVX-512 Xeon with oneDNN, MKL and ATen all capped to
 AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2``): a step of 16 takes
@@ -151,12 +167,13 @@ layers x 8 heads: 35.9% (46 / 52 / 30, 808 s, over the time budget). Earlier var
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,11 +188,15 @@ from ..images import load_image
 from ..model import QwenVL
 from ..outputs import claim_output
 from ..processor import DEFAULT_SYSTEM, Processor
+from ..tokenizer import ENDOFTEXT_ID
+from .cache import cached_image_features
 from .report import GridItem, draw_loss_curve, draw_prediction_grid
 from .synthetic import SyntheticConfig, SyntheticSample, make_dataset, question
+from .vocab import SharedRowsHead, UsedRowsEmbedding, input_ids, label_ids
 
 __all__ = ["DEMO_PROMPTS", "DemoConfig", "DemoResult", "demo_model_config", "eval_command", "lm_block_init",
-           "local_resampler_init", "recency_attention_init", "run_demo", "where_boxes_land"]
+           "local_resampler_init", "recency_attention_init", "run_demo", "shared_head_init",
+           "where_boxes_land"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +218,9 @@ DEMO_PROMPTS = {
 def demo_model_config() -> QwenVLConfig:
     """A ~41M-parameter Qwen-VL: 224 px images (16x16 patches of 14 px), ViT width 128 x 4 layers,
     LM hidden 128 x 4 layers of 4 heads, and the real 151,936-row vocabulary (the tokenizer's ids need it;
-    the embedding and ``lm_head`` hold 39M of the parameters, and ``lm_head`` over the ~27 labelled tokens
-    of each sample is the largest cost of a training step, so LM layers are cheap by comparison)."""
+    the embedding and ``lm_head`` hold 39M of the parameters; the full ``lm_head`` over the ~27 labelled tokens
+    of each sample would be the largest cost of a training step, which is why the demo trains it through
+    :class:`~qwenvl.demo.vocab.SharedRowsHead`)."""
     return QwenVLConfig(
         lm=LMConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, kv_channels=32,
                     intermediate_size=512),
@@ -256,6 +278,40 @@ def lm_block_init(model: QwenVL, std: float) -> None:
 
 
 @torch.no_grad()
+def shared_head_init(model: QwenVL, ids: Sequence[int]) -> None:
+    """Set ``lm_head``'s rows of every token outside ``ids`` (the training answers' tokens) to 0 and swap in a
+    :class:`~qwenvl.demo.vocab.SharedRowsHead`, which trains those equal rows as one (the same training as the
+    full head, see :mod:`qwenvl.demo.vocab`; ``run_demo`` swaps the plain ``nn.Linear`` back after training).
+
+    Why: at the real vocabulary the full softmax costs 48.5 of a training step's ~79 GFLOP (three products of
+    the ~416 labelled positions with all 151,936 rows); with the other rows shared it costs ~0.2.
+    """
+    weight = model.lm_head.weight
+    others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    others[torch.as_tensor(list(ids), dtype=torch.long, device=weight.device)] = False
+    weight[others] = 0.0
+    model.lm_head = SharedRowsHead.from_linear(model.lm_head, ids)
+
+
+@contextlib.contextmanager
+def used_embedding_rows(model: QwenVL, dataset: Any, cfg: DemoConfig) -> Iterator[None]:
+    """Within the block, the input embedding trains only the rows the training conversations use
+    (:class:`~qwenvl.demo.vocab.UsedRowsEmbedding`: the same training as the full table, without its dense
+    151,936-row gradient); a plain ``nn.Embedding`` again afterwards. Not with ``freeze_embedding``."""
+    if cfg.freeze_embedding:
+        yield
+        return
+    # and the padding id: collate pads batches with it; its rows' gradient is 0 (pads follow the real tokens,
+    # which attend causally, and carry no label), so AdamW only decays it, as it would the full table's row
+    used = {*input_ids(dataset), ENDOFTEXT_ID}
+    model.transformer.wte = UsedRowsEmbedding.from_embedding(model.transformer.wte, sorted(used))
+    try:
+        yield
+    finally:
+        model.transformer.wte = model.transformer.wte.to_embedding()
+
+
+@torch.no_grad()
 def recency_attention_init(model: QwenVL, layers: int = 1, amplitude: float = 2.5, min_freq: float = 0.008,
                            max_freq: float = 0.15, copy_scale: float = 0.0) -> None:
     """Start the first ``layers`` LM layers' attention *recent*: every head attends mostly to the ~16 tokens
@@ -305,8 +361,8 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned for ~8-11 minutes on 2 CPU cores with native bf16;
-    in float32 (2 cores capped to AVX2) the same run takes ~17.5 minutes (56.2% at seed 0, 48.4% and 46.9% at
-    seeds 1 and 2; shorter recipes and why a step costs what it does: module docstring).
+    in float32 on 2 AVX2 cores of an AMD EPYC the run takes ~9 minutes (52.3% at seed 0; the numbers, and why a
+    step costs what it does: module docstring).
 
     Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
     the plain recipe (every parameter from step 1, default init, light background, shapes anywhere, six
@@ -344,6 +400,9 @@ class DemoConfig:
     recency_init_layers: int = 1  # the first N LM layers start with recency-biased attention (0 = off)
     recency_init_amplitude: float = 2.5
     recency_copy_scale: float = 0.0  # > 0: those layers' values and output start as identity x this (no gain seen)
+    # lm_head's rows of the tokens no training answer uses start at 0 and, staying equal under training, are
+    # trained as one shared row (vocab.SharedRowsHead): the same training at a fraction of the loss's cost
+    shared_head: bool = True
     position_init_scale: float = 0.0  # > 0: ViT position table starts as sin-cos x scale (0 = default random)
     eval_batch_size: int = 32
     eval_every: int = 190  # also measure held-out accuracy every N steps (0 = only before and after)
@@ -509,7 +568,9 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         f"{cfg.resampler_kv_gain:g})"
         + (f"; the first {cfg.recency_init_layers} LM layer(s) started with recency-biased attention"
            if cfg.recency_init_layers else "")
-        + (f"; LM block matrices drawn at std {cfg.lm_init_std:g}" if cfg.lm_init_std > 0 else ""),
+        + (f"; LM block matrices drawn at std {cfg.lm_init_std:g}" if cfg.lm_init_std > 0 else "")
+        + ("; `lm_head` rows of the tokens no answer uses started at 0 (trained as one shared row)"
+           if cfg.shared_head else ""),
         f"- training ({'bf16 autocast' if result.bf16 else 'fp32'}, AdamW, cosine schedule, batch {cfg.batch_size}, "
         f"seed {cfg.seed}): {schedule}",
         "- evaluation: greedy, the official grounding protocol (box parsed from the continuation of `<box>`, "
@@ -568,6 +629,7 @@ def run_demo(
 
 def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
     from ..train import TrainConfig, train
+    from ..train.trainer import build_dataset
 
     cfg = config
     use_bf16 = resolve_bf16(cfg.bf16, cfg.device, "training")
@@ -578,6 +640,17 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
     model_cfg = demo_model_config()
     model_cfg.visual.image_size = cfg.image_size
     model = QwenVL.from_config(model_cfg, seed=cfg.seed, device=cfg.device)
+    processor = Processor(image_size=cfg.image_size, chat_format="chatml")
+    train_cfg = TrainConfig(
+        data_path=str(data.train_json), dataset_dir=str(data.root), output_dir=str(out / "model"),
+        max_length=512, batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+        min_lr=min(cfg.min_lr, cfg.learning_rate), warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        bf16=str(use_bf16), gradient_checkpointing=False, freeze_vision=False, freeze_resampler=False,
+        freeze_llm=False, freeze_embedding=cfg.freeze_embedding, vision_lr_scale=cfg.vision_lr_scale,
+        resampler_lr_scale=cfg.resampler_lr_scale, seed=cfg.seed, device=cfg.device,
+        logging_steps=max(1, cfg.steps // 10), save_steps=0,
+    )  # fmt: skip
+    dataset = build_dataset(train_cfg, processor, model)
     if cfg.resampler_init_scale > 0:
         local_resampler_init(model, cfg.resampler_init_scale, cfg.resampler_kv_gain)
     if cfg.lm_init_std > 0:
@@ -588,18 +661,11 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         recency_attention_init(model, cfg.recency_init_layers, cfg.recency_init_amplitude,
                                copy_scale=cfg.recency_copy_scale)
     n_params = sum(p.numel() for p in model.parameters())
-    processor = Processor(image_size=cfg.image_size, chat_format="chatml")
+    answer_ids = label_ids(dataset)
+    if cfg.shared_head:
+        shared_head_init(model, answer_ids)
 
     before = _evaluate(model, processor, data.eval_jsonl, data.root, cfg, out / "eval_before.json", "untrained")
-    train_cfg = TrainConfig(
-        data_path=str(data.train_json), dataset_dir=str(data.root), output_dir=str(out / "model"),
-        max_length=512, batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
-        min_lr=min(cfg.min_lr, cfg.learning_rate), warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        bf16=str(use_bf16), gradient_checkpointing=False, freeze_vision=False, freeze_resampler=False,
-        freeze_llm=False, freeze_embedding=cfg.freeze_embedding, vision_lr_scale=cfg.vision_lr_scale,
-        resampler_lr_scale=cfg.resampler_lr_scale, seed=cfg.seed, device=cfg.device,
-        logging_steps=max(1, cfg.steps // 10), save_steps=0,
-    )  # fmt: skip
     curve: list[tuple[int, float]] = [(0, before.score)]
     offset = 0
 
@@ -622,11 +688,16 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         phase_cfg = train_cfg.replace(max_steps=n, freeze_vision=frozen, freeze_resampler=frozen,
                                       learning_rate=lr, min_lr=min(cfg.min_lr, lr),
                                       warmup_steps=min(cfg.warmup_steps, n), seed=cfg.seed + offset)
-        trained = train(phase_cfg, model=model, processor=processor, callback=during)
+        # while the vision tower is frozen its features depend on the image alone: computed once per image
+        cache = cached_image_features(model) if frozen else contextlib.nullcontext()
+        with cache, used_embedding_rows(model, dataset, cfg):
+            trained = train(phase_cfg, model=model, processor=processor, dataset=dataset, callback=during)
         losses += trained.losses
         train_seconds += trained.train_seconds
         tokens_per_second = trained.tokens_per_second
         offset += n
+    if isinstance(model.lm_head, SharedRowsHead):
+        model.lm_head = model.lm_head.to_linear()
     after = _evaluate(model, processor, data.eval_jsonl, data.root, cfg, out / "eval_after.json", "trained")
     curve.append((cfg.steps, after.score))
 

@@ -179,12 +179,12 @@ class QwenVL(nn.Module):
     # ---- helpers ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return next(self.transformer.wte.parameters()).device  # the weight (or a swapped-in embedding's first)
 
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype: that of the embedding (quantized layers may store their weights otherwise)."""
-        return self.transformer.wte.weight.dtype
+        return next(self.transformer.wte.parameters()).dtype
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -295,8 +295,9 @@ class QwenVL(nn.Module):
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled positions; ``lm_head`` runs only on those positions,
-        fused with the loss (:func:`~qwenvl.model.cross_entropy.linear_cross_entropy`), or in chunks for a
-        wrapped ``lm_head``, so [B, T, vocab] logits are never kept for the backward pass."""
+        fused with the loss (:func:`~qwenvl.model.cross_entropy.linear_cross_entropy`), through the head's own
+        ``cross_entropy(hidden, target)`` (summed) when a swapped-in head has one, or in chunks for a wrapped
+        ``lm_head``, so [B, T, vocab] logits are never kept for the backward pass."""
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
         h = hidden[:, :-1][keep]  # (N, hidden)
@@ -307,8 +308,11 @@ class QwenVL(nn.Module):
             # rank must produce gradients for the same parameters, or their reduction would not match
             h, y = hidden.reshape(-1, hidden.shape[-1])[:1], target.new_zeros(1)
         weight = _plain_linear_weight(self.lm_head)
+        head_loss = getattr(self.lm_head, "cross_entropy", None)  # a swapped-in head with a loss of its own
         if weight is not None:
             total = linear_cross_entropy(h, weight, y)
+        elif head_loss is not None:
+            total = head_loss(h, y)
         else:  # a wrapped lm_head (LoRA, packed weights) runs its own forward
             total = hidden.new_zeros((), dtype=torch.float32)
             for s in range(0, h.shape[0], chunk):

@@ -235,7 +235,7 @@ def _train(
     _seed_everything(cfg.seed)
     model = _prepare_model(cfg, model, env.device, env)
     if dataset is None:
-        dataset = _build_dataset(cfg, processor, model)
+        dataset = build_dataset(cfg, processor, model)
     run = _setup_run(cfg, model, dataset, env.device, env)
     _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
     resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
@@ -342,7 +342,8 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _build_dataset(cfg: TrainConfig, processor: Any, model: QwenVL) -> ConversationDataset:
+def build_dataset(cfg: TrainConfig, processor: Any, model: QwenVL) -> ConversationDataset:
+    """The dataset :func:`train` reads when it is given none: ``cfg.data_path`` tokenized as ``cfg`` says."""
     if not cfg.data_path:
         raise TrainConfigError("no training data: set data_path (or pass a dataset)")
     if processor is None:
