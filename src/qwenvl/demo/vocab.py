@@ -52,7 +52,39 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class SharedRowsHead(nn.Module):
+class _WholeWeight(nn.Module):
+    """A layer that stands for one ``weight`` tensor of ``weight_shape`` (``full_weight()``) and keeps it in
+    parts: its state dict holds the whole ``weight``, and loading one goes through ``_load_weight``."""
+
+    weight_shape: tuple[int, int]
+
+    def full_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _load_weight(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.full_weight()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        weight = state_dict[key]
+        if tuple(weight.shape) != self.weight_shape:
+            error_msgs.append(f"size mismatch for {key}: {tuple(weight.shape)} in the checkpoint, "
+                              f"{self.weight_shape} here")
+            return
+        try:
+            self._load_weight(weight)
+        except ValueError as e:
+            error_msgs.append(f"{key}: {e}")
+
+
+class SharedRowsHead(_WholeWeight):
     """A bias-free ``vocab x hidden`` linear layer whose rows outside ``ids`` are all one (shared) row.
 
     ``rows`` (k, hidden) are the rows of ``ids`` (sorted, distinct), ``shared`` (1, hidden) every other row.
@@ -73,6 +105,7 @@ class SharedRowsHead(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         self.in_features = rows.shape[1]
         self.out_features = vocab_size
+        self.weight_shape = (vocab_size, rows.shape[1])
         self.num_shared = vocab_size - ids.numel()
 
     @classmethod
@@ -120,25 +153,8 @@ class SharedRowsHead(nn.Module):
         logits = torch.cat([own.to(acc), shared.to(acc) + math.log(self.num_shared)], dim=-1)
         return F.cross_entropy(logits, pos, reduction="sum")
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.full_weight()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        key = prefix + "weight"
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        weight = state_dict[key]
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"size mismatch for {key}: {tuple(weight.shape)} in the checkpoint, "
-                              f"{(self.out_features, self.in_features)} here")
-            return
-        try:
-            rows, shared = _split(weight.to(self.rows.device), self.ids)
-        except ValueError as e:
-            error_msgs.append(f"{key}: {e}")
-            return
+    def _load_weight(self, weight: torch.Tensor) -> None:
+        rows, shared = _split(weight.to(self.rows.device), self.ids)
         with torch.no_grad():
             self.rows.copy_(rows)
             self.shared.copy_(shared)
@@ -159,7 +175,7 @@ def _split(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch
     return weight[ids], rest[:1]
 
 
-class UsedRowsEmbedding(nn.Module):
+class UsedRowsEmbedding(_WholeWeight):
     """An ``nn.Embedding`` (``vocab x hidden``) that trains only the rows of ``ids`` (sorted, distinct): ``rows``
     (k, hidden) are theirs, every other row is its value in ``initial`` times ``decay`` (see the module
     docstring)."""
@@ -178,6 +194,7 @@ class UsedRowsEmbedding(nn.Module):
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("ids", ids, persistent=False)
         self.num_embeddings, self.embedding_dim = vocab, initial.shape[1]
+        self.weight_shape = (vocab, initial.shape[1])
         # AdamW steps only parameters that have a gradient: give `decay` a zero one whenever the rows get theirs
         self.rows.register_post_accumulate_grad_hook(self._zero_decay_grad)
 
@@ -214,20 +231,7 @@ class UsedRowsEmbedding(nn.Module):
         layer.weight.requires_grad_(self.rows.requires_grad)
         return layer
 
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.full_weight()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        key = prefix + "weight"
-        if key not in state_dict:
-            missing_keys.append(key)
-            return
-        weight = state_dict[key]
-        if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
-            error_msgs.append(f"size mismatch for {key}: {tuple(weight.shape)} in the checkpoint, "
-                              f"{(self.num_embeddings, self.embedding_dim)} here")
-            return
+    def _load_weight(self, weight: torch.Tensor) -> None:
         with torch.no_grad():
             self.initial.copy_(weight)
             self.rows.copy_(weight[self.ids])
