@@ -245,7 +245,7 @@ def _make_split(
     for i in range(count):
         image, specs = render_sample(rng, cfg)
         rel = f"images/{split}/{i:06d}.png"
-        image.save(root / rel, format="PNG")
+        image.save(root / rel, format="PNG", compress_level=1)  # lossless either way; 1 writes ~35% faster
         samples.append(SyntheticSample(rel, cfg.image_size, cfg.image_size, tuple(specs), rng.randrange(len(specs))))
     return samples
 
