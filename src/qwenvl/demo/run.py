@@ -669,9 +669,8 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         recency_attention_init(model, cfg.recency_init_layers, cfg.recency_init_amplitude,
                                copy_scale=cfg.recency_copy_scale)
     n_params = sum(p.numel() for p in model.parameters())
-    answer_ids = label_ids(dataset)
     if cfg.shared_head:
-        shared_head_init(model, answer_ids)
+        shared_head_init(model, label_ids(dataset))
 
     before = _evaluate(model, processor, data.eval_jsonl, data.root, cfg, out / "eval_before.json", "untrained")
     curve: list[tuple[int, float]] = [(0, before.score)]
