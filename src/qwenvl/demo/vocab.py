@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -243,10 +244,7 @@ class UsedRowsEmbedding(_WholeWeight):
 
 def input_ids(dataset: Any) -> list[int]:
     """The distinct input token ids of a :class:`~qwenvl.data.dataset.ConversationDataset`, sorted."""
-    seen: set[int] = set()
-    for s in dataset.samples:
-        seen.update(int(t) for t in set(s.input_ids.tolist()))
-    return sorted(seen)
+    return _distinct(s.input_ids for s in dataset.samples)
 
 
 def label_ids(dataset: Any) -> list[int]:
@@ -254,8 +252,9 @@ def label_ids(dataset: Any) -> list[int]:
     position, as the loss shifts them), sorted."""
     from ..data.dataset import IGNORE_INDEX
 
-    seen: set[int] = set()
-    for s in dataset.samples:
-        targets = s.labels[1:]
-        seen.update(int(t) for t in set(targets[targets != IGNORE_INDEX].tolist()))
-    return sorted(seen)
+    targets = (s.labels[1:] for s in dataset.samples)
+    return [t for t in _distinct(targets) if t != IGNORE_INDEX]
+
+
+def _distinct(arrays: Any) -> list[int]:
+    return np.unique(np.concatenate([np.asarray(a) for a in arrays])).tolist()
