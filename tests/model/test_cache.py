@@ -75,6 +75,38 @@ def test_left_padding_matches_unpadded():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
+def test_right_padding_matches_unpadded_and_needs_no_mask():
+    """Training batches pad on the right: causal attention alone is exact for the real tokens (logits and the
+    gradients of a loss over them), so no mask is built and the kernel may skip the upper triangle."""
+    from qwenvl.model.qwenvl import attention_bias
+
+    model = short_context_model(64)
+    ids = torch.randint(0, 5000, (2, 40))
+    lens = [40, 33]
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 33:] = 0
+    assert attention_bias(mask, 40, 0, ids.device) is None
+    left = mask.flip(1)
+    assert attention_bias(left, 40, 0, ids.device) is not None  # left padding still needs the mask
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return sum(logits[i, : lens[i]].square().mean() for i in range(2))
+
+    model.zero_grad()
+    loss(model(ids, attention_mask=mask).logits).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref_logits = [model(ids[i : i + 1, : lens[i]]).logits[0] for i in range(2)]
+    sum(x.square().mean() for x in ref_logits).backward()
+    with torch.no_grad():
+        padded_logits = model(ids, attention_mask=mask).logits
+    for i in range(2):
+        torch.testing.assert_close(padded_logits[i, : lens[i]], ref_logits[i].detach(), atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
 def _span() -> list[int]:
     return [IMG_START_ID] + [ord("a")] + [IMG_PAD_ID] * 255 + [IMG_END_ID]
 

@@ -82,6 +82,10 @@ def attention_bias(
     """Boolean (B|1, 1, t, past+t) mask, or None when plain causal attention (or none) is exact.
 
     Padded query rows may attend to themselves so that no row is fully masked (SDPA would give NaN).
+    Padding only on the right (training batches) with no cache needs no mask: a real token at position i
+    attends to positions <= i, all real, so causal attention gives every real position exactly the masked
+    result (and lets the attention kernel skip the blocks above the diagonal); only the padded positions'
+    outputs differ, and nothing reads them (their labels are ignored; causally they reach no real token).
     """
     total = past + t
     if t == 1:  # decode: no data-dependent branch when compiled, so the step captures one graph
@@ -89,6 +93,8 @@ def attention_bias(
             return None
         return attention_mask.bool()[:, None, None, :total]
     padded = attention_mask is not None and not bool(attention_mask.all())
+    if past == 0 and padded and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        padded = False  # right padding only: see above
     if not padded and (past == 0 or t == 1):
         return None
     q_pos = torch.arange(past, total, device=device)[:, None]
