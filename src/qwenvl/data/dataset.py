@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,10 @@ def answer_labels(ids: np.ndarray, labels: np.ndarray) -> int:
     return int((learned & ~frame).sum())
 
 
+def _record_id(record: Any) -> Any:
+    return record.get("id") if isinstance(record, dict) else None
+
+
 class ConversationDataset(Dataset):
     """Tokenized conversations with their images; ``dataset[i]`` -> one sample (see :meth:`__getitem__`).
 
@@ -168,17 +173,26 @@ class ConversationDataset(Dataset):
         self._policy = processor.media_policy(self.dataset_dir)
         self._checked: dict[str, str | None] = {}  # image path -> why it cannot be used (None: it decodes)
 
+        # tokenize every record, then decode every image once (threads: Pillow decodes without the GIL), then
+        # check and truncate each record
+        tokenized: list[tuple[int, Any, tuple[np.ndarray, np.ndarray, list[str]]]] = []
         for index, record in enumerate(records):
-            rid = record.get("id") if isinstance(record, dict) else None
             try:
-                self.samples.append(self._encode(record))
+                tokenized.append((index, record, self._tokenize(record)))
             except ValueError as e:
-                self.skipped.append(BadRecord(index, rid, str(e)))
+                self.skipped.append(BadRecord(index, _record_id(record), str(e)))
+        self._check_images(dict.fromkeys(p for _, _, (_, _, paths) in tokenized for p in paths))
+        for index, record, (ids, labels, paths) in tokenized:
+            try:
+                self.samples.append(self._finish(record, ids, labels, paths))
+            except ValueError as e:
+                self.skipped.append(BadRecord(index, _record_id(record), str(e)))
+        self.skipped.sort(key=lambda bad: bad.index)
         self._report(len(records), skip_bad)
 
     # ---- building --------------------------------------------------------------------------------------
-    def _encode(self, record: Any) -> _Encoded:
-        """Check, tokenize and truncate one record; raise ValueError with the reason."""
+    def _tokenize(self, record: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``input_ids``, ``labels`` and image paths of one record; raise ValueError with the reason."""
         if not isinstance(record, dict):
             raise ValueError(f"expected an object, got {type(record).__name__}")
         turns = record.get("conversations")
@@ -189,7 +203,10 @@ class ConversationDataset(Dataset):
         enc = self.processor.encode_conversation(turns, system_message=self.system_message)
         ids = np.asarray(enc["input_ids"], dtype=np.int32)
         labels = np.asarray(enc["labels"], dtype=np.int32)
-        paths = list(enc["image_paths"])
+        return ids, labels, list(enc["image_paths"])
+
+    def _finish(self, record: dict[str, Any], ids: np.ndarray, labels: np.ndarray, paths: list[str]) -> _Encoded:
+        """Check the images and the labels of a tokenized record and truncate it; raise ValueError with the reason."""
         if self.max_images is not None and len(paths) > self.max_images:
             raise ValueError(f"{len(paths)} images, more than max_images={self.max_images}")
         for p in paths:
@@ -211,14 +228,29 @@ class ConversationDataset(Dataset):
         self.truncation.add(removed)
         return _Encoded(record.get("id"), ids, labels, paths)
 
-    def _check_image(self, path: str) -> None:
-        """Decode ``path`` once per dataset (a path shared by many records is checked once)."""
-        if path not in self._checked:
+    def _check_images(self, paths: Iterable[str]) -> None:
+        """Decode every path not decoded yet, a few at a time (2 cores: 2.7 s instead of 4.5 s for 6,080 small
+        PNGs), and remember which ones cannot be used."""
+
+        def check(path: str) -> str | None:
             try:
                 check_image(path, policy=self._policy)
-                self._checked[path] = None
+                return None
             except ValueError as e:  # ImageError, MediaAccessError
-                self._checked[path] = str(e)
+                return str(e)
+
+        todo = [p for p in paths if p not in self._checked]
+        if len(todo) < 2:
+            self._checked.update((p, check(p)) for p in todo)
+            return
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            self._checked.update(zip(todo, pool.map(check, todo)))
+
+    def _check_image(self, path: str) -> None:
+        """Raise ValueError if ``path`` cannot be used (decoded once per dataset: a path shared by many records is
+        checked once)."""
+        if path not in self._checked:
+            self._check_images([path])
         problem = self._checked[path]
         if problem is not None:
             raise ValueError(problem)
