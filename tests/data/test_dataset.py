@@ -194,3 +194,16 @@ def test_undecodable_images_are_bad_records_before_training(processor, data_dir:
     assert "record 2 (id='text'): cannot decode image" in str(err.value)
     ds = ConversationDataset(path, processor, skip_bad=True)
     assert [s.id for s in ds.samples] == ["cat"] and [b.index for b in ds.skipped] == [1, 2, 3]
+
+
+def test_bad_records_are_listed_in_file_order_whatever_check_finds_them(processor, data_dir: Path) -> None:
+    # records are tokenized first and their images decoded afterwards (by threads): a malformed record found
+    # while tokenizing and an undecodable image found later are still reported in the order of the file
+    (data_dir / "img" / "text.png").write_text("not an image")
+    recs = [RECORDS[0],
+            record("text", turn("user", "<img>img/text.png</img>What?"), turn("assistant", "Text.")),
+            "not a record",
+            record("empty")]
+    ds = ConversationDataset(recs, processor, dataset_dir=data_dir, skip_bad=True)
+    assert [b.index for b in ds.skipped] == [1, 2, 3]
+    assert "cannot decode image" in ds.skipped[0].reason and "expected an object" in ds.skipped[1].reason
