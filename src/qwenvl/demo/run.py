@@ -57,8 +57,8 @@ speed). So seed 0 is the lucky one, and every seed so far clears 50%. 128 held-o
 noise.
 
 Float32 (CPUs without native bf16), on 2 cores of an AVX2-only AMD EPYC (Zen 3; the project's machine type):
-``time qwenvl demo`` takes 8 min 50 s to 9 min 16 s as the shared host's speed varies (training 478-505 s, ~0.6
-s a step) and reaches 52.3% at seed 0 (curve 0 /
+``time qwenvl demo`` takes 8 min 50 s to 9 min 40 s as the shared host's speed varies (training 478-531 s, ~0.6-0.7
+s a step) and reaches 52.3% at seed 0 (curve, evaluated every 190 steps then: 0 /
 14.8 / 44.5 / 42.2 / 52.3%, lands 67 / 39 / 21); seeds 1 and 2 (side by side, one thread each) 37.5% (0 /
 28.1 / 37.5 / 43.8 / 37.5%, lands 48 / 57 / 23: no choice learned) and 48.4% (0 / 17.2 / 38.3 / 42.2 / 48.4%,
 lands 62 / 46 / 20); the trained seed-0 model scores 52.3% with ``--quantize int8`` too (125 of 128 answers
