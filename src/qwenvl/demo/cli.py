@@ -1,6 +1,6 @@
 """``qwenvl demo``: train a tiny Qwen-VL from scratch on synthetic shapes and report what it learned.
 
-    qwenvl demo                      # the full run: ~9 minutes in fp32 on 2 AVX2 cores
+    qwenvl demo                      # the full run: 9-10 minutes in fp32 on 2 AVX2 cores
     qwenvl demo --steps 20 --output_dir /tmp/demo   # a quick smoke run
 """
 

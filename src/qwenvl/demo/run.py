@@ -57,8 +57,8 @@ speed). So seed 0 is the lucky one, and every seed so far clears 50%. 128 held-o
 noise.
 
 Float32 (CPUs without native bf16), on 2 cores of an AVX2-only AMD EPYC (Zen 3; the project's machine type):
-``time qwenvl demo`` takes 8 min 50 s to 9 min 40 s as the shared host's speed varies (training 478-531 s, ~0.6-0.7
-s a step) and reaches 52.3% at seed 0 (curve, evaluated every 190 steps then: 0 /
+``time qwenvl demo`` takes 8 min 50 s to 10 min 17 s as the shared host's speed varies (training 478-575 s,
+~0.6-0.75 s a step) and reaches 52.3% at seed 0 (curve, evaluated every 190 steps then: 0 /
 14.8 / 44.5 / 42.2 / 52.3%, lands 67 / 39 / 21); seeds 1 and 2 (side by side, one thread each) 37.5% (0 /
 28.1 / 37.5 / 43.8 / 37.5%, lands 48 / 57 / 23: no choice learned) and 48.4% (0 / 17.2 / 38.3 / 42.2 / 48.4%,
 lands 62 / 46 / 20); the trained seed-0 model scores 52.3% with ``--quantize int8`` too (125 of 128 answers
@@ -367,7 +367,7 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned for ~8-11 minutes on 2 CPU cores with native bf16;
-    in float32 on 2 AVX2 cores of an AMD EPYC the run takes ~9 minutes (52.3% at seed 0; the numbers, and why a
+    in float32 on 2 AVX2 cores of an AMD EPYC the run takes 9-10 minutes (52.3% at seed 0; the numbers, and why a
     step costs what it does: module docstring).
 
     Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
