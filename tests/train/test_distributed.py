@@ -76,9 +76,25 @@ def _command(setup: dict[str, Path], out: Path, launch: list[str], **over: Any) 
     return args
 
 
+_SCRATCH: dict[str, Path] = {}  # the launched processes' temporary folder (see scratch_tmpdir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scratch_tmpdir(module_tmp_path: Path) -> Path:
+    """torchrun's agents and ranks write ``torchelastic_*`` and ``pymp-*`` folders to the temporary folder, and
+    the ranks these tests kill on purpose never remove theirs: they go under this module's folder, which is
+    removed when the module is done, instead of piling up in /tmp."""
+    _SCRATCH["tmp"] = module_tmp_path / "scratch"
+    _SCRATCH["tmp"].mkdir()
+    return _SCRATCH["tmp"]
+
+
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if "tmp" in _SCRATCH:
+        env["TMPDIR"] = str(_SCRATCH["tmp"])
+    return env
 
 
 def _free_port() -> int:
