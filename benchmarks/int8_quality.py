@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from qwenvl import Processor, QwenVL
+from qwenvl.grounding import format_box, normalize_box
 from qwenvl.hardware import cpu_summary
 from qwenvl.quantize import optimize_for_inference
 
@@ -86,11 +87,10 @@ def demo(folder: Path, positions: int = 200) -> list[str]:
     for it in items:
         if n >= positions:
             break
-        x1, y1, x2, y2 = it["bbox"]
-        w, h = it["width"], it["height"]
-        answer = (f"({int(x1 / w * 1000)},{int(y1 / h * 1000)}),({int(x2 / w * 1000)},{int(y2 / h * 1000)})"
-                  "</box><|im_end|>")
-        prompt = template.replace("{expression}", it["sent"]).replace("{image}", it["image"])
+        # the answer as the demo trained it (the prompt already ends with <box>)
+        box = format_box(normalize_box(it["bbox"], it["width"], it["height"])).removeprefix("<box>")
+        answer = box + "<|im_end|>"
+        prompt = template.format(image=it["image"], expression=it["sent"])  # as the grounding eval fills it
         start = processor(prompt)["input_ids"].shape[1] - 1  # the first position that predicts an answer token
         inputs = processor(prompt + answer)
         for k, m in models.items():
