@@ -126,6 +126,25 @@ def test_products_transposed_equal_plain(rows, transposed) -> None:
         torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [48, 20, 6, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_reduction_reads_blocks_of_rows_and_sums_as_unsplit(n, dtype) -> None:
+    """A compiled one-row product reads the weight as the largest of 8/4/2/1 equal row blocks that divides its
+    rows, and every output is the same sum as the unsplit reduction's, bit for bit (eager and compiled)."""
+    import qwenvl.quantize as qz
+
+    assert qz._row_streams(n) == {48: 8, 20: 4, 6: 2, 7: 1}[n]
+    g = torch.Generator().manual_seed(n)
+    w, x = torch.randn(n, 40, generator=g).to(dtype), torch.randn(1, 1, 40, generator=g)
+    unsplit = (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n)
+    assert torch.equal(qz._row_product(x, w), unsplit)
+    options = {"realize_acc_reads_threshold": 1}  # as the compiled decode step (generation.CPU_COMPILE_OPTIONS)
+    compiled = torch.compile(qz._row_product, fullgraph=True, options=options)
+    plain = torch.compile(lambda x, w: (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n), fullgraph=True,
+                          options=options)
+    assert torch.equal(compiled(x, w), plain(x, w))
+
+
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:
     model = _golden(golden_dir, "int8")
     n_blocks = len(model.transformer.h)
