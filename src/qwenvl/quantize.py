@@ -32,7 +32,7 @@ Why the reduction reads the rows in 8 blocks: written over the whole weight, ind
 time into one vector accumulator, a chain of dependent additions that lets too few reads be in flight (the
 mid ``lm_head`` read at 13-17 GB/s where a plain sum reads 17-20). Split into 8 equal blocks of rows
 (``weight.chunk(8)``, one reduction each, concatenated), the loop walks the 8 blocks side by side with an
-accumulator each: 18-28 GB/s in the same minutes; the 40 block matrices of the mid model 21-24 vs 18-24 GB/s.
+accumulator each: 18-27 GB/s in the same minutes; the 40 block matrices of the mid model 21-24 vs 18-24 GB/s.
 Every output is the same sum in the same order, so results are bit-identical. Mid model, batch-1 compiled
 decode, fp32, AMD EPYC (2 threads, 4 alternating rounds in one process): 61.5 vs 68.2 ms a token (medians),
 1.10 vs 1.33x the weight-read floor, the same tokens.
