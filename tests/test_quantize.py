@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qwenvl import QwenVL
-from qwenvl.generation import SamplingParams, compiled_decode_step, stream_tokens
+from qwenvl.generation import CPU_COMPILE_OPTIONS, SamplingParams, compiled_decode_step, stream_tokens
 from qwenvl.quantize import Int8Linear, RowLinear, optimize_for_inference, quantize_weight
 
 
@@ -138,10 +138,9 @@ def test_one_row_reduction_reads_blocks_of_rows_and_sums_as_unsplit(n, dtype) ->
     w, x = torch.randn(n, 40, generator=g).to(dtype), torch.randn(1, 1, 40, generator=g)
     unsplit = (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n)
     assert torch.equal(qz._row_product(x, w), unsplit)
-    options = {"realize_acc_reads_threshold": 1}  # as the compiled decode step (generation.CPU_COMPILE_OPTIONS)
-    compiled = torch.compile(qz._row_product, fullgraph=True, options=options)
+    compiled = torch.compile(qz._row_product, fullgraph=True, options=CPU_COMPILE_OPTIONS)  # as the decode step
     plain = torch.compile(lambda x, w: (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n), fullgraph=True,
-                          options=options)
+                          options=CPU_COMPILE_OPTIONS)
     assert torch.equal(compiled(x, w), plain(x, w))
 
 

@@ -191,8 +191,7 @@ def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     loop that walks every block at once, with an accumulator each. Every output is summed exactly as without
     the split (bit-identical results)."""
     x1 = x.reshape(1, -1).float()
-    blocks = weight.chunk(_row_streams(weight.shape[0]))
-    y = torch.cat([(w.float() * x1).sum(-1) for w in blocks]) if len(blocks) > 1 else (weight.float() * x1).sum(-1)
+    y = torch.cat([(w.float() * x1).sum(-1) for w in weight.chunk(_row_streams(weight.shape[0]))])
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
