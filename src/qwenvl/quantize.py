@@ -179,8 +179,12 @@ _ROW_STREAMS = 8  # a one-row reduction reads the weight as this many equal bloc
 
 
 def _row_streams(n: int) -> int:
-    """How many equal blocks of an ``n``-row weight a one-row reduction reads side by side (module doc)."""
-    return next(g for g in (_ROW_STREAMS, 4, 2, 1) if n % g == 0)
+    """How many equal blocks of an ``n``-row weight a one-row reduction reads side by side (module doc): the
+    largest of ``_ROW_STREAMS``, its half, its quarter, ... that divides ``n``."""
+    g = _ROW_STREAMS
+    while n % g:
+        g //= 2
+    return g
 
 
 def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
