@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from qwenvl import QwenVL
-from qwenvl.generation import CPU_COMPILE_OPTIONS, SamplingParams, compiled_decode_step, stream_tokens
-from qwenvl.quantize import Int8Linear, RowLinear, optimize_for_inference, quantize_weight
+from qwenvl.generation import SamplingParams, compiled_decode_step, stream_tokens
+from qwenvl.hardware import fp32_product_path
+from qwenvl.quantize import (
+    Int8Linear,
+    RowLinear,
+    compile_options,
+    optimize_for_inference,
+    quantize_weight,
+    use_row_products,
+)
 
 
 def _golden(golden_dir, quantize=None) -> QwenVL:
@@ -92,6 +100,9 @@ def test_fp32_products_follow_the_machine(path, monkeypatch) -> None:
     assert (layer.few_rows, layer.fp32_row_reduction) == {"avx512": ("slices", False), "amd": ("transposed", True),
                                                           "avx2": ("plain", False)}[path]
     assert layer.weight.is_contiguous()
+    # compiled steps keep inductor's option that stores multi-read element-wise results, except where 2-8-row
+    # products are reductions (it would store those products in full)
+    assert compile_options(model) == (None if path == "amd" else {"realize_acc_reads_threshold": 1})
     fresh = QwenVL.from_config("tiny", seed=0)
     for name, p in fresh.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], p, rtol=0, atol=0)
@@ -107,6 +118,7 @@ def test_fp32_products_follow_the_machine(path, monkeypatch) -> None:
     q = QwenVL.from_config("tiny", seed=0)
     optimize_for_inference(q, "int8")
     assert q.lm_head.transposed_slices is (path == "amd")
+    assert compile_options(q) == {"realize_acc_reads_threshold": 1}  # int8: no fp32 reductions of 2-8 rows
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 32, 33])
@@ -138,10 +150,37 @@ def test_one_row_reduction_reads_blocks_of_rows_and_sums_as_unsplit(n, dtype) ->
     w, x = torch.randn(n, 40, generator=g).to(dtype), torch.randn(1, 1, 40, generator=g)
     unsplit = (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n)
     assert torch.equal(qz._row_product(x, w), unsplit)
-    compiled = torch.compile(qz._row_product, fullgraph=True, options=CPU_COMPILE_OPTIONS)  # as the decode step
-    plain = torch.compile(lambda x, w: (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n), fullgraph=True,
-                          options=CPU_COMPILE_OPTIONS)
+    compiled = torch.compile(qz._row_product, fullgraph=True)
+    plain = torch.compile(lambda x, w: (w.float() * x.reshape(1, -1)).sum(-1).reshape(1, 1, n), fullgraph=True)
     assert torch.equal(compiled(x, w), plain(x, w))
+
+
+def test_few_row_reductions_pad_to_buckets_and_equal_the_product() -> None:
+    """Compiled products of 2-8 rows are one reduction per row over rows padded to 2, 4 or 8: the results equal
+    ``F.linear``'s (fp32 and bf16 weights), and row counts in one bucket share a graph (3 graphs for 2-8 rows)."""
+    import qwenvl.quantize as qz
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts compilations, runs the captured graph as it is
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(qz._row_product, fullgraph=True, dynamic=True, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(24, 40, generator=g).to(dtype)
+        for rows in range(2, 9):
+            x = torch.randn(rows, 1, 40, generator=g)
+            want = nn.functional.linear(x, w.float())
+            torch.testing.assert_close(compiled(x, w), want, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 6  # buckets 2, 4 and 8, for each weight dtype
+    torch._dynamo.reset()
+    inductor = torch.compile(qz._row_product, fullgraph=True, dynamic=True)
+    for rows in (3, 8):
+        x = torch.randn(rows, 40, generator=g)
+        torch.testing.assert_close(inductor(x, w), nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-5)
 
 
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:
@@ -189,15 +228,24 @@ def test_int8_logits_stay_close_to_fp32(golden_dir, golden_expected) -> None:
     assert worst < float(a.std()), worst
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decoding_equals_eager(golden_dir, quantize) -> None:
+@pytest.mark.parametrize(("quantize", "path", "batch"), [(None, None, 2), ("int8", None, 2), (None, "amd", 3),
+                                                           (None, "amd", 5), (None, "avx512", 2)])
+def test_compiled_decoding_equals_eager(golden_dir, quantize, path, batch) -> None:
+    """Compiled greedy decoding (with the model's compile options) gives eager decoding's tokens, for one
+    sequence and a left-padded batch; with the layers set up for another machine's path on any machine ("amd":
+    batches of 2-8 rows as padded reductions, no options; "avx512": sliced products, the option)."""
     model = _golden(golden_dir, quantize)
-    ids = torch.randint(1000, 50000, (2, 9), generator=torch.Generator().manual_seed(3))
+    if path is not None:
+        use_row_products(model, path)
+    assert (compile_options(model) is None) is (quantize is None and (path or fp32_product_path()) == "amd")
+    step = compiled_decode_step("cpu", compile_options(model))
+    torch._dynamo.reset()
+    ids = torch.randint(1000, 50000, (batch, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     params = SamplingParams(max_new_tokens=6, min_new_tokens=6)
     eager = torch.stack(list(stream_tokens(model, ids, mask, params=params)), 1)
-    one = torch.stack(list(stream_tokens(model, ids[:1], params=params, step_fn=compiled_decode_step())), 1)
+    one = torch.stack(list(stream_tokens(model, ids[:1], params=params, step_fn=step)), 1)
     assert torch.equal(eager[:1], one)
-    batch = torch.stack(list(stream_tokens(model, ids, mask, params=params, step_fn=compiled_decode_step())), 1)
+    batch = torch.stack(list(stream_tokens(model, ids, mask, params=params, step_fn=step)), 1)
     assert torch.equal(eager, batch)

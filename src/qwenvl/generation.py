@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from .quantize import compile_options
 
 if TYPE_CHECKING:
     from .model import QwenVL
@@ -94,30 +95,19 @@ def decode_step(model: QwenVL, token: torch.Tensor, attention_mask: torch.Tensor
     return model(token, attention_mask=attention_mask, past_key_values=cache).logits[:, -1].float()
 
 
-_compiled_steps: dict[str, Callable] = {}
-
-# On the CPU, inductor would inline the element-wise work that produces a product's input (the RMSNorm, say)
-# into the product's reduction loop, recomputing it for every weight row: with one row per step that makes
-# the products compute-bound (bf16 mid model: 19 ms per step against a 12 ms weight-read floor). Storing any
-# element-wise result that reads more than one buffer keeps the loops over the weights to a load and an FMA
-# (12.8 ms). The buffers it stores are one token's activations, a few KB. The server's compiled step uses the
-# same options: without them inductor fused each layer's one-query attention products over the slots with
-# the rotary embedding and the mask into one kernel (its name lists bmm, cos, sin, roll, masked_fill) that
-# took most of the step (mid model, 32 slots, window 384, AVX2: 438 ms per step; 175 ms with the options,
-# 185 ms eager).
-CPU_COMPILE_OPTIONS = {"realize_acc_reads_threshold": 1}
+_compiled_steps: dict[tuple, Callable] = {}
 
 
-def compiled_decode_step(device_type: str = "cpu") -> Callable:
-    """``decode_step`` under ``torch.compile`` (one graph; sequence length is dynamic), built once per device
-    type. On the CPU, one-row products of bf16/fp16 and int8 weights are reductions inside the graph (see
-    ``qwenvl.quantize``). The first call compiles, which takes long enough to look like a hang: it is logged
-    when it starts and ends."""
-    if device_type not in _compiled_steps:
-        options = CPU_COMPILE_OPTIONS if device_type == "cpu" else None
+def compiled_decode_step(device_type: str = "cpu", options: dict[str, object] | None = None) -> Callable:
+    """``decode_step`` under ``torch.compile`` (sequence length and batch size are dynamic), built once per device
+    type and inductor ``options`` (:func:`qwenvl.quantize.compile_options` gives a model's). On the CPU, products
+    of one row (and on AMD CPUs of up to 8 fp32 rows) are reductions inside the graph (see ``qwenvl.quantize``).
+    The first call compiles, which takes long enough to look like a hang: it is logged when it starts and ends."""
+    key = (device_type, tuple(sorted((options or {}).items())))
+    if key not in _compiled_steps:
         compiled = torch.compile(decode_step, dynamic=True, fullgraph=True, options=options)
-        _compiled_steps[device_type] = _log_first_call(compiled, f"the decode step ({device_type})")
-    return _compiled_steps[device_type]
+        _compiled_steps[key] = _log_first_call(compiled, f"the decode step ({device_type})")
+    return _compiled_steps[key]
 
 
 def _log_first_call(fn: Callable, what: str) -> Callable:
@@ -178,7 +168,7 @@ def stream_tokens(
     cache = model.new_cache(b, t + max_new)
     logits = model(input_ids, attention_mask=attention_mask, images=images, past_key_values=cache,
                    logits_to_keep=1).logits[:, -1]
-    step_fn = step_fn or (compiled_decode_step(device.type) if compile else decode_step)
+    step_fn = step_fn or (compiled_decode_step(device.type, compile_options(model)) if compile else decode_step)
     stop = torch.tensor(list(p.stop_token_ids), device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     history = input_ids if p.repetition_penalty != 1.0 else None

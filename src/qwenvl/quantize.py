@@ -12,8 +12,8 @@ The model's code never changes: it calls ``self.c_attn(x)`` and friends. :func:`
   whose fp32 products take the path that measured fastest on the machine's kind of CPU
   (:func:`qwenvl.hardware.fp32_product_path`): where MKL runs AVX-512 code, few-row products (batched
   decoding, 2-12 rows) run over slices of the weight's rows; on AMD CPUs without it (the project's own machine
-  type), products of 2-32 rows run transposed and compiled one-row products are reductions too; elsewhere
-  ``F.linear``.
+  type), compiled products of 1-8 rows are reductions too and other products of 2-32 rows run transposed;
+  elsewhere ``F.linear``.
 
 Why the reductions: batch-1 decoding reads every weight once per token, so its speed is the speed of
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
@@ -28,6 +28,18 @@ streamed the mid model's ``lm_head`` (151,936 x 1,024) at 10.5 GB/s and the redu
 sum: 18-21 GB/s in the same minutes). For bf16 weights the
 reduction was faster (40-47 ms vs 48-56 ms with AMX).
 
+Why the input is stored first (:func:`_stored`, an identity operator inductor cannot look into): inductor would
+inline the element-wise work that produces a product's input (the RMSNorm, say) into the reduction loop and
+recompute it for every weight row, which makes the loop compute-bound (bf16 mid model: 19 ms a step against a
+12 ms weight-read floor; 12.8 ms with the input stored). The stored input is one token's activations per row,
+a few KB. This used to be done only by a compile option of the whole decode step (``realize_acc_reads_threshold=1``,
+which stores every element-wise result that reads more than one buffer); that option also made inductor store
+the 8-row products below in full (an 8-row step of the mid model took 407-430 ms), so where those run (AMD
+CPUs) the decode steps compile with no options (:func:`compile_options`). Elsewhere they keep it: on an
+AVX-512 Xeon it also kept inductor from fusing the server's one-query attention with the rotary embedding into
+one slow kernel (mid model, 32 slots: 438 ms a step with that kernel, 175 ms with the option, 185 ms eager);
+on the AMD EPYC the server's step without it took 149 and 373 ms for 8 and 32 slots (eager 254 and 467 ms).
+
 Why the reduction reads the rows in 8 blocks: written over the whole weight, inductor's loop sums one row at a
 time into one vector accumulator, a chain of dependent additions that lets too few reads be in flight (the
 mid ``lm_head`` read at 13-17 GB/s where a plain sum reads 17-20). Split into 8 equal blocks of rows
@@ -36,6 +48,16 @@ accumulator each: 18-27 GB/s in the same minutes; the 40 block matrices of the m
 Every output is the same sum in the same order, so results are bit-identical. Mid model, batch-1 compiled
 decode, fp32, AMD EPYC (2 threads, 4 alternating rounds in one process): 61.5 vs 68.2 ms a token (medians),
 1.10 vs 1.33x the weight-read floor, the same tokens.
+
+Why compiled products of 2-8 fp32 rows are reductions on AMD CPUs (batched decoding): one reduction per row
+over the same weight, which inductor fuses into one loop that loads each weight once and multiplies it into an
+accumulator per row. The mid ``lm_head`` with 8 rows took 55-72 ms this way, against 78-98 ms for MKL's
+transposed product (below) and 85-132 ms for ``F.linear``. One row reads it in 29-40 ms: the 8-row loop (per
+weight vector one weight load, 8 input loads, 8 multiplies and 8 additions) ran at 30-52 GFLOP/s, with the
+weight in cache too, so it is bound by its instructions rather than by memory. The rows are zero-padded to 2, 4 or 8, so a compiled step holds three graphs for 2-8 rows (each
+compilation takes a minute or more) rather than seven. Mid model, ``benchmarks/generate.py`` on an AMD EPYC
+(AVX2, 2 threads, 3 rounds): a compiled batch-8 step 126-168 ms (146 median) against 175-215 ms with the
+transposed products; batch 8 gives 3.4x the tokens/s of compiled batch 1 (2.7x before).
 
 Why int8 rows are stored interleaved: inductor's AVX2 code loads int8 values 8 at a time through a small
 stack buffer, which made the compiled int8 reduction slower than fp32 (the mid model's ``lm_head``, one row:
@@ -97,7 +119,8 @@ from torch import nn
 
 from .hardware import fp32_product_path
 
-__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "optimize_for_inference", "quantize_int8",
+__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "compile_options", "optimize_for_inference",
+           "quantize_int8",
            "use_row_products"]
 
 logger = logging.getLogger(__name__)
@@ -109,11 +132,18 @@ def _one_row(x: torch.Tensor) -> bool:
     return _rows(x) == 1 and torch.compiler.is_compiling()
 
 
+def _few_rows_compiled(x: torch.Tensor) -> bool:
+    return 1 < _rows(x) <= _REDUCTION_ROWS and torch.compiler.is_compiling()
+
+
+_ROW_BUCKETS = (2, 4, 8)  # compiled products of 2-8 rows are computed for this many rows (zero-padded)
+_REDUCTION_ROWS = _ROW_BUCKETS[-1]  # compiled fp32 products of up to this many rows: reductions on AMD CPUs
 _FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of the weight ("slices", module doc)
 _TRANSPOSED_ROWS = 32  # ... or transposed ("transposed"; at 64 rows both ways took the same time)
-# Row counts that take each path of these layers (one row, a few, many): a compiled step is specialized on
-# them, so a server that compiles warms it up once per entry (qwenvl.serve.engine.Engine.warm_up).
-PATH_ROWS = (1, 2, _FEW_ROWS + 1, _TRANSPOSED_ROWS + 1)
+# Row counts that start another path of these layers (one row, a bucket of reductions, a few, many): a compiled
+# step holds one graph for each, so a server that compiles warms it up once per entry (Engine.warm_up).
+PATH_ROWS = tuple(sorted({1, *(b // 2 + 1 for b in _ROW_BUCKETS), _REDUCTION_ROWS + 1, _FEW_ROWS + 1,
+                          _TRANSPOSED_ROWS + 1}))
 # fp32_product_path -> (RowLinear.few_rows, RowLinear.fp32_row_reduction)
 _PATHS = {"avx512": ("slices", False), "amd": ("transposed", True), "avx2": ("plain", False)}
 _SLICE_BYTES = 1 << 20  # bytes of compute-dtype weight per slice for few rows (fits in L2)
@@ -175,6 +205,19 @@ def _sliced(x: torch.Tensor, weight: torch.Tensor, slice_bytes: int, transposed:
     return _sliced_product(x, weight, x.dtype, slice_bytes, transposed)
 
 
+@torch.library.custom_op("qwenvl::stored", mutates_args=())
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """``x``, copied, by an operator inductor cannot look into: the element-wise work that produced ``x`` (an
+    RMSNorm, say) is computed once into a buffer of a few KB instead of being inlined into a reduction loop
+    over the weight, where it would be recomputed for every weight row (module doc)."""
+    return x.clone()
+
+
+@_stored.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 _ROW_STREAMS = 8  # a one-row reduction reads the weight as this many equal blocks of rows at once
 
 
@@ -188,14 +231,28 @@ def _row_streams(n: int) -> int:
 
 
 def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(..., K) with one row in all x (N, K) weight -> (..., N) in fp32: a reduction that reads each weight
-    once in its stored dtype and accumulates in fp32 (as a half-precision matmul with fp32 accumulation).
+    """(..., K) with 1 to ``_REDUCTION_ROWS`` rows in all x (N, K) weight -> (..., N) in fp32: reductions that
+    read each weight once in its stored dtype and accumulate in fp32 (as a half-precision matmul with fp32
+    accumulation). Called under ``torch.compile`` only; the input is stored first (:func:`_stored`).
 
-    The rows are split into equal blocks (:func:`_row_streams`); inductor fuses the blocks' reductions into one
-    loop that walks every block at once, with an accumulator each. Every output is summed exactly as without
-    the split (bit-identical results)."""
-    x1 = x.reshape(1, -1).float()
-    y = torch.cat([(w.float() * x1).sum(-1) for w in weight.chunk(_row_streams(weight.shape[0]))])
+    One row: the weight's rows are split into equal blocks (:func:`_row_streams`); inductor fuses the blocks'
+    reductions into one loop that walks every block at once, with an accumulator each. Every output is summed
+    exactly as without the split (bit-identical results). More rows: one reduction per row, which inductor
+    fuses into one loop that reads each weight once for all of them; the rows are padded with zeros to 2, 4 or
+    8 (:data:`_ROW_BUCKETS`), so that a compiled step holds one graph per bucket instead of one per row count."""
+    x2 = _stored(x.reshape(-1, x.shape[-1])).float()
+    rows = x2.shape[0]
+    if rows == 1:
+        y = torch.cat([(w.float() * x2).sum(-1) for w in weight.chunk(_row_streams(weight.shape[0]))])
+    else:
+        bucket = _ROW_BUCKETS[-1]
+        for size in _ROW_BUCKETS:
+            if rows <= size:
+                bucket = size
+                break
+        x2 = torch.cat([x2, x2.new_zeros(bucket - rows, x2.shape[1])])
+        w = weight.float()
+        y = torch.stack([(w * row).sum(-1) for row in x2.unbind()])[:rows]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -221,7 +278,8 @@ class RowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32 = self.weight.dtype == torch.float32
-        if _one_row(x) and (not fp32 or self.fp32_row_reduction):
+        if _one_row(x) and (not fp32 or self.fp32_row_reduction) or (
+                fp32 and self.fp32_row_reduction and _few_rows_compiled(x)):
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.few_rows != "plain" and fp32 and _rows(x) > 1 and _cpu_no_grad(x, self.weight):
@@ -300,7 +358,7 @@ class Int8Linear(nn.Module):
         # them to int32 in registers (bit-identical). Read as int32 directly, PyTorch's AVX2 vector load copies
         # every 32 bytes through a stack buffer in two halves (a store-forwarding stall): 2.6x slower (module doc).
         w = self.weight.view(torch.float32).view(torch.int32)
-        xs = x.reshape(4, -1).float()
+        xs = _stored(x).reshape(4, -1).float()
         y = ((w << 24 >> 24).float() * xs[0] + (w << 16 >> 24).float() * xs[1]
              + (w << 8 >> 24).float() * xs[2] + (w >> 24).float() * xs[3]).sum(-1)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -331,11 +389,12 @@ def quantize_weight(w: torch.Tensor, rows_per_chunk: int = _ROWS_PER_BLOCK) -> t
 
 
 def _lm_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) for every plain ``nn.Linear`` of the language model (blocks + lm_head)."""
+    """(parent, attribute, layer) for every plain ``nn.Linear`` (or :class:`RowLinear`) of the language model
+    (blocks + lm_head)."""
     found = []
     for parent in [*model.transformer.h.modules(), model]:
         for name, child in parent.named_children():
-            if type(child) is nn.Linear and (parent is not model or name == "lm_head"):
+            if type(child) in (nn.Linear, RowLinear) and (parent is not model or name == "lm_head"):
                 found.append((parent, name, child))
     return found
 
@@ -367,6 +426,21 @@ def use_row_products(model: nn.Module, path: str | None = None) -> int:
         layer.__class__ = RowLinear
         layer.few_rows, layer.fp32_row_reduction = few_rows, reduction
     return len(layers)
+
+
+_STORE_MULTI_READS = {"realize_acc_reads_threshold": 1}
+
+
+def compile_options(model: nn.Module) -> dict[str, object] | None:
+    """Inductor options for compiling a decode step of ``model`` (None: inductor's defaults): on the CPU, unless
+    its layers compute products of 2-8 fp32 rows as reductions, ``realize_acc_reads_threshold=1`` (module doc:
+    "Why the input is stored first")."""
+    if next(model.parameters()).device.type != "cpu":
+        return None
+    for m in model.modules():
+        if isinstance(m, RowLinear) and m.fp32_row_reduction and m.weight.dtype == torch.float32:
+            return None
+    return dict(_STORE_MULTI_READS)
 
 
 def optimize_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:

@@ -108,9 +108,9 @@ def test_batched_slots_equal_generate_alone(short_model, step):
 
 
 def test_a_compiling_engine_warms_up_each_path_before_serving(short_model):
-    """``compile``: start() runs the step once for 1, 2 and 13 slots (the layers' one-row, few-row and many-row
-    paths, each its own compiled graph) before any request; what that writes into empty slots does not change
-    an answer."""
+    """``compile``: start() runs the step once for each slot count that starts another path through the layers
+    (:data:`qwenvl.quantize.PATH_ROWS` up to the slots: 1, 2, 3, 5, 9, 13 and 16 here), each its own compiled
+    graph, before any request; what that writes into empty slots does not change an answer."""
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     engine = Engine(short_model, decode, EngineConfig(max_batch_size=16, max_model_len=64, window_bucket=16,
                                                       compile=True))
@@ -124,7 +124,7 @@ def test_a_compiling_engine_warms_up_each_path_before_serving(short_model):
     ids = torch.randint(0, 5000, (9,), generator=torch.Generator().manual_seed(1)).tolist()
     request = Request(ids, SamplingParams(max_new_tokens=6, stop_token_ids=()), Collector())
     run_all(engine, [request])
-    assert calls[:3] == [(1, 16), (2, 16), (13, 16)]
+    assert calls[:7] == [(n, 16) for n in (1, 2, 3, 5, 9, 13, 16)]
     assert request.on_event.text == decode(greedy(short_model, ids, None, 6))
 
 
@@ -140,14 +140,14 @@ def test_the_compiled_step_compiles_only_while_warming_up(short_model):
     model = optimize_for_inference(copy.deepcopy(short_model).eval())  # the layers qwenvl serve runs
     engine = Engine(model, str, EngineConfig(max_batch_size=16, max_model_len=256, window_bucket=64, compile=True))
     torch._dynamo.reset()
-    engine.step_fn = _compiled_decode_slots("cpu", backend)
+    engine.step_fn = _compiled_decode_slots(backend)
     engine.warm_up()
-    # 1 slot, 2-12 slots, 13 or more (up to 16 here): where few-row products run over slices (MKL with AVX-512),
-    # 2-12 and 13+ take different paths; elsewhere (transposed up to 32 rows, or plain) they share one graph
-    assert len(compiled) == (3 if model.lm_head.few_rows == "slices" else 2)
+    # 1 slot, then: with slices (MKL with AVX-512) 2-12 and 13-16 slots; on AMD CPUs reductions padded to 2, 4
+    # and 8 rows for 2, 3-4 and 5-8 slots, then transposed products for 9-16; elsewhere one graph for 2-16
+    assert len(compiled) == {"slices": 3, "transposed": 5, "plain": 2}[model.lm_head.few_rows]
     warmed = len(compiled)
     with torch.no_grad():
-        for n in (1, 2, 5, 12, 13, 16):
+        for n in (1, 2, 3, 4, 5, 8, 9, 12, 13, 16):
             for window in (64, 128, 192):
                 engine.step_fn(model, engine.cache, engine.tokens[:n], engine.positions[:n], engine.key_positions[:window])
     assert len(compiled) == warmed

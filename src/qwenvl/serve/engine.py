@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..generation import CPU_COMPILE_OPTIONS, SamplingParams, TextStream, pick, process_logits
+from ..generation import SamplingParams, TextStream, pick, process_logits
 from ..model.kv_cache import SlotKVCache
+from ..quantize import compile_options
 
 if TYPE_CHECKING:
     from ..model import QwenVL
@@ -159,12 +160,13 @@ def decode_slots(
     return out.logits[:, -1].float()
 
 
-def _compiled_decode_slots(device_type: str = "cpu", backend: str | Callable = "inductor") -> Callable[..., torch.Tensor]:
+def _compiled_decode_slots(backend: str | Callable = "inductor", options: dict[str, object] | None = None
+                           ) -> Callable[..., torch.Tensor]:
     """:func:`decode_slots` under ``torch.compile``, with the attention window marked dynamic on every call:
     otherwise a window equal to a size of the model (128 positions = Qwen's head size) is compiled as that
-    constant, and the first longer window compiles again while every stream waits. On the CPU it compiles with
-    :data:`qwenvl.generation.CPU_COMPILE_OPTIONS` (why: there)."""
-    options = CPU_COMPILE_OPTIONS if backend == "inductor" and device_type == "cpu" else None
+    constant, and the first longer window compiles again while every stream waits. ``options``: inductor's
+    (:func:`qwenvl.quantize.compile_options`)."""
+    options = options if backend == "inductor" else None
     compiled = torch.compile(decode_slots, backend=backend, dynamic=True, fullgraph=True, options=options)
 
     def step(model: QwenVL, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -258,7 +260,7 @@ class Engine:
         self.slots: list[_Slot | None] = [None] * n
         self.step_fn: Callable[..., torch.Tensor] = decode_slots
         if config.compile:
-            self.step_fn = _compiled_decode_slots(dev.type)
+            self.step_fn = _compiled_decode_slots(options=compile_options(model))
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
