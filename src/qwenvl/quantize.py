@@ -56,8 +56,8 @@ transposed product (below) and 85-132 ms for ``F.linear``. One row reads it in 2
 weight vector one weight load, 8 input loads, 8 multiplies and 8 additions) ran at 30-52 GFLOP/s, with the
 weight in cache too, so it is bound by its instructions rather than by memory. The rows are zero-padded to 2, 4 or 8, so a compiled step holds three graphs for 2-8 rows (each
 compilation takes a minute or more) rather than seven. Mid model, ``benchmarks/generate.py`` on an AMD EPYC
-(AVX2, 2 threads, 3 rounds): a compiled batch-8 step 126-168 ms (146 median) against 175-215 ms with the
-transposed products; batch 8 gives 3.4x the tokens/s of compiled batch 1 (2.7x before).
+(AVX2, 2 threads, two runs of 3 rounds): a compiled batch-8 step 126-168 ms (medians 146 and 138) against
+175-215 ms with the transposed products; batch 8 gives 3.4-3.6x the tokens/s of compiled batch 1 (2.7x before).
 
 Why int8 rows are stored interleaved: inductor's AVX2 code loads int8 values 8 at a time through a small
 stack buffer, which made the compiled int8 reduction slower than fp32 (the mid model's ``lm_head``, one row:
