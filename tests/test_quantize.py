@@ -117,8 +117,8 @@ def test_fp32_products_follow_the_machine(path, monkeypatch) -> None:
     assert len(transposed) == (2 if path == "amd" else 0)  # 8 and 20 rows
     q = QwenVL.from_config("tiny", seed=0)
     optimize_for_inference(q, "int8")
-    assert q.lm_head.transposed_slices is (path == "amd")
-    assert compile_options(q) == {"realize_acc_reads_threshold": 1}  # int8: no fp32 reductions of 2-8 rows
+    assert q.lm_head.transposed_slices is q.lm_head.few_row_reductions is (path == "amd")
+    assert compile_options(q) == (None if path == "amd" else {"realize_acc_reads_threshold": 1})
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 32, 33])
@@ -181,6 +181,16 @@ def test_few_row_reductions_pad_to_buckets_and_equal_the_product() -> None:
     for rows in (3, 8):
         x = torch.randn(rows, 40, generator=g)
         torch.testing.assert_close(inductor(x, w), nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+    # int8 layers: the same buckets over the packed weight, equal to the product by the dequantized weight
+    q = Int8Linear.from_linear(nn.Linear(40, 24).requires_grad_(False))
+    q.few_row_reductions = True
+    torch._dynamo.reset()
+    layer = torch.compile(q, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, 40, generator=g)
+            want = nn.functional.linear(x, q.dequantize(), q.bias)
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_swaps_cover_the_language_model_only(golden_dir) -> None:
@@ -229,7 +239,8 @@ def test_int8_logits_stay_close_to_fp32(golden_dir, golden_expected) -> None:
 
 
 @pytest.mark.parametrize(("quantize", "path", "batch"), [(None, None, 2), ("int8", None, 2), (None, "amd", 3),
-                                                           (None, "amd", 5), (None, "avx512", 2)])
+                                                           (None, "amd", 5), ("int8", "amd", 5), (None, "avx512", 2),
+                                                           ("int8", "avx512", 3)])
 def test_compiled_decoding_equals_eager(golden_dir, quantize, path, batch) -> None:
     """Compiled greedy decoding (with the model's compile options) gives eager decoding's tokens, for one
     sequence and a left-padded batch; with the layers set up for another machine's path on any machine ("amd":
@@ -237,7 +248,10 @@ def test_compiled_decoding_equals_eager(golden_dir, quantize, path, batch) -> No
     model = _golden(golden_dir, quantize)
     if path is not None:
         use_row_products(model, path)
-    assert (compile_options(model) is None) is (quantize is None and (path or fp32_product_path()) == "amd")
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.transposed_slices = m.few_row_reductions = path == "amd"
+    assert (compile_options(model) is None) is ((path or fp32_product_path()) == "amd")
     step = compiled_decode_step("cpu", compile_options(model))
     torch._dynamo.reset()
     ids = torch.randint(1000, 50000, (batch, 9), generator=torch.Generator().manual_seed(3))

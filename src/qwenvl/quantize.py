@@ -245,15 +245,21 @@ def _row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rows == 1:
         y = torch.cat([(w.float() * x2).sum(-1) for w in weight.chunk(_row_streams(weight.shape[0]))])
     else:
-        bucket = _ROW_BUCKETS[-1]
-        for size in _ROW_BUCKETS:
-            if rows <= size:
-                bucket = size
-                break
-        x2 = torch.cat([x2, x2.new_zeros(bucket - rows, x2.shape[1])])
         w = weight.float()
-        y = torch.stack([(w * row).sum(-1) for row in x2.unbind()])[:rows]
+        y = torch.stack([(w * row).sum(-1) for row in _padded(x2).unbind()])[:rows]
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _padded(x2: torch.Tensor) -> torch.Tensor:
+    """(rows, K) with 2-8 rows -> (bucket, K): zero rows appended up to the smallest of :data:`_ROW_BUCKETS`
+    that holds them (a static size: a compiled step holds one graph per bucket)."""
+    rows = x2.shape[0]
+    bucket = _ROW_BUCKETS[-1]
+    for size in _ROW_BUCKETS:
+        if rows <= size:
+            bucket = size
+            break
+    return torch.cat([x2, x2.new_zeros(bucket - rows, x2.shape[1])])
 
 
 def _transposed_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -300,9 +306,11 @@ class Int8Linear(nn.Module):
     multiple of 4): stored column ``4 * i + j`` is column ``j * in_features / 4 + i``, so that the row viewed
     as int32 packs in element ``i`` one weight of each quarter of the input (see the module doc).
     :meth:`dequantize` gives the weight in the usual layout. ``transposed_slices``: products of 2-12 rows multiply
-    each dequantized slice by the rows transposed (set by :func:`quantize_int8` on AMD CPUs; module doc)."""
+    each dequantized slice by the rows transposed; ``few_row_reductions``: compiled products of 2-8 rows are
+    reductions like one row's (both set by :func:`quantize_int8` on AMD CPUs; module doc)."""
 
     transposed_slices = False
+    few_row_reductions = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
@@ -336,7 +344,7 @@ class Int8Linear(nn.Module):
         return q.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _one_row(x):
+        if _one_row(x) or (self.few_row_reductions and _few_rows_compiled(x)):
             y = (self._packed_row_product(x) * self.scales.float()).to(x.dtype)
         else:
             xi = _interleave(x, self.groups)  # the input in the stored column order: the same product
@@ -350,17 +358,21 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _packed_row_product(self, x: torch.Tensor) -> torch.Tensor:
-        """One row (..., K) -> (..., N) in fp32, unscaled: the weight read as int32, four int8 weights per load,
-        each taken out with shifts (byte ``j`` of element ``i`` multiplies input ``j * K / 4 + i``)."""
+        """1-8 rows (..., K) -> (..., N) in fp32, unscaled: the weight read as int32, four int8 weights per load,
+        each taken out with shifts (byte ``j`` of element ``i`` multiplies input ``j * K / 4 + i``); 2-8 rows
+        padded as in :func:`_row_product`, one reduction per row in one loop that unpacks each load once."""
         if self.groups == 1:
             return _row_product(x, self.weight)
         # (N, K / 4) int32, read through a float32 view: inductor then loads full vectors as floats and bit-casts
         # them to int32 in registers (bit-identical). Read as int32 directly, PyTorch's AVX2 vector load copies
         # every 32 bytes through a stack buffer in two halves (a store-forwarding stall): 2.6x slower (module doc).
         w = self.weight.view(torch.float32).view(torch.int32)
-        xs = _stored(x).reshape(4, -1).float()
-        y = ((w << 24 >> 24).float() * xs[0] + (w << 16 >> 24).float() * xs[1]
-             + (w << 8 >> 24).float() * xs[2] + (w >> 24).float() * xs[3]).sum(-1)
+        x2 = _stored(x.reshape(-1, x.shape[-1])).float()
+        rows = x2.shape[0]
+        xs = (x2 if rows == 1 else _padded(x2)).unflatten(-1, (4, -1))
+        parts = ((w << 24 >> 24).float(), (w << 16 >> 24).float(), (w << 8 >> 24).float(), (w >> 24).float())
+        y = torch.stack([(parts[0] * r[0] + parts[1] * r[1] + parts[2] * r[2] + parts[3] * r[3]).sum(-1)
+                         for r in xs.unbind()])[:rows]
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -406,7 +418,7 @@ def quantize_int8(model: nn.Module) -> int:
     transposed = fp32_product_path() == "amd"
     for parent, name, layer in layers:
         q = Int8Linear.from_linear(layer)
-        q.transposed_slices = transposed
+        q.transposed_slices = q.few_row_reductions = transposed
         setattr(parent, name, q)
     return len(layers)
 
@@ -433,12 +445,13 @@ _STORE_MULTI_READS = {"realize_acc_reads_threshold": 1}
 
 def compile_options(model: nn.Module) -> dict[str, object] | None:
     """Inductor options for compiling a decode step of ``model`` (None: inductor's defaults): on the CPU, unless
-    its layers compute products of 2-8 fp32 rows as reductions, ``realize_acc_reads_threshold=1`` (module doc:
+    its layers compute products of 2-8 rows as reductions (fp32 or int8), ``realize_acc_reads_threshold=1`` (module doc:
     "Why the input is stored first")."""
     if next(model.parameters()).device.type != "cpu":
         return None
     for m in model.modules():
-        if isinstance(m, RowLinear) and m.fp32_row_reduction and m.weight.dtype == torch.float32:
+        if (isinstance(m, RowLinear) and m.fp32_row_reduction and m.weight.dtype == torch.float32
+                or isinstance(m, Int8Linear) and m.few_row_reductions):
             return None
     return dict(_STORE_MULTI_READS)
 
