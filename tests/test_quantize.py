@@ -157,7 +157,8 @@ def test_one_row_reduction_reads_blocks_of_rows_and_sums_as_unsplit(n, dtype) ->
 
 def test_few_row_reductions_pad_to_buckets_and_equal_the_product() -> None:
     """Compiled products of 2-8 rows are one reduction per row over rows padded to 2, 4 or 8: the results equal
-    ``F.linear``'s (fp32 and bf16 weights), and row counts in one bucket share a graph (3 graphs for 2-8 rows)."""
+    ``F.linear``'s (fp32 and bf16 weights, and int8 layers against their dequantized weight), and row counts in
+    one bucket share a graph (3 graphs for 2-8 rows)."""
     import qwenvl.quantize as qz
 
     graphs = []
