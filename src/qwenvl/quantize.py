@@ -54,8 +54,9 @@ over the same weight, which inductor fuses into one loop that loads each weight 
 accumulator per row. The mid ``lm_head`` with 8 rows took 55-72 ms this way, against 78-98 ms for MKL's
 transposed product (below) and 85-132 ms for ``F.linear``. One row reads it in 29-40 ms: the 8-row loop (per
 weight vector one weight load, 8 input loads, 8 multiplies and 8 additions) ran at 30-52 GFLOP/s, with the
-weight in cache too, so it is bound by its instructions rather than by memory. The rows are zero-padded to 2, 4 or 8, so a compiled step holds three graphs for 2-8 rows (each
-compilation takes a minute or more) rather than seven. Mid model, ``benchmarks/generate.py`` on an AMD EPYC
+weight in cache too, so it is bound by its instructions rather than by memory. The rows are zero-padded to 2,
+4 or 8, so a compiled step holds three graphs for 2-8 rows (each compilation takes a minute or more) rather
+than seven. Mid model, ``benchmarks/generate.py`` on an AMD EPYC
 (AVX2, 2 threads, two runs of 3 rounds): a compiled batch-8 step 126-168 ms (medians 146 and 138) against
 175-215 ms with the transposed products; batch 8 gives 3.4-3.6x the tokens/s of compiled batch 1 (2.7x before).
 :class:`Int8Linear` does the same over its packed weight (each int32 load unpacked once for all the rows): a
@@ -141,7 +142,7 @@ def _few_rows_compiled(x: torch.Tensor) -> bool:
 
 
 _ROW_BUCKETS = (2, 4, 8)  # compiled products of 2-8 rows are computed for this many rows (zero-padded)
-_REDUCTION_ROWS = _ROW_BUCKETS[-1]  # compiled fp32 products of up to this many rows: reductions on AMD CPUs
+_REDUCTION_ROWS = _ROW_BUCKETS[-1]  # compiled fp32/int8 products of up to this many rows: reductions on AMD CPUs
 _FEW_ROWS = 12  # up to this many input rows, fp32 products run over slices of the weight ("slices", module doc)
 _TRANSPOSED_ROWS = 32  # ... or transposed ("transposed"; at 64 rows both ways took the same time)
 # Row counts that start another path of these layers (one row, a bucket of reductions, a few, many): a compiled
@@ -288,8 +289,8 @@ class RowLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fp32 = self.weight.dtype == torch.float32
-        if _one_row(x) and (not fp32 or self.fp32_row_reduction) or (
-                fp32 and self.fp32_row_reduction and _few_rows_compiled(x)):
+        # half-precision weights: one-row reductions; fp32: 1-8-row reductions where fp32_row_reduction is set
+        if (self.fp32_row_reduction and (_one_row(x) or _few_rows_compiled(x))) if fp32 else _one_row(x):
             y = _row_product(x, self.weight).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.few_rows != "plain" and fp32 and _rows(x) > 1 and _cpu_no_grad(x, self.weight):
