@@ -418,22 +418,22 @@ def _lm_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 def quantize_int8(model: nn.Module) -> int:
     """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
-    full-precision weight of a layer is freed as soon as its int8 copy exists). Returns how many."""
+    full-precision weight of a layer is freed as soon as its int8 copy exists), set up for the machine's path
+    (:func:`use_row_products`). Returns how many."""
     layers = _lm_linears(model)
-    transposed = fp32_product_path() == "amd"
     for parent, name, layer in layers:
-        q = Int8Linear.from_linear(layer)
-        q.transposed_slices = q.few_row_reductions = transposed
-        setattr(parent, name, q)
+        setattr(parent, name, Int8Linear.from_linear(layer))
+    use_row_products(model)
     return len(layers)
 
 
 def use_row_products(model: nn.Module, path: str | None = None) -> int:
     """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters and values) set up for
     ``path`` (None: :func:`qwenvl.hardware.fp32_product_path` decides from the machine): ``"avx512"``: fp32
-    products of 2-12 rows over slices of the weight; ``"amd"``: products of 2-32 rows transposed, compiled
-    one-row products as reductions; ``"avx2"``: ``F.linear`` (half-precision weights: one-row reductions
-    wherever compiled). Returns how many layers."""
+    products of 2-12 rows over slices of the weight; ``"amd"``: compiled products of 1-8 rows as reductions,
+    other products of 2-32 rows transposed; ``"avx2"``: ``F.linear`` (half-precision weights: one-row
+    reductions wherever compiled). Its :class:`Int8Linear` layers are set up for the path too ("amd":
+    transposed slices, compiled 2-8-row reductions). Returns how many ``RowLinear`` layers."""
     path = fp32_product_path() if path is None else path
     if path not in _PATHS:
         raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
@@ -442,6 +442,9 @@ def use_row_products(model: nn.Module, path: str | None = None) -> int:
     for _, _, layer in layers:
         layer.__class__ = RowLinear
         layer.few_rows, layer.fp32_row_reduction = few_rows, reduction
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.transposed_slices = m.few_row_reductions = path == "amd"
     return len(layers)
 
 
