@@ -25,6 +25,29 @@ def test_help_lists_every_command():
         assert cmd in out.stdout
 
 
+def test_help_and_bad_input_are_answered_before_torch_loads(tmp_path):
+    # torch takes seconds to import: `--help`, a missing image, data file or checkpoint folder do not wait for it
+    script = ("import sys\nfrom qwenvl.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    rc = e.code\nprint('torch loaded' if 'torch' in sys.modules else 'no torch', rc)")
+    gone = tmp_path / "no-model"
+    cases = [
+        (["--help"], None),
+        (["predict", "--model", str(tmp_path), "--predict_data", "gone.png", "hi"],
+         f"qwenvl predict: error: image not found: {tmp_path / 'gone.png'}"),
+        (["predict", "--model", str(gone), "--predict_data", "hi", "--modal_type", "text"],
+         f"qwenvl predict: error: checkpoint folder not found: {gone}"),
+        (["chat", "--model", str(gone)], f"qwenvl chat: error: checkpoint folder not found: {gone}"),
+        (["eval", "grounding", "--model", str(tmp_path), "--data", "gone.jsonl"],
+         "qwenvl eval: error: evaluation data not found: gone.jsonl"),
+        (["serve", "--model", str(gone)], f"qwenvl serve: error: checkpoint folder not found: {gone}"),
+    ]
+    for args, error in cases:
+        out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=600)
+        assert out.stdout.strip().splitlines()[-1] == f"no torch {2 if error else 0}", (args, out.stdout, out.stderr)
+        assert out.stderr.strip() == (error or ""), args
+
+
 def test_info_prints_parts_and_dtype(golden_dir):
     out = qwenvl("info", str(golden_dir), "--json")
     assert out.returncode == 0, out.stderr

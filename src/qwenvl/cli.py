@@ -73,8 +73,8 @@ def use_huge_pages() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if next((a for a in argv if not a.startswith("-")), None) in HUGE_PAGE_COMMANDS:
-        use_huge_pages()  # before build_parser, which loads torch
-    from .hardware import separate_compile_cache  # loads torch: after use_huge_pages
+        use_huge_pages()  # first: nothing may have loaded torch yet
+    from .hardware import separate_compile_cache
 
     separate_compile_cache()  # --compile under ATEN_CPU_CAPABILITY=...: a cache of its own
     parser = build_parser()

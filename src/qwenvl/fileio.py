@@ -40,6 +40,7 @@ __all__ = [
     "clean_temporary",
     "fault_point",
     "is_temporary",
+    "require_folder",
     "iter_jsonl",
     "read_json_records",
     "read_yaml",
@@ -79,6 +80,15 @@ def temp_name(name: str, kind: str = "tmp") -> str:
 def is_temporary(name: str) -> bool:
     """True for the names :func:`temp_name`, :func:`atomic_dir` and :func:`atomic_write_bytes` create."""
     return _TEMP_RE.match(name) is not None
+
+
+def require_folder(path: str | os.PathLike[str], what: str = "checkpoint folder") -> Path:
+    """``path`` as a Path, or FileNotFoundError ("<what> not found: <path>") when it is not a folder. Needs no
+    torch: the CLI checks its folders with it before loading torch and the model code, which takes seconds."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
 
 
 def remove_tree(path: Path) -> None:

@@ -20,8 +20,10 @@ import os
 import platform
 import re
 import tempfile
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads in the functions that need it: the CLI says bad input before it loads
+    import torch
 
 __all__ = ["cpu_flags", "cpu_summary", "cpu_vendor", "default_dtype", "fp32_product_path", "mkl_runs_avx512",
            "resolve_bf16", "supports_bf16"]
@@ -84,6 +86,8 @@ def mkl_runs_avx512(flags: frozenset[str] | None = None) -> bool:
 
     It decides how few-row fp32 products run (:mod:`qwenvl.quantize`): MKL's AVX-512 sgemm repacks the whole
     weight for a product of a few rows, its AVX2 sgemm does not lose as much (measured in that module)."""
+    import torch
+
     flags = cpu_flags() if flags is None else flags
     cap = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
     return torch.backends.mkl.is_available() and "avx512f" in flags and cap not in _MKL_ISAS_BELOW_AVX512
@@ -91,6 +95,8 @@ def mkl_runs_avx512(flags: frozenset[str] | None = None) -> bool:
 
 def supports_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether ``device`` multiplies bf16 matrices natively (not by emulation)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -101,6 +107,8 @@ def supports_bf16(device: str | torch.device = "cpu") -> bool:
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
     """The compute dtype to use on ``device`` when the user did not choose: bf16 where native, else fp32."""
+    import torch
+
     return torch.bfloat16 if supports_bf16(device) else torch.float32
 
 
@@ -115,6 +123,8 @@ def resolve_bf16(choice: bool | str | None, device: str | torch.device, what: st
 
     Logs the decision in one line; an explicit True where bf16 is emulated warns that it will be slow.
     """
+    import torch
+
     device = torch.device(device)
     native = supports_bf16(device)
     if isinstance(choice, str):
@@ -141,6 +151,8 @@ def fp32_product_path(flags: frozenset[str] | None = None, vendor: str | None = 
       rows transposed, and a compiled one-row product is faster as a reduction;
     * ``"avx2"``: any other CPU (e.g. an Intel CPU whose MKL runs its AVX2 code), where plain ``F.linear``
       measured best."""
+    import torch
+
     if mkl_runs_avx512(flags):
         return "avx512"
     vendor = cpu_vendor() if vendor is None else vendor
@@ -149,6 +161,8 @@ def fp32_product_path(flags: frozenset[str] | None = None, vendor: str | None = 
 
 def cpu_summary() -> str:
     """One line about this machine's CPU for benchmark output: model, cores, the flags that decide speed."""
+    import torch
+
     model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     keep = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")) or f in ("bf16", "asimd", "sve"))
     cap = _onednn_cap()

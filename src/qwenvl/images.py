@@ -25,13 +25,15 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD
+
+if TYPE_CHECKING:  # torch loads where tensors are made: checking images (the CLI, the server) does not need it
+    import torch
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
@@ -269,6 +271,8 @@ def _open_source(
 
 def preprocess(image: Image.Image, image_size: int = 448) -> torch.Tensor:
     """The official transform: PIL bicubic resize, [0, 1], CLIP normalization -> float32 [3, S, S]."""
+    import torch
+
     if image.mode != "RGB":
         image = image.convert("RGB")
     image = image.resize((image_size, image_size), Image.BICUBIC)
@@ -286,6 +290,8 @@ def pixel_values(
     policy: MediaPolicy | None = None,
 ) -> torch.Tensor:
     """Load and transform several images -> float32 [N, 3, S, S] (N may be 0); paths as in :func:`load_image`."""
+    import torch
+
     if not sources:
         return torch.empty(0, 3, image_size, image_size)
     return torch.stack([preprocess(load_image(s, base_dir, policy=policy), image_size) for s in sources])

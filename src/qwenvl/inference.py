@@ -7,11 +7,11 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fileio import require_folder
 from .generation import STOP_IDS, SamplingParams, TextStream, stream_tokens
 from .model import QwenVL
 from .processor import Processor
@@ -63,9 +63,7 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     """
     from .quantize import optimize_for_inference
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {model_dir}")
+    model_dir = require_folder(model_dir)
     device = pick_device(device)
     model = QwenVL.from_pretrained(model_dir, dtype=resolve_dtype(dtype, device), device=device)
     optimize_for_inference(model.eval(), quantize)

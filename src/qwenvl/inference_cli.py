@@ -295,8 +295,7 @@ def _as_chat(prompt: Any, chat_format: str) -> Any:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .fileio import atomic_write_text
-    from .inference import load, predict
+    from .fileio import atomic_write_text, require_folder
 
     opts = _merged_predict_options(args)
     if not opts.get("load_checkpoint"):
@@ -317,6 +316,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
     any_path = opts.get("allow_any_local_path", True)
     _check_images_first(prompts, MediaPolicy(opts.get("image_dir") or ".", any_path), per_row=bool(args.jsonl))
+    require_folder(opts["load_checkpoint"])
+    # torch and the model code load only now, after the input checks (which need neither): bad input is said at once
+    from .inference import load, predict
+
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
                             quantize=opts.get("quantize"), allow_any_local_path=any_path)
     params = _sampling(model, opts, greedy_default=True)
@@ -372,10 +375,12 @@ CHAT_HELP = ":image PATH  add a picture to your next message\n:clear       forge
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .inference import ChatSession, chat_params, load
+    from .fileio import require_folder
 
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
+    require_folder(args.load_checkpoint)
+    from .inference import ChatSession, chat_params, load  # torch: after the checks above
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
                             quantize=args.quantize,
                             allow_any_local_path=True if args.allow_any_local_path is None else args.allow_any_local_path)

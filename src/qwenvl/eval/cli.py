@@ -111,7 +111,7 @@ def _limit(records: list[Any], n: int | None) -> list[Any]:
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
-    from ..inference import load
+    from ..fileio import require_folder
     from ..outputs import check_output_file
     from . import runners
 
@@ -126,6 +126,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         records = loaders[task](args.data, args.image_dir, **media)
     records = _limit(records, args.limit)
     prompt, protocol = _prompt(args, task)
+    require_folder(args.model)
+    from ..inference import load  # torch: after the checks of the data, the prompt and the folder
+
     model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize, **media)
     _say_prompt(task, prompt, protocol, args, model.config.generation.chat_format)
     common: dict[str, Any] = dict(

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..fileio import require_folder
 from ..inference_cli import add_runtime_flags
 
 __all__ = ["add_parser", "run"]
@@ -78,11 +79,6 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         raise ValueError(f"qwenvl serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'qwenvl[serve]'") from e
 
-    from ..inference import load
-    from .app import ServeSettings, create_app
-    from .engine import Engine, EngineConfig, auto_batch_size, slot_bytes
-    from .media import MediaLimits
-
     for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -95,6 +91,13 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         root = Path(args.allowed_local_media_path)
         if not root.is_dir():
             raise NotADirectoryError(f"--allowed_local_media_path {root}: not a folder")
+    require_folder(args.model)
+    # torch and the model code load only now (seconds): a mistyped flag or folder is said at once
+    from ..inference import load
+    from .app import ServeSettings, create_app
+    from .engine import Engine, EngineConfig, auto_batch_size, slot_bytes
+    from .media import MediaLimits
+
     sock = _listen(args.host, args.port)
     # the one media policy: file:// image URLs only under --allowed_local_media_path, else no local file
     model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize, allowed_media_dir=root)
