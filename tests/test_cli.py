@@ -27,6 +27,7 @@ def test_help_lists_every_command():
 
 def test_help_and_bad_input_are_answered_before_torch_loads(tmp_path):
     # torch takes seconds to import: `--help`, a missing image, data file or checkpoint folder do not wait for it
+    # (and nothing is written: no output folder for the finetune that cannot start)
     script = ("import sys\nfrom qwenvl.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
               "    rc = e.code\nprint('torch loaded' if 'torch' in sys.modules else 'no torch', rc)")
     gone = tmp_path / "no-model"
@@ -40,12 +41,17 @@ def test_help_and_bad_input_are_answered_before_torch_loads(tmp_path):
         (["eval", "grounding", "--model", str(tmp_path), "--data", "gone.jsonl"],
          "qwenvl eval: error: evaluation data not found: gone.jsonl"),
         (["serve", "--model", str(gone)], f"qwenvl serve: error: checkpoint folder not found: {gone}"),
+        (["finetune", "--load_checkpoint", str(gone), "--train_data", "t.json", "--output_dir", "out"],
+         f"qwenvl finetune: error: checkpoint folder not found: {gone}"),
+        (["finetune", "--preset", "tiny", "--train_data", "t.json", "--output_dir", "out"],
+         "qwenvl finetune: error: training data file not found: t.json"),
     ]
     for args, error in cases:
         out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path,
                              timeout=600)
         assert out.stdout.strip().splitlines()[-1] == f"no torch {2 if error else 0}", (args, out.stdout, out.stderr)
         assert out.stderr.strip() == (error or ""), args
+    assert not (tmp_path / "out").exists()
 
 
 def test_info_prints_parts_and_dtype(golden_dir):

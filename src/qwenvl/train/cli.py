@@ -107,9 +107,11 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
 
 def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     """Run ``finetune`` with parsed ``args`` and the leftover ``--field value`` tokens; return the exit status."""
-    from .trainer import train
+    cfg = config_from_args(args, extra)
+    cfg.check_files()
+    from .trainer import train  # torch: after every check that does not need it
 
-    result = train(config_from_args(args, extra))
+    result = train(cfg)
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     logger.info("finished %d steps: last loss %s, %.0f tokens/s; model saved to %s", result.steps, last,
                 result.tokens_per_second, result.final_path)

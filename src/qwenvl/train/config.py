@@ -29,6 +29,9 @@ class TrainConfigError(ValueError):
     """A training setting is unknown, has the wrong type or an invalid value."""
 
 
+NO_MODEL = "no model: set load_checkpoint (a checkpoint folder) or preset"
+
+
 @dataclass
 class TrainConfig:
     """Everything a fine-tuning run needs. Defaults are the stage-3 values of the paper (DESIGN.md section 1)."""
@@ -162,6 +165,17 @@ class TrainConfig:
             values[key] = parse_value(key, text, types_[key]) if isinstance(text, str) else text
         check_known(values, source)
         return cls(**values)
+
+    def check_files(self) -> None:
+        """What a run from the command line needs on disk: the model (a ``load_checkpoint`` folder, or a
+        ``preset``) and the ``data_path`` file. Needs no torch, so ``qwenvl finetune`` says a mistyped path at
+        once instead of after loading torch and building the model (seconds)."""
+        if self.load_checkpoint:
+            fileio.require_folder(self.load_checkpoint)
+        elif not self.preset:
+            raise TrainConfigError(NO_MODEL)
+        if self.data_path and not os.path.isfile(self.data_path):
+            raise FileNotFoundError(f"training data file not found: {self.data_path}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -56,7 +56,7 @@ from ..model import QwenVL
 from ..outputs import OutputDirError, check_separate, claim_output, is_ours, record_files
 from . import distributed, lora
 from . import sharded_checkpoint as sharded
-from .config import TrainConfig, TrainConfigError
+from .config import NO_MODEL, TrainConfig, TrainConfigError
 from .distributed import DistEnv, DistributedError
 from .state import (
     RESUME_KEYS,
@@ -325,7 +325,7 @@ def _prepare_model(cfg: TrainConfig, model: QwenVL | None, device: torch.device,
         elif cfg.preset:
             model = QwenVL.from_config(cfg.preset, dtype=torch.float32, device=device, seed=cfg.seed)
         else:
-            raise TrainConfigError("no model: set load_checkpoint (a checkpoint folder) or preset")
+            raise TrainConfigError(NO_MODEL)
     low = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if low:
         logger.warning("model weights are %s: training keeps fp32 master weights, casting the model to float32",
