@@ -45,6 +45,9 @@ def test_help_and_bad_input_are_answered_before_torch_loads(tmp_path):
          f"qwenvl finetune: error: checkpoint folder not found: {gone}"),
         (["finetune", "--preset", "tiny", "--train_data", "t.json", "--output_dir", "out"],
          "qwenvl finetune: error: training data file not found: t.json"),
+        (["info", str(gone)], f"qwenvl info: error: checkpoint folder not found: {gone}"),
+        (["convert", str(gone), "out"], f"qwenvl convert: error: checkpoint not found: {gone}"),
+        (["convert", f"{gone}.ckpt", "out"], f"qwenvl convert: error: checkpoint not found: {gone}.ckpt"),
     ]
     for args, error in cases:
         out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path,

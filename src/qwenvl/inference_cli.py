@@ -141,10 +141,13 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
 
 # ---- info --------------------------------------------------------------------------------------------
 def run_info(args: argparse.Namespace) -> int:
-    from .model.summary import describe
+    from .fileio import require_folder
 
     if bool(args.checkpoint) == bool(args.preset):
         raise ValueError("give a checkpoint folder or --preset NAME (one of them)")
+    if args.checkpoint:
+        require_folder(args.checkpoint)
+    from .model.summary import describe  # torch: after the checks
     info = describe(args.checkpoint or QwenVLConfig.from_preset(args.preset))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -466,6 +469,8 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
     if args.merge_lora and not args.adapter:
         raise ValueError("--merge_lora needs --adapter DIR")
+    if not Path(source).exists():  # said before torch loads (seconds)
+        raise FileNotFoundError(f"checkpoint not found: {source}")
     from .mindformers import convert as convert_mindspore
     from .mindformers import is_mindspore_path
     from .outputs import check_output_file, check_separate, claim_output
