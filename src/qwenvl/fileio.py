@@ -40,11 +40,11 @@ __all__ = [
     "clean_temporary",
     "fault_point",
     "is_temporary",
-    "require_folder",
     "iter_jsonl",
     "read_json_records",
     "read_yaml",
     "remove_tree",
+    "require_folder",
     "temp_name",
 ]
 
