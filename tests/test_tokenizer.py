@@ -296,6 +296,16 @@ def test_safe_chunks_do_not_change_tokens(tok: QwenTokenizer) -> None:
     assert tok.encode(long_text) == tok._enc.encode(long_text, allowed_special="all")
 
 
+@pytest.mark.parametrize("text", [
+    "", "plain text", "<|im_start|>", "<|im_start|><|im_end|>\n<|endoftext|>", "<|extra_204|>x<|extra_0|>",
+    "a<ref>the red circle</ref><box>(1,2),(3,4)</box>b", "<|im_start", "<im_start|>", "< |im_end|>", "<<ref>>",
+    "<|im_start|>user\n你好<|im_end|>", "  <quad>  </quad>  ", "</img><imgpad><img>",
+])
+def test_specials_are_encoded_as_tiktoken_encodes_them(tok: QwenTokenizer, text: str) -> None:
+    # the fast path for allowed_special="all" (no special-token set handed to tiktoken on every call)
+    assert tok._encode_all_special(text) == tok._enc.encode(text, allowed_special="all")
+
+
 def test_huge_whitespace_run_is_a_clear_error(tok: QwenTokenizer) -> None:
     with pytest.raises(ValueError, match="Long runs of whitespace"):
         tok.encode(" " * 1_100_000)

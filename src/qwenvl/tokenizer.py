@@ -102,6 +102,7 @@ CHUNK_CHARS = 100_000
 # or not the text before it is present. Splitting inside a special token is excluded separately.
 _SAFE_CUT = regex.compile(r"(?<=[\p{L}\p{N}])(?=[^\r\n\p{L}\p{N}]\p{L})")
 _SPECIAL_RE = regex.compile("|".join(regex.escape(t) for t in SPECIAL_TOKENS))
+_NO_SPECIAL: frozenset[str] = frozenset()
 
 
 _ENCODINGS: dict[str, tiktoken.Encoding] = {}  # by sha256 of the vocabulary file
@@ -322,9 +323,12 @@ class QwenTokenizer:
         ids: list[int] = []
         for chunk in _safe_chunks(text):
             try:
-                ids += self._enc.encode(
-                    chunk, allowed_special=allowed_special, disallowed_special=disallowed_special
-                )
+                if allowed_special == "all" and not disallowed_special:
+                    ids += self._encode_all_special(chunk)
+                else:
+                    ids += self._enc.encode(
+                        chunk, allowed_special=allowed_special, disallowed_special=disallowed_special
+                    )
             except ValueError as e:
                 if "Regex error" not in str(e):
                     raise
@@ -333,6 +337,23 @@ class QwenTokenizer:
                     "(about a million characters) are beyond tiktoken's regex engine"
                 ) from e
         return self._encode_image_spans(ids)
+
+    def _encode_all_special(self, text: str) -> list[int]:
+        """``encode(text, allowed_special="all")`` of tiktoken, done as tiktoken does it: the text between special
+        tokens encoded with no special token allowed, each special token as its id. Handing tiktoken the set of
+        217 special tokens costs ~35 us a call (the set is converted on every call), ~13x the encoding of a short
+        text. (tiktoken's ``encode_ordinary`` would be as fast, but on a text beyond its regex engine it aborts
+        with a Rust panic instead of ``encode``'s ValueError.)"""
+        ids: list[int] = []
+        pos = 0
+        for m in _SPECIAL_RE.finditer(text):
+            if m.start() > pos:
+                ids += self._enc.encode(text[pos : m.start()], allowed_special=_NO_SPECIAL, disallowed_special=())
+            ids.append(SPECIAL_TOKENS[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self._enc.encode(text[pos:], allowed_special=_NO_SPECIAL, disallowed_special=())
+        return ids
 
     def _encode_image_spans(self, ids: list[int]) -> list[int]:
         """Rewrite each ``<img>`` BPE-of-path ``</img>`` into the fixed 258-id byte layout."""
