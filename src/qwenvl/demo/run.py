@@ -201,6 +201,7 @@ from ..outputs import claim_output
 from ..processor import DEFAULT_SYSTEM, Processor
 from ..quantize import use_row_products
 from ..tokenizer import ENDOFTEXT_ID
+from .answer_rows import answer_rows_last_block
 from .cache import cached_image_features
 from .report import GridItem, draw_loss_curve, draw_prediction_grid
 from .synthetic import SyntheticConfig, SyntheticSample, make_dataset, question
@@ -704,7 +705,8 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
                                       warmup_steps=min(cfg.warmup_steps, n), seed=cfg.seed + offset)
         # while the vision tower is frozen its features depend on the image alone: computed once per image
         cache = cached_image_features(model) if frozen else contextlib.nullcontext()
-        with cache, used_embedding_rows(model, dataset, cfg):
+        # the last LM block runs only at the rows the loss reads (exact; demo.answer_rows)
+        with cache, used_embedding_rows(model, dataset, cfg), answer_rows_last_block(model):
             trained = train(phase_cfg, model=model, processor=processor, dataset=dataset, callback=during)
         losses += trained.losses
         train_seconds += trained.train_seconds
