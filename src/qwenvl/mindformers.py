@@ -107,8 +107,7 @@ def official_shapes(config: QwenVLConfig) -> dict[str, torch.Size]:
     (``convert_weight.py`` iterates that)."""
     from .model import QwenVL
 
-    with torch.device("meta"):
-        model = QwenVL(config)
+    model = QwenVL.on_meta(config)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
 
     names = list(shapes)

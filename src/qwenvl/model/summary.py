@@ -48,8 +48,7 @@ def describe(source: str | Path | QwenVLConfig) -> dict[str, Any]:
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         dtype = ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())
         del tensors
-    with torch.device("meta"):
-        model = QwenVL(config)
+    model = QwenVL.on_meta(config)
     official = config.to_official()
     return {
         "source": where,

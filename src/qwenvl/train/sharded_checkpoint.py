@@ -137,8 +137,7 @@ def consolidate(
 
     config = QwenVLConfig.from_pretrained(src)
     stored = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
-    with torch.device("meta"):
-        names = list(QwenVL(config).state_dict())
+    names = list(QwenVL.on_meta(config).state_dict())
     missing = [n for n in names if f"model.{n}" not in stored]
     if missing:
         raise CheckpointError(f"{src} lacks {len(missing)} model tensor(s), e.g. {missing[:3]}")

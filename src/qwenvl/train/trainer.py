@@ -318,8 +318,7 @@ def _prepare_model(cfg: TrainConfig, model: QwenVL | None, device: torch.device,
     if model is None:
         if cfg.load_checkpoint and env is not None and env.distributed:
             config = QwenVLConfig.from_pretrained(cfg.load_checkpoint)
-            with torch.device("meta"):
-                model = QwenVL(config)
+            model = QwenVL.on_meta(config)
         elif cfg.load_checkpoint:
             model = QwenVL.from_pretrained(cfg.load_checkpoint, dtype=torch.float32, device=device)
         elif cfg.preset:
