@@ -66,6 +66,13 @@ lands 54 / 52 / 22: no choice learned). The recipe is the one below; only the fl
 block's products changed, and seed 0 went from 52.3% to 76.6%, seed 1 from 37.5% to 54.7%, seed 2 from 48.4% to
 42.2%: on this task rounding alone moves a run by tens of points, so each number is one sample of a wide spread
 (the eight float32 runs on this CPU so far, seeds 0-4 before and 0-2 now, range 37.5-76.6%, median 51.2%).
+The LM's attention as 8 heads of 16 instead of 4 of 32 (the same parameters; more heads that could each come
+to match a colour word with its image tokens; the recency-biased first layer at amplitude 2.71, so that its
+kernel keeps its strength over the fewer rotary pairs of a 16-wide head): 50.0% (lands 64 / 50 / 14) and 39.1%
+(50 / 51 / 27: no choice learned) at seeds 0 and 1, training 503 and 499 s against 468 s: not kept.
+The request right before the answer instead of before the picture (style ``"ref"``: the recency-biased first
+layer can then carry the colour word to the box's digits directly): 41.4% at seed 0 (curve 0 / 36.7 / 41.4%;
+lands 53 / 52 / 23: no choice learned): not kept.
 
 Before that change: ``time qwenvl demo`` took 8 min 50 s to 10 min 17 s as the shared host's speed varies (training 478-575 s,
 ~0.6-0.75 s a step) and reaches 52.3% at seed 0 (curve, evaluated every 190 steps then: 0 /
