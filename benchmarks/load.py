@@ -50,9 +50,7 @@ def _config(layers: int, dtype: str) -> QwenVLConfig:
 
 
 def _shapes(config: QwenVLConfig) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = QwenVL(config)
-    return {k: v.shape for k, v in model.state_dict().items()}
+    return {k: v.shape for k, v in QwenVL.on_meta(config).state_dict().items()}
 
 
 def _nbytes(shapes: dict[str, torch.Size], dtype: torch.dtype) -> int:

@@ -64,8 +64,7 @@ def rank_main(source: Path, workdir: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     config = QwenVLConfig.from_pretrained(source)
-    with torch.device("meta"):
-        model = QwenVL(config).to(DTYPES_BY_NAME[config.torch_dtype])
+    model = QwenVL.on_meta(config).to(DTYPES_BY_NAME[config.torch_dtype])
     parallelize(model, mesh, TrainConfig(bf16=False, gradient_checkpointing=False))
     base = _rss()
     t0 = time.perf_counter()
