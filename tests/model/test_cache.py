@@ -137,3 +137,11 @@ def test_image_features_fill_exactly_the_span():
     plain = model.transformer.wte(ids)
     torch.testing.assert_close(h[0, :3], plain[0, :3])  # <img> keeps its own embedding
     torch.testing.assert_close(h[0, 259:], plain[0, 259:])  # </img> too
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 128), (1, 256, 64), (256, 128)])
+def test_image_features_of_the_wrong_shape_are_refused(shape):
+    model = short_context_model()
+    ids = torch.tensor([[1, 2] + _span() + [3]])
+    with pytest.raises(ValueError, match=r"image features must be \(images, 256, 128\)"):
+        model.embed(ids, image_features=torch.randn(*shape))

@@ -249,6 +249,9 @@ class QwenVL(nn.Module):
         mask, n = image_span_mask(input_ids)
         if image_features is None:
             image_features = self.encode_images(images)
+        if tuple(image_features.shape[1:]) != (IMG_TOKEN_SPAN, h.shape[-1]):
+            raise ValueError(f"image features must be (images, {IMG_TOKEN_SPAN}, {h.shape[-1]}): one row of the hidden "
+                             f"size per position inside <img>..</img>; got {tuple(image_features.shape)}")
         if image_features.shape[0] != n:
             raise ValueError(
                 f"the prompt has {n} image span(s) (<img>..</img>) but {image_features.shape[0]} image(s) were given"
