@@ -392,7 +392,7 @@ def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned for ~8-11 minutes on 2 CPU cores with native bf16;
-    in float32 on 2 AVX2 cores of an AMD EPYC the run takes ~8-10 minutes as the host's speed varies (76.6%, 54.7%
+    in float32 on 2 AVX2 cores of an AMD EPYC the run takes ~5-10 minutes as the host's speed varies (76.6%, 54.7%
     and 42.2% at seeds 0, 1 and 2; the numbers, and why a step costs what it does: module docstring).
 
     Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
