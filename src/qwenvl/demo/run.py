@@ -71,10 +71,12 @@ Which seeds learn to choose follows the frozen random vision tower, not the LM's
 seed-0 tower (ViT and resampler drawn with seed 0, the rest of the model with another seed, via a patched
 ``QwenVL.from_config``) runs scored 76.6% (LM init and data of seed 0), 56.2% (LM 0, data 2; lands 72 / 38 / 18)
 and 67.2% (LM 2, data 0; 86 / 23 / 19), all choosing; with the seed-2 tower 42.2% (LM 2, data 2), 42.2% (LM 2,
-data 0; 54 / 52 / 22) and 44.5% (LM 0, data 0; 57 / 54 / 17), none choosing. What about the tower matters is
-not how well its features separate the colours: on 300 images, with the shape tokens RMS-normed as the LM's
-first norm sees them, the squared distance between two colours' mean tokens is 3.0-12.2 times the mean squared
-spread within a colour at seed 2, 3.6-10.8 at seed 0, and alike at seeds 1, 3 and 4.
+data 0; 54 / 52 / 22) and 44.5% (LM 0, data 0; 57 / 54 / 17), none choosing. Split (LM and data of seed 0):
+seed 2's ViT under seed 0's resampler 46.9% (60 / 49 / 19, barely choosing), seed 0's ViT under seed 2's
+resampler 57.0% (73 / 45 / 10): mostly the ViT, partly the resampler's random value and output maps. What about
+the tower matters is not how well its features separate the colours: on 300 images, with the shape tokens
+RMS-normed as the LM's first norm sees them, the squared distance between two colours' mean tokens is 3.0-12.2
+times the mean squared spread within a colour at seed 2, 3.6-10.8 at seed 0, and alike at seeds 1, 3 and 4.
 The LM's attention as 8 heads of 16 instead of 4 of 32 (the same parameters; more heads that could each come
 to match a colour word with its image tokens; the recency-biased first layer at amplitude 2.71, so that its
 kernel keeps its strength over the fewer rotary pairs of a 16-wide head): 50.0% (lands 64 / 50 / 14) and 39.1%
