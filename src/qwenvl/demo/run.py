@@ -77,9 +77,9 @@ resampler 57.0% (73 / 45 / 10): mostly the ViT, partly the resampler's random va
 the tower matters is not how well its features separate the colours: on 300 images, with the shape tokens
 RMS-normed as the LM's first norm sees them, the squared distance between two colours' mean tokens is 3.0-12.2
 times the mean squared spread within a colour at seed 2, 3.6-10.8 at seed 0, and alike at seeds 1, 3 and 4.
-Taking the random mixing out of the ViT's blocks does not rescue seed 2: with their residual branches started at
-0 (attention and MLP output projections; the frozen ViT is then its patch embedding and position table) it scored 44.5% (57 /
-46 / 25: no choice learned).
+Taking the random mixing out of the ViT's blocks does not rescue seed 2: with their residual branches started
+at 0 (attention and MLP output projections; the frozen ViT is then its patch embedding and position table) it
+scored 44.5% (57 / 46 / 25: no choice learned).
 The LM's attention as 8 heads of 16 instead of 4 of 32 (the same parameters; more heads that could each come
 to match a colour word with its image tokens; the recency-biased first layer at amplitude 2.71, so that its
 kernel keeps its strength over the fewer rotary pairs of a 16-wide head): 50.0% (lands 64 / 50 / 14) and 39.1%
