@@ -219,6 +219,8 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert landing["asked"] == round(8 * result.accuracy_after)
     assert "where the final boxes land" in (out / "report.md").read_text()
     assert (out / "model" / "config.json").is_file()
+    # the ViT's position table started at 0 (vit_position_init) and stayed there: the tower is frozen
+    assert not model_state(out / "model")["transformer.visual.positional_embedding"].any()
     # lm_head trained as a shared row outside the answers' tokens (demo.vocab) is saved whole: a plain model
     # whose other rows are all equal, and they moved from their start at 0
     from qwenvl.data.dataset import ConversationDataset
@@ -280,6 +282,8 @@ def test_demo_config_validation() -> None:
         DemoConfig(style="chat")
     with pytest.raises(ValueError, match="lm_init_std"):
         DemoConfig(lm_init_std=-0.1)
+    with pytest.raises(ValueError, match="position_init must be one of zero, sincos, random"):
+        DemoConfig(position_init="learned")
     small = DemoConfig.small(20)
     assert small.steps == 20 and 0 <= small.frozen_vision_steps <= 20 and small.n_eval == 8
 
@@ -349,3 +353,30 @@ def test_lm_block_init_redraws_only_the_block_matrices() -> None:
     assert changed == blocks and blocks
     for k in blocks:
         assert abs(float(model.state_dict()[k].std()) - 0.09) < 0.01, k
+
+
+def model_state(folder: Path) -> dict[str, torch.Tensor]:
+    from qwenvl.model import QwenVL
+
+    return QwenVL.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+def test_vit_position_init_sets_only_the_position_table() -> None:
+    from qwenvl.demo.run import demo_model_config, vit_position_init
+    from qwenvl.model import QwenVL
+    from qwenvl.model.vision import sincos_pos_embed_2d
+
+    model = QwenVL.from_config(demo_model_config(), seed=0)
+    name = "transformer.visual.positional_embedding"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert before[name].abs().sum() > 0  # the model's own init is random
+    vit_position_init(model, "random")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    vit_position_init(model, "sincos", scale=2.0)
+    assert torch.allclose(model.state_dict()[name], 2.0 * sincos_pos_embed_2d(before[name].shape[1], 16))
+    vit_position_init(model, "zero")
+    after = model.state_dict()
+    assert not after[name].any()
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if k != name)
+    with pytest.raises(ValueError, match="position init must be one of"):
+        vit_position_init(model, "learned")

@@ -6,7 +6,7 @@ The run, end to end on a laptop CPU:
 2. build a tiny Qwen-VL (:func:`demo_model_config`: 224 px images, a small ViT and LM, the real vocabulary)
    with random weights;
 3. measure held-out grounding accuracy with :func:`qwenvl.eval.runners.evaluate_grounding` (near 0);
-4. train with :func:`qwenvl.train.train` (the LM; the vision tower stays at its random init by default);
+4. train with :func:`qwenvl.train.train` (the LM; the vision tower stays at its init by default);
 5. measure again, and write a report folder: ``loss_curve.png``, ``predictions.png`` (held-out images with
    true and predicted boxes), ``metrics.json``, ``report.md``, the per-sample predictions before/after,
    and the trained model (``model/``, official layout) with its data (``data/``).
@@ -45,6 +45,14 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
   six colours it boxed a shape 88% of the time but picked the asked one barely more often than the other
   (47.7%, lands 61 / 51 / 16); with four it lands 84 / 23 / 21 (65.6%), i.e. the asked shape 3.7x as often
   as the other;
+- the ViT's position table starts at 0 (:func:`vit_position_init`, ``position_init="zero"``): with the model's
+  random table every background patch (the CLIP mean colour, ~0 after normalization) embeds as its own random
+  vector, and whether a run learned to *choose* followed that draw: seed 2's tower never did (42.2%, boxes land
+  54 on the asked shape / 52 on the other / 22 on neither), with it zeroed it did at every seed (float32, 1
+  thread each, two runs side by side: seeds 0, 1, 2 46.9% (60 / 6 / 62), 93.0% (119 / 0 / 9), 65.6% (84 / 4 /
+  40)); what is left is placing the box (the "neither" count): position now reaches the LM only through the
+  resampler's local pooling and the token order. The random table scaled by 0.3 did not choose (seed 2: 43.8%,
+  56 / 45 / 27): LayerNorm gives a background patch's embedding full size at any scale;
 - LM 4 layers x 4 heads, shapes 30-50% of the side, every step on new conversations; bf16 autocast where the
   CPU computes bf16 natively, float32 elsewhere (``bf16="auto"``).
 
@@ -201,7 +209,7 @@ layers x 8 heads: 35.9% (46 / 52 / 30, 808 s, over the time budget). Earlier var
   (``recency_copy_scale`` 1) with ``ref_both``: 31.2% (40 / 32 / 56); batch 8 for 1,520 steps: 22.7%
   (35.2% at step 1,140); RoPE base 10^6 instead of 10^4 (more rotary pairs that keep a content match over
   the 256 image tokens): 31.2% (40 / 42 / 46);
-- a smooth sin-cos ViT position table (``position_init_scale`` 1, key/value gain 0.03) makes a shape
+- a smooth sin-cos ViT position table (``position_init="sincos"``, key/value gain 0.03) makes a shape
   token's position linearly readable (R^2 0.33 -> 0.95) while its colour stays readable (prototype AUC
   0.97 -> 0.94), and the trained heads then do attend to the shapes (up to ~50% of their mass on the two
   shapes), but to both alike: 23.4% (30 / 41 / 57); with ``ref_both``: 19.5%; with style ``"ref"``: 22.7%.
@@ -240,7 +248,7 @@ from .vocab import SharedRowsHead, UsedRowsEmbedding, input_ids, label_ids
 
 __all__ = ["DEMO_PROMPTS", "DemoConfig", "DemoResult", "demo_model_config", "eval_command", "lm_block_init",
            "local_resampler_init", "recency_attention_init", "run_demo", "shared_head_init",
-           "where_boxes_land"]
+           "vit_position_init", "where_boxes_land"]
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +265,7 @@ DEMO_PROMPTS = {
     "ref_first": _REF_FIRST_USER + "<|im_start|>assistant\n<box>",
     "ref_both": _REF_FIRST_USER + "<|im_start|>assistant\n<ref>{expression}</ref><box>",
 }
+POSITION_INITS = ("zero", "sincos", "random")  # how the ViT's position table starts (vit_position_init)
 
 
 def demo_model_config() -> QwenVLConfig:
@@ -386,27 +395,40 @@ def recency_attention_init(model: QwenVL, layers: int = 1, amplitude: float = 2.
 
 
 @torch.no_grad()
-def sincos_position_init(model: QwenVL, scale: float = 1.0) -> None:
-    """Start the ViT's learned position table as a 2D sin-cos table times ``scale``.
+def vit_position_init(model: QwenVL, kind: str = "zero", scale: float = 1.0) -> None:
+    """Start the ViT's learned position table (256 x width, a 16x16 grid) as ``kind``: ``"zero"``, ``"sincos"``
+    (a 2D sin-cos table times ``scale``) or ``"random"`` (left as the model's own init: std width^-0.5).
 
-    The idea: with the default random init (std width^-0.5, norm ~1 per patch) a coloured patch's embedding is
-    ~7x its position; a smooth table of comparable norm (``scale`` 1: norm sqrt(width / 2)) makes position a
-    large part of every patch. Off by default: in our runs it *slowed* learning (3% vs 12% held-out Acc@0.5
-    after 250 LM-only steps; with the key/value gain at 0.03, 23.4% vs 34.4% after 760), although it makes a
-    shape token's position linearly readable from the untrained image features (R^2 0.95 vs 0.33) and the
-    trained LM's heads then attend to the shapes; kept as a knob for experiments.
+    Why zero (the demo's default, ``DemoConfig.position_init``): the background is the CLIP mean colour, which
+    normalizes to ~0, so a background patch's embedding is its row of the position table and nothing else; with
+    the random table the frozen tower hands the LM a different random vector for every background patch, and
+    which runs learned to *choose* the asked shape followed that draw (seed 2's tower never did, whatever the
+    LM's init or the data). Zeroed, every background patch embeds alike and a shape's tokens differ from the
+    background only by colour; where a token lies is still known: the resampler pools each of its 256 tokens
+    from its own neighbourhood through its fixed sin-cos table (:func:`local_resampler_init`), and the LM reads
+    the token order with its rotary embedding. Measured (760 steps, the defaults otherwise): seed 2 42.2% ->
+    65.6% held-out Acc@0.5, boxes on the asked shape / the other / neither 54 / 52 / 22 -> 84 / 4 / 40 (numbers
+    for every seed: the module docstring). A sin-cos table (``"sincos"``, scale 1) makes position a large part
+    of every patch and slowed learning in our runs (before the patch grid: 23.4% vs 34.4% after 760 steps with
+    the key/value gain at 0.03), although a shape token's position is then linearly readable from the
+    untrained features (R^2 0.95 vs 0.33).
     """
     from ..model.vision import sincos_pos_embed_2d
 
+    if kind not in POSITION_INITS:
+        raise ValueError(f"position init must be one of {', '.join(POSITION_INITS)}, got {kind!r}")
     table = model.transformer.visual.positional_embedding  # (256, width): a 16x16 grid
-    table.copy_(scale * sincos_pos_embed_2d(table.shape[1], 16).to(table))
+    if kind == "zero":
+        table.zero_()
+    elif kind == "sincos":
+        table.copy_(scale * sincos_pos_embed_2d(table.shape[1], 16).to(table))
 
 
 @dataclass
 class DemoConfig:
     """Knobs of the demo. The defaults are the recipe tuned for ~8-11 minutes on 2 CPU cores with native bf16;
-    in float32 on 2 AVX2 cores of an AMD EPYC the run takes ~5-10 minutes as the host's speed varies (76.6%, 54.7%
-    and 42.2% at seeds 0, 1 and 2; the numbers, and why a step costs what it does: module docstring).
+    in float32 on 2 AVX2 cores of an AMD EPYC the run takes ~5-10 minutes as the host's speed varies (the
+    accuracy at each seed, and why a step costs what it does: module docstring).
 
     Measured (2 cores): held-out Acc@0.5 0% -> 65.6% in 459 s (seed 0; 52.3% and 51.6% with seeds 1 and 2);
     the plain recipe (every parameter from step 1, default init, light background, shapes anywhere, six
@@ -447,7 +469,7 @@ class DemoConfig:
     # lm_head's rows of the tokens no training answer uses start at 0 and, staying equal under training, are
     # trained as one shared row (vocab.SharedRowsHead): the same training at a fraction of the loss's cost
     shared_head: bool = True
-    position_init_scale: float = 0.0  # > 0: ViT position table starts as sin-cos x scale (0 = default random)
+    position_init: str = "zero"  # the ViT's position table at the start: zero, sincos or random (vit_position_init)
     eval_batch_size: int = 32
     eval_every: int = 380  # also measure held-out accuracy every N steps (0 = only before and after)
     grid_images: int = 16
@@ -464,6 +486,8 @@ class DemoConfig:
             raise ValueError(f"frozen_vision_steps must be in [0, steps], got {self.frozen_vision_steps}")
         if self.lm_init_std < 0:
             raise ValueError(f"lm_init_std must be >= 0 (0 = the model's own init), got {self.lm_init_std}")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
         if self.n_train < 1 or self.n_eval < 1:
             raise ValueError(f"n_train and n_eval must be >= 1, got {self.n_train} and {self.n_eval}")
 
@@ -702,8 +726,7 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         local_resampler_init(model, cfg.resampler_init_scale, cfg.resampler_kv_gain)
     if cfg.lm_init_std > 0:
         lm_block_init(model, cfg.lm_init_std)
-    if cfg.position_init_scale > 0:
-        sincos_position_init(model, cfg.position_init_scale)
+    vit_position_init(model, cfg.position_init)
     if cfg.recency_init_layers > 0:
         recency_attention_init(model, cfg.recency_init_layers, cfg.recency_init_amplitude,
                                copy_scale=cfg.recency_copy_scale)
