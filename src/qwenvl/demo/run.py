@@ -50,9 +50,10 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
   vector, and whether a run learned to *choose* followed that draw: seed 2's tower never did (42.2%, boxes land
   54 on the asked shape / 52 on the other / 22 on neither), with it zeroed it did at every seed (float32, 1
   thread each, two runs side by side: seeds 0, 1, 2 46.9% (60 / 6 / 62), 93.0% (119 / 0 / 9), 65.6% (84 / 4 /
-  40); seeds 3 and 4: 53.1% (68 / 10 / 50) and 52.3% (67 / 13 / 48); seed 0 with 2 threads from a fresh clone: the same 46.9%, and 46.9% with
-  ``--quantize int8``, 123 of 128 answers identical); what is left is placing the box (the "neither" count): position now reaches the LM only through the
-  resampler's local pooling and the token order. The random table scaled by 0.3 did not choose (seed 2: 43.8%,
+  40); seeds 3 and 4: 53.1% (68 / 10 / 50) and 52.3% (67 / 13 / 48); seed 0 with 2 threads from a fresh
+  clone: the same 46.9%, and 46.9% with ``--quantize int8``, 123 of 128 answers identical); what is left is
+  placing the box (the "neither" count): position now reaches the LM only through the resampler's local
+  pooling and the token order. The random table scaled by 0.3 did not choose (seed 2: 43.8%,
   56 / 45 / 27): LayerNorm gives a background patch's embedding full size at any scale;
 - LM 4 layers x 4 heads, shapes 30-50% of the side, every step on new conversations; bf16 autocast where the
   CPU computes bf16 natively, float32 elsewhere (``bf16="auto"``).
