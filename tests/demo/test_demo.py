@@ -222,6 +222,7 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     # lm_head trained as a shared row outside the answers' tokens (demo.vocab) is saved whole: a plain model
     # whose other rows are all equal, and they moved from their start at 0
     from qwenvl.data.dataset import ConversationDataset
+    from qwenvl.demo.run import DEMO_ROTARY_BASE
     from qwenvl.demo.vocab import label_ids
     from qwenvl.model import QwenVL
     from qwenvl.processor import Processor
@@ -230,6 +231,7 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert type(saved.lm_head) is torch.nn.Linear
     # the ViT's position table started at 0 (vit_position_init) and stayed there: the tower is frozen
     assert not saved.transformer.visual.positional_embedding.any()
+    assert saved.config.lm.rotary_emb_base == DEMO_ROTARY_BASE  # saved with the model: `qwenvl eval` reads it back
     answers = label_ids(ConversationDataset(out / "data" / "train.json", Processor(chat_format="chatml"), out / "data"))
     assert 10 < len(answers) < 40  # digits, punctuation, </box>, <|im_end|>, ...
     others = torch.ones(saved.lm_head.out_features, dtype=torch.bool)
@@ -314,6 +316,20 @@ def test_recency_attention_init_makes_the_first_layer_look_back_a_few_tokens() -
     assert float(recent[:, -16:].sum(-1).min()) > 0.6
     assert float(recent[:, -11].min()) > 5 / t  # a token 10 back: several times its uniform share
     assert model.transformer.h[1].attn.c_attn.bias.abs().max() == 0  # later layers untouched
+
+
+def test_demo_rotary_base_turns_one_pair_once_per_image_row() -> None:
+    import math
+
+    from qwenvl.demo.run import demo_model_config
+
+    lm = demo_model_config().lm
+    side = 16  # the demo's 224-px images in 14-px patches: 16 x 16 image tokens, read row by row
+    theta = [lm.rotary_emb_base ** (-2 * k / lm.kv_channels) for k in range(lm.kv_channels // 2)]
+    assert abs(theta[2] * side / (2 * math.pi) - 1) < 0.002  # one turn per row of image tokens
+    assert abs(theta[8] * side * side / (2 * math.pi) - 1) < 0.03  # ... and one over the whole image
+    official = [10_000 ** (-2 * k / lm.kv_channels) for k in range(lm.kv_channels // 2)]
+    assert min(abs(t * side / (2 * math.pi) - 1) for t in official) > 0.15  # no official pair has the period
 
 
 def test_where_boxes_land_tells_locating_from_choosing(tmp_path: Path) -> None:
