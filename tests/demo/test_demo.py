@@ -244,7 +244,8 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert all(v % 14 == 0 for box in boxes for v in box)
     train = json.loads((out / "data" / "train.json").read_text())
     assert len(train) == 2 * metrics["demo_config"]["n_train"]
-    assert "on a 14 px grid" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "on a 14 px grid" in report and "(RoPE base 1757)" in report and "position table started as zero" in report
     # ... in the default colours only
     sents = [json.loads(line)["sent"] for line in (out / "data" / "eval.jsonl").read_text().splitlines()]
     assert all(s.split()[1] in ("red", "green", "blue", "yellow") for s in sents)

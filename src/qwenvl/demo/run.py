@@ -47,14 +47,14 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
   as the other;
 - the ViT's position table starts at 0 (:func:`vit_position_init`, ``position_init="zero"``): with the model's
   random table every background patch (the CLIP mean colour, ~0 after normalization) embeds as its own random
-  vector, and whether a run learned to *choose* followed that draw: seed 2's tower never did (42.2%, boxes land
-  54 on the asked shape / 52 on the other / 22 on neither), with it zeroed it did at every seed (RoPE base 10,000, before the next
-  item; float32, 1 thread each, two runs side by side: seeds 0, 1, 2 46.9% (60 / 6 / 62), 93.0% (119 / 0 / 9), 65.6% (84 / 4 /
-  40); seeds 3 and 4: 53.1% (68 / 10 / 50) and 52.3% (67 / 13 / 48); seed 0 with 2 threads from a fresh
-  clone: the same 46.9%, and 46.9% with ``--quantize int8``, 123 of 128 answers identical); what is left is
-  placing the box (the "neither" count): position now reaches the LM only through the resampler's local
-  pooling and the token order. The random table scaled by 0.3 did not choose (seed 2: 43.8%,
-  56 / 45 / 27): LayerNorm gives a background patch's embedding full size at any scale;
+  vector, and whether a run learned to *choose* followed that draw: seed 2's tower never did (42.2%, boxes land 54
+  on the asked shape / 52 on the other / 22 on neither), with it zeroed it did at every seed (RoPE base 10,000,
+  before the next item; float32, 1 thread each, two runs side by side: seeds 0, 1, 2 46.9% (60 / 6 / 62), 93.0% (119
+  / 0 / 9), 65.6% (84 / 4 / 40); seeds 3 and 4: 53.1% (68 / 10 / 50) and 52.3% (67 / 13 / 48); seed 0 with 2 threads
+  from a fresh clone: the same 46.9%, and 46.9% with ``--quantize int8``, 123 of 128 answers identical); what is
+  left is placing the box (the "neither" count): position now reaches the LM only through the resampler's local
+  pooling and the token order. The random table scaled by 0.3 did not choose (seed 2: 43.8%, 56 / 45 / 27):
+  LayerNorm gives a background patch's embedding full size at any scale;
 - the LM's rotary base is 1,757 instead of the official 10,000 (:data:`DEMO_ROTARY_BASE`; the model's config
   field ``rotary_emb_base``, saved with it): one rotary pair then turns once per row of the 16x16 image tokens,
   so a token's column is a phase the LM's attention can match. With the position table at 0 the box was placed
@@ -64,12 +64,16 @@ The recipe, and why (measured on this task; the plain recipe stays near 0% for t
 - LM 4 layers x 4 heads, shapes 30-50% of the side, every step on new conversations; bf16 autocast where the
   CPU computes bf16 natively, float32 elsewhere (``bf16="auto"``).
 
-Measured, the defaults (float32 on 2 cores of an AVX2-only AMD EPYC, Zen 3, the project's machine type; runs
-two side by side with one thread each, which gives the same answers as one run with two): held-out Acc@0.5
-0% -> 50.8%, 63.3%, 67.2% and 64.8% at seeds 0, 1, 2 and 3 (lands 65 / 19 / 44, 81 / 3 / 44, 86 / 17 / 25
-and 83 / 17 / 28). TIME. 128 held-out images give +-4 points of noise, and on this task float rounding alone moves a run by
-tens of points, so each number is one sample of a wide spread. Every run behind the recipe, kept or not:
-``benchmarks/README.md``, "The demo's recipe: the runs behind it".
+Measured, the defaults (float32 on 2 cores of an AVX2-only AMD EPYC, Zen 3, the project's machine type; runs two
+side by side with one thread each, which gives the same answers as one run with two): held-out Acc@0.5 0% -> 50.8%,
+63.3%, 67.2% and 64.8% at seeds 0, 1, 2 and 3 (lands 65 / 19 / 44, 81 / 3 / 44, 86 / 17 / 25 and 83 / 17 / 28);
+seeds 4 and 5: 82.8% (106 / 5 / 17) and 60.2% (77 / 15 / 36). The quickstart's first command in a fresh
+clone and venv, 2 threads, nothing else running: 9 min 43 s (install 58 s, demo 516 s, training
+472 s at ~0.62 s a step), 50.8% at seed 0 as above, and 50.8% with ``--quantize int8`` (122 of 128 boxes identical);
+the same work has taken 5 min 37 s to 10 min 27 s as the shared host's speed varied. 128 held-out images give +-4
+points of noise, and on this task float rounding alone moves a run by tens of points, so each number is one sample
+of a wide spread. Every run behind the recipe, kept or not: ``benchmarks/README.md``, "The demo's recipe: the runs
+behind it".
 """
 
 from __future__ import annotations
@@ -103,8 +107,8 @@ from .report import GridItem, draw_loss_curve, draw_prediction_grid
 from .synthetic import SyntheticConfig, SyntheticSample, make_dataset, question
 from .vocab import SharedRowsHead, UsedRowsEmbedding, input_ids, label_ids
 
-__all__ = ["DEMO_PROMPTS", "DEMO_ROTARY_BASE", "DemoConfig", "DemoResult", "demo_model_config", "eval_command", "lm_block_init",
-           "local_resampler_init", "recency_attention_init", "run_demo", "shared_head_init",
+__all__ = ["DEMO_PROMPTS", "DEMO_ROTARY_BASE", "DemoConfig", "DemoResult", "demo_model_config", "eval_command",
+           "lm_block_init", "local_resampler_init", "recency_attention_init", "run_demo", "shared_head_init",
            "vit_position_init", "where_boxes_land"]
 
 logger = logging.getLogger(__name__)
@@ -499,8 +503,9 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
         f"{'each shape' if cfg.each_shape else 'one shape'} asked for per training image (one per held-out image), "
         f"conversation style {cfg.style!r} (`data/train.json`, `data/eval.jsonl`)",
         f"- model: {n_params / 1e6:.1f}M parameters; ViT width {vis.width} x {vis.layers} layers "
-        f"(patch {vis.patch_size}), LM hidden {lm.hidden_size} x {lm.num_hidden_layers} layers, vocabulary "
-        f"{lm.vocab_size}; resampler attention started local (scale {cfg.resampler_init_scale:g}, key/value gain "
+        f"(patch {vis.patch_size}), LM hidden {lm.hidden_size} x {lm.num_hidden_layers} layers (RoPE base "
+        f"{lm.rotary_emb_base:g}), vocabulary {lm.vocab_size}; ViT position table started as {cfg.position_init}; "
+        f"resampler attention started local (scale {cfg.resampler_init_scale:g}, key/value gain "
         f"{cfg.resampler_kv_gain:g})"
         + (f"; the first {cfg.recency_init_layers} LM layer(s) started with recency-biased attention"
            if cfg.recency_init_layers else "")
