@@ -322,14 +322,18 @@ def test_recency_attention_init_makes_the_first_layer_look_back_a_few_tokens() -
 def test_demo_rotary_base_turns_one_pair_once_per_image_row() -> None:
     import math
 
+    import torch
+
     from qwenvl.demo.run import demo_model_config
+    from qwenvl.model.llm import rope_inv_freq
 
     lm = demo_model_config().lm
     side = 16  # the demo's 224-px images in 14-px patches: 16 x 16 image tokens, read row by row
-    theta = [lm.rotary_emb_base ** (-2 * k / lm.kv_channels) for k in range(lm.kv_channels // 2)]
+    # the rotary pairs' angles per token, as the model computes them (no NTK scaling: alpha 1)
+    theta = rope_inv_freq(torch.ones(1), lm.kv_channels, lm.rotary_emb_base)[0].tolist()
     assert abs(theta[2] * side / (2 * math.pi) - 1) < 0.002  # one turn per row of image tokens
     assert abs(theta[8] * side * side / (2 * math.pi) - 1) < 0.03  # ... and one over the whole image
-    official = [10_000 ** (-2 * k / lm.kv_channels) for k in range(lm.kv_channels // 2)]
+    official = rope_inv_freq(torch.ones(1), lm.kv_channels, 10_000.0)[0].tolist()
     assert min(abs(t * side / (2 * math.pi) - 1) for t in official) > 0.15  # no official pair has the period
 
 

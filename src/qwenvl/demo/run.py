@@ -133,9 +133,7 @@ POSITION_INITS = ("zero", "sincos", "random")  # how the ViT's position table st
 # the LM reads in raster order, so tokens of one column meet at one phase, and pair 8 (0.0239 ~ 2*pi/256) turns
 # once over the whole image. With the ViT's position table at 0 (vit_position_init) where an image token lies
 # reaches the LM only through that order, and at the official 10,000 no pair has the row's period (pairs 1 and 2
-# turn by 0.56 and 0.32). Measured (760 steps, defaults otherwise, float32, 1 thread each): seed 0 46.9% -> 50.8%
-# held-out Acc@0.5, boxes on the asked shape / the other / neither 60 / 6 / 62 -> 65 / 19 / 44; seed 2 65.6% ->
-# 67.2%, 84 / 4 / 40 -> 86 / 17 / 25 (all seeds: the module docstring).
+# turn by 0.56 and 0.32). What it measured: the module docstring.
 DEMO_ROTARY_BASE = 1757.0
 
 
