@@ -50,3 +50,21 @@ def test_logits_to_keep_selects_positions(golden_model, golden_expected):
     assert last.shape == (1, 1, 151936)
     torch.testing.assert_close(last[0, 0], full[0, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(some[0], full[0, [0, 5]], atol=1e-5, rtol=0)
+
+
+def test_kept_positions_reach_lm_head_with_standard_strides(golden_model, golden_expected):
+    # With a strided slice, torch.matmul (weights that need no gradient) multiplies by a copy of the whole
+    # expanded lm_head weight (bmm); standard strides fold the rows into one mm.
+    case = golden_expected["cases"][2]
+    ids = torch.tensor([case["input_ids"]] * 2)
+    seen = []
+    hook = golden_model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            golden_model(ids, logits_to_keep=1)
+            golden_model(ids[:1], logits_to_keep=2)
+    finally:
+        hook.remove()
+    assert [x.shape[:2] for x in seen] == [(2, 1), (1, 2)]
+    for x in seen:
+        assert x.stride() == torch.empty(x.shape).stride()

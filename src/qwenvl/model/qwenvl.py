@@ -334,7 +334,9 @@ class QwenVL(nn.Module):
         if isinstance(logits_to_keep, torch.Tensor):
             x = x[:, logits_to_keep]
         elif logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
+            # copied with standard strides: given the slice's strides, torch.matmul (weights without gradients)
+            # runs a bmm that copies the whole lm_head weight instead of one (rows, hidden) x (hidden, vocab) mm
+            x = x[:, -logits_to_keep:].clone(memory_format=torch.contiguous_format)
         return QwenVLOutput(logits=self.lm_head(x), past_key_values=cache)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, int]:
