@@ -89,7 +89,7 @@ def test_fp32_products_follow_the_machine(path, monkeypatch) -> None:
     """Each machine path (hardware.fp32_product_path) sets the layers up as documented, keeps the weights as
     they are (row-major, values unchanged) and computes the same products: slices for 2-12 rows with MKL's
     AVX-512 code, transposed products for 2-32 rows and compiled one-row reductions on AMD CPUs, F.linear
-    elsewhere; int8 layers multiply their dequantized slices transposed on AMD CPUs."""
+    elsewhere; int8 layers with fp32 activations multiply their dequantized slices transposed on AMD CPUs."""
     import qwenvl.quantize as qz
 
     monkeypatch.setattr(qz, "fp32_product_path", lambda: path)
@@ -119,6 +119,11 @@ def test_fp32_products_follow_the_machine(path, monkeypatch) -> None:
     optimize_for_inference(q, "int8")
     assert q.lm_head.transposed_slices is q.lm_head.few_row_reductions is (path == "amd")
     assert compile_options(q) == (None if path == "amd" else {"realize_acc_reads_threshold": 1})
+    # bf16 activations: the plain int8 path on every kind of CPU, and the option kept
+    q = QwenVL.from_config("tiny", seed=0, dtype=torch.bfloat16)
+    optimize_for_inference(q, "int8")
+    assert q.lm_head.transposed_slices is q.lm_head.few_row_reductions is False
+    assert compile_options(q) == {"realize_acc_reads_threshold": 1}
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 32, 33])

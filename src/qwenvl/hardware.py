@@ -84,8 +84,9 @@ def mkl_runs_avx512(flags: frozenset[str] | None = None) -> bool:
     """Whether PyTorch's fp32 matrix products (MKL's sgemm on x86 builds) run AVX-512 code here: MKL is in
     this build, the CPU has AVX-512F and ``MKL_ENABLE_INSTRUCTIONS`` does not cap MKL below it.
 
-    It decides how few-row fp32 products run (:mod:`qwenvl.quantize`): MKL's AVX-512 sgemm repacks the whole
-    weight for a product of a few rows, its AVX2 sgemm does not lose as much (measured in that module)."""
+    On CPUs other than AMD's it decides how few-row fp32 products run (:mod:`qwenvl.quantize`): MKL's AVX-512
+    sgemm repacks the whole weight for a product of a few rows, its AVX2 sgemm does not lose as much (measured
+    in that module)."""
     import torch
 
     flags = cpu_flags() if flags is None else flags
@@ -145,18 +146,18 @@ def resolve_bf16(choice: bool | str | None, device: str | torch.device, what: st
 def fp32_product_path(flags: frozenset[str] | None = None, vendor: str | None = None) -> str:
     """Which fp32 CPU product suits this machine's MKL for decoding (:mod:`qwenvl.quantize` measures each):
 
-    * ``"avx512"``: MKL runs AVX-512 code (:func:`mkl_runs_avx512`);
-    * ``"amd"``: an AMD CPU with MKL below AVX-512 (the project's own machine type, an AVX2 EPYC), where
-      MKL's product of a few rows by a row-major weight streams ~3x faster written as the weight times the
-      rows transposed, and a compiled one-row product is faster as a reduction;
+    * ``"amd"``: an AMD CPU (with MKL in the build), AVX2 or AVX-512: MKL's product of a few rows by a
+      row-major weight streams ~3x faster written as the weight times the rows transposed, and a compiled
+      product of 1-8 rows is faster as a reduction (measured on a Zen 3 EPYC, AVX2, and a Zen 4 EPYC, AVX-512);
+    * ``"avx512"``: another CPU whose MKL runs AVX-512 code (:func:`mkl_runs_avx512`; measured on Xeons);
     * ``"avx2"``: any other CPU (e.g. an Intel CPU whose MKL runs its AVX2 code), where plain ``F.linear``
       measured best."""
     import torch
 
-    if mkl_runs_avx512(flags):
-        return "avx512"
     vendor = cpu_vendor() if vendor is None else vendor
-    return "amd" if vendor == "AuthenticAMD" and torch.backends.mkl.is_available() else "avx2"
+    if vendor == "AuthenticAMD" and torch.backends.mkl.is_available():
+        return "amd"
+    return "avx512" if mkl_runs_avx512(flags) else "avx2"
 
 
 def cpu_summary() -> str:

@@ -10,10 +10,17 @@ The model's code never changes: it calls ``self.c_attn(x)`` and friends. :func:`
 * otherwise, on the CPU: :class:`RowLinear`, a plain ``nn.Linear`` (same parameters and state dict) whose
   half-precision one-row products are written as a reduction when they run inside ``torch.compile``, and
   whose fp32 products take the path that measured fastest on the machine's kind of CPU
-  (:func:`qwenvl.hardware.fp32_product_path`): where MKL runs AVX-512 code, few-row products (batched
-  decoding, 2-12 rows) run over slices of the weight's rows; on AMD CPUs without it (the project's own machine
-  type), compiled products of 1-8 rows are reductions too and other products of 2-32 rows run transposed;
+  (:func:`qwenvl.hardware.fp32_product_path`): on AMD CPUs (the project's own machine type), compiled
+  products of 1-8 rows are reductions too and other products of 2-32 rows run transposed; on other CPUs where
+  MKL runs AVX-512 code, few-row products (batched decoding, 2-12 rows) run over slices of the weight's rows;
   elsewhere ``F.linear``.
+
+Why AMD CPUs take their path also with AVX-512: it was measured on a Zen 3 EPYC (AVX2) and the slices on
+Xeons; on a Zen 4 EPYC (AVX-512 and AVX512-BF16, 2 threads; ``benchmarks/generate.py --dtype float32``, mid
+model, one run each) the Xeons' path left a compiled batch-1 fp32 step at 76.7 ms, 2.66x the weight-read floor
+(MKL's matrix-vector product read the mid ``lm_head`` at ~13 GB/s, the reduction at ~26-31), a compiled batch-8
+step at 152.5 ms and a compiled int8 batch-8 step at 195-500 ms; the AMD path: 30.6 ms (1.15x), 94.3 ms and
+54.5 ms.
 
 Why the reductions: batch-1 decoding reads every weight once per token, so its speed is the speed of
 streaming the weights. A one-row product written as ``(w * x).sum(-1)`` lets inductor emit one loop that
@@ -320,7 +327,7 @@ class Int8Linear(nn.Module):
     as int32 packs in element ``i`` one weight of each quarter of the input (see the module doc).
     :meth:`dequantize` gives the weight in the usual layout. ``transposed_slices``: products of 2-12 rows multiply
     each dequantized slice by the rows transposed; ``few_row_reductions``: compiled products of 2-8 rows are
-    reductions like one row's (both set by :func:`quantize_int8` on AMD CPUs; module doc)."""
+    reductions like one row's (both set by :func:`quantize_int8` on AMD CPUs, for fp32 activations; module doc)."""
 
     transposed_slices = False
     few_row_reductions = False
@@ -440,8 +447,10 @@ def use_row_products(model: nn.Module, path: str | None = None) -> int:
     ``path`` (None: :func:`qwenvl.hardware.fp32_product_path` decides from the machine): ``"avx512"``: fp32
     products of 2-12 rows over slices of the weight; ``"amd"``: compiled products of 1-8 rows as reductions,
     other products of 2-32 rows transposed; ``"avx2"``: ``F.linear`` (half-precision weights: one-row
-    reductions wherever compiled). Its :class:`Int8Linear` layers are set up for the path too ("amd":
-    transposed slices, compiled 2-8-row reductions). Returns how many ``RowLinear`` layers."""
+    reductions wherever compiled). Its :class:`Int8Linear` layers with fp32 activations are set up for the path
+    too ("amd": transposed slices, compiled 2-8-row reductions; with bf16 activations those made a compiled
+    batch-1 int8 step of the mid model 7.6x slower on a Zen 4 EPYC: 127.6 vs 16.7 ms). Returns how many
+    ``RowLinear`` layers."""
     path = fp32_product_path() if path is None else path
     if path not in _PATHS:
         raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
@@ -451,8 +460,8 @@ def use_row_products(model: nn.Module, path: str | None = None) -> int:
         layer.__class__ = RowLinear
         layer.few_rows, layer.fp32_row_reduction = few_rows, reduction
     for m in model.modules():
-        if isinstance(m, Int8Linear):
-            m.transposed_slices = m.few_row_reductions = path == "amd"
+        if isinstance(m, Int8Linear):  # measured with fp32 activations; bf16 ones keep the plain int8 path
+            m.transposed_slices = m.few_row_reductions = path == "amd" and m.scales.dtype == torch.float32
     return len(layers)
 
 
