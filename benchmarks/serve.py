@@ -32,7 +32,7 @@ import uvicorn
 from PIL import Image
 
 from qwenvl import Processor, QwenVL
-from qwenvl.hardware import cpu_summary, separate_compile_cache
+from qwenvl.hardware import cpu_summary, default_dtype, separate_compile_cache
 from qwenvl.quantize import QUANTIZE_CHOICES, optimize_for_inference
 from qwenvl.serve.app import ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig, auto_batch_size
@@ -97,7 +97,8 @@ def main() -> None:
     separate_compile_cache()  # --compile under ATEN_CPU_CAPABILITY: a cache of its own
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mid")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="compute dtype (auto: as qwenvl serve picks it on this machine)")
     ap.add_argument("--clients", type=int, nargs="+", default=[64])
     ap.add_argument("--max_batch_size", type=int, help="decode slots (default: as qwenvl serve chooses)")
     ap.add_argument("--base_rounds", type=int, default=3, help="rounds of one client; the best is the base")
@@ -109,8 +110,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    dtype = default_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
     # the layer swaps `qwenvl serve` gets from qwenvl.inference.load
-    model = optimize_for_inference(QwenVL.from_config(args.preset, seed=0, dtype=getattr(torch, args.dtype)).eval(),
+    model = optimize_for_inference(QwenVL.from_config(args.preset, seed=0, dtype=dtype).eval(),
                                    args.quantize)
     processor = Processor(image_size=model.config.visual.image_size)
     max_model_len = 1024
@@ -128,7 +130,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     image = picture_url(0)
     print(f"cpu: {cpu_summary()}")
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, preset {args.preset} {args.dtype}, "
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, preset {args.preset} {str(dtype).removeprefix('torch.')}, "
           f"quantize {args.quantize}, {slots} slots of {max_model_len} positions, max_tokens {args.max_tokens}")
     asyncio.run(round_of(url, 2, 4, image))  # warm-up: first-call costs out of the numbers
     singles = [asyncio.run(round_of(url, 1, args.max_tokens, image)) for _ in range(args.base_rounds)]
