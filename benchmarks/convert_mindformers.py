@@ -8,7 +8,7 @@ For each it prints wall time and peak RSS against the bound 1.3 x largest tensor
 runtime: Python, torch and the meta model; the baseline line shows what importing them costs).
 
     python benchmarks/convert_mindformers.py             # temp dir under $TMPDIR, removed afterwards
-    python benchmarks/convert_mindformers.py --keep DIR  # write into DIR and keep the files
+    python benchmarks/convert_mindformers.py --keep DIR  # write into DIR (new or empty) and keep the files
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import math
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import work_dir  # noqa: E402 (a sibling script)
 
 from qwenvl.config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
 from qwenvl.hardware import cpu_summary
@@ -101,8 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep the files")
     args = parser.parse_args()
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qwenvl-mf-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(Path(args.keep) if args.keep else None, "qwenvl-mf-bench-")
     try:
         print(cpu_summary())
         config = _config()

@@ -30,6 +30,7 @@ import torch
 
 from qwenvl.checkpoint import find_weights, save_pretrained
 from qwenvl.config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
+from qwenvl.hardware import cpu_summary
 from qwenvl.model import QwenVL
 from qwenvl.quantize import Int8Linear, optimize_for_inference
 
@@ -73,6 +74,17 @@ def random_state(config: QwenVLConfig, dtype: torch.dtype) -> dict[str, torch.Te
         t.normal_(std=0.02, generator=g)
         state[key] = t
     return state
+
+
+def work_dir(path: Path | None, prefix: str) -> Path:
+    """The folder a run writes into: a new temporary folder, or ``path`` when it is new or empty (a run writes
+    and removes only its own files there, so a folder that holds anything is refused)."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    path.mkdir(parents=True, exist_ok=True)
+    if any(path.iterdir()):
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {path} is not empty: give a new or empty folder")
+    return path
 
 
 def write_checkpoints(workdir: Path, config: QwenVLConfig, dtype: torch.dtype, shard: str) -> dict[str, Path]:
@@ -165,7 +177,7 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=2.0, help="minimum weight size (10^9 bytes)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype, loaded as is")
     ap.add_argument("--max-shard-size", default="1GB", help="shard size of both formats")
-    ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to write: a new or empty folder (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     ap.add_argument("--cold", action="store_true", help="evict the weight files from the page cache before loading")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -176,8 +188,8 @@ def main() -> None:
 
     config = sized_config(args.size_gb * GB, args.dtype)
     weight_bytes = _nbytes(_shapes(config), DTYPES[args.dtype])
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qwenvl-load-bench-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = work_dir(args.workdir, "qwenvl-load-bench-")
+    print(f"cpu: {cpu_summary()}")
     print(f"model: hidden {config.lm.hidden_size}, {config.lm.num_hidden_layers} LM layers, vision width "
           f"{config.visual.width} x {config.visual.layers}; weights {weight_bytes / GB:.3f} GB {args.dtype}; "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs; page cache {'cold' if args.cold else 'warm'}; "

@@ -23,17 +23,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import GB, _nbytes, _peak_rss, _shapes, random_state, sized_config  # noqa: E402 (a sibling script)
+from load import GB, _nbytes, _peak_rss, _shapes, random_state, sized_config, work_dir  # noqa: E402 (a sibling script)
 
 from qwenvl.checkpoint import find_weights, save_pretrained  # noqa: E402
 from qwenvl.config import QwenVLConfig  # noqa: E402
+from qwenvl.hardware import cpu_summary  # noqa: E402
 
 DTYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -98,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=2.0, help="minimum weight size (10^9 bytes)")
     ap.add_argument("--nproc", type=int, default=2, help="ranks")
-    ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir, removed)")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to write: a new or empty folder (default: a temp dir, removed)")
     ap.add_argument("--rank-main", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_main:
@@ -107,8 +107,8 @@ def main() -> None:
 
     config = sized_config(args.size_gb * GB, "bf16")
     weight_bytes = _nbytes(_shapes(config), torch.bfloat16)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qwenvl-load-dist-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = work_dir(args.workdir, "qwenvl-load-dist-")
+    print(f"cpu: {cpu_summary()}")
     print(f"model: hidden {config.lm.hidden_size}, {config.lm.num_hidden_layers} LM layers; weights "
           f"{weight_bytes / GB:.3f} GB bf16; {args.nproc} ranks (gloo, CPU); torch {torch.__version__}", flush=True)
     try:
