@@ -143,6 +143,25 @@ def test_products_transposed_equal_plain(rows, transposed) -> None:
         torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), lin.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 6, 7, 40])
+def test_bf16_rows_take_pytorchs_int8_product(rows, monkeypatch) -> None:
+    """int8 layers multiply up to 12 bf16 rows (CPU, no gradients) with PyTorch's int8 weight-only product, by
+    the stored (interleaved) weight and the rows in the same order, and more rows over dequantized slices: both
+    the product by the dequantized weight, in bf16."""
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a) or real(*a))
+    lin = nn.Linear(64, 40).to(torch.bfloat16).requires_grad_(False)
+    q = Int8Linear.from_linear(lin)
+    assert q.groups == 4
+    x = torch.randn(2, rows, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        got = q(x)
+    assert len(calls) == (1 if 2 * rows <= 12 else 0) and got.dtype == torch.bfloat16 and got.shape == (2, rows, 40)
+    want = nn.functional.linear(x.float(), q.dequantize(), lin.bias.float())
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("n", [48, 20, 6, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_reduction_reads_blocks_of_rows_and_sums_as_unsplit(n, dtype) -> None:
