@@ -109,9 +109,10 @@ multiplies up to 12 rows, outside ``torch.compile``'s one-row reductions, with `
 (the weight as stored, the rows in the same interleaved order). On a Zen 4 EPYC (AVX-512, AVX512-BF16, 2
 threads), mid ``lm_head``, one row: 15.5 ms against 42.5 ms dequantizing slices and 26.6 ms for bf16
 ``F.linear``; 8 rows: 39 vs 58 ms; mid model, ``benchmarks/generate.py``: an eager int8 batch-1 step 25.9 ms
-(78-90 before; bf16 eager 44.3; another run: 28.0 vs 39.0), batch 8 eager 59.7 ms (91-96), compiled 58.9 ms (74). With more rows the
-dequantized slices multiply faster (270 rows of a (3072, 1024) layer: 5.1 ms against 11.3, ~150 GFLOP/s for
-the int8 product at every row count), and with fp32 rows the int8 product was 1.5-7x slower than the slices.
+(78-90 before; bf16 eager 44.3; another run: 28.0 vs 39.0), batch 8 eager 59.7 ms (91-96), compiled 58.9 ms
+(74). With more rows the dequantized slices multiply faster (270 rows of a (3072, 1024) layer: 5.1 ms against
+11.3, ~150 GFLOP/s for the int8 product at every row count), and with fp32 rows the int8 product was 1.5-7x
+slower than the slices.
 
 Why the slices: for a few rows of input, the CPU's fp32 matrix product (MKL's sgemm) with AVX-512 repacks
 the whole weight on every call, so a batch-8 decode step read the weights about three times instead of once
