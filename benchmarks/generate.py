@@ -36,7 +36,8 @@ import torch
 from qwenvl import QwenVL
 from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
 from qwenvl.generation import SamplingParams, stream_tokens
-from qwenvl.hardware import cpu_summary, default_dtype, separate_compile_cache
+from qwenvl.hardware import cpu_summary, separate_compile_cache
+from qwenvl.inference import resolve_dtype
 from qwenvl.quantize import Int8Linear, optimize_for_inference
 
 
@@ -145,7 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dtype = default_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, "cpu")  # as qwenvl.inference.load picks it
     n, plen = args.new_tokens, args.prompt_len
     tag = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     res: dict[str, object] = {"cpu": cpu_summary(), "preset": args.preset, "dtype": tag}

@@ -32,7 +32,8 @@ import uvicorn
 from PIL import Image
 
 from qwenvl import Processor, QwenVL
-from qwenvl.hardware import cpu_summary, default_dtype, separate_compile_cache
+from qwenvl.hardware import cpu_summary, separate_compile_cache
+from qwenvl.inference import resolve_dtype
 from qwenvl.quantize import QUANTIZE_CHOICES, optimize_for_inference
 from qwenvl.serve.app import ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig, auto_batch_size
@@ -110,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    dtype = default_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, "cpu")  # as qwenvl.inference.load picks it
     # the layer swaps `qwenvl serve` gets from qwenvl.inference.load
     model = optimize_for_inference(QwenVL.from_config(args.preset, seed=0, dtype=dtype).eval(),
                                    args.quantize)
