@@ -230,3 +230,23 @@ def test_the_default_slot_count_fits_the_kv_cache_budget(golden_model):
     engine = Engine(golden_model, lambda ids: "", EngineConfig(max_batch_size=slots, max_model_len=512))
     cache_bytes = sum(t.numel() * t.element_size() for t in engine.cache.k + engine.cache.v)
     assert engine.cache.slots == 2 and cache_bytes == 2 * per_slot
+
+
+def test_requests_cancelled_while_waiting_give_their_place_back(golden_model, processor):
+    """A client that leaves while its request waits must not keep a place in the bounded queue (later clients
+    were answered 429 until a slot freed), nor count in the queue depth."""
+    engine = Engine(golden_model, processor.decode, EngineConfig(max_batch_size=1, max_queue=1, max_model_len=64))
+    ids = processor.tokenizer.encode("Hello")
+    requests = [Request(ids, SamplingParams(max_new_tokens=2), Collector()) for _ in range(4)]
+    engine.submit(requests[0])  # takes the slot once the engine runs
+    engine.submit(requests[1])  # waits
+    with pytest.raises(QueueFull):
+        engine.submit(requests[2])
+    requests[1].cancel()  # its client left
+    assert engine.waiting == 1
+    engine.submit(requests[2])
+    requests[0].cancel()
+    requests[2].cancel()
+    assert engine.waiting == 0
+    engine.submit(requests[3])
+    assert engine.waiting == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
 import struct
@@ -257,3 +258,96 @@ def test_remote_images_with_limits(golden_model, processor, tmp_path):
             assert_error(ask("http://127.0.0.1:1/x.png"), 400, "cannot download")
     finally:
         files.shutdown()
+
+
+def test_sampling_values_the_sampler_cannot_take_are_refused_or_greedy(guarded):
+    """A seed outside torch's range was a 500 from the engine; a temperature so small that logits / T overflow
+    (NaN probabilities) was a 500 too: below 1e-5 it is greedy, as vLLM takes it."""
+    for seed in (2**64, -(2**63) - 1, int("9" * 40)):
+        assert_error(post(guarded, "/chat/completions", chat("hi", seed=seed, temperature=1)), 400, "seed")
+    assert post(guarded, "/chat/completions", chat("hi", seed=2**64 - 1, temperature=1)).status_code == 200
+    greedy = post(guarded, "/chat/completions", chat("hi", max_tokens=6)).json()["choices"][0]["message"]
+    for t in (1e-300, 1e-40, 1e-6):
+        r = post(guarded, "/chat/completions", chat("hi", max_tokens=6, temperature=t))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"] == greedy
+
+
+def test_a_file_name_the_system_cannot_take_is_a_400(guarded):
+    """os.stat's ENAMETOOLONG (or any OSError) on a path inside the media folder was a 500."""
+    for url in ("a" * 5000 + ".png", "file://" + str(guarded.media / ("b" * 300 + ".png")), "a/" * 3000 + "x.png"):
+        assert_error(post(guarded, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])), 400)
+
+
+def test_postscript_is_never_handed_to_ghostscript(guarded, tmp_path, monkeypatch):
+    """PIL decodes EPS by running Ghostscript on the bytes: a request must not make the server run a program."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "gs"
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(fake))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    for data in (eps, b"\xc5\xd0\xd3\xc6" + b"\0" * 26):
+        r = post(guarded, "/chat/completions", chat([image_part(b64_url(data, "image/eps")), {"type": "text", "text": "x"}]))
+        assert_error(r, 400, "PostScript")
+    assert not ran.exists()
+
+
+def test_validation_errors_name_the_field_at_fault(guarded):
+    """Invalid JSON had param "1" (a character offset); an unknown content part was reported as 'content should
+    be a string'; too many images on /v1/completions named 'messages'."""
+    error = assert_error(post(guarded, "/chat/completions", content=b"{not json",
+                              headers={"content-type": "application/json"}), 400, "not valid JSON")
+    assert error["param"] is None and error["message"] == "the request body is not valid JSON"
+    error = assert_error(post(guarded, "/chat/completions", chat([{"type": "input_audio", "input_audio": {}}])), 400,
+                         "input_audio")
+    assert error["param"] == "messages.0.content.0"
+    assert_error(post(guarded, "/chat/completions", chat([{"type": "text"}])), 400, "field required")
+    error = assert_error(post(guarded, "/completions", {"model": MODEL_NAME, "prompt": "<img>a</img>" * 3,
+                                                         "images": [data_url(CAT)] * 3}), 400, "at most 2")
+    assert error["param"] == "images"
+
+
+def test_a_hostile_image_host_cannot_hold_a_request(golden_model, processor):
+    """With --allow_remote_images: a host that drips its headers or body a byte at a time was waited on for
+    hours (each read stayed under the socket timeout), and one that answers garbage instead of HTTP was a 500."""
+    import socket
+
+    def serve(conn: socket.socket, mode: str) -> None:
+        with conn:
+            conn.recv(65536)
+            if mode == "garbage":
+                conn.sendall(b"HELLO THERE\r\n\r\n")
+                return
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            if mode == "body":
+                conn.sendall(head)
+            with contextlib.suppress(OSError):
+                for byte in (head if mode == "headers" else b"\0" * 100_000):
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                mode = conn.recv(64, socket.MSG_PEEK).split(b" ")[1].strip(b"/").decode()
+                threading.Thread(target=serve, args=(conn, mode), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    settings = ServeSettings(model_name=MODEL_NAME, media=MediaLimits(allow_remote=True, remote_timeout=1.0))
+    try:
+        with running(make_engine(golden_model, processor, max_batch_size=1), processor, settings) as r:
+            for mode, words in (("garbage", "cannot download"), ("headers", "more than 1 s"), ("body", "more than 1 s")):
+                start = time.monotonic()
+                url = f"http://127.0.0.1:{port}/{mode}"
+                assert_error(post(r, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])),
+                             400, words)
+                assert time.monotonic() - start < 5, mode
+    finally:
+        listener.close()

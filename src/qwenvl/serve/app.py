@@ -39,6 +39,8 @@ __all__ = ["APIError", "ServeSettings", "create_app"]
 
 logger = logging.getLogger(__name__)
 
+_SAMPLING_EPS = 1e-5  # a smaller temperature is greedy (vLLM's _SAMPLING_EPS)
+
 
 @dataclass
 class ServeSettings:
@@ -207,7 +209,7 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
         urls = list(body.images or [])
-        self._check_image_count(len(urls))
+        self._check_image_count(len(urls), "images")
         if spans != len(urls):
             raise APIError(400, f"the prompt has {spans} <img></img> span(s) but {len(urls)} image(s) were given: "
                                 "send one image URL per span in 'images' (a span's text is only a name)",
@@ -222,10 +224,10 @@ class _Server:
         if why is not None:
             raise APIError(400, why, param=why.split(":")[0])
 
-    def _check_image_count(self, n: int) -> None:
+    def _check_image_count(self, n: int, param: str = "messages") -> None:
         if n > self.settings.max_images_per_request:
             raise APIError(400, f"{n} images in one request; this server takes at most "
-                                f"{self.settings.max_images_per_request}", param="messages")
+                                f"{self.settings.max_images_per_request}", param=param)
 
     def _finish(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest, prompt: Any,
                 urls: list[str], image_count: int, stop_ids: tuple[int, ...]) -> _Prepared:
@@ -261,12 +263,13 @@ class _Server:
     def _params(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest, limit: int,
                 stop_ids: tuple[int, ...]) -> SamplingParams:
         """OpenAI's knobs onto SamplingParams; what the request leaves out comes from generation_config.json.
-        ``temperature`` 0 is greedy."""
+        ``temperature`` 0 (below 1e-5) is greedy."""
         g = self.defaults
         if body.temperature is None:
             do_sample, temperature = g.do_sample, g.temperature
-        else:
-            do_sample, temperature = body.temperature > 0, body.temperature or 1.0
+        else:  # below 1e-5 logits / temperature overflow to inf (NaN probabilities): greedy, as vLLM takes it
+            do_sample = body.temperature >= _SAMPLING_EPS
+            temperature = body.temperature if do_sample else 1.0
         return SamplingParams(
             max_new_tokens=limit, do_sample=do_sample, temperature=temperature,
             top_p=g.top_p if body.top_p is None else body.top_p, top_k=g.top_k if body.top_k is None else body.top_k,
@@ -370,12 +373,13 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # the deepest error names the field at fault: for `content` (a string or a list of parts) a bad part,
+        # not "should be a valid string"; loc entries with "[" name a union's branch, not a field
+        first = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p))
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            where, message = "", "the request body is not valid JSON"  # its loc is a character offset
         return APIError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -270,7 +270,9 @@ class Engine:
     # ---- public ------------------------------------------------------------------------------------
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for a slot (not those whose client left meanwhile)."""
+        with self._lock:
+            return sum(not r.cancelled for r in self._waiting)
 
     @property
     def active(self) -> int:
@@ -327,6 +329,8 @@ class Engine:
         request.params.validate()
         with self._lock:
             if len(self._waiting) >= self.config.max_queue + self._free_slots():
+                self._drop_cancelled_waiting()  # a client that left gives its place back
+            if len(self._waiting) >= self.config.max_queue + self._free_slots():
                 raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot; try again later")
             self._waiting.append(request)
         self._wake.set()
@@ -334,6 +338,13 @@ class Engine:
     # ---- the engine thread ------------------------------------------------------------------------------
     def _free_slots(self) -> int:
         return sum(s is None for s in self.slots)
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Forget waiting requests whose client left (the caller holds the lock)."""
+        kept = collections.deque(r for r in self._waiting if not r.cancelled)
+        for _ in range(len(self._waiting) - len(kept)):
+            self._count_finish("cancelled")
+        self._waiting = kept
 
     def _run(self) -> None:
         with torch.no_grad():

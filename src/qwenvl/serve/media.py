@@ -5,14 +5,19 @@ pictures (``images=[...]``): the text of an ``<img>..</img>`` span is then only 
 a message makes the server open a file or a URL. ``file://`` URLs are read under the processor's media
 policy (:class:`qwenvl.images.MediaPolicy`; ``qwenvl serve`` gives it ``--allowed_local_media_path`` as the
 media folder, or none). Pixel limits are checked from the image header, before decoding
-(:func:`qwenvl.images.load_image`), so a decompression bomb costs nothing.
+(:func:`qwenvl.images.load_image`), so a decompression bomb costs nothing; PostScript/EPS, which PIL decodes by
+running Ghostscript, is refused there too.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import time
+import contextlib
+import http.client
+import socket
+import ssl
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -83,13 +88,88 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _Deadline:
+    """Shuts the sockets of one download when its time is up: each read waits at most the socket timeout, so a
+    host that drips its headers or body a byte at a time would otherwise hold the request for hours."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def connection(self, base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        deadline = self
+
+        class Connection(base):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                with deadline._lock:
+                    deadline._sockets.append(self.sock)
+                    if deadline.expired:
+                        _shut(self.sock)
+
+        return Connection
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # a read blocked in another thread returns at once
+
+
+class _HttpHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):  # noqa: ANN001, ANN201 (urllib's signature)
+        return self.do_open(self.deadline.connection(http.client.HTTPConnection), req)
+
+
+class _HttpsHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):  # noqa: ANN001, ANN201 (urllib's signature)
+        return self.do_open(self.deadline.connection(http.client.HTTPSConnection), req,
+                            context=ssl.create_default_context())
+
+
 def _download(url: str, limits: MediaLimits) -> bytes:
     """GET ``url`` with a deadline for the whole transfer and a byte limit (no file://, ftp:// redirects)."""
+    with _Deadline(limits.remote_timeout) as deadline:
+        try:
+            return _read_url(url, limits, deadline)
+        except MediaError:
+            if deadline.expired:
+                raise _too_slow(url, limits) from None
+            raise
+
+
+def _too_slow(url: str, limits: MediaLimits) -> MediaError:
+    return MediaError(f"image download took more than {limits.remote_timeout:g} s: {url}")
+
+
+def _read_url(url: str, limits: MediaLimits, deadline: _Deadline) -> bytes:
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), _HttpOnlyRedirects(),
+    for handler in (_HttpHandler(deadline), _HttpsHandler(deadline), _HttpOnlyRedirects(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
-    deadline = time.monotonic() + limits.remote_timeout
     request = urllib.request.Request(url, headers={"User-Agent": "qwenvl-serve"})
     try:
         with opener.open(request, timeout=limits.remote_timeout) as response:
@@ -101,14 +181,14 @@ def _download(url: str, limits: MediaLimits) -> bytes:
                 data += chunk
                 if len(data) > limits.max_image_bytes:
                     raise _too_big(len(data), limits.max_image_bytes)
-                if time.monotonic() > deadline:
-                    raise MediaError(f"image download took more than {limits.remote_timeout:g} s: {url}")
     except MediaError:
         raise
     except urllib.error.HTTPError as e:
         raise MediaError(f"image URL answered HTTP {e.code}: {url}") from e
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # not HTTP, cut short, ...
         raise MediaError(f"cannot download image {url}: {getattr(e, 'reason', e)}") from e
+    if deadline.expired:  # the socket was shut: what came is cut short
+        raise _too_slow(url, limits)
     if not data:
         raise MediaError(f"image URL returned no data: {url}")
     return bytes(data)
@@ -126,9 +206,12 @@ def _local_file(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
         path = policy.resolve(urllib.parse.unquote(parts.path if parts.scheme else url))
     except ImageError as e:
         raise MediaError(str(e)) from e
-    if not path.is_file():
-        raise MediaError(f"image file not found in the allowed media folder: {url}")
-    size = path.stat().st_size
-    if size > limits.max_image_bytes:
-        raise _too_big(size, limits.max_image_bytes)
-    return path.read_bytes()
+    try:
+        if not path.is_file():
+            raise MediaError(f"image file not found in the allowed media folder: {url}")
+        size = path.stat().st_size
+        if size > limits.max_image_bytes:
+            raise _too_big(size, limits.max_image_bytes)
+        return path.read_bytes()
+    except OSError as e:  # a name too long, no permission, ...: the request's fault, not the server's
+        raise MediaError(f"cannot read image file {url}: {e.strerror or e}") from e
