@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -604,3 +605,27 @@ def test_an_official_checkpoint_with_unusual_settings_is_warned_about(tmp_path: 
     with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
         QwenVL.from_pretrained(tmp_path / "ckpt")
     assert "shapes of tiny" in caplog.text and "num_attention_heads=4 (the preset has 2)" in caplog.text
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer, got 2.5"),
+    ({"hidden_size": "abc"}, "hidden_size must be an integer, got 'abc'"),
+    ({"num_attention_heads": True}, "num_attention_heads must be an integer, got True"),
+    ({"use_dynamic_ntk": "yes"}, "use_dynamic_ntk must be true or false, got 'yes'"),
+    ({"layer_norm_epsilon": "1e-6"}, "layer_norm_epsilon must be a number, got '1e-6'"),
+    ({"visual": {"width": [64]}}, "visual.width must be an integer, got [64]"),
+])
+def test_config_values_of_the_wrong_type_name_the_field_and_file(tmp_path: Path, config: QwenVLConfig,
+                                                                  change: dict, message: str) -> None:
+    # were: 2.5 layers passed int() and failed later with a TypeError traceback; "abc" said only "invalid literal"
+    from qwenvl.config import ConfigError
+
+    config.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    if "visual" in change:
+        d["visual"].update(change["visual"])
+    else:
+        d.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=re.escape(f"config.json: {message}")):
+        QwenVLConfig.from_pretrained(tmp_path)

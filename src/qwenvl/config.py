@@ -46,6 +46,20 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_
                 "visual.layers", "visual.mlp_ratio", "visual.output_dim", "visual.patch_size")
 
 
+# a field's type -> (the values it takes, said as); bool is an int in Python but not a size in config.json
+_JSON_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false")}
+
+
+def _check_types(config: Any, prefix: str = "") -> None:
+    """Every int, float and bool field holds a value of its type (``config.json`` may hold anything: 2.5 layers,
+    "abc" as a width), else a ConfigError naming the field."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        want, said = _JSON_TYPES.get(str(f.type), (None, ""))
+        if want and (not isinstance(value, want) or (isinstance(value, bool) and f.type != "bool")):
+            raise ConfigError(f"{prefix}{f.name} must be {said}, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """The vision tower (ViT-bigG at full size) and its cross-attention resampler."""
@@ -62,6 +76,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        _check_types(self, "visual.")
         for name in ("image_size", "patch_size", "width", "layers", "heads", "output_dim", "n_queries"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"visual.{name} must be positive, got {getattr(self, name)}")
@@ -129,6 +144,7 @@ class LMConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
                      "intermediate_size", "seq_length"):
             if int(getattr(self, name)) <= 0:
@@ -272,21 +288,17 @@ class QwenVLConfig:
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
-        try:
-            d = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from e
+        d = _read_json_object(cfg_file)
         gen = None
         gen_file = cfg_file.parent / "generation_config.json"
         if gen_file.is_file():
-            try:
-                gen = json.loads(gen_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{gen_file} is not valid JSON: {e}") from e
+            gen = _read_json_object(gen_file)
+        if not isinstance(d.get("visual", {}), dict):
+            raise ConfigError(f"{cfg_file}: 'visual' must be a JSON object, got {type(d['visual']).__name__}")
         try:
             return cls.from_official(d, gen)
-        except TypeError as e:
-            raise ConfigError(f"{cfg_file}: {e}") from e
+        except (TypeError, ConfigError) as e:
+            raise ConfigError(f"{cfg_file}: {e}") from None
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -308,6 +320,19 @@ class QwenVLConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return PRESETS[name]()
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``; text that is not UTF-8, not JSON or not an object is a ConfigError naming it."""
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file} is not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 # config.json keys computed from the fields above (never taken from ``extra``)

@@ -47,6 +47,12 @@ def test_sections_are_flattened_and_overrides_typed(tmp_path: Path) -> None:
         ("preset: huge\n", {}, r"unknown preset 'huge'"),
         ("vision_lr_scale: -0.1\n", {}, r"vision_lr_scale must be >= 0"),
         ("- a\n- b\n", {}, r"expected a mapping"),
+        # accepted before: an infinite rate or decay trains a model of NaNs and saves it (exit 0)
+        ("", {"learning_rate": "inf"}, r"learning_rate must be a finite number, got inf"),
+        ("weight_decay: .inf\n", {}, r"weight_decay must be a finite number, got inf"),
+        ("", {"lora_dropout": "2"}, r"lora_dropout must be in \[0, 1\), got 2\.0"),
+        ("", {"lora_target": "("}, r"lora_target '\(' is not a regular expression: missing \)"),
+        ("", {"lora_alpha": "0"}, r"lora_alpha must be > 0, got 0"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, yaml_text: str, overrides: dict, message: str) -> None:

@@ -137,3 +137,44 @@ def test_a_bad_adapter_file_is_a_clear_error(lora_run, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="cannot read .*adapter_config.json"):
         merge_lora(root / "base", bad, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_for_another_model_is_refused(lora_run, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwenvl.checkpoint import CheckpointError
+
+    root, _cfg, result = lora_run
+    weights = load_file(str(Path(result.final_path) / "adapter_model.safetensors"))
+
+    def adapter(name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        folder = Path(shutil.copytree(result.final_path, tmp_path / name))
+        save_file({k: v.clone() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    # a deeper model's adapter: peft would ignore its extra layers; a shallower one's: merge only some layers
+    deeper = adapter("deeper", {**weights, **{k.replace(".h.1.", ".h.7."): v for k, v in weights.items() if ".h.1." in k}})
+    shallower = adapter("shallower", {k: v for k, v in weights.items() if ".h.1." not in k})
+    wider = adapter("wider", {k: torch.zeros(v.shape[0], 2 * v.shape[1]) if "lora_A" in k else v
+                              for k, v in weights.items()})
+    for folder, match in ((deeper, r"unexpected .*transformer\.h\.7\."), (shallower, r"missing .*transformer\.h\.1\."),
+                          (wider, r"size mismatch for .*lora_A")):
+        with pytest.raises(CheckpointError, match=match) as info:
+            merge_lora(root / "base", folder, tmp_path / "merged")
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_writes_the_shards_and_format_asked_for(lora_run, tmp_path: Path) -> None:
+    from qwenvl.cli import main
+
+    root, _cfg, result = lora_run
+    out = tmp_path / "merged"
+    assert main(["convert", "--merge_lora", "--load_checkpoint", str(root / "base"), "--adapter",
+                 str(result.final_path), "--output_dir", str(out), "--max_shard_size", "20MB", "--format", "bin"]) == 0
+    assert (out / "pytorch_model.bin.index.json").is_file() and not list(out.glob("*.safetensors"))
+    assert len(list(out.glob("pytorch_model-*-of-*.bin"))) > 1
+    merged = QwenVL.from_pretrained(out)
+    assert set(merged.state_dict()) == set(QwenVL.from_pretrained(root / "base").state_dict())

@@ -100,6 +100,20 @@ def test_a_new_run_does_not_mix_with_an_earlier_runs_checkpoints(done, processor
     QwenVL.from_pretrained(out)
 
 
+def test_a_new_run_does_not_replace_an_earlier_runs_model(done, processor, tmp_path: Path) -> None:
+    # a finished run that kept no checkpoints (save_steps 0) left only its model: was silently replaced
+    cfg, _result = done
+    out = tmp_path / "out"
+    train(cfg.replace(output_dir=str(out), save_steps=0), processor=processor)
+    weights = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(OutputDirError, match=r"holds the trained model of an earlier run \(config\.json\): pass "
+                                             r"--overwrite to replace it"):
+        train(cfg.replace(output_dir=str(out), save_steps=0, seed=1), processor=processor)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == weights
+    train(cfg.replace(output_dir=str(out), save_steps=0, seed=1, overwrite=True), processor=processor)
+    assert (out / "model.safetensors").read_bytes() != weights["model.safetensors"]
+
+
 def test_a_users_folder_needs_overwrite_and_keeps_its_files(make_cfg, processor, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("notes")
     with pytest.raises(OutputDirError, match="not empty and was not written by qwenvl"):
@@ -127,3 +141,87 @@ def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(done, processor, tmp_
     hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     assert hidden == [".keep.tmp", MARKER_FILE]
     assert (unmarked / STATE_FILE).is_file()
+
+
+def _resume_argv(train_data: Path, out: Path) -> list[str]:
+    """The command line that resumes the ``done`` run in ``out``."""
+    return ["finetune", "--preset", "tiny", "--train_data", str(train_data), "--output_dir", str(out),
+            "--batch_size", "4", "--max_steps", "2", "--learning_rate", "1e-2", "--min_lr", "1e-3",
+            "--warmup_steps", "0", "--seed", "0", "--device", "cpu", "--save_steps", "1", "--save_total_limit", "1",
+            "--resume_training"]
+
+
+def test_a_damaged_sharded_checkpoint_is_a_one_line_error(done, train_data: Path, tmp_path: Path, capsys) -> None:
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    (out / "trainer_state.json").unlink()  # a run killed after checkpoint-1
+    ckpt = out / "checkpoint-1"
+    argv = _resume_argv(train_data, out)
+    shard = next(ckpt.glob("*.distcp"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:1000])  # truncated
+    _one_line_error(argv, capsys, f"cannot read the training checkpoint {ckpt}")
+    _one_line_error(["convert", str(ckpt), str(tmp_path / "c1")], capsys, "truncated or corrupt file?")
+    shard.unlink()  # missing
+    _one_line_error(argv, capsys, f"cannot read the training checkpoint {ckpt}: FileNotFoundError")
+    _one_line_error(["convert", str(ckpt), str(tmp_path / "c2")], capsys, "FileNotFoundError")
+    shard.write_bytes(good)
+    rng = ckpt / "rng-0.pt"
+    rng.write_bytes(rng.read_bytes()[:50])
+    _one_line_error(argv, capsys, f"cannot read {rng}")
+    (ckpt / ".metadata").write_text("garbage\n")
+    _one_line_error(argv, capsys, f"cannot read {ckpt / '.metadata'}")
+    _one_line_error(["convert", str(ckpt), str(tmp_path / "c3")], capsys, f"cannot read {ckpt / '.metadata'}")
+    assert not any(p.name.startswith("c") for p in tmp_path.iterdir())
+
+
+class _RunsCode:
+    def __reduce__(self):  # noqa: ANN204 - what a crafted pickle does: call anything on load
+        return (Path.touch, (Path(os.environ["QWENVL_TEST_SENTINEL"]),))
+
+
+def test_checkpoint_metadata_is_never_unpickled_unsafely(done, train_data: Path, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    (out / "trainer_state.json").unlink()
+    sentinel = tmp_path / "code-ran"
+    monkeypatch.setenv("QWENVL_TEST_SENTINEL", str(sentinel))
+    ckpt = out / "checkpoint-1"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_RunsCode()))  # DCP itself reads .metadata with pickle.load
+    _one_line_error(["convert", str(ckpt), str(tmp_path / "converted")], capsys, "not checkpoint metadata")
+    _one_line_error(_resume_argv(train_data, out), capsys, "not checkpoint metadata")
+    assert not sentinel.exists() and not (tmp_path / "converted").exists()
+
+
+def test_consolidating_refuses_a_config_that_does_not_describe_the_checkpoint(done, tmp_path: Path, capsys) -> None:
+    cfg, _result = done
+    ckpt = Path(shutil.copytree(Path(cfg.output_dir) / "checkpoint-1", tmp_path / "ckpt"))
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))  # layer 1 would be dropped
+    _one_line_error(["convert", str(ckpt), str(tmp_path / "c1")], capsys,
+                    "does not match its config.json: 8 tensor(s) it does not describe, e.g. transformer.h.1.")
+    (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    _one_line_error(["convert", str(ckpt), str(tmp_path / "c2")], capsys, "of another shape, e.g. transformer.h.0.mlp")
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_an_interrupt(make_cfg, train_data: Path, tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        try:  # as torch.save hit by Ctrl-C: its zip writer then fails on the way out, DCP wraps that
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(dcp_fs, "_write_item", interrupted)
+    out = tmp_path / "out"
+    argv = ["finetune", "--preset", "tiny", "--train_data", str(train_data), "--output_dir", str(out),
+            "--batch_size", "4", "--max_steps", "2", "--save_steps", "1", "--warmup_steps", "0", "--device", "cpu"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    assert not out.exists() or not [p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".check"))]

@@ -588,6 +588,7 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         freeze_llm=False, freeze_embedding=cfg.freeze_embedding, vision_lr_scale=cfg.vision_lr_scale,
         resampler_lr_scale=cfg.resampler_lr_scale, seed=cfg.seed, device=cfg.device,
         logging_steps=max(1, cfg.steps // 10), save_steps=0,
+        overwrite=True,  # the model of an earlier demo in this folder (the demo's own claim above allowed it)
         # on a CPU the loader's worker processes compete with the training threads for the same cores, and the
         # demo's small PNGs decode in ~2.5 ms each: 662 vs 703-747 ms a step with 2 workers (2 AVX2 cores)
         num_workers=0 if torch.device(cfg.device).type == "cpu" else 2,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -123,6 +125,9 @@ class TrainConfig:
         for name in ("save_steps", "save_total_limit", "max_steps", "num_epochs", "warmup_steps", "lora_dropout",
                      "weight_decay", "max_grad_norm", "min_lr", "adam_eps", "vision_lr_scale", "resampler_lr_scale"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "adam_eps", "vision_lr_scale", "resampler_lr_scale",
+                     "dist_timeout"):  # inf passes the bounds: a rate or decay of inf trains a model of NaNs
+            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         need(self.max_steps > 0 or self.num_epochs > 0, "set max_steps or num_epochs (both are 0)")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(self.min_lr <= self.learning_rate,
@@ -132,6 +137,13 @@ class TrainConfig:
         need(self.save_dtype in ("auto", "bfloat16", "float16", "float32"),
              f"save_dtype must be auto, bfloat16, float16 or float32, got {self.save_dtype!r}")
         need(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha} (the adapters are scaled by "
+                                  "lora_alpha / lora_r)")
+        need(self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        try:
+            re.compile(self.lora_target)
+        except re.error as e:
+            problems.append(f"lora_target {self.lora_target!r} is not a regular expression: {e}")
         need(not (self.freeze_llm and self.freeze_resampler and self.freeze_vision and not self.use_lora),
              "nothing to train: freeze_llm, freeze_resampler and freeze_vision are all true")
         need(bool(self.output_dir), "output_dir must not be empty")

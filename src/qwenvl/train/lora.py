@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -182,8 +182,10 @@ def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for PeftModel:" + the errors
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else type(e).__name__
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -233,13 +235,15 @@ def merge_lora(
     out_dir: str | os.PathLike[str],
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
 ) -> Path:
     """Fold a saved adapter into the base checkpoint and write a full checkpoint in the official layout.
 
     The merge is computed in float32; the result is stored in ``dtype`` (default: the base checkpoint's
     dtype). Parameters trained in full next to the adapters (``non_lora_trainables.safetensors``) replace
     the base ones. ``out_dir`` appears complete or not at all. ``adapter_dir`` must be a local folder
-    (see :func:`adapter_folder`); a bad adapter raises :class:`qwenvl.checkpoint.CheckpointError`.
+    (see :func:`adapter_folder`); a bad adapter, or one whose weights do not match the base model's layers
+    one for one, raises :class:`qwenvl.checkpoint.CheckpointError`.
     """
     folder = adapter_folder(adapter_dir)  # before anything slow, and before peft could go online
     peft = _peft()
@@ -252,12 +256,23 @@ def merge_lora(
     target = _as_dtype(dtype if dtype is not None else config.torch_dtype) or torch.float32
     base = QwenVL.from_pretrained(base_dir, dtype=torch.float32)
     try:
-        merged = peft.PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+        adapted = peft.PeftModel.from_pretrained(base, str(folder))
     except _ADAPTER_ERRORS as e:
         raise CheckpointError(f"cannot merge the adapter {folder} into {base_dir}: {_first_line(e)}") from None
+    # peft loads non-strictly: weights for layers the base lacks are dropped, layers without weights stay unadapted
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:  # read by peft above: only the names
+        stored = set(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    expected = set(peft.get_peft_model_state_dict(adapted))
+    if stored != expected:
+        missing, extra = sorted(expected - stored), sorted(stored - expected)
+        raise CheckpointError(f"the adapter {folder} is not for the model in {base_dir}: missing {missing[:3]} "
+                              f"({len(missing)}), unexpected {extra[:3]} ({len(extra)}) (trained on another model, "
+                              "or with another lora_target?)")
+    merged = adapted.merge_and_unload()
     _load_extras(merged, folder)
     merged.to(target)
-    out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size)
+    out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size,
+                          safe_serialization=safe_serialization)
     logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, out, target)
     return out
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,90 @@ __all__ = ["consolidate", "is_sharded_checkpoint", "load_checkpoint", "save_chec
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+
+# What DCP's .metadata pickle may name: its own metadata classes and the values they hold, nothing callable else
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *((m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                               "PureWindowsPath")),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is not checkpoint metadata (refused: "
+                                     "unpickling it could run code)")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's reader, except that ``.metadata`` (a pickle, which DCP itself reads with ``pickle.load``: a crafted
+    file would run code) is unpickled with only DCP's metadata classes allowed."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        rank = kwargs.get("rank")
+        get_path = getattr(self, "_get_metadata_path", None)
+        path = get_path(rank) if get_path is not None else os.path.join(self.path, ".metadata")
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, dcp.metadata.Metadata):
+            raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first line`` of an error (DCP wraps each rank's in a CheckpointException)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether Ctrl-C caused ``e``: DCP wraps what each rank raised, KeyboardInterrupt included, and torch.save
+    hit by one fails on its way out with an error of its own."""
+    failures = getattr(e, "failures", None)
+    for cause in [f[0] for f in failures.values()] if isinstance(failures, dict) else [e]:
+        while cause is not None:
+            if isinstance(cause, KeyboardInterrupt):
+                return True
+            cause = cause.__cause__ or cause.__context__
+    return False
+
+
+# what reading a damaged checkpoint raises (CheckpointException is a BaseException: DCP's wrapper of the above)
+_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, KeyError, AssertionError, pickle.UnpicklingError,
+                AttributeError, TypeError, dcp.api.CheckpointException)
+
+
+def _read_metadata(path: Path) -> Any:
+    """The DCP metadata of ``path``, read safely; a missing, corrupt or foreign file is a one-line CheckpointError."""
+    try:
+        return _SafeReader(str(path)).read_metadata()
+    except _READ_ERRORS as e:
+        raise CheckpointError(f"cannot read {path / '.metadata'}: {_reason(e)} (truncated or corrupt file?)") from None
+
+
+def _load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
+    """``dcp.load`` with the safe reader; a damaged or missing shard is a one-line CheckpointError."""
+    _read_metadata(path)  # first: DCP would log each failed read with its traceback
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(path)), no_dist=no_dist)
+    except _READ_ERRORS as e:
+        if _interrupted(e):
+            raise KeyboardInterrupt from None
+        raise CheckpointError(f"cannot read the training checkpoint {path}: {_reason(e)} "
+                              "(truncated or corrupt file?)") from None
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -85,7 +171,12 @@ def save_checkpoint(
     with _shared_staging(path, env) as tmp:
         torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
         # collective: when it returns every rank's shards (and its RNG file, written before) are on disk
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not env.distributed)
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not env.distributed)
+        except dcp.api.CheckpointException as e:
+            if _interrupted(e):  # Ctrl-C: the staging folder goes, the run ends as interrupted
+                raise KeyboardInterrupt from None
+            raise
         fault_point("checkpoint.model_written")
         if write_extra is not None:
             write_extra(tmp)
@@ -107,12 +198,16 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path} is not a sharded training checkpoint (no DCP .metadata)")
     state = read_state(path) if state is None else state
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trained_only))
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=not env.distributed)
+    _load({"model": model_sd, "optim": optim_sd}, path, no_dist=not env.distributed)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=_options(trained_only))
     rng = path / f"rng-{env.rank}.pt"
     if state.get("world_size") == env.world_size and rng.is_file():
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        try:
+            rng_states = torch.load(rng, map_location="cpu", weights_only=True)
+        except _READ_ERRORS as e:
+            raise CheckpointError(f"cannot read {rng}: {_reason(e)} (truncated or corrupt file?)") from None
+        set_rng_state(rng_states)
     else:
         logger.warning("%s was saved by %s rank(s), this run has %d: random streams (dropout) restart from the seed",
                        path, state.get("world_size"), env.world_size)
@@ -136,13 +231,21 @@ def consolidate(
     from ..model import QwenVL
 
     config = QwenVLConfig.from_pretrained(src)
-    stored = dcp.FileSystemReader(str(src)).read_metadata().state_dict_metadata
-    names = list(QwenVL.on_meta(config).state_dict())
+    stored = _read_metadata(src).state_dict_metadata
+    expected = QwenVL.on_meta(config).state_dict()
+    names = list(expected)
     missing = [n for n in names if f"model.{n}" not in stored]
     if missing:
         raise CheckpointError(f"{src} lacks {len(missing)} model tensor(s), e.g. {missing[:3]}")
+    extra = [k.removeprefix("model.") for k in stored if k.startswith("model.") and k.removeprefix("model.") not in expected]
+    mismatched = [f"{n} {list(stored[f'model.{n}'].size)} (config.json: {list(expected[n].shape)})" for n in names
+                  if getattr(stored[f"model.{n}"], "size", None) != expected[n].shape]
+    problems = ([f"{len(extra)} tensor(s) it does not describe, e.g. {', '.join(extra[:3])}"] if extra else []) + \
+        ([f"{len(mismatched)} of another shape, e.g. {', '.join(mismatched[:3])}"] if mismatched else [])
+    if problems:  # written anyway, the output would silently lack them or not load
+        raise CheckpointError(f"{src} does not match its config.json: {'; '.join(problems)}")
     state = {n: torch.empty(stored[f"model.{n}"].size, dtype=stored[f"model.{n}"].properties.dtype) for n in names}
-    dcp.load({"model": state}, checkpoint_id=src, no_dist=True)
+    _load({"model": state}, src, no_dist=True)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     out = save_pretrained(state, config, out_dir, max_shard_size=max_shard_size)

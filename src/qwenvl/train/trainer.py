@@ -22,8 +22,8 @@ that had finished; load the saved folder instead.
 The run (its rank 0) holds ``output_dir`` for itself (``qwenvl.outputs``): it must be new, empty or one of our outputs
 (``overwrite``: any folder, of which only the files we write are replaced), must not be, contain or lie
 inside ``load_checkpoint`` (nor be or contain the training data), and is locked for the whole run. A new
-run (not resuming) in a folder that holds checkpoints of an earlier one is refused unless ``overwrite``
-(which deletes those checkpoints). Resuming refuses changed optimization settings
+run (not resuming) in a folder that holds checkpoints or the final model (``config.json`` or ``adapter/``) of
+an earlier one is refused unless ``overwrite`` (which deletes those checkpoints; the final model is replaced). Resuming refuses changed optimization settings
 (:data:`~qwenvl.train.state.RESUME_KEYS`; the global batch, not its split), naming them.
 """
 
@@ -277,6 +277,11 @@ def _check_earlier_run(cfg: TrainConfig) -> None:
             prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
         return
     if not found:
+        out = Path(cfg.output_dir)
+        final = [n for n in ("config.json", sharded.ADAPTER_DIR) if (out / n).exists()]
+        if final and not cfg.overwrite:  # a finished run that kept no checkpoints (save_steps 0): its model
+            raise OutputDirError(f"output_dir {cfg.output_dir} holds the trained model of an earlier run "
+                                 f"({', '.join(final)}): pass --overwrite to replace it, or choose another output_dir")
         return
     names = ", ".join(p.name for _s, p in found)
     if not cfg.overwrite:
