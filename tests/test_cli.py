@@ -122,6 +122,53 @@ def test_predict_jsonl_keeps_every_answer_when_one_image_is_bad(tmp_path, golden
     assert "image not found" in rows[1]["error"] and rows[0]["num_tokens"] > 0 and rows[2]["num_tokens"] > 0
 
 
+def test_predict_jsonl_keeps_every_answer_when_one_prompt_is_too_long(tmp_path, golden_dir):
+    # a prompt longer than the context is an error row, as a bad image is: the rows before and after it (the one
+    # batched with it included) are answered and written
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "Hello"}, {"text": "word " * 9000}, {"text": "Bye"},
+    ]) + "\n")
+    out_file = tmp_path / "answers.jsonl"
+    out = qwenvl("predict", "--model", str(golden_dir), "--dtype", "fp32", "--jsonl", str(prompts), "--output",
+                 str(out_file), "--max_new_tokens", "3", "--predict_batch_size", "2")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("qwenvl predict: error: 1 of 3 prompt(s) failed")
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert ["error" in r for r in rows] == [False, True, False]
+    assert "does not fit the context" in rows[1]["error"] and rows[0]["num_tokens"] > 0 and rows[2]["num_tokens"] > 0
+
+
+def test_predict_interrupted_keeps_the_answers_so_far(tmp_path, golden_dir, monkeypatch, capsys):
+    # Ctrl-C in the middle of a long --jsonl run: the batches answered so far are written next to --output under
+    # a name that says they are partial (an existing file of that name is kept), and the exit status is 130
+    import qwenvl.inference
+    from qwenvl.cli import main
+
+    answered = qwenvl.inference._generate_batch
+    calls = []
+
+    def stop_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return answered(*args, **kwargs)
+
+    monkeypatch.setattr(qwenvl.inference, "_generate_batch", stop_at_the_third_batch)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"text": f"Hello {k}"}) + "\n" for k in range(6)))
+    out_file = tmp_path / "answers.jsonl"
+    (tmp_path / "answers.jsonl.partial").write_text("an earlier run's rows")
+    argv = ["predict", "--model", str(golden_dir), "--dtype", "fp32", "--jsonl", str(prompts), "--output",
+            str(out_file), "--max_new_tokens", "2", "--predict_batch_size", "2"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "the answers to the first 4 of 6 prompts are in" in err and "answers.jsonl.partial-2" in err
+    assert not out_file.exists() and (tmp_path / "answers.jsonl.partial").read_text() == "an earlier run's rows"
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl.partial-2").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f"Hello {k}" for k in range(4)] and all(r["num_tokens"] > 0 for r in rows)
+
+
 def test_predict_can_restrict_images_to_the_image_dir(tmp_path, golden_dir):
     outside = tmp_path / "cat.png"
     outside.write_bytes((golden_dir / "images" / "cat.png").read_bytes())
@@ -148,6 +195,31 @@ def test_predict_bad_input_is_a_clear_error(golden_dir, args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"image": 5, "text": "x"}, "'image' must be a path or a list of paths, got 5"),
+        ({"image": {"cat.png": 1}, "text": "x"}, "'image' must be a path or a list of paths, got {'cat.png': 1}"),
+        ({"image": ["images/cat.png", 3], "text": "x"},
+         "'image' must be a path or a list of paths, got ['images/cat.png', 3]"),
+        ({"query": 5}, "'query' must be a string or a list-format list, got 5"),
+        ({"messages": "hello"}, "'messages' must be a list of {'role', 'content'} messages"),
+    ],
+)
+def test_predict_jsonl_field_of_the_wrong_type_is_a_clear_error(tmp_path, row, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--jsonl", str(prompts))
+    assert out.returncode == 2 and out.stderr.strip() == f"qwenvl predict: error: {prompts}:2: {message}"
+
+
+def test_predict_jsonl_that_is_not_utf8_is_named(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # Latin-1
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--jsonl", str(prompts))
+    assert out.returncode == 2 and out.stderr.strip().startswith(f"qwenvl predict: error: {prompts}:2: not UTF-8 text")
 
 
 def test_predict_checks_images_before_loading_the_model(tmp_path, golden_dir):
@@ -227,6 +299,15 @@ def test_chat_scripted_session_with_image_and_boxes(tmp_path, golden_dir):
     assert "conversation cleared" in out.stderr
     # every answer about a picture says what --draw did with it (5 random tokens hold no box)
     assert out.stderr.count("(nothing drawn: the answer has no <box>)") + out.stderr.count("(boxes drawn:") == 2
+
+
+def test_chat_draw_that_is_a_file_is_refused_before_the_session(tmp_path):
+    # else the first answer with a box would end the session with a traceback (the drawing cannot be written)
+    (tmp_path / "notes.txt").write_text("notes")
+    out = qwenvl("chat", "--model", str(tmp_path), "--draw", str(tmp_path / "notes.txt"), stdin=":quit\n")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"qwenvl chat: error: --draw {tmp_path / 'notes.txt'} is not a folder"
+    assert (tmp_path / "notes.txt").read_text() == "notes"
 
 
 def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):

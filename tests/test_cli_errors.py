@@ -41,6 +41,15 @@ def bad(module_tmp_path: Path) -> dict[str, Path]:
     state = load_file(int_ckpt / "model.safetensors")
     state["lm_head.weight"] = state["lm_head.weight"].to(torch.int32)
     save_file(state, int_ckpt / "model.safetensors", metadata={"format": "pt"})
+    for name, config in [("list-config", b"[]"), ("visual-5", b'{"visual": 5}'),
+                         ("latin1-config", b'{"visual": {}, "model_type": "qw\xe9n"}')]:  # mismatched checkpoints
+        (d / name).mkdir()
+        (d / name / "config.json").write_bytes(config)
+    official = json.loads((GOLDEN / "config.json").read_text())
+    for name, change in [("half-layer", {"num_hidden_layers": 2.5}), ("text-width", {"visual": {**official["visual"],
+                                                                                            "width": "abc"}})]:
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps({**official, **change}))
     shutil.copytree(GOLDEN / "images", d / "images")
     png_bomb(d / "images" / "bomb.png")
     (d / "vqa.jsonl").write_text(json.dumps({"image": "images/bomb.png", "question": "q?", "answer": "a"}) + "\n")
@@ -58,7 +67,8 @@ def cases(b: dict[str, Path]) -> dict[str, list[list[str]]]:
     d, g = b["dir"], str(GOLDEN)
     model = ["--model", g, "--dtype", "fp32"]
     return {
-        "info": [["info", str(d / "missing")]],
+        "info": [["info", str(d / "missing")], ["info", str(d / "list-config")], ["info", str(d / "visual-5")],
+                 ["info", str(d / "latin1-config")], ["info", str(d / "half-layer")], ["info", str(d / "text-width")]],
         "predict": [
             ["predict", *model, "--device", "bogus", "--predict_data", "images/cat.png", "hi"],
             ["predict", *model, "--image_dir", str(d), "--predict_data", "images/bomb.png", "hi"],
@@ -70,6 +80,7 @@ def cases(b: dict[str, Path]) -> dict[str, list[list[str]]]:
             ["convert", str(b["int_ckpt"]), str(d / "out-int")],
             ["convert", g, str(d / "out-merged"), "--merge_lora", "--adapter", "org/name"],
             ["convert", g, str(d / "out-merged"), "--merge_lora", "--adapter", str(d / "adapter")],
+            ["convert", g, str(d / "out-size"), "--max_shard_size", "abc"],
         ],
         "data-convert": [["data-convert", "--data_path", str(d / "missing.json"), "--image_location", str(d),
                           "--output_path", str(d / "conv.json")]],

@@ -89,6 +89,82 @@ def test_predict_eval_and_data_convert_output_must_not_be_their_input(tmp_path: 
     assert llava.read_text() == "[]"
 
 
+def test_predict_eval_and_data_convert_output_is_never_an_image_or_inside_the_checkpoint(src: Path, tmp_path: Path,
+                                                                                      capsys, monkeypatch) -> None:
+    # the images a command reads and the checkpoint it loads are inputs too: writing the answers there would
+    # destroy a picture or the checkpoint's config.json (refused before anything loads)
+    media = Path(shutil.copytree(src / "images", tmp_path / "media" / "images"))
+    monkeypatch.chdir(media.parent)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"image": "images/cat.png", "text": "What is it?"}\n')
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text('{"image": "images/cat.png", "question": "q?", "answer": "a"}\n')
+    coco = tmp_path / "coco"
+    (coco / "train2014").mkdir(parents=True)
+    shutil.copy(src / "images" / "cat.png", coco / "train2014" / "COCO_train2014_1.jpg")
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "1", "image": "1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}]))
+    before = _tree(tmp_path)
+    _refused(["predict", "--model", str(src), "--jsonl", str(prompts), "--output", "images/cat.png"], capsys,
+             "is the image of prompt 1")
+    _refused(["predict", "--model", str(src), "--predict_data", "images/street.jpg", "hi", "--output",
+              str(media / "street.jpg")], capsys, "is the image of prompt 1")
+    _refused(["predict", "--model", str(src), "--jsonl", str(prompts), "--output", str(src / "config.json")], capsys,
+             "lies inside the checkpoint folder")
+    _refused(["eval", "vqa", "--model", str(src), "--data", str(vqa), "--output", "images/cat.png"], capsys,
+             "is the image of")
+    _refused(["eval", "vqa", "--model", str(src), "--data", str(vqa), "--output", str(src / "config.json")], capsys,
+             "lies inside the checkpoint folder")
+    _refused(["data-convert", "--data_path", str(llava), "--image_location", str(coco), "--output_path",
+              str(coco / "train2014" / "COCO_train2014_1.jpg")], capsys, "is the image of record 0")
+    assert _tree(tmp_path) == before
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path, capsys) -> None:
+    # a folder, or a path under a file: said at once, not as a traceback after the whole run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "Hello"}\n')
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text('{"image": "images/cat.png", "question": "q?", "answer": "a"}\n')
+    llava = tmp_path / "llava.json"
+    llava.write_text("[]")
+    (tmp_path / "out").mkdir()
+    before = _tree(tmp_path)
+    for output, problem in [(tmp_path / "out", "is a folder"), (prompts / "x.jsonl", "is not a folder")]:
+        _refused(["predict", "--model", str(GOLDEN), "--jsonl", str(prompts), "--output", str(output)], capsys,
+                 problem)
+        _refused(["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN),
+                  "--output", str(output)], capsys, problem)
+        _refused(["data-convert", "--data_path", str(llava), "--image_location", str(tmp_path), "--output_path",
+                  str(output)], capsys, problem)
+    assert _tree(tmp_path) == before
+
+
+def test_an_existing_output_file_is_replaced_only_with_overwrite(tmp_path: Path, capsys) -> None:
+    # a file we may not have written: refused before the run unless --overwrite
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "Hello"}\n')
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text('{"image": "images/cat.png", "question": "q?", "answer": "a"}\n')
+    llava = tmp_path / "llava.json"
+    llava.write_text("[]")
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes")
+    before = _tree(tmp_path)
+    runs = [["predict", "--model", str(GOLDEN), "--jsonl", str(prompts), "--max_new_tokens", "2", "--output", str(out)],
+            ["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN),
+             "--max_new_tokens", "2", "--no_progress", "--output", str(out)],
+            ["data-convert", "--data_path", str(llava), "--image_location", str(tmp_path), "--output_path", str(out)]]
+    for argv in runs:
+        _refused(argv, capsys, "notes.txt exists; pass --overwrite")
+    assert _tree(tmp_path) == before
+    for argv in runs:
+        assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+        assert out.read_text() != "my notes"
+        out.write_text("my notes")
+
+
 def test_demo_refuses_a_users_folder(tmp_path: Path, capsys) -> None:
     (tmp_path / "notes.txt").write_text("notes")
     _refused(["demo", "--steps", "1", "--output_dir", str(tmp_path)], capsys, "not written by qwenvl")

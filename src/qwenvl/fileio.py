@@ -287,17 +287,27 @@ def iter_jsonl(
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of a JSON-lines file.
 
-    A missing file raises ``FileNotFoundError``; a line that is not a JSON object raises ``error`` with a
-    message naming the file and the line, so the user can go straight to it.
+    A missing file raises ``FileNotFoundError``; a line that is not UTF-8 or not a JSON object raises ``error``
+    with a message naming the file and the line, so the user can go straight to it.
     """
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{what} not found: {file}")
-    with file.open(encoding="utf-8") as f:
-        for lineno, obj in _json_lines(f, file, error):
+    with file.open("rb") as f:
+        for lineno, obj in _json_lines(_utf8_lines(f, file, error), file, error):
             if not isinstance(obj, dict):
                 raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def _utf8_lines(lines: Iterable[bytes], file: Path, error: type[ValueError]) -> Iterator[str]:
+    """Every line decoded; one that is not UTF-8 raises ``error`` naming it (in text mode the error would
+    name neither the file nor the line)."""
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{file}:{lineno}: not UTF-8 text ({e})") from None
 
 
 def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> Iterator[tuple[int, Any]]:

@@ -7,7 +7,8 @@ model output, which is why only PIL is used here.
 
 Loading is where user input goes wrong (missing file, a text file named ``.jpg``, a truncated download, a
 decompression bomb), so every failure becomes an :class:`ImageError` that names the image and the problem.
-As the official code, EXIF orientation is not applied. 16-bit grayscale images (modes ``I;16*`` and ``I``) are
+Every format PIL decodes itself is read (:func:`open_image`); PostScript/EPS is not, because PIL decodes it by
+running Ghostscript, another program, on the file's bytes. As the official code, EXIF orientation is not applied. 16-bit grayscale images (modes ``I;16*`` and ``I``) are
 scaled to 8 bits first; PIL's own ``convert("RGB")`` clips them to white (every other mode converts exactly
 as the official code does).
 
@@ -43,6 +44,7 @@ __all__ = [
     "MediaPolicy",
     "check_image",
     "load_image",
+    "open_image",
     "pixel_values",
     "preprocess",
 ]
@@ -144,13 +146,38 @@ def _decode_data_url(url: str) -> bytes:
         raise ImageError(f"data URL has invalid base64: {e}") from e
 
 
+# PIL opens these by handing the bytes to another program (EPS: Ghostscript): never for images that come from
+# data files, prompts or HTTP requests.
+_NOT_READ = {"EPS": "PostScript/EPS"}
+_EPS_SIGNATURES = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # text and DOS-binary EPS, as PIL's plugin recognizes them
+
+
+def open_image(fp: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Image.Image:
+    """``PIL.Image.open`` (lazy: reads the header) for every format PIL decodes itself; PostScript/EPS raises
+    :class:`ImageError` naming ``name`` (default: the path) (PIL would run Ghostscript on it)."""
+    if name is None:
+        name = str(fp) if isinstance(fp, (str, os.PathLike)) else "<bytes>"
+    if isinstance(fp, (str, os.PathLike)):
+        with open(fp, "rb") as f:
+            head = f.read(4)
+    else:
+        at = fp.tell()
+        head = fp.read(4)
+        fp.seek(at)
+    if head.startswith(_EPS_SIGNATURES):
+        raise ImageError(f"image {name} is {_NOT_READ['EPS']}, which is not read (PIL decodes it by running "
+                         "Ghostscript): use a PNG, JPEG, GIF, BMP, WEBP or TIFF file")
+    Image.init()
+    return Image.open(fp, formats=[f for f in Image.OPEN if f not in _NOT_READ])
+
+
 def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     """Open and fully decode; every PIL failure becomes an ImageError naming ``name``."""
     try:
         with warnings.catch_warnings():
             # We check the size ourselves below with a clear message; PIL's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = open_image(fp, name)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(

@@ -105,35 +105,54 @@ def predict(
 
     Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
     ``compile=True`` decodes with the ``torch.compile``-d step (the first call compiles; int8 weights are fastest so).
-    ``on_error``: a prompt the processor cannot take (a bad or refused image, a malformed prompt) raises
-    its ``ValueError`` (``"raise"``) or gives a :class:`Prediction` with ``error`` set while the others are
-    answered (``"record"``).
+    ``on_error``: a prompt the processor or the generation cannot take (a bad or refused image, a malformed
+    prompt, one longer than the context) raises its ``ValueError`` (``"raise"``) or gives a
+    :class:`Prediction` with ``error`` set while the others are answered (``"record"``).
     """
+    return list(iter_predict(model, processor, prompts, params, batch_size, base_dir, progress, compile, on_error))
+
+
+def iter_predict(
+    model: QwenVL,
+    processor: Processor,
+    prompts: Sequence[Any],
+    params: SamplingParams,
+    batch_size: int = 1,
+    base_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    compile: bool = False,
+    on_error: str = "raise",
+) -> Iterator[Prediction]:
+    """:func:`predict`, one :class:`Prediction` at a time in the prompts' order, each batch's as soon as it is
+    answered (so a caller keeps what is done when the run stops early). The arguments are checked at once."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
-    prompts = list(prompts)
-    out: list[Prediction] = []
+    return _iter_predict(model, processor, list(prompts), params, batch_size, base_dir, progress, compile, on_error)
+
+
+def _iter_predict(model: QwenVL, processor: Processor, prompts: list[Any], params: SamplingParams, batch_size: int,
+                  base_dir: str | os.PathLike | None, progress: bool, compile: bool,
+                  on_error: str) -> Iterator[Prediction]:
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), desc="predict", unit="prompt")
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        inputs, errors = _process(processor, chunk, base_dir, on_error)
-        answered = iter(_generate_batch(model, processor, inputs, params, compile) if inputs is not None else [])
-        for k, prompt in enumerate(chunk):
-            if k in errors:
-                out.append(Prediction(_prompt_text(prompt), "", "", error=errors[k]))
-            else:
-                out.append(next(answered))
+    try:
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s : s + batch_size]
+            inputs, errors = _process(processor, chunk, base_dir, on_error)
+            answered = iter(_answer(model, processor, chunk, inputs, errors, params, base_dir, compile, on_error))
+            done = [Prediction(_prompt_text(prompt), "", "", error=errors[k]) if k in errors else next(answered)
+                    for k, prompt in enumerate(chunk)]
+            if bar is not None:
+                bar.update(len(chunk))
+            yield from done
+    finally:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return out
+            bar.close()
 
 
 def _process(processor: Processor, chunk: list[Any], base_dir: str | os.PathLike | None,
@@ -153,6 +172,30 @@ def _process(processor: Processor, chunk: list[Any], base_dir: str | os.PathLike
         except ValueError as e:
             errors[k] = str(e)
     return (processor(good, base_dir=base_dir) if good else None), errors
+
+
+def _answer(model: QwenVL, processor: Processor, chunk: list[Any], inputs: dict[str, Any] | None,
+            errors: dict[int, str], params: SamplingParams, base_dir: str | os.PathLike | None, compile: bool,
+            on_error: str) -> list[Prediction]:
+    """The predictions of the prompts of ``chunk`` not in ``errors``; with ``on_error="record"`` a batch that
+    generation refuses (a prompt longer than the context) is answered one by one, the culprits added to
+    ``errors``."""
+    if inputs is None:
+        return []
+    try:
+        return _generate_batch(model, processor, inputs, params, compile)
+    except ValueError:
+        if on_error == "raise":
+            raise
+    out = []
+    for k, prompt in enumerate(chunk):
+        if k in errors:
+            continue
+        try:
+            out += _generate_batch(model, processor, processor([prompt], base_dir=base_dir), params, compile)
+        except ValueError as e:
+            errors[k] = str(e)
+    return out
 
 
 def _generate_batch(model: QwenVL, processor: Processor, inputs: dict[str, Any], params: SamplingParams,

@@ -89,6 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jsonl", help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
     p.add_argument("--output", help="with --jsonl: where to write the answers (JSONL; default: stdout)")
     p.add_argument("--output_only", action="store_true", help="print only the answers, not the prompts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--use_parallel", type=str2bool, help="accepted for compatibility; use torchrun for parallel runs")
     p.add_argument("--auto_trans_ckpt", type=str2bool, help="accepted for compatibility (checkpoints load on any layout)")
     _add_sampling_flags(p)
@@ -124,6 +125,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
     p.add_argument("--image_location", required=True, help="folder holding train2014/COCO_train2014_*.jpg")
     p.add_argument("--output_path", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_path file")
     p.add_argument("--user_role_name", default="user")
     p.add_argument("--assistant_role_name", default="assistant")
     p.add_argument("--image_prefix", default="train2014/COCO_train2014_")
@@ -212,17 +214,23 @@ def _prompts_from_jsonl(path: str) -> list[Any]:
 
 def _prompt_of_record(rec: Any, where: str) -> Any:
     if "messages" in rec:
+        if not isinstance(rec["messages"], list):
+            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} messages")
         return rec["messages"]
     if "prompt" in rec:
         if not isinstance(rec["prompt"], str):
             raise ValueError(f"{where}: 'prompt' must be a string")
         return rec["prompt"]
     if "query" in rec:
+        if not isinstance(rec["query"], (str, list)):
+            raise ValueError(f"{where}: 'query' must be a string or a list-format list, got {rec['query']!r:.80}")
         return rec["query"]
     if "text" not in rec and "image" not in rec:
         raise ValueError(f"{where}: needs 'text' (and optionally 'image'), 'prompt', 'query' or 'messages'")
     images = rec.get("image") or []
-    images = [images] if isinstance(images, str) else list(images)
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"{where}: 'image' must be a path or a list of paths, got {rec['image']!r:.80}")
     return [{"image": p} for p in images] + [{"text": str(rec.get("text", ""))}]
 
 
@@ -250,13 +258,30 @@ def _image_refs(prompt: Any) -> list[str]:
     return refs
 
 
+def prompt_images(prompts: list[Any], policy: Any) -> dict[str, Path]:
+    """The local image files the prompts name, by label ("image of prompt 2", "image 2 of prompt 3"), resolved
+    under ``policy`` (:class:`qwenvl.images.MediaPolicy`); refused paths and URLs are left out (never read)."""
+    from .images import ImageError
+
+    files: dict[str, Path] = {}
+    for k, prompt in enumerate(prompts, 1):
+        for j, ref in enumerate(_image_refs(prompt), 1):
+            if ref.lower().startswith(("data:", "http://", "https://")):
+                continue
+            try:
+                files[f"image {j} of prompt {k}" if j > 1 else f"image of prompt {k}"] = policy.resolve(ref)
+            except ImageError:
+                continue
+    return files
+
+
 def bad_prompt_images(prompts: list[Any], policy: Any) -> list[tuple[int, str]]:
     """(prompt number from 1, problem) for every prompt naming a local image that ``policy``
     (:class:`qwenvl.images.MediaPolicy`) refuses, that does not exist, or whose header PIL cannot read (the
     header only: seconds for thousands of images). Meant for before the weights load."""
     from PIL import Image, UnidentifiedImageError
 
-    from .images import ImageError
+    from .images import ImageError, open_image
 
     bad: list[tuple[int, str]] = []
     for k, prompt in enumerate(prompts, 1):
@@ -265,10 +290,10 @@ def bad_prompt_images(prompts: list[Any], policy: Any) -> list[tuple[int, str]]:
                 continue  # not a file: the processor says what is wrong with it
             try:
                 path = policy.resolve(ref)
-                with Image.open(path) as im:
+                with open_image(path) as im:
                     im.size  # noqa: B018 (the header is read: a text file named .jpg fails here)
                 continue
-            except ImageError as e:  # refused by the media policy
+            except ImageError as e:  # refused by the media policy, or PostScript
                 problem = str(e)
             except FileNotFoundError:
                 problem = f"image not found: {path}"
@@ -305,10 +330,10 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("no checkpoint: pass --model DIR (or --load_checkpoint DIR, or load_checkpoint in --config)")
     if bool(args.predict_data) == bool(args.jsonl):
         raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
-    if args.output:
-        from .outputs import check_output_file
+    from .outputs import check_output_file
 
-        check_output_file(args.output, {"--jsonl file": args.jsonl, "--config file": args.config})
+    check_output_file(args.output, {"--jsonl file": args.jsonl, "--config file": args.config},
+                      folders={"checkpoint folder": opts["load_checkpoint"]})
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
@@ -318,10 +343,12 @@ def run_predict(args: argparse.Namespace) -> int:
     from .images import MediaPolicy
 
     any_path = opts.get("allow_any_local_path", True)
-    _check_images_first(prompts, MediaPolicy(opts.get("image_dir") or ".", any_path), per_row=bool(args.jsonl))
+    policy = MediaPolicy(opts.get("image_dir") or ".", any_path)
+    check_output_file(args.output, prompt_images(prompts, policy), overwrite=args.overwrite)  # the pictures too
+    _check_images_first(prompts, policy, per_row=bool(args.jsonl))
     require_folder(opts["load_checkpoint"])
     # torch and the model code load only now, after the input checks (which need neither): bad input is said at once
-    from .inference import load, predict
+    from .inference import iter_predict, load
 
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
                             quantize=opts.get("quantize"), allow_any_local_path=any_path)
@@ -329,24 +356,46 @@ def run_predict(args: argparse.Namespace) -> int:
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
     prompts = [_as_chat(p, fmt) for p in prompts]
-    preds = predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
-                    base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,
-                    on_error="record" if args.jsonl else "raise")
+    answers = iter_predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
+                           base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,
+                           on_error="record" if args.jsonl else "raise")
     if args.jsonl:
-        lines = [json.dumps(_result_row(p), ensure_ascii=False) for p in preds]
-        text = "\n".join(lines) + "\n"
+        preds = []
+        try:
+            for p in answers:
+                preds.append(p)
+                if not args.output:  # each row as soon as its batch is answered
+                    print(json.dumps(_result_row(p), ensure_ascii=False), flush=True)
+        except KeyboardInterrupt:
+            if args.output and preds:
+                _save_partial(args.output, preds, len(prompts))
+            raise
         if args.output:
-            atomic_write_text(args.output, text)
-        else:
-            sys.stdout.write(text)
+            atomic_write_text(args.output, "".join(json.dumps(_result_row(p), ensure_ascii=False) + "\n"
+                                                   for p in preds))
         failed = sum(p.error is not None for p in preds)
         if failed:  # every other answer is written: a bad row costs only itself
             raise ValueError(f"{failed} of {len(preds)} prompt(s) failed: see the rows with an 'error' field "
                              f"in {args.output or 'the output'}")
         return 0
-    for p in preds:
+    for p in answers:
         print(p.response if args.output_only else p.text)
     return 0
+
+
+def _save_partial(output: str, preds: list[Any], total: int) -> None:
+    """On Ctrl-C: the rows answered so far, written atomically next to ``output`` under a name that says they
+    are not the whole run (``OUTPUT.partial``, or ``OUTPUT.partial-2``, ... when that exists: nothing is
+    replaced), and said on stderr."""
+    from .fileio import atomic_write_text
+
+    path, n = Path(f"{output}.partial"), 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = Path(f"{output}.partial-{n}")
+    atomic_write_text(path, "".join(json.dumps(_result_row(p), ensure_ascii=False) + "\n" for p in preds))
+    print(f"the answers to the first {len(preds)} of {total} prompts are in {path} (JSONL, in the prompts' order)",
+          file=sys.stderr)
 
 
 def _check_images_first(prompts: list[Any], policy: Any, per_row: bool) -> None:
@@ -382,6 +431,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
+    if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
+        raise NotADirectoryError(f"--draw {args.draw} is not a folder")  # said now, not at the first box
     require_folder(args.load_checkpoint)
     from .inference import ChatSession, chat_params, load  # torch: after the checks above
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
@@ -471,19 +522,25 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("--merge_lora needs --adapter DIR")
     if not Path(source).exists():  # said before torch loads (seconds)
         raise FileNotFoundError(f"checkpoint not found: {source}")
+    from .checkpoint import parse_size
     from .mindformers import convert as convert_mindspore
     from .mindformers import is_mindspore_path
     from .outputs import check_output_file, check_separate, claim_output
 
+    try:
+        parse_size(args.max_shard_size)  # a bad size is said now, not after the weights load
+    except ValueError as e:
+        raise ValueError(f"--max_shard_size: {e}") from None
     if is_mindspore_path(source) or is_mindspore_path(output):
         if args.merge_lora:
             raise ValueError("--merge_lora works on checkpoint folders, not MindSpore .ckpt files")
+        if args.format != "safetensors":
+            raise ValueError(f"--format {args.format}: a MindSpore .ckpt is imported into safetensors and exported as "
+                             "one .ckpt")
         kw = {"config": args.config, "dtype": args.dtype, "use_qkv_concat": args.use_qkv_concat,
               "emb_strategy": args.emb_strategy, "max_shard_size": args.max_shard_size}
         if is_mindspore_path(output):  # export: one file, written atomically
-            check_output_file(output, {"SOURCE": source})
-            if Path(output).exists() and not args.overwrite:
-                raise ValueError(f"{output} exists: pass --overwrite to replace it")
+            check_output_file(output, {"SOURCE": source}, overwrite=args.overwrite)
             print(convert_mindspore(source, output, **kw))
             return 0
         check_separate(output, {"SOURCE": source}, what="OUTPUT folder")
@@ -498,7 +555,8 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.merge_lora:
             from .train.lora import merge_lora
 
-            merge_lora(source, args.adapter, output, dtype=args.dtype)
+            merge_lora(source, args.adapter, output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                       safe_serialization=args.format == "safetensors")
         elif Path(source, ".metadata").is_file():  # a sharded training checkpoint (finetune's checkpoint-STEP)
             from .model.qwenvl import _as_dtype
             from .train.sharded_checkpoint import consolidate
@@ -526,6 +584,7 @@ def run_data_convert(args: argparse.Namespace) -> int:
     check_output_file(args.output_path, {"--data_path file": args.data_path})
     summary = convert_llava(args.data_path, args.image_location, args.output_path,
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
-                            image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place)
+                            image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place,
+                            overwrite=args.overwrite)
     print(summary)  # once: the library only logs it at DEBUG level
     return 0

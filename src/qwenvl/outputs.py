@@ -114,15 +114,31 @@ def check_separate(
             raise OutputDirError(f"the {what} {output} lies inside the {label} {path}; choose a folder outside it")
 
 
-def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str, str | os.PathLike[str] | None],
+                      folders: Mapping[str, str | os.PathLike[str] | None] | None = None,
+                      overwrite: bool = True, flag: str = "--overwrite") -> None:
     """Refuse an output file that is one of the input files (it would be replaced before being read in full
-    by a later run, or lost when this one fails)."""
+    by a later run, or lost when this one fails), that lies inside one of the input ``folders`` (label ->
+    folder: a checkpoint, whose files are all read), that cannot be written as a file (an existing folder,
+    a path under a file), or, unless ``overwrite``, that already exists (a file we may not have written;
+    ``flag`` is what the error tells the user to pass): said before the run, not after it."""
     if not output:
         return
     out = _real(output)
     for label, path in inputs.items():
         if path and (out == _real(path) or (out.exists() and Path(path).exists() and out.samefile(path))):
             raise OutputDirError(f"the output file {output} is the {label} {path}; write the output somewhere else")
+    for label, folder in (folders or {}).items():
+        if folder and _within(out, _real(folder)):
+            raise OutputDirError(f"the output file {output} lies inside the {label} {folder}; write the output "
+                                 "somewhere else")
+    if out.is_dir():
+        raise OutputDirError(f"the output file {output} is a folder; name a file to write")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputDirError(f"the output file {output} cannot be written: {above} is not a folder")
+    if not overwrite and out.is_file():
+        raise OutputDirError(f"the output file {output} exists; pass {flag} to replace it")
 
 
 # ---- the marker ----------------------------------------------------------------------------------------

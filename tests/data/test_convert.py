@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from qwenvl.data.convert import ConvertSummary, MalformedRecord, convert_llava, convert_records
+from qwenvl.outputs import OutputDirError
 
 PREFIX = "train2014/COCO_train2014_"
 PIC = "Picture 1: <img>train2014/COCO_train2014_{}</img>\n"
@@ -338,9 +339,12 @@ def test_bad_image_location_and_roles(tmp_path: Path) -> None:
     assert not (tmp_path / "out.json").exists()
 
 
-def test_existing_output_is_replaced(tmp_path: Path, images: Path) -> None:
+def test_existing_output_is_replaced_only_when_asked(tmp_path: Path, images: Path) -> None:
     src = _write(tmp_path / "d.json", RECORDS)
     out = tmp_path / "out.json"
     out.write_text("old", encoding="utf-8")
-    convert_llava(src, images, out)
+    with pytest.raises(OutputDirError, match="out.json exists; pass --overwrite"):
+        convert_llava(src, images, out)  # a file we may not have written: kept
+    assert out.read_text(encoding="utf-8") == "old"
+    convert_llava(src, images, out, overwrite=True)
     assert json.loads(out.read_text(encoding="utf-8")) == EXPECTED

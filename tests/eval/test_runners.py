@@ -132,6 +132,7 @@ def test_grounding_custom_prompt_without_box_suffix(tmp_path: Path, image_dir: P
         ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1]}', "4 finite numbers"),
         ('["a.png"]', "expected a JSON object"),
         ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": 0, "height": 5}', "positive"),
+        ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": 1e400, "height": 5}', "positive finite"),
     ],
 )
 def test_malformed_line_names_its_number(tmp_path: Path, image_dir: Path, line: str, message: str) -> None:
@@ -248,6 +249,33 @@ def test_caption_coco_json_format(tmp_path: Path, image_dir: Path) -> None:
     assert [(r.id, r.image, r.captions) for r in records] == [(7, "a.png", ["white"]), (8, "b.png", ["gray"])]
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"images": 5, "annotations": []}, "'images' and 'annotations' must be lists"),
+        ({"images": [], "annotations": {"image_id": 1}}, "'images' and 'annotations' must be lists"),
+        ({"images": [{"id": 1, "image": "a.png"}], "annotations": [{"image_id": [1], "caption": "x"}]},
+         "annotations[0]: 'image_id' must be a number or a string"),
+        ({"images": [{"id": {"a": 1}, "image": "a.png"}], "annotations": []},
+         "images[0]: 'id' must be a number or a string"),
+    ],
+)
+def test_caption_coco_json_of_the_wrong_shape_names_the_problem(tmp_path: Path, image_dir: Path, content: dict,
+                                                                message: str) -> None:
+    data = tmp_path / "c.json"
+    data.write_text(json.dumps(content))
+    with pytest.raises(EvalDataError, match=rf"c\.json: .*{re.escape(message)}"):
+        runners.load_caption_data(data, image_dir)
+
+
+@pytest.mark.parametrize("name", ["c.json", "c.jsonl"])
+def test_evaluation_data_that_is_not_utf8_names_the_file(tmp_path: Path, image_dir: Path, name: str) -> None:
+    data = tmp_path / name
+    data.write_bytes(b'{"image": "a.png", "captions": ["caf\xe9"]}\n')  # Latin-1
+    with pytest.raises(EvalDataError, match=rf"{re.escape(name)}(:1)?: not UTF-8 text"):
+        runners.load_caption_data(data, image_dir)
+
+
 # ---- a real (tiny, random) model end to end --------------------------------------------------------------------
 
 
@@ -307,13 +335,18 @@ def test_cli_grounding(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplo
     (tmp_path / "prompt.txt").write_text(template, encoding="utf-8")
     caplog.clear()
     with caplog.at_level("INFO", logger="qwenvl.eval.cli"):
-        assert main([*args, "--chat_format", "chatml", "--prompt_file", str(tmp_path / "prompt.txt")]) == 0
+        assert main([*args, "--chat_format", "chatml", "--prompt_file", str(tmp_path / "prompt.txt")]) == 2
+    assert "out.json exists; pass --overwrite" in capsys.readouterr().err  # the first run's file is kept
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qwenvl.eval.cli"):
+        assert main([*args, "--chat_format", "chatml", "--prompt_file", str(tmp_path / "prompt.txt"),
+                     "--overwrite"]) == 0
     saved = json.loads(out.read_text())
     assert (saved["settings"]["prompt"], saved["settings"]["chat_format"], saved["settings"]["protocol"]) == (
         template, "chatml", f"--prompt_file {tmp_path / 'prompt.txt'}")
     assert f"eval grounding: prompt {template!r} (--prompt_file {tmp_path / 'prompt.txt'}), chat_format chatml" in \
         caplog.text
-    assert main([*args, "--prompt_file", str(tmp_path / "nope.txt")]) == 2
+    assert main([*args, "--prompt_file", str(tmp_path / "nope.txt"), "--overwrite"]) == 2
     assert "--prompt_file" in capsys.readouterr().err
 
 
@@ -324,6 +357,34 @@ def test_cli_checks_the_data_before_loading_the_model(tmp_path: Path, capsys: py
     # the model folder does not exist either: the data error comes first
     assert main(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == 2
     assert "image not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 1, got -1"),
+    (["--max_new_tokens", "3"], "--min_new_tokens must be in [0, --max_new_tokens = 3], got 10"),  # grounding's 10
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+])
+def test_cli_checks_its_numbers_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         flags: list[str], message: str) -> None:
+    # were: the model loaded, then every sample failed and was scored as wrong
+    from qwenvl.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "gone.png", "sent": "x", "bbox": [0, 0, 1, 1]}])
+    assert main(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_prompt_file_that_is_not_utf8_is_named(tmp_path: Path, image_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenvl.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", grounding_rows()[:1])
+    (tmp_path / "prompt.txt").write_bytes(b"<img>{image}</img>caf\xe9 {expression}")  # Latin-1
+    assert main(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data), "--image_dir",
+                 str(image_dir), "--prompt_file", str(tmp_path / "prompt.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qwenvl eval: error: --prompt_file {tmp_path / 'prompt.txt'}: not UTF-8 text"), err
 
 
 @pytest.mark.parametrize("task", ["grounding", "vqa", "caption"])

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl.fileio import atomic_write_text, read_json_records
+from qwenvl.outputs import check_output_file
 
 __all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
 
@@ -80,6 +81,7 @@ class ConvertSummary:
     missing_image_examples: list[str] = field(default_factory=list)  # the first MAX_EXAMPLES paths
     malformed: list[MalformedRecord] = field(default_factory=list)
     output_path: Path | None = None
+    image_files: dict[int, Path] = field(default_factory=dict, repr=False, compare=False)  # record index -> image
 
     def __str__(self) -> str:
         lines = [
@@ -210,6 +212,7 @@ def convert_records(
                 if len(summary.missing_image_examples) < MAX_EXAMPLES:
                     summary.missing_image_examples.append(str(image_file))
                 continue
+            summary.image_files[index] = image_file
         else:
             summary.text_only += 1
         summary.untagged += int(untagged)
@@ -227,19 +230,25 @@ def convert_llava(
     image_prefix: str = DEFAULT_IMAGE_PREFIX,
     strict: bool = False,
     tag_in_place: bool = False,
+    overwrite: bool = False,
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
     The output is a UTF-8 JSON list written atomically; it is not written at all when the input cannot be
-    read (missing file, invalid JSON, top level not a list: FileNotFoundError / ValueError naming the file)
-    or, with ``strict``, when a record is malformed. Returns the summary (for the caller to show: it is
+    read (missing file, invalid JSON, top level not a list: FileNotFoundError / ValueError naming the file),
+    with ``strict``, when a record is malformed, or when ``output_path`` exists and ``overwrite`` is not set
+    (:class:`~qwenvl.outputs.OutputDirError`). Returns the summary (for the caller to show: it is
     logged only at DEBUG level, so that the command line prints it once).
     """
     data_path = Path(data_path)
+    check_output_file(output_path, {"data file": data_path})
     records = _load_llava(data_path)
     converted, summary = convert_records(
         records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place
     )
+    # the images are inputs too: never written over
+    check_output_file(output_path, {f"image of record {k}": f for k, f in summary.image_files.items()},
+                      overwrite=overwrite, flag="--overwrite (overwrite=True)")
     summary.output_path = atomic_write_text(
         output_path, json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
     )

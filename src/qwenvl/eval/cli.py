@@ -62,6 +62,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                         "(default: the working directory) and refuses absolute paths outside it, ~, .. and links "
                         "leading out of it; true reads any file you can read")
     p.add_argument("--output", metavar="FILE", help="JSON file for the score and every prediction (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     add_runtime_flags(p)
@@ -102,6 +103,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(c, "caption")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The generation settings, said before the model loads (not as every sample failing after it)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        raise ValueError(f"--min_new_tokens must be in [0, --max_new_tokens = {args.max_new_tokens}], got "
+                         f"{args.min_new_tokens}")
+
+
 def _limit(records: list[Any], n: int | None) -> list[Any]:
     if n is None:
         return records
@@ -116,7 +128,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from . import runners
 
     task = args.eval_task
-    check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file})
+    _check_numbers(args)
+    check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file},
+                      folders={"checkpoint folder": args.model})
     loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
                "caption": runners.load_caption_data}  # fmt: skip
     media = {"allow_any_local_path": args.allow_any_local_path}
@@ -124,6 +138,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         records = runners.load_grounding_data(args.data, args.image_dir, args.bbox_format, **media)
     else:
         records = loaders[task](args.data, args.image_dir, **media)
+    policy = runners._media_policy(args.image_dir, args.allow_any_local_path)
+    check_output_file(args.output, {f"image of {r.where}": policy.resolve(r.image) for r in records},  # inputs too
+                      overwrite=args.overwrite)
     records = _limit(records, args.limit)
     prompt, protocol = _prompt(args, task)
     require_folder(args.model)
@@ -164,7 +181,10 @@ def _prompt(args: argparse.Namespace, task: str) -> tuple[str, str]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompt_file {path}: no such file")
-        return path.read_text(encoding="utf-8"), f"--prompt_file {path}"
+        try:
+            return path.read_text(encoding="utf-8"), f"--prompt_file {path}"
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt_file {path}: not UTF-8 text ({e})") from None
     return args.prompt, "official" if args.prompt == _DEFAULTS[task][0] else "--prompt"
 
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from ..fileio import atomic_write_text, iter_jsonl
 from ..grounding import denormalize_box, first_box, iou
-from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy
+from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
 from .metrics import cider, exact_match, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
@@ -261,9 +261,9 @@ def _read_size(path: Path, where: str) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 w, h = im.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # ImageError: PostScript
         raise EvalDataError(f"{where}: cannot read the size of {path}: {e}") from None
     if w * h > MAX_IMAGE_PIXELS:
         raise EvalDataError(f"{where}: image {path} is {w}x{h} = {w * h} pixels, more than the limit of "
@@ -298,8 +298,8 @@ def load_grounding_data(
         else:
             w, h = _read_size(file, where)
             width, height = float(w), float(h)
-        if not (width > 0 and height > 0):
-            raise EvalDataError(f"{where}: width and height must be positive, got {width}x{height}")
+        if not (0 < width < math.inf and 0 < height < math.inf):
+            raise EvalDataError(f"{where}: width and height must be positive finite numbers, got {width}x{height}")
         records.append(GroundingRecord(image, sent, bbox, width, height, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
@@ -364,20 +364,28 @@ class CaptionRecord:
 def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
     except json.JSONDecodeError as e:
         raise EvalDataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise EvalDataError(f"{path}: a .json caption file must hold 'images' and 'annotations' (COCO style)")
+    if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+        raise EvalDataError(f"{path}: 'images' and 'annotations' must be lists (COCO style)")
     refs: dict[Any, list[str]] = {}
     for k, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
             raise EvalDataError(f"{path}: annotations[{k}] needs 'image_id' and a string 'caption'")
+        if not isinstance(ann["image_id"], (int, float, str)):
+            raise EvalDataError(f"{path}: annotations[{k}]: 'image_id' must be a number or a string")
         refs.setdefault(ann["image_id"], []).append(ann["caption"])
     out = []
     for k, img in enumerate(data["images"]):
         where = f"{path}: images[{k}]"
         if not isinstance(img, dict) or "id" not in img:
             raise EvalDataError(f"{where}: needs 'id' and 'image' (or 'file_name')")
+        if not isinstance(img["id"], (int, float, str)):
+            raise EvalDataError(f"{where}: 'id' must be a number or a string")
         image = img.get("image", img.get("file_name"))
         out.append((where, {"id": img["id"], "image": image, "captions": refs.get(img["id"], [])}))
     return out
