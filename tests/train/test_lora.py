@@ -114,6 +114,9 @@ def test_a_missing_adapter_fails_at_once_without_going_online(tmp_path: Path, mo
     for name in ("org/name", str(tmp_path / "nothing")):  # a hub id, a missing folder: the same to us
         with pytest.raises(CheckpointError, match="adapter folder .* not found .*nothing is downloaded"):
             merge_lora(tmp_path / "base-that-is-not-read", name, tmp_path / "merged")
+    (tmp_path / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="adapter .*adapter.safetensors is a file; give the adapter folder"):
+        merge_lora(tmp_path / "base-that-is-not-read", tmp_path / "adapter.safetensors", tmp_path / "merged")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no adapter_config.json"):
         merge_lora(tmp_path / "base", tmp_path / "empty", tmp_path / "merged")

@@ -175,6 +175,18 @@ def test_a_damaged_sharded_checkpoint_is_a_one_line_error(done, train_data: Path
     assert not any(p.name.startswith("c") for p in tmp_path.iterdir())
 
 
+def test_a_missing_rng_file_is_named_on_resume(done, train_data: Path, tmp_path: Path, caplog) -> None:
+    # was: "saved by 1 rank(s), this run has 1", as if the world size had changed
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    (out / "trainer_state.json").unlink()  # a run killed after checkpoint-1
+    (out / "checkpoint-1" / "rng-0.pt").unlink()
+    with caplog.at_level("WARNING", logger="qwenvl.train.sharded_checkpoint"):
+        assert main(_resume_argv(train_data, out)) == 0
+    assert "has no rng-0.pt (deleted?): random streams (dropout) restart from the seed" in caplog.text
+    assert "rank(s), this run has" not in caplog.text
+
+
 class _RunsCode:
     def __reduce__(self):  # noqa: ANN204 - what a crafted pickle does: call anything on load
         return (Path.touch, (Path(os.environ["QWENVL_TEST_SENTINEL"]),))

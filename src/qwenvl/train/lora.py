@@ -164,6 +164,9 @@ def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
     from ..checkpoint import CheckpointError
 
     folder = Path(adapter_dir)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"adapter {folder} is a file; give the adapter folder (with {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS}) that `qwenvl finetune` with use_lora wrote")
     if not folder.is_dir():
         raise CheckpointError(f"adapter folder {folder} not found (an adapter is a local folder written by "
                               "`qwenvl finetune` with use_lora; nothing is downloaded)")

@@ -208,6 +208,8 @@ def load_checkpoint(
         except _READ_ERRORS as e:
             raise CheckpointError(f"cannot read {rng}: {_reason(e)} (truncated or corrupt file?)") from None
         set_rng_state(rng_states)
+    elif state.get("world_size") == env.world_size:
+        logger.warning("%s has no %s (deleted?): random streams (dropout) restart from the seed", path, rng.name)
     else:
         logger.warning("%s was saved by %s rank(s), this run has %d: random streams (dropout) restart from the seed",
                        path, state.get("world_size"), env.world_size)
