@@ -311,8 +311,9 @@ def test_validation_errors_name_the_field_at_fault(guarded):
 
 
 def test_a_hostile_image_host_cannot_hold_a_request(golden_model, processor):
-    """With --allow_remote_images: a host that drips its headers or body a byte at a time was waited on for
-    hours (each read stayed under the socket timeout), and one that answers garbage instead of HTTP was a 500."""
+    """With --allow_remote_images: a host that drips its TLS handshake, headers or body a byte at a time was
+    waited on for hours (each read stayed under the socket timeout), and one that answers garbage instead of HTTP
+    was a 500."""
     import socket
 
     def serve(conn: socket.socket, mode: str) -> None:
@@ -320,6 +321,13 @@ def test_a_hostile_image_host_cannot_hold_a_request(golden_model, processor):
             conn.recv(65536)
             if mode == "garbage":
                 conn.sendall(b"HELLO THERE\r\n\r\n")
+                return
+            if mode == "tls":  # the header of a 16 KiB handshake record, then its body a byte at a time
+                conn.sendall(b"\x16\x03\x03\x40\x00")
+                with contextlib.suppress(OSError):
+                    for _ in range(100_000):
+                        conn.sendall(b"\0")
+                        time.sleep(0.3)
                 return
             head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
             if mode == "body":
@@ -336,16 +344,18 @@ def test_a_hostile_image_host_cannot_hold_a_request(golden_model, processor):
         with contextlib.suppress(OSError):
             while True:
                 conn, _ = listener.accept()
-                mode = conn.recv(64, socket.MSG_PEEK).split(b" ")[1].strip(b"/").decode()
+                peek = conn.recv(64, socket.MSG_PEEK)
+                mode = "tls" if peek[:1] == b"\x16" else peek.split(b" ")[1].strip(b"/").decode()  # a ClientHello
                 threading.Thread(target=serve, args=(conn, mode), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     settings = ServeSettings(model_name=MODEL_NAME, media=MediaLimits(allow_remote=True, remote_timeout=1.0))
     try:
         with running(make_engine(golden_model, processor, max_batch_size=1), processor, settings) as r:
-            for mode, words in (("garbage", "cannot download"), ("headers", "more than 1 s"), ("body", "more than 1 s")):
+            for mode, words in (("garbage", "cannot download"), ("headers", "more than 1 s"), ("body", "more than 1 s"),
+                                ("tls", "more than 1 s")):
                 start = time.monotonic()
-                url = f"http://127.0.0.1:{port}/{mode}"
+                url = f"{'https' if mode == 'tls' else 'http'}://127.0.0.1:{port}/{mode}"
                 assert_error(post(r, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])),
                              400, words)
                 assert time.monotonic() - start < 5, mode
