@@ -329,6 +329,55 @@ def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
                                                          "<box>(x1,y1),(x2,y2)</box>)")
 
 
+def _chat_in_process(monkeypatch, capsys, golden_dir, script: str, ask, *flags: str):
+    """``qwenvl chat`` on the golden checkpoint, in this process, with ``ChatSession.ask`` replaced by ``ask``
+    (a random model writes neither boxes nor long enough answers to interrupt on cue)."""
+    import io
+
+    from qwenvl.cli import main
+    from qwenvl.inference import ChatSession
+
+    monkeypatch.setattr(ChatSession, "ask", ask)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    rc = main(["chat", "--model", str(golden_dir), "--dtype", "fp32", "--image_dir", str(golden_dir), *flags])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(monkeypatch, capsys, golden_dir):
+    asked = []
+
+    def ask(self, text, on_text=None):
+        asked.append(text)
+        on_text("Once upon a ")
+        if text == "Tell me a story":
+            raise KeyboardInterrupt  # Ctrl-C while the answer streams
+        on_text("time")
+        return "Once upon a time"
+
+    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, "Tell me a story\nShorter, please\n:quit\n", ask)
+    assert rc == 0, err
+    assert asked == ["Tell me a story", "Shorter, please"]
+    assert "(answer stopped" in err and "interrupted" not in err
+    assert out.count("assistant> ") == 2 and out.endswith("Once upon a time\n")
+
+
+def test_chat_draw_folder_that_cannot_be_written_keeps_the_session(monkeypatch, capsys, golden_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("notes")  # --draw notes.txt/boxes: its parent is a file
+    draw = tmp_path / "notes.txt" / "boxes"
+
+    def ask(self, text, on_text=None):
+        on_text("<ref>the cat</ref><box>(100,200),(500,800)</box>")
+        return "<ref>the cat</ref><box>(100,200),(500,800)</box>"
+
+    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, ":image images/cat.png\nWhere?\nAgain?\n", ask,
+                                    "--draw", str(draw))
+    assert rc == 0, err
+    assert out.count("assistant> ") == 2
+    assert err.count(f"(nothing drawn: cannot write into --draw {draw}: Not a directory)") == 2, err
+    assert (tmp_path / "notes.txt").read_text() == "notes"
+
+
 @pytest.mark.parametrize(("env", "torch_first", "want"), [
     (None, False, "True 1"),  # the CLI asks for huge pages before torch loads
     ("0", False, "False 0"),  # the operator's setting wins
@@ -355,3 +404,43 @@ def test_only_the_training_commands_ask_for_huge_pages(argv, want):
     environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=environ, check=True)
     assert out.stderr.strip().splitlines()[-1] == want
+
+
+def test_chat_image_path_in_quotes(monkeypatch, capsys, golden_dir):
+    # a file name with a space, written as in a shell
+    rc, _out, err = _chat_in_process(monkeypatch, capsys, golden_dir, ':image "images/cat.png"\n:quit\n',
+                                     lambda self, text, on_text=None: "")
+    assert rc == 0 and "(picture added: images/cat.png)" in err, err
+
+
+def test_chat_at_a_terminal_reads_with_line_editing(monkeypatch, capsys, golden_dir):
+    # at a terminal the chat reads with input() (readline's editing and history); Ctrl-D ends it on a new line
+    import builtins
+    import io
+
+    from qwenvl.cli import main
+
+    lines = iter(["Hi"])
+    prompts = []
+
+    def terminal_input(prompt=""):
+        prompts.append(prompt)
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(builtins, "input", terminal_input)
+    monkeypatch.setattr(sys, "stdin", Terminal(""))
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    from qwenvl.inference import ChatSession
+
+    monkeypatch.setattr(ChatSession, "ask", lambda self, text, on_text=None: on_text("Hello") or "Hello")
+    assert main(["chat", "--model", str(golden_dir), "--dtype", "fp32"]) == 0
+    assert prompts == ["user> ", "user> "]
+    assert sys.stdout.getvalue() == "assistant> Hello\n"
+    assert capsys.readouterr().err.endswith("\n")

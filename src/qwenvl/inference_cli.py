@@ -8,6 +8,7 @@ followed by the answer and its stop token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -443,16 +444,12 @@ def run_chat(args: argparse.Namespace) -> int:
                                           "top_k", "repetition_penalty", "seed")}
     session = ChatSession(model, processor, chat_params(model, **opts), system=args.system, base_dir=args.image_dir,
                           compile=args.compile)
-    interactive = sys.stdin.isatty()
     print(f"qwenvl chat: {args.load_checkpoint}\n{CHAT_HELP}", file=sys.stderr)
     turn = 0
     while True:
-        if interactive:
-            print("user> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line:
+        line = _read_line()
+        if line is None:
             break
-        line = line.rstrip("\n")
         if not line.strip():
             continue
         if line.startswith(":"):
@@ -463,9 +460,10 @@ def run_chat(args: argparse.Namespace) -> int:
                 session.clear()
                 print("(conversation cleared)", file=sys.stderr)
             elif cmd == ":image":
+                path = _unquoted(rest.strip())
                 try:
-                    session.add_image(rest.strip())
-                    print(f"(picture added: {rest.strip()})", file=sys.stderr)
+                    session.add_image(path)
+                    print(f"(picture added: {path})", file=sys.stderr)
                 except ValueError as e:
                     print(f"error: {e}", file=sys.stderr)
             else:
@@ -477,13 +475,46 @@ def run_chat(args: argparse.Namespace) -> int:
         except ValueError as e:  # e.g. the conversation no longer fits: keep the session alive
             print(f"\nerror: {e}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (its pictures wait for the next message)
+            print()
+            print("(answer stopped; it is left out of the conversation)", file=sys.stderr)
+            continue
         print()
         turn += 1
         if args.draw and session.last_image:
             # the picture passed the media policy when it was added (ChatSession.add_image)
-            drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
+            try:
+                drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
+            except OSError as e:  # e.g. --draw under a file, or a full disk: said, and the chat goes on
+                print(f"(nothing drawn: cannot write into --draw {args.draw}: {e.strerror or e})", file=sys.stderr)
+                continue
+            except ValueError as e:  # the picture was moved or changed since it was added
+                print(f"(nothing drawn: {e})", file=sys.stderr)
+                continue
             print(f"(boxes drawn: {drawn})" if drawn else _no_box_note(answer), file=sys.stderr)
     return 0
+
+
+def _read_line() -> str | None:
+    """The next line of the chat without its newline, None at the end. At a terminal: ``input()`` with line
+    editing and history (``readline``); else (piped) the prompt goes to stderr, so stdout holds only answers."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        with contextlib.suppress(ImportError):  # not on every platform: input() then works without editing
+            import readline  # noqa: F401 (importing it gives input() line editing and history)
+        try:
+            return input("user> ")
+        except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own
+            print(file=sys.stderr)
+            return None
+    if sys.stdin.isatty():
+        print("user> ", end="", flush=True, file=sys.stderr)
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def _unquoted(path: str) -> str:
+    """``:image "my pic.png"`` as the shell would read it: one pair of surrounding quotes removed."""
+    return path[1:-1] if len(path) >= 2 and path[0] == path[-1] and path[0] in "'\"" else path
 
 
 def _no_box_note(answer: str) -> str:

@@ -20,6 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl.config import IM_END_ID
+from qwenvl.serve.app import ServeSettings
+
+from .conftest import MODEL_NAME, ScriptedEngine, make_engine, running
+
 CAT = Path("tests/fixtures/qwenvl-tiny/images/cat.png").resolve()
 ARTIFACTS = Path(os.environ.get("QWENVL_TEST_ARTIFACTS", "test-artifacts"))
 
@@ -124,3 +129,101 @@ def test_page_streams_the_answer_and_draws_the_box(grounding_server, browser):
     shot = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     red = (np.abs(shot - np.array([0xE5, 0x48, 0x4D])).max(-1) < 12).sum()  # the first box colour
     assert red > 200  # the box's outline and label are on screen
+
+
+class SlowEngine(ScriptedEngine):
+    """A scripted answer at ~30 tokens/s: long enough to act while it streams."""
+
+    def _pick(self, logits, rows):
+        time.sleep(0.03)
+        return super()._pick(logits, rows)
+
+
+class BreakingEngine(ScriptedEngine):
+    """Fails after a few tokens of its answer: an error in the middle of the stream."""
+
+    def _pick(self, logits, rows):
+        if any(s is not None and s.generated >= 4 for s in rows):
+            raise RuntimeError("out of <b>memory</b>")
+        return super()._pick(logits, rows)
+
+
+def scripted(golden_model, processor, answer: str, cls: type[ScriptedEngine] = ScriptedEngine) -> ScriptedEngine:
+    engine = make_engine(golden_model, processor, cls, max_batch_size=2)
+    engine.script = processor.tokenizer.encode(answer) + [IM_END_ID]
+    return engine
+
+
+def open_page(browser: Browser, url: str) -> None:
+    browser.cmd("POST", "/url", {"url": url + "/"})
+    browser.wait_for(f"return document.getElementById('model').textContent === '{MODEL_NAME}'")
+
+
+def test_model_output_refs_and_questions_stay_text(golden_model, processor, browser):
+    # a model can be made to write markup: it is shown as text, never parsed (answer, box label, question)
+    answer = ('<img src=x onerror="window.pwned=1">hi <ref><img src=y onerror="window.pwned=2">cat</ref>'
+              '<box>(100,200),(500,800)</box><script>window.pwned=3</script> [a](javascript:alert(1))')
+    with running(scripted(golden_model, processor, answer), processor) as server:
+        open_page(browser, server.url)
+        browser.type("#file", str(CAT))
+        browser.wait_for("const i = document.getElementById('picture'); return !i.hidden && i.naturalWidth > 0")
+        browser.type("#question", "<img src=z onerror='window.pwned=4'>?\n")
+        browser.wait_for("return document.querySelectorAll('#stage .box').length === 1 &&"
+                         " !document.getElementById('send').disabled")
+        assert browser.script("return window.pwned === undefined")
+        assert browser.script("return document.querySelectorAll('#log *, #stage .box *').length") == 3  # 2 divs, a span
+        assert browser.script("return document.querySelector('#stage .box').textContent") == (
+            '<img src=y onerror="window.pwned=2">cat')
+        assert browser.script("return document.querySelector('.msg.assistant').textContent").startswith("<img src=x")
+
+
+def test_one_question_at_a_time_and_new_chat_drops_the_answer_in_flight(golden_model, processor, browser):
+    with running(scripted(golden_model, processor, "one two three four five " * 12, SlowEngine), processor) as server:
+        open_page(browser, server.url)
+        browser.type("#question", "first\n")
+        browser.wait_for("return document.querySelector('.msg.assistant').textContent.length > 0")
+        browser.type("#question", "second\n")  # Enter while the answer streams: waits in the box, not sent
+        assert browser.script("return document.querySelectorAll('.msg.user').length") == 1
+        assert browser.script("return document.getElementById('question').value") == "second"
+        browser.cmd("POST", f"/element/{browser.find('#clear')}/click", {})  # New chat in the middle of it
+        browser.wait_for("return !document.getElementById('send').disabled")
+        time.sleep(0.5)
+        assert browser.script("return [history.length, document.getElementById('log').textContent]") == [0, ""]
+        browser.cmd("POST", f"/element/{browser.find('#send')}/click", {})
+        browser.wait_for("return history.length === 2")
+        assert browser.script("return history[0].content[0].text") == "second"  # the old chat is not sent along
+
+
+def test_an_error_in_the_middle_of_an_answer_keeps_what_came(golden_model, processor, browser):
+    with running(scripted(golden_model, processor, "one two three four five six", BreakingEngine), processor) as server:
+        open_page(browser, server.url)
+        browser.type("#question", "count\n")
+        error = browser.wait_for("const e = document.querySelector('.msg.error'); return e && e.textContent")
+        assert error == "generation failed: out of <b>memory</b>"
+        assert browser.script("return document.querySelector('.msg.assistant').textContent").startswith("one")
+        assert browser.script("return history.length") == 0  # the broken answer is not part of the chat
+
+
+def test_an_api_key_typed_after_the_page_loaded_is_used(golden_model, processor, browser):
+    settings = ServeSettings(model_name=MODEL_NAME, api_key="s3cret")
+    with running(scripted(golden_model, processor, "fine"), processor, settings) as server:
+        browser.cmd("POST", "/url", {"url": server.url + "/"})
+        browser.script("localStorage.clear()")
+        browser.cmd("POST", "/refresh", {})
+        browser.wait_for("return document.getElementById('model').textContent.includes('API key')")
+        browser.type("#key", "s3cret")
+        browser.type("#question", "hello\n")
+        answer = browser.wait_for("const a = document.querySelector('.msg.assistant'); return a && a.textContent"
+                                  " && !document.getElementById('send').disabled && a.textContent")
+        assert answer == "fine"
+        assert browser.script("return document.getElementById('model').textContent") == MODEL_NAME
+
+
+def test_a_file_that_is_not_an_image_is_named_in_an_error(server, browser, tmp_path):
+    notes = tmp_path / "notes <img src=x onerror=alert(1)>.txt"
+    notes.write_text("hello")
+    open_page(browser, server.url)
+    browser.type("#file", str(notes))
+    error = browser.wait_for("const e = document.querySelector('.msg.error'); return e && e.textContent")
+    assert error == "not an image: notes <img src=x onerror=alert(1)>.txt"
+    assert browser.script("return document.getElementById('picture').hidden")

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     import torch
 
-    from .run import eval_command, run_demo
+    from .run import DemoConfig, eval_command, run_demo
 
     if args.threads is not None:
         if args.threads < 1:
@@ -48,10 +48,18 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not -(2**63) <= args.seed < 2**63:  # torch's seed range (with room for the run's per-phase offsets)
+        raise ValueError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
     from ..inference import pick_device
 
     pick_device(args.device)  # a bad name fails here, in one line, not deep inside the run
-    colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors else None
+    colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors is not None else None
+    if colors is not None and not colors:
+        raise ValueError("--colors names no colour")
+    shapes = DemoConfig.max_shapes
+    if colors is not None and len(colors) < shapes:
+        raise ValueError(f"--colors needs at least {shapes} colours (each shape of a picture has its own), "
+                         f"got {len(colors)}: {', '.join(colors)}")
     result: Any = run_demo(args.output_dir, steps=args.steps, seed=args.seed, device=args.device, colors=colors,
                            bf16=args.bf16, overwrite=args.overwrite)
     print(f"held-out Acc@0.5: {100 * result.accuracy_before:.1f}% before training, "
