@@ -161,6 +161,7 @@ def test_models_health_metrics(server):
     assert c.models.retrieve(MODEL_NAME).id == MODEL_NAME
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["slots"] == 4
+    assert httpx.head(server.url + "/health").status_code == 200
     text = httpx.get(server.url + "/metrics").text
     for name in ("qwenvl_requests_total", "qwenvl_prompt_tokens_total", "qwenvl_generation_tokens_total",
                  "qwenvl_queue_depth", "qwenvl_active_slots", "qwenvl_batch_size_bucket",

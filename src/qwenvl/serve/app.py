@@ -403,7 +403,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
     async def health() -> JSONResponse:
         alive = engine.running
         return JSONResponse({"status": "ok" if alive else "engine stopped", "active": engine.active,
