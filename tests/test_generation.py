@@ -10,7 +10,7 @@ import torch
 from qwenvl import Processor
 from qwenvl.config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from qwenvl.generation import SamplingParams, TextStream, compiled_decode_step, stream_tokens
-from qwenvl.inference import predict, stream_text
+from qwenvl.inference import ChatSession, predict, stream_text
 
 PROMPTS = [
     "Hello, how are you today? Tell me about the weather in Hangzhou.",
@@ -171,3 +171,82 @@ def test_predict_records_a_bad_prompt_and_answers_the_others(golden_model, golde
     assert [p.response for p in (got[0], got[3])] == [p.response for p in want]  # same as without the bad ones
     with pytest.raises(ValueError, match="cannot decode image"):
         predict(golden_model, processor, [good[0], broken], params, batch_size=2, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"do_sample": True, "temperature": float("nan")}, "temperature must be a finite number"),  # was RuntimeError
+        ({"do_sample": True, "temperature": float("inf")}, "temperature must be a finite number"),  # was uniform
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
+        ({"do_sample": True, "top_k": 2.5}, "top_k must be an integer"),
+        ({"max_new_tokens": 2.7}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": float("nan")}, "max_new_tokens must be an integer"),
+        ({"min_new_tokens": float("nan")}, "min_new_tokens must be an integer"),  # was ignored
+        ({"stop_token_ids": "abc"}, "stop token id must be an integer, got 'a'"),  # was "too many dimensions 'str'"
+        ({"stop_token_ids": [-1]}, "stop token id must be >= 0"),
+        ({"min_new_tokens": 1, "stop_token_ids": [10**9]}, "stop token id 1000000000 is out of range"),  # IndexError
+        ({"do_sample": True, "seed": 2**70}, "seed must be an integer in"),
+        ({"max_context": 0}, "max_context must be > 0"),  # was the model's context
+    ],
+)
+def test_bad_generation_values_name_the_argument(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(torch.tensor([[1, 2, 3]]), **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(ValueError, match="stop_token_ids must be a sequence of token ids"):
+        SamplingParams(stop_token_ids=151643).validate()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"input_ids": torch.tensor([[1, 151936]])}, "token id 151936 in input_ids is out of range"),  # IndexError
+        ({"input_ids": torch.tensor([[1, -1]])}, "token id -1 in input_ids is out of range"),
+        ({"input_ids": torch.tensor([[1.0, 2.0]])}, "input_ids must be an integer tensor"),
+        ({"input_ids": torch.tensor([1, 2])}, "input_ids must be an integer tensor"),
+        ({"input_ids": torch.zeros(0, 3, dtype=torch.long)}, "empty batch"),
+        ({"input_ids": torch.tensor([[1, 2], [3, 4]]), "attention_mask": torch.tensor([[1, 0], [1, 1]])},
+         "pad on the left"),  # right padding generated after the pad silently
+        ({"input_ids": torch.tensor([[1, 2], [3, 4]]), "attention_mask": torch.tensor([[0, 0], [1, 1]])},
+         "pad on the left"),  # was "math domain error"
+        ({"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.tensor([[2, 2]])}, "only 0 .padding. and 1"),
+        ({"input_ids": torch.tensor([[1, 2]]), "images": torch.zeros(3, 448, 448)}, "images must be float pixels"),
+        ({"input_ids": torch.tensor([[1, 2]]), "images": torch.zeros(1, 3, 448, 448, dtype=torch.uint8)},
+         "images must be float pixels"),  # raw pixels were taken as normalized ones
+    ],
+)
+def test_bad_generation_inputs_name_the_problem(tiny_model, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(**inputs, max_new_tokens=2)
+
+
+def test_repetition_penalty_ignores_padding(golden_model, golden_dir):
+    """Left padding is <|endoftext|>: counted as seen, it was penalized (here: boosted) in padded rows only."""
+    processor = Processor.from_pretrained(golden_dir)
+    prompts = [PROMPTS[0], "Hi"]
+    inputs = processor(prompts)
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(), repetition_penalty=0.01)
+    batched = torch.stack(list(stream_tokens(golden_model, **inputs, params=params)), 1).tolist()
+    alone = [torch.stack(list(stream_tokens(golden_model, **processor([p]), params=params)), 1)[0].tolist()
+             for p in prompts]
+    assert batched == alone
+
+
+def test_text_stream_holds_an_open_image_span():
+    """An <img> span decodes token by token until </img> closes it, then as a path: streamed text must not differ."""
+    processor = Processor()
+    ids = processor.tokenizer.encode("a <img>ab</img> done")
+    stream = TextStream(processor.decode)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == processor.decode(ids) == "a <img>ab</img> done"
+
+
+def test_predict_and_chat_refuse_a_prompt_where_a_list_belongs(golden_model, golden_dir):
+    processor = Processor.from_pretrained(golden_dir)
+    params = SamplingParams(max_new_tokens=2)
+    with pytest.raises(ValueError, match="goes in a list of its own"):
+        predict(golden_model, processor, "Hello", params)  # was 5 predictions, one per character
+    with pytest.raises(ValueError, match="goes in a list of its own"):
+        predict(golden_model, processor, [{"role": "user", "content": "Hi"}], params)
+    with pytest.raises(TypeError, match="ask expects the message as a str, got NoneType"):
+        ChatSession(golden_model, processor, params).ask(None)

@@ -232,3 +232,35 @@ def test_unrenderable_characters_fall_back_visibly() -> None:
 def test_ascii_label_is_not_escaped() -> None:
     runs = grounding._label_runs("a dog", 16, system_fonts=False)
     assert [text for text, _ in runs] == ["a dog"]
+
+
+def test_numbers_beyond_a_float_are_malformed_not_infinite() -> None:
+    huge = "1" + "0" * 400  # float() of it is inf: a box nobody can draw, convert or send as JSON
+    assert parse_grounding(f"<ref>a</ref><box>({huge},2),(3,4)</box>") == [GroundedObject("a")]
+    assert first_box(f"({huge},2),(3,4) then (5,6),(7,8)") == Box(5, 6, 7, 8)
+
+
+def test_conversions_refuse_what_is_not_a_finite_number() -> None:
+    nan, inf = float("nan"), float("inf")
+    for box, size in [((nan, 2, 3, 4), (10, 10)), ((inf, 2, 3, 4), (10, 10)), ((1, 2, 3, 4), (inf, 10)),
+                      ((1, 2, 3, 4), (nan, 10)), ((1, 2, 3, 4), ("10", 10))]:
+        with pytest.raises(ValueError, match="must be"):
+            denormalize_box(box, *size)
+        with pytest.raises(ValueError, match="must be"):
+            normalize_box(box, *size)  # inf was an OverflowError, an infinite width gave (0, 200, 0, 400)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        denormalize_box((1, 2, 3, 4), 10, 10, scale=nan)
+    with pytest.raises(ValueError, match="got a str"):
+        denormalize_box("1234", 10, 10)  # not the box (1, 2, 3, 4)
+
+
+def test_draw_boxes_far_outside_the_image_and_multiline_labels() -> None:
+    image = Image.new("RGB", (50, 40), "white")
+    # a model's huge coordinates (finite after denormalize) made Pillow fail with a SystemError
+    for box in [(1e300, 1e300, 2e300, 2e300), (-1e20, -1e20, 10, 10), (-float("inf"), 5, float("inf"), 30)]:
+        assert draw_boxes(image, [("xy", box)]).size == (50, 40)
+    assert draw_boxes(image, [("xy", (-1e20, 5, 1e20, 30))]).getbbox() == draw_boxes(image, [("xy", (-99, 5, 149, 30))]).getbbox()
+    with pytest.raises(ValueError, match="not numbers"):
+        draw_boxes(image, [("x", (float("nan"), 0, 10, 10))])
+    objects = denormalize_objects(parse_grounding("<ref>a\nred\tcar</ref><box>(1,2),(300,400)</box>"), 50, 40)
+    assert draw_boxes(image, objects).size == (50, 40)  # was "can't measure length of multiline text"

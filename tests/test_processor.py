@@ -373,3 +373,11 @@ def test_raw_format_keeps_the_last_user_message_and_says_what_it_dropped(
     raw_proc.chat_format = "chatml"  # asked for: the whole conversation
     text = raw_proc.build_messages_prompt(messages)[0]
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "A cat." in text
+
+
+def test_images_must_be_a_list(chat: Processor) -> None:
+    cat = load_image("images/cat.png", FIXTURE)
+    with pytest.raises(ValueError, match=r"images= takes a list.*got a PngImageFile.*images=\[image\]"):
+        chat("<img>a</img>hi", images=cat)
+    with pytest.raises(ValueError, match="images= takes a list"):
+        chat("<img>a</img>hi", images="images/cat.png")  # not one path per character

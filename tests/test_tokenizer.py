@@ -7,6 +7,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 import torch
@@ -330,3 +331,29 @@ def test_chat_special_ids_in_text(tok: QwenTokenizer) -> None:
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>\n")
     assert ids == [IM_START_ID, 872, 198, 6023, IM_END_ID, 198]
     assert tok.encode("<|endoftext|>") == [ENDOFTEXT_ID]
+
+
+def test_decode_refuses_ids_that_are_not_integers(tok: QwenTokenizer) -> None:
+    # a float would be truncated into another token: logits.float() ids, a mean, a misread column
+    with pytest.raises(ValueError, match="token ids must be integers, got 1.5"):
+        tok.decode([1.5])
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        tok.decode(torch.tensor([9707.0, 1879.0]))
+    with pytest.raises(ValueError, match="int or a sequence of ints, got str"):
+        tok.decode("Hello")
+    with pytest.raises(ValueError, match="got NoneType"):
+        tok.decode(None)
+    assert tok.decode(np.array([9707, 1879])) == tok.decode([9707, 1879]) == "Hello world"
+
+
+def test_from_list_format_refuses_malformed_elements(tok: QwenTokenizer) -> None:
+    with pytest.raises(ValueError, match="text must be a str, got NoneType"):
+        tok.from_list_format([{"text": None}])
+    with pytest.raises(ValueError, match="image is a path or URL, got a NoneType"):
+        tok.from_list_format([{"image": None}])  # was read as the file "None"
+    with pytest.raises(ValueError, match="must be numbers"):
+        tok.from_list_format([{"box": [[float("nan"), 2, 3, 4]]}])
+    with pytest.raises(ValueError, match="must be numbers"):
+        tok.from_list_format([{"box": [[float("inf"), 2, 3, 4]]}])  # was an OverflowError
+    with pytest.raises(ValueError, match="list of boxes"):
+        tok.from_list_format([{"box": [1, 2, 3, 4]}])  # one box, not wrapped in a list

@@ -7,6 +7,8 @@ unpadded length, so a batch yields the same greedy tokens as each prompt alone.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID
 from .quantize import compile_options
 
 if TYPE_CHECKING:
@@ -41,7 +43,13 @@ class SamplingParams:
     pad_token_id: int = ENDOFTEXT_ID
 
     def validate(self) -> None:
-        if int(self.max_new_tokens) <= 0:
+        for name in ("max_new_tokens", "min_new_tokens", "top_k"):
+            _require_int(name, getattr(self, name))
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
@@ -53,6 +61,21 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not -(2**63) <= _require_int("seed", self.seed) < 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            if _require_int("stop token id", t) < 0:
+                raise ValueError(f"stop token id must be >= 0, got {t}")
+        _require_int("pad_token_id", self.pad_token_id)
+
+
+def _require_int(name: str, value: object) -> int:
+    """``value`` if it is an int (a bool or a float is a mistake: 2.7 tokens, a flag in the wrong place)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def process_logits(
@@ -129,6 +152,40 @@ def _log_first_call(fn: Callable, what: str) -> Callable:
     return call
 
 
+def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: torch.Tensor | None,
+                 vocab_size: int) -> None:
+    """Raise ``ValueError`` naming what is wrong with generation inputs that the model would take silently (right
+    padding, ids out of range, unnormalized pixels) or fail on deep inside (wrong shapes or dtypes)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer tensor (batch, tokens), got {_describe(input_ids)}")
+    b, t = input_ids.shape
+    if b == 0:
+        raise ValueError("empty batch: input_ids has no rows")
+    if t == 0:
+        raise ValueError("empty prompt: input_ids has no tokens")
+    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"token id {int(bad[0])} in input_ids is out of range: the model has ids 0..{vocab_size - 1}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, t):
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {(b, t)}, got {_describe(attention_mask)}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+        if not bool(attention_mask[:, -1].bool().all() & (attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+            raise ValueError("attention_mask must pad on the left (0s then 1s, at least one 1 per row): generation "
+                             "continues every row after its last column")
+    if images is not None and (not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3
+                               or not images.dtype.is_floating_point):
+        raise ValueError(f"images must be float pixels (images, 3, height, width) as the processor makes them, got "
+                         f"{_describe(images)}")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
 def stream_tokens(
     model: QwenVL,
     input_ids: torch.Tensor,
@@ -145,11 +202,15 @@ def stream_tokens(
     """
     p = params or SamplingParams()
     p.validate()
+    check_inputs(input_ids, attention_mask, images, model.config.lm.vocab_size)
+    if max(p.stop_token_ids, default=0) >= model.config.lm.vocab_size:
+        raise ValueError(f"stop token id {max(p.stop_token_ids)} is out of range: the model has "
+                         f"{model.config.lm.vocab_size} ids")
     device = model.device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape
-    if t == 0:
-        raise ValueError("empty prompt: input_ids has no tokens")
+    if max_context is not None and (_require_int("max_context", max_context) <= 0):
+        raise ValueError(f"max_context must be > 0, got {max_context}")
     limit = max_context or model.config.lm.max_position_embeddings
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -171,7 +232,9 @@ def stream_tokens(
     step_fn = step_fn or (compiled_decode_step(device.type, compile_options(model)) if compile else decode_step)
     stop = torch.tensor(list(p.stop_token_ids), device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    history = input_ids if p.repetition_penalty != 1.0 else None
+    # the tokens seen so far, for the repetition penalty: a row's padding (left) repeats its last prompt token,
+    # which the penalty counts once anyway, so a padded row is penalized exactly as the prompt alone
+    history = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]) if p.repetition_penalty != 1.0 else None
     ones = torch.ones(b, 1, dtype=attention_mask.dtype, device=device)
     for step in range(max_new):
         token = pick(process_logits(logits, history, step, p), p, generator)
@@ -265,9 +328,13 @@ class TextStream:
     def push(self, token: int) -> str:
         if token not in self.skip:
             self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return ""
+        ids = self.ids
+        if IMG_START_ID in ids and _last(ids, IMG_START_ID) > _last(ids, IMG_END_ID):
+            # an <img> span still open decodes token by token, then as a path once </img> closes it: wait for that
+            ids = ids[: _last(ids, IMG_START_ID)]
+        text = self.decode(ids)
+        if text.endswith("\ufffd") or len(text) < self.emitted:  # an incomplete multi-byte character: wait
+            return ""  # (or text held back above that was already sent)
         delta, self.emitted = text[self.emitted :], len(text)
         return delta
 
@@ -275,3 +342,8 @@ class TextStream:
         text = self.decode(self.ids)
         delta, self.emitted = text[self.emitted :], len(text)
         return delta
+
+
+def _last(ids: list[int], token: int) -> int:
+    """The index of the last ``token`` in ``ids``, -1 if none."""
+    return len(ids) - 1 - ids[::-1].index(token) if token in ids else -1

@@ -101,6 +101,8 @@ def _parse_points(body: str, expected: int) -> list[tuple[float, float]] | None:
     if not _POINTS_BODY.fullmatch(body):
         return None
     points = [(float(x), float(y)) for x, y in _POINT.findall(body)]
+    if not all(math.isfinite(v) for point in points for v in point):  # digits beyond a float: garbage, not a box
+        return None
     return points if len(points) == expected else None
 
 
@@ -167,11 +169,11 @@ def first_box(text: str) -> Box | None:
     for obj in parse_grounding(text):
         if obj.boxes:
             return obj.boxes[0]
-    match = _BARE_BOX.search(text)
-    if match is None:
-        return None
-    x1, y1, x2, y2 = (float(v) for v in match.groups())
-    return Box(x1, y1, x2, y2)
+    for match in _BARE_BOX.finditer(text):
+        x1, y1, x2, y2 = (float(v) for v in match.groups())
+        if all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            return Box(x1, y1, x2, y2)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,6 +182,8 @@ def first_box(text: str) -> Box | None:
 
 
 def _four(box: BoxLike) -> tuple[float, float, float, float]:
+    if isinstance(box, (str, bytes)):  # "1234" would iterate into four digits
+        raise ValueError(f"a box is 4 numbers (x1, y1, x2, y2), got a {type(box).__name__}: {box!r}")
     values = tuple(float(v) for v in box)
     if len(values) != 4:
         raise ValueError(f"a box needs 4 numbers (x1, y1, x2, y2), got {len(values)}")
@@ -187,8 +191,19 @@ def _four(box: BoxLike) -> tuple[float, float, float, float]:
 
 
 def _check_size(width: float, height: float) -> None:
-    if not (width > 0 and height > 0):
-        raise ValueError(f"image width and height must be positive, got {width}x{height}")
+    try:
+        ok = width > 0 and height > 0 and math.isfinite(width) and math.isfinite(height)
+    except TypeError:  # a str, None
+        ok = False
+    if not ok:
+        raise ValueError(f"image width and height must be positive numbers, got {width!r}x{height!r}")
+
+
+def _finite(box: BoxLike) -> tuple[float, float, float, float]:
+    values = _four(box)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"box coordinates must be finite numbers, got {values}")
+    return values
 
 
 def _norm_coord(value: float, size: float) -> int:
@@ -202,7 +217,7 @@ def normalize_box(box_px: BoxLike, width: float, height: float) -> tuple[int, in
     Corner order is kept as given.
     """
     _check_size(width, height)
-    x1, y1, x2, y2 = _four(box_px)
+    x1, y1, x2, y2 = _finite(box_px)
     return (_norm_coord(x1, width), _norm_coord(y1, height), _norm_coord(x2, width), _norm_coord(y2, height))
 
 
@@ -213,9 +228,9 @@ def denormalize_box(box_norm: BoxLike, width: float, height: float, scale: float
     exactly up to truncation and is what the official drawing helper uses.
     """
     _check_size(width, height)
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    x1, y1, x2, y2 = _four(box_norm)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    x1, y1, x2, y2 = _finite(box_norm)
     return Box(x1 / scale * width, y1 / scale * height, x2 / scale * width, y2 / scale * height)
 
 
@@ -380,6 +395,8 @@ def _label_runs(
     runs: list[tuple[str, Font]] = []
     missing: list[str] = []
     for char in unicodedata.normalize("NFC", label):
+        if char.isspace():  # a newline or tab (a ref may hold one) would make the label multiline text
+            char = " "
         font = next((f for f in chain if _has_glyph(f, char)), None)
         if font is None and system_fonts:
             for path in _system_font_paths(char):
@@ -432,6 +449,17 @@ def _draw_label(
         cursor += w
 
 
+_DRAW_LIMIT = 2.0**30  # Pillow draws far outside the image, but fails on coordinates beyond its integers
+
+
+def _drawable(values: Iterable[float]) -> tuple[float, ...]:
+    """Coordinates clamped to where Pillow can draw them (what is that far outside the image is not seen)."""
+    values = tuple(float(v) for v in values)
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"cannot draw coordinates that are not numbers: {values}")
+    return tuple(min(max(v, -_DRAW_LIMIT), _DRAW_LIMIT) for v in values)
+
+
 def draw_boxes(
     image: Image.Image,
     objects: Sequence[GroundedObject] | Sequence[tuple[str | None, BoxLike]],
@@ -458,10 +486,10 @@ def draw_boxes(
     draw = ImageDraw.Draw(out)
     for index, item in enumerate(objects):
         if isinstance(item, GroundedObject):
-            label, boxes, quads = item.ref, [_four(b) for b in item.boxes], item.quads
+            label, boxes, quads = item.ref, [_drawable(_four(b)) for b in item.boxes], item.quads
         else:
             label, box = item
-            boxes, quads = [_four(box)], []
+            boxes, quads = [_drawable(_four(box))], []
         color = palette[index % len(palette)]
         runs = _label_runs(label, size, font_path, system_fonts) if label else []
         for x1, y1, x2, y2 in boxes:
@@ -471,7 +499,7 @@ def draw_boxes(
             if runs:
                 _draw_label(draw, (x1, y1), runs, color, out.size, pad)
         for quad in quads:
-            points = list(quad.points)
+            points = [_drawable(p) for p in quad.points]
             draw.line(points + [points[0]], fill=color, width=width, joint="curve")
             if runs:
                 _draw_label(draw, min(points, key=lambda p: (p[1], p[0])), runs, color, out.size, pad)

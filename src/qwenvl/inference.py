@@ -125,8 +125,11 @@ def iter_predict(
 ) -> Iterator[Prediction]:
     """:func:`predict`, one :class:`Prediction` at a time in the prompts' order, each batch's as soon as it is
     answered (so a caller keeps what is done when the run stops early). The arguments are checked at once."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and any(isinstance(p, dict) for p in prompts)):
+        raise ValueError("prompts must be a list of prompts; a single prompt (a string, messages or a list-format "
+                         "list) goes in a list of its own: [prompt]")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     return _iter_predict(model, processor, list(prompts), params, batch_size, base_dir, progress, compile, on_error)
@@ -277,6 +280,8 @@ class ChatSession:
         return msgs
 
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"ask expects the message as a str, got {type(text).__name__}")
         if not text.strip() and not self.pending_images:
             raise ValueError("empty message")
         query = [{"image": p} for p in self.pending_images] + [{"text": text}]

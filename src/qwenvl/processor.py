@@ -187,6 +187,9 @@ class Processor:
             rows.append(ids)
         spans = [path for ids in rows for path in self.tokenizer.image_paths(ids)]
         if images is not None:
+            if isinstance(images, (str, bytes, bytearray, os.PathLike, Image.Image, torch.Tensor)):
+                raise ValueError(f"images= takes a list, one image per <img>...</img> span, got a {type(images).__name__}"
+                                 " (wrap a single image: images=[image])")
             images = list(images)
             if len(images) != len(spans):
                 raise ValueError(

@@ -18,6 +18,8 @@ import base64
 import bisect
 import hashlib
 import logging
+import numbers
+import os
 import threading
 import unicodedata
 from collections.abc import Collection, Iterable
@@ -161,9 +163,14 @@ def _as_id_list(ids: Any) -> list[int]:
         ids = ids.tolist()
         if isinstance(ids, int):
             return [ids]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise ValueError(f"token ids must be an int or a sequence of ints, got {type(ids).__name__}")
     out = list(ids)
     if out and isinstance(out[0], (list, tuple)):
         raise ValueError("decode takes one sequence of ids; use batch_decode for a batch")
+    for i in out:  # a float (ids of a float tensor, a mean) would be truncated into another token silently
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise ValueError(f"token ids must be integers, got {i!r}")
     return [int(i) for i in out]
 
 
@@ -487,21 +494,30 @@ class QwenTokenizer:
             if not isinstance(ele, dict):
                 raise ValueError(f"unsupported list-format element (expected a dict): {ele!r}")
             if "image" in ele:
+                if not isinstance(ele["image"], (str, os.PathLike)):
+                    raise ValueError(f"a list-format image is a path or URL, got a {type(ele['image']).__name__} "
+                                     "(pass pixels with images=)")
                 num_images += 1
                 text += f"Picture {num_images}: <img>{ele['image']}</img>\n"
             elif "text" in ele:
+                if not isinstance(ele["text"], str):
+                    raise ValueError(f"a list-format text must be a str, got {type(ele['text']).__name__}")
                 text += ele["text"]
             elif "box" in ele:
                 if "ref" in ele:
                     text += f"<ref>{ele['ref']}</ref>"
-                for box in ele["box"]:
+                try:
+                    boxes = [tuple(box) for box in ele["box"]]
+                except TypeError as err:
+                    raise ValueError(f"'box' must be a list of boxes [[x1, y1, x2, y2], ...], got {ele['box']!r}") from err
+                for box in boxes:
                     if len(box) != 4:
                         raise ValueError(f"a box needs 4 numbers (x1, y1, x2, y2), got {box!r}")
                     try:
                         # %d as the official code: floats truncate, strings are refused
                         text += "<box>(%d,%d),(%d,%d)</box>" % tuple(box)  # noqa: UP031
-                    except TypeError as err:
-                        raise ValueError(f"box coordinates must be numbers, got {box!r}") from err
+                    except (TypeError, ValueError, OverflowError) as err:  # a string; NaN or infinity
+                        raise ValueError(f"box coordinates must be numbers (not NaN or infinite), got {box!r}") from err
             else:
                 raise ValueError(f"unsupported list-format element (no image/text/box key): {ele!r}")
         return text
