@@ -85,3 +85,17 @@ def mindformers_ckpt(tmp_path_factory: pytest.TempPathFactory):
         return out
 
     return get
+
+
+@pytest.fixture()
+def fake_ghostscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PIL's Ghostscript pointed at a script that only leaves a file behind: the returned path exists once anything
+    made PIL run it (PIL decodes PostScript/EPS so)."""
+    from PIL import EpsImagePlugin
+
+    ran = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "gs"
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(fake))
+    return ran

@@ -121,14 +121,20 @@ def test_predict_eval_and_data_convert_output_is_never_an_image_or_inside_the_ch
     assert _tree(tmp_path) == before
 
 
-def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path, capsys) -> None:
-    # a folder, or a path under a file: said at once, not as a traceback after the whole run
+def _one_file_inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Inputs of predict, eval vqa and data-convert (one prompt, one question, no LLaVA record)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "Hello"}\n')
     vqa = tmp_path / "vqa.jsonl"
     vqa.write_text('{"image": "images/cat.png", "question": "q?", "answer": "a"}\n')
     llava = tmp_path / "llava.json"
     llava.write_text("[]")
+    return prompts, vqa, llava
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path, capsys) -> None:
+    # a folder, or a path under a file: said at once, not as a traceback after the whole run
+    prompts, vqa, llava = _one_file_inputs(tmp_path)
     (tmp_path / "out").mkdir()
     before = _tree(tmp_path)
     for output, problem in [(tmp_path / "out", "is a folder"), (prompts / "x.jsonl", "is not a folder")]:
@@ -143,12 +149,7 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_run(tmp_pat
 
 def test_an_existing_output_file_is_replaced_only_with_overwrite(tmp_path: Path, capsys) -> None:
     # a file we may not have written: refused before the run unless --overwrite
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"text": "Hello"}\n')
-    vqa = tmp_path / "vqa.jsonl"
-    vqa.write_text('{"image": "images/cat.png", "question": "q?", "answer": "a"}\n')
-    llava = tmp_path / "llava.json"
-    llava.write_text("[]")
+    prompts, vqa, llava = _one_file_inputs(tmp_path)
     out = tmp_path / "notes.txt"
     out.write_text("my notes")
     before = _tree(tmp_path)

@@ -147,16 +147,9 @@ def test_errors_name_the_problem(sample: Image.Image, tmp_path: Path) -> None:
         load_image(123)  # type: ignore[arg-type]
 
 
-def test_postscript_never_reaches_ghostscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postscript_never_reaches_ghostscript(tmp_path: Path, fake_ghostscript: Path) -> None:
     # PIL decodes EPS by running Ghostscript on the bytes: an image named by a prompt, a data file or an HTTP
     # request must never make us run a program
-    from PIL import EpsImagePlugin
-
-    ran = tmp_path / "ghostscript-ran"
-    fake = tmp_path / "gs"
-    fake.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(EpsImagePlugin, "gs_binary", str(fake))
     text_eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     binary_eps = b"\xc5\xd0\xd3\xc6" + b"\0" * 26
     (tmp_path / "a.png").write_bytes(text_eps)  # the name does not matter
@@ -166,7 +159,7 @@ def test_postscript_never_reaches_ghostscript(tmp_path: Path, monkeypatch: pytes
             load_image(src)
     with pytest.raises(ImageError, match=r"a\.png is PostScript/EPS"):
         open_image(tmp_path / "a.png")  # the header check of predict and eval
-    assert not ran.exists()
+    assert not fake_ghostscript.exists()
 
 
 def test_decompression_bomb_guard(sample: Image.Image) -> None:

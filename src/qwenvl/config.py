@@ -324,12 +324,9 @@ class QwenVLConfig:
 
 def _read_json_object(file: Path) -> dict[str, Any]:
     """The JSON object in ``file``; text that is not UTF-8, not JSON or not an object is a ConfigError naming it."""
-    try:
-        d = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{file} is not UTF-8 text: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
+    from .fileio import read_json
+
+    d = read_json(file, ConfigError)
     if not isinstance(d, dict):
         raise ConfigError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d

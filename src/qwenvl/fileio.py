@@ -322,6 +322,24 @@ def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> It
         yield lineno, value
 
 
+def read_json(path: str | os.PathLike[str], error: type[ValueError] = ValueError) -> Any:
+    """The JSON value in the file ``path``; text that is not UTF-8 or not JSON raises ``error`` naming the file
+    (and the line and column where parsing stopped)."""
+    file = Path(path)
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{file}: not UTF-8 text ({e})") from None
+    return _parse_json(raw, file, error)
+
+
+def _parse_json(raw: str, file: Path, error: type[ValueError]) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise error(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
+
+
 def read_json_records(
     path: str | os.PathLike[str], error: type[ValueError] = ValueError, what: str = "data file",
     items: str = "records",
@@ -340,10 +358,7 @@ def read_json_records(
         raise error(f"{file}: not UTF-8 text ({e})") from e
     if file.suffix == ".jsonl":
         return [value for _lineno, value in _json_lines(raw.splitlines(), file, error)]
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise error(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
+    data = _parse_json(raw, file, error)
     if not isinstance(data, list):
         raise error(f"{file}: expected a JSON list of {items} at the top level, got {type(data).__name__}")
     return data

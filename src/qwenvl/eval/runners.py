@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write_text, iter_jsonl
+from ..fileio import atomic_write_text, iter_jsonl, read_json
 from ..grounding import denormalize_box, first_box, iou
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
 from .metrics import cider, exact_match, relaxed_correctness, vqa_accuracy
@@ -362,12 +362,7 @@ class CaptionRecord:
 
 
 def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise EvalDataError(f"{path}: not UTF-8 text ({e})") from None
-    except json.JSONDecodeError as e:
-        raise EvalDataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    data = read_json(path, EvalDataError)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise EvalDataError(f"{path}: a .json caption file must hold 'images' and 'annotations' (COCO style)")
     if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
