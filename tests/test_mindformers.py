@@ -202,12 +202,13 @@ def test_bad_export_sources_fail_with_one_line_and_no_output(tmp_path, capsys, g
     assert not (tmp_path / "x.ckpt").exists() and _leftovers(tmp_path) == []
 
 
-
-def test_format_bin_is_refused_rather_than_ignored(mindformers_ckpt, tmp_path, capsys):
+def test_format_bin_and_shard_size_are_refused_rather_than_ignored(mindformers_ckpt, tmp_path, capsys):
     # an import streams tensors into safetensors; an export writes one .ckpt: neither can honour --format bin
     _fails([str(mindformers_ckpt("tiny_fp16")), str(tmp_path / "out"), "--config", str(GOLDEN), "--format", "bin"],
            capsys, "--format bin")
     _fails([str(GOLDEN), str(tmp_path / "x.ckpt"), "--format", "bin"], capsys, "--format bin")
+    _fails([str(GOLDEN), str(tmp_path / "x.ckpt"), "--max_shard_size", "1GB"], capsys,
+           "--max_shard_size does not apply: a MindSpore .ckpt is written as one file")
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.ckpt").exists()
 
 _TINY_YAML = """\

@@ -109,7 +109,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
     p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
     p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
-    p.add_argument("--max_shard_size", default="5GB")
+    p.add_argument("--max_shard_size", help="largest weight file of a checkpoint folder (default 5GB; 10^9 bytes, "
+                                            "as Hugging Face; GiB for 2^30)")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--merge_lora", action="store_true", help="merge --adapter into the base checkpoint")
     p.add_argument("--adapter", help="LoRA adapter folder (from qwenvl finetune with lora)")
@@ -558,6 +559,9 @@ def run_convert(args: argparse.Namespace) -> int:
     from .mindformers import is_mindspore_path
     from .outputs import check_output_file, check_separate, claim_output
 
+    if args.max_shard_size is not None and is_mindspore_path(output):
+        raise ValueError("--max_shard_size does not apply: a MindSpore .ckpt is written as one file")
+    args.max_shard_size = args.max_shard_size or "5GB"
     try:
         parse_size(args.max_shard_size)  # a bad size is said now, not after the weights load
     except ValueError as e:
