@@ -8,9 +8,9 @@ model output, which is why only PIL is used here.
 Loading is where user input goes wrong (missing file, a text file named ``.jpg``, a truncated download, a
 decompression bomb), so every failure becomes an :class:`ImageError` that names the image and the problem.
 Every format PIL decodes itself is read (:func:`open_image`); PostScript/EPS is not, because PIL decodes it by
-running Ghostscript, another program, on the file's bytes. As the official code, EXIF orientation is not applied. 16-bit grayscale images (modes ``I;16*`` and ``I``) are
-scaled to 8 bits first; PIL's own ``convert("RGB")`` clips them to white (every other mode converts exactly
-as the official code does).
+running Ghostscript, another program, on the file's bytes. As the official code, EXIF orientation is not applied.
+16-bit grayscale images (modes ``I;16*`` and ``I``) are scaled to 8 bits first; PIL's own ``convert("RGB")``
+clips them to white (every other mode converts exactly as the official code does).
 
 Which local files a path *from text* may name is the :class:`MediaPolicy` (the processor applies it to every
 ``<img>PATH</img>``): paths resolve under a media root, and anything that leads out of it is refused with one

@@ -367,14 +367,13 @@ def run_predict(args: argparse.Namespace) -> int:
             for p in answers:
                 preds.append(p)
                 if not args.output:  # each row as soon as its batch is answered
-                    print(json.dumps(_result_row(p), ensure_ascii=False), flush=True)
+                    print(_jsonl([p]), end="", flush=True)
         except KeyboardInterrupt:
             if args.output and preds:
                 _save_partial(args.output, preds, len(prompts))
             raise
         if args.output:
-            atomic_write_text(args.output, "".join(json.dumps(_result_row(p), ensure_ascii=False) + "\n"
-                                                   for p in preds))
+            atomic_write_text(args.output, _jsonl(preds))
         failed = sum(p.error is not None for p in preds)
         if failed:  # every other answer is written: a bad row costs only itself
             raise ValueError(f"{failed} of {len(preds)} prompt(s) failed: see the rows with an 'error' field "
@@ -395,7 +394,7 @@ def _save_partial(output: str, preds: list[Any], total: int) -> None:
     while path.exists() or path.is_symlink():
         n += 1
         path = Path(f"{output}.partial-{n}")
-    atomic_write_text(path, "".join(json.dumps(_result_row(p), ensure_ascii=False) + "\n" for p in preds))
+    atomic_write_text(path, _jsonl(preds))
     print(f"the answers to the first {len(preds)} of {total} prompts are in {path} (JSONL, in the prompts' order)",
           file=sys.stderr)
 
@@ -415,6 +414,11 @@ def _check_images_first(prompts: list[Any], policy: Any, per_row: bool) -> None:
         raise ImageError(f"{where}{problem}{more}")
     print(f"note: {where}{problem}{more}; answering the others (the bad ones become rows with an 'error' field)",
           file=sys.stderr)
+
+
+def _jsonl(preds: list[Any]) -> str:
+    """The output rows of ``preds``, one JSON object a line."""
+    return "".join(json.dumps(_result_row(p), ensure_ascii=False) + "\n" for p in preds)
 
 
 def _result_row(p: Any) -> dict[str, Any]:
