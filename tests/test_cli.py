@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -378,6 +379,19 @@ def test_chat_draw_folder_that_cannot_be_written_keeps_the_session(monkeypatch, 
     assert (tmp_path / "notes.txt").read_text() == "notes"
 
 
+def test_chat_draws_on_the_picture_it_was_shown_after_the_file_is_gone(monkeypatch, capsys, golden_dir, tmp_path):
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "cat.png")
+
+    def ask(self, text, on_text=None):
+        (tmp_path / "cat.png").unlink()  # deleted while the model answers
+        return "<ref>the cat</ref><box>(100,200),(500,800)</box>"
+
+    rc, _out, err = _chat_in_process(monkeypatch, capsys, golden_dir, f":image {tmp_path / 'cat.png'}\nWhere?\n",
+                                     ask, "--draw", str(tmp_path / "drawn"))
+    assert rc == 0, err
+    assert f"(boxes drawn: {tmp_path / 'drawn' / 'turn-001.png'})" in err, err
+
+
 @pytest.mark.parametrize(("env", "torch_first", "want"), [
     (None, False, "True 1"),  # the CLI asks for huge pages before torch loads
     ("0", False, "False 0"),  # the operator's setting wins
@@ -413,22 +427,27 @@ def test_chat_image_path_in_quotes(monkeypatch, capsys, golden_dir):
     assert rc == 0 and "(picture added: images/cat.png)" in err, err
 
 
-def test_chat_at_a_terminal_reads_with_line_editing(monkeypatch, capsys, golden_dir):
-    # at a terminal the chat reads with input() (readline's editing and history); Ctrl-D ends it on a new line
+@pytest.mark.parametrize("ctrl_c_first", [False, True])
+def test_chat_at_a_terminal_reads_with_line_editing(monkeypatch, capsys, golden_dir, ctrl_c_first):
+    # at a terminal the chat reads with input() (readline's editing and history); Ctrl-D ends it on a new line;
+    # Ctrl-C at the prompt drops the line typed so far and asks again, as Python's own prompt does
     import builtins
     import io
 
     from qwenvl.cli import main
 
-    lines = iter(["Hi"])
+    lines = iter([KeyboardInterrupt(), "Hi"] if ctrl_c_first else ["Hi"])
     prompts = []
 
     def terminal_input(prompt=""):
         prompts.append(prompt)
         try:
-            return next(lines)
+            line = next(lines)
         except StopIteration:
             raise EOFError from None
+        if isinstance(line, BaseException):
+            raise line
+        return line
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -441,6 +460,8 @@ def test_chat_at_a_terminal_reads_with_line_editing(monkeypatch, capsys, golden_
 
     monkeypatch.setattr(ChatSession, "ask", lambda self, text, on_text=None: on_text("Hello") or "Hello")
     assert main(["chat", "--model", str(golden_dir), "--dtype", "fp32"]) == 0
-    assert prompts == ["user> ", "user> "]
+    assert prompts == ["user> "] * (3 if ctrl_c_first else 2)
     assert sys.stdout.getvalue() == "assistant> Hello\n"
-    assert capsys.readouterr().err.endswith("\n")
+    err = capsys.readouterr().err
+    assert err.endswith("\n")
+    assert ("(Ctrl-C: :quit or Ctrl-D leaves the chat)" in err) == ctrl_c_first, err

@@ -250,3 +250,24 @@ def test_predict_and_chat_refuse_a_prompt_where_a_list_belongs(golden_model, gol
         predict(golden_model, processor, [{"role": "user", "content": "Hi"}], params)
     with pytest.raises(TypeError, match="ask expects the message as a str, got NoneType"):
         ChatSession(golden_model, processor, params).ask(None)
+
+
+def test_chat_session_keeps_its_pictures_when_the_files_go(golden_model, golden_dir, tmp_path):
+    # a picture is read once, at :image; moving or deleting the file later changes nothing in the conversation
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "cat.png")
+    processor = Processor.from_pretrained(golden_dir)
+    processor.chat_format = "chatml"  # as `qwenvl chat` (a raw prompt would drop the turn with the picture)
+    params = SamplingParams(max_new_tokens=4, do_sample=False)
+    kept = ChatSession(golden_model, processor, params, base_dir=tmp_path)
+    kept.add_image("cat.png")
+    first = kept.ask("what is it?")
+    (tmp_path / "cat.png").unlink()
+    second = kept.ask("and its colour?")
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "cat.png")
+    again = ChatSession(golden_model, processor, params, base_dir=tmp_path)
+    again.add_image("cat.png")
+    assert again.ask("what is it?") == first and again.ask("and its colour?") == second
+    kept.clear()
+    (tmp_path / "cat.png").unlink()
+    with pytest.raises(ValueError, match="image not found"):  # a picture named in a new message is read then
+        kept.ask("<img>cat.png</img> now?")

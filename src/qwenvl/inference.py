@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .fileio import require_folder
 from .generation import STOP_IDS, SamplingParams, TextStream, stream_tokens
+from .images import ImageSource
 from .model import QwenVL
 from .processor import Processor
 
@@ -228,9 +230,12 @@ def _prompt_text(prompt: Any) -> str:
 def stream_text(
     model: QwenVL, processor: Processor, prompt: Any, params: SamplingParams, base_dir: str | os.PathLike | None = None,
     compile: bool = False,
+    images: Sequence[ImageSource] | None = None,
 ) -> Iterator[str]:
-    """Yield the response text of one prompt as it is decoded (never splitting a UTF-8 character)."""
-    inputs = processor([prompt], base_dir=base_dir)
+    """Yield the response text of one prompt as it is decoded (never splitting a UTF-8 character).
+
+    ``images``: as in :meth:`Processor.__call__`, one per ``<img>`` span of the prompt, in order."""
+    inputs = processor([prompt], images=images, base_dir=base_dir)
     stream = TextStream(processor.decode, skip_ids=params.stop_token_ids)
     stops = set(params.stop_token_ids)
     for token in stream_tokens(model, inputs["input_ids"], inputs["attention_mask"], inputs["images"], params,
@@ -248,7 +253,11 @@ def stream_text(
 
 @dataclass
 class ChatSession:
-    """A multi-turn ChatML conversation with pictures; history is trimmed oldest-first by the processor."""
+    """A multi-turn ChatML conversation with pictures; history is trimmed oldest-first by the processor.
+
+    A picture is read once, by :meth:`add_image`, and kept (decoded) for the turns that show it: moving or
+    deleting the file later does not change the conversation. :meth:`clear` forgets them.
+    """
 
     model: QwenVL
     processor: Processor
@@ -259,15 +268,18 @@ class ChatSession:
     pending_images: list[str] = field(default_factory=list)
     last_image: str | None = None
     compile: bool = False  # decode with the torch.compile-d step
+    images: dict[str, Image.Image] = field(default_factory=dict, repr=False)  # path as added -> its picture
 
     def add_image(self, path: str) -> None:
-        self.processor.load_image(path, self.base_dir)  # fail now, with a clear message, not at the next question
+        # read now: a bad path fails here with a clear message, not at the next question
+        self.images[path] = self.processor.load_image(path, self.base_dir)
         self.pending_images.append(path)
         self.last_image = path
 
     def clear(self) -> None:
         self.history.clear()
         self.pending_images.clear()
+        self.images.clear()
         self.last_image = None
 
     def messages(self, query: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -285,15 +297,22 @@ class ChatSession:
         if not text.strip() and not self.pending_images:
             raise ValueError("empty message")
         query = [{"image": p} for p in self.pending_images] + [{"text": text}]
+        messages = self.messages(query)
+        # the pictures of the turns that fit the window, from memory; a span typed into a message is read as usual
+        _, ids = self.processor.build_messages_prompt(messages)
+        shown = self.processor.tokenizer.image_paths(ids)
+        images = [self.images.get(p, p) for p in shown]
         pieces = []
-        for delta in stream_text(self.model, self.processor, self.messages(query), self.params, self.base_dir,
-                                 self.compile):
+        for delta in stream_text(self.model, self.processor, messages, self.params, self.base_dir, self.compile,
+                                 images=images):
             pieces.append(delta)
             if on_text is not None:
                 on_text(delta)
         answer = "".join(pieces)
         self.history.append((query, answer))
         self.pending_images = []
+        # a turn that no longer fits the window never comes back (the newest turns are kept): nor do its pictures
+        self.images = {p: im for p, im in self.images.items() if p in shown}
         return answer
 
 

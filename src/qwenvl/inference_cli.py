@@ -452,7 +452,14 @@ def run_chat(args: argparse.Namespace) -> int:
     print(f"qwenvl chat: {args.load_checkpoint}\n{CHAT_HELP}", file=sys.stderr)
     turn = 0
     while True:
-        line = _read_line()
+        try:
+            line = _read_line()
+        except KeyboardInterrupt:
+            if not sys.stdin.isatty():  # piped: Ctrl-C stops the whole script
+                raise
+            # at a terminal, as Python's own prompt: the line typed so far is dropped, the chat goes on
+            print("\n(Ctrl-C: :quit or Ctrl-D leaves the chat)", file=sys.stderr)
+            continue
         if line is None:
             break
         if not line.strip():
@@ -487,14 +494,12 @@ def run_chat(args: argparse.Namespace) -> int:
         print()
         turn += 1
         if args.draw and session.last_image:
-            # the picture passed the media policy when it was added (ChatSession.add_image)
+            # the picture was read (under the media policy) when it was added, and is kept by the session
+            picture = session.images.get(session.last_image, session.last_image)
             try:
-                drawn = _draw_answer(answer, session.last_image, args.image_dir, Path(args.draw), turn)
+                drawn = _draw_answer(answer, picture, args.image_dir, Path(args.draw), turn)
             except OSError as e:  # e.g. --draw under a file, or a full disk: said, and the chat goes on
                 print(f"(nothing drawn: cannot write into --draw {args.draw}: {e.strerror or e})", file=sys.stderr)
-                continue
-            except ValueError as e:  # the picture was moved or changed since it was added
-                print(f"(nothing drawn: {e})", file=sys.stderr)
                 continue
             print(f"(boxes drawn: {drawn})" if drawn else _no_box_note(answer), file=sys.stderr)
     return 0
@@ -529,7 +534,8 @@ def _no_box_note(answer: str) -> str:
     return "(nothing drawn: the answer has no <box>)"
 
 
-def _draw_answer(answer: str, image_path: str, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
+def _draw_answer(answer: str, image: Any, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
+    """Draw the boxes of ``answer`` over ``image`` (a picture or its path) into ``out_dir``; None when it has none."""
     from .fileio import atomic_write_bytes
     from .grounding import denormalize_objects, draw_boxes, parse_grounding
     from .images import load_image
@@ -537,7 +543,7 @@ def _draw_answer(answer: str, image_path: str, base_dir: str | None, out_dir: Pa
     objects = parse_grounding(answer)
     if not any(o.boxes for o in objects):
         return None
-    image = load_image(image_path, base_dir)
+    image = load_image(image, base_dir)
     drawn = draw_boxes(image, denormalize_objects(objects, image.width, image.height))
     import io
 
