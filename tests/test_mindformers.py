@@ -290,3 +290,24 @@ model:
   arch:
     type: QwenVL
 """
+
+
+def test_float16_overflow_fails_with_one_line_and_no_output(golden, config, tmp_path, capsys):
+    # float16 (the export's default, or --dtype float16 on import) holds at most 65504: a larger weight would
+    # become inf (the folder would then not load), so the conversion says so and writes nothing
+    state = {k: v.float() for k, v in golden.items()}
+    state["transformer.h.0.mlp.w1.weight"][0, 0] = 1e6
+    save_pretrained(state, config, tmp_path / "big")
+    _fails([str(tmp_path / "big"), str(tmp_path / "big16.ckpt")], capsys,
+           "llm_model.transformer.layers.0.feed_forward.w1.weight", "float16", "--dtype")
+    assert not (tmp_path / "big16.ckpt").exists()
+    assert main(["convert", str(tmp_path / "big"), str(tmp_path / "big32.ckpt"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    _fails([str(tmp_path / "big32.ckpt"), str(tmp_path / "imported"), "--config", str(GOLDEN), "--dtype", "float16"],
+           capsys, "'llm_model.transformer.layers.0.feed_forward.w1.weight'", "float16")
+    assert not (tmp_path / "imported").exists() and _leftovers(tmp_path) == []
+
+
+def test_a_folder_named_like_a_ckpt_is_said_to_be_a_folder(tmp_path, capsys):
+    (tmp_path / "run.ckpt").mkdir()
+    _fails([str(tmp_path / "run.ckpt"), str(tmp_path / "out"), "--config", str(GOLDEN)], capsys, "is a folder")

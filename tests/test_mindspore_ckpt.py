@@ -153,3 +153,41 @@ def test_a_tensor_twice_is_corrupt(tmp_path):
     raw = _write(tmp_path / "x.ckpt", {"a": torch.ones(1), "b": torch.ones(1)}).read_bytes()
     (tmp_path / "x.ckpt").write_bytes(raw + raw[: len(raw) // 2])
     assert "'a' appears twice" in _error(tmp_path / "x.ckpt")
+
+
+def test_a_million_dimensions_fail_fast_without_a_huge_list(tmp_path):
+    # 1 byte per packed dim: a 1 MB file listing 10**6 dims of size 1 (numel 1) took ~100x its size in memory
+    dims = b"\x01" * 1_000_000
+    body = mc._field(1, len(dims)) + dims + mc._field(2, 7) + b"Float32" + mc._field(3, 4) + b"\0" * 4
+    value = mc._field(1, 1) + b"w" + mc._field(2, len(body)) + body
+    (tmp_path / "x.ckpt").write_bytes(mc._field(1, len(value)) + value)
+    msg = _error(tmp_path / "x.ckpt")
+    assert "'w'" in msg and "dimensions" in msg
+
+
+@pytest.mark.parametrize("key", [b"\x21", b"\x25"])  # field 4 as fixed64 / fixed32, cut off by the file's end
+def test_a_fixed_width_field_running_past_its_message_is_corrupt(tmp_path, key):
+    raw = _write(tmp_path / "x.ckpt", {"w": torch.ones(1)}).read_bytes()
+    value = raw[2:] + key  # the one Value, with a field whose 8 (or 4) bytes lie outside it
+    (tmp_path / "x.ckpt").write_bytes(mc._field(1, len(value)) + value)
+    assert "'w'" in _error(tmp_path / "x.ckpt")
+
+
+def test_read_tensor_errors_name_the_file(tmp_path):
+    (tmp_path / "s.ckpt").write_bytes(mc._value_header("note", [], "str", 3) + b"abc")  # not whole UTF-32 chars
+    (entry,) = scan(tmp_path / "s.ckpt")
+    with open(tmp_path / "s.ckpt", "rb") as f, pytest.raises(CkptFormatError, match=r"s\.ckpt: .*'note'"):
+        read_tensor(f, entry)
+
+
+def test_a_cast_that_overflows_to_inf_is_refused_before_writing(tmp_path):
+    out = io.BytesIO()
+    w = CkptWriter(out)
+    w.write("ok", torch.tensor([65504.0, -1.0]), torch.float16)  # the largest float16 is fine
+    size = len(out.getvalue())
+    with pytest.raises(mc.CheckpointError, match=r"'?big.*1 of 3 values.*1e\+06.*float16.*--dtype") as e:
+        w.write("big", [torch.ones(1), torch.tensor([1e6, 2.0])], torch.float16)
+    assert "\n" not in str(e.value)
+    assert len(out.getvalue()) == size and w.tensors == 1  # nothing of it was written
+    w.write("wide", torch.tensor([1e6]), torch.bfloat16)  # bfloat16 holds it
+    w.write("inf", torch.tensor([float("inf")]), torch.float16)  # already infinite: not an overflow of the cast

@@ -34,7 +34,7 @@ import torch
 from .checkpoint import _DTYPE_NAMES, CheckpointError, _iter_shards, save_pretrained
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
-from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, read_tensor, scan
+from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, check_cast, read_tensor, scan
 
 __all__ = ["convert", "export_checkpoint", "import_checkpoint", "is_mindspore_path", "load_config", "ms_names",
            "official_shapes", "rules"]
@@ -351,7 +351,9 @@ def import_checkpoint(
 
         def load(official: str) -> torch.Tensor:
             r = by_official[official]
-            return _join(r, [read_tensor(f, entries[n]) for n in r.ms_names], heads, vocab)  # type: ignore[misc]
+            t = _join(r, [read_tensor(f, entries[n]) for n in r.ms_names], heads, vocab)  # type: ignore[misc]
+            check_cast(f"{path}: tensor {r.ms_names[0]!r}", t, dtype)  # an overflow to inf would not load
+            return t
 
         save_pretrained(specs, replace(config, torch_dtype=_DTYPE_NAMES[dtype]), out_dir,
                         max_shard_size=max_shard_size, load=load)
@@ -446,6 +448,8 @@ def convert(
                              f"a preset ({', '.join(sorted(PRESETS))}) or a MindFormers YAML")
         if use_qkv_concat or emb_strategy:
             raise ValueError("--use_qkv_concat and --emb_strategy describe an export; an import detects the layout")
+        if Path(source).is_dir():
+            raise IsADirectoryError(f"{source} is a folder: a MindSpore checkpoint is one .ckpt file")
         if not Path(source).is_file():
             raise FileNotFoundError(f"checkpoint {source} not found")
         cfg = load_config(config)  # before reading the checkpoint: a bad --config fails fast

@@ -47,6 +47,7 @@ STR_CODE = "str"  # a string (save_checkpoint's append_dict); 4 bytes (UTF-32) p
 SLICE_BYTES = 512 * 2**20  # save_checkpoint's slice size (SLICE_SIZE = 512 * 1024 KB)
 _CRC_TRAILER = 17  # b"crc_num" + 10 bytes
 _MAX_HEADER = 1 << 20  # a tag or dtype name longer than this is not a checkpoint
+_MAX_DIMS = 64  # more dimensions than any tensor has (a crafted file could list millions: memory, not data)
 
 
 class CkptFormatError(CheckpointError):
@@ -125,15 +126,21 @@ class _Reader:
         self.pos += n
         self.f.seek(self.pos)
 
+    def skip_fixed(self, n: int, limit: int, what: str) -> None:
+        """Skip a fixed-width field (8 or 4 bytes), which must end inside its message."""
+        if self.pos + n > limit:
+            raise self.fail(f"truncated or corrupt file: {what} runs past byte {limit}")
+        self.skip(n)
+
     def skip_field(self, wire: int, limit: int, what: str) -> None:
         if wire == 0:
             self.varint(limit, what)
         elif wire == 1:
-            self.skip(8)
+            self.skip_fixed(8, limit, what)
         elif wire == 2:
             self.skip(self.length(limit, what))
         elif wire == 5:
-            self.skip(4)
+            self.skip_fixed(4, limit, what)
         else:
             raise self.fail(f"corrupt file: unexpected protobuf wire type {wire} in {what} at byte {self.pos}")
 
@@ -151,7 +158,7 @@ def _parse_tensor(r: _Reader, limit: int, name: str) -> tuple[str | None, tuple[
         elif field == 1 and wire == 2:  # packed dims
             n = r.length(limit, what)
             stop = r.pos + n
-            while r.pos < stop:
+            while r.pos < stop and len(dims) <= _MAX_DIMS:
                 dims.append(r.varint(stop, what))
         elif field == 2 and wire == 2:
             raw = r.read(r.length(limit, what), what)
@@ -165,6 +172,8 @@ def _parse_tensor(r: _Reader, limit: int, name: str) -> tuple[str | None, tuple[
             r.skip(n)
         else:
             r.skip_field(wire, limit, what)
+        if len(dims) > _MAX_DIMS:
+            raise r.fail(f"corrupt file: {what} has more than {_MAX_DIMS} dimensions")
     if any(d >= 1 << 62 for d in dims):
         raise r.fail(f"corrupt file: {what} has a negative or huge dimension {dims}")
     return code, tuple(dims), content
@@ -297,14 +306,19 @@ def read_tensor(f: BinaryIO, t: CkptTensor) -> torch.Tensor | str:
     buf = bytearray(t.nbytes)
     view = memoryview(buf)
     pos = 0
+    path = getattr(f, "name", "checkpoint")
     for offset, n in t.pieces:
         f.seek(offset)
         got = f.readinto(view[pos:pos + n])
         if got != n:
-            raise CkptFormatError(f"truncated file: tensor {t.name!r} ends early (the file changed while read?)")
+            raise CkptFormatError(f"{path}: truncated file: tensor {t.name!r} ends early "
+                                  "(the file changed while read?)")
         pos += n
     if t.code == STR_CODE:
-        return bytes(buf).decode("utf-32-le").rstrip("\0")
+        try:
+            return bytes(buf).decode("utf-32-le").rstrip("\0")
+        except UnicodeDecodeError:
+            raise CkptFormatError(f"{path}: corrupt file: string {t.name!r} is not UTF-32 text") from None
     dtype = DTYPE_OF_CODE[t.code]
     if not buf:
         return torch.empty(t.shape, dtype=dtype)
@@ -341,11 +355,48 @@ def _value_header(name: str, dims: Sequence[int], code: str, content_len: int) -
     return _field(1, value_len) + value_head + tensor_head
 
 
+def _overflow(t: torch.Tensor, dtype: torch.dtype) -> tuple[int, float]:
+    """How many finite values of ``t`` become infinite when cast to ``dtype``, and the largest magnitude among
+    them; checked in blocks of rows, so no full-size copy of ``t`` is made."""
+    if not (t.is_floating_point() and dtype.is_floating_point) or t.dtype == dtype or t.numel() == 0:
+        return 0, 0.0
+    if torch.finfo(dtype).max >= torch.finfo(t.dtype).max:
+        return 0, 0.0
+    rows = t.reshape(1, -1) if t.dim() == 0 else t
+    step = max(1, (1 << 22) // max(1, rows[0].numel()))
+    bad, largest = 0, 0.0
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step]
+        over = torch.isinf(block.to(dtype)) & torch.isfinite(block)
+        if over.any():
+            bad += int(over.sum())
+            largest = max(largest, float(block[over].abs().max()))
+    return bad, largest
+
+
+def check_cast(name: str, parts: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> None:
+    """Raise :class:`CheckpointError` if casting the tensor (or the parts of one) to ``dtype`` turns finite
+    values into infinities (float32/bfloat16 values beyond 65504 cast to float16, say), rather than writing
+    them silently. ``name`` starts the message."""
+    parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
+    found = [_overflow(p, dtype) for p in parts]
+    bad = sum(n for n, _ in found)
+    if bad:
+        largest = max(m for _, m in found)
+        numel = sum(p.numel() for p in parts)
+        raise CheckpointError(
+            f"{name}: {bad} of {numel} values (largest magnitude {largest:.6g}) are beyond the range of "
+            f"{str(dtype).removeprefix('torch.')} (at most {torch.finfo(dtype).max:.6g}) and would become "
+            "infinite: choose a wider dtype (--dtype bfloat16 or float32)")
+
+
 class CkptWriter:
     """Write tensors to an open binary file in MindSpore's checkpoint format, one at a time.
 
     ``write(name, parts, dtype)``: the tensor is the concatenation of ``parts`` along dim 0 (so a padded or
-    regrouped tensor never has to exist in one piece), cast to ``dtype`` on the way. Counts what it wrote.
+    regrouped tensor never has to exist in one piece), cast to ``dtype`` on the way. A cast that would turn
+    finite values into infinities raises :class:`CheckpointError` before anything of the tensor is written.
+    Counts what it wrote.
     """
 
     def __init__(self, f: BinaryIO) -> None:
@@ -366,6 +417,7 @@ class CkptWriter:
             if any(list(p.shape[1:]) != shape[1:] for p in parts):
                 raise ValueError(f"parts of {name} disagree beyond dim 0: {[list(p.shape) for p in parts]}")
             shape[0] = sum(p.shape[0] for p in parts)
+        check_cast(f"cannot write {name}", parts, dtype)
         itemsize = torch.empty((), dtype=dtype).element_size()
         total = math.prod(shape) * itemsize
         stream = _ByteStream(block for p in parts for block in iter_tensor_bytes(p, dtype))
