@@ -10,6 +10,7 @@ from qwenvl.eval.metrics import (
     cider,
     exact_match,
     grounding_accuracy,
+    grounding_iou,
     normalize_vqa_answer,
     ptb_tokenize,
     relaxed_correctness,
@@ -204,3 +205,11 @@ def test_cider_rejects_mismatched_ids_and_empty_refs() -> None:
         cider({1: "a"}, {1: []})
     with pytest.raises(ValueError):
         cider({}, {})
+
+
+def test_grounding_accuracy_reversed_prediction_is_a_miss_as_in_the_official_eval() -> None:
+    # torchvision's box_iou (the official refcoco eval) finds no intersection for x2 < x1 or y2 < y1
+    target = (0, 0, 10, 10)
+    assert grounding_accuracy([(10, 10, 0, 0)], [target]) == 0.0
+    assert grounding_accuracy([(10, 0, 0, 10)], [target]) == 0.0
+    assert grounding_iou((10, 10, 0, 0), target) == 0.0 and grounding_iou((0, 0, 10, 10), target) == 1.0

@@ -133,6 +133,15 @@ def test_grounding_custom_prompt_without_box_suffix(tmp_path: Path, image_dir: P
         ('["a.png"]', "expected a JSON object"),
         ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": 0, "height": 5}', "positive"),
         ('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": 1e400, "height": 5}', "positive finite"),
+        # an integer beyond float range: a clean error, not an OverflowError traceback
+        pytest.param('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1' + "0" * 400 + ']}', "4 finite numbers",
+                     id="bbox-int-beyond-float"),
+        pytest.param('{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": 1' + "0" * 400 + ', "height": 5}',
+                     "positive finite", id="width-int-beyond-float"),
+        ('{"image": "a.png", "sent": "x", "bbox": [true, 0, 1, 1]}', "4 finite numbers"),
+        # a reversed or empty target can never be hit: COCO [x, y, w, h] read as corners, say
+        ('{"image": "a.png", "sent": "x", "bbox": [50, 40, 20, 30]}', "--bbox_format xywh"),
+        ('{"image": "a.png", "sent": "x", "bbox": [5, 5, 5, 9]}', "empty or reversed box"),
     ],
 )
 def test_malformed_line_names_its_number(tmp_path: Path, image_dir: Path, line: str, message: str) -> None:
@@ -140,6 +149,18 @@ def test_malformed_line_names_its_number(tmp_path: Path, image_dir: Path, line: 
     data = write_jsonl(tmp_path / "g.jsonl", [good, "", line])
     with pytest.raises(EvalDataError, match=rf"g\.jsonl:3: .*{re.escape(message)}"):
         load_grounding_data(data, image_dir)
+
+
+def test_grounding_reversed_predicted_box_is_a_miss_as_in_the_official_eval(tmp_path: Path, image_dir: Path) -> None:
+    # b.png is 100x100; target (0,0)-(100,100). The official eval (torchvision box_iou on the box as written) finds
+    # no intersection for a box with x2 < x1: it is a miss, not the same box with its corners sorted.
+    row = {"image": "b.png", "sent": "all", "bbox": [0, 0, 100, 100]}
+    data = write_jsonl(tmp_path / "g.jsonl", [row])
+    for answer, want in (("(0,0),(999,999)</box>", 1.0), ("(999,999),(0,0)</box>", 0.0), ("(999,0),(0,999)</box>", 0.0)):
+        result = evaluate_grounding(data, generate_fn=lambda ps, a=answer: [a] * len(ps), image_dir=image_dir,
+                                    progress=False)
+        assert result.score == want, answer
+        assert result.predictions[0]["correct"] is (want == 1.0)
 
 
 def test_missing_image_names_line_and_path(tmp_path: Path, image_dir: Path) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "cider",
     "exact_match",
     "grounding_accuracy",
+    "grounding_iou",
     "normalize_vqa_answer",
     "ptb_tokenize",
     "relaxed_correctness",
@@ -34,19 +35,32 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 
 
+def grounding_iou(prediction: BoxLike, target: BoxLike) -> float:
+    """IoU of a predicted box with its target as the official refcoco eval computes it (torchvision
+    ``box_iou`` on the boxes as written): a prediction whose corners are reversed (x2 < x1 or y2 < y1) has no
+    intersection with any box there, so it scores 0 here too rather than being sorted into a valid box as
+    :func:`qwenvl.grounding.iou` does.
+    """
+    x1, y1, x2, y2 = (float(v) for v in prediction)
+    if x2 < x1 or y2 < y1:
+        return 0.0
+    return iou(prediction, target)
+
+
 def grounding_accuracy(
     predictions: Sequence[BoxLike | None], targets: Sequence[BoxLike], threshold: float = 0.5
 ) -> float:
     """Fraction (0..1) of predictions whose IoU with their target is >= ``threshold``; None counts as wrong.
 
     Boxes are pixels in both lists (map model output with ``denormalize_box(..., scale=999)`` as the
-    official eval does). IoU as in :func:`qwenvl.grounding.iou`, i.e. torchvision's, no +1.
+    official eval does). IoU as in :func:`grounding_iou`, i.e. torchvision's, no +1; a prediction with
+    reversed corners is wrong, as there.
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
     if not targets:
         raise ValueError("grounding_accuracy of an empty set is undefined")
-    correct = sum(1 for p, t in zip(predictions, targets) if p is not None and iou(p, t) >= threshold)
+    correct = sum(1 for p, t in zip(predictions, targets) if p is not None and grounding_iou(p, t) >= threshold)
     return correct / len(targets)
 
 

@@ -51,9 +51,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..fileio import atomic_write_text, iter_jsonl, read_json
-from ..grounding import denormalize_box, first_box, iou
+from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
-from .metrics import cider, exact_match, relaxed_correctness, vqa_accuracy
+from .metrics import cider, exact_match, grounding_iou, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
     from ..model import QwenVL
@@ -246,6 +246,21 @@ def _check_prompt_image(image: str, where: str) -> None:
         raise EvalDataError(f"{where}: image path {image!r} looks like it holds a tag")
 
 
+def _finite_number(v: Any) -> bool:
+    """A JSON number that is a finite float (not a bool; an integer too large for a float is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass
 class GroundingRecord:
     image: str
@@ -286,15 +301,22 @@ def load_grounding_data(
         image = _require(obj, "image", str, where)
         sent = _require(obj, "sent", str, where)
         box = _require(obj, "bbox", list, where)
-        if len(box) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box):
-            raise EvalDataError(f"{where}: 'bbox' must be 4 finite numbers, got {box!r}")
+        if len(box) != 4 or not all(_finite_number(v) for v in box):
+            raise EvalDataError(f"{where}: 'bbox' must be 4 finite numbers, got {_short(box)}")
         x1, y1, a, b = (float(v) for v in box)
         bbox = (x1, y1, x1 + a, y1 + b) if bbox_format == "xywh" else (x1, y1, a, b)
+        if not (bbox[2] > bbox[0] and bbox[3] > bbox[1]):  # no IoU with it can reach the threshold
+            hint = "width and height must be positive" if bbox_format == "xywh" else \
+                "x2 > x1 and y2 > y1 are needed (COCO's [x, y, w, h]? use bbox_format xywh / --bbox_format xywh)"
+            raise EvalDataError(f"{where}: 'bbox' {_short(box)} is an empty or reversed box: {hint}")
         _check_prompt_image(image, where)
         file = _image_path(image, policy, where)
         if "width" in obj or "height" in obj:
-            width = float(_require(obj, "width", (int, float), where))
-            height = float(_require(obj, "height", (int, float), where))
+            width_, height_ = _require(obj, "width", (int, float), where), _require(obj, "height", (int, float), where)
+            if not (_finite_number(width_) and _finite_number(height_) and width_ > 0 and height_ > 0):
+                raise EvalDataError(f"{where}: width and height must be positive finite numbers, got "
+                                    f"{_short(width_)}x{_short(height_)}")
+            width, height = float(width_), float(height_)
         else:
             w, h = _read_size(file, where)
             width, height = float(w), float(h)
@@ -495,7 +517,7 @@ def evaluate_grounding(
             entry.update(pred_box_norm=None, pred_bbox=None, iou=0.0, correct=False)
         else:
             px = denormalize_box(box, r.width, r.height)
-            overlap = iou(px, r.bbox)
+            overlap = grounding_iou(px, r.bbox)  # reversed corners: a miss, as in the official eval
             ok = overlap >= threshold
             correct += ok
             entry.update(pred_box_norm=list(box.as_tuple()), pred_bbox=[round(v, 2) for v in px.as_tuple()],
