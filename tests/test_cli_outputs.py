@@ -44,6 +44,18 @@ def test_convert_never_writes_over_its_source(src: Path, tmp_path: Path, capsys,
     assert _tree(tmp_path) == before
 
 
+def test_convert_to_and_from_mindspore_never_writes_into_its_inputs(src: Path, tmp_path: Path, capsys,
+                                                                    mindformers_ckpt) -> None:
+    ckpt = tmp_path / "work" / "tiny.ckpt"
+    shutil.copy(mindformers_ckpt("tiny_fp16"), ckpt)
+    before = _tree(tmp_path)
+    # an import's --config folder is read (its config.json) while the output is written: --overwrite or not
+    _refused(["convert", str(ckpt), str(src), "--config", str(src), "--overwrite"], capsys, "is the --config")
+    # an export's .ckpt inside the folder it reads
+    _refused(["convert", str(src), str(src / "tiny.ckpt")], capsys, "lies inside the SOURCE")
+    assert _tree(tmp_path) == before
+
+
 def test_convert_refuses_a_users_folder_and_overwrite_keeps_the_users_files(src: Path, tmp_path: Path,
                                                                           capsys) -> None:
     out = tmp_path / "mine"

@@ -172,3 +172,23 @@ def test_old_copy_that_cannot_be_deleted_only_warns(
     assert "could not delete the previous version" in caplog.text
     leftovers = [n for n in _names(tmp_path) if n != "out"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.qwenvl-old-")
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # Python's parser recurses once per level
+    ("[" + "1" * 5000 + "]", "4300 digits"),  # int() refuses such numbers (CPython's limit)
+], ids=["deep", "long-int"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_that_python_cannot_parse_is_a_one_line_error_naming_the_file(tmp_path: Path, text, said,
+                                                                           suffix) -> None:
+    file = tmp_path / f"data{suffix}"
+    file.write_text(text + "\n")
+    with pytest.raises(ValueError, match=said) as caught:
+        fileio.read_json_records(file)
+    assert str(file) in str(caught.value) and "\n" not in str(caught.value)
+    if suffix == ".jsonl":
+        with pytest.raises(ValueError, match=f"{file}:1: .*{said}"):
+            list(fileio.iter_jsonl(file))
+    else:
+        with pytest.raises(ValueError, match=said):
+            fileio.read_json(file)

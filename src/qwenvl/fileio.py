@@ -319,6 +319,8 @@ def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> It
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise error(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+        except (ValueError, RecursionError) as e:
+            raise error(f"{file}:{lineno}: {_unparsable(e)}") from None
         yield lineno, value
 
 
@@ -338,6 +340,16 @@ def _parse_json(raw: str, file: Path, error: type[ValueError]) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise error(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
+    except (ValueError, RecursionError) as e:
+        raise error(f"{file}: {_unparsable(e)}") from None
+
+
+def _unparsable(e: BaseException) -> str:
+    """Valid JSON that Python's parser refuses: nesting deeper than its recursion limit, or an integer of more
+    digits than ``int()`` converts (CPython's 4300)."""
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply to parse"
+    return f"a JSON number Python cannot read: {str(e).split(';')[0]}"
 
 
 def read_json_records(

@@ -584,11 +584,15 @@ def run_convert(args: argparse.Namespace) -> int:
                              "one .ckpt")
         kw = {"config": args.config, "dtype": args.dtype, "use_qkv_concat": args.use_qkv_concat,
               "emb_strategy": args.emb_strategy, "max_shard_size": args.max_shard_size}
+        # --config (a folder, config.json or YAML; not a preset name) is read too
+        config = args.config if args.config and Path(args.config).exists() else None
         if is_mindspore_path(output):  # export: one file, written atomically
-            check_output_file(output, {"SOURCE": source}, overwrite=args.overwrite)
+            check_output_file(output, {"SOURCE": source, "--config": config},
+                              folders={"SOURCE": source if Path(source).is_dir() else None},
+                              overwrite=args.overwrite)
             print(convert_mindspore(source, output, **kw))
             return 0
-        check_separate(output, {"SOURCE": source}, what="OUTPUT folder")
+        check_separate(output, {"SOURCE": source, "--config": config}, what="OUTPUT folder")
         with claim_output(output, "convert", overwrite=args.overwrite):
             print(convert_mindspore(source, output, **kw))
         return 0
