@@ -92,8 +92,8 @@ from typing import Any
 import torch
 
 from ..config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
+from ..eval.metrics import grounding_iou
 from ..fileio import atomic_write_text
-from ..grounding import iou
 from ..hardware import cpu_summary, resolve_bf16
 from ..images import load_image
 from ..model import QwenVL
@@ -436,7 +436,7 @@ def where_boxes_land(predictions: list[dict[str, Any]], samples: list[SyntheticS
         others = [sh.box for i, sh in enumerate(s.shapes) if i != s.target]
         if p["correct"]:  # the eval's own verdict, so that `asked` is exactly the accuracy
             counts["asked"] += 1
-        elif any(iou(box, b) >= 0.5 for b in others):
+        elif any(grounding_iou(box, b) >= 0.5 for b in others):  # scored as the eval scores
             counts["other"] += 1
         else:
             counts["neither"] += 1
