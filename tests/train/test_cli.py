@@ -70,3 +70,20 @@ def test_finetune_tiny_config_end_to_end(train_data: Path, tmp_path: Path) -> No
                  "--max_steps", "2", "--resume_training"]) == 0
     assert (out / "trainer_state.json").stat().st_mtime_ns == before
     assert main(["--config", str(TINY), "--run_mode", "predict"]) == 2
+
+
+def test_a_lost_peer_is_one_line_naming_the_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # under torchrun, the ranks that survive a dead one printed a traceback of ~60 lines each
+    from qwenvl.cli import main as qwenvl_main
+    from qwenvl.train import trainer
+    from qwenvl.train.distributed import DistEnv
+
+    def lost(cfg):
+        env = DistEnv(3, 4, 3, None, timeout_s=300)
+        raise env.lost(RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer\nmore")) from None
+
+    monkeypatch.setattr(trainer, "train", lost)
+    assert qwenvl_main(["finetune", "--config", str(TINY), "--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("qwenvl finetune: error: rank 3 of 4: lost the other ranks") and "Connection reset" in err

@@ -114,6 +114,39 @@ def test_a_new_run_does_not_replace_an_earlier_runs_model(done, processor, tmp_p
     assert (out / "model.safetensors").read_bytes() != weights["model.safetensors"]
 
 
+def test_resume_auto_without_a_checkpoint_does_not_replace_another_runs_model(done, processor, tmp_path: Path) -> None:
+    # a finished run that kept no checkpoints; "resume_training auto" with other settings has nothing to resume
+    # and started over from step 0, silently replacing that run's model
+    cfg, _result = done
+    out = tmp_path / "out"
+    first = cfg.replace(output_dir=str(out), save_steps=0)
+    train(first, processor=processor)
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(OutputDirError, match=r"holds the trained model of an earlier run .*resume_training auto.*"
+                                             r"pass --overwrite"):
+        train(first.replace(seed=1, resume_training="auto"), processor=processor)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+    # the same settings: the run is complete, nothing is trained or written
+    again = train(first.replace(resume_training="auto"), processor=processor)
+    assert again.steps == 2 and again.resumed_from is None
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+
+def test_a_finished_run_is_complete_on_another_split_of_the_global_batch(done, processor, tmp_path: Path,
+                                                                         caplog) -> None:
+    # resuming a finished run with the same global batch split otherwise (ranks x batch_size x accumulation)
+    # retrained its last steps from the newest checkpoint and replaced the final model
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with caplog.at_level("INFO", logger="qwenvl.train.trainer"):
+        result = train(cfg.replace(output_dir=str(out), resume_training=True, batch_size=2,
+                                   gradient_accumulation_steps=2), processor=processor)
+    assert "is complete" in caplog.text and "resumed from" not in caplog.text
+    assert result.steps == 2 and result.resumed_from is None
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+
 def test_a_users_folder_needs_overwrite_and_keeps_its_files(make_cfg, processor, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("notes")
     with pytest.raises(OutputDirError, match="not empty and was not written by qwenvl"):
@@ -173,6 +206,25 @@ def test_a_damaged_sharded_checkpoint_is_a_one_line_error(done, train_data: Path
     _one_line_error(argv, capsys, f"cannot read {ckpt / '.metadata'}")
     _one_line_error(["convert", str(ckpt), str(tmp_path / "c3")], capsys, f"cannot read {ckpt / '.metadata'}")
     assert not any(p.name.startswith("c") for p in tmp_path.iterdir())
+
+
+def test_a_checkpoint_of_another_model_is_named_as_such(done, processor, tmp_path: Path) -> None:
+    # resuming with a load_checkpoint of other shapes failed as "Size mismatch ... (truncated or corrupt file?)"
+    import dataclasses
+
+    from qwenvl.checkpoint import CheckpointError
+
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    tiny = QwenVL.from_config("tiny").config
+    other = dataclasses.replace(tiny, lm=dataclasses.replace(tiny.lm, intermediate_size=256))
+    QwenVL.from_config(other, seed=0).save_pretrained(tmp_path / "other")
+    before = _tree(out)
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*checkpoint-1: it was written for another model "
+                                              r"\(its config.json has lm.intermediate_size 512 \(this model: 256\)\)"):
+        train(cfg.replace(output_dir=str(out), resume_training=True, preset="", load_checkpoint=str(tmp_path / "other")),
+              processor=processor)
+    assert _tree(out) == before
 
 
 def test_a_missing_rng_file_is_named_on_resume(done, train_data: Path, tmp_path: Path, caplog) -> None:

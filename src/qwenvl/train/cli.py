@@ -109,9 +109,14 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     """Run ``finetune`` with parsed ``args`` and the leftover ``--field value`` tokens; return the exit status."""
     cfg = config_from_args(args, extra)
     cfg.check_files()
+    from .distributed import DistributedError
     from .trainer import train  # torch: after every check that does not need it
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except DistributedError as e:  # another rank died or hung: one line naming this rank, not a traceback
+        print(f"qwenvl finetune: error: {e}", file=sys.stderr)
+        return 1
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     logger.info("finished %d steps: last loss %s, %.0f tokens/s; model saved to %s", result.steps, last,
                 result.tokens_per_second, result.final_path)

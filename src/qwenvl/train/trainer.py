@@ -186,8 +186,28 @@ def train(
 
 def _completed_run(cfg: TrainConfig, world_size: int = 1) -> TrainResult | None:
     """``resume_training`` (no checkpoint named) in a folder whose run has finished: that run's result, with
-    nothing trained or written. Finished means: the final ``trainer_state.json`` has the settings of this run
-    and is further along than the newest checkpoint, whose loss history it continues."""
+    nothing trained or written (see :func:`_finished_progress`)."""
+    progress = _finished_progress(cfg, world_size)
+    if progress is None:
+        return None
+    out = Path(cfg.output_dir)
+    final_path = out / "adapter" if cfg.use_lora else out
+    logger.info("the run in %s is complete (%d steps; final %s in %s): nothing to resume", out, progress.step,
+                "adapter" if cfg.use_lora else "model", final_path)
+    return TrainResult(
+        output_dir=out, final_path=final_path, steps=progress.step, total_steps=progress.step,
+        losses=progress.losses, learning_rates=progress.learning_rates, grad_norms=progress.grad_norms,
+        num_tokens=progress.num_tokens, num_loss_tokens=progress.num_loss_tokens,
+        tokens_per_second=progress.num_tokens / progress.train_seconds if progress.train_seconds else 0.0,
+        train_seconds=progress.train_seconds, checkpoints=[p for _s, p in checkpoint_dirs(out)],
+    )  # fmt: skip
+
+
+def _finished_progress(cfg: TrainConfig, world_size: int = 1) -> Progress | None:
+    """The final progress of the folder's run when ``resume_training`` (no checkpoint named) finds it finished:
+    the final ``trainer_state.json`` has the settings of this run and is further along than the newest
+    checkpoint, whose loss history it continues. The global batch counts, not its split over ranks and
+    micro-batches (a run resumes on any number of ranks)."""
     if not cfg.resume_training or cfg.resume_from:
         return None
     out = Path(cfg.output_dir)
@@ -198,7 +218,7 @@ def _completed_run(cfg: TrainConfig, world_size: int = 1) -> TrainResult | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     current = cfg.to_dict()
-    same = (*RESUME_KEYS, "batch_size", "gradient_accumulation_steps", "data_path", "load_checkpoint", "preset")
+    same = (*RESUME_KEYS, "data_path", "load_checkpoint", "preset")
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     if final.get("global_batch_size", global_batch) != global_batch or any(
             saved.get(k) != current.get(k) for k in same if k != "global_batch_size"):
@@ -212,16 +232,7 @@ def _completed_run(cfg: TrainConfig, world_size: int = 1) -> TrainResult | None:
         n = int(ckpt["step"])
         if n >= progress.step or json.dumps(progress.losses[:n]) != json.dumps(ckpt["losses"]):
             return None
-    final_path = out / "adapter" if cfg.use_lora else out
-    logger.info("the run in %s is complete (%d steps; final %s in %s): nothing to resume", out, progress.step,
-                "adapter" if cfg.use_lora else "model", final_path)
-    return TrainResult(
-        output_dir=out, final_path=final_path, steps=progress.step, total_steps=progress.step,
-        losses=progress.losses, learning_rates=progress.learning_rates, grad_norms=progress.grad_norms,
-        num_tokens=progress.num_tokens, num_loss_tokens=progress.num_loss_tokens,
-        tokens_per_second=progress.num_tokens / progress.train_seconds if progress.train_seconds else 0.0,
-        train_seconds=progress.train_seconds, checkpoints=[p for _s, p in checkpoint_dirs(out)],
-    )  # fmt: skip
+    return progress
 
 
 def _train(
@@ -257,7 +268,7 @@ def _hold_output_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
                                may_lie_inside=("dataset_dir",), what="output_dir")
                 stack.enter_context(claim_output(cfg.output_dir, "finetune", overwrite=cfg.overwrite,
                                                  flag="--overwrite (overwrite: true)"))
-                _check_earlier_run(cfg)
+                _check_earlier_run(cfg, env.world_size)
             except (ValueError, OSError) as e:
                 failure = e
         verdict = env.broadcast(None if failure is None else str(failure))
@@ -268,19 +279,25 @@ def _hold_output_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
         yield
 
 
-def _check_earlier_run(cfg: TrainConfig) -> None:
+def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
     """A new run must not mix its checkpoints with an earlier run's; with ``overwrite`` ours are deleted.
-    Resuming the newest checkpoint first finishes a pruning that an interrupted run did not get to."""
+    Resuming the newest checkpoint first finishes a pruning that an interrupted run did not get to.
+    ``resume_training auto`` with no checkpoint to resume is a new run, unless the folder's run is complete."""
     found = checkpoint_dirs(cfg.output_dir)
     if cfg.resume_training or cfg.resume_from:
         if not cfg.resume_from:
             prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
-        return
+        # `auto` with no checkpoint starts at step 0: a new run (checked below), unless this run is complete
+        starts_afresh = cfg.resume_training == "auto" and not cfg.resume_from and not found
+        if not starts_afresh or _finished_progress(cfg, world_size) is not None:
+            return
     if not found:
         out = Path(cfg.output_dir)
         final = [n for n in ("config.json", sharded.ADAPTER_DIR) if (out / n).exists()]
         if final and not cfg.overwrite:  # a finished run that kept no checkpoints (save_steps 0): its model
-            raise OutputDirError(f"output_dir {cfg.output_dir} holds the trained model of an earlier run "
+            why = (" that has no checkpoint to resume and other settings than this one (resume_training auto)"
+                   if cfg.resume_training else "")
+            raise OutputDirError(f"output_dir {cfg.output_dir} holds the trained model of an earlier run{why} "
                                  f"({', '.join(final)}): pass --overwrite to replace it, or choose another output_dir")
         return
     names = ", ".join(p.name for _s, p in found)
@@ -479,6 +496,7 @@ def _maybe_resume(run: _Run) -> Path | None:
     check_resume_settings(path, None if saved is None else {**saved, "global_batch_size": state.get("global_batch_size")},
                           {**cfg.to_dict(), "global_batch_size": g})
     run.order.load_state_dict(state["data"])
+    _check_same_model(path, run.model.config)
     sharded.load_checkpoint(path, run.env, run.model, run.optimizer, trained_only=run.lora_config is not None,
                             state=state)
     run.scheduler.load_state_dict(state["scheduler"])
@@ -487,6 +505,24 @@ def _maybe_resume(run: _Run) -> Path | None:
     logger.info("resumed from %s at step %d (saved by %s rank(s), now %d)", path, run.progress.step,
                 state.get("world_size"), run.env.world_size)
     return path
+
+
+def _check_same_model(path: Path, config: QwenVLConfig) -> None:
+    """Refuse a checkpoint written for another model (its config.json describes other shapes), naming what
+    differs, instead of failing inside the sharded load with a size mismatch that reads like a corrupt file."""
+    if not (path / "config.json").is_file():
+        return
+    try:
+        saved = QwenVLConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return  # unreadable: the load that follows names the problem
+    diffs = [f"{part}.{k} {v!r} (this model: {getattr(getattr(config, part), k)!r})"
+             for part in ("lm", "visual") for k, v in asdict(getattr(saved, part)).items()
+             if v != getattr(getattr(config, part), k)]
+    if diffs:
+        raise sharded.CheckpointError(f"cannot resume from {path}: it was written for another model (its config.json "
+                                      f"has {', '.join(diffs[:4])}); resume with the load_checkpoint it was trained "
+                                      "from, or start a new run")
 
 
 # ---- the loop ------------------------------------------------------------------------------------------------
