@@ -147,6 +147,30 @@ def test_a_finished_run_is_complete_on_another_split_of_the_global_batch(done, p
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
 
 
+def test_resume_from_a_path_never_prunes_or_replaces_another_runs_files(done, processor, tmp_path: Path) -> None:
+    # resuming checkpoint-1 of one run into a folder that holds another run's checkpoints and model: the resumed
+    # run pruned them (save_total_limit) and replaced the model, without --overwrite
+    cfg, result = done
+    ckpt = Path(cfg.output_dir) / "checkpoint-1"
+    other = tmp_path / "other"
+    theirs = train(cfg.replace(output_dir=str(other), seed=1), processor=processor)
+    before = _tree(other)
+    with pytest.raises(OutputDirError, match=r"holds checkpoint-1 and the trained model of another run than "
+                                             r".*checkpoint-1 .*pass --overwrite"):
+        train(cfg.replace(output_dir=str(other), resume_from=str(ckpt), resume_training=True), processor=processor)
+    assert _tree(other) == before
+    # its own folder (going back to an earlier checkpoint), a fresh folder, or with --overwrite: it goes on
+    fresh = train(cfg.replace(output_dir=str(tmp_path / "fresh"), resume_from=str(ckpt), resume_training=True),
+                  processor=processor)
+    assert fresh.resumed_from == ckpt and fresh.losses == result.losses
+    again = train(cfg.replace(output_dir=str(other), seed=1, resume_from=str(other / "checkpoint-1"),
+                              resume_training=True), processor=processor)
+    assert again.resumed_from == other / "checkpoint-1" and again.losses == theirs.losses
+    replaced = train(cfg.replace(output_dir=str(other), resume_from=str(ckpt), resume_training=True, overwrite=True),
+                     processor=processor)
+    assert replaced.losses == result.losses
+
+
 def test_a_users_folder_needs_overwrite_and_keeps_its_files(make_cfg, processor, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("notes")
     with pytest.raises(OutputDirError, match="not empty and was not written by qwenvl"):

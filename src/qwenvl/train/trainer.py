@@ -284,9 +284,11 @@ def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
     Resuming the newest checkpoint first finishes a pruning that an interrupted run did not get to.
     ``resume_training auto`` with no checkpoint to resume is a new run, unless the folder's run is complete."""
     found = checkpoint_dirs(cfg.output_dir)
-    if cfg.resume_training or cfg.resume_from:
-        if not cfg.resume_from:
-            prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+    if cfg.resume_from:
+        _check_same_run(cfg, found)
+        return
+    if cfg.resume_training:
+        prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
         # `auto` with no checkpoint starts at step 0: a new run (checked below), unless this run is complete
         starts_afresh = cfg.resume_training == "auto" and not cfg.resume_from and not found
         if not starts_afresh or _finished_progress(cfg, world_size) is not None:
@@ -311,6 +313,49 @@ def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
     for _step, path in found:
         remove_tree(path)
         logger.info("overwrite: deleted %s of an earlier run", path)
+
+
+def _check_same_run(cfg: TrainConfig, found: list[tuple[int, Path]]) -> None:
+    """``resume_from`` PATH continues the run of PATH in ``output_dir``, where it prunes checkpoints and replaces
+    the trained model: those of another run there (a loss history that is not a prefix or continuation of
+    PATH's) are refused, or with ``overwrite`` their checkpoints deleted. The run's own checkpoints (going back
+    to an earlier one, or a restart of the resumed run) stay."""
+    def losses(folder: Path) -> list[Any] | None:
+        try:
+            value = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))["progress"]["losses"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return value if isinstance(value, list) else None
+
+    source = Path(cfg.resume_from)
+    mine = losses(source)
+    if mine is None:
+        return  # the resume itself names what is wrong with PATH
+
+    def same_run(folder: Path) -> bool:
+        theirs = losses(folder)
+        n = min(len(mine), len(theirs or []))
+        return theirs is not None and json.dumps(mine[:n]) == json.dumps(theirs[:n])
+
+    here = source.resolve()
+    others = [p for _s, p in found if p.resolve() != here and not same_run(p)]
+    out = Path(cfg.output_dir)
+    their_model = (out / STATE_JSON).is_file() and not same_run(out)
+    if not (others or their_model):
+        return
+    if not cfg.overwrite:
+        what = " and ".join(([", ".join(p.name for p in others)] if others else [])
+                            + (["the trained model"] if their_model else []))
+        raise OutputDirError(f"output_dir {cfg.output_dir} holds {what} of another run than {source} (their loss "
+                             "histories differ), which resuming there would prune or replace: pass --overwrite to "
+                             "delete them, or choose another output_dir")
+    foreign = [p.name for p in others if not is_ours(p)]
+    if foreign:
+        raise OutputDirError(f"output_dir {cfg.output_dir} holds checkpoint folders qwenvl did not write "
+                             f"({', '.join(foreign)}); move them away or choose another output_dir")
+    for path in others:
+        remove_tree(path)
+        logger.info("overwrite: deleted %s of another run", path)
 
 
 def _looks_like_lost_peer(e: BaseException) -> bool:
