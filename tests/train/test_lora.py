@@ -181,3 +181,18 @@ def test_merge_writes_the_shards_and_format_asked_for(lora_run, tmp_path: Path) 
     assert len(list(out.glob("pytorch_model-*-of-*.bin"))) > 1
     merged = QwenVL.from_pretrained(out)
     assert set(merged.state_dict()) == set(QwenVL.from_pretrained(root / "base").state_dict())
+
+
+def test_resuming_an_adapter_on_another_base_is_warned(lora_run, processor, tmp_path, caplog) -> None:
+    # a LoRA checkpoint holds the adapter only: the frozen base comes from load_checkpoint, so an adapter
+    # continued on another base (same shapes: Qwen-VL instead of Qwen-VL-Chat, say) went on silently
+    root, cfg, _result = lora_run
+    QwenVL.from_config("tiny", seed=1).save_pretrained(tmp_path / "other-base")
+    resume = {"resume_from": str(root / "out" / "checkpoint-2"), "resume_training": True}
+    with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
+        train(cfg.replace(output_dir=str(tmp_path / "same"), **resume), processor=processor)
+    assert "base" not in caplog.text, caplog.text
+    with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
+        train(cfg.replace(output_dir=str(tmp_path / "other"), load_checkpoint=str(tmp_path / "other-base"), **resume),
+              processor=processor)
+    assert f"was trained on the base {root / 'base'}; this run loads {tmp_path / 'other-base'}" in caplog.text

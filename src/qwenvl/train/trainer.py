@@ -542,6 +542,8 @@ def _maybe_resume(run: _Run) -> Path | None:
                           {**cfg.to_dict(), "global_batch_size": g})
     run.order.load_state_dict(state["data"])
     _check_same_model(path, run.model.config)
+    if run.lora_config is not None and saved is not None:
+        _warn_other_base(path, saved, cfg)
     sharded.load_checkpoint(path, run.env, run.model, run.optimizer, trained_only=run.lora_config is not None,
                             state=state)
     run.scheduler.load_state_dict(state["scheduler"])
@@ -550,6 +552,21 @@ def _maybe_resume(run: _Run) -> Path | None:
     logger.info("resumed from %s at step %d (saved by %s rank(s), now %d)", path, run.progress.step,
                 state.get("world_size"), run.env.world_size)
     return path
+
+
+def _warn_other_base(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A LoRA checkpoint holds the adapter only; the frozen base it trained on comes from ``load_checkpoint``
+    (or ``preset``). Another base of the same shapes (Qwen-VL for Qwen-VL-Chat, say) loads without an error, so
+    a base named otherwise than at the checkpoint is said (a moved folder is said too: a path is all we know)."""
+    def base(c: dict[str, Any]) -> str:
+        ckpt = c.get("load_checkpoint") or ""
+        return str(Path(ckpt).resolve()) if ckpt else f"preset {c.get('preset') or ''}"
+
+    before, now = base(saved), base(cfg.to_dict())
+    if before != now:
+        logger.warning("%s is a LoRA checkpoint: it was trained on the base %s; this run loads %s. The adapter only "
+                       "fits the base it was trained on: resume with that load_checkpoint unless this is the same "
+                       "model moved", path, before, now)
 
 
 def _check_same_model(path: Path, config: QwenVLConfig) -> None:
