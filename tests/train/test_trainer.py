@@ -216,3 +216,21 @@ def test_a_sample_that_stops_decoding_mid_run_is_skipped_and_reported(make_cfg, 
     with pytest.raises(DatasetError, match="street.jpg"):
         train(cfg.replace(skip_bad_samples=False, output_dir=str(tmp_path / "out2")), processor=processor,
               dataset=dataset)
+
+
+def test_a_wholly_bad_micro_batch_on_one_rank_keeps_step_with_the_others() -> None:
+    # under torchrun every rank must run the same forward passes (FSDP's collectives): a micro-batch none of whose
+    # samples loads (skip_bad_samples) ended that rank's run with an error, and the job with it; now the rank runs a
+    # micro-batch without a labelled token, which adds nothing to the step
+    from types import SimpleNamespace
+
+    good = collate([{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "images": None}])
+    run = SimpleNamespace(cfg=SimpleNamespace(gradient_accumulation_steps=2), batches=iter([(good, []),
+                                                                                           (None, ["x.png: broken"])]),
+                          bad_samples=[], progress=SimpleNamespace(step=3), env=SimpleNamespace(distributed=True, rank=1))
+    micro = T._next_micro_batches(run)
+    assert len(micro) == 2 and micro[0] is good and run.bad_samples == ["x.png: broken"]
+    assert T._loss_tokens(micro[1]["labels"]) == 0 and micro[1]["images"] is None
+    assert micro[1]["input_ids"].shape == micro[1]["labels"].shape == micro[1]["attention_mask"].shape
+    run.env.distributed, run.batches = False, iter([(good, []), (None, ["x.png: broken"])])
+    assert T._next_micro_batches(run) == [good]  # one process: the micro-batch is left out

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_pretrained
-from ..config import QwenVLConfig
+from ..config import ENDOFTEXT_ID, QwenVLConfig
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, collate
 from ..fileio import atomic_write_text, remove_tree
 from ..hardware import resolve_bf16
@@ -638,7 +638,8 @@ def _loader(run: _Run) -> DataLoader:
 
 def _next_micro_batches(run: _Run) -> list[dict[str, Any]]:
     """This rank's micro-batches of the next step (decoded ahead by the loader's workers); with skip_bad_samples a
-    sample that fails to load is left out (and reported)."""
+    sample that fails to load is left out (and reported), and under torchrun a micro-batch left with none becomes
+    one token without a label (the ranks' forward passes must match; it adds nothing to the step)."""
     if run.batches is None:
         run.batches = iter(_loader(run))
     out = []
@@ -649,9 +650,9 @@ def _next_micro_batches(run: _Run) -> list[dict[str, Any]]:
             logger.warning("step %d: skipping a bad sample (skip_bad_samples): %s", run.progress.step + 1, why)
         if batch is not None:
             out.append(batch)
-        elif run.env.distributed:  # every rank must run the same forward passes (FSDP's collectives)
-            raise ValueError(f"rank {run.env.rank}: no sample of a micro-batch of step {run.progress.step + 1} could be "
-                             f"loaded ({'; '.join(bad)})")
+        elif run.env.distributed:  # every rank runs the same forward passes (FSDP's collectives): one token, no label
+            out.append(collate([{"input_ids": torch.tensor([ENDOFTEXT_ID]), "labels": torch.tensor([IGNORE_INDEX]),
+                                 "images": None}]))
     return out
 
 
