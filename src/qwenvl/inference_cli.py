@@ -562,6 +562,10 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
     if args.merge_lora and not args.adapter:
         raise ValueError("--merge_lora needs --adapter DIR")
+    if args.merge_lora:
+        from .train.lora import require_peft
+
+        require_peft("--merge_lora")
     if not Path(source).exists():  # said before torch loads (seconds)
         raise FileNotFoundError(f"checkpoint not found: {source}")
     from .checkpoint import parse_size

@@ -87,3 +87,22 @@ def test_a_lost_peer_is_one_line_naming_the_rank(tmp_path: Path, monkeypatch: py
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("qwenvl finetune: error: rank 3 of 4: lost the other ranks") and "Connection reset" in err
+
+
+def test_lora_without_peft_is_one_line_before_anything_runs(train_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # peft is an extra (qwenvl[lora]); without it `--use_lora true` ended in an ImportError traceback (exit 1)
+    import sys
+
+    from qwenvl.cli import main as qwenvl_main
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails as if it were not installed
+    (tmp_path / "adapter").mkdir()
+    for argv in (["finetune", "--config", str(TINY), "--train_data", str(train_data), "--output_dir",
+                  str(tmp_path / "out"), "--use_lora", "true"],
+                 ["convert", str(tmp_path), str(tmp_path / "merged"), "--merge_lora", "--adapter",
+                  str(tmp_path / "adapter")]):
+        assert qwenvl_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "needs peft: pip install 'qwenvl[lora]'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -80,6 +80,9 @@ def test_corrupt_trainer_state_is_a_one_line_error(done, train_data: Path, tmp_p
     _one_line_error(argv, capsys, "corrupt or unreadable trainer state")
     state.write_bytes(b"not a zip file at all")
     _one_line_error(argv, capsys, "corrupt or unreadable trainer state")
+    for garbage in (b"step\n", b"\x80\x02]q\x00(K\x01e.", b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01s."):
+        state.write_bytes(garbage)  # an old-style pickle: its opcodes ran into an IndexError traceback
+        _one_line_error(argv, capsys, "corrupt or unreadable trainer state")
 
 
 def test_a_new_run_does_not_mix_with_an_earlier_runs_checkpoints(done, processor, tmp_path: Path) -> None:
@@ -225,6 +228,8 @@ def test_a_damaged_sharded_checkpoint_is_a_one_line_error(done, train_data: Path
     shard.write_bytes(good)
     rng = ckpt / "rng-0.pt"
     rng.write_bytes(rng.read_bytes()[:50])
+    _one_line_error(argv, capsys, f"cannot read {rng}")
+    rng.write_bytes(b"step\n")  # the unpickler raises IndexError on it
     _one_line_error(argv, capsys, f"cannot read {rng}")
     (ckpt / ".metadata").write_text("garbage\n")
     _one_line_error(argv, capsys, f"cannot read {ckpt / '.metadata'}")

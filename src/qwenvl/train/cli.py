@@ -109,6 +109,10 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     """Run ``finetune`` with parsed ``args`` and the leftover ``--field value`` tokens; return the exit status."""
     cfg = config_from_args(args, extra)
     cfg.check_files()
+    if cfg.use_lora:
+        from .lora import require_peft
+
+        require_peft("LoRA (use_lora)")
     from .distributed import DistributedError
     from .trainer import train  # torch: after every check that does not need it
 

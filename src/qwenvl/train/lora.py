@@ -69,6 +69,14 @@ def _peft():  # noqa: ANN202 - the module; imported lazily so that plain fine-tu
     return peft
 
 
+def require_peft(what: str) -> None:
+    """For the command line: peft missing is a one-line error (``ValueError``) said before any work starts."""
+    try:
+        _peft()
+    except ImportError:
+        raise ValueError(f"{what} needs peft: pip install 'qwenvl[lora]'") from None
+
+
 def lora_config_from(cfg: TrainConfig):  # noqa: ANN201 - peft.LoraConfig
     return _peft().LoraConfig(
         r=cfg.lora_r,

@@ -106,7 +106,7 @@ def _interrupted(e: BaseException) -> bool:
 
 
 # what reading a damaged checkpoint raises (CheckpointException is a BaseException: DCP's wrapper of the above)
-_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, KeyError, AssertionError, pickle.UnpicklingError,
+_READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, KeyError, IndexError, AssertionError, pickle.UnpicklingError,
                 AttributeError, TypeError, dcp.api.CheckpointException)
 
 
