@@ -289,6 +289,15 @@ def test_caption_coco_json_of_the_wrong_shape_names_the_problem(tmp_path: Path, 
         runners.load_caption_data(data, image_dir)
 
 
+def test_a_repeated_caption_id_names_both_lines(tmp_path: Path, image_dir: Path) -> None:
+    # the second line has no id, so it takes its index, 1: the same as the first line's; the message named neither
+    data = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png", "captions": ["x"], "id": 1},
+                                              {"image": "b.png", "captions": ["y"]}])
+    with pytest.raises(EvalDataError, match=r"c\.jsonl:2: caption id 1 is also the id of .*c\.jsonl:1 \(a record "
+                                            r"without 'id' takes its index"):
+        runners.load_caption_data(data, image_dir)
+
+
 @pytest.mark.parametrize("name", ["c.json", "c.jsonl"])
 def test_evaluation_data_that_is_not_utf8_names_the_file(tmp_path: Path, image_dir: Path, name: str) -> None:
     data = tmp_path / name

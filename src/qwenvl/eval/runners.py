@@ -429,9 +429,12 @@ def load_caption_data(
         records.append(CaptionRecord(image, captions, obj.get("id", len(records)), where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
-    ids = [r.id for r in records]
-    if len(set(map(str, ids))) != len(ids):
-        raise EvalDataError(f"{path}: caption ids must be unique")
+    seen: dict[str, CaptionRecord] = {}
+    for r in records:
+        first = seen.setdefault(str(r.id), r).where
+        if seen[str(r.id)] is not r:
+            raise EvalDataError(f"{r.where}: caption id {r.id!r} is also the id of {first} (a record without 'id' "
+                                "takes its index, from 0): ids must be unique")
     return records
 
 

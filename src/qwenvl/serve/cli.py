@@ -41,8 +41,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max_queue", type=int, default=64,
                    help="requests that may wait for a slot; more are answered 429 (default 64)")
     p.add_argument("--compile", action="store_true",
-                   help="decode with torch.compile: compiled once per path (1, 2-12, 13+ slots) before serving; "
-                        "seconds to minutes")
+                   help="decode with torch.compile: compiled before serving, once per batch size that takes another "
+                        "path through the layers (1, 2, 3, 5, 9, 13, 33 slots, up to --max_batch_size); seconds to "
+                        "minutes")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     p.add_argument("--allow_remote_images", action="store_true",
                    help="fetch http(s) image URLs (size and time limited); default: only data: URLs")
