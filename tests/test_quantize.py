@@ -285,3 +285,59 @@ def test_compiled_decoding_equals_eager(golden_dir, quantize, path, batch) -> No
     assert torch.equal(eager[:1], one)
     batched = torch.stack(list(stream_tokens(model, ids, mask, params=params, step_fn=step)), 1)
     assert torch.equal(eager, batched)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_lora_adapters_keep_their_layers(golden_dir, quantize) -> None:
+    """A model with (unmerged) LoRA adapters: only the model's own layers are swapped. The adapters' lora_A/lora_B
+    were quantized too, and peft casts the input to lora_A.weight's dtype: int8, so the adapters added garbage."""
+    import peft  # a dev dependency: the tests never skip for want of it
+
+    def adapted() -> QwenVL:
+        torch.manual_seed(0)
+        model = QwenVL.from_pretrained(golden_dir, dtype=torch.float32).eval()
+        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.attn\.c_attn", bias="none"),
+                                     model)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # peft starts B at 0: make the adapter count
+        return model
+
+    ids = torch.tensor([[785, 6722, 315, 9625, 374, 12095, 13]])
+    with torch.no_grad():
+        ref = adapted()(input_ids=ids).logits
+        base = QwenVL.from_pretrained(golden_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        model = optimize_for_inference(adapted(), quantize)
+        lora_layers = {n: type(m) for n, m in model.named_modules() if ".lora_A." in n or ".lora_B." in n}
+        assert lora_layers and set(lora_layers.values()) == {nn.Linear}
+        got = model(input_ids=ids).logits
+    assert float((ref - base).abs().max()) > 0.5  # the adapter matters
+    tol = 1e-5 if quantize is None else 0.3  # int8 weights: ~0.14 here (quantized adapters: 5.5)
+    assert float((got - ref).abs().max()) < tol
+
+
+def test_int8_bf16_rows_of_any_width(tmp_path) -> None:
+    """bf16 rows through an int8 layer whose in_features is not a multiple of 16: PyTorch's int8 product read past
+    the rows (a segfault on an AVX-512 CPU for in_features 20, 24, 1000, ...). Run in a child process, so that a
+    crash fails this test rather than the whole session."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from torch import nn
+from qwenvl.quantize import Int8Linear
+torch.manual_seed(0)
+for k in (20, 24, 36, 1000, 5):
+    lin = nn.Linear(k, 7).to(torch.bfloat16).requires_grad_(False)
+    q = Int8Linear.from_linear(lin)
+    for rows in (1, 5, 12):
+        x = torch.randn(rows, k).to(torch.bfloat16)
+        with torch.no_grad():
+            got = q(x).float()
+        want = nn.functional.linear(x.float(), q.dequantize(), lin.bias.float())
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

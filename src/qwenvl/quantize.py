@@ -171,6 +171,11 @@ _PATHS = {"avx512": ("slices", False), "amd": ("transposed", True), "avx2": ("pl
 _SLICE_BYTES = 1 << 20  # bytes of compute-dtype weight per slice for few rows (fits in L2)
 _BIG_SLICE_BYTES = 16 << 20  # ... and for many rows (prefill), where a larger product runs closer to peak
 _ROWS_PER_BLOCK = 1024  # rows quantized at a time: the fp32 temporaries stay small next to the weight
+# torch._weight_int8pack_mm's CPU kernels read 16 (AVX-512) or 8 (AVX2) inputs per aligned vector load and check
+# neither the length nor the alignment: with other in_features it read past the rows (torch 2.13: a segfault or
+# wrong numbers for every in_features that is not a multiple of 16), so those layers take the slices instead
+_INT8PACK_K = 16
+_INT8PACK_ALIGN = 64
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -380,8 +385,11 @@ class Int8Linear(nn.Module):
             xi = _interleave(x, self.groups)  # the input in the stored column order: the same product
             if not _cpu_no_grad(x, self.weight):
                 y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-            elif x.dtype == torch.bfloat16 and _rows(x) <= _FEW_ROWS:  # PyTorch's own int8 product (module doc)
+            elif x.dtype == torch.bfloat16 and _rows(x) <= _FEW_ROWS and self.in_features % _INT8PACK_K == 0:
+                # PyTorch's own int8 product (module doc)
                 x2 = xi.reshape(-1, self.in_features).contiguous()
+                if x2.data_ptr() % _INT8PACK_ALIGN:  # its vector loads need aligned rows
+                    x2 = x2.clone()
                 y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
                 y = y.reshape(*x.shape[:-1], self.out_features)
             else:  # CPU: dequantize slice by slice (module doc)
@@ -436,10 +444,15 @@ def quantize_weight(w: torch.Tensor, rows_per_chunk: int = _ROWS_PER_BLOCK) -> t
 
 def _lm_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every plain ``nn.Linear`` (or :class:`RowLinear`) of the language model
-    (blocks + lm_head)."""
+    (blocks + lm_head). The layers of LoRA adapters (peft's ``lora_A``/``lora_B``/...) are not the model's: they
+    keep their class (peft casts the input to ``lora_A.weight``'s dtype, int8 for an :class:`Int8Linear`)."""
     found = []
-    for parent in [*model.transformer.h.modules(), model]:
+    for prefix, parent in [*model.transformer.h.named_modules(), ("", model)]:
+        if any(part.startswith("lora_") for part in prefix.split(".")):
+            continue
         for name, child in parent.named_children():
+            if name.startswith("lora_"):
+                continue
             if type(child) in (nn.Linear, RowLinear) and (parent is not model or name == "lm_head"):
                 found.append((parent, name, child))
     return found
