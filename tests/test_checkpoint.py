@@ -629,3 +629,81 @@ def test_config_values_of_the_wrong_type_name_the_field_and_file(tmp_path: Path,
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=re.escape(f"config.json: {message}")):
         QwenVLConfig.from_pretrained(tmp_path)
+
+
+def test_saving_an_int8_quantized_model_is_refused(tmp_path: Path) -> None:
+    """The int8 layers hold interleaved int8 weights and extra ``scales``: the folder was written as an official
+    checkpoint that neither we nor the official code could load."""
+    from qwenvl.quantize import optimize_for_inference
+
+    model = optimize_for_inference(QwenVL.from_pretrained(FIXTURE, dtype=torch.float32), "int8")
+    with pytest.raises(CheckpointError, match=r"int8-quantized model .*transformer\.h\.0\.attn\.c_attn"):
+        model.save_pretrained(tmp_path / "q8")
+    assert not (tmp_path / "q8").exists()
+    plain = optimize_for_inference(QwenVL.from_pretrained(FIXTURE, dtype=torch.float32))  # RowLinear: same keys
+    plain.save_pretrained(tmp_path / "fp32")
+    assert QwenVL.from_pretrained(tmp_path / "fp32").state_dict().keys() == plain.state_dict().keys()
+
+
+def test_saving_unmerged_lora_adapters_is_refused(tmp_path: Path) -> None:
+    import peft  # a dev dependency: the tests never skip for want of it
+    model = QwenVL.from_pretrained(FIXTURE, dtype=torch.float32)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=r".*\.attn\.c_attn", bias="none"), model)
+    with pytest.raises(CheckpointError, match="unmerged LoRA adapters .*base_layer"):
+        model.save_pretrained(tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize(("shard", "message"), [(5, "plain file names"), (["a.safetensors"], "plain file names"),
+                                                ("config.json", "must be .safetensors files"),
+                                                ("model.safetensors.index.json", "must be .safetensors files")])
+def test_index_naming_what_is_not_a_shard(tmp_path: Path, shard: object, message: str) -> None:
+    """A shard name that is not a string was a TypeError from sorting; another file of the folder was read as
+    weights (config.json through torch.load: "refusing to load config.json: it may reference code")."""
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"b": torch.zeros(2)}, tmp_path / "model-00001-of-00001.safetensors")
+    index = {"weight_map": {"a": shard, "b": "model-00001-of-00001.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message):
+        load_state_dict(tmp_path)
+
+
+def test_a_weight_file_without_tensors_is_one_line(tmp_path: Path) -> None:
+    save_file({}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors holds no tensors") as err:
+        load_weights(_meta_mini(), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"rotary_emb_base": 0}, "rotary_emb_base must be a positive number, got 0"),  # loaded, then NaN logits
+    ({"layer_norm_epsilon": -1.0}, "layer_norm_epsilon must be a finite number >= 0, got -1.0"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be positive, got 0"),
+    ({"visual": {"mlp_ratio": -2.0}}, "visual.mlp_ratio must be a positive number, got -2.0"),
+    ({"visual": {"layer_norm_eps": -1e-6}}, "visual.layer_norm_eps must be a finite number >= 0, got -1e-06"),
+])
+def test_config_values_no_shape_shows_must_make_sense(tmp_path: Path, config: QwenVLConfig, change: dict,
+                                                      message: str) -> None:
+    test_config_values_of_the_wrong_type_name_the_field_and_file(tmp_path, config, change, message)
+
+
+@pytest.mark.parametrize(("gen", "message"), [
+    ({"do_sample": "no"}, "do_sample must be true or false, got 'no'"),  # was taken as true: sampling
+    ({"max_window_size": "6144"}, "max_window_size must be an integer, got '6144'"),  # failed later, unnamed
+    ({"top_p": None, "top_k": "5"}, "top_k must be an integer, got '5'"),
+    ({"eos_token_id": []}, "eos_token_id must be a token id or a non-empty list of them, got []"),  # IndexError
+    ({"chat_format": "llama"}, "chat_format must be 'raw' or 'chatml', got 'llama'"),  # blamed config.json
+    ([], "expected a JSON object, got list"),  # Processor.from_pretrained: AttributeError
+])
+def test_generation_config_problems_name_that_file(tmp_path: Path, config: QwenVLConfig, gen: object,
+                                                    message: str) -> None:
+    from qwenvl import Processor
+    from qwenvl.config import ConfigError
+
+    config.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(ConfigError, match=re.escape(f"generation_config.json: {message}")):
+        QwenVLConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()  # the processor of a folder with a generation_config.json alone
+    with pytest.raises(ConfigError, match=re.escape(f"generation_config.json: {message}")):
+        Processor.from_pretrained(tmp_path)

@@ -115,10 +115,14 @@ def _read_index(index_file: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_file} has no 'weight_map' (a non-empty object of tensor name -> shard file)")
     folder = index_file.parent
+    suffix = ".safetensors" if index_file.name == SAFE_INDEX_NAME else ".bin"
     missing: list[str] = []
-    for name in sorted(set(weight_map.values())):
+    for name in weight_map.values():
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise CheckpointError(f"{index_file} names the shard {name!r}: shards must be plain file names in the folder")
+        if not name.endswith(suffix):  # another file of the folder (config.json) would be read as weights
+            raise CheckpointError(f"{index_file} names the shard {name!r}: its shards must be {suffix} files")
+    for name in sorted(set(weight_map.values())):
         if not (folder / name).is_file():
             missing.append(name)
     if missing:
@@ -235,6 +239,9 @@ def _iter_shards(ckpt_dir: str | Path) -> Iterator[tuple[Path, dict[str, torch.T
     """
     files, weight_map = _locate(ckpt_dir)
     shards = [(file, _open_shard(file)) for file in files]
+    empty = [file for file, tensors in shards if not tensors]
+    if empty:  # not a list of every key the model misses
+        raise CheckpointError(f"{empty[0]} holds no tensors (an empty or unfinished save?)")
     problems: list[str] = []
     seen: dict[str, Path] = {}
     for file, tensors in shards:
@@ -603,7 +610,25 @@ def _state_dict_of(
         raise CheckpointError(_format_problems("cannot save this state dict:", problems))
     if not state:
         raise CheckpointError("cannot save an empty state dict")
+    _refuse_unofficial_layers(state)
     return state
+
+
+def _refuse_unofficial_layers(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse what would be written as an official checkpoint that nothing can load: int8 layers of
+    :func:`qwenvl.quantize.quantize_int8` (``weight`` int8 with its columns interleaved, plus ``scales``) and
+    unmerged LoRA adapters (``base_layer``/``lora_A``/``lora_B`` names)."""
+    int8 = [k.removesuffix(".scales") for k in state if k.endswith(".scales")
+            and not state.get(k.removesuffix("scales") + "weight", torch.empty(0)).is_floating_point()]
+    if int8:
+        raise CheckpointError(
+            f"cannot save an int8-quantized model ({len(int8)} int8 layers, e.g. {int8[0]}): "
+            "its weights are not the checkpoint's; save the model loaded without quantize=\"int8\"")
+    lora = [k for k in state if ".lora_" in k or ".base_layer." in k]
+    if lora:
+        raise CheckpointError(
+            f"cannot save a model with unmerged LoRA adapters as a checkpoint ({lora[0]}, ...): merge them first "
+            "(peft's merge_and_unload, or `qwenvl convert --merge_lora`) or save the adapter alone")
 
 
 def save_pretrained(
