@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,22 @@ def _check_types(config: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name} must be {said}, got {value!r}")
 
 
+def _check_positive(config: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Finite numbers above 0 (a RoPE base of 0 or an mlp_ratio of NaN loads and computes NaN), else a ConfigError."""
+    for name in names:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{prefix}{name} must be a positive number, got {value!r}")
+
+
+def _check_non_negative(config: Any, names: tuple[str, ...], prefix: str = "") -> None:
+    """Finite numbers >= 0 (a norm epsilon below 0 or NaN computes NaN), else a ConfigError."""
+    for name in names:
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{prefix}{name} must be a finite number >= 0, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """The vision tower (ViT-bigG at full size) and its cross-attention resampler."""
@@ -77,6 +93,8 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_types(self, "visual.")
+        _check_positive(self, ("mlp_ratio",), "visual.")
+        _check_non_negative(self, ("layer_norm_eps",), "visual.")
         for name in ("image_size", "patch_size", "width", "layers", "heads", "output_dim", "n_queries"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"visual.{name} must be positive, got {getattr(self, name)}")
@@ -145,8 +163,10 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_positive(self, ("rotary_emb_base",))
+        _check_non_negative(self, ("layer_norm_epsilon",))
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
-                     "intermediate_size", "seq_length"):
+                     "intermediate_size", "seq_length", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads * self.kv_channels != self.hidden_size:
@@ -193,12 +213,18 @@ class GenerationDefaults:
     def __post_init__(self) -> None:
         if self.chat_format not in ("raw", "chatml"):
             raise ConfigError(f"chat_format must be 'raw' or 'chatml', got {self.chat_format!r}")
+        _check_types(self)  # "do_sample": "no" would sample, "max_window_size": "6144" failed far from the file
+        for name in ("max_new_tokens", "max_window_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationDefaults:
         known = {f.name for f in fields(cls)} - {"extra"}
         kw = {k: v for k, v in d.items() if k in known and v is not None}
         if isinstance(kw.get("eos_token_id"), list):
+            if not kw["eos_token_id"]:
+                raise ConfigError("eos_token_id must be a token id or a non-empty list of them, got []")
             kw["eos_token_id"] = kw["eos_token_id"][0]
         if kw.get("top_k") is None:
             kw["top_k"] = 0
@@ -295,10 +321,17 @@ class QwenVLConfig:
             gen = _read_json_object(gen_file)
         if not isinstance(d.get("visual", {}), dict):
             raise ConfigError(f"{cfg_file}: 'visual' must be a JSON object, got {type(d['visual']).__name__}")
+        generation = GenerationDefaults()
+        if gen is not None:
+            try:
+                generation = GenerationDefaults.from_dict(gen)
+            except (TypeError, ConfigError) as e:
+                raise ConfigError(f"{gen_file}: {e}") from None
         try:
-            return cls.from_official(d, gen)
+            config = cls.from_official(d)
         except (TypeError, ConfigError) as e:
             raise ConfigError(f"{cfg_file}: {e}") from None
+        return replace(config, generation=generation)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

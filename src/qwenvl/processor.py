@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, QwenVLConfig
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, ConfigError, GenerationDefaults, QwenVLConfig
 from .images import ImageSource, MediaPolicy, load_image, pixel_values
 from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
 
@@ -141,7 +141,14 @@ class Processor:
             if (folder / "config.json").is_file():
                 config = QwenVLConfig.from_pretrained(folder)
             elif (folder / "generation_config.json").is_file():
-                gen = GenerationDefaults.from_dict(_read_json(folder / "generation_config.json"))
+                gen_file = folder / "generation_config.json"
+                d = _read_json(gen_file)
+                try:
+                    if not isinstance(d, dict):
+                        raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
+                    gen = GenerationDefaults.from_dict(d)
+                except (TypeError, ConfigError) as e:
+                    raise ConfigError(f"{gen_file}: {e}") from None
         if config is not None:
             gen = config.generation
             image_size = config.visual.image_size
