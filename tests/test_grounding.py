@@ -264,3 +264,34 @@ def test_draw_boxes_far_outside_the_image_and_multiline_labels() -> None:
         draw_boxes(image, [("x", (float("nan"), 0, 10, 10))])
     objects = denormalize_objects(parse_grounding("<ref>a\nred\tcar</ref><box>(1,2),(300,400)</box>"), 50, 40)
     assert draw_boxes(image, objects).size == (50, 40)  # was "can't measure length of multiline text"
+
+
+def test_draw_boxes_hands_pillow_only_coordinates_near_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow draws a wide outline's sides pixel by pixel over their whole length: a model's garbage box
+    # <box>(0,0),(999999999,999999999)</box> (denormalized: ~4.5e8 pixels) took seconds per box in `chat --draw`
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (60, 40), "white")
+    objects = denormalize_objects(parse_grounding("<ref>car</ref><box>(0,0),(999999999,999999999)</box>"), 60, 40)
+    asked: list[tuple[float, ...]] = []
+    rectangle = ImageDraw.ImageDraw.rectangle
+
+    def spy(self: ImageDraw.ImageDraw, xy: tuple[float, ...], *args: object, **kwargs: object) -> None:
+        if kwargs.get("outline") is not None:
+            asked.append(tuple(xy))
+        rectangle(self, xy, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "rectangle", spy)
+    draw_boxes(image, objects, width=3)
+    assert asked and all(-10 <= v <= 70 for v in asked[0])
+    monkeypatch.undo()
+    # and the pixels are those Pillow draws for the box as given
+    for box in [(-30.0, -25.0, 90.0, 70.0), (-500.0, 10.0, 20.0, 500.0), (70.0, 50.0, 900.0, 900.0), (-90.0, -90.0, -20.0, 30.0)]:
+        expected = image.copy()
+        ImageDraw.Draw(expected).rectangle(box, outline="#1f77b4", width=3)
+        assert draw_boxes(image, [(None, box)], width=3).tobytes() == expected.tobytes(), box
+
+
+def test_normalize_box_of_finite_values_whose_quotient_overflows() -> None:
+    # 1e308 pixels in a 0.5-pixel-wide image: x / W * 1000 is inf, int() of it was an OverflowError
+    assert normalize_box((1e308, -1e308, 0.25, 10.0), 0.5, 20.0) == (999, 0, 500, 500)

@@ -357,3 +357,11 @@ def test_from_list_format_refuses_malformed_elements(tok: QwenTokenizer) -> None
         tok.from_list_format([{"box": [[float("inf"), 2, 3, 4]]}])  # was an OverflowError
     with pytest.raises(ValueError, match="list of boxes"):
         tok.from_list_format([{"box": [1, 2, 3, 4]}])  # one box, not wrapped in a list
+
+
+def test_from_list_format_refuses_an_image_path_holding_the_closing_tag(tok: QwenTokenizer) -> None:
+    # "Picture 1: <img>a</img>b.jpg</img>": the span ended early and the processor read the file "a" instead
+    for path in ("a</img>b.jpg", Path("dir</img>") / "x.png"):
+        with pytest.raises(ValueError, match="cannot hold '</img>'"):
+            tok.from_list_format([{"image": path}, {"text": "what is it?"}])
+    assert tok.image_paths(tok.encode(tok.from_list_format([{"image": "a<b>/c img.jpg"}]))) == ["a<b>/c img.jpg"]

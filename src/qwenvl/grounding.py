@@ -207,7 +207,10 @@ def _finite(box: BoxLike) -> tuple[float, float, float, float]:
 
 
 def _norm_coord(value: float, size: float) -> int:
-    return min(max(int(value / size * NORM_GRID), 0), NORM_GRID - 1)
+    scaled = value / size * NORM_GRID
+    if not math.isfinite(scaled):  # finite inputs whose quotient overflows: far outside the image
+        return NORM_GRID - 1 if scaled > 0 else 0
+    return min(max(int(scaled), 0), NORM_GRID - 1)
 
 
 def normalize_box(box_px: BoxLike, width: float, height: float) -> tuple[int, int, int, int]:
@@ -460,6 +463,19 @@ def _drawable(values: Iterable[float]) -> tuple[float, ...]:
     return tuple(min(max(v, -_DRAW_LIMIT), _DRAW_LIMIT) for v in values)
 
 
+def _near_image(box: tuple[float, ...], size: tuple[int, int], width: int) -> tuple[float, ...]:
+    """A sorted box's corners moved to at most ``width + 1`` pixels outside the image: the same pixels are drawn.
+
+    Pillow draws a wide outline's sides pixel by pixel over their whole length, inside the image or not: a
+    model's garbage box ``(0,0),(999999999,999999999)`` took seconds per box. The outline of a side beyond
+    the margin lies wholly outside the image wherever it is, so moving it to the margin changes nothing seen.
+    """
+    margin = width + 1
+    x1, y1, x2, y2 = box
+    lo_x, hi_x, lo_y, hi_y = -margin, size[0] + margin, -margin, size[1] + margin
+    return (min(max(x1, lo_x), hi_x), min(max(y1, lo_y), hi_y), min(max(x2, lo_x), hi_x), min(max(y2, lo_y), hi_y))
+
+
 def draw_boxes(
     image: Image.Image,
     objects: Sequence[GroundedObject] | Sequence[tuple[str | None, BoxLike]],
@@ -495,7 +511,7 @@ def draw_boxes(
         for x1, y1, x2, y2 in boxes:
             x1, x2 = sorted((x1, x2))
             y1, y2 = sorted((y1, y2))
-            draw.rectangle((x1, y1, x2, y2), outline=color, width=width)
+            draw.rectangle(_near_image((x1, y1, x2, y2), out.size, width), outline=color, width=width)
             if runs:
                 _draw_label(draw, (x1, y1), runs, color, out.size, pad)
         for quad in quads:

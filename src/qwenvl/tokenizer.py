@@ -497,6 +497,8 @@ class QwenTokenizer:
                 if not isinstance(ele["image"], (str, os.PathLike)):
                     raise ValueError(f"a list-format image is a path or URL, got a {type(ele['image']).__name__} "
                                      "(pass pixels with images=)")
+                if "</img>" in str(ele["image"]):  # the span would end there: another file would be read
+                    raise ValueError(f"a list-format image path cannot hold '</img>': {str(ele['image'])!r}")
                 num_images += 1
                 text += f"Picture {num_images}: <img>{ele['image']}</img>\n"
             elif "text" in ele:
