@@ -681,6 +681,7 @@ def test_a_weight_file_without_tensors_is_one_line(tmp_path: Path) -> None:
     ({"max_position_embeddings": 0}, "max_position_embeddings must be positive, got 0"),
     ({"visual": {"mlp_ratio": -2.0}}, "visual.mlp_ratio must be a positive number, got -2.0"),
     ({"visual": {"layer_norm_eps": -1e-6}}, "visual.layer_norm_eps must be a finite number >= 0, got -1e-06"),
+    ({"torch_dtype": [1]}, "torch_dtype must be a dtype name such as \"bfloat16\", got [1]"),  # merge_lora: TypeError
 ])
 def test_config_values_no_shape_shows_must_make_sense(tmp_path: Path, config: QwenVLConfig, change: dict,
                                                       message: str) -> None:

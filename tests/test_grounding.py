@@ -295,3 +295,16 @@ def test_draw_boxes_hands_pillow_only_coordinates_near_the_image(monkeypatch: py
 def test_normalize_box_of_finite_values_whose_quotient_overflows() -> None:
     # 1e308 pixels in a 0.5-pixel-wide image: x / W * 1000 is inf, int() of it was an OverflowError
     assert normalize_box((1e308, -1e308, 0.25, 10.0), 0.5, 20.0) == (999, 0, 500, 500)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"width": 0}, "width must be an integer from 1 to 1000, got 0"),
+    ({"width": 10**9}, "width must be an integer from 1 to 1000"),  # Pillow drew it pixel by pixel: hours
+    ({"width": 2.5}, "width must be an integer from 1 to 1000, got 2.5"),  # was a TypeError from Pillow
+    ({"font_size": 100_000}, "font_size must be an integer from 1 to 1000"),  # was an OSError from FreeType
+    ({"font_size": 0}, "font_size must be an integer from 1 to 1000"),
+])
+def test_draw_boxes_sizes_out_of_range_are_value_errors(kwargs, message) -> None:
+    image = Image.new("RGB", (64, 48), "white")
+    with pytest.raises(ValueError, match=message):
+        grounding.draw_boxes(image, [("cat", (1, 2, 30, 40))], **kwargs)

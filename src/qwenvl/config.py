@@ -302,6 +302,8 @@ class QwenVLConfig:
         known = {f.name for f in fields(LMConfig)}
         lm = LMConfig(**{k: v for k, v in d.items() if k in known})
         dtype = d.get("torch_dtype") or "bfloat16"
+        if not isinstance(dtype, str):
+            raise ConfigError(f'torch_dtype must be a dtype name such as "bfloat16", got {dtype!r}')
         gen = GenerationDefaults.from_dict(generation) if generation else GenerationDefaults()
         extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
         return cls(lm=lm, visual=VisionConfig.from_official(d["visual"]), generation=gen, torch_dtype=dtype,

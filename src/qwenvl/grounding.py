@@ -493,8 +493,11 @@ def draw_boxes(
     bundled font, then system fonts (``system_fonts``) for characters it lacks (CJK, emoji); anything still
     unrenderable is drawn as a ``\\uXXXX`` escape. Never downloads anything.
     """
-    if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+    for name, value in (("width", width), ("font_size", font_size)):
+        # Pillow draws an outline pixel by pixel of its width (a width of 10**9 never ends) and FreeType fails
+        # on huge fonts: sizes beyond any picture's are refused
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000):
+            raise ValueError(f"{name} must be an integer from 1 to 1000, got {value!r}")
     palette = list(colors) if colors else list(DEFAULT_COLORS)
     out = image.copy() if image.mode in ("RGB", "RGBA") else image.convert("RGB")
     size = font_size or max(12, round(min(out.size) / 40))
