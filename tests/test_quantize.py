@@ -341,3 +341,14 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
+def test_int8_bf16_rows_compile_in_one_graph() -> None:
+    # the int8 layer's few-row bf16 path must stay traceable (a data_ptr() check made torch.compile fail on it)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16).requires_grad_(False))
+    compiled = torch.compile(layer, fullgraph=True)
+    for rows in (4, 10):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)

@@ -388,8 +388,8 @@ class Int8Linear(nn.Module):
             elif x.dtype == torch.bfloat16 and _rows(x) <= _FEW_ROWS and self.in_features % _INT8PACK_K == 0:
                 # PyTorch's own int8 product (module doc)
                 x2 = xi.reshape(-1, self.in_features).contiguous()
-                if x2.data_ptr() % _INT8PACK_ALIGN:  # its vector loads need aligned rows
-                    x2 = x2.clone()
+                if not torch.compiler.is_compiling() and x2.data_ptr() % _INT8PACK_ALIGN:
+                    x2 = x2.clone()  # its vector loads need aligned rows (compiled code allocates them so)
                 y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(x.dtype))
                 y = y.reshape(*x.shape[:-1], self.out_features)
             else:  # CPU: dequantize slice by slice (module doc)
