@@ -189,7 +189,7 @@ def test_answer_text_holds_back_what_may_become_a_stop_string():
     assert text.text == "abx"
     tail = _AnswerText(decode, stop_ids=(), stop=["cd"])
     assert tail.push(ord("c")) == ("", False)
-    assert tail.flush() == "c"  # the end of the answer releases what was held
+    assert tail.flush() == ("c", False)  # the end of the answer releases what was held
 
 
 def test_stop_token_ends_the_answer(golden_model, processor):
@@ -250,3 +250,55 @@ def test_requests_cancelled_while_waiting_give_their_place_back(golden_model, pr
     assert engine.waiting == 0
     engine.submit(requests[3])
     assert engine.waiting == 1
+
+
+@pytest.mark.parametrize("params", [
+    dict(repetition_penalty=1.5),
+    dict(min_new_tokens=6),
+    dict(repetition_penalty=0.7, do_sample=True, temperature=0.8, top_k=50, seed=3),
+], ids=["repetition_penalty", "min_new_tokens", "sampled_penalty"])
+def test_every_sampling_parameter_is_honoured_as_generate_does(golden_model, processor, params):
+    """The engine takes a whole SamplingParams: a repetition penalty (on the prompt and the answer so far, each
+    slot its own, never the previous occupant's) and min_new_tokens (stop tokens banned until then, greedy or
+    not) give the tokens of model.generate with the same parameters, also with another request in the batch."""
+    ids = processor.tokenizer.encode("Hello")
+    other = processor.tokenizer.encode("Something else entirely, and longer")
+    plain = greedy(golden_model, ids, None, 12)
+    stops = (plain[0], plain[2]) if "min_new_tokens" in params else ()
+    p = SamplingParams(max_new_tokens=12, stop_token_ids=stops, **params)
+    out = golden_model.generate(torch.tensor([ids]), params=p)[0, len(ids):].tolist()
+    want = out[: next((k + 1 for k, t in enumerate(out) if t in stops), len(out))]
+    if not p.do_sample:
+        assert want != plain[: len(want)]  # the parameter changes the answer
+    engine = Engine(golden_model, lambda t: " ".join(map(str, t)), EngineConfig(max_batch_size=2, max_model_len=64))
+    # the slot's previous occupant had a penalty over other tokens, and a batch neighbour runs alongside
+    before = Request(other, SamplingParams(max_new_tokens=5, stop_token_ids=(), repetition_penalty=3.0), Collector())
+    run_all(engine, [before])
+    requests = [Request(ids, copy.deepcopy(p), Collector()),
+                Request(other, SamplingParams(max_new_tokens=12, stop_token_ids=()), Collector())]
+    run_all(engine, requests)
+    finished = requests[0].on_event.events[-1]
+    assert finished.completion_tokens == len(want)
+    assert finished.text == " ".join(map(str, [t for t in want if t not in p.stop_token_ids]))
+
+
+def test_a_stop_string_released_by_the_last_token_is_a_stop(golden_model):
+    """A token that ends with half a UTF-8 character holds its text back; when it is also the last token
+    max_tokens allows, the flushed text may complete a stop string: the answer is cut there and ended by that
+    stop string (finish_reason "stop", not "length")."""
+    pieces = {1: b"a", 2: b" \xe7"}  # token 2: a space and the first byte of a 3-byte character
+    decode = lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", "replace")  # noqa: E731
+
+    class Scripted(Engine):
+        def _pick(self, logits, rows):
+            new = super()._pick(logits, rows)
+            for i, s in enumerate(rows):
+                if s is not None:
+                    new[i] = [1, 2][min(s.generated, 1)]
+            return new
+
+    engine = Scripted(golden_model, decode, EngineConfig(max_batch_size=1, max_model_len=16))
+    request = Request([9707], SamplingParams(max_new_tokens=2, stop_token_ids=()), Collector(), stop=[" "])
+    run_all(engine, [request])
+    assert request.on_event.events[-1] == Finished("stop", "a", 1, 2)
+    assert request.on_event.text == "a"

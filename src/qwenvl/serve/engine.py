@@ -192,9 +192,10 @@ class _AnswerText:
         self.text += self.stream.push(token)
         return self._emit(final=False)
 
-    def flush(self) -> str:
+    def flush(self) -> tuple[str, bool]:
+        """The rest of the text (up to a stop string), and whether a stop string ended it."""
         self.text += self.stream.flush()
-        return self._emit(final=True)[0]
+        return self._emit(final=True)
 
     def _emit(self, final: bool) -> tuple[str, bool]:
         # No stop string starts before self.sent: a tail that could begin one is never sent (see _held).
@@ -223,6 +224,7 @@ class _Slot:
     max_new: int
     text: _AnswerText
     generator: torch.Generator | None
+    history: torch.Tensor | None = None  # (1, T) prompt and answer so far, for a repetition penalty
     generated: int = 0
     last_time: float = 0.0
 
@@ -404,11 +406,12 @@ class Engine:
         if p.do_sample:
             generator = torch.Generator(device=self.model.device)
             generator.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        ids = torch.tensor([request.input_ids], device=self.model.device)
         slot = _Slot(request, n, min(int(p.max_new_tokens), self.config.max_model_len - n),
-                     _AnswerText(self.decode, p.stop_token_ids, request.stop), generator)
+                     _AnswerText(self.decode, p.stop_token_ids, request.stop), generator,
+                     ids if p.repetition_penalty != 1.0 else None)
         self.slots[i] = slot
         kv = self.cache.slot(i)
-        ids = torch.tensor([request.input_ids], device=self.model.device)
         logits = self.model(ids, images=request.images, past_key_values=kv, logits_to_keep=1).logits[:, -1]
         self.cache.keep_rope(i, kv)
         token = self._pick(logits.float(), [slot])
@@ -438,12 +441,15 @@ class Engine:
                 self._accept(i, token)
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[_Slot | None]) -> torch.Tensor:
-        """Next token per row: argmax, or sampled with the row's own parameters and generator."""
+        """Next token per row: argmax, or sampled with the row's own parameters and generator; a row's
+        repetition penalty (over its own prompt and answer) and min_new_tokens apply as in ``model.generate``."""
         new = logits.argmax(-1)
         for i, s in enumerate(rows):
-            if s is not None and s.request.params.do_sample:
-                p = s.request.params
-                new[i] = pick(process_logits(logits[i : i + 1], None, s.generated, p), p, s.generator)[0]
+            if s is None:
+                continue
+            p = s.request.params
+            if p.do_sample or s.history is not None or s.generated < p.min_new_tokens:
+                new[i] = pick(process_logits(logits[i : i + 1], s.history, s.generated, p), p, s.generator)[0]
         return new
 
     def _accept(self, i: int, token: int) -> bool:
@@ -457,6 +463,8 @@ class Engine:
             if slot.generated > 1:
                 self.metrics.inter_token_latency.observe(now - slot.last_time)
         slot.last_time = now
+        if slot.history is not None:
+            slot.history = torch.cat([slot.history, slot.history.new_tensor([[token]])], dim=1)
         p = slot.request.params
         if token in p.stop_token_ids:
             self._send_tail(slot)
@@ -469,15 +477,17 @@ class Engine:
             self._free(i, self._finished(slot, "stop"))
             return False
         if slot.generated >= slot.max_new:  # max_new keeps the last written position inside the slot
-            self._send_tail(slot)
-            self._free(i, self._finished(slot, "length"))
+            # the held-back tail (half a character) may still complete a stop string: then that ended it
+            self._free(i, self._finished(slot, "stop" if self._send_tail(slot) else "length"))
             return False
         return True
 
-    def _send_tail(self, slot: _Slot) -> None:
-        tail = slot.text.flush()
+    def _send_tail(self, slot: _Slot) -> bool:
+        """Send what was held back; whether a stop string turned up in it."""
+        tail, stopped = slot.text.flush()
         if tail:
             slot.request.on_event(Delta(tail))
+        return stopped
 
     def _finished(self, slot: _Slot, reason: str) -> Finished:
         return Finished(reason, slot.text.text, len(slot.request.input_ids), slot.generated)
