@@ -271,3 +271,25 @@ def test_chat_session_keeps_its_pictures_when_the_files_go(golden_model, golden_
     (tmp_path / "cat.png").unlink()
     with pytest.raises(ValueError, match="image not found"):  # a picture named in a new message is read then
         kept.ask("<img>cat.png</img> now?")
+
+
+def test_the_checkpoints_temperature_and_repetition_penalty_are_the_defaults(golden_dir):
+    import dataclasses
+
+    from qwenvl import QwenVL
+    from qwenvl.generation import sampling_params
+    from qwenvl.inference import chat_params
+
+    model = QwenVL.from_pretrained(golden_dir, dtype=torch.float32)
+    model.config = dataclasses.replace(model.config, generation=dataclasses.replace(
+        model.config.generation, temperature=0.7, repetition_penalty=1.3))
+    for params in (sampling_params(model), chat_params(model)):
+        assert (params.temperature, params.repetition_penalty) == (0.7, 1.3)
+    given = sampling_params(model, temperature=0.2, repetition_penalty=1.0)
+    assert (given.temperature, given.repetition_penalty) == (0.2, 1.0)
+    assert chat_params(model, repetition_penalty=1.0).repetition_penalty == 1.0
+    ids = torch.tensor([[785, 6722, 315, 9625, 374, 12095, 13]])
+    assert torch.equal(model.generate(ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12,
+                                                                               repetition_penalty=1.3))
+    assert not torch.equal(model.generate(ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12,
+                                                                                   repetition_penalty=1.0))

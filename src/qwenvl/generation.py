@@ -259,10 +259,10 @@ def generate(
     max_new_tokens: int | None = None,
     min_new_tokens: int = 0,
     do_sample: bool = False,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
     stop_token_ids: Sequence[int] | None = None,
     chat_format: str | None = None,
@@ -272,8 +272,8 @@ def generate(
 ) -> torch.Tensor:
     """Prompt + continuation ids (B, T + new), padded with ``<|endoftext|>`` after each sequence stops.
 
-    Greedy unless ``do_sample``; sampling defaults (top_p, top_k) and the stop tokens come from the
-    checkpoint's ``generation_config.json`` (``chat_format`` raw: ``<|endoftext|>``; chatml: also
+    Greedy unless ``do_sample``; sampling defaults (top_p, top_k, temperature, repetition_penalty) and the stop
+    tokens come from the checkpoint's ``generation_config.json`` (``chat_format`` raw: ``<|endoftext|>``; chatml: also
     ``<|im_end|>`` and ``<|im_start|>``). The stop token is kept in the output. ``params`` (a
     :class:`SamplingParams`) replaces the individual sampling arguments, which must then stay unset.
     Unknown keyword arguments are errors (a misspelt option never falls back to a default silently).
@@ -285,8 +285,8 @@ def generate(
                                  chat_format=chat_format)
     else:
         given = {"max_new_tokens": max_new_tokens is not None, "min_new_tokens": min_new_tokens != 0,
-                 "do_sample": do_sample, "temperature": temperature != 1.0, "top_p": top_p is not None,
-                 "top_k": top_k is not None, "repetition_penalty": repetition_penalty != 1.0,
+                 "do_sample": do_sample, "temperature": temperature is not None, "top_p": top_p is not None,
+                 "top_k": top_k is not None, "repetition_penalty": repetition_penalty is not None,
                  "seed": seed is not None, "stop_token_ids": stop_token_ids is not None,
                  "chat_format": chat_format is not None}
         clash = [k for k, v in given.items() if v]
@@ -301,11 +301,15 @@ def sampling_params(
     model: QwenVL, *, max_new_tokens: int | None = None, top_p: float | None = None, top_k: int | None = None,
     stop_token_ids: Sequence[int] | None = None, chat_format: str | None = None, **kw: object
 ) -> SamplingParams:
-    """SamplingParams with the checkpoint's defaults for whatever is None."""
+    """SamplingParams with the checkpoint's defaults for whatever is None (``temperature`` and
+    ``repetition_penalty`` too, as transformers' generate takes them from ``generation_config.json``)."""
     g = model.config.generation
     fmt = chat_format or g.chat_format
     if fmt not in STOP_IDS:
         raise ValueError(f"chat_format must be one of {sorted(STOP_IDS)}, got {fmt!r}")
+    for name in ("temperature", "repetition_penalty"):
+        if kw.get(name) is None:
+            kw[name] = getattr(g, name)
     return SamplingParams(
         max_new_tokens=g.max_new_tokens if max_new_tokens is None else max_new_tokens,
         top_p=g.top_p if top_p is None else top_p,

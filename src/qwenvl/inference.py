@@ -320,6 +320,7 @@ def chat_params(model: QwenVL, **overrides: Any) -> SamplingParams:
     """Sampling defaults of a chat: the checkpoint's generation_config (sampling, top_p, chatml stops)."""
     g = model.config.generation
     base = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_p": g.top_p, "top_k": g.top_k,
+            "temperature": g.temperature, "repetition_penalty": g.repetition_penalty,
             "stop_token_ids": STOP_IDS["chatml"], "pad_token_id": g.pad_token_id}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**base)

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import openai
+import torch
 from PIL import Image
 
 from qwenvl.generation import STOP_IDS
@@ -185,3 +186,25 @@ def test_grounding_boxes_in_pixels(grounding_server):
     text_only = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "where?"}],
                                           max_tokens=40)
     assert text_only.choices[0].message.grounding == [{"ref": "the cat", "box_normalized": [100, 200, 500, 800]}]
+
+
+def test_the_checkpoints_repetition_penalty_applies_when_a_request_leaves_it_out(golden_dir, processor):
+    # generation_config.json's repetition_penalty (as transformers' generate applies it) was never used
+    import dataclasses
+
+    from qwenvl.model import QwenVL
+
+    from .conftest import make_engine, running
+
+    model = QwenVL.from_pretrained(golden_dir, dtype=torch.float32).eval()
+    model.config = dataclasses.replace(model.config, generation=dataclasses.replace(model.config.generation,
+                                                                                 repetition_penalty=1.8))
+    inputs = processor([{"role": "user", "content": "Tell me more"}])
+    out = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=16,
+                         stop_token_ids=STOP_IDS["chatml"], repetition_penalty=1.8)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    cut = next((k for k, t in enumerate(new) if t in STOP_IDS["chatml"]), len(new))
+    with running(make_engine(model, processor, max_batch_size=1), processor) as server:
+        got = client(server).chat.completions.create(model=MODEL_NAME, max_tokens=16, temperature=0,
+                                                     messages=[{"role": "user", "content": "Tell me more"}])
+    assert got.choices[0].message.content == processor.decode(new[:cut])

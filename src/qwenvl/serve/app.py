@@ -274,6 +274,7 @@ class _Server:
             max_new_tokens=limit, do_sample=do_sample, temperature=temperature,
             top_p=g.top_p if body.top_p is None else body.top_p, top_k=g.top_k if body.top_k is None else body.top_k,
             seed=body.seed, stop_token_ids=stop_ids, pad_token_id=g.pad_token_id,
+            repetition_penalty=g.repetition_penalty,
         )
 
     # ---- running them --------------------------------------------------------------------------------
