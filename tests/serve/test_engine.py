@@ -302,3 +302,32 @@ def test_a_stop_string_released_by_the_last_token_is_a_stop(golden_model):
     run_all(engine, [request])
     assert request.on_event.events[-1] == Finished("stop", "a", 1, 2)
     assert request.on_event.text == "a"
+
+
+def test_a_stream_whose_client_left_before_the_first_chunk_cancels_its_request():
+    # the event generator cancels its request when it ends, but a generator that never started never ends: under
+    # ASGI 2.4 Starlette sends the response head before starting it, and a client already gone stopped it there
+    import asyncio
+
+    from qwenvl.serve import app as app_module
+
+    cancelled = []
+
+    class Request:
+        def cancel(self):
+            cancelled.append(True)
+
+    async def events():
+        yield "data: [DONE]\n\n"
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    response = app_module._EventStream(events(), Request())
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "POST", "path": "/v1/chat/completions"}
+    with pytest.raises(Exception):  # noqa: B017, PT011 - Starlette's own error for the lost client
+        asyncio.run(response(scope, receive, send))
+    assert cancelled == [True]

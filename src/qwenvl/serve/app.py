@@ -453,8 +453,9 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
             return out
 
         first = _sse(protocol.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
-        return _event_stream(
-            server.stream(request, events, first, lambda t: protocol.chat_chunk(rid, name, {"content": t}), last))
+        return _EventStream(
+            server.stream(request, events, first, lambda t: protocol.chat_chunk(rid, name, {"content": t}), last),
+            request)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def complete(body: protocol.CompletionRequest, http: Request) -> Response:
@@ -477,7 +478,8 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
                                                usage_=protocol.usage(done.prompt_tokens, done.completion_tokens)))
             return out
 
-        return _event_stream(server.stream(request, events, None, lambda t: protocol.completion(rid, name, t), last))
+        return _EventStream(server.stream(request, events, None, lambda t: protocol.completion(rid, name, t), last),
+                             request)
 
     return app
 
@@ -491,6 +493,17 @@ def _include_usage(body: Any) -> bool:
     return body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
-def _event_stream(events: Any) -> StreamingResponse:
-    """Server-sent events, as OpenAI's streaming endpoints send them."""
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+class _EventStream(StreamingResponse):
+    """Server-sent events, as OpenAI's streaming endpoints send them; the engine request is cancelled however
+    the response ends. (The event generator cancels it when it ends, but a generator that never started never
+    ends: under ASGI 2.4 Starlette sends the response head first, and a client already gone stops it there.)"""
+
+    def __init__(self, events: Any, request: EngineRequest) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.engine_request = request
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine_request.cancel()  # a no-op once finished
