@@ -219,6 +219,15 @@ class GenerationDefaults:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
     @classmethod
+    def from_file(cls, file: str | Path) -> GenerationDefaults:
+        """A ``generation_config.json``; any problem with it is a ConfigError naming the file."""
+        d = _read_json_object(Path(file))
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ConfigError) as e:
+            raise ConfigError(f"{file}: {e}") from None
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationDefaults:
         known = {f.name for f in fields(cls)} - {"extra"}
         kw = {k: v for k, v in d.items() if k in known and v is not None}
@@ -317,18 +326,10 @@ class QwenVLConfig:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
         d = _read_json_object(cfg_file)
-        gen = None
         gen_file = cfg_file.parent / "generation_config.json"
-        if gen_file.is_file():
-            gen = _read_json_object(gen_file)
+        generation = GenerationDefaults.from_file(gen_file) if gen_file.is_file() else GenerationDefaults()
         if not isinstance(d.get("visual", {}), dict):
             raise ConfigError(f"{cfg_file}: 'visual' must be a JSON object, got {type(d['visual']).__name__}")
-        generation = GenerationDefaults()
-        if gen is not None:
-            try:
-                generation = GenerationDefaults.from_dict(gen)
-            except (TypeError, ConfigError) as e:
-                raise ConfigError(f"{gen_file}: {e}") from None
         try:
             config = cls.from_official(d)
         except (TypeError, ConfigError) as e:

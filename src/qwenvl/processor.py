@@ -15,7 +15,6 @@ the model's own earlier answer) are plain text, so nothing is read because of th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, ConfigError, GenerationDefaults, QwenVLConfig
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, QwenVLConfig
 from .images import ImageSource, MediaPolicy, load_image, pixel_values
 from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
 
@@ -141,14 +140,7 @@ class Processor:
             if (folder / "config.json").is_file():
                 config = QwenVLConfig.from_pretrained(folder)
             elif (folder / "generation_config.json").is_file():
-                gen_file = folder / "generation_config.json"
-                d = _read_json(gen_file)
-                try:
-                    if not isinstance(d, dict):
-                        raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
-                    gen = GenerationDefaults.from_dict(d)
-                except (TypeError, ConfigError) as e:
-                    raise ConfigError(f"{gen_file}: {e}") from None
+                gen = GenerationDefaults.from_file(folder / "generation_config.json")
         if config is not None:
             gen = config.generation
             image_size = config.visual.image_size
@@ -409,10 +401,3 @@ class Processor:
 
     def batch_decode(self, batch: Any, skip_special_tokens: bool = False) -> list[str]:
         return self.tokenizer.batch_decode(batch, skip_special_tokens=skip_special_tokens)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
