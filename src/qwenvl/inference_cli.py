@@ -332,10 +332,6 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("no checkpoint: pass --model DIR (or --load_checkpoint DIR, or load_checkpoint in --config)")
     if bool(args.predict_data) == bool(args.jsonl):
         raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
-    from .outputs import check_output_file
-
-    check_output_file(args.output, {"--jsonl file": args.jsonl, "--config file": args.config},
-                      folders={"checkpoint folder": opts["load_checkpoint"]})
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
@@ -343,10 +339,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     from .images import MediaPolicy
+    from .outputs import check_output_file
 
     any_path = opts.get("allow_any_local_path", True)
     policy = MediaPolicy(opts.get("image_dir") or ".", any_path)
-    check_output_file(args.output, prompt_images(prompts, policy), overwrite=args.overwrite)  # the pictures too
+    check_output_file(args.output, {"--jsonl file": args.jsonl, "--config file": args.config,
+                                    **prompt_images(prompts, policy)},
+                      folders={"checkpoint folder": opts["load_checkpoint"]}, overwrite=args.overwrite)
     _check_images_first(prompts, policy, per_row=bool(args.jsonl))
     require_folder(opts["load_checkpoint"])
     # torch and the model code load only now, after the input checks (which need neither): bad input is said at once
