@@ -319,9 +319,9 @@ def load_grounding_data(
             width, height = float(width_), float(height_)
         else:
             w, h = _read_size(file, where)
+            if not (w > 0 and h > 0):
+                raise EvalDataError(f"{where}: width and height must be positive finite numbers, got {w}x{h}")
             width, height = float(w), float(h)
-        if not (0 < width < math.inf and 0 < height < math.inf):
-            raise EvalDataError(f"{where}: width and height must be positive finite numbers, got {width}x{height}")
         records.append(GroundingRecord(image, sent, bbox, width, height, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
