@@ -290,7 +290,7 @@ def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.resume_training:
         prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
         # `auto` with no checkpoint starts at step 0: a new run (checked below), unless this run is complete
-        starts_afresh = cfg.resume_training == "auto" and not cfg.resume_from and not found
+        starts_afresh = cfg.resume_training == "auto" and not found
         if not starts_afresh or _finished_progress(cfg, world_size) is not None:
             return
     if not found:
