@@ -85,11 +85,12 @@ def data_url(path) -> str:
 
 
 def expected_answer(model: QwenVL, processor: Processor, prompt, images, max_tokens: int,
-                    stop_ids=STOP_IDS["chatml"]) -> tuple[str, int, int]:
-    """What model.generate (greedy) answers: text up to the stop token, prompt and answer token counts."""
+                    stop_ids=STOP_IDS["chatml"], **generate_kwargs) -> tuple[str, int, int]:
+    """What model.generate (greedy, with ``generate_kwargs``) answers: text up to the stop token, prompt and
+    answer token counts."""
     inputs = processor(prompt, images=images)
     out = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], images=inputs["images"],
-                         max_new_tokens=max_tokens, stop_token_ids=stop_ids)
+                         max_new_tokens=max_tokens, stop_token_ids=stop_ids, **generate_kwargs)
     prompt_len = inputs["input_ids"].shape[1]
     new = out[0, prompt_len:].tolist()
     cut = next((k for k, t in enumerate(new) if t in stop_ids), None)

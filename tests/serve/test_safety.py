@@ -273,6 +273,21 @@ def test_sampling_values_the_sampler_cannot_take_are_refused_or_greedy(guarded):
         assert r.json()["choices"][0]["message"] == greedy
 
 
+def test_repetition_penalty_and_min_tokens_out_of_range_are_refused(guarded):
+    for value in (0, -1.5, "nan", "inf", "x"):
+        assert_error(post(guarded, "/chat/completions", chat("hi", repetition_penalty=value)), 400,
+                     "repetition_penalty")
+    for value in (-1, 1.5, "x"):
+        assert_error(post(guarded, "/chat/completions", chat("hi", min_tokens=value)), 400, "min_tokens")
+    error = assert_error(post(guarded, "/chat/completions", chat("hi", max_tokens=4, min_tokens=5)), 400,
+                         "min_tokens is 5")
+    assert error["param"] == "min_tokens"
+    assert_error(post(guarded, "/completions", {"model": MODEL_NAME, "prompt": "hi", "min_tokens": 17}), 400,
+                 "more than the 16 tokens")
+    r = post(guarded, "/completions", {"model": MODEL_NAME, "prompt": "hi", "min_tokens": 16, "max_tokens": 16})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+
+
 def test_a_file_name_the_system_cannot_take_is_a_400(guarded):
     """os.stat's ENAMETOOLONG (or any OSError) on a path inside the media folder was a 500."""
     for url in ("a" * 5000 + ".png", "file://" + str(guarded.media / ("b" * 300 + ".png")), "a/" * 3000 + "x.png"):

@@ -208,3 +208,26 @@ def test_the_checkpoints_repetition_penalty_applies_when_a_request_leaves_it_out
         got = client(server).chat.completions.create(model=MODEL_NAME, max_tokens=16, temperature=0,
                                                      messages=[{"role": "user", "content": "Tell me more"}])
     assert got.choices[0].message.content == processor.decode(new[:cut])
+
+
+def test_repetition_penalty_and_min_tokens_per_request(server, golden_model, processor):
+    """vLLM's extra sampling parameters: each request's own ``repetition_penalty`` and ``min_tokens`` give what
+    ``model.generate`` gives with them (they were refused as unknown before: ignored, the checkpoint's applied)."""
+    c = client(server)
+
+    def ask(question: str, **extra) -> tuple[str, int]:
+        got = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": question}],
+                                        max_tokens=24, temperature=0, extra_body=extra)
+        return got.choices[0].message.content, got.usage.completion_tokens
+
+    ours = [{"role": "user", "content": "Tell me more"}]
+    plain, _, n = expected_answer(golden_model, processor, ours, [], 24)
+    assert n <= 12  # this prompt stops by the 12th token (the stop token), so min_tokens has something to do
+    want, _, n_min = expected_answer(golden_model, processor, ours, [], 24, min_new_tokens=12)
+    assert want != plain and ask("Tell me more", min_tokens=12) == (want, n_min)
+
+    ours = [{"role": "user", "content": "hi"}]
+    plain, _, _ = expected_answer(golden_model, processor, ours, [], 24)
+    want, _, n = expected_answer(golden_model, processor, ours, [], 24, repetition_penalty=1.8)
+    assert want != plain and ask("hi", repetition_penalty=1.8) == (want, n)
+    assert ask("hi", repetition_penalty=1.0)[0] == plain

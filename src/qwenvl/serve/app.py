@@ -257,6 +257,9 @@ class _Server:
                            param="messages")
         if limit is None:
             limit = min(self.defaults.max_new_tokens, cap, room)
+        if body.min_tokens > limit:
+            raise APIError(400, f"min_tokens is {body.min_tokens}, more than the {limit} tokens this answer may have "
+                                "(max_tokens, or what fits the context)", param="min_tokens")
         size = pictures[-1].size if pictures else None
         return _Prepared(ids, inputs["images"], self._params(body, limit, stop_ids), stop, size, image_count)
 
@@ -274,7 +277,8 @@ class _Server:
             max_new_tokens=limit, do_sample=do_sample, temperature=temperature,
             top_p=g.top_p if body.top_p is None else body.top_p, top_k=g.top_k if body.top_k is None else body.top_k,
             seed=body.seed, stop_token_ids=stop_ids, pad_token_id=g.pad_token_id,
-            repetition_penalty=g.repetition_penalty,
+            repetition_penalty=g.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
+            min_new_tokens=body.min_tokens,
         )
 
     # ---- running them --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Only what the server implements is accepted with a meaning; fields OpenAI client
 here (``user``, ``metadata``, ...) are ignored, and options we cannot honour (``n`` > 1, ``logprobs``,
 penalties) are refused with a 400 rather than silently dropped.
 
-Extensions: ``top_k`` on both requests; ``images`` (a list of image URLs, one per ``<img></img>`` span of
+Extensions (vLLM's names): ``top_k``, ``repetition_penalty`` and ``min_tokens`` on both requests; ``images`` (a list of image URLs, one per ``<img></img>`` span of
 the prompt, in order) on ``/v1/completions``; ``grounding`` on answers that hold boxes (see
 :func:`grounding_field`).
 """
@@ -69,6 +69,10 @@ class _Sampling(_Model):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    # vLLM's extra sampling parameters: the penalty of model.generate / transformers (> 0, 1 = off), and how
+    # many tokens come before a stop token may be picked (model.generate's min_new_tokens)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    min_tokens: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     n: int = Field(default=1, ge=1)
