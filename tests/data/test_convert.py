@@ -348,3 +348,21 @@ def test_existing_output_is_replaced_only_when_asked(tmp_path: Path, images: Pat
     assert out.read_text(encoding="utf-8") == "old"
     convert_llava(src, images, out, overwrite=True)
     assert json.loads(out.read_text(encoding="utf-8")) == EXPECTED
+
+
+def test_jsonl_output_is_json_lines_that_the_dataset_reads(tmp_path: Path, images: Path) -> None:
+    from qwenvl.data.dataset import load_records
+
+    # a line separator inside a string must not split a line for any reader (str.splitlines splits at it)
+    records = [*RECORDS, {"id": "sep", "conversations": [{"from": "human", "value": "a\u2028b\u2029c\x85d"},
+                                                         {"from": "gpt", "value": "ok"}]}]
+    expected = [*EXPECTED, {"id": "sep", "conversations": [{"from": "user", "value": "a\u2028b\u2029c\x85d"},
+                                                           {"from": "assistant", "value": "ok"}]}]
+    out = tmp_path / "out.jsonl"
+    convert_llava(_write(tmp_path / "d.json", records), images, out)
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == len(expected) + 1  # one record per line, a newline after each
+    assert [json.loads(line) for line in lines[:-1]] == expected
+    assert "déjà vu" in out.read_text(encoding="utf-8")  # UTF-8 text, as the .json output
+    assert load_records(out) == expected  # what `qwenvl finetune --train_data out.jsonl` reads
+

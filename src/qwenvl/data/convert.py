@@ -106,6 +106,16 @@ class _Malformed(Exception):
     """Internal: carries the reason a record is rejected."""
 
 
+def _json_line(record: Any) -> str:
+    """``record`` as one line of JSON Lines. ``ensure_ascii=False`` leaves U+2028, U+2029 and U+0085 in strings
+    as they are, and ``str.splitlines`` (and other line readers) split at them: they are escaped, which JSON
+    allows anywhere in a string (outside strings the encoder writes none of them)."""
+    text = json.dumps(record, ensure_ascii=False)
+    for char in ("\u2028", "\u2029", "\x85"):
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text + "\n"
+
+
 def _load_llava(data_path: Path) -> list[Any]:
     return read_json_records(data_path, what="LLaVA data file", items="LLaVA records")
 
@@ -234,11 +244,13 @@ def convert_llava(
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
-    The output is a UTF-8 JSON list written atomically; it is not written at all when the input cannot be
-    read (missing file, invalid JSON, top level not a list: FileNotFoundError / ValueError naming the file),
-    with ``strict``, when a record is malformed, or when ``output_path`` exists and ``overwrite`` is not set
-    (:class:`~qwenvl.outputs.OutputDirError`). Returns the summary (for the caller to show: it is
-    logged only at DEBUG level, so that the command line prints it once).
+    The output is UTF-8 JSON written atomically: a list, or one record per line when ``output_path`` ends
+    in ``.jsonl`` (the package reads a ``.jsonl`` file as JSON Lines). It is not written at all when
+    the input cannot be read (missing file, invalid JSON, top level not a list: FileNotFoundError /
+    ValueError naming the file), with ``strict``, when a record is malformed, or when ``output_path`` exists
+    and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`).
+    Returns the summary (for the caller to show: it is logged only at DEBUG level, so that the command
+    line prints it once).
     """
     data_path = Path(data_path)
     check_output_file(output_path, {"data file": data_path})
@@ -249,8 +261,10 @@ def convert_llava(
     # the images are inputs too: never written over
     check_output_file(output_path, {f"image of record {k}": f for k, f in summary.image_files.items()},
                       overwrite=overwrite, flag="--overwrite (overwrite=True)")
-    summary.output_path = atomic_write_text(
-        output_path, json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
-    )
+    if Path(output_path).suffix == ".jsonl":  # the suffix rule of fileio.read_json_records
+        text = "".join(_json_line(record) for record in converted)
+    else:
+        text = json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
+    summary.output_path = atomic_write_text(output_path, text)
     logger.debug("converted %s -> %s: %s", data_path, summary.output_path, summary)
     return summary
