@@ -207,3 +207,9 @@ def test_bad_records_are_listed_in_file_order_whatever_check_finds_them(processo
     ds = ConversationDataset(recs, processor, dataset_dir=data_dir, skip_bad=True)
     assert [b.index for b in ds.skipped] == [1, 2, 3]
     assert "cannot decode image" in ds.skipped[0].reason and "expected an object" in ds.skipped[1].reason
+
+
+def test_a_sample_cut_to_its_frame_names_max_length(processor, data_dir: Path) -> None:
+    # cut inside the system block: not even the frame's labels are left; the message still says it was the cut
+    with pytest.raises(DatasetError, match=r"record 0 \(id='text'\): no learnable label within max_length=2 tokens"):
+        ConversationDataset([RECORDS[1]], processor, data_dir, max_length=2)

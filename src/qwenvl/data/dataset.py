@@ -220,11 +220,11 @@ class ConversationDataset(Dataset):
             ids, labels, paths = ids[:cut], labels[:cut], paths[:kept]
         else:
             removed = TruncationStats()
-        if not bool((labels[1:] != IGNORE_INDEX).any()):
-            raise ValueError("no learnable label")
-        if removed.samples and answer_labels(ids, labels) == 0:
+        if removed.samples and answer_labels(ids, labels) == 0:  # also when the cut left no label at all
             raise ValueError(f"no learnable label within max_length={self.max_length} tokens "
                              "(the first assistant answer starts after the cut)")
+        if not bool((labels[1:] != IGNORE_INDEX).any()):
+            raise ValueError("no learnable label")
         self.truncation.add(removed)
         return _Encoded(record.get("id"), ids, labels, paths)
 
