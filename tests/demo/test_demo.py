@@ -219,6 +219,12 @@ def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
     assert landing["asked"] == round(8 * result.accuracy_after)
     assert "where the final boxes land" in (out / "report.md").read_text()
     assert (out / "model" / "config.json").is_file()
+    # the folder's marker lists what the demo wrote there (README, "Safety": the command and the files it wrote)
+    from qwenvl.outputs import MARKER_FILE, read_marker
+
+    assert read_marker(out) == {"written_by": "qwenvl", "command": "demo",
+                                "files": sorted(p.name for p in out.iterdir() if p.name != MARKER_FILE)}
+    assert len(read_marker(out)["files"]) == 9
     # lm_head trained as a shared row outside the answers' tokens (demo.vocab) is saved whole: a plain model
     # whose other rows are all equal, and they moved from their start at 0
     from qwenvl.data.dataset import ConversationDataset
@@ -395,3 +401,72 @@ def test_vit_position_init_sets_only_the_position_table() -> None:
     assert all(torch.equal(v, before[k]) for k, v in after.items() if k != name)
     with pytest.raises(ValueError, match="position init must be one of"):
         vit_position_init(model, "learned")
+
+
+def test_repeated_colours_are_refused() -> None:
+    # each shape of a picture has its own colour, so that "the red circle" names one shape: a colour given
+    # twice would draw two red shapes and ask for one of them
+    from qwenvl.demo.run import DemoConfig
+
+    with pytest.raises(ValueError, match=r"colours must differ \(each shape of a picture has its own\), got red twice"):
+        SyntheticConfig(colors=("red", "blue", "red"), min_shapes=2, max_shapes=2)
+    with pytest.raises(ValueError, match="colours must differ"):
+        DemoConfig(colors=("red", "red"))
+    # the demo's data settings are checked when its config is made, before run_demo claims the output folder
+    with pytest.raises(ValueError, match=r"unknown colours \['pink'\]"):
+        DemoConfig.small(1, colors=("red", "pink"))
+
+
+def test_eval_command_quotes_paths_for_the_shell() -> None:
+    import shlex
+
+    from qwenvl.demo.run import eval_command
+
+    args = shlex.split(eval_command("my demo's out/"))
+    assert args[args.index("--model") + 1] == "my demo's out/model"
+    assert args[args.index("--data") + 1] == "my demo's out/data/eval.jsonl"
+    assert args[args.index("--prompt_file") + 1] == "my demo's out/eval_prompt.txt"
+    assert eval_command("runs/demo") == ("qwenvl eval grounding --model runs/demo/model --data runs/demo/data/eval.jsonl "
+                                         "--image_dir runs/demo/data --chat_format chatml --prompt_file "
+                                         "runs/demo/eval_prompt.txt --dtype float32")  # plain paths stay plain
+
+
+def test_report_figures_replace_a_link_instead_of_writing_through_it(tmp_path: Path) -> None:
+    # a foreign folder used with --overwrite may hold links named like the figures: the link is replaced by
+    # the figure, and the file it points to keeps its bytes (the figures appear whole, never half-written)
+    elsewhere = tmp_path / "precious.png"
+    elsewhere.write_bytes(b"not ours")
+    img = Image.new("RGB", (224, 224), "white")
+    for name, draw in [("loss_curve.png", lambda p: draw_loss_curve([3.0, 2.0], p)),
+                       ("predictions.png", lambda p: draw_prediction_grid([GridItem(img, "x", (1, 1, 9, 9), None, False)], p))]:
+        link = tmp_path / name
+        link.symlink_to(elsewhere)
+        assert draw(link) == link
+        assert not link.is_symlink()
+        with Image.open(link) as im:
+            assert im.format == "PNG"
+        assert elsewhere.read_bytes() == b"not ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss_curve.png", "precious.png", "predictions.png"]
+
+
+@pytest.mark.parametrize("entry", ["data", "model", "report.md", "loss_curve.png", "link:model"])
+def test_an_output_entry_of_the_wrong_kind_is_refused_before_any_work(tmp_path: Path, entry: str) -> None:
+    # with overwrite, a foreign folder's own entries under the demo's names: a file where the demo writes a
+    # folder, a folder where it writes a file, or a link (the demo would write into the folder it leads to)
+    from qwenvl.demo import run_demo
+    from qwenvl.outputs import OutputDirError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    kind, _, name = entry.rpartition(":")
+    if kind == "link":
+        (out / name).symlink_to(tmp_path / "elsewhere")
+    elif "." in name:
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("mine", encoding="utf-8")
+    with pytest.raises(OutputDirError, match=rf"{re.escape(str(out / name))} .*; the demo writes its"):
+        run_demo(out, steps=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".qwenvl-output.json", name]  # nothing else written
+    assert list((tmp_path / "elsewhere").iterdir()) == []

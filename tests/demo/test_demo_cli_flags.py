@@ -13,6 +13,7 @@ from qwenvl.cli import main
     (["--seed", str(2**64)], f"--seed must be an integer in [-2**63, 2**63), got {2**64}"),
     (["--colors", ","], "--colors names no colour"),
     (["--colors", "red"], "--colors needs at least 2 colours (each shape of a picture has its own), got 1: red"),
+    (["--colors", "red,red"], "colours must differ (each shape of a picture has its own), got red twice"),
 ])
 def test_bad_flag_values_are_named_before_anything_is_written(flags, error, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..fileio import atomic_file
 from ..grounding import BoxLike, draw_boxes
 
 __all__ = ["GridItem", "draw_loss_curve", "draw_prediction_grid", "smooth"]
@@ -104,10 +105,7 @@ def draw_loss_curve(
     draw.text((12, top - 24), "loss (log scale)", fill=AXIS_COLOR, font=small)
     draw.text((w - right, h - 22), f"last {values[-1]:.3f} (smoothed {smooth(values)[-1]:.3f})",
               fill=AXIS_COLOR, font=small, anchor="ra")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out, format="PNG")
-    return out
+    return _save_png(img, path)
 
 
 def _draw_accuracy(
@@ -176,7 +174,12 @@ def draw_prediction_grid(
         verdict = "correct" if item.correct else ("no box" if item.pred_box is None else "wrong")
         draw.text((x, y + tile + 4), item.caption, fill=(0, 0, 0), font=font)
         draw.text((x, y + tile + 20), verdict, fill=OK_TEXT if item.correct else BAD_TEXT, font=font)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
-    return out
+    return _save_png(sheet, path)
+
+
+def _save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` as a PNG atomically: complete or not at all, and a link at ``path`` is replaced, not
+    written through (PIL's own ``save`` writes into whatever file the link names)."""
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
+    return Path(path)

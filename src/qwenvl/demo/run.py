@@ -83,6 +83,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -97,7 +98,7 @@ from ..fileio import atomic_write_text
 from ..hardware import cpu_summary, resolve_bf16
 from ..images import load_image
 from ..model import QwenVL
-from ..outputs import claim_output
+from ..outputs import OutputDirError, claim_output, record_files
 from ..processor import DEFAULT_SYSTEM, Processor
 from ..quantize import use_row_products
 from ..tokenizer import ENDOFTEXT_ID
@@ -127,6 +128,10 @@ DEMO_PROMPTS = {
     "ref_both": _REF_FIRST_USER + "<|im_start|>assistant\n<ref>{expression}</ref><box>",
 }
 POSITION_INITS = ("zero", "sincos", "random")  # how the ViT's position table starts (vit_position_init)
+# What the demo writes at the top of its output folder: folders, and files.
+_OUTPUT_FOLDERS = ("data", "model")
+_OUTPUT_FILES = ("eval_after.json", "eval_before.json", "eval_prompt.txt", "loss_curve.png", "metrics.json",
+                 "predictions.png", "report.md")
 
 # The demo LM's RoPE base. Rotary pair k of a 32-wide head turns by base^(-k/16) radians per token; at 1757 pair 2
 # turns by 0.3930 ~ 2*pi/16 (base (16 / (2*pi))^8 ~ 1768 would be exact), once per row of the 16x16 image tokens
@@ -360,6 +365,12 @@ class DemoConfig:
             raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {self.position_init!r}")
         if self.n_train < 1 or self.n_eval < 1:
             raise ValueError(f"n_train and n_eval must be >= 1, got {self.n_train} and {self.n_eval}")
+        self.synthetic_config()  # the data settings too, before run_demo claims its output folder
+
+    def synthetic_config(self) -> SyntheticConfig:
+        """How the demo's images look (raises ValueError for settings that cannot be drawn)."""
+        return SyntheticConfig(image_size=self.image_size, min_shapes=self.min_shapes, max_shapes=self.max_shapes,
+                               min_size=self.min_size, max_size=self.max_size, grid=self.grid, colors=self.colors)
 
     @classmethod
     def small(cls, steps: int, **overrides: Any) -> DemoConfig:
@@ -535,10 +546,15 @@ def _report_md(result: DemoResult, cfg: DemoConfig, model_cfg: QwenVLConfig, n_p
 
 
 def eval_command(output_dir: str, sep: str = " ") -> str:
-    """The ``qwenvl eval grounding`` command line that measures the demo model in ``output_dir`` as the demo does."""
+    """The ``qwenvl eval grounding`` command line that measures the demo model in ``output_dir`` as the demo does
+    (paths quoted for a POSIX shell where they need it: a folder name with a space or a quote)."""
     d = output_dir.rstrip("/") + "/" if output_dir not in ("", ".") else ""
-    return (f"qwenvl eval grounding --model {d}model --data {d}data/eval.jsonl --image_dir {d}data{sep}"
-            f"--chat_format chatml --prompt_file {d}eval_prompt.txt --dtype float32")
+
+    def path(name: str) -> str:
+        return shlex.quote(d + name)
+
+    return (f"qwenvl eval grounding --model {path('model')} --data {path('data/eval.jsonl')} --image_dir "
+            f"{path('data')}{sep}--chat_format chatml --prompt_file {path('eval_prompt.txt')} --dtype float32")
 
 
 def run_demo(
@@ -563,7 +579,27 @@ def run_demo(
                               **({} if colors is None else {"colors": tuple(colors)})}
         config = DemoConfig(**kw) if steps is None else DemoConfig.small(steps, **kw)
     with claim_output(output_dir, "demo", overwrite=overwrite):  # new, empty or an earlier demo's; locked
+        _check_entries(Path(output_dir))
         return _run_demo(Path(output_dir), config, start)
+
+
+def _check_entries(out: Path) -> None:
+    """Refuse, before any work, entries of ``out`` under the demo's names that cannot take its outputs (a folder
+    used with ``overwrite`` holds what it holds): a file where the demo writes a folder or a folder where it
+    writes a file (the run would fail at that point, minutes in), or a link where it writes a folder (the demo
+    would write into the folder the link leads to, outside ``out``)."""
+    for name in (*_OUTPUT_FOLDERS, *_OUTPUT_FILES):
+        entry, folder = out / name, name in _OUTPUT_FOLDERS
+        if folder and entry.is_symlink():
+            problem = "is a link"
+        elif folder and entry.exists() and not entry.is_dir():
+            problem = "is not a folder"
+        elif not folder and entry.is_dir():
+            problem = "is a folder"
+        else:
+            continue
+        raise OutputDirError(f"{entry} {problem}; the demo writes its {'folder' if folder else 'file'} {name} "
+                             "there: move it away or choose another output folder")
 
 
 def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
@@ -572,9 +608,8 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
 
     cfg = config
     use_bf16 = resolve_bf16(cfg.bf16, cfg.device, "training")
-    data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=SyntheticConfig(
-        image_size=cfg.image_size, min_shapes=cfg.min_shapes, max_shapes=cfg.max_shapes, min_size=cfg.min_size,
-        max_size=cfg.max_size, grid=cfg.grid, colors=cfg.colors), style=cfg.style, ask_all=cfg.ask_all, each_shape=cfg.each_shape)  # fmt: skip
+    data = make_dataset(out / "data", cfg.n_train, cfg.n_eval, seed=cfg.seed, config=cfg.synthetic_config(),
+                        style=cfg.style, ask_all=cfg.ask_all, each_shape=cfg.each_shape)
 
     model_cfg = demo_model_config()
     model_cfg.visual.image_size = cfg.image_size
@@ -681,6 +716,7 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
     files["eval_prompt"] = atomic_write_text(out / "eval_prompt.txt", DEMO_PROMPTS[cfg.style])  # as is, no newline
     files["metrics"] = atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     files["report"] = atomic_write_text(out / "report.md", _report_md(result, cfg, model_cfg, n_params))
+    record_files(out, [*_OUTPUT_FOLDERS, *_OUTPUT_FILES], command="demo")  # the marker lists what we wrote
     logger.info("demo: held-out Acc@0.5 %.1f%% -> %.1f%% in %.0f s; report in %s", 100 * before.score,
                 100 * after.score, result.total_seconds, out)
     return result

@@ -162,6 +162,11 @@ class SyntheticConfig:
         unknown = [c for c in self.colors if c not in COLORS]
         if unknown:
             raise ValueError(f"unknown colours {unknown}; known: {', '.join(COLORS)}")
+        # a colour given twice would draw two shapes of it in one picture, and "the red circle" could name either
+        repeated = [f"{c} {'twice' if n == 2 else f'{n} times'}"
+                    for c, n in collections.Counter(self.colors).items() if n > 1]
+        if repeated:
+            raise ValueError(f"colours must differ (each shape of a picture has its own), got {', '.join(repeated)}")
         bad = [s for s in self.kinds if s not in SHAPES]
         if bad:
             raise ValueError(f"unknown shapes {bad}; known: {', '.join(SHAPES)}")
