@@ -328,6 +328,9 @@ def test_encode_conversation_errors(chat: Processor) -> None:
         ([], "empty conversation"),
         ([{"from": "human", "value": "hi"}, {"from": "assistant", "value": "ok"}], "turn 0 has unknown role 'human'"),
         ([{"from": "user", "value": "hi"}, {"from": "assistant", "value": None}], "turn 1: value must be a str"),
+        # a role that is not a string (unhashable: TypeError, which ended a fine-tuning run instead of one bad record)
+        ([{"from": ["user"], "value": "hi"}, {"from": "assistant", "value": "ok"}], r"turn 0 has unknown role \['user'\]"),
+        ([{"from": "user", "value": "hi"}, {"from": {"a": 1}, "value": "ok"}], "turn 1 has unknown role"),
         ([{"from": "user", "value": "hi"}], "no assistant turn"),
         ([{"from": "assistant", "value": "only me"}], "no assistant turn"),
         ([{"from": "user"}], "must be a dict with 'from' and 'value'"),

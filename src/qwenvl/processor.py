@@ -361,7 +361,7 @@ class Processor:
         for j, t in enumerate(turns):
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 raise ValueError(f"turn {j} must be a dict with 'from' and 'value', got {t!r}")
-            if t["from"] not in _TRAIN_ROLES:
+            if not isinstance(t["from"], str) or t["from"] not in _TRAIN_ROLES:  # a list or dict is unhashable
                 raise ValueError(f"turn {j} has unknown role {t['from']!r}; expected 'user' or 'assistant'")
             if not isinstance(t["value"], str):
                 raise ValueError(f"turn {j}: value must be a str, got {type(t['value']).__name__}")
