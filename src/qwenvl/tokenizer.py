@@ -52,6 +52,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "VOCAB_FILE_NAME",
     "QwenTokenizer",
+    "image_path_problem",
 ]
 
 logger = logging.getLogger(__name__)
@@ -197,6 +198,21 @@ def _safe_chunks(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
         start = cuts[k]
     chunks.append(text[start:])
     return chunks
+
+
+def image_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the text of an ``<img>PATH</img>`` span (what :meth:`QwenTokenizer.encode` would
+    refuse), or None: a special token inside it, text that is not valid Unicode, more than 256 bytes."""
+    special = _SPECIAL_RE.search(path)
+    if special:
+        return f"holds the special token {special.group()}"
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (a lone surrogate)"
+    if size > IMG_TOKEN_SPAN:
+        return f"is {size} bytes long (UTF-8), more than the {IMG_TOKEN_SPAN} that fit between <img> and </img>"
+    return None
 
 
 def image_spans(ids: list[int], strict: bool = True) -> list[tuple[int, int]]:

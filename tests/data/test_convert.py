@@ -366,3 +366,29 @@ def test_jsonl_output_is_json_lines_that_the_dataset_reads(tmp_path: Path, image
     assert "déjà vu" in out.read_text(encoding="utf-8")  # UTF-8 text, as the .json output
     assert load_records(out) == expected  # what `qwenvl finetune --train_data out.jsonl` reads
 
+
+
+def test_records_the_dataset_could_not_encode_are_malformed(tmp_path: Path) -> None:
+    """An image path the <img></img> span cannot hold (over 256 bytes, a special token, a lone surrogate) or
+    text UTF-8 cannot hold was written out and failed later at training time (or, for the text, crashed the
+    write); a file name too long for the file system raised OSError from the existence check."""
+    (tmp_path / "imgs").mkdir()
+
+    def rec(i: int, image: str | None = None, text: str = "hi") -> dict:
+        r = {"id": str(i), "conversations": [{"from": "human", "value": "<image>\n" + text if image else text},
+                                            {"from": "gpt", "value": "ok"}]}
+        return r if image is None else {**r, "image": image}
+
+    records = [rec(0, "x" * 300 + ".png"), rec(1, "a</img>b.png"), rec(2, "\ud800.png"), rec(3, text="hi \udfff"),
+               rec(4, "<|endoftext|>.png"), rec(5, "z" * 256)]
+    converted, summary = convert_records(records, tmp_path / "imgs", image_prefix="")
+    assert converted == [] and summary.missing_images == 1  # record 5: 256 bytes fit the span, not the file system
+    reasons = {m.index: m.reason for m in summary.malformed}
+    assert reasons[0] == f"image path {'x' * 64!r}... is 304 bytes long (UTF-8), more than the 256 that fit between <img> and </img>"
+    assert reasons[1] == "image path 'a</img>b.png' holds the special token </img>"
+    assert reasons[2] == "image path '\\ud800.png' is not valid Unicode text (a lone surrogate)"
+    assert reasons[3].startswith("holds text that is not valid Unicode")
+    assert reasons[4] == "image path '<|endoftext|>.png' holds the special token <|endoftext|>"
+    out = tmp_path / "out.json"
+    convert_llava(_write(tmp_path / "in.json", records), tmp_path / "imgs", out, image_prefix="")
+    assert json.loads(out.read_text()) == []

@@ -44,6 +44,7 @@ from typing import Any
 
 from qwenvl.fileio import atomic_write_text, read_json_records
 from qwenvl.outputs import check_output_file
+from qwenvl.tokenizer import image_path_problem
 
 __all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
 
@@ -145,6 +146,9 @@ def _convert_record(
     if "image" in record and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
     rel_path = None if image is None else image_prefix + image
+    problem = None if rel_path is None else image_path_problem(rel_path)
+    if problem:  # the dataset could not encode the record: a bad record here, not at training time
+        raise _Malformed(f"image path {rel_path[:64]!r}{'...' if len(rel_path) > 64 else ''} {problem}")
     picture = "" if rel_path is None else f"Picture 1: <img>{rel_path}</img>\n"
 
     out_turns: list[dict[str, str]] = []
@@ -180,6 +184,10 @@ def _convert_record(
 
     out = {k: v for k, v in record.items() if k not in ("image", "conversations")}
     out["conversations"] = out_turns
+    try:  # JSON's \ud800-style escapes can spell lone surrogates, which UTF-8 (the output) cannot hold
+        json.dumps(out, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Malformed("holds text that is not valid Unicode (a lone surrogate such as \\ud800)") from None
     return out, rel_path, untagged
 
 
@@ -214,7 +222,11 @@ def convert_records(
             continue
         if rel_path is not None:
             image_file = root / rel_path
-            if not image_file.is_file():
+            try:
+                found = image_file.is_file()
+            except OSError:  # a name the file system cannot take (ENAMETOOLONG): no such image
+                found = False
+            if not found:
                 logger.debug(
                     "dropping record %d (id=%r): image not found: %s", index, out.get("id"), image_file
                 )
