@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
+import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -21,6 +24,7 @@ from qwenvl.grounding import (
     normalize_box,
     parse_grounding,
 )
+from qwenvl.images import load_image
 
 # --------------------------------------------------------------------------------------------------------
 # parse_grounding / first_box
@@ -94,6 +98,21 @@ def test_parse_never_raises_on_random_tag_soup() -> None:
         text = "".join(rng.choices(pieces, k=rng.randint(0, 12)))
         for obj in parse_grounding(text):
             assert all(isinstance(b, Box) for b in obj.boxes)
+
+
+def test_long_runs_of_whitespace_parse_in_linear_time() -> None:
+    # "\\s*,?\\s*" between points let the regex engine split a run of n spaces n ways: a model answer with a
+    # few hundred thousand spaces after a point (a degenerate generation, a hostile prompt's echo) took
+    # minutes in parse_grounding and first_box (the server, the eval, chat --draw). Linear now: these take
+    # milliseconds (before: about ten minutes; nothing here is timed, a regression shows as a stalled suite).
+    spaces = " " * 300_000
+    for text in ("<box>(1,1)" + spaces + "x</box>", "(1,1)" + spaces + "x", "<box>(1,1)," + spaces + "</box>"):
+        assert parse_grounding(text) == [] and first_box(text) is None
+    assert first_box("<box>(1,2)," + spaces + "(3,4)</box>") == Box(1, 2, 3, 4)
+    # the separators the grammar allows are unchanged
+    assert first_box("(1,2) ,\n (3,4)") == Box(1, 2, 3, 4)
+    assert parse_grounding("<box>(1,2) (3,4)</box>") == [GroundedObject(None, [Box(1, 2, 3, 4)])]
+    assert parse_grounding("<box>(1,2),,(3,4)</box>") == []
 
 
 def test_first_box_prefers_tags_then_falls_back_to_bare_pair() -> None:
@@ -308,3 +327,46 @@ def test_draw_boxes_sizes_out_of_range_are_value_errors(kwargs, message) -> None
     image = Image.new("RGB", (64, 48), "white")
     with pytest.raises(ValueError, match=message):
         grounding.draw_boxes(image, [("cat", (1, 2, 30, 40))], **kwargs)
+
+
+def test_arguments_that_are_not_numbers_are_value_errors_naming_them() -> None:
+    # were raw TypeErrors: "'>' not supported between instances of 'str' and 'int'", "float() argument must be ..."
+    for scale in ("a", None, [999]):
+        with pytest.raises(ValueError, match=re.escape(f"scale must be a positive number, got {scale!r}")):
+            denormalize_box((1, 2, 3, 4), 10, 10, scale=scale)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="scale must be a positive number"):
+            denormalize_objects([GroundedObject("a", [Box(1, 2, 3, 4)])], 10, 10, scale=scale)  # type: ignore[arg-type]
+    for box in ((1, None, 3, 4), (1, [2], 3, 4), 5):
+        for call in (lambda b: denormalize_box(b, 10, 10), lambda b: normalize_box(b, 10, 10), format_box,
+                     lambda b: iou(b, (0, 0, 1, 1)), lambda b: draw_boxes(_white(), [("x", b)])):
+            with pytest.raises(ValueError, match="a box is 4 numbers"):
+                call(box)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "La", "P", "PA", "I", "I;16", "I;16B", "F", "CMYK", "YCbCr",
+                                  "LAB", "HSV", "RGBX", "RGBa"])
+def test_draw_boxes_on_an_image_of_any_mode(mode: str) -> None:
+    # "La" raised (Pillow cannot convert it to RGB), a palette with transparency warned, alpha was dropped
+    image = Image.new(mode, (40, 30))
+    out = draw_boxes(image, [("a", (5, 5, 30, 25))], colors=["#ff0000"], width=2)
+    assert out.size == (40, 30) and out.getpixel((5, 15))[:3] == (255, 0, 0)
+    assert out.mode == ("RGBA" if mode in ("LA", "La", "PA", "RGBa") else "RGB")
+
+
+def test_draw_boxes_keeps_transparency_and_shows_sixteen_bit_images_as_loaded() -> None:
+    clear = Image.new("LA", (40, 30), (90, 0))
+    out = draw_boxes(clear, [(None, (5, 5, 30, 25))], colors=["#ff0000"], width=2)
+    assert out.getpixel((15, 15)) == (90, 90, 90, 0) and out.getpixel((5, 15)) == (255, 0, 0, 255)
+    palette = Image.new("P", (40, 30), 1)
+    palette.putpalette([0, 0, 0, 0, 200, 0])
+    palette.info["transparency"] = b"\xff\x00"  # index 1 is transparent (bytes: Pillow warned converting to RGB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = draw_boxes(palette, [(None, (5, 5, 30, 25))], width=2)
+    assert out.mode == "RGBA" and out.getpixel((15, 15)) == (0, 200, 0, 0)
+    # a 16-bit scan: PIL's convert("RGB") clips it almost white; drawn as load_image (what the model saw) shows it
+    values = np.linspace(0, 65535, 40 * 30).astype(np.uint16).reshape(30, 40)
+    scan = Image.fromarray(values)
+    out = draw_boxes(scan, [], width=2)
+    assert np.array_equal(np.asarray(out), np.asarray(load_image(scan)))
+    assert np.asarray(out).mean() < 140

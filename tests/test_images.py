@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from qwenvl.config import CLIP_MEAN, CLIP_STD
-from qwenvl.images import ImageError, load_image, open_image, pixel_values, preprocess
+from qwenvl.images import ImageError, MediaPolicy, load_image, open_image, pixel_values, preprocess
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwenvl-tiny"
 IMAGES = ["images/cat.png", "images/street.jpg"]
@@ -145,6 +146,36 @@ def test_errors_name_the_problem(sample: Image.Image, tmp_path: Path) -> None:
         load_image(Image.new("RGB", (0, 5)))
     with pytest.raises(ImageError, match="cannot load an image from a int"):
         load_image(123)  # type: ignore[arg-type]
+
+
+def _corrupt(fmt: str) -> bytes:
+    """A small file of ``fmt`` with one header field set to a value PIL's plugin fails on with no OSError."""
+    buf = io.BytesIO()
+    Image.new("F" if fmt == "SPIDER" else "RGB", (4, 4)).save(buf, format=fmt)
+    data = bytearray(buf.getvalue())
+    if fmt == "DDS":
+        struct.pack_into("<I", data, 80, 0x40000000)  # pixel format flags: NotImplementedError in PIL
+    else:
+        struct.pack_into("<f", data, 26 * 4, float("inf"))  # a header float PIL int()s: OverflowError
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["DDS", "SPIDER"])
+def test_corrupt_files_of_any_format_are_image_errors(tmp_path: Path, fmt: str) -> None:
+    # PIL's plugins fail on some corrupt headers with errors that are not OSError/ValueError: they escaped as
+    # raw NotImplementedError/OverflowError (a traceback in the CLI, a 500 in the server)
+    data = _corrupt(fmt)
+    (tmp_path / "bad.img").write_bytes(data)
+    for src in (data, tmp_path / "bad.img", "data:image/png;base64," + base64.b64encode(data).decode()):
+        with pytest.raises(ImageError, match="cannot decode image"):
+            load_image(src)
+
+
+def test_a_path_the_system_cannot_look_up_is_an_image_error(tmp_path: Path) -> None:
+    # a name longer than the filesystem allows was a raw OSError (File name too long) from the existence check
+    for policy in (None, MediaPolicy(tmp_path)):
+        with pytest.raises(ImageError, match="cannot read image .*File name too long"):
+            load_image("a" * 5000 + ".png", tmp_path, policy=policy)
 
 
 def test_postscript_never_reaches_ghostscript(tmp_path: Path, fake_ghostscript: Path) -> None:

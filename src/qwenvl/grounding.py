@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from .images import _as_rgb
+
 logger = logging.getLogger(__name__)
 
 NORM_GRID = 1000  # the text grid: integer coordinates 0..999
@@ -89,11 +91,15 @@ BoxLike = Box | Sequence[float]
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
 _POINT = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
+# Between two points: whitespace and at most one comma. Written so that a run of whitespace can be matched one
+# way only: "\s*,?\s*" splits a run of n spaces n ways when no "(" follows, and the engine tries them all, which
+# made a long run of spaces in model text (a few hundred thousand: a minute) cost quadratic time.
+_SEP = r"\s*(?:,\s*)?"
 # Points separated by an optional comma; the whole tag body must be points and nothing else.
-_POINTS_BODY = re.compile(rf"\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)(?:\s*,?\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\))*\s*")
+_POINTS_BODY = re.compile(rf"\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)(?:{_SEP}\(\s*{_NUM}\s*,\s*{_NUM}\s*\))*\s*")
 _TAG = re.compile(r"<(/?)(ref|box|quad)>")
 # What the official refcoco eval looks for in text decoded without special tokens: "(x1,y1),(x2,y2)".
-_BARE_BOX = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
+_BARE_BOX = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\){_SEP}\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
 
 
 def _parse_points(body: str, expected: int) -> list[tuple[float, float]] | None:
@@ -184,7 +190,10 @@ def first_box(text: str) -> Box | None:
 def _four(box: BoxLike) -> tuple[float, float, float, float]:
     if isinstance(box, (str, bytes)):  # "1234" would iterate into four digits
         raise ValueError(f"a box is 4 numbers (x1, y1, x2, y2), got a {type(box).__name__}: {box!r}")
-    values = tuple(float(v) for v in box)
+    try:
+        values = tuple(float(v) for v in box)
+    except TypeError:  # not iterable, or an item that is not a number (None, a list)
+        raise ValueError(f"a box is 4 numbers (x1, y1, x2, y2), got {box!r}") from None
     if len(values) != 4:
         raise ValueError(f"a box needs 4 numbers (x1, y1, x2, y2), got {len(values)}")
     return values  # type: ignore[return-value]
@@ -197,6 +206,15 @@ def _check_size(width: float, height: float) -> None:
         ok = False
     if not ok:
         raise ValueError(f"image width and height must be positive numbers, got {width!r}x{height!r}")
+
+
+def _check_scale(scale: float) -> None:
+    try:
+        ok = scale > 0 and math.isfinite(scale)
+    except TypeError:  # a str, None
+        ok = False
+    if not ok:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
 
 
 def _finite(box: BoxLike) -> tuple[float, float, float, float]:
@@ -231,8 +249,7 @@ def denormalize_box(box_norm: BoxLike, width: float, height: float, scale: float
     exactly up to truncation and is what the official drawing helper uses.
     """
     _check_size(width, height)
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive number, got {scale}")
+    _check_scale(scale)
     x1, y1, x2, y2 = _finite(box_norm)
     return Box(x1 / scale * width, y1 / scale * height, x2 / scale * width, y2 / scale * height)
 
@@ -242,6 +259,7 @@ def denormalize_objects(
 ) -> list[GroundedObject]:
     """``parse_grounding`` output (**normalized**) mapped to **pixels**, ready for :func:`draw_boxes`."""
     _check_size(width, height)
+    _check_scale(scale)  # also when no object has a box
     out = []
     for obj in objects:
         boxes = [denormalize_box(b, width, height, scale) for b in obj.boxes]
@@ -476,6 +494,21 @@ def _near_image(box: tuple[float, ...], size: tuple[int, int], width: int) -> tu
     return (min(max(x1, lo_x), hi_x), min(max(y1, lo_y), hi_y), min(max(x2, lo_x), hi_x), min(max(y2, lo_y), hi_y))
 
 
+# Modes that carry transparency (La, RGBa: premultiplied alpha; P: a palette that may name a transparent entry).
+_ALPHA_MODES = ("LA", "La", "PA", "RGBa")
+
+
+def _canvas(image: Image.Image) -> Image.Image:
+    """A copy of ``image`` to draw in color on: RGBA when it has transparency (kept), else RGB as the model sees
+    it (``load_image``'s conversion: 16-bit grayscale scaled to 8 bits, where PIL's own would clip it white)."""
+    if image.mode in ("RGB", "RGBA"):
+        return image.copy()
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        # Pillow converts La to RGBA only through LA; a palette's transparency survives only into RGBA
+        return (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
+    return _as_rgb(image)
+
+
 def draw_boxes(
     image: Image.Image,
     objects: Sequence[GroundedObject] | Sequence[tuple[str | None, BoxLike]],
@@ -499,7 +532,7 @@ def draw_boxes(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000):
             raise ValueError(f"{name} must be an integer from 1 to 1000, got {value!r}")
     palette = list(colors) if colors else list(DEFAULT_COLORS)
-    out = image.copy() if image.mode in ("RGB", "RGBA") else image.convert("RGB")
+    out = _canvas(image)
     size = font_size or max(12, round(min(out.size) / 40))
     pad = max(1, size // 6)
     draw = ImageDraw.Draw(out)

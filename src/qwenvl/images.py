@@ -193,12 +193,20 @@ def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"cannot decode image {name}: not a PNG/JPEG/GIF/BMP/WEBP/... file") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image {name}: {e} (truncated or corrupt file?)") from e
+    except Exception as e:  # noqa: BLE001 - PIL's plugins fail on some corrupt headers with other errors
+        # (NotImplementedError from DDS, OverflowError from SPIDER, ...): still a file we cannot decode
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e} (corrupt file?)") from e
     return img
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
+    return _as_rgb(img)
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
+    """``img`` in mode RGB, as the model sees it (also what ``grounding.draw_boxes`` draws on)."""
     # 16-bit grayscale: I;16, I;16B, I;16L, I;16N (PNG, TIFF, ...), and I when read from a PNG (PNG has no 32-bit
     # grayscale: older Pillow opens 16-bit PNGs as I). Any other I image keeps PIL's conversion.
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
@@ -280,12 +288,15 @@ def _open_source(
     elif base_dir is not None:
         policy = MediaPolicy(base_dir, policy.allow_any_local_path)
     path = policy.resolve(text)
-    if not path.exists():
-        raise ImageError(f"image not found: {path}")
-    if not path.is_file():
-        raise ImageError(f"image path is not a file: {path}")
-    if path.stat().st_size == 0:
-        raise ImageError(f"image file {path} is empty (zero size)")
+    try:
+        if not path.exists():
+            raise ImageError(f"image not found: {path}")
+        if not path.is_file():
+            raise ImageError(f"image path is not a file: {path}")
+        if path.stat().st_size == 0:
+            raise ImageError(f"image file {path} is empty (zero size)")
+    except OSError as e:  # a name too long for the filesystem, a folder we may not look into, ...
+        raise ImageError(f"cannot read image {_shown(str(path))}: {e.strerror or e}") from e
     try:
         with path.open("rb") as fp:  # closed even when decoding fails; the pixels are loaded before it closes
             img = _open(fp, str(path), max_pixels)
