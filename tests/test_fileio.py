@@ -67,6 +67,18 @@ def test_write_over_folder_is_refused(tmp_path: Path) -> None:
     assert _names(tmp_path) == ["d"]
 
 
+def test_write_over_a_pipe_device_or_link_to_one_is_refused(tmp_path: Path) -> None:
+    # os.replace would put a regular file in place of a named pipe, or (run as root) of /dev/null or the
+    # /dev/stdout link: none of them is a file we wrote
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to(tmp_path / "pipe")
+    for name in ("pipe", "to-pipe"):
+        with pytest.raises(FileExistsError, match="not a regular file"):
+            atomic_write_text(tmp_path / name, "x")
+    assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode) and (tmp_path / "to-pipe").is_symlink()
+    assert _names(tmp_path) == ["pipe", "to-pipe"]  # no temporary left either
+
+
 # ---- folders ----
 
 
@@ -192,3 +204,36 @@ def test_json_that_python_cannot_parse_is_a_one_line_error_naming_the_file(tmp_p
     else:
         with pytest.raises(ValueError, match=said):
             fileio.read_json(file)
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    # JSON strings may hold U+2028, U+0085 and the like unescaped; str.splitlines() cut such a valid line in two
+    file = tmp_path / "data.jsonl"
+    file.write_text('{"a": "x\u2028y"}\n{"b": "p\u0085q"}\r\n\n{"c": 3}\n', encoding="utf-8")
+    assert fileio.read_json_records(file) == [{"a": "x\u2028y"}, {"b": "p\u0085q"}, {"c": 3}]
+    assert [n for n, _ in fileio.iter_jsonl(file)] == [1, 2, 4]
+    file.write_text('{"a": "x\u2028y"}\n{"b": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: invalid JSON"):  # the line number counts newlines
+        fileio.read_json_records(file)
+
+
+@pytest.mark.parametrize("kind", ["folder", "pipe", "device"])
+def test_readers_refuse_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    # a folder was a raw IsADirectoryError, a named pipe blocked forever, /dev/zero filled the memory;
+    # iter_jsonl called an existing folder "not found"
+    path = tmp_path / f"data.{kind}"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "pipe":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    for suffix in (".json", ".jsonl"):
+        named = path.with_suffix(suffix)
+        path.rename(named)
+        for read in (fileio.read_json, fileio.read_json_records, lambda p: list(fileio.iter_jsonl(p))):
+            with pytest.raises(ValueError, match=f"{named} is not a regular file"):
+                read(named)
+        path = named
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        fileio.read_json_records(tmp_path / "missing.json")

@@ -73,6 +73,18 @@ def test_output_file_that_is_an_input_is_refused(tmp_path: Path) -> None:
     check_output_file(tmp_path / "answers.jsonl", {"--jsonl file": data, "--config file": None})
 
 
+def test_output_file_that_is_a_pipe_or_device_is_refused(tmp_path: Path) -> None:
+    # not a file we wrote (nor is /dev/null or the /dev/stdout link): the atomic write would replace it
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to(tmp_path / "pipe")
+    for name in ("pipe", "to-pipe"):
+        for overwrite in (False, True):
+            with pytest.raises(OutputDirError, match="is not a regular file"):
+                check_output_file(tmp_path / name, {}, overwrite=overwrite)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    check_output_file(tmp_path / "dangling", {}, overwrite=False)  # nothing there to lose
+
+
 # ---- claiming a folder -------------------------------------------------------------------------------------
 def test_new_or_empty_folder_is_claimed_marked_and_unlocked_after(tmp_path: Path) -> None:
     for out in (tmp_path / "new" / "deep", tmp_path / "empty"):
@@ -84,6 +96,14 @@ def test_new_or_empty_folder_is_claimed_marked_and_unlocked_after(tmp_path: Path
             assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         assert read_marker(out)["command"] == "convert"
         assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE]  # the lock is gone
+
+
+def test_output_folder_that_is_a_dangling_link_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "out").symlink_to(tmp_path / "gone")  # was a raw FileExistsError from mkdir
+    with pytest.raises(OutputDirError, match="is a symbolic link to .*gone, which does not exist"), \
+            claim_output(tmp_path / "out", "convert"):
+        pytest.fail("must not get here")
+    assert (tmp_path / "out").is_symlink() and not (tmp_path / "gone").exists()
 
 
 def test_foreign_non_empty_folder_is_refused_and_left_alone(tmp_path: Path) -> None:

@@ -168,13 +168,19 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     flushed to disk before the block exits, so a power loss leaves either the old or the new file.
     """
     target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(f"cannot write a file over the folder {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = stat.S_IMODE(target.stat().st_mode)
-    except FileNotFoundError:
+        st = target.stat()  # follows a link: what a reader of ``path`` would get
+    except FileNotFoundError:  # nothing there (or a dangling link, which is replaced)
         mode = 0o666 & ~_umask()
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"cannot write a file over the folder {target}")
+        if not stat.S_ISREG(st.st_mode):
+            # os.replace would put our file in place of a named pipe or a device (/dev/null; /dev/stdout, a link
+            # to a terminal or a pipe): not a file we wrote, nor one whose readers expect a regular file
+            raise FileExistsError(f"cannot write {target}: it is not a regular file (a pipe, socket or device)")
+        mode = stat.S_IMODE(st.st_mode)
+    target.parent.mkdir(parents=True, exist_ok=True)
 
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_TAG}tmp-")
     tmp = Path(tmp_name)
@@ -290,14 +296,26 @@ def iter_jsonl(
     A missing file raises ``FileNotFoundError``; a line that is not UTF-8 or not a JSON object raises ``error``
     with a message naming the file and the line, so the user can go straight to it.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{what} not found: {file}")
+    file = _regular_file(path, error, what)
     with file.open("rb") as f:
         for lineno, obj in _json_lines(_utf8_lines(f, file, error), file, error):
             if not isinstance(obj, dict):
                 raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def _regular_file(path: str | os.PathLike[str], error: type[ValueError], what: str) -> Path:
+    """``path`` as a Path when it is a regular file (or a link to one). Missing: ``FileNotFoundError`` ("<what> not
+    found"); anything else (a folder, a named pipe that would block the read forever, ``/dev/zero`` that would
+    fill the memory): ``error`` naming it."""
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {file}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} {file} is not a regular file")
+    return file
 
 
 def _utf8_lines(lines: Iterable[bytes], file: Path, error: type[ValueError]) -> Iterator[str]:
@@ -324,10 +342,11 @@ def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> It
         yield lineno, value
 
 
-def read_json(path: str | os.PathLike[str], error: type[ValueError] = ValueError) -> Any:
-    """The JSON value in the file ``path``; text that is not UTF-8 or not JSON raises ``error`` naming the file
-    (and the line and column where parsing stopped)."""
-    file = Path(path)
+def read_json(path: str | os.PathLike[str], error: type[ValueError] = ValueError, what: str = "JSON file") -> Any:
+    """The JSON value in the file ``path``; a missing file raises ``FileNotFoundError``, anything but a regular
+    file or text that is not UTF-8 or not JSON raises ``error`` naming the file (and the line and column where
+    parsing stopped)."""
+    file = _regular_file(path, error, what)
     try:
         raw = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -358,18 +377,19 @@ def read_json_records(
 ) -> list[Any]:
     """The records of a JSON file holding one list (or, for ``.jsonl``, one value per non-blank line).
 
-    A missing file raises ``FileNotFoundError`` (``"{what} not found: ..."``); text that is not UTF-8, not
-    JSON or not a list raises ``error`` with the file, and the line and column where parsing stopped.
+    A missing file raises ``FileNotFoundError`` (``"{what} not found: ..."``); anything but a regular file, and
+    text that is not UTF-8, not JSON or not a list raise ``error`` with the file, and the line and column where
+    parsing stopped.
     """
-    file = Path(path)
+    file = _regular_file(path, error, what)
     try:
         raw = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {file}") from None
     except UnicodeDecodeError as e:
         raise error(f"{file}: not UTF-8 text ({e})") from e
     if file.suffix == ".jsonl":
-        return [value for _lineno, value in _json_lines(raw.splitlines(), file, error)]
+        # Lines end at "\n" only, as in iter_jsonl: str.splitlines() also splits at U+2028, U+0085, ..., which a
+        # JSON string may hold unescaped ("\r\n" leaves a "\r", which JSON reads as whitespace).
+        return [value for _lineno, value in _json_lines(raw.split("\n"), file, error)]
     data = _parse_json(raw, file, error)
     if not isinstance(data, list):
         raise error(f"{file}: expected a JSON list of {items} at the top level, got {type(data).__name__}")

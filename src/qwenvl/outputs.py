@@ -134,6 +134,9 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
                                  "somewhere else")
     if out.is_dir():
         raise OutputDirError(f"the output file {output} is a folder; name a file to write")
+    if out.exists() and not out.is_file():  # the atomic write would replace it: not a file we wrote
+        raise OutputDirError(f"the output file {output} is not a regular file (a pipe, socket or device); "
+                             "name a file to write")
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise OutputDirError(f"the output file {output} cannot be written: {above} is not a folder")
@@ -296,6 +299,9 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise OutputDirError(f"the output folder {root} exists and is not a folder")
+    if root.is_symlink() and not root.exists():  # mkdir would fail on the link's name; its target is not ours
+        raise OutputDirError(f"the output folder {root} is a symbolic link to {os.readlink(root)}, which does not "
+                             "exist; create that folder or choose another")
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(root, command)
