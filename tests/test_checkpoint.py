@@ -487,6 +487,96 @@ def test_bin_that_is_not_a_state_dict(tmp_path: Path) -> None:
         load_state_dict(tmp_path)
 
 
+def _damaged_bin(file: Path, how: str) -> None:
+    """A torch.save zip with one defect (each was a traceback: TypeError, AssertionError, BadZipFile)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"lm_head.weight": torch.zeros(2)}, buf)
+    if how == "zip64 locator names disk 1":  # zipfile.is_zipfile raises BadZipFile ("span multiple disks")
+        raw = bytearray(buf.getvalue())
+        raw[raw.rfind(b"PK\x06\x07") + 4] = 1
+        file.write_bytes(raw)
+        return
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(file, "w") as z:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl") and how == "size is an int":  # (2,) -> 2: TypeError in set_()
+                data = data.replace(b"K\x02\x85", b"K\x02")
+            z.writestr(info.filename, data)
+
+
+@pytest.mark.parametrize(("how", "message"), [
+    ("size is an int", r"cannot read .*pytorch_model\.bin: set_\(\) received an invalid combination of arguments"),
+    ("zip64 locator names disk 1", r"cannot read .*pytorch_model\.bin: zipfiles that span multiple disks"),
+])
+def test_a_damaged_bin_is_one_line(tmp_path: Path, how: str, message: str) -> None:
+    _damaged_bin(tmp_path / "pytorch_model.bin", how)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_state_dict(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_bin_with_a_sparse_tensor_is_refused(tmp_path: Path) -> None:
+    """weights_only loads sparse tensors; load_weights then failed with "reshape is not implemented for sparse"."""
+    state = _random_state(Mini())
+    state["transformer.ln_f.weight"] = state["transformer.ln_f.weight"].to_sparse()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"not dense: transformer\.ln_f\.weight \(torch\.sparse_coo\)"):
+        load_weights(_meta_mini(), tmp_path)
+
+
+def test_an_index_python_cannot_parse_is_one_line(tmp_path: Path) -> None:
+    """Nesting deeper than the recursion limit was a RecursionError traceback; a 5000-digit number a ValueError
+    naming no file."""
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "x.safetensors"}, "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: JSON nested too deeply"):
+        find_weights(tmp_path)
+    index.write_text('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}')
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: a JSON number Python cannot read"):
+        find_weights(tmp_path)
+
+
+def test_unparsable_config_metadata_is_ignored_with_a_warning(tmp_path: Path, caplog) -> None:
+    """Our metadata key holding JSON nested too deeply was a RecursionError traceback from check_config."""
+    from qwenvl.checkpoint import CONFIG_METADATA_KEY, check_config
+
+    shutil.copy(FIXTURE / "config.json", tmp_path)
+    save_file(load_file(FIXTURE / "model.safetensors"), tmp_path / "model.safetensors",
+              metadata={"format": "pt", CONFIG_METADATA_KEY: "[" * 100_000 + "]" * 100_000})
+    with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
+        check_config(QwenVLConfig.from_pretrained(tmp_path), tmp_path)
+    assert f"unreadable {CONFIG_METADATA_KEY} metadata, ignored" in caplog.text
+
+
+def test_a_cast_that_overflows_is_not_called_a_corrupt_checkpoint(tmp_path: Path, config: QwenVLConfig,
+                                                                  state: dict) -> None:
+    """A finite 1e5 in a float32 file loaded as float16 was reported as the checkpoint holding infinities
+    ("a corrupt file, or a training run that diverged")."""
+    state = {k: v.float() for k, v in state.items()}
+    state["lm_head.weight"][0, 0] = 1e5
+    out = save_pretrained(state, config, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"cannot load .*ckpt as float16: lm_head\.weight: 1 of 256 values "
+                                              r"\(largest magnitude 100000\) are beyond the range of float16") as err:
+        load_weights(_meta_mini(), out, dtype=torch.float16)
+    assert "corrupt" not in str(err.value)
+    load_weights(_meta_mini(), out, dtype=torch.bfloat16)  # fits
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    """A config.json given as the checkpoint was "checkpoint folder .../config.json does not exist"; a
+    model.safetensors given to QwenVL.from_pretrained was read as JSON ("not UTF-8 text")."""
+    from qwenvl.config import ConfigError
+
+    with pytest.raises(CheckpointError, match=r"config\.json is a file, not a checkpoint folder"):
+        find_weights(FIXTURE / "config.json")
+    with pytest.raises(ConfigError, match=r"model\.safetensors is a weights file: give the checkpoint folder"):
+        QwenVL.from_pretrained(FIXTURE / "model.safetensors")
+
+
 def test_legacy_bin_format_loads(tmp_path: Path, state: dict) -> None:
     torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     _assert_same(load_state_dict(tmp_path), state)
@@ -681,11 +771,31 @@ def test_a_weight_file_without_tensors_is_one_line(tmp_path: Path) -> None:
     ({"max_position_embeddings": 0}, "max_position_embeddings must be positive, got 0"),
     ({"visual": {"mlp_ratio": -2.0}}, "visual.mlp_ratio must be a positive number, got -2.0"),
     ({"visual": {"layer_norm_eps": -1e-6}}, "visual.layer_norm_eps must be a finite number >= 0, got -1e-06"),
-    ({"torch_dtype": [1]}, "torch_dtype must be a dtype name such as \"bfloat16\", got [1]"),  # merge_lora: TypeError
+    ({"torch_dtype": [1]}, "torch_dtype must be \"bfloat16\", \"float16\" or \"float32\", got [1]"),  # merge_lora: TypeError
+    # merge_lora: "unknown dtype 'garbage'", naming no file; a finetune saved it as float32
+    ({"torch_dtype": "garbage"}, "torch_dtype must be \"bfloat16\", \"float16\" or \"float32\", got 'garbage'"),
+    # read and ignored: the official model finds pictures by this id, ours by <img>'s fixed one
+    ({"visual": {"image_start_id": 5}}, "visual.image_start_id 5 is not supported: the tokenizer's <img> is 151857"),
+    # read and ignored: the official attention then leaves its scores unscaled
+    ({"scale_attn_weights": False}, "scale_attn_weights False is not supported"),
 ])
 def test_config_values_no_shape_shows_must_make_sense(tmp_path: Path, config: QwenVLConfig, change: dict,
                                                       message: str) -> None:
     test_config_values_of_the_wrong_type_name_the_field_and_file(tmp_path, config, change, message)
+
+
+@pytest.mark.parametrize("key", ["heads", "width", "mlp_ratio"])
+def test_a_visual_section_without_a_required_key_is_refused(tmp_path: Path, key: str) -> None:
+    """The official vision tower has no default for these; a missing ``heads`` loaded here as the 9.6B model's 16
+    (no shape shows a head count: other answers, at most a warning for the shapes of a preset)."""
+    from qwenvl.config import ConfigError
+
+    shutil.copytree(FIXTURE, tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del cfg["visual"][key]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=re.escape(f"config.json: 'visual' has no {key} (the official")):
+        QwenVL.from_pretrained(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize(("gen", "message"), [

@@ -5,6 +5,7 @@ MindFormers YAMLs, and bad inputs fail with one line naming the tensor and leave
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,34 @@ def test_float16_overflow_fails_with_one_line_and_no_output(golden, config, tmp_
 def test_a_folder_named_like_a_ckpt_is_said_to_be_a_folder(tmp_path, capsys):
     (tmp_path / "run.ckpt").mkdir()
     _fails([str(tmp_path / "run.ckpt"), str(tmp_path / "out"), "--config", str(GOLDEN)], capsys, "is a folder")
+
+
+@pytest.mark.parametrize(("line", "bad", "message"), [
+    # were: ZeroDivisionError tracebacks (hidden_size // num_heads; the ViT's intermediate_size / hidden_size)
+    ("num_heads: 2", "num_heads: 0", "llm_model.model_config.num_heads must be positive, got 0"),
+    ("hidden_size: 64", "hidden_size: 0", "vision_model.model_config.hidden_size must be positive, got 0"),
+    # were: "intermediate_size must be an integer, got '256256'" (the string doubled) and "got 513.0"
+    ("intermediate_size: 256", "intermediate_size: '256'",
+     "llm_model.model_config.intermediate_size must be an integer, got '256'"),
+    ("intermediate_size: 256", "intermediate_size: 256.5",
+     "llm_model.model_config.intermediate_size must be an integer, got 256.5"),
+    # was: "unsupported operand type(s) for //: 'str' and 'int'", naming no key
+    ("hidden_size: 128", "hidden_size: '128'", "llm_model.model_config.hidden_size must be an integer, got '128'"),
+    # was taken as an epsilon of 1.0
+    ("rms_norm_eps: 1.0e-6", "rms_norm_eps: true", "llm_model.model_config.rms_norm_eps must be a number, got True"),
+])
+def test_bad_values_of_a_mindformers_yaml_name_the_key(tmp_path, line, bad, message):
+    from qwenvl.config import ConfigError
+
+    assert line in _TINY_YAML
+    yaml_file = tmp_path / "predict_qwenvl_tiny.yaml"
+    yaml_file.write_text(_TINY_YAML.replace(line, bad, 1))
+    with pytest.raises(ConfigError, match=re.escape(f"{yaml_file}: {message}")):
+        mf.load_config(yaml_file)
+
+
+def test_a_yaml_epsilon_written_1e_6_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-6 (no dot) as a string; MindFormers' YAMLs may write it so."""
+    yaml_file = tmp_path / "predict_qwenvl_tiny.yaml"
+    yaml_file.write_text(_TINY_YAML.replace("rms_norm_eps: 1.0e-6", "rms_norm_eps: 1e-6"))
+    assert mf.load_config(yaml_file).lm.layer_norm_epsilon == 1e-6

@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import PRESETS, SHAPE_FIELDS, UNSEEN_FIELDS, QwenVLConfig
+from .fileio import _parse_json, read_json
 from .outputs import output_files
 
 __all__ = [
@@ -108,8 +109,8 @@ def parse_size(size: int | str) -> int:
 def _read_index(index_file: Path) -> dict[str, str]:
     """The ``weight_map`` of an index file, checked: plain file names only, all files present."""
     try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        index = read_json(index_file, CheckpointError)  # also nesting too deep to parse, 5000-digit numbers
+    except OSError as e:
         raise CheckpointError(f"cannot read the index {index_file}: {e}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -138,6 +139,8 @@ def _locate(ckpt_dir: str | Path) -> tuple[list[Path], dict[str, str] | None]:
     path = Path(ckpt_dir)
     if path.is_file() and path.suffix in (".safetensors", ".bin"):
         return [path], None
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder (nor a .safetensors or .bin weights file)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME), (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)):
@@ -185,9 +188,10 @@ def _open_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 def _open_bin(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of a ``torch.save`` file with ``weights_only=True``: a pickle that wants code is refused."""
-    # mmap needs the zip format (torch >= 1.6); the legacy format is read into memory.
-    mmap = zipfile.is_zipfile(file)
     try:
+        # mmap needs the zip format (torch >= 1.6); the legacy format is read into memory. (is_zipfile itself
+        # raises BadZipFile for some damaged zip directories.)
+        mmap = zipfile.is_zipfile(file)
         obj = torch.load(str(file), map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = str(e).splitlines()[0] if str(e) else repr(e)
@@ -197,11 +201,19 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
                 f"(it may reference code): {_weights_only_reason(e)}"
             ) from e
         raise CheckpointError(f"cannot read {file}: {first_line} (truncated or corrupt file?)") from e
-    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt file?)") from e
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError,
+            # what torch's unpickler raises on some damaged bytes (a flipped byte of a valid file)
+            TypeError, AssertionError, IndexError, AttributeError) as e:
+        first_line = str(e).splitlines()[0] if str(e).strip() else repr(e)  # torch's TypeErrors list overloads
+        raise CheckpointError(f"cannot read {file}: {first_line} (truncated or corrupt file?)") from e
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in obj.items()):
         raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    # weights_only admits sparse tensors, which nothing here can use (reshape, finiteness check: RuntimeError)
+    odd = [f"{k} ({v.layout})" for k, v in obj.items() if v.layout != torch.strided]
+    if odd:
+        raise CheckpointError(f"{file} holds {len(odd)} tensor(s) that are not dense: {', '.join(odd[:3])}"
+                              + (" ..." if len(odd) > 3 else ""))
     return dict(obj)
 
 
@@ -379,6 +391,11 @@ def load_weights(
             target_dtype = dtype if dtype is not None and src.is_floating_point() else src.dtype
             state[key] = src.to(device=device, dtype=target_dtype)
             if check_finite and not _all_finite(state[key]):
+                if target_dtype != src.dtype and _all_finite(src):  # the file is fine: its values do not fit
+                    from .mindspore_ckpt import check_cast
+
+                    as_name = str(target_dtype).removeprefix("torch.")
+                    check_cast(f"cannot load {ckpt_dir} as {as_name}: {key}", src, target_dtype)
                 non_finite.append(f"{key}: {_count_non_finite(state[key])}")
             del src
     shards.clear()
@@ -434,8 +451,8 @@ def _saved_unseen_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        saved = json.loads(raw)
-    except json.JSONDecodeError:
+        saved = _parse_json(raw, files[0], CheckpointError)
+    except CheckpointError:
         saved = None
     if not isinstance(saved, dict):
         logger.warning("%s: unreadable %s metadata, ignored", files[0], CONFIG_METADATA_KEY)

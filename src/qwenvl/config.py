@@ -44,6 +44,10 @@ UNSEEN_FIELDS = ("num_attention_heads", "kv_channels", "layer_norm_epsilon", "ro
 # Settings the shapes do fix (two configs that agree on these load the same weights).
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "visual.width",
                 "visual.layers", "visual.mlp_ratio", "visual.output_dim", "visual.patch_size")
+# Keys of the official ``visual`` section without a default in the official VisionTransformer.
+_REQUIRED_VISUAL_KEYS = ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio")
+# the weights' dtypes config.json's torch_dtype may name
+_TORCH_DTYPES = ("bfloat16", "float16", "float32")
 
 
 # a field's type -> (the values it takes, said as); bool is an int in Python but not a size in config.json
@@ -107,6 +111,9 @@ class VisionConfig:
         grid = math.isqrt(self.n_queries)
         if grid * grid != self.n_queries:
             raise ConfigError(f"visual.n_queries {self.n_queries} must be a perfect square")
+        if self.image_start_id != IMG_START_ID:  # the official model finds pictures by it, ours by <img>'s fixed id
+            raise ConfigError(f"visual.image_start_id {self.image_start_id} is not supported: the tokenizer's <img> "
+                              f"is {IMG_START_ID}")
 
     @property
     def grid_size(self) -> int:
@@ -137,6 +144,12 @@ class VisionConfig:
 
     @classmethod
     def from_official(cls, d: dict[str, Any]) -> VisionConfig:
+        # the official VisionTransformer has no default for these: a config.json without one does not load there,
+        # and ours would silently get the 9.6B model's value (a head count no weight shape shows)
+        missing = [k for k in _REQUIRED_VISUAL_KEYS if d.get(k) is None]
+        if missing:
+            raise ConfigError(f"'visual' has no {', '.join(missing)} (the official vision tower needs "
+                              f"{', '.join(_REQUIRED_VISUAL_KEYS)})")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -308,11 +321,14 @@ class QwenVLConfig:
             raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'qwen'")
         if "visual" not in d:
             raise ConfigError("config.json has no 'visual' section: this is a text-only Qwen checkpoint, not Qwen-VL")
+        if d.get("scale_attn_weights", True) is not True:  # the official attention then skips its 1/sqrt(d)
+            raise ConfigError(f"scale_attn_weights {d['scale_attn_weights']!r} is not supported: Qwen-VL scales "
+                              "attention scores by 1/sqrt(kv_channels) (true)")
         known = {f.name for f in fields(LMConfig)}
         lm = LMConfig(**{k: v for k, v in d.items() if k in known})
         dtype = d.get("torch_dtype") or "bfloat16"
-        if not isinstance(dtype, str):
-            raise ConfigError(f'torch_dtype must be a dtype name such as "bfloat16", got {dtype!r}')
+        if dtype not in _TORCH_DTYPES:  # "garbage" failed only in merge_lora, unnamed; saves took it as float32
+            raise ConfigError(f'torch_dtype must be "bfloat16", "float16" or "float32", got {dtype!r}')
         gen = GenerationDefaults.from_dict(generation) if generation else GenerationDefaults()
         extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
         return cls(lm=lm, visual=VisionConfig.from_official(d["visual"]), generation=gen, torch_dtype=dtype,
@@ -323,6 +339,8 @@ class QwenVLConfig:
         """Read ``config.json`` (and ``generation_config.json`` if present) from a checkpoint folder."""
         path = Path(path)
         cfg_file = path / "config.json" if path.is_dir() else path
+        if path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt") and path.is_file():  # read as JSON it was
+            raise ConfigError(f"{path} is a weights file: give the checkpoint folder that holds it and its config.json")
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
         d = _read_json_object(cfg_file)

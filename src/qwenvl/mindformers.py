@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -200,32 +201,54 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
         raise ConfigError(f"{path}: no model.model_config.llm_model.model_config section (a MindFormers Qwen-VL YAML?)")
     vision = _sub(section, "vision_model") or {}
 
-    def need(d: dict, *keys: str) -> int:
-        for k in keys:
-            if d.get(k) is not None:
-                return d[k]
-        raise ConfigError(f"{path}: llm_model.model_config has no {keys[0]}")
+    def setting(d: dict, where: str, keys: tuple[str, ...], default: Any, kind: type) -> Any:
+        """The first of ``keys`` set in ``d`` (else ``default``; None: required) as ``kind``, int or float (YAML 1.1
+        reads ``1e-6`` as a string, so numeric strings are floats too); true/false is neither. Errors name it."""
+        key = next((k for k in keys if d.get(k) is not None), next((k for k in keys if k in d), None))  # null: wrong
+        if key is None:
+            if default is None:
+                raise ConfigError(f"{where} has no {keys[0]}")
+            return default
+        value = d[key]
+        try:
+            if isinstance(value, bool) or (kind is int and not isinstance(value, int)):
+                raise TypeError
+            return kind(value)
+        except (TypeError, ValueError):
+            said = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{where}.{key} must be {said}, got {value!r}") from None
 
-    hidden = need(llm, "hidden_size")
-    heads = need(llm, "num_heads", "num_attention_heads")
-    width = vision.get("hidden_size", 1664)
+    lm_at, vit_at, top_at = "llm_model.model_config", "vision_model.model_config", "model.model_config"
     try:
+        hidden = setting(llm, lm_at, ("hidden_size",), None, int)
+        heads = setting(llm, lm_at, ("num_heads", "num_attention_heads"), None, int)
+        width = setting(vision, vit_at, ("hidden_size",), 1664, int)
+        for where, value in ((f"{lm_at}.num_heads", heads), (f"{vit_at}.hidden_size", width)):
+            if value <= 0:  # divisors below (a ZeroDivisionError traceback)
+                raise ConfigError(f"{where} must be positive, got {value}")
         lm = LMConfig(
-            vocab_size=llm.get("vocab_size", 151936), hidden_size=hidden,
-            num_hidden_layers=need(llm, "num_layers", "num_hidden_layers"), num_attention_heads=heads,
-            kv_channels=llm.get("kv_channels", hidden // heads), intermediate_size=2 * need(llm, "intermediate_size"),
-            seq_length=llm.get("seq_length", 2048), layer_norm_epsilon=float(llm.get("rms_norm_eps", 1e-6)),
-            rotary_emb_base=float(llm.get("rotary_emb_base", 10000)), rotary_pct=float(llm.get("rotary_pct", 1.0)),
+            vocab_size=setting(llm, lm_at, ("vocab_size",), 151936, int), hidden_size=hidden,
+            num_hidden_layers=setting(llm, lm_at, ("num_layers", "num_hidden_layers"), None, int),
+            num_attention_heads=heads, kv_channels=setting(llm, lm_at, ("kv_channels",), hidden // heads, int),
+            intermediate_size=2 * setting(llm, lm_at, ("intermediate_size",), None, int),
+            seq_length=setting(llm, lm_at, ("seq_length",), 2048, int),
+            layer_norm_epsilon=setting(llm, lm_at, ("rms_norm_eps",), 1e-6, float),
+            rotary_emb_base=setting(llm, lm_at, ("rotary_emb_base",), 10000.0, float),
+            rotary_pct=setting(llm, lm_at, ("rotary_pct",), 1.0, float),
         )
         visual = VisionConfig(
-            image_size=vision.get("image_size", 448), patch_size=vision.get("patch_size", 14), width=width,
-            layers=vision.get("num_hidden_layers", 48), heads=vision.get("num_attention_heads", 16),
-            mlp_ratio=_mlp_ratio(vision.get("intermediate_size", 8192), width),
-            output_dim=section.get("proj_output_dim", vision.get("output_dim", hidden)),
-            n_queries=section.get("num_queries", 256), image_start_id=section.get("image_start_id", IMG_START_ID),
+            image_size=setting(vision, vit_at, ("image_size",), 448, int),
+            patch_size=setting(vision, vit_at, ("patch_size",), 14, int), width=width,
+            layers=setting(vision, vit_at, ("num_hidden_layers",), 48, int),
+            heads=setting(vision, vit_at, ("num_attention_heads",), 16, int),
+            mlp_ratio=_mlp_ratio(setting(vision, vit_at, ("intermediate_size",), 8192, int), width),
+            output_dim=setting(section, top_at, ("proj_output_dim",), setting(vision, vit_at, ("output_dim",), hidden,
+                                                                               int), int),
+            n_queries=setting(section, top_at, ("num_queries",), 256, int),
+            image_start_id=setting(section, top_at, ("image_start_id",), IMG_START_ID, int),
         )
         return QwenVLConfig(lm=lm, visual=visual)
-    except (TypeError, ValueError) as e:
+    except ConfigError as e:  # a value of the wrong type, out of range, or sizes that disagree
         raise ConfigError(f"{path}: {e}") from e
 
 
