@@ -128,6 +128,9 @@ def test_errors_name_the_problem(sample: Image.Image, tmp_path: Path) -> None:
         ("folder.png", "image path is not a file"),
         ("http://example.com/a.jpg", "image URLs are not downloaded: http://example.com/a.jpg"),
         ("HTTPS://example.com/a.jpg", "image URLs are not downloaded"),
+        # was "image not found: <tmp>/file:/etc/hostname", as if the URL were a relative path
+        ("file:///etc/hostname", "file: URLs are not read: 'file:///etc/hostname'. Pass the path itself"),
+        ("FILE:" + str(tmp_path / "random.jpg"), "file: URLs are not read"),
         ("data:image/png;base64,@@@", "data URL has invalid base64"),
         ("data:image/png,rawpixels", "not base64-encoded"),
         ("data:image/png;base64,", "data URL holds no data"),

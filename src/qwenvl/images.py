@@ -276,6 +276,8 @@ def _open_source(
         raise ImageError(
             f"image URLs are not downloaded: {text}. Download the file and pass its path (or bytes) instead"
         )
+    if lowered.startswith("file:"):  # as a path it would be looked up as a folder named "file:" (not found)
+        raise ImageError(f"file: URLs are not read: {_shown(text)}. Pass the path itself")
     if lowered.startswith("data:"):
         data = _decode_data_url(text)
         if not data:
