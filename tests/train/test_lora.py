@@ -196,3 +196,20 @@ def test_resuming_an_adapter_on_another_base_is_warned(lora_run, processor, tmp_
         train(cfg.replace(output_dir=str(tmp_path / "other"), load_checkpoint=str(tmp_path / "other-base"), **resume),
               processor=processor)
     assert f"was trained on the base {root / 'base'}; this run loads {tmp_path / 'other-base'}" in caplog.text
+
+
+def test_a_merge_into_float16_that_would_overflow_is_refused(lora_run, tmp_path: Path) -> None:
+    """The merged float32 weights were cast to float16 unchecked: a weight beyond 65504 was saved as inf, and the
+    merged checkpoint then failed to load ("holds NaN or infinite values")."""
+    from qwenvl.checkpoint import CheckpointError
+
+    root, _cfg, result = lora_run
+    base = QwenVL.from_config("tiny", seed=0)
+    with torch.no_grad():
+        base.transformer.ln_f.weight[0] = 1e5
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(CheckpointError, match=r"cannot merge into float16: transformer\.ln_f\.weight: 1 of \d+ "
+                                              r"values \(largest magnitude 100000\) are beyond the range of float16"):
+        merge_lora(tmp_path / "base", result.final_path, tmp_path / "merged", dtype="float16")
+    assert not (tmp_path / "merged").exists()
+    merge_lora(tmp_path / "base", result.final_path, tmp_path / "merged", dtype="bfloat16")  # fits there

@@ -281,6 +281,10 @@ def merge_lora(
                               "or with another lora_target?)")
     merged = adapted.merge_and_unload()
     _load_extras(merged, folder)
+    from ..mindspore_ckpt import check_cast
+
+    for name, p in merged.named_parameters():  # float16 (at most 65504): a finite weight must not become inf
+        check_cast(f"cannot merge into {str(target).removeprefix('torch.')}: {name}", p.detach(), target)
     merged.to(target)
     out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size,
                           safe_serialization=safe_serialization)
