@@ -36,6 +36,23 @@ def test_batch_equals_one_by_one(which, request, golden_dir):
     assert batched == alone
 
 
+def test_batch_near_the_context_equals_one_by_one(golden_dir):
+    # a batch's new tokens were capped at what fitted its longest prompt: a short prompt batched with a long
+    # one was cut short (3 tokens of 8 here); and a long row padded after its last token read as stopped
+    import dataclasses
+
+    from qwenvl import QwenVL
+
+    model = QwenVL.from_pretrained(golden_dir, dtype=torch.float32)
+    model.config = dataclasses.replace(model.config, lm=dataclasses.replace(model.config.lm, max_position_embeddings=16))
+    processor = Processor.from_pretrained(golden_dir)
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(ENDOFTEXT_ID,))
+    prompts = ["word " * 12, "Hi"]  # 13 and 1 tokens: room for 3 and 15 new ones
+    alone = [predict(model, processor, [p], params)[0] for p in prompts]
+    assert [(p.num_tokens, p.stopped) for p in alone] == [(3, False), (8, False)]
+    assert predict(model, processor, prompts, params, batch_size=2) == alone
+
+
 def test_streaming_text_equals_non_streaming(golden_model, golden_dir):
     processor = Processor.from_pretrained(golden_dir)
     params = SamplingParams(max_new_tokens=12, stop_token_ids=(ENDOFTEXT_ID,))
@@ -188,6 +205,7 @@ def test_predict_records_a_bad_prompt_and_answers_the_others(golden_model, golde
         ({"min_new_tokens": 1, "stop_token_ids": [10**9]}, "stop token id 1000000000 is out of range"),  # IndexError
         ({"do_sample": True, "seed": 2**70}, "seed must be an integer in"),
         ({"max_context": 0}, "max_context must be > 0"),  # was the model's context
+        ({"do_sample": "no"}, "do_sample must be True or False, got 'no'"),  # a string from a config: sampled
     ],
 )
 def test_bad_generation_values_name_the_argument(tiny_model, kwargs, message):
@@ -195,6 +213,14 @@ def test_bad_generation_values_name_the_argument(tiny_model, kwargs, message):
         tiny_model.generate(torch.tensor([[1, 2, 3]]), **{"max_new_tokens": 2, **kwargs})
     with pytest.raises(ValueError, match="stop_token_ids must be a sequence of token ids"):
         SamplingParams(stop_token_ids=151643).validate()
+
+
+@pytest.mark.parametrize("pad", [10**6, -1])
+def test_a_pad_token_out_of_range_is_refused_before_work(tiny_model, pad):
+    # it is fed to the model for a row that stopped while others go on: IndexError in the embedding, mid-batch
+    params = SamplingParams(max_new_tokens=2, pad_token_id=pad)
+    with pytest.raises(ValueError, match=f"pad_token_id {pad} is out of range: the model has ids 0..151935"):
+        tiny_model.generate(torch.tensor([[1, 2, 3]]), params=params)
 
 
 @pytest.mark.parametrize(
@@ -218,6 +244,23 @@ def test_bad_generation_values_name_the_argument(tiny_model, kwargs, message):
 def test_bad_generation_inputs_name_the_problem(tiny_model, inputs, message):
     with pytest.raises(ValueError, match=message):
         tiny_model.generate(**inputs, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 1e-40}, {"repetition_penalty": 1e-45},
+                                    {"temperature": 1e-40, "repetition_penalty": 1e-45}])
+def test_extreme_but_valid_sampling_values_never_make_nan_probabilities(tiny_model, kwargs):
+    # logits / 1e-40 overflowed to inf (and a logit / 1e-45 penalty too): softmax gave NaN, and multinomial
+    # failed with "probability tensor contains either inf, nan or element < 0"
+    from qwenvl.generation import process_logits
+
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    seen = torch.tensor([[1, 2]])
+    probs = process_logits(logits, seen, 0, SamplingParams(do_sample=True, **kwargs)).softmax(-1)
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))  # all on the largest
+    ids = torch.randint(1000, 50000, (1, 8), generator=torch.Generator().manual_seed(5))
+    sampled = tiny_model.generate(ids, max_new_tokens=3, do_sample=True, seed=0, **kwargs)
+    if "repetition_penalty" not in kwargs:  # a tiny temperature samples as greedy decoding picks
+        assert torch.equal(sampled, tiny_model.generate(ids, max_new_tokens=3))
 
 
 def test_repetition_penalty_ignores_padding(golden_model, golden_dir):

@@ -43,6 +43,8 @@ class SamplingParams:
     pad_token_id: int = ENDOFTEXT_ID
 
     def validate(self) -> None:
+        if not isinstance(self.do_sample, bool):  # "no" or "false" (a string from a config) would sample
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         for name in ("max_new_tokens", "min_new_tokens", "top_k"):
             _require_int(name, getattr(self, name))
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -88,10 +90,13 @@ def process_logits(
     if p.repetition_penalty != 1.0 and tokens is not None:
         seen = logits.gather(1, tokens)
         seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        seen = seen.clamp(max=torch.finfo(seen.dtype).max)  # a tiny penalty overflows a logit to inf (NaN below)
         logits = logits.scatter(1, tokens, seen)
     if not p.do_sample:
         return logits
-    logits = logits / p.temperature
+    # the largest logit shifted to 0 first: a tiny temperature then sends the others to -inf, where dividing
+    # the logits themselves overflowed the largest to inf (NaN probabilities, multinomial fails)
+    logits = (logits - logits.amax(-1, keepdim=True)) / p.temperature
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -196,7 +201,8 @@ def stream_tokens(
     step_fn: Callable | None = None,
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sequence, (B,) per step; finished sequences yield ``pad_token_id``.
+    """Yield the next token of every sequence, (B,) per step; finished sequences (on a stop token, or at
+    ``max_new_tokens`` or the context, whichever is first for that sequence) yield ``pad_token_id``.
 
     ``compile=True`` runs the decode steps through ``torch.compile`` (worth it for long generations on a GPU).
     """
@@ -206,6 +212,9 @@ def stream_tokens(
     if max(p.stop_token_ids, default=0) >= model.config.lm.vocab_size:
         raise ValueError(f"stop token id {max(p.stop_token_ids)} is out of range: the model has "
                          f"{model.config.lm.vocab_size} ids")
+    if not 0 <= p.pad_token_id < model.config.lm.vocab_size:  # fed to the model once a row finishes (IndexError)
+        raise ValueError(f"pad_token_id {p.pad_token_id} is out of range: the model has ids 0.."
+                         f"{model.config.lm.vocab_size - 1}")
     device = model.device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape
@@ -215,12 +224,16 @@ def stream_tokens(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
-    longest = int(attention_mask.sum(-1).max())
+    lengths = attention_mask.sum(-1)
+    longest = int(lengths.max())
     if longest >= limit:
         raise ValueError(f"prompt of {longest} tokens does not fit the context of {limit} tokens")
-    max_new = min(int(p.max_new_tokens), limit - longest)
-    if max_new < p.max_new_tokens:
-        logger.warning("max_new_tokens lowered from %d to %d to fit the context of %d", p.max_new_tokens, max_new, limit)
+    # each row's own budget, as it would have alone: a short prompt batched with a long one is not cut short
+    budget = (limit - lengths).clamp(max=int(p.max_new_tokens))
+    max_new = int(budget.max())
+    if limit - longest < p.max_new_tokens:
+        logger.warning("max_new_tokens lowered from %d to %d to fit the context of %d", p.max_new_tokens,
+                       limit - longest, limit)
     generator = None
     if p.do_sample:
         generator = torch.Generator(device=device)
@@ -240,7 +253,7 @@ def stream_tokens(
         token = pick(process_logits(logits, history, step, p), p, generator)
         token = torch.where(finished, torch.full_like(token, p.pad_token_id), token)
         yield token
-        finished |= torch.isin(token, stop)
+        finished |= torch.isin(token, stop) | (budget <= step + 1)
         if bool(finished.all()) or step == max_new - 1:
             return
         if history is not None:
