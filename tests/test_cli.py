@@ -274,6 +274,59 @@ def test_predict_chat_format_chatml_keeps_system_and_history_on_a_base_checkpoin
     assert "dropped" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ('do_sample: "false"', "do_sample must be true or false, got 'false'"),  # a non-empty string: it sampled
+        ("modal_type: text", "modal_type must be a list, got 'text'"),  # was four kinds: t, e, x, t
+        ("modal_type: [image, txt]", "modal_type must be a list of image and text, got ['image', 'txt']"),
+        ("predict_batch_size: 2.5", "predict_batch_size must be an integer, got 2.5"),
+        ("max_new_tokens: true", "max_new_tokens must be an integer, got True"),
+        ("top_p: high", "top_p must be a number, got 'high'"),
+    ],
+)
+def test_predict_config_value_of_the_wrong_type_is_named_before_the_model_loads(tmp_path, capsys, yaml, message):
+    from qwenvl.cli import main
+
+    config = tmp_path / "predict.yaml"
+    config.write_text(yaml + "\n")
+    argv = ["predict", "--config", str(config), "--model", str(tmp_path / "no-model"), "--predict_data", "hi",
+            "--modal_type", "text"]
+    assert main(argv[:-2] if "modal_type" in yaml else argv) == 2
+    assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {config}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--predict_batch_size", "0"], "--predict_batch_size must be >= 1, got 0"),  # said after loading the model
+        (["--output", "answers.jsonl"], "--output writes the answers of --jsonl; --predict_data prints them "
+                                        "(redirect stdout)"),  # was ignored: printed, and no file written
+    ],
+)
+def test_predict_flags_that_cannot_work_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, args,
+                                                                           message):
+    from qwenvl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["predict", "--model", str(tmp_path / "no-model"), "--predict_data", "hi", "--modal_type", "text", *args]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {message}"
+    assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_chat_has_no_chat_format_flag(capsys, monkeypatch, golden_dir):
+    # chat is ChatML whatever the checkpoint: --chat_format raw was accepted and did nothing
+    import io
+
+    from qwenvl.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(":quit\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(golden_dir), "--chat_format", "raw"])
+    assert e.value.code == 2 and "unrecognized arguments: --chat_format raw" in capsys.readouterr().err
+
+
 def test_predict_rejects_unknown_flag_values(golden_dir):
     out = qwenvl("predict", "--model", str(golden_dir), "--dtype", "fp8", "--predict_data", "a", "b")
     assert out.returncode == 2 and "invalid choice" in out.stderr
@@ -390,6 +443,34 @@ def test_chat_draws_on_the_picture_it_was_shown_after_the_file_is_gone(monkeypat
                                      ask, "--draw", str(tmp_path / "drawn"))
     assert rc == 0, err
     assert f"(boxes drawn: {tmp_path / 'drawn' / 'turn-001.png'})" in err, err
+
+
+def test_chat_never_draws_on_a_picture_the_conversation_has_left(monkeypatch, capsys, golden_dir, tmp_path):
+    # a long message pushes the picture's turn out of the window; the picture goes with it, and --draw read the
+    # file again for the next answer with a box: a file deleted meanwhile ended the whole chat ("image not found")
+    import qwenvl.inference
+    from qwenvl.inference import ChatSession
+
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "cat.png")
+    load, ask = qwenvl.inference.load, ChatSession.ask
+
+    def small_window(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        processor.max_window_size = 400  # the picture's turn and a 360-word one do not fit together
+        return model, processor
+
+    def ask_for_a_box(self, text, on_text=None):
+        ask(self, text)
+        (tmp_path / "cat.png").unlink(missing_ok=True)
+        return "<ref>the cat</ref><box>(100,200),(500,800)</box>"
+
+    monkeypatch.setattr(qwenvl.inference, "load", small_window)
+    script = f":image {tmp_path / 'cat.png'}\nWhere?\n{'word ' * 360}\nAnd now?\n"
+    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, script, ask_for_a_box, "--max_new_tokens", "1",
+                                    "--draw", str(tmp_path / "drawn"))
+    assert rc == 0, err
+    assert out.count("assistant> ") == 3
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["turn-001.png", "turn-002.png"]  # not 3
 
 
 @pytest.mark.parametrize(("env", "torch_first", "want"), [

@@ -71,6 +71,8 @@ def cases(b: dict[str, Path]) -> dict[str, list[list[str]]]:
                  ["info", str(d / "latin1-config")], ["info", str(d / "half-layer")], ["info", str(d / "text-width")]],
         "predict": [
             ["predict", *model, "--device", "bogus", "--predict_data", "images/cat.png", "hi"],
+            ["predict", *model, "--device", "meta", "--predict_data", "images/cat.png", "hi"],  # was a traceback
+            ["predict", *model, "--device", "mps", "--predict_data", "images/cat.png", "hi"],  # "not linked with"
             ["predict", *model, "--image_dir", str(d), "--predict_data", "images/bomb.png", "hi"],
             ["predict", *model, "--image_dir", g, "--allow_any_local_path", "false",
              "--predict_data", "/etc/hostname", "hi"],
@@ -122,3 +124,13 @@ def test_bad_input_is_one_line_and_exit_2(command: str, bad: dict[str, Path], ca
     if command == "eval":  # the answers already computed are kept, the bad sample marked
         (row,) = json.loads((bad["dir"] / "vqa-result.json").read_text())["predictions"]
         assert "decompression bomb" in row["error"] or "too large" in row["error"]
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line(bad: dict[str, Path], capsys, monkeypatch) -> None:
+    # cuda:1 on a machine with one GPU got past the device check and failed inside loading the weights
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    status = cli.main(["predict", "--model", str(GOLDEN), "--dtype", "fp32", "--device", "cuda:1",
+                       "--predict_data", "hi", "--modal_type", "text"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err == "qwenvl predict: error: --device cuda:1: there is no CUDA device 1 (this machine has 1)"

@@ -22,14 +22,27 @@ logger = logging.getLogger(__name__)
 
 
 def pick_device(device: str | None) -> str:
+    """``device`` checked: one this machine has (cpu, cuda / cuda:N, and mps or xpu where PyTorch has them);
+    None or "auto" is cuda when available, else cpu. Anything else is a ValueError (a device PyTorch names but
+    this machine lacks, or ``meta``, failed deep inside loading the weights)."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
         raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there is no CUDA device {dev.index} (this machine has "
+                             f"{torch.cuda.device_count()})")
+    elif dev.type in ("mps", "xpu"):
+        backend = torch.backends.mps if dev.type == "mps" else torch.xpu
+        if not backend.is_available():
+            raise ValueError(f"--device {device}: {dev.type} is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: qwenvl runs on cpu, cuda, cuda:N (or mps, xpu) or auto")
     return device
 
 
@@ -211,7 +224,10 @@ def _generate_batch(model: QwenVL, processor: Processor, inputs: dict[str, Any],
     out = []
     for b in range(ids.shape[0]):
         prompt_ids = ids[b][mask[b].bool()].tolist()
-        response, n, stopped = _split_response(processor, new[b].tolist(), params)
+        # a row that reached the context before the others is padded after its last token: the padding
+        # (<|endoftext|>) is neither an answer token nor a stop
+        room = model.config.lm.max_position_embeddings - len(prompt_ids)
+        response, n, stopped = _split_response(processor, new[b, :room].tolist(), params)
         full = prompt_ids + new[b, :n].tolist()
         out.append(Prediction(processor.decode(prompt_ids), response, processor.decode(full), n, stopped))
     return out
@@ -266,7 +282,7 @@ class ChatSession:
     base_dir: str | os.PathLike | None = None
     history: list[tuple[list[dict[str, Any]], str]] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
-    last_image: str | None = None
+    last_image: str | None = None  # the latest picture added, while the conversation shows it (a key of images)
     compile: bool = False  # decode with the torch.compile-d step
     images: dict[str, Image.Image] = field(default_factory=dict, repr=False)  # path as added -> its picture
 
@@ -313,6 +329,8 @@ class ChatSession:
         self.pending_images = []
         # a turn that no longer fits the window never comes back (the newest turns are kept): nor do its pictures
         self.images = {p: im for p, im in self.images.items() if p in shown}
+        if self.last_image not in self.images:  # the latest picture went with its turn: none is in view now
+            self.last_image = None
         return answer
 
 

@@ -61,7 +61,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow_any_local_path", type=str2bool, metavar="BOOL", help=MEDIA_HELP)
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+def _add_sampling_flags(p: argparse.ArgumentParser, chat_format: bool = True) -> None:
     p.add_argument("--max_new_tokens", type=int)
     p.add_argument("--min_new_tokens", type=int)
     p.add_argument("--do_sample", type=str2bool, help="True to sample (default: greedy for predict)")
@@ -70,7 +70,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top_k", type=int, help="0 = off (default: the checkpoint's)")
     p.add_argument("--repetition_penalty", type=float)
     p.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
-    p.add_argument("--chat_format", choices=["raw", "chatml"], help="default: the checkpoint's")
+    if chat_format:  # not for chat, which is ChatML whatever the checkpoint
+        p.add_argument("--chat_format", choices=["raw", "chatml"], help="default: the checkpoint's")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     p.add_argument("--system", help="system prompt (default: You are a helpful assistant.)")
     p.add_argument("--draw", metavar="DIR", help="write the latest picture with the answer's boxes drawn into DIR")
-    _add_sampling_flags(p)
+    _add_sampling_flags(p, chat_format=False)
 
     p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format), merge a LoRA adapter, "
                                        "convert from/to a MindFormers .ckpt, or consolidate a sharded training "
@@ -182,14 +183,33 @@ def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
         unknown = sorted(set(loaded) - set(PREDICT_KEYS))
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(PREDICT_KEYS))}")
-        opts.update({k: v for k, v in loaded.items() if v is not None})
+        for key, value in loaded.items():
+            if value is not None:
+                opts[key] = _checked_option(key, value, str(path))
     for key in PREDICT_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             opts[key] = value
     if opts.get("run_mode", "predict") != "predict":
         raise ValueError(f"--run_mode {opts['run_mode']!r}: this command predicts; use 'qwenvl finetune' to train")
+    if opts.get("predict_batch_size", 1) < 1:  # said now, not after the weights load
+        raise ValueError(f"--predict_batch_size must be >= 1, got {opts['predict_batch_size']}")
     return opts
+
+
+_SAID = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+
+
+def _checked_option(key: str, value: Any, where: str) -> Any:
+    """``value`` of the predict YAML's ``key`` if it has the type of :data:`PREDICT_KEYS` (the flags' own types),
+    else a ValueError naming it: ``do_sample: "false"`` sampled and ``modal_type: text`` was four kinds, t e x t."""
+    want = PREDICT_KEYS[key]
+    takes = (int, float) if want is float else want
+    if not isinstance(value, takes) or (isinstance(value, bool) and want is not bool):
+        raise ValueError(f"{where}: {key} must be {_SAID[want]}, got {value!r}")
+    if key == "modal_type" and (not value or any(m not in ("image", "text") for m in value)):
+        raise ValueError(f"{where}: modal_type must be a list of image and text, got {value!r}")
+    return value
 
 
 def _prompts_from_predict_data(items: list[str], modal_types: list[str]) -> list[list[dict[str, str]]]:
@@ -332,6 +352,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("no checkpoint: pass --model DIR (or --load_checkpoint DIR, or load_checkpoint in --config)")
     if bool(args.predict_data) == bool(args.jsonl):
         raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
+    if args.output and not args.jsonl:  # --predict_data prints its answers: the file would never be written
+        raise ValueError("--output writes the answers of --jsonl; --predict_data prints them (redirect stdout)")
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
@@ -493,10 +515,10 @@ def run_chat(args: argparse.Namespace) -> int:
         print()
         turn += 1
         if args.draw and session.last_image:
-            # the picture was read (under the media policy) when it was added, and is kept by the session
-            picture = session.images.get(session.last_image, session.last_image)
+            # the picture was read (under the media policy) when it was added, and is kept by the session while
+            # the conversation shows it (never read again from a file that may have changed or gone since)
             try:
-                drawn = _draw_answer(answer, picture, args.image_dir, Path(args.draw), turn)
+                drawn = _draw_answer(answer, session.images[session.last_image], args.image_dir, Path(args.draw), turn)
             except OSError as e:  # e.g. --draw under a file, or a full disk: said, and the chat goes on
                 print(f"(nothing drawn: cannot write into --draw {args.draw}: {e.strerror or e})", file=sys.stderr)
                 continue
