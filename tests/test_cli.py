@@ -546,3 +546,17 @@ def test_chat_at_a_terminal_reads_with_line_editing(monkeypatch, capsys, golden_
     err = capsys.readouterr().err
     assert err.endswith("\n")
     assert ("(Ctrl-C: :quit or Ctrl-D leaves the chat)" in err) == ctrl_c_first, err
+
+
+def test_an_output_that_turned_into_a_pipe_or_device_is_one_line(monkeypatch, capsys):
+    """The atomic write refuses to replace a pipe or a device with FileExistsError, which the command line did not
+    catch (a traceback) when the output became one after the commands' own up-front check."""
+    from qwenvl import cli, inference_cli
+
+    def run(args, extra):
+        raise FileExistsError("cannot write out.json: it is not a regular file (a pipe, socket or device)")
+
+    monkeypatch.setattr(inference_cli, "run", run)
+    assert cli.main(["info", "x"]) == 2
+    assert capsys.readouterr().err == ("qwenvl info: error: cannot write out.json: it is not a regular file (a pipe, "
+                                       "socket or device)\n")

@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
         # ValueError covers our CheckpointError, ConfigError, ImageError and data errors.
         print(f"qwenvl {args.command}: error: {e}", file=sys.stderr)
         return 2
