@@ -5,8 +5,11 @@ Writes one random checkpoint of at least ``--size-gb`` in the official layout (s
 reports wall time and peak RSS, raw and net of the process's RSS just before loading, divided by the weight
 bytes (target: net <= 1.3x). Loading maps the files lazily, so the script also reads every parameter once
 ("+ touch") to count the pages a forward pass would fault in, then quantizes the language model to int8
-("+ int8", what ``qwenvl.inference.load(..., quantize="int8")`` does; RssAnon shows the int8 copies, RssFile
-the mapped file pages the kernel may drop once nothing references them).
+("+ int8", what ``qwenvl.inference.load(..., quantize="int8")`` does when it computes in the stored dtype;
+RssAnon shows the int8 copies, RssFile the mapped file pages the kernel may drop once nothing references them).
+Last, ``qwenvl.inference.load(..., quantize="int8")`` itself with ``--compute`` (default float32, the dtype of
+CPUs without native bf16): the int8 weights come from the stored ones and only the rest is cast, so its peak
+stays near the int8 model's bytes, not the compute-dtype model's.
 
     python benchmarks/load.py                       # 2 GB, bf16, temp dir removed afterwards
     python benchmarks/load.py --size-gb 4 --cold    # evict the files from the page cache before each load
@@ -162,10 +165,29 @@ def child(folder: Path, dtype: str) -> None:
     }))
 
 
-def measure(folder: Path, dtype: str, cold: bool) -> dict[str, float]:
+def child_load(folder: Path, compute: str) -> None:
+    """Runs in a fresh process: ``qwenvl.inference.load`` with int8 in ``compute``; print one JSON line."""
+    import psutil
+
+    from qwenvl.inference import load
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    t0 = time.perf_counter()
+    model, _ = load(folder, dtype=compute, quantize="int8", device="cpu")
+    seconds = time.perf_counter() - t0
+    anon, file = _rss_parts()
+    final = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    print(json.dumps({"base": base, "load_int8_s": seconds, "peak": _peak_rss(), "rss": proc.memory_info().rss,
+                      "anon": anon, "file": file, "model_bytes": final}))
+
+
+def measure(folder: Path, dtype: str, cold: bool, compute: str | None = None) -> dict[str, float]:
     if cold:
         _evict(folder)
     cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype]
+    if compute is not None:
+        cmd += ["--child-compute", compute]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"child failed ({res.returncode}):\n{res.stderr}")
@@ -180,10 +202,16 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where to write: a new or empty folder (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     ap.add_argument("--cold", action="store_true", help="evict the weight files from the page cache before loading")
+    ap.add_argument("--compute", choices=sorted(DTYPE_NAMES), default="fp32",
+                    help="compute dtype of the last row, inference.load with int8")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--child-compute", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.dtype)
+        if args.child_compute is not None:
+            child_load(args.child, args.child_compute)
+        else:
+            child(args.child, args.dtype)
         return
 
     config = sized_config(args.size_gb * GB, args.dtype)
@@ -207,6 +235,13 @@ def main() -> None:
                              r["base"] / GB))
             notes.append(f"{fmt}: after quantizing {r['int8_layers']} layers to int8, RssAnon "
                          f"{r['anon_int8'] / GB:.3f} GB, RssFile {r['file_int8'] / GB:.3f} GB")
+        r = measure(folders["safetensors"], args.dtype, args.cold, DTYPE_NAMES[args.compute])
+        net = r["peak"] - r["base"]
+        rows.append(("safetensors", f"load() int8, {args.compute}", r["load_int8_s"], r["rss"] / GB, r["peak"] / GB,
+                     net / GB, net / weight_bytes, r["base"] / GB))
+        notes.append(f"load(..., dtype={DTYPE_NAMES[args.compute]!r}, quantize='int8'): the model holds "
+                     f"{r['model_bytes'] / GB:.3f} GB; peak net / model bytes {net / r['model_bytes']:.2f}; RssAnon "
+                     f"{r['anon'] / GB:.3f} GB, RssFile {r['file'] / GB:.3f} GB")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -215,9 +250,9 @@ def main() -> None:
                 shutil.rmtree(workdir / fmt, ignore_errors=True)
 
     head = ("format", "stage", "time s", "RSS GB", "peak GB", "net GB", "net/weights", "base GB")
-    print(f"{head[0]:<12}{head[1]:<9}" + "".join(f"{h:>12}" for h in head[2:]))
+    print(f"{head[0]:<12}{head[1]:<20}" + "".join(f"{h:>12}" for h in head[2:]))
     for fmt, stage, secs, rss, peak, net, ratio, base in rows:
-        print(f"{fmt:<12}{stage:<9}{secs:>12.2f}{rss:>12.3f}{peak:>12.3f}{net:>12.3f}{ratio:>12.2f}{base:>12.3f}")
+        print(f"{fmt:<12}{stage:<20}{secs:>12.2f}{rss:>12.3f}{peak:>12.3f}{net:>12.3f}{ratio:>12.2f}{base:>12.3f}")
     print("net = peak RSS (VmHWM) - RSS just before from_pretrained; target net/weights <= 1.3")
     for note in notes:
         print(note)

@@ -352,3 +352,38 @@ def test_int8_bf16_rows_compile_in_one_graph() -> None:
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_load_int8_quantizes_the_weights_as_stored(golden_dir, monkeypatch) -> None:
+    """``load(..., quantize="int8")`` read every weight in the compute dtype and quantized after: computing in
+    fp32, the LM's linear weights all existed in fp32 first (Qwen-VL-Chat: a ~39 GB peak for a ~17 GB model).
+    They are quantized from the checkpoint's own dtype now (the golden one's: float16), to the same numbers."""
+    from qwenvl.inference import load
+
+    seen = []
+    from_linear = Int8Linear.from_linear.__func__
+
+    def spy(cls, linear, dtype=None):
+        seen.append(linear.weight.dtype)
+        return from_linear(cls, linear, dtype)
+
+    monkeypatch.setattr(Int8Linear, "from_linear", classmethod(spy))
+    model, processor = load(golden_dir, dtype="float32", quantize="int8", allowed_media_dir=golden_dir)
+    assert len(seen) == 5 * len(model.transformer.h) + 1 and set(seen) == {torch.float16}
+    floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    assert {t.dtype for t in floats} == {torch.float32}
+    monkeypatch.undo()
+    before = _golden(golden_dir, "int8")  # the fp32 model quantized, as load did it
+    inputs = processor("Picture 1: <img>images/cat.png</img>\nWhat is it?")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before(**inputs).logits)
+
+
+def test_a_compute_dtype_the_weights_overflow_is_refused_naming_them() -> None:
+    from qwenvl.checkpoint import CheckpointError
+
+    model = QwenVL.from_config("tiny", seed=0)
+    with torch.no_grad():
+        model.transformer.visual.ln_post.weight[0] = 1e5
+    with pytest.raises(CheckpointError, match=r"cannot compute in float16: transformer\.visual\.ln_post\.weight: 1 "):
+        optimize_for_inference(model, "int8", dtype=torch.float16)
