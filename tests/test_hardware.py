@@ -125,3 +125,20 @@ def test_a_capped_instruction_set_gets_a_compile_cache_of_its_own(monkeypatch, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an operator's own folder wins
     assert hardware.separate_compile_cache() is None
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+
+
+def test_available_memory_reads_meminfo(monkeypatch, tmp_path) -> None:
+    import builtins
+
+    from qwenvl import hardware
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\nSwapFree:        1000000 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                         *a, **k))
+    assert hardware.available_memory() == 21_000_000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")  # an old kernel without MemAvailable: unknown
+    assert hardware.available_memory() is None
+    meminfo.unlink()
+    assert hardware.available_memory() is None

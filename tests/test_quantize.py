@@ -387,3 +387,42 @@ def test_a_compute_dtype_the_weights_overflow_is_refused_naming_them() -> None:
         model.transformer.visual.ln_post.weight[0] = 1e5
     with pytest.raises(CheckpointError, match=r"cannot compute in float16: transformer\.visual\.ln_post\.weight: 1 "):
         optimize_for_inference(model, "int8", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_copied_bytes_are_what_load_holds(golden_dir, quantize) -> None:
+    from qwenvl.config import QwenVLConfig
+    from qwenvl.inference import load
+    from qwenvl.quantize import copied_bytes
+
+    model, _ = load(golden_dir, dtype="float32", quantize=quantize)  # stored float16: every tensor is a copy
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    meta = QwenVL.on_meta(QwenVLConfig.from_pretrained(golden_dir))
+    assert copied_bytes(meta, quantize, torch.float32, mapped=False) == held
+    assert copied_bytes(meta, None, torch.float16, mapped=True) == 0  # read in place
+
+
+def test_a_model_the_memory_cannot_hold_is_refused_before_loading(golden_dir, monkeypatch, capsys) -> None:
+    """Qwen-VL-Chat in fp32 (the default on CPUs without native bf16) needs 38.6 GB: on a 24 GB machine the load
+    was killed minutes in. Now one line says so before any weight is read, and what int8 would need."""
+    from qwenvl import cli, hardware
+    from qwenvl.config import QwenVLConfig
+    from qwenvl.quantize import copied_bytes
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights read")
+
+    monkeypatch.setattr("qwenvl.checkpoint.load_weights", never)
+    meta = QwenVL.on_meta(QwenVLConfig.from_pretrained(golden_dir))
+    fp32, int8 = (copied_bytes(meta, q, torch.float32, mapped=False) for q in (None, "int8"))
+    argv = ["predict", "--model", str(golden_dir), "--dtype", "float32", "--predict_data", "hi", "--modal_type", "text"]
+    for available, advice in (((fp32 + int8) // 2, f"with --quantize int8 (quantize='int8') it needs {int8 / 1e6:.0f} MB"),
+                              (int8 // 2, f"even with --quantize int8 it needs {int8 / 1e6:.0f} MB: use a machine with "
+                                          "more memory")):
+        monkeypatch.setattr(hardware, "available_memory", lambda available=available: available)
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"qwenvl predict: error: loading {golden_dir} in float32 needs {fp32 / 1e6:.0f} MB of memory for its "
+            f"weights, and this machine has {available / 1e6:.0f} MB available (RAM + swap): {advice}\n")
+    assert cli.main([*argv, "--quantize", "int8"]) == 2
+    assert "with int8 weights needs" in capsys.readouterr().err

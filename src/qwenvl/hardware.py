@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch loads in the functions that need it: the CLI says bad input before it loads
     import torch
 
-__all__ = ["cpu_flags", "cpu_summary", "cpu_vendor", "default_dtype", "fp32_product_path", "mkl_runs_avx512",
-           "resolve_bf16", "supports_bf16"]
+__all__ = ["available_memory", "cpu_flags", "cpu_summary", "cpu_vendor", "default_dtype", "fp32_product_path",
+           "mkl_runs_avx512", "resolve_bf16", "supports_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,21 @@ def _cpuinfo() -> dict[str, str]:
     except OSError:
         pass
     return fields
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can still get: ``MemAvailable`` + ``SwapFree`` of ``/proc/meminfo``
+    (None where that file does not exist)."""
+    sizes: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("MemAvailable", "SwapFree") and value.split():
+                    sizes[key] = int(value.split()[0]) * 1024  # kB
+    except (OSError, ValueError):
+        return None
+    return sum(sizes.values()) if "MemAvailable" in sizes else None
 
 
 def cpu_flags() -> frozenset[str]:

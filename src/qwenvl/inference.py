@@ -77,19 +77,53 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     dtype (read as stored, without a copy), and only the rest is then cast to the compute dtype: computing in
     fp32, Qwen-VL-Chat loads with a peak of about its int8 size (17.3 GB of tensors) instead of its fp32 size
     (38.6 GB). The layers are swapped from outside the model (:func:`qwenvl.quantize.optimize_for_inference`);
-    the returned model is for inference only.
+    the returned model is for inference only. On the CPU, a model whose weights the machine's available
+    memory cannot hold is refused before any is read (:func:`check_memory`: ValueError saying what int8 needs).
     """
     from .quantize import optimize_for_inference
 
     model_dir = require_folder(model_dir)
     device = pick_device(device)
     compute = resolve_dtype(dtype, device)
+    check_memory(model_dir, compute, quantize, device)
     model = QwenVL.from_pretrained(model_dir, dtype=None if quantize == "int8" else compute, device=device)
     optimize_for_inference(model.eval(), quantize, dtype=compute)
     processor = Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir,
                                           allowed_media_dir=allowed_media_dir,
                                           allow_any_local_path=allow_any_local_path)
     return model, processor
+
+
+def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str | None, device: str) -> None:
+    """Refuse, before any weight is read, to load onto the CPU a model whose tensors need more memory than the
+    machine has available (RAM + swap; Linux): the process would otherwise be killed minutes into reading the
+    files. Counted from the shapes (:func:`qwenvl.quantize.copied_bytes`): tensors read in place from a checkpoint
+    that stores ``dtype`` take none; the message says what would fit (int8 weights)."""
+    from .config import QwenVLConfig
+    from .hardware import available_memory
+    from .model.qwenvl import _as_dtype
+    from .quantize import copied_bytes
+
+    if torch.device(device).type != "cpu" or (available := available_memory()) is None:
+        return
+    config = QwenVLConfig.from_pretrained(model_dir)
+    meta = QwenVL.on_meta(config)
+    mapped = _as_dtype(config.torch_dtype) == dtype
+    need = copied_bytes(meta, quantize, dtype, mapped)
+    if need <= available:
+        return
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+    how = f"in {str(dtype).removeprefix('torch.')}" + (" with int8 weights" if quantize == "int8" else "")
+    if quantize == "int8":
+        advice = "use a machine with more memory"
+    else:
+        int8 = copied_bytes(meta, "int8", dtype, mapped)
+        advice = (f"with --quantize int8 (quantize='int8') it needs {size(int8)}" if int8 <= available else
+                  f"even with --quantize int8 it needs {size(int8)}: use a machine with more memory")
+    raise ValueError(f"loading {model_dir} {how} needs {size(need)} of memory for its weights, and this machine has "
+                     f"{size(available)} available (RAM + swap): {advice}")
 
 
 @dataclass

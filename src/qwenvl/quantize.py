@@ -141,9 +141,8 @@ from torch import nn
 
 from .hardware import fp32_product_path
 
-__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "compile_options", "optimize_for_inference",
-           "quantize_int8",
-           "use_row_products"]
+__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "compile_options", "copied_bytes",
+           "optimize_for_inference", "quantize_int8", "use_row_products"]
 
 logger = logging.getLogger(__name__)
 
@@ -533,6 +532,25 @@ def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype:
     if quantize != "int8" and next(model.parameters()).device.type == "cpu":
         use_row_products(model)
     return model
+
+
+def copied_bytes(model: nn.Module, quantize: str | None, dtype: torch.dtype, mapped: bool) -> int:
+    """Bytes of memory the tensors of ``model`` (built on the meta device: only shapes are read) take once
+    ``load`` has read its checkpoint and applied :func:`optimize_for_inference` with ``quantize`` and ``dtype``,
+    beyond what stays mapped from the files: every tensor in ``dtype``, or for int8 the LM's linear layers as
+    int8 weights with ``dtype`` scales (and biases) and the rest in ``dtype``; with ``mapped`` (the checkpoint
+    stores ``dtype``) tensors that are not quantized are read in place and take none."""
+    quantized: set[int] = set()
+    total = 0
+    if quantize == "int8":
+        for _, _, layer in _lm_linears(model):
+            quantized.update(id(t) for t in layer.parameters())
+            extra = layer.out_features * (2 if layer.bias is not None else 1)
+            total += layer.weight.numel() + extra * dtype.itemsize
+    if not mapped:
+        total += sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                     for t in (*model.parameters(), *model.buffers()) if id(t) not in quantized)
+    return total
 
 
 @torch.no_grad()
