@@ -798,6 +798,19 @@ def test_a_visual_section_without_a_required_key_is_refused(tmp_path: Path, key:
         QwenVL.from_pretrained(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("key", ["pad_token_id", "eos_token_id"])
+def test_generation_ids_beyond_the_vocabulary_are_refused(tmp_path: Path, config: QwenVLConfig, key: str) -> None:
+    # a pad_token_id of 10**6 loaded and failed mid-batch (IndexError) when a finished row was fed it
+    from qwenvl.config import ConfigError
+
+    config.save_pretrained(tmp_path)
+    for bad in (config.lm.vocab_size, -1):
+        (tmp_path / "generation_config.json").write_text(json.dumps({key: bad}))
+        with pytest.raises(ConfigError, match=re.escape(f"generation_config.json: {key} {bad} is out of range: the "
+                                                        f"model has ids 0..{config.lm.vocab_size - 1}")):
+            QwenVLConfig.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(("gen", "message"), [
     ({"do_sample": "no"}, "do_sample must be true or false, got 'no'"),  # was taken as true: sampling
     ({"max_window_size": "6144"}, "max_window_size must be an integer, got '6144'"),  # failed later, unnamed

@@ -352,6 +352,11 @@ class QwenVLConfig:
             config = cls.from_official(d)
         except (TypeError, ConfigError) as e:
             raise ConfigError(f"{cfg_file}: {e}") from None
+        for name in ("eos_token_id", "pad_token_id"):  # ids the model is fed or stops on: within its vocabulary
+            value = getattr(generation, name)
+            if not 0 <= value < config.lm.vocab_size:
+                raise ConfigError(f"{gen_file}: {name} {value} is out of range: the model has ids 0.."
+                                  f"{config.lm.vocab_size - 1}")
         return replace(config, generation=generation)
 
     def save_pretrained(self, path: str | Path) -> None:
