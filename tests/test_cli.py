@@ -560,3 +560,25 @@ def test_an_output_that_turned_into_a_pipe_or_device_is_one_line(monkeypatch, ca
     assert cli.main(["info", "x"]) == 2
     assert capsys.readouterr().err == ("qwenvl info: error: cannot write out.json: it is not a regular file (a pipe, "
                                        "socket or device)\n")
+
+
+@pytest.mark.parametrize(("command", "flags", "message"), [
+    ("predict", ["--do_sample", "true", "--temperature", "-1"],
+     "temperature must be > 0, got -1.0 (use do_sample=False for greedy)"),
+    ("predict", ["--max_new_tokens", "0"], "max_new_tokens must be > 0, got 0"),
+    ("chat", ["--top_p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+])
+def test_sampling_values_are_checked_before_the_weights_load(golden_dir, monkeypatch, capsys, command, flags,
+                                                             message):
+    """They were said only after the model had loaded (minutes for Qwen-VL-Chat on a CPU)."""
+    from qwenvl import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights read")
+
+    monkeypatch.setattr("qwenvl.checkpoint.load_weights", never)
+    argv = [command, "--model", str(golden_dir), *flags]
+    if command == "predict":
+        argv += ["--predict_data", "hi", "--modal_type", "text"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"qwenvl {command}: error: {message}\n"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID, QwenVLConfig
 from .quantize import compile_options
 
 if TYPE_CHECKING:
@@ -311,12 +311,14 @@ def generate(
 
 
 def sampling_params(
-    model: QwenVL, *, max_new_tokens: int | None = None, top_p: float | None = None, top_k: int | None = None,
-    stop_token_ids: Sequence[int] | None = None, chat_format: str | None = None, **kw: object
+    model: QwenVL | QwenVLConfig, *, max_new_tokens: int | None = None, top_p: float | None = None,
+    top_k: int | None = None, stop_token_ids: Sequence[int] | None = None, chat_format: str | None = None,
+    **kw: object
 ) -> SamplingParams:
-    """SamplingParams with the checkpoint's defaults for whatever is None (``temperature`` and
-    ``repetition_penalty`` too, as transformers' generate takes them from ``generation_config.json``)."""
-    g = model.config.generation
+    """SamplingParams with the checkpoint's defaults (of ``model``, or of its config before the weights load)
+    for whatever is None (``temperature`` and ``repetition_penalty`` too, as transformers' generate takes them
+    from ``generation_config.json``)."""
+    g = (model if isinstance(model, QwenVLConfig) else model.config).generation
     fmt = chat_format or g.chat_format
     if fmt not in STOP_IDS:
         raise ValueError(f"chat_format must be one of {sorted(STOP_IDS)}, got {fmt!r}")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .config import QwenVLConfig
 from .fileio import require_folder
 from .generation import STOP_IDS, SamplingParams, TextStream, stream_tokens
 from .images import ImageSource
@@ -372,9 +373,10 @@ class ChatSession:
         return answer
 
 
-def chat_params(model: QwenVL, **overrides: Any) -> SamplingParams:
-    """Sampling defaults of a chat: the checkpoint's generation_config (sampling, top_p, chatml stops)."""
-    g = model.config.generation
+def chat_params(model: QwenVL | QwenVLConfig, **overrides: Any) -> SamplingParams:
+    """Sampling defaults of a chat: the checkpoint's generation_config (sampling, top_p, chatml stops), of
+    ``model`` or of its config (before the weights load)."""
+    g = (model if isinstance(model, QwenVLConfig) else model.config).generation
     base = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_p": g.top_p, "top_k": g.top_k,
             "temperature": g.temperature, "repetition_penalty": g.repetition_penalty,
             "stop_token_ids": STOP_IDS["chatml"], "pad_token_id": g.pad_token_id}

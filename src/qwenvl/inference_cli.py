@@ -326,15 +326,19 @@ def bad_prompt_images(prompts: list[Any], policy: Any) -> list[tuple[int, str]]:
     return bad
 
 
-def _sampling(model: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
+def _sampling(config: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
+    """The predict options as SamplingParams over the checkpoint's ``config`` (read before the weights load),
+    validated: a bad value is said before the minutes of loading."""
     from .generation import sampling_params
 
     kw = {k: opts[k] for k in ("max_new_tokens", "top_p", "top_k", "chat_format") if k in opts}
     for k in ("min_new_tokens", "temperature", "repetition_penalty", "seed"):
         if k in opts:
             kw[k] = opts[k]
-    kw["do_sample"] = opts.get("do_sample", False if greedy_default else model.config.generation.do_sample)
-    return sampling_params(model, **kw)
+    kw["do_sample"] = opts.get("do_sample", False if greedy_default else config.generation.do_sample)
+    params = sampling_params(config, **kw)
+    params.validate()
+    return params
 
 
 def _as_chat(prompt: Any, chat_format: str) -> Any:
@@ -371,11 +375,13 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_images_first(prompts, policy, per_row=bool(args.jsonl))
     require_folder(opts["load_checkpoint"])
     # torch and the model code load only now, after the input checks (which need neither): bad input is said at once
+    from .config import QwenVLConfig
     from .inference import iter_predict, load
 
+    config = QwenVLConfig.from_pretrained(opts["load_checkpoint"])
+    params = _sampling(config, opts, greedy_default=True)  # before the weights: a bad value is said at once
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
                             quantize=opts.get("quantize"), allow_any_local_path=any_path)
-    params = _sampling(model, opts, greedy_default=True)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
     prompts = [_as_chat(p, fmt) for p in prompts]
@@ -461,14 +467,18 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
         raise NotADirectoryError(f"--draw {args.draw} is not a folder")  # said now, not at the first box
     require_folder(args.load_checkpoint)
+    from .config import QwenVLConfig
     from .inference import ChatSession, chat_params, load  # torch: after the checks above
+
+    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
+                                          "top_k", "repetition_penalty", "seed")}
+    params = chat_params(QwenVLConfig.from_pretrained(args.load_checkpoint), **opts)
+    params.validate()  # before the weights load: a bad value is said at once
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
                             quantize=args.quantize,
                             allow_any_local_path=True if args.allow_any_local_path is None else args.allow_any_local_path)
     processor.chat_format = "chatml"
-    opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
-                                          "top_k", "repetition_penalty", "seed")}
-    session = ChatSession(model, processor, chat_params(model, **opts), system=args.system, base_dir=args.image_dir,
+    session = ChatSession(model, processor, params, system=args.system, base_dir=args.image_dir,
                           compile=args.compile)
     print(f"qwenvl chat: {args.load_checkpoint}\n{CHAT_HELP}", file=sys.stderr)
     turn = 0
