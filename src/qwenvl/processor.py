@@ -182,7 +182,8 @@ class Processor:
         for k, prompt in enumerate(prompts):
             ids = self._prompt_ids(prompt)
             if not ids:
-                raise ValueError(f"empty prompt (prompt {k} of the batch): there is nothing to condition on")
+                where = f" (prompt {k + 1} of the {len(prompts)} in the batch)" if len(prompts) > 1 else ""
+                raise ValueError(f"empty prompt{where}: there is nothing to condition on")
             rows.append(ids)
         spans = [path for ids in rows for path in self.tokenizer.image_paths(ids)]
         if images is not None:
