@@ -343,3 +343,14 @@ def test_a_yaml_epsilon_written_1e_6_is_a_number(tmp_path):
     yaml_file = tmp_path / "predict_qwenvl_tiny.yaml"
     yaml_file.write_text(_TINY_YAML.replace("rms_norm_eps: 1.0e-6", "rms_norm_eps: 1e-6"))
     assert mf.load_config(yaml_file).lm.layer_norm_epsilon == 1e-6
+
+
+def test_an_emb_strategy_padding_beyond_the_vocabulary_is_refused(tmp_path):
+    # --emb_strategy 1000000000 went on to allocate the padded embedding ("can't allocate memory"); a large but
+    # allocatable value would have written a file many times the model's size
+    vocab = QwenVLConfig.from_pretrained(GOLDEN).lm.vocab_size
+    with pytest.raises(ValueError, match=rf"--emb_strategy 1000000000 pads wte and lm_head to a multiple of "
+                                         rf"512000000000 rows, more than their {vocab}: .* \(at most {vocab // 512} here\)"):
+        mf.export_checkpoint(GOLDEN, tmp_path / "x.ckpt", emb_strategy=10**9)
+    assert not (tmp_path / "x.ckpt").exists()
+    mf.export_checkpoint(GOLDEN, tmp_path / "y.ckpt", emb_strategy=vocab // 512)

@@ -435,6 +435,11 @@ def export_checkpoint(
     heads = config.visual.heads
     if emb_strategy is not None and emb_strategy < 1:
         raise ValueError(f"--emb_strategy must be a positive number of cards, got {emb_strategy}")
+    vocab = config.lm.vocab_size
+    if emb_strategy and 512 * emb_strategy > vocab:  # the padding would outnumber the vocabulary (10**9: no memory)
+        raise ValueError(f"--emb_strategy {emb_strategy} pads wte and lm_head to a multiple of {512 * emb_strategy} "
+                         f"rows, more than their {vocab}: it is the number of cards the embedding is split over "
+                         f"(at most {vocab // 512} here)")
     with atomic_file(out_file) as f:
         writer = CkptWriter(f)
         for name, shape in shapes.items():
