@@ -288,6 +288,25 @@ def test_repetition_penalty_and_min_tokens_out_of_range_are_refused(guarded):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
 
 
+def test_options_that_would_change_the_answer_are_refused_not_ignored(guarded):
+    """tools, JSON mode, logit_bias, top_logprobs, audio and best_of were dropped silently: a client asking for
+    a tool call or JSON got plain text as if it were what it asked for."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in (({"tools": [tool]}, "tools"), ({"functions": [tool["function"]]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice"), ({"response_format": {"type": "json_object"}},
+                                                                          "response_format"),
+                         ({"logit_bias": {"42": 100}}, "logit_bias"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "x"}}, "modalities")):
+        error = assert_error(post(guarded, "/chat/completions", chat("hi", max_tokens=2, **extra)), 400, param)
+        assert error["param"] == param, extra
+    error = assert_error(post(guarded, "/completions", {"model": MODEL_NAME, "prompt": "hi", "best_of": 3}), 400)
+    assert error["param"] == "best_of"
+    # what asks for nothing we lack is fine
+    for extra in ({"tools": [], "tool_choice": "none"}, {"response_format": {"type": "text"}}, {"logit_bias": {}},
+                  {"modalities": ["text"]}, {"tool_choice": "auto", "parallel_tool_calls": False}):
+        assert post(guarded, "/chat/completions", chat("hi", max_tokens=2, **extra)).status_code == 200, extra
+
+
 def test_a_file_name_the_system_cannot_take_is_a_400(guarded):
     """os.stat's ENAMETOOLONG (or any OSError) on a path inside the media folder was a 500."""
     for url in ("a" * 5000 + ".png", "file://" + str(guarded.media / ("b" * 300 + ".png")), "a/" * 3000 + "x.png"):

@@ -2,7 +2,8 @@
 
 Only what the server implements is accepted with a meaning; fields OpenAI clients send that change nothing
 here (``user``, ``metadata``, ...) are ignored, and options we cannot honour (``n`` > 1, ``logprobs``,
-penalties) are refused with a 400 rather than silently dropped.
+presence/frequency penalties, ``logit_bias``, tools, JSON ``response_format``, audio) are refused with a 400
+rather than silently dropped.
 
 Extensions (vLLM's names): ``top_k``, ``repetition_penalty`` and ``min_tokens`` on both requests; ``images`` (a list of image URLs, one per ``<img></img>`` span of
 the prompt, in order) on ``/v1/completions``; ``grounding`` on answers that hold boxes (see
@@ -82,6 +83,10 @@ class _Sampling(_Model):
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
     user: str | None = None
+    # what would change the answer and this server cannot do: refused (see unsupported), not ignored
+    logit_bias: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -99,12 +104,33 @@ class _Sampling(_Model):
             return "logprobs: not supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty/frequency_penalty: not supported (leave them 0)"
+        if self.logit_bias:
+            return "logit_bias: not supported"
+        if self.top_logprobs:
+            return "top_logprobs: not supported"
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schema)"
         return None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: Any = None
+    functions: Any = None  # the older name of tools
+    tool_choice: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+
+    def unsupported(self) -> str | None:
+        if self.tools or self.functions:  # a client that offers tools expects tool calls, which never come
+            return "tools: tool calls are not supported (Qwen-VL was not trained for them)"
+        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
+            return "tool_choice: tool calls are not supported"
+        if (self.modalities not in (None, ["text"])) or self.audio is not None:
+            return "modalities: only text answers are supported"
+        return super().unsupported()
 
     @property
     def answer_limit(self) -> int | None:
@@ -116,6 +142,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
     images: list[str] | None = None  # extension: one image URL per <img></img> span of the prompt
 
     @property
@@ -134,6 +161,8 @@ class CompletionRequest(_Sampling):
             return "echo: not supported"
         if self.suffix:
             return "suffix: not supported"
+        if self.best_of not in (None, 1):
+            return "best_of: only best_of=1 is supported"
         return super().unsupported()
 
 
