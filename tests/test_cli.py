@@ -582,3 +582,18 @@ def test_sampling_values_are_checked_before_the_weights_load(golden_dir, monkeyp
         argv += ["--predict_data", "hi", "--modal_type", "text"]
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == f"qwenvl {command}: error: {message}\n"
+
+
+def test_flags_take_vllms_dashed_spelling_too(golden_dir, capsys):
+    from qwenvl import cli
+
+    assert cli.underscored(["serve", "--max-model-len", "2048", "--served-model-name=a-b", "--system=be-brief",
+                            "-v", "--learning_rate", "1e-5", "--", "--not-a-flag"]) == [
+        "serve", "--max_model_len", "2048", "--served_model_name=a-b", "--system=be-brief", "-v", "--learning_rate",
+        "1e-5", "--", "--not-a-flag"]
+    answers = []
+    for spelling in (["--predict_data", "hi", "--modal_type", "text", "--max_new_tokens", "3"],
+                     ["--predict-data", "hi", "--modal-type", "text", "--max-new-tokens", "3"]):
+        assert cli.main(["predict", "--model", str(golden_dir), "--dtype", "float32", *spelling]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0]

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -70,8 +71,25 @@ def use_huge_pages() -> bool:
     return os.environ.get(name, "0").strip() not in ("", "0")
 
 
+# a flag spelled with dashes inside it, as vLLM's and torchrun's (--max-model-len), optionally with =VALUE
+_DASHED_FLAG = re.compile(r"--[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)+")
+
+
+def underscored(argv: Sequence[str]) -> list[str]:
+    """``argv`` with every flag written with dashes inside it (``--max-model-len``, ``--learning-rate=1e-5``)
+    spelled as ours (``--max_model_len``), as vLLM accepts both spellings; nothing after a bare ``--``."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        flag, eq, value = arg.partition("=")
+        if _DASHED_FLAG.fullmatch(flag):
+            out[i] = "--" + flag[2:].replace("-", "_") + eq + value
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = underscored(sys.argv[1:] if argv is None else argv)
     if next((a for a in argv if not a.startswith("-")), None) in HUGE_PAGE_COMMANDS:
         use_huge_pages()  # first: nothing may have loaded torch yet
     from .hardware import separate_compile_cache
