@@ -237,3 +237,13 @@ def test_readers_refuse_what_is_not_a_regular_file(tmp_path: Path, kind: str) ->
         path = named
     with pytest.raises(FileNotFoundError, match="data file not found"):
         fileio.read_json_records(tmp_path / "missing.json")
+
+
+def test_error_line_is_one_line_of_an_exception() -> None:
+    from qwenvl.fileio import error_line
+
+    assert error_line(ValueError("bad value\n  at line 2")) == "bad value"
+    assert error_line(RuntimeError("Error(s) in loading state_dict for PeftModel:\n\tMissing key(s): x\n\tmore")) \
+        == "Error(s) in loading state_dict for PeftModel: Missing key(s): x"
+    assert error_line(TypeError("\n\n")) == "TypeError" and error_line(KeyError()) == "KeyError"
+    assert error_line(OSError("x" * 500)) == "x" * 297 + "..."

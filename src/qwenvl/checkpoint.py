@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import PRESETS, SHAPE_FIELDS, UNSEEN_FIELDS, QwenVLConfig
-from .fileio import _parse_json, read_json
+from .fileio import _parse_json, error_line, read_json
 from .outputs import output_files
 
 __all__ = [
@@ -194,7 +194,7 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
         mmap = zipfile.is_zipfile(file)
         obj = torch.load(str(file), map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).splitlines()[0] if str(e) else repr(e)
+        first_line = error_line(e)
         if "weights only" in first_line.lower():
             raise CheckpointError(
                 f"refusing to load {file}: it is not a plain tensor file, weights_only=True rejected it "
@@ -204,8 +204,7 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError,
             # what torch's unpickler raises on some damaged bytes (a flipped byte of a valid file)
             TypeError, AssertionError, IndexError, AttributeError) as e:
-        first_line = str(e).splitlines()[0] if str(e).strip() else repr(e)  # torch's TypeErrors list overloads
-        raise CheckpointError(f"cannot read {file}: {first_line} (truncated or corrupt file?)") from e
+        raise CheckpointError(f"cannot read {file}: {error_line(e)} (truncated or corrupt file?)") from e
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in obj.items()):
         raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")

@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "clean_temporary",
+    "error_line",
     "fault_point",
     "is_temporary",
     "iter_jsonl",
@@ -54,6 +55,17 @@ TEMP_TAG = ".qwenvl-"  # in every temporary name we create, and in no name we pu
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.qwenvl-(?P<kind>tmp|old|trash)-[A-Za-z0-9_]+$")
 FAULT_ENV = "QWENVL_FAULT_POINT"
 _fault_hits: dict[str, int] = {}
+
+
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line of a message: its first non-blank line (with the next when the first only
+    introduces it, ending in ":", as torch's "Error(s) in loading state_dict for X:"), cut to ``limit``
+    characters; its type's name when it has no text (torch's TypeErrors list every overload on later lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def fault_point(name: str) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..fileio import error_line
+
 __all__ = ["DistEnv", "DistributedError", "launched_by_torchrun", "setup", "teardown"]
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class DistEnv:
 
     def lost(self, error: BaseException) -> DistributedError:
         """The error to raise when a collective failed: names this rank, the timeout and the cause."""
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = error_line(error)
         return DistributedError(
             f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, hung for more than "
             f"dist_timeout={self.timeout_s:g} s, or the network failed; torchrun's summary names the rank that "

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, error_line
 from .config import TrainConfig
 
 __all__ = [
@@ -192,20 +192,13 @@ def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for PeftModel:" + the errors
-        return f"{lines[0]} {lines[1]}"
-    return lines[0] if lines else type(e).__name__
-
-
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     from ..checkpoint import CheckpointError
 
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {file}: {_first_line(e)} (truncated or corrupt file?)") from None
+        raise CheckpointError(f"cannot read {file}: {error_line(e)} (truncated or corrupt file?)") from None
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
@@ -269,7 +262,7 @@ def merge_lora(
     try:
         adapted = peft.PeftModel.from_pretrained(base, str(folder))
     except _ADAPTER_ERRORS as e:
-        raise CheckpointError(f"cannot merge the adapter {folder} into {base_dir}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot merge the adapter {folder} into {base_dir}: {error_line(e)}") from None
     # peft loads non-strictly: weights for layers the base lacks are dropped, layers without weights stay unadapted
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:  # read by peft above: only the names
         stored = set(f.keys())  # noqa: SIM118 (safe_open is not a dict)

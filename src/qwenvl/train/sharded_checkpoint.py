@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from ..checkpoint import CheckpointError, save_pretrained
 from ..config import QwenVLConfig
-from ..fileio import atomic_dir, fault_point
+from ..fileio import atomic_dir, error_line, fault_point
 from ..outputs import record_files
 from .distributed import DistEnv
 from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state
@@ -89,8 +89,7 @@ def _reason(e: BaseException) -> str:
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         e = next(iter(failures.values()))[0]
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {error_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _interrupted(e: BaseException) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import remove_tree
+from ..fileio import error_line, remove_tree
 from ..outputs import is_ours
 
 __all__ = [
@@ -175,11 +175,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def read_state(path: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint folder; a missing, truncated or corrupt file is a one-line
     :class:`TrainStateError` (``FileNotFoundError`` when there is none)."""
@@ -189,7 +184,7 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise (IndexError, ...)
-        raise TrainStateError(f"{file}: corrupt or unreadable trainer state ({type(e).__name__}: {_one_line(e)}); "
+        raise TrainStateError(f"{file}: corrupt or unreadable trainer state ({type(e).__name__}: {error_line(e)}); "
                               "resume from another checkpoint (--resume_training DIR) or delete this one") from None
     if not isinstance(state, dict) or not {"scheduler", "data", "progress", "world_size"} <= set(state):
         raise TrainStateError(f"{file}: not a trainer state (missing keys); resume from another checkpoint")
