@@ -49,6 +49,62 @@ def test_bad_command_lines_are_clear_errors(argv: list[str], message: str) -> No
         config_from_args(args, extra)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # named flags given twice: argparse kept the last one silently (the overrides said "given twice")
+        (["--output_dir", "a", "--output_dir", "b"], r"--output_dir is given twice"),
+        (["--train_data", "a.json", "--data_path", "b.json"], r"--data_path is given twice"),
+        (["--config", str(TINY)], r"--config is given twice"),
+        (["--resume_training", "--resume_training", "auto"], r"--resume_training is given twice"),
+    ],
+)
+def test_named_flags_given_twice_are_refused(argv: list[str], message: str) -> None:
+    args, extra = _parse(["--config", str(TINY), *argv])
+    with pytest.raises(TrainConfigError, match=message):
+        config_from_args(args, extra)
+
+
+def test_bare_bf16_flag_turns_it_on() -> None:
+    # the docstring of parse_overrides promised it; it said "--bf16 needs a value"
+    assert parse_overrides(["--bf16", "--seed=3"]) == {"bf16": "true", "seed": "3"}
+    args, extra = _parse(["--config", str(TINY), "--bf16"])
+    assert config_from_args(args, extra).bf16 == "true"
+
+
+def test_no_training_data_is_said_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys) -> None:
+    # without --train_data the tiny model was built first (a 9.6B checkpoint: minutes) and then refused
+    from qwenvl.cli import main as qwenvl_main
+    from qwenvl.train import trainer
+
+    def no_training(cfg):
+        raise AssertionError("train() ran")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    (tmp_path / "d.json").write_text("[]")
+    for argv, message in (
+        ([], "no training data: set data_path (--train_data FILE)"),
+        (["--train_data", str(tmp_path / "d.json"), "--dataset_dir", str(tmp_path / "nope")],
+         f"dataset_dir folder not found: {tmp_path / 'nope'}"),
+    ):
+        assert qwenvl_main(["finetune", "--config", str(TINY), "--output_dir", str(tmp_path / "out"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"qwenvl finetune: error: {message}", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+
+
+def test_module_entry_point_errors_are_one_line(train_data: Path, tmp_path: Path, capsys) -> None:
+    # `python -m qwenvl.train.cli` caught only ValueError and FileNotFoundError: an output_dir under a file
+    # ended in a NotADirectoryError traceback
+    (tmp_path / "file").write_text("x")
+    assert main(["--config", str(TINY), "--train_data", str(train_data), "--output_dir",
+                 str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("qwenvl finetune: error: ") and "Not a directory" in err, err
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_parse_overrides_rejects_stray_values() -> None:
     with pytest.raises(TrainConfigError, match="unexpected argument 'oops'"):
         parse_overrides(["oops"])
@@ -72,7 +128,8 @@ def test_finetune_tiny_config_end_to_end(train_data: Path, tmp_path: Path) -> No
     assert main(["--config", str(TINY), "--run_mode", "predict"]) == 2
 
 
-def test_a_lost_peer_is_one_line_naming_the_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_a_lost_peer_is_one_line_naming_the_rank(train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys) -> None:
     # under torchrun, the ranks that survive a dead one printed a traceback of ~60 lines each
     from qwenvl.cli import main as qwenvl_main
     from qwenvl.train import trainer
@@ -83,7 +140,8 @@ def test_a_lost_peer_is_one_line_naming_the_rank(tmp_path: Path, monkeypatch: py
         raise env.lost(RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer\nmore")) from None
 
     monkeypatch.setattr(trainer, "train", lost)
-    assert qwenvl_main(["finetune", "--config", str(TINY), "--output_dir", str(tmp_path / "out")]) == 1
+    assert qwenvl_main(["finetune", "--config", str(TINY), "--train_data", str(train_data), "--output_dir",
+                        str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("qwenvl finetune: error: rank 3 of 4: lost the other ranks") and "Connection reset" in err

@@ -53,6 +53,19 @@ def test_sections_are_flattened_and_overrides_typed(tmp_path: Path) -> None:
         ("", {"lora_dropout": "2"}, r"lora_dropout must be in \[0, 1\), got 2\.0"),
         ("", {"lora_target": "("}, r"lora_target '\(' is not a regular expression: missing \)"),
         ("", {"lora_alpha": "0"}, r"lora_alpha must be > 0, got 0"),
+        # accepted before: any non-empty list or non-zero number resumed (bool(value)); null did not
+        ("resume_training: [a]\n", {}, r"resume_training must be true, false or auto, got \['a'\] \(list\)"),
+        ("resume_training: 5\n", {}, r"resume_training must be true, false or auto, got 5 \(int\)"),
+        # the path was shown lower-cased, and nothing said where a checkpoint folder goes
+        ("resume_training: /Runs/A/checkpoint-4\n", {},
+         r"got '/Runs/A/checkpoint-4' \(a checkpoint folder to resume from goes in resume_from\)"),
+        # torch.manual_seed failed at the start of the run with "Overflow when unpacking long long"
+        ("", {"seed": str(2**64)}, r"seed must be in \[0, 2\*\*63\), got 18446744073709551616"),
+        ("seed: -1\n", {}, r"seed must be in \[0, 2\*\*63\), got -1"),
+        # torchrun: init_process_group failed at once ("timed out after 6213023705161793ms") or overflowed
+        ("", {"dist_timeout": "8e13"}, r"dist_timeout must be in \(0, 1e9\] seconds, got 80000000000000\.0"),
+        # `lora:` with its settings commented out is lora: null; it was said as a misspelled 'lora_r'
+        ("lora:\n#  use_lora: true\n", {}, r"'lora' \(an empty section\? did you mean 'lora_r'\?\)"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Path, yaml_text: str, overrides: dict, message: str) -> None:
@@ -60,6 +73,39 @@ def test_bad_settings_are_named(tmp_path: Path, yaml_text: str, overrides: dict,
     f.write_text(yaml_text)
     with pytest.raises(TrainConfigError, match=message):
         TrainConfig.from_yaml(f, overrides)
+
+
+def test_errors_are_one_line_naming_where_the_value_was_set(tmp_path: Path) -> None:
+    # they were "invalid training config:" and an indented line per problem, naming no file
+    f = tmp_path / "c.yaml"
+    f.write_text("schedule:\n  batch_size: 0\n  learning_rate: 1e-4\n")
+    with pytest.raises(TrainConfigError) as e:
+        TrainConfig.from_yaml(f, {"max_steps": "-1", "min_lr": "1e-3"})
+    assert str(e.value) == (
+        f"{f}: batch_size must be >= 1, got 0; command line: max_steps must be >= 0, got -1; "
+        f"command line, {f}: min_lr (0.001) must not exceed learning_rate (0.0001)")
+    for text, message in (("load_checkpoint: null\n", f"{f}: load_checkpoint must not be null"),
+                          ("batch_size: two\n", f"{f}: batch_size: cannot read 'two' as int")):
+        f.write_text(text)
+        with pytest.raises(TrainConfigError) as e:
+            TrainConfig.from_yaml(f)
+        assert str(e.value).startswith(message), e.value
+    with pytest.raises(TrainConfigError) as e:  # a value at its default is named alone
+        TrainConfig.from_yaml(None, {"learning_rate": "1e-7"})
+    assert str(e.value) == "command line: min_lr (1e-06) must not exceed learning_rate (1e-07)"
+    with pytest.raises(TrainConfigError) as e:  # the API: no file, one line
+        TrainConfig(batch_size=0, logging_steps=0)
+    assert str(e.value) == "invalid training config: batch_size must be >= 1, got 0; logging_steps must be >= 1, got 0"
+
+
+def test_bf16_takes_the_words_of_every_true_false_setting(tmp_path: Path) -> None:
+    # `--use_lora yes` worked, `--bf16 yes` (and YAML bf16: 1) were refused
+    for word, value in (("yes", "true"), ("On", "true"), ("1", "true"), ("no", "false"), ("0", "false"),
+                        ("AUTO", "auto")):
+        assert TrainConfig.from_yaml(None, {"bf16": word}).bf16 == value
+    f = tmp_path / "c.yaml"
+    f.write_text("bf16: 1\n")
+    assert TrainConfig.from_yaml(f).bf16 == "true"
 
 
 def test_missing_yaml_is_file_not_found(tmp_path: Path) -> None:

@@ -21,7 +21,21 @@ __all__ = ["add_parser", "main", "parse_overrides", "run"]
 
 logger = logging.getLogger(__name__)
 
-_BOOL_FIELDS = frozenset(name for name, tp in typing.get_type_hints(TrainConfig).items() if tp is bool)
+# settings a bare --flag turns on: the true/false ones, bf16 (auto|true|false) and resume_training (true|false|auto)
+_FLAG_FIELDS = frozenset(name for name, tp in typing.get_type_hints(TrainConfig).items()
+                         if tp is bool or tp == bool | str or name == "bf16")
+
+
+class _Once(argparse.Action):
+    """Store a named flag's value and note in ``namespace.flags_twice`` a flag given a second time (or under its
+    other name, as --train_data and --data_path): :func:`config_from_args` refuses it as it refuses a repeated
+    ``--field value`` override, instead of argparse's silent "the last one wins"."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            namespace.flags_twice = [*(getattr(namespace, "flags_twice", None) or []), option_string]
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,17 +52,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (e.g. configs/finetune_qwenvl_9.6b_bf16.yaml)")
-    p.add_argument("--load_checkpoint", help="checkpoint folder (official layout) to start from")
-    p.add_argument("--run_mode", help="must be 'finetune' (kept for MindFormers-style command lines)")
-    p.add_argument("--train_data", "--data_path", dest="data_path", help="conversation JSON/JSONL file")
-    p.add_argument("--dataset_dir", help="folder that relative image paths are resolved against")
-    p.add_argument("--output_dir", help="where checkpoints and the final model go")
-    p.add_argument("--resume_training", nargs="?", const="true", metavar="true|false|auto|CHECKPOINT_DIR",
-                   help="continue from the newest checkpoint in output_dir (auto: if there is one), or from the "
-                        "given folder")
-    p.add_argument("--use_parallel", nargs="?", const="true", metavar="true|false",
-                   help="accepted for compatibility: launch with torchrun to train on several devices or nodes")
+    def flag(*names: str, **kwargs: Any) -> None:
+        p.add_argument(*names, action=_Once, **kwargs)
+
+    flag("--config", help="YAML run config (e.g. configs/finetune_qwenvl_9.6b_bf16.yaml)")
+    flag("--load_checkpoint", help="checkpoint folder (official layout) to start from")
+    flag("--run_mode", help="must be 'finetune' (kept for MindFormers-style command lines)")
+    flag("--train_data", "--data_path", dest="data_path", help="conversation JSON/JSONL file")
+    flag("--dataset_dir", help="folder that relative image paths are resolved against")
+    flag("--output_dir", help="where checkpoints and the final model go")
+    flag("--resume_training", nargs="?", const="true", metavar="true|false|auto|CHECKPOINT_DIR",
+         help="continue from the newest checkpoint in output_dir (auto: if there is one), or from the given folder")
+    flag("--use_parallel", nargs="?", const="true", metavar="true|false",
+         help="accepted for compatibility: launch with torchrun to train on several devices or nodes")
+    p.set_defaults(flags_twice=None)
 
 
 def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
@@ -69,7 +86,7 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
             if i + 1 < len(toks) and not toks[i + 1].startswith("--"):
                 value = toks[i + 1]
                 i += 1
-            elif name in _BOOL_FIELDS:
+            elif name in _FLAG_FIELDS:
                 value = "true"
             else:
                 check_known({name: None}, "command line")
@@ -85,6 +102,9 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> TrainConfig:
     """The run's TrainConfig: the YAML file, then the named flags, then the ``--field value`` overrides."""
     overrides = parse_overrides(extra)
+    twice = getattr(args, "flags_twice", None)
+    if twice:
+        raise TrainConfigError(f"{twice[0]} is given twice (or under both of its names)")
     if args.run_mode is not None and args.run_mode != "finetune":
         raise TrainConfigError(f"--run_mode {args.run_mode!r} is not supported by 'finetune'; use --run_mode finetune "
                                "(prediction is 'qwenvl predict')")
@@ -131,16 +151,11 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qwenvl.train.cli [flags]``: the same as ``qwenvl finetune [flags]``."""
-    parser = argparse.ArgumentParser(prog="python -m qwenvl.train.cli", description="Fine-tune Qwen-VL.")
-    add_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args, extra)
-    except (ValueError, FileNotFoundError) as e:
-        logger.error("finetune: %s", e)
-        return 2
+    """``python -m qwenvl.train.cli [flags]``: the same as ``qwenvl finetune [flags]`` (and the same one-line
+    errors: it is that command)."""
+    from ..cli import main as qwenvl_main
+
+    return qwenvl_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

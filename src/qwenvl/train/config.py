@@ -2,7 +2,8 @@
 
 The YAML file may group keys in sections (``data:``, ``model:``, ``optim:`` ...): sections are flattened,
 so a key means the same wherever it sits. Unknown keys are errors that name them; values are converted to
-the field's type (YAML writes ``1e-5`` as a string, for instance), with errors naming the key.
+the field's type (YAML writes ``1e-5`` as a string, for instance), with errors naming the key and where it was
+set (the YAML file or the command line), every problem on one line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,10 +30,19 @@ LM_LORA_TARGET = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.w1|mlp\.
 
 
 class TrainConfigError(ValueError):
-    """A training setting is unknown, has the wrong type or an invalid value."""
+    """A training setting is unknown, has the wrong type or an invalid value.
+
+    ``problems`` lists what :class:`TrainConfig` found wrong as ``(fields, message)`` pairs, so that
+    :meth:`TrainConfig.from_yaml` can name where each of those fields was set (the YAML file, the command line).
+    """
+
+    def __init__(self, message: str, problems: Sequence[tuple[tuple[str, ...], str]] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 NO_MODEL = "no model: set load_checkpoint (a checkpoint folder) or preset"
+NO_DATA = "no training data: set data_path (--train_data FILE)"
 
 
 @dataclass
@@ -106,20 +117,26 @@ class TrainConfig:
         if isinstance(self.bf16, bool):  # YAML true/false, Python True/False
             self.bf16 = "true" if self.bf16 else "false"
         for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
-        problems = []
+            try:
+                setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+            except TrainConfigError as e:
+                raise TrainConfigError(str(e), [((f.name,), str(e))]) from None
+        problems: list[tuple[tuple[str, ...], str]] = []
 
-        def need(ok: bool, msg: str) -> None:
+        def need(ok: bool, msg: str, *names: str) -> None:
+            """Record ``msg`` unless ``ok``; ``names``: the fields it is about (default: the first word)."""
             if not ok:
-                problems.append(msg)
+                problems.append((names or (msg.split()[0],), msg))
 
-        self.bf16 = self.bf16.strip().lower()
+        # the words every true/false setting takes (yes/no, on/off, 1/0), too
+        low = self.bf16.strip().lower()
+        self.bf16 = "true" if low in _TRUE else "false" if low in _FALSE else low
         need(self.bf16 in ("auto", "true", "false"), f"bf16 must be auto, true or false, got {self.bf16!r}")
         need(self.run_mode == "finetune", f"run_mode must be 'finetune', got {self.run_mode!r}")
         need(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         need(self.max_images is None or self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}")
         need(not self.preset or self.preset in PRESETS,
-             f"unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
+             f"unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}", "preset")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_steps", "save_total_limit", "max_steps", "num_epochs", "warmup_steps", "lora_dropout",
@@ -128,10 +145,11 @@ class TrainConfig:
         for name in ("learning_rate", "min_lr", "weight_decay", "adam_eps", "vision_lr_scale", "resampler_lr_scale",
                      "dist_timeout"):  # inf passes the bounds: a rate or decay of inf trains a model of NaNs
             need(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
-        need(self.max_steps > 0 or self.num_epochs > 0, "set max_steps or num_epochs (both are 0)")
+        need(self.max_steps > 0 or self.num_epochs > 0, "set max_steps or num_epochs (both are 0)",
+             "max_steps", "num_epochs")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         need(self.min_lr <= self.learning_rate,
-             f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+             f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})", "min_lr", "learning_rate")
         for name in ("adam_beta1", "adam_beta2"):
             need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.save_dtype in ("auto", "bfloat16", "float16", "float32"),
@@ -143,16 +161,25 @@ class TrainConfig:
         try:
             re.compile(self.lora_target)
         except re.error as e:
-            problems.append(f"lora_target {self.lora_target!r} is not a regular expression: {e}")
+            need(False, f"lora_target {self.lora_target!r} is not a regular expression: {e}")
         need(not (self.freeze_llm and self.freeze_resampler and self.freeze_vision and not self.use_lora),
-             "nothing to train: freeze_llm, freeze_resampler and freeze_vision are all true")
+             "nothing to train: freeze_llm, freeze_resampler and freeze_vision are all true",
+             "freeze_llm", "freeze_resampler", "freeze_vision", "use_lora")
         need(bool(self.output_dir), "output_dir must not be empty")
+        if isinstance(self.resume_training, str):
+            self.resume_training = self.resume_training.strip()
+            if self.resume_training.lower() == "auto":
+                self.resume_training = "auto"
         need(self.resume_training in (True, False, "auto"),
-             f"resume_training must be true, false or auto, got {self.resume_training!r}")
+             f"resume_training must be true, false or auto, got {self.resume_training!r} (a checkpoint folder to "
+             "resume from goes in resume_from)")
+        # torch.manual_seed takes at most 2**64 - 1, and epoch e of the data order is seeded with seed + e
+        need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        need(self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        # init_process_group overflows past ~1e13 s (8e13: "timed out after 6213023705161793ms" at once)
+        need(0 < self.dist_timeout <= 1e9, f"dist_timeout must be in (0, 1e9] seconds, got {self.dist_timeout}")
         if problems:
-            raise TrainConfigError("invalid training config:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise TrainConfigError(_join_problems(problems), problems)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -170,13 +197,23 @@ class TrainConfig:
         if path is not None:
             source = str(path)
             values = flatten(read_yaml(path), source)
+        where = dict.fromkeys(values, source)  # field -> where it was set, for the errors
         over = dict(overrides or {})
         check_known(over, "command line")
         types_ = _field_types()
         for key, text in over.items():
-            values[key] = parse_value(key, text, types_[key]) if isinstance(text, str) else text
+            try:
+                values[key] = parse_value(key, text, types_[key]) if isinstance(text, str) else text
+            except TrainConfigError as e:
+                raise TrainConfigError(f"command line: {e}") from None
+            where[key] = "command line"
         check_known(values, source)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TrainConfigError as e:  # name the file (or the command line) each wrong value came from
+            if not e.problems:
+                raise
+            raise TrainConfigError(_join_problems(e.problems, where), e.problems) from None
 
     def check_files(self) -> None:
         """What a run from the command line needs on disk: the model (a ``load_checkpoint`` folder, or a
@@ -186,14 +223,29 @@ class TrainConfig:
             fileio.require_folder(self.load_checkpoint)
         elif not self.preset:
             raise TrainConfigError(NO_MODEL)
-        if self.data_path and not os.path.isfile(self.data_path):
+        if not self.data_path:  # the command line has no other way to give a dataset
+            raise TrainConfigError(NO_DATA)
+        if not os.path.isfile(self.data_path):
             raise FileNotFoundError(f"training data file not found: {self.data_path}")
+        if self.dataset_dir:
+            fileio.require_folder(self.dataset_dir, "dataset_dir folder")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _join_problems(problems: Sequence[tuple[tuple[str, ...], str]], where: dict[str, str] | None = None) -> str:
+    """One line for all ``problems``, each prefixed with where its fields were set (``where``: field -> the YAML
+    file or "command line"; fields left at their defaults have no place)."""
+    parts, placed = [], True
+    for names, msg in problems:
+        places = list(dict.fromkeys(where[n] for n in names if where and n in where))
+        parts.append(f"{', '.join(places)}: {msg}" if places else msg)
+        placed = placed and bool(places)
+    return "; ".join(parts) if placed else "invalid training config: " + "; ".join(parts)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -230,7 +282,10 @@ def check_known(values: dict[str, Any], source: str) -> None:
     hints = []
     for k in unknown:
         close = difflib.get_close_matches(str(k), known, n=1)
-        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hint = [f"did you mean {close[0]!r}?"] if close else []
+        if values[k] is None:  # `lora:` with every line below commented out reads as lora: null
+            hint.insert(0, "an empty section?")
+        hints.append(f"{k!r}" + (f" ({' '.join(hint)})" if hint else ""))
     raise TrainConfigError(f"{source}: unknown training setting(s): {', '.join(hints)}")
 
 
@@ -261,7 +316,7 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
     """Text from a command line -> the field's type (``none``/``null`` for optional fields)."""
     if _is_bool_or_word(tp):
         low = text.strip().lower()
-        return True if low in _TRUE else False if low in _FALSE else low
+        return True if low in _TRUE else False if low in _FALSE else text.strip()  # the word as written
     base, optional = _split_optional(tp)
     if optional and text.strip().lower() in ("none", "null", ""):
         return None
@@ -285,7 +340,11 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """A value from YAML or Python -> the field's type; strings are parsed, ints widen to floats."""
     if _is_bool_or_word(tp):
-        return parse_value(key, value, tp) if isinstance(value, str) else bool(value)
+        if isinstance(value, str):
+            return parse_value(key, value, tp)
+        if isinstance(value, bool):
+            return value
+        raise TrainConfigError(f"{key} must be true, false or auto, got {value!r} ({type(value).__name__})")
     base, optional = _split_optional(tp)
     if value is None:
         if optional:
