@@ -145,3 +145,63 @@ def test_image_features_of_the_wrong_shape_are_refused(shape):
     ids = torch.tensor([[1, 2] + _span() + [3]])
     with pytest.raises(ValueError, match=r"image features must be \(images, 256, 128\)"):
         model.embed(ids, image_features=torch.randn(*shape))
+
+
+@pytest.mark.parametrize("prompt_len", [10, 40])  # below and beyond seq_length=32
+def test_an_all_padding_row_leaves_the_other_rows_as_alone(prompt_len):
+    # a batch row with no token at all (attention_mask all 0) raised "math domain error" (dynamic NTK of length 0)
+    model = short_context_model(32)
+    ids = torch.randint(0, 5000, (2, prompt_len))
+    mask = torch.ones(2, prompt_len, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        alone = model(ids[:1]).logits
+        cache = model.new_cache(2, prompt_len + 1)
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        step = model(ids[:, :1], attention_mask=step_mask, past_key_values=cache).logits
+        alone_step = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1]
+    torch.testing.assert_close(logits[:1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[0, -1], alone_step[0], atol=1e-5, rtol=0)
+    assert not logits.isnan().any() and not step.isnan().any()
+
+
+@pytest.mark.parametrize("bad", [-1, 151936])
+def test_ids_out_of_the_vocabulary_are_refused_with_a_message(bad):
+    model = short_context_model()
+    with pytest.raises(ValueError, match=rf"input_ids hold {bad}: the model has ids 0..151935"):
+        model(torch.tensor([[1, bad, 2]]))
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([1, 2, 3]), torch.tensor([[1.0, 2.0]]), torch.zeros(1, 0, dtype=torch.long)])
+def test_input_ids_of_the_wrong_kind_are_refused_with_a_message(ids):
+    model = short_context_model()
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \(batch, tokens\) with at least one "
+                       rf"token; got a {ids.dtype} tensor of shape"):
+        model(ids)
+
+
+def test_a_negative_logits_to_keep_is_refused():
+    # it returned the logits of all positions, as 0 does (Hugging Face's slice(-k, None) would drop the first k)
+    model = short_context_model()
+    with pytest.raises(ValueError, match="logits_to_keep must be 0 .* got -1"):
+        model(torch.tensor([[1, 2]]), logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("shape", [(3, 56, 56), (1, 3, 56, 112), (1, 3, 112, 112), (1, 1, 56, 56), (1, 3, 10, 10)])
+def test_pixels_of_the_wrong_shape_are_refused_with_a_message(shape):
+    # these ran into the vision tower: tracebacks from broadcasting or conv2d, or (another square size)
+    # features from position embeddings interpolated to a grid the model was never given
+    model = short_context_model()
+    ids = torch.tensor([[1, 2] + _span() + [3]])
+    with pytest.raises(ValueError, match=r"images must be float pixels \(images, 3, 56, 56\) from the Processor"):
+        model(ids, images=torch.zeros(shape))
+
+
+def test_pixels_that_are_not_float_are_refused_with_a_message():
+    model = short_context_model()
+    ids = torch.tensor([[1, 2] + _span() + [3]])
+    with pytest.raises(ValueError, match=r"images must be float pixels.*got a torch.uint8 tensor"):
+        model(ids, images=torch.zeros(1, 3, 56, 56, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"images must be float pixels.*got a list"):
+        model(ids, images=[torch.zeros(3, 56, 56)])

@@ -1,11 +1,13 @@
-"""RoPE pieces of the LM: the roll-based rotation equals the official rotate-half formula bit for bit."""
+"""RoPE, dynamic-NTK and LogN pieces of the LM: equal to the official formulas bit for bit."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from qwenvl.model.llm import apply_rope, rope_cos_sin, rope_inv_freq
+from qwenvl.model.llm import apply_rope, logn_scale, ntk_alpha, rope_cos_sin, rope_inv_freq
 
 
 def _rotate_half_reference(x: torch.Tensor, positions: torch.Tensor, alpha: torch.Tensor, base: float) -> torch.Tensor:
@@ -30,3 +32,17 @@ def test_apply_rope_equals_rotate_half_exactly(dtype: torch.dtype) -> None:
     # the inverse frequencies kept in the KV cache give the same tables
     cos2, sin2 = rope_cos_sin(positions, alpha, hd, 10000.0, rope_inv_freq(alpha, hd, 10000.0))
     assert torch.equal(cos, cos2) and torch.equal(sin, sin2)
+
+
+def test_ntk_alpha_is_one_up_to_seq_length_including_an_empty_row() -> None:
+    # an all-padding row of a batch has length 0: log(0) raised "math domain error"
+    assert [ntk_alpha(n, 32) for n in (0, 1, 31, 32)] == [1.0] * 4
+    assert ntk_alpha(33, 32) == 3.0
+
+
+def test_logn_scale_equals_the_official_table_bit_for_bit() -> None:
+    # fact: the official logn_tensor is torch.tensor([math.log(i, S) if i > S else 1 for i in range(1, 32768)]),
+    # computed in float64 and stored in float32; a float32 log(p + 1) / log(S) differs by 1 ulp at many positions
+    for seq_length in (32, 2048):
+        official = torch.tensor([math.log(i, seq_length) if i > seq_length else 1 for i in range(1, 32768)])
+        assert torch.equal(logn_scale(torch.arange(32767)[None], seq_length)[0], official)

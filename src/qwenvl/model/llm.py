@@ -29,7 +29,12 @@ class RMSNorm(nn.Module):
 
 
 def ntk_alpha(length: int, seq_length: int) -> float:
-    """fact: dynamic-NTK factor for a prompt of ``length`` tokens: max(1, 2^ceil(log2(L/S) + 1) - 1)."""
+    """fact: dynamic-NTK factor for a prompt of ``length`` tokens: max(1, 2^ceil(log2(L/S) + 1) - 1).
+
+    That is 1 for every length up to ``seq_length``, which this returns without the log: an all-padding row
+    of a batch has length 0, whose log is undefined."""
+    if length <= seq_length:
+        return 1.0
     value = math.log(length / seq_length, 2) + 1
     return float(max(2 ** math.ceil(value) - 1, 1))
 
@@ -68,9 +73,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """fact: query at 0-based position p is scaled by log(p + 1) / log(S) when p + 1 > S. (B, T) float32."""
-    p1 = positions.float() + 1
-    return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
+    """fact: query at 0-based position p is scaled by log(p + 1) / log(S) when p + 1 > S. (B, T) float32.
+
+    fact: computed in float64 and rounded once to float32, as the official table (``math.log(i, S)`` in
+    Python); a float32 log and division differ from it by one ulp at about a third of the positions. (Apple's
+    MPS has no float64: float32 there.)"""
+    p1 = positions.to(torch.float32 if positions.device.type == "mps" else torch.float64) + 1
+    return torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1)).float()
 
 
 def single_query_attention(

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
 
 
 @dataclass
@@ -238,7 +239,20 @@ class QwenVL(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels (N, 3, H, W) -> features (N, 256, hidden)."""
+        self._check_pixels(images)
         return self.transformer.visual(images.to(self.device))
+
+    def _check_pixels(self, images: object) -> None:
+        """Refuse anything but the Processor's pixels: float (N, 3, image_size, image_size). Other shapes fail
+        deep in the vision tower (or, for another square size, run on resized position embeddings), and
+        integer pixels are not normalized."""
+        size = self.config.visual.image_size
+        if (not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4
+                or tuple(images.shape[1:]) != (3, size, size)):
+            from ..generation import _describe  # only on this error path: generation is not needed otherwise
+
+            raise ValueError(f"images must be float pixels (images, 3, {size}, {size}) from the Processor; "
+                             f"got {_describe(images)}")
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,6 +262,10 @@ class QwenVL(nn.Module):
             return h
         mask, n = image_span_mask(input_ids)
         if image_features is None:
+            self._check_pixels(images)
+            if images.shape[0] != n:  # before the vision tower runs on them
+                raise ValueError(f"the prompt has {n} image span(s) (<img>..</img>) but {images.shape[0]} image(s) "
+                                 "were given")
             image_features = self.encode_images(images)
         if tuple(image_features.shape[1:]) != (IMG_TOKEN_SPAN, h.shape[-1]):
             raise ValueError(f"image features must be (images, {IMG_TOKEN_SPAN}, {h.shape[-1]}): one row of the hidden "
@@ -281,9 +299,24 @@ class QwenVL(nn.Module):
         rope_alpha: (B,) dynamic-NTK factors overriding the ones derived from the lengths.
         """
         lm = self.config.lm
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in _ID_DTYPES
+                or input_ids.numel() == 0):
+            from ..generation import _describe
+
+            raise ValueError(f"input_ids must be an integer tensor (batch, tokens) with at least one token; "
+                             f"got {_describe(input_ids)}")
+        if not isinstance(logits_to_keep, torch.Tensor) and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be 0 (all positions), k > 0 (the last k) or a tensor of "
+                             f"positions; got {logits_to_keep}")
         b, t = input_ids.shape
         cache = past_key_values
         past = cache.length if cache is not None else 0
+        if past == 0:
+            # an id outside the embedding is an IndexError on a CPU and a device-side assert (which breaks the
+            # process's CUDA context) on a GPU; decode steps feed back the model's own ids and skip this sync
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+            if lo < 0 or hi >= lm.vocab_size:
+                raise ValueError(f"input_ids hold {lo if lo < 0 else hi}: the model has ids 0..{lm.vocab_size - 1}")
         if attention_mask is not None and attention_mask.shape != (b, past + t):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + t)}")
         if past == 0 and images is None and image_features is None and bool((input_ids == IMG_START_ID).any()):
