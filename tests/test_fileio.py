@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -247,3 +248,18 @@ def test_error_line_is_one_line_of_an_exception() -> None:
         == "Error(s) in loading state_dict for PeftModel: Missing key(s): x"
     assert error_line(TypeError("\n\n")) == "TypeError" and error_line(KeyError()) == "KeyError"
     assert error_line(OSError("x" * 500)) == "x" * 297 + "..."
+
+
+def test_a_yaml_key_set_twice_in_one_mapping_is_refused(tmp_path: Path) -> None:
+    # PyYAML kept the last value without a word: "seed: 1 ... seed: 2" trained with seed 2
+    from qwenvl.fileio import read_yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\nlora:\n  r: 8\n  alpha: 16\nseed: 2\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(f))}:5: 'seed' is set twice in one mapping$"):
+        read_yaml(f)
+    f.write_text("a:\n  r: 8\n  r: 9\n")
+    with pytest.raises(ValueError, match=r":3: 'r' is set twice"):
+        read_yaml(f)
+    f.write_text("a: {r: 8}\nb: {r: 8}\n")  # the same key in two mappings is fine
+    assert read_yaml(f) == {"a": {"r": 8}, "b": {"r": 8}}

@@ -440,6 +440,16 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
             finally:
                 self.depth -= 1
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            # a key written twice: YAML says keys are unique, PyYAML keeps the last one without a word
+            seen: set[str] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise error(f"{file}:{key.start_mark.line + 1}: {key.value!r} is set twice in one mapping")
+                    seen.add(key.value)
+            return super().construct_mapping(node, deep)
+
     return BoundedLoader
 
 
