@@ -198,7 +198,7 @@ def _billion_laughs(path: Path, key: str) -> Path:
                                              (["predict", "--predict_data", "x"], "modal_type")])
 def test_yaml_bombs_fail_fast_in_every_command_that_reads_yaml(tmp_path: Path, capsys, command, key) -> None:
     bomb = _billion_laughs(tmp_path / "bomb.yaml", key)
-    _refused([command[0], "--config", str(bomb), *command[1:]], capsys, "aliases of lists or mappings")
+    _refused([command[0], "--config", str(bomb), *command[1:]], capsys, "YAML aliases expand to more than 100,000")
     deep = tmp_path / "deep.yaml"
     deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
     _refused([command[0], "--config", str(deep), *command[1:]], capsys, "nested deeper than")
@@ -207,9 +207,22 @@ def test_yaml_bombs_fail_fast_in_every_command_that_reads_yaml(tmp_path: Path, c
     _refused([command[0], "--config", str(big), *command[1:]], capsys, "too large")
 
 
-def test_yaml_aliases_of_scalars_are_read(tmp_path: Path) -> None:
+def test_yaml_aliases_are_read_and_bounded(tmp_path: Path) -> None:
+    """Aliases of whole sections are how MindFormers' finetune YAML names its dataset (``dataset_config:
+    *train_dataset``): they were refused, so `convert --config finetune_qwenvl_9.6b_bf16.yaml` failed. What is
+    bounded now is their expanded size (the bomb above), and an alias inside what it names is refused."""
     from qwenvl.fileio import read_yaml
 
     f = tmp_path / "c.yaml"
     f.write_text("a: &size 448\nb: {image_size: *size}\n")
     assert read_yaml(f) == {"a": 448, "b": {"image_size": 448}}
+    f.write_text("train_dataset: &train_dataset\n  batch_size: 1\n  seed: 2022\n"
+                 "train_dataset_task:\n  type: ModalToTextSFTDataset\n  dataset_config: *train_dataset\n"
+                 "base: &base {lr: 1.0e-5}\nrun: {<<: *base, steps: 3}\n")
+    assert read_yaml(f) == {"train_dataset": {"batch_size": 1, "seed": 2022},
+                            "train_dataset_task": {"type": "ModalToTextSFTDataset",
+                                                   "dataset_config": {"batch_size": 1, "seed": 2022}},
+                            "base": {"lr": 1e-5}, "run": {"lr": 1e-5, "steps": 3}}
+    f.write_text("a: &a [1, *a]\n")
+    with pytest.raises(ValueError, match="a YAML alias refers to a value that contains it"):
+        read_yaml(f)

@@ -354,3 +354,16 @@ def test_an_emb_strategy_padding_beyond_the_vocabulary_is_refused(tmp_path):
         mf.export_checkpoint(GOLDEN, tmp_path / "x.ckpt", emb_strategy=10**9)
     assert not (tmp_path / "x.ckpt").exists()
     mf.export_checkpoint(GOLDEN, tmp_path / "y.ckpt", emb_strategy=vocab // 512)
+
+
+def test_a_mindformers_finetune_yaml_with_section_aliases_is_mapped(tmp_path):
+    # MindFormers' finetune_qwenvl_9.6b_bf16.yaml names its dataset with "dataset_config: *train_dataset" (an
+    # alias of a whole section), which the YAML reader refused: the README's `convert --config` with it failed
+    f = tmp_path / "finetune_qwenvl_9.6b_bf16.yaml"
+    f.write_text("train_dataset: &train_dataset\n  batch_size: 1\ntrain_dataset_task:\n  dataset_config: *train_dataset\n"
+                 "model:\n  model_config:\n    vision_model:\n      model_config:\n        image_size: &image_size 448\n"
+                 "    llm_model:\n      model_config:\n        hidden_size: 4096\n        num_layers: 32\n"
+                 "        num_heads: 32\n        intermediate_size: 11008\n"
+                 "processor:\n  image_processor:\n    image_size: *image_size\n")
+    config = mf.config_from_yaml(f)
+    assert (config.lm.hidden_size, config.lm.intermediate_size, config.visual.image_size) == (4096, 22016, 448)

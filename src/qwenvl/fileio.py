@@ -411,27 +411,23 @@ def read_json_records(
 # ---- YAML --------------------------------------------------------------------------------------------------
 MAX_YAML_BYTES = 1 << 20  # run configs are a few KB
 MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000  # values a YAML document may hold once its aliases are expanded (MindFormers': ~300)
 
 
 def _bounded_loader(file: Path, error: type[ValueError]) -> type:
     import yaml
 
     class BoundedLoader(yaml.SafeLoader):
-        """SafeLoader whose aliases may only name scalars (``&size 448`` ... ``*size``, as MindFormers' YAMLs
-        use them): an alias of a list or mapping is refused, since a 1 KB file of nested ones expands to
-        gigabytes ("billion laughs"), while scalar aliases cost no more than writing the value out. Also a
-        nesting limit (the composer recurses once per level)."""
+        """SafeLoader with bounded cost: a nesting limit (the composer recurses once per level), and a limit on
+        the values a document holds once its aliases are expanded. Aliases are fine (MindFormers' YAMLs
+        alias whole sections: ``dataset_config: *train_dataset``), but a 1 KB file of aliases of aliases expands
+        to gigabytes ("billion laughs") in whatever walks the result, so the expanded size is counted first,
+        on the composed nodes (an aliased node is counted once per use, each node's count once)."""
 
         depth = 0
 
         def compose_node(self, parent: Any, index: Any) -> Any:
             event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent):
-                target = self.anchors.get(event.anchor)
-                if target is not None and not isinstance(target, yaml.ScalarNode):
-                    mark = event.start_mark
-                    raise error(f"{file}:{mark.line + 1}: YAML aliases of lists or mappings (*{event.anchor}) are "
-                                "not supported; write the values out")
             self.depth += 1
             if self.depth > MAX_YAML_DEPTH:
                 raise error(f"{file}:{event.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
@@ -439,6 +435,30 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
                 return super().compose_node(parent, index)
             finally:
                 self.depth -= 1
+
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            sizes: dict[int, int] = {}  # id(node) -> values under it, expanded; -1 while it is being counted
+
+            def expanded(n: Any) -> int:
+                if sizes.get(id(n)) == -1:
+                    raise error(f"{file}:{n.start_mark.line + 1}: a YAML alias refers to a value that contains it")
+                if id(n) not in sizes:
+                    sizes[id(n)] = -1
+                    children = ([c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else
+                                n.value if isinstance(n, yaml.SequenceNode) else [])
+                    sizes[id(n)] = 1 + sum(expanded(c) for c in children)
+                    if sizes[id(n)] > MAX_YAML_VALUES:
+                        raise error(f"{file}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
+                                    "(aliases of aliases?); write the values out")
+                return sizes[id(n)]
+
+            try:
+                if node is not None:
+                    expanded(node)
+            except RecursionError:  # a long chain of aliases of sections that alias the next
+                raise error(f"{file}: YAML aliases nested too deep; write the values out") from None
+            return node
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             # a key written twice: YAML says keys are unique, PyYAML keeps the last one without a word
@@ -459,7 +479,8 @@ def read_yaml(
 ) -> dict[str, Any]:
     """The mapping in a YAML file (an empty file gives ``{}``), parsed with bounded cost.
 
-    Anchors/aliases, nesting deeper than ``MAX_YAML_DEPTH`` and files over ``max_bytes`` raise ``error``
+    Aliases expanding to more than ``MAX_YAML_VALUES`` values, nesting deeper than ``MAX_YAML_DEPTH`` and files
+    over ``max_bytes`` raise ``error``
     with a one-line message naming the file; so do invalid YAML and a top level that is not a mapping.
     """
     import yaml
