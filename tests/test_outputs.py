@@ -106,6 +106,14 @@ def test_output_folder_that_is_a_dangling_link_is_refused_in_one_line(tmp_path: 
     assert (tmp_path / "out").is_symlink() and not (tmp_path / "gone").exists()
 
 
+def test_output_folder_under_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("mine")  # was "[Errno 20] Not a directory: 'afile/sub/run'" from mkdir
+    with pytest.raises(OutputDirError, match=r"^the output folder .*afile/sub/run cannot be created: .*afile is a "
+                                             r"file, not a folder$"), claim_output(tmp_path / "afile/sub/run", "demo"):
+        pytest.fail("must not get here")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_foreign_non_empty_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
     out = tmp_path / "mine"
     before = _user_folder(out)

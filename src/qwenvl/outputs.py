@@ -302,6 +302,9 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
     if root.is_symlink() and not root.exists():  # mkdir would fail on the link's name; its target is not ours
         raise OutputDirError(f"the output folder {root} is a symbolic link to {os.readlink(root)}, which does not "
                              "exist; create that folder or choose another")
+    above = next((p for p in root.parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # mkdir: "[Errno 20] Not a directory"
+        raise OutputDirError(f"the output folder {root} cannot be created: {above} is a file, not a folder")
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(root, command)
