@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -149,13 +150,17 @@ def test_missing_model_or_data_is_a_clear_error(tmp_path: Path) -> None:
         train(TrainConfig(output_dir=str(tmp_path), max_steps=1))
 
 
-def test_warmup_first_step_moves_the_weights(make_cfg, processor, tmp_path: Path) -> None:
+def test_warmup_first_step_moves_the_weights(make_cfg, processor, tmp_path: Path, caplog) -> None:
     cfg = make_cfg(tmp_path, max_steps=2, warmup_steps=4, learning_rate=1e-2)
     model = T._prepare_model(cfg, None, torch.device("cpu"))
     before = _state(model)
-    result = train(cfg, model=model, processor=processor)
+    with caplog.at_level(logging.WARNING, logger="qwenvl.train.trainer"):
+        result = train(cfg, model=model, processor=processor)
     assert result.learning_rates == pytest.approx([2.5e-3, 5e-3])
     assert not torch.equal(before["lm_head.weight"], model.state_dict()["lm_head.weight"])
+    # a warmup as long as the run was not said (the 9.6B YAML's 300 steps with --max_steps 100, say)
+    assert ("warmup_steps=4 is not shorter than the run's 2 steps: the learning rate never reaches "
+            "learning_rate=0.01 (it ends at 0.005) and never decays" in caplog.text)
 
 
 def test_lr_scales_give_vision_and_resampler_their_own_rates(make_cfg, processor, tmp_path: Path) -> None:

@@ -511,6 +511,10 @@ def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.devi
         raise TrainConfigError("nothing to train: every parameter is frozen")
     optimizer = _build_optimizer(named, cfg, device)
     total = _plan_steps(cfg, len(dataset), env.world_size)
+    if cfg.warmup_steps >= total:
+        logger.warning("warmup_steps=%d is not shorter than the run's %d steps: the learning rate never reaches "
+                       "learning_rate=%g (it ends at %.3g) and never decays; lower warmup_steps", cfg.warmup_steps,
+                       total, cfg.learning_rate, cfg.learning_rate * total / max(1, cfg.warmup_steps))
     schedule = functools.partial(cosine_with_warmup, warmup=cfg.warmup_steps, total=total,
                                  min_ratio=cfg.min_lr / cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
