@@ -101,7 +101,7 @@ def test_module_entry_point_errors_are_one_line(train_data: Path, tmp_path: Path
     assert main(["--config", str(TINY), "--train_data", str(train_data), "--output_dir",
                  str(tmp_path / "file" / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("qwenvl finetune: error: ") and "Not a directory" in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("qwenvl finetune: error: ") and "is a file, not a folder" in err, err
     assert (tmp_path / "file").read_text() == "x"
 
 
