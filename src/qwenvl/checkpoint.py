@@ -32,7 +32,7 @@ import re
 import shutil
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,6 +47,8 @@ from .outputs import output_files
 
 __all__ = [
     "CheckpointError",
+    "cast_checked",
+    "check_cast",
     "check_config",
     "find_weights",
     "iter_tensor_bytes",
@@ -391,8 +393,6 @@ def load_weights(
             state[key] = src.to(device=device, dtype=target_dtype)
             if check_finite and not _all_finite(state[key]):
                 if target_dtype != src.dtype and _all_finite(src):  # the file is fine: its values do not fit
-                    from .mindspore_ckpt import check_cast
-
                     as_name = str(target_dtype).removeprefix("torch.")
                     check_cast(f"cannot load {ckpt_dir} as {as_name}: {key}", src, target_dtype)
                 non_finite.append(f"{key}: {_count_non_finite(state[key])}")
@@ -434,6 +434,52 @@ def _all_finite(t: torch.Tensor) -> bool:
 def _count_non_finite(t: torch.Tensor) -> str:
     bad = ~torch.isfinite(t)
     return f"{int(bad.sum())} of {t.numel()} values ({int(torch.isnan(t).sum())} NaN)"
+
+
+def _overflow(t: torch.Tensor, dtype: torch.dtype) -> tuple[int, float]:
+    """How many finite values of ``t`` become infinite when cast to ``dtype``, and the largest magnitude among
+    them; checked in blocks of rows, so no full-size copy of ``t`` is made."""
+    if not (t.is_floating_point() and dtype.is_floating_point) or t.dtype == dtype or t.numel() == 0:
+        return 0, 0.0
+    if torch.finfo(dtype).max >= torch.finfo(t.dtype).max:
+        return 0, 0.0
+    rows = t.reshape(1, -1) if t.dim() == 0 else t
+    step = max(1, (1 << 22) // max(1, rows[0].numel()))
+    bad, largest = 0, 0.0
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step]
+        over = torch.isinf(block.to(dtype)) & torch.isfinite(block)
+        if over.any():
+            bad += int(over.sum())
+            largest = max(largest, float(block[over].abs().max()))
+    return bad, largest
+
+
+def check_cast(name: str, parts: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> None:
+    """Raise :class:`CheckpointError` if casting the tensor (or the parts of one) to ``dtype`` turns finite
+    values into infinities (float32/bfloat16 values beyond 65504 cast to float16, say), rather than writing
+    them silently. ``name`` starts the message."""
+    parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
+    found = [_overflow(p, dtype) for p in parts]
+    bad = sum(n for n, _ in found)
+    if bad:
+        largest = max(m for _, m in found)
+        numel = sum(p.numel() for p in parts)
+        raise CheckpointError(
+            f"{name}: {bad} of {numel} values (largest magnitude {largest:.6g}) are beyond the range of "
+            f"{str(dtype).removeprefix('torch.')} (at most {torch.finfo(dtype).max:.6g}) and would become "
+            "infinite: choose a wider dtype (--dtype bfloat16 or float32)")
+
+
+@torch.no_grad()
+def cast_checked(model: nn.Module, dtype: torch.dtype, what: str) -> None:
+    """``model.to(dtype)`` (floating parameters and buffers; integer ones stay), after :func:`check_cast` of each:
+    a finite weight that would become infinite (beyond float16's 65504) raises, ``what: NAME`` starting the
+    message."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        check_cast(f"{what}: {name}", t, dtype)
+    model.to(dtype)
+
 
 
 # ---- config settings the shapes do not show ---------------------------------------------------------------

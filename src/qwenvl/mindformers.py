@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import _DTYPE_NAMES, CheckpointError, _iter_shards, save_pretrained
+from .checkpoint import _DTYPE_NAMES, CheckpointError, _iter_shards, check_cast, save_pretrained
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
-from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, check_cast, read_tensor, scan
+from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, read_tensor, scan
 
 __all__ = ["convert", "export_checkpoint", "import_checkpoint", "is_mindspore_path", "load_config", "ms_names",
            "official_shapes", "rules"]

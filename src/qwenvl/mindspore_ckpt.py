@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import torch
 
-from .checkpoint import CheckpointError, iter_tensor_bytes
+from .checkpoint import CheckpointError, check_cast, iter_tensor_bytes
 
 __all__ = ["CODE_OF_DTYPE", "DTYPE_OF_CODE", "SLICE_BYTES", "CkptTensor", "CkptWriter", "read_tensor", "scan"]
 
@@ -353,41 +353,6 @@ def _value_header(name: str, dims: Sequence[int], code: str, content_len: int) -
     value_head = _field(1, len(tag)) + tag + _field(2, tensor_len)
     value_len = len(value_head) + tensor_len
     return _field(1, value_len) + value_head + tensor_head
-
-
-def _overflow(t: torch.Tensor, dtype: torch.dtype) -> tuple[int, float]:
-    """How many finite values of ``t`` become infinite when cast to ``dtype``, and the largest magnitude among
-    them; checked in blocks of rows, so no full-size copy of ``t`` is made."""
-    if not (t.is_floating_point() and dtype.is_floating_point) or t.dtype == dtype or t.numel() == 0:
-        return 0, 0.0
-    if torch.finfo(dtype).max >= torch.finfo(t.dtype).max:
-        return 0, 0.0
-    rows = t.reshape(1, -1) if t.dim() == 0 else t
-    step = max(1, (1 << 22) // max(1, rows[0].numel()))
-    bad, largest = 0, 0.0
-    for i in range(0, rows.shape[0], step):
-        block = rows[i:i + step]
-        over = torch.isinf(block.to(dtype)) & torch.isfinite(block)
-        if over.any():
-            bad += int(over.sum())
-            largest = max(largest, float(block[over].abs().max()))
-    return bad, largest
-
-
-def check_cast(name: str, parts: torch.Tensor | Sequence[torch.Tensor], dtype: torch.dtype) -> None:
-    """Raise :class:`CheckpointError` if casting the tensor (or the parts of one) to ``dtype`` turns finite
-    values into infinities (float32/bfloat16 values beyond 65504 cast to float16, say), rather than writing
-    them silently. ``name`` starts the message."""
-    parts = [parts] if isinstance(parts, torch.Tensor) else list(parts)
-    found = [_overflow(p, dtype) for p in parts]
-    bad = sum(n for n, _ in found)
-    if bad:
-        largest = max(m for _, m in found)
-        numel = sum(p.numel() for p in parts)
-        raise CheckpointError(
-            f"{name}: {bad} of {numel} values (largest magnitude {largest:.6g}) are beyond the range of "
-            f"{str(dtype).removeprefix('torch.')} (at most {torch.finfo(dtype).max:.6g}) and would become "
-            "infinite: choose a wider dtype (--dtype bfloat16 or float32)")
 
 
 class CkptWriter:

@@ -528,7 +528,9 @@ def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype:
         n = quantize_int8(model, dtype)
         logger.info("int8 weight-only: %d linear layers of the language model quantized", n)
     if dtype is not None:
-        _cast_floats(model, dtype)
+        from .checkpoint import cast_checked
+
+        cast_checked(model, dtype, f"cannot compute in {str(dtype).removeprefix('torch.')}")
     if quantize != "int8" and next(model.parameters()).device.type == "cpu":
         use_row_products(model)
     return model
@@ -551,14 +553,3 @@ def copied_bytes(model: nn.Module, quantize: str | None, dtype: torch.dtype, map
         total += sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
                      for t in (*model.parameters(), *model.buffers()) if id(t) not in quantized)
     return total
-
-
-@torch.no_grad()
-def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
-    """``model.to(dtype)`` (floating parameters and buffers; int8 weights stay), after checking that no cast
-    turns finite values into infinities (beyond float16's 65504), naming the tensor."""
-    from .mindspore_ckpt import check_cast
-
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        check_cast(f"cannot compute in {str(dtype).removeprefix('torch.')}: {name}", t, dtype)
-    model.to(dtype)

@@ -251,7 +251,7 @@ def merge_lora(
     """
     folder = adapter_folder(adapter_dir)  # before anything slow, and before peft could go online
     peft = _peft()
-    from ..checkpoint import CheckpointError, save_pretrained
+    from ..checkpoint import CheckpointError, cast_checked, save_pretrained
     from ..config import QwenVLConfig
     from ..model import QwenVL
     from ..model.qwenvl import _as_dtype
@@ -274,11 +274,7 @@ def merge_lora(
                               "or with another lora_target?)")
     merged = adapted.merge_and_unload()
     _load_extras(merged, folder)
-    from ..mindspore_ckpt import check_cast
-
-    for name, p in merged.named_parameters():  # float16 (at most 65504): a finite weight must not become inf
-        check_cast(f"cannot merge into {str(target).removeprefix('torch.')}: {name}", p.detach(), target)
-    merged.to(target)
+    cast_checked(merged, target, f"cannot merge into {str(target).removeprefix('torch.')}")  # float16: <= 65504
     out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size,
                           safe_serialization=safe_serialization)
     logger.info("merged %s into %s -> %s (%s)", adapter_dir, base_dir, out, target)
