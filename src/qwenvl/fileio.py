@@ -479,9 +479,9 @@ def read_yaml(
 ) -> dict[str, Any]:
     """The mapping in a YAML file (an empty file gives ``{}``), parsed with bounded cost.
 
-    Aliases expanding to more than ``MAX_YAML_VALUES`` values, nesting deeper than ``MAX_YAML_DEPTH`` and files
-    over ``max_bytes`` raise ``error``
-    with a one-line message naming the file; so do invalid YAML and a top level that is not a mapping.
+    Aliases expanding to more than ``MAX_YAML_VALUES`` values, nesting deeper than ``MAX_YAML_DEPTH``, a key set
+    twice in one mapping and files over ``max_bytes`` raise ``error`` with a one-line message naming the file; so
+    do invalid YAML and a top level that is not a mapping.
     """
     import yaml
 

@@ -100,7 +100,6 @@ def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str
     machine has available (RAM + swap; Linux): the process would otherwise be killed minutes into reading the
     files. Counted from the shapes (:func:`qwenvl.quantize.copied_bytes`): tensors read in place from a checkpoint
     that stores ``dtype`` take none; the message says what would fit (int8 weights)."""
-    from .config import QwenVLConfig
     from .hardware import available_memory
     from .model.qwenvl import _as_dtype
     from .quantize import copied_bytes
@@ -113,6 +112,7 @@ def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str
     need = copied_bytes(meta, quantize, dtype, mapped)
     if need <= available:
         return
+
     def size(n: int) -> str:
         return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 

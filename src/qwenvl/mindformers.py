@@ -193,7 +193,7 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
     """
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
-    doc = read_yaml(path, ConfigError, "MindFormers config")  # bounded: no aliases, size and depth limits
+    doc = read_yaml(path, ConfigError, "MindFormers config")  # bounded: expanded size, depth and file size limits
     model = doc.get("model")
     section = model.get("model_config") if isinstance(model, dict) else None
     llm = _sub(section, "llm_model")

@@ -249,7 +249,7 @@ def _join_problems(problems: Sequence[tuple[tuple[str, ...], str]], where: dict[
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The settings of a YAML run config (bounded parsing: no aliases, size and depth limits)."""
+    """The settings of a YAML run config (bounded parsing: expanded size, depth and file size limits)."""
     return fileio.read_yaml(path, TrainConfigError, what="training config")
 
 
