@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import PRESETS, SHAPE_FIELDS, UNSEEN_FIELDS, QwenVLConfig
-from .fileio import _parse_json, error_line, read_json
+from .fileio import error_line, parse_json, read_json
 from .outputs import output_files
 
 __all__ = [
@@ -496,7 +496,7 @@ def _saved_unseen_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        saved = _parse_json(raw, files[0], CheckpointError)
+        saved = parse_json(raw, files[0], CheckpointError)
     except CheckpointError:
         saved = None
     if not isinstance(saved, dict):

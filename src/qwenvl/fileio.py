@@ -42,6 +42,7 @@ __all__ = [
     "fault_point",
     "is_temporary",
     "iter_jsonl",
+    "parse_json",
     "read_json_records",
     "read_yaml",
     "remove_tree",
@@ -363,10 +364,12 @@ def read_json(path: str | os.PathLike[str], error: type[ValueError] = ValueError
         raw = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{file}: not UTF-8 text ({e})") from None
-    return _parse_json(raw, file, error)
+    return parse_json(raw, file, error)
 
 
-def _parse_json(raw: str, file: Path, error: type[ValueError]) -> Any:
+def parse_json(raw: str, file: str | os.PathLike[str], error: type[ValueError]) -> Any:
+    """The JSON value of the text ``raw`` read from ``file``; anything Python cannot parse (invalid JSON, nesting
+    too deep, a number of thousands of digits) raises ``error`` naming ``file``."""
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
@@ -402,7 +405,7 @@ def read_json_records(
         # Lines end at "\n" only, as in iter_jsonl: str.splitlines() also splits at U+2028, U+0085, ..., which a
         # JSON string may hold unescaped ("\r\n" leaves a "\r", which JSON reads as whitespace).
         return [value for _lineno, value in _json_lines(raw.split("\n"), file, error)]
-    data = _parse_json(raw, file, error)
+    data = parse_json(raw, file, error)
     if not isinstance(data, list):
         raise error(f"{file}: expected a JSON list of {items} at the top level, got {type(data).__name__}")
     return data

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from .images import _as_rgb
+from .images import as_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ def _canvas(image: Image.Image) -> Image.Image:
     if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
         # Pillow converts La to RGBA only through LA; a palette's transparency survives only into RGBA
         return (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
-    return _as_rgb(image)
+    return as_rgb(image)
 
 
 def draw_boxes(

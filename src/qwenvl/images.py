@@ -42,6 +42,7 @@ __all__ = [
     "ImageSource",
     "MediaAccessError",
     "MediaPolicy",
+    "as_rgb",
     "check_image",
     "load_image",
     "open_image",
@@ -202,10 +203,10 @@ def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
-    return _as_rgb(img)
+    return as_rgb(img)
 
 
-def _as_rgb(img: Image.Image) -> Image.Image:
+def as_rgb(img: Image.Image) -> Image.Image:
     """``img`` in mode RGB, as the model sees it (also what ``grounding.draw_boxes`` draws on)."""
     # 16-bit grayscale: I;16, I;16B, I;16L, I;16N (PNG, TIFF, ...), and I when read from a PNG (PNG has no 32-bit
     # grayscale: older Pillow opens 16-bit PNGs as I). Any other I image keeps PIL's conversion.
