@@ -166,6 +166,21 @@ def test_an_all_padding_row_leaves_the_other_rows_as_alone(prompt_len):
     assert not logits.isnan().any() and not step.isnan().any()
 
 
+def test_a_padded_decode_step_of_an_all_padding_row_is_not_nan():
+    # a decode step whose own mask entry is 0, in a row with no real token, had every key masked: NaN logits
+    model = short_context_model(32)
+    ids = torch.randint(0, 5000, (2, 6))
+    mask = torch.tensor([[1] * 6, [0] * 6])
+    with torch.no_grad():
+        cache = model.new_cache(2, 7)
+        model(ids, attention_mask=mask, past_key_values=cache)
+        step_mask = torch.cat([mask, torch.tensor([[1], [0]])], 1)
+        step = model(ids[:, :1], attention_mask=step_mask, past_key_values=cache).logits
+        alone = model(torch.cat([ids[:1], ids[:1, :1]], 1)).logits[:, -1]
+    assert not step.isnan().any()
+    torch.testing.assert_close(step[0, -1], alone[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("bad", [-1, 151936])
 def test_ids_out_of_the_vocabulary_are_refused_with_a_message(bad):
     model = short_context_model()
