@@ -230,6 +230,13 @@ class GenerationDefaults:
         for name in ("max_new_tokens", "max_window_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        # the sampling defaults generate() takes: a top_p of 5 or a NaN temperature loaded and failed at the first
+        # generation, naming no file
+        _check_positive(self, ("temperature", "top_p", "repetition_penalty"))
+        if self.top_p > 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
     @classmethod
     def from_file(cls, file: str | Path) -> GenerationDefaults:
