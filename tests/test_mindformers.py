@@ -327,6 +327,13 @@ def test_a_folder_named_like_a_ckpt_is_said_to_be_a_folder(tmp_path, capsys):
     ("hidden_size: 128", "hidden_size: '128'", "llm_model.model_config.hidden_size must be an integer, got '128'"),
     # was taken as an epsilon of 1.0
     ("rms_norm_eps: 1.0e-6", "rms_norm_eps: true", "llm_model.model_config.rms_norm_eps must be a number, got True"),
+    # were: OverflowError tracebacks (an integer beyond any float: float(), the ViT's intermediate_size / hidden_size)
+    ("rms_norm_eps: 1.0e-6", "rms_norm_eps: 1" + "0" * 400,
+     "llm_model.model_config.rms_norm_eps must be a number of float range, got an integer of 401 digits"),
+    ("intermediate_size: 128", "intermediate_size: 1" + "0" * 400,
+     "vision_model.model_config.intermediate_size is too large: an integer of 401 digits"),
+    ("hidden_size: 64", "hidden_size: 2" + "0" * 400, "vision_model.model_config.hidden_size is too large: an integer "
+     "of 401 digits"),
 ])
 def test_bad_values_of_a_mindformers_yaml_name_the_key(tmp_path, line, bad, message):
     from qwenvl.config import ConfigError

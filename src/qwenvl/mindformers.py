@@ -180,8 +180,13 @@ def load_config(spec: str | os.PathLike[str]) -> QwenVLConfig:
 
 def _mlp_ratio(intermediate: int, width: int) -> float:
     """A ratio whose ``int(width * ratio)`` is ``intermediate`` (4.9231 for the 9.6B ViT, as its config.json)."""
-    ratio = round(intermediate / width, 4)
-    return ratio if int(width * ratio) == intermediate else (intermediate + 0.5) / width
+    try:
+        ratio = round(intermediate / width, 4)
+        return ratio if int(width * ratio) == intermediate else (intermediate + 0.5) / width
+    except OverflowError:  # YAML integers beyond any float (a traceback)
+        big = max(("intermediate_size", intermediate), ("hidden_size", width), key=lambda kv: kv[1])
+        raise ConfigError(f"vision_model.model_config.{big[0]} is too large: an integer of {len(str(big[1]))} "
+                          "digits") from None
 
 
 def config_from_yaml(path: Path) -> QwenVLConfig:
@@ -217,6 +222,9 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
         except (TypeError, ValueError):
             said = "an integer" if kind is int else "a number"
             raise ConfigError(f"{where}.{key} must be {said}, got {value!r}") from None
+        except OverflowError:  # an integer beyond any float (a traceback)
+            raise ConfigError(f"{where}.{key} must be a number of float range, got an integer of "
+                              f"{len(str(value))} digits") from None
 
     lm_at, vit_at, top_at = "llm_model.model_config", "vision_model.model_config", "model.model_config"
     try:
