@@ -392,3 +392,23 @@ def test_records_the_dataset_could_not_encode_are_malformed(tmp_path: Path) -> N
     out = tmp_path / "out.json"
     convert_llava(_write(tmp_path / "in.json", records), tmp_path / "imgs", out, image_prefix="")
     assert json.loads(out.read_text()) == []
+
+
+def test_image_tag_inside_the_image_name_is_not_counted_as_a_second_tag(tmp_path: Path) -> None:
+    # the tags were counted in the turn after the picture line went in, so an image named "a<image>.jpg" made
+    # a record with one tag "2 <image> tags" (malformed)
+    (tmp_path / "a<image>.jpg").write_bytes(b"x")
+    pic = "Picture 1: <img>a<image>.jpg</img>\n"
+
+    def rec(*values: str) -> dict:
+        return {"id": "r", "image": "a<image>.jpg",
+                "conversations": [{"from": "human", "value": v} for v in values] + [{"from": "gpt", "value": "ok"}]}
+
+    for in_place in (False, True):
+        converted, summary = convert_records([rec("<image>\nQ?"), rec("Q?", "<image>\nR?")], tmp_path,
+                                             image_prefix="", tag_in_place=in_place)
+        assert summary.malformed == [] and summary.untagged == 0
+        assert [c["conversations"][0]["value"] for c in converted] == [pic + "Q?", "Q?"]
+        assert converted[1]["conversations"][1]["value"] == pic + "R?"
+    _, summary = convert_records([rec("<image>\nQ? <image>")], tmp_path, image_prefix="")
+    assert [m.reason for m in summary.malformed] == ["2 <image> tags; a record holds at most one image"]

@@ -163,7 +163,7 @@ def _convert_record(
             raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt')")
         replaced = _replace_image_tag(value, picture, tag_in_place)
         if replaced is not None:
-            tagged += 1 + replaced.count(LLAVA_IMAGE_TOKEN)
+            tagged += value.count(LLAVA_IMAGE_TOKEN)  # in the turn as written: the image name may hold one
             if rel_path is None:
                 raise _Malformed(f"turn {t} has an {LLAVA_IMAGE_TOKEN} tag but the record has no 'image'")
             if speaker != "human":
