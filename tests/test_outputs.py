@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -164,6 +165,33 @@ def test_unlocked_lock_file_of_a_live_process_on_this_host_is_respected(tmp_path
     """A filesystem without working flock: the lock file still names a live process, so we do not take it."""
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     with pytest.raises(OutputDirError, match=rf"pid {os.getppid()} .*still running.*delete .*{LOCK_FILE}"):
+        acquire_lock(tmp_path, "convert")
+
+
+def test_a_lock_file_naming_a_pid_reused_by_a_later_process_is_taken_over(tmp_path: Path, caplog) -> None:
+    """A run killed in a container; after a restart another process has its pid. That process started after the
+    lock was taken: it is not the holder, and the folder is not blocked until the lock file is deleted by hand."""
+    later = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        an_hour_ago = (datetime.datetime.now().astimezone() - datetime.timedelta(hours=1)).isoformat(timespec="seconds")
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": later.pid, "host": socket.gethostname(),
+                                                      "command": "finetune", "started": an_hour_ago}))
+        with caplog.at_level(logging.WARNING, logger="qwenvl.outputs"):
+            acquire_lock(tmp_path, "convert").release()
+        assert f"taking over the lock of a run that is no longer running (pid {later.pid}" in caplog.text
+    finally:
+        later.communicate(b"")
+
+
+def test_a_filesystem_without_locks_is_a_one_line_error_naming_the_folder(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # an NFS mount with "nolock", say
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OutputDirError, match=rf"cannot lock {tmp_path / LOCK_FILE}: No locks available .*local disk"):
         acquire_lock(tmp_path, "convert")
 
 

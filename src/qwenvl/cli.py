@@ -8,12 +8,16 @@ missing files, mismatched checkpoints) print one clear line and exit with status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from . import __version__
 
@@ -108,16 +112,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(SUBCOMMANDS[args.command])
     try:
-        result = module.run(args, extra)
+        with _terminate_as_interrupt(args.command in TERM_AS_INTERRUPT):
+            result = module.run(args, extra)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as e:
-        # ValueError covers our CheckpointError, ConfigError, ImageError and data errors.
+    except (ValueError, OSError) as e:
+        # ValueError covers our CheckpointError, ConfigError, ImageError and data errors; OSError a missing
+        # file, a folder where a file should be, no permission, a full disk ("[Errno 28] No space left on
+        # device: 'out/answers.jsonl'": our writers name the file)
         print(f"qwenvl {args.command}: error: {e}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+# commands that write outputs: SIGTERM (kill, timeout, a batch scheduler's cancel) ends them as Ctrl-C does,
+# cleaning their temporary files and saving what Ctrl-C saves; chat and serve keep their own handling
+TERM_AS_INTERRUPT = {"predict", "convert", "data-convert", "finetune", "eval", "demo"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: every Ctrl-C path (cleanup, partial results) runs for it too."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt(enabled: bool) -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is put
+    back after)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

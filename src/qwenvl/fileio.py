@@ -17,6 +17,8 @@ tests use it to check that every such crash is recovered.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import json
 import logging
@@ -40,6 +42,7 @@ __all__ = [
     "clean_temporary",
     "error_line",
     "fault_point",
+    "write_error",
     "is_temporary",
     "iter_jsonl",
     "parse_json",
@@ -67,6 +70,48 @@ def error_line(e: BaseException, limit: int = 300) -> str:
         return type(e).__name__
     text = f"{lines[0]} {lines[1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+NO_SPACE_BYTES = 1 << 20  # a filesystem with less free is full: what a failed write of ours has left there
+
+
+def _no_space(path: Path) -> bool:
+    """Whether the filesystem of ``path`` (or of its nearest existing parent) is full."""
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free < NO_SPACE_BYTES
+        except OSError:
+            continue
+    return False
+
+
+def write_error(e: BaseException, target: str | os.PathLike[str], staging: str | os.PathLike[str] | None = None
+                ) -> OSError | None:
+    """``e``, raised while ``target`` was written (through ``staging``, a temporary file or folder), as an OSError
+    that names ``target`` (one line: "[Errno 28] No space left on device: 'out/answers.jsonl'"); None when
+    ``e`` is not a failed write of ours (a read of an input named in its message, a bug).
+
+    A write error of the OS (``f.write``, ``close``: no file name, or one inside ``staging``) keeps its errno;
+    the RuntimeError of ``torch.save``'s writer, which hides its errno ("unexpected pos 704 vs 598"), becomes
+    ENOSPC when the disk is full. DCP's wrapper (``failures``: rank -> (error, traceback)) is looked into."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))[0]
+    target, where = Path(target), Path(staging) if staging is not None else Path(target)
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno is not None:
+            name = cause.filename
+            path = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
+            if name is None or (staging is not None and path is not None and (path == where or where in path.parents)):
+                return OSError(cause.errno, cause.strerror or os.strerror(cause.errno), str(target))
+            return None
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(e, RuntimeError) and _no_space(where if where.exists() else target.parent):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    return None
 
 
 def fault_point(name: str) -> None:
@@ -195,9 +240,9 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         mode = stat.S_IMODE(st.st_mode)
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_TAG}tmp-")
-    tmp = Path(tmp_name)
+    fd, tmp, lock_fd = _locked_temp(target)
     try:
+        _remove_dead_temps(target, tmp)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -205,11 +250,74 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp creates 0o600
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
+        named = write_error(e, target, tmp) if isinstance(e, (OSError, RuntimeError)) else None
         tmp.unlink(missing_ok=True)
+        if named is not None:
+            raise named from e
         raise
+    finally:
+        os.close(lock_fd)
     if fsync:
         _fsync_dir(target.parent)
+
+
+def _flock(fd: int) -> bool | None:
+    """Try to lock ``fd`` (``flock``, not waiting): True when locked, False when another process holds it, None
+    when the filesystem cannot lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return False if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    return True
+
+
+def _locked_temp(target: Path) -> tuple[int, Path, int]:
+    """A new temporary file for ``target``: (its descriptor, its path, a second descriptor that holds its flock
+    until closed). The lock tells the next writer of ``target`` that this file's writer is alive: one whose
+    writer was killed (SIGKILL, a power loss) is deleted by :func:`_remove_dead_temps`."""
+    for _attempt in range(20):
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_TAG}tmp-")
+        locked = _flock(fd)
+        if locked is None or (locked and _same_file_at(fd, Path(name))):
+            return fd, Path(name), os.dup(fd)  # a dup shares the lock: it stays held after the stream closes
+        os.close(fd)  # another writer's cleanup took this brand-new file for a dead one (and may remove it)
+    raise OSError(errno.EAGAIN, "could not create a temporary file: other writers keep removing them",
+                  str(target))
+
+
+def _same_file_at(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _remove_dead_temps(target: Path, mine: Path) -> None:
+    """Delete the temporary files of earlier writes of ``target`` whose writer is gone (killed before it could
+    clean up: its flock went with it); a live writer's file is locked and stays."""
+    prefix = f".{target.name}{TEMP_TAG}tmp-"
+    try:
+        with os.scandir(target.parent) as listing:
+            entries = [e for e in listing if e.name.startswith(prefix) and is_temporary(e.name)
+                       and e.name != mine.name and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if _flock(fd) and _same_file_at(fd, path):
+                path.unlink()
+                logger.warning("removed %s, left by an interrupted write of %s", path, target)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
@@ -273,8 +381,11 @@ def atomic_dir(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[
             _fsync_tree(tmp)
         fault_point("atomic_dir.staged")
         _swap_in(tmp, target)
-    except BaseException:
+    except BaseException as e:
+        named = write_error(e, target, tmp) if isinstance(e, (OSError, RuntimeError)) else None
         _remove(tmp)
+        if named is not None:
+            raise named from e
         raise
     if fsync:
         _fsync_dir(target.parent)

@@ -13,9 +13,11 @@ The rules (README "Safety"):
 - **One run per folder**: :func:`claim_output` holds ``.qwenvl-lock`` (``fcntl.flock``; the file names the
   holder's pid, host, command and start time) for the whole run. A second run is refused with a message
   naming the holder. The kernel drops a flock when its process dies, so the lock file of a killed run is
-  taken over, with a warning (unless its pid still runs on this host: then we refuse and say how to clear it).
+  taken over, with a warning (unless its pid still runs on this host, in a process started before the lock
+  was taken: then we refuse and say how to clear it).
 - **Recovery**: after taking the lock, temporary names left by a killed run (``*.qwenvl-tmp-*``,
-  ``-old-``, ``-trash-``: see :mod:`qwenvl.fileio`) are cleaned.
+  ``-old-``, ``-trash-``: see :mod:`qwenvl.fileio`) are cleaned; a run that fails or is interrupted (Ctrl-C)
+  cleans them itself before it lets the folder go.
 - **Publishing** (:func:`output_files`): files are staged in a unique hidden folder inside the output
   folder, then renamed into place with ``config.json`` last (and removed first), so a folder that has a
   ``config.json`` is complete; a new folder is built whole in a sibling and renamed in.
@@ -47,6 +49,7 @@ from .fileio import (
     clean_temporary,
     fault_point,
     is_temporary,
+    write_error,
 )
 
 __all__ = [
@@ -249,6 +252,22 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def _started_after(pid: int, started: Any) -> bool:
+    """Whether process ``pid`` started after ``started`` (a lock file's ISO time): then it is not the run that
+    wrote the lock but a later process that got the dead run's pid (containers start their processes at the
+    same few pids). False when that cannot be told (no ``/proc``, a malformed time)."""
+    try:
+        locked_at = datetime.datetime.fromisoformat(started).timestamp()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text(encoding="utf-8").splitlines()
+                    if line.startswith("btime "))
+        process_start = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, TypeError, IndexError, StopIteration):
+        return False
+    return process_start > locked_at + 2  # the lock's time and the boot time are whole seconds
+
+
 def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
     """Take ``folder``'s run lock or raise :class:`OutputDirError` naming the run that holds it."""
     path = Path(folder) / LOCK_FILE
@@ -263,8 +282,9 @@ def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
         except OSError as e:
             holder = _holder(fd)
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK: an NFS mount without locks
+                raise OutputDirError(f"cannot lock {path}: {e.strerror} (the filesystem of {folder} does not support "
+                                     "file locks?); choose an output folder on a local disk") from None
             raise OutputDirError(f"{folder} is in use by another qwenvl run ({_describe(holder)}); wait for it to "
                                  "finish or choose another output folder") from None
         if not _same_file(fd, path):  # the previous holder removed the file between our open and flock
@@ -273,7 +293,7 @@ def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
         previous = _holder(fd)
         pid = previous.get("pid")
         if previous and pid != os.getpid():
-            if previous.get("host") == host and _pid_alive(pid):
+            if previous.get("host") == host and _pid_alive(pid) and not _started_after(pid, previous.get("started")):
                 os.close(fd)
                 raise OutputDirError(
                     f"{folder} is locked by {_describe(previous)}, which is still running (this filesystem may not "
@@ -308,7 +328,7 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(root, command)
-    failed = True
+    failed, claimed = True, False
     try:
         marker = read_marker(root)
         if marker is None:
@@ -316,6 +336,7 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
             if entries and not overwrite:
                 _refuse_foreign(root, entries, flag)
             _write_marker(root, command, [])
+        claimed = True
         cleaned = clean_temporary(root)
         if cleaned:
             logger.warning("%s: cleaned %d temporary entr%s left by an interrupted run", root, len(cleaned),
@@ -323,9 +344,22 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
         yield root
         failed = False
     finally:
-        lock.release()
-        if failed and created:
-            _remove_if_unused(root)
+        try:
+            if failed and claimed:  # Ctrl-C or an error while a write, a swap or a delete was under way: finish it
+                _clean_quietly(root)
+        finally:
+            lock.release()
+            if failed and created:
+                _remove_if_unused(root)
+
+
+def _clean_quietly(root: Path) -> None:
+    """:func:`clean_temporary` on the way out of a failed run: a failure here must not hide the run's own error
+    (the next run in the folder cleans what is left)."""
+    try:
+        clean_temporary(root)
+    except Exception as e:  # noqa: BLE001 - logged, and the run's own error goes on
+        logger.warning("%s: could not clean temporary entries: %s", root, e)
 
 
 def _remove_if_unused(root: Path) -> None:
@@ -369,6 +403,11 @@ def output_files(folder: str | os.PathLike[str], command: str = "save_pretrained
     try:
         yield staging
         _publish(root, staging, marker, command, fsync)
+    except (OSError, RuntimeError) as e:  # a full disk: said as one line naming the folder
+        named = write_error(e, root, staging)
+        if named is None:
+            raise
+        raise named from e
     finally:
         _remove(staging)
 

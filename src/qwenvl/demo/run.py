@@ -98,7 +98,7 @@ from ..fileio import atomic_write_text
 from ..hardware import cpu_summary, resolve_bf16
 from ..images import load_image
 from ..model import QwenVL
-from ..outputs import OutputDirError, claim_output, record_files
+from ..outputs import OutputDirError, claim_output, read_marker, record_files
 from ..processor import DEFAULT_SYSTEM, Processor
 from ..quantize import use_row_products
 from ..tokenizer import ENDOFTEXT_ID
@@ -580,7 +580,25 @@ def run_demo(
         config = DemoConfig(**kw) if steps is None else DemoConfig.small(steps, **kw)
     with claim_output(output_dir, "demo", overwrite=overwrite):  # new, empty or an earlier demo's; locked
         _check_entries(Path(output_dir))
+        _forget_earlier_summary(Path(output_dir))
         return _run_demo(Path(output_dir), config, start)
+
+
+# written last, removed first: a folder with a report.md holds one whole run, a data/ with a train.json its images
+_SUMMARY_FILES = ("report.md", "metrics.json", "data/train.json", "data/eval.jsonl")
+
+
+def _forget_earlier_summary(out: Path) -> None:
+    """Remove the report.md and metrics.json of an earlier demo in ``out``, and the data files that list its
+    images (ours: the marker lists them, or their folder), before this run replaces its data and model: a run
+    stopped half-way (Ctrl-C, a crash) must not leave the earlier run's numbers next to a model they do not
+    describe, nor its train.json naming images being rewritten."""
+    marker = read_marker(out)
+    ours = set(marker["files"]) if marker else set()
+    for name in _SUMMARY_FILES:
+        entry = out / name
+        if name.split("/")[0] in ours and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
 
 
 def _check_entries(out: Path) -> None:

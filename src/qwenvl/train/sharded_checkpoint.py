@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from ..checkpoint import CheckpointError, save_pretrained
 from ..config import QwenVLConfig
-from ..fileio import atomic_dir, error_line, fault_point
+from ..fileio import atomic_dir, error_line, fault_point, write_error
 from ..outputs import record_files
 from .distributed import DistEnv
 from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state
@@ -92,16 +92,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {error_line(e)}" if str(e).strip() else type(e).__name__
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether Ctrl-C caused ``e``: DCP wraps what each rank raised, KeyboardInterrupt included, and torch.save
-    hit by one fails on its way out with an error of its own."""
+def _interrupted(e: BaseException) -> type[KeyboardInterrupt] | None:
+    """The interrupt (Ctrl-C, or SIGTERM as the CLI raises it) that caused ``e``, if one did: DCP wraps what each
+    rank raised, KeyboardInterrupt included, and torch.save hit by one fails on its way out with an error of its
+    own."""
     failures = getattr(e, "failures", None)
     for cause in [f[0] for f in failures.values()] if isinstance(failures, dict) else [e]:
         while cause is not None:
             if isinstance(cause, KeyboardInterrupt):
-                return True
+                return type(cause)
             cause = cause.__cause__ or cause.__context__
-    return False
+    return None
 
 
 # what reading a damaged checkpoint raises (CheckpointException is a BaseException: DCP's wrapper of the above)
@@ -123,8 +124,9 @@ def _load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
     try:
         dcp.load(state, storage_reader=_SafeReader(str(path)), no_dist=no_dist)
     except _READ_ERRORS as e:
-        if _interrupted(e):
-            raise KeyboardInterrupt from None
+        interrupt = _interrupted(e)
+        if interrupt is not None:
+            raise interrupt from None
         raise CheckpointError(f"cannot read the training checkpoint {path}: {_reason(e)} "
                               "(truncated or corrupt file?)") from None
 
@@ -173,9 +175,12 @@ def save_checkpoint(
         try:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not env.distributed)
         except dcp.api.CheckpointException as e:
-            if _interrupted(e):  # Ctrl-C: the staging folder goes, the run ends as interrupted
-                raise KeyboardInterrupt from None
-            raise
+            interrupt = _interrupted(e)
+            if interrupt is not None:  # Ctrl-C: the staging folder goes, the run ends as interrupted
+                raise interrupt from None
+            # a full disk, say: one line naming the checkpoint (the staging folder goes)
+            raise write_error(e, path, tmp) or CheckpointError(
+                f"cannot write the training checkpoint {path}: {_reason(e)}") from None
         fault_point("checkpoint.model_written")
         if write_extra is not None:
             write_extra(tmp)
