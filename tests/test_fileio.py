@@ -263,3 +263,16 @@ def test_a_yaml_key_set_twice_in_one_mapping_is_refused(tmp_path: Path) -> None:
         read_yaml(f)
     f.write_text("a: {r: 8}\nb: {r: 8}\n")  # the same key in two mappings is fine
     assert read_yaml(f) == {"a": {"r": 8}, "b": {"r": 8}}
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("seed: 2001-02-30\n", "cannot read '2001-02-30': day is out of range for month"),
+    ("seed: " + "1" * 5000 + "\n", "cannot read '" + "1" * 40 + "': Exceeds the limit (4300 digits)"),], ids=["date", "long-int"])
+def test_a_yaml_value_python_cannot_build_is_one_line_naming_the_file(tmp_path: Path, text: str, said: str) -> None:
+    # Python's own ValueError came out without the file or line ("day is out of range for month")
+    from qwenvl.fileio import read_yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 1.0e-5\n" + text)
+    with pytest.raises(ValueError, match=re.escape(f"{f}:2: {said}")):
+        read_yaml(f)

@@ -584,6 +584,15 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
                     seen.add(key.value)
             return super().construct_mapping(node, deep)
 
+        def construct_object(self, node: Any, deep: bool = False) -> Any:
+            if not isinstance(node, yaml.ScalarNode):
+                return super().construct_object(node, deep)
+            try:  # Python's own errors of a scalar (an integer of 5,000 digits, the date 2001-02-30) name no file
+                return super().construct_object(node, deep)
+            except (ValueError, OverflowError) as e:
+                raise error(f"{file}:{node.start_mark.line + 1}: cannot read {node.value[:40]!r}: {error_line(e)}"
+                            ) from None
+
     return BoundedLoader
 
 
