@@ -276,3 +276,16 @@ def test_a_yaml_value_python_cannot_build_is_one_line_naming_the_file(tmp_path: 
     f.write_text("lr: 1.0e-5\n" + text)
     with pytest.raises(ValueError, match=re.escape(f"{f}:2: {said}")):
         read_yaml(f)
+
+
+def test_a_file_given_for_a_folder_is_said_to_be_no_folder(tmp_path: Path) -> None:
+    # "checkpoint folder not found: README.md" for a file that is there
+    from qwenvl.fileio import require_folder
+
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"^checkpoint folder {re.escape(str(tmp_path / 'README.md'))} is "
+                       "not a folder$"):
+        require_folder(tmp_path / "README.md")
+    with pytest.raises(FileNotFoundError, match="^dataset_dir folder not found: "):
+        require_folder(tmp_path / "gone", "dataset_dir folder")
+    assert require_folder(tmp_path) == tmp_path

@@ -141,10 +141,13 @@ def is_temporary(name: str) -> bool:
 
 
 def require_folder(path: str | os.PathLike[str], what: str = "checkpoint folder") -> Path:
-    """``path`` as a Path, or FileNotFoundError ("<what> not found: <path>") when it is not a folder. Needs no
-    torch: the CLI checks its folders with it before loading torch and the model code, which takes seconds."""
+    """``path`` as a Path, or FileNotFoundError ("<what> not found: <path>") when nothing is there, or
+    NotADirectoryError when something else is (a file given for a folder). Needs no torch: the CLI checks its
+    folders with it before loading torch and the model code, which takes seconds."""
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            raise NotADirectoryError(f"{what} {path} is not a folder")
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
 
