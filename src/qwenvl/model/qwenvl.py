@@ -94,8 +94,8 @@ def attention_bias(
     if t == 1:  # decode: no data-dependent branch when compiled, so the step captures one graph
         if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
             return None
-        own = torch.arange(total, device=device) == total - 1  # a padded step still sees itself: no NaN row
-        return attention_mask.bool()[:, None, None, :total] | own
+        allowed = attention_mask.bool()[:, None, None, :total]
+        return allowed | ~allowed.any(-1, keepdim=True)  # a row with no real key at all: any keys, not NaN
     padded = attention_mask is not None and not bool(attention_mask.all())
     if past == 0 and padded and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         padded = False  # right padding only: see above
