@@ -196,6 +196,9 @@ def test_predict_records_a_bad_prompt_and_answers_the_others(golden_model, golde
         ({"do_sample": True, "temperature": float("nan")}, "temperature must be a finite number"),  # was RuntimeError
         ({"do_sample": True, "temperature": float("inf")}, "temperature must be a finite number"),  # was uniform
         ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
+        # 0 and inf in float32: NaN probabilities ("probability tensor contains either inf, nan or element < 0")
+        ({"do_sample": True, "repetition_penalty": 1e-50}, r"repetition_penalty must be in \[1e-38, 1e\+38\]"),
+        ({"repetition_penalty": 1e300}, r"repetition_penalty must be in \[1e-38, 1e\+38\] \(1 = off\), got 1e\+300"),
         ({"do_sample": True, "top_k": 2.5}, "top_k must be an integer"),
         ({"max_new_tokens": 2.7}, "max_new_tokens must be an integer"),
         ({"max_new_tokens": float("nan")}, "max_new_tokens must be an integer"),

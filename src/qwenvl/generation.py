@@ -61,8 +61,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
+            raise ValueError(f"repetition_penalty must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] (1 = off), "
+                             f"got {self.repetition_penalty}")
         if self.seed is not None and not -(2**63) <= _require_int("seed", self.seed) < 2**64:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
@@ -71,6 +72,10 @@ class SamplingParams:
             if _require_int("stop token id", t) < 0:
                 raise ValueError(f"stop token id must be >= 0, got {t}")
         _require_int("pad_token_id", self.pad_token_id)
+
+
+# the penalty scales float32 logits: beyond float32's normal range it is 0 or inf there (NaN probabilities)
+PENALTY_RANGE = (1e-38, 1e38)
 
 
 def _require_int(name: str, value: object) -> int:
