@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..fileio import error_line
 from ..generation import STOP_IDS, SamplingParams
 from ..processor import Processor
 from . import protocol
@@ -342,6 +343,25 @@ def _check_text(text: str, where: str) -> None:
                             "content parts", param="messages")
 
 
+def _body_problem(content_type: str, missing: bool) -> str:
+    """Why a body is not a request: FastAPI reads JSON only under a JSON content type (``curl -d`` sends a
+    form's), and hands the endpoint the raw bytes otherwise."""
+    media = content_type.split(";")[0].strip().lower()
+    if missing:
+        return "the request body is empty: send the request as a JSON object"
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return f"the request body must be a JSON object sent with Content-Type: application/json (got {got})"
+    return "the request body must be a JSON object ({...})"
+
+
+def _unparsable(cause: BaseException) -> str:
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON here: it is nested too deeply"
+    # int('9' * 5000): "Exceeds the limit (4300 digits) ...; use sys.set_int_max_str_digits() ..."
+    return f"the request body is not valid JSON here: {error_line(cause).split(';')[0]}"
+
+
 def _page() -> str:
     return (importlib.resources.files("qwenvl.serve") / "static" / "index.html").read_text(encoding="utf-8")
 
@@ -367,8 +387,11 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         finally:
             engine.stop()
 
+    # every refusal is OpenAI's error body (validation errors too: 400, not FastAPI's 422), and says so in the spec
+    errors = {"model": protocol.ErrorResponse, "description": "refused: OpenAI's error body"}
     app = FastAPI(title="qwenvl", description="Qwen-VL behind OpenAI's chat/completions API",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)  # no CDN: the docs pages load theirs
+                  lifespan=lifespan, docs_url=None, redoc_url=None,  # no CDN: the docs pages load theirs
+                  responses={"4XX": errors, "5XX": {**errors, "description": "failed: OpenAI's error body"}})
     endpoints = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
     app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints)
 
@@ -377,7 +400,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         # the deepest error names the field at fault: for `content` (a string or a list of parts) a bad part,
         # not "should be a valid string"; loc entries with "[" name a union's branch, not a field
         first = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
@@ -385,11 +408,18 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             where, message = "", "the request body is not valid JSON"  # its loc is a character offset
+        elif tuple(first.get("loc", ())) == ("body",):  # the body as a whole: missing, or not an object
+            message = _body_problem(request.headers.get("content-type", ""), first.get("type") == "missing")
         return APIError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        message = str(e.detail)
+        if e.status_code == 400 and isinstance(e.__cause__, (ValueError, RecursionError)):
+            message = _unparsable(e.__cause__)  # FastAPI's "There was an error parsing the body"
+        response = APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
+        response.headers.update(e.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, e: Exception) -> JSONResponse:
@@ -415,7 +445,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
                              "waiting": engine.waiting, "slots": engine.config.max_batch_size},
                             200 if alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -16,7 +16,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..grounding import denormalize_box, parse_grounding
 
@@ -24,6 +25,8 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "ContentPart",
+    "ErrorDetail",
+    "ErrorResponse",
     "ImagePart",
     "Message",
     "TextPart",
@@ -34,6 +37,23 @@ __all__ = [
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+MIN_PENALTY, MAX_PENALTY = 1e-38, 1e38  # = generation.PENALTY_RANGE (this module does not import torch)
+
+
+def _float32_penalty(value: float) -> float:
+    """The penalty scales logits in float32, where beyond its range it is 0 or inf: NaN probabilities."""
+    if not MIN_PENALTY <= value <= MAX_PENALTY:
+        raise PydanticCustomError("penalty_range", f"Input should be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (the "
+                                  "penalty scales logits in float32)")
+    return value
+
+
+Penalty = Annotated[float, AfterValidator(_float32_penalty),
+                    Field(allow_inf_nan=False, json_schema_extra={"minimum": MIN_PENALTY, "maximum": MAX_PENALTY})]
+_NUMBERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+            "min_tokens", "seed", "n")
 
 
 class TextPart(_Model):
@@ -72,7 +92,7 @@ class _Sampling(_Model):
     top_k: int | None = Field(default=None, ge=0)
     # vLLM's extra sampling parameters: the penalty of model.generate / transformers (> 0, 1 = off), and how
     # many tokens come before a stop token may be picked (model.generate's min_new_tokens)
-    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    repetition_penalty: Penalty | None = None
     min_tokens: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
@@ -87,6 +107,14 @@ class _Sampling(_Model):
     logit_bias: Any = None
     top_logprobs: Any = None
     response_format: Any = None
+
+    @field_validator(*_NUMBERS, mode="before", check_fields=False)
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        """JSON true/false where a number belongs is a flag in the wrong place, not 1 or 0."""
+        if isinstance(value, bool):
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+        return value
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -211,6 +239,19 @@ def completion(rid: str, model: str, text: str | None, finish_reason: str | None
     if usage_ is not None:
         body["usage"] = usage_
     return body
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """What every refused request gets (see :func:`error_body`); described in /openapi.json."""
+
+    error: ErrorDetail
 
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
