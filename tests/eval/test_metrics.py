@@ -213,3 +213,15 @@ def test_grounding_accuracy_reversed_prediction_is_a_miss_as_in_the_official_eva
     assert grounding_accuracy([(10, 10, 0, 0)], [target]) == 0.0
     assert grounding_accuracy([(10, 0, 0, 10)], [target]) == 0.0
     assert grounding_iou((10, 10, 0, 0), target) == 0.0 and grounding_iou((0, 0, 10, 10), target) == 1.0
+
+
+def test_vqa_contraction_table_is_the_official_one() -> None:
+    # vqaEval.py maps all three spellings of 'ow's'at to "'ow's'at"; the third one was mapped to itself
+    assert normalize_vqa_answer("'ow'sat") == "'ow's'at"
+    assert vqa_accuracy("'ow'sat", ["'ow's'at"] * 10) == 1.0
+
+
+def test_relaxed_correctness_strips_every_percent_sign_as_chartqa() -> None:
+    # ChartQA / Pix2Struct's _to_float: float(text.rstrip("%")) / 100
+    assert relaxed_correctness("0.5", "50%%")
+    assert relaxed_correctness("50%%", "0.5")

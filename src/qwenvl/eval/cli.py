@@ -28,6 +28,7 @@ _DEFAULTS = {  # task -> (prompt, max_new_tokens, min_new_tokens): the official 
     "caption": (CAPTION_PROMPT, 30, 8),
 }
 
+_PROMPT_FIELDS = {"grounding": ("image", "expression"), "vqa": ("image", "question"), "caption": ("image",)}
 
 # What --data holds, per task: shown by `qwenvl eval TASK --help` and in the README (tests keep them equal).
 DATA_FORMATS = {
@@ -92,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(g, "grounding")
     g.add_argument("--bbox_format", choices=["xyxy", "xywh"], default="xyxy",
                    help="'bbox' in the data: [x1,y1,x2,y2] pixels (default) or COCO [x,y,w,h]")
-    g.add_argument("--iou_threshold", type=float, default=0.5)
+    g.add_argument("--iou_threshold", type=float, default=0.5, metavar="T",
+                   help="a predicted box is correct when its IoU with the target is >= T, in (0, 1] (default 0.5)")
 
     v = task_parser("vqa", "visual question answering, VQAv2 accuracy")
     _common(v, "vqa")
@@ -110,8 +112,15 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not 0 <= args.min_new_tokens <= args.max_new_tokens:
+        default = args.min_new_tokens == _DEFAULTS[args.eval_task][2]
+        hint = f" (the official default for {args.eval_task}): pass --min_new_tokens 0..{args.max_new_tokens} as well" \
+            if default else ""
         raise ValueError(f"--min_new_tokens must be in [0, --max_new_tokens = {args.max_new_tokens}], got "
-                         f"{args.min_new_tokens}")
+                         f"{args.min_new_tokens}{hint}")
+    if args.eval_task == "grounding":
+        from .runners import check_threshold
+
+        check_threshold(args.iou_threshold, "--iou_threshold")
 
 
 def _limit(records: list[Any], n: int | None) -> list[Any]:
@@ -142,7 +151,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     check_output_file(args.output, {f"image of {r.where}": policy.resolve(r.image) for r in records},  # inputs too
                       overwrite=args.overwrite)
     records = _limit(records, args.limit)
+    metric = runners.resolve_vqa_metric(records, args.metric) if task == "vqa" else None
     prompt, protocol = _prompt(args, task)
+    runners._format(prompt, "", **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
     require_folder(args.model)
     from ..inference import load  # torch: after the checks of the data, the prompt and the folder
 
@@ -157,7 +168,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         result = runners.evaluate_grounding(records, threshold=args.iou_threshold, **common)
         line = f"Acc@{args.iou_threshold:g}: {result.score:.4f} ({result.details['num_correct']}/{result.num_samples})"
     elif task == "vqa":
-        result = runners.evaluate_vqa(records, metric=args.metric, **common)
+        result = runners.evaluate_vqa(records, metric=metric, **common)
         line = f"VQA accuracy ({result.settings['vqa_metric']}): {100 * result.score:.2f} over {result.num_samples}"
     else:
         result = runners.evaluate_caption(records, **common)

@@ -80,7 +80,7 @@ _CONTRACTIONS = {
     "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
     "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
     "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow'sat", "shant": "shan't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
     "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
     "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
     "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
@@ -185,7 +185,7 @@ def exact_match(prediction: str, targets: str | Sequence[str]) -> float:
 
 def _to_float(text: str) -> float | None:
     try:
-        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
@@ -193,7 +193,7 @@ def _to_float(text: str) -> float | None:
 def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
     """ChartQA's relaxed accuracy: numbers within 5% of a nonzero target count; else exact (case-insensitive).
 
-    "12%" reads as 0.12. The relative change is taken w.r.t. the target, as in the ChartQA/Pix2Struct
+    "12%" (or "12%%": every trailing percent sign goes, as there) reads as 0.12. The relative change is taken w.r.t. the target, as in the ChartQA/Pix2Struct
     definition (Qwen-VL's eval script passes the arguments the other way round).
     """
     pred, tgt = prediction.strip(), target.strip()

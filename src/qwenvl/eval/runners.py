@@ -21,13 +21,14 @@ folder: relative paths resolve there and, unless ``allow_any_local_path=True``, 
 
 - grounding: ``{"image": "...", "sent": "the man on the left", "bbox": [x1, y1, x2, y2], "height": H,
   "width": W}`` with ``bbox`` in pixels of the original image (``bbox_format="xywh"`` reads COCO's
-  ``[x, y, w, h]`` instead). ``height``/``width`` may be omitted: they are then read from the image file.
+  ``[x, y, w, h]`` instead). ``height``/``width`` may be omitted: they are then read from the image file. The
+  box must lie in the image (up to a pixel of overhang).
 - VQA: ``{"image": "...", "question": "...", "answers": ["yes", "yes", ...]}`` (VQAv2: the 10 annotators'
-  answers; ``{"answer": ...}`` dicts are accepted too) or ``"answer": "yes"`` for a single reference;
-  optional ``question_id``.
-- captioning: ``{"image": "...", "captions": ["...", ...]}`` with an optional ``id``, or the COCO-style JSON
-  that Qwen-VL's caption eval reads (``{"images": [{"id", "image"|"file_name"}], "annotations":
-  [{"image_id", "caption"}]}``).
+  answers; ``{"answer": ...}`` dicts are accepted too) or ``"answer": "yes"`` for a single reference (not all
+  blank); optional ``question_id`` (a number or a string, unique).
+- captioning: ``{"image": "...", "captions": ["...", ...]}`` (none blank) with an optional unique ``id``, or
+  the COCO-style JSON that Qwen-VL's caption eval reads (``{"images": [{"id", "image"|"file_name"}],
+  "annotations": [{"image_id", "caption"}]}``).
 
 Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts), so the runners can be
 driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
@@ -219,7 +220,8 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
         raise EvalDataError(f"{where}: missing key {key!r} (has: {', '.join(sorted(obj)) or 'nothing'})")
     value = obj[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        names = "number" if kind == (int, float) else kind.__name__ if isinstance(kind, type) else \
+            " or ".join(k.__name__ for k in kind)
         raise EvalDataError(f"{where}: {key!r} must be a {names}, got {value!r}")
     return value
 
@@ -256,9 +258,22 @@ def _finite_number(v: Any) -> bool:
         return False
 
 
+def _optional_id(obj: dict[str, Any], key: str, where: str) -> Any:
+    """``obj[key]`` when it is a number or a string; None when absent or null; anything else is an error."""
+    value = obj.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        raise EvalDataError(f"{where}: {key!r} must be a number or a string, got {_short(value)}")
+    return value
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# How far (pixels) a target box may overhang its image: COCO's boxes, traced on polygons, can overshoot by a
+# fraction of a pixel. Beyond that the box is not pixels of this image (the model's [0, 1000) grid, say).
+_BOX_SLACK = 1.0
 
 
 @dataclass
@@ -322,6 +337,10 @@ def load_grounding_data(
             if not (w > 0 and h > 0):
                 raise EvalDataError(f"{where}: width and height must be positive finite numbers, got {w}x{h}")
             width, height = float(w), float(h)
+        if min(bbox) < -_BOX_SLACK or bbox[2] > width + _BOX_SLACK or bbox[3] > height + _BOX_SLACK:
+            hint = "x + w and y + h must stay in it" if bbox_format == "xywh" else \
+                "it must be pixels of the original image ([x1, y1, x2, y2]), not the model's [0, 1000) grid"
+            raise EvalDataError(f"{where}: 'bbox' {_short(box)} lies outside the {width:g}x{height:g} image: {hint}")
         records.append(GroundingRecord(image, sent, bbox, width, height, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
@@ -350,10 +369,13 @@ def _answers(obj: dict[str, Any], where: str) -> list[str]:
             if not isinstance(a, str):
                 raise EvalDataError(f"{where}: every answer must be a string (or {{'answer': str}}), got {a!r}")
             out.append(a)
-        return out
-    if "answer" in obj:
-        return [_require(obj, "answer", str, where)]
-    raise EvalDataError(f"{where}: missing key 'answers' (or 'answer')")
+    elif "answer" in obj:
+        out = [_require(obj, "answer", str, where)]
+    else:
+        raise EvalDataError(f"{where}: missing key 'answers' (or 'answer')")
+    if not any(a.strip() for a in out):  # a blank answer would "match" every empty prediction
+        raise EvalDataError(f"{where}: every reference answer is blank")
+    return out
 
 
 def load_vqa_data(
@@ -363,13 +385,21 @@ def load_vqa_data(
     policy = _media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     records = []
+    seen: dict[Any, str] = {}
     for lineno, obj in _read_jsonl(path):
         where = f"{path}:{lineno}"
         image = _require(obj, "image", str, where)
         question = _require(obj, "question", str, where)
+        question_id = _optional_id(obj, "question_id", where)
+        if question_id is not None:
+            first = seen.setdefault(question_id, where)
+            if first != where:  # a file concatenated with itself, say: the question would count twice
+                raise EvalDataError(f"{where}: question_id {question_id!r} is also the question_id of {first}: "
+                                    "ids must be unique")
+        answers = _answers(obj, where)
         _check_prompt_image(image, where)
         _image_path(image, policy, where)
-        records.append(VQARecord(image, question, _answers(obj, where), obj.get("question_id"), where))
+        records.append(VQARecord(image, question, answers, question_id, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
     return records
@@ -424,9 +454,13 @@ def load_caption_data(
         captions = _require(obj, "captions", list, where)
         if not captions or not all(isinstance(c, str) for c in captions):
             raise EvalDataError(f"{where}: 'captions' must be a non-empty list of strings")
+        blank = next((k for k, c in enumerate(captions) if not c.strip()), None)
+        if blank is not None:  # it would add 0 to the mean over the references: a lower CIDEr for nothing
+            raise EvalDataError(f"{where}: captions[{blank}] is blank")
+        cid = _optional_id(obj, "id", where)
         _check_prompt_image(image, where)
         _image_path(image, policy, where)
-        records.append(CaptionRecord(image, captions, obj.get("id", len(records)), where))
+        records.append(CaptionRecord(image, captions, len(records) if cid is None else cid, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
     seen: dict[str, CaptionRecord] = {}
@@ -503,6 +537,7 @@ def evaluate_grounding(
     and ``{expression}``; when it ends in ``<box>`` the continuation is read as the inside of that box.
     Predicted boxes (normalized to [0, 1000)) are mapped to pixels with ``x / 999 * W``.
     """
+    check_threshold(threshold)
     records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(
         data, image_dir, bbox_format, allow_any_local_path=allow_any_local_path)
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
@@ -543,6 +578,28 @@ def evaluate_grounding(
 VQA_METRICS = ("auto", "vqa", "exact_match", "relaxed")
 
 
+def check_threshold(threshold: float, name: str = "threshold") -> None:
+    """An IoU threshold must be in (0, 1]: at 0 any box counts, above 1 none, NaN compares False."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {threshold}")
+
+
+def resolve_vqa_metric(records: Sequence[VQARecord], metric: str) -> str:
+    """The metric ``metric`` means for ``records`` (``auto``: ``vqa`` when every question has several reference
+    answers, else ``exact_match``); ``vqa`` for a question with one reference is an error (it would score 0)."""
+    if metric not in VQA_METRICS:
+        raise ValueError(f"metric must be one of {', '.join(VQA_METRICS)}, got {metric!r}")
+    if metric == "auto":
+        return "vqa" if all(len(r.answers) > 1 for r in records) else "exact_match"
+    if metric == "vqa":
+        single = next((k for k, r in enumerate(records) if len(r.answers) < 2), None)
+        if single is not None:
+            raise EvalDataError(f"{records[single].where or f'question {single}'}: this question has one reference answer, and its VQAv2 accuracy is "
+                                "always 0 (leaving out its only annotator leaves nothing to match): use "
+                                "--metric exact_match (or auto)")
+    return metric
+
+
 def _vqa_sample_score(metric: str, answer: str, refs: Sequence[str]) -> float:
     if metric == "vqa":
         return vqa_accuracy(answer, refs)
@@ -570,7 +627,8 @@ def evaluate_vqa(
 ) -> EvalResult:
     """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
 
-    ``metric``: ``vqa`` (VQAv2 accuracy, for 10-annotator answers), ``exact_match`` (GQA/AI2D style),
+    ``metric``: ``vqa`` (VQAv2 accuracy, for 10-annotator answers; a question with one reference is an error),
+    ``exact_match`` (GQA/AI2D style),
     ``relaxed`` (ChartQA), or ``auto``: ``vqa`` when every sample has several reference answers, else
     ``exact_match`` (the VQAv2 formula scores 0 against a single reference: leaving out its only annotator
     leaves nothing to match).
@@ -579,8 +637,7 @@ def evaluate_vqa(
         raise ValueError(f"metric must be one of {', '.join(VQA_METRICS)}, got {metric!r}")
     records = data if not isinstance(data, (str, os.PathLike)) else load_vqa_data(
         data, image_dir, allow_any_local_path=allow_any_local_path)
-    if metric == "auto":
-        metric = "vqa" if all(len(r.answers) > 1 for r in records) else "exact_match"
+    metric = resolve_vqa_metric(records, metric)
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
     prompts = [_format(prompt, r.where, image=r.image, question=r.question) for r in records]

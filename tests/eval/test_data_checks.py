@@ -1,0 +1,165 @@
+"""Evaluation data and settings that would give a meaningless score are refused up front, naming the line."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from qwenvl.eval.runners import (
+    EvalDataError,
+    evaluate_grounding,
+    evaluate_vqa,
+    load_caption_data,
+    load_grounding_data,
+    load_vqa_data,
+)
+
+
+@pytest.fixture()
+def image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (200, 100), "white").save(folder / "a.png")
+    return folder
+
+
+def write_jsonl(path: Path, rows: Sequence[dict | str]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from qwenvl.cli import main
+
+    rc = main(args)
+    return rc, capsys.readouterr().err.strip()
+
+
+# ---- grounding targets ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        # a.png is 200x100
+        ({"bbox": [-20, 0, 50, 50]}, "outside the 200x100 image"),  # negative
+        ({"bbox": [0, 0, 500, 999]}, "outside the 200x100 image"),  # the model's [0, 1000) grid, not pixels
+        ({"bbox": [10, 10, 50, 50], "width": 40, "height": 100}, "outside the 40x100 image"),  # size from the record
+        ({"bbox": [150, 0, 100, 100]}, "outside the 200x100 image"),  # xywh: x + w = 250
+    ],
+)
+def test_a_target_box_outside_the_image_is_refused(tmp_path: Path, image_dir: Path, row: dict, message: str) -> None:
+    # was: accepted; no prediction (mapped into the image) can match such a target, so the score was silently low
+    fmt = "xywh" if row["bbox"] == [150, 0, 100, 100] else "xyxy"
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]},
+                                              {"image": "a.png", "sent": "x", **row}])
+    with pytest.raises(EvalDataError, match=r"g\.jsonl:2: 'bbox' .*" + message):
+        load_grounding_data(data, image_dir, bbox_format=fmt)
+
+
+def test_a_target_box_may_overhang_the_image_by_a_rounding_pixel(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [-0.5, 0, 200.6, 100]}])
+    assert load_grounding_data(data, image_dir)[0].bbox == (-0.5, 0.0, 200.6, 100.0)
+
+
+def test_a_width_of_the_wrong_type_says_number(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": "200",
+                                               "height": 100}])
+    with pytest.raises(EvalDataError, match=r"g\.jsonl:1: 'width' must be a number, got '200'"):
+        load_grounding_data(data, image_dir)
+
+
+@pytest.mark.parametrize("threshold", [math.nan, -1.0, 0.0, 1.5])
+def test_grounding_threshold_outside_0_1_is_refused(tmp_path: Path, image_dir: Path, threshold: float) -> None:
+    # was: "Acc@nan: 0.0000" / "Acc@-1", a number for nothing
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]}])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        evaluate_grounding(data, generate_fn=lambda ps: ["(0,0),(1,1)"] * len(ps), image_dir=image_dir,
+                           threshold=threshold, progress=False)
+
+
+def test_cli_iou_threshold_is_checked_before_the_model_loads(tmp_path: Path, image_dir: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]}])
+    rc, err = run_cli(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                       "--image_dir", str(image_dir), "--iou_threshold", "nan"], capsys)
+    assert rc == 2 and "--iou_threshold must be in (0, 1], got nan" in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_prompt_template_is_checked_before_the_model_loads(tmp_path: Path, image_dir: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # was: the model loaded, then the template failed (here: "checkpoint folder not found" hid it)
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]}])
+    rc, err = run_cli(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                       "--image_dir", str(image_dir), "--prompt", "<img>{image}</img>{question}"], capsys)
+    assert rc == 2 and "cannot be filled" in err and "{expression}" in err and len(err.splitlines()) == 1, err
+
+
+# ---- VQA ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_repeated_question_id_names_both_lines(tmp_path: Path, image_dir: Path) -> None:
+    # was: accepted, the question counted twice (a file concatenated with itself, say)
+    row = {"image": "a.png", "question": "q", "answers": ["a", "b"], "question_id": 7}
+    data = write_jsonl(tmp_path / "v.jsonl", [row, {**row, "question_id": 8}, {**row, "question_id": 7}])
+    with pytest.raises(EvalDataError, match=r"v\.jsonl:3: question_id 7 is also the question_id of .*v\.jsonl:1"):
+        load_vqa_data(data, image_dir)
+
+
+@pytest.mark.parametrize("qid", [[1], {"a": 1}, True])
+def test_a_question_id_that_is_not_a_number_or_string_is_refused(tmp_path: Path, image_dir: Path, qid: object) -> None:
+    data = write_jsonl(tmp_path / "v.jsonl", [{"image": "a.png", "question": "q", "answer": "a", "question_id": qid}])
+    with pytest.raises(EvalDataError, match=r"v\.jsonl:1: 'question_id' must be a number or a string"):
+        load_vqa_data(data, image_dir)
+
+
+@pytest.mark.parametrize("answers", [[""], ["  ", ""], ""])
+def test_blank_reference_answers_are_refused(tmp_path: Path, image_dir: Path, answers: object) -> None:
+    # was: accepted; an empty answer then "matched" the blank reference and scored 1
+    data = write_jsonl(tmp_path / "v.jsonl", [{"image": "a.png", "question": "q", "answers": answers}])
+    with pytest.raises(EvalDataError, match=r"v\.jsonl:1: .*blank"):
+        load_vqa_data(data, image_dir)
+
+
+def test_vqa_metric_with_a_single_reference_is_refused(tmp_path: Path, image_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # was: every such question scored 0 (leaving out its only annotator leaves nothing to match)
+    data = write_jsonl(tmp_path / "v.jsonl", [{"image": "a.png", "question": "q", "answers": ["a", "a"]},
+                                              {"image": "a.png", "question": "q", "answer": "a"}])
+    with pytest.raises(EvalDataError, match=r"v\.jsonl:2: .*one reference answer.*--metric exact_match"):
+        evaluate_vqa(data, generate_fn=lambda ps: ["a"] * len(ps), image_dir=image_dir, metric="vqa", progress=False)
+    rc, err = run_cli(["eval", "vqa", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                       "--image_dir", str(image_dir), "--metric", "vqa"], capsys)  # before the model loads
+    assert rc == 2 and "v.jsonl:2:" in err and "one reference answer" in err, err
+
+
+# ---- captions ------------------------------------------------------------------------------------------------
+
+
+def test_a_blank_reference_caption_is_refused(tmp_path: Path, image_dir: Path) -> None:
+    # was: accepted; a blank reference adds 0 to the mean over references and silently lowers CIDEr
+    data = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png", "captions": ["a dog", " "]}])
+    with pytest.raises(EvalDataError, match=r"c\.jsonl:1: .*captions\[1\] is blank"):
+        load_caption_data(data, image_dir)
+
+
+@pytest.mark.parametrize("cid", [[1], {"a": 1}, False])
+def test_a_caption_id_that_is_not_a_number_or_string_is_refused(tmp_path: Path, image_dir: Path, cid: object) -> None:
+    data = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png", "captions": ["a dog"], "id": cid}])
+    with pytest.raises(EvalDataError, match=r"c\.jsonl:1: 'id' must be a number or a string"):
+        load_caption_data(data, image_dir)
+
+
+def test_cli_a_small_max_new_tokens_says_the_min_was_the_default(tmp_path: Path, image_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # `--max_new_tokens 4` alone: the user never wrote the 10 the error complained about
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]}])
+    rc, err = run_cli(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                       "--image_dir", str(image_dir), "--max_new_tokens", "4"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "got 10 (the official default for grounding): pass --min_new_tokens 0..4 as well" in err, err
