@@ -163,3 +163,27 @@ def test_cli_a_small_max_new_tokens_says_the_min_was_the_default(tmp_path: Path,
                        "--image_dir", str(image_dir), "--max_new_tokens", "4"], capsys)
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "got 10 (the official default for grounding): pass --min_new_tokens 0..4 as well" in err, err
+
+
+def test_cli_compile_decodes_with_torch_compile(tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # eval had no --compile (its --quantize help said int8 is "fastest with --compile")
+    import qwenvl.generation
+
+    golden = Path(__file__).parents[1] / "fixtures" / "qwenvl-tiny"
+    seen = []
+    real = qwenvl.generation.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **{**kwargs, "compile": False})  # the wiring is under test, not torch.compile
+
+    monkeypatch.setattr(qwenvl.generation, "generate", spy)
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]}] * 3)
+    for flag, want in (["--compile"], True), ([], False):
+        seen.clear()
+        rc, err = run_cli(["eval", "grounding", "--model", str(golden), "--data", str(data), "--image_dir",
+                           str(image_dir), "--batch_size", "2", "--max_new_tokens", "4", "--min_new_tokens", "0",
+                           "--no_progress", *flag], capsys)
+        assert rc == 0, err
+        assert seen == [want, want], seen

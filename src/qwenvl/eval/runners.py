@@ -107,8 +107,10 @@ def model_generate_fn(
     chat_format: str = "raw",
     skip_special_tokens: bool = True,
     base_dir: str | os.PathLike | None = None,
+    compile: bool = False,
 ) -> GenerateFn:
-    """A :data:`GenerateFn` that runs greedy decoding with ``model``.
+    """A :data:`GenerateFn` that runs greedy decoding with ``model`` (``compile``: the decode step under
+    ``torch.compile``, as ``generate(..., compile=True)``).
 
     Images are loaded by the processor from the ``<img>`` paths (relative ones against ``base_dir``).
     ``chat_format`` picks the stop tokens: ``raw`` stops at ``<|endoftext|>`` only, as the official evals do
@@ -127,7 +129,7 @@ def model_generate_fn(
         out = generate(
             model, ids, attention_mask=inputs["attention_mask"], images=inputs["images"],
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-            chat_format=chat_format,
+            chat_format=chat_format, compile=compile,
         )  # fmt: skip
         texts = []
         for row in out[:, ids.shape[1] :].tolist():
@@ -530,6 +532,7 @@ def evaluate_grounding(
     output: str | os.PathLike | None = None,
     progress: bool = True,
     allow_any_local_path: bool = False,
+    compile: bool = False,
 ) -> EvalResult:
     """Acc@``threshold`` of referring-expression grounding with the official Qwen-VL protocol.
 
@@ -541,7 +544,8 @@ def evaluate_grounding(
     records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(
         data, image_dir, bbox_format, allow_any_local_path=allow_any_local_path)
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False)
+                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False,
+                            compile=compile)
     prompts = [_format(prompt, r.where, image=r.image, expression=r.sent) for r in records]
     answers, errors = _generate_all(prompts, run, batch_size, progress, "grounding")
     opens_box = prompt.rstrip().endswith("<box>")
@@ -624,6 +628,7 @@ def evaluate_vqa(
     output: str | os.PathLike | None = None,
     progress: bool = True,
     allow_any_local_path: bool = False,
+    compile: bool = False,
 ) -> EvalResult:
     """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
 
@@ -639,7 +644,8 @@ def evaluate_vqa(
         data, image_dir, allow_any_local_path=allow_any_local_path)
     metric = resolve_vqa_metric(records, metric)
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
+                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
+                            compile=compile)
     prompts = [_format(prompt, r.where, image=r.image, question=r.question) for r in records]
     answers, errors = _generate_all(prompts, run, batch_size, progress, "vqa")
     predictions, total = [], 0.0
@@ -677,12 +683,14 @@ def evaluate_caption(
     output: str | os.PathLike | None = None,
     progress: bool = True,
     allow_any_local_path: bool = False,
+    compile: bool = False,
 ) -> EvalResult:
     """Corpus CIDEr(-D) of greedy captions with the official prompt (``prompt`` may use ``{image}``)."""
     records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(
         data, image_dir, allow_any_local_path=allow_any_local_path)
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
-                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True)
+                            min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
+                            compile=compile)
     prompts = [_format(prompt, r.where, image=r.image) for r in records]
     raw, errors = _generate_all(prompts, run, batch_size, progress, "caption")
     captions = [c.strip() for c in raw]
