@@ -61,9 +61,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
-            raise ValueError(f"repetition_penalty must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] (1 = off), "
-                             f"got {self.repetition_penalty}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not -(2**63) <= _require_int("seed", self.seed) < 2**64:
             raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
@@ -72,10 +71,6 @@ class SamplingParams:
             if _require_int("stop token id", t) < 0:
                 raise ValueError(f"stop token id must be >= 0, got {t}")
         _require_int("pad_token_id", self.pad_token_id)
-
-
-# the penalty scales float32 logits: beyond float32's normal range it is 0 or inf there (NaN probabilities)
-PENALTY_RANGE = (1e-38, 1e38)
 
 
 def _require_int(name: str, value: object) -> int:
@@ -94,7 +89,9 @@ def process_logits(
         logits[:, list(p.stop_token_ids)] = float("-inf")
     if p.repetition_penalty != 1.0 and tokens is not None:
         seen = logits.gather(1, tokens)
-        seen = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        # in float32 a penalty below ~1e-45 is 0 and one above ~3e38 inf (NaN): the nearest float32 acts the same
+        penalty = min(max(p.repetition_penalty, torch.finfo(seen.dtype).tiny), torch.finfo(seen.dtype).max)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
         seen = seen.clamp(max=torch.finfo(seen.dtype).max)  # a tiny penalty overflows a logit to inf (NaN below)
         logits = logits.scatter(1, tokens, seen)
     if not p.do_sample:

@@ -21,18 +21,19 @@ def error_of(r: httpx.Response, status: int = 400) -> dict:
     return r.json()["error"]
 
 
-def test_a_repetition_penalty_float32_cannot_hold_is_refused(server):
+def test_a_repetition_penalty_float32_cannot_hold_answers(server):
     """repetition_penalty=5e-324 passed "> 0" but is 0 in float32: logits / 0 gave NaN probabilities and a 500
-    ("probability tensor contains either inf, nan ...") from the engine; 1e300 is inf there."""
+    ("probability tensor contains either inf, nan ...") from the engine; 1e300 is inf there. Both act as the
+    nearest float32."""
     for value in (5e-324, 1e-46, "1e-300", 1e300):
-        error = error_of(post(server, "/chat/completions", chat(repetition_penalty=value, temperature=1, seed=0)))
-        assert error["param"] == "repetition_penalty" and "1e-38" in error["message"], error
-        error = error_of(post(server, "/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3,
-                                                        "repetition_penalty": value, "temperature": 1}))
-        assert error["param"] == "repetition_penalty", error
-    for value in (1e-38, 1e38):  # tiny or huge, but a float32: it works
         r = post(server, "/chat/completions", chat(repetition_penalty=value, temperature=1, seed=0))
         assert r.status_code == 200, r.text
+        r = post(server, "/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3,
+                                          "repetition_penalty": value, "temperature": 1})
+        assert r.status_code == 200, r.text
+    for value in (0, -1):
+        error = error_of(post(server, "/chat/completions", chat(repetition_penalty=value)))
+        assert error["param"] == "repetition_penalty", error
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
@@ -95,4 +96,4 @@ def test_openapi_documents_the_errors_the_server_sends(server):
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     fields = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]  # the bounds a fuzzer reads
     assert {"exclusiveMinimum": 0, "maximum": 1, "type": "number"} in fields["top_p"]["anyOf"]
-    assert {"minimum": 1e-38, "maximum": 1e38, "type": "number"} in fields["repetition_penalty"]["anyOf"]
+    assert {"exclusiveMinimum": 0, "type": "number"} in fields["repetition_penalty"]["anyOf"]

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..grounding import denormalize_box, parse_grounding
@@ -39,19 +39,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-MIN_PENALTY, MAX_PENALTY = 1e-38, 1e38  # = generation.PENALTY_RANGE (this module does not import torch)
-
-
-def _float32_penalty(value: float) -> float:
-    """The penalty scales logits in float32, where beyond its range it is 0 or inf: NaN probabilities."""
-    if not MIN_PENALTY <= value <= MAX_PENALTY:
-        raise PydanticCustomError("penalty_range", f"Input should be in [{MIN_PENALTY:g}, {MAX_PENALTY:g}] (the "
-                                  "penalty scales logits in float32)")
-    return value
-
-
-Penalty = Annotated[float, AfterValidator(_float32_penalty),
-                    Field(allow_inf_nan=False, json_schema_extra={"minimum": MIN_PENALTY, "maximum": MAX_PENALTY})]
 _NUMBERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
             "min_tokens", "seed", "n")
 
@@ -92,7 +79,7 @@ class _Sampling(_Model):
     top_k: int | None = Field(default=None, ge=0)
     # vLLM's extra sampling parameters: the penalty of model.generate / transformers (> 0, 1 = off), and how
     # many tokens come before a stop token may be picked (model.generate's min_new_tokens)
-    repetition_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     min_tokens: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
