@@ -9,6 +9,7 @@ into update differences proportional to the learning rate).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -204,6 +205,8 @@ def test_two_nodes_resume_a_one_process_checkpoint(setup, reference) -> None:
         agents.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [a.communicate(timeout=240)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    # what every rank sees alike is said once, by rank 0 (it was said by each rank)
+    assert (logs[0] + logs[1]).count("random streams (dropout) restart from the seed") == 1, logs[1][-3000:]
     assert _losses(out) == pytest.approx(reference.losses, abs=TOL)
     _assert_same_weights(_final(out), _final(reference.output_dir))
 
@@ -211,8 +214,9 @@ def test_two_nodes_resume_a_one_process_checkpoint(setup, reference) -> None:
 # ---- LoRA ---------------------------------------------------------------------------------------------------
 def test_lora_on_two_ranks_equals_one(setup, lora_reference) -> None:
     out = setup["root"] / "lora"
-    _run(_command(setup, out, _standalone(2), use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                  lora_train_resampler=True, num_workers=1))
+    res = _run(_command(setup, out, _standalone(2), use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                        lora_train_resampler=True, num_workers=1))
+    assert "returned a view tensor" not in res.stderr  # FSDP2's warning, twice per step and rank (parallelize.py)
     assert _losses(out) == pytest.approx(lora_reference.losses, abs=TOL)
     got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     want = load_file(str(Path(lora_reference.output_dir) / "adapter" / "adapter_model.safetensors"))
@@ -246,6 +250,32 @@ def test_a_killed_rank_fails_the_job_naming_it(setup) -> None:
     assert elapsed < timeout, elapsed
     assert "rank      : 1 (local_rank: 1)" in log and "Signal 9 (SIGKILL)" in log, log[-3000:]
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["bad image", "output_dir in use"])
+def test_an_error_every_rank_meets_is_said_once(setup, tmp_path: Path, case: str) -> None:
+    """A record whose image is missing (every rank reads the data), or an output_dir another run holds (rank 0
+    finds it and tells the others): one line for the job, not one per rank."""
+    from qwenvl.outputs import claim_output
+
+    records = json.loads(setup["data"].read_text())
+    records[0]["conversations"][0]["value"] = "Picture 1: <img>missing.png</img>\nWhat is shown?"
+    data = setup["data"].parent / "missing-image.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    cmd = _command(setup, out, _standalone(2), dist_timeout=30)
+    with contextlib.ExitStack() as stack:
+        if case == "bad image":
+            cmd[cmd.index("--train_data") + 1] = str(data)
+            want = "missing.png"
+        else:
+            stack.enter_context(claim_output(out, "finetune"))
+            want = "in use by another qwenvl run"
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0
+    errors = [line for line in log.splitlines() if "qwenvl finetune: error:" in line]
+    assert len(errors) == 1 and want in errors[0], log[-4000:]
 
 
 # ---- the Python API under torchrun -----------------------------------------------------------------------------

@@ -230,9 +230,9 @@ def test_a_wholly_bad_micro_batch_on_one_rank_keeps_step_with_the_others() -> No
     from types import SimpleNamespace
 
     good = collate([{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "images": None}])
-    run = SimpleNamespace(cfg=SimpleNamespace(gradient_accumulation_steps=2), batches=iter([(good, []),
+    run = SimpleNamespace(cfg=SimpleNamespace(gradient_accumulation_steps=2, skip_bad_samples=True), batches=iter([(good, []),
                                                                                            (None, ["x.png: broken"])]),
-                          bad_samples=[], progress=SimpleNamespace(step=3), env=SimpleNamespace(distributed=True, rank=1))
+                          bad_samples=[], progress=SimpleNamespace(step=3), env=SimpleNamespace(distributed=True, rank=1, world_size=2))
     micro = T._next_micro_batches(run)
     assert len(micro) == 2 and micro[0] is good and run.bad_samples == ["x.png: broken"]
     assert T._loss_tokens(micro[1]["labels"]) == 0 and micro[1]["images"] is None

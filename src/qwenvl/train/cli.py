@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -127,27 +128,41 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
 
 def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     """Run ``finetune`` with parsed ``args`` and the leftover ``--field value`` tokens; return the exit status."""
-    cfg = config_from_args(args, extra)
-    cfg.check_files()
-    if cfg.use_lora:
-        from .lora import require_peft
+    try:
+        cfg = config_from_args(args, extra)
+        cfg.check_files()
+        if cfg.use_lora:
+            from .lora import require_peft
 
-        require_peft("LoRA (use_lora)")
-    from .distributed import DistributedError
+            require_peft("LoRA (use_lora)")
+    except (ValueError, OSError):
+        if _said_on_this_node():
+            return 2
+        raise
+    from .distributed import RANK_LOGGER, DistributedError, ReportedByAnotherRank
     from .trainer import train  # torch: after every check that does not need it
 
     try:
         result = train(cfg)
+    except ReportedByAnotherRank:  # the rank that failed says why: one line per problem, not one per rank
+        return 2
     except DistributedError as e:  # another rank died or hung: one line naming this rank, not a traceback
         print(f"qwenvl finetune: error: {e}", file=sys.stderr)
         return 1
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     logger.info("finished %d steps: last loss %s, %.0f tokens/s; model saved to %s", result.steps, last,
                 result.tokens_per_second, result.final_path)
-    if result.bad_samples:
-        logger.warning("%d sample(s) failed to load during the run and were skipped (see the warnings above)",
-                       len(result.bad_samples))
+    if result.bad_samples:  # this rank's own samples (under torchrun every rank says its own)
+        logging.getLogger(RANK_LOGGER).warning("%d sample(s) failed to load during the run and were skipped (see the "
+                                               "warnings above)", len(result.bad_samples))
     return 0
+
+
+def _said_on_this_node() -> bool:
+    """Under torchrun, whether the process of LOCAL_RANK 0 on this node says the errors that every process of the
+    node meets alike (the command line, the config file, missing files): one line per node, not one per rank."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return launched and os.environ.get("LOCAL_RANK", "0").strip() not in ("0", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

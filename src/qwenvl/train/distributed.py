@@ -18,25 +18,64 @@ import datetime
 import gc
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..fileio import error_line
 
-__all__ = ["DistEnv", "DistributedError", "launched_by_torchrun", "setup", "teardown"]
+__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "launched_by_torchrun",
+           "setup", "teardown"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DistributedError(RuntimeError):
     """Another rank died or stopped answering within ``dist_timeout`` (or the network failed)."""
 
 
+class ReportedByAnotherRank(DistributedError):
+    """This rank stops because another rank failed, and that rank reports the error (``qwenvl finetune`` prints
+    nothing more for this one: one line per problem, not one per rank)."""
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+# What only one rank sees (a sample of its slice that fails to load, a file of its own that is missing) is logged
+# here, and heard from every rank; everything else is said by rank 0 alone (setup() quiets the others).
+RANK_LOGGER = "qwenvl.ranks"
+
+
+def _launch_vars() -> tuple[int, int, int] | None:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them; None when neither RANK nor WORLD_SIZE is set. Half a
+    launch (one of the two) or values that are no ranks are a one-line :class:`DistributedError`."""
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in os.environ]
+    if not given:
+        return None
+    if len(given) == 1:
+        other = "WORLD_SIZE" if given == ["RANK"] else "RANK"
+        raise DistributedError(f"{given[0]}={os.environ[given[0]]!r} is set but {other} is not: launch with torchrun "
+                               f"(it sets both), or unset {given[0]} to train in one process")
+    values = []
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name, "0")
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise DistributedError(f"environment variable {name}={text!r} is not an integer: launch with torchrun, "
+                                   "which sets RANK, WORLD_SIZE and LOCAL_RANK") from None
+    rank, world, local_rank = values
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise DistributedError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}: ranks run from 0 to "
+                               "WORLD_SIZE - 1 (and LOCAL_RANK from 0); launch with torchrun, which sets them")
+    return rank, world, local_rank
 
 
 @dataclass
@@ -83,6 +122,28 @@ class DistEnv:
         self._collective(dist.broadcast_object_list, box, src=0)
         return box[0]
 
+    def agree(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on every rank (it must run no collective); when it fails on any rank, every rank stops. The
+        lowest rank that met an error re-raises it, the ranks with the same error or none raise
+        :class:`ReportedByAnotherRank`: what every rank reads alike (the data, the checkpoint) is said once."""
+        if not self.distributed:
+            return fn()
+        error: Exception | None = None
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has learnt of it
+            error, result = e, None
+        said: list[str | None] = [None] * self.world_size
+        self._collective(dist.all_gather_object, said, None if error is None else f"{type(error).__name__}: "
+                         f"{error_line(error)}")
+        if not any(said):
+            return result  # type: ignore[return-value]
+        if error is not None and said.index(said[self.rank]) == self.rank:
+            raise error
+        first = next(r for r, line in enumerate(said) if line)
+        raise ReportedByAnotherRank(f"rank {self.rank} of {self.world_size}: stopped because rank {first} failed "
+                                    f"({said[first]})")
+
     def _collective(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
@@ -99,11 +160,23 @@ class DistEnv:
         )
 
 
-def _device_for(name: str, local_rank: int) -> torch.device:
+def _device_for(name: str, local_rank: int, launched: bool = False) -> torch.device:
+    """The device of this rank: ``cuda`` (or ``auto`` on a GPU node) means the GPU of its LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
+    if device.type != "cuda" or not launched:
+        return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if device.index is not None and per_node != "1":
+        raise DistributedError(f"device {name} names one GPU for all {per_node} processes of this node: use device "
+                               "cuda (or auto), and each rank takes the GPU of its LOCAL_RANK")
+    if device.index is None:
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise DistributedError(f"LOCAL_RANK={local_rank}, but this node has {count} CUDA device(s) visible: start "
+                                   f"at most {count} process(es) per node (torchrun --nproc_per_node {count}), or "
+                                   "check CUDA_VISIBLE_DEVICES")
         device = torch.device("cuda", local_rank)
     return device
 
@@ -126,29 +199,38 @@ def _attempt_store(timeout: datetime.timedelta) -> dict[str, Any]:
 
 def setup(device_name: str, timeout_s: float, use_parallel: bool = False) -> DistEnv:
     """Join torchrun's process group when launched by it (or use the one the caller made); else one process."""
-    if not launched_by_torchrun() and not (dist.is_available() and dist.is_initialized()):
+    joined = dist.is_available() and dist.is_initialized()
+    launch = None if joined else _launch_vars()
+    if launch is None and not joined:
         if use_parallel:
             logger.warning("use_parallel: not launched by torchrun (no RANK/WORLD_SIZE), training in one process; "
                            "launch with `torchrun --nproc_per_node N --no-python qwenvl finetune ...`")
         return DistEnv.single(_device_for(device_name, 0))
     if not dist.is_available():
         raise DistributedError("launched by torchrun, but this torch build has no torch.distributed")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device_for(device_name, local_rank)
-    owns = not dist.is_initialized()
-    if owns:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
-                                **_attempt_store(timeout))
-    from torch.distributed.device_mesh import init_device_mesh
+    rank, world, local_rank = launch or (dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    device = _device_for(device_name, local_rank, launched=launch is not None)
+    owns = not joined
+    try:
+        if owns:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+            timeout = datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                    **_attempt_store(timeout))
+        from torch.distributed.device_mesh import init_device_mesh
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    if rank != 0:  # one voice in the logs: the other ranks only warn (and their errors name them)
-        logging.getLogger("qwenvl").setLevel(logging.WARNING)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    except (dist.DistError, RuntimeError, ValueError) as e:  # no rendezvous: MASTER_ADDR unset or wrong, peers absent
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DistributedError(f"rank {rank} of {world}: cannot join the process group at {where} within "
+                               f"dist_timeout={timeout_s:g} s (launch with torchrun, every rank with the same "
+                               f"MASTER_ADDR, MASTER_PORT and WORLD_SIZE): {error_line(e)}") from e
+    if rank != 0:  # one voice in the logs: the other ranks say only errors and what they alone see (RANK_LOGGER)
+        logging.getLogger("qwenvl").setLevel(logging.ERROR)
+        logging.getLogger(RANK_LOGGER).setLevel(logging.WARNING)
     logger.info("rank %d of %d (local rank %d) on %s, dist_timeout %g s", rank, world, local_rank, device, timeout_s)
     return DistEnv(rank, world, local_rank, device, mesh, owns, timeout_s)
 

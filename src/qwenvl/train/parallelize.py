@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -62,6 +63,10 @@ def parallelize(model: QwenVL, mesh: DeviceMesh, cfg: TrainConfig) -> QwenVL:
     # needed again at the start of the backward pass: kept gathered (as torchtitan does)
     shard([model.transformer.ln_f, model.lm_head], reshard_after_forward=False)
     shard(model)
+    # FSDP2 warns at every forward (on every rank) that the resampler returns a view (nn.MultiheadAttention's
+    # batch-first transpose): an in-place op on it would skip a hook, but its one consumer, ln_post, is out of place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPResampler\) returned a view tensor",
+                            category=UserWarning)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.set_gradient_divide_factor(1.0)  # sum over ranks (see the module docstring)

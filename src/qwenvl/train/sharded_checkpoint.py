@@ -36,7 +36,7 @@ from ..checkpoint import CheckpointError, save_pretrained
 from ..config import QwenVLConfig
 from ..fileio import atomic_dir, error_line, fault_point, write_error
 from ..outputs import record_files
-from .distributed import DistEnv
+from .distributed import RANK_LOGGER, DistEnv
 from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state
 
 __all__ = ["consolidate", "is_sharded_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -213,7 +213,8 @@ def load_checkpoint(
             raise CheckpointError(f"cannot read {rng}: {_reason(e)} (truncated or corrupt file?)") from None
         set_rng_state(rng_states)
     elif state.get("world_size") == env.world_size:
-        logger.warning("%s has no %s (deleted?): random streams (dropout) restart from the seed", path, rng.name)
+        logging.getLogger(RANK_LOGGER).warning("%s has no %s (deleted?): random streams (dropout) restart from the "
+                                               "seed", path, rng.name)
     else:
         logger.warning("%s was saved by %s rank(s), this run has %d: random streams (dropout) restart from the seed",
                        path, state.get("world_size"), env.world_size)

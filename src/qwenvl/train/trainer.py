@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import save_pretrained
 from ..config import ENDOFTEXT_ID, QwenVLConfig
-from ..data.dataset import IGNORE_INDEX, ConversationDataset, collate
+from ..data.dataset import IGNORE_INDEX, ConversationDataset, DatasetError, collate
 from ..fileio import atomic_write_text, remove_tree
 from ..hardware import resolve_bf16
 from ..model import QwenVL
@@ -75,6 +75,7 @@ __all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "global_batch_size",
            "train"]
 
 logger = logging.getLogger(__name__)
+rank_logger = logging.getLogger(distributed.RANK_LOGGER)  # what this rank alone sees (heard from every rank)
 
 # Trained with the LM in stage 3 although they sit in the vision tower (DESIGN.md section 1).
 RESAMPLER = ("transformer.visual.attn_pool.", "transformer.visual.ln_post.", "transformer.visual.proj")
@@ -243,10 +244,13 @@ def _train(
     callback: Callable[[StepInfo], bool | None] | None,
     env: DistEnv,
 ) -> TrainResult:
-    _seed_everything(cfg.seed)
-    model = _prepare_model(cfg, model, env.device, env)
-    if dataset is None:
-        dataset = build_dataset(cfg, processor, model)
+    def model_and_data() -> tuple[QwenVL, Any]:
+        _seed_everything(cfg.seed)
+        prepared = _prepare_model(cfg, model, env.device, env)
+        return prepared, dataset if dataset is not None else build_dataset(cfg, processor, prepared)
+
+    # every rank reads the same config, data and images: a problem with them is said once, by rank 0
+    model, dataset = env.agree(model_and_data)
     run = _setup_run(cfg, model, dataset, env.device, env)
     _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
     resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
@@ -274,8 +278,9 @@ def _hold_output_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
         verdict = env.broadcast(None if failure is None else str(failure))
         if failure is not None:
             raise failure
-        if verdict is not None:
-            raise OutputDirError(verdict)
+        if verdict is not None:  # rank 0 reports it
+            raise distributed.ReportedByAnotherRank(f"rank {env.rank} of {env.world_size}: stopped because rank 0 "
+                                                    f"failed ({verdict})")
         yield
 
 
@@ -539,15 +544,19 @@ def _maybe_resume(run: _Run) -> Path | None:
             logger.info("resume_training auto: no checkpoint in %s yet, starting from step 0", cfg.output_dir)
             return None
         raise FileNotFoundError(f"resume_training: no checkpoint-STEP folder with a trainer state in {cfg.output_dir}")
-    state = read_state(path)  # a corrupt state fails here, before the model is touched
-    saved = saved_config(path, state)
-    g = run.order.global_batch
-    check_resume_settings(path, None if saved is None else {**saved, "global_batch_size": state.get("global_batch_size")},
-                          {**cfg.to_dict(), "global_batch_size": g})
-    run.order.load_state_dict(state["data"])
-    _check_same_model(path, run.model.config)
-    if run.lora_config is not None and saved is not None:
-        _warn_other_base(path, saved, cfg)
+    def checked_state() -> dict[str, Any]:
+        state = read_state(path)  # a corrupt state fails here, before the model is touched
+        saved = saved_config(path, state)
+        g = run.order.global_batch
+        check_resume_settings(path, None if saved is None else {**saved, "global_batch_size": state.get("global_batch_size")},
+                              {**cfg.to_dict(), "global_batch_size": g})
+        run.order.load_state_dict(state["data"])
+        _check_same_model(path, run.model.config)
+        if run.lora_config is not None and saved is not None:
+            _warn_other_base(path, saved, cfg)
+        return state
+
+    state = run.env.agree(checked_state)  # said once (every rank reads the same checkpoint)
     sharded.load_checkpoint(path, run.env, run.model, run.optimizer, trained_only=run.lora_config is not None,
                             state=state)
     run.scheduler.load_state_dict(state["scheduler"])
@@ -609,11 +618,12 @@ class _StepSampler:
 
 
 class _Samples:
-    """The dataset as the loader's workers read it: with ``skip_bad_samples`` a sample that fails to load (an
-    image that decoded at the start no longer does) becomes ``{"bad": why}`` instead of stopping the run."""
+    """The dataset as the loader's workers read it: a sample that fails to load (an image that decoded at the
+    start no longer does) becomes ``{"bad": why}``; the loop skips it (``skip_bad_samples``) or stops with ``why``.
+    Raised in a worker process, the error would reach the loop wrapped in DataLoader's traceback text."""
 
-    def __init__(self, dataset: Any, skip_bad: bool) -> None:
-        self.dataset, self.skip_bad = dataset, skip_bad
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -622,8 +632,6 @@ class _Samples:
         try:
             return self.dataset[i]
         except ValueError as e:  # DatasetError
-            if not self.skip_bad:
-                raise
             return {"bad": str(e)}
 
 
@@ -635,29 +643,37 @@ def _collate_good(samples: list[dict[str, Any]]) -> tuple[dict[str, Any] | None,
 def _loader(run: _Run) -> DataLoader:
     workers = run.cfg.num_workers
     # its own generator: the loader draws a seed for its workers, which must not move the global (dropout) RNG
-    return DataLoader(_Samples(run.dataset, run.cfg.skip_bad_samples), batch_sampler=_StepSampler(run, run.progress.step),
+    return DataLoader(_Samples(run.dataset), batch_sampler=_StepSampler(run, run.progress.step),
                       collate_fn=_collate_good, num_workers=workers, prefetch_factor=2 if workers else None,
                       pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.cfg.seed))
 
 
 def _next_micro_batches(run: _Run) -> list[dict[str, Any]]:
-    """This rank's micro-batches of the next step (decoded ahead by the loader's workers); with skip_bad_samples a
-    sample that fails to load is left out (and reported), and under torchrun a micro-batch left with none becomes
-    one token without a label (the ranks' forward passes must match; it adds nothing to the step)."""
+    """This rank's micro-batches of the next step (decoded ahead by the loader's workers). A sample that fails to
+    load stops the run with a one-line DatasetError, or with skip_bad_samples is left out (and reported); under
+    torchrun a micro-batch left with none becomes one token without a label (the ranks' forward passes must
+    match; it adds nothing to the step)."""
     if run.batches is None:
         run.batches = iter(_loader(run))
     out = []
     for _ in range(run.cfg.gradient_accumulation_steps):
         batch, bad = next(run.batches)
-        for why in bad:
+        if bad and not run.cfg.skip_bad_samples:
+            raise DatasetError(f"{bad[0]} (--skip_bad_samples true skips such samples)")
+        for why in bad:  # this rank's own samples: every rank says its own
             run.bad_samples.append(why)
-            logger.warning("step %d: skipping a bad sample (skip_bad_samples): %s", run.progress.step + 1, why)
+            rank_logger.warning("%sstep %d: skipping a bad sample (skip_bad_samples): %s", _rank_prefix(run.env),
+                                run.progress.step + 1, why)
         if batch is not None:
             out.append(batch)
         elif run.env.distributed:  # every rank runs the same forward passes (FSDP's collectives): one token, no label
             out.append(collate([{"input_ids": torch.tensor([ENDOFTEXT_ID]), "labels": torch.tensor([IGNORE_INDEX]),
                                  "images": None}]))
     return out
+
+
+def _rank_prefix(env: DistEnv) -> str:
+    return f"rank {env.rank} of {env.world_size}: " if env.distributed else ""
 
 
 def _loss_tokens(labels: torch.Tensor) -> int:
