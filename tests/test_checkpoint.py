@@ -831,3 +831,14 @@ def test_generation_config_problems_name_that_file(tmp_path: Path, config: QwenV
     (tmp_path / "config.json").unlink()  # the processor of a folder with a generation_config.json alone
     with pytest.raises(ConfigError, match=re.escape(f"generation_config.json: {message}")):
         Processor.from_pretrained(tmp_path)
+
+
+def test_a_sharded_training_checkpoint_names_the_convert_that_makes_it_loadable(tmp_path: Path) -> None:
+    # predict --model RUN/checkpoint-N said "no weights ... found rng-0.pt", not what to do
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    for name in (".metadata", "__0_0.distcp", "rng-0.pt", "trainer_state.json"):
+        (ckpt / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape(f"(a sharded training checkpoint: `qwenvl convert {ckpt} "
+                                                        "OUT` writes it in the official layout)")):
+        find_weights(ckpt)

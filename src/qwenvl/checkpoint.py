@@ -162,6 +162,8 @@ def _locate(ckpt_dir: str | Path) -> tuple[list[Path], dict[str, str] | None]:
         hint += " (sharded weights need their index .json file)"
     elif any(s.endswith(".ckpt") for s in stray):
         hint += " (a MindSpore .ckpt must be converted first: `qwenvl convert`)"
+    if (path / ".metadata").is_file():  # torch.distributed.checkpoint's: a sharded training checkpoint
+        hint += f" (a sharded training checkpoint: `qwenvl convert {path} OUT` writes it in the official layout)"
     raise CheckpointError(
         f"no weights in {path}: expected {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME}, {BIN_WEIGHTS_NAME} or {BIN_INDEX_NAME}"
         + hint
