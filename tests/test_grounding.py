@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import warnings
@@ -370,3 +371,14 @@ def test_draw_boxes_keeps_transparency_and_shows_sixteen_bit_images_as_loaded() 
     out = draw_boxes(scan, [], width=2)
     assert np.array_equal(np.asarray(out), np.asarray(load_image(scan)))
     assert np.asarray(out).mean() < 140
+
+
+def test_a_long_label_no_font_draws_makes_a_short_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # the warning held every missing character and the whole label, each time: 5,000 of them made a 10 KB line
+    from qwenvl.grounding import _label_runs
+
+    with caplog.at_level(logging.WARNING, logger="qwenvl.grounding"):
+        _label_runs("\u72d7" * 5000, 14, system_fonts=False)
+    (record,) = caplog.records
+    assert len(record.getMessage()) < 200
+    assert "'\u72d7' of label '" in record.getMessage() and "... (5000 characters)" in record.getMessage()

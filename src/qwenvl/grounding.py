@@ -433,11 +433,14 @@ def _label_runs(
             runs[-1] = (runs[-1][0] + piece, font)
         else:
             runs.append((piece, font))
-    if missing:
-        logger.warning(
-            "no available font draws %r of label %r; drawing them escaped", "".join(missing), label
-        )
+    if missing:  # each character once, the label cut short: a long reference made a 10 KB log line
+        logger.warning("no available font draws %s of label %s; drawing them escaped",
+                       _clipped("".join(dict.fromkeys(missing))), _clipped(label))
     return runs
+
+
+def _clipped(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _text_color(color: str | tuple[int, ...]) -> tuple[int, int, int]:
