@@ -82,6 +82,13 @@ def test_modes_convert_like_pil(sample: Image.Image, mode: str) -> None:
     assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(img.convert("RGB")))
 
 
+def test_premultiplied_gray_with_alpha_converts_through_la(sample: Image.Image) -> None:
+    # mode La: "conversion from La to L not supported", a ValueError naming no image
+    img = sample.convert("LA").convert("La")
+    got = load_image(img)
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(img.convert("LA").convert("RGB")))
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
 def test_sixteen_bit_grayscale_png_scales_to_eight_bits(tmp_path: Path, mode: str) -> None:
     # PIL's convert("RGB") clips 16-bit values at 255: a 16-bit scan comes out almost white

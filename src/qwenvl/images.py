@@ -212,6 +212,8 @@ def as_rgb(img: Image.Image) -> Image.Image:
     # grayscale: older Pillow opens 16-bit PNGs as I). Any other I image keeps PIL's conversion.
     if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
         img = _sixteen_to_eight(img)
+    if img.mode == "La":  # premultiplied gray + alpha: Pillow converts it to LA only ("La to L not supported")
+        img = img.convert("LA")
     # Exactly the official conversion (palette, RGBA, L, CMYK, ... -> RGB; alpha is dropped, not blended).
     return img if img.mode == "RGB" else img.convert("RGB")
 
