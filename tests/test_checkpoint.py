@@ -842,3 +842,41 @@ def test_a_sharded_training_checkpoint_names_the_convert_that_makes_it_loadable(
     with pytest.raises(CheckpointError, match=re.escape(f"(a sharded training checkpoint: `qwenvl convert {ckpt} "
                                                         "OUT` writes it in the official layout)")):
         find_weights(ckpt)
+
+
+def test_tensors_sharing_storage_in_a_bin_load_as_separate_parameters(tmp_path: Path, caplog) -> None:
+    """A .bin whose lm_head is the very storage of wte (torch.save of a tied model) loaded both parameters onto one
+    memory: an in-place update of one (a training step) silently changed the other too."""
+    state = _random_state(Mini(vocab=8), torch.float32)
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with caplog.at_level("WARNING", logger="qwenvl.checkpoint"):
+        model = load_weights(_meta_mini(vocab=8), tmp_path)
+    assert "lm_head.weight shares its storage with transformer.wte.weight" in caplog.text
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(1.0)
+    assert torch.equal(model.lm_head.weight, state["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"lm_head.weight": torch.zeros(2), "step": 5}, r"'step' is int, not a tensor"),
+    ({"state_dict": {"lm_head.weight": torch.zeros(2)}}, r"'state_dict' is dict, not a tensor \(the weights may be nested under it"),
+    ({3: torch.zeros(2)}, r"the key 3 is not a tensor name"),
+])
+def test_a_bin_with_a_non_tensor_value_names_it(tmp_path: Path, obj: dict, message: str) -> None:
+    torch.save(obj, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin does not hold a state dict .*" + message) as err:
+        load_state_dict(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_plain_pickle_bin_is_refused_without_torch_warnings(tmp_path: Path, recwarn) -> None:
+    """pickle.dump's protocol 4 made torch warn (two lines on stderr) before our one-line refusal."""
+    import pickle
+
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"lm_head.weight": 1}, f, protocol=4)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*pytorch_model\.bin"):
+        load_state_dict(tmp_path)
+    assert [str(w.message) for w in recwarn] == []

@@ -309,6 +309,34 @@ def test_float16_overflow_fails_with_one_line_and_no_output(golden, config, tmp_
     assert not (tmp_path / "imported").exists() and _leftovers(tmp_path) == []
 
 
+def test_an_integer_tensor_in_the_export_source_is_refused(golden, config, tmp_path, capsys):
+    # was: the int32 tensor was cast to float16 and written as if it were weights (loading the folder refuses it)
+    state = dict(golden)
+    state["transformer.h.0.attn.c_attn.weight"] = golden["transformer.h.0.attn.c_attn.weight"].to(torch.int32)
+    save_pretrained(state, config, tmp_path / "ints")
+    _fails([str(tmp_path / "ints"), str(tmp_path / "ints.ckpt")], capsys,
+           "transformer.h.0.attn.c_attn.weight holds torch.int32, not floating-point weights")
+    assert not (tmp_path / "ints.ckpt").exists() and _leftovers(tmp_path) == []
+
+
+def test_non_finite_weights_are_refused_both_ways(golden, config, tmp_path, capsys):
+    # were: converted as they were, into a .ckpt or a folder that `qwenvl` then refuses to load ("holds NaN")
+    state = {k: v.float() for k, v in golden.items()}
+    state["transformer.h.1.mlp.w2.weight"][3, 4] = float("nan")
+    save_pretrained(state, config, tmp_path / "nan")
+    _fails([str(tmp_path / "nan"), str(tmp_path / "nan.ckpt")], capsys,
+           "transformer.h.1.mlp.w2.weight", "NaN or infinite values (1 of 32768 values (1 NaN))")
+    assert not (tmp_path / "nan.ckpt").exists()
+    with open(tmp_path / "nan.ckpt", "wb") as f:  # written directly: the export refuses it
+        writer = CkptWriter(f)
+        for r in mf.rules(config):
+            for name, parts in zip(r.ms_names, mf._split(r, state[r.official], config.visual.heads, 0)):
+                writer.write(name, parts)
+    _fails([str(tmp_path / "nan.ckpt"), str(tmp_path / "imported"), "--config", str(GOLDEN)], capsys,
+           "'llm_model.transformer.layers.1.feed_forward.w3.weight'", "NaN or infinite values")
+    assert not (tmp_path / "imported").exists() and _leftovers(tmp_path) == []
+
+
 def test_a_folder_named_like_a_ckpt_is_said_to_be_a_folder(tmp_path, capsys):
     (tmp_path / "run.ckpt").mkdir()
     _fails([str(tmp_path / "run.ckpt"), str(tmp_path / "out"), "--config", str(GOLDEN)], capsys, "is a folder")

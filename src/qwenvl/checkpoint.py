@@ -30,6 +30,7 @@ import logging
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -196,7 +197,9 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
         # mmap needs the zip format (torch >= 1.6); the legacy format is read into memory. (is_zipfile itself
         # raises BadZipFile for some damaged zip directories.)
         mmap = zipfile.is_zipfile(file)
-        obj = torch.load(str(file), map_location="cpu", mmap=mmap, weights_only=True)
+        with warnings.catch_warnings():  # torch warns (two lines) about a pickle protocol it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(file), map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = error_line(e)
         if "weights only" in first_line.lower():
@@ -209,9 +212,17 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
             # what torch's unpickler raises on some damaged bytes (a flipped byte of a valid file)
             TypeError, AssertionError, IndexError, AttributeError) as e:
         raise CheckpointError(f"cannot read {file}: {error_line(e)} (truncated or corrupt file?)") from e
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                               for k, v in obj.items()):
-        raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors): it holds a "
+                              f"{type(obj).__name__}")
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors): the key {k!r} "
+                                  "is not a tensor name")
+        if not isinstance(v, torch.Tensor):
+            nested = " (the weights may be nested under it: save that mapping alone)" if isinstance(v, Mapping) else ""
+            raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors): {k!r} is "
+                                  f"{type(v).__name__}, not a tensor{nested}")
     # weights_only admits sparse tensors, which nothing here can use (reshape, finiteness check: RuntimeError)
     odd = [f"{k} ({v.layout})" for k, v in obj.items() if v.layout != torch.strided]
     if odd:
@@ -385,7 +396,8 @@ def load_weights(
 
     state: dict[str, torch.Tensor] = {}
     non_finite: list[str] = []
-    for _file, tensors in shards:
+    for file, tensors in shards:
+        spans: dict[int, list[tuple[int, int, str]]] = {}  # storage -> byte ranges of the tensors kept on it
         # pop each source as it is converted, so a shard's mapping is released once its last tensor is done
         for key in list(tensors):
             src = tensors.pop(key)
@@ -393,6 +405,8 @@ def load_weights(
                 continue
             target_dtype = dtype if dtype is not None and src.is_floating_point() else src.dtype
             state[key] = src.to(device=device, dtype=target_dtype)
+            if file.suffix != ".safetensors":  # safetensors itself refuses overlapping tensors
+                state[key] = _unshared(state[key], key, file, spans)
             if check_finite and not _all_finite(state[key]):
                 if target_dtype != src.dtype and _all_finite(src):  # the file is fine: its values do not fit
                     as_name = str(target_dtype).removeprefix("torch.")
@@ -418,6 +432,23 @@ def load_weights(
         )
     logger.info("loaded %s (%d tensors, dtype %s) onto %s", ckpt_dir, len(expected), dtype, device)
     return model
+
+
+def _unshared(t: torch.Tensor, key: str, file: Path, spans: dict[int, list[tuple[int, int, str]]]) -> torch.Tensor:
+    """``t``, copied if its bytes overlap those of a tensor already loaded from ``file`` (a ``.bin`` can store two
+    names on one storage, e.g. a tied lm_head): two parameters on one memory would change together."""
+    if t.numel() == 0:
+        return t
+    start = t.storage_offset() * t.element_size()
+    end = start + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+    kept = spans.setdefault(t.untyped_storage().data_ptr(), [])
+    other = next((k for a, b, k in kept if a < end and start < b), None)
+    if other is None:
+        kept.append((start, end, key))
+        return t
+    logger.warning("%s: %s shares its storage with %s: loaded as a separate copy (the model does not tie them)",
+                   file, key, other)
+    return t.clone()
 
 
 def _all_finite(t: torch.Tensor) -> bool:
