@@ -207,6 +207,17 @@ def test_predict_bad_input_is_a_clear_error(golden_dir, args, message):
          "'image' must be a path or a list of paths, got ['images/cat.png', 3]"),
         ({"query": 5}, "'query' must be a string or a list-format list, got 5"),
         ({"messages": "hello"}, "'messages' must be a list of {'role', 'content'} messages"),
+        # were written into the prompt as the words None and ['a']
+        ({"image": "images/cat.png", "text": None}, "'text' must be a string, got None"),
+        ({"text": ["a"]}, "'text' must be a string, got ['a']"),
+        ({"image": "", "text": "x"}, "'image' is an empty path"),  # was a prompt without the picture
+        # the picture was ignored: a 'prompt', 'messages' or 'query' row is the whole prompt
+        ({"prompt": "x", "image": "images/cat.png"},
+         "a row with 'prompt' is the whole prompt: 'image' would be ignored (a row has one of 'messages', "
+         "'prompt', 'query' or 'image'/'text')"),
+        ({"messages": [{"role": "user", "content": "Hi"}], "prompt": "x", "text": "y"},
+         "a row with 'messages' is the whole prompt: 'prompt', 'text' would be ignored (a row has one of "
+         "'messages', 'prompt', 'query' or 'image'/'text')"),
     ],
 )
 def test_predict_jsonl_field_of_the_wrong_type_is_a_clear_error(tmp_path, row, message):
@@ -313,6 +324,18 @@ def test_predict_flags_that_cannot_work_are_refused_before_the_model_loads(tmp_p
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {message}"
     assert not (tmp_path / "answers.jsonl").exists()
+
+
+def test_predict_output_only_with_jsonl_is_refused_before_the_model_loads(tmp_path, capsys):
+    # the rows of --jsonl hold the prompt and its answer: --output_only was accepted and did nothing
+    from qwenvl.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "hi"}) + "\n")
+    assert main(["predict", "--model", str(tmp_path / "no-model"), "--jsonl", str(prompts), "--output_only"]) == 2
+    assert capsys.readouterr().err.strip() == ("qwenvl predict: error: --output_only prints the answers of "
+                                               "--predict_data alone; the rows of --jsonl hold each answer in "
+                                               "their 'response' field")
 
 
 def test_chat_has_no_chat_format_flag(capsys, monkeypatch, golden_dir):

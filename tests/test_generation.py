@@ -328,6 +328,36 @@ def test_chat_session_keeps_its_pictures_when_the_files_go(golden_model, golden_
         kept.ask("<img>cat.png</img> now?")
 
 
+def test_chat_session_keeps_a_picture_typed_in_a_message_when_the_file_goes(golden_model, golden_dir, tmp_path):
+    # a picture named by <img>PATH</img> in a message is read once too: deleting the file later made every
+    # following message of the conversation fail with "image not found" (until :clear)
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "cat.png")
+    processor = Processor.from_pretrained(golden_dir)
+    processor.chat_format = "chatml"
+    params = SamplingParams(max_new_tokens=4, do_sample=False)
+    kept = ChatSession(golden_model, processor, params, base_dir=tmp_path)
+    first = kept.ask("<img>cat.png</img> what is it?")
+    (tmp_path / "cat.png").unlink()
+    second = kept.ask("and its colour?")
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "cat.png")
+    again = ChatSession(golden_model, processor, params, base_dir=tmp_path)
+    assert again.ask("<img>cat.png</img> what is it?") == first and again.ask("and its colour?") == second
+
+
+def test_chat_picture_whose_path_cannot_be_shown_is_refused_when_added(golden_model, golden_dir, tmp_path):
+    # a path holding '</img>' cannot go in a prompt: it was added, and then every message failed (until :clear)
+    (tmp_path / "x</img>").mkdir(parents=True)  # folders "x<" and "img>"
+    shutil.copy(golden_dir / "images" / "cat.png", tmp_path / "x</img>" / "cat.png")
+    processor = Processor.from_pretrained(golden_dir)
+    processor.chat_format = "chatml"
+    session = ChatSession(golden_model, processor, SamplingParams(max_new_tokens=2, do_sample=False),
+                          base_dir=tmp_path)
+    with pytest.raises(ValueError, match="cannot hold '</img>'"):
+        session.add_image("x</img>/cat.png")
+    assert session.pending_images == [] and session.last_image is None and not session.images
+    assert isinstance(session.ask("hello"), str)
+
+
 def test_the_checkpoints_temperature_and_repetition_penalty_are_the_defaults(golden_dir):
     import dataclasses
 

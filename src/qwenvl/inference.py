@@ -326,7 +326,8 @@ class ChatSession:
     images: dict[str, Image.Image] = field(default_factory=dict, repr=False)  # path as added -> its picture
 
     def add_image(self, path: str) -> None:
-        # read now: a bad path fails here with a clear message, not at the next question
+        # checked and read now: a bad path fails here with a clear message, not at every next question
+        self.processor.tokenizer.from_list_format([{"image": path}])  # a path the prompt can show ('</img>')
         self.images[path] = self.processor.load_image(path, self.base_dir)
         self.pending_images.append(path)
         self.last_image = path
@@ -353,10 +354,12 @@ class ChatSession:
             raise ValueError("empty message")
         query = [{"image": p} for p in self.pending_images] + [{"text": text}]
         messages = self.messages(query)
-        # the pictures of the turns that fit the window, from memory; a span typed into a message is read as usual
+        # the pictures of the turns that fit the window, from memory; a span typed into a message is read now,
+        # once, and kept as an added picture is (a file moved or deleted later changes nothing)
         _, ids = self.processor.build_messages_prompt(messages)
         shown = self.processor.tokenizer.image_paths(ids)
-        images = [self.images.get(p, p) for p in shown]
+        typed = {p: self.processor.load_image(p, self.base_dir) for p in dict.fromkeys(shown) if p not in self.images}
+        images = [self.images[p] if p in self.images else typed[p] for p in shown]
         pieces = []
         for delta in stream_text(self.model, self.processor, messages, self.params, self.base_dir, self.compile,
                                  images=images):
@@ -367,7 +370,7 @@ class ChatSession:
         self.history.append((query, answer))
         self.pending_images = []
         # a turn that no longer fits the window never comes back (the newest turns are kept): nor do its pictures
-        self.images = {p: im for p, im in self.images.items() if p in shown}
+        self.images = {p: im for p, im in {**self.images, **typed}.items() if p in shown}
         if self.last_image not in self.images:  # the latest picture went with its turn: none is in view now
             self.last_image = None
         return answer

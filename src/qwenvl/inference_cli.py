@@ -90,7 +90,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predict_batch_size", type=int, help="prompts per batch (default 1)")
     p.add_argument("--jsonl", help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
     p.add_argument("--output", help="with --jsonl: where to write the answers (JSONL; default: stdout)")
-    p.add_argument("--output_only", action="store_true", help="print only the answers, not the prompts")
+    p.add_argument("--output_only", action="store_true",
+                   help="with --predict_data: print only the answers, not the prompts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--use_parallel", type=str2bool, help="accepted for compatibility; use torchrun for parallel runs")
     p.add_argument("--auto_trans_ckpt", type=str2bool, help="accepted for compatibility (checkpoints load on any layout)")
@@ -234,7 +235,15 @@ def _prompts_from_jsonl(path: str) -> list[Any]:
     return prompts
 
 
+_WHOLE_PROMPT_KEYS = ("messages", "prompt", "query")
+
+
 def _prompt_of_record(rec: Any, where: str) -> Any:
+    kind = next((k for k in _WHOLE_PROMPT_KEYS if k in rec), None)
+    ignored = [k for k in (*_WHOLE_PROMPT_KEYS, "image", "text") if k != kind and rec.get(k) is not None]
+    if kind and ignored:  # a row is one prompt: another field beside a whole prompt was silently dropped
+        raise ValueError(f"{where}: a row with {kind!r} is the whole prompt: {', '.join(map(repr, ignored))} would be "
+                         "ignored (a row has one of 'messages', 'prompt', 'query' or 'image'/'text')")
     if "messages" in rec:
         if not isinstance(rec["messages"], list):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} messages")
@@ -249,11 +258,16 @@ def _prompt_of_record(rec: Any, where: str) -> Any:
         return rec["query"]
     if "text" not in rec and "image" not in rec:
         raise ValueError(f"{where}: needs 'text' (and optionally 'image'), 'prompt', 'query' or 'messages'")
-    images = rec.get("image") or []
+    images = [] if rec.get("image") is None else rec["image"]
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise ValueError(f"{where}: 'image' must be a path or a list of paths, got {rec['image']!r:.80}")
-    return [{"image": p} for p in images] + [{"text": str(rec.get("text", ""))}]
+    if "" in images:
+        raise ValueError(f"{where}: 'image' is an empty path")
+    text = rec.get("text", "")
+    if not isinstance(text, str):  # None and lists were written into the prompt as the words None and ['a']
+        raise ValueError(f"{where}: 'text' must be a string, got {text!r:.80}")
+    return [{"image": p} for p in images] + [{"text": text}]
 
 
 _IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.S)
@@ -358,6 +372,9 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
     if args.output and not args.jsonl:  # --predict_data prints its answers: the file would never be written
         raise ValueError("--output writes the answers of --jsonl; --predict_data prints them (redirect stdout)")
+    if args.output_only and args.jsonl:  # was accepted and did nothing
+        raise ValueError("--output_only prints the answers of --predict_data alone; the rows of --jsonl hold each "
+                         "answer in their 'response' field")
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
