@@ -378,3 +378,14 @@ def test_the_checkpoints_temperature_and_repetition_penalty_are_the_defaults(gol
                                                                                repetition_penalty=1.3))
     assert not torch.equal(model.generate(ids, max_new_tokens=12), model.generate(ids, max_new_tokens=12,
                                                                                    repetition_penalty=1.0))
+
+
+def test_temperature_zero_is_greedy_where_decoding_is_greedy(tiny_model):
+    # OpenAI's and vLLM's "temperature 0" was refused even with do_sample=False (predict --temperature 0)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(tiny_model.generate(ids, max_new_tokens=3, temperature=0.0),
+                       tiny_model.generate(ids, max_new_tokens=3))
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0.0 \(use do_sample=False for greedy\)"):
+        tiny_model.generate(ids, max_new_tokens=3, temperature=0.0, do_sample=True)
+    with pytest.raises(ValueError, match="temperature must be > 0, got -1.0"):
+        tiny_model.generate(ids, max_new_tokens=3, temperature=-1.0)

@@ -55,7 +55,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.temperature <= 0:
+        # 0 means greedy where decoding is greedy anyway (OpenAI's and vLLM's convention; transformers ignores it)
+        if self.temperature < 0 or (self.temperature == 0 and self.do_sample):
             raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
