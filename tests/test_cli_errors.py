@@ -134,3 +134,15 @@ def test_a_cuda_device_this_machine_lacks_is_one_line(bad: dict[str, Path], caps
                        "--predict_data", "hi", "--modal_type", "text"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err == "qwenvl predict: error: --device cuda:1: there is no CUDA device 1 (this machine has 1)"
+
+
+def test_an_image_dir_that_is_not_there_is_said_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    # every image was "not found" under it, one by one (chat: at each :image) after minutes of loading
+    data = tmp_path / "g.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1]}) + "\n")
+    gone = tmp_path / "nope"
+    for argv in (["predict", "--model", str(GOLDEN), "--predict_data", "hi", "--modal_type", "text"],
+                 ["chat", "--model", str(GOLDEN)],
+                 ["eval", "grounding", "--model", str(GOLDEN), "--data", str(data)]):
+        assert cli.main([*argv, "--image_dir", str(gone)]) == 2
+        assert capsys.readouterr().err.strip() == f"qwenvl {argv[0]}: error: --image_dir folder not found: {gone}"

@@ -375,6 +375,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.output_only and args.jsonl:  # was accepted and did nothing
         raise ValueError("--output_only prints the answers of --predict_data alone; the rows of --jsonl hold each "
                          "answer in their 'response' field")
+    if opts.get("image_dir"):  # else every image would be "not found" under it
+        require_folder(opts["image_dir"], "--image_dir folder")
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
@@ -484,6 +486,8 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
         raise NotADirectoryError(f"--draw {args.draw} is not a folder")  # said now, not at the first box
     require_folder(args.load_checkpoint)
+    if args.image_dir:  # else every :image would be "not found" under it
+        require_folder(args.image_dir, "--image_dir folder")
     from .config import QwenVLConfig
     from .inference import ChatSession, chat_params, load  # torch: after the checks above
 

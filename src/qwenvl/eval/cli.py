@@ -141,6 +141,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
 
     task = args.eval_task
     _check_numbers(args)
+    if args.image_dir:  # else every image would be "not found" under it
+        require_folder(args.image_dir, "--image_dir folder")
     check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file},
                       folders={"checkpoint folder": args.model})
     loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
