@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -137,7 +138,7 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def _locate(ckpt_dir: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+def _locate(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
     """Weight files of a checkpoint (in order) and the index's weight_map (None for a single file)."""
     path = Path(ckpt_dir)
     if path.is_file() and path.suffix in (".safetensors", ".bin"):
@@ -171,7 +172,7 @@ def _locate(ckpt_dir: str | Path) -> tuple[list[Path], dict[str, str] | None]:
     )
 
 
-def find_weights(ckpt_dir: str | Path) -> list[Path]:
+def find_weights(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     """The weight files of a checkpoint folder, in shard order.
 
     The format is their suffix: all ``.safetensors`` or all ``.bin``. Safetensors are preferred when the folder
@@ -257,7 +258,7 @@ def _format_problems(header: str, problems: list[str], footer: str = "") -> str:
     return "\n".join(lines)
 
 
-def _iter_shards(ckpt_dir: str | Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+def _iter_shards(ckpt_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
     """(file, its tensors) per shard, after checking the shards against each other and against the index.
 
     Every shard is opened (lazily, nothing read) before the first is yielded, so that a bad shard or an
@@ -290,7 +291,7 @@ def _iter_shards(ckpt_dir: str | Path) -> Iterator[tuple[Path, dict[str, torch.T
     yield from shards
 
 
-def load_state_dict(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(ckpt_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, by official name.
 
     On CPU the tensors are copy-on-write maps of the files (read on first use, safe to modify). Raises
@@ -311,7 +312,7 @@ def _shape(t: torch.Tensor | torch.Size) -> str:
 
 
 def _check_against_model(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], ckpt_dir: str | Path, strict: bool
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], ckpt_dir: str | os.PathLike[str], strict: bool
 ) -> None:
     """Raise one CheckpointError listing every missing/extra key and every shape mismatch."""
     missing = [k for k in expected if k not in found]
@@ -358,7 +359,7 @@ def _float_dtypes(tensors: Iterable[torch.Tensor]) -> list[torch.dtype]:
 
 def load_weights(
     model: nn.Module,
-    ckpt_dir: str | Path,
+    ckpt_dir: str | os.PathLike[str],
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     strict: bool = True,
@@ -516,7 +517,7 @@ def cast_checked(model: nn.Module, dtype: torch.dtype, what: str) -> None:
 
 
 # ---- config settings the shapes do not show ---------------------------------------------------------------
-def _saved_unseen_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
+def _saved_unseen_config(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What our save recorded about the config (in the first safetensors shard's metadata), or None."""
     files = [f for f in _locate(ckpt_dir)[0] if f.suffix == ".safetensors"]
     if not files:
@@ -538,7 +539,7 @@ def _saved_unseen_config(ckpt_dir: str | Path) -> dict[str, Any] | None:
     return saved
 
 
-def check_config(config: QwenVLConfig, ckpt_dir: str | Path) -> None:
+def check_config(config: QwenVLConfig, ckpt_dir: str | os.PathLike[str]) -> None:
     """Catch a ``config.json`` that fits the weights' shapes but not the model they were trained as.
 
     Head count (and so head size), norm epsilons and the RoPE base do not show in the shapes. Checkpoints we
@@ -729,10 +730,10 @@ def _refuse_unofficial_layers(state: Mapping[str, torch.Tensor]) -> None:
 def save_pretrained(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     config: QwenVLConfig | None,
-    out_dir: str | Path,
+    out_dir: str | os.PathLike[str],
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
-    vocab_file: str | Path | None = None,
+    vocab_file: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     load: TensorLoader | None = None,
 ) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,7 @@ class QwenVLConfig:
                    extra=extra)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> QwenVLConfig:
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> QwenVLConfig:
         """Read ``config.json`` (and ``generation_config.json`` if present) from a checkpoint folder."""
         path = Path(path)
         cfg_file = path / "config.json" if path.is_dir() else path
@@ -366,7 +367,7 @@ class QwenVLConfig:
                                   f"{config.lm.vocab_size - 1}")
         return replace(config, generation=generation)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.to_official(), indent=2) + "\n", encoding="utf-8")

@@ -41,7 +41,8 @@ _TRAIN_ROLES = {"user": "<|im_start|>user", "assistant": "<|im_start|>assistant"
 _ASSISTANT_SPECIAL_TOKENS = tuple(t for t in IMAGE_SPECIAL_TOKENS if t not in ("<img>", "</img>", "<imgpad>"))
 
 # One prompt: raw text, a list-format list ([{"image": ...}, {"text": ...}]) or OpenAI-style messages.
-Prompt = str | list[dict[str, Any]]
+# (list[Any], not list[dict[str, Any]]: type checkers infer a literal of mixed dicts as list[object])
+Prompt = str | list[Any]
 
 
 def _is_messages(items: list[Any]) -> bool:
@@ -161,7 +162,7 @@ class Processor:
         images: Sequence[ImageSource] | None = None,
         base_dir: str | os.PathLike | None = None,
         return_tensors: str = "pt",
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> dict[str, Any]:  # tensors (images None without pictures); Any so that model(**inputs) type-checks
         """Prompt(s) -> ``input_ids`` [B, T], ``attention_mask`` [B, T], ``images`` [N, 3, S, S] or None.
 
         ``text`` is one prompt or a list of prompts; a prompt is a string (tokenized as is), a list-format

@@ -258,7 +258,7 @@ class QwenTokenizer:
         self._enc = _encoding_for(path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, errors: str = "replace") -> QwenTokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, errors: str = "replace") -> QwenTokenizer:
         """Use ``path/qwen.tiktoken`` (or ``path`` itself if it is the file); else the bundled vocabulary.
 
         A checkpoint folder without its own vocabulary is normal (ours are saved without one); the official

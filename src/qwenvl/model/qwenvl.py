@@ -7,10 +7,10 @@ pictures into those tensors is the processor's job.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ class QwenVLOutput:
     logits: torch.Tensor | None = None  # (B, T_kept, vocab) or None when only the loss was asked for
     loss: torch.Tensor | None = None
     num_loss_tokens: int = 0
-    past_key_values: KVCache | None = None
+    past_key_values: KVCache | SlotDecode | None = None
 
 
 class QwenModel(nn.Module):
@@ -175,7 +175,7 @@ class QwenVL(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+        cls, path: str | os.PathLike[str], dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
     ) -> QwenVL:
         """Load an official (or our) checkpoint folder strictly; see :func:`qwenvl.checkpoint.load_weights`
         (every key, shape and dtype, no NaN/inf) and :func:`qwenvl.checkpoint.check_config` (the settings the
@@ -188,7 +188,7 @@ class QwenVL(nn.Module):
         load_weights(model, path, dtype=_as_dtype(dtype), device=device)
         return model.eval()
 
-    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+    def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
         from ..checkpoint import save_pretrained
 
         save_pretrained(self, self.config, path, **kwargs)
