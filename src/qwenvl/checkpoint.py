@@ -52,6 +52,7 @@ __all__ = [
     "cast_checked",
     "check_cast",
     "check_config",
+    "check_finite",
     "find_weights",
     "iter_tensor_bytes",
     "load_state_dict",
@@ -514,6 +515,13 @@ def cast_checked(model: nn.Module, dtype: torch.dtype, what: str) -> None:
         check_cast(f"{what}: {name}", t, dtype)
     model.to(dtype)
 
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise :class:`CheckpointError` if ``t`` holds NaN or infinite values, as loading refuses them (a file
+    converted with them would not load). ``name`` starts the message."""
+    if not _all_finite(t):
+        raise CheckpointError(f"{name} holds NaN or infinite values ({_count_non_finite(t)}): a corrupt file, or a "
+                              "training run that diverged")
 
 
 # ---- config settings the shapes do not show ---------------------------------------------------------------

@@ -32,15 +32,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
-    _DTYPE_NAMES,
-    CheckpointError,
-    _all_finite,
-    _count_non_finite,
-    _iter_shards,
-    check_cast,
-    save_pretrained,
-)
+from .checkpoint import _DTYPE_NAMES, CheckpointError, _iter_shards, check_cast, check_finite, save_pretrained
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
 from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, read_tensor, scan
@@ -295,13 +287,6 @@ def _one_line(what: str, items: list[str]) -> str:
     return f"{what}: {', '.join(items[:3])}{more}"
 
 
-def _check_finite(what: str, t: torch.Tensor) -> None:
-    """Refuse NaN/inf weights, as loading does: a converted file holding them would not load."""
-    if not _all_finite(t):
-        raise CheckpointError(f"{what} holds NaN or infinite values ({_count_non_finite(t)}): a corrupt file, or a "
-                              "training run that diverged")
-
-
 # ---- import -------------------------------------------------------------------------------------------------
 def _choose_rules(shapes: dict[str, torch.Size], present: set[str]) -> list[Rule]:
     """Per tensor, the layout the file uses (split or fused qkv); the split one where neither is complete."""
@@ -398,7 +383,7 @@ def import_checkpoint(
         def load(official: str) -> torch.Tensor:
             r = by_official[official]
             t = _join(r, [read_tensor(f, entries[n]) for n in r.ms_names], heads, vocab)  # type: ignore[misc]
-            _check_finite(f"{path}: tensor {r.ms_names[0]!r}", t)
+            check_finite(f"{path}: tensor {r.ms_names[0]!r}", t)
             check_cast(f"{path}: tensor {r.ms_names[0]!r}", t, dtype)  # an overflow to inf would not load
             return t
 
@@ -474,7 +459,7 @@ def export_checkpoint(
             if r.kind == VOCAB and emb_strategy:
                 pad = -shape[0] % (512 * emb_strategy)
             t = get(name)
-            _check_finite(f"{src}: {name}", t)
+            check_finite(f"{src}: {name}", t)
             for ms_name, parts in zip(r.ms_names, _split(r, t, heads, pad)):
                 writer.write(ms_name, parts, dtype)
             del t
