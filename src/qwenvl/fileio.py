@@ -49,6 +49,7 @@ __all__ = [
     "read_json_records",
     "read_yaml",
     "remove_tree",
+    "same_file",
     "require_folder",
     "temp_name",
 ]
@@ -282,14 +283,16 @@ def _locked_temp(target: Path) -> tuple[int, Path, int]:
     for _attempt in range(20):
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TEMP_TAG}tmp-")
         locked = _flock(fd)
-        if locked is None or (locked and _same_file_at(fd, Path(name))):
+        if locked is None or (locked and same_file(fd, Path(name))):
             return fd, Path(name), os.dup(fd)  # a dup shares the lock: it stays held after the stream closes
         os.close(fd)  # another writer's cleanup took this brand-new file for a dead one (and may remove it)
     raise OSError(errno.EAGAIN, "could not create a temporary file: other writers keep removing them",
                   str(target))
 
 
-def _same_file_at(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is, itself, the file open as ``fd`` (not a link to it; False when nothing is there):
+    whether a file we opened is still the one under that name."""
     try:
         a, b = os.fstat(fd), os.lstat(path)
     except FileNotFoundError:
@@ -314,7 +317,7 @@ def _remove_dead_temps(target: Path, mine: Path) -> None:
         except OSError:
             continue
         try:
-            if _flock(fd) and _same_file_at(fd, path):
+            if _flock(fd) and same_file(fd, path):
                 path.unlink()
                 logger.warning("removed %s, left by an interrupted write of %s", path, target)
         except OSError:

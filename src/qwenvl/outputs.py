@@ -49,6 +49,7 @@ from .fileio import (
     clean_temporary,
     fault_point,
     is_temporary,
+    same_file,
     write_error,
 )
 
@@ -207,21 +208,13 @@ class RunLock:
         if self.fd < 0:
             return
         try:
-            if _same_file(self.fd, self.path):
+            if same_file(self.fd, self.path):
                 self.path.unlink()
         except OSError as e:
             logger.warning("could not remove the lock file %s: %s", self.path, e)
         finally:
             os.close(self.fd)  # drops the flock
             self.fd = -1
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _holder(fd: int) -> dict[str, Any]:
@@ -287,7 +280,7 @@ def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
                                      "file locks?); choose an output folder on a local disk") from None
             raise OutputDirError(f"{folder} is in use by another qwenvl run ({_describe(holder)}); wait for it to "
                                  "finish or choose another output folder") from None
-        if not _same_file(fd, path):  # the previous holder removed the file between our open and flock
+        if not same_file(fd, path):  # the previous holder removed the file between our open and flock
             os.close(fd)
             continue
         previous = _holder(fd)
