@@ -344,6 +344,29 @@ def test_chat_session_keeps_a_picture_typed_in_a_message_when_the_file_goes(gold
     assert again.ask("<img>cat.png</img> what is it?") == first and again.ask("and its colour?") == second
 
 
+def test_chat_session_last_image_is_the_latest_picture_shown_also_when_typed(golden_model, golden_dir, tmp_path):
+    # chat --draw draws the answer's boxes on last_image: a picture typed as <img>PATH</img> was never it, so
+    # "<img>street.jpg</img> frame the car" drew nothing, or drew on an older :image picture
+    for name in ("cat.png", "street.jpg"):
+        shutil.copy(golden_dir / "images" / name, tmp_path / name)
+    processor = Processor.from_pretrained(golden_dir)
+    processor.chat_format = "chatml"
+    session = ChatSession(golden_model, processor, SamplingParams(max_new_tokens=2, do_sample=False),
+                          base_dir=tmp_path)
+    session.ask("<img>street.jpg</img> where is the car?")
+    assert session.last_image == "street.jpg" and session.images["street.jpg"].size == (200, 360)
+    session.add_image("cat.png")
+    session.ask("and here?")
+    assert session.last_image == "cat.png"
+    session.ask("<img>street.jpg</img> again?")
+    assert session.last_image == "street.jpg"
+    session.ask("thanks")  # no new picture: the latest one shown stays the one to draw on
+    assert session.last_image == "street.jpg"
+    session.clear()
+    session.ask("hello")
+    assert session.last_image is None
+
+
 def test_chat_picture_whose_path_cannot_be_shown_is_refused_when_added(golden_model, golden_dir, tmp_path):
     # a path holding '</img>' cannot go in a prompt: it was added, and then every message failed (until :clear)
     (tmp_path / "x</img>").mkdir(parents=True)  # folders "x<" and "img>"

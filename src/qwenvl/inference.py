@@ -321,7 +321,7 @@ class ChatSession:
     base_dir: str | os.PathLike | None = None
     history: list[tuple[list[dict[str, Any]], str]] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
-    last_image: str | None = None  # the latest picture added, while the conversation shows it (a key of images)
+    last_image: str | None = None  # the latest picture added or shown, while the conversation shows it (a key of images)
     compile: bool = False  # decode with the torch.compile-d step
     images: dict[str, Image.Image] = field(default_factory=dict, repr=False)  # path as added -> its picture
 
@@ -371,8 +371,8 @@ class ChatSession:
         self.pending_images = []
         # a turn that no longer fits the window never comes back (the newest turns are kept): nor do its pictures
         self.images = {p: im for p, im in {**self.images, **typed}.items() if p in shown}
-        if self.last_image not in self.images:  # the latest picture went with its turn: none is in view now
-            self.last_image = None
+        # the latest picture the conversation shows (added with :image or typed as <img>PATH</img>), if any
+        self.last_image = shown[-1] if shown else None
         return answer
 
 
