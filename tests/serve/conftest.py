@@ -17,7 +17,7 @@ import uvicorn
 from qwenvl import Processor, QwenVL
 from qwenvl.config import IM_END_ID
 from qwenvl.generation import STOP_IDS
-from qwenvl.serve.app import ServeSettings, create_app
+from qwenvl.serve.app import Server, ServeSettings, create_app
 from qwenvl.serve.engine import Engine, EngineConfig
 
 GOLDEN = "tests/fixtures/qwenvl-tiny"
@@ -51,7 +51,7 @@ def running(engine: Engine, processor: Processor, settings: ServeSettings | None
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     app = create_app(engine, processor, settings or ServeSettings(model_name=MODEL_NAME))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2), engine)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -26,6 +26,7 @@ from qwenvl.serve.engine import (
     Finished,
     QueueFull,
     Request,
+    ShuttingDown,
     _AnswerText,
     _compiled_decode_slots,
     auto_batch_size,
@@ -33,6 +34,7 @@ from qwenvl.serve.engine import (
     kv_cache_budget,
     slot_bytes,
 )
+from qwenvl.serve.metrics import ServeMetrics
 
 CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
 
@@ -250,6 +252,30 @@ def test_requests_cancelled_while_waiting_give_their_place_back(golden_model, pr
     assert engine.waiting == 0
     engine.submit(requests[3])
     assert engine.waiting == 1
+
+
+def test_a_stopped_engine_refuses_requests_and_fails_those_in_flight(golden_model, processor):
+    """A request queued after stop() waited for ever (no thread runs it: its client hung until the server's
+    graceful-shutdown timeout); one waiting at stop() got Failed but was never counted as finished."""
+    engine = Engine(golden_model, processor.decode, EngineConfig(max_batch_size=1, max_model_len=4096),
+                    ServeMetrics())
+    ids = processor.tokenizer.encode("Hello")
+    running, waiting = Collector(), Collector()
+    engine.submit(Request(ids, SamplingParams(max_new_tokens=3000, stop_token_ids=()), running))
+    engine.submit(Request(ids, SamplingParams(max_new_tokens=4), waiting))
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not running.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    for c in (running, waiting):
+        assert c.done.is_set() and c.events[-1] == Failed("the server is shutting down"), c.events[-1:]
+    assert engine.metrics.finished.value(reason="error") == 2
+    with pytest.raises(ShuttingDown, match="shutting down"):
+        engine.submit(Request(ids, SamplingParams(max_new_tokens=2), Collector()))
+    done = Collector()
+    run_all(engine, [Request(ids, SamplingParams(max_new_tokens=2), done)])  # started again, it takes requests
+    assert isinstance(done.events[-1], Finished)
 
 
 @pytest.mark.parametrize("params", [

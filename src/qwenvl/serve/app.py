@@ -21,22 +21,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from ..fileio import error_line
 from ..generation import STOP_IDS, SamplingParams
 from ..processor import Processor
 from . import protocol
-from .engine import Delta, Engine, Event, Failed, Finished, QueueFull
+from .engine import Delta, Engine, Event, Failed, Finished, QueueFull, ShuttingDown
 from .engine import Request as EngineRequest
 from .media import MediaError, MediaLimits, fetch_image
 from .metrics import ServeMetrics
 
-__all__ = ["APIError", "ServeSettings", "create_app"]
+__all__ = ["APIError", "Server", "ServeSettings", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class ServeSettings:
     model_name: str = "qwenvl"
     api_key: str | None = None  # clients must send "Authorization: Bearer KEY" to /v1/*
     max_request_bytes: int = 20 * 2**20
+    request_body_timeout: float = 60.0  # seconds for a whole request body to arrive (408 after: slowloris)
     max_images_per_request: int = 4
     max_tokens_cap: int = 2048
     media: MediaLimits = field(default_factory=MediaLimits)
@@ -77,13 +80,23 @@ class _Prepared:
     image_count: int
 
 
+class _Refused(Exception):
+    """A request body the guard refuses before the app sees it: answered ``status`` with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
 class _Guard:
-    """ASGI middleware: refuses bodies over ``limit`` bytes (413, before the app reads them) and counts
-    every answer in ``qwenvl_requests_total`` by endpoint and status."""
+    """ASGI middleware: refuses bodies over ``limit`` bytes (413, before the app reads them) and bodies that take
+    longer than ``timeout`` seconds to arrive (408: a client that announces a body and sends it slowly or never
+    would hold its connection for ever; uvicorn has no such limit), and counts every answer in
+    ``qwenvl_requests_total`` by endpoint and status."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int, metrics: ServeMetrics,
-                 endpoints: frozenset[str]) -> None:
-        self.app, self.limit, self.metrics, self.endpoints = app, limit, metrics, endpoints
+                 endpoints: frozenset[str], timeout: float = 60.0) -> None:
+        self.app, self.limit, self.metrics, self.endpoints, self.timeout = app, limit, metrics, endpoints, timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -98,9 +111,10 @@ class _Guard:
             await send(message)
 
         try:
-            body = await self._read_body(scope, receive)
-            if body is None:
-                await self._too_large(counted_send)
+            try:
+                body = await self._read_body(scope, receive)
+            except _Refused as e:
+                await self._refuse(counted_send, e)
                 return
             replayed = False
 
@@ -116,12 +130,20 @@ class _Guard:
             if status[0]:
                 self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
 
-    async def _read_body(self, scope: dict[str, Any], receive: Callable) -> bytes | None:
-        """The whole body, or None when it is larger than the limit (declared or actual)."""
+    async def _read_body(self, scope: dict[str, Any], receive: Callable) -> bytes:
+        """The whole body; raises _Refused when it is larger than the limit (declared or actual) or has not
+        arrived within the timeout."""
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            return None
+            raise self._too_large()
+        try:
+            return await asyncio.wait_for(self._receive_body(receive), self.timeout)
+        except asyncio.TimeoutError:
+            raise _Refused(408, f"the request body did not arrive within {self.timeout:g} seconds",
+                           "request_timeout") from None
+
+    async def _receive_body(self, receive: Callable) -> bytes:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -130,16 +152,19 @@ class _Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                return None
+                raise self._too_large()
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    async def _too_large(self, send: Callable) -> None:
-        body = json.dumps(protocol.error_body(
-            f"request body is larger than this server's limit of {self.limit} bytes", code="request_too_large"
-        )).encode()
-        await send({"type": "http.response.start", "status": 413,
+    def _too_large(self) -> _Refused:
+        return _Refused(413, f"request body is larger than this server's limit of {self.limit} bytes",
+                        "request_too_large")
+
+    async def _refuse(self, send: Callable, refused: _Refused) -> None:
+        """Answer ``refused`` and close the connection (the rest of the body is never read)."""
+        body = json.dumps(protocol.error_body(refused.message, code=refused.code)).encode()
+        await send({"type": "http.response.start", "status": refused.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
@@ -288,6 +313,8 @@ class _Server:
         request = EngineRequest(prepared.input_ids, prepared.params, events.put, prepared.images, prepared.stop)
         try:
             self.engine.submit(request)
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error") from e
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_exceeded",
                            code="rate_limit_exceeded") from e
@@ -393,7 +420,8 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
                   lifespan=lifespan, docs_url=None, redoc_url=None,  # no CDN: the docs pages load theirs
                   responses={"4XX": errors, "5XX": {**errors, "description": "failed: OpenAI's error body"}})
     endpoints = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
-    app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints)
+    app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints,
+                       timeout=settings.request_body_timeout)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
@@ -413,12 +441,16 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         return APIError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         message = str(e.detail)
         if e.status_code == 400 and isinstance(e.__cause__, (ValueError, RecursionError)):
             message = _unparsable(e.__cause__)  # FastAPI's "There was an error parsing the body"
         response = APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
-        response.headers.update(e.headers or {})  # a 405's Allow
+        response.headers.update(e.headers or {})
+        if e.status_code == 405:  # Allow: the methods of every route of the path, not only of the first one
+            allowed = {m for r in app.routes if isinstance(r, Route) and r.matches(request.scope)[0] is Match.PARTIAL
+                       for m in r.methods or ()}
+            response.headers["allow"] = ", ".join(sorted(allowed))
         return response
 
     @app.exception_handler(Exception)
@@ -438,12 +470,16 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what some load balancers probe with
+    @app.get("/health")
     async def health() -> JSONResponse:
         alive = engine.running
         return JSONResponse({"status": "ok" if alive else "engine stopped", "active": engine.active,
                              "waiting": engine.waiting, "slots": engine.config.max_batch_size},
                             200 if alive else 503)
+
+    # HEAD: what some load balancers probe with; a route of its own, as one route for both methods gave both
+    # operations one operationId in /openapi.json
+    app.head("/health")(health)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
@@ -541,3 +577,18 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.engine_request.cancel()  # a no-op once finished
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for an app of :func:`create_app`: when shutdown begins (Ctrl-C, SIGTERM) the engine stops
+    first, so the answers in flight end at once with "the server is shutting down" in OpenAI's error body (a
+    stream: an error chunk, then ``[DONE]``), rather than running on until uvicorn's graceful-shutdown timeout
+    cancels them mid-answer (a traceback per request in the log, a plain-text 500 or a cut stream)."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        await asyncio.to_thread(self.engine.stop)  # the event loop keeps sending what the engine ends with
+        await super().shutdown(sockets)

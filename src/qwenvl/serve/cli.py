@@ -51,6 +51,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--allowed_local_media_path", metavar="DIR",
                    help="let requests name image files (file:// URLs) under DIR; default: no local files")
     p.add_argument("--max_request_bytes", type=int, default=20 * 2**20, help="largest request body (default 20 MiB)")
+    p.add_argument("--request_body_timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="time a request body may take to arrive; a slower one is answered 408 and its connection "
+                        "closed (default 60)")
     p.add_argument("--max_image_bytes", type=int, default=10 * 2**20, help="largest image file (default 10 MiB)")
     p.add_argument("--max_image_pixels", type=int, default=40_000_000,
                    help="largest image in pixels, checked before decoding (default 40M)")
@@ -85,6 +88,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise ValueError(f"--kv_cache_memory must be > 0 GiB, got {args.kv_cache_memory}")
+    if not args.request_body_timeout > 0:
+        raise ValueError(f"--request_body_timeout must be > 0 seconds, got {args.request_body_timeout}")
     if args.max_images_per_request < 0 or args.max_queue < 0:
         raise ValueError("--max_images_per_request and --max_queue must be >= 0")
     root = None
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     require_folder(args.model)
     # torch and the model code load only now (seconds): a mistyped flag or folder is said at once
     from ..inference import load
-    from .app import ServeSettings, create_app
+    from .app import Server, ServeSettings, create_app
     from .engine import Engine, EngineConfig, auto_batch_size, slot_bytes
     from .media import MediaLimits
 
@@ -114,15 +119,17 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     processor.max_window_size = min(processor.max_window_size, config.max_model_len)
     settings = ServeSettings(
         model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
-        max_request_bytes=args.max_request_bytes, max_images_per_request=args.max_images_per_request,
+        max_request_bytes=args.max_request_bytes, request_body_timeout=args.request_body_timeout,
+        max_images_per_request=args.max_images_per_request,
         max_tokens_cap=args.max_tokens_cap,
         media=MediaLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                           allow_remote=args.allow_remote_images, remote_timeout=args.remote_image_timeout),
     )
-    app = create_app(Engine(model, processor.decode, config), processor, settings)
+    engine = Engine(model, processor.decode, config)
+    app = create_app(engine, processor, settings)
     host, port = sock.getsockname()[:2]
     kv_gib = config.max_batch_size * slot_bytes(model, config.max_model_len) / 2**30
     logger.info("serving %s on http://%s:%d (%d slots of %d positions, KV cache %.2f GiB; chat page at /)",
                 settings.model_name, host, port, config.max_batch_size, config.max_model_len, kv_gib)
-    uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5), engine).run(sockets=[sock])
     return 0

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from ..model import QwenVL
     from .metrics import ServeMetrics
 
-__all__ = ["Delta", "Engine", "EngineConfig", "Failed", "Finished", "QueueFull", "Request", "auto_batch_size",
-           "decode_slots", "kv_cache_budget", "slot_bytes"]
+__all__ = ["Delta", "Engine", "EngineConfig", "Failed", "Finished", "QueueFull", "Request", "ShuttingDown",
+           "auto_batch_size", "decode_slots", "kv_cache_budget", "slot_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ def auto_batch_size(model: QwenVL, max_model_len: int, budget: int | None = None
 
 class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is full (the server answers 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is stopping: nobody would run a request queued now (the server answers 503)."""
 
 
 @dataclass
@@ -267,6 +271,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._running = False
+        self._stopping = False  # set by stop(): submit refuses from then on
         self._thread: threading.Thread | None = None
 
     # ---- public ------------------------------------------------------------------------------------
@@ -289,6 +294,7 @@ class Engine:
         if self._thread is not None:
             return
         self.warm_up()
+        self._stopping = False
         self._running = True
         self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
         self._thread.start()
@@ -314,6 +320,9 @@ class Engine:
         logger.info("compiled the decode step in %.1f s", time.perf_counter() - start)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """End the engine thread after its current step; requests in flight or waiting get Failed."""
+        with self._lock:  # a request queued after this would wait for ever
+            self._stopping = True
         self._running = False
         self._wake.set()
         if self._thread is not None:
@@ -321,7 +330,8 @@ class Engine:
             self._thread = None
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``. Raises ValueError when it cannot fit a slot, QueueFull when too many wait."""
+        """Queue ``request``. Raises ValueError when it cannot fit a slot, QueueFull when too many wait,
+        ShuttingDown after :meth:`stop`."""
         n = len(request.input_ids)
         if n == 0:
             raise ValueError("empty prompt: there is nothing to condition on")
@@ -330,6 +340,8 @@ class Engine:
                              "tokens for prompt and answer together")
         request.params.validate()
         with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.config.max_queue + self._free_slots():
                 self._drop_cancelled_waiting()  # a client that left gives its place back
             if len(self._waiting) >= self.config.max_queue + self._free_slots():
@@ -367,6 +379,7 @@ class Engine:
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for r in waiting:
+            self._count_finish("cancelled" if r.cancelled else "error")
             r.on_event(Failed("the server is shutting down"))
         for i, s in enumerate(self.slots):
             if s is not None:
