@@ -26,6 +26,46 @@ def test_help_lists_every_command():
         assert cmd in out.stdout
 
 
+@pytest.mark.parametrize("command", ["info", "predict", "chat", "convert", "data-convert", "serve", "finetune", "eval",
+                                     "demo"])
+def test_every_command_help_says_what_the_command_does(command, capsys):
+    # `qwenvl chat --help` printed its flags alone: what chat is and its :image/:clear/:quit showed only in
+    # `qwenvl --help`'s list (info, predict, convert and data-convert alike)
+    from qwenvl import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    usage, _, rest = capsys.readouterr().out.partition("\n\n")
+    description = rest.split("\n\n")[0]
+    assert usage.startswith(f"usage: qwenvl {command}")
+    assert not description.startswith(("options:", "positional arguments:")), f"{command} --help: no description"
+    if command == "chat":
+        assert ":image PATH, :clear, :quit" in description
+
+
+def test_verbose_flag_works_after_the_command_too(golden_dir, capsys):
+    # `qwenvl info DIR -v` was "unrecognized arguments: -v" (-v was known only before the command)
+    from qwenvl import cli
+
+    assert cli.main(["info", str(golden_dir), "--json", "-v"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"]["total"] == 39_502_720
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(golden_dir):
+    # `qwenvl info DIR | head -1` (or `predict --jsonl ... | head`) printed "qwenvl info: error: [Errno 32] Broken
+    # pipe" and exited 2: now it stops quietly, with the status of a Unix tool that SIGPIPE ended
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        out = subprocess.run([sys.executable, "-m", "qwenvl.cli", "info", str(golden_dir)], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=600)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 128 + 13, out.stderr
+    assert "Broken pipe" not in out.stderr and "error" not in out.stderr
+
+
 def test_help_and_bad_input_are_answered_before_torch_loads(tmp_path):
     # torch takes seconds to import: `--help`, a missing image, data file or checkpoint folder do not wait for it
     # (and nothing is written: no output folder for the finetune that cannot start)

@@ -37,14 +37,23 @@ SUBCOMMANDS = {
 TAKES_OVERRIDES = {"finetune"}
 
 
+class _Subcommands(argparse._SubParsersAction):
+    """Subcommands whose own ``--help`` starts with the line ``qwenvl --help`` shows for them, unless they have a
+    description: ``qwenvl chat --help`` printed its flags alone, not what the command does (``:image PATH``, ...)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", kwargs.get("help"))
+        return super().add_parser(name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenvl",
         description="Qwen-VL in PyTorch: load the official checkpoints, predict, chat, serve, fine-tune, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"qwenvl {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before or after COMMAND)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_Subcommands)
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):
         module = importlib.import_module(module_name)
         module.add_parser(sub)
@@ -75,6 +84,8 @@ def use_huge_pages() -> bool:
     return os.environ.get(name, "0").strip() not in ("", "0")
 
 
+_VERBOSE = ("-v", "--verbose")
+
 # a flag spelled with dashes inside it, as vLLM's and torchrun's (--max-model-len), optionally with =VALUE
 _DASHED_FLAG = re.compile(r"--[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)+")
 
@@ -101,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     separate_compile_cache()  # --compile under ATEN_CPU_CAPABILITY=...: a cache of its own
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if any(a in _VERBOSE for a in extra):  # `qwenvl predict ... -v`: the subcommands' parsers do not know it
+        args.verbose = True
+        extra = [a for a in extra if a not in _VERBOSE]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -114,12 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _terminate_as_interrupt(args.command in TERM_AS_INTERRUPT):
             result = module.run(args, extra)
+            sys.stdout.flush()  # now, not at exit: a reader that left is answered below
     except Terminated:
         print("terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:
+        if e.filename is not None:  # a file we write (our writers name it): an error like any other
+            print(f"qwenvl {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        # the reader of stdout left (`qwenvl info DIR | head -3`): stop quietly, as a Unix tool killed by SIGPIPE
+        # does, instead of "error: [Errno 32] Broken pipe"; what is still buffered goes to /dev/null (else
+        # Python's exit flushes it into the closed pipe and reports that too)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + getattr(signal, "SIGPIPE", 13)
     except (ValueError, OSError) as e:
         # ValueError covers our CheckpointError, ConfigError, ImageError and data errors; OSError a missing
         # file, a folder where a file should be, no permission, a full disk ("[Errno 28] No space left on
