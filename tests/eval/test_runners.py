@@ -465,3 +465,218 @@ def test_cli_vqa_and_caption(tmp_path: Path, task: str, capsys: pytest.CaptureFi
     saved = json.loads(out.read_text())
     assert saved["task"] == task and saved["num_samples"] == 1
     assert ("VQA accuracy" if task == "vqa" else "CIDEr") in capsys.readouterr().out
+
+
+# ---- an interrupted run keeps its predictions -----------------------------------------------------------------
+
+
+def _six_grounding_rows(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "g.jsonl", [
+        {"image": "cat.png" if k % 2 else "street.jpg", "sent": f"thing {k}", "bbox": [10, 10, 100, 100],
+         "height": 240, "width": 320} for k in range(6)
+    ])  # fmt: skip
+
+
+def _eval_args(data: Path, out: Path) -> list[str]:
+    return ["eval", "grounding", "--model", str(GOLDEN), "--data", str(data), "--image_dir", str(GOLDEN / "images"),
+            "--output", str(out), "--max_new_tokens", "3", "--min_new_tokens", "0", "--batch_size", "2",
+            "--device", "cpu", "--no_progress"]  # fmt: skip
+
+
+def test_cli_interrupted_keeps_the_predictions_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # Ctrl-C in the third batch: the first 4 predictions go next to --output, in its format, under a name that
+    # says they are partial (an existing file of that name is kept); nothing is written at --output
+    import qwenvl.generation
+    from qwenvl.cli import main
+
+    real, calls = qwenvl.generation.generate, []
+
+    def stop_at_the_third_batch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qwenvl.generation, "generate", stop_at_the_third_batch)
+    data, out = _six_grounding_rows(tmp_path), tmp_path / "out.json"
+    (tmp_path / "out.json.partial").write_text("an earlier run's predictions")
+    with caplog.at_level("INFO"):
+        assert main(_eval_args(data, out)) == 130
+    assert not out.exists() and (tmp_path / "out.json.partial").read_text() == "an earlier run's predictions"
+    said = [r.getMessage() for r in caplog.records if "out.json.partial-2" in r.getMessage()]
+    assert said == [f"interrupted: the predictions for the first 4 of 6 samples are in {tmp_path / 'out.json.partial-2'}"
+                    " (the output's format, scored over those 4)"]  # fmt: skip
+    saved = json.loads((tmp_path / "out.json.partial-2").read_text())
+    assert saved["num_samples"] == 4 and saved["partial"] is True and saved["num_planned"] == 6
+    assert [p["sent"] for p in saved["predictions"]] == [f"thing {k}" for k in range(4)]
+    assert saved["settings"]["protocol"] == "official" and 0 <= saved["accuracy"] <= 1
+    assert saved["num_correct"] == sum(p["correct"] for p in saved["predictions"])
+
+
+def test_cli_terminated_keeps_the_predictions_so_far(tmp_path: Path) -> None:
+    # a real SIGTERM from outside (a batch scheduler's cancel) while the third batch runs
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, out, ready = _six_grounding_rows(tmp_path), tmp_path / "out.json", tmp_path / "ready"
+    script = f"""
+import sys, time
+from pathlib import Path
+import qwenvl.generation
+real, calls = qwenvl.generation.generate, []
+def generate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        Path({str(ready)!r}).touch()
+        time.sleep(120)
+    return real(*args, **kwargs)
+qwenvl.generation.generate = generate
+from qwenvl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script, *_eval_args(data, out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"the predictions for the first 4 of 6 samples are in {tmp_path / 'out.json.partial'}" in err
+    assert "Traceback" not in err and not out.exists()
+    saved = json.loads((tmp_path / "out.json.partial").read_text())
+    assert saved["num_samples"] == 4 and [p["sent"] for p in saved["predictions"]] == [f"thing {k}" for k in range(4)]
+
+
+def test_runner_interrupted_in_the_first_batch_writes_nothing(tmp_path: Path, image_dir: Path) -> None:
+    def gen(prompts: Sequence[str]) -> list[str]:
+        raise KeyboardInterrupt
+
+    data = write_jsonl(tmp_path / "g.jsonl", grounding_rows())
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=tmp_path / "o.json", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs"]
+
+
+# ---- scale: each image is checked once, however many samples name it --------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["grounding", "vqa", "caption"])
+def test_each_image_path_is_resolved_and_sized_once(tmp_path: Path, image_dir: Path, task: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # VQAv2 has 5 questions an image, RefCOCO several expressions: 100k samples took a minute of path checks
+    # (resolve, realpath, stat; for grounding without a size also a header read) per sample before the model loads
+    from qwenvl.images import MediaPolicy
+
+    resolved, sized = [], []
+    resolve, read_size = MediaPolicy.resolve, runners._read_size
+    monkeypatch.setattr(MediaPolicy, "resolve", lambda self, p: resolved.append(p) or resolve(self, p))
+    monkeypatch.setattr(runners, "_read_size", lambda path, where: sized.append(path) or read_size(path, where))
+    row = {"grounding": {"sent": "x", "bbox": [0, 0, 10, 10]}, "vqa": {"question": "q?", "answers": ["a", "b"]},
+           "caption": {"captions": ["a cat"]}}[task]
+    data = write_jsonl(tmp_path / "d.jsonl", [{**row, "image": "ab"[k % 2] + ".png"} for k in range(200)])
+    loader = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
+              "caption": runners.load_caption_data}[task]
+    records = loader(data, image_dir)
+    assert len(records) == 200 and sorted(resolved) == ["a.png", "b.png"]
+    assert len(sized) == (2 if task == "grounding" else 0)
+    if task == "grounding":  # the sizes are each image's own
+        assert [(r.width, r.height) for r in records[:2]] == [(200.0, 100.0), (100.0, 100.0)]
+
+
+def test_cli_checks_each_image_against_the_output_once(tmp_path: Path, image_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenvl.cli import main
+    from qwenvl.images import MediaPolicy
+
+    resolved = []
+    resolve = MediaPolicy.resolve
+    monkeypatch.setattr(MediaPolicy, "resolve", lambda self, p: resolved.append(p) or resolve(self, p))
+    rows = [{"image": "ab"[k % 2] + ".png", "question": "q?", "answers": ["a", "b"]} for k in range(200)]
+    data = write_jsonl(tmp_path / "v.jsonl", rows)
+    argv = ["eval", "vqa", "--model", str(tmp_path / "no-model"), "--data", str(data), "--image_dir", str(image_dir)]
+    assert main([*argv, "--output", str(tmp_path / "out.json")]) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err  # every check passed, up to the model
+    assert sorted(resolved) == ["a.png", "a.png", "b.png", "b.png"]  # the loader's, then the output check's
+    # and the output is still refused when it is one of the images, named by the first sample that reads it
+    assert main([*argv, "--output", str(image_dir / "b.png"), "--overwrite"]) == 2
+    assert f"the output file {image_dir / 'b.png'} is the image of {data}:2 " in capsys.readouterr().err
+
+
+# ---- resuming an interrupted run --------------------------------------------------------------------------------
+
+
+def test_cli_resume_from_the_partial_file_generates_only_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import qwenvl.generation
+    from qwenvl.cli import main
+
+    real, calls, stop = qwenvl.generation.generate, [], [3]
+
+    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(args[1].shape[0])  # the batch's prompts
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qwenvl.generation, "generate", generate)
+    data, out = _six_grounding_rows(tmp_path), tmp_path / "out.json"
+    assert main(_eval_args(data, out)) == 130  # 4 of 6 answered
+    calls.clear()
+    stop[0] = 0
+    argv = [*_eval_args(data, out), "--resume_from", str(tmp_path / "out.json.partial")]
+    assert main(argv) == 0
+    assert calls == [2]  # only the last two samples were generated
+    resumed = json.loads(out.read_text())
+    assert "partial" not in resumed and resumed["num_samples"] == 6
+    # the same predictions and score as one uninterrupted run
+    calls.clear()
+    assert main([*_eval_args(data, tmp_path / "whole.json")]) == 0 and calls == [2, 2, 2]
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert resumed["predictions"] == whole["predictions"] and resumed["accuracy"] == whole["accuracy"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--max_new_tokens", "4"], "the run to resume from used max_new_tokens 3, this one 4"),
+    (["--data", "OTHER"], "prediction 1 of the run to resume from is not for sample 1 of this data (OTHER:2)"),
+    (["--prompt", "<img>{image}</img>{expression}"], "the run to resume from used prompt"),
+])
+def test_cli_resume_from_another_run_is_refused_before_the_model_loads(tmp_path: Path, image_dir: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       change: list[str], message: str) -> None:
+    from qwenvl.cli import main
+
+    rows = grounding_rows()
+    data = write_jsonl(tmp_path / "g.jsonl", rows)
+    other = write_jsonl(tmp_path / "other.jsonl", [rows[0], rows[2], rows[1]])
+    gen = stub({"left": "(0,0),(499,999)</box>", "right": "(0,0),(9,9)</box>", "middle": "x", "nothing": "y"})
+    evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, max_new_tokens=3, min_new_tokens=0,
+                       output=tmp_path / "r.json", progress=False)
+    change = [str(other) if c == "OTHER" else c for c in change]
+    argv = ["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data), "--image_dir",
+            str(image_dir), "--max_new_tokens", "3", "--min_new_tokens", "0", "--resume_from", str(tmp_path / "r.json")]
+    assert main([*argv, *change]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qwenvl eval: error: --resume_from {tmp_path / 'r.json'}: ") and len(err.splitlines()) == 1
+    assert message.replace("OTHER", str(other)) in err, err
+
+
+def test_runner_resume_keeps_the_earlier_answers_and_errors(tmp_path: Path, image_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "v.jsonl", [
+        {"image": "a.png", "question": f"q{k}", "answers": ["yes", "yes", "no"], "question_id": k} for k in range(5)
+    ])  # fmt: skip
+    earlier = {"task": "vqa", "settings": {"prompt": runners.VQA_PROMPT, "max_new_tokens": 10, "min_new_tokens": 1,
+                                           "chat_format": "raw"},
+               "predictions": [{"question_id": 0, "image": "a.png", "question": "q0", "answer": "yes"},
+                               {"question_id": 1, "image": "a.png", "question": "q1", "answer": "", "error": "bad"}]}
+    gen = stub({"q": "no"})
+    result = evaluate_vqa(data, generate_fn=gen, image_dir=image_dir, resume=earlier, progress=False)
+    assert [p["answer"] for p in result.predictions] == ["yes", "", "no", "no", "no"]
+    assert result.predictions[1]["error"] == "bad" and result.details["num_errors"] == 1
+    assert gen.calls == [["<img>a.png</img>q2 Answer:", "<img>a.png</img>q3 Answer:", "<img>a.png</img>q4 Answer:"]]

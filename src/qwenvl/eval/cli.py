@@ -7,7 +7,9 @@ Example::
 
 Input formats: :data:`DATA_FORMATS` (shown by ``--help`` and in the README; the full rules are in
 :mod:`qwenvl.eval.runners`). The prompt and chat format used are logged (stderr) before the run and recorded
-in the output JSON's ``settings``, with the score and every prediction; it is written atomically.
+in the output JSON's ``settings``, with the score and every prediction; it is written atomically. Interrupted
+(Ctrl-C, SIGTERM), the run writes the predictions made so far, in that format, to ``OUTPUT.partial``;
+``--resume_from OUTPUT.partial`` then generates only the samples after them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
                         "leading out of it; true reads any file you can read")
     p.add_argument("--output", metavar="FILE", help="JSON file for the score and every prediction (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--resume_from", metavar="FILE",
+                   help="the output of an interrupted run (OUTPUT.partial, written on Ctrl-C): its predictions are "
+                        "kept and only the samples after them are generated (same --data, prompt and token limits)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     add_runtime_flags(p)
@@ -143,7 +148,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     _check_numbers(args)
     if args.image_dir:  # else every image would be "not found" under it
         require_folder(args.image_dir, "--image_dir folder")
-    check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file},
+    check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file,
+                                    "--resume_from file": args.resume_from},
                       folders={"checkpoint folder": args.model})
     loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
                "caption": runners.load_caption_data}  # fmt: skip
@@ -153,12 +159,25 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     else:
         records = loaders[task](args.data, args.image_dir, **media)
     policy = runners._media_policy(args.image_dir, args.allow_any_local_path)
-    check_output_file(args.output, {f"image of {r.where}": policy.resolve(r.image) for r in records},  # inputs too
-                      overwrite=args.overwrite)
+    first: dict[str, str] = {}  # each image once (a benchmark names it in several samples), by its first sample
+    for r in records:
+        first.setdefault(r.image, r.where)
+    check_output_file(args.output, {f"image of {where}": policy.resolve(image) for image, where in first.items()},
+                      overwrite=args.overwrite)  # the images are inputs too
     records = _limit(records, args.limit)
     metric = runners.resolve_vqa_metric(records, args.metric) if task == "vqa" else None
     prompt, protocol = _prompt(args, task)
     runners._format(prompt, "", **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
+    resume = None
+    if args.resume_from:  # a file of another run is said now, not after the model loads
+        from ..fileio import read_json
+
+        resume = read_json(args.resume_from, runners.EvalDataError, "--resume_from file")
+        try:
+            runners.resumed_answers(resume, task, records, runners.generation_settings(
+                prompt, args.max_new_tokens, args.min_new_tokens, args.chat_format))
+        except runners.EvalDataError as e:
+            raise runners.EvalDataError(f"--resume_from {args.resume_from}: {e}") from None
     require_folder(args.model)
     from ..inference import load  # torch: after the checks of the data, the prompt and the folder
 
@@ -167,7 +186,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     common: dict[str, Any] = dict(
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
         prompt=prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-        chat_format=args.chat_format, output=None, progress=not args.no_progress, compile=args.compile,
+        chat_format=args.chat_format, output=args.output, progress=not args.no_progress, compile=args.compile,
+        settings={"protocol": protocol}, resume=resume,
     )  # fmt: skip
     if task == "grounding":
         result = runners.evaluate_grounding(records, threshold=args.iou_threshold, **common)
@@ -178,9 +198,6 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     else:
         result = runners.evaluate_caption(records, **common)
         line = f"CIDEr: {result.score:.4f} over {result.num_samples} images"
-    result.settings["protocol"] = protocol
-    if args.output:
-        result.save(args.output)
     print(line)  # the command's answer, for the user
     if args.output:
         print(f"predictions written to {Path(args.output)}")

@@ -34,6 +34,8 @@ Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts)
 driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
 generator refuses with a ``ValueError`` (an undecodable image, say) does not stop the run: its prediction
 gets an ``error`` field and an empty answer (scored as wrong), and ``details["num_errors"]`` counts them.
+A run with an ``output`` that is interrupted (``KeyboardInterrupt``) writes the predictions of the batches
+answered so far, scored over those, to ``OUTPUT.partial`` (``details``: ``partial``, ``num_planned``).
 """
 
 from __future__ import annotations
@@ -73,10 +75,12 @@ __all__ = [
     "evaluate_caption",
     "evaluate_grounding",
     "evaluate_vqa",
+    "generation_settings",
     "load_caption_data",
     "load_grounding_data",
     "load_vqa_data",
     "model_generate_fn",
+    "resumed_answers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,22 +144,29 @@ def model_generate_fn(
     return run
 
 
-def _batches(n: int, batch_size: int) -> Iterator[range]:
-    for start in range(0, n, batch_size):
+def _batches(n: int, batch_size: int, first: int = 0) -> Iterator[range]:
+    for start in range(first, n, batch_size):
         yield range(start, min(n, start + batch_size))
 
 
 def _generate_all(
-    prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool, desc: str
+    prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool, desc: str,
+    answers: list[str] | None = None, errors: dict[int, str] | None = None,
 ) -> tuple[list[str], dict[int, str]]:
-    """The answer to every prompt ("" for a failed one) and the errors of the failed ones by index."""
+    """The answer to every prompt ("" for a failed one) and the errors of the failed ones by index.
+
+    ``answers`` and ``errors``, when given, are filled as the batches finish (whole batches only): what they
+    hold when an interrupt stops the run is the answers so far. Answers they already hold (a resumed run's) are
+    those of the first prompts, which are not generated again."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    answers: list[str] = []
-    errors: dict[int, str] = {}
-    with tqdm(total=len(prompts), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
-        for idx in _batches(len(prompts), batch_size):
+    answers = [] if answers is None else answers
+    errors = {} if errors is None else errors
+    with tqdm(total=len(prompts), initial=len(answers), desc=desc, unit="sample", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for idx in _batches(len(prompts), batch_size, len(answers)):
             batch = [prompts[i] for i in idx]
+            failed: dict[int, str] = {}
             try:
                 out = generate_fn(batch)
             except ValueError:  # one bad sample: answer the others one by one (same greedy tokens as batched)
@@ -164,12 +175,13 @@ def _generate_all(
                     try:
                         out += generate_fn([prompts[i]])
                     except ValueError as e:
-                        errors[i] = str(e)
+                        failed[i] = str(e)
                         out.append("")
                         logger.warning("%s: sample %d failed: %s", desc, i, e)
             if len(out) != len(batch):
                 raise RuntimeError(f"generate returned {len(out)} answers for {len(batch)} prompts")
             answers.extend(out)
+            errors.update(failed)
             bar.update(len(batch))
     return answers, errors
 
@@ -207,6 +219,95 @@ class EvalResult:
         return atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
 
 
+def _partial_path(output: str | os.PathLike) -> Path:
+    """``OUTPUT.partial``, or ``OUTPUT.partial-2``, ... when that exists (as ``qwenvl predict``): nothing is replaced."""
+    path, n = Path(f"{output}.partial"), 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = Path(f"{output}.partial-{n}")
+    return path
+
+
+def _sample(r: Any) -> dict[str, Any]:
+    """The fields of a record that its prediction entry repeats, which say which sample it is."""
+    if isinstance(r, GroundingRecord):
+        return {"image": r.image, "sent": r.sent, "bbox": list(r.bbox)}
+    if isinstance(r, VQARecord):
+        return {"question_id": r.question_id, "image": r.image, "question": r.question}
+    return {"id": r.id, "image": r.image}
+
+
+_ANSWER_KEY = {"grounding": "answer", "vqa": "answer", "caption": "caption"}  # the answer's field, per task
+
+
+def generation_settings(prompt: str, max_new_tokens: int, min_new_tokens: int, chat_format: str | None
+                        ) -> dict[str, Any]:
+    """The settings that decide a run's answers: an output's ``settings`` hold them, and a resumed run must match."""
+    return {"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+            "chat_format": chat_format}
+
+
+def resumed_answers(resume: Any, task: str, records: Sequence[Any], generation: dict[str, Any]
+                    ) -> tuple[list[str], dict[int, str]]:
+    """The answers (and errors) of an earlier run's output ``resume`` (its JSON, as :meth:`EvalResult.to_dict`)
+    to reuse: its predictions, in order, as far as they go, when they are for the samples ``records`` starts
+    with, made with the same ``generation`` settings."""
+    if not isinstance(resume, dict) or resume.get("task") != task or not isinstance(resume.get("predictions"), list) \
+            or not isinstance(resume.get("settings"), dict):
+        raise EvalDataError(f"the run to resume from is not the output of a {task} evaluation")
+    for key, value in generation.items():
+        if resume["settings"].get(key) != value:
+            raise EvalDataError(f"the run to resume from used {key} {resume['settings'].get(key)!r}, this one "
+                                f"{value!r}: its answers would not be this run's")
+    answers: list[str] = []
+    errors: dict[int, str] = {}
+    for k, (old, r) in enumerate(zip(resume["predictions"], records)):
+        new = _sample(r)
+        if not isinstance(old, dict) or any(old.get(f) != v for f, v in new.items()) \
+                or not isinstance(old.get(_ANSWER_KEY[task]), str):
+            raise EvalDataError(f"prediction {k} of the run to resume from is not for sample {k} of this data "
+                                f"({r.where}): resume with the same data")
+        answers.append(old[_ANSWER_KEY[task]])
+        if isinstance(old.get("error"), str):
+            errors[k] = old["error"]
+    return answers, errors
+
+
+def _run(
+    records: Sequence[Any], prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool,
+    desc: str, output: str | os.PathLike | None, settings: dict[str, Any] | None,
+    score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult], resume: Any = None,
+    generation: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Generate for every record and ``score`` the answers; written to ``output`` (when given) with ``settings``
+    added. Interrupted (Ctrl-C, or SIGTERM under ``qwenvl``), the predictions of the batches answered so far are
+    scored and written next to ``output`` (:func:`_partial_path`), said in one log line, and the interrupt goes
+    on. ``resume``: an earlier run's output (:func:`resumed_answers`), whose answers are kept, not generated again."""
+    answers: list[str] = []
+    errors: dict[int, str] = {}
+    if resume is not None:
+        answers, errors = resumed_answers(resume, desc, records, generation or {})
+        logger.info("resuming: the answers to the first %d of %d samples are the earlier run's", len(answers),
+                    len(records))
+    try:
+        _generate_all(prompts, generate_fn, batch_size, progress, desc, answers, errors)
+    except KeyboardInterrupt:
+        if output is not None and answers:
+            done = len(answers)
+            partial = score(records[:done], answers, errors)
+            partial.settings.update(settings or {})
+            partial.details.update(partial=True, num_planned=len(records))
+            path = partial.save(_partial_path(output))
+            logger.warning("interrupted: the predictions for the first %d of %d samples are in %s (the output's "
+                           "format, scored over those %d)", done, len(records), path, done)
+        raise
+    result = score(records, answers, errors)
+    result.settings.update(settings or {})
+    if output is not None:
+        result.save(output)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading datasets
 # ---------------------------------------------------------------------------------------------------------
@@ -232,13 +333,19 @@ def _media_policy(image_dir: str | os.PathLike | None, allow_any_local_path: boo
     return MediaPolicy(image_dir if image_dir is not None else ".", allow_any_local_path)
 
 
-def _image_path(image: str, policy: MediaPolicy, where: str) -> Path:
+def _image_path(image: str, policy: MediaPolicy, where: str, known: dict[str, Path] | None = None) -> Path:
+    """The file ``image`` names, checked; ``known`` (image -> file) keeps the answers of one file's earlier lines:
+    a benchmark names each image in several samples, and resolving a path takes a few syscalls."""
+    if known is not None and image in known:
+        return known[image]
     try:
         path = policy.resolve(image)
     except ImageError as e:
         raise EvalDataError(f"{where}: {e}") from None
     if not path.is_file():
         raise FileNotFoundError(f"{where}: image not found: {path}")
+    if known is not None:
+        known[image] = path
     return path
 
 
@@ -313,6 +420,8 @@ def load_grounding_data(
     policy = _media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     records = []
+    known: dict[str, Path] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
     for lineno, obj in _read_jsonl(path):
         where = f"{path}:{lineno}"
         image = _require(obj, "image", str, where)
@@ -327,7 +436,7 @@ def load_grounding_data(
                 "x2 > x1 and y2 > y1 are needed (COCO's [x, y, w, h]? use bbox_format xywh / --bbox_format xywh)"
             raise EvalDataError(f"{where}: 'bbox' {_short(box)} is an empty or reversed box: {hint}")
         _check_prompt_image(image, where)
-        file = _image_path(image, policy, where)
+        file = _image_path(image, policy, where, known)
         if "width" in obj or "height" in obj:
             width_, height_ = _require(obj, "width", (int, float), where), _require(obj, "height", (int, float), where)
             if not (_finite_number(width_) and _finite_number(height_) and width_ > 0 and height_ > 0):
@@ -335,7 +444,9 @@ def load_grounding_data(
                                     f"{_short(width_)}x{_short(height_)}")
             width, height = float(width_), float(height_)
         else:
-            w, h = _read_size(file, where)
+            if file not in sizes:
+                sizes[file] = _read_size(file, where)
+            w, h = sizes[file]
             if not (w > 0 and h > 0):
                 raise EvalDataError(f"{where}: width and height must be positive finite numbers, got {w}x{h}")
             width, height = float(w), float(h)
@@ -388,6 +499,7 @@ def load_vqa_data(
     path = Path(path)
     records = []
     seen: dict[Any, str] = {}
+    known: dict[str, Path] = {}
     for lineno, obj in _read_jsonl(path):
         where = f"{path}:{lineno}"
         image = _require(obj, "image", str, where)
@@ -400,7 +512,7 @@ def load_vqa_data(
                                     "ids must be unique")
         answers = _answers(obj, where)
         _check_prompt_image(image, where)
-        _image_path(image, policy, where)
+        _image_path(image, policy, where, known)
         records.append(VQARecord(image, question, answers, question_id, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
@@ -451,6 +563,7 @@ def load_caption_data(
         raise FileNotFoundError(f"evaluation data not found: {path}")
     entries = _coco_captions(path) if path.suffix == ".json" else [(f"{path}:{n}", o) for n, o in _read_jsonl(path)]
     records = []
+    known: dict[str, Path] = {}
     for where, obj in entries:
         image = _require(obj, "image", str, where)
         captions = _require(obj, "captions", list, where)
@@ -461,7 +574,7 @@ def load_caption_data(
             raise EvalDataError(f"{where}: captions[{blank}] is blank")
         cid = _optional_id(obj, "id", where)
         _check_prompt_image(image, where)
-        _image_path(image, policy, where)
+        _image_path(image, policy, where, known)
         records.append(CaptionRecord(image, captions, len(records) if cid is None else cid, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
@@ -533,12 +646,17 @@ def evaluate_grounding(
     progress: bool = True,
     allow_any_local_path: bool = False,
     compile: bool = False,
+    settings: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Acc@``threshold`` of referring-expression grounding with the official Qwen-VL protocol.
 
     ``data`` is a JSONL path or records from :func:`load_grounding_data`. ``prompt`` may use ``{image}``
     and ``{expression}``; when it ends in ``<box>`` the continuation is read as the inside of that box.
-    Predicted boxes (normalized to [0, 1000)) are mapped to pixels with ``x / 999 * W``.
+    Predicted boxes (normalized to [0, 1000)) are mapped to pixels with ``x / 999 * W``. ``settings``: entries
+    added to the result's (and the output's) ``settings``, in each runner. ``resume``, in each runner: the output
+    (its JSON) of an interrupted run (``OUTPUT.partial``) on the same data with the same generation settings:
+    its answers are kept and only the samples after them are generated.
     """
     check_threshold(threshold)
     records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(
@@ -547,8 +665,23 @@ def evaluate_grounding(
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False,
                             compile=compile)
     prompts = [_format(prompt, r.where, image=r.image, expression=r.sent) for r in records]
-    answers, errors = _generate_all(prompts, run, batch_size, progress, "grounding")
     opens_box = prompt.rstrip().endswith("<box>")
+
+    generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
+
+    def score(records: Sequence[GroundingRecord], answers: list[str], errors: dict[int, str]) -> EvalResult:
+        return _score_grounding(records, answers, errors, opens_box, threshold,
+                                settings={**generation, "iou_threshold": threshold, "scale": 999})
+
+    result = _run(records, prompts, run, batch_size, progress, "grounding", output, settings, score, resume,
+                  generation)
+    logger.info("grounding: Acc@%.1f = %.4f (%d/%d correct, %d without a box)", threshold, result.score,
+                result.details["num_correct"], result.num_samples, result.details["num_unparseable"])
+    return result
+
+
+def _score_grounding(records: Sequence[GroundingRecord], answers: list[str], errors: dict[int, str],
+                     opens_box: bool, threshold: float, settings: dict[str, Any]) -> EvalResult:
     predictions, correct, unparsed = [], 0, 0
     for k, (r, answer) in enumerate(zip(records, answers)):
         box = None if k in errors else first_box("<box>" + answer if opens_box else answer)
@@ -566,17 +699,10 @@ def evaluate_grounding(
                          iou=round(overlap, 4), correct=ok)
         predictions.append(entry)
     n = len(records)
-    result = EvalResult(
+    return EvalResult(
         task="grounding", metric="accuracy", score=correct / n, num_samples=n, predictions=predictions,
-        settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-                  "chat_format": chat_format, "iou_threshold": threshold, "scale": 999},
-        details={"num_correct": correct, "num_unparseable": unparsed, "num_errors": len(errors)},
-    )  # fmt: skip
-    logger.info("grounding: Acc@%.1f = %.4f (%d/%d correct, %d without a box)", threshold, result.score, correct,
-                n, unparsed)
-    if output is not None:
-        result.save(output)
-    return result
+        settings=settings, details={"num_correct": correct, "num_unparseable": unparsed, "num_errors": len(errors)},
+    )
 
 
 VQA_METRICS = ("auto", "vqa", "exact_match", "relaxed")
@@ -629,6 +755,8 @@ def evaluate_vqa(
     progress: bool = True,
     allow_any_local_path: bool = False,
     compile: bool = False,
+    settings: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> EvalResult:
     """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
 
@@ -647,24 +775,26 @@ def evaluate_vqa(
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
                             compile=compile)
     prompts = [_format(prompt, r.where, image=r.image, question=r.question) for r in records]
-    answers, errors = _generate_all(prompts, run, batch_size, progress, "vqa")
-    predictions, total = [], 0.0
-    for k, (r, answer) in enumerate(zip(records, answers)):
-        answer = answer.strip()
-        score = 0.0 if k in errors else _vqa_sample_score(metric, answer, r.answers)
-        total += score
-        predictions.append(_mark_error({"question_id": r.question_id, "image": r.image, "question": r.question,
-                                        "answer": answer, "references": r.answers, "score": score}, errors, k))
-    n = len(records)
-    result = EvalResult(
-        task="vqa", metric="accuracy", score=total / n, num_samples=n, predictions=predictions,
-        settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-                  "chat_format": chat_format, "vqa_metric": metric},
-        details={"num_errors": len(errors)},
-    )  # fmt: skip
-    logger.info("vqa (%s): accuracy = %.4f over %d questions", metric, result.score, n)
-    if output is not None:
-        result.save(output)
+
+    generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
+
+    def score(records: Sequence[VQARecord], answers: list[str], errors: dict[int, str]) -> EvalResult:
+        predictions, total = [], 0.0
+        for k, (r, answer) in enumerate(zip(records, answers)):
+            answer = answer.strip()
+            value = 0.0 if k in errors else _vqa_sample_score(metric, answer, r.answers)
+            total += value
+            predictions.append(_mark_error({"question_id": r.question_id, "image": r.image, "question": r.question,
+                                            "answer": answer, "references": r.answers, "score": value}, errors, k))
+        n = len(records)
+        return EvalResult(
+            task="vqa", metric="accuracy", score=total / n, num_samples=n, predictions=predictions,
+            settings={**generation, "vqa_metric": metric},
+            details={"num_errors": len(errors)},
+        )  # fmt: skip
+
+    result = _run(records, prompts, run, batch_size, progress, "vqa", output, settings, score, resume, generation)
+    logger.info("vqa (%s): accuracy = %.4f over %d questions", metric, result.score, result.num_samples)
     return result
 
 
@@ -684,6 +814,8 @@ def evaluate_caption(
     progress: bool = True,
     allow_any_local_path: bool = False,
     compile: bool = False,
+    settings: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Corpus CIDEr(-D) of greedy captions with the official prompt (``prompt`` may use ``{image}``)."""
     records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(
@@ -692,22 +824,24 @@ def evaluate_caption(
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
                             compile=compile)
     prompts = [_format(prompt, r.where, image=r.image) for r in records]
-    raw, errors = _generate_all(prompts, run, batch_size, progress, "caption")
-    captions = [c.strip() for c in raw]
-    keys = [str(r.id) for r in records]
-    score, per_image = cider(dict(zip(keys, captions)), {k: r.captions for k, r in zip(keys, records)})
-    predictions = [_mark_error({"id": r.id, "image": r.image, "caption": c, "references": r.captions,
-                                "cider": per_image[k]}, errors, i)
-                   for i, (r, c, k) in enumerate(zip(records, captions, keys))]
-    result = EvalResult(
-        task="caption", metric="cider", score=score, num_samples=len(records), predictions=predictions,
-        settings={"prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-                  "chat_format": chat_format},
-        details={"num_errors": len(errors)},
-    )  # fmt: skip
-    logger.info("caption: CIDEr = %.4f over %d images", score, len(records))
-    if output is not None:
-        result.save(output)
+
+    generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
+
+    def score(records: Sequence[CaptionRecord], raw: list[str], errors: dict[int, str]) -> EvalResult:
+        captions = [c.strip() for c in raw]
+        keys = [str(r.id) for r in records]
+        value, per_image = cider(dict(zip(keys, captions)), {k: r.captions for k, r in zip(keys, records)})
+        predictions = [_mark_error({"id": r.id, "image": r.image, "caption": c, "references": r.captions,
+                                    "cider": per_image[k]}, errors, i)
+                       for i, (r, c, k) in enumerate(zip(records, captions, keys))]
+        return EvalResult(
+            task="caption", metric="cider", score=value, num_samples=len(records), predictions=predictions,
+            settings=dict(generation), details={"num_errors": len(errors)},
+        )  # fmt: skip
+
+    result = _run(records, prompts, run, batch_size, progress, "caption", output, settings, score, resume,
+                  generation)
+    logger.info("caption: CIDEr = %.4f over %d images", result.score, result.num_samples)
     return result
 
 
