@@ -412,3 +412,80 @@ def test_temperature_zero_is_greedy_where_decoding_is_greedy(tiny_model):
         tiny_model.generate(ids, max_new_tokens=3, temperature=0.0, do_sample=True)
     with pytest.raises(ValueError, match="temperature must be > 0, got -1.0"):
         tiny_model.generate(ids, max_new_tokens=3, temperature=-1.0)
+
+
+def test_text_stream_holds_an_image_span_that_a_later_img_leaves_open():
+    """``<img>`` ``<imgpad>`` ``<img>`` ... ``</img>`` (a random model's answer): the first ``<img>`` is the span that
+    ``</img>`` closes, not the last one. The stream sent ``<img><imgpad>`` where the whole decodes ``<img></img>``."""
+    from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
+
+    processor = Processor()
+    word = processor.tokenizer.encode("cat")
+    for ids in ([IMG_START_ID, IMG_PAD_ID, IMG_START_ID, *word, IMG_END_ID, *word],
+                [*word, IMG_START_ID, 99, 97, 116, IMG_PAD_ID, IMG_START_ID, *word, IMG_END_ID, *word]):
+        stream = TextStream(processor.decode)
+        pieces = [stream.push(t) for t in ids] + [stream.flush()]
+        assert "".join(pieces) == processor.decode(ids)
+    assert processor.decode(ids) == "cat<img>cat</img>cat"  # the bytes up to <imgpad> are the path
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token(golden_model, golden_dir):
+    """The nucleus of a tiny top_p is the most likely token alone, so sampling is greedy. A random model's next-token
+    distribution is nearly flat over 151,936 ids, and its float32 softmax summed ~1e-4 off: 2-4 tokens were kept."""
+    from qwenvl.generation import generate, process_logits
+
+    processor = Processor.from_pretrained(golden_dir)
+    for text, temperature in [("Hello", 2.0), ("1 2 3", 2.0), ("The cat", 4.0), ("框出图中的蓝色方块", 2.0)]:
+        ids = processor([text])["input_ids"]
+        with torch.no_grad():
+            logits = golden_model(ids).logits[:, -1].float()
+        kept = process_logits(logits, None, 0, SamplingParams(do_sample=True, top_p=1e-6, temperature=temperature))
+        assert torch.isfinite(kept).sum() == 1 and int(kept.argmax()) == int(logits.argmax()), text
+    greedy = generate(golden_model, ids, max_new_tokens=4, stop_token_ids=())
+    for seed in range(3):
+        assert torch.equal(generate(golden_model, ids, max_new_tokens=4, stop_token_ids=(), do_sample=True, top_p=1e-6,
+                                    temperature=2.0, seed=seed), greedy)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_text_stream_pieces_join_to_the_decoded_text_of_random_ids(seed):
+    """Whatever a model emits (image tags in any order, path bytes, partial UTF-8, special and unused ids), the
+    streamed pieces join to ``decode`` of the whole and never end inside a UTF-8 character."""
+    import random
+
+    from qwenvl.config import IMG_END_ID, IMG_PAD_ID, IMG_START_ID
+
+    rng = random.Random(seed)
+    processor = Processor()
+    for _ in range(300):
+        ids = []
+        for _ in range(rng.randint(1, 30)):
+            r = rng.random()
+            ids.append(rng.choice([IMG_START_ID, IMG_END_ID, IMG_PAD_ID]) if r < 0.1 else rng.randint(0, 255) if r < 0.3
+                       else rng.randint(ENDOFTEXT_ID, 151935) if r < 0.35 else rng.randint(0, ENDOFTEXT_ID - 1))
+        stream = TextStream(processor.decode)
+        pieces = [stream.push(t) for t in ids]
+        assert "".join(pieces) + stream.flush() == processor.decode(ids), ids
+        assert not any(p.endswith("\ufffd") for p in pieces), ids
+
+
+def test_greedy_answers_grow_by_prefix_and_min_new_tokens_only_holds_back_a_stop(tiny_model):
+    """Metamorphic relations of greedy decoding on random prompts: ``max_new_tokens=k`` is a prefix of ``k+m``;
+    with ``min_new_tokens=k`` no stop comes before k tokens, and an answer whose stop came at or after k is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ENDOFTEXT_ID, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    mask[2, :7] = 0
+    free = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=8, stop_token_ids=())[:, 9:]
+    for k in (1, 3, 5):
+        assert torch.equal(tiny_model.generate(ids, attention_mask=mask, max_new_tokens=k, stop_token_ids=())[:, 9:], free[:, :k])
+    for row in range(3):
+        for k in (0, 2, 5):
+            stop = int(free[row, 3])  # a token this row emits, maybe earlier too
+            out = tiny_model.generate(ids[row : row + 1, mask[row].bool()], max_new_tokens=8, min_new_tokens=k,
+                                      stop_token_ids=(stop,))[0, int(mask[row].sum()):].tolist()
+            assert stop not in out[:k]
+            first = free[row].tolist().index(stop)
+            if first >= k:
+                assert out == free[row, : first + 1].tolist()  # alone: it ends at its stop

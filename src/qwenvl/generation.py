@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_END_ID, IMG_START_ID, QwenVLConfig
+from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_START_ID, QwenVLConfig
 from .quantize import compile_options
+from .tokenizer import image_spans
 
 if TYPE_CHECKING:
     from .model import QwenVL
@@ -104,8 +105,11 @@ def process_logits(
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
+        # summed in float64 (where the device has it): the float32 softmax of 150k flat probabilities (a random
+        # model's) is off by ~1e-4, which kept 2-4 tokens at a tiny top_p where only the most likely one is nucleus
+        wide = torch.float32 if logits.device.type == "mps" else torch.float64
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        cum = sorted_logits.to(wide).softmax(-1).cumsum(-1)
         drop = cum <= (1 - p.top_p)
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
@@ -351,9 +355,13 @@ class TextStream:
         if token not in self.skip:
             self.ids.append(token)
         ids = self.ids
-        if IMG_START_ID in ids and _last(ids, IMG_START_ID) > _last(ids, IMG_END_ID):
-            # an <img> span still open decodes token by token, then as a path once </img> closes it: wait for that
-            ids = ids[: _last(ids, IMG_START_ID)]
+        if IMG_START_ID in ids:
+            # an <img> span still open decodes token by token, then as a path once </img> closes it: wait for that.
+            # The open one is the first <img> after the closed spans (a later <img> is inside it), as decode pairs them
+            spans = image_spans(ids, strict=False)
+            after = spans[-1][1] + 1 if spans else 0
+            if IMG_START_ID in ids[after:]:
+                ids = ids[: ids.index(IMG_START_ID, after)]
         text = self.decode(ids)
         if text.endswith("\ufffd") or len(text) < self.emitted:  # an incomplete multi-byte character: wait
             return ""  # (or text held back above that was already sent)
@@ -364,8 +372,3 @@ class TextStream:
         text = self.decode(self.ids)
         delta, self.emitted = text[self.emitted :], len(text)
         return delta
-
-
-def _last(ids: list[int], token: int) -> int:
-    """The index of the last ``token`` in ``ids``, -1 if none."""
-    return len(ids) - 1 - ids[::-1].index(token) if token in ids else -1

@@ -157,6 +157,9 @@ def predict(
 ) -> list[Prediction]:
     """Generate for every prompt (strings, list-format lists or messages), ``batch_size`` at a time.
 
+    A prompt is tokenized as the processor does it: a list-format list as its text, with no ChatML around it
+    even for a chat checkpoint (``qwenvl predict`` makes it one ChatML user turn there, as the reference chat:
+    pass ``[{"role": "user", "content": LIST}]`` for that prompt).
     Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
     ``compile=True`` decodes with the ``torch.compile``-d step (the first call compiles; int8 weights are fastest so).
     ``on_error``: a prompt the processor or the generation cannot take (a bad or refused image, a malformed
