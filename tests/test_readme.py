@@ -58,6 +58,9 @@ NOT_RUN = {
         "torch.compile takes 20-60 s on this machine; tests/test_cli.py runs predict --compile (and checks the log)",
     "qwenvl predict --model /models/Qwen-VL-Chat --quantize int8 --jsonl prompts.jsonl --output answers.jsonl "
     "--compile": "as above; tests/test_quantize.py checks compiled int8 decoding against eager",
+    "qwenvl eval grounding --model /models/Qwen-VL --data refcoco_val.jsonl --image_dir coco/ --output refcoco.json "
+    "--resume_from refcoco.json.partial": "needs an interrupted run: tests/eval/test_runners.py interrupts one "
+    "(test_cli_resume_from_the_partial_file_generates_only_the_rest) and resumes it with these flags",
 }
 
 
