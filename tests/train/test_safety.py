@@ -67,6 +67,34 @@ def test_resume_refuses_changed_optimization_settings(done, processor) -> None:
         train(cfg.replace(resume_training=True, batch_size=2), processor=processor)
 
 
+def test_resume_with_other_data_or_model_is_warned_naming_it(done, processor, tmp_path: Path, caplog) -> None:
+    # the sample order only checks the number of samples: another data file of the same length (or the same file
+    # cut to another max_length, or another base model) continued the run without a word
+    cfg, _result = done
+    other = tmp_path / "other.json"
+    other.write_text(Path(cfg.data_path).read_text(encoding="utf-8").replace("A cat.", "A dog."), encoding="utf-8")
+    shutil.copy(Path(cfg.data_path).parent / "cat.png", tmp_path / "cat.png")
+    shutil.copy(Path(cfg.data_path).parent / "street.jpg", tmp_path / "street.jpg")
+    QwenVL.from_config("tiny", seed=0).save_pretrained(tmp_path / "base")
+    resume = {"resume_from": str(Path(cfg.output_dir) / "checkpoint-1"), "resume_training": True}
+    with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
+        train(cfg.replace(output_dir=str(tmp_path / "same"), **resume), processor=processor)
+    assert "trained with" not in caplog.text, caplog.text
+    with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
+        train(cfg.replace(output_dir=str(tmp_path / "other"), data_path=str(other), max_length=1024,
+                          load_checkpoint=str(tmp_path / "base"), **resume), processor=processor)
+    said = [r.getMessage() for r in caplog.records if "trained with" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert (f"checkpoint-1 was trained with other inputs: data_path {cfg.data_path!r} -> {str(other)!r}, "
+            f"max_length 2048 -> 1024, load_checkpoint '' -> {str(tmp_path / 'base')!r}") in said[0], said[0]
+    # data of another length: refused, naming the checkpoint and the data (it named neither)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(json.loads(other.read_text(encoding="utf-8"))[:6]), encoding="utf-8")
+    with pytest.raises(TrainStateError, match=r"cannot resume from .*checkpoint-1: it was trained on 8 samples, this "
+                                              r"run's data has 6 \(data_path '.*train.json' -> '.*short.json'\)"):
+        train(cfg.replace(output_dir=str(tmp_path / "short"), data_path=str(short), **resume), processor=processor)
+
+
 def test_corrupt_trainer_state_is_a_one_line_error(done, train_data: Path, tmp_path: Path, capsys) -> None:
     cfg, _result = done
     out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))

@@ -24,7 +24,8 @@ The run (its rank 0) holds ``output_dir`` for itself (``qwenvl.outputs``): it mu
 inside ``load_checkpoint`` (nor be or contain the training data), and is locked for the whole run. A new
 run (not resuming) in a folder that holds checkpoints or the final model (``config.json`` or ``adapter/``) of
 an earlier one is refused unless ``overwrite`` (which deletes those checkpoints; the final model is replaced). Resuming refuses changed optimization settings
-(:data:`~qwenvl.train.state.RESUME_KEYS`; the global batch, not its split), naming them.
+(:data:`~qwenvl.train.state.RESUME_KEYS`; the global batch, not its split), naming them, and data of another
+length; other inputs (data file, its cut and prompt, the base model) are warned of in one line, naming them.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from .state import (
     STATE_JSON,
     BatchOrder,
     Progress,
+    TrainStateError,
     check_resume_settings,
     checkpoint_dirs,
     latest_checkpoint,
@@ -550,10 +552,20 @@ def _maybe_resume(run: _Run) -> Path | None:
         g = run.order.global_batch
         check_resume_settings(path, None if saved is None else {**saved, "global_batch_size": state.get("global_batch_size")},
                               {**cfg.to_dict(), "global_batch_size": g})
+        other = _other_inputs(saved, cfg) if saved is not None else []
+        n = state["data"].get("num_samples") if isinstance(state["data"], dict) else None
+        if n != run.order.num_samples:
+            raise TrainStateError(f"cannot resume from {path}: it was trained on {n} samples, this run's data has "
+                                  f"{run.order.num_samples}" + (f" ({', '.join(other)})" if other else "")
+                                  + "; the sample order would differ: resume with the checkpoint's data, or start a "
+                                  "new run in a new output_dir")
         run.order.load_state_dict(state["data"])
         _check_same_model(path, run.model.config)
         if run.lora_config is not None and saved is not None:
             _warn_other_base(path, saved, cfg)
+        if other:
+            logger.warning("%s was trained with other inputs: %s; the run goes on with this run's (the sample order "
+                           "continues by step)", path, ", ".join(other))
         return state
 
     state = run.env.agree(checked_state)  # said once (every rank reads the same checkpoint)
@@ -580,6 +592,28 @@ def _warn_other_base(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> Non
         logger.warning("%s is a LoRA checkpoint: it was trained on the base %s; this run loads %s. The adapter only "
                        "fits the base it was trained on: resume with that load_checkpoint unless this is the same "
                        "model moved", path, before, now)
+
+
+# What a resumed run reads besides the checkpoint: the sample order only checks the number of samples, so
+# another data file of the same length, the same one cut or prompted otherwise, or another base model
+# (full fine-tuning: the tokenizer and config come from it) would continue the run unsaid.
+_INPUT_KEYS = ("data_path", "dataset_dir", "max_length", "max_images", "system_message", "load_checkpoint", "preset")
+_PATH_KEYS = frozenset({"data_path", "dataset_dir", "load_checkpoint"})
+
+
+def _other_inputs(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """``"key old -> new"`` for each of :data:`_INPUT_KEYS` that differs from the checkpoint's (a path spelled
+    otherwise is the same; LoRA's base is said by :func:`_warn_other_base`)."""
+    current = cfg.to_dict()
+
+    def same(key: str) -> bool:
+        before, now = saved.get(key), current.get(key)
+        if before == now:
+            return True
+        return key in _PATH_KEYS and bool(before) and bool(now) and Path(before).resolve() == Path(now).resolve()
+
+    keys = [k for k in _INPUT_KEYS if k in saved and not (cfg.use_lora and k in ("load_checkpoint", "preset"))]
+    return [f"{k} {saved[k]!r} -> {current[k]!r}" for k in keys if not same(k)]
 
 
 def _check_same_model(path: Path, config: QwenVLConfig) -> None:
