@@ -14,7 +14,7 @@ from qwenvl.fileio import temp_name
 from qwenvl.model import QwenVL
 from qwenvl.outputs import LOCK_FILE, MARKER_FILE, OutputDirError, acquire_lock
 from qwenvl.train import train
-from qwenvl.train.state import STATE_FILE, TrainStateError
+from qwenvl.train.state import STATE_FILE, TrainStateError, checkpoint_dirs
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -200,6 +200,41 @@ def test_resume_from_a_path_never_prunes_or_replaces_another_runs_files(done, pr
     replaced = train(cfg.replace(output_dir=str(other), resume_from=str(ckpt), resume_training=True, overwrite=True),
                      processor=processor)
     assert replaced.losses == result.losses
+
+
+def test_going_back_to_an_earlier_checkpoint_needs_the_later_ones_out_of_the_way(make_cfg, processor,
+                                                                                    tmp_path: Path) -> None:
+    # resuming checkpoint-1 of a folder holding checkpoint-2 and -3: its new checkpoint-2 replaced the old one,
+    # but with save_total_limit pruning by step deleted new ones and kept the abandoned later ones, which
+    # resume_training auto then took up again
+    cfg = make_cfg(tmp_path / "out", max_steps=4, save_steps=1, save_total_limit=0)
+    first = train(cfg, processor=processor)
+    out = Path(cfg.output_dir)
+    assert [p.name for _s, p in checkpoint_dirs(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    before = _tree(out)
+    back = cfg.replace(resume_from=str(out / "checkpoint-1"), resume_training=True, save_total_limit=2)
+    with pytest.raises(OutputDirError, match=r"holds checkpoints of later steps than .*checkpoint-1 \(checkpoint-2, "
+                                             r"checkpoint-3\): going back to step 1, .* pass --overwrite"):
+        train(back, processor=processor)
+    assert _tree(out) == before
+    again = train(back.replace(overwrite=True), processor=processor)
+    assert again.resumed_from == out / "checkpoint-1" and again.losses == first.losses
+    assert [p.name for _s, p in checkpoint_dirs(out)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_one_process_saves_and_resumes_without_dcps_one_process_warning(make_cfg, processor, tmp_path: Path) -> None:
+    # every save and load of a one-process run printed DCP's "torch.distributed is disabled, unavailable or
+    # uninitialized, assuming the intent is to save in a single process" (also `qwenvl convert` of a checkpoint)
+    import warnings
+
+    cfg = make_cfg(tmp_path / "out", max_steps=2, save_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, processor=processor)
+        train(cfg.replace(resume_from=str(tmp_path / "out" / "checkpoint-1"), resume_training=True),
+              processor=processor)
+    said = [str(w.message) for w in caught if "torch.distributed is disabled" in str(w.message)]
+    assert not said, said
 
 
 def test_a_users_folder_needs_overwrite_and_keeps_its_files(make_cfg, processor, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,21 @@ def _read_metadata(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path / '.metadata'}: {_reason(e)} (truncated or corrupt file?)") from None
 
 
+@contextlib.contextmanager
+def _one_process_quiet(no_dist: bool) -> Iterator[None]:
+    """DCP in one process (``no_dist``) still warns, at every save and load, that it assumes one process."""
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
     """``dcp.load`` with the safe reader; a damaged or missing shard is a one-line CheckpointError."""
     _read_metadata(path)  # first: DCP would log each failed read with its traceback
     try:
-        dcp.load(state, storage_reader=_SafeReader(str(path)), no_dist=no_dist)
+        with _one_process_quiet(no_dist):
+            dcp.load(state, storage_reader=_SafeReader(str(path)), no_dist=no_dist)
     except _READ_ERRORS as e:
         interrupt = _interrupted(e)
         if interrupt is not None:
@@ -173,7 +184,8 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
         # collective: when it returns every rank's shards (and its RNG file, written before) are on disk
         try:
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not env.distributed)
+            with _one_process_quiet(not env.distributed):
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not env.distributed)
         except dcp.api.CheckpointException as e:
             interrupt = _interrupted(e)
             if interrupt is not None:  # Ctrl-C: the staging folder goes, the run ends as interrupted

@@ -325,8 +325,9 @@ def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
 def _check_same_run(cfg: TrainConfig, found: list[tuple[int, Path]]) -> None:
     """``resume_from`` PATH continues the run of PATH in ``output_dir``, where it prunes checkpoints and replaces
     the trained model: those of another run there (a loss history that is not a prefix or continuation of
-    PATH's) are refused, or with ``overwrite`` their checkpoints deleted. The run's own checkpoints (going back
-    to an earlier one, or a restart of the resumed run) stay."""
+    PATH's) are refused, or with ``overwrite`` their checkpoints deleted. So are the run's own checkpoints of
+    later steps than PATH's (going back to an earlier checkpoint): pruning by step would delete the new ones
+    and keep those, and ``resume_training`` would take them up again. Earlier ones stay."""
     def losses(folder: Path) -> list[Any] | None:
         try:
             value = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))["progress"]["losses"]
@@ -346,23 +347,32 @@ def _check_same_run(cfg: TrainConfig, found: list[tuple[int, Path]]) -> None:
 
     here = source.resolve()
     others = [p for _s, p in found if p.resolve() != here and not same_run(p)]
+    later = [p for s, p in found if s > len(mine) and p.resolve() != here and p not in others]
     out = Path(cfg.output_dir)
     their_model = (out / STATE_JSON).is_file() and not same_run(out)
-    if not (others or their_model):
+    if not (others or their_model or later):
         return
     if not cfg.overwrite:
-        what = " and ".join(([", ".join(p.name for p in others)] if others else [])
-                            + (["the trained model"] if their_model else []))
-        raise OutputDirError(f"output_dir {cfg.output_dir} holds {what} of another run than {source} (their loss "
-                             "histories differ), which resuming there would prune or replace: pass --overwrite to "
-                             "delete them, or choose another output_dir")
-    foreign = [p.name for p in others if not is_ours(p)]
+        if others or their_model:
+            what = " and ".join(([", ".join(p.name for p in others)] if others else [])
+                                + (["the trained model"] if their_model else []))
+            raise OutputDirError(f"output_dir {cfg.output_dir} holds {what} of another run than {source} (their "
+                                 "loss histories differ), which resuming there would prune or replace: pass "
+                                 "--overwrite to delete them, or choose another output_dir")
+        raise OutputDirError(f"output_dir {cfg.output_dir} holds checkpoints of later steps than {source} "
+                             f"({', '.join(p.name for p in later)}): going back to step {len(mine)}, the run would "
+                             "write new checkpoints among them, and pruning or resume_training auto would take theirs: "
+                             "move them away, pass --overwrite to delete them, or choose another output_dir")
+    foreign = [p.name for p in [*others, *later] if not is_ours(p)]
     if foreign:
         raise OutputDirError(f"output_dir {cfg.output_dir} holds checkpoint folders qwenvl did not write "
                              f"({', '.join(foreign)}); move them away or choose another output_dir")
     for path in others:
         remove_tree(path)
         logger.info("overwrite: deleted %s of another run", path)
+    for path in later:
+        remove_tree(path)
+        logger.info("overwrite: deleted %s (a later step than %s, which this run goes back to)", path, source)
 
 
 def _looks_like_lost_peer(e: BaseException) -> bool:
