@@ -435,11 +435,9 @@ def _save_partial(output: str, preds: list[Any], total: int) -> None:
     are not the whole run (``OUTPUT.partial``, or ``OUTPUT.partial-2``, ... when that exists: nothing is
     replaced), and said on stderr."""
     from .fileio import atomic_write_text
+    from .outputs import partial_path
 
-    path, n = Path(f"{output}.partial"), 1
-    while path.exists() or path.is_symlink():
-        n += 1
-        path = Path(f"{output}.partial-{n}")
+    path = partial_path(output)
     atomic_write_text(path, _jsonl(preds))
     print(f"the answers to the first {len(preds)} of {total} prompts are in {path} (JSONL, in the prompts' order)",
           file=sys.stderr)

@@ -64,6 +64,7 @@ __all__ = [
     "claim_output",
     "is_ours",
     "output_files",
+    "partial_path",
     "read_marker",
     "record_files",
 ]
@@ -146,6 +147,16 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
         raise OutputDirError(f"the output file {output} cannot be written: {above} is not a folder")
     if not overwrite and out.is_file():
         raise OutputDirError(f"the output file {output} exists; pass {flag} to replace it")
+
+
+def partial_path(output: str | os.PathLike[str]) -> Path:
+    """Where an interrupted run keeps what it has for ``output``: ``OUTPUT.partial``, or ``OUTPUT.partial-2``,
+    ... when that exists (an earlier interrupted run's: nothing is replaced)."""
+    path, n = Path(f"{os.fspath(output)}.partial"), 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = Path(f"{os.fspath(output)}.partial-{n}")
+    return path
 
 
 # ---- the marker ----------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from ..fileio import atomic_write_text, iter_jsonl, read_json
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
+from ..outputs import partial_path
 from .metrics import cider, exact_match, grounding_iou, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
@@ -219,15 +220,6 @@ class EvalResult:
         return atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
 
 
-def _partial_path(output: str | os.PathLike) -> Path:
-    """``OUTPUT.partial``, or ``OUTPUT.partial-2``, ... when that exists (as ``qwenvl predict``): nothing is replaced."""
-    path, n = Path(f"{output}.partial"), 1
-    while path.exists() or path.is_symlink():
-        n += 1
-        path = Path(f"{output}.partial-{n}")
-    return path
-
-
 def _sample(r: Any) -> dict[str, Any]:
     """The fields of a record that its prediction entry repeats, which say which sample it is."""
     if isinstance(r, GroundingRecord):
@@ -281,8 +273,9 @@ def _run(
 ) -> EvalResult:
     """Generate for every record and ``score`` the answers; written to ``output`` (when given) with ``settings``
     added. Interrupted (Ctrl-C, or SIGTERM under ``qwenvl``), the predictions of the batches answered so far are
-    scored and written next to ``output`` (:func:`_partial_path`), said in one log line, and the interrupt goes
-    on. ``resume``: an earlier run's output (:func:`resumed_answers`), whose answers are kept, not generated again."""
+    scored and written next to ``output`` (:func:`~qwenvl.outputs.partial_path`), said in one log line, and the
+    interrupt goes on. ``resume``: an earlier run's output (:func:`resumed_answers`), whose answers are kept, not
+    generated again."""
     answers: list[str] = []
     errors: dict[int, str] = {}
     if resume is not None:
@@ -297,7 +290,7 @@ def _run(
             partial = score(records[:done], answers, errors)
             partial.settings.update(settings or {})
             partial.details.update(partial=True, num_planned=len(records))
-            path = partial.save(_partial_path(output))
+            path = partial.save(partial_path(output))
             logger.warning("interrupted: the predictions for the first %d of %d samples are in %s (the output's "
                            "format, scored over those %d)", done, len(records), path, done)
         raise
