@@ -47,9 +47,13 @@ def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(golden_dir), "--kv_cache_memory", "0"]) == 2
     assert "--kv_cache_memory must be > 0 GiB" in capsys.readouterr().err
-    for value in ("0", "nan"):
-        assert main(["serve", "--model", str(golden_dir), "--request_body_timeout", value]) == 2
-        assert f"--request_body_timeout must be > 0 seconds, got {float(value)}" in capsys.readouterr().err
+    for flag in ("--request_body_timeout", "--remote_image_timeout"):  # 0 or less: every download timed out
+        for value in ("0", "-1", "nan"):
+            assert main(["serve", "--model", str(golden_dir), flag, value]) == 2
+            assert f"{flag} must be > 0 seconds, got {float(value)}" in capsys.readouterr().err
+    for port in ("99999", "-5"):  # an OverflowError traceback from bind(), after the weights had loaded
+        assert main(["serve", "--model", str(golden_dir), "--port", port]) == 2
+        assert capsys.readouterr().err.strip() == f"qwenvl serve: error: --port must be 0-65535 (0: any free port), got {port}"
 
 
 def test_a_real_server_process(golden_dir):

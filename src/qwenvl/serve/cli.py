@@ -88,8 +88,11 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise ValueError(f"--kv_cache_memory must be > 0 GiB, got {args.kv_cache_memory}")
-    if not args.request_body_timeout > 0:
-        raise ValueError(f"--request_body_timeout must be > 0 seconds, got {args.request_body_timeout}")
+    for name in ("request_body_timeout", "remote_image_timeout"):
+        if not getattr(args, name) > 0:  # nan too
+            raise ValueError(f"--{name} must be > 0 seconds, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:  # else bind() raised OverflowError after the weights had loaded
+        raise ValueError(f"--port must be 0-65535 (0: any free port), got {args.port}")
     if args.max_images_per_request < 0 or args.max_queue < 0:
         raise ValueError("--max_images_per_request and --max_queue must be >= 0")
     root = None
