@@ -5,7 +5,9 @@ MindFormers YAMLs, and bad inputs fail with one line naming the tensor and leave
 from __future__ import annotations
 
 import json
+import logging
 import re
+import zlib
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,49 @@ def test_import_with_a_mindformers_yaml(mindformers_ckpt, golden, config, tmp_pa
     assert all(torch.equal(got[k], v.float()) for k, v in golden.items())
 
 
+def test_an_import_writes_the_generation_settings_it_is_told_or_the_base_models(mindformers_ckpt, tmp_path, caplog):
+    # was: a MindFormers YAML (which says nothing of them) gave Qwen-VL-Chat's settings (chat_format chatml, top_p
+    # 0.3), also for the README's own example, a base model: `qwenvl predict` then wrapped its prompts in ChatML
+    caplog.set_level(logging.INFO, logger="qwenvl.mindformers")
+    yaml_file = tmp_path / "predict_qwenvl_tiny.yaml"
+    yaml_file.write_text(_TINY_YAML)
+    ckpt = str(mindformers_ckpt("tiny_fp16"))
+
+    def generation(out: Path) -> dict:
+        return json.loads((out / "generation_config.json").read_text())
+
+    assert main(["convert", ckpt, str(tmp_path / "yaml"), "--config", str(yaml_file)]) == 0
+    assert generation(tmp_path / "yaml")["chat_format"] == "raw"
+    base, chat = mf.official_generation("raw"), mf.official_generation("chatml")
+    assert (base.chat_format, chat.chat_format, chat.top_p) == ("raw", "chatml", 0.3)
+    assert generation(tmp_path / "yaml") == base.to_dict()
+    assert f"{tmp_path / 'yaml'}/generation_config.json: chat_format raw, top_p {base.top_p} (the base model's, as " \
+        f"--config {yaml_file} does not say; choose with --chat_format raw|chatml)" in caplog.messages
+    assert mf.load_config(yaml_file).generation == base  # the Python API too
+
+    mf.convert(ckpt, str(tmp_path / "chat"), config=str(yaml_file), chat_format="chatml")
+    assert generation(tmp_path / "chat") == chat.to_dict()
+    assert caplog.messages[-1].endswith("chat_format chatml, top_p 0.3 (--chat_format; choose with --chat_format "
+                                        "raw|chatml)")
+    # a folder's own generation_config.json comes along (the golden one is raw), unless --chat_format says
+    mf.convert(ckpt, str(tmp_path / "folder"), config=str(GOLDEN))
+    assert generation(tmp_path / "folder").items() >= json.loads((GOLDEN / "generation_config.json").read_text()).items()
+    assert f"(from --config {GOLDEN}; choose" in caplog.messages[-1]
+    mf.convert(ckpt, str(tmp_path / "folder_chat"), config=str(GOLDEN), chat_format="chatml")
+    assert generation(tmp_path / "folder_chat") == chat.to_dict()
+    # a config.json without a generation_config.json beside it says nothing either
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_bytes((GOLDEN / "config.json").read_bytes())
+    mf.convert(ckpt, str(tmp_path / "bare_out"), config=str(tmp_path / "bare"), chat_format=None)
+    assert generation(tmp_path / "bare_out")["chat_format"] == "raw"
+
+    with pytest.raises(ValueError, match=r"^--chat_format must be raw \(a base model.*got 'ChatML'$"):
+        mf.convert(ckpt, str(tmp_path / "x"), config=str(yaml_file), chat_format="ChatML")
+    with pytest.raises(ValueError, match="--chat_format is for importing a .ckpt"):
+        mf.convert(str(GOLDEN), str(tmp_path / "x.ckpt"), chat_format="raw")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.ckpt").exists()
+
+
 def test_the_real_mindformers_yamls_map_to_the_9_6b_model(tmp_path):
     yaml_file = tmp_path / "predict_qwenvl_9.6b.yaml"
     yaml_file.write_text(_REAL_YAML)
@@ -89,6 +134,51 @@ def test_the_real_mindformers_yamls_map_to_the_9_6b_model(tmp_path):
     assert cfg.lm == preset.lm and cfg.visual == preset.visual  # mlp_ratio 4.9231, intermediate 2 x 11008
     assert mf.load_config("tiny").lm.hidden_size == 128
     assert mf.load_config(GOLDEN / "config.json").visual.width == 64
+
+
+def _flipped(src: Path, dst: Path, name: str, at: int, new: bytes) -> Path:
+    """``src`` with the bytes at ``at`` of tensor ``name``'s data replaced by ``new`` (its trailer intact)."""
+    (t,) = [t for t in scan(src) if t.name == name]
+    data = bytearray(src.read_bytes())
+    data[t.pieces[0][0] + at:t.pieces[0][0] + at + len(new)] = new
+    dst.write_bytes(data)
+    return dst
+
+
+def test_an_import_checks_a_crc_trailer(mindformers_ckpt, golden, tmp_path, capsys):
+    # was: the trailer was skipped unchecked, so a damaged file (a bit flipped in a copy) imported silently
+    good = tmp_path / "crc.ckpt"
+    summary = mf.export_checkpoint(GOLDEN, good, crc_check=True)
+    fixture = mindformers_ckpt("tiny_fp16").read_bytes()
+    assert good.read_bytes() == fixture + b"crc_num" + zlib.crc32(fixture).to_bytes(10, "big")  # save_checkpoint's
+    assert str(summary).endswith("; CRC32 trailer written")
+    assert main(["convert", str(good), str(tmp_path / "ok"), "--config", str(GOLDEN)]) == 0
+    assert capsys.readouterr().out.strip().endswith("; CRC32 verified")
+    got = load_state_dict(tmp_path / "ok")
+    assert all(torch.equal(got[k], v.half()) for k, v in golden.items())
+    summary = mf.import_checkpoint(mindformers_ckpt("tiny_fp16"), tmp_path / "plain", mf.load_config(GOLDEN))
+    assert "CRC" not in str(summary)  # no trailer, nothing said
+
+    wq = "llm_model.transformer.layers.1.attention.wq.weight"
+    at = next(t for t in scan(good) if t.name == wq).pieces[0][0] + 10
+    # the lowest bit of one float16 weight: a finite value, only the CRC tells
+    for bad, new in (("bit.ckpt", bytes([good.read_bytes()[at] ^ 1])),
+                     ("nan.ckpt", b"\x00\x7e")):  # a NaN: said as a damaged file, not as NaN weights
+        _flipped(good, tmp_path / bad, wq, 10, new)
+        err = _fails([str(tmp_path / bad), str(tmp_path / "out"), "--config", str(GOLDEN)], capsys,
+                     f"{tmp_path / bad}: corrupt file: its crc_num trailer says CRC32 {zlib.crc32(fixture)}, its "
+                     "bytes give ")
+        assert "NaN" not in err
+    # a trainer checkpoint: a flip in an optimizer moment, which the import skips, is found all the same
+    trainer = _rewrite(mindformers_ckpt("tiny_trainer"), tmp_path / "trainer.ckpt", lambda n, t: [(n, t)], crc=True)
+    assert main(["convert", str(trainer), str(tmp_path / "t_ok"), "--config", str(GOLDEN)]) == 0
+    capsys.readouterr()
+    _flipped(trainer, tmp_path / "adam.ckpt", "adam_m." + wq, 100, b"\x55")
+    _fails([str(tmp_path / "adam.ckpt"), str(tmp_path / "out"), "--config", str(GOLDEN)], capsys,
+           "adam.ckpt: corrupt file: its crc_num trailer says CRC32")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="--crc_check is for an export"):
+        mf.convert(str(good), str(tmp_path / "out"), config=str(GOLDEN), crc_check=True)
 
 
 # ---- export ------------------------------------------------------------------------------------------------
@@ -107,6 +197,29 @@ def test_export_by_the_command(mindformers_ckpt, tmp_path, capsys):
     assert (tmp_path / "qwenvl.ckpt").read_bytes() == mindformers_ckpt("tiny_fp16").read_bytes()
     line = capsys.readouterr().out.strip()
     assert line.endswith("81 tensors (Float16 x81), 79.01 MB") and "\n" not in line
+
+
+def test_the_commands_chat_format_and_crc_check_flags(mindformers_ckpt, tmp_path, capsys):
+    # convert's parser had neither: --chat_format (the generation settings an import writes) and --crc_check (an
+    # export with MindSpore's CRC32 trailer) were reachable from Python alone
+    ckpt = str(mindformers_ckpt("tiny_fp16"))
+    assert main(["convert", ckpt, str(tmp_path / "chat"), "--config", str(GOLDEN), "--chat_format", "chatml"]) == 0
+    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["chat_format"] == "chatml"
+    assert main(["convert", str(GOLDEN), str(tmp_path / "crc.ckpt"), "--crc_check"]) == 0
+    assert capsys.readouterr().out.strip().endswith("; CRC32 trailer written")
+    plain = mindformers_ckpt("tiny_fp16").read_bytes()
+    data = (tmp_path / "crc.ckpt").read_bytes()
+    assert data[:-17] == plain and data[-17:] == b"crc_num" + zlib.crc32(plain).to_bytes(10, "big")
+    assert main(["convert", str(tmp_path / "crc.ckpt"), str(tmp_path / "back"), "--config", str(GOLDEN)]) == 0
+    assert capsys.readouterr().out.strip().endswith("; CRC32 verified")
+
+
+def test_ckpt_flags_on_a_folder_to_folder_convert_are_refused_rather_than_ignored(tmp_path, capsys):
+    for flags in (["--config", str(GOLDEN)], ["--use_qkv_concat"], ["--emb_strategy", "2"], ["--crc_check"],
+                  ["--chat_format", "raw"]):
+        _fails([str(GOLDEN), str(tmp_path / "out"), *flags], capsys,
+               f"{flags[0]}: for converting to or from a MindSpore .ckpt")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("options", [{}, {"use_qkv_concat": True, "emb_strategy": 2}])
@@ -143,12 +256,13 @@ def _fails(args: list[str], capsys, *expected: str) -> str:
     return err
 
 
-def _rewrite(src: Path, dst: Path, edit) -> Path:
+def _rewrite(src: Path, dst: Path, edit, crc: bool = False) -> Path:
     with open(src, "rb") as f, open(dst, "wb") as out:
-        w = CkptWriter(out)
+        w = CkptWriter(out, crc_check=crc)
         for t in scan(src):
             for name, data in edit(t.name, read_tensor(f, t)):
                 w.write(name, data)
+        w.finish()
     return dst
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -35,12 +36,19 @@ def test_fixture_reads_as_mindspore_reads_it_and_rewrites_byte_identical(name, m
     entries = scan(path)
     # what mindspore.load_checkpoint returned for the same file: names in order, dtypes, shapes
     assert [[t.name, t.code, list(t.shape)] for t in entries] == MANIFEST["fixtures"][name]["tensors"]
+    crc_check = MANIFEST["fixtures"][name]["options"].get("crc_check") == "True"  # save_checkpoint(crc_check=True)
+    crc = mc.CrcCheck.of(path)
+    assert (crc is not None) == crc_check
     out = io.BytesIO()
     with open(path, "rb") as f:
-        w = CkptWriter(out)
+        w = CkptWriter(out, crc_check=crc_check)
         for t in entries:
-            w.write(t.name, read_tensor(f, t))
-    assert out.getvalue() == path.read_bytes()
+            w.write(t.name, read_tensor(f, t, crc))
+        w.finish()
+        if crc is not None:
+            crc.verify(f)  # MindSpore's own trailer, checked as load_checkpoint(crc_check=True) checks it
+            assert crc.verified
+    assert out.getvalue() == path.read_bytes()  # with crc_check: MindSpore's trailer byte for byte
     assert w.tensors == len(entries)
 
 
@@ -101,10 +109,63 @@ def test_old_style_uneven_slices_and_scalar_dims_zero(tmp_path):
     assert got["note"] == "fine-tune"
 
 
-def test_crc_trailer_is_skipped(tmp_path):
+def test_a_crc_trailer_is_skipped_by_scan_and_checked_by_crc_check(tmp_path):
+    # scan reads headers only (a few KB of a file of many GB): it skips the trailer; CrcCheck checks it from what
+    # read_tensor reads plus the rest (was: a wrong trailer went unnoticed, as it still does for scan alone)
     path = _write(tmp_path / "c.ckpt", {"w": torch.ones(2)})
-    path.write_bytes(path.read_bytes() + b"crc_num" + (123).to_bytes(10, "big"))
+    raw = path.read_bytes()
+    path.write_bytes(raw + b"crc_num" + (123).to_bytes(10, "big"))
     assert torch.equal(_read_all(path)["w"], torch.ones(2))
+    crc = mc.CrcCheck.of(path)
+    with open(path, "rb") as f, pytest.raises(CkptFormatError) as e:
+        crc.verify(f)
+    assert str(e.value) == (f"{path}: corrupt file: its crc_num trailer says CRC32 123, its bytes give "
+                            f"{zlib.crc32(raw)} (damaged since MindSpore wrote it?)")
+    assert not crc.verified
+    path.write_bytes(raw + b"crc_num" + zlib.crc32(raw).to_bytes(10, "big"))
+    crc = mc.CrcCheck.of(path)
+    with open(path, "rb") as f:
+        crc.verify(f)
+    assert crc.verified
+    assert mc.CrcCheck.of(_write(tmp_path / "plain.ckpt", {"w": torch.ones(2)})) is None  # no trailer
+
+
+def test_crc_check_writes_the_trailer_and_checks_pieces_read_in_any_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(mc, "SLICE_BYTES", 1000)
+    tensors = {"big": torch.randn(10, 130), "mid": torch.randn(7).half(), "skipped": torch.randn(300),
+               "step": torch.tensor(3, dtype=torch.int32), "empty": torch.ones(0)}
+    path = tmp_path / "c.ckpt"
+    with open(path, "wb") as f:
+        w = CkptWriter(f, crc_check=True)
+        for name, t in tensors.items():
+            w.write(name, t)
+        w.finish()
+    raw = path.read_bytes()
+    assert raw[-17:] == b"crc_num" + zlib.crc32(raw[:-17]).to_bytes(10, "big")  # what save_checkpoint writes
+    entries = {t.name: t for t in scan(path)}
+    assert len(entries["big"].pieces) == 6
+    for flip in (None, entries["skipped"].pieces[0][0] + 5, entries["big"].pieces[3][0] + 1, 3):
+        data = bytearray(raw)
+        if flip is not None:  # in a tensor nobody reads, in a slice that is read, in a header
+            data[flip] ^= 0x10
+        path.write_bytes(data)
+        crc = mc.CrcCheck.of(path)
+        with open(path, "rb") as f:
+            for name in ("step", "big", "mid", "empty", "big"):  # out of file order, one twice, one not at all
+                read_tensor(f, entries[name], crc)
+            if flip is None:
+                crc.verify(f)
+                assert crc.verified
+            else:
+                with pytest.raises(CkptFormatError, match=r"c\.ckpt: corrupt file: its crc_num trailer says"):
+                    crc.verify(f)
+
+
+def test_crc32_combine_is_zlibs():
+    for n1, n2 in ((0, 0), (0, 5), (7, 0), (1, 1), (100, 3000), (5000, 70000)):
+        a, b = bytes(range(256)) * (n1 // 256 + 1), bytes(reversed(range(256))) * (n2 // 256 + 1)
+        a, b = a[:n1], b[:n2]
+        assert mc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b), (n1, n2)
 
 
 # ---- broken files -----------------------------------------------------------------------------------------

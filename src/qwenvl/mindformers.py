@@ -28,17 +28,20 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checkpoint import _DTYPE_NAMES, CheckpointError, _iter_shards, check_cast, check_finite, save_pretrained
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
-from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, read_tensor, scan
+from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, CrcCheck, read_tensor, scan
+
+if TYPE_CHECKING:
+    from .config import GenerationDefaults
 
 __all__ = ["convert", "export_checkpoint", "import_checkpoint", "is_mindspore_path", "load_config", "ms_names",
-           "official_shapes", "rules"]
+           "official_generation", "official_shapes", "rules"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +197,9 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
 
     MindFormers' ``intermediate_size`` is the width of each of w1 and w2 (11008), the official one twice that;
     the ViT's ``hidden_size``/``intermediate_size`` become ``width``/``mlp_ratio``. Unset vision keys take
-    MindFormers' defaults (the 9.6B ViT).
+    MindFormers' defaults (the 9.6B ViT). A YAML does not tell a base model from a chat model: the generation
+    settings are the base model's (``chat_format`` raw, as MindFormers' own predict prompts), see
+    :func:`official_generation`.
     """
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
@@ -255,9 +260,31 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
             n_queries=setting(section, top_at, ("num_queries",), 256, int),
             image_start_id=setting(section, top_at, ("image_start_id",), IMG_START_ID, int),
         )
-        return QwenVLConfig(lm=lm, visual=visual)
+        return QwenVLConfig(lm=lm, visual=visual, generation=official_generation("raw"))
     except ConfigError as e:  # a value of the wrong type, out of range, or sizes that disagree
         raise ConfigError(f"{path}: {e}") from e
+
+
+def official_generation(chat_format: str) -> GenerationDefaults:
+    """The generation settings of the official Qwen/Qwen-VL (``raw``) or Qwen/Qwen-VL-Chat (``chatml``) folder."""
+    presets = {"raw": "qwen-vl-9.6b", "chatml": "qwen-vl-chat-9.6b"}
+    if chat_format not in presets:
+        raise ValueError(f"--chat_format must be raw (a base model, as Qwen/Qwen-VL) or chatml (a chat model, as "
+                         f"Qwen/Qwen-VL-Chat), got {chat_format!r}")
+    return PRESETS[presets[chat_format]]().generation
+
+
+def _says_generation(spec: str | os.PathLike[str]) -> bool:
+    """Whether ``--config`` carries generation settings: a preset, or a folder or config.json with a
+    generation_config.json (not a MindFormers YAML)."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml"):
+        return False
+    if path.is_dir():
+        return (path / "generation_config.json").is_file()
+    if path.suffix == ".json":
+        return (path.parent / "generation_config.json").is_file()
+    return True  # a preset
 
 
 def _sub(section: object, name: str) -> dict | None:
@@ -325,6 +352,7 @@ class Summary:
     dtypes: Counter[str]
     nbytes: int
     ignored: list[str]
+    crc: str = ""  # what became of a crc_num trailer ("CRC32 verified", "CRC32 trailer written"); "": none
 
     def __str__(self) -> str:
         line = (f"converted {self.source} -> {self.output}: {self.tensors} tensors ({_counts(self.dtypes)}), "
@@ -332,6 +360,8 @@ class Summary:
         if self.ignored:
             line += (f"; ignored {len(self.ignored)} trainer tensors "
                      f"({_counts(Counter(_ignored_group(n) for n in self.ignored))})")
+        if self.crc:
+            line += f"; {self.crc}"
         return line
 
 
@@ -378,19 +408,30 @@ def import_checkpoint(
     by_official = {r.official: r for r in chosen}
     specs = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()}
     heads = config.visual.heads
+    crc = CrcCheck.of(path)  # a crc_num trailer: summed as the tensors are read, checked before the folder is done
+    loaded: set[str] = set()
     with open(path, "rb") as f:
 
         def load(official: str) -> torch.Tensor:
             r = by_official[official]
-            t = _join(r, [read_tensor(f, entries[n]) for n in r.ms_names], heads, vocab)  # type: ignore[misc]
-            check_finite(f"{path}: tensor {r.ms_names[0]!r}", t)
-            check_cast(f"{path}: tensor {r.ms_names[0]!r}", t, dtype)  # an overflow to inf would not load
+            t = _join(r, [read_tensor(f, entries[n], crc) for n in r.ms_names], heads, vocab)  # type: ignore[misc]
+            try:
+                check_finite(f"{path}: tensor {r.ms_names[0]!r}", t)
+                check_cast(f"{path}: tensor {r.ms_names[0]!r}", t, dtype)  # an overflow to inf would not load
+            except CheckpointError:
+                if crc is not None:  # a damaged file says so, rather than as NaN or huge weights
+                    crc.verify(f)
+                raise
+            loaded.add(official)
+            if crc is not None and len(loaded) == len(specs):  # the last tensor: nothing is in place yet
+                crc.verify(f)
             return t
 
         save_pretrained(specs, replace(config, torch_dtype=_DTYPE_NAMES[dtype]), out_dir,
                         max_shard_size=max_shard_size, load=load)
     nbytes = sum(math.prod(s) for s in shapes.values()) * specs["lm_head.weight"].element_size()
-    return Summary(path, os.fspath(out_dir), len(specs), Counter({_DTYPE_NAMES[dtype]: len(specs)}), nbytes, ignored)
+    return Summary(path, os.fspath(out_dir), len(specs), Counter({_DTYPE_NAMES[dtype]: len(specs)}), nbytes, ignored,
+                   "CRC32 verified" if crc is not None and crc.verified else "")
 
 
 # ---- export -------------------------------------------------------------------------------------------------
@@ -431,14 +472,15 @@ def _official_tensors(src: str | os.PathLike[str], shapes: dict[str, torch.Size]
 
 def export_checkpoint(
     src: str | os.PathLike[str], out_file: str | os.PathLike[str], dtype: torch.dtype = torch.float16,
-    use_qkv_concat: bool = False, emb_strategy: int | None = None,
+    use_qkv_concat: bool = False, emb_strategy: int | None = None, crc_check: bool = False,
 ) -> Summary:
     """Write the ``.ckpt`` that MindFormers' ``convert_weight.py`` writes from the official folder ``src``.
 
     Same names, order, shapes and values; every tensor cast to ``dtype`` (convert_weight's ``--dtype``,
     float16 by default). ``use_qkv_concat`` keeps the LM's qkv fused; ``emb_strategy`` N pads wte and lm_head
-    with zero rows to a multiple of 512 x N (``--enable_emb_opt True --emb_strategy N``). Written atomically,
-    one tensor at a time.
+    with zero rows to a multiple of 512 x N (``--enable_emb_opt True --emb_strategy N``). ``crc_check`` ends the
+    file with the CRC32 trailer of ``save_checkpoint(..., crc_check=True)``. Written atomically, one tensor at a
+    time.
     """
     config = QwenVLConfig.from_pretrained(src)
     shapes = official_shapes(config)
@@ -452,7 +494,7 @@ def export_checkpoint(
                          f"rows, more than their {vocab}: it is the number of cards the embedding is split over "
                          f"(at most {vocab // 512} here)")
     with atomic_file(out_file) as f:
-        writer = CkptWriter(f)
+        writer = CkptWriter(f, crc_check=crc_check)
         for name, shape in shapes.items():
             r = rule(name, use_qkv_concat)
             pad = 0
@@ -463,7 +505,9 @@ def export_checkpoint(
             for ms_name, parts in zip(r.ms_names, _split(r, t, heads, pad)):
                 writer.write(ms_name, parts, dtype)
             del t
-    return Summary(os.fspath(src), os.fspath(out_file), writer.tensors, Counter(writer.dtypes), writer.bytes, [])
+        writer.finish()
+    return Summary(os.fspath(src), os.fspath(out_file), writer.tensors, Counter(writer.dtypes), writer.bytes, [],
+                   "CRC32 trailer written" if crc_check else "")
 
 
 def ms_names(config: QwenVLConfig, use_qkv_concat: bool = False) -> list[str]:
@@ -474,9 +518,16 @@ def ms_names(config: QwenVLConfig, use_qkv_concat: bool = False) -> list[str]:
 # ---- the command ------------------------------------------------------------------------------------------
 def convert(
     source: str, output: str, config: str | None = None, dtype: str | None = None, use_qkv_concat: bool = False,
-    emb_strategy: int | None = None, max_shard_size: int | str = "5GB",
+    emb_strategy: int | None = None, max_shard_size: int | str = "5GB", chat_format: str | None = None,
+    crc_check: bool = False,
 ) -> Summary:
-    """``qwenvl convert`` where SOURCE or OUTPUT is a ``.ckpt``: import (needs ``config``) or export."""
+    """``qwenvl convert`` where SOURCE or OUTPUT is a ``.ckpt``: import (needs ``config``) or export.
+
+    An import's ``generation_config.json``: that of ``chat_format`` (:func:`official_generation`) if given, else
+    the one ``config`` carries (a preset; a folder's or config.json's generation_config.json), else the base
+    model's (raw: nothing in a ``.ckpt`` or a MindFormers YAML tells a chat model); logged. ``crc_check``
+    (export): end the ``.ckpt`` with a CRC32 trailer. An import checks a trailer whenever the file has one.
+    """
     from .model.qwenvl import _as_dtype
 
     torch_dtype = _as_dtype(dtype)
@@ -488,13 +539,28 @@ def convert(
                              f"a preset ({', '.join(sorted(PRESETS))}) or a MindFormers YAML")
         if use_qkv_concat or emb_strategy:
             raise ValueError("--use_qkv_concat and --emb_strategy describe an export; an import detects the layout")
+        if crc_check:
+            raise ValueError("--crc_check is for an export: an import checks the CRC32 of a .ckpt that has one")
         if Path(source).is_dir():
             raise IsADirectoryError(f"{source} is a folder: a MindSpore checkpoint is one .ckpt file")
         if not Path(source).is_file():
             raise FileNotFoundError(f"checkpoint {source} not found")
+        gen = official_generation(chat_format) if chat_format is not None else None
         cfg = load_config(config)  # before reading the checkpoint: a bad --config fails fast
+        if gen is not None:
+            why = "--chat_format"
+        elif _says_generation(config):
+            why = f"from --config {config}"
+        else:
+            gen, why = official_generation("raw"), f"the base model's, as --config {config} does not say"
+        cfg = replace(cfg, generation=gen or cfg.generation)
+        logger.info("%s/generation_config.json: chat_format %s, top_p %s (%s; choose with --chat_format raw|chatml)",
+                    output, cfg.generation.chat_format, cfg.generation.top_p, why)
         return import_checkpoint(source, output, cfg, dtype=torch_dtype, max_shard_size=max_shard_size)
     if config:
         raise ValueError("--config is for importing a .ckpt; an export reads SOURCE's config.json")
+    if chat_format is not None:
+        raise ValueError("--chat_format is for importing a .ckpt (the generation_config.json written with the "
+                         "folder); an export writes weights only")
     return export_checkpoint(source, output, dtype=torch_dtype or torch.float16, use_qkv_concat=use_qkv_concat,
-                             emb_strategy=emb_strategy)
+                             emb_strategy=emb_strategy, crc_check=crc_check)

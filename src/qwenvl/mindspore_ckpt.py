@@ -18,14 +18,17 @@ strings). Scalars have no dims (old files write ``[0]``, which MindSpore reads a
 ``crc_check=True`` ends with ``b"crc_num"`` and a 10-byte big-endian CRC32 of everything before it.
 
 Reading is streamed: :func:`scan` walks the file once, reading only the small headers and noting where each
-tensor's bytes lie, and :func:`read_tensor` reads one tensor when it is needed. :class:`CkptWriter` writes
-tensor by tensor, casting in blocks, byte-identical to what MindSpore 2.x writes for the same tensors.
+tensor's bytes lie, and :func:`read_tensor` reads one tensor when it is needed. A :class:`CrcCheck` checks a
+trailer on the way: the pieces :func:`read_tensor` reads anyway are summed as they come, and only what nobody
+read (headers, skipped tensors) is read again at the end. :class:`CkptWriter` writes tensor by tensor, casting
+in blocks, byte-identical to what MindSpore 2.x writes for the same tensors (with ``crc_check=True`` too).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -34,7 +37,8 @@ import torch
 
 from .checkpoint import CheckpointError, check_cast, iter_tensor_bytes
 
-__all__ = ["CODE_OF_DTYPE", "DTYPE_OF_CODE", "SLICE_BYTES", "CkptTensor", "CkptWriter", "read_tensor", "scan"]
+__all__ = ["CODE_OF_DTYPE", "DTYPE_OF_CODE", "SLICE_BYTES", "CkptTensor", "CkptWriter", "CrcCheck", "read_tensor",
+           "scan"]
 
 # tensor_type <-> torch dtype (MindSpore's tensor_to_ms_type; "Int4" packed pairs and "str" have no torch twin)
 DTYPE_OF_CODE: dict[str, torch.dtype] = {
@@ -46,6 +50,7 @@ CODE_OF_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_OF_CODE.items()}
 STR_CODE = "str"  # a string (save_checkpoint's append_dict); 4 bytes (UTF-32) per character
 SLICE_BYTES = 512 * 2**20  # save_checkpoint's slice size (SLICE_SIZE = 512 * 1024 KB)
 _CRC_TRAILER = 17  # b"crc_num" + 10 bytes
+_CRC_BLOCK = 16 * 2**20  # bytes read at a time to sum what read_tensor did not read
 _MAX_HEADER = 1 << 20  # a tag or dtype name longer than this is not a checkpoint
 _MAX_DIMS = 64  # more dimensions than any tensor has (a crafted file could list millions: memory, not data)
 
@@ -233,8 +238,20 @@ def _file_size(f: BinaryIO) -> int:
     return os.fstat(f.fileno()).st_size
 
 
+def _trailer(f: BinaryIO, size: int) -> int | None:
+    """The CRC32 stored in the ``crc_num`` trailer of a file of ``size`` bytes, None if it has none."""
+    if size < _CRC_TRAILER:
+        return None
+    f.seek(size - _CRC_TRAILER)
+    tail = f.read(_CRC_TRAILER)
+    return int.from_bytes(tail[7:], "big") if tail[:7] == b"crc_num" else None
+
+
 def scan(path: str | os.PathLike[str]) -> list[CkptTensor]:
     """Every tensor of a checkpoint in file order (slices joined), reading only headers.
+
+    A ``crc_num`` trailer is skipped, not checked: that needs every byte (:class:`CrcCheck`, as the tensors are
+    read), and a scan reads a few KB of a file of many GB.
 
     Raises :class:`CkptFormatError` (one line, naming the tensor where it can) for a file that is not a
     checkpoint, is truncated, holds a dtype code we do not know, or whose sizes disagree with their dims.
@@ -242,12 +259,8 @@ def scan(path: str | os.PathLike[str]) -> list[CkptTensor]:
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = _file_size(f)
-        end = size
-        if size >= _CRC_TRAILER:
-            f.seek(size - _CRC_TRAILER)
-            if f.read(7) == b"crc_num":
-                end = size - _CRC_TRAILER
-            f.seek(0)
+        end = size if _trailer(f, size) is None else size - _CRC_TRAILER
+        f.seek(0)
         r = _Reader(f, end, path)
         if end == 0:
             raise r.fail("not a MindSpore checkpoint (empty file)")
@@ -301,8 +314,8 @@ def _checked(t: CkptTensor, path: str) -> CkptTensor:
     return t
 
 
-def read_tensor(f: BinaryIO, t: CkptTensor) -> torch.Tensor | str:
-    """The data of ``t`` from the open checkpoint ``f`` (a string for a ``str`` entry)."""
+def read_tensor(f: BinaryIO, t: CkptTensor, crc: CrcCheck | None = None) -> torch.Tensor | str:
+    """The data of ``t`` from the open checkpoint ``f`` (a string for a ``str`` entry); ``crc`` sums its bytes."""
     buf = bytearray(t.nbytes)
     view = memoryview(buf)
     pos = 0
@@ -313,6 +326,8 @@ def read_tensor(f: BinaryIO, t: CkptTensor) -> torch.Tensor | str:
         if got != n:
             raise CkptFormatError(f"{path}: truncated file: tensor {t.name!r} ends early "
                                   "(the file changed while read?)")
+        if crc is not None:
+            crc.add(offset, view[pos:pos + n])
         pos += n
     if t.code == STR_CODE:
         try:
@@ -323,6 +338,88 @@ def read_tensor(f: BinaryIO, t: CkptTensor) -> torch.Tensor | str:
     if not buf:
         return torch.empty(t.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
+
+
+# ---- the crc_num trailer ------------------------------------------------------------------------------------
+_CRC_POLY = 0xEDB88320  # CRC-32 (zlib's), reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a x b modulo the CRC polynomial (zlib's multmodp; bit 31 is x^0)."""
+    m, p = 1 << 31, 0
+    while a:
+        if a & m:
+            p ^= b
+            a ^= m
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return p
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC32 of A + B from crc1 = crc32(A), crc2 = crc32(B) and len(B) (zlib's crc32_combine)."""
+    p, k = 1 << 31, 3  # x^0; len2 bytes are 8 * len2 = 2^3 * len2 bits
+    while len2:
+        if len2 & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        len2 >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+class CrcCheck:
+    """The ``crc_num`` trailer of a checkpoint, checked without a second read of the tensors.
+
+    :func:`read_tensor` (given this) hands over each piece it reads, whose CRC32 is taken there; :meth:`verify`
+    then reads only the rest (headers and the tensors nobody read), in file order, joins the pieces' CRCs in
+    (:func:`crc32_combine`) and compares the CRC32 of everything before the trailer (what MindSpore's
+    ``load_checkpoint(crc_check=True)`` sums) with the stored one. :meth:`of` gives None for a file without one.
+    """
+
+    def __init__(self, path: str, end: int, stored: int) -> None:
+        self.path, self.end, self.stored = path, end, stored
+        self.pieces: dict[int, tuple[int, int]] = {}  # offset -> (length, CRC32)
+        self.verified = False
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> CrcCheck | None:
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            size = _file_size(f)
+            stored = _trailer(f, size)
+        return None if stored is None else cls(path, size - _CRC_TRAILER, stored)
+
+    def add(self, offset: int, data: bytes | memoryview) -> None:
+        self.pieces[offset] = (len(data), zlib.crc32(data))
+
+    def _sum(self, f: BinaryIO, start: int, stop: int, crc: int) -> int:
+        f.seek(start)
+        while start < stop:
+            block = f.read(min(_CRC_BLOCK, stop - start))
+            if not block:
+                raise CkptFormatError(f"{self.path}: truncated file: it ends at byte {start}, before its CRC "
+                                      f"trailer at byte {self.end} (the file changed while read?)")
+            crc = zlib.crc32(block, crc)
+            start += len(block)
+        return crc
+
+    def verify(self, f: BinaryIO) -> None:
+        """Raise :class:`CkptFormatError` unless the file's bytes give the stored CRC32 (reads what was not read)."""
+        crc = pos = 0
+        for offset in sorted(self.pieces):
+            n, piece = self.pieces[offset]
+            crc = crc32_combine(self._sum(f, pos, offset, crc), piece, n)
+            pos = offset + n
+        crc = self._sum(f, pos, self.end, crc)
+        if crc != self.stored:
+            raise CkptFormatError(f"{self.path}: corrupt file: its crc_num trailer says CRC32 {self.stored}, its "
+                                  f"bytes give {crc} (damaged since MindSpore wrote it?)")
+        self.verified = True
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -361,11 +458,14 @@ class CkptWriter:
     ``write(name, parts, dtype)``: the tensor is the concatenation of ``parts`` along dim 0 (so a padded or
     regrouped tensor never has to exist in one piece), cast to ``dtype`` on the way. A cast that would turn
     finite values into infinities raises :class:`CheckpointError` before anything of the tensor is written.
-    Counts what it wrote.
+    Counts what it wrote. ``crc_check``: :meth:`finish` ends the file with the ``crc_num`` trailer of
+    ``save_checkpoint(..., crc_check=True)`` (the CRC32 of every byte written), which ``load_checkpoint(...,
+    crc_check=True)`` verifies.
     """
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, crc_check: bool = False) -> None:
         self.f = f
+        self.crc: int | None = 0 if crc_check else None
         self.tensors = 0
         self.bytes = 0
         self.dtypes: dict[str, int] = {}
@@ -389,11 +489,19 @@ class CkptWriter:
         code = CODE_OF_DTYPE[dtype]
         for start in range(0, max(total, 1), SLICE_BYTES):  # an empty tensor still gets its one entry
             n = min(SLICE_BYTES, total - start)
-            self.f.write(_value_header(name, shape, code, n))
-            stream.copy_to(self.f, n)
+            header = _value_header(name, shape, code, n)
+            self.f.write(header)
+            if self.crc is not None:
+                self.crc = zlib.crc32(header, self.crc)
+            self.crc = stream.copy_to(self.f, n, self.crc)
         self.tensors += 1
         self.bytes += total
         self.dtypes[code] = self.dtypes.get(code, 0) + 1
+
+    def finish(self) -> None:
+        """End the file: the ``crc_num`` trailer with ``crc_check``, else nothing."""
+        if self.crc is not None:
+            self.f.write(b"crc_num" + self.crc.to_bytes(10, "big"))
 
 
 class _ByteStream:
@@ -403,11 +511,15 @@ class _ByteStream:
         self.blocks = iter(blocks)
         self.left = memoryview(b"")
 
-    def copy_to(self, f: BinaryIO, n: int) -> None:
+    def copy_to(self, f: BinaryIO, n: int, crc: int | None = None) -> int | None:
+        """Write the next ``n`` bytes; return ``crc`` (a running CRC32, None: none) updated with them."""
         while n:
             if not self.left:
                 self.left = next(self.blocks)
             take = min(n, len(self.left))
             f.write(self.left[:take])
+            if crc is not None:
+                crc = zlib.crc32(self.left[:take], crc)
             self.left = self.left[take:]
             n -= take
+        return crc
