@@ -239,7 +239,8 @@ STEPS: dict[str, Step] = {
         Step(check_ckpt_import(torch.float16, "Qwen-VL-from-ms"),
              subs={"qwenvl_base_fp16.ckpt": "qwenvl_9.6b.ckpt", "predict_qwenvl_9.6b.yaml": "demo_out/model"},
              defer=True),
-    "qwenvl convert /models/Qwen-VL qwenvl_9.6b.ckpt --dtype float16 [--use_qkv_concat] [--emb_strategy N]":
+    "qwenvl convert /models/Qwen-VL qwenvl_9.6b.ckpt --dtype float16 [--use_qkv_concat] [--emb_strategy N] "
+    "[--crc_check]":
         Step(check_ckpt_export),
     "qwenvl convert output/checkpoint/rank_0/my_finetune.ckpt /models/my-finetune --config /models/Qwen-VL-Chat "
     "--dtype bfloat16": Step(check_ckpt_import(torch.bfloat16, "my-finetune"),

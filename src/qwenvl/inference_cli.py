@@ -64,7 +64,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def _add_sampling_flags(p: argparse.ArgumentParser, chat_format: bool = True) -> None:
     p.add_argument("--max_new_tokens", type=int)
     p.add_argument("--min_new_tokens", type=int)
-    p.add_argument("--do_sample", type=str2bool, help="True to sample (default: greedy for predict)")
+    p.add_argument("--do_sample", type=str2bool, help="true to sample, false for greedy (default: greedy for predict, "
+                                                      "the checkpoint's generation_config.json for chat)")
     p.add_argument("--temperature", type=float)
     p.add_argument("--top_p", type=float, help="default: the checkpoint's generation_config.json")
     p.add_argument("--top_k", type=int, help="0 = off (default: the checkpoint's)")
@@ -110,7 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", nargs="?", help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
     p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
     p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
-    p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"])
+    p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="dtype written (default: the source's; a sharded training checkpoint: float32, its master "
+                        "weights; exporting a .ckpt: float16; importing one: the dtype holding most of its weights)")
     p.add_argument("--max_shard_size", help="largest weight file of a checkpoint folder (default 5GB; 10^9 bytes, "
                                             "as Hugging Face; GiB for 2^30)")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
@@ -124,14 +127,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use_qkv_concat", action="store_true", help="exporting a .ckpt: keep the LM's qkv fused")
     p.add_argument("--emb_strategy", type=int, metavar="N",
                    help="exporting a .ckpt: pad wte/lm_head rows to a multiple of 512 x N (MindFormers enable_emb_opt)")
+    p.add_argument("--crc_check", action="store_true",
+                   help="exporting a .ckpt: end it with a CRC32 trailer, as MindSpore's save_checkpoint(crc_check=True) "
+                        "(an import checks a trailer whenever the file has one)")
+    p.add_argument("--chat_format", choices=["raw", "chatml"],
+                   help="importing a .ckpt: the generation_config.json written: raw (a base model, as Qwen/Qwen-VL) "
+                        "or chatml (a chat model, as Qwen/Qwen-VL-Chat); default: --config's when it has one, else raw")
 
     p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
     p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
     p.add_argument("--image_location", required=True, help="folder holding train2014/COCO_train2014_*.jpg")
-    p.add_argument("--output_path", required=True)
+    p.add_argument("--output_path", required=True, help="a JSON list, or JSON Lines when it ends in .jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output_path file")
-    p.add_argument("--user_role_name", default="user")
-    p.add_argument("--assistant_role_name", default="assistant")
+    p.add_argument("--user_role_name", default="user", help="role of the human turns (qwenvl finetune reads only "
+                                                             "user/assistant)")
+    p.add_argument("--assistant_role_name", default="assistant", help="role of the model's turns")
     p.add_argument("--image_prefix", default="train2014/COCO_train2014_")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping it")
     p.add_argument("--tag_in_place", action="store_true",
@@ -637,7 +647,8 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"--format {args.format}: a MindSpore .ckpt is imported into safetensors and exported as "
                              "one .ckpt")
         kw = {"config": args.config, "dtype": args.dtype, "use_qkv_concat": args.use_qkv_concat,
-              "emb_strategy": args.emb_strategy, "max_shard_size": args.max_shard_size}
+              "emb_strategy": args.emb_strategy, "max_shard_size": args.max_shard_size,
+              "chat_format": args.chat_format, "crc_check": args.crc_check}
         # --config (a folder, config.json or YAML; not a preset name) is read too
         config = args.config if args.config and Path(args.config).exists() else None
         if is_mindspore_path(output):  # export: one file, written atomically
@@ -651,6 +662,11 @@ def run_convert(args: argparse.Namespace) -> int:
             print(convert_mindspore(source, output, **kw))
         return 0
 
+    ckpt_only = [f"--{k}" for k in ("config", "use_qkv_concat", "emb_strategy", "crc_check", "chat_format")
+                 if getattr(args, k) not in (None, False)]
+    if ckpt_only:  # else silently ignored
+        raise ValueError(f"{', '.join(ckpt_only)}: for converting to or from a MindSpore .ckpt (SOURCE and OUTPUT "
+                         "are checkpoint folders here)")
     # the sources are read while the output is written: never the same folder, nor one inside the other
     check_separate(output, {"SOURCE": source, "--adapter": args.adapter if args.merge_lora else None},
                    what="OUTPUT folder")
