@@ -218,6 +218,17 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
         fileio.read_json_records(file)
 
 
+def test_a_byte_order_mark_starting_a_json_file_is_read_past(tmp_path: Path) -> None:
+    # a data file saved by a Windows editor starts with U+FEFF: "line 1: invalid JSON: Unexpected UTF-8 BOM"
+    bom = "\ufeff"
+    (tmp_path / "a.json").write_text(bom + '[{"a": 1}]', encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(bom + '{"a": 1}\n{"b": "\ufeff"}\n', encoding="utf-8")
+    assert fileio.read_json(tmp_path / "a.json") == fileio.read_json_records(tmp_path / "a.json") == [{"a": 1}]
+    want = [{"a": 1}, {"b": "\ufeff"}]  # only the mark that starts the file goes
+    assert fileio.read_json_records(tmp_path / "a.jsonl") == want
+    assert [obj for _n, obj in fileio.iter_jsonl(tmp_path / "a.jsonl")] == want
+
+
 @pytest.mark.parametrize("kind", ["folder", "pipe", "device"])
 def test_readers_refuse_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
     # a folder was a raw IsADirectoryError, a named pipe blocked forever, /dev/zero filled the memory;

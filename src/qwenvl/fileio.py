@@ -450,10 +450,11 @@ def _regular_file(path: str | os.PathLike[str], error: type[ValueError], what: s
 
 def _utf8_lines(lines: Iterable[bytes], file: Path, error: type[ValueError]) -> Iterator[str]:
     """Every line decoded; one that is not UTF-8 raises ``error`` naming it (in text mode the error would
-    name neither the file nor the line)."""
+    name neither the file nor the line). A byte-order mark starting the file (Windows editors write one) is
+    dropped: json refused it ("Unexpected UTF-8 BOM")."""
     for lineno, line in enumerate(lines, start=1):
         try:
-            yield line.decode("utf-8")
+            yield line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
             raise error(f"{file}:{lineno}: not UTF-8 text ({e})") from None
 
@@ -478,7 +479,7 @@ def read_json(path: str | os.PathLike[str], error: type[ValueError] = ValueError
     parsing stopped)."""
     file = _regular_file(path, error, what)
     try:
-        raw = file.read_text(encoding="utf-8")
+        raw = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON's
     except UnicodeDecodeError as e:
         raise error(f"{file}: not UTF-8 text ({e})") from None
     return parse_json(raw, file, error)
@@ -515,7 +516,7 @@ def read_json_records(
     """
     file = _regular_file(path, error, what)
     try:
-        raw = file.read_text(encoding="utf-8")
+        raw = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON's
     except UnicodeDecodeError as e:
         raise error(f"{file}: not UTF-8 text ({e})") from e
     if file.suffix == ".jsonl":
