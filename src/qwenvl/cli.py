@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 
@@ -37,6 +37,23 @@ SUBCOMMANDS = {
 TAKES_OVERRIDES = {"finetune"}
 
 
+def said_by_another_process() -> bool:
+    """Under torchrun, whether this process leaves the errors that every process of the node meets alike (the
+    command line, the config file, missing files) to the node's LOCAL_RANK 0: one line per node, not one per rank."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return launched and os.environ.get("LOCAL_RANK", "0").strip() not in ("0", "")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors under torchrun are printed by one process per node
+    (:func:`said_by_another_process`); the others exit with the same status 2, silently."""
+
+    def error(self, message: str) -> NoReturn:
+        if said_by_another_process():
+            sys.exit(2)
+        super().error(message)
+
+
 class _Subcommands(argparse._SubParsersAction):
     """Subcommands whose own ``--help`` starts with the line ``qwenvl --help`` shows for them, unless they have a
     description: ``qwenvl chat --help`` printed its flags alone, not what the command does (``:image PATH``, ...)."""
@@ -47,7 +64,7 @@ class _Subcommands(argparse._SubParsersAction):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qwenvl",
         description="Qwen-VL in PyTorch: load the official checkpoints, predict, chat, serve, fine-tune, evaluate.",
     )

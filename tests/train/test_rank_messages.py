@@ -105,3 +105,19 @@ def test_command_line_errors_are_said_by_one_process_per_node(train_data: Path, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("qwenvl finetune: error:") == 1 and "warmup_steps" in err
+
+
+def test_usage_errors_are_said_by_one_process_per_node(launch_env, capsys) -> None:
+    # argparse's own errors (a flag without its value, a bad choice) were still printed by every process
+    from qwenvl.cli import main
+
+    for argv in (["finetune", "--config"], ["eval", "grounding", "--batch_size", "x"], ["nonsense"]):
+        launch_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err == "", argv
+        launch_env(RANK="0", LOCAL_RANK="0")
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("error:") == 1 and err.startswith("usage: qwenvl"), (argv, err)

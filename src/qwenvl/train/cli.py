@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
+from ..cli import said_by_another_process
 from .config import TrainConfig, TrainConfigError, check_known
 
 __all__ = ["add_parser", "main", "parse_overrides", "run"]
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
 
             require_peft("LoRA (use_lora)")
     except (ValueError, OSError):
-        if _said_on_this_node():
+        if said_by_another_process():
             return 2
         raise
     from .distributed import RANK_LOGGER, DistributedError, ReportedByAnotherRank
@@ -156,13 +156,6 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         logging.getLogger(RANK_LOGGER).warning("%d sample(s) failed to load during the run and were skipped (see the "
                                                "warnings above)", len(result.bad_samples))
     return 0
-
-
-def _said_on_this_node() -> bool:
-    """Under torchrun, whether the process of LOCAL_RANK 0 on this node says the errors that every process of the
-    node meets alike (the command line, the config file, missing files): one line per node, not one per rank."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    return launched and os.environ.get("LOCAL_RANK", "0").strip() not in ("0", "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
