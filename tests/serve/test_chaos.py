@@ -186,7 +186,6 @@ def test_a_body_that_never_arrives_is_answered_408(golden_model, processor):
     with running(engine, processor, settings) as r:
         never = raw(r.url, head + b'{"model"')
         dripping = raw(r.url, head)
-        start = time.monotonic()
         for _ in range(10):  # a byte every 0.2 s: each is in time, the whole is not
             time.sleep(0.2)
             try:
@@ -198,7 +197,6 @@ def test_a_body_that_never_arrives_is_answered_408(golden_model, processor):
                 answer = read_all(s)  # the server closes the connection after answering
             assert answer.startswith(b"HTTP/1.1 408 "), answer
             assert b"request body did not arrive within 0.5 seconds" in answer, answer
-        assert time.monotonic() - start < 10
         metrics = httpx.get(r.url + "/metrics").text
         assert 'qwenvl_requests_total{endpoint="/v1/chat/completions",status="408"} 2' in metrics
         ok = httpx.post(
