@@ -269,7 +269,7 @@ def test_a_stopped_engine_refuses_requests_and_fails_those_in_flight(golden_mode
         time.sleep(0.01)
     engine.stop()
     for c in (running, waiting):
-        assert c.done.is_set() and c.events[-1] == Failed("the server is shutting down"), c.events[-1:]
+        assert c.done.is_set() and c.events[-1] == Failed("the server is shutting down", 503), c.events[-1:]
     assert engine.metrics.finished.value(reason="error") == 2
     with pytest.raises(ShuttingDown, match="shutting down"):
         engine.submit(Request(ids, SamplingParams(max_new_tokens=2), Collector()))

@@ -335,7 +335,7 @@ class _Server:
                 if isinstance(event, Finished):
                     return event
                 if isinstance(event, Failed):
-                    raise APIError(500, event.message, type="server_error")
+                    raise APIError(event.status, event.message, type="server_error")
         finally:
             request.cancel()  # a no-op once finished
 

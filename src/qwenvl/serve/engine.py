@@ -128,6 +128,7 @@ class Finished:
 @dataclass
 class Failed:
     message: str
+    status: int = 500  # the HTTP status the server answers with (503: the server is shutting down, retry elsewhere)
 
 
 Event = Delta | Finished | Failed
@@ -380,10 +381,10 @@ class Engine:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for r in waiting:
             self._count_finish("cancelled" if r.cancelled else "error")
-            r.on_event(Failed("the server is shutting down"))
+            r.on_event(Failed("the server is shutting down", 503))
         for i, s in enumerate(self.slots):
             if s is not None:
-                self._free(i, Failed("the server is shutting down"))
+                self._free(i, Failed("the server is shutting down", 503))
 
     def _drop_cancelled(self) -> None:
         for i, s in enumerate(self.slots):
