@@ -64,3 +64,16 @@ def make_cfg(train_data: Path) -> Callable[..., TrainConfig]:
         return TrainConfig(**values)
 
     return make
+
+
+@pytest.fixture
+def broken_after_check(train_data: Path, processor, tmp_path: Path):
+    """A copy of ``train_data`` in ``tmp_path/data`` and its dataset, built while every image decoded; then
+    ``street.jpg`` breaks (a sample that fails mid-run). Returns (the copy's JSON file, the dataset)."""
+    from qwenvl.data.dataset import ConversationDataset
+
+    data = tmp_path / "data"
+    shutil.copytree(train_data.parent, data)
+    dataset = ConversationDataset(data / "train.json", processor)  # every image decodes now ...
+    (data / "street.jpg").write_bytes(b"\xff\xd8 broken")  # ... and one breaks after the check
+    return data / "train.json", dataset

@@ -4,7 +4,6 @@ fails, a LOCAL_RANK beyond the node's GPUs, and the command-line errors every pr
 
 from __future__ import annotations
 
-import shutil
 import socket
 from pathlib import Path
 
@@ -31,18 +30,15 @@ def launch_env(monkeypatch: pytest.MonkeyPatch):
     return set_env
 
 
-def test_a_sample_that_breaks_in_a_loader_worker_is_one_line(make_cfg, processor, train_data: Path,
+def test_a_sample_that_breaks_in_a_loader_worker_is_one_line(make_cfg, processor, broken_after_check,
                                                              tmp_path: Path) -> None:
     # raised in a worker process, DataLoader re-raised it with its own header and the worker's whole traceback
     # in the message ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback ..."), which the
     # command printed as its "one-line" error
-    from qwenvl.data.dataset import ConversationDataset, DatasetError
+    from qwenvl.data.dataset import DatasetError
 
-    data = tmp_path / "data"
-    shutil.copytree(train_data.parent, data)
-    dataset = ConversationDataset(data / "train.json", processor)  # every image decodes now ...
-    (data / "street.jpg").write_bytes(b"\xff\xd8 broken")  # ... and one breaks after the check
-    cfg = make_cfg(tmp_path / "out", data_path=str(data / "train.json"), max_steps=2, num_workers=1)
+    data_path, dataset = broken_after_check
+    cfg = make_cfg(tmp_path / "out", data_path=str(data_path), max_steps=2, num_workers=1)
     with pytest.raises(DatasetError) as e:
         train(cfg, processor=processor, dataset=dataset)
     message = str(e.value)

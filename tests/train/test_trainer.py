@@ -204,17 +204,12 @@ def test_freeze_embedding_freezes_only_the_input_embedding(make_cfg, processor, 
     assert "transformer.wte.weight" in select_trainable(model, cfg.replace(freeze_embedding=False))
 
 
-def test_a_sample_that_stops_decoding_mid_run_is_skipped_and_reported(make_cfg, processor, train_data: Path,
+def test_a_sample_that_stops_decoding_mid_run_is_skipped_and_reported(make_cfg, processor, broken_after_check,
                                                                        tmp_path: Path) -> None:
-    import shutil
+    from qwenvl.data.dataset import DatasetError
 
-    from qwenvl.data.dataset import ConversationDataset, DatasetError
-
-    data = tmp_path / "data"
-    shutil.copytree(train_data.parent, data)
-    dataset = ConversationDataset(data / "train.json", processor)  # every image decodes now ...
-    (data / "street.jpg").write_bytes(b"\xff\xd8 broken")  # ... and one breaks after the check
-    cfg = make_cfg(tmp_path / "out", data_path=str(data / "train.json"), max_steps=2, skip_bad_samples=True)
+    data_path, dataset = broken_after_check
+    cfg = make_cfg(tmp_path / "out", data_path=str(data_path), max_steps=2, skip_bad_samples=True)
     result = train(cfg, processor=processor, dataset=dataset)
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert len(result.bad_samples) == 2 and all("street.jpg" in b for b in result.bad_samples)  # 2 use it
