@@ -27,8 +27,7 @@ import torch.distributed as dist
 
 from ..fileio import error_line
 
-__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "launched_by_torchrun",
-           "setup", "teardown"]
+__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "setup", "teardown"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +41,6 @@ class DistributedError(RuntimeError):
 class ReportedByAnotherRank(DistributedError):
     """This rank stops because another rank failed, and that rank reports the error (``qwenvl finetune`` prints
     nothing more for this one: one line per problem, not one per rank)."""
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 # What only one rank sees (a sample of its slice that fails to load, a file of its own that is missing) is logged
