@@ -132,8 +132,12 @@ def test_commands_say_a_full_disk_in_one_line_and_keep_the_users_files(tmp_path:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1] == f"qwenvl {argv[0]}: error: [Errno 28] No space left on device: '{out / 'answers.jsonl'}'"
-        assert _names(out) == ["answers.jsonl", "notes.txt"]
         assert (out / "answers.jsonl").read_text() == "yesterday's answers"
+        if argv[0] == "predict":  # the answers made are not lost with the output: they are in OUT.partial
+            assert err[-2] == f"the answer is in {out / 'answers.jsonl.partial'} (JSONL, in the prompts' order)"
+            assert [json.loads(line)["prompt"] for line in (out / "answers.jsonl.partial").open()] == ["Hi"]
+            (out / "answers.jsonl.partial").unlink()
+        assert _names(out) == ["answers.jsonl", "notes.txt"]
 
 
 def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path: Path) -> None:

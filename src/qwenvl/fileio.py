@@ -86,6 +86,18 @@ def _no_space(path: Path) -> bool:
     return False
 
 
+# a write that found no room: the disk or the user's quota is full, the file over `ulimit -f`, the disk read-only
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _inside(name: Any, folder: str | os.PathLike[str] | None) -> bool:
+    """Whether ``name`` (an OSError's file name: str, bytes or None) is ``folder`` or a path inside it."""
+    if folder is None or not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    path, root = Path(os.path.abspath(os.fsdecode(name))), Path(os.path.abspath(folder))
+    return path == root or root in path.parents
+
+
 def write_error(e: BaseException, target: str | os.PathLike[str], staging: str | os.PathLike[str] | None = None
                 ) -> OSError | None:
     """``e``, raised while ``target`` was written (through ``staging``, a temporary file or folder), as an OSError
@@ -105,8 +117,10 @@ def write_error(e: BaseException, target: str | os.PathLike[str], staging: str |
         seen.add(id(cause))
         if isinstance(cause, OSError) and cause.errno is not None:
             name = cause.filename
-            path = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
-            if name is None or (staging is not None and path is not None and (path == where or where in path.parents)):
+            # shutil's copies name the source first ("[Errno 28] ...: 'vocab/qwen.tiktoken' -> 'tmp/qwen.tiktoken'"):
+            # a full disk there is the write of the copy into the staging area, not a fault of the source
+            copied_in = cause.errno in _FULL_ERRNOS and _inside(cause.filename2, staging)
+            if name is None or _inside(name, staging) or copied_in:
                 return OSError(cause.errno, cause.strerror or os.strerror(cause.errno), str(target))
             return None
         cause = cause.__cause__ or cause.__context__

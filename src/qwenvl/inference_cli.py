@@ -43,7 +43,7 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """--dtype, --device and --quantize: how a checkpoint is loaded for inference (predict, chat, eval)."""
     p.add_argument("--dtype", choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="compute dtype (default auto: bfloat16 where the device computes it natively - CUDA with "
-                        "bf16, CPUs with AVX512-BF16 or AMX - else float32; the choice is logged)")
+                        "bf16, CPUs with AVX512-BF16, AMX or Arm BF16 - else float32; the choice is logged)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--quantize", choices=["none", "int8"],
                    help="int8: weight-only int8 for the language model's linear layers (1/4 of the fp32 bytes; "
@@ -418,18 +418,30 @@ def run_predict(args: argparse.Namespace) -> int:
                            base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,
                            on_error="record" if args.jsonl else "raise")
     if args.jsonl:
+        from .outputs import PartialRows
+
         preds = []
+        # each row as soon as its batch is answered: printed, or kept in OUTPUT.partial until OUTPUT is written, so
+        # that a full disk (there or at the end), Ctrl-C, a crash or kill -9 loses none of the answers made
+        kept = PartialRows(args.output) if args.output else None
         try:
             for p in answers:
                 preds.append(p)
-                if not args.output:  # each row as soon as its batch is answered
-                    print(_jsonl([p]), end="", flush=True)
-        except KeyboardInterrupt:
-            if args.output and preds:
-                _save_partial(args.output, preds, len(prompts))
+                if kept is None:
+                    _print_row(_jsonl([p]))
+                else:
+                    kept.append(_jsonl([p]))
+            if args.output:
+                atomic_write_text(args.output, _jsonl(preds))
+        except BaseException:
+            answers.close()  # its progress bar ends now, not after the lines below
+            if kept is not None:
+                kept.close()
+                if kept.rows:
+                    print(_kept_note(kept, len(prompts)), file=sys.stderr)
             raise
-        if args.output:
-            atomic_write_text(args.output, _jsonl(preds))
+        if kept is not None:
+            kept.discard()
         failed = sum(p.error is not None for p in preds)
         if failed:  # every other answer is written: a bad row costs only itself
             raise ValueError(f"{failed} of {len(preds)} prompt(s) failed: see the rows with an 'error' field "
@@ -440,17 +452,26 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_partial(output: str, preds: list[Any], total: int) -> None:
-    """On Ctrl-C: the rows answered so far, written atomically next to ``output`` under a name that says they
-    are not the whole run (``OUTPUT.partial``, or ``OUTPUT.partial-2``, ... when that exists: nothing is
-    replaced), and said on stderr."""
-    from .fileio import atomic_write_text
-    from .outputs import partial_path
+def _print_row(text: str) -> None:
+    """A row on stdout, now. A full disk under `> answers.jsonl` is said naming stdout (the OS error names no
+    file); a reader that left (BrokenPipeError) is the CLI's to handle quietly."""
+    try:
+        print(text, end="", flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, "<stdout>") from e
 
-    path = partial_path(output)
-    atomic_write_text(path, _jsonl(preds))
-    print(f"the answers to the first {len(preds)} of {total} prompts are in {path} (JSONL, in the prompts' order)",
-          file=sys.stderr)
+
+def _kept_note(kept: Any, total: int) -> str:
+    """Where the answers of a run that stopped early (Ctrl-C, a full disk, an error) are: one line for stderr."""
+    if kept.rows < total:
+        head = f"the answers to the first {kept.rows} of {total} prompts are"
+    else:
+        head = "the answer is" if total == 1 else f"the answers to all {total} prompts are"
+    return f"{head} in {kept.path} (JSONL, in the prompts' order)"
 
 
 def _check_images_first(prompts: list[Any], policy: Any, per_row: bool) -> None:

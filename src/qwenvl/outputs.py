@@ -57,6 +57,7 @@ __all__ = [
     "LOCK_FILE",
     "MARKER_FILE",
     "OutputDirError",
+    "PartialRows",
     "RunLock",
     "acquire_lock",
     "check_output_file",
@@ -145,6 +146,9 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise OutputDirError(f"the output file {output} cannot be written: {above} is not a folder")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # else found after the run, at its end
+        raise OutputDirError(f"the output file {output} cannot be written: the folder {above} is read-only or not "
+                             "yours to write in")
     if not overwrite and out.is_file():
         raise OutputDirError(f"the output file {output} exists; pass {flag} to replace it")
 
@@ -157,6 +161,63 @@ def partial_path(output: str | os.PathLike[str]) -> Path:
         n += 1
         path = Path(f"{os.fspath(output)}.partial-{n}")
     return path
+
+
+class PartialRows:
+    """Rows of a long run (one JSON line per answer) appended to ``OUTPUT.partial`` (:func:`partial_path`) as
+    they are made, so that what was computed outlives the run: a disk that fills up (at a row, or at the final
+    write of ``OUTPUT``), Ctrl-C, a crash, ``kill -9``. The file is created at the first row; a row that cannot be
+    written whole is cut off again (the file holds whole rows only) and the write error, naming the file, goes
+    on. :meth:`discard` removes the file once ``OUTPUT`` holds every row; a file with no row is never left."""
+
+    def __init__(self, output: str | os.PathLike[str]) -> None:
+        self.output = output
+        self.path: Path | None = None
+        self.rows = 0
+        self._fd = -1
+        self._size = 0  # bytes of whole rows
+
+    def append(self, text: str) -> None:
+        raw = text.encode("utf-8")
+        data = memoryview(raw)
+        try:
+            if self._fd < 0:
+                Path(self.output).parent.mkdir(parents=True, exist_ok=True)  # as the output's own write does
+                self.path = partial_path(self.output)
+                # O_EXCL: an earlier run's file of that name appearing meanwhile is never written over
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            while data:  # a write may be short (the last bytes that fit): the next one says why
+                data = data[os.write(self._fd, data):]
+            self._size += len(raw)  # here: Ctrl-C before these two lines cuts the row, the count stays true
+            self.rows += 1
+        except BaseException as e:  # Ctrl-C between two short writes too: no half row is left
+            name = str(self.path if self.path is not None else self.output)
+            self._cut()
+            if isinstance(e, OSError):
+                raise OSError(e.errno, e.strerror, name) from e
+            raise
+
+    def _cut(self) -> None:
+        """After a failed write: truncate to the whole rows (freeing what the broken one took), or remove a file
+        that has none."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._size)
+        if self.rows == 0:
+            self.discard()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """Remove the file (its rows are in the output now, or there are none)."""
+        self.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 # ---- the marker ----------------------------------------------------------------------------------------
@@ -307,9 +368,14 @@ def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
         me = {"pid": os.getpid(), "host": host, "command": command,
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         data = (json.dumps(me) + "\n").encode("utf-8")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, data, 0) != len(data):  # the bytes that fit: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as e:  # a full disk: said naming the lock file, which goes (the flock is ours)
+            RunLock(path, fd).release()
+            raise OSError(e.errno, e.strerror, str(path)) from None
         return RunLock(path, fd)
     raise OutputDirError(f"could not lock {folder}: its lock file keeps changing; is another run starting there?")
 
@@ -331,7 +397,12 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
         raise OutputDirError(f"the output folder {root} cannot be created: {above} is a file, not a folder")
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(root, command)
+    try:
+        lock = acquire_lock(root, command)
+    except OSError:  # no room for the lock file: a folder made for this run goes again (not when another run
+        if created:  # holds the lock: that run may have made the folder at the same time, and it is its own now)
+            _remove_if_unused(root)
+        raise
     failed, claimed = True, False
     try:
         marker = read_marker(root)
@@ -360,6 +431,8 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
 def _clean_quietly(root: Path) -> None:
     """:func:`clean_temporary` on the way out of a failed run: a failure here must not hide the run's own error
     (the next run in the folder cleans what is left)."""
+    if not root.is_dir():  # removed during the run (the run's error says so): nothing of ours is left to clean
+        return
     try:
         clean_temporary(root)
     except Exception as e:  # noqa: BLE001 - logged, and the run's own error goes on
@@ -440,6 +513,9 @@ def _publish(root: Path, staging: Path, marker: dict[str, Any] | None, command: 
             fault_point("publish.moving")
     for name in stale:
         _remove(root / name)
-    _write_marker(root, kept_command, (ours - set(stale)) | set(new))
+    try:  # the save is complete: a marker still naming the removed files (a full disk here) is harmless
+        _write_marker(root, kept_command, (ours - set(stale)) | set(new))
+    except OSError as e:
+        logger.warning("%s is saved, but its list of files in %s could not be updated: %s", root, MARKER_FILE, e)
     if fsync:
         _fsync_dir(root)
