@@ -660,3 +660,109 @@ def test_flags_take_vllms_dashed_spelling_too(golden_dir, capsys):
         assert cli.main(["predict", "--model", str(golden_dir), "--dtype", "float32", *spelling]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0]
+
+
+# data-convert in a subprocess that prints "paused" in the middle of writing its output (before the file's fsync)
+# and waits there for a signal; ``ignore_hup``: started as ``nohup`` starts it (SIGHUP ignored), it sends itself
+# SIGHUP there and goes on
+_PAUSED_WRITE = """
+import os, signal, sys
+from qwenvl import fileio
+if sys.argv[1] == "ignore_hup":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+real = os.fsync
+def fsync(fd):
+    print("paused", flush=True)
+    if sys.argv[1] == "ignore_hup":
+        os.kill(os.getpid(), signal.SIGHUP)
+    else:  # not a read from the terminal: once it is gone that fails (EIO) before the signal comes
+        signal.pause()
+    real(fd)
+fileio.os.fsync = fsync
+from qwenvl.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _data_convert_args(tmp_path: Path) -> tuple[list[str], Path]:
+    data, out = tmp_path / "llava.json", tmp_path / "out"
+    data.write_text(json.dumps([{"id": "1", "conversations": [{"from": "human", "value": "Hi?"},
+                                                              {"from": "gpt", "value": "Hello."}]}]))
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    return ["data-convert", "--data_path", str(data), "--image_location", str(tmp_path), "--output_path",
+            str(out / "data.json")], out
+
+
+def test_closing_the_terminal_stops_a_command_as_sigterm_does(tmp_path):
+    # the command runs in a terminal (a pty, its controlling terminal) that closes while it writes: the kernel
+    # sends SIGHUP and writes to the terminal fail from then on. It was killed by SIGHUP on the spot (its
+    # temporary file and lock left behind); now it cleans up as for SIGTERM and ends with status 128 + 1
+    import pty
+    import signal
+    import termios
+
+    def controlling_terminal() -> None:  # in the child, a session leader (start_new_session): the pty is its tty
+        import fcntl
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    argv, out = _data_convert_args(tmp_path)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSED_WRITE, "-", *argv], stdin=slave, stdout=slave,
+                                stderr=slave, start_new_session=True, preexec_fn=controlling_terminal, cwd=ROOT)
+    finally:
+        os.close(slave)
+    seen = b""
+    while b"paused" not in seen:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal (it ended before pausing)
+            chunk = b""
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    os.close(master)  # the terminal goes away
+    try:
+        assert proc.wait(timeout=300) == 128 + signal.SIGHUP
+    finally:
+        if proc.poll() is None:  # SIGHUP never came
+            proc.kill()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no temporary file, no lock left
+
+
+def test_a_command_started_with_nohup_outlives_its_terminal(tmp_path):
+    # SIGHUP ignored when the command starts (nohup) stays ignored: the command finishes its work
+    argv, out = _data_convert_args(tmp_path)
+    run = subprocess.run([sys.executable, "-c", _PAUSED_WRITE, "ignore_hup", *argv], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "data.json").read_text())[0]["id"] == "1"
+
+
+def test_a_second_sigterm_does_not_cut_the_cleanup_of_the_first_short(tmp_path):
+    # `scancel` signals every process of the job and torchrun forwards it to its workers: each gets SIGTERM twice.
+    # The second one, arriving while the first one's cleanup deleted the temporary file, raised again there and
+    # left the file behind
+    import signal
+
+    script = ("import os, pathlib, signal, sys\n"
+              "from qwenvl import fileio\n"
+              "stopping = []\n"
+              "def fsync(fd):\n"
+              "    stopping.append(1)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "fileio.os.fsync = fsync\n"
+              "real_unlink = pathlib.Path.unlink\n"
+              "def unlink(self, *args, **kwargs):\n"
+              "    if stopping:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real_unlink(self, *args, **kwargs)\n"
+              "pathlib.Path.unlink = unlink\n"
+              "from qwenvl.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    argv, out = _data_convert_args(tmp_path)
+    run = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no temporary file, no lock left

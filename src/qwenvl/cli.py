@@ -146,9 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _terminate_as_interrupt(args.command in TERM_AS_INTERRUPT):
             result = module.run(args, extra)
             sys.stdout.flush()  # now, not at exit: a reader that left is answered below
-    except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as e:
+        with contextlib.suppress(OSError, ValueError):  # SIGHUP: the terminal it would be said on may be gone
+            print(f"terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -171,31 +172,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(result or 0)
 
 
-# commands that write outputs: SIGTERM (kill, timeout, a batch scheduler's cancel) ends them as Ctrl-C does,
-# cleaning their temporary files and saving what Ctrl-C saves; chat and serve keep their own handling
+# commands that write outputs: SIGTERM (kill, timeout, a batch scheduler's cancel) and SIGHUP (the terminal or ssh
+# session closed) end them as Ctrl-C does, cleaning their temporary files and saving what Ctrl-C saves; chat and
+# serve keep their own handling
 TERM_AS_INTERRUPT = {"predict", "convert", "data-convert", "finetune", "eval", "demo"}
+# the signals raised as Terminated, each ending the command with status 128 + its number (143, 129)
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is: every Ctrl-C path (cleanup, partial results) runs for it too."""
+    """SIGTERM or SIGHUP (``signum``), raised where the process is: every Ctrl-C path (cleanup, partial results)
+    runs for it too."""
 
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextlib.contextmanager
 def _terminate_as_interrupt(enabled: bool) -> Iterator[None]:
-    """While the block runs, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is put
-    back after)."""
+    """While the block runs, the first SIGTERM or SIGHUP raises :class:`Terminated` and later ones are ignored
+    (main thread only; the previous handlers are put back after). One ignored when we start stays ignored:
+    ``nohup qwenvl finetune ...`` goes on when its terminal closes. A save holds them until it is complete
+    (:func:`qwenvl.train.state.signals_held`)."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    stopping: list[int] = []
+    sigchld = getattr(signal, "SIGCHLD", None)
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        # once: a second one (a launcher forwarding the SIGTERM its whole job got, a hangup after a kill) would
+        # cut short the cleanup the first one started (temporary files left behind)
+        if stopping:
+            return
+        stopping.append(signum)
+        # a signal to the whole process group (a scheduler's cancel, a closed terminal) ends torch's DataLoader
+        # workers too, and torch's SIGCHLD handler then raised "DataLoader worker (pid N) is killed by signal"
+        # in the middle of this stop's cleanup, or printed it at exit: their end is part of the stop. Not put
+        # back: the loader is freed at exit. (torch still finds a dead worker without it, by polling.)
+        if sigchld is not None and callable(signal.getsignal(sigchld)):
+            signal.signal(sigchld, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = {signum: signal.signal(signum, raise_terminated) for signum in TERMINATING_SIGNALS
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

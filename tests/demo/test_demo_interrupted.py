@@ -39,3 +39,36 @@ def test_a_report_the_demo_did_not_write_is_left_alone(tmp_path: Path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         demo_run.run_demo(tmp_path, steps=1, overwrite=True)
     assert (tmp_path / "report.md").read_text() == "the user's report"
+
+
+def test_the_terminal_closing_while_the_demo_saves_its_model_stops_it_after_the_save(tmp_path: Path) -> None:
+    # SIGHUP to the process group (the terminal closed) while the trained model's files are being moved into
+    # model/: it was killed on the spot (model/ without config.json, the lock left); now the model is saved
+    # whole, then the demo stops as for SIGTERM (status 129) without writing a report
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys\n"
+              "from qwenvl import outputs\n"
+              "real = outputs.fault_point\n"
+              "def paused(name):\n"
+              "    if name == 'publish.moving':\n"
+              "        print('paused', flush=True)\n"
+              "        sys.stdin.readline()\n"
+              "    real(name)\n"
+              "outputs.fault_point = paused\n"
+              "from qwenvl.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "demo_out"
+    argv = [sys.executable, "-c", script, "demo", "--steps", "2", "--output_dir", str(out), "--threads", "1"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline() == "paused\n"
+    os.killpg(proc.pid, signal.SIGHUP)
+    _, err = proc.communicate("go\n", timeout=600)
+    assert proc.returncode == 128 + signal.SIGHUP, err[-3000:]
+    assert err.strip().splitlines()[-1] == "terminated (SIGHUP)" and "Traceback" not in err
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert not (out / "report.md").exists() and not (out / ".qwenvl-lock").exists()

@@ -38,7 +38,7 @@ from ..config import QwenVLConfig
 from ..fileio import atomic_dir, error_line, fault_point, write_error
 from ..outputs import record_files
 from .distributed import RANK_LOGGER, DistEnv
-from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state
+from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state, signals_held
 
 __all__ = ["consolidate", "is_sharded_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -93,15 +93,15 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {error_line(e)}" if str(e).strip() else type(e).__name__
 
 
-def _interrupted(e: BaseException) -> type[KeyboardInterrupt] | None:
-    """The interrupt (Ctrl-C, or SIGTERM as the CLI raises it) that caused ``e``, if one did: DCP wraps what each
-    rank raised, KeyboardInterrupt included, and torch.save hit by one fails on its way out with an error of its
-    own."""
+def _interrupted(e: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt (Ctrl-C, or SIGTERM and SIGHUP as the CLI raises them) that caused ``e``, if one did: DCP wraps
+    what each rank raised, KeyboardInterrupt included, and torch.save hit by one fails on its way out with an error
+    of its own. Returned as raised (the CLI's names its signal), without the traceback through DCP."""
     failures = getattr(e, "failures", None)
     for cause in [f[0] for f in failures.values()] if isinstance(failures, dict) else [e]:
         while cause is not None:
             if isinstance(cause, KeyboardInterrupt):
-                return type(cause)
+                return cause.with_traceback(None)
             cause = cause.__cause__ or cause.__context__
     return None
 
@@ -178,9 +178,10 @@ def save_checkpoint(
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``path`` (module docstring). ``trained_only``: leave frozen parameters out (LoRA). ``write_extra(folder)``
-    runs on every rank (it may gather) after the shards are written."""
+    runs on every rank (it may gather) after the shards are written. Ctrl-C, SIGTERM and SIGHUP wait until the
+    folder is in place (:func:`~qwenvl.train.state.signals_held`)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trained_only))
-    with _shared_staging(path, env) as tmp:
+    with signals_held(path.name), _shared_staging(path, env) as tmp:
         torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
         # collective: when it returns every rank's shards (and its RNG file, written before) are on disk
         try:
@@ -267,6 +268,7 @@ def consolidate(
     _load({"model": state}, src, no_dist=True)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    out = save_pretrained(state, config, out_dir, max_shard_size=max_shard_size)
+    with signals_held(f"the consolidated model {out_dir}"):  # its files are moved in one by one
+        out = save_pretrained(state, config, out_dir, max_shard_size=max_shard_size)
     logger.info("consolidated %s -> %s", src, out)
     return out

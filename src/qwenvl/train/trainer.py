@@ -71,6 +71,7 @@ from .state import (
     prune_checkpoints,
     read_state,
     saved_config,
+    signals_held,
 )
 
 __all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "global_batch_size", "part_of", "select_trainable",
@@ -847,6 +848,12 @@ def _write_adapter(run: _Run, folder: Path) -> Path:
 
 
 def _save_final(run: _Run) -> Path:
+    # several files, moved in one by one (config.json last): Ctrl-C, SIGTERM and SIGHUP wait until they all are
+    with signals_held("the final model"):
+        return _write_final(run)
+
+
+def _write_final(run: _Run) -> Path:
     out = Path(run.cfg.output_dir)
     if run.env.is_main:
         out.mkdir(parents=True, exist_ok=True)
