@@ -278,6 +278,54 @@ def test_an_error_every_rank_meets_is_said_once(setup, tmp_path: Path, case: str
     assert len(errors) == 1 and want in errors[0], log[-4000:]
 
 
+_RANK_1_FAILS = """
+import os, sys
+import torch
+from qwenvl.checkpoint import CheckpointError
+from qwenvl.cli import main
+from qwenvl.model import QwenVL
+from qwenvl.train import load_sharded
+
+def truncated(file, *args):  # the file as rank 1 sees it (its node's copy, say)
+    raise CheckpointError(f"{file} is truncated: 0 of 4096 bytes read")
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+if os.environ["RANK"] == "1":
+    if sys.argv[1] == "rows":
+        load_sharded._read_rows = truncated
+    else:
+        QwenVL.forward = out_of_memory
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("fault", "want"), [
+    ("rows", "rank 1 of 2: {base}/model.safetensors is truncated: 0 of 4096 bytes read"),
+    ("memory", "rank 1 of 2: CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_a_failure_of_one_rank_is_one_line_naming_that_rank(setup, tmp_path: Path, fault: str, want: str) -> None:
+    """Only rank 1 fails: it cannot read its rows of the weights (as loading, every rank then learns of it), or it
+    runs out of memory in the first step (while rank 0 waits in a collective). One line for the job, naming rank
+    1 and the cause, and every rank exits. (Rank 1 said its error without its rank, or as a traceback, and rank 0
+    "error: rank 0 of 2: lost the other ranks ... Connection closed by peer": the only line that named a rank was
+    about the wrong one, as is torchrun's summary when rank 0 exits first.)"""
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(_RANK_1_FAILS)
+    cmd = _command(setup, tmp_path / "out", _standalone(2), dist_timeout=60)
+    at = cmd.index("-m", cmd.index("--monitor_interval"))
+    cmd[at:at + 2] = [str(script), fault]  # the script runs `qwenvl finetune` with the same flags
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert len(errors) == 1, log[-4000:]
+    assert errors[0].endswith(f"qwenvl finetune: error: {want.format(base=setup['base'])}"), errors
+    assert "[rank0]" not in log and "[rank1]" not in log  # no rank's traceback
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 # ---- the Python API under torchrun -----------------------------------------------------------------------------
 _API_SCRIPT = """
 import gc, sys

@@ -1,6 +1,7 @@
 """One line, said once: a sample that breaks in a DataLoader worker, odd torchrun variables, a rendezvous that
-fails, a LOCAL_RANK beyond the node's GPUs, and the command-line errors every process of a node meets alike.
-(The 2-process runs that check "once per job" are in test_distributed.py.)"""
+fails, a LOCAL_RANK beyond the node's GPUs, the command-line errors every process of a node meets alike, and
+an error one rank alone meets, which names that rank. (The 2-process runs that check "once per job" are in
+test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwenvl.checkpoint import CheckpointError
 from qwenvl.train import distributed, train
-from qwenvl.train.distributed import DistributedError
+from qwenvl.train.distributed import DistEnv, DistributedError, ReportedByAnotherRank
 
 _LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
            "TORCHELASTIC_USE_AGENT_STORE")
@@ -117,3 +119,88 @@ def test_usage_errors_are_said_by_one_process_per_node(launch_env, capsys) -> No
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("error:") == 1 and err.startswith("usage: qwenvl"), (argv, err)
+
+
+# ---- what one rank alone meets (the other ranks' view is simulated: gather returns what they said) ------------
+def _rank(rank: int, said_by_others: dict[int, str | None], world: int = 2) -> DistEnv:
+    """Rank ``rank`` of ``world`` whose collectives are answered with what the other ranks said."""
+    env = DistEnv(rank, world, rank, torch.device("cpu"), mesh=object())
+    env.gather = lambda obj: [obj if r == rank else said_by_others.get(r)  # type: ignore[method-assign]
+                              for r in range(world)]
+    return env
+
+
+def _fails(error: Exception):
+    def fn() -> None:
+        raise error
+
+    return fn
+
+
+def test_an_error_one_rank_alone_meets_names_that_rank() -> None:
+    # agree() re-raised the failing rank's error as it was: "error: /ckpt/model.safetensors is truncated", said by
+    # one process of the job, with torchrun's summary often naming another rank as the first to fail
+    truncated = CheckpointError("/ckpt/model.safetensors is truncated: 0 of 100 bytes read")
+    with pytest.raises(CheckpointError, match=r"^rank 1 of 2: /ckpt/model.safetensors is truncated") as e:
+        _rank(1, {0: None}).agree(_fails(truncated))
+    assert e.value.__cause__ is truncated  # the original, with its traceback
+    denied = PermissionError(13, "Permission denied", "/ckpt/x")
+    with pytest.raises(PermissionError, match=r"^ranks 1, 2 of 4: \[Errno 13\] Permission denied: '/ckpt/x'"):
+        _rank(1, {2: "PermissionError: [Errno 13] Permission denied: '/ckpt/x'"}, world=4).agree(_fails(denied))
+    # the others stop without a word of their own (the CLI prints nothing for them), naming rank 1 and its cause
+    with pytest.raises(ReportedByAnotherRank, match=r"rank 0 of 2: stopped because rank 1 failed \(CheckpointError: "
+                                                    r"/ckpt/model.safetensors is truncated"):
+        _rank(0, {1: "CheckpointError: /ckpt/model.safetensors is truncated: 0 of 100 bytes read"}).agree(lambda: 3)
+    # what every rank meets alike is said once, as it is (no rank: it is not about one)
+    line = "CheckpointError: no model.safetensors in /ckpt"
+    with pytest.raises(CheckpointError, match=r"^no model.safetensors in /ckpt$"):
+        _rank(0, {1: line}).agree(_fails(CheckpointError("no model.safetensors in /ckpt")))
+    assert _rank(1, {0: None}).agree(lambda: 3) == 3
+
+
+def test_an_error_that_cannot_carry_the_rank_is_a_distributed_error() -> None:
+    undecodable = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")  # made from 5 arguments
+    with pytest.raises(DistributedError, match=r"^rank 1 of 2: UnicodeDecodeError: 'utf-8' codec can't decode"):
+        _rank(1, {0: None}).agree(_fails(undecodable))
+
+
+def test_non_finite_rows_of_any_rank_are_one_error_said_by_rank_0() -> None:
+    # every rank raised its own "holds NaN or infinite values ...": rank 1 with its finds, rank 0 with "found by
+    # other ranks" and nothing else (which rank, which tensor)
+    from qwenvl.train.load_sharded import _raise_if_non_finite
+
+    found = [[], ["transformer.h.0.mlp.w1.weight (rows 32..64): 1 of 2048 values (1 NaN)"]]
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor shard\(s\) .*: rank 1: "
+                                              r"transformer.h.0.mlp.w1.weight \(rows 32..64\)") as e:
+        _raise_if_non_finite(_rank(0, {}), found, "/ckpt")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ReportedByAnotherRank, match="rank 1 of 2: stopped because rank 0 failed"):
+        _raise_if_non_finite(_rank(1, {}), found, "/ckpt")
+    _raise_if_non_finite(_rank(1, {}), [[], []], "/ckpt")
+
+
+def test_a_rank_that_fails_alone_leaves_word_for_the_others(launch_env) -> None:
+    # a sample that fails to load on rank 1 mid-run (or its out of memory error) was said by rank 1 without its rank,
+    # and rank 0, whose collective failed when rank 1 left, said "rank 0 of 2: lost the other ranks ... Connection
+    # closed by peer" too: two lines, the only one with a rank naming the wrong one
+    from qwenvl.data.dataset import DatasetError
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+    ranks = [_rank(0, {}), _rank(1, {})]
+    with pytest.raises(DatasetError) as e:
+        try:
+            raise DatasetError("cannot read image a.png: Permission denied")
+        finally:
+            distributed.teardown(ranks[1])
+    assert distributed.failed_on(e.value) == "rank 1 of 2" and not distributed.said_by_another_rank(e.value)
+    with pytest.raises(ReportedByAnotherRank, match=r"^rank 0 of 2: stopped because rank 1 failed \(DatasetError: "
+                                                    r"cannot read image a.png: Permission denied\)$"):
+        raise ranks[0].lost(RuntimeError("Connection closed by peer"))
+    # a collective that raises rank 1's failure on every rank (DCP's save): the ranks that leave word later are quiet
+    with pytest.raises(DatasetError) as e:
+        try:
+            raise DatasetError("cannot read image a.png: Permission denied")
+        finally:
+            distributed.teardown(ranks[0])
+    assert distributed.said_by_another_rank(e.value) and distributed.failed_on(e.value) is None

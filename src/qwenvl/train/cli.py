@@ -139,16 +139,39 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         if said_by_another_process():
             return 2
         raise
-    from .distributed import RANK_LOGGER, DistributedError, ReportedByAnotherRank
+    import torch
+
+    from ..fileio import error_line
+    from .distributed import (
+        RANK_LOGGER,
+        DistributedError,
+        ReportedByAnotherRank,
+        failed_on,
+        said_by_another_rank,
+        word_of_another_rank,
+    )
     from .trainer import train  # torch: after every check that does not need it
 
     try:
         result = train(cfg)
     except ReportedByAnotherRank:  # the rank that failed says why: one line per problem, not one per rank
         return 2
+    except KeyboardInterrupt:  # torchrun stops the other ranks (SIGTERM) when one fails: that one says why
+        if word_of_another_rank() is not None:
+            return 2
+        raise
     except DistributedError as e:  # another rank died or hung: one line naming this rank, not a traceback
         print(f"qwenvl finetune: error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError, torch.cuda.OutOfMemoryError) as e:
+        if said_by_another_rank(e):  # under torchrun: the same error, which a rank that met it first says
+            return 1 if isinstance(e, RuntimeError) else 2
+        rank = failed_on(e)  # under torchrun, one that not every rank has learnt of: the one line names the rank
+        if rank is None:
+            raise
+        print(f"qwenvl finetune: error: {rank}: {error_line(e) if isinstance(e, RuntimeError) else e}",
+              file=sys.stderr)
+        return 1 if isinstance(e, RuntimeError) else 2
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     logger.info("finished %d steps: last loss %s, %.0f tokens/s; model saved to %s", result.steps, last,
                 result.tokens_per_second, result.final_path)

@@ -8,16 +8,20 @@ group at all (:meth:`DistEnv.single`); every helper here is then a no-op or the 
 
 A rank that dies or hangs makes the others fail within ``dist_timeout`` instead of waiting forever; the
 error they raise (:class:`DistributedError`) names their own rank, and torchrun's summary names the rank that
-failed first. With ``torchrun --max_restarts K`` the whole group is restarted and ``resume_training: auto``
-continues from the newest complete checkpoint.
+failed first. A rank that fails with an error of its own (a file it alone cannot read, out of memory) says it
+as one line naming itself (``rank 1 of 2: ...``) and leaves word of it in torchrun's store (:func:`teardown`):
+the others stop as :class:`ReportedByAnotherRank`, without a line of their own. With ``torchrun --max_restarts
+K`` the whole group is restarted and ``resume_training: auto`` continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,11 +31,13 @@ import torch.distributed as dist
 
 from ..fileio import error_line
 
-__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "setup", "teardown"]
+__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "failed_on", "said_by_another_rank",
+           "setup", "teardown", "told_every_rank", "word_of_another_rank"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 class DistributedError(RuntimeError):
@@ -46,6 +52,11 @@ class ReportedByAnotherRank(DistributedError):
 # What only one rank sees (a sample of its slice that fails to load, a file of its own that is missing) is logged
 # here, and heard from every rank; everything else is said by rank 0 alone (setup() quiets the others).
 RANK_LOGGER = "qwenvl.ranks"
+
+# dist_timeout of the group setup() joined, for the DistEnvs of helpers given none (DistEnv.of_mesh); how many
+# times setup() ran in this process (every rank alike: the runs of one launch leave word apart, see teardown)
+_timeout_s = 0.0
+_runs = 0
 
 
 def _launch_vars() -> tuple[int, int, int] | None:
@@ -89,6 +100,13 @@ class DistEnv:
     def single(cls, device: torch.device) -> DistEnv:
         return cls(0, 1, 0, device)
 
+    @classmethod
+    def of_mesh(cls, mesh: Any, device: torch.device) -> DistEnv:
+        """The place in the job of a helper that is given a model sharded over ``mesh`` (all ranks) but no DistEnv
+        (:mod:`~qwenvl.train.load_sharded`): the caller set up the process group."""
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device, mesh,
+                   timeout_s=_timeout_s)
+
     @property
     def distributed(self) -> bool:
         return self.mesh is not None
@@ -117,10 +135,20 @@ class DistEnv:
         self._collective(dist.broadcast_object_list, box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), by rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._collective(dist.all_gather_object, out, obj)
+        return out
+
     def agree(self, fn: Callable[[], T]) -> T:
         """``fn()`` on every rank (it must run no collective); when it fails on any rank, every rank stops. The
         lowest rank that met an error re-raises it, the ranks with the same error or none raise
-        :class:`ReportedByAnotherRank`: what every rank reads alike (the data, the checkpoint) is said once."""
+        :class:`ReportedByAnotherRank`: what every rank reads alike (the data, the checkpoint) is said once. An
+        error that not every rank met (a file only one node cannot read) names the rank(s) that met it: the
+        other ranks stop without a word, and torchrun's summary may name one of them as the first to fail."""
         if not self.distributed:
             return fn()
         error: Exception | None = None
@@ -128,13 +156,14 @@ class DistEnv:
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has learnt of it
             error, result = e, None
-        said: list[str | None] = [None] * self.world_size
-        self._collective(dist.all_gather_object, said, None if error is None else f"{type(error).__name__}: "
-                         f"{error_line(error)}")
+        said = self.gather(None if error is None else f"{type(error).__name__}: {error_line(error)}")
         if not any(said):
             return result  # type: ignore[return-value]
         if error is not None and said.index(said[self.rank]) == self.rank:
-            raise error
+            alike = [r for r, line in enumerate(said) if line == said[self.rank]]
+            if len(alike) < self.world_size:
+                raise told_every_rank(_on_ranks(error, alike, self.world_size)) from error
+            raise told_every_rank(error)
         first = next(r for r, line in enumerate(said) if line)
         raise ReportedByAnotherRank(f"rank {self.rank} of {self.world_size}: stopped because rank {first} failed "
                                     f"({said[first]})")
@@ -146,13 +175,32 @@ class DistEnv:
             raise self.lost(e) from e
 
     def lost(self, error: BaseException) -> DistributedError:
-        """The error to raise when a collective failed: names this rank, the timeout and the cause."""
+        """The error to raise when a collective failed: :class:`ReportedByAnotherRank` when another rank failed
+        and left word of why (:func:`teardown`), else one naming this rank, the timeout and the cause."""
+        word = word_of_another_rank(self.rank) if self.distributed else None
+        if word is not None:
+            return ReportedByAnotherRank(f"rank {self.rank} of {self.world_size}: stopped because rank {word[0]} "
+                                         f"failed ({word[1]})")
         first = error_line(error)
+        limit = f"dist_timeout={self.timeout_s:g} s" if self.timeout_s else "dist_timeout"
         return DistributedError(
-            f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, hung for more than "
-            f"dist_timeout={self.timeout_s:g} s, or the network failed; torchrun's summary names the rank that "
-            f"failed first): {first}"
+            f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, hung for more than {limit}, or "
+            f"the network failed; torchrun's summary names the rank that failed first): {first}"
         )
+
+
+def _on_ranks(error: Exception, ranks: list[int], world: int) -> Exception:
+    """``error`` with its message prefixed by the rank(s) that met it (``rank 1 of 2: ...``), of the same type when
+    that type is made from a message (callers catch CheckpointError, OSError, ...), else a DistributedError."""
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    text = f"{who} of {world}: {error}"
+    try:
+        named = type(error)(text)
+    except Exception:  # noqa: BLE001 - a type with another signature: said as a DistributedError
+        named = None
+    if named is None or str(named) != text:
+        return DistributedError(f"{who} of {world}: {type(error).__name__}: {error_line(error)}")
+    return named
 
 
 def _device_for(name: str, local_rank: int, launched: bool = False) -> torch.device:
@@ -227,13 +275,102 @@ def setup(device_name: str, timeout_s: float, use_parallel: bool = False) -> Dis
         logging.getLogger("qwenvl").setLevel(logging.ERROR)
         logging.getLogger(RANK_LOGGER).setLevel(logging.WARNING)
     logger.info("rank %d of %d (local rank %d) on %s, dist_timeout %g s", rank, world, local_rank, device, timeout_s)
+    global _timeout_s, _runs
+    _timeout_s, _runs = timeout_s, _runs + 1
     return DistEnv(rank, world, local_rank, device, mesh, owns, timeout_s)
 
 
 def teardown(env: DistEnv) -> None:
     """Destroy the process group we created, then collect the garbage that still refers to it (a sharded
-    model's hooks form reference cycles): its threads must stop while the interpreter is fully alive."""
+    model's hooks form reference cycles): its threads must stop while the interpreter is fully alive.
+
+    Called while an error that not every rank has learnt of is on its way out (``finally``), it first leaves word
+    of it in torchrun's store: the other ranks, whose collectives fail when this rank's connections close, then
+    stop as :class:`ReportedByAnotherRank` instead of each saying "lost the other ranks". The first rank to leave
+    word says it (:func:`failed_on` names the rank: ``qwenvl finetune`` prints ``rank 1 of 2: ...``); a rank
+    that met the same error later stays quiet (a collective can raise one rank's failure on every rank)."""
+    failure = sys.exc_info()[1]
+    if env.distributed and isinstance(failure, Exception) and not isinstance(failure, DistributedError) \
+            and not getattr(failure, _TOLD, False):
+        line = f"{type(failure).__name__}: {error_line(failure)}"
+        first = _leave_word(env, line)
+        if first is not None and first != (env.rank, line) and first[1] == line:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(failure, _SAID_BY, first[0])  # the rank that was first says it
+        else:
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(failure, _RANK, f"rank {env.rank} of {env.world_size}")
     if env.owns_group and dist.is_initialized():
         env.mesh = None
         dist.destroy_process_group()
         gc.collect()
+
+
+# attributes of an error on its way out: every rank has learnt of it (agree); "rank R of N", the rank that says it
+# for the job (teardown); the other rank that says it (teardown: the same error met by several ranks)
+_TOLD, _RANK, _SAID_BY = "_qwenvl_told_every_rank", "_qwenvl_failed_on", "_qwenvl_said_by"
+
+
+def told_every_rank(error: E) -> E:
+    """``error``, marked as one that every rank has learnt of (by :meth:`DistEnv.agree`, or a verdict rank 0
+    broadcast): :func:`teardown` leaves no word of it, and it is said as it is."""
+    with contextlib.suppress(AttributeError, TypeError):  # an exception type that takes no attributes
+        setattr(error, _TOLD, True)
+    return error
+
+
+def failed_on(error: BaseException) -> str | None:
+    """``"rank R of N"`` when ``error`` is one that rank R met and says for the job (see :func:`teardown`)."""
+    return getattr(error, _RANK, None)
+
+
+def said_by_another_rank(error: BaseException) -> bool:
+    """Whether another rank that met ``error`` too says it for the job (see :func:`teardown`)."""
+    return getattr(error, _SAID_BY, None) is not None
+
+
+def _word_store() -> Any:
+    """A client of the launch's store (torchrun's, at MASTER_ADDR:MASTER_PORT), where the first rank that fails
+    leaves word of why for the others; None without one (a process group made another way) or when it is gone."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if not addr or not port.isdigit():
+        return None
+    try:
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=5))
+    except (dist.DistError, RuntimeError, ValueError):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"qwenvl/failed/attempt-{attempt}/run-{_runs}", store)
+
+
+def _leave_word(env: DistEnv, line: str) -> tuple[int, str] | None:
+    """Leave (this rank, ``line``) as the job's failure unless a rank did first; return the word there (None
+    without a store)."""
+    store = _word_store()
+    if store is None:
+        return None
+    try:
+        first = store.compare_set("first", "", f"{env.rank}\t{line}").decode("utf-8", "replace")
+    except (dist.DistError, RuntimeError):  # gone: the others say they lost this rank
+        return None
+    rank, _, said = first.partition("\t")
+    return int(rank), said
+
+
+def word_of_another_rank(rank: int | None = None) -> tuple[int, str] | None:
+    """(rank, why) of the rank other than ``rank`` (default: this process's RANK) that failed first in this
+    launch and left word of it (:func:`teardown`), if one did."""
+    if rank is None:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or not os.environ["RANK"].isdigit():
+            return None
+        rank = int(os.environ["RANK"])
+    store = _word_store()
+    if store is None:
+        return None
+    try:
+        if not store.check(["first"]):
+            return None
+        first, _, said = store.get("first").decode("utf-8", "replace").partition("\t")
+    except (dist.DistError, RuntimeError):
+        return None
+    return (int(first), said) if int(first) != rank else None

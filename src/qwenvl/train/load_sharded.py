@@ -12,9 +12,11 @@ with ``torch.load(mmap=True)`` and sliced.
 Checking is as strict as :func:`qwenvl.checkpoint.load_weights`: every key and every shape, all problems in
 one :class:`~qwenvl.checkpoint.CheckpointError` before anything is read; ``config.json`` against the settings the
 weights were saved with (:func:`qwenvl.checkpoint.check_config`); and, as the rows are read, no NaN or infinity
-(each rank checks its rows, and every rank raises when any rank found one). Parameters that LoRA adds
-(``lora_A``/``lora_B``) are not in the checkpoint and are initialized here, identically on every rank;
-LoRA-wrapped layers keep their weights under ``.base_layer.``, which is mapped back to the official names.
+(each rank checks its rows; rank 0 names every rank's finds). Under a process group a failure on any rank stops
+every rank, and one that a rank alone meets (its rows truncated or unreadable on its node) names that rank.
+Parameters that LoRA adds (``lora_A``/``lora_B``) are not in the checkpoint and are initialized here, identically
+on every rank; LoRA-wrapped layers keep their weights under ``.base_layer.``, which is mapped back to the official
+names.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -39,6 +41,8 @@ from ..checkpoint import (
     check_config,
     load_state_dict,
 )
+from ..fileio import error_line
+from .distributed import DistEnv, ReportedByAnotherRank
 
 __all__ = ["init_lora_parameters", "load_sharded_weights", "local_rows"]
 
@@ -121,14 +125,44 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
     """Fill the (sharded, ``to_empty``-allocated) parameters of ``model`` from ``ckpt_dir``; return ``model``.
 
     Stored floating tensors are cast to the parameters' dtype. LoRA parameters are left to
-    :func:`init_lora_parameters`.
+    :func:`init_lora_parameters`. Under a process group every rank stops when any rank fails: a problem every
+    rank meets (a missing key, a config.json that does not match) is said once, one that a rank alone meets
+    (its rows truncated or unreadable on its node) names that rank (:meth:`DistEnv.agree`).
     """
-    files, _weight_map = _locate(ckpt_dir)
-    if hasattr(model, "config"):
-        check_config(model.config, ckpt_dir)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     wanted = {_official_name(n): t for n, t in tensors.items() if not _is_lora(n)}
+    env = _env_of(wanted.values())
+
+    def read() -> list[str]:
+        files, _weight_map = _locate(ckpt_dir)
+        if hasattr(model, "config"):
+            check_config(model.config, ckpt_dir)
+        _read_local_rows(wanted, files, ckpt_dir)
+        non_finite = []
+        for name, t in wanted.items():  # each rank checks the rows it holds
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if not _all_finite(local):
+                start, stop = local_rows(t)
+                non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
+        return non_finite
+
+    _raise_if_non_finite(env, env.gather(env.agree(read)), ckpt_dir)
+    logger.info("loaded %s: %d tensors, this rank's rows only", ckpt_dir, len(wanted))
+    return model
+
+
+def _env_of(tensors: Iterable[torch.Tensor]) -> DistEnv:
+    """The job of the ranks that hold shards of ``tensors`` (one process when none is a DTensor: every process
+    then reads all rows, and none waits for another)."""
+    t = next((t for t in tensors if isinstance(t, DTensor)), None)
+    if t is None:
+        return DistEnv.single(torch.device("cpu"))
+    return DistEnv.of_mesh(t.device_mesh, t.to_local().device)
+
+
+def _read_local_rows(wanted: dict[str, torch.Tensor], files: list[Path], ckpt_dir: str | Path) -> None:
+    """Check the stored keys and shapes against ``wanted`` (strictly), then fill this rank's rows of each."""
     if all(f.suffix == ".safetensors" for f in files):
         where, shapes = _safetensors_index(files)
         _check_against_model(wanted, shapes, ckpt_dir, strict=True)
@@ -136,55 +170,50 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
             file, data_start, info = where[name]
             start, stop = local_rows(t)
             _read_rows(file, data_start, info, start, stop, t.to_local() if isinstance(t, DTensor) else t)
-    else:  # .bin: mapped (torch.load mmap=True), then sliced
-        found = load_state_dict(ckpt_dir)
-        _check_against_model(wanted, found, ckpt_dir, strict=True)
-        for name, t in wanted.items():
-            start, stop = local_rows(t)
-            local = t.to_local() if isinstance(t, DTensor) else t
-            local.copy_(found.pop(name)[start:stop] if t.dim() else found.pop(name))
-        del found
-    non_finite = []
-    for name, t in wanted.items():  # each rank checks the rows it holds
+        return
+    found = load_state_dict(ckpt_dir)  # .bin: mapped (torch.load mmap=True), then sliced
+    _check_against_model(wanted, found, ckpt_dir, strict=True)
+    for name, t in wanted.items():
+        start, stop = local_rows(t)
         local = t.to_local() if isinstance(t, DTensor) else t
-        if not _all_finite(local):
-            start, stop = local_rows(t)
-            non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
-    _raise_if_non_finite(non_finite, ckpt_dir, next(iter(wanted.values()), None))
-    logger.info("loaded %s: %d tensors, this rank's rows only", ckpt_dir, len(wanted))
-    return model
+        local.copy_(found.pop(name)[start:stop] if t.dim() else found.pop(name))
 
 
-def _raise_if_non_finite(non_finite: list[str], ckpt_dir: str | Path, like: torch.Tensor | None) -> None:
-    """Raise on every rank when any rank read a NaN/inf (one all-reduce of a count), naming this rank's finds."""
-    bad = len(non_finite)
-    if dist.is_available() and dist.is_initialized():
-        device = like.device if like is not None and like.device.type != "meta" else "cpu"
-        count = torch.tensor([bad], dtype=torch.int64, device=device)
-        dist.all_reduce(count)
-        bad = int(count.item())
-    if bad:
-        raise CheckpointError(_format_problems(
-            f"checkpoint {ckpt_dir} holds NaN or infinite values in {bad} tensor shard(s) (a corrupt file, or a "
-            "training run that diverged)" + ("; this rank's:" if non_finite else "; found by other ranks"), non_finite))
+def _raise_if_non_finite(env: DistEnv, found: list[list[str]], ckpt_dir: str | Path) -> None:
+    """Every rank's NaN/inf finds (``found[rank]``) in one error, said by rank 0 (the other ranks stop too)."""
+    problems = [f"rank {r}: {p}" if env.distributed else p for r, finds in enumerate(found) for p in finds]
+    if not problems:
+        return
+    error = CheckpointError(_format_problems(
+        f"checkpoint {ckpt_dir} holds NaN or infinite values in {len(problems)} tensor shard(s) (a corrupt file, or "
+        "a training run that diverged):", problems))
+    if env.is_main:
+        raise error
+    raise ReportedByAnotherRank(f"rank {env.rank} of {env.world_size}: stopped because rank 0 failed "
+                                f"({error_line(error)})")
 
 
 @torch.no_grad()
 def init_lora_parameters(model: nn.Module, seed: int) -> int:
     """Initialize LoRA's parameters as peft does (``lora_A`` Kaiming-uniform with a = sqrt(5), ``lora_B``
     zeros), each from its own generator, so every rank computes the same full tensor and keeps its rows.
-    Returns how many were initialized."""
-    n = 0
-    for i, (name, p) in enumerate(model.named_parameters()):
-        if not _is_lora(name):
-            continue
-        full = torch.zeros(p.shape, dtype=torch.float32)
-        if ".lora_A." in name:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            bound = 1.0 / math.sqrt(full.shape[1])  # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound 1/sqrt(fan_in)
-            full.uniform_(-bound, bound, generator=g)
-        start, stop = local_rows(p)
-        local = p.to_local() if isinstance(p, DTensor) else p
-        local.copy_(full[start:stop])
-        n += 1
-    return n
+    Returns how many were initialized. When it fails on any rank, every rank stops (:meth:`DistEnv.agree`)."""
+    params = list(model.named_parameters())
+
+    def init() -> int:
+        n = 0
+        for i, (name, p) in enumerate(params):
+            if not _is_lora(name):
+                continue
+            full = torch.zeros(p.shape, dtype=torch.float32)
+            if ".lora_A." in name:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                bound = 1.0 / math.sqrt(full.shape[1])  # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), 1/sqrt(fan_in)
+                full.uniform_(-bound, bound, generator=g)
+            start, stop = local_rows(p)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local.copy_(full[start:stop])
+            n += 1
+        return n
+
+    return _env_of(p for _n, p in params).agree(init)

@@ -280,7 +280,7 @@ def _hold_output_dir(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
                 failure = e
         verdict = env.broadcast(None if failure is None else str(failure))
         if failure is not None:
-            raise failure
+            raise distributed.told_every_rank(failure)
         if verdict is not None:  # rank 0 reports it
             raise distributed.ReportedByAnotherRank(f"rank {env.rank} of {env.world_size}: stopped because rank 0 "
                                                     f"failed ({verdict})")
