@@ -28,7 +28,7 @@ folder: relative paths resolve there and, unless ``allow_any_local_path=True``, 
   blank); optional ``question_id`` (a number or a string, unique).
 - captioning: ``{"image": "...", "captions": ["...", ...]}`` (none blank) with an optional unique ``id``, or
   the COCO-style JSON that Qwen-VL's caption eval reads (``{"images": [{"id", "image"|"file_name"}],
-  "annotations": [{"image_id", "caption"}]}``).
+  "annotations": [{"image_id", "caption"}]}``; a ``.json`` file that holds JSON Lines is read as such).
 
 Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts), so the runners can be
 driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
@@ -520,8 +520,20 @@ class CaptionRecord:
     where: str = ""
 
 
-def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    data = read_json(path, EvalDataError)
+def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]] | None:
+    """The entries of a COCO-style caption file, or None when the ``.json`` file is JSON Lines (the JSONL format,
+    which grounding and VQA data of any name are read in): a first line that is a JSON value of its own with more
+    after it, or a single caption record."""
+    try:
+        data = read_json(path, EvalDataError)
+    except EvalDataError as e:
+        cause = e.__cause__
+        if isinstance(cause, json.JSONDecodeError) and cause.msg == "Extra data" \
+                and "\n" not in cause.doc[: cause.pos].strip():
+            return None
+        raise
+    if isinstance(data, dict) and "captions" in data and "images" not in data and "annotations" not in data:
+        return None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise EvalDataError(f"{path}: a .json caption file must hold 'images' and 'annotations' (COCO style)")
     if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
@@ -554,7 +566,9 @@ def load_caption_data(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation data not found: {path}")
-    entries = _coco_captions(path) if path.suffix == ".json" else [(f"{path}:{n}", o) for n, o in _read_jsonl(path)]
+    entries = _coco_captions(path) if path.suffix == ".json" else None
+    if entries is None:
+        entries = [(f"{path}:{n}", o) for n, o in _read_jsonl(path)]
     records = []
     known: dict[str, Path] = {}
     for where, obj in entries:

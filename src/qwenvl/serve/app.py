@@ -201,7 +201,9 @@ class _Server:
         self._check_common(body)
         messages: list[dict[str, Any]] = []
         urls: list[str] = []
+        first_of_last = 0  # the question's images are urls[first_of_last:]; the history's count as far as it is kept
         for k, m in enumerate(body.messages):
+            first_of_last = len(urls)
             parts = [protocol.TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
             items: list[dict[str, str]] = []
             for part in parts:
@@ -215,9 +217,9 @@ class _Server:
                     items.append({"image": f"image-{len(urls)}"})  # a name only: the pixels come from `urls`
             text_only = "".join(i.get("text", "") for i in items)
             messages.append({"role": m.role, "content": items if m.role == "user" else text_only})
-        self._check_image_count(len(urls))
+        self._check_image_count(len(urls) - first_of_last)
         try:
-            _, ids = self.processor.build_messages_prompt(messages)
+            messages, ids = self._fit_history(messages, self._answer_room(body))
             spans = len(self.processor.tokenizer.image_paths(ids))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
@@ -225,6 +227,47 @@ class _Server:
         # oldest images
         kept = urls[len(urls) - spans :] if spans else []
         return self._finish(body, messages, kept, len(urls), STOP_IDS[self.processor.chat_format])
+
+    def _answer_room(self, body: protocol.ChatCompletionRequest) -> int:
+        """The positions a chat prompt leaves for the answer: max_tokens, else the default answer length (at most
+        half the context, so that a short context does not lose a whole chat for an answer length nobody asked)."""
+        if body.answer_limit is not None:
+            return body.answer_limit
+        return min(self.defaults.max_new_tokens, self.settings.max_tokens_cap, self.max_model_len // 2)
+
+    def _fit_history(self, messages: list[dict[str, Any]], room: int) -> tuple[list[dict[str, Any]], list[int]]:
+        """``messages`` without their oldest user/assistant turns as far as needed for the prompt to leave ``room``
+        positions of the context and to hold at most --max_images_per_request pictures, and the prompt's ids. The
+        processor's window counts the history only, and a chat client sends the whole conversation, pictures
+        included: a long chat would otherwise have every later turn refused. What does not fit even without
+        history is left for the checks after this to refuse."""
+        build = self.processor.build_messages_prompt
+        limit = self.settings.max_images_per_request
+
+        def fits(ids: list[int]) -> bool:
+            return len(ids) + room <= self.max_model_len and len(self.processor.tokenizer.image_paths(ids)) <= limit
+
+        ids = build(messages)[1]  # also checks the roles: the turns below are user/assistant pairs
+        if fits(ids):
+            return messages, ids
+        head = 1 if messages[0]["role"] == "system" else 0
+
+        def without(pairs: int) -> list[dict[str, Any]]:
+            return messages[:head] + messages[head + 2 * pairs :]
+
+        # the fewest oldest pairs to drop, by bisection (a build tokenizes the window's turns)
+        enough, too_few = (len(messages) - head) // 2, 0
+        best = build(without(enough))[1]
+        if not fits(best):
+            return without(enough), best
+        while enough - too_few > 1:
+            mid = (enough + too_few) // 2
+            mid_ids = build(without(mid))[1]
+            if fits(mid_ids):
+                enough, best = mid, mid_ids
+            else:
+                too_few = mid
+        return without(enough), best
 
     def prepare_completion(self, body: protocol.CompletionRequest) -> _Prepared:
         self._check_common(body)
@@ -274,7 +317,8 @@ class _Server:
         limit = body.answer_limit
         cap = self.settings.max_tokens_cap
         if limit is not None and limit > cap:
-            raise APIError(400, f"max_tokens is {limit}; this server allows at most {cap}", param="max_tokens")
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+            raise APIError(400, f"{field} is {limit}; this server allows at most {cap}", param=field)
         room = self.max_model_len - len(ids)
         if room < 1 or (limit is not None and limit > room):
             asked = f"; you asked for {limit} more" if limit is not None else ""

@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="checkpoint folder in the official layout (Qwen/Qwen-VL-Chat, Qwen/Qwen-VL or ours)")
     p.add_argument("--served_model_name", help="the model name clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the log says which)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, the log says which)")
     add_runtime_flags(p)  # --dtype, --device, --quantize, as predict and chat have them
     p.add_argument("--max_batch_size", type=int,
                    help="decode slots: sequences generated together (default: as many as --kv_cache_memory holds, "
@@ -47,18 +47,23 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     p.add_argument("--allow_remote_images", action="store_true",
                    help="fetch http(s) image URLs (size and time limited); default: only data: URLs")
-    p.add_argument("--remote_image_timeout", type=float, default=10.0, help="seconds for one image download")
+    p.add_argument("--remote_image_timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds one image download may take in all, however slowly the host sends (default 10)")
     p.add_argument("--allowed_local_media_path", metavar="DIR",
                    help="let requests name image files (file:// URLs) under DIR; default: no local files")
     p.add_argument("--max_request_bytes", type=int, default=20 * 2**20, help="largest request body (default 20 MiB)")
     p.add_argument("--request_body_timeout", type=float, default=60.0, metavar="SECONDS",
                    help="time a request body may take to arrive; a slower one is answered 408 and its connection "
                         "closed (default 60)")
-    p.add_argument("--max_image_bytes", type=int, default=10 * 2**20, help="largest image file (default 10 MiB)")
+    p.add_argument("--max_image_bytes", type=int, default=10 * 2**20,
+                   help="largest image in bytes: a data: URL's, a download's or a file's (default 10 MiB)")
     p.add_argument("--max_image_pixels", type=int, default=40_000_000,
                    help="largest image in pixels, checked before decoding (default 40M)")
-    p.add_argument("--max_images_per_request", type=int, default=4)
-    p.add_argument("--max_tokens_cap", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--max_images_per_request", type=int, default=4,
+                   help="pictures one prompt may hold: the last message's, and the history's as far as it is kept "
+                        "(older turns give way; default 4; 0: text only)")
+    p.add_argument("--max_tokens_cap", type=int, default=2048,
+                   help="largest max_tokens a request may ask for (default 2048)")
     return p
 
 
@@ -86,6 +91,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_model_len is not None and args.max_model_len < 2:  # 0 read as "not given" took the default
+        raise ValueError(f"--max_model_len must be >= 2 (a prompt token and an answer token), got {args.max_model_len}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise ValueError(f"--kv_cache_memory must be > 0 GiB, got {args.kv_cache_memory}")
     for name in ("request_body_timeout", "remote_image_timeout"):
@@ -111,7 +118,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     # the one media policy: file:// image URLs only under --allowed_local_media_path, else no local file
     model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize, allowed_media_dir=root)
     lm = model.config.lm
-    max_model_len = args.max_model_len or min(lm.seq_length, lm.max_position_embeddings)
+    max_model_len = args.max_model_len if args.max_model_len is not None else min(lm.seq_length,
+                                                                                  lm.max_position_embeddings)
     slots = args.max_batch_size
     if slots is None:
         budget = None if args.kv_cache_memory is None else int(args.kv_cache_memory * 2**30)

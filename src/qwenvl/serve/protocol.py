@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..grounding import denormalize_box, parse_grounding
@@ -41,6 +41,8 @@ class _Model(BaseModel):
 
 _NUMBERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
             "min_tokens", "seed", "n")
+# null, as OpenAI's spec allows, for fields whose default is not None here: the default
+_NULL_IS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "stream", "min_tokens", "echo")
 
 
 class TextPart(_Model):
@@ -94,6 +96,12 @@ class _Sampling(_Model):
     logit_bias: Any = None
     top_logprobs: Any = None
     response_format: Any = None
+
+    @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's spec makes these nullable, and clients generated from it send null for what they leave out."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @field_validator(*_NUMBERS, mode="before", check_fields=False)
     @classmethod
@@ -172,6 +180,9 @@ class CompletionRequest(_Sampling):
         return self.prompt[0]
 
     def unsupported(self) -> str | None:
+        # a count here (OpenAI's legacy completions, vLLM): 0 still asks for the chosen tokens' log-probabilities
+        if self.logprobs is not None and self.logprobs is not False:
+            return "logprobs: not supported"
         if self.echo:
             return "echo: not supported"
         if self.suffix:
