@@ -289,32 +289,106 @@ def generate(
     max_context: int | None = None,
     compile: bool = False,
     params: SamplingParams | None = None,
+    pad_token_id: int | None = None,
+    **transformers_options: object,
 ) -> torch.Tensor:
-    """Prompt + continuation ids (B, T + new), padded with ``<|endoftext|>`` after each sequence stops.
+    """Prompt + continuation ids (B, T + new), padded with ``pad_token_id`` (default: the checkpoint's,
+    ``<|endoftext|>``) after each sequence stops.
 
     Greedy unless ``do_sample``; sampling defaults (top_p, top_k, temperature, repetition_penalty) and the stop
     tokens come from the checkpoint's ``generation_config.json`` (``chat_format`` raw: ``<|endoftext|>``; chatml: also
     ``<|im_end|>`` and ``<|im_start|>``). The stop token is kept in the output. ``params`` (a
     :class:`SamplingParams`) replaces the individual sampling arguments, which must then stay unset.
     Unknown keyword arguments are errors (a misspelt option never falls back to a default silently).
+    transformers' options are taken where they mean the same here (:func:`from_transformers_options`: ``max_length``,
+    ``eos_token_id``, ``num_beams=1``, ...); the others are errors that say what to use instead.
     """
+    hf = from_transformers_options(transformers_options, input_ids)
+    if hf.get("max_new_tokens") is not None and max_new_tokens is not None:
+        raise TypeError("generate() got max_new_tokens and max_length: give one (max_length counts the prompt)")
+    if hf.get("stop_token_ids") is not None and stop_token_ids is not None:
+        raise TypeError("generate() got stop_token_ids and eos_token_id: give one")
+    if hf.get("min_new_tokens") is not None and min_new_tokens != 0:
+        raise TypeError("generate() got min_new_tokens and min_length: give one (min_length counts the prompt)")
+    max_new_tokens = hf.get("max_new_tokens", max_new_tokens)
+    min_new_tokens = hf.get("min_new_tokens", min_new_tokens)
+    stop_token_ids = hf.get("stop_token_ids", stop_token_ids)
     if params is None:
         params = sampling_params(model, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                  do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                  repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=stop_token_ids,
                                  chat_format=chat_format)
+        if pad_token_id is not None:
+            params.pad_token_id = pad_token_id
     else:
         given = {"max_new_tokens": max_new_tokens is not None, "min_new_tokens": min_new_tokens != 0,
                  "do_sample": do_sample, "temperature": temperature is not None, "top_p": top_p is not None,
                  "top_k": top_k is not None, "repetition_penalty": repetition_penalty is not None,
                  "seed": seed is not None, "stop_token_ids": stop_token_ids is not None,
-                 "chat_format": chat_format is not None}
+                 "chat_format": chat_format is not None, "pad_token_id": pad_token_id is not None}
         clash = [k for k, v in given.items() if v]
         if clash:
             raise TypeError(f"generate() got params= and {', '.join(clash)}: give one or the other")
     new = list(stream_tokens(model, input_ids, attention_mask, images, params, max_context, compile=compile))
     out = torch.stack(new, dim=1) if new else input_ids.new_zeros((input_ids.shape[0], 0))
     return torch.cat([input_ids.to(out.device), out], dim=1)
+
+
+# transformers' generate() options that ask for what this generate does not do: what to use instead
+_UNSUPPORTED_OPTIONS = {
+    "num_beams": "beam search is not implemented: use greedy decoding (num_beams=1, the default) or do_sample=True",
+    "num_return_sequences": "give the prompt several times in the batch (processor([prompt] * n)) with do_sample=True",
+    "return_dict_in_generate": "generate returns the ids only; qwenvl.generation.stream_tokens yields each step's "
+                               "tokens and model(...).logits gives the scores",
+    "output_scores": "generate returns the ids only; model(input_ids, ...).logits gives the scores",
+    "output_logits": "generate returns the ids only; model(input_ids, ...).logits gives the logits",
+    "output_attentions": "the model does not return attentions",
+    "output_hidden_states": "the model does not return hidden states",
+    "use_cache": "generate always decodes over a KV cache (the same tokens as without one)",
+    "stop_words_ids": "give single stop tokens as stop_token_ids=[id, ...] (stop sequences of several tokens "
+                      "are not supported)",
+    "generation_config": "pass its settings as keywords (max_new_tokens=..., do_sample=..., top_p=...); the "
+                         "checkpoint's generation_config.json already gives the defaults",
+    "streamer": "use qwenvl.inference.stream_text (text pieces) or qwenvl.generation.stream_tokens (token ids)",
+    "logits_processor": "qwenvl.generation.stream_tokens(..., params=SamplingParams(...)) takes the sampling options",
+    "stopping_criteria": "give stop tokens as stop_token_ids=[id, ...]",
+}
+# the value of each of those options that asks for what this generate does anyway
+_NEUTRAL_VALUES = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
+                   "output_logits": False, "output_attentions": False, "output_hidden_states": False,
+                   "use_cache": True}
+
+
+def from_transformers_options(options: dict[str, object], input_ids: object) -> dict[str, object]:
+    """transformers' ``generate()`` keywords in our terms: ``max_length`` and ``min_length`` (prompt + new
+    tokens, the prompt being ``input_ids``' columns, padding included) as ``max_new_tokens`` and
+    ``min_new_tokens``, ``eos_token_id`` (an id or a list) as ``stop_token_ids``; the options of
+    :data:`_UNSUPPORTED_OPTIONS` given the value that changes nothing (``num_beams=1``, ``use_cache=True``, ...)
+    or None are dropped. Any other option is a TypeError: one that asks for what is not done here says what to
+    use instead, a misspelt one is never taken for a default."""
+    prompt = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
+    out: dict[str, object] = {}
+    for name, value in options.items():
+        if value is None:  # transformers' "not given"
+            if name not in ("max_length", "min_length", "eos_token_id", *_UNSUPPORTED_OPTIONS):
+                raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+        elif name == "max_length":
+            if _require_int("max_length", value) <= prompt:
+                raise ValueError(f"max_length={value} leaves no room for new tokens after the prompt's {prompt} "
+                                 "(max_length counts the prompt; max_new_tokens counts only the new tokens)")
+            out["max_new_tokens"] = int(value) - prompt
+        elif name == "min_length":
+            out["min_new_tokens"] = max(_require_int("min_length", value) - prompt, 0)
+        elif name == "eos_token_id":
+            out["stop_token_ids"] = [value] if isinstance(value, numbers.Integral) else value
+        elif name in _UNSUPPORTED_OPTIONS:
+            neutral = _NEUTRAL_VALUES.get(name)
+            if value != neutral or isinstance(value, bool) != isinstance(neutral, bool):
+                shown = repr(value) if len(repr(value)) <= 40 else f"<{type(value).__name__}>"
+                raise TypeError(f"generate() does not take {name}={shown}: {_UNSUPPORTED_OPTIONS[name]}")
+        else:
+            raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+    return out
 
 
 def sampling_params(

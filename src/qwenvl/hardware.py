@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch loads in the functions that need it: the CLI says bad
     import torch
 
 __all__ = ["available_memory", "cpu_flags", "cpu_summary", "cpu_vendor", "default_dtype", "fp32_product_path",
-           "mkl_runs_avx512", "resolve_bf16", "supports_bf16"]
+           "mkl_runs_avx512", "pick_device", "resolve_bf16", "supports_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,3 +217,30 @@ def separate_compile_cache() -> str | None:
     path = os.path.join(tempfile.gettempdir(), name)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path
+
+
+def pick_device(device: str | None) -> str:
+    """``device`` checked: one this machine has (cpu, cuda / cuda:N, and mps or xpu where PyTorch has them);
+    None or "auto" is cuda when available, else cpu. Anything else is a ValueError (a device PyTorch names but
+    this machine lacks, or ``meta``, failed deep inside loading the weights)."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there is no CUDA device {dev.index} (this machine has "
+                             f"{torch.cuda.device_count()})")
+    elif dev.type in ("mps", "xpu"):
+        backend = torch.backends.mps if dev.type == "mps" else torch.xpu
+        if not backend.is_available():
+            raise ValueError(f"--device {device}: {dev.type} is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r}: qwenvl runs on cpu, cuda, cuda:N (or mps, xpu) or auto")
+    return device

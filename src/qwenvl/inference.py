@@ -14,37 +14,14 @@ from PIL import Image
 
 from .config import QwenVLConfig
 from .fileio import require_folder
-from .generation import STOP_IDS, SamplingParams, TextStream, stream_tokens
+from .generation import STOP_IDS, SamplingParams, TextStream, sampling_params, stream_tokens
+from .hardware import pick_device  # noqa: F401 (qwenvl.inference.pick_device, as before)
 from .images import ImageSource
 from .model import QwenVL
 from .processor import Processor
+from .tokenizer import image_path_problem
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device(device: str | None) -> str:
-    """``device`` checked: one this machine has (cpu, cuda / cuda:N, and mps or xpu where PyTorch has them);
-    None or "auto" is cuda when available, else cpu. Anything else is a ValueError (a device PyTorch names but
-    this machine lacks, or ``meta``, failed deep inside loading the weights)."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: there is no CUDA device {dev.index} (this machine has "
-                             f"{torch.cuda.device_count()})")
-    elif dev.type in ("mps", "xpu"):
-        backend = torch.backends.mps if dev.type == "mps" else torch.xpu
-        if not backend.is_available():
-            raise ValueError(f"--device {device}: {dev.type} is not available on this machine")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device!r}: qwenvl runs on cpu, cuda, cuda:N (or mps, xpu) or auto")
-    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -148,7 +125,7 @@ def predict(
     model: QwenVL,
     processor: Processor,
     prompts: Sequence[Any],
-    params: SamplingParams,
+    params: SamplingParams | None = None,
     batch_size: int = 1,
     base_dir: str | os.PathLike | None = None,
     progress: bool = False,
@@ -161,6 +138,7 @@ def predict(
     even for a chat checkpoint (``qwenvl predict`` makes it one ChatML user turn there, as the reference chat:
     pass ``[{"role": "user", "content": LIST}]`` for that prompt).
     Batched greedy results equal the one-by-one results (left padding with per-sequence positions).
+    ``params`` None: ``model.generate``'s defaults (greedy; the checkpoint's ``max_new_tokens`` and stop tokens).
     ``compile=True`` decodes with the ``torch.compile``-d step (the first call compiles; int8 weights are fastest so).
     ``on_error``: a prompt the processor or the generation cannot take (a bad or refused image, a malformed
     prompt, one longer than the context) raises its ``ValueError`` (``"raise"``) or gives a
@@ -173,7 +151,7 @@ def iter_predict(
     model: QwenVL,
     processor: Processor,
     prompts: Sequence[Any],
-    params: SamplingParams,
+    params: SamplingParams | None = None,
     batch_size: int = 1,
     base_dir: str | os.PathLike | None = None,
     progress: bool = False,
@@ -189,6 +167,7 @@ def iter_predict(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    params = _params(model, params)
     return _iter_predict(model, processor, list(prompts), params, batch_size, base_dir, progress, compile, on_error)
 
 
@@ -285,14 +264,31 @@ def _prompt_text(prompt: Any) -> str:
         return repr(prompt)
 
 
+def _params(model: QwenVL, params: SamplingParams | None) -> SamplingParams:
+    """``params``, or ``model.generate``'s defaults when None; anything else is a one-line error (a dict of options
+    failed on ``params.stop_token_ids``)."""
+    if params is None:
+        return sampling_params(model)
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams (qwenvl.generation.SamplingParams(max_new_tokens=..., ...) "
+                        f"or sampling_params(model, ...) for the checkpoint's defaults), got a {type(params).__name__}")
+    return params
+
+
 def stream_text(
-    model: QwenVL, processor: Processor, prompt: Any, params: SamplingParams, base_dir: str | os.PathLike | None = None,
+    model: QwenVL, processor: Processor, prompt: Any, params: SamplingParams | None = None,
+    base_dir: str | os.PathLike | None = None,
     compile: bool = False,
     images: Sequence[ImageSource] | None = None,
 ) -> Iterator[str]:
     """Yield the response text of one prompt as it is decoded (never splitting a UTF-8 character).
 
-    ``images``: as in :meth:`Processor.__call__`, one per ``<img>`` span of the prompt, in order."""
+    ``images``: as in :meth:`Processor.__call__`, one per ``<img>`` span of the prompt, in order. ``params``
+    None: as in :func:`predict`."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise ValueError("stream_text takes one prompt (a string, a list-format list or messages), got a list of "
+                         f"{len(prompt)} prompt(s): give the prompt itself, or use predict for several")
+    params = _params(model, params)
     inputs = processor([prompt], images=images, base_dir=base_dir)
     stream = TextStream(processor.decode, skip_ids=params.stop_token_ids)
     stops = set(params.stop_token_ids)
@@ -328,12 +324,27 @@ class ChatSession:
     compile: bool = False  # decode with the torch.compile-d step
     images: dict[str, Image.Image] = field(default_factory=dict, repr=False)  # path as added -> its picture
 
-    def add_image(self, path: str) -> None:
-        # checked and read now: a bad path fails here with a clear message, not at every next question
-        self.processor.tokenizer.from_list_format([{"image": path}])  # a path the prompt can show ('</img>')
-        self.images[path] = self.processor.load_image(path, self.base_dir)
-        self.pending_images.append(path)
-        self.last_image = path
+    def add_image(self, image: ImageSource) -> str:
+        """Show a picture with the next question; return the name the prompt shows it by (``<img>NAME</img>``).
+
+        A path is read now, under the processor's media policy, and shown as given. A picture given as a PIL
+        image, bytes or a ``data:`` URL (which reads no file) is shown as ``<image N>``. Checked and read now:
+        a bad picture fails here with a clear message, not at every next question."""
+        if isinstance(image, (str, os.PathLike)) and not str(image).startswith("data:"):
+            name = os.fspath(image)
+            self.processor.tokenizer.from_list_format([{"image": name}])  # a path the prompt can show ('</img>')
+            problem = image_path_problem(name)  # too long, a special token
+            if problem:  # the prompt could not show it: every later question would fail on it
+                shown = name if len(name) <= 60 else name[:60] + "..."
+                raise ValueError(f"image path {shown!r} {problem}: a prompt cannot show it (<img>PATH</img>)")
+            picture = self.processor.load_image(name, self.base_dir)
+        else:
+            picture = self.processor.load_image(image)  # bytes, PIL or a data URL (no file read, whatever base_dir)
+            name = next(f"<image {n}>" for n in range(1, len(self.images) + 2) if f"<image {n}>" not in self.images)
+        self.images[name] = picture
+        self.pending_images.append(name)
+        self.last_image = name
+        return name
 
     def clear(self) -> None:
         self.history.clear()

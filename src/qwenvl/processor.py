@@ -28,7 +28,7 @@ from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, Qw
 from .images import ImageSource, MediaPolicy, load_image, pixel_values
 from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
 
-__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "Processor"]
+__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "ModelInputs", "Processor"]
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
@@ -47,6 +47,20 @@ Prompt = str | list[Any]
 
 def _is_messages(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(m, dict) for m in items) and any("role" in m for m in items)
+
+
+class ModelInputs(dict[str, Any]):  # Any so that model(**inputs) type-checks
+    """The processor's tensors (``input_ids``, ``attention_mask``, ``images``: None without pictures): a dict, so
+    ``model(**inputs)`` works, with transformers' ``inputs.to(device)`` (or ``.to(dtype)``, which casts the
+    pixels only: ids and mask stay integers, as transformers' ``BatchFeature.to`` does)."""
+
+    def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> ModelInputs:
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        return ModelInputs({k: v.to(device=device, dtype=dtype if v.is_floating_point() else None,
+                                    non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                            for k, v in self.items()})
 
 
 class Processor:
@@ -125,8 +139,10 @@ class Processor:
         *,
         allowed_media_dir: str | os.PathLike | None = ".",
         allow_any_local_path: bool = False,
+        trust_remote_code: bool | None = None,
     ) -> Processor:
         """The processor of a checkpoint folder (or the defaults of Qwen-VL-Chat when there is none).
+        ``trust_remote_code`` (transformers' habit) changes nothing: no code from the folder runs.
 
         The vocabulary is the folder's ``qwen.tiktoken`` or else the bundled one; ``image_size`` comes from
         ``config.json`` (``visual.image_size``), ``chat_format`` and ``max_window_size`` from
@@ -162,7 +178,9 @@ class Processor:
         images: Sequence[ImageSource] | None = None,
         base_dir: str | os.PathLike | None = None,
         return_tensors: str = "pt",
-    ) -> dict[str, Any]:  # tensors (images None without pictures); Any so that model(**inputs) type-checks
+        padding: bool | str = True,
+        truncation: bool | None = None,
+    ) -> ModelInputs:
         """Prompt(s) -> ``input_ids`` [B, T], ``attention_mask`` [B, T], ``images`` [N, 3, S, S] or None.
 
         ``text`` is one prompt or a list of prompts; a prompt is a string (tokenized as is), a list-format
@@ -175,9 +193,19 @@ class Processor:
         image (a PIL image, bytes, a data URL, or a path read under the same policy) is the pixels of the k-th
         ``<img>`` span counted over the whole batch in order (prompt 0's spans first); the span's text is then
         only a name. ``images`` [N, 3, S, S] lists the images in that same order; it is None when there are none.
+
+        ``padding`` and ``truncation`` are transformers' keywords, taken where they mean what is done anyway:
+        padding True or "longest" (always, on the left); False or "do_not_pad" only when the prompts have one
+        length (a tensor needs it); truncation False or None (a prompt is never cut: its image spans would break).
         """
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if not (isinstance(padding, bool) or padding in ("longest", "do_not_pad")):
+            raise ValueError(f"padding={padding!r} is not supported: prompts are padded on the left to the longest "
+                             "(padding=True, the default)")
+        if truncation is not None and truncation is not False:
+            raise ValueError(f"truncation={truncation!r} is not supported: prompts are never cut (an image span "
+                             "would break); shorten the text instead")
         prompts = self._split_batch(text)
         rows = []
         for k, prompt in enumerate(prompts):
@@ -203,12 +231,15 @@ class Processor:
         pixels = self.pixel_values_for(sources, base_dir) if sources else None
 
         width = max(len(r) for r in rows)
+        if padding in (False, "do_not_pad") and any(len(r) != width for r in rows):
+            raise ValueError(f"padding={padding!r}, but the prompts are {min(len(r) for r in rows)} to {width} tokens "
+                             "long: a batch tensor needs padding=True")
         input_ids = torch.full((len(rows), width), ENDOFTEXT_ID, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for b, ids in enumerate(rows):
             input_ids[b, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, width - len(ids) :] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "images": pixels}
+        return ModelInputs(input_ids=input_ids, attention_mask=attention_mask, images=pixels)
 
     @staticmethod
     def _split_batch(text: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -510,19 +510,22 @@ def compile_options(model: nn.Module) -> dict[str, object] | None:
     return dict(_STORE_MULTI_READS)
 
 
-def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype: torch.dtype | None = None
+def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype: torch.dtype | str | None = None
                            ) -> nn.Module:
     """Apply the inference layer swaps in place (see the module doc) and return the model.
 
     ``quantize``: None/"none" keeps the weights, "int8" quantizes the LM weight-only. ``dtype``: the compute
-    dtype, which every floating weight is cast to afterwards (None: as they are). With int8, the LM's linear
-    weights are quantized from the dtype they have (the checkpoint's, say: ``load`` reads them as stored), so
-    they never exist in a wider compute dtype: for Qwen-VL-Chat computing in fp32 the load's peak is then about
-    the int8 model (17.3 GB of tensors), not the fp32 one (38.6 GB). The model stops requiring gradients (these
-    layers are for inference only)."""
+    dtype (or its name, as ``QwenVL.from_pretrained`` takes it), which every floating weight is cast to
+    afterwards (None or "auto": as they are). With int8, the LM's linear weights are quantized from the dtype
+    they have (the checkpoint's, say: ``load`` reads them as stored), so they never exist in a wider compute
+    dtype: for Qwen-VL-Chat computing in fp32 the load's peak is then about the int8 model (17.3 GB of tensors),
+    not the fp32 one (38.6 GB). The model stops requiring gradients (these layers are for inference only)."""
+    from .model.qwenvl import _as_dtype
+
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    dtype = _as_dtype(dtype)  # a name ("bfloat16") failed deep inside the int8 layers
     model.requires_grad_(False)
     if quantize == "int8":
         n = quantize_int8(model, dtype)

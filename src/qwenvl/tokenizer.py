@@ -242,6 +242,20 @@ def image_spans(ids: list[int], strict: bool = True) -> list[tuple[int, int]]:
     return spans
 
 
+# transformers' and the official remote code's tokenizer attributes that this one lacks: what to use instead
+_INSTEAD = {
+    "draw_bbox_on_latest_picture": "qwenvl.grounding.parse_grounding(response) gives the boxes and "
+                                   "draw_boxes(image, objects) draws them",
+    "apply_chat_template": "processor([messages]) gives a chat prompt's inputs, processor.build_messages_prompt"
+                           "(messages) its text and ids",
+    "convert_tokens_to_ids": "use token_to_id(token)",
+    "eos_token": "eos_token_id is the id of <|endoftext|>",
+    "pad_token": "pad_token_id is the id of <|endoftext|>",
+    "padding_side": "the processor pads on the left (as generation needs)",
+    "to_list_format": "qwenvl.grounding.parse_grounding(text) parses the <ref>/<box> tags of an answer",
+}
+
+
 class QwenTokenizer:
     """The official Qwen-VL tokenizer (151,860 ids), without ``transformers``.
 
@@ -258,8 +272,10 @@ class QwenTokenizer:
         self._enc = _encoding_for(path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, errors: str = "replace") -> QwenTokenizer:
+    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, errors: str = "replace", *,
+                        trust_remote_code: bool | None = None) -> QwenTokenizer:
         """Use ``path/qwen.tiktoken`` (or ``path`` itself if it is the file); else the bundled vocabulary.
+        ``trust_remote_code`` (transformers' habit) changes nothing: no code from the folder runs.
 
         A checkpoint folder without its own vocabulary is normal (ours are saved without one); the official
         file is bundled so nothing is downloaded at run time.
@@ -320,6 +336,18 @@ class QwenTokenizer:
     @property
     def special_tokens(self) -> dict[str, int]:
         return dict(SPECIAL_TOKENS)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # transformers' and the official remote code's ``tokenizer(text, return_tensors="pt")``: here the model
+        # reads pixels, not the paths in <img> spans, so its inputs come from the processor
+        raise TypeError("QwenTokenizer is not callable: processor(text) gives the model's inputs (input_ids, "
+                        "attention_mask and the pixels of the <img> spans); tokenizer.encode(text) gives the ids")
+
+    def __getattr__(self, name: str) -> Any:
+        # only for names the normal lookup lacks: what transformers' and the official tokenizer have instead
+        if name in _INSTEAD:
+            raise AttributeError(f"QwenTokenizer has no {name}: {_INSTEAD[name]}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---- encode ----------------------------------------------------------------------------------
     def encode(

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, QwenVLConfig
+from ..config import IMG_END_ID, IMG_START_ID, IMG_TOKEN_SPAN, GenerationDefaults, QwenVLConfig
+from ..transformers_compat import QUANTIZATION_ADVICE, check_forward_options, load_options
 from .cross_entropy import linear_cross_entropy
 from .kv_cache import KVCache, SlotDecode
 from .llm import Block, RMSNorm, logn_scale, ntk_alpha, rope_cos_sin, rope_inv_freq
@@ -175,17 +176,32 @@ class QwenVL(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+        cls, path: str | os.PathLike[str], dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+        **transformers_options: Any,
     ) -> QwenVL:
         """Load an official (or our) checkpoint folder strictly; see :func:`qwenvl.checkpoint.load_weights`
         (every key, shape and dtype, no NaN/inf) and :func:`qwenvl.checkpoint.check_config` (the settings the
-        shapes do not show)."""
-        from ..checkpoint import check_config, load_weights
+        shapes do not show).
 
+        ``dtype``: a floating dtype or its name; None or "auto" keeps the stored one. ``device``: cpu, cuda,
+        cuda:N, ... or "auto" (cuda when available, else cpu). What transformers (and the official remote code)
+        users type is taken where it means the same (:func:`qwenvl.transformers_compat.load_options`: ``torch_dtype``,
+        ``device_map`` naming one device, ``bf16=True``, ``trust_remote_code``, ...); other options are errors."""
+        from ..checkpoint import check_config, load_weights
+        from ..hardware import pick_device
+
+        dtype, device = load_options(transformers_options, dtype, device)
+        dtype = _as_dtype(dtype)  # checked before anything is read
+        device = pick_device(str(device))  # "auto", and a device this machine lacks is a one-line error
+        if not os.path.exists(path):  # (a file given for the folder is named by the config's loader)
+            hub = not os.path.isabs(path) and str(path).count("/") == 1  # "Qwen/Qwen-VL-Chat": a Hub id
+            raise FileNotFoundError(f"checkpoint folder not found: {path}" + (
+                " (qwenvl loads local folders, not Hugging Face Hub ids: download it first, e.g. huggingface-cli "
+                f"download {path} --local-dir DIR, and pass DIR)" if hub else ""))
         config = QwenVLConfig.from_pretrained(path)
         check_config(config, path)
         model = cls.on_meta(config)
-        load_weights(model, path, dtype=_as_dtype(dtype), device=device)
+        load_weights(model, path, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
@@ -228,6 +244,13 @@ class QwenVL(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute dtype: that of the embedding (quantized layers may store their weights otherwise)."""
         return next(self.transformer.wte.parameters()).dtype
+
+    @property
+    def generation_config(self) -> GenerationDefaults:
+        """The checkpoint's ``generation_config.json`` (``config.generation``), under the name transformers and the
+        official remote code give it: changing a field (``model.generation_config.top_p = 0.8``) changes the
+        defaults of :meth:`generate` (``do_sample`` excepted: it is greedy unless asked) and :meth:`chat`."""
+        return self.config.generation
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
@@ -289,7 +312,7 @@ class QwenVL(nn.Module):
         logits_to_keep: int | torch.Tensor = 0,
         image_features: torch.Tensor | None = None,
         rope_alpha: torch.Tensor | None = None,
-        **_: Any,
+        **transformers_options: Any,
     ) -> QwenVLOutput:
         """One pass over ``input_ids`` (B, T).
 
@@ -298,7 +321,11 @@ class QwenVL(nn.Module):
         shifts them, computes ``lm_head`` only where labels exist and returns the mean loss.
         logits_to_keep: 0 = all positions, k > 0 = the last k, or a 1-D tensor of positions.
         rope_alpha: (B,) dynamic-NTK factors overriding the ones derived from the lengths.
+        transformers' keywords are taken where they ask for what is done anyway (:func:`qwenvl.transformers_compat.check_forward_options`);
+        any other keyword is a TypeError (a misspelt ``attention_mask`` was ignored).
         """
+        if transformers_options:
+            check_forward_options(transformers_options)
         lm = self.config.lm
         if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in _ID_DTYPES
                 or input_ids.numel() == 0):
@@ -402,11 +429,38 @@ class QwenVL(nn.Module):
 
     # ---- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Greedy (default) or sampled continuation; see :func:`qwenvl.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Greedy (default) or sampled continuation; see :func:`qwenvl.generation.generate`. ``inputs=`` (the
+        name of transformers' first argument) is taken for ``input_ids``."""
         from ..generation import generate
 
+        if "inputs" in kwargs:
+            if input_ids is not None:
+                raise TypeError("generate() got input_ids and inputs: give one")
+            input_ids = kwargs.pop("inputs")
+        if input_ids is None:
+            raise TypeError("generate() needs input_ids (the processor's: model.generate(**processor(prompt)))")
         return generate(self, input_ids, **kwargs)
+
+    def chat(self, tokenizer: Any, query: str, history: list[tuple[str, str]] | None = None,
+             system: str = "You are a helpful assistant.", **options: Any) -> tuple[str, list[tuple[str, str]]]:
+        """``(response, history + [(query, response)])``, as the official remote code's ``model.chat``: a ChatML
+        prompt of the history (trimmed to the checkpoint's ``max_window_size``) and ``query`` (text, pictures as
+        ``<img>PATH</img>``, e.g. from ``tokenizer.from_list_format``, read under the processor's default media
+        policy: files inside the working directory), answered with the checkpoint's sampling defaults
+        (:func:`qwenvl.inference.chat_params`; ``options`` override them: ``do_sample=False``, ...)."""
+        response = ""  # an answer that stops at once
+        for partial in self.chat_stream(tokenizer, query, history, system, **options):
+            response = partial
+        return response, [*(history or []), (query, response)]
+
+    def chat_stream(self, tokenizer: Any, query: str, history: list[tuple[str, str]] | None = None,
+                    system: str = "You are a helpful assistant.", **options: Any) -> Iterator[str]:
+        """:meth:`chat`'s response as it grows: each item is the whole response so far, as the official
+        ``model.chat_stream`` yields it (:func:`qwenvl.inference.stream_text` yields the new pieces instead)."""
+        from ..transformers_compat import chat_stream
+
+        yield from chat_stream(self, tokenizer, query, history, system, **options)
 
 
 def _plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
@@ -423,7 +477,12 @@ def _plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, float16), got {dtype}; for "
+                             f"{QUANTIZATION_ADVICE}")
+        return dtype
+    if dtype is None:
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16, "auto": None}
