@@ -8,19 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from qwenvl.eval import runners
 from qwenvl.eval.runners import EvalDataError
-
-
-@pytest.fixture()
-def image_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    Image.new("RGB", (20, 10), "white").save(folder / "a.png")
-    Image.new("RGB", (10, 10), "gray").save(folder / "b.png")
-    return folder
 
 
 @pytest.mark.parametrize("lines", [1, 2])

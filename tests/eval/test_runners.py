@@ -22,15 +22,6 @@ from qwenvl.eval.runners import (
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "qwenvl-tiny"
 
 
-@pytest.fixture()
-def image_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    Image.new("RGB", (200, 100), "white").save(folder / "a.png")
-    Image.new("RGB", (100, 100), "gray").save(folder / "b.png")
-    return folder
-
-
 def write_jsonl(path: Path, rows: Sequence[dict | str]) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
