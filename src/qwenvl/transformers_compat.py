@@ -1,7 +1,9 @@
 """What users of transformers and of the official Qwen-VL remote code type from habit, taken where it means the
 same and refused in one line (saying what to use) where it does not: ``from_pretrained``'s options, ``forward``'s
 keywords, and the official ``model.chat``/``model.chat_stream``. Kept out of :mod:`qwenvl.model`, whose code is the
-model itself; :class:`~qwenvl.model.QwenVL` calls these."""
+model itself; :class:`~qwenvl.model.QwenVL` calls these. ``generate``'s keywords (``max_length``, ``eos_token_id``,
+``num_beams``, ...) are translated beside the sampling options they become:
+:func:`qwenvl.generation.from_transformers_options`."""
 
 from __future__ import annotations
 
