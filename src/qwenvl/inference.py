@@ -28,9 +28,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """The inference dtype: as given, or (None / "auto") bf16 where ``device`` computes it natively, else fp32
     (logged in one line; an explicit bf16 where it is emulated warns that it will be slow)."""
     from .hardware import resolve_bf16
-    from .model.qwenvl import _as_dtype
+    from .model.qwenvl import as_dtype
 
-    chosen = _as_dtype(dtype)
+    chosen = as_dtype(dtype)
     if chosen is None:
         return torch.bfloat16 if resolve_bf16(None, device, "inference") else torch.float32
     if chosen == torch.bfloat16:
@@ -78,14 +78,14 @@ def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str
     files. Counted from the shapes (:func:`qwenvl.quantize.copied_bytes`): tensors read in place from a checkpoint
     that stores ``dtype`` take none; the message says what would fit (int8 weights)."""
     from .hardware import available_memory
-    from .model.qwenvl import _as_dtype
+    from .model.qwenvl import as_dtype
     from .quantize import copied_bytes
 
     if torch.device(device).type != "cpu" or (available := available_memory()) is None:
         return
     config = QwenVLConfig.from_pretrained(model_dir)
     meta = QwenVL.on_meta(config)
-    mapped = _as_dtype(config.torch_dtype) == dtype
+    mapped = as_dtype(config.torch_dtype) == dtype
     need = copied_bytes(meta, quantize, dtype, mapped)
     if need <= available:
         return

@@ -698,12 +698,12 @@ def run_convert(args: argparse.Namespace) -> int:
             merge_lora(source, args.adapter, output, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        safe_serialization=args.format == "safetensors")
         elif Path(source, ".metadata").is_file():  # a sharded training checkpoint (finetune's checkpoint-STEP)
-            from .model.qwenvl import _as_dtype
+            from .model.qwenvl import as_dtype
             from .train.sharded_checkpoint import consolidate
 
             if args.format != "safetensors":
                 raise ValueError("a sharded training checkpoint is consolidated into safetensors only")
-            consolidate(source, output, dtype=_as_dtype(args.dtype), max_shard_size=args.max_shard_size)
+            consolidate(source, output, dtype=as_dtype(args.dtype), max_shard_size=args.max_shard_size)
         else:
             from .model import QwenVL
 

@@ -528,9 +528,9 @@ def convert(
     model's (raw: nothing in a ``.ckpt`` or a MindFormers YAML tells a chat model); logged. ``crc_check``
     (export): end the ``.ckpt`` with a CRC32 trailer. An import checks a trailer whenever the file has one.
     """
-    from .model.qwenvl import _as_dtype
+    from .model.qwenvl import as_dtype
 
-    torch_dtype = _as_dtype(dtype)
+    torch_dtype = as_dtype(dtype)
     if is_mindspore_path(source) and is_mindspore_path(output):
         raise ValueError("SOURCE and OUTPUT are both .ckpt files: one of them must be an official checkpoint folder")
     if is_mindspore_path(source):

@@ -520,12 +520,12 @@ def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype:
     they have (the checkpoint's, say: ``load`` reads them as stored), so they never exist in a wider compute
     dtype: for Qwen-VL-Chat computing in fp32 the load's peak is then about the int8 model (17.3 GB of tensors),
     not the fp32 one (38.6 GB). The model stops requiring gradients (these layers are for inference only)."""
-    from .model.qwenvl import _as_dtype
+    from .model.qwenvl import as_dtype
 
     quantize = quantize or "none"
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
-    dtype = _as_dtype(dtype)  # a name ("bfloat16") failed deep inside the int8 layers
+    dtype = as_dtype(dtype)  # a name ("bfloat16") failed deep inside the int8 layers
     model.requires_grad_(False)
     if quantize == "int8":
         n = quantize_int8(model, dtype)

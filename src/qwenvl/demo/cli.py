@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if not -(2**63) <= args.seed < 2**63:  # torch's seed range (with room for the run's per-phase offsets)
         raise ValueError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
-    from ..inference import pick_device
+    from ..hardware import pick_device
 
     pick_device(args.device)  # a bad name fails here, in one line, not deep inside the run
     colors = [c.strip() for c in args.colors.split(",") if c.strip()] if args.colors is not None else None

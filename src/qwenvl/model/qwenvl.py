@@ -191,7 +191,7 @@ class QwenVL(nn.Module):
         from ..hardware import pick_device
 
         dtype, device = load_options(transformers_options, dtype, device)
-        dtype = _as_dtype(dtype)  # checked before anything is read
+        dtype = as_dtype(dtype)  # checked before anything is read
         device = pick_device(str(device))  # "auto", and a device this machine lacks is a one-line error
         if not os.path.exists(path):  # (a file given for the folder is named by the config's loader)
             hub = not os.path.isabs(path) and str(path).count("/") == 1  # "Qwen/Qwen-VL-Chat": a Hub id
@@ -476,7 +476,9 @@ def _plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
     return None if isinstance(layer.weight, DTensor) else layer.weight
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating dtype from a dtype or its name (fp32/float32, bf16/bfloat16, fp16/float16); None or "auto" is
+    None (keep the stored one). The one parser of dtype names for the loaders, the CLI and the layer swaps."""
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, float16), got {dtype}; for "

@@ -254,10 +254,10 @@ def merge_lora(
     from ..checkpoint import CheckpointError, cast_checked, save_pretrained
     from ..config import QwenVLConfig
     from ..model import QwenVL
-    from ..model.qwenvl import _as_dtype
+    from ..model.qwenvl import as_dtype
 
     config = QwenVLConfig.from_pretrained(base_dir)
-    target = _as_dtype(dtype if dtype is not None else config.torch_dtype) or torch.float32
+    target = as_dtype(dtype if dtype is not None else config.torch_dtype) or torch.float32
     base = QwenVL.from_pretrained(base_dir, dtype=torch.float32)
     try:
         adapted = peft.PeftModel.from_pretrained(base, str(folder))

@@ -383,7 +383,7 @@ def _looks_like_lost_peer(e: BaseException) -> bool:
 
 # ---- setup ---------------------------------------------------------------------------------------------------
 def _resolve_device(name: str) -> torch.device:
-    from ..inference import pick_device  # the one place device names are checked
+    from ..hardware import pick_device  # the one place device names are checked
 
     try:
         return torch.device(pick_device(name))
