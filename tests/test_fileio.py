@@ -61,6 +61,29 @@ def test_failed_write_keeps_old_file_and_no_temp(tmp_path: Path, monkeypatch: py
     assert _names(tmp_path) == ["f.txt"]
 
 
+def test_a_ctrl_c_during_the_cleanup_of_a_failed_write_waits_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # a full disk, then Ctrl-C while the temporary file is being removed: it raised there and left the file
+    import errno
+    import signal
+
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    real = fileio.write_error
+
+    def ctrl_c_meanwhile(*args: object) -> OSError | None:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before kill returns
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fileio, "write_error", ctrl_c_meanwhile)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING"), fileio.atomic_file(target) as f:
+        f.write(b"new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert target.read_text() == "old" and _names(tmp_path) == ["f.txt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"SIGINT came while {target} was being saved: acted on now that the save has ended"]
+
+
 def test_write_over_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     with pytest.raises(IsADirectoryError):

@@ -281,3 +281,40 @@ def test_a_planted_lock_symlink_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OutputDirError, match="cannot create the lock file"):
         acquire_lock(tmp_path / "out", "convert")
     assert victim.read_text() == "precious"
+
+
+# ---- stop signals while a re-save moves its files in --------------------------------------------------------
+# `qwenvl convert` in a subprocess that sends itself SIGTERM right after the first file of a re-save is moved
+# into the output folder (the fault point "publish.moving")
+_TERMINATED_WHILE_MOVING = """
+import os, signal, sys
+from qwenvl import outputs
+real = outputs.fault_point
+def fault_point(name):
+    if name == "publish.moving":
+        os.kill(os.getpid(), signal.SIGTERM)
+    real(name)
+outputs.fault_point = fault_point
+from qwenvl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_a_resave_moves_its_files_in_waits_for_the_last_one(tmp_path: Path) -> None:
+    # the files are moved in one by one, config.json last: stopped after the first, the folder had no config.json
+    import signal
+
+    from qwenvl.cli import main
+
+    golden, out = Path(__file__).parent / "fixtures" / "qwenvl-tiny", tmp_path / "out"
+    assert main(["convert", str(golden), str(out)]) == 0
+    before = _tree(out)
+    run = subprocess.run([sys.executable, "-c", _TERMINATED_WHILE_MOVING, "convert", str(golden), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert sorted(_tree(out)) == sorted(before)  # every file in place, nothing left over
+    assert _tree(out) == before  # the same conversion: the same bytes
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1] == "terminated (SIGTERM)" and "Traceback" not in run.stderr, run.stderr
+    assert f"SIGTERM came while {out} was being saved: acted on now that the save has ended" in run.stderr
+    assert load_state_dict(out).keys() == load_state_dict(golden).keys()

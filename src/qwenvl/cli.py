@@ -194,7 +194,7 @@ def _terminate_as_interrupt(enabled: bool) -> Iterator[None]:
     """While the block runs, the first SIGTERM or SIGHUP raises :class:`Terminated` and later ones are ignored
     (main thread only; the previous handlers are put back after). One ignored when we start stays ignored:
     ``nohup qwenvl finetune ...`` goes on when its terminal closes. A save holds them until it is complete
-    (:func:`qwenvl.train.state.signals_held`)."""
+    (:func:`qwenvl.fileio.signals_held`)."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return

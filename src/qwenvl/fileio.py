@@ -11,7 +11,9 @@ Every temporary name contains ``.qwenvl-tmp-`` (staging), ``.qwenvl-old-`` (a re
 deleted) or ``.qwenvl-trash-`` (a folder being deleted): :func:`clean_temporary` recognises them, so the next
 run in a folder removes what a killed one left (and puts back an ``old`` folder whose replacement never
 arrived). ``QWENVL_FAULT_POINT`` makes the process kill itself at a named point (:func:`fault_point`): the
-tests use it to check that every such crash is recovered.
+tests use it to check that every such crash is recovered. A stop signal (Ctrl-C, SIGTERM, SIGHUP) can be held
+while a few steps that must not be cut run (:func:`signals_held`): the removal of a failed write's temporary
+file here, the moves of a re-save into an output folder, the saves of a training run.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 __all__ = [
+    "STOP_SIGNALS",
     "TEMP_TAG",
     "atomic_dir",
     "atomic_file",
@@ -51,6 +55,7 @@ __all__ = [
     "remove_tree",
     "same_file",
     "require_folder",
+    "signals_held",
     "temp_name",
 ]
 
@@ -143,6 +148,60 @@ def fault_point(name: str) -> None:
         logger.warning("fault injection: killing the process at %s", spec)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# what stops a run from outside: Ctrl-C, SIGTERM (kill, timeout, a scheduler's cancel), SIGHUP (the terminal closed)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# held too where a Python handler has it: torch's DataLoader raises from SIGCHLD when a worker died
+_CHILD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGCHLD",) if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def signals_held(what: str) -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP while the block (a save, ``what``: named in the log) runs, then act on the
+    first that came as it would have been acted on: by the handler in force before (the ``qwenvl`` CLI's and
+    Python's raise, and the run stops as interrupted, exit status 130, 143 or 129) or by the default action (the
+    process ends by that signal). A signal ignored before stays ignored; a block inside another is held by it.
+    SIGCHLD is held too when a Python handler has it (torch's DataLoader: it raises when a worker died); it is
+    acted on after the block unless a stop signal came as well (a signal to the whole process group, as a
+    scheduler's cancel or a closed terminal sends, kills the workers too: that is the same stop).
+
+    Why: a Python handler raises wherever the main thread is, and inside a save that may be a callback from C++:
+    DCP's writer (``torch.save`` into a Python stream) interrupted there left a writer whose destructor wrote to
+    the closed file, and the process died by SIGABRT (``terminate called after throwing an instance of
+    'pybind11::error_already_set'``): 3 of about 500 saves interrupted at random moments; or the writer's zip
+    failed (``unexpected pos 704 vs 598``) and the checkpoint was lost. The staging folder made a crash
+    harmless; waiting for the save makes it impossible, and the stop lands on a checkpoint just written.
+    Only the main thread can set handlers (Python runs them there): in another the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:  # nothing else here: a handler that writes may reenter a write
+        held.append(signum)
+
+    previous = {}
+    for signum in (*STOP_SIGNALS, *_CHILD_SIGNALS):
+        handler = signal.getsignal(signum)
+        if callable(handler) or (signum in STOP_SIGNALS and handler == signal.SIG_DFL):  # not SIG_IGN, nor None
+            previous[signum] = signal.signal(signum, hold)  # (None: set outside Python, which could not put it back)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            stops = [s for s in held if s in STOP_SIGNALS]
+            signum = (stops or held)[0]
+            handler = previous[signum]
+            if stops:
+                logger.warning("%s came while %s was being saved: acted on now that the save has ended",
+                               signal.Signals(signum).name, what)
+            if callable(handler):
+                handler(signum, None)
+            else:  # SIG_DFL: the process ends by the signal, as it would have, only after the save
+                signal.raise_signal(signum)
 
 
 def temp_name(name: str, kind: str = "tmp") -> str:
@@ -240,7 +299,8 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
 
     For data too large to hold in memory (streamed piece by piece). Parent folders are created. A file being
     replaced keeps its permission bits; a new file gets the usual ``0o666 & ~umask``. On any exception the
-    temporary file is deleted and ``path`` is left as it was. With ``fsync`` the data (and the rename) are
+    temporary file is deleted (a stop signal that comes meanwhile waits for it: :func:`signals_held`) and
+    ``path`` is left as it was. With ``fsync`` the data (and the rename) are
     flushed to disk before the block exits, so a power loss leaves either the old or the new file.
     """
     target = Path(path)
@@ -269,8 +329,9 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         os.chmod(tmp, mode)  # mkstemp creates 0o600
         os.replace(tmp, target)
     except BaseException as e:
-        named = write_error(e, target, tmp) if isinstance(e, (OSError, RuntimeError)) else None
-        tmp.unlink(missing_ok=True)
+        with signals_held(str(target)):  # a second Ctrl-C (or SIGTERM) waits until the temporary file is gone
+            named = write_error(e, target, tmp) if isinstance(e, (OSError, RuntimeError)) else None
+            tmp.unlink(missing_ok=True)
         if named is not None:
             raise named from e
         raise

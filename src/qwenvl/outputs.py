@@ -20,7 +20,9 @@ The rules (README "Safety"):
   cleans them itself before it lets the folder go.
 - **Publishing** (:func:`output_files`): files are staged in a unique hidden folder inside the output
   folder, then renamed into place with ``config.json`` last (and removed first), so a folder that has a
-  ``config.json`` is complete; a new folder is built whole in a sibling and renamed in.
+  ``config.json`` is complete; a new folder is built whole in a sibling and renamed in. A stop signal (Ctrl-C,
+  SIGTERM, SIGHUP) that comes while the files are moved in waits until the last one is in place
+  (:func:`qwenvl.fileio.signals_held`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .fileio import (
     fault_point,
     is_temporary,
     same_file,
+    signals_held,
     write_error,
 )
 
@@ -501,21 +504,23 @@ def _publish(root: Path, staging: Path, marker: dict[str, Any] | None, command: 
     if fsync:
         _fsync_tree(staging)
     kept_command = marker["command"] if marker else command
-    _write_marker(root, kept_command, ours | set(new))  # a crash from here on leaves only recorded files
-    if LAST in new:
-        (root / LAST).unlink(missing_ok=True)
-    for i, name in enumerate(new):
-        target = root / name
-        if (staging / name).is_dir() and target.is_dir():
-            _remove(target)
-        os.replace(staging / name, target)
-        if i == 0:
-            fault_point("publish.moving")
-    for name in stale:
-        _remove(root / name)
-    try:  # the save is complete: a marker still naming the removed files (a full disk here) is harmless
-        _write_marker(root, kept_command, (ours - set(stale)) | set(new))
-    except OSError as e:
-        logger.warning("%s is saved, but its list of files in %s could not be updated: %s", root, MARKER_FILE, e)
+    # Ctrl-C, SIGTERM, SIGHUP wait until every file is in place: stopped mid-move, the folder had no config.json
+    with signals_held(str(root)):
+        _write_marker(root, kept_command, ours | set(new))  # a crash from here on leaves only recorded files
+        if LAST in new:
+            (root / LAST).unlink(missing_ok=True)
+        for i, name in enumerate(new):
+            target = root / name
+            if (staging / name).is_dir() and target.is_dir():
+                _remove(target)
+            os.replace(staging / name, target)
+            if i == 0:
+                fault_point("publish.moving")
+        for name in stale:
+            _remove(root / name)
+        try:  # the save is complete: a marker still naming the removed files (a full disk here) is harmless
+            _write_marker(root, kept_command, (ours - set(stale)) | set(new))
+        except OSError as e:
+            logger.warning("%s is saved, but its list of files in %s could not be updated: %s", root, MARKER_FILE, e)
     if fsync:
         _fsync_dir(root)

@@ -553,6 +553,74 @@ def test_runner_interrupted_in_the_first_batch_writes_nothing(tmp_path: Path, im
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs"]
 
 
+def _output_write_fails(monkeypatch: pytest.MonkeyPatch, failing: set[str], error: BaseException) -> None:
+    """The runners' atomic writes raise ``error`` for the file names in ``failing`` (a full disk there)."""
+    real = runners.atomic_write_text
+
+    def write(path: Path, text: str, **kwargs: object) -> Path:
+        if Path(path).name in failing:
+            raise error
+        return real(path, text, **kwargs)
+
+    monkeypatch.setattr(runners, "atomic_write_text", write)
+
+
+def test_runner_keeps_the_predictions_when_the_output_cannot_be_written(tmp_path: Path, image_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # a full disk at the final write: the predictions go to OUT.partial (said in one line), the error goes on, the
+    # existing OUT stays whole, and resuming from OUT.partial writes OUT without generating anything again
+    import errno
+
+    data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
+    out.write_text("yesterday's results")
+    full = OSError(errno.ENOSPC, "No space left on device", str(out))
+    _output_write_fails(monkeypatch, {"o.json"}, full)
+    gen = stub({"half": "(0,0),(499,999)</box>", "middle": "x", "nothing": "y"})
+    with pytest.raises(OSError) as info, caplog.at_level("WARNING"):
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, batch_size=3, output=out, progress=False)
+    assert info.value is full and out.read_text() == "yesterday's results"
+    kept = tmp_path / "o.json.partial"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[Errno 28] No space left on device: '{out}': the predictions for all 4 samples are in {kept} (the "
+        "output's format, scored over those 4)"]  # fmt: skip
+    saved = json.loads(kept.read_text())
+    assert saved["partial"] is True and saved["num_planned"] == saved["num_samples"] == 4
+    assert [p["sent"] for p in saved["predictions"]] == [r["sent"] for r in grounding_rows()]
+    monkeypatch.undo()
+
+    def nothing_left(prompts: Sequence[str]) -> list[str]:
+        raise AssertionError("every answer is in the partial file")
+
+    resumed = evaluate_grounding(data, generate_fn=nothing_left, image_dir=image_dir, output=out, progress=False,
+                                 resume=saved)
+    assert json.loads(out.read_text())["predictions"] == saved["predictions"] == resumed.predictions
+
+
+def test_runner_says_in_one_line_when_the_predictions_cannot_be_kept_either(tmp_path: Path, image_dir: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
+    full = OSError(errno.EFBIG, "File too large")
+    _output_write_fails(monkeypatch, {"o.json", "o.json.partial"}, full)
+    with pytest.raises(OSError) as info:
+        evaluate_grounding(data, generate_fn=stub({"": "x"}), image_dir=image_dir, output=out, progress=False)
+    assert info.value.errno == errno.EFBIG and str(info.value) == \
+        "[Errno 27] File too large; the predictions could not be kept either: [Errno 27] File too large"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs"]
+
+
+def test_runner_interrupted_in_the_final_write_keeps_every_prediction(tmp_path: Path, image_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
+    _output_write_fails(monkeypatch, {"o.json"}, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_grounding(data, generate_fn=stub({"": "x"}), image_dir=image_dir, output=out, progress=False)
+    saved = json.loads((tmp_path / "o.json.partial").read_text())
+    assert not out.exists() and saved["num_samples"] == saved["num_planned"] == 4
+
+
 # ---- scale: each image is checked once, however many samples name it --------------------------------------------
 
 

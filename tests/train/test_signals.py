@@ -1,4 +1,4 @@
-"""Stop signals (Ctrl-C, SIGTERM, SIGHUP) and saves: :func:`qwenvl.train.state.signals_held` holds them while a
+"""Stop signals (Ctrl-C, SIGTERM, SIGHUP) and saves: :func:`qwenvl.fileio.signals_held` holds them while a
 save runs and then acts on them as they would have been acted on; the CLI's SIGHUP keeps its name through DCP.
 
 The whole runs (a signal from another process in the middle of a checkpoint, then resuming) are in
@@ -20,8 +20,8 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
 from qwenvl.cli import Terminated
+from qwenvl.fileio import signals_held
 from qwenvl.train import sharded_checkpoint
-from qwenvl.train.state import signals_held
 
 
 def test_ctrl_c_during_a_save_is_acted_on_when_the_save_ends(caplog) -> None:
@@ -69,7 +69,7 @@ def test_outside_the_main_thread_the_block_runs_as_it_is() -> None:
 def test_with_the_default_action_the_process_ends_by_the_signal_after_the_save() -> None:
     # a library user's process (no handler of ours): SIGTERM still ends it, only once the save is complete
     script = ("import os, signal\n"
-              "from qwenvl.train.state import signals_held\n"
+              "from qwenvl.fileio import signals_held\n"
               "with signals_held('checkpoint-1'):\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    print('saved', flush=True)\n"

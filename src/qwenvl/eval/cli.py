@@ -8,8 +8,8 @@ Example::
 Input formats: :data:`DATA_FORMATS` (shown by ``--help`` and in the README; the full rules are in
 :mod:`qwenvl.eval.runners`). The prompt and chat format used are logged (stderr) before the run and recorded
 in the output JSON's ``settings``, with the score and every prediction; it is written atomically. Interrupted
-(Ctrl-C, SIGTERM), the run writes the predictions made so far, in that format, to ``OUTPUT.partial``;
-``--resume_from OUTPUT.partial`` then generates only the samples after them.
+(Ctrl-C, SIGTERM), or unable to write ``OUTPUT`` (a full disk), the run writes the predictions made so far, in
+that format, to ``OUTPUT.partial``; ``--resume_from OUTPUT.partial`` then generates only the samples after them.
 """
 
 from __future__ import annotations
@@ -67,8 +67,9 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--output", metavar="FILE", help="JSON file for the score and every prediction (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--resume_from", metavar="FILE",
-                   help="the output of an interrupted run (OUTPUT.partial, written on Ctrl-C): its predictions are "
-                        "kept and only the samples after them are generated (same --data, prompt and token limits)")
+                   help="the output of an interrupted run (OUTPUT.partial, written on Ctrl-C or a full disk): its "
+                        "predictions are kept and only the samples after them are generated (same --data, prompt and "
+                        "token limits)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     add_runtime_flags(p)

@@ -34,8 +34,9 @@ Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts)
 driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
 generator refuses with a ``ValueError`` (an undecodable image, say) does not stop the run: its prediction
 gets an ``error`` field and an empty answer (scored as wrong), and ``details["num_errors"]`` counts them.
-A run with an ``output`` that is interrupted (``KeyboardInterrupt``) writes the predictions of the batches
-answered so far, scored over those, to ``OUTPUT.partial`` (``details``: ``partial``, ``num_planned``).
+A run with an ``output`` that is interrupted (``KeyboardInterrupt``), or that cannot write it (``OSError``: a full
+disk), writes the predictions of the batches answered so far, scored over those, to ``OUTPUT.partial``
+(``details``: ``partial``, ``num_planned``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write_text, iter_jsonl, read_json
+from ..fileio import atomic_write_text, error_line, iter_jsonl, read_json
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
 from ..outputs import partial_path
@@ -272,9 +273,11 @@ def _run(
     generation: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Generate for every record and ``score`` the answers; written to ``output`` (when given) with ``settings``
-    added. Interrupted (Ctrl-C, or SIGTERM under ``qwenvl``), the predictions of the batches answered so far are
-    scored and written next to ``output`` (:func:`~qwenvl.outputs.partial_path`), said in one log line, and the
-    interrupt goes on. ``resume``: an earlier run's output (:func:`resumed_answers`), whose answers are kept, not
+    added. Interrupted (Ctrl-C, or SIGTERM under ``qwenvl``; in the scoring or the final write too), the predictions
+    of the batches answered so far are scored and written next to ``output`` (:func:`~qwenvl.outputs.partial_path`),
+    said in one log line, and the interrupt goes on; so are they when ``output`` cannot be written (an ``OSError``:
+    a full disk, a file-size limit), and the error goes on (when even that write fails, the error says so in its
+    one line). ``output`` is written atomically: an existing file stays whole when the write fails. ``resume``: an earlier run's output (:func:`resumed_answers`), whose answers are kept, not
     generated again."""
     answers: list[str] = []
     errors: dict[int, str] = {}
@@ -284,21 +287,43 @@ def _run(
                     len(records))
     try:
         _generate_all(prompts, generate_fn, batch_size, progress, desc, answers, errors)
+        result = score(records, answers, errors)
+        result.settings.update(settings or {})
+        if output is not None:
+            result.save(output)
     except KeyboardInterrupt:
         if output is not None and answers:
-            done = len(answers)
-            partial = score(records[:done], answers, errors)
-            partial.settings.update(settings or {})
-            partial.details.update(partial=True, num_planned=len(records))
-            path = partial.save(partial_path(output))
-            logger.warning("interrupted: the predictions for the first %d of %d samples are in %s (the output's "
-                           "format, scored over those %d)", done, len(records), path, done)
+            path = _save_partial(records, answers, errors, settings, score, output)
+            logger.warning("interrupted: %s", _kept(len(answers), len(records), path))
         raise
-    result = score(records, answers, errors)
-    result.settings.update(settings or {})
-    if output is not None:
-        result.save(output)
+    except OSError as e:  # a full disk at the final write: the answers of hours must not go with it
+        if output is None or not answers:
+            raise
+        try:
+            path = _save_partial(records, answers, errors, settings, score, output)
+        except OSError as again:  # said in the same line: "[Errno 28] ...: 'OUT'; ... either: [Errno 28] ..."
+            said = error_line(e).removeprefix(f"[Errno {e.errno}] ")
+            raise OSError(e.errno, f"{said}; the predictions could not be kept either: {error_line(again)}") from e
+        logger.warning("%s: %s", error_line(e), _kept(len(answers), len(records), path))
+        raise
     return result
+
+
+def _save_partial(records: Sequence[Any], answers: list[str], errors: dict[int, str], settings: dict[str, Any] | None,
+                  score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult],
+                  output: str | os.PathLike) -> Path:
+    """Write the predictions so far, scored over those, in the output's format to a new file next to ``output``
+    (:func:`~qwenvl.outputs.partial_path`), with ``partial`` and ``num_planned`` added; return its path."""
+    partial = score(records[: len(answers)], answers, errors)
+    partial.settings.update(settings or {})
+    partial.details.update(partial=True, num_planned=len(records))
+    return partial.save(partial_path(output))
+
+
+def _kept(done: int, total: int, path: Path) -> str:
+    """Where the predictions of a run that stopped early are, said in one log line."""
+    which = f"all {done}" if done == total else f"the first {done} of {total}"
+    return f"the predictions for {which} samples are in {path} (the output's format, scored over those {done})"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from ..checkpoint import CheckpointError, save_pretrained
 from ..config import QwenVLConfig
-from ..fileio import atomic_dir, error_line, fault_point, write_error
+from ..fileio import atomic_dir, error_line, fault_point, signals_held, write_error
 from ..outputs import record_files
 from .distributed import RANK_LOGGER, DistEnv
-from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state, signals_held
+from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state
 
 __all__ = ["consolidate", "is_sharded_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -179,7 +179,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``path`` (module docstring). ``trained_only``: leave frozen parameters out (LoRA). ``write_extra(folder)``
     runs on every rank (it may gather) after the shards are written. Ctrl-C, SIGTERM and SIGHUP wait until the
-    folder is in place (:func:`~qwenvl.train.state.signals_held`)."""
+    folder is in place (:func:`~qwenvl.fileio.signals_held`)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trained_only))
     with signals_held(path.name), _shared_staging(path, env) as tmp:
         torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")

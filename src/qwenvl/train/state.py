@@ -8,19 +8,15 @@ with ``weights_only=True``), beside ``trainer_state.json`` (the same in readable
 a half-written one; pruning renames a folder to a hidden trash name before deleting it, so a crash never
 leaves a half-deleted one under its real name (the next run in the folder deletes the trash). Only folders
 holding our marker are pruned. A stop signal (Ctrl-C, SIGTERM, SIGHUP) that comes while a save runs waits for
-it to end (:func:`signals_held`).
+it to end (:func:`qwenvl.fileio.signals_held`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
 import re
-import signal
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import error_line, remove_tree
+from ..fileio import STOP_SIGNALS, error_line, remove_tree, signals_held
 from ..outputs import is_ours
 
 __all__ = [
     "STATE_FILE",
     "STATE_JSON",
+    "STOP_SIGNALS",
     "BatchOrder",
     "RESUME_KEYS",
     "TrainStateError",
@@ -46,7 +43,7 @@ __all__ = [
     "rng_state",
     "saved_config",
     "set_rng_state",
-    "signals_held",
+    "signals_held",  # STOP_SIGNALS and signals_held live in qwenvl.fileio (outputs hold signals too)
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,61 +157,6 @@ class Progress:
     num_tokens: int = 0  # non-pad input tokens
     num_loss_tokens: int = 0
     train_seconds: float = 0.0
-
-
-# ---- saving ------------------------------------------------------------------------------------------------
-# what stops a run from outside: Ctrl-C, SIGTERM (kill, timeout, a scheduler's cancel), SIGHUP (the terminal closed)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-# held too where a Python handler has it: torch's DataLoader raises from SIGCHLD when a worker died
-_CHILD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGCHLD",) if hasattr(signal, name))
-
-
-@contextlib.contextmanager
-def signals_held(what: str) -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP while the block (a save, ``what``: named in the log) runs, then act on the
-    first that came as it would have been acted on: by the handler in force before (the ``qwenvl`` CLI's and
-    Python's raise, and the run stops as interrupted, exit status 130, 143 or 129) or by the default action (the
-    process ends by that signal). A signal ignored before stays ignored; a block inside another is held by it.
-    SIGCHLD is held too when a Python handler has it (torch's DataLoader: it raises when a worker died); it is
-    acted on after the block unless a stop signal came as well (a signal to the whole process group, as a
-    scheduler's cancel or a closed terminal sends, kills the workers too: that is the same stop).
-
-    Why: a Python handler raises wherever the main thread is, and inside a save that may be a callback from C++:
-    DCP's writer (``torch.save`` into a Python stream) interrupted there left a writer whose destructor wrote to
-    the closed file, and the process died by SIGABRT (``terminate called after throwing an instance of
-    'pybind11::error_already_set'``): 3 of about 500 saves interrupted at random moments; or the writer's zip
-    failed (``unexpected pos 704 vs 598``) and the checkpoint was lost. The staging folder made a crash
-    harmless; waiting for the save makes it impossible, and the stop lands on a checkpoint just written.
-    Only the main thread can set handlers (Python runs them there): in another the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-
-    def hold(signum: int, frame: Any) -> None:  # nothing else here: a handler that writes may reenter a write
-        held.append(signum)
-
-    previous = {}
-    for signum in (*STOP_SIGNALS, *_CHILD_SIGNALS):
-        handler = signal.getsignal(signum)
-        if callable(handler) or (signum in STOP_SIGNALS and handler == signal.SIG_DFL):  # not SIG_IGN, nor None
-            previous[signum] = signal.signal(signum, hold)  # (None: set outside Python, which could not put it back)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if held:
-            stops = [s for s in held if s in STOP_SIGNALS]
-            signum = (stops or held)[0]
-            handler = previous[signum]
-            if stops:
-                logger.warning("%s came while %s was being saved: acted on now that the save has ended",
-                               signal.Signals(signum).name, what)
-            if callable(handler):
-                handler(signum, None)
-            else:  # SIG_DFL: the process ends by the signal, as it would have, only after the save
-                signal.raise_signal(signum)
 
 
 # ---- checkpoint folders ------------------------------------------------------------------------------------
