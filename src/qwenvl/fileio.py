@@ -46,12 +46,15 @@ __all__ = [
     "clean_temporary",
     "error_line",
     "fault_point",
+    "fsync_dir",
+    "fsync_tree",
     "write_error",
     "is_temporary",
     "iter_jsonl",
     "parse_json",
     "read_json_records",
     "read_yaml",
+    "remove_path",
     "remove_tree",
     "same_file",
     "require_folder",
@@ -253,11 +256,11 @@ def clean_temporary(folder: str | os.PathLike[str]) -> list[str]:
             os.rename(entry, original)
             logger.warning("restored %s from an interrupted replacement", original)
         else:
-            _remove(entry)
+            remove_path(entry)
             logger.info("removed %s left by an interrupted run", entry)
         handled.append(entry.name)
     if handled:
-        _fsync_dir(root)
+        fsync_dir(root)
     return handled
 
 
@@ -269,7 +272,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable. Best effort: not every platform can open a folder."""
     if os.name != "posix":
         return
@@ -285,7 +288,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     """Delete a file, a symlink or a folder tree; a missing path is fine."""
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
@@ -338,7 +341,7 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     finally:
         os.close(lock_fd)
     if fsync:
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
 def _flock(fd: int) -> bool | None:
@@ -415,7 +418,7 @@ def atomic_write_text(
     return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             file = Path(dirpath) / name
@@ -426,7 +429,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 @contextlib.contextmanager
@@ -459,17 +462,17 @@ def atomic_dir(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0o700
         yield tmp
         if fsync:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         fault_point("atomic_dir.staged")
         _swap_in(tmp, target)
     except BaseException as e:
         named = write_error(e, target, tmp) if isinstance(e, (OSError, RuntimeError)) else None
-        _remove(tmp)
+        remove_path(tmp)
         if named is not None:
             raise named from e
         raise
     if fsync:
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
 def _swap_in(new: Path, target: Path) -> None:
@@ -488,7 +491,7 @@ def _swap_in(new: Path, target: Path) -> None:
         os.rename(old, target)
         raise
     try:
-        _remove(old)
+        remove_path(old)
     except OSError as e:  # the new folder is in place; a leftover old copy is only wasted space
         logger.warning("replaced %s but could not delete the previous version %s: %s", target, old, e)
 

@@ -43,14 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import (
-    _fsync_dir,
-    _fsync_tree,
-    _remove,
     atomic_dir,
     atomic_write_text,
     clean_temporary,
     fault_point,
+    fsync_dir,
+    fsync_tree,
     is_temporary,
+    remove_path,
     same_file,
     signals_held,
     write_error,
@@ -489,7 +489,7 @@ def output_files(folder: str | os.PathLike[str], command: str = "save_pretrained
             raise
         raise named from e
     finally:
-        _remove(staging)
+        remove_path(staging)
 
 
 def _publish(root: Path, staging: Path, marker: dict[str, Any] | None, command: str, fsync: bool) -> None:
@@ -502,7 +502,7 @@ def _publish(root: Path, staging: Path, marker: dict[str, Any] | None, command: 
         raise OutputDirError(f"{root} holds weight files this save would not replace ({', '.join(sorted(foreign))}); "
                              "the folder would mix two checkpoints: remove them or choose another folder")
     if fsync:
-        _fsync_tree(staging)
+        fsync_tree(staging)
     kept_command = marker["command"] if marker else command
     # Ctrl-C, SIGTERM, SIGHUP wait until every file is in place: stopped mid-move, the folder had no config.json
     with signals_held(str(root)):
@@ -512,15 +512,15 @@ def _publish(root: Path, staging: Path, marker: dict[str, Any] | None, command: 
         for i, name in enumerate(new):
             target = root / name
             if (staging / name).is_dir() and target.is_dir():
-                _remove(target)
+                remove_path(target)
             os.replace(staging / name, target)
             if i == 0:
                 fault_point("publish.moving")
         for name in stale:
-            _remove(root / name)
+            remove_path(root / name)
         try:  # the save is complete: a marker still naming the removed files (a full disk here) is harmless
             _write_marker(root, kept_command, (ours - set(stale)) | set(new))
         except OSError as e:
             logger.warning("%s is saved, but its list of files in %s could not be updated: %s", root, MARKER_FILE, e)
     if fsync:
-        _fsync_dir(root)
+        fsync_dir(root)
