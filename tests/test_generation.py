@@ -81,6 +81,51 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     assert not torch.equal(a, c)
 
 
+# sampled with the whole distribution: no top-k/top-p cut that padding's rounding could move
+SAMPLED = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+           "stop_token_ids": ()}
+
+
+def _left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), ENDOFTEXT_ID)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    return ids, mask
+
+
+def test_a_seeded_sample_does_not_depend_on_the_batch(tiny_model):
+    # one generator drew the tokens of the whole batch: a prompt's seeded answer changed with the prompts batched
+    # with it and its place among them (vLLM's seed gives a request the same answer whatever runs beside it)
+    g = torch.Generator().manual_seed(4)
+    prompt, other, another = (torch.randint(1000, 50000, (n,), generator=g) for n in (9, 12, 5))
+
+    def answer(prompts: list[torch.Tensor], row: int) -> list[int]:
+        ids, mask = _left_padded(prompts)
+        return tiny_model.generate(ids, attention_mask=mask, seed=11, **SAMPLED)[row, ids.shape[1] :].tolist()
+
+    alone = answer([prompt], 0)
+    assert answer([prompt, other, another], 0) == alone
+    assert answer([other, another, prompt], 2) == alone
+
+
+def test_one_seed_per_sequence(tiny_model):
+    ids = torch.randint(1000, 50000, (1, 10), generator=torch.Generator().manual_seed(6))
+    copies = ids.repeat(2, 1)
+    same = tiny_model.generate(copies, seed=3, **SAMPLED)
+    assert torch.equal(same[0], same[1])  # one seed: the same prompt gets the same answer
+    each = tiny_model.generate(copies, seed=[3, 4], **SAMPLED)
+    assert torch.equal(each[0], same[0]) and torch.equal(each[1], tiny_model.generate(ids, seed=4, **SAMPLED)[0])
+    assert not torch.equal(each[0], each[1])
+    with pytest.raises(ValueError, match="seed has 3 values for 2 sequences"):
+        tiny_model.generate(copies, seed=[1, 2, 3], **SAMPLED)
+    with pytest.raises(ValueError, match="seed must be an integer, got 2.5"):
+        tiny_model.generate(copies, seed=[1, 2.5], **SAMPLED)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\), got -9223372036854775809"):
+        tiny_model.generate(copies, seed=[1, -(2**63) - 1], **SAMPLED)
+
+
 def test_top_k_one_equals_greedy(tiny_model):
     ids = torch.randint(1000, 50000, (1, 16), generator=torch.Generator().manual_seed(1))
     greedy = tiny_model.generate(ids, max_new_tokens=6)

@@ -39,7 +39,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    # each sequence samples from its own generator seeded with this (so its tokens depend on its prompt and seed,
+    # not on the batch around it, as each request in vLLM); a list gives one seed per sequence of the batch;
+    # None: one generator for the batch, seeded from torch's random state
+    seed: int | Sequence[int] | None = None
     stop_token_ids: Sequence[int] = field(default_factory=lambda: STOP_IDS["chatml"])
     pad_token_id: int = ENDOFTEXT_ID
 
@@ -65,14 +68,30 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not -(2**63) <= _require_int("seed", self.seed) < 2**64:
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
+        for seed in [self.seed] if isinstance(self.seed, (str, bytes)) else _row_seeds(self.seed):  # "7": a mistake
+            if not -(2**63) <= _require_int("seed", seed) < 2**64:
+                raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
             raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids:
             if _require_int("stop token id", t) < 0:
                 raise ValueError(f"stop token id must be >= 0, got {t}")
         _require_int("pad_token_id", self.pad_token_id)
+
+
+def _row_seeds(seed: int | Sequence[int] | None) -> list[int]:
+    """``SamplingParams.seed`` as a list: none, the one seed, or the seeds given one per sequence."""
+    if seed is None:
+        return []
+    return list(seed) if isinstance(seed, Sequence) else [seed]
+
+
+def sampling_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for sampling, seeded with ``seed``, or when it is None from torch's random state (so that
+    ``torch.manual_seed`` before an unseeded run repeats it)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return generator
 
 
 def _require_int(name: str, value: object) -> int:
@@ -116,11 +135,16 @@ def process_logits(
     return logits
 
 
-def pick(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def pick(logits: torch.Tensor, p: SamplingParams,
+         generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """The next token of each row of ``logits`` (B, V): the largest, or sampled from ``generator`` (one draw for
+    the batch) or a sequence of B generators (row i from the i-th: what it draws does not depend on the others)."""
     if not p.do_sample:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator, strict=True)])
 
 
 def decode_step(model: QwenVL, token: torch.Tensor, attention_mask: torch.Tensor, cache) -> torch.Tensor:  # noqa: ANN001
@@ -241,10 +265,14 @@ def stream_tokens(
     if limit - longest < p.max_new_tokens:
         logger.warning("max_new_tokens lowered from %d to %d to fit the context of %d", p.max_new_tokens,
                        limit - longest, limit)
-    generator = None
-    if p.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    seeds = _row_seeds(p.seed)  # one per sequence
+    if not isinstance(p.seed, Sequence):
+        seeds *= b
+    elif len(seeds) != b:
+        raise ValueError(f"seed has {len(seeds)} values for {b} sequences: give one seed for all, or one per sequence")
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if p.do_sample:  # seeded: a generator per sequence, whose tokens are then the same whatever it is batched with
+        generator = [sampling_generator(s, device) for s in seeds] if seeds else sampling_generator(None, device)
 
     cache = model.new_cache(b, t + max_new)
     logits = model(input_ids, attention_mask=attention_mask, images=images, past_key_values=cache,
@@ -283,7 +311,7 @@ def generate(
     top_p: float | None = None,
     top_k: int | None = None,
     repetition_penalty: float | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     stop_token_ids: Sequence[int] | None = None,
     chat_format: str | None = None,
     max_context: int | None = None,
@@ -299,6 +327,11 @@ def generate(
     tokens come from the checkpoint's ``generation_config.json`` (``chat_format`` raw: ``<|endoftext|>``; chatml: also
     ``<|im_end|>`` and ``<|im_start|>``). The stop token is kept in the output. ``params`` (a
     :class:`SamplingParams`) replaces the individual sampling arguments, which must then stay unset.
+    ``seed`` (sampling): each sequence samples from its own generator seeded with it, so a sequence's tokens depend
+    only on its prompt and the seed, not on the other prompts of the batch nor its place among them (as vLLM's
+    ``seed``; the same prompt twice gives the same answer twice); a list gives one seed per sequence
+    (``seed=[s, s + 1, ...]`` for different samples of one prompt). Without a seed the batch draws from one
+    generator seeded from torch's random state (``torch.manual_seed`` repeats a run).
     Unknown keyword arguments are errors (a misspelt option never falls back to a default silently).
     transformers' options are taken where they mean the same here (:func:`from_transformers_options`: ``max_length``,
     ``eos_token_id``, ``num_beams=1``, ...); the others are errors that say what to use instead.
@@ -337,7 +370,8 @@ def generate(
 # transformers' generate() options that ask for what this generate does not do: what to use instead
 _UNSUPPORTED_OPTIONS = {
     "num_beams": "beam search is not implemented: use greedy decoding (num_beams=1, the default) or do_sample=True",
-    "num_return_sequences": "give the prompt several times in the batch (processor([prompt] * n)) with do_sample=True",
+    "num_return_sequences": "give the prompt several times in the batch (processor([prompt] * n)) with do_sample=True "
+                            "(and no seed, or one seed per copy: seed=[s, s + 1, ...])",
     "return_dict_in_generate": "generate returns the ids only; qwenvl.generation.stream_tokens yields each step's "
                                "tokens and model(...).logits gives the scores",
     "output_scores": "generate returns the ids only; model(input_ids, ...).logits gives the scores",

@@ -70,7 +70,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, chat_format: bool = True) ->
     p.add_argument("--top_p", type=float, help="default: the checkpoint's generation_config.json")
     p.add_argument("--top_k", type=int, help="0 = off (default: the checkpoint's)")
     p.add_argument("--repetition_penalty", type=float)
-    p.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    p.add_argument("--seed", type=int, help="seed for sampling: each prompt samples from its own generator seeded "
+                                            "with it, so its answer is the same whatever it is batched with")
     if chat_format:  # not for chat, which is ChatML whatever the checkpoint
         p.add_argument("--chat_format", choices=["raw", "chatml"], help="default: the checkpoint's")
 
