@@ -880,3 +880,30 @@ def test_a_plain_pickle_bin_is_refused_without_torch_warnings(tmp_path: Path, re
     with pytest.raises(CheckpointError, match=r"refusing to load .*pytorch_model\.bin"):
         load_state_dict(tmp_path)
     assert [str(w.message) for w in recwarn] == []
+
+
+def test_loading_a_folder_reads_its_config_once(golden_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``qwenvl.inference.load`` read and parsed config.json twice (the memory check, then the model's loader); a
+    config the caller already read is not read again, and is still checked against the weights."""
+    from qwenvl import fileio, hardware
+    from qwenvl.inference import load
+
+    reads: list[str] = []
+    read_json = fileio.read_json
+
+    def counting(file, *args, **kwargs):
+        reads.append(Path(file).name)
+        return read_json(file, *args, **kwargs)
+
+    monkeypatch.setattr(fileio, "read_json", counting)
+    monkeypatch.setattr(hardware, "available_memory", lambda: 2**40)  # the memory check runs, and passes
+    model, _ = load(golden_dir, dtype="float32", device="cpu")
+    assert reads.count("config.json") == 1
+    reads.clear()
+    config = QwenVLConfig.from_pretrained(golden_dir)
+    load(golden_dir, dtype="float32", device="cpu", config=config)
+    assert reads.count("config.json") == 1  # the caller's read alone
+    with pytest.raises(CheckpointError, match="num_hidden_layers|shape|missing|unexpected"):
+        QwenVL.from_pretrained(golden_dir, config=QwenVLConfig.from_preset("mid"))
+    with pytest.raises(TypeError, match="config must be a QwenVLConfig"):
+        QwenVL.from_pretrained(golden_dir, config=config.to_official())

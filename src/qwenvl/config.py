@@ -338,7 +338,7 @@ class QwenVLConfig:
         if dtype not in _TORCH_DTYPES:  # "garbage" failed only in merge_lora, unnamed; saves took it as float32
             raise ConfigError(f'torch_dtype must be "bfloat16", "float16" or "float32", got {dtype!r}')
         gen = GenerationDefaults.from_dict(generation) if generation else GenerationDefaults()
-        extra = {k: v for k, v in d.items() if k not in known and k not in _DERIVED_KEYS}
+        extra = {k: v for k, v in d.items() if k not in known and (k not in _DERIVED_KEYS or k in _DTYPE_FLAGS)}
         return cls(lm=lm, visual=VisionConfig.from_official(d["visual"]), generation=gen, torch_dtype=dtype,
                    extra=extra)
 
@@ -374,6 +374,11 @@ class QwenVLConfig:
         gen = self.generation.to_dict()
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
+    def stored_dtype_flags(self) -> dict[str, Any]:
+        """``bf16``/``fp16``/``fp32`` as the config.json read stores them (the official code computes in the one set
+        to true, and picks by hardware when none is); :meth:`to_official` writes them from ``torch_dtype``."""
+        return {k: self.extra[k] for k in _DTYPE_FLAGS if k in self.extra}
+
     def fields_by_name(self, names: tuple[str, ...]) -> dict[str, Any]:
         """``{"num_attention_heads": 32, "visual.heads": 16, ...}`` for the dotted official names given."""
         out = {}
@@ -399,6 +404,8 @@ def _read_json_object(file: Path) -> dict[str, Any]:
     return d
 
 
+# the official config's dtype switches: kept in ``extra`` as read (for ``qwenvl info``), written from torch_dtype
+_DTYPE_FLAGS = ("bf16", "fp16", "fp32")
 # config.json keys computed from the fields above (never taken from ``extra``)
 _DERIVED_KEYS = frozenset({f.name for f in fields(LMConfig)} | {"bf16", "fp16", "fp32", "torch_dtype", "visual",
                                                                  "model_type"})

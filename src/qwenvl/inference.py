@@ -41,8 +41,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | None = None,
          base_dir: str | os.PathLike | None = None, quantize: str | None = None, *,
          allowed_media_dir: str | os.PathLike | None = ".", allow_any_local_path: bool = False,
-         ) -> tuple[QwenVL, Processor]:
+         config: QwenVLConfig | None = None) -> tuple[QwenVL, Processor]:
     """Model and processor of a checkpoint folder, ready for inference.
+
+    ``config``: the folder's config when the caller has read it already (``QwenVLConfig.from_pretrained``);
+    otherwise it is read here, once for the whole load.
 
     ``allowed_media_dir`` / ``allow_any_local_path`` (``base_dir``: the older name of the first) are the
     processor's media policy: which local files ``<img>PATH</img>`` may name (see :class:`Processor`).
@@ -63,8 +66,11 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     model_dir = require_folder(model_dir)
     device = pick_device(device)
     compute = resolve_dtype(dtype, device)
-    check_memory(model_dir, compute, quantize, device)
-    model = QwenVL.from_pretrained(model_dir, dtype=None if quantize == "int8" else compute, device=device)
+    if config is None:
+        config = QwenVLConfig.from_pretrained(model_dir)
+    check_memory(model_dir, compute, quantize, device, config)
+    model = QwenVL.from_pretrained(model_dir, dtype=None if quantize == "int8" else compute, device=device,
+                                   config=config)
     optimize_for_inference(model.eval(), quantize, dtype=compute)
     processor = Processor.from_pretrained(model_dir, config=model.config, base_dir=base_dir,
                                           allowed_media_dir=allowed_media_dir,
@@ -72,18 +78,21 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     return model, processor
 
 
-def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str | None, device: str) -> None:
+def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str | None, device: str,
+                 config: QwenVLConfig | None = None) -> None:
     """Refuse, before any weight is read, to load onto the CPU a model whose tensors need more memory than the
     machine has available (RAM + swap; Linux): the process would otherwise be killed minutes into reading the
     files. Counted from the shapes (:func:`qwenvl.quantize.copied_bytes`): tensors read in place from a checkpoint
-    that stores ``dtype`` take none; the message says what would fit (int8 weights)."""
+    that stores ``dtype`` take none; the message says what would fit (int8 weights). ``config``: the folder's,
+    if already read."""
     from .hardware import available_memory
     from .model.qwenvl import as_dtype
     from .quantize import copied_bytes
 
     if torch.device(device).type != "cpu" or (available := available_memory()) is None:
         return
-    config = QwenVLConfig.from_pretrained(model_dir)
+    if config is None:
+        config = QwenVLConfig.from_pretrained(model_dir)
     meta = QwenVL.on_meta(config)
     mapped = as_dtype(config.torch_dtype) == dtype
     need = copied_bytes(meta, quantize, dtype, mapped)

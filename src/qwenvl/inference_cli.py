@@ -149,6 +149,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="put the picture line where <image> stood, as MindFormers' data_convert.py (a trailing "
                         "'\\n<image>' then follows the question with no separator); default: it starts the turn, "
                         "as LLaVA's own training puts it")
+    p.add_argument("--allow_any_local_path", type=str2bool, default=False, metavar="BOOL",
+                   help="image paths may lead out of --image_location (absolute, '..', a link leading out, e.g. "
+                        "train2014 -> /mnt/coco), as finetune's allow_any_local_path; default false: such a record "
+                        "is malformed, whether or not the file exists")
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
@@ -174,7 +178,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    lines = [f"checkpoint: {info['source']}", f"dtype: {info['dtype']}", "", "parameters:"]
+    lines = [f"checkpoint: {info['source']}", f"dtype: {info['dtype']}"]
+    lines += [f"loads as: {info['loads_as']}"] if "loads_as" in info else []
+    lines += ["", "parameters:"]
     for part, n in info["parameters"].items():
         lines.append(f"  {part:<28} {n:>15,}  ({n / 1e9:.3f} B)")
     lines += ["", "config:"]
@@ -411,7 +417,7 @@ def run_predict(args: argparse.Namespace) -> int:
     config = QwenVLConfig.from_pretrained(opts["load_checkpoint"])
     params = _sampling(config, opts, greedy_default=True)  # before the weights: a bad value is said at once
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
-                            quantize=opts.get("quantize"), allow_any_local_path=any_path)
+                            quantize=opts.get("quantize"), allow_any_local_path=any_path, config=config)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
     prompts = [_as_chat(p, fmt) for p in prompts]
@@ -523,10 +529,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}
-    params = chat_params(QwenVLConfig.from_pretrained(args.load_checkpoint), **opts)
+    config = QwenVLConfig.from_pretrained(args.load_checkpoint)
+    params = chat_params(config, **opts)
     params.validate()  # before the weights load: a bad value is said at once
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
-                            quantize=args.quantize,
+                            quantize=args.quantize, config=config,
                             allow_any_local_path=True if args.allow_any_local_path is None else args.allow_any_local_path)
     processor.chat_format = "chatml"
     session = ChatSession(model, processor, params, system=args.system, base_dir=args.image_dir,
@@ -726,6 +733,6 @@ def run_data_convert(args: argparse.Namespace) -> int:
     summary = convert_llava(args.data_path, args.image_location, args.output_path,
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
                             image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, allow_any_local_path=args.allow_any_local_path)
     print(summary)  # once: the library only logs it at DEBUG level
     return 0

@@ -250,11 +250,13 @@ def _write_marker(folder: Path, command: str, files: Iterable[str]) -> None:
     atomic_write_text(folder / MARKER_FILE, json.dumps(body, indent=1) + "\n")
 
 
-def record_files(folder: str | os.PathLike[str], names: Iterable[str], command: str = "qwenvl") -> None:
-    """Add ``names`` (top-level entries of ``folder`` that we wrote) to its marker, creating the marker."""
+def record_files(folder: str | os.PathLike[str], names: Iterable[str], command: str = "qwenvl",
+                 replace: bool = False) -> None:
+    """Add ``names`` (top-level entries of ``folder`` that we wrote) to its marker, creating the marker;
+    ``replace``: the marker lists exactly ``names`` (those it listed before are no longer ours to delete)."""
     root = Path(folder)
     marker = read_marker(root)
-    old = marker["files"] if marker else []
+    old = marker["files"] if marker and not replace else []
     _write_marker(root, marker["command"] if marker else command, [*old, *names])
 
 

@@ -412,3 +412,51 @@ def test_image_tag_inside_the_image_name_is_not_counted_as_a_second_tag(tmp_path
         assert converted[1]["conversations"][1]["value"] == pic + "R?"
     _, summary = convert_records([rec("<image>\nQ? <image>")], tmp_path, image_prefix="")
     assert [m.reason for m in summary.malformed] == ["2 <image> tags; a record holds at most one image"]
+
+
+def test_image_paths_out_of_the_image_folder_are_refused_alike_whether_they_exist_or_not(tmp_path: Path) -> None:
+    """A record naming a file outside --image_location was written when the file existed and dropped as a missing
+    image when it did not: the untrusted data learnt which files exist elsewhere."""
+    root, outside = tmp_path / "coco", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"\xff\xd8\xff")
+    (root / "secret-link.jpg").symlink_to(outside / "secret.jpg")
+    (root / "absent-link.jpg").symlink_to(outside / "absent.jpg")
+    names = ["../outside/{}.jpg", str(outside) + "/{}.jpg", "{}-link.jpg", "sub/../../outside/{}.jpg"]
+    records = [{"id": str(i), "image": name.format(which),
+                "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}
+               for i, (name, which) in enumerate((n, w) for n in names for w in ("secret", "absent"))]
+    converted, summary = convert_records(records, root, image_prefix="")
+    assert converted == [] and summary.missing_images == 0 and summary.image_files == {}
+    reasons = [m.reason for m in summary.malformed]
+    assert len(reasons) == len(records)
+    assert all("is not allowed: only files inside the media folder are read" in r for r in reasons)
+    assert reasons[0::2] == [r.replace("absent", "secret") for r in reasons[1::2]]  # existing or not: the same
+    (root / "train2014").mkdir()
+    (root / "train2014" / "COCO_train2014_1.jpg").write_bytes(b"\xff\xd8\xff")  # inside: still taken
+    inside = [{**records[0], "image": image} for image in ("train2014/COCO_train2014_1.jpg", str(root / PREFIX) + "1.jpg",
+                                                           "train2014/../train2014/COCO_train2014_1.jpg")]
+    converted, summary = convert_records(inside, root, image_prefix="")
+    assert len(converted) == 3 and summary.malformed == []
+
+
+def test_a_linked_image_folder_is_taken_with_allow_any_local_path(tmp_path: Path) -> None:
+    # images kept elsewhere (coco/train2014 -> /mnt/coco/train2014) are refused by default, as training refuses
+    # them; --allow_any_local_path true takes them, as finetune's option of that name
+    from qwenvl.cli import main
+
+    root, elsewhere = tmp_path / "coco", tmp_path / "mnt"
+    (elsewhere / "train2014").mkdir(parents=True)
+    (elsewhere / "train2014" / "COCO_train2014_1.jpg").write_bytes(b"\xff\xd8\xff")
+    root.mkdir()
+    (root / "train2014").symlink_to(elsewhere / "train2014")
+    rec = {"id": "1", "image": "1.jpg",
+           "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}
+    src = _write(tmp_path / "detail.json", [rec])
+    argv = ["data-convert", "--data_path", str(src), "--image_location", str(root)]
+    assert main([*argv, "--output_path", str(tmp_path / "refused.json")]) == 0
+    assert json.loads((tmp_path / "refused.json").read_text()) == []
+    assert main([*argv, "--output_path", str(tmp_path / "taken.json"), "--allow_any_local_path", "true"]) == 0
+    [taken] = json.loads((tmp_path / "taken.json").read_text())
+    assert taken["conversations"][0]["value"] == "Picture 1: <img>train2014/COCO_train2014_1.jpg</img>\nQ?"

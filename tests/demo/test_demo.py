@@ -470,3 +470,24 @@ def test_an_output_entry_of_the_wrong_kind_is_refused_before_any_work(tmp_path: 
         run_demo(out, steps=1, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [".qwenvl-output.json", name]  # nothing else written
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_second_dataset_keeps_none_of_the_first_ones_pictures(tmp_path: Path) -> None:
+    """A second run with fewer pictures left the first run's extra ones in data/images; files that the demo did
+    not write stay."""
+    make_dataset(tmp_path, 5, 3, seed=1)
+    (tmp_path / "images" / "train" / "000007.png").write_bytes(b"mine")  # not written by make_dataset
+    (tmp_path / "images" / "eval" / "notes.txt").write_text("mine")
+    second = make_dataset(tmp_path, 2, 1, seed=2)
+
+    def pictures(split: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / "images" / split).iterdir() if not p.name.startswith("."))
+
+    assert pictures("train") == ["000000.png", "000001.png", "000007.png"]
+    assert pictures("eval") == ["000000.png", "notes.txt"]
+    assert (tmp_path / "images" / "train" / "000007.png").read_bytes() == b"mine"
+    assert [s.image for s in second.train] == ["images/train/000000.png", "images/train/000001.png"]
+    # the marker lists the latest run's pictures only: a name the first run wrote, now the user's file, stays
+    (tmp_path / "images" / "train" / "000004.png").write_bytes(b"mine too")
+    make_dataset(tmp_path, 1, 1, seed=3)
+    assert pictures("train") == ["000000.png", "000004.png", "000007.png"]

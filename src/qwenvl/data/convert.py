@@ -26,6 +26,10 @@ Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
   turn (otherwise the image would be silently lost); these are counted in ``ConvertSummary.untagged``.
 - The ``image`` key is removed; other record keys are kept. Turns keep only ``from`` and ``value``.
 - A record whose image file ``image_location / (image_prefix + image)`` does not exist is dropped and counted.
+  The data is not trusted to name files elsewhere: a path that leads out of ``image_location`` (absolute, ``~``,
+  ``..`` or a link leading out; :class:`qwenvl.images.MediaPolicy`, which training applies to ``dataset_dir``
+  too) makes the record malformed before any file is looked at, with the same reason whether it exists or not;
+  ``allow_any_local_path`` (``--allow_any_local_path true``) lets the data name any file, as training's option.
 - A record without an ``image`` key is kept as text-only.
 - Malformed records are skipped and listed (index, id, reason), or raise ``ValueError`` with ``strict=True``.
   Malformed means: not an object; ``conversations`` missing, not a list, or empty; a turn that is not an
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl.fileio import atomic_write_text, read_json_records
+from qwenvl.images import ImageError, MediaPolicy
 from qwenvl.outputs import check_output_file
 from qwenvl.tokenizer import image_path_problem
 
@@ -131,9 +136,10 @@ def _replace_image_tag(value: str, picture: str, in_place: bool = False) -> str 
 
 
 def _convert_record(
-    record: Any, roles: dict[str, str], image_prefix: str, tag_in_place: bool = False
+    record: Any, roles: dict[str, str], image_prefix: str, policy: MediaPolicy, tag_in_place: bool = False
 ) -> tuple[dict[str, Any], str | None, bool]:
     """Convert one record; return (output record, image path relative to the image root or None, untagged).
+    ``policy``: which image paths the record may name (those inside the image root).
 
     Raises _Malformed.
     """
@@ -149,6 +155,11 @@ def _convert_record(
     problem = None if rel_path is None else image_path_problem(rel_path)
     if problem:  # the dataset could not encode the record: a bad record here, not at training time
         raise _Malformed(f"image path {rel_path[:64]!r}{'...' if len(rel_path) > 64 else ''} {problem}")
+    if rel_path is not None:
+        try:  # refused without a look at whether the file exists: the reason must not tell
+            policy.resolve(rel_path)
+        except ImageError as e:
+            raise _Malformed(str(e)) from None
     picture = "" if rel_path is None else f"Picture 1: <img>{rel_path}</img>\n"
 
     out_turns: list[dict[str, str]] = []
@@ -199,20 +210,24 @@ def convert_records(
     image_prefix: str = DEFAULT_IMAGE_PREFIX,
     strict: bool = False,
     tag_in_place: bool = False,
+    allow_any_local_path: bool = False,
 ) -> tuple[list[dict[str, Any]], ConvertSummary]:
-    """Convert already-loaded LLaVA records (see the module docstring); nothing is written."""
+    """Convert already-loaded LLaVA records (see the module docstring); nothing is written.
+    ``allow_any_local_path``: image paths may lead out of ``image_location`` (absolute paths, ``..``, links out),
+    as training's option of that name allows."""
     if user_role_name == assistant_role_name:
         raise ValueError(f"user and assistant role names must differ, both are {user_role_name!r}")
     root = Path(image_location)
     if not root.is_dir():
         raise NotADirectoryError(f"image_location is not a folder: {root}")
     roles = {"human": user_role_name, "gpt": assistant_role_name}
+    policy = MediaPolicy(root, allow_any_local_path=allow_any_local_path)
 
     summary = ConvertSummary(total=len(records))
     converted: list[dict[str, Any]] = []
     for index, record in enumerate(records):
         try:
-            out, rel_path, untagged = _convert_record(record, roles, image_prefix, tag_in_place)
+            out, rel_path, untagged = _convert_record(record, roles, image_prefix, policy, tag_in_place)
         except _Malformed as e:
             bad = MalformedRecord(index, record.get("id") if isinstance(record, dict) else None, str(e))
             if strict:
@@ -253,6 +268,7 @@ def convert_llava(
     strict: bool = False,
     tag_in_place: bool = False,
     overwrite: bool = False,
+    allow_any_local_path: bool = False,
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
@@ -268,7 +284,8 @@ def convert_llava(
     check_output_file(output_path, {"data file": data_path})
     records = _load_llava(data_path)
     converted, summary = convert_records(
-        records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place
+        records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place,
+        allow_any_local_path,
     )
     # the images are inputs too: never written over
     check_output_file(output_path, {f"image of record {k}": f for k, f in summary.image_files.items()},

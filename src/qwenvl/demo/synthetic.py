@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 
 from ..fileio import atomic_write_text
 from ..grounding import format_box, normalize_box
+from ..outputs import read_marker, record_files
 
 __all__ = [
     "COLORS",
@@ -249,6 +250,7 @@ def _make_split(
 ) -> list[SyntheticSample]:
     folder = root / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
+    _claim_pictures(folder, [f"{i:06d}.png" for i in range(count)])
     samples = []
 
     def save(image: Image.Image, rel: str) -> None:
@@ -270,6 +272,19 @@ def _make_split(
         for job in pending:
             job.result()
     return samples
+
+
+def _claim_pictures(folder: Path, names: list[str]) -> None:
+    """Make ``folder``'s marker list exactly ``names``, the pictures about to be written there, after deleting
+    those an earlier run wrote (its marker lists them) that this run does not rewrite: a run with fewer
+    pictures leaves none of the earlier run's behind, and a file we did not write is never touched."""
+    marker = read_marker(folder)
+    keep = set(names)
+    for name in marker["files"] if marker else []:
+        entry = folder / name
+        if name not in keep and Path(name).name == name and (entry.is_file() or entry.is_symlink()):
+            entry.unlink()
+    record_files(folder, names, command="demo", replace=True)
 
 
 def _asked(sample: SyntheticSample, each_shape: bool) -> list[SyntheticSample]:
@@ -297,6 +312,10 @@ def make_dataset(
 
     Held-out images are drawn from the same distribution but are different images (a separate stream of
     the seeded generator), so evaluation measures generalization, not memorization.
+
+    ``root`` may hold an earlier call's data: its pictures that this call does not rewrite are deleted (a
+    marker in each ``images/<split>`` folder lists the pictures written there), so the folders hold this
+    call's pictures only; files it did not write are kept.
     """
     if n_train < 1 or n_eval < 1:
         raise ValueError(f"need at least one training and one held-out sample, got {n_train} and {n_eval}")

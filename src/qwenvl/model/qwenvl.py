@@ -177,7 +177,7 @@ class QwenVL(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike[str], dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-        **transformers_options: Any,
+        config: QwenVLConfig | None = None, **transformers_options: Any,
     ) -> QwenVL:
         """Load an official (or our) checkpoint folder strictly; see :func:`qwenvl.checkpoint.load_weights`
         (every key, shape and dtype, no NaN/inf) and :func:`qwenvl.checkpoint.check_config` (the settings the
@@ -186,7 +186,9 @@ class QwenVL(nn.Module):
         ``dtype``: a floating dtype or its name; None or "auto" keeps the stored one. ``device``: cpu, cuda,
         cuda:N, ... or "auto" (cuda when available, else cpu). What transformers (and the official remote code)
         users type is taken where it means the same (:func:`qwenvl.transformers_compat.load_options`: ``torch_dtype``,
-        ``device_map`` naming one device, ``bf16=True``, ``trust_remote_code``, ...); other options are errors."""
+        ``device_map`` naming one device, ``bf16=True``, ``trust_remote_code``, ...); other options are errors.
+        ``config``: the folder's config already read (``QwenVLConfig.from_pretrained(path)``), so that it is not
+        read again; it is checked against the weights all the same."""
         from ..checkpoint import check_config, load_weights
         from ..hardware import pick_device
 
@@ -198,7 +200,11 @@ class QwenVL(nn.Module):
             raise FileNotFoundError(f"checkpoint folder not found: {path}" + (
                 " (qwenvl loads local folders, not Hugging Face Hub ids: download it first, e.g. huggingface-cli "
                 f"download {path} --local-dir DIR, and pass DIR)" if hub else ""))
-        config = QwenVLConfig.from_pretrained(path)
+        if config is None:
+            config = QwenVLConfig.from_pretrained(path)
+        elif not isinstance(config, QwenVLConfig):
+            raise TypeError(f"config must be a QwenVLConfig (QwenVLConfig.from_pretrained(path)), got a "
+                            f"{type(config).__name__}")
         check_config(config, path)
         model = cls.on_meta(config)
         load_weights(model, path, dtype=dtype, device=device)

@@ -37,7 +37,12 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def describe(source: str | Path | QwenVLConfig) -> dict[str, Any]:
-    """Config, parameter counts by part (built on the meta device: no weights are read) and stored dtype."""
+    """Config, parameter counts by part (built on the meta device: no weights are read) and stored dtype.
+
+    For a checkpoint also ``loads_as``: the dtype and device that :func:`qwenvl.inference.load` (``qwenvl predict``,
+    ``chat``, ``serve``, ``eval``) picks for it with dtype and device auto on this machine, and the config's
+    ``bf16``/``fp16``/``fp32`` as config.json stores them (qwenvl does not read them; the official code does)."""
+    loads_as = None
     if isinstance(source, QwenVLConfig):
         config, where, dtype = source, "preset", source.torch_dtype
         model = QwenVL.on_meta(config)
@@ -52,10 +57,16 @@ def describe(source: str | Path | QwenVLConfig) -> dict[str, Any]:
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         dtype = ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())
         del tensors
-    official = config.to_official()
+        from ..hardware import default_dtype, pick_device
+
+        device = pick_device(None)  # as qwenvl.inference.load picks them
+        loads_as = (f"{str(default_dtype(device)).removeprefix('torch.')} on {device} (dtype and device auto: "
+                    "bfloat16 where the device computes it natively, else float32; --dtype to choose)")
+    official = config.to_official() | config.stored_dtype_flags()
     return {
         "source": where,
         "dtype": dtype,
+        **({"loads_as": loads_as} if loads_as else {}),
         "parameters": count_parameters(model),
         "config": {k: v for k, v in official.items() if k not in ("architectures",)},
         "generation": config.generation.to_dict(),
