@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -365,3 +366,11 @@ def test_from_list_format_refuses_an_image_path_holding_the_closing_tag(tok: Qwe
         with pytest.raises(ValueError, match="cannot hold '</img>'"):
             tok.from_list_format([{"image": path}, {"text": "what is it?"}])
     assert tok.image_paths(tok.encode(tok.from_list_format([{"image": "a<b>/c img.jpg"}]))) == ["a<b>/c img.jpg"]
+
+
+def test_encode_refuses_one_token_as_disallowed_special(tok: QwenTokenizer) -> None:
+    # a str other than "all" was read as a set of one-character tokens: "hello" failed on the token 'e'
+    with pytest.raises(ValueError, match=re.escape("disallowed_special must be 'all' or a set of tokens, got '<|")):
+        tok.encode("hello world", allowed_special=set(), disallowed_special="<|endoftext|>")
+    assert tok.encode("hello world", allowed_special=set(), disallowed_special={"<|endoftext|>"}) == tok.encode(
+        "hello world")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_START_ID, QwenVLConfig
-from .quantize import compile_options
+from .quantize import InductorOptions, compile_options
 from .tokenizer import image_spans
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def decode_step(model: QwenVL, token: torch.Tensor, attention_mask: torch.Tensor
 _compiled_steps: dict[tuple, Callable] = {}
 
 
-def compiled_decode_step(device_type: str = "cpu", options: dict[str, object] | None = None) -> Callable:
+def compiled_decode_step(device_type: str = "cpu", options: InductorOptions | None = None) -> Callable:
     """``decode_step`` under ``torch.compile`` (sequence length and batch size are dynamic), built once per device
     type and inductor ``options`` (:func:`qwenvl.quantize.compile_options` gives a model's). On the CPU, products
     of one row (and on AMD CPUs of up to 8 fp32 rows) are reductions inside the graph (see ``qwenvl.quantize``).

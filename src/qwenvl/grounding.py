@@ -20,6 +20,7 @@ import subprocess
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
@@ -196,7 +197,7 @@ def _four(box: BoxLike) -> tuple[float, float, float, float]:
         raise ValueError(f"a box is 4 numbers (x1, y1, x2, y2), got {box!r}") from None
     if len(values) != 4:
         raise ValueError(f"a box needs 4 numbers (x1, y1, x2, y2), got {len(values)}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _check_size(width: float, height: float) -> None:
@@ -514,7 +515,7 @@ def _canvas(image: Image.Image) -> Image.Image:
 
 def draw_boxes(
     image: Image.Image,
-    objects: Sequence[GroundedObject] | Sequence[tuple[str | None, BoxLike]],
+    objects: Sequence[GroundedObject | tuple[str | None, BoxLike]],
     colors: Sequence[str | tuple[int, int, int]] | None = None,
     width: int = 3,
     font_size: int | None = None,
@@ -554,7 +555,7 @@ def draw_boxes(
             if runs:
                 _draw_label(draw, (x1, y1), runs, color, out.size, pad)
         for quad in quads:
-            points = [_drawable(p) for p in quad.points]
+            points = [cast(tuple[float, float], _drawable(p)) for p in quad.points]  # a Quad's corners: (x, y)
             draw.line(points + [points[0]], fill=color, width=width, joint="curve")
             if runs:
                 _draw_label(draw, min(points, key=lambda p: (p[1], p[0])), runs, color, out.size, pad)

@@ -318,7 +318,7 @@ def preprocess(image: Image.Image, image_size: int = 448) -> torch.Tensor:
 
     if image.mode != "RGB":
         image = image.convert("RGB")
-    image = image.resize((image_size, image_size), Image.BICUBIC)
+    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     x = x.to(torch.float32).div(255)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -207,7 +207,7 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
     model = doc.get("model")
     section = model.get("model_config") if isinstance(model, dict) else None
     llm = _sub(section, "llm_model")
-    if llm is None:
+    if llm is None or not isinstance(section, dict):  # (llm is None whenever section is not a dict)
         raise ConfigError(f"{path}: no model.model_config.llm_model.model_config section (a MindFormers Qwen-VL YAML?)")
     vision = _sub(section, "vision_model") or {}
 
@@ -397,8 +397,8 @@ def import_checkpoint(
                                       f"{list(want)} (does --config match the checkpoint?)")
     if dtype is None:
         by_bytes: Counter[torch.dtype] = Counter()
-        for name in wanted:
-            by_bytes[entries[name].dtype] += entries[name].nbytes
+        for name in wanted:  # each one's dtype was checked above to be a floating dtype (not None)
+            by_bytes[cast(torch.dtype, entries[name].dtype)] += entries[name].nbytes
         dtype = by_bytes.most_common(1)[0][0]
         if len(by_bytes) > 1:
             logger.info("%s mixes %s: writing everything as %s (choose with --dtype)", path,
@@ -414,7 +414,8 @@ def import_checkpoint(
 
         def load(official: str) -> torch.Tensor:
             r = by_official[official]
-            t = _join(r, [read_tensor(f, entries[n], crc) for n in r.ms_names], heads, vocab)  # type: ignore[misc]
+            # every entry read here was checked above to hold floating-point weights: tensors, never str
+            t = _join(r, [cast(torch.Tensor, read_tensor(f, entries[n], crc)) for n in r.ms_names], heads, vocab)
             try:
                 check_finite(f"{path}: tensor {r.ms_names[0]!r}", t)
                 check_cast(f"{path}: tensor {r.ms_names[0]!r}", t, dtype)  # an overflow to inf would not load

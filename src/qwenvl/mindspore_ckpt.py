@@ -26,6 +26,7 @@ in blocks, byte-identical to what MindSpore 2.x writes for the same tensors (wit
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import zlib
@@ -208,10 +209,10 @@ def _parse_value(r: _Reader, limit: int, index: int) -> tuple[str, str, tuple[in
             r.skip_field(wire, limit, what)
     if name is None:
         raise r.fail(f"corrupt file or not a MindSpore checkpoint: entry {index} has no name")
-    if tensor is None or tensor[0] is None or tensor[2] is None:
+    code, dims, content = tensor if tensor is not None else (None, (), None)
+    if code is None or content is None:
         raise r.fail(f"corrupt file: tensor {name!r} has no dtype or no data")
-    code, dims, content = tensor
-    return name, code, dims, content  # type: ignore[return-value]
+    return name, code, dims, content
 
 
 def _name_at(r: _Reader, end: int, index: int) -> str:
@@ -314,7 +315,7 @@ def _checked(t: CkptTensor, path: str) -> CkptTensor:
     return t
 
 
-def read_tensor(f: BinaryIO, t: CkptTensor, crc: CrcCheck | None = None) -> torch.Tensor | str:
+def read_tensor(f: io.BufferedIOBase, t: CkptTensor, crc: CrcCheck | None = None) -> torch.Tensor | str:
     """The data of ``t`` from the open checkpoint ``f`` (a string for a ``str`` entry); ``crc`` sums its bytes."""
     buf = bytearray(t.nbytes)
     view = memoryview(buf)

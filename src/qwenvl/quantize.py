@@ -134,6 +134,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -141,8 +143,11 @@ from torch import nn
 
 from .hardware import fp32_product_path
 
-__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "Int8Linear", "RowLinear", "compile_options", "copied_bytes",
-           "optimize_for_inference", "quantize_int8", "use_row_products"]
+if TYPE_CHECKING:
+    from .model.qwenvl import QwenVL
+
+__all__ = ["PATH_ROWS", "QUANTIZE_CHOICES", "InductorOptions", "Int8Linear", "RowLinear", "compile_options",
+           "copied_bytes", "optimize_for_inference", "quantize_int8", "use_row_products"]
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +350,9 @@ class Int8Linear(nn.Module):
 
     transposed_slices = False
     few_row_reductions = False
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
@@ -444,7 +452,7 @@ def quantize_weight(w: torch.Tensor, rows_per_chunk: int = _ROWS_PER_BLOCK) -> t
     return q, scales
 
 
-def _lm_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _lm_linears(model: QwenVL) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every plain ``nn.Linear`` (or :class:`RowLinear`) of the language model
     (blocks + lm_head). The layers of LoRA adapters (peft's ``lora_A``/``lora_B``/...) are not the model's: they
     keep their class (peft casts the input to ``lora_A.weight``'s dtype, int8 for an :class:`Int8Linear`)."""
@@ -460,7 +468,7 @@ def _lm_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
-def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+def quantize_int8(model: QwenVL, dtype: torch.dtype | None = None) -> int:
     """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
     full-precision weight of a layer is freed as soon as its int8 copy exists), set up for the machine's path
     (:func:`use_row_products`); their scales and biases in ``dtype`` (default: each weight's). Returns how many."""
@@ -471,7 +479,7 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     return len(layers)
 
 
-def use_row_products(model: nn.Module, path: str | None = None) -> int:
+def use_row_products(model: QwenVL, path: str | None = None) -> int:
     """Turn the LM's ``nn.Linear`` layers into :class:`RowLinear` (same parameters and values) set up for
     ``path`` (None: :func:`qwenvl.hardware.fp32_product_path` decides from the machine): ``"avx512"``: fp32
     products of 2-12 rows over slices of the weight; ``"amd"``: compiled products of 1-8 rows as reductions,
@@ -485,8 +493,9 @@ def use_row_products(model: nn.Module, path: str | None = None) -> int:
         raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
     few_rows, reduction = _PATHS[path]
     layers = _lm_linears(model)
-    for _, _, layer in layers:
-        layer.__class__ = RowLinear
+    for _, _, linear in layers:
+        linear.__class__ = RowLinear
+        layer = cast(RowLinear, linear)  # its class was set on the line above
         layer.few_rows, layer.fp32_row_reduction = few_rows, reduction
     for m in model.modules():
         if isinstance(m, Int8Linear):  # measured with fp32 activations; bf16 ones keep the plain int8 path
@@ -494,10 +503,13 @@ def use_row_products(model: nn.Module, path: str | None = None) -> int:
     return len(layers)
 
 
-_STORE_MULTI_READS = {"realize_acc_reads_threshold": 1}
+# torch.compile's ``options`` (inductor's settings)
+InductorOptions = dict[str, str | int | bool | Callable[..., Any]]
+
+_STORE_MULTI_READS: InductorOptions = {"realize_acc_reads_threshold": 1}
 
 
-def compile_options(model: nn.Module) -> dict[str, object] | None:
+def compile_options(model: nn.Module) -> InductorOptions | None:
     """Inductor options for compiling a decode step of ``model`` (None: inductor's defaults): on the CPU, unless
     its layers compute products of 2-8 rows as reductions (fp32 or int8), ``realize_acc_reads_threshold=1`` (module doc:
     "Why the input is stored first")."""
@@ -510,8 +522,8 @@ def compile_options(model: nn.Module) -> dict[str, object] | None:
     return dict(_STORE_MULTI_READS)
 
 
-def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype: torch.dtype | str | None = None
-                           ) -> nn.Module:
+def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: torch.dtype | str | None = None
+                           ) -> QwenVL:
     """Apply the inference layer swaps in place (see the module doc) and return the model.
 
     ``quantize``: None/"none" keeps the weights, "int8" quantizes the LM weight-only. ``dtype``: the compute
@@ -539,7 +551,7 @@ def optimize_for_inference(model: nn.Module, quantize: str | None = None, dtype:
     return model
 
 
-def copied_bytes(model: nn.Module, quantize: str | None, dtype: torch.dtype, mapped: bool) -> int:
+def copied_bytes(model: QwenVL, quantize: str | None, dtype: torch.dtype, mapped: bool) -> int:
     """Bytes of memory the tensors of ``model`` (built on the meta device: only shapes are read) take once
     ``load`` has read its checkpoint and applied :func:`optimize_for_inference` with ``quantize`` and ``dtype``,
     beyond what stays mapped from the files: every tensor in ``dtype``, or for int8 the LM's linear layers as

@@ -24,7 +24,7 @@ import threading
 import unicodedata
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import regex
 import tiktoken
@@ -182,7 +182,7 @@ def _safe_chunks(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
     """
     if len(text) <= max_chars:
         return [text]
-    inside_special = set()
+    inside_special: set[int] = set()
     for m in _SPECIAL_RE.finditer(text):
         inside_special.update(range(m.start() + 1, m.end()))
     cuts = [m.start() for m in _SAFE_CUT.finditer(text) if m.start() not in inside_special]
@@ -365,21 +365,20 @@ class QwenTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         text = unicodedata.normalize("NFC", text)
-        if isinstance(allowed_special, str) and allowed_special != "all":
-            raise ValueError(f"allowed_special must be 'all' or a set of tokens, got {allowed_special!r}")
-        if not isinstance(allowed_special, str):
-            allowed_special = set(allowed_special)
+        # a str other than "all" would be read as a set of one-character tokens
+        for name, value in (("allowed_special", allowed_special), ("disallowed_special", disallowed_special)):
+            if isinstance(value, str) and value != "all":
+                raise ValueError(f"{name} must be 'all' or a set of tokens, got {value!r}")
+        allowed: Literal["all"] | set[str] = "all" if isinstance(allowed_special, str) else set(allowed_special)
         if not isinstance(disallowed_special, str):
             disallowed_special = set(disallowed_special)
         ids: list[int] = []
         for chunk in _safe_chunks(text):
             try:
-                if allowed_special == "all" and not disallowed_special:
+                if allowed == "all" and not disallowed_special:
                     ids += self._encode_all_special(chunk)
                 else:
-                    ids += self._enc.encode(
-                        chunk, allowed_special=allowed_special, disallowed_special=disallowed_special
-                    )
+                    ids += self._enc.encode(chunk, allowed_special=allowed, disallowed_special=disallowed_special)
             except ValueError as e:
                 if "Regex error" not in str(e):
                     raise

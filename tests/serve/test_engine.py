@@ -357,3 +357,18 @@ def test_a_stream_whose_client_left_before_the_first_chunk_cancels_its_request()
     with pytest.raises(Exception):  # noqa: B017, PT011 - Starlette's own error for the lost client
         asyncio.run(response(scope, receive, send))
     assert cancelled == [True]
+
+
+def test_a_request_takes_one_seed(short_model):
+    """SamplingParams.seed may list one seed per sequence (generate); a request is one sequence: a list of one
+    seed samples as that seed, a longer list is refused when submitted (it failed in the engine's thread)."""
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    engine = Engine(short_model, decode, EngineConfig(max_batch_size=1, max_model_len=32))
+    ids = list(range(100, 105))
+    with pytest.raises(ValueError, match="seed has 2 values for the one sequence of a request"):
+        engine.submit(Request(ids, SamplingParams(do_sample=True, seed=[1, 2]), Collector()))
+    requests = [Request(ids, SamplingParams(max_new_tokens=8, stop_token_ids=(), do_sample=True, seed=s),
+                        Collector()) for s in (7, [7])]
+    run_all(engine, requests)
+    assert requests[0].on_event.events[-1] == requests[1].on_event.events[-1]
+    assert isinstance(requests[1].on_event.events[-1], Finished)

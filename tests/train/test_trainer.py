@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,3 +235,22 @@ def test_a_wholly_bad_micro_batch_on_one_rank_keeps_step_with_the_others() -> No
     assert micro[1]["input_ids"].shape == micro[1]["labels"].shape == micro[1]["attention_mask"].shape
     run.env.distributed, run.batches = False, iter([(good, []), (None, ["x.png: broken"])])
     assert T._next_micro_batches(run) == [good]  # one process: the micro-batch is left out
+
+
+@pytest.mark.parametrize(("save_dtype", "stored", "want"), [
+    ("auto", "bfloat16", torch.bfloat16), ("auto", "float16", torch.float16), ("auto", "float32", torch.float32),
+    ("auto", None, torch.float32), ("bfloat16", "float32", torch.bfloat16), ("float16", "bfloat16", torch.float16),
+    ("float32", "bfloat16", torch.float32),
+])
+def test_the_final_weights_are_saved_in_save_dtype_or_the_models(save_dtype, stored, want) -> None:
+    run = SimpleNamespace(cfg=SimpleNamespace(save_dtype=save_dtype),
+                          model=SimpleNamespace(config=SimpleNamespace(torch_dtype=stored)))
+    assert T._save_dtype(run) == want
+
+
+def test_a_saved_input_path_that_is_not_text_is_said_to_differ(tmp_path: Path) -> None:
+    # a checkpoint's recorded settings (trainer_state.json) are read back as JSON: a number where a path belongs
+    # was a TypeError traceback on resume
+    cfg = TrainConfig(data_path=str(tmp_path / "a.jsonl"), preset="tiny")
+    assert T._other_inputs({"data_path": str(tmp_path / "." / "a.jsonl")}, cfg) == []
+    assert T._other_inputs({"data_path": 5}, cfg) == [f"data_path 5 -> {cfg.data_path!r}"]

@@ -66,7 +66,7 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Te
                 total -= logp.gather(1, yb).sum()
                 if need_h or need_w:
                     block.copy_(logp.exp_().scatter_add_(1, yb, minus_one[: yb.shape[0]]))  # softmax - one_hot
-            if need_h:
+            if grad_h is not None:  # need_h
                 grad_h[s : s + rows] = logits @ w
             if need_w:
                 part = logits.t() @ hs

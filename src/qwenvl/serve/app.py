@@ -475,7 +475,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         # the deepest error names the field at fault: for `content` (a string or a list of parts) a bad part,
         # not "should be a valid string"; loc entries with "[" name a union's branch, not a field
-        first = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
+        first: dict[str, Any] = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p))
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":

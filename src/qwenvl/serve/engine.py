@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..generation import SamplingParams, TextStream, pick, process_logits
+from ..generation import SamplingParams, TextStream, pick, process_logits, sampling_generator
 from ..model.kv_cache import SlotKVCache
-from ..quantize import compile_options
+from ..quantize import InductorOptions, compile_options
 
 if TYPE_CHECKING:
     from ..model import QwenVL
@@ -165,7 +165,7 @@ def decode_slots(
     return out.logits[:, -1].float()
 
 
-def _compiled_decode_slots(backend: str | Callable = "inductor", options: dict[str, object] | None = None
+def _compiled_decode_slots(backend: str | Callable = "inductor", options: InductorOptions | None = None
                            ) -> Callable[..., torch.Tensor]:
     """:func:`decode_slots` under ``torch.compile``, with the attention window marked dynamic on every call:
     otherwise a window equal to a size of the model (128 positions = Qwen's head size) is compiled as that
@@ -340,6 +340,9 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; this server's context is {self.config.max_model_len} "
                              "tokens for prompt and answer together")
         request.params.validate()
+        seed = request.params.seed
+        if isinstance(seed, Sequence) and len(seed) != 1:  # generate's one seed per sequence: a request is one
+            raise ValueError(f"seed has {len(seed)} values for the one sequence of a request: give one seed")
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -418,8 +421,8 @@ class Engine:
         n = len(request.input_ids)
         generator = None
         if p.do_sample:
-            generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            seed = p.seed[0] if isinstance(p.seed, Sequence) else p.seed  # one value (submit checked)
+            generator = sampling_generator(seed, self.model.device)
         ids = torch.tensor([request.input_ids], device=self.model.device)
         slot = _Slot(request, n, min(int(p.max_new_tokens), self.config.max_model_len - n),
                      _AnswerText(self.decode, p.stop_token_ids, request.stop), generator,

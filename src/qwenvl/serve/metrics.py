@@ -113,7 +113,8 @@ class ServeMetrics:
                                          "from a request's arrival at the engine to its end", _LATENCY)
 
     def render(self) -> str:
-        parts = [self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.queue_depth,
-                 self.active_slots, self.slots, self.batch_size, self.time_to_first_token,
-                 self.inter_token_latency, self.request_latency]
+        parts: list[Counter | Gauge | Histogram] = [
+            self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.queue_depth,
+            self.active_slots, self.slots, self.batch_size, self.time_to_first_token, self.inter_token_latency,
+            self.request_latency]
         return "\n".join(line for m in parts for line in m.render()) + "\n"

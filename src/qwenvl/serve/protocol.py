@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -101,7 +101,8 @@ class _Sampling(_Model):
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """OpenAI's spec makes these nullable, and clients generated from it send null for what they leave out."""
-        return cls.model_fields[info.field_name].default if value is None else value
+        name = cast(str, info.field_name)  # set for every field validator (None only in model validators)
+        return cls.model_fields[name].default if value is None else value
 
     @field_validator(*_NUMBERS, mode="before", check_fields=False)
     @classmethod

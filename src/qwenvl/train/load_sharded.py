@@ -41,6 +41,7 @@ from ..checkpoint import (
     check_config,
     load_state_dict,
 )
+from ..config import QwenVLConfig
 from ..fileio import error_line
 from .distributed import DistEnv, ReportedByAnotherRank
 
@@ -110,7 +111,8 @@ def _read_rows(file: Path, data_start: int, info: dict, start: int, stop: int, o
     direct = out.dtype == dtype and out.device.type == "cpu" and out.is_contiguous()
     buf = out if direct else torch.empty(out.shape, dtype=dtype)
     if buf.numel():
-        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        # numpy's stubs give ndarray the buffer protocol (__buffer__) on Python 3.12+ only
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         with open(file, "rb", buffering=0) as f:
             f.seek(offset)
             got = f.readinto(view)
@@ -129,15 +131,15 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
     rank meets (a missing key, a config.json that does not match) is said once, one that a rank alone meets
     (its rows truncated or unreadable on its node) names that rank (:meth:`DistEnv.agree`).
     """
-    tensors = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     wanted = {_official_name(n): t for n, t in tensors.items() if not _is_lora(n)}
     env = _env_of(wanted.values())
 
     def read() -> list[str]:
         files, _weight_map = _locate(ckpt_dir)
-        if hasattr(model, "config"):
-            check_config(model.config, ckpt_dir)
+        if isinstance(config := getattr(model, "config", None), QwenVLConfig):
+            check_config(config, ckpt_dir)
         _read_local_rows(wanted, files, ckpt_dir)
         non_finite = []
         for name, t in wanted.items():  # each rank checks the rows it holds

@@ -175,7 +175,7 @@ def save_checkpoint(
     readable: dict[str, Any],
     config: QwenVLConfig,
     trained_only: bool = False,
-    write_extra: Callable[[Path], None] | None = None,
+    write_extra: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``path`` (module docstring). ``trained_only``: leave frozen parameters out (LoRA). ``write_extra(folder)``
     runs on every rank (it may gather) after the shards are written. Ctrl-C, SIGTERM and SIGHUP wait until the

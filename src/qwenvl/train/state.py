@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import STOP_SIGNALS, error_line, remove_tree, signals_held
+from ..fileio import error_line, remove_tree
 from ..outputs import is_ours
 
 __all__ = [
     "STATE_FILE",
     "STATE_JSON",
-    "STOP_SIGNALS",
     "BatchOrder",
     "RESUME_KEYS",
     "TrainStateError",
@@ -43,7 +42,6 @@ __all__ = [
     "rng_state",
     "saved_config",
     "set_rng_state",
-    "signals_held",  # STOP_SIGNALS and signals_held live in qwenvl.fileio (outputs hold signals too)
 ]
 
 logger = logging.getLogger(__name__)

@@ -40,20 +40,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import save_pretrained
 from ..config import ENDOFTEXT_ID, QwenVLConfig
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, DatasetError, collate
-from ..fileio import atomic_write_text, remove_tree
+from ..fileio import atomic_write_text, remove_tree, signals_held
 from ..hardware import resolve_bf16
 from ..model import QwenVL
+from ..model.qwenvl import as_dtype
 from ..outputs import OutputDirError, check_separate, claim_output, is_ours, record_files
 from . import distributed, lora
 from . import sharded_checkpoint as sharded
@@ -71,7 +72,6 @@ from .state import (
     prune_checkpoints,
     read_state,
     saved_config,
-    signals_held,
 )
 
 __all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "global_batch_size", "part_of", "select_trainable",
@@ -136,16 +136,12 @@ class _Run:
     order: BatchOrder
     progress: Progress
     total_steps: int
+    env: DistEnv
     lora_config: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
-    env: DistEnv | None = None
     bf16: bool = False  # bf16 autocast (single process), resolved from cfg.bf16 and the hardware
     bad_samples: list[str] = field(default_factory=list)
     batches: Any = None  # iterator over this rank's micro-batches, from progress.step on
-
-    def __post_init__(self) -> None:
-        if self.env is None:
-            self.env = DistEnv.single(self.device)
 
 
 # ---- public entry --------------------------------------------------------------------------------------------
@@ -544,7 +540,7 @@ def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.devi
                 cfg.gradient_accumulation_steps, cfg.batch_size, env.world_size)
     bf16 = resolve_bf16(cfg.bf16, device) if not env.distributed else False  # distributed: FSDP's bf16 parameters
     return _Run(cfg, model, dataset, device, optimizer, scheduler, BatchOrder(len(dataset), g, cfg.seed),
-                Progress(), total, lora_config, [p for _n, p in named], env, bf16)
+                Progress(), total, env, lora_config, [p for _n, p in named], bf16)
 
 
 def _maybe_resume(run: _Run) -> Path | None:
@@ -621,7 +617,8 @@ def _other_inputs(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
         before, now = saved.get(key), current.get(key)
         if before == now:
             return True
-        return key in _PATH_KEYS and bool(before) and bool(now) and Path(before).resolve() == Path(now).resolve()
+        return (key in _PATH_KEYS and isinstance(before, str) and isinstance(now, str) and bool(before) and bool(now)
+                and Path(before).resolve() == Path(now).resolve())
 
     keys = [k for k in _INPUT_KEYS if k in saved and not (cfg.use_lora and k in ("load_checkpoint", "preset"))]
     return [f"{k} {saved[k]!r} -> {current[k]!r}" for k in keys if not same(k)]
@@ -662,7 +659,7 @@ class _StepSampler:
         return (self.stop - self.start) * self.accum
 
 
-class _Samples:
+class _Samples(Dataset[dict[str, Any]]):
     """The dataset as the loader's workers read it: a sample that fails to load (an image that decoded at the
     start no longer does) becomes ``{"bad": why}``; the loop skips it (``skip_bad_samples``) or stops with ``why``.
     Raised in a worker process, the error would reach the loop wrapped in DataLoader's traceback text."""
@@ -840,8 +837,9 @@ def _write_adapter(run: _Run, folder: Path) -> Path:
     if run.env.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(run.model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        # a model's state gathered in full onto the CPU: plain tensors (ValueType also covers optimizer states)
+        state = cast(dict[str, torch.Tensor], get_model_state_dict(run.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)))
         if not run.env.is_main:
             return folder / sharded.ADAPTER_DIR
     return lora.save_adapter(run.model, run.lora_config, folder / sharded.ADAPTER_DIR, state=state)
@@ -876,7 +874,7 @@ def _write_final(run: _Run) -> Path:
 
 def _save_dtype(run: _Run) -> torch.dtype:
     name = run.cfg.save_dtype if run.cfg.save_dtype != "auto" else run.model.config.torch_dtype
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return as_dtype(name) or torch.float32
 
 
 def publish_weights(model: QwenVL, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
