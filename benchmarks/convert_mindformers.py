@@ -29,7 +29,7 @@ from load import work_dir  # noqa: E402 (a sibling script)
 
 from qwenvl.config import GenerationDefaults, LMConfig, QwenVLConfig, VisionConfig
 from qwenvl.hardware import cpu_summary
-from qwenvl.mindformers import _ms_shapes, official_shapes, rules
+from qwenvl.mindformers import ms_shapes, official_shapes, rules
 from qwenvl.mindspore_ckpt import CkptWriter
 
 GB = 1e9
@@ -52,7 +52,7 @@ def _write_random_ckpt(path: Path, config: QwenVLConfig) -> tuple[int, int]:
     with open(path, "wb") as f:
         w = CkptWriter(f)
         for r in rules(config):
-            for name, shape in zip(r.ms_names, _ms_shapes(r, shapes[r.official])):
+            for name, shape in zip(r.ms_names, ms_shapes(r, shapes[r.official])):
                 t = torch.randn(shape, generator=g)
                 w.write(name, t)
                 total += t.nbytes

@@ -29,7 +29,7 @@ import torch
 from qwenvl import Processor, QwenVL
 from qwenvl.grounding import format_box, normalize_box
 from qwenvl.hardware import cpu_summary
-from qwenvl.quantize import _lm_linears, optimize_for_inference
+from qwenvl.quantize import lm_linears, optimize_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "fixtures" / "qwenvl-tiny"
@@ -38,7 +38,7 @@ GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
 
 def bf16_rounded(model: QwenVL) -> QwenVL:
     """The same layers int8 quantizes, their weights rounded to bf16 (computed in fp32): 16-bit storage's error."""
-    for _, _, layer in _lm_linears(model):
+    for _, _, layer in lm_linears(model):
         layer.weight.data = layer.weight.data.bfloat16().float()
     return model
 

@@ -80,7 +80,7 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
-_DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 TensorLoader = Callable[[str], torch.Tensor]
@@ -139,7 +139,7 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def _locate(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
+def locate_weights(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
     """Weight files of a checkpoint (in order) and the index's weight_map (None for a single file)."""
     path = Path(ckpt_dir)
     if path.is_file() and path.suffix in (".safetensors", ".bin"):
@@ -180,7 +180,7 @@ def find_weights(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     has both. An index must name existing shard files (else :class:`CheckpointError` naming the missing ones).
     ``ckpt_dir`` may also be a single ``.safetensors``/``.bin`` file.
     """
-    return _locate(ckpt_dir)[0]
+    return locate_weights(ckpt_dir)[0]
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def _open_shard(file: Path) -> dict[str, torch.Tensor]:
     return _open_safetensors(file) if file.suffix == ".safetensors" else _open_bin(file)
 
 
-def _format_problems(header: str, problems: list[str], footer: str = "") -> str:
+def format_problems(header: str, problems: list[str], footer: str = "") -> str:
     """``header`` and the problems: on one line when there is one, else one per line below it."""
     if len(problems) == 1:
         return f"{header} {problems[0]}" + (f" ({footer})" if footer else "")
@@ -259,13 +259,13 @@ def _format_problems(header: str, problems: list[str], footer: str = "") -> str:
     return "\n".join(lines)
 
 
-def _iter_shards(ckpt_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+def iter_shards(ckpt_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
     """(file, its tensors) per shard, after checking the shards against each other and against the index.
 
     Every shard is opened (lazily, nothing read) before the first is yielded, so that a bad shard or an
     inconsistent index fails before anything is used.
     """
-    files, weight_map = _locate(ckpt_dir)
+    files, weight_map = locate_weights(ckpt_dir)
     shards = [(file, _open_shard(file)) for file in files]
     empty = [file for file, tensors in shards if not tensors]
     if empty:  # not a list of every key the model misses
@@ -288,7 +288,7 @@ def _iter_shards(ckpt_dir: str | os.PathLike[str]) -> Iterator[tuple[Path, dict[
             if key not in weight_map:
                 problems.append(f"{file.name} contains {key}, which the index does not list")
     if problems:
-        raise CheckpointError(_format_problems(f"inconsistent checkpoint {ckpt_dir}:", problems))
+        raise CheckpointError(format_problems(f"inconsistent checkpoint {ckpt_dir}:", problems))
     yield from shards
 
 
@@ -301,7 +301,7 @@ def load_state_dict(ckpt_dir: str | os.PathLike[str], device: str | torch.device
     """
     device = torch.device(device)
     out: dict[str, torch.Tensor] = {}
-    for _file, tensors in _iter_shards(ckpt_dir):
+    for _file, tensors in iter_shards(ckpt_dir):
         for key in list(tensors):
             out[key] = tensors.pop(key).to(device)
     return out
@@ -312,7 +312,7 @@ def _shape(t: torch.Tensor | torch.Size) -> str:
     return str(list(t.shape if isinstance(t, torch.Tensor) else t))
 
 
-def _check_against_model(
+def check_against_model(
     expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], ckpt_dir: str | os.PathLike[str], strict: bool
 ) -> None:
     """Raise one CheckpointError listing every missing/extra key and every shape mismatch."""
@@ -344,7 +344,7 @@ def _check_against_model(
         hints.append("these look like MindFormers names: convert the checkpoint first (`qwenvl convert`)")
     footer = "hint: " + "; ".join(hints) if hints else ""
     raise CheckpointError(
-        _format_problems(f"checkpoint {ckpt_dir} does not match the model ({len(problems)} problem(s)):",
+        format_problems(f"checkpoint {ckpt_dir} does not match the model ({len(problems)} problem(s)):",
                          problems, footer)
     )
 
@@ -384,10 +384,10 @@ def load_weights(
     is loaded) if a floating tensor holds NaN or infinity.
     """
     device = torch.device(device)
-    shards = list(_iter_shards(ckpt_dir))
+    shards = list(iter_shards(ckpt_dir))
     found = {k: t for _file, tensors in shards for k, t in tensors.items()}
     expected = model.state_dict(keep_vars=True)
-    _check_against_model(expected, found, ckpt_dir, strict)
+    check_against_model(expected, found, ckpt_dir, strict)
     if dtype is None:
         stored = _float_dtypes(t for k, t in found.items() if k in expected)
         dtype = stored[0] if stored else None
@@ -409,15 +409,15 @@ def load_weights(
             state[key] = src.to(device=device, dtype=target_dtype)
             if file.suffix != ".safetensors":  # safetensors itself refuses overlapping tensors
                 state[key] = _unshared(state[key], key, file, spans)
-            if check_finite and not _all_finite(state[key]):
-                if target_dtype != src.dtype and _all_finite(src):  # the file is fine: its values do not fit
+            if check_finite and not all_finite(state[key]):
+                if target_dtype != src.dtype and all_finite(src):  # the file is fine: its values do not fit
                     as_name = str(target_dtype).removeprefix("torch.")
                     check_cast(f"cannot load {ckpt_dir} as {as_name}: {key}", src, target_dtype)
-                non_finite.append(f"{key}: {_count_non_finite(state[key])}")
+                non_finite.append(f"{key}: {count_non_finite(state[key])}")
             del src
     shards.clear()
     if non_finite:
-        raise CheckpointError(_format_problems(
+        raise CheckpointError(format_problems(
             f"checkpoint {ckpt_dir} holds NaN or infinite values in {len(non_finite)} tensor(s) (a corrupt file, "
             "or a training run that diverged):", non_finite))
     model.load_state_dict(state, strict=strict, assign=True)
@@ -426,7 +426,7 @@ def load_weights(
     on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if on_meta:
         raise CheckpointError(
-            _format_problems(
+            format_problems(
                 f"after loading {ckpt_dir}, {len(on_meta)} tensor(s) are still on the meta device "
                 "(not in the checkpoint, or a non-persistent buffer the model must create itself):",
                 on_meta,
@@ -453,7 +453,7 @@ def _unshared(t: torch.Tensor, key: str, file: Path, spans: dict[int, list[tuple
     return t.clone()
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN/inf in ``t``: one sum (NaN and inf propagate), confirmed elementwise only when it is not finite."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
@@ -466,7 +466,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())  # the sum may overflow float32 without any bad value
 
 
-def _count_non_finite(t: torch.Tensor) -> str:
+def count_non_finite(t: torch.Tensor) -> str:
     bad = ~torch.isfinite(t)
     return f"{int(bad.sum())} of {t.numel()} values ({int(torch.isnan(t).sum())} NaN)"
 
@@ -519,15 +519,15 @@ def cast_checked(model: nn.Module, dtype: torch.dtype, what: str) -> None:
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Raise :class:`CheckpointError` if ``t`` holds NaN or infinite values, as loading refuses them (a file
     converted with them would not load). ``name`` starts the message."""
-    if not _all_finite(t):
-        raise CheckpointError(f"{name} holds NaN or infinite values ({_count_non_finite(t)}): a corrupt file, or a "
+    if not all_finite(t):
+        raise CheckpointError(f"{name} holds NaN or infinite values ({count_non_finite(t)}): a corrupt file, or a "
                               "training run that diverged")
 
 
 # ---- config settings the shapes do not show ---------------------------------------------------------------
 def _saved_unseen_config(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What our save recorded about the config (in the first safetensors shard's metadata), or None."""
-    files = [f for f in _locate(ckpt_dir)[0] if f.suffix == ".safetensors"]
+    files = [f for f in locate_weights(ckpt_dir)[0] if f.suffix == ".safetensors"]
     if not files:
         return None
     try:
@@ -561,7 +561,7 @@ def check_config(config: QwenVLConfig, ckpt_dir: str | os.PathLike[str]) -> None
         diffs = [f"{k}: config.json says {mine[k]!r}, the weights were saved with {v!r}"
                  for k, v in sorted(saved.items()) if k in mine and v != mine[k]]
         if diffs:
-            raise CheckpointError(_format_problems(
+            raise CheckpointError(format_problems(
                 f"config.json of {ckpt_dir} does not describe the model its weights were saved from "
                 "(same shapes, different computation):", diffs, "hint: restore these settings in config.json"))
         return
@@ -711,7 +711,7 @@ def _state_dict_of(
     problems += [f"{k}: on the meta device (no data)" for k, v in state.items()
                  if isinstance(v, torch.Tensor) and v.is_meta and not lazy]
     if problems:
-        raise CheckpointError(_format_problems("cannot save this state dict:", problems))
+        raise CheckpointError(format_problems("cannot save this state dict:", problems))
     if not state:
         raise CheckpointError("cannot save an empty state dict")
     _refuse_unofficial_layers(state)
@@ -775,8 +775,8 @@ def save_pretrained(
     if not vocab.is_file():
         raise FileNotFoundError(f"vocabulary file {vocab} not found")
     stored = _float_dtypes(state.values())
-    if stored and stored[0] in _DTYPE_NAMES and config.torch_dtype != _DTYPE_NAMES[stored[0]]:
-        config = replace(config, torch_dtype=_DTYPE_NAMES[stored[0]])
+    if stored and stored[0] in DTYPE_NAMES and config.torch_dtype != DTYPE_NAMES[stored[0]]:
+        config = replace(config, torch_dtype=DTYPE_NAMES[stored[0]])
 
     stem, ext, index_name = ("model", "safetensors", SAFE_INDEX_NAME) if safe_serialization else \
         ("pytorch_model", "bin", BIN_INDEX_NAME)

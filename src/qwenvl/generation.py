@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMG_START_ID, QwenVLConfig
+from .model.qwenvl import describe_value
 from .quantize import InductorOptions, compile_options
 from .tokenizer import image_spans
 
@@ -193,7 +194,7 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, i
     """Raise ``ValueError`` naming what is wrong with generation inputs that the model would take silently (right
     padding, ids out of range, unnormalized pixels) or fail on deep inside (wrong shapes or dtypes)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must be an integer tensor (batch, tokens), got {_describe(input_ids)}")
+        raise ValueError(f"input_ids must be an integer tensor (batch, tokens), got {describe_value(input_ids)}")
     b, t = input_ids.shape
     if b == 0:
         raise ValueError("empty batch: input_ids has no rows")
@@ -204,7 +205,7 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, i
         raise ValueError(f"token id {int(bad[0])} in input_ids is out of range: the model has ids 0..{vocab_size - 1}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, t):
-            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {(b, t)}, got {_describe(attention_mask)}")
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {(b, t)}, got {describe_value(attention_mask)}")
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
         if not bool(attention_mask[:, -1].bool().all() & (attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
@@ -213,13 +214,7 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, i
     if images is not None and (not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3
                                or not images.dtype.is_floating_point):
         raise ValueError(f"images must be float pixels (images, 3, height, width) as the processor makes them, got "
-                         f"{_describe(images)}")
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
+                         f"{describe_value(images)}")
 
 
 def stream_tokens(

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from .checkpoint import _DTYPE_NAMES, CheckpointError, _iter_shards, check_cast, check_finite, save_pretrained
+from .checkpoint import DTYPE_NAMES, CheckpointError, check_cast, check_finite, iter_shards, save_pretrained
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
 from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, CrcCheck, read_tensor, scan
@@ -129,7 +129,7 @@ def rules(config: QwenVLConfig, use_qkv_concat: bool = False) -> list[Rule]:
     return [rule(name, use_qkv_concat) for name in official_shapes(config)]
 
 
-def _ms_shapes(r: Rule, shape: torch.Size) -> list[tuple[int, ...]]:
+def ms_shapes(r: Rule, shape: torch.Size) -> list[tuple[int, ...]]:
     """The shapes of the MindFormers tensors of ``r`` (before any vocabulary padding)."""
     if r.kind in (ROWS3, HEADS3):
         return [(shape[0] // 3, *shape[1:])] * 3
@@ -387,7 +387,7 @@ def import_checkpoint(
                                         [repr(n) for n in missing]) + " (does --config match the checkpoint?)")
     vocab = config.lm.vocab_size
     for r in chosen:
-        for name, want in zip(r.ms_names, _ms_shapes(r, shapes[r.official])):
+        for name, want in zip(r.ms_names, ms_shapes(r, shapes[r.official])):
             t = entries[name]
             if t.dtype is None or not t.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor {name!r} holds {t.code}, not floating-point weights")
@@ -403,7 +403,7 @@ def import_checkpoint(
         if len(by_bytes) > 1:
             logger.info("%s mixes %s: writing everything as %s (choose with --dtype)", path,
                         sorted(CODE_OF_DTYPE[d] for d in by_bytes), dtype)
-    if dtype not in _DTYPE_NAMES:
+    if dtype not in DTYPE_NAMES:
         raise CheckpointError(f"cannot write {dtype} weights: use float32, float16 or bfloat16")
     by_official = {r.official: r for r in chosen}
     specs = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()}
@@ -428,10 +428,10 @@ def import_checkpoint(
                 crc.verify(f)
             return t
 
-        save_pretrained(specs, replace(config, torch_dtype=_DTYPE_NAMES[dtype]), out_dir,
+        save_pretrained(specs, replace(config, torch_dtype=DTYPE_NAMES[dtype]), out_dir,
                         max_shard_size=max_shard_size, load=load)
     nbytes = sum(math.prod(s) for s in shapes.values()) * specs["lm_head.weight"].element_size()
-    return Summary(path, os.fspath(out_dir), len(specs), Counter({_DTYPE_NAMES[dtype]: len(specs)}), nbytes, ignored,
+    return Summary(path, os.fspath(out_dir), len(specs), Counter({DTYPE_NAMES[dtype]: len(specs)}), nbytes, ignored,
                    "CRC32 verified" if crc is not None and crc.verified else "")
 
 
@@ -445,7 +445,7 @@ def _official_tensors(src: str | os.PathLike[str], shapes: dict[str, torch.Size]
     where: dict[str, Path] = {}
     kept: dict[str, torch.Tensor] = {}
     problems = []
-    for file, tensors in _iter_shards(src):
+    for file, tensors in iter_shards(src):
         for key, t in tensors.items():
             where[key] = file
             if key in shapes and t.shape != shapes[key]:

@@ -452,7 +452,7 @@ def quantize_weight(w: torch.Tensor, rows_per_chunk: int = _ROWS_PER_BLOCK) -> t
     return q, scales
 
 
-def _lm_linears(model: QwenVL) -> list[tuple[nn.Module, str, nn.Linear]]:
+def lm_linears(model: QwenVL) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every plain ``nn.Linear`` (or :class:`RowLinear`) of the language model
     (blocks + lm_head). The layers of LoRA adapters (peft's ``lora_A``/``lora_B``/...) are not the model's: they
     keep their class (peft casts the input to ``lora_A.weight``'s dtype, int8 for an :class:`Int8Linear`)."""
@@ -472,7 +472,7 @@ def quantize_int8(model: QwenVL, dtype: torch.dtype | None = None) -> int:
     """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
     full-precision weight of a layer is freed as soon as its int8 copy exists), set up for the machine's path
     (:func:`use_row_products`); their scales and biases in ``dtype`` (default: each weight's). Returns how many."""
-    layers = _lm_linears(model)
+    layers = lm_linears(model)
     for parent, name, layer in layers:
         setattr(parent, name, Int8Linear.from_linear(layer, dtype))
     use_row_products(model)
@@ -492,7 +492,7 @@ def use_row_products(model: QwenVL, path: str | None = None) -> int:
     if path not in _PATHS:
         raise ValueError(f"path must be one of {', '.join(_PATHS)}, got {path!r}")
     few_rows, reduction = _PATHS[path]
-    layers = _lm_linears(model)
+    layers = lm_linears(model)
     for _, _, linear in layers:
         linear.__class__ = RowLinear
         layer = cast(RowLinear, linear)  # its class was set on the line above
@@ -560,7 +560,7 @@ def copied_bytes(model: QwenVL, quantize: str | None, dtype: torch.dtype, mapped
     quantized: set[int] = set()
     total = 0
     if quantize == "int8":
-        for _, _, layer in _lm_linears(model):
+        for _, _, layer in lm_linears(model):
             quantized.update(id(t) for t in layer.parameters())
             extra = layer.out_features * (2 if layer.bias is not None else 1)
             total += layer.weight.numel() + extra * dtype.itemsize

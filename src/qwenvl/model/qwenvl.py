@@ -279,10 +279,8 @@ class QwenVL(nn.Module):
         size = self.config.visual.image_size
         if (not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4
                 or tuple(images.shape[1:]) != (3, size, size)):
-            from ..generation import _describe  # only on this error path: generation is not needed otherwise
-
             raise ValueError(f"images must be float pixels (images, 3, {size}, {size}) from the Processor; "
-                             f"got {_describe(images)}")
+                             f"got {describe_value(images)}")
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
               image_features: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,10 +333,8 @@ class QwenVL(nn.Module):
         lm = self.config.lm
         if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in _ID_DTYPES
                 or input_ids.numel() == 0):
-            from ..generation import _describe
-
             raise ValueError(f"input_ids must be an integer tensor (batch, tokens) with at least one token; "
-                             f"got {_describe(input_ids)}")
+                             f"got {describe_value(input_ids)}")
         if not isinstance(logits_to_keep, torch.Tensor) and logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be 0 (all positions), k > 0 (the last k) or a tensor of "
                              f"positions; got {logits_to_keep}")
@@ -480,6 +476,13 @@ def _plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
     if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward or layer.bias is not None:
         return None
     return None if isinstance(layer.weight, DTensor) else layer.weight
+
+
+def describe_value(x: object) -> str:
+    """What a wrong argument is, for its error message: "a torch.float32 tensor of shape (2, 3)", "a list"."""
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -47,13 +47,13 @@ def describe(source: str | Path | QwenVLConfig) -> dict[str, Any]:
         config, where, dtype = source, "preset", source.torch_dtype
         model = QwenVL.on_meta(config)
     else:
-        from ..checkpoint import _check_against_model, load_state_dict
+        from ..checkpoint import check_against_model, load_state_dict
 
         config, where = QwenVLConfig.from_pretrained(source), str(source)
         model = QwenVL.on_meta(config)
         tensors = load_state_dict(source)  # memory-mapped: only headers are read
         # the counts below are config.json's: said only for weights that match it (as loading would check)
-        _check_against_model(model.state_dict(), tensors, source, strict=True)
+        check_against_model(model.state_dict(), tensors, source, strict=True)
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         dtype = ", ".join(f"{d} ({n} tensors)" for d, n in dtypes.most_common())
         del tensors

@@ -33,13 +33,13 @@ from torch.distributed.tensor import DTensor
 
 from ..checkpoint import (
     CheckpointError,
-    _all_finite,
-    _check_against_model,
-    _count_non_finite,
-    _format_problems,
-    _locate,
+    all_finite,
+    check_against_model,
     check_config,
+    count_non_finite,
+    format_problems,
     load_state_dict,
+    locate_weights,
 )
 from ..config import QwenVLConfig
 from ..fileio import error_line
@@ -137,16 +137,16 @@ def load_sharded_weights(model: nn.Module, ckpt_dir: str | Path) -> nn.Module:
     env = _env_of(wanted.values())
 
     def read() -> list[str]:
-        files, _weight_map = _locate(ckpt_dir)
+        files, _weight_map = locate_weights(ckpt_dir)
         if isinstance(config := getattr(model, "config", None), QwenVLConfig):
             check_config(config, ckpt_dir)
         _read_local_rows(wanted, files, ckpt_dir)
         non_finite = []
         for name, t in wanted.items():  # each rank checks the rows it holds
             local = t.to_local() if isinstance(t, DTensor) else t
-            if not _all_finite(local):
+            if not all_finite(local):
                 start, stop = local_rows(t)
-                non_finite.append(f"{name} (rows {start}..{stop}): {_count_non_finite(local)}")
+                non_finite.append(f"{name} (rows {start}..{stop}): {count_non_finite(local)}")
         return non_finite
 
     _raise_if_non_finite(env, env.gather(env.agree(read)), ckpt_dir)
@@ -167,14 +167,14 @@ def _read_local_rows(wanted: dict[str, torch.Tensor], files: list[Path], ckpt_di
     """Check the stored keys and shapes against ``wanted`` (strictly), then fill this rank's rows of each."""
     if all(f.suffix == ".safetensors" for f in files):
         where, shapes = _safetensors_index(files)
-        _check_against_model(wanted, shapes, ckpt_dir, strict=True)
+        check_against_model(wanted, shapes, ckpt_dir, strict=True)
         for name, t in wanted.items():
             file, data_start, info = where[name]
             start, stop = local_rows(t)
             _read_rows(file, data_start, info, start, stop, t.to_local() if isinstance(t, DTensor) else t)
         return
     found = load_state_dict(ckpt_dir)  # .bin: mapped (torch.load mmap=True), then sliced
-    _check_against_model(wanted, found, ckpt_dir, strict=True)
+    check_against_model(wanted, found, ckpt_dir, strict=True)
     for name, t in wanted.items():
         start, stop = local_rows(t)
         local = t.to_local() if isinstance(t, DTensor) else t
@@ -186,7 +186,7 @@ def _raise_if_non_finite(env: DistEnv, found: list[list[str]], ckpt_dir: str | P
     problems = [f"rank {r}: {p}" if env.distributed else p for r, finds in enumerate(found) for p in finds]
     if not problems:
         return
-    error = CheckpointError(_format_problems(
+    error = CheckpointError(format_problems(
         f"checkpoint {ckpt_dir} holds NaN or infinite values in {len(problems)} tensor shard(s) (a corrupt file, or "
         "a training run that diverged):", problems))
     if env.is_main:
