@@ -245,7 +245,10 @@ def test_predict_records_a_bad_prompt_and_answers_the_others(golden_model, golde
         ({"max_new_tokens": 2.7}, "max_new_tokens must be an integer"),
         ({"max_new_tokens": float("nan")}, "max_new_tokens must be an integer"),
         ({"min_new_tokens": float("nan")}, "min_new_tokens must be an integer"),  # was ignored
-        ({"stop_token_ids": "abc"}, "stop token id must be an integer, got 'a'"),  # was "too many dimensions 'str'"
+        ({"stop_token_ids": "abc"}, "stop_token_ids must be a sequence of token ids, got 'abc'"),  # read as ids a, b, c
+        ({"stop_token_ids": 5}, "stop_token_ids must be a sequence of token ids, got 5"),  # was "'int' object is not iterable"
+        ({"eos_token_id": 2.5}, "eos_token_id must be a token id or a list of token ids, got 2.5"),  # was a TypeError
+        ({"eos_token_id": True}, "eos_token_id must be an integer, got True"),  # a flag in the wrong place
         ({"stop_token_ids": [-1]}, "stop token id must be >= 0"),
         ({"min_new_tokens": 1, "stop_token_ids": [10**9]}, "stop token id 1000000000 is out of range"),  # IndexError
         ({"do_sample": True, "seed": 2**70}, "seed must be an integer in"),

@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -60,6 +60,9 @@ __all__ = [
     "parse_size",
     "save_pretrained",
 ]
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -441,8 +444,8 @@ def _unshared(t: torch.Tensor, key: str, file: Path, spans: dict[int, list[tuple
     names on one storage, e.g. a tied lm_head): two parameters on one memory would change together."""
     if t.numel() == 0:
         return t
-    start = t.storage_offset() * t.element_size()
-    end = start + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
+    start = int(t.storage_offset()) * t.element_size()  # int: eager sizes are ints, not symbolic
+    end = start + (1 + sum((int(n) - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
     kept = spans.setdefault(t.untyped_storage().data_ptr(), [])
     other = next((k for a, b, k in kept if a < end and start < b), None)
     if other is None:
@@ -613,7 +616,7 @@ def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
+def _is_sharded(t: torch.Tensor) -> TypeGuard[DTensor]:
     return hasattr(t, "full_tensor")  # a DTensor (FSDP2 / tensor parallel): the rows live on several ranks
 
 
@@ -640,11 +643,11 @@ def iter_tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> Iter
     flat = _host_contiguous(t).reshape(-1)
     if dtype is None or flat.dtype == dtype:
         if flat.numel():
-            yield memoryview(flat.view(torch.uint8).numpy())
+            yield memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy stubs: no Buffer before 3.12
         return
     step = max(1, CAST_BLOCK_BYTES // max(flat.element_size(), torch.empty((), dtype=dtype).element_size()))
     for i in range(0, flat.numel(), step):
-        yield memoryview(flat[i:i + step].to(dtype).view(torch.uint8).numpy())
+        yield memoryview(flat[i:i + step].to(dtype).view(torch.uint8).numpy())  # type: ignore[arg-type]  # as above
 
 
 def _write_tensor_data(f: BinaryIO, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:

@@ -10,9 +10,9 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
@@ -362,6 +362,14 @@ def generate(
     return torch.cat([input_ids.to(out.device), out], dim=1)
 
 
+class TransformersOptions(TypedDict, total=False):
+    """transformers' ``generate()`` options in our terms (what :func:`from_transformers_options` returns)."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    stop_token_ids: Sequence[int]
+
+
 # transformers' generate() options that ask for what this generate does not do: what to use instead
 _UNSUPPORTED_OPTIONS = {
     "num_beams": "beam search is not implemented: use greedy decoding (num_beams=1, the default) or do_sample=True",
@@ -388,7 +396,7 @@ _NEUTRAL_VALUES = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_ge
                    "use_cache": True}
 
 
-def from_transformers_options(options: dict[str, object], input_ids: object) -> dict[str, object]:
+def from_transformers_options(options: dict[str, object], input_ids: object) -> TransformersOptions:
     """transformers' ``generate()`` keywords in our terms: ``max_length`` and ``min_length`` (prompt + new
     tokens, the prompt being ``input_ids``' columns, padding included) as ``max_new_tokens`` and
     ``min_new_tokens``, ``eos_token_id`` (an id or a list) as ``stop_token_ids``; the options of
@@ -396,20 +404,26 @@ def from_transformers_options(options: dict[str, object], input_ids: object) -> 
     or None are dropped. Any other option is a TypeError: one that asks for what is not done here says what to
     use instead, a misspelt one is never taken for a default."""
     prompt = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
-    out: dict[str, object] = {}
+    out: TransformersOptions = {}
     for name, value in options.items():
         if value is None:  # transformers' "not given"
             if name not in ("max_length", "min_length", "eos_token_id", *_UNSUPPORTED_OPTIONS):
                 raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
         elif name == "max_length":
-            if _require_int("max_length", value) <= prompt:
+            max_length = _require_int("max_length", value)
+            if max_length <= prompt:
                 raise ValueError(f"max_length={value} leaves no room for new tokens after the prompt's {prompt} "
                                  "(max_length counts the prompt; max_new_tokens counts only the new tokens)")
-            out["max_new_tokens"] = int(value) - prompt
+            out["max_new_tokens"] = max_length - prompt
         elif name == "min_length":
             out["min_new_tokens"] = max(_require_int("min_length", value) - prompt, 0)
         elif name == "eos_token_id":
-            out["stop_token_ids"] = [value] if isinstance(value, numbers.Integral) else value
+            if isinstance(value, numbers.Integral):
+                out["stop_token_ids"] = [_require_int("eos_token_id", value)]
+            elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+                out["stop_token_ids"] = value  # its ids are checked with the other sampling settings
+            else:
+                raise ValueError(f"eos_token_id must be a token id or a list of token ids, got {value!r}")
         elif name in _UNSUPPORTED_OPTIONS:
             neutral = _NEUTRAL_VALUES.get(name)
             if value != neutral or isinstance(value, bool) != isinstance(neutral, bool):
@@ -432,6 +446,10 @@ def sampling_params(
     fmt = chat_format or g.chat_format
     if fmt not in STOP_IDS:
         raise ValueError(f"chat_format must be one of {sorted(STOP_IDS)}, got {fmt!r}")
+    if stop_token_ids is None:
+        stop_token_ids = STOP_IDS[fmt]
+    elif isinstance(stop_token_ids, Iterable) and not isinstance(stop_token_ids, (str, bytes)):
+        stop_token_ids = tuple(stop_token_ids)  # else not ids at all: validate() says so
     for name in ("temperature", "repetition_penalty"):
         if kw.get(name) is None:
             kw[name] = getattr(g, name)
@@ -439,7 +457,7 @@ def sampling_params(
         max_new_tokens=g.max_new_tokens if max_new_tokens is None else max_new_tokens,
         top_p=g.top_p if top_p is None else top_p,
         top_k=g.top_k if top_k is None else top_k,
-        stop_token_ids=tuple(stop_token_ids) if stop_token_ids is not None else STOP_IDS[fmt],
+        stop_token_ids=stop_token_ids,
         pad_token_id=g.pad_token_id,
         **kw,  # type: ignore[arg-type]
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +166,7 @@ def iter_predict(
     progress: bool = False,
     compile: bool = False,
     on_error: str = "raise",
-) -> Iterator[Prediction]:
+) -> Generator[Prediction, None, None]:
     """:func:`predict`, one :class:`Prediction` at a time in the prompts' order, each batch's as soon as it is
     answered (so a caller keeps what is done when the run stops early). The arguments are checked at once."""
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and any(isinstance(p, dict) for p in prompts)):
@@ -182,7 +182,7 @@ def iter_predict(
 
 def _iter_predict(model: QwenVL, processor: Processor, prompts: list[Any], params: SamplingParams, batch_size: int,
                   base_dir: str | os.PathLike | None, progress: bool, compile: bool,
-                  on_error: str) -> Iterator[Prediction]:
+                  on_error: str) -> Generator[Prediction, None, None]:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -403,7 +403,7 @@ def chat_params(model: QwenVL | QwenVLConfig, **overrides: Any) -> SamplingParam
     """Sampling defaults of a chat: the checkpoint's generation_config (sampling, top_p, chatml stops), of
     ``model`` or of its config (before the weights load)."""
     g = (model if isinstance(model, QwenVLConfig) else model.config).generation
-    base = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_p": g.top_p, "top_k": g.top_k,
+    base: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample, "top_p": g.top_p, "top_k": g.top_k,
             "temperature": g.temperature, "repetition_penalty": g.repetition_penalty,
             "stop_token_ids": STOP_IDS["chatml"], "pad_token_id": g.pad_token_id}
     base.update({k: v for k, v in overrides.items() if v is not None})

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import QwenVLConfig
 
-PREDICT_KEYS = {  # YAML key -> type (a predict config holds these; command-line flags win)
+PREDICT_KEYS: dict[str, type[Any]] = {  # YAML key -> type (a predict config holds these; command-line flags win)
     "load_checkpoint": str, "dtype": str, "device": str, "predict_batch_size": int, "modal_type": list,
     "max_new_tokens": int, "min_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float,
     "top_k": int, "repetition_penalty": float, "seed": int, "chat_format": str, "image_dir": str, "run_mode": str,
@@ -222,7 +222,7 @@ def _checked_option(key: str, value: Any, where: str) -> Any:
     """``value`` of the predict YAML's ``key`` if it has the type of :data:`PREDICT_KEYS` (the flags' own types),
     else a ValueError naming it: ``do_sample: "false"`` sampled and ``modal_type: text`` was four kinds, t e x t."""
     want = PREDICT_KEYS[key]
-    takes = (int, float) if want is float else want
+    takes: type[Any] | tuple[type[Any], ...] = (int, float) if want is float else want
     if not isinstance(value, takes) or (isinstance(value, bool) and want is not bool):
         raise ValueError(f"{where}: {key} must be {_SAID[want]}, got {value!r}")
     if key == "modal_type" and (not value or any(m not in ("image", "text") for m in value)):
@@ -362,7 +362,7 @@ def _sampling(config: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
     validated: a bad value is said before the minutes of loading."""
     from .generation import sampling_params
 
-    kw = {k: opts[k] for k in ("max_new_tokens", "top_p", "top_k", "chat_format") if k in opts}
+    kw: dict[str, Any] = {k: opts[k] for k in ("max_new_tokens", "top_p", "top_k", "chat_format") if k in opts}
     for k in ("min_new_tokens", "temperature", "repetition_penalty", "seed"):
         if k in opts:
             kw[k] = opts[k]

@@ -40,7 +40,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .fileio import (
     atomic_dir,
@@ -310,7 +310,7 @@ def _describe(holder: Mapping[str, Any]) -> str:
             f"qwenvl {holder.get('command', '?')} started {holder.get('started', '?')}")
 
 
-def _pid_alive(pid: Any) -> bool:
+def _pid_alive(pid: object) -> TypeGuard[int]:  # True only for an int pid
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

@@ -152,10 +152,10 @@ def _convert_record(
     if "image" in record and (not isinstance(image, str) or not image):
         raise _Malformed(f"'image' must be a non-empty string, got {image!r}")
     rel_path = None if image is None else image_prefix + image
-    problem = None if rel_path is None else image_path_problem(rel_path)
-    if problem:  # the dataset could not encode the record: a bad record here, not at training time
-        raise _Malformed(f"image path {rel_path[:64]!r}{'...' if len(rel_path) > 64 else ''} {problem}")
     if rel_path is not None:
+        problem = image_path_problem(rel_path)
+        if problem:  # the dataset could not encode the record: a bad record here, not at training time
+            raise _Malformed(f"image path {rel_path[:64]!r}{'...' if len(rel_path) > 64 else ''} {problem}")
         try:  # refused without a look at whether the file exists: the reason must not tell
             policy.resolve(rel_path)
         except ImageError as e:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,8 @@ def answer_rows_last_block(model: QwenVL) -> Iterator[None]:
 
     def take_labels(_: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
-        block.rows = None if labels is None else loss_rows(labels)
+        # the block's class is AnswerRowsBlock while the hook is registered (set below)
+        cast(AnswerRowsBlock, block).rows = None if labels is None else loss_rows(labels)
 
     block.__class__ = AnswerRowsBlock  # same modules and parameters, another forward
     handle = model.register_forward_pre_hook(take_labels, with_kwargs=True)

@@ -166,7 +166,7 @@ def draw_prediction_grid(
             objects.append((None, [v * scale for v in item.pred_box]))
             colors.append(PRED_COLOR)
         shown = item.image.convert("RGB").resize(
-            (max(1, round(item.image.width * scale)), max(1, round(item.image.height * scale))), Image.BICUBIC
+            (max(1, round(item.image.width * scale)), max(1, round(item.image.height * scale))), Image.Resampling.BICUBIC
         )
         shown = draw_boxes(shown, objects, colors=colors, width=2)
         x, y = pad + c * (tile + pad), header + r * (tile + caption_h + pad)

@@ -88,7 +88,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -98,6 +98,7 @@ from ..fileio import atomic_write_text
 from ..hardware import cpu_summary, resolve_bf16
 from ..images import load_image
 from ..model import QwenVL
+from ..model.llm import Block
 from ..outputs import OutputDirError, claim_output, read_marker, record_files
 from ..processor import DEFAULT_SYSTEM, Processor
 from ..quantize import use_row_products
@@ -261,7 +262,7 @@ def recency_attention_init(model: QwenVL, layers: int = 1, amplitude: float = 2.
     hd, heads = lm.kv_channels, lm.num_attention_heads
     theta = 1.0 / lm.rotary_emb_base ** (torch.arange(hd // 2, dtype=torch.float64) * 2 / hd)
     pairs = ((theta >= min_freq) & (theta <= max_freq)).nonzero().flatten()
-    for block in model.transformer.h[:layers]:
+    for block in cast(Sequence[Block], model.transformer.h[:layers]):  # QwenVL builds its LM stack of Blocks
         bias = block.attn.c_attn.bias.view(3, heads, hd)  # [q; k; v] row blocks, heads of head_dim
         bias[:2] = 0.0
         bias[:2, :, pairs] = amplitude

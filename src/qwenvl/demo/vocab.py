@@ -91,6 +91,8 @@ class SharedRowsHead(_WholeWeight):
     ``rows`` (k, hidden) are the rows of ``ids`` (sorted, distinct), ``shared`` (1, hidden) every other row.
     """
 
+    ids: torch.Tensor  # buffer
+
     def __init__(self, rows: torch.Tensor, shared: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> None:
         super().__init__()
         ids = torch.as_tensor(ids, dtype=torch.long, device=rows.device)
@@ -180,6 +182,10 @@ class UsedRowsEmbedding(_WholeWeight):
     """An ``nn.Embedding`` (``vocab x hidden``) that trains only the rows of ``ids`` (sorted, distinct): ``rows``
     (k, hidden) are theirs, every other row is its value in ``initial`` times ``decay`` (see the module
     docstring)."""
+
+    initial: torch.Tensor  # buffers
+    index: torch.Tensor
+    ids: torch.Tensor
 
     def __init__(self, initial: torch.Tensor, ids: Any) -> None:
         super().__init__()

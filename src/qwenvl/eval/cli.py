@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,9 +153,10 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     check_output_file(args.output, {"--data file": args.data, "--prompt_file": args.prompt_file,
                                     "--resume_from file": args.resume_from},
                       folders={"checkpoint folder": args.model})
-    loaders = {"grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data,
-               "caption": runners.load_caption_data}  # fmt: skip
+    loaders: dict[str, Callable[..., list[Any]]] = {
+        "grounding": runners.load_grounding_data, "vqa": runners.load_vqa_data, "caption": runners.load_caption_data}
     media = {"allow_any_local_path": args.allow_any_local_path}
+    records: list[Any]  # the records of ``task``
     if task == "grounding":
         records = runners.load_grounding_data(args.data, args.image_dir, args.bbox_format, **media)
     else:
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         result = runners.evaluate_grounding(records, threshold=args.iou_threshold, **common)
         line = f"Acc@{args.iou_threshold:g}: {result.score:.4f} ({result.details['num_correct']}/{result.num_samples})"
     elif task == "vqa":
+        assert metric is not None  # resolved above for vqa
         result = runners.evaluate_vqa(records, metric=metric, **common)
         line = f"VQA accuracy ({result.settings['vqa_metric']}): {100 * result.score:.2f} over {result.num_samples}"
     else:

@@ -594,7 +594,7 @@ def load_caption_data(
     entries = _coco_captions(path) if path.suffix == ".json" else None
     if entries is None:
         entries = [(f"{path}:{n}", o) for n, o in _read_jsonl(path)]
-    records = []
+    records: list[CaptionRecord] = []
     known: dict[str, Path] = {}
     for where, obj in entries:
         image = _require(obj, "image", str, where)

@@ -98,14 +98,14 @@ def attention_bias(
         allowed = attention_mask.bool()[:, None, None, :total]
         return allowed | ~allowed.any(-1, keepdim=True)  # a row with no real key at all: any keys, not NaN
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if past == 0 and padded and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+    if past == 0 and padded and attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
         padded = False  # right padding only: see above
     if not padded and (past == 0 or t == 1):
         return None
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None, None]  # (1, 1, t, total)
-    if padded:
+    if padded and attention_mask is not None:  # padded implies a mask
         allowed = allowed & attention_mask.bool()[:, None, None, :total]
         allowed = allowed | (k_pos == q_pos)[None, None]
     return allowed
@@ -222,7 +222,7 @@ class QwenVL(nn.Module):
                 continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(std=std)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:  # nn.Embedding has none
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
@@ -290,6 +290,7 @@ class QwenVL(nn.Module):
             return h
         mask, n = image_span_mask(input_ids)
         if image_features is None:
+            assert images is not None  # returned above when both are None
             self._check_pixels(images)
             if images.shape[0] != n:  # before the vision tower runs on them
                 raise ValueError(f"the prompt has {n} image span(s) (<img>..</img>) but {images.shape[0]} image(s) "

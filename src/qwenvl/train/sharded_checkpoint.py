@@ -79,9 +79,10 @@ class _SafeReader(dcp.FileSystemReader):
             metadata = _MetadataUnpickler(f).load()
         if not isinstance(metadata, dcp.metadata.Metadata):
             raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:
+            storage_meta = metadata.storage_meta = dcp.metadata.StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
 

@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,7 +118,9 @@ class BatchOrder:
 # ---- RNG ---------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """RNG states of python, numpy and torch (CPU and CUDA), as tensors and plain values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the legacy tuple: numpy's global generator is MT19937 (a dict only if someone swapped its bit generator)
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, gauss = legacy
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
