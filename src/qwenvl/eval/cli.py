@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         records = runners.load_grounding_data(args.data, args.image_dir, args.bbox_format, **media)
     else:
         records = loaders[task](args.data, args.image_dir, **media)
-    policy = runners._media_policy(args.image_dir, args.allow_any_local_path)
+    policy = runners.media_policy(args.image_dir, args.allow_any_local_path)
     first: dict[str, str] = {}  # each image once (a benchmark names it in several samples), by its first sample
     for r in records:
         first.setdefault(r.image, r.where)
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     records = _limit(records, args.limit)
     metric = runners.resolve_vqa_metric(records, args.metric) if task == "vqa" else None
     prompt, protocol = _prompt(args, task)
-    runners._format(prompt, "", **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
+    runners.fill_prompt(prompt, **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
     resume = None
     if args.resume_from:  # a file of another run is said now, not after the model loads
         from ..fileio import read_json

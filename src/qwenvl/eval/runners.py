@@ -347,7 +347,8 @@ def _require(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where
     return value
 
 
-def _media_policy(image_dir: str | os.PathLike | None, allow_any_local_path: bool) -> MediaPolicy:
+def media_policy(image_dir: str | os.PathLike | None, allow_any_local_path: bool) -> MediaPolicy:
+    """Which image files the data may name: those under ``image_dir`` (default: the working directory)."""
     return MediaPolicy(image_dir if image_dir is not None else ".", allow_any_local_path)
 
 
@@ -435,7 +436,7 @@ def load_grounding_data(
     """Read a grounding JSONL file (see the module docstring); every image must exist under the media policy."""
     if bbox_format not in ("xyxy", "xywh"):
         raise ValueError(f"bbox_format must be 'xyxy' or 'xywh', got {bbox_format!r}")
-    policy = _media_policy(image_dir, allow_any_local_path)
+    policy = media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     records = []
     known: dict[str, Path] = {}
@@ -513,7 +514,7 @@ def load_vqa_data(
     path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *, allow_any_local_path: bool = False
 ) -> list[VQARecord]:
     """Read a VQA JSONL file (see the module docstring); every image must exist under the media policy."""
-    policy = _media_policy(image_dir, allow_any_local_path)
+    policy = media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     records = []
     seen: dict[Any, str] = {}
@@ -587,7 +588,7 @@ def load_caption_data(
 ) -> list[CaptionRecord]:
     """Read captioning data: JSONL, or COCO-style JSON (see the module docstring); every image must exist
     under the media policy."""
-    policy = _media_policy(image_dir, allow_any_local_path)
+    policy = media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluation data not found: {path}")
@@ -651,7 +652,9 @@ def _mark_error(entry: dict[str, Any], errors: dict[int, str], k: int) -> dict[s
     return entry
 
 
-def _format(template: str, where: str, **fields: str) -> str:
+def fill_prompt(template: str, **fields: str) -> str:
+    """``template`` with ``fields`` filled in; a template that cannot be filled is a ValueError saying which fields
+    it may use."""
     try:
         return template.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
@@ -696,7 +699,7 @@ def evaluate_grounding(
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False,
                             compile=compile)
-    prompts = [_format(prompt, r.where, image=r.image, expression=r.sent) for r in records]
+    prompts = [fill_prompt(prompt, image=r.image, expression=r.sent) for r in records]
     opens_box = prompt.rstrip().endswith("<box>")
 
     generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
@@ -806,7 +809,7 @@ def evaluate_vqa(
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
                             compile=compile)
-    prompts = [_format(prompt, r.where, image=r.image, question=r.question) for r in records]
+    prompts = [fill_prompt(prompt, image=r.image, question=r.question) for r in records]
 
     generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
 
@@ -855,7 +858,7 @@ def evaluate_caption(
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
                             compile=compile)
-    prompts = [_format(prompt, r.where, image=r.image) for r in records]
+    prompts = [fill_prompt(prompt, image=r.image) for r in records]
 
     generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
 
