@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,15 @@ GOLDEN_IMAGES = {"{0}": "images/cat.png", "{1}": "images/street.jpg"}
 def pytest_configure(config: pytest.Config) -> None:
     """The suite compiles in-process (``stream_tokens(compile=True)``): under ``ATEN_CPU_CAPABILITY`` (the suite
     run as on an older CPU) it gets a compile cache of its own, as the ``qwenvl`` command does; with torch 2.13
-    kernels cached for another capability crash the process (:func:`qwenvl.hardware.separate_compile_cache`)."""
+    kernels cached for another capability crash the process (:func:`qwenvl.hardware.separate_compile_cache`).
+    Under pytest-xdist each worker computes with one thread: two threads per worker on a 2-core machine wait for
+    each other's core (a test took 2x as long beside another process as with one thread)."""
     from qwenvl.hardware import separate_compile_cache
 
     separate_compile_cache()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # and the processes the tests start (torchrun, the CLI)
 
 
 @pytest.fixture(scope="module")
