@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ def pytest_configure(config: pytest.Config) -> None:
     from qwenvl.hardware import separate_compile_cache
 
     separate_compile_cache()
+    # Ctrl-C's tests need SIGINT to arrive: a shell starts a background job (`pytest &` without job control) with
+    # SIGINT ignored, which Python and every process the tests start inherit (and qwenvl rightly keeps ignoring)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"  # and the processes the tests start (torchrun, the CLI)
