@@ -168,6 +168,15 @@ def test_unlocked_lock_file_of_a_live_process_on_this_host_is_respected(tmp_path
         acquire_lock(tmp_path, "convert")
 
 
+def test_a_lock_file_whose_pid_is_not_a_number_names_no_live_process(tmp_path: Path, caplog) -> None:
+    """A damaged lock file ("pid": true) was taken as naming pid 1 (a bool is an int), always alive: the folder was
+    blocked until the file was deleted by hand."""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": True, "host": socket.gethostname()}))
+    with caplog.at_level(logging.WARNING, logger="qwenvl.outputs"):
+        acquire_lock(tmp_path, "convert").release()
+    assert "taking over the lock of a run that is no longer running" in caplog.text
+
+
 def test_a_lock_file_naming_a_pid_reused_by_a_later_process_is_taken_over(tmp_path: Path, caplog) -> None:
     """A run killed in a container; after a restart another process has its pid. That process started after the
     lock was taken: it is not the holder, and the folder is not blocked until the lock file is deleted by hand."""

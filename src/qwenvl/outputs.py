@@ -310,8 +310,8 @@ def _describe(holder: Mapping[str, Any]) -> str:
             f"qwenvl {holder.get('command', '?')} started {holder.get('started', '?')}")
 
 
-def _pid_alive(pid: object) -> TypeGuard[int]:  # True only for an int pid
-    if not isinstance(pid, int) or pid <= 0:
+def _pid_alive(pid: object) -> TypeGuard[int]:  # True only for an int pid (not a bool: true would be pid 1)
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
