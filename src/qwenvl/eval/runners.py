@@ -277,8 +277,8 @@ def _run(
     of the batches answered so far are scored and written next to ``output`` (:func:`~qwenvl.outputs.partial_path`),
     said in one log line, and the interrupt goes on; so are they when ``output`` cannot be written (an ``OSError``:
     a full disk, a file-size limit), and the error goes on (when even that write fails, the error says so in its
-    one line). ``output`` is written atomically: an existing file stays whole when the write fails. ``resume``: an earlier run's output (:func:`resumed_answers`), whose answers are kept, not
-    generated again."""
+    one line). ``output`` is written atomically: an existing file stays whole when the write fails. ``resume``: an
+    earlier run's output (:func:`resumed_answers`), whose answers are kept, not generated again."""
     answers: list[str] = []
     errors: dict[int, str] = {}
     if resume is not None:

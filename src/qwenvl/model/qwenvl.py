@@ -97,16 +97,16 @@ def attention_bias(
             return None
         allowed = attention_mask.bool()[:, None, None, :total]
         return allowed | ~allowed.any(-1, keepdim=True)  # a row with no real key at all: any keys, not NaN
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if past == 0 and padded and attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        padded = False  # right padding only: see above
-    if not padded and (past == 0 or t == 1):
+    padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None  # some key pads
+    if past == 0 and padding is not None and bool((padding[:, 1:] <= padding[:, :-1]).all()):
+        padding = None  # right padding only: see above
+    if padding is None and past == 0:
         return None
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None, None]  # (1, 1, t, total)
-    if padded and attention_mask is not None:  # padded implies a mask
-        allowed = allowed & attention_mask.bool()[:, None, None, :total]
+    if padding is not None:
+        allowed = allowed & padding.bool()[:, None, None, :total]
         allowed = allowed | (k_pos == q_pos)[None, None]
     return allowed
 
