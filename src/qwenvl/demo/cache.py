@@ -48,7 +48,9 @@ def cached_image_features(model: QwenVL) -> Iterator[dict[bytes, torch.Tensor]]:
                 cache[keys[i]] = f
         return torch.stack([cache[k] for k in keys])
 
-    model.encode_images = encode_images  # an instance attribute: shadows the method until the block ends
+    # an instance attribute shadows the method until the block ends. mypy refuses any assignment to a method
+    # (it cannot tell a bound from an unbound callable); ignoring only that code still checks the signature
+    model.encode_images = encode_images  # type: ignore[method-assign]
     try:
         yield cache
     finally:

@@ -221,7 +221,8 @@ def shared_head_init(model: QwenVL, ids: Sequence[int]) -> None:
     others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     others[torch.as_tensor(list(ids), dtype=torch.long, device=weight.device)] = False
     weight[others] = 0.0
-    model.lm_head = SharedRowsHead.from_linear(model.lm_head, ids)
+    # a module swap (QwenVL declares lm_head an nn.Linear): add_module replaces the child of that name
+    model.add_module("lm_head", SharedRowsHead.from_linear(model.lm_head, ids))
 
 
 @contextlib.contextmanager
@@ -235,11 +236,12 @@ def used_embedding_rows(model: QwenVL, dataset: Any, cfg: DemoConfig) -> Iterato
     # and the padding id: collate pads batches with it; its rows' gradient is 0 (pads follow the real tokens,
     # which attend causally, and carry no label), so AdamW only decays it, as it would the full table's row
     used = {*input_ids(dataset), ENDOFTEXT_ID}
-    model.transformer.wte = UsedRowsEmbedding.from_embedding(model.transformer.wte, sorted(used))
+    rows = UsedRowsEmbedding.from_embedding(model.transformer.wte, sorted(used))
+    model.transformer.add_module("wte", rows)  # a module swap: QwenModel declares wte an nn.Embedding
     try:
         yield
     finally:
-        model.transformer.wte = model.transformer.wte.to_embedding()
+        model.transformer.wte = rows.to_embedding()
 
 
 @torch.no_grad()

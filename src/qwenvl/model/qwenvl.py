@@ -26,8 +26,10 @@ from .vision import VisionTower
 
 try:  # FSDP2 shards parameters as DTensors; absent from builds without torch.distributed
     from torch.distributed.tensor import DTensor
+
+    _DTENSOR: tuple[type, ...] = (DTensor,)
 except ImportError:  # pragma: no cover
-    DTensor = ()
+    _DTENSOR = ()  # isinstance(x, ()) is False: no weight is sharded
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -476,7 +478,7 @@ def _plain_linear_weight(layer: nn.Module) -> torch.Tensor | None:
     """
     if not isinstance(layer, nn.Linear) or type(layer).forward is not nn.Linear.forward or layer.bias is not None:
         return None
-    return None if isinstance(layer.weight, DTensor) else layer.weight
+    return None if isinstance(layer.weight, _DTENSOR) else layer.weight
 
 
 def describe_value(x: object) -> str:
