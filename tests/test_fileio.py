@@ -210,6 +210,63 @@ def test_old_copy_that_cannot_be_deleted_only_warns(
     assert len(leftovers) == 1 and leftovers[0].startswith(".out.qwenvl-old-")
 
 
+def test_a_second_ctrl_c_while_a_failed_folder_is_deleted_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Ctrl-C during a save, then again while its staging folder (gigabytes of a checkpoint) is being deleted: the
+    # second cut the deletion and left a hidden .out.qwenvl-tmp-* folder until the next run in the folder
+    import signal
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real = fileio.shutil.rmtree
+
+    def ctrl_c_meanwhile(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered before kill returns
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.raises(KeyboardInterrupt) as caught, caplog.at_level("WARNING"), atomic_dir(target) as tmp:
+        for i in range(4):
+            (tmp / f"shard-{i}.bin").write_bytes(b"w" * 1000)
+        monkeypatch.setattr(fileio.shutil, "rmtree", ctrl_c_meanwhile)
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+    assert isinstance(caught.value.__context__, KeyboardInterrupt)  # the second, acted on once the folder is gone
+    assert _names(tmp_path) == ["out"] and _names(target) == ["old.txt"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"SIGINT came while {target} was being saved: acted on now that the save has ended"]
+
+
+# a library user's process (no handler of ours) replaces a folder and gets SIGTERM between the two renames
+_TERMINATED_BETWEEN_THE_RENAMES = """
+import os, signal, sys
+from qwenvl import fileio
+def fault_point(name):
+    if name == "atomic_dir.swapped_out":
+        os.kill(os.getpid(), signal.SIGTERM)
+fileio.fault_point = fault_point
+with fileio.atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "new.txt").write_text("new")
+"""
+
+
+def test_sigterm_between_the_renames_of_a_replaced_folder_waits_for_the_second(tmp_path: Path) -> None:
+    # the old folder renamed away, the process ended by SIGTERM before the new one was renamed in: the folder was
+    # missing (its old version in a hidden .out.qwenvl-old-* sibling), with no run of ours to put it back
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    run = subprocess.run([sys.executable, "-c", _TERMINATED_BETWEEN_THE_RENAMES, str(target)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == -signal.SIGTERM, run.stderr  # still ended by the signal, once the folder is in place
+    assert _names(tmp_path) == ["out"] and (target / "new.txt").read_text() == "new" and _names(target) == ["new.txt"]
+    assert f"SIGTERM came while {target} was being saved: acted on now that the save has ended" in run.stderr
+
+
 @pytest.mark.parametrize(("text", "said"), [
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # Python's parser recurses once per level
     ("[" + "1" * 5000 + "]", "4300 digits"),  # int() refuses such numbers (CPython's limit)
