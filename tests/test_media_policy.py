@@ -200,3 +200,15 @@ def test_inference_load_passes_the_policy_through(golden_dir: Path) -> None:
     assert proc.media_policy() == MediaPolicy(None, False)
     _, proc = load(golden_dir, "float32", "cpu", os.fspath(golden_dir), allow_any_local_path=True)
     assert proc.media_policy() == MediaPolicy(os.fspath(golden_dir), True)
+
+
+def test_a_path_with_a_lone_surrogate_is_one_image_error(area: tuple[Path, Path]) -> None:
+    """A lone surrogate (JSON "\\ud800" in a data file or a prompt) names no file: it was a UnicodeEncodeError from
+    deep in the file system calls, under either policy; a name decoded from bytes (surrogateescape) still works."""
+    root, _ = area
+    for policy in (MediaPolicy(root), MediaPolicy(root, allow_any_local_path=True)):
+        with pytest.raises(ImageError, match="not valid Unicode"):
+            policy.resolve("\ud800.png")
+    odd = os.fsdecode(b"\xff.png")  # a Linux file name that is not UTF-8
+    shutil.copy(root / "cat.png", root / odd)
+    assert MediaPolicy(root).resolve(odd).is_file()

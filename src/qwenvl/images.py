@@ -92,6 +92,10 @@ class MediaPolicy:
             raise ImageError("empty image path")
         if "\0" in text:
             raise MediaAccessError(f"image path {_shown(text)} holds a NUL character")
+        try:  # a lone surrogate ("\ud800" in JSON) names no file: the file system cannot take it
+            os.fsencode(text)
+        except UnicodeEncodeError:
+            raise ImageError(f"image path {_shown(text)} is not valid Unicode text (a lone surrogate)") from None
         if self.allow_any_local_path:
             p = Path(text).expanduser()
             if not p.is_absolute() and self.root is not None:

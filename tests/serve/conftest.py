@@ -80,6 +80,14 @@ def server(golden_model, processor) -> Iterator[Running]:
         yield r
 
 
+def raw(url: str, data: bytes) -> socket.socket:
+    """A connection to the server at ``url`` that has sent ``data`` (a request, or the start of one)."""
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(data)
+    return s
+
+
 def data_url(path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 

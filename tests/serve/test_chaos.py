@@ -18,7 +18,7 @@ from PIL import Image
 
 from qwenvl.serve.app import ServeSettings, create_app
 
-from .conftest import MODEL_NAME, make_engine, running
+from .conftest import MODEL_NAME, make_engine, raw, running
 
 
 def png_url(width: int, height: int) -> str:
@@ -157,13 +157,6 @@ async def aenumerate(items):
     async for item in items:
         yield n, item
         n += 1
-
-
-def raw(url: str, data: bytes) -> socket.socket:
-    host, port = url.split("//")[1].split(":")
-    s = socket.create_connection((host, int(port)), timeout=10)
-    s.sendall(data)
-    return s
 
 
 def read_all(s: socket.socket) -> bytes:

@@ -3,9 +3,16 @@ gets a 4xx that names the problem, and the server keeps serving."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
+
 import httpx
 
-from .conftest import MODEL_NAME
+from qwenvl.serve import app as app_module
+from qwenvl.serve.app import ServeSettings
+
+from .conftest import MODEL_NAME, data_url, make_engine, raw, running
 
 
 def chat(content: str = "hi", **extra) -> dict:
@@ -97,3 +104,97 @@ def test_openapi_documents_the_errors_the_server_sends(server):
     fields = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]  # the bounds a fuzzer reads
     assert {"exclusiveMinimum": 0, "maximum": 1, "type": "number"} in fields["top_p"]["anyOf"]
     assert {"exclusiveMinimum": 0, "type": "number"} in fields["repetition_penalty"]["anyOf"]
+
+
+def test_requests_beyond_the_slots_and_the_queue_are_refused_before_their_bodies_are_read(golden_model, processor):
+    """Every connection's body was read whole before any bound applied (the engine's queue counts only requests
+    already prepared): a thousand clients sending --max_request_bytes each held a thousand times that. At most
+    max_batch_size + max_queue requests with a body are in progress; one more is answered 429 at once, and
+    requests without a body (/health probes) still get through."""
+    engine = make_engine(golden_model, processor, max_batch_size=1, max_queue=1)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n")
+    with running(engine, processor) as r:
+        uploads = [raw(r.url, head + b'{"model": "') for _ in range(2)]  # bodies still arriving
+        for _ in range(200):
+            refused = post(r, "/chat/completions", chat())
+            if refused.status_code != 200:
+                break
+            time.sleep(0.02)
+        error = error_of(refused, 429)
+        assert error["code"] == "rate_limit_exceeded" and "2 requests" in error["message"], error
+        assert httpx.get(r.url + "/health").json()["status"] == "ok"
+        for s in uploads:  # the clients leave: their places are free again
+            s.close()
+        for _ in range(200):
+            again = post(r, "/chat/completions", chat())
+            if again.status_code != 429:
+                break
+            time.sleep(0.02)
+        assert again.status_code == 200, again.text
+
+
+def test_images_are_decoded_a_few_requests_at_a_time(golden_model, processor, monkeypatch):
+    """Requests were prepared in as many threads as arrived (anyio's 40), each decoding up to
+    --max_images_per_request pictures of --max_image_pixels (a 115 KB PNG of 40 M pixels is 150 MB decoded): 40
+    clients held 24 GB. At most ServeSettings.decode_concurrency requests turn bytes into pixels at once (their
+    downloads are not held up by it)."""
+    lock, decoding, peak, release = threading.Lock(), [0], [0], threading.Event()
+    decode = app_module.decode_image
+
+    def counting_decode(*args, **kwargs):
+        with lock:
+            decoding[0] += 1
+            peak[0] = max(peak[0], decoding[0])
+        release.wait(30)
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(app_module, "decode_image", counting_decode)
+    image = {"type": "image_url", "image_url": {"url": data_url("tests/fixtures/qwenvl-tiny/images/cat.png")}}
+    settings = ServeSettings(model_name=MODEL_NAME, decode_concurrency=2)
+    engine = make_engine(golden_model, processor, max_batch_size=2)
+    with running(engine, processor, settings) as r, concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(post, r, "/chat/completions", chat([image])) for _ in range(6)]
+        for _ in range(150):  # until all six are decoding, or a while if they may not
+            if peak[0] == 6:
+                break
+            time.sleep(0.02)
+        release.set()
+        assert [a.result().status_code for a in answers] == [200] * 6
+    assert peak[0] == 2
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_its_images_are_read(server, monkeypatch):
+    """A prompt over the context, or a max_tokens over the cap, was refused only after every image of the request
+    had been fetched and decoded and the prompt tokenized again (and for /v1/completions the error named
+    'messages'): a few bytes of text then cost the server seconds of work for a 400."""
+    fetched = []
+    monkeypatch.setattr(app_module, "read_image", lambda url, *args: fetched.append(url))
+    image = {"type": "image_url", "image_url": {"url": data_url("tests/fixtures/qwenvl-tiny/images/cat.png")}}
+    long = "word " * 1100  # the server's context is 1024 tokens
+    for body, path, param in (
+        (chat([image, {"type": "text", "text": long}]), "/chat/completions", "messages"),
+        ({"model": MODEL_NAME, "prompt": "<img>a</img>" + long, "images": [image["image_url"]["url"]]},
+         "/completions", "prompt"),
+    ):
+        error = error_of(post(server, path, body))
+        assert error["code"] == "context_length_exceeded" and error["param"] == param, error
+        error = error_of(post(server, path, {**body, "max_tokens": 10**6}))
+        assert error["param"] == "max_tokens" and "at most 2048" in error["message"], error
+    assert fetched == []
+
+
+def test_a_prompt_with_more_image_spans_than_allowed_is_refused_before_tokenizing(server, processor, monkeypatch):
+    """Each <img></img> span of a /v1/completions prompt is 258 token ids: 12 bytes of "<img>a</img>" became 2 KB of
+    Python ints, so a 20 MiB prompt of spans took gigabytes and minutes of tokenizing before the span count was
+    checked against --max_images_per_request."""
+    encoded = []
+    encode = processor.tokenizer.encode
+    monkeypatch.setattr(processor.tokenizer, "encode", lambda text, *a, **kw: (encoded.append(text), encode(text, *a, **kw))[1])
+    error = error_of(post(server, "/completions", {"model": MODEL_NAME, "prompt": "<img>a</img>" * 1000}))
+    assert error["param"] == "prompt" and "1000 images" in error["message"] and "at most 4" in error["message"], error
+    assert encoded == []

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import http.server
 import io
+import json
 import struct
 import threading
 import time
@@ -218,6 +219,9 @@ def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(golden_model, pr
             with pytest.raises(openai.RateLimitError) as e:
                 busy.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
+            # refused by the engine's queue: a stream that has started no longer counts among the requests whose
+            # bodies are read and prepared (a client that reads slowly would keep everyone out)
+            assert "waiting for a slot" in e.value.body["message"], e.value.body
         deadline = time.monotonic() + 20
         while engine.active and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -311,6 +315,18 @@ def test_a_file_name_the_system_cannot_take_is_a_400(guarded):
     """os.stat's ENAMETOOLONG (or any OSError) on a path inside the media folder was a 500."""
     for url in ("a" * 5000 + ".png", "file://" + str(guarded.media / ("b" * 300 + ".png")), "a/" * 3000 + "x.png"):
         assert_error(post(guarded, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])), 400)
+
+
+def test_an_image_path_that_is_not_unicode_is_a_400(guarded):
+    """A lone surrogate (JSON "\\ud800") in a file name under --allowed_local_media_path was a 500: the path
+    could not be encoded for the file system (UnicodeEncodeError); in a file URL's host it was a 500 too, as the
+    error message naming the URL could not be encoded as UTF-8."""
+    for url, words in (("\ud800.png", "not valid Unicode"), ("file://" + str(guarded.media / "\udc80.png"), "not valid Unicode"),
+                       ("file://\ud800/x.png", "another host")):
+        body = json.dumps(chat([image_part(url), {"type": "text", "text": "x"}])).encode()  # "\\ud800" escaped
+        error = assert_error(post(guarded, "/chat/completions", content=body,
+                                  headers={"content-type": "application/json"}), 400, words)
+        assert error["param"] == "image_url"
 
 
 def test_postscript_is_never_handed_to_ghostscript(guarded, fake_ghostscript):

@@ -15,6 +15,7 @@ import hmac
 import importlib.resources
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from ..processor import Processor
 from . import protocol
 from .engine import Delta, Engine, Event, Failed, Finished, QueueFull, ShuttingDown
 from .engine import Request as EngineRequest
-from .media import MediaError, MediaLimits, fetch_image
+from .media import MediaError, MediaLimits, decode_image, read_image
 from .metrics import ServeMetrics
 
 __all__ = ["APIError", "Server", "ServeSettings", "create_app"]
@@ -53,6 +54,8 @@ class ServeSettings:
     request_body_timeout: float = 60.0  # seconds for a whole request body to arrive (408 after: slowloris)
     max_images_per_request: int = 4
     max_tokens_cap: int = 2048
+    # requests whose images are decoded and resized at once: a picture of max_image_pixels is ~150 MB decoded
+    decode_concurrency: int = 4
     media: MediaLimits = field(default_factory=MediaLimits)
 
 
@@ -64,8 +67,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(protocol.error_body(self.message, self.type, self.code, self.param), self.status)
+    def response(self) -> Response:
+        # ASCII JSON: a message may quote what the client sent, lone surrogates ("\ud800") included, which UTF-8
+        # cannot encode
+        body = json.dumps(protocol.error_body(self.message, self.type, self.code, self.param))
+        return Response(body, self.status, media_type="application/json")
 
 
 @dataclass
@@ -83,20 +89,24 @@ class _Prepared:
 class _Refused(Exception):
     """A request body the guard refuses before the app sees it: answered ``status`` with OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.type = status, message, code, type
 
 
 class _Guard:
-    """ASGI middleware: refuses bodies over ``limit`` bytes (413, before the app reads them) and bodies that take
+    """ASGI middleware: refuses bodies over ``limit`` bytes (413, before the app reads them), bodies that take
     longer than ``timeout`` seconds to arrive (408: a client that announces a body and sends it slowly or never
-    would hold its connection for ever; uvicorn has no such limit), and counts every answer in
-    ``qwenvl_requests_total`` by endpoint and status."""
+    would hold its connection for ever; uvicorn has no such limit) and, while ``busy`` requests with a body wait
+    for their answer to start, one more (429, before its body is read: the engine's queue counts only requests
+    already prepared, so that bodies were otherwise read, parsed and prepared for as many clients as connect; a
+    stream counts until its first chunk, so that clients who read slowly do not keep others out), and counts every
+    answer in ``qwenvl_requests_total`` by endpoint and status."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int, metrics: ServeMetrics,
-                 endpoints: frozenset[str], timeout: float = 60.0) -> None:
+                 endpoints: frozenset[str], timeout: float = 60.0, busy: int | None = None) -> None:
         self.app, self.limit, self.metrics, self.endpoints, self.timeout = app, limit, metrics, endpoints, timeout
+        self.busy, self.in_progress = busy, 0  # requests with a body (probes have none: never refused)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -104,15 +114,30 @@ class _Guard:
             return
         endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
         status = [0]
+        counted = False
+
+        def release() -> None:
+            nonlocal counted
+            if counted:
+                self.in_progress, counted = self.in_progress - 1, False
 
         async def counted_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                release()
             await send(message)
 
+        headers = dict(scope.get("headers") or [])
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         try:
             try:
-                body = await self._read_body(scope, receive)
+                self._check_size(headers)
+                if has_body:
+                    if self.busy is not None and self.in_progress >= self.busy:
+                        raise _Refused(429, f"the server is busy: {self.in_progress} requests are in progress; "
+                                            "try again later", "rate_limit_exceeded", "rate_limit_exceeded")
+                    self.in_progress, counted = self.in_progress + 1, True
+                body = await self._read_body(receive)
             except _Refused as e:
                 await self._refuse(counted_send, e)
                 return
@@ -127,16 +152,18 @@ class _Guard:
 
             await self.app(scope, replay, counted_send)
         finally:
+            release()
             if status[0]:
                 self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
 
-    async def _read_body(self, scope: dict[str, Any], receive: Callable) -> bytes:
-        """The whole body; raises _Refused when it is larger than the limit (declared or actual) or has not
-        arrived within the timeout."""
-        headers = dict(scope.get("headers") or [])
+    def _check_size(self, headers: dict[bytes, bytes]) -> None:
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             raise self._too_large()
+
+    async def _read_body(self, receive: Callable) -> bytes:
+        """The whole body; raises _Refused when it is larger than the limit or has not arrived within the
+        timeout."""
         try:
             return await asyncio.wait_for(self._receive_body(receive), self.timeout)
         except asyncio.TimeoutError:
@@ -163,7 +190,7 @@ class _Guard:
 
     async def _refuse(self, send: Callable, refused: _Refused) -> None:
         """Answer ``refused`` and close the connection (the rest of the body is never read)."""
-        body = json.dumps(protocol.error_body(refused.message, code=refused.code)).encode()
+        body = json.dumps(protocol.error_body(refused.message, refused.type, refused.code)).encode()
         await send({"type": "http.response.start", "status": refused.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -195,6 +222,7 @@ class _Server:
                              "(a media folder) or None (no local files)")
         self.defaults = engine.model.config.generation
         self.max_model_len = engine.config.max_model_len
+        self.decoding = threading.BoundedSemaphore(settings.decode_concurrency)
 
     # ---- turning requests into token ids and pixels ----------------------------------------------------
     def prepare_chat(self, body: protocol.ChatCompletionRequest) -> _Prepared:
@@ -223,6 +251,7 @@ class _Server:
             spans = len(self.processor.tokenizer.image_paths(ids))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
+        self._check_room(body, len(ids), "messages")
         # history trimmed to the window (or left out: chat_format "raw" prompts are the query alone) drops the
         # oldest images
         kept = urls[len(urls) - spans :] if spans else []
@@ -271,14 +300,17 @@ class _Server:
 
     def prepare_completion(self, body: protocol.CompletionRequest) -> _Prepared:
         self._check_common(body)
+        urls = list(body.images or [])
+        self._check_image_count(len(urls), "images")
         try:
             prompt = body.prompt_text()
+            # each <img> opens a span of 258 ids (or is refused as malformed): counted before tokenizing
+            self._check_image_count(prompt.count("<img>"), "prompt")
             ids = self.processor.tokenizer.encode(prompt)
+            self._check_room(body, len(ids), "prompt")  # before reading its spans or images
             spans = len(self.processor.tokenizer.image_paths(ids))
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from e
-        urls = list(body.images or [])
-        self._check_image_count(len(urls), "images")
         if spans != len(urls):
             raise APIError(400, f"the prompt has {spans} <img></img> span(s) but {len(urls)} image(s) were given: "
                                 "send one image URL per span in 'images' (a span's text is only a name)",
@@ -305,33 +337,42 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="stop") from e
         try:
-            pictures = [fetch_image(u, self.settings.media, self.media_policy) for u in urls]
+            data = [read_image(u, self.settings.media, self.media_policy) for u in urls]
+            # a few requests at a time from bytes to pixels: each decoded picture may take ~150 MB until resized
+            with self.decoding:
+                pictures = [decode_image(d, self.settings.media) for d in data]
+                del data
+                # explicit images: the <img> spans' text is never opened as a path
+                inputs = self.processor(prompt, images=pictures)
         except MediaError as e:
             raise APIError(400, str(e), param="image_url") from e
-        try:
-            # explicit images: the <img> spans' text is never opened as a path
-            inputs = self.processor(prompt, images=pictures)
         except ValueError as e:
             raise APIError(400, str(e)) from e
         ids = inputs["input_ids"][0].tolist()
         limit = body.answer_limit
-        cap = self.settings.max_tokens_cap
-        if limit is not None and limit > cap:
-            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
-            raise APIError(400, f"{field} is {limit}; this server allows at most {cap}", param=field)
-        room = self.max_model_len - len(ids)
-        if room < 1 or (limit is not None and limit > room):
-            asked = f"; you asked for {limit} more" if limit is not None else ""
-            raise APIError(400, f"this server's context is {self.max_model_len} tokens for prompt and answer; the "
-                                f"prompt has {len(ids)} tokens{asked}", code="context_length_exceeded",
-                           param="messages")
-        if limit is None:
-            limit = min(self.defaults.max_new_tokens, cap, room)
+        if limit is None:  # the prompt is the one _check_room saw: room >= 1
+            limit = min(self.defaults.max_new_tokens, self.settings.max_tokens_cap, self.max_model_len - len(ids))
         if body.min_tokens > limit:
             raise APIError(400, f"min_tokens is {body.min_tokens}, more than the {limit} tokens this answer may have "
                                 "(max_tokens, or what fits the context)", param="min_tokens")
         size = pictures[-1].size if pictures else None
         return _Prepared(ids, inputs["images"], self._params(body, limit, stop_ids), stop, size, image_count)
+
+    def _check_room(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest, prompt_tokens: int,
+                    param: str) -> None:
+        """Refuse a max_tokens over the cap, and a prompt that leaves no room (or less than max_tokens) for the
+        answer: before the request's images are fetched and decoded."""
+        limit = body.answer_limit
+        cap = self.settings.max_tokens_cap
+        if limit is not None and limit > cap:
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+            raise APIError(400, f"{field} is {limit}; this server allows at most {cap}", param=field)
+        room = self.max_model_len - prompt_tokens
+        if room < 1 or (limit is not None and limit > room):
+            asked = f"; you asked for {limit} more" if limit is not None else ""
+            raise APIError(400, f"this server's context is {self.max_model_len} tokens for prompt and answer; the "
+                                f"prompt has {prompt_tokens} tokens{asked}", code="context_length_exceeded",
+                           param=param)
 
     def _params(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest, limit: int,
                 stop_ids: tuple[int, ...]) -> SamplingParams:
@@ -465,14 +506,15 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
                   responses={"4XX": errors, "5XX": {**errors, "description": "failed: OpenAI's error body"}})
     endpoints = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
     app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints,
-                       timeout=settings.request_body_timeout)
+                       timeout=settings.request_body_timeout,
+                       busy=engine.config.max_batch_size + engine.config.max_queue)
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
+    async def api_error(_: Request, e: APIError) -> Response:
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
         # the deepest error names the field at fault: for `content` (a string or a list of parts) a bad part,
         # not "should be a valid string"; loc entries with "[" name a union's branch, not a field
         first: dict[str, Any] = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={})
@@ -485,7 +527,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         return APIError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         message = str(e.detail)
         if e.status_code == 400 and isinstance(e.__cause__, (ValueError, RecursionError)):
             message = _unparsable(e.__cause__)  # FastAPI's "There was an error parsing the body"
@@ -498,7 +540,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         return response
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+    async def unexpected(_: Request, e: Exception) -> Response:
         logger.exception("request failed")
         return APIError(500, f"internal error: {type(e).__name__}", type="server_error").response()
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..images import ImageError, MediaPolicy, load_image
 
-__all__ = ["MediaError", "MediaLimits", "fetch_image"]
+__all__ = ["MediaError", "MediaLimits", "decode_image", "fetch_image", "read_image"]
 
 
 class MediaError(ValueError):
@@ -44,6 +44,11 @@ class MediaLimits:
 
 def fetch_image(url: str, limits: MediaLimits, policy: MediaPolicy) -> Image.Image:
     """The RGB picture at ``url`` (``data:``, ``http(s)://``, or ``file://`` read under ``policy``), or MediaError."""
+    return decode_image(read_image(url, limits, policy), limits)
+
+
+def read_image(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
+    """The bytes of the image at ``url`` (see :func:`fetch_image`), not decoded yet, or MediaError."""
     scheme = url[: url.find(":")].lower() if ":" in url else ""
     if scheme == "data":
         data = _data_url_bytes(url, limits.max_image_bytes)
@@ -56,6 +61,11 @@ def fetch_image(url: str, limits: MediaLimits, policy: MediaPolicy) -> Image.Ima
         data = _local_file(url, limits, policy)
     else:
         raise MediaError(f"unsupported image URL scheme {scheme!r}: use a data:image/...;base64 URL")
+    return data
+
+
+def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
+    """The RGB picture of ``data`` (pixels counted from the header first), or MediaError."""
     try:
         return load_image(data, max_pixels=limits.max_image_pixels)
     except ImageError as e:
@@ -202,8 +212,13 @@ def _local_file(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme and parts.netloc not in ("", "localhost"):
         raise MediaError(f"file URL names another host: {url}")
+    name = urllib.parse.unquote(parts.path if parts.scheme else url)
+    try:  # a lone surrogate (JSON "\ud800") names no file: the file system cannot take it
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MediaError("image path is not valid Unicode text (a lone surrogate)") from None
     try:
-        path = policy.resolve(urllib.parse.unquote(parts.path if parts.scheme else url))
+        path = policy.resolve(name)
     except ImageError as e:
         raise MediaError(str(e)) from e
     try:
