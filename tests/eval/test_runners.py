@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -474,11 +477,19 @@ def _eval_args(data: Path, out: Path) -> list[str]:
             "--device", "cpu", "--no_progress"]  # fmt: skip
 
 
+def read_partial(path: Path) -> tuple[dict, list[dict]]:
+    """The header and the rows of an eval run's OUT.partial (JSON Lines, whole lines only)."""
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    header, *rows = [json.loads(line) for line in text.splitlines()]
+    return header, rows
+
+
 def test_cli_interrupted_keeps_the_predictions_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str],
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    # Ctrl-C in the third batch: the first 4 predictions go next to --output, in its format, under a name that
-    # says they are partial (an existing file of that name is kept); nothing is written at --output
+    # Ctrl-C in the third batch: the first 4 predictions are already next to --output, under a name that says they
+    # are partial (an existing file of that name is kept), one JSON line each; nothing is written at --output
     import qwenvl.generation
     from qwenvl.cli import main
 
@@ -497,17 +508,20 @@ def test_cli_interrupted_keeps_the_predictions_so_far(tmp_path: Path, monkeypatc
         assert main(_eval_args(data, out)) == 130
     assert not out.exists() and (tmp_path / "out.json.partial").read_text() == "an earlier run's predictions"
     said = [r.getMessage() for r in caplog.records if "out.json.partial-2" in r.getMessage()]
-    assert said == [f"interrupted: the predictions for the first 4 of 6 samples are in {tmp_path / 'out.json.partial-2'}"
-                    " (the output's format, scored over those 4)"]  # fmt: skip
-    saved = json.loads((tmp_path / "out.json.partial-2").read_text())
-    assert saved["num_samples"] == 4 and saved["partial"] is True and saved["num_planned"] == 6
-    assert [p["sent"] for p in saved["predictions"]] == [f"thing {k}" for k in range(4)]
-    assert saved["settings"]["protocol"] == "official" and 0 <= saved["accuracy"] <= 1
-    assert saved["num_correct"] == sum(p["correct"] for p in saved["predictions"])
+    assert len(said) == 1 and re.fullmatch(
+        rf"interrupted: the predictions for the first 4 of 6 samples are in {re.escape(str(tmp_path))}/out\.json\."
+        r"partial-2 \(JSON Lines, to resume from; accuracy over those 4: [01]\.\d{4}\)", said[0]), said
+    header, rows = read_partial(tmp_path / "out.json.partial-2")
+    assert header == {"qwenvl_eval_partial": 1, "task": "grounding", "num_planned": 6, "settings": {
+        "prompt": runners.GROUNDING_PROMPT, "max_new_tokens": 3, "min_new_tokens": 0, "chat_format": "raw"}}
+    assert [r["sent"] for r in rows] == [f"thing {k}" for k in range(4)]
+    assert all(set(r) == {"image", "sent", "bbox", "answer"} and isinstance(r["answer"], str) for r in rows)
 
 
-def test_cli_terminated_keeps_the_predictions_so_far(tmp_path: Path) -> None:
-    # a real SIGTERM from outside (a batch scheduler's cancel) while the third batch runs
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_cli_terminated_keeps_the_predictions_so_far(tmp_path: Path, how: str) -> None:
+    # a real SIGTERM from outside (a batch scheduler's cancel) while the third batch runs; or kill -9, after which
+    # nothing of the process runs: the rows were on disk before
     import signal
     import subprocess
     import sys
@@ -534,13 +548,16 @@ sys.exit(main(sys.argv[1:]))
     deadline = time.monotonic() + 300
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert f"the predictions for the first 4 of 6 samples are in {tmp_path / 'out.json.partial'}" in err
+    if how == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert f"the predictions for the first 4 of 6 samples are in {tmp_path / 'out.json.partial'} (JSON Lines" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL, err
     assert "Traceback" not in err and not out.exists()
-    saved = json.loads((tmp_path / "out.json.partial").read_text())
-    assert saved["num_samples"] == 4 and [p["sent"] for p in saved["predictions"]] == [f"thing {k}" for k in range(4)]
+    _, rows = read_partial(tmp_path / "out.json.partial")
+    assert [r["sent"] for r in rows] == [f"thing {k}" for k in range(4)]
 
 
 def test_runner_interrupted_in_the_first_batch_writes_nothing(tmp_path: Path, image_dir: Path) -> None:
@@ -568,8 +585,9 @@ def _output_write_fails(monkeypatch: pytest.MonkeyPatch, failing: set[str], erro
 def test_runner_keeps_the_predictions_when_the_output_cannot_be_written(tmp_path: Path, image_dir: Path,
                                                                         monkeypatch: pytest.MonkeyPatch,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    # a full disk at the final write: the predictions go to OUT.partial (said in one line), the error goes on, the
-    # existing OUT stays whole, and resuming from OUT.partial writes OUT without generating anything again
+    # a full disk at the final write: the predictions are in OUT.partial already (said in one line, with the score
+    # over them), the error goes on, the existing OUT stays whole, and resuming from OUT.partial writes OUT without
+    # generating anything again
     import errno
 
     data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
@@ -582,33 +600,62 @@ def test_runner_keeps_the_predictions_when_the_output_cannot_be_written(tmp_path
     assert info.value is full and out.read_text() == "yesterday's results"
     kept = tmp_path / "o.json.partial"
     assert [r.getMessage() for r in caplog.records] == [
-        f"[Errno 28] No space left on device: '{out}': the predictions for all 4 samples are in {kept} (the "
-        "output's format, scored over those 4)"]  # fmt: skip
-    saved = json.loads(kept.read_text())
-    assert saved["partial"] is True and saved["num_planned"] == saved["num_samples"] == 4
-    assert [p["sent"] for p in saved["predictions"]] == [r["sent"] for r in grounding_rows()]
+        f"[Errno 28] No space left on device: '{out}': the predictions for all 4 samples are in {kept} (JSON Lines, "
+        "to resume from; accuracy over those 4: 0.2500)"]  # fmt: skip
+    header, rows = read_partial(kept)
+    assert header["num_planned"] == len(rows) == 4
+    assert [r["sent"] for r in rows] == [r["sent"] for r in grounding_rows()]
     monkeypatch.undo()
 
     def nothing_left(prompts: Sequence[str]) -> list[str]:
         raise AssertionError("every answer is in the partial file")
 
     resumed = evaluate_grounding(data, generate_fn=nothing_left, image_dir=image_dir, output=out, progress=False,
-                                 resume=saved)
-    assert json.loads(out.read_text())["predictions"] == saved["predictions"] == resumed.predictions
+                                 resume=kept)
+    whole = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, progress=False)
+    assert json.loads(out.read_text())["predictions"] == whole.predictions == resumed.predictions
+    assert resumed.score == whole.score == 0.25
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs", "o.json", "o.json.partial"]
 
 
-def test_runner_says_in_one_line_when_the_predictions_cannot_be_kept_either(tmp_path: Path, image_dir: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runner_keeps_the_rows_written_before_the_disk_filled_up(tmp_path: Path, image_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # the disk fills up while the second batch's rows are written: the error is one line naming OUT.partial, the
+    # half-written rows are cut off again, and the first batch's rows are whole and resumable
     import errno
 
+    from qwenvl import outputs
+
+    real, full = os.write, []
+
+    def write(fd: int, data: bytes) -> int:  # the second batch's first row finds room for half of itself
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if b'"sent": "the middle"' in bytes(data):
+            full.append(1)
+            return real(fd, bytes(data[: len(data) // 2]))
+        return real(fd, data)
+
     data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
-    full = OSError(errno.EFBIG, "File too large")
-    _output_write_fails(monkeypatch, {"o.json", "o.json.partial"}, full)
-    with pytest.raises(OSError) as info:
-        evaluate_grounding(data, generate_fn=stub({"": "x"}), image_dir=image_dir, output=out, progress=False)
-    assert info.value.errno == errno.EFBIG and str(info.value) == \
-        "[Errno 27] File too large; the predictions could not be kept either: [Errno 27] File too large"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs"]
+    gen = stub({"half": "(0,0),(499,999)</box>", "middle": "x", "nothing": "y"})
+    monkeypatch.setattr(outputs.os, "write", write)
+    with pytest.raises(OSError) as info, caplog.at_level("WARNING"):
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, batch_size=2, output=out, progress=False)
+    monkeypatch.undo()
+    kept = tmp_path / "o.json.partial"
+    assert full and str(info.value) == f"[Errno 28] No space left on device: '{kept}'"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[Errno 28] No space left on device: '{kept}': the predictions for the first 2 of 4 samples are in {kept} "
+        "(JSON Lines, to resume from; accuracy over those 2: 0.5000)"]  # fmt: skip
+    _, rows = read_partial(kept)
+    assert [r["sent"] for r in rows] == ["left half", "right half"] and not out.exists()
+    gen.calls.clear()
+    resumed = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, batch_size=2, output=out, progress=False,
+                                 resume=kept)
+    assert gen.calls == [["<img>b.png</img><ref>the middle</ref><box>", "<img>b.png</img><ref>nothing</ref><box>"]]
+    whole = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, progress=False)
+    assert resumed.predictions == whole.predictions == json.loads(out.read_text())["predictions"]
 
 
 def test_runner_interrupted_in_the_final_write_keeps_every_prediction(tmp_path: Path, image_dir: Path,
@@ -617,8 +664,74 @@ def test_runner_interrupted_in_the_final_write_keeps_every_prediction(tmp_path: 
     _output_write_fails(monkeypatch, {"o.json"}, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         evaluate_grounding(data, generate_fn=stub({"": "x"}), image_dir=image_dir, output=out, progress=False)
-    saved = json.loads((tmp_path / "o.json.partial").read_text())
-    assert not out.exists() and saved["num_samples"] == saved["num_planned"] == 4
+    header, rows = read_partial(tmp_path / "o.json.partial")
+    assert not out.exists() and header["num_planned"] == len(rows) == 4
+
+
+def _task_data(task: str, tmp_path: Path) -> tuple[Path, Any]:
+    """Five samples of ``task`` and its runner."""
+    if task == "grounding":
+        rows = [{"image": "ab"[k % 2] + ".png", "sent": f"thing {k}", "bbox": [0, 0, 50, 50]} for k in range(5)]
+        return write_jsonl(tmp_path / "d.jsonl", rows), evaluate_grounding
+    if task == "vqa":
+        rows = [{"image": "a.png", "question": f"thing {k}?", "answers": ["yes", "no"]} for k in range(5)]
+        return write_jsonl(tmp_path / "d.jsonl", rows), evaluate_vqa
+    rows = [{"image": "ab"[k % 2] + ".png", "captions": [f"a thing {k}", "a picture"]} for k in range(5)]
+    return write_jsonl(tmp_path / "d.jsonl", rows), evaluate_caption
+
+
+@pytest.mark.parametrize("task", ["grounding", "vqa", "caption"])
+def test_a_crash_keeps_the_rows_and_resuming_from_them_generates_only_the_rest(
+        tmp_path: Path, image_dir: Path, task: str, caplog: pytest.LogCaptureFixture) -> None:
+    # a CUDA error, a bug: any exception after two batches leaves their rows in OUT.partial; resuming from that file
+    # while a new OUT.partial is written (OUT.partial-2: the file resumed from is never touched) generates the rest
+    # and gives the output of one uninterrupted run; the partial file of the finished run is gone
+    data, evaluate = _task_data(task, tmp_path)
+
+    def answer(prompts: Sequence[str]) -> list[str]:  # caption prompts differ only in their image
+        return ["(0,0),(499,999)</box>" if "a.png" in p else " a picture " for p in prompts]
+
+    calls: list[list[str]] = []
+
+    def crash_in_the_third_batch(prompts: Sequence[str]) -> list[str]:
+        calls.append(list(prompts))
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return answer(prompts)
+
+    out, kept = tmp_path / "o.json", tmp_path / "o.json.partial"
+    with pytest.raises(RuntimeError, match="CUDA error"), caplog.at_level("WARNING"):
+        evaluate(data, generate_fn=crash_in_the_third_batch, image_dir=image_dir, batch_size=2, output=out,
+                 progress=False)
+    metric = "cider" if task == "caption" else "accuracy"
+    assert len(caplog.records) == 1 and re.fullmatch(
+        rf"CUDA error: an illegal memory access was encountered: the predictions for the first 4 of 5 samples are in "
+        rf"{re.escape(str(kept))} \(JSON Lines, to resume from; {metric} over those 4: \d+\.\d{{4}}\)",
+        caplog.records[0].getMessage()), caplog.records[0].getMessage()
+    header, rows = read_partial(kept)
+    assert (header["qwenvl_eval_partial"], header["task"], header["num_planned"], len(rows)) == (1, task, 5, 4)
+    assert not out.exists()
+    before = kept.read_bytes()
+
+    def the_rest(prompts: Sequence[str]) -> list[str]:  # the file being written holds every row resumed from
+        calls.append(list(prompts))
+        assert read_partial(tmp_path / "o.json.partial-2")[1] == rows
+        return answer(prompts)
+
+    calls.clear()
+    resumed = evaluate(data, generate_fn=the_rest, image_dir=image_dir, batch_size=2, output=out, progress=False,
+                       resume=kept)
+    assert calls == [[runners.fill_prompt(p, image="a.png", expression="thing 4", question="thing 4?")
+                      for p in [{"grounding": runners.GROUNDING_PROMPT, "vqa": runners.VQA_PROMPT,
+                                 "caption": runners.CAPTION_PROMPT}[task]]]]
+    whole = evaluate(data, generate_fn=answer, image_dir=image_dir, batch_size=2, progress=False)
+    assert json.loads(out.read_text()) == whole.to_dict() == resumed.to_dict()
+    assert kept.read_bytes() == before and not (tmp_path / "o.json.partial-2").exists()
+    # the Python API without an output keeps no file, crashed or not
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        evaluate(data, generate_fn=crash_in_the_third_batch, image_dir=image_dir, batch_size=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "imgs", "o.json", "o.json.partial"]
 
 
 # ---- scale: each image is checked once, however many samples name it --------------------------------------------
@@ -671,11 +784,14 @@ def test_cli_checks_each_image_against_the_output_once(tmp_path: Path, image_dir
 
 
 def test_cli_resume_from_the_partial_file_generates_only_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # stopped twice: the run resumed from OUT.partial writes its rows (the resumed ones first) to OUT.partial-2 and
+    # says so; resumed from that, the third run generates only the rest and gives the output of one whole run
     import qwenvl.generation
     from qwenvl.cli import main
 
-    real, calls, stop = qwenvl.generation.generate, [], [3]
+    real, calls, stop = qwenvl.generation.generate, [], [2]
 
     def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(args[1].shape[0])  # the batch's prompts
@@ -685,19 +801,30 @@ def test_cli_resume_from_the_partial_file_generates_only_the_rest(tmp_path: Path
 
     monkeypatch.setattr(qwenvl.generation, "generate", generate)
     data, out = _six_grounding_rows(tmp_path), tmp_path / "out.json"
-    assert main(_eval_args(data, out)) == 130  # 4 of 6 answered
+    first, second = tmp_path / "out.json.partial", tmp_path / "out.json.partial-2"
+    assert main(_eval_args(data, out)) == 130  # 2 of 6 answered
+    assert len(read_partial(first)[1]) == 2
+    before = first.read_bytes()
+    calls.clear()
+    with caplog.at_level("INFO"):
+        assert main([*_eval_args(data, out), "--resume_from", str(first)]) == 130  # 2 more answered
+    assert calls == [2, 2] and first.read_bytes() == before
+    assert ("resuming: the answers to the first 2 of 6 samples are the earlier run's (this run keeps them, with its "
+            f"own, in {second})") in caplog.text
+    assert f"interrupted: the predictions for the first 4 of 6 samples are in {second} (JSON Lines" in caplog.text
+    assert [r["sent"] for r in read_partial(second)[1]] == [f"thing {k}" for k in range(4)]
     calls.clear()
     stop[0] = 0
-    argv = [*_eval_args(data, out), "--resume_from", str(tmp_path / "out.json.partial")]
-    assert main(argv) == 0
+    assert main([*_eval_args(data, out), "--resume_from", str(second)]) == 0
     assert calls == [2]  # only the last two samples were generated
     resumed = json.loads(out.read_text())
     assert "partial" not in resumed and resumed["num_samples"] == 6
+    assert not (tmp_path / "out.json.partial-3").exists() and first.exists() and second.exists()  # not ours to delete
     # the same predictions and score as one uninterrupted run
     calls.clear()
     assert main([*_eval_args(data, tmp_path / "whole.json")]) == 0 and calls == [2, 2, 2]
     whole = json.loads((tmp_path / "whole.json").read_text())
-    assert resumed["predictions"] == whole["predictions"] and resumed["accuracy"] == whole["accuracy"]
+    assert resumed == whole
     capsys.readouterr()
 
 
@@ -706,24 +833,86 @@ def test_cli_resume_from_the_partial_file_generates_only_the_rest(tmp_path: Path
     (["--data", "OTHER"], "prediction 1 of the run to resume from is not for sample 1 of this data (OTHER:2)"),
     (["--prompt", "<img>{image}</img>{expression}"], "the run to resume from used prompt"),
 ])
+@pytest.mark.parametrize("earlier", ["output", "partial"])
 def test_cli_resume_from_another_run_is_refused_before_the_model_loads(tmp_path: Path, image_dir: Path,
                                                                        capsys: pytest.CaptureFixture[str],
-                                                                       change: list[str], message: str) -> None:
+                                                                       change: list[str], message: str,
+                                                                       earlier: str) -> None:
     from qwenvl.cli import main
 
     rows = grounding_rows()
     data = write_jsonl(tmp_path / "g.jsonl", rows)
     other = write_jsonl(tmp_path / "other.jsonl", [rows[0], rows[2], rows[1]])
     gen = stub({"left": "(0,0),(499,999)</box>", "right": "(0,0),(9,9)</box>", "middle": "x", "nothing": "y"})
-    evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, max_new_tokens=3, min_new_tokens=0,
-                       output=tmp_path / "r.json", progress=False)
+    resume_from = tmp_path / "r.json"
+    if earlier == "partial":  # the rows a run left in r.json.partial when it crashed in its third batch
+        resume_from = tmp_path / "r.json.partial"
+        gen = _crash_in_batch(3, gen)
+    with pytest.raises(RuntimeError) if earlier == "partial" else contextlib.nullcontext():
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, max_new_tokens=3, min_new_tokens=0,
+                           output=tmp_path / "r.json", progress=False, batch_size=1)
     change = [str(other) if c == "OTHER" else c for c in change]
     argv = ["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data), "--image_dir",
-            str(image_dir), "--max_new_tokens", "3", "--min_new_tokens", "0", "--resume_from", str(tmp_path / "r.json")]
+            str(image_dir), "--max_new_tokens", "3", "--min_new_tokens", "0", "--resume_from", str(resume_from)]
     assert main([*argv, *change]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"qwenvl eval: error: --resume_from {tmp_path / 'r.json'}: ") and len(err.splitlines()) == 1
+    assert err.startswith(f"qwenvl eval: error: --resume_from {resume_from}: ") and len(err.splitlines()) == 1
     assert message.replace("OTHER", str(other)) in err, err
+    assert main(argv) == 2  # unchanged: every check passed, up to the model
+    assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def _crash_in_batch(n: int, gen):  # noqa: ANN001, ANN202
+    calls: list[int] = []
+
+    def run(prompts: Sequence[str]) -> list[str]:
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("crash")
+        return gen(prompts)
+
+    return run
+
+
+_HEADER = {"qwenvl_eval_partial": 1, "task": "grounding", "num_planned": 4,
+           "settings": {"prompt": runners.GROUNDING_PROMPT, "max_new_tokens": 28, "min_new_tokens": 10,
+                        "chat_format": "raw"}}
+_ROW = {"image": "a.png", "sent": "left half", "bbox": [0, 0, 100, 100], "answer": "x"}
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    ([_HEADER, _ROW, '{"image": "a.png", "sent": "right h'], "PARTIAL:3: invalid JSON: "),
+    ([_HEADER, _ROW, "[1, 2]"], "PARTIAL:3: expected a JSON object, got list"),
+    ([_HEADER, {**_ROW, "answer": None}], "PARTIAL:2: not a row of a qwenvl eval partial file (it needs 'answer', a "
+                                          "string)"),
+    ([{k: v for k, v in _HEADER.items() if k != "qwenvl_eval_partial"}, _ROW],
+     "PARTIAL:1: not the header of a qwenvl eval partial file (no 'qwenvl_eval_partial'), and the file is not the "
+     "output JSON of qwenvl eval either"),
+    ([{**_HEADER, "qwenvl_eval_partial": 2}, _ROW], "PARTIAL:1: not the header of a qwenvl eval partial file of "
+                                                     "format 1"),
+    ([{**_HEADER, "settings": None}, _ROW], "PARTIAL:1: not the header of a qwenvl eval partial file of format 1"),
+    ([{**_HEADER, "task": "vqa"}, _ROW], "--resume_from PARTIAL: the run to resume from is not the output of a "
+                                         "grounding evaluation"),
+    ([{**_HEADER, "settings": {**_HEADER["settings"], "min_new_tokens": 0}}, _ROW],
+     "--resume_from PARTIAL: the run to resume from used min_new_tokens 0, this one 10"),
+    ([_HEADER, {**_ROW, "sent": "right half"}], "--resume_from PARTIAL: prediction 0 of the run to resume from is "
+                                                "not for sample 0 of this data (DATA:1)"),
+    ([], "PARTIAL: not valid JSON: Expecting value at line 1"),
+])
+def test_cli_a_damaged_partial_file_is_one_line_naming_it(tmp_path: Path, image_dir: Path, lines: list,
+                                                          message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwenvl.cli import main
+
+    data = write_jsonl(tmp_path / "g.jsonl", grounding_rows())
+    partial = write_jsonl(tmp_path / "o.json.partial", lines)
+    argv = ["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data), "--image_dir",
+            str(image_dir), "--resume_from", str(partial)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qwenvl eval: error: " + message.replace("PARTIAL", str(partial)).replace("DATA", str(data)))
+    with pytest.raises(EvalDataError):  # the API reads the file the same way
+        evaluate_grounding(data, generate_fn=stub({"": "x"}), image_dir=image_dir, resume=partial, progress=False)
 
 
 def test_runner_resume_keeps_the_earlier_answers_and_errors(tmp_path: Path, image_dir: Path) -> None:
@@ -734,8 +923,26 @@ def test_runner_resume_keeps_the_earlier_answers_and_errors(tmp_path: Path, imag
                                            "chat_format": "raw"},
                "predictions": [{"question_id": 0, "image": "a.png", "question": "q0", "answer": "yes"},
                                {"question_id": 1, "image": "a.png", "question": "q1", "answer": "", "error": "bad"}]}
-    gen = stub({"q": "no"})
-    result = evaluate_vqa(data, generate_fn=gen, image_dir=image_dir, resume=earlier, progress=False)
-    assert [p["answer"] for p in result.predictions] == ["yes", "", "no", "no", "no"]
-    assert result.predictions[1]["error"] == "bad" and result.details["num_errors"] == 1
-    assert gen.calls == [["<img>a.png</img>q2 Answer:", "<img>a.png</img>q3 Answer:", "<img>a.png</img>q4 Answer:"]]
+    # the same run as a dict, as an earlier version's scored OUT.partial (an output JSON) and as a partial file
+    scored = tmp_path / "old.json.partial"
+    scored.write_text(json.dumps({**earlier, "partial": True, "num_planned": 5}, indent=1))
+    rows = write_jsonl(tmp_path / "o.json.partial", [
+        {"qwenvl_eval_partial": 1, "task": "vqa", "settings": earlier["settings"], "num_planned": 5},
+        *earlier["predictions"]])  # fmt: skip
+    for resume in (earlier, scored, str(rows)):
+        gen = stub({"q": "no"})
+        result = evaluate_vqa(data, generate_fn=gen, image_dir=image_dir, resume=resume, progress=False)
+        assert [p["answer"] for p in result.predictions] == ["yes", "", "no", "no", "no"]
+        assert result.predictions[1]["error"] == "bad" and result.details["num_errors"] == 1
+        assert gen.calls == [["<img>a.png</img>q2 Answer:", "<img>a.png</img>q3 Answer:", "<img>a.png</img>q4 Answer:"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "o.json.partial", "old.json.partial", "v.jsonl"]
+
+
+def test_runner_resume_from_a_complete_output(tmp_path: Path, image_dir: Path) -> None:
+    data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
+    gen = stub({"half": "(0,0),(499,999)</box>", "middle": "x", "nothing": "y"})
+    done = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=out, progress=False)
+    gen.calls.clear()
+    again = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=tmp_path / "again.json",
+                               progress=False, resume=out)
+    assert gen.calls == [] and again.to_dict() == done.to_dict() == json.loads((tmp_path / "again.json").read_text())

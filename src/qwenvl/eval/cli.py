@@ -7,9 +7,10 @@ Example::
 
 Input formats: :data:`DATA_FORMATS` (shown by ``--help`` and in the README; the full rules are in
 :mod:`qwenvl.eval.runners`). The prompt and chat format used are logged (stderr) before the run and recorded
-in the output JSON's ``settings``, with the score and every prediction; it is written atomically. Interrupted
-(Ctrl-C, SIGTERM), or unable to write ``OUTPUT`` (a full disk), the run writes the predictions made so far, in
-that format, to ``OUTPUT.partial``; ``--resume_from OUTPUT.partial`` then generates only the samples after them.
+in the output JSON's ``settings``, with the score and every prediction; it is written atomically. Each batch's
+predictions go to ``OUTPUT.partial`` (JSON Lines) as the batch finishes, and that file is removed once ``OUTPUT``
+is written: a run that stops early (Ctrl-C, SIGTERM, a full disk, a crash, ``kill -9``) leaves them there, and
+``--resume_from OUTPUT.partial`` (or a complete ``OUTPUT`` of an earlier run) generates only the samples after them.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--output", metavar="FILE", help="JSON file for the score and every prediction (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--resume_from", metavar="FILE",
-                   help="the output of an interrupted run (OUTPUT.partial, written on Ctrl-C or a full disk): its "
-                        "predictions are kept and only the samples after them are generated (same --data, prompt and "
-                        "token limits)")
+                   help="what a run that stopped early left (OUTPUT.partial, written as its batches finished; or "
+                        "an OUTPUT): its predictions are kept and only the samples after them are generated (same "
+                        "--data, prompt and token limits)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     add_runtime_flags(p)
@@ -173,9 +174,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     runners.fill_prompt(prompt, **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
     resume = None
     if args.resume_from:  # a file of another run is said now, not after the model loads
-        from ..fileio import read_json
-
-        resume = read_json(args.resume_from, runners.EvalDataError, "--resume_from file")
+        resume = runners.read_resume(args.resume_from, "--resume_from file")
         try:
             runners.resumed_answers(resume, task, records, runners.generation_settings(
                 prompt, args.max_new_tokens, args.min_new_tokens, args.chat_format))

@@ -34,9 +34,9 @@ Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts)
 driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
 generator refuses with a ``ValueError`` (an undecodable image, say) does not stop the run: its prediction
 gets an ``error`` field and an empty answer (scored as wrong), and ``details["num_errors"]`` counts them.
-A run with an ``output`` that is interrupted (``KeyboardInterrupt``), or that cannot write it (``OSError``: a full
-disk), writes the predictions of the batches answered so far, scored over those, to ``OUTPUT.partial``
-(``details``: ``partial``, ``num_planned``).
+A run with an ``output`` appends each batch's answers, as it finishes, to ``OUTPUT.partial`` (JSON Lines, removed
+once ``OUTPUT`` is written): a run that stops early (Ctrl-C, a full disk, a crash, ``kill -9``) keeps them there,
+and ``resume`` (``--resume_from``) generates only the samples after them.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from ..fileio import atomic_write_text, error_line, iter_jsonl, read_json
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
-from ..outputs import partial_path
+from ..outputs import PartialRows
 from .metrics import cider, exact_match, grounding_iou, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ __all__ = [
     "load_grounding_data",
     "load_vqa_data",
     "model_generate_fn",
+    "read_resume",
     "resumed_answers",
 ]
 
@@ -154,12 +155,14 @@ def _batches(n: int, batch_size: int, first: int = 0) -> Iterator[range]:
 def _generate_all(
     prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool, desc: str,
     answers: list[str] | None = None, errors: dict[int, str] | None = None,
+    on_batch: Callable[[range], None] | None = None,
 ) -> tuple[list[str], dict[int, str]]:
     """The answer to every prompt ("" for a failed one) and the errors of the failed ones by index.
 
     ``answers`` and ``errors``, when given, are filled as the batches finish (whole batches only): what they
     hold when an interrupt stops the run is the answers so far. Answers they already hold (a resumed run's) are
-    those of the first prompts, which are not generated again."""
+    those of the first prompts, which are not generated again. ``on_batch`` is called with the indices of each
+    batch once its answers are in."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     answers = [] if answers is None else answers
@@ -184,6 +187,8 @@ def _generate_all(
                 raise RuntimeError(f"generate returned {len(out)} answers for {len(batch)} prompts")
             answers.extend(out)
             errors.update(failed)
+            if on_batch is not None:
+                on_batch(idx)
             bar.update(len(batch))
     return answers, errors
 
@@ -240,11 +245,47 @@ def generation_settings(prompt: str, max_new_tokens: int, min_new_tokens: int, c
             "chat_format": chat_format}
 
 
+PARTIAL_HEADER = "qwenvl_eval_partial"  # the key of a partial file's first line; its value is the format's version
+
+
+def read_resume(path: str | os.PathLike, what: str = "file to resume from") -> Any:
+    """The run to resume from, read from ``path``: the partial file of a run that stopped early (JSON Lines: a
+    header ``{"qwenvl_eval_partial": 1, "task", "settings", "num_planned"}``, then one row per answered sample, in
+    order) as ``{"task", "settings", "predictions"}``, or the output JSON of an earlier run (complete, or an older
+    version's scored ``OUTPUT.partial``) as it is; :func:`resumed_answers` checks either. A file that is neither,
+    a malformed line or a row without its answer raises :class:`EvalDataError` naming the file (and the line):
+    the partial file holds whole rows only, so no line of it is cut."""
+    lines = iter_jsonl(path, EvalDataError, what)  # its file is closed when it goes (on return, or an error)
+    try:
+        _, head = next(lines)
+    except (EvalDataError, StopIteration):  # "{" opening an output JSON (indented), or an empty file
+        head = None
+    if not (isinstance(head, dict) and PARTIAL_HEADER in head):
+        try:
+            return read_json(path, EvalDataError, what)
+        except EvalDataError:
+            if head is None:
+                raise
+            raise EvalDataError(f"{path}:1: not the header of a qwenvl eval partial file (no {PARTIAL_HEADER!r}), "
+                                "and the file is not the output JSON of qwenvl eval either") from None
+    if head[PARTIAL_HEADER] != 1 or not isinstance(head.get("task"), str) or not isinstance(head.get("settings"), dict):
+        raise EvalDataError(f"{path}:1: not the header of a qwenvl eval partial file of format 1 (it needs "
+                            f"{PARTIAL_HEADER!r}: 1, 'task' and 'settings')")
+    key = _ANSWER_KEY.get(head["task"], "answer")
+    rows = []
+    for lineno, row in lines:
+        if not isinstance(row.get(key), str) or not isinstance(row.get("error", ""), str):
+            raise EvalDataError(f"{path}:{lineno}: not a row of a qwenvl eval partial file (it needs {key!r}, a "
+                                "string)")
+        rows.append(row)
+    return {"task": head["task"], "settings": head["settings"], "predictions": rows}
+
+
 def resumed_answers(resume: Any, task: str, records: Sequence[Any], generation: dict[str, Any]
                     ) -> tuple[list[str], dict[int, str]]:
-    """The answers (and errors) of an earlier run's output ``resume`` (its JSON, as :meth:`EvalResult.to_dict`)
-    to reuse: its predictions, in order, as far as they go, when they are for the samples ``records`` starts
-    with, made with the same ``generation`` settings."""
+    """The answers (and errors) of an earlier run ``resume`` (:func:`read_resume`: its output JSON, as
+    :meth:`EvalResult.to_dict`, or its partial file's rows) to reuse: its predictions, in order, as far as they go,
+    when they are for the samples ``records`` starts with, made with the same ``generation`` settings."""
     if not isinstance(resume, dict) or resume.get("task") != task or not isinstance(resume.get("predictions"), list) \
             or not isinstance(resume.get("settings"), dict):
         raise EvalDataError(f"the run to resume from is not the output of a {task} evaluation")
@@ -273,57 +314,71 @@ def _run(
     generation: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Generate for every record and ``score`` the answers; written to ``output`` (when given) with ``settings``
-    added. Interrupted (Ctrl-C, or SIGTERM under ``qwenvl``; in the scoring or the final write too), the predictions
-    of the batches answered so far are scored and written next to ``output`` (:func:`~qwenvl.outputs.partial_path`),
-    said in one log line, and the interrupt goes on; so are they when ``output`` cannot be written (an ``OSError``:
-    a full disk, a file-size limit), and the error goes on (when even that write fails, the error says so in its
-    one line). ``output`` is written atomically: an existing file stays whole when the write fails. ``resume``: an
-    earlier run's output (:func:`resumed_answers`), whose answers are kept, not generated again."""
+    added, atomically (an existing file stays whole when the write fails).
+
+    With an ``output``, each batch's answers go to ``OUTPUT.partial`` (``OUTPUT.partial-2``, ... when that exists:
+    :class:`~qwenvl.outputs.PartialRows`) as the batch finishes, and the file is removed once ``output`` is
+    written. It is JSON Lines: a header (:data:`PARTIAL_HEADER`, ``task``, the generation ``settings``,
+    ``num_planned``), then one row per sample in order (its identity fields as in the output's predictions, the
+    answer, ``error`` for a failed one), whole rows only. A run that stops early (Ctrl-C, or SIGTERM under
+    ``qwenvl``; an ``output`` that cannot be written; a disk that fills up while it generates; any other error; a
+    ``kill -9``) leaves the answers so far there and, unless killed, says in one log line where, how many and the
+    score over them; the error goes on. ``resume``: an earlier run's partial file or output (a path, read with
+    :func:`read_resume`, or what that returns), whose answers are kept, not generated again; they are the new
+    partial file's first rows, so that it alone holds what a later resume needs."""
+    if isinstance(resume, (str, os.PathLike)):
+        resume = read_resume(resume)
     answers: list[str] = []
     errors: dict[int, str] = {}
     if resume is not None:
         answers, errors = resumed_answers(resume, desc, records, generation or {})
-        logger.info("resuming: the answers to the first %d of %d samples are the earlier run's", len(answers),
-                    len(records))
+    kept = PartialRows(output) if output is not None else None
+
+    def keep(idx: range) -> None:  # one append a sample (kept.rows counts them), the header with the first
+        assert kept is not None
+        for k in idx:
+            rows: list[dict[str, Any]] = [
+                {**_sample(records[k]), _ANSWER_KEY[desc]: answers[k], **({"error": errors[k]} if k in errors else {})}]
+            if kept.rows == 0:
+                rows.insert(0, {PARTIAL_HEADER: 1, "task": desc, "settings": generation or {},
+                                "num_planned": len(records)})
+            kept.append("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
     try:
-        _generate_all(prompts, generate_fn, batch_size, progress, desc, answers, errors)
+        if kept is not None and answers:
+            keep(range(len(answers)))
+        if resume is not None:
+            logger.info("resuming: the answers to the first %d of %d samples are the earlier run's%s", len(answers),
+                        len(records), f" (this run keeps them, with its own, in {kept.path})" if kept and kept.rows else "")
+        _generate_all(prompts, generate_fn, batch_size, progress, desc, answers, errors,
+                      keep if kept is not None else None)
         result = score(records, answers, errors)
         result.settings.update(settings or {})
         if output is not None:
             result.save(output)
-    except KeyboardInterrupt:
-        if output is not None and answers:
-            path = _save_partial(records, answers, errors, settings, score, output)
-            logger.warning("interrupted: %s", _kept(len(answers), len(records), path))
+    except BaseException as e:  # Ctrl-C, a full disk, a crash: the rows are in the file, said in one line
+        if kept is not None:
+            kept.close()
+            if kept.rows:
+                _say_kept(e, str(kept.path), kept.rows, records, answers, errors, score)
         raise
-    except OSError as e:  # a full disk at the final write: the answers of hours must not go with it
-        if output is None or not answers:
-            raise
-        try:
-            path = _save_partial(records, answers, errors, settings, score, output)
-        except OSError as again:  # said in the same line: "[Errno 28] ...: 'OUT'; ... either: [Errno 28] ..."
-            said = error_line(e).removeprefix(f"[Errno {e.errno}] ")
-            raise OSError(e.errno, f"{said}; the predictions could not be kept either: {error_line(again)}") from e
-        logger.warning("%s: %s", error_line(e), _kept(len(answers), len(records), path))
-        raise
+    if kept is not None:
+        kept.discard()
     return result
 
 
-def _save_partial(records: Sequence[Any], answers: list[str], errors: dict[int, str], settings: dict[str, Any] | None,
-                  score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult],
-                  output: str | os.PathLike) -> Path:
-    """Write the predictions so far, scored over those, in the output's format to a new file next to ``output``
-    (:func:`~qwenvl.outputs.partial_path`), with ``partial`` and ``num_planned`` added; return its path."""
-    partial = score(records[: len(answers)], answers, errors)
-    partial.settings.update(settings or {})
-    partial.details.update(partial=True, num_planned=len(records))
-    return partial.save(partial_path(output))
-
-
-def _kept(done: int, total: int, path: Path) -> str:
-    """Where the predictions of a run that stopped early are, said in one log line."""
-    which = f"all {done}" if done == total else f"the first {done} of {total}"
-    return f"the predictions for {which} samples are in {path} (the output's format, scored over those {done})"
+def _say_kept(e: BaseException, path: str, done: int, records: Sequence[Any], answers: list[str],
+              errors: dict[int, str], score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult]) -> None:
+    """Log where the rows of a run that ``e`` stopped are (``done`` of them), with the score over those."""
+    which = f"all {done}" if done == len(records) else f"the first {done} of {len(records)}"
+    try:
+        partial = score(records[:done], answers[:done], {k: v for k, v in errors.items() if k < done})
+        scored = f"; {partial.metric} over those {done}: {partial.score:.4f}"
+    except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the score is a bonus: the line and the error go on
+        scored = ""
+    why = "interrupted" if isinstance(e, KeyboardInterrupt) else error_line(e)
+    logger.warning("%s: the predictions for %s samples are in %s (JSON Lines, to resume from%s)", why, which, path,
+                   scored)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -682,16 +737,17 @@ def evaluate_grounding(
     allow_any_local_path: bool = False,
     compile: bool = False,
     settings: dict[str, Any] | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: dict[str, Any] | str | os.PathLike | None = None,
 ) -> EvalResult:
     """Acc@``threshold`` of referring-expression grounding with the official Qwen-VL protocol.
 
     ``data`` is a JSONL path or records from :func:`load_grounding_data`. ``prompt`` may use ``{image}``
     and ``{expression}``; when it ends in ``<box>`` the continuation is read as the inside of that box.
     Predicted boxes (normalized to [0, 1000)) are mapped to pixels with ``x / 999 * W``. ``settings``: entries
-    added to the result's (and the output's) ``settings``, in each runner. ``resume``, in each runner: the output
-    (its JSON) of an interrupted run (``OUTPUT.partial``) on the same data with the same generation settings:
-    its answers are kept and only the samples after them are generated.
+    added to the result's (and the output's) ``settings``, in each runner. ``resume``, in each runner: a run on the
+    same data with the same generation settings that stopped early, its ``OUTPUT.partial`` (JSON Lines, written
+    as the batches finish) or an output JSON (a path, or what :func:`read_resume` returns): its answers are kept
+    and only the samples after them are generated.
     """
     check_threshold(threshold)
     records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(
@@ -791,7 +847,7 @@ def evaluate_vqa(
     allow_any_local_path: bool = False,
     compile: bool = False,
     settings: dict[str, Any] | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: dict[str, Any] | str | os.PathLike | None = None,
 ) -> EvalResult:
     """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
 
@@ -850,7 +906,7 @@ def evaluate_caption(
     allow_any_local_path: bool = False,
     compile: bool = False,
     settings: dict[str, Any] | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: dict[str, Any] | str | os.PathLike | None = None,
 ) -> EvalResult:
     """Corpus CIDEr(-D) of greedy captions with the official prompt (``prompt`` may use ``{image}``)."""
     records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(
