@@ -389,9 +389,9 @@ def test_records_the_dataset_could_not_encode_are_malformed(tmp_path: Path) -> N
     assert reasons[2] == "image path '\\ud800.png' is not valid Unicode text (a lone surrogate)"
     assert reasons[3].startswith("holds text that is not valid Unicode")
     assert reasons[4] == "image path '<|endoftext|>.png' holds the special token <|endoftext|>"
-    out = tmp_path / "out.json"
-    convert_llava(_write(tmp_path / "in.json", records), tmp_path / "imgs", out, image_prefix="")
-    assert json.loads(out.read_text()) == []
+    out = tmp_path / "out.json"  # written without the bad ones (a file of none of them at all is an error)
+    convert_llava(_write(tmp_path / "in.json", [*records, rec(6)]), tmp_path / "imgs", out, image_prefix="")
+    assert [r["id"] for r in json.loads(out.read_text())] == ["6"]
 
 
 def test_image_tag_inside_the_image_name_is_not_counted_as_a_second_tag(tmp_path: Path) -> None:
@@ -441,7 +441,7 @@ def test_image_paths_out_of_the_image_folder_are_refused_alike_whether_they_exis
     assert len(converted) == 3 and summary.malformed == []
 
 
-def test_a_linked_image_folder_is_taken_with_allow_any_local_path(tmp_path: Path) -> None:
+def test_a_linked_image_folder_is_taken_with_allow_any_local_path(tmp_path: Path, capsys) -> None:
     # images kept elsewhere (coco/train2014 -> /mnt/coco/train2014) are refused by default, as training refuses
     # them; --allow_any_local_path true takes them, as finetune's option of that name
     from qwenvl.cli import main
@@ -455,8 +455,30 @@ def test_a_linked_image_folder_is_taken_with_allow_any_local_path(tmp_path: Path
            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}
     src = _write(tmp_path / "detail.json", [rec])
     argv = ["data-convert", "--data_path", str(src), "--image_location", str(root)]
-    assert main([*argv, "--output_path", str(tmp_path / "refused.json")]) == 0
-    assert json.loads((tmp_path / "refused.json").read_text()) == []
+    assert main([*argv, "--output_path", str(tmp_path / "refused.json")]) == 2  # its one record refused: no file
+    assert "none of its 1 records could be converted, nothing written: record 0 (id='1'): " in capsys.readouterr().err
+    assert not (tmp_path / "refused.json").exists()
     assert main([*argv, "--output_path", str(tmp_path / "taken.json"), "--allow_any_local_path", "true"]) == 0
     [taken] = json.loads((tmp_path / "taken.json").read_text())
     assert taken["conversations"][0]["value"] == "Picture 1: <img>train2014/COCO_train2014_1.jpg</img>\nQ?"
+
+
+def test_nothing_converted_is_an_error_and_writes_nothing(tmp_path: Path, images: Path) -> None:
+    # data already in the Qwen-VL format, or every image missing, wrote an empty file and exited 0: the
+    # fine-tune then found "no usable sample" in a file that gave no hint of why
+    out = tmp_path / "out.json"
+    converted = _write(tmp_path / "qwen.json", EXPECTED)  # already converted
+    with pytest.raises(ValueError, match=r"qwen\.json: none of its 3 records could be converted, nothing written: "
+                                         r"record 0 \(id='000000215677'\): turn 0 has unknown 'from' 'user' "
+                                         r"\(expected 'human' or 'gpt'; is the file converted already\?\)"):
+        convert_llava(converted, images, out)
+    missing = _write(tmp_path / "missing.json", [RECORDS[1]])
+    with pytest.raises(ValueError, match=r"missing\.json: none of its 1 records could be converted, nothing written: "
+                                         r"image not found: .*COCO_train2014_000000000001\.jpg"):
+        convert_llava(missing, images, out)
+    assert not out.exists()
+    # an empty list stays an empty list (nothing to lose), and one good record is enough
+    assert convert_llava(_write(tmp_path / "empty.json", []), images, out).written == 0
+    assert json.loads(out.read_text()) == []
+    assert convert_llava(_write(tmp_path / "mixed.json", [EXPECTED[0], RECORDS[0]]), images, out,
+                         overwrite=True).written == 1

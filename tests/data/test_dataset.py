@@ -213,3 +213,68 @@ def test_a_sample_cut_to_its_frame_names_max_length(processor, data_dir: Path) -
     # cut inside the system block: not even the frame's labels are left; the message still says it was the cut
     with pytest.raises(DatasetError, match=r"record 0 \(id='text'\): no learnable label within max_length=2 tokens"):
         ConversationDataset([RECORDS[1]], processor, data_dir, max_length=2)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        # an empty answer trained the model to end its turn at once (only the ChatML frame was learned)
+        (record("blank", turn("user", "Hi"), turn("assistant", "")),
+         r"record 1 \(id='blank'\): no answer to learn: every assistant answer is empty"),
+        # ChatML markers in the text became the special tokens: a second frame inside the turn, learned in answers
+        (record("chatml", turn("user", "Hi<|im_end|>\n<|im_start|>assistant\nYes"), turn("assistant", "ok")),
+         r"record 1 \(id='chatml'\): turn 0 holds '<\|im_end\|>', which reads as the ChatML special token .*"
+         r"already formatted as ChatML\?"),
+        (record("eot", turn("user", "Hi"), turn("assistant", "Bye.<|endoftext|>")),
+         r"record 1 \(id='eot'\): turn 1 holds '<\|endoftext\|>'"),
+        # LLaVA data given to the fine-tune as it is: the way to convert it is named
+        (record("llava", turn("human", "Hi"), turn("gpt", "Hello.")),
+         r"record 1 \(id='llava'\): turn 0 has the LLaVA role 'human': convert LLaVA data with qwenvl data-convert"),
+        # ... or with its roles renamed by hand: the picture was lost without a word
+        (record("tag", turn("user", "<image>\nWhat is it?"), turn("assistant", "A cat.")),
+         r"record 1 \(id='tag'\): turn 0 holds LLaVA's <image> tag, which is plain text here .*qwenvl data-convert"),
+        ({**record("key", turn("user", "What is it?"), turn("assistant", "A cat.")), "image": "cat.png"},
+         r"record 1 \(id='key'\): its 'image' key is not read \(pictures are 'Picture 1: <img>PATH</img>' in the "
+         r"text\).*qwenvl data-convert"),
+    ],
+)
+def test_records_that_would_train_on_garbage_are_bad(processor, data_dir: Path, bad: dict, message: str) -> None:
+    path = write(data_dir / "train.json", [RECORDS[1], bad])
+    with pytest.raises(DatasetError, match=message):
+        ConversationDataset(path, processor)
+    assert len(ConversationDataset(path, processor, skip_bad=True)) == 1
+
+
+def test_image_tags_and_an_image_key_next_to_them_are_fine(processor, data_dir: Path) -> None:
+    # the Qwen-VL tags are what user text may hold; a record that keeps its 'image' key next to the tag is read
+    tagged = {**RECORDS[0], "image": "img/cat.png"}
+    boxed = record("box", turn("user", "Where is <ref>the cat</ref>?"), turn("assistant", "<box>(1,2),(3,4)</box>"))
+    assert len(ConversationDataset([tagged, boxed], processor, dataset_dir=data_dir)) == 2
+
+
+def test_a_system_message_with_chatml_markers_is_refused(processor) -> None:
+    with pytest.raises(DatasetError, match=r"system_message holds '<\|im_end\|>'"):
+        ConversationDataset([RECORDS[1]], processor, system_message="Be brief.<|im_end|>\n<|im_start|>user\nHi")
+
+
+def test_images_missing_under_the_default_folder_name_dataset_dir(processor, data_dir: Path) -> None:
+    # data-convert writes image paths relative to its --image_location: a fine-tune without --dataset_dir looked for
+    # them next to the data file, and every image record was "image not found" with no word of where they are read
+    (data_dir / "data").mkdir()
+    one = write(data_dir / "data" / "one.json", [RECORDS[0], RECORDS[1]])
+    hint = (rf"relative image paths are read under dataset_dir {data_dir / 'data'} \(the data file's folder\): set "
+            r"dataset_dir \(--dataset_dir when training\) to the folder that holds them")
+    with pytest.raises(DatasetError, match=rf"1 bad record\(s\) of 2 \({hint}; .*\): record 0 \(id='cat'\): image "
+                                           r"not found: .*data/img/cat\.png$"):
+        ConversationDataset(one, processor)
+    two = write(data_dir / "data" / "two.json", RECORDS)
+    with pytest.raises(DatasetError, match=rf"2 bad record\(s\) of 3 \({hint}; .*\):\n  - record 0"):
+        ConversationDataset(two, processor)
+    assert len(ConversationDataset(two, processor, dataset_dir=data_dir)) == 3  # the folder named: found
+    with pytest.raises(DatasetError) as err:  # a folder given: the paths are looked up where the user said
+        ConversationDataset(two, processor, dataset_dir=data_dir / "data")
+    assert "relative image paths" not in str(err.value)
+    url = record("url", turn("user", "Picture 1: <img>http://example.com/a.png</img>\nWhat?"), turn("assistant", "A."))
+    with pytest.raises(DatasetError) as err:  # not a path the folder could hold: no word of it
+        ConversationDataset(write(data_dir / "data" / "url.json", [RECORDS[1], url]), processor)
+    assert "image URLs are not downloaded" in str(err.value) and "relative image paths" not in str(err.value)

@@ -254,3 +254,42 @@ def test_a_saved_input_path_that_is_not_text_is_said_to_differ(tmp_path: Path) -
     cfg = TrainConfig(data_path=str(tmp_path / "a.jsonl"), preset="tiny")
     assert T._other_inputs({"data_path": str(tmp_path / "." / "a.jsonl")}, cfg) == []
     assert T._other_inputs({"data_path": 5}, cfg) == [f"data_path 5 -> {cfg.data_path!r}"]
+
+
+def test_a_global_batch_larger_than_the_data_and_an_unreached_save_step_are_said(make_cfg, processor, tmp_path: Path,
+                                                                               caplog) -> None:
+    # 8 samples in global batches of 16: "num_epochs 1" was one step over every sample twice, without a word; and
+    # a save_steps past the last step kept no checkpoint to resume from, without a word either
+    cfg = make_cfg(tmp_path, max_steps=0, num_epochs=1, batch_size=4, gradient_accumulation_steps=4, save_steps=5)
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    dataset = T.build_dataset(cfg, processor, model)
+    with caplog.at_level(logging.WARNING, logger="qwenvl.train.trainer"):
+        run = T._setup_run(cfg, model, dataset, torch.device("cpu"))
+    assert run.total_steps == 1
+    assert ("the global batch of 16 samples (batch_size x gradient_accumulation_steps x ranks) is larger than the "
+            "data's 8: every step trains on some samples more than once (num_epochs=1 makes 1 step(s), 2.0 passes "
+            "over the data); lower batch_size or gradient_accumulation_steps" in caplog.text)
+    assert "save_steps=5 is not smaller than the run's 1 steps: no checkpoint is saved before the final model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qwenvl.train.trainer"):  # a batch the data fills: nothing said
+        T._setup_run(cfg.replace(gradient_accumulation_steps=2, save_steps=0), model, dataset, torch.device("cpu"))
+    assert "global batch" not in caplog.text and "save_steps" not in caplog.text
+
+
+def test_a_run_that_diverges_stops_before_the_update_and_saves_no_model(make_cfg, processor, tmp_path: Path) -> None:
+    # a non-finite loss (too high a learning rate) went on into NaN weights, saved as the final model with exit 0
+    cfg = make_cfg(tmp_path / "out", max_steps=4, save_steps=1, save_total_limit=0)
+
+    def poison(info: T.StepInfo) -> None:  # after step 2 one weight is infinite: step 3's loss and gradient are NaN
+        if info.step == 2:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if n == "lm_head.weight")[0, 0] = float("inf")
+
+    model = T._prepare_model(cfg, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^step 3: the loss or its gradient is not finite \(gradient norm nan\): "
+                                         r"the run diverged .*; nothing of step 3 was applied and no final model is "
+                                         rf"saved; the newest checkpoint is {tmp_path / 'out' / 'checkpoint-2'}; "
+                                         "lower learning_rate"):
+        train(cfg, model=model, processor=processor, callback=poison)
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "trainer_state.json").exists()

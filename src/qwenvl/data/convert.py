@@ -171,7 +171,8 @@ def _convert_record(
         if not isinstance(speaker, str) or not isinstance(value, str):
             raise _Malformed(f"turn {t} needs string 'from' and 'value'")
         if speaker not in roles:
-            raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt')")
+            again = "; is the file converted already?" if speaker in roles.values() else ""
+            raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt'{again})")
         replaced = _replace_image_tag(value, picture, tag_in_place)
         if replaced is not None:
             tagged += value.count(LLAVA_IMAGE_TOKEN)  # in the turn as written: the image name may hold one
@@ -275,7 +276,8 @@ def convert_llava(
     The output is UTF-8 JSON written atomically: a list, or one record per line when ``output_path`` ends
     in ``.jsonl`` (the package reads a ``.jsonl`` file as JSON Lines). It is not written at all when
     the input cannot be read (missing file, invalid JSON, top level not a list: FileNotFoundError /
-    ValueError naming the file), with ``strict``, when a record is malformed, or when ``output_path`` exists
+    ValueError naming the file), with ``strict``, when a record is malformed, when no record converts (malformed
+    or missing its image: ValueError naming the first), or when ``output_path`` exists
     and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`).
     Returns the summary (for the caller to show: it is logged only at DEBUG level, so that the command
     line prints it once).
@@ -287,6 +289,10 @@ def convert_llava(
         records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place,
         allow_any_local_path,
     )
+    if records and not converted:  # an empty file would only move the question to the fine-tune
+        first = summary.malformed[0] if summary.malformed else f"image not found: {summary.missing_image_examples[0]}"
+        raise ValueError(f"{data_path}: none of its {len(records)} records could be converted, nothing written: "
+                         f"{first}" + (f" (and {len(records) - 1} more)" if len(records) > 1 else ""))
     # the images are inputs too: never written over
     check_output_file(output_path, {f"image of record {k}": f for k, f in summary.image_files.items()},
                       overwrite=overwrite, flag="--overwrite (overwrite=True)")

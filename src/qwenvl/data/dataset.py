@@ -16,13 +16,17 @@ are loaded per sample in ``__getitem__``.
 
 Truncation to ``max_length`` never cuts through an ``<img>...</img>`` span: when the cut falls inside one,
 the sample is cut just before its ``<img>`` and that image is dropped. A sample cut before its first
-assistant answer (nothing left to learn but the ChatML frame) is a bad record.
+assistant answer (nothing left to learn but the ChatML frame) is a bad record, and so is one whose every answer
+is empty, whose text holds a ChatML marker (``<|im_end|>``, ``<|endoftext|>``: the tokenizer reads them as the
+special tokens), or that is still in LLaVA's format (roles ``human``/``gpt``, an ``<image>`` tag, an ``image`` key
+and no ``<img>``: ``qwenvl data-convert`` converts it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,8 +40,8 @@ from torch.utils.data import Dataset
 from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from ..fileio import read_json_records
 from ..images import check_image
-from ..tokenizer import image_spans
-from .convert import MalformedRecord
+from ..tokenizer import IMAGE_SPECIAL_TOKENS, SPECIAL_TOKENS, image_spans
+from .convert import LLAVA_IMAGE_TOKEN, MalformedRecord
 
 __all__ = ["BadRecord", "ConversationDataset", "DatasetError", "TruncationStats", "answer_labels", "collate", "load_records"]
 
@@ -56,6 +60,13 @@ _SKIP_HINT = "skip_bad=True, or --skip_bad_samples true when training,"
 
 # A record that cannot be trained on: its index in the file, its ``id`` and why (the converter's type).
 BadRecord = MalformedRecord
+
+# The special tokens that text must not hold: the ChatML frame's and the unused extras (text may hold the Qwen-VL
+# tags, IMAGE_SPECIAL_TOKENS, as the official chat template allows). The tokenizer reads them in any text as the
+# tokens themselves (as the official one does): "<|im_end|>" in a turn ends it early and opens a frame of its own,
+# which an answer would teach the model to write.
+_FRAME_MARKERS = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS if t not in IMAGE_SPECIAL_TOKENS))
+_CONVERT_HINT = "convert LLaVA data with qwenvl data-convert"
 
 
 @dataclass
@@ -119,6 +130,15 @@ def answer_labels(ids: np.ndarray, labels: np.ndarray) -> int:
     return int((learned & ~frame).sum())
 
 
+def _marker_problem(text: str, where: str) -> str | None:
+    """Why ``text`` (``where``: what it is) cannot go into a sample as it is, or None."""
+    found = _FRAME_MARKERS.search(text)
+    if found is None:
+        return None
+    return (f"{where} holds {found.group()!r}, which reads as the ChatML special token and breaks the conversation "
+            "frame (text already formatted as ChatML?)")
+
+
 def _record_id(record: Any) -> Any:
     return record.get("id") if isinstance(record, dict) else None
 
@@ -153,6 +173,9 @@ class ConversationDataset(Dataset):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if max_images is not None and max_images < 0:
             raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+        problem = _marker_problem(system_message, "system_message")
+        if problem:
+            raise DatasetError(problem)
         if isinstance(data_path, (str, os.PathLike)):
             self.source = str(data_path)
             records = load_records(data_path)
@@ -172,6 +195,10 @@ class ConversationDataset(Dataset):
         self.samples: list[_Encoded] = []
         self._policy = processor.media_policy(self.dataset_dir)
         self._checked: dict[str, str | None] = {}  # image path -> why it cannot be used (None: it decodes)
+        # where relative image paths were looked for when the caller named no folder, once one of them is missing
+        self._unnamed_dir = None if dataset_dir is not None else (
+            "the working directory" if self.source == "<records>" else "the data file's folder")
+        self._missing_in_unnamed_dir = False
 
         # tokenize every record, then decode every image once (threads: Pillow decodes without the GIL), then
         # check and truncate each record
@@ -200,9 +227,24 @@ class ConversationDataset(Dataset):
             raise ValueError("'conversations' is missing or not a list")
         if not turns:
             raise ValueError("empty conversation (no turns)")
+        for t, turn in enumerate(turns):  # what the encoder would take without a word (it checks the shapes)
+            who, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
+            if who in ("human", "gpt"):
+                raise ValueError(f"turn {t} has the LLaVA role {who!r}: {_CONVERT_HINT}")
+            if isinstance(value, str) and LLAVA_IMAGE_TOKEN in value:
+                raise ValueError(f"turn {t} holds LLaVA's {LLAVA_IMAGE_TOKEN} tag, which is plain text here (a picture "
+                                 f"is 'Picture 1: <img>PATH</img>' in the text): {_CONVERT_HINT}")
+            problem = _marker_problem(value, f"turn {t}") if isinstance(value, str) else None
+            if problem:
+                raise ValueError(problem)
         enc = self.processor.encode_conversation(turns, system_message=self.system_message)
         ids = np.asarray(enc["input_ids"], dtype=np.int32)
         labels = np.asarray(enc["labels"], dtype=np.int32)
+        if record.get("image") and not enc["image_paths"]:
+            raise ValueError("its 'image' key is not read (pictures are 'Picture 1: <img>PATH</img>' in the text), so "
+                             f"the picture would be lost: {_CONVERT_HINT}")
+        if answer_labels(ids, labels) == 0:  # the model would learn to end its turn at once
+            raise ValueError("no answer to learn: every assistant answer is empty")
         return ids, labels, list(enc["image_paths"])
 
     def _finish(self, record: dict[str, Any], ids: np.ndarray, labels: np.ndarray, paths: list[str]) -> _Encoded:
@@ -223,8 +265,6 @@ class ConversationDataset(Dataset):
         if removed.samples and answer_labels(ids, labels) == 0:  # also when the cut left no label at all
             raise ValueError(f"no learnable label within max_length={self.max_length} tokens "
                              "(the first assistant answer starts after the cut)")
-        if not bool((labels[1:] != IGNORE_INDEX).any()):
-            raise ValueError("no learnable label")
         self.truncation.add(removed)
         return _Encoded(record.get("id"), ids, labels, paths)
 
@@ -237,6 +277,9 @@ class ConversationDataset(Dataset):
                 check_image(path, policy=self._policy)
                 return None
             except ValueError as e:  # ImageError, MediaAccessError
+                relative = ":" not in path and not os.path.isabs(path)  # not a URL ("http://", "data:")
+                if self._unnamed_dir and relative and not os.path.lexists(self.dataset_dir / path):
+                    self._missing_in_unnamed_dir = True
                 return str(e)
 
         todo = [p for p in paths if p not in self._checked]
@@ -256,18 +299,23 @@ class ConversationDataset(Dataset):
             raise ValueError(problem)
 
     def _report(self, total: int, skip_bad: bool) -> None:
+        where = (f"relative image paths are read under dataset_dir {self.dataset_dir} ({self._unnamed_dir}): set "
+                 "dataset_dir (--dataset_dir when training) to the folder that holds them; "
+                 if self._missing_in_unnamed_dir else "")
         if len(self.skipped) == 1 and not skip_bad:  # one line for one problem
-            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} ({_SKIP_HINT} drops it): {self.skipped[0]}")
+            raise DatasetError(f"{self.source}: 1 bad record(s) of {total} ({where}{_SKIP_HINT} drops it): "
+                               f"{self.skipped[0]}")
         if self.skipped and not skip_bad:
             shown = [f"  - {b}" for b in self.skipped[:MAX_LISTED]]
             if len(self.skipped) > MAX_LISTED:
                 shown.append(f"  ... and {len(self.skipped) - MAX_LISTED} more")
             raise DatasetError("\n".join([f"{self.source}: {len(self.skipped)} bad record(s) of {total} "
-                                          f"({_SKIP_HINT} drops them):", *shown]))
+                                          f"({where}{_SKIP_HINT} drops them):", *shown]))
         for bad in self.skipped:
             logger.warning("%s: skipping %s", self.source, bad)
         if not self.samples:
-            raise DatasetError(f"{self.source}: no usable sample ({total} record(s), {len(self.skipped)} bad)")
+            raise DatasetError(f"{self.source}: no usable sample ({total} record(s), {len(self.skipped)} bad"
+                               + (f"; {where[:-2]}" if where else "") + ")")
         if self.truncation.samples:
             logger.warning("%s: %s (max_length=%d)", self.source, self.truncation, self.max_length)
         logger.info("%s: %d samples (%d skipped), %d tokens, %d images", self.source, len(self.samples),

@@ -9,7 +9,8 @@ master weights, bf16 autocast (or FSDP's bf16 parameters), cosine schedule with 
 autograd graph. Every micro-batch is weighted by its share of the step's labelled tokens over all ranks, so
 ``k`` micro-batches of ``b`` samples on ``n`` ranks give the same update as one batch of ``k * b * n``
 (up to rounding). A ``DataLoader`` with ``num_workers`` processes decodes the images of the next
-micro-batches while the current one trains.
+micro-batches while the current one trains. A step whose loss or gradient is not finite (a run that diverged) is
+not applied: the run stops with :class:`TrainingDivergedError` and saves no final model.
 
 Checkpoints (``output_dir/checkpoint-STEP/``, the newest ``save_total_limit`` kept) are sharded
 (:mod:`qwenvl.train.sharded_checkpoint`); a run started with ``resume_training`` continues exactly where the
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import torch
@@ -74,8 +75,8 @@ from .state import (
     saved_config,
 )
 
-__all__ = ["StepInfo", "TrainResult", "cosine_with_warmup", "global_batch_size", "part_of", "select_trainable",
-           "train"]
+__all__ = ["StepInfo", "TrainResult", "TrainingDivergedError", "cosine_with_warmup", "global_batch_size", "part_of",
+           "select_trainable", "train"]
 
 logger = logging.getLogger(__name__)
 rank_logger = logging.getLogger(distributed.RANK_LOGGER)  # what this rank alone sees (heard from every rank)
@@ -87,6 +88,10 @@ FIXED = frozenset({"transformer.visual.attn_pool.pos_embed"})
 # The input embedding: part of the LM, but ``freeze_embedding`` keeps it alone frozen.
 EMBEDDING = "transformer.wte.weight"
 _WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+
+
+class TrainingDivergedError(ValueError):
+    """A step's loss or gradient is not finite: the step is not applied and the run stops (no final model)."""
 
 
 @dataclass
@@ -529,12 +534,21 @@ def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.devi
         logger.warning("warmup_steps=%d is not shorter than the run's %d steps: the learning rate never reaches "
                        "learning_rate=%g (it ends at %.3g) and never decays; lower warmup_steps", cfg.warmup_steps,
                        total, cfg.learning_rate, cfg.learning_rate * total / max(1, cfg.warmup_steps))
+    g = global_batch_size(cfg, env.world_size)
+    if g > len(dataset):  # BatchOrder fills every step from the next epochs: samples repeat within a step
+        epochs = "" if cfg.max_steps else (f" (num_epochs={cfg.num_epochs} makes {total} step(s), "
+                                           f"{total * g / len(dataset):.1f} passes over the data)")
+        logger.warning("the global batch of %d samples (batch_size x gradient_accumulation_steps x ranks) is larger "
+                       "than the data's %d: every step trains on some samples more than once%s; lower batch_size or "
+                       "gradient_accumulation_steps", g, len(dataset), epochs)
+    if cfg.save_steps >= total:
+        logger.warning("save_steps=%d is not smaller than the run's %d steps: no checkpoint is saved before the final "
+                       "model", cfg.save_steps, total)
     schedule = functools.partial(cosine_with_warmup, warmup=cfg.warmup_steps, total=total,
                                  min_ratio=cfg.min_lr / cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     n_train = sum(p.numel() for _n, p in named)
     n_all = sum(p.numel() for p in model.parameters())
-    g = global_batch_size(cfg, env.world_size)
     logger.info("training %d of %d parameters (%.1f%%), %d samples, %d steps of %d samples (%d x %d micro-batches "
                 "on %d rank(s))", n_train, n_all, 100 * n_train / n_all, len(dataset), total, g,
                 cfg.gradient_accumulation_steps, cfg.batch_size, env.world_size)
@@ -748,12 +762,27 @@ def _train_step(run: _Run, micro: list[dict[str, Any]]) -> tuple[float, float]:
         (out.loss * (n / total)).backward()
         loss_sum += out.loss.detach().float() * n
     grad_norm = _clip_grad_norm(run.params, run.cfg.max_grad_norm or math.inf)
+    if not math.isfinite(grad_norm):  # the norm is global: every rank stops here alike
+        _diverged(run, grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     loss_total, tokens = env.sum([float(loss_sum), sum(int(b["attention_mask"].sum()) for b in micro)])
     run.progress.num_loss_tokens += int(total)
     run.progress.num_tokens += int(tokens)
     return loss_total / total, grad_norm
+
+
+def _diverged(run: _Run, grad_norm: float) -> NoReturn:
+    """Stop the run at a non-finite gradient (from a non-finite loss): applied, it would make every weight NaN,
+    and the run would go on to save them as its final model."""
+    run.optimizer.zero_grad(set_to_none=True)
+    step, latest = run.progress.step + 1, latest_checkpoint(run.cfg.output_dir)
+    raise TrainingDivergedError(
+        f"step {step}: the loss or its gradient is not finite (gradient norm {grad_norm}): the run diverged (or a "
+        f"sample gives non-finite values); nothing of step {step} was applied and no final model is saved"
+        + (f"; the newest checkpoint is {latest}" if latest is not None else "")
+        + f"; lower learning_rate (now {run.cfg.learning_rate:g})"
+        + (" or set max_grad_norm (0: no clipping)" if not run.cfg.max_grad_norm else "") + " and start again")
 
 
 def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
