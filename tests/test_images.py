@@ -133,7 +133,7 @@ def test_errors_name_the_problem(sample: Image.Image, tmp_path: Path) -> None:
         ("empty.jpg", f"image file {tmp_path / 'empty.jpg'} is empty (zero size)"),
         ("truncated.png", f"cannot decode image {tmp_path / 'truncated.png'}"),
         ("folder.png", "image path is not a file"),
-        ("http://example.com/a.jpg", "image URLs are not downloaded: http://example.com/a.jpg"),
+        ("http://example.com/a.jpg", "image URLs are not downloaded: 'http://example.com/a.jpg'"),
         ("HTTPS://example.com/a.jpg", "image URLs are not downloaded"),
         # was "image not found: <tmp>/file:/etc/hostname", as if the URL were a relative path
         ("file:///etc/hostname", "file: URLs are not read: 'file:///etc/hostname'. Pass the path itself"),

@@ -48,6 +48,7 @@ __all__ = [
     "open_image",
     "pixel_values",
     "preprocess",
+    "shown",
 ]
 
 # PIL's own hard limit (2x Image.MAX_IMAGE_PIXELS): larger images are refused before decoding.
@@ -64,7 +65,9 @@ class MediaAccessError(ImageError):
     """A path names a file that the media policy does not let us read (the message never says if it exists)."""
 
 
-def _shown(text: str) -> str:
+def shown(text: str) -> str:
+    """``text`` quoted for a message, cut to its first 77 characters and "..." when longer (a path or URL a user
+    gave may be megabytes: a data: URL)."""
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
@@ -91,11 +94,11 @@ class MediaPolicy:
         if not text:
             raise ImageError("empty image path")
         if "\0" in text:
-            raise MediaAccessError(f"image path {_shown(text)} holds a NUL character")
+            raise MediaAccessError(f"image path {shown(text)} holds a NUL character")
         try:  # a lone surrogate ("\ud800" in JSON) names no file: the file system cannot take it
             os.fsencode(text)
         except UnicodeEncodeError:
-            raise ImageError(f"image path {_shown(text)} is not valid Unicode text (a lone surrogate)") from None
+            raise ImageError(f"image path {shown(text)} is not valid Unicode text (a lone surrogate)") from None
         if self.allow_any_local_path:
             p = Path(text).expanduser()
             if not p.is_absolute() and self.root is not None:
@@ -103,13 +106,13 @@ class MediaPolicy:
             return p.absolute()
         if self.root is None:
             raise MediaAccessError(
-                f"image path {_shown(text)}: reading local image files is disabled here (no media folder); "
+                f"image path {shown(text)}: reading local image files is disabled here (no media folder); "
                 "pass the image itself (pixels, bytes or a data: URL)"
             )
         given = Path(os.path.normpath(Path(self.root).expanduser().absolute()))
         root = Path(os.path.realpath(given))
         refused = MediaAccessError(
-            f"image path {_shown(text)} is not allowed: only files inside the media folder are read "
+            f"image path {shown(text)} is not allowed: only files inside the media folder are read "
             "(no absolute path outside it, no '~', no '..' or link leading out of it)"
         )
         if text.startswith("~"):
@@ -281,10 +284,10 @@ def _open_source(
     lowered = text[:8].lower()
     if lowered.startswith(("http://", "https://")):
         raise ImageError(
-            f"image URLs are not downloaded: {text}. Download the file and pass its path (or bytes) instead"
+            f"image URLs are not downloaded: {shown(text)}. Download the file and pass its path (or bytes) instead"
         )
     if lowered.startswith("file:"):  # as a path it would be looked up as a folder named "file:" (not found)
-        raise ImageError(f"file: URLs are not read: {_shown(text)}. Pass the path itself")
+        raise ImageError(f"file: URLs are not read: {shown(text)}. Pass the path itself")
     if lowered.startswith("data:"):
         data = _decode_data_url(text)
         if not data:
@@ -305,7 +308,7 @@ def _open_source(
         if path.stat().st_size == 0:
             raise ImageError(f"image file {path} is empty (zero size)")
     except OSError as e:  # a name too long for the filesystem, a folder we may not look into, ...
-        raise ImageError(f"cannot read image {_shown(str(path))}: {e.strerror or e}") from e
+        raise ImageError(f"cannot read image {shown(str(path))}: {e.strerror or e}") from e
     try:
         with path.open("rb") as fp:  # closed even when decoding fails; the pixels are loaded before it closes
             img = _open(fp, str(path), max_pixels)

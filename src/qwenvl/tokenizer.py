@@ -167,6 +167,8 @@ def _as_id_list(ids: Any) -> list[int]:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise ValueError(f"token ids must be an int or a sequence of ints, got {type(ids).__name__}")
     out = list(ids)
+    if set(map(type, out)) <= {int}:  # plain ints (what tolist() gives): checked at C speed, a long prompt in ms
+        return out
     if out and isinstance(out[0], (list, tuple)):
         raise ValueError("decode takes one sequence of ids; use batch_decode for a batch")
     for i in out:  # a float (ids of a float tensor, a mean) would be truncated into another token silently

@@ -198,3 +198,19 @@ def test_a_prompt_with_more_image_spans_than_allowed_is_refused_before_tokenizin
     error = error_of(post(server, "/completions", {"model": MODEL_NAME, "prompt": "<img>a</img>" * 1000}))
     assert error["param"] == "prompt" and "1000 images" in error["message"] and "at most 4" in error["message"], error
     assert encoded == []
+
+
+def test_stream_options_without_stream_are_refused(server):
+    """stream_options on a request that is not streamed was taken silently (include_usage then changed nothing);
+    OpenAI and vLLM answer 400. ``stream`` is read as vLLM reads it (pydantic): "yes", "true", 1 stream."""
+    completion = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3}
+    for path, body in (("/chat/completions", chat()), ("/completions", completion)):
+        for stream in ({}, {"stream": False}, {"stream": None}, {"stream": 0}, {"stream": "no"}):
+            error = error_of(post(server, path, {**body, **stream, "stream_options": {"include_usage": True}}))
+            assert error["param"] == "stream_options" and "stream is true" in error["message"], (path, stream, error)
+        assert post(server, path, {**body, "stream_options": None}).status_code == 200
+        for stream in (True, "yes", "true", 1):
+            r = post(server, path, {**body, "stream": stream, "stream_options": {"include_usage": True}})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+            assert '"usage": {"prompt_tokens"' in r.text and r.text.endswith("data: [DONE]\n\n")
+        assert error_of(post(server, path, {**body, "stream": 2}))["param"] == "stream"

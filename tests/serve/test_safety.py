@@ -260,6 +260,12 @@ def test_remote_images_with_limits(golden_model, processor, tmp_path):
             assert_error(ask(base + "/big.bin"), 400, "limit of 250000 bytes")
             assert_error(ask(base + "/missing.png"), 400, "HTTP 404")
             assert_error(ask("http://127.0.0.1:1/x.png"), 400, "cannot download")
+            # a long URL is quoted cut short (http.server answers 414 to it; a space makes it no URL at all)
+            long = "/" + "a" * 300_000 + ".png"
+            for url, words in ((base + long, "HTTP 414"), ("http://127.0.0.1:1" + long, "cannot download"),
+                               (base + "/a b" + long, "cannot download")):
+                message = assert_error(ask(url), 400, words)["message"]
+                assert len(message) < 400 and "a" * 100 not in message, message[:1000]
     finally:
         files.shutdown()
 
@@ -315,6 +321,20 @@ def test_a_file_name_the_system_cannot_take_is_a_400(guarded):
     """os.stat's ENAMETOOLONG (or any OSError) on a path inside the media folder was a 500."""
     for url in ("a" * 5000 + ".png", "file://" + str(guarded.media / ("b" * 300 + ".png")), "a/" * 3000 + "x.png"):
         assert_error(post(guarded, "/chat/completions", chat([image_part(url), {"type": "text", "text": "x"}])), 400)
+
+
+def test_a_long_image_url_or_model_name_is_quoted_cut_short(guarded):
+    """Error messages quoted the client's whole image URL (or model name), which may be megabytes: the answer
+    to a refused request was as large as the request."""
+    long = "a" * 500_000
+    for url, words in ((long + ":x", "unsupported image URL scheme"), ("file://otherhost/" + long, "another host"),
+                       ("file://" + str(guarded.media / long), "cannot read image file"),
+                       ("file://" + str(guarded.media / "x" / ("a/" * 1000)), "not found")):
+        error = assert_error(post(guarded, "/chat/completions", chat([image_part(url)])), 400, words)
+        assert len(error["message"]) < 400 and error["param"] == "image_url", error["message"][:1000]
+    error = assert_error(post(guarded, "/chat/completions", {**chat("hi"), "model": long}), 404, "does not exist")
+    assert len(error["message"]) < 400, error["message"][:1000]
+    assert_error(httpx.get(guarded.v1 + "/models/" + "a" * 5000), 404, "'" + "a" * 77 + "...' does not exist")
 
 
 def test_an_image_path_that_is_not_unicode_is_a_400(guarded):

@@ -32,6 +32,7 @@ from starlette.routing import Match, Route
 
 from ..fileio import error_line
 from ..generation import STOP_IDS, SamplingParams
+from ..images import shown
 from ..processor import Processor
 from . import protocol
 from .engine import Delta, Engine, Event, Failed, Finished, QueueFull, ShuttingDown
@@ -319,7 +320,7 @@ class _Server:
 
     def _check_common(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest) -> None:
         if body.model != self.settings.model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
+            raise APIError(404, f"the model {shown(body.model)} does not exist; this server serves "
                                 f"{self.settings.model_name!r}", code="model_not_found", param="model")
         why = body.unsupported()
         if why is not None:
@@ -584,7 +585,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])
     async def model(name: str) -> dict[str, Any]:
         if name != settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
+            raise APIError(404, f"the model {shown(name)} does not exist", code="model_not_found", param="model")
         return model_card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])

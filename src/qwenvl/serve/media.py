@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..images import ImageError, MediaPolicy, load_image
+from ..images import ImageError, MediaPolicy, load_image, shown
 
 __all__ = ["MediaError", "MediaLimits", "decode_image", "fetch_image", "read_image"]
 
@@ -60,7 +60,7 @@ def read_image(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
     elif scheme == "file" or scheme == "":
         data = _local_file(url, limits, policy)
     else:
-        raise MediaError(f"unsupported image URL scheme {scheme!r}: use a data:image/...;base64 URL")
+        raise MediaError(f"unsupported image URL scheme {shown(scheme)}: use a data:image/...;base64 URL")
     return data
 
 
@@ -94,7 +94,7 @@ def _data_url_bytes(url: str, limit: int) -> bytes:
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 (urllib's signature)
         if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise MediaError(f"image URL redirects to a non-http(s) URL: {newurl}")
+            raise MediaError(f"image URL redirects to a non-http(s) URL: {shown(newurl)}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -172,7 +172,7 @@ def _download(url: str, limits: MediaLimits) -> bytes:
 
 
 def _too_slow(url: str, limits: MediaLimits) -> MediaError:
-    return MediaError(f"image download took more than {limits.remote_timeout:g} s: {url}")
+    return MediaError(f"image download took more than {limits.remote_timeout:g} s: {shown(url)}")
 
 
 def _read_url(url: str, limits: MediaLimits, deadline: _Deadline) -> bytes:
@@ -194,13 +194,13 @@ def _read_url(url: str, limits: MediaLimits, deadline: _Deadline) -> bytes:
     except MediaError:
         raise
     except urllib.error.HTTPError as e:
-        raise MediaError(f"image URL answered HTTP {e.code}: {url}") from e
+        raise MediaError(f"image URL answered HTTP {e.code}: {shown(url)}") from e
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # not HTTP, cut short, ...
-        raise MediaError(f"cannot download image {url}: {getattr(e, 'reason', e)}") from e
+        raise MediaError(f"cannot download image {shown(url)}: {shown(str(getattr(e, 'reason', e)))}") from e
     if deadline.expired:  # the socket was shut: what came is cut short
         raise _too_slow(url, limits)
     if not data:
-        raise MediaError(f"image URL returned no data: {url}")
+        raise MediaError(f"image URL returned no data: {shown(url)}")
     return bytes(data)
 
 
@@ -211,7 +211,7 @@ def _local_file(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
                          "--allowed_local_media_path): send the image as a data: URL")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme and parts.netloc not in ("", "localhost"):
-        raise MediaError(f"file URL names another host: {url}")
+        raise MediaError(f"file URL names another host: {shown(url)}")
     name = urllib.parse.unquote(parts.path if parts.scheme else url)
     try:  # a lone surrogate (JSON "\ud800") names no file: the file system cannot take it
         name.encode("utf-8")
@@ -223,10 +223,10 @@ def _local_file(url: str, limits: MediaLimits, policy: MediaPolicy) -> bytes:
         raise MediaError(str(e)) from e
     try:
         if not path.is_file():
-            raise MediaError(f"image file not found in the allowed media folder: {url}")
+            raise MediaError(f"image file not found in the allowed media folder: {shown(url)}")
         size = path.stat().st_size
         if size > limits.max_image_bytes:
             raise _too_big(size, limits.max_image_bytes)
         return path.read_bytes()
     except OSError as e:  # a name too long, no permission, ...: the request's fault, not the server's
-        raise MediaError(f"cannot read image file {url}: {e.strerror or e}") from e
+        raise MediaError(f"cannot read image file {shown(url)}: {e.strerror or e}") from e

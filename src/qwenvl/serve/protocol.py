@@ -112,6 +112,15 @@ class _Sampling(_Model):
             raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        """As OpenAI and vLLM: options of a stream on a request that is not streamed are a mistake, not a no-op.
+        (``stream`` is read as pydantic and vLLM read it: "yes", "true", 1 are true; "no", 0 false.)"""
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError("stream_options_without_stream", "only allowed when stream is true")
+        return value
+
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
