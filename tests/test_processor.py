@@ -328,6 +328,10 @@ def test_encode_conversation_errors(chat: Processor) -> None:
     cases = [
         ([], "empty conversation"),
         ([{"from": "human", "value": "hi"}, {"from": "assistant", "value": "ok"}], "turn 0 has unknown role 'human'"),
+        # a system turn said only "unknown role 'system'", not where the system prompt goes
+        ([{"from": "system", "value": "Be brief."}, {"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}],
+         r"^turn 0 has unknown role 'system'; expected 'user' or 'assistant': the system prompt is no turn; give it as "
+         r"system_message \(qwenvl finetune: the system_message setting, --system_message\)$"),
         ([{"from": "user", "value": "hi"}, {"from": "assistant", "value": None}], "turn 1: value must be a str"),
         # a role that is not a string (unhashable: TypeError, which ended a fine-tuning run instead of one bad record)
         ([{"from": ["user"], "value": "hi"}, {"from": "assistant", "value": "ok"}], r"turn 0 has unknown role \['user'\]"),

@@ -395,7 +395,9 @@ class Processor:
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 raise ValueError(f"turn {j} must be a dict with 'from' and 'value', got {t!r}")
             if not isinstance(t["from"], str) or t["from"] not in _TRAIN_ROLES:  # a list or dict is unhashable
-                raise ValueError(f"turn {j} has unknown role {t['from']!r}; expected 'user' or 'assistant'")
+                hint = (": the system prompt is no turn; give it as system_message (qwenvl finetune: the "
+                        "system_message setting, --system_message)" if t["from"] == "system" else "")
+                raise ValueError(f"turn {j} has unknown role {t['from']!r}; expected 'user' or 'assistant'{hint}")
             if not isinstance(t["value"], str):
                 raise ValueError(f"turn {j}: value must be a str, got {type(t['value']).__name__}")
         if turns[0]["from"] != "user":

@@ -136,7 +136,7 @@ def test_converts_llava_file(tmp_path: Path, images: Path, caplog: pytest.LogCap
     assert sorted(p.name for p in out.parent.iterdir()) == ["qwen.json"]
 
 
-def test_role_names_and_prefix(tmp_path: Path) -> None:
+def test_role_names_and_prefix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(b"x")
     rec = {
@@ -144,17 +144,28 @@ def test_role_names_and_prefix(tmp_path: Path) -> None:
         "image": "a.png",
         "conversations": [{"from": "human", "value": "<image>Look."}, {"from": "gpt", "value": "Ok."}],
     }
-    converted, summary = convert_records([rec], tmp_path, "Human", "Bot", image_prefix="imgs/")
+    converted, summary = convert_records([rec], tmp_path, "user", "assistant", image_prefix="imgs/")
     assert converted == [
         {
             "id": 7,
             "conversations": [
-                {"from": "Human", "value": "Picture 1: <img>imgs/a.png</img>\nLook."},
-                {"from": "Bot", "value": "Ok."},
+                {"from": "user", "value": "Picture 1: <img>imgs/a.png</img>\nLook."},
+                {"from": "assistant", "value": "Ok."},
             ],
         }
     ]
     assert (summary.written, summary.text_only, summary.malformed) == (1, 0, [])
+    # other names (MindFormers pairs them with its training config's) write a file that finetune refuses, every
+    # record a bad one ("unknown role 'Human'"): said; swapped ones would train the model on the questions: refused
+    with caplog.at_level("WARNING", logger="qwenvl.data.convert"):
+        converted, _ = convert_records([rec], tmp_path, "Human", "assistant", image_prefix="imgs/")
+    assert converted[0]["conversations"][0]["from"] == "Human"
+    assert [r.getMessage() for r in caplog.records] == [
+        "user_role_name 'Human': qwenvl finetune reads only the roles 'user' and 'assistant' (the ChatML roles of "
+        "Qwen-VL-Chat) and will refuse this file; it is for another trainer"]
+    for roles in (("assistant", "user"), ("a", "a")):
+        with pytest.raises(ValueError, match="the questions would be taken for answers"):
+            convert_records([rec], tmp_path, *roles, image_prefix="imgs/")
 
 
 @pytest.mark.parametrize(
@@ -334,7 +345,7 @@ def test_bad_image_location_and_roles(tmp_path: Path) -> None:
     src = _write(tmp_path / "d.json", RECORDS)
     with pytest.raises(NotADirectoryError, match="image_location is not a folder"):
         convert_llava(src, tmp_path / "nowhere", tmp_path / "out.json")
-    with pytest.raises(ValueError, match="role names must differ"):
+    with pytest.raises(ValueError, match="the questions would be taken for answers"):
         convert_llava(src, tmp_path, tmp_path / "out.json", user_role_name="a", assistant_role_name="a")
     assert not (tmp_path / "out.json").exists()
 

@@ -252,10 +252,12 @@ def test_a_killed_rank_fails_the_job_naming_it(setup) -> None:
     assert not (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("case", ["bad image", "output_dir in use"])
+@pytest.mark.parametrize("case", ["bad image", "output_dir in use", "diverged"])
 def test_an_error_every_rank_meets_is_said_once(setup, tmp_path: Path, case: str) -> None:
-    """A record whose image is missing (every rank reads the data), or an output_dir another run holds (rank 0
-    finds it and tells the others): one line for the job, not one per rank."""
+    """A record whose image is missing (every rank reads the data), an output_dir another run holds (rank 0
+    finds it and tells the others), or a step whose gradient is not finite (a sample of rank 1 gives a NaN loss:
+    the global gradient norm is NaN on every rank): one line for the job, not one per rank, and naming no rank.
+    (The divergence was said by whichever rank left word first, as "rank 1 of 2: step 3: ...".)"""
     from qwenvl.outputs import claim_output
 
     records = json.loads(setup["data"].read_text())
@@ -268,14 +270,23 @@ def test_an_error_every_rank_meets_is_said_once(setup, tmp_path: Path, case: str
         if case == "bad image":
             cmd[cmd.index("--train_data") + 1] = str(data)
             want = "missing.png"
-        else:
+        elif case == "output_dir in use":
             stack.enter_context(claim_output(out, "finetune"))
             want = "in use by another qwenvl run"
+        else:
+            _with_fault(cmd, tmp_path, "nan")
+            want = (f"error: step 3: the loss or its gradient is not finite (gradient norm nan): the run diverged (or "
+                    f"a sample gives non-finite values); nothing of step 3 was applied and no final model is saved; "
+                    f"the newest checkpoint is {out / 'checkpoint-2'}; lower learning_rate")
         res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     log = res.stdout + res.stderr
     assert res.returncode != 0
     errors = [line for line in log.splitlines() if "qwenvl finetune: error:" in line]
     assert len(errors) == 1 and want in errors[0], log[-4000:]
+    if case == "diverged":
+        assert "exitcode  : 2" in log, log[-3000:]  # a ValueError's status, from the rank that said it
+        assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
+        assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
 
 
 _RANK_1_FAILS = """
@@ -292,13 +303,34 @@ def truncated(file, *args):  # the file as rank 1 sees it (its node's copy, say)
 def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+forward, calls = QwenVL.forward, []
+
+def nan_at_step_3(self, *args, **kwargs):  # one forward per step: a sample of step 3 gives a NaN loss
+    out = forward(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        out.loss = out.loss * float("nan")
+    return out
+
 if os.environ["RANK"] == "1":
     if sys.argv[1] == "rows":
         load_sharded._read_rows = truncated
-    else:
+    elif sys.argv[1] == "memory":
         QwenVL.forward = out_of_memory
+    else:
+        QwenVL.forward = nan_at_step_3
 sys.exit(main(sys.argv[2:]))
 """
+
+
+def _with_fault(cmd: list[str], tmp_path: Path, fault: str) -> list[str]:
+    """``cmd`` (a torchrun command line from :func:`_command`), changed in place to run `qwenvl finetune` with the
+    same flags through :data:`_RANK_1_FAILS`, which gives rank 1 ``fault``."""
+    script = tmp_path / "rank1_fails.py"
+    script.write_text(_RANK_1_FAILS)
+    at = cmd.index("-m", cmd.index("--monitor_interval"))
+    cmd[at:at + 2] = [str(script), fault]
+    return cmd
 
 
 @pytest.mark.parametrize(("fault", "want"), [
@@ -311,11 +343,7 @@ def test_a_failure_of_one_rank_is_one_line_naming_that_rank(setup, tmp_path: Pat
     1 and the cause, and every rank exits. (Rank 1 said its error without its rank, or as a traceback, and rank 0
     "error: rank 0 of 2: lost the other ranks ... Connection closed by peer": the only line that named a rank was
     about the wrong one, as is torchrun's summary when rank 0 exits first.)"""
-    script = tmp_path / "rank1_fails.py"
-    script.write_text(_RANK_1_FAILS)
-    cmd = _command(setup, tmp_path / "out", _standalone(2), dist_timeout=60)
-    at = cmd.index("-m", cmd.index("--monitor_interval"))
-    cmd[at:at + 2] = [str(script), fault]  # the script runs `qwenvl finetune` with the same flags
+    cmd = _with_fault(_command(setup, tmp_path / "out", _standalone(2), dist_timeout=60), tmp_path, fault)
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
     log = res.stdout + res.stderr
     assert res.returncode != 0

@@ -204,3 +204,19 @@ def test_a_rank_that_fails_alone_leaves_word_for_the_others(launch_env) -> None:
         finally:
             distributed.teardown(ranks[0])
     assert distributed.said_by_another_rank(e.value) and distributed.failed_on(e.value) is None
+
+
+def test_an_error_every_rank_meets_alike_is_said_by_the_first_naming_no_rank(launch_env) -> None:
+    # a step whose global gradient norm is not finite stops every rank alike: the rank that left word first said it
+    # as "rank 1 of 2: step 3: ...", as if rank 1 alone had met it (which rank was first is a race)
+    from qwenvl.train.trainer import TrainingDivergedError
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    launch_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+    for rank, quiet in ((1, False), (0, True)):
+        with pytest.raises(TrainingDivergedError) as e:
+            try:
+                raise distributed.met_by_every_rank(TrainingDivergedError("step 3: the loss is not finite"))
+            finally:
+                distributed.teardown(_rank(rank, {}))
+        assert distributed.failed_on(e.value) is None and distributed.said_by_another_rank(e.value) is quiet, rank

@@ -276,6 +276,22 @@ def test_a_global_batch_larger_than_the_data_and_an_unreached_save_step_are_said
     assert "global batch" not in caplog.text and "save_steps" not in caplog.text
 
 
+def test_a_max_length_beyond_the_models_seq_length_is_warned(make_cfg, processor, tmp_path: Path, caplog) -> None:
+    # max_length=4096 on a model of seq_length 2048 trained positions it never learnt without a word: dynamic NTK and
+    # LogN scaling, which stretch the official model past seq_length, apply only at inference
+    model = T._prepare_model(make_cfg(tmp_path), None, torch.device("cpu"))
+    for max_length, warned in ((4096, True), (2048, False)):
+        cfg = make_cfg(tmp_path, max_length=max_length)
+        dataset = T.build_dataset(cfg, processor, model)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qwenvl.train.trainer"):
+            T._setup_run(cfg, model, dataset, torch.device("cpu"))
+        assert ("max_length=4096 is beyond the model's seq_length=2048 (its config): tokens past position 2048 train "
+                "RoPE positions the model was not trained on (dynamic NTK and LogN scaling apply only at inference); "
+                "lower max_length to 2048 unless extending the context is the aim" in caplog.text) is warned
+        assert ("seq_length" in caplog.text) is warned
+
+
 def test_a_run_that_diverges_stops_before_the_update_and_saves_no_model(make_cfg, processor, tmp_path: Path) -> None:
     # a non-finite loss (too high a learning rate) went on into NaN weights, saved as the final model with exit 0
     cfg = make_cfg(tmp_path / "out", max_steps=4, save_steps=1, save_total_limit=0)

@@ -13,7 +13,10 @@ becomes::
 
 Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
 
-- ``human`` -> ``user_role_name``, ``gpt`` -> ``assistant_role_name``; any other ``from`` is malformed.
+- ``human`` -> ``user_role_name``, ``gpt`` -> ``assistant_role_name``; any other ``from`` is malformed. The two
+  names are MindFormers' flags, which it pairs with the role names of its training config; ``qwenvl finetune``
+  reads only ``user`` and ``assistant`` (Qwen-VL-Chat's ChatML roles): any other name is warned of, and equal or
+  swapped names are a ``ValueError``.
 - The image tag becomes the picture line ``Picture 1: <img>{image_prefix}{image}</img>\\n`` (DESIGN.md's fact):
   ``<image>\\n`` is tried first, then ``\\n<image>``, then (fallback, for data that writes it inline) a bare
   ``<image>``. The tag is taken out of the text and the picture line starts the turn: where LLaVA's own
@@ -216,8 +219,14 @@ def convert_records(
     """Convert already-loaded LLaVA records (see the module docstring); nothing is written.
     ``allow_any_local_path``: image paths may lead out of ``image_location`` (absolute paths, ``..``, links out),
     as training's option of that name allows."""
-    if user_role_name == assistant_role_name:
-        raise ValueError(f"user and assistant role names must differ, both are {user_role_name!r}")
+    if user_role_name == assistant_role_name or (user_role_name, assistant_role_name) == ("assistant", "user"):
+        raise ValueError(f"user_role_name {user_role_name!r} and assistant_role_name {assistant_role_name!r}: the "
+                         "questions would be taken for answers")
+    for flag, name, role in (("user_role_name", user_role_name, "user"),
+                             ("assistant_role_name", assistant_role_name, "assistant")):
+        if name != role:  # MindFormers pairs other names with role names in its training config; we have none
+            logger.warning("%s %r: qwenvl finetune reads only the roles 'user' and 'assistant' (the ChatML roles of "
+                           "Qwen-VL-Chat) and will refuse this file; it is for another trainer", flag, name)
     root = Path(image_location)
     if not root.is_dir():
         raise NotADirectoryError(f"image_location is not a folder: {root}")

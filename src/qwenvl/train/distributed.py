@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from ..fileio import error_line
 
-__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "failed_on", "said_by_another_rank",
-           "setup", "teardown", "told_every_rank", "word_of_another_rank"]
+__all__ = ["RANK_LOGGER", "DistEnv", "DistributedError", "ReportedByAnotherRank", "failed_on", "met_by_every_rank",
+           "said_by_another_rank", "setup", "teardown", "told_every_rank", "word_of_another_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ def teardown(env: DistEnv) -> None:
     of it in torchrun's store: the other ranks, whose collectives fail when this rank's connections close, then
     stop as :class:`ReportedByAnotherRank` instead of each saying "lost the other ranks". The first rank to leave
     word says it (:func:`failed_on` names the rank: ``qwenvl finetune`` prints ``rank 1 of 2: ...``); a rank
-    that met the same error later stays quiet (a collective can raise one rank's failure on every rank)."""
+    that met the same error later stays quiet (a collective can raise one rank's failure on every rank). An error
+    that every rank meets alike (:func:`met_by_every_rank`) is said by the first as it is, naming no rank."""
     failure = sys.exc_info()[1]
     if env.distributed and isinstance(failure, Exception) and not isinstance(failure, DistributedError) \
             and not getattr(failure, _TOLD, False):
@@ -297,7 +298,7 @@ def teardown(env: DistEnv) -> None:
         if first is not None and first != (env.rank, line) and first[1] == line:
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(failure, _SAID_BY, first[0])  # the rank that was first says it
-        else:
+        elif not getattr(failure, _ALIKE, False):
             with contextlib.suppress(AttributeError, TypeError):
                 setattr(failure, _RANK, f"rank {env.rank} of {env.world_size}")
     if env.owns_group and dist.is_initialized():
@@ -307,8 +308,10 @@ def teardown(env: DistEnv) -> None:
 
 
 # attributes of an error on its way out: every rank has learnt of it (agree); "rank R of N", the rank that says it
-# for the job (teardown); the other rank that says it (teardown: the same error met by several ranks)
+# for the job (teardown); the other rank that says it (teardown: the same error met by several ranks); every rank
+# meets it alike (met_by_every_rank)
 _TOLD, _RANK, _SAID_BY = "_qwenvl_told_every_rank", "_qwenvl_failed_on", "_qwenvl_said_by"
+_ALIKE = "_qwenvl_met_by_every_rank"
 
 
 def told_every_rank(error: E) -> E:
@@ -316,6 +319,15 @@ def told_every_rank(error: E) -> E:
     broadcast): :func:`teardown` leaves no word of it, and it is said as it is."""
     with contextlib.suppress(AttributeError, TypeError):  # an exception type that takes no attributes
         setattr(error, _TOLD, True)
+    return error
+
+
+def met_by_every_rank(error: E) -> E:
+    """``error``, marked as one that every rank meets alike, at the same point, from what they all computed (a
+    verdict on the global gradient norm): :func:`teardown` has the first rank to leave word say it as it is,
+    naming no rank (whichever rank is first says nothing about where the problem is), and the others stay quiet."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(error, _ALIKE, True)
     return error
 
 

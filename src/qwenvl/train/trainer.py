@@ -541,6 +541,12 @@ def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.devi
         logger.warning("the global batch of %d samples (batch_size x gradient_accumulation_steps x ranks) is larger "
                        "than the data's %d: every step trains on some samples more than once%s; lower batch_size or "
                        "gradient_accumulation_steps", g, len(dataset), epochs)
+    max_length, seq_length = getattr(dataset, "max_length", None), model.config.lm.seq_length
+    if max_length is not None and max_length > seq_length:  # the model runs there, on positions it has not learnt
+        logger.warning("max_length=%d is beyond the model's seq_length=%d (its config): tokens past position %d train "
+                       "RoPE positions the model was not trained on (dynamic NTK and LogN scaling apply only at "
+                       "inference); lower max_length to %d unless extending the context is the aim", max_length,
+                       seq_length, seq_length, seq_length)
     if cfg.save_steps >= total:
         logger.warning("save_steps=%d is not smaller than the run's %d steps: no checkpoint is saved before the final "
                        "model", cfg.save_steps, total)
@@ -777,12 +783,12 @@ def _diverged(run: _Run, grad_norm: float) -> NoReturn:
     and the run would go on to save them as its final model."""
     run.optimizer.zero_grad(set_to_none=True)
     step, latest = run.progress.step + 1, latest_checkpoint(run.cfg.output_dir)
-    raise TrainingDivergedError(
+    raise distributed.met_by_every_rank(TrainingDivergedError(  # the norm is global: said once, naming no rank
         f"step {step}: the loss or its gradient is not finite (gradient norm {grad_norm}): the run diverged (or a "
         f"sample gives non-finite values); nothing of step {step} was applied and no final model is saved"
         + (f"; the newest checkpoint is {latest}" if latest is not None else "")
         + f"; lower learning_rate (now {run.cfg.learning_rate:g})"
-        + (" or set max_grad_norm (0: no clipping)" if not run.cfg.max_grad_norm else "") + " and start again")
+        + (" or set max_grad_norm (0: no clipping)" if not run.cfg.max_grad_norm else "") + " and start again"))
 
 
 def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
