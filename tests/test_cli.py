@@ -258,6 +258,9 @@ def test_predict_bad_input_is_a_clear_error(golden_dir, args, message):
         ({"messages": [{"role": "user", "content": "Hi"}], "prompt": "x", "text": "y"},
          "a row with 'messages' is the whole prompt: 'prompt', 'text' would be ignored (a row has one of "
          "'messages', 'prompt', 'query' or 'image'/'text')"),
+        # an unknown key was ignored: the pictures of {"images": [...]} were left out of the prompt
+        ({"images": ["images/cat.png"], "text": "Describe"},
+         "unknown key 'images' (did you mean 'image'?): a row has 'messages', 'prompt', 'query' or 'image'/'text'"),
     ],
 )
 def test_predict_jsonl_field_of_the_wrong_type_is_a_clear_error(tmp_path, row, message):
@@ -265,6 +268,16 @@ def test_predict_jsonl_field_of_the_wrong_type_is_a_clear_error(tmp_path, row, m
     prompts.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
     out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--jsonl", str(prompts))
     assert out.returncode == 2 and out.stderr.strip() == f"qwenvl predict: error: {prompts}:2: {message}"
+
+
+def test_predict_jsonl_keys_no_prompt_reads_are_noted_once(tmp_path):
+    # an "id" of the user's is no typo of a prompt key: the rows are answered, and the keys left out are said once
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a", "id": 7}, {"text": "b", "id": 8, "src": "x"}]))
+    out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--jsonl", str(prompts))
+    note, error = out.stderr.strip().splitlines()
+    assert note == f"note: {prompts}: no prompt reads the key(s) 'id', 'src'; they are left out"
+    assert out.returncode == 2 and error.startswith("qwenvl predict: error: checkpoint folder not found")
 
 
 def test_predict_jsonl_that_is_not_utf8_is_named(tmp_path):
@@ -446,16 +459,18 @@ def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
                                                          "<box>(x1,y1),(x2,y2)</box>)")
 
 
-def _chat_in_process(monkeypatch, capsys, golden_dir, script: str, ask, *flags: str):
+def _chat_in_process(monkeypatch, capsys, golden_dir, script: str | bytes, ask, *flags: str):
     """``qwenvl chat`` on the golden checkpoint, in this process, with ``ChatSession.ask`` replaced by ``ask``
-    (a random model writes neither boxes nor long enough answers to interrupt on cue)."""
+    (a random model writes neither boxes nor long enough answers to interrupt on cue); a ``script`` of bytes is
+    read as a pipe under a UTF-8 locale reads it (strictly)."""
     import io
 
     from qwenvl.cli import main
     from qwenvl.inference import ChatSession
 
     monkeypatch.setattr(ChatSession, "ask", ask)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    stdin = io.StringIO(script) if isinstance(script, str) else io.TextIOWrapper(io.BytesIO(script), "utf-8", "strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
     rc = main(["chat", "--model", str(golden_dir), "--dtype", "fp32", "--image_dir", str(golden_dir), *flags])
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -477,6 +492,21 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(monkeypatch, capsys,
     assert asked == ["Tell me a story", "Shorter, please"]
     assert "(answer stopped" in err and "interrupted" not in err
     assert out.count("assistant> ") == 2 and out.endswith("Once upon a time\n")
+
+
+def test_chat_line_that_is_not_utf8_costs_only_itself(monkeypatch, capsys, golden_dir):
+    # a line typed in Latin-1 ended the chat ("error: 'utf-8' codec can't decode ..."), its conversation lost
+    asked = []
+
+    def ask(self, text, on_text=None):
+        asked.append(text)
+        return "ok"
+
+    script = "Hello\r\ncaf\u00e9 au lait\n".encode() + b"caf\xe9\nStill there?\n"
+    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, script, ask)
+    assert rc == 0, err
+    assert asked == ["Hello", "caf\u00e9 au lait", "Still there?"]
+    assert "error: the line is not utf-8 text (invalid continuation byte at byte 4); it was not sent" in err
 
 
 def test_chat_draw_folder_that_cannot_be_written_keeps_the_session(monkeypatch, capsys, golden_dir, tmp_path):
@@ -630,6 +660,13 @@ def test_an_output_that_turned_into_a_pipe_or_device_is_one_line(monkeypatch, ca
      "temperature must be > 0, got -1.0 (use do_sample=False for greedy)"),
     ("predict", ["--max_new_tokens", "0"], "max_new_tokens must be > 0, got 0"),
     ("chat", ["--top_p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    # sampling flags where decoding is greedy were ignored: `predict --seed 3` answered greedily
+    ("predict", ["--seed", "3"],
+     "--seed only changes sampled answers, and this run decodes greedily: add --do_sample true (or leave it out)"),
+    ("predict", ["--temperature", "0.8", "--top_p", "0.9", "--top_k", "0"], "--temperature, --top_p only change "
+     "sampled answers, and this run decodes greedily: add --do_sample true (or leave them out)"),
+    ("chat", ["--do_sample", "false", "--top_k", "5"],
+     "--top_k only changes sampled answers, and this run decodes greedily: add --do_sample true (or leave it out)"),
 ])
 def test_sampling_values_are_checked_before_the_weights_load(golden_dir, monkeypatch, capsys, command, flags,
                                                              message):

@@ -146,3 +146,12 @@ def test_an_image_dir_that_is_not_there_is_said_before_the_model_loads(tmp_path:
                  ["eval", "grounding", "--model", str(GOLDEN), "--data", str(data)]):
         assert cli.main([*argv, "--image_dir", str(gone)]) == 2
         assert capsys.readouterr().err.strip() == f"qwenvl {argv[0]}: error: --image_dir folder not found: {gone}"
+
+
+def test_an_adapter_without_merge_lora_is_refused(bad: dict[str, Path], capsys) -> None:
+    # OUTPUT was SOURCE re-saved, exit 0, the adapter silently left out: it looked merged
+    out = bad["dir"] / "out-unmerged"
+    assert cli.main(["convert", str(GOLDEN), str(out), "--adapter", str(bad["dir"] / "adapter")]) == 2
+    assert capsys.readouterr().err.strip() == ("qwenvl convert: error: --adapter is merged only with --merge_lora: add "
+                                               "it (or leave --adapter out to re-save SOURCE)")
+    assert not out.exists()

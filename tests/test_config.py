@@ -30,3 +30,14 @@ def test_sampling_defaults_out_of_range_name_the_generation_config(tmp_path: Pat
 def test_sampling_defaults_in_range_load() -> None:
     g = GenerationDefaults.from_dict({"top_p": 1, "top_k": 0, "temperature": 0.01, "repetition_penalty": 1.05})
     assert (g.top_p, g.top_k, g.temperature, g.repetition_penalty) == (1, 0, 0.01, 1.05)
+
+
+def test_a_checkpoint_of_another_architecture_is_said_to_be_not_qwen_vl(tmp_path: Path) -> None:
+    # a Qwen2-VL folder was "model_type is 'qwen2_vl', expected 'qwen'": not what the folder is, nor what is wanted
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"],
+                                                      "model_type": "qwen2_vl", "vision_config": {"depth": 32}}))
+    with pytest.raises(ConfigError) as e:
+        QwenVLConfig.from_pretrained(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'config.json'}: model_type is 'qwen2_vl' (Qwen2VLForConditionalGeneration), "
+                            "not Qwen-VL's 'qwen': this is not a Qwen-VL checkpoint (qwenvl loads Qwen-VL and "
+                            "Qwen-VL-Chat, and checkpoints of their shape)")

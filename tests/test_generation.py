@@ -181,6 +181,16 @@ def test_prompt_longer_than_context_fails_before_work(tiny_model):
         tiny_model.generate(torch.ones(1, 0, dtype=torch.long), max_new_tokens=2)
 
 
+def test_a_budget_past_int64_means_up_to_the_context(tiny_model):
+    # `--max_new_tokens 99999999999999999999999` (or max_context=10**30) was an OverflowError traceback: a limit
+    # that large is no limit, and the other one ends the answer
+    ids = torch.randint(1000, 50000, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = tiny_model.generate(ids, max_new_tokens=10**30, min_new_tokens=3, max_context=8)
+    assert out.shape == (2, 8)
+    out = tiny_model.generate(ids, max_new_tokens=3, min_new_tokens=3, max_context=10**30)
+    assert out.shape == (2, 8)
+
+
 @pytest.mark.parametrize("batch", [1, 2])  # batch 1: the one-row products are reductions inside the graph
 def test_compiled_decode_step_gives_the_same_tokens(tiny_model, batch):
     ids = torch.randint(1000, 50000, (batch, 12), generator=torch.Generator().manual_seed(3))

@@ -325,8 +325,11 @@ class QwenVLConfig:
 
     @classmethod
     def from_official(cls, d: dict[str, Any], generation: dict[str, Any] | None = None) -> QwenVLConfig:
-        if d.get("model_type", "qwen") != "qwen":
-            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'qwen'")
+        if d.get("model_type", "qwen") != "qwen":  # e.g. a Qwen2-VL checkpoint ('qwen2_vl'), another architecture
+            arch = d.get("architectures")
+            named = f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else ""
+            raise ConfigError(f"model_type is {d.get('model_type')!r}{named}, not Qwen-VL's 'qwen': this is not a "
+                              "Qwen-VL checkpoint (qwenvl loads Qwen-VL and Qwen-VL-Chat, and checkpoints of their shape)")
         if "visual" not in d:
             raise ConfigError("config.json has no 'visual' section: this is a text-only Qwen checkpoint, not Qwen-VL")
         if d.get("scale_attn_weights", True) is not True:  # the official attention then skips its 1/sqrt(d)

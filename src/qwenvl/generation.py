@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -165,9 +168,23 @@ def compiled_decode_step(device_type: str = "cpu", options: InductorOptions | No
     The first call compiles, which takes long enough to look like a hang: it is logged when it starts and ends."""
     key = (device_type, tuple(sorted((options or {}).items())))
     if key not in _compiled_steps:
+        require_cpp_compiler(device_type)
         compiled = torch.compile(decode_step, dynamic=True, fullgraph=True, options=options)
         _compiled_steps[key] = _log_first_call(compiled, f"the decode step ({device_type})")
     return _compiled_steps[key]
+
+
+def require_cpp_compiler(device_type: str) -> None:
+    """Raise FileNotFoundError (one line) when ``torch.compile`` cannot work on ``device_type`` for want of a C++
+    compiler, which inductor needs for CPU code: without one, ``--compile`` failed with inductor's traceback at the
+    first token, after the weights had loaded. Inductor runs ``$CXX`` or else ``g++`` (``clang++`` on macOS): that
+    command must be found. Nothing is checked for other devices."""
+    if device_type != "cpu":
+        return
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(cxx) is None:
+        raise FileNotFoundError(f"--compile (compile=True) needs a C++ compiler on a CPU, and none works here ({cxx!r} "
+                                "is not found): install one (g++) or name it in CXX, or run without --compile")
 
 
 def _log_first_call(fn: Callable, what: str) -> Callable:
@@ -254,8 +271,10 @@ def stream_tokens(
     longest = int(lengths.max())
     if longest >= limit:
         raise ValueError(f"prompt of {longest} tokens does not fit the context of {limit} tokens")
-    # each row's own budget, as it would have alone: a short prompt batched with a long one is not cut short
-    budget = (limit - lengths).clamp(max=int(p.max_new_tokens))
+    # each row's own budget, as it would have alone: a short prompt batched with a long one is not cut short.
+    # Bounded in Python first: a max_new_tokens or max_context past int64 (10**30) overflowed the tensor arithmetic
+    new_tokens = min(int(p.max_new_tokens), limit)
+    budget = (min(limit, longest + new_tokens) - lengths).clamp(max=new_tokens)
     max_new = int(budget.max())
     if limit - longest < p.max_new_tokens:
         logger.warning("max_new_tokens lowered from %d to %d to fit the context of %d", p.max_new_tokens,

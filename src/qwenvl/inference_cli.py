@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import re
 import sys
@@ -246,18 +247,30 @@ def _prompts_from_predict_data(items: list[str], modal_types: list[str]) -> list
 def _prompts_from_jsonl(path: str) -> list[Any]:
     from .fileio import iter_jsonl
 
-    prompts = [_prompt_of_record(rec, f"{path}:{n}") for n, rec in iter_jsonl(path, what="prompt file")]
+    prompts, other_keys = [], {}
+    for n, rec in iter_jsonl(path, what="prompt file"):
+        prompts.append(_prompt_of_record(rec, f"{path}:{n}"))
+        other_keys.update(dict.fromkeys(k for k in rec if k not in _ROW_KEYS))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
+    if other_keys:  # an "id" or other notes of the user's: said, so that a key meant for the prompt is not lost unseen
+        print(f"note: {path}: no prompt reads the key(s) {', '.join(map(repr, other_keys))}; they are left out",
+              file=sys.stderr)
     return prompts
 
 
 _WHOLE_PROMPT_KEYS = ("messages", "prompt", "query")
+_ROW_KEYS = (*_WHOLE_PROMPT_KEYS, "image", "text")
 
 
 def _prompt_of_record(rec: Any, where: str) -> Any:
+    for key in rec:  # {"images": [...], "text": T} was answered without its pictures; other keys ("id") are noted
+        close = difflib.get_close_matches(key, _ROW_KEYS, n=1) if key not in _ROW_KEYS else None
+        if close:
+            raise ValueError(f"{where}: unknown key {key!r} (did you mean {close[0]!r}?): a row has 'messages', "
+                             "'prompt', 'query' or 'image'/'text'")
     kind = next((k for k in _WHOLE_PROMPT_KEYS if k in rec), None)
-    ignored = [k for k in (*_WHOLE_PROMPT_KEYS, "image", "text") if k != kind and rec.get(k) is not None]
+    ignored = [k for k in _ROW_KEYS if k != kind and rec.get(k) is not None]
     if kind and ignored:  # a row is one prompt: another field beside a whole prompt was silently dropped
         raise ValueError(f"{where}: a row with {kind!r} is the whole prompt: {', '.join(map(repr, ignored))} would be "
                          "ignored (a row has one of 'messages', 'prompt', 'query' or 'image'/'text')")
@@ -372,6 +385,33 @@ def _sampling(config: Any, opts: dict[str, Any], greedy_default: bool) -> Any:
     return params
 
 
+# the flags that only change sampled answers, each with its value that asks for nothing (None: every value asks)
+SAMPLING_ONLY_FLAGS: dict[str, float | None] = {"temperature": 0, "top_p": 1, "top_k": 0, "seed": None}
+
+
+def refuse_unused_sampling_flags(args: argparse.Namespace, params: Any) -> None:
+    """A ValueError when the command line gives sampling flags (:data:`SAMPLING_ONLY_FLAGS`) to a run that
+    decodes greedily (``params``, a :class:`qwenvl.generation.SamplingParams`): ``predict --seed 3 --temperature
+    0.8`` answered greedily, as if they were not there. Values that ask for nothing (``--temperature 0``,
+    ``--top_p 1``, ``--top_k 0``) and values from a ``--config`` YAML are taken as they are."""
+    if params.do_sample:
+        return
+    given = [f"--{k}" for k, off in SAMPLING_ONLY_FLAGS.items() if getattr(args, k, None) not in (None, off)]
+    if given:
+        raise ValueError(f"{', '.join(given)} only change{'s' if len(given) == 1 else ''} sampled answers, and this "
+                         "run decodes greedily: add --do_sample true (or leave "
+                         f"{'it' if len(given) == 1 else 'them'} out)")
+
+
+def require_compiler(device: str | None) -> None:
+    """For ``--compile``: a one-line error, before the weights load, when ``device`` (a ``--device`` value) is a
+    CPU and no C++ compiler works (:func:`qwenvl.generation.require_cpp_compiler`)."""
+    from .generation import require_cpp_compiler
+    from .hardware import pick_device
+
+    require_cpp_compiler(pick_device(device).split(":")[0])
+
+
 def _as_chat(prompt: Any, chat_format: str) -> Any:
     """For a chat checkpoint, a list-format query becomes a one-turn conversation (as the reference chat)."""
     if chat_format == "chatml" and isinstance(prompt, list) and prompt and "role" not in prompt[0]:
@@ -416,6 +456,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
     config = QwenVLConfig.from_pretrained(opts["load_checkpoint"])
     params = _sampling(config, opts, greedy_default=True)  # before the weights: a bad value is said at once
+    refuse_unused_sampling_flags(args, params)
+    if args.compile:
+        require_compiler(opts.get("device"))
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
                             quantize=opts.get("quantize"), allow_any_local_path=any_path, config=config)
     fmt = opts.get("chat_format", model.config.generation.chat_format)
@@ -532,6 +575,9 @@ def run_chat(args: argparse.Namespace) -> int:
     config = QwenVLConfig.from_pretrained(args.load_checkpoint)
     params = chat_params(config, **opts)
     params.validate()  # before the weights load: a bad value is said at once
+    refuse_unused_sampling_flags(args, params)
+    if args.compile:
+        require_compiler(args.device)
     model, processor = load(args.load_checkpoint, args.dtype, args.device, args.image_dir,
                             quantize=args.quantize, config=config,
                             allow_any_local_path=True if args.allow_any_local_path is None else args.allow_any_local_path)
@@ -543,6 +589,10 @@ def run_chat(args: argparse.Namespace) -> int:
     while True:
         try:
             line = _read_line()
+        except UnicodeDecodeError as e:  # typed in another encoding (a Latin-1 terminal): said, and the chat goes on
+            print(f"error: the line is not {e.encoding} text ({e.reason} at byte {e.start + 1}); it was not sent",
+                  file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             if not sys.stdin.isatty():  # piped: Ctrl-C stops the whole script
                 raise
@@ -607,8 +657,14 @@ def _read_line() -> str | None:
             return None
     if sys.stdin.isatty():
         print("user> ", end="", flush=True, file=sys.stderr)
-    line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream with no bytes under it
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+    # a line at a time from the bytes: one that is not UTF-8 (UnicodeDecodeError) costs only itself, where the text
+    # layer's decoder failed on its whole read-ahead and then read nothing more (the chat ended)
+    data = raw.readline()
+    return data.decode(sys.stdin.encoding or "utf-8", sys.stdin.errors or "strict").rstrip("\r\n") if data else None
 
 
 def _unquoted(path: str) -> str:
@@ -651,6 +707,8 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
     if args.merge_lora and not args.adapter:
         raise ValueError("--merge_lora needs --adapter DIR")
+    if args.adapter and not args.merge_lora:  # OUTPUT would be SOURCE re-saved, the adapter silently left out
+        raise ValueError("--adapter is merged only with --merge_lora: add it (or leave --adapter out to re-save SOURCE)")
     if args.merge_lora:
         from .train.lora import require_peft
 

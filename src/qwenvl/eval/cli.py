@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..inference_cli import add_runtime_flags, str2bool
+from ..inference_cli import add_runtime_flags, require_compiler, str2bool
 from .runners import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_METRICS, VQA_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         except runners.EvalDataError as e:
             raise runners.EvalDataError(f"--resume_from {args.resume_from}: {e}") from None
     require_folder(args.model)
+    if args.compile:  # no C++ compiler: said before the weights load
+        require_compiler(args.device)
     from ..inference import load  # torch: after the checks of the data, the prompt and the folder
 
     model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize, **media)

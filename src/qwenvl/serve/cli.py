@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import require_folder
-from ..inference_cli import add_runtime_flags
+from ..inference_cli import add_runtime_flags, require_compiler
 
 __all__ = ["add_parser", "run"]
 
@@ -108,6 +108,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         if not root.is_dir():
             raise NotADirectoryError(f"--allowed_local_media_path {root}: not a folder")
     require_folder(args.model)
+    if args.compile:  # no C++ compiler: said before the weights load
+        require_compiler(args.device)
     # torch and the model code load only now (seconds): a mistyped flag or folder is said at once
     from ..inference import load
     from .app import Server, ServeSettings, create_app
