@@ -844,6 +844,18 @@ def test_a_sharded_training_checkpoint_names_the_convert_that_makes_it_loadable(
         find_weights(ckpt)
 
 
+def test_a_training_checkpoint_copied_without_its_hidden_metadata_says_so(tmp_path: Path) -> None:
+    # `cp -r checkpoint-2/* elsewhere/` leaves out .metadata: convert then said "no weights ... found rng-0.pt"
+    ckpt = tmp_path / "copied"
+    ckpt.mkdir()
+    for name in ("__0_0.distcp", "__1_0.distcp", "rng-0.pt", "config.json"):
+        (ckpt / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=re.escape("it holds the shards of a sharded training checkpoint "
+                                                        "(__0_0.distcp) but not their .metadata: copy the whole "
+                                                        "checkpoint-STEP folder, hidden files included")):
+        find_weights(ckpt)
+
+
 def test_tensors_sharing_storage_in_a_bin_load_as_separate_parameters(tmp_path: Path, caplog) -> None:
     """A .bin whose lm_head is the very storage of wte (torch.save of a tied model) loaded both parameters onto one
     memory: an in-place update of one (a training step) silently changed the other too."""

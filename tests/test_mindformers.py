@@ -516,3 +516,25 @@ def test_a_mindformers_finetune_yaml_with_section_aliases_is_mapped(tmp_path):
                  "processor:\n  image_processor:\n    image_size: *image_size\n")
     config = mf.config_from_yaml(f)
     assert (config.lm.hidden_size, config.lm.intermediate_size, config.visual.image_size) == (4096, 22016, 448)
+
+
+@pytest.mark.parametrize("run_config", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_this_repositorys_run_configs_as_config_are_named_as_such(run_config, mindformers_ckpt, tmp_path, capsys):
+    # configs/predict_qwenvl_9.6b.yaml bears the name of MindFormers' own; was: "no model.model_config.llm_model.
+    # model_config section (a MindFormers Qwen-VL YAML?)", which left the user sure it was one
+    run_mode = re.search(r"^run_mode: (\w+)", run_config.read_text(), re.M).group(1)
+    _fails([str(mindformers_ckpt("tiny_fp16")), str(tmp_path / "out"), "--config", str(run_config)], capsys,
+           f"{run_config} is a qwenvl run config (run_mode: {run_mode}), not a MindFormers model YAML",
+           "a checkpoint folder with config.json, or a preset")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_float64_ckpt_names_the_file_and_the_dtype_flag(mindformers_ckpt, tmp_path, capsys):
+    # was: "cannot write torch.float64 weights: use float32, float16 or bfloat16" (which file? use how?)
+    f64 = _rewrite(mindformers_ckpt("tiny_fp16"), tmp_path / "f64.ckpt", lambda n, t: [(n, t.double())])
+    _fails([str(f64), str(tmp_path / "out"), "--config", str(GOLDEN)], capsys,
+           f"{f64}: most of its weights are Float64, which a checkpoint folder does not hold: choose --dtype float32")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+    assert main(["convert", str(f64), str(tmp_path / "out"), "--config", str(GOLDEN), "--dtype", "float32"]) == 0
+    assert load_state_dict(tmp_path / "out")["lm_head.weight"].dtype == torch.float32

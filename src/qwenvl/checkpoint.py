@@ -170,6 +170,9 @@ def locate_weights(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[s
         hint += " (a MindSpore .ckpt must be converted first: `qwenvl convert`)"
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint's: a sharded training checkpoint
         hint += f" (a sharded training checkpoint: `qwenvl convert {path} OUT` writes it in the official layout)"
+    elif dcp_shards := sorted(p.name for p in path.glob("*.distcp")):  # without .metadata, which `cp DIR/*` leaves out
+        hint += (f"; it holds the shards of a sharded training checkpoint ({dcp_shards[0]}) but not their .metadata: "
+                 "copy the whole checkpoint-STEP folder, hidden files included")
     raise CheckpointError(
         f"no weights in {path}: expected {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME}, {BIN_WEIGHTS_NAME} or {BIN_INDEX_NAME}"
         + hint

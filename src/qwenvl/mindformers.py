@@ -207,6 +207,11 @@ def config_from_yaml(path: Path) -> QwenVLConfig:
     model = doc.get("model")
     section = model.get("model_config") if isinstance(model, dict) else None
     llm = _sub(section, "llm_model")
+    if section is None and "run_mode" in doc:  # configs/predict_qwenvl_9.6b.yaml, named as MindFormers' own
+        raise ConfigError(f"{path} is a qwenvl run config (run_mode: {doc['run_mode']}), not a MindFormers model YAML: "
+                          "it holds no model sizes; give --config the MindFormers YAML trained with (its model: "
+                          "model_config: section), a checkpoint folder with config.json, or a preset "
+                          f"({', '.join(sorted(PRESETS))})")
     if llm is None or not isinstance(section, dict):  # (llm is None whenever section is not a dict)
         raise ConfigError(f"{path}: no model.model_config.llm_model.model_config section (a MindFormers Qwen-VL YAML?)")
     vision = _sub(section, "vision_model") or {}
@@ -403,8 +408,9 @@ def import_checkpoint(
         if len(by_bytes) > 1:
             logger.info("%s mixes %s: writing everything as %s (choose with --dtype)", path,
                         sorted(CODE_OF_DTYPE[d] for d in by_bytes), dtype)
-    if dtype not in DTYPE_NAMES:
-        raise CheckpointError(f"cannot write {dtype} weights: use float32, float16 or bfloat16")
+    if dtype not in DTYPE_NAMES:  # only a default: --dtype offers none other
+        raise CheckpointError(f"{path}: most of its weights are {CODE_OF_DTYPE.get(dtype, dtype)}, which a checkpoint "
+                              "folder does not hold: choose --dtype float32, bfloat16 or float16")
     by_official = {r.official: r for r in chosen}
     specs = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()}
     heads = config.visual.heads

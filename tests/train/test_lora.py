@@ -142,6 +142,50 @@ def test_a_bad_adapter_file_is_a_clear_error(lora_run, tmp_path: Path) -> None:
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"peft_type": None}, "does not describe a LoRA adapter: its peft_type is 'missing'"),  # peft: KeyError 'peft_type'
+    ({"peft_type": "IA3"}, "does not describe a LoRA adapter: its peft_type is 'IA3'"),
+    ({"r": "8"}, "r must be a positive integer, got '8'"),  # peft: '<=' not supported between 'str' and 'int'
+    ({"r": 0}, "r must be a positive integer, got 0"),
+    ({"lora_alpha": "16"}, "lora_alpha must be a positive number, got '16'"),  # peft: unsupported operand type(s)
+])
+def test_an_adapter_config_with_bad_fields_names_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    import json
+
+    from qwenvl.checkpoint import CheckpointError
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]} | change
+    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:  # said before the base is read
+        merge_lora(tmp_path / "base-that-is-not-read", folder, tmp_path / "merged")
+    msg = str(info.value)
+    assert msg.startswith(str(folder / "adapter_config.json")) and message in msg and "\n" not in msg, msg
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_with_nan_weights_is_refused_before_writing(lora_run, tmp_path: Path) -> None:
+    """A diverged run's adapter was merged and saved: the merged checkpoint then failed to load ("holds NaN")."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwenvl.checkpoint import CheckpointError
+
+    root, _cfg, result = lora_run
+    bad = Path(shutil.copytree(result.final_path, tmp_path / "adapter"))
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    name = next(k for k in sorted(weights) if ".h.1.mlp.w2.lora_B" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"cannot merge the adapter {bad} into {root / 'base'}: "
+                                              r"transformer\.h\.1\.mlp\.w2\.weight holds NaN or infinite values"):
+        merge_lora(root / "base", bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_an_adapter_for_another_model_is_refused(lora_run, tmp_path: Path) -> None:
     import shutil
 
@@ -168,6 +212,29 @@ def test_an_adapter_for_another_model_is_refused(lora_run, tmp_path: Path) -> No
             merge_lora(root / "base", folder, tmp_path / "merged")
         assert "\n" not in str(info.value)
     assert not (tmp_path / "merged").exists()
+
+
+def test_the_command_says_an_adapter_for_another_model_in_one_line(lora_run, tmp_path: Path, capsys) -> None:
+    # peft's own warning listing every key it missed (two lines, the keys in a Python list) came before our error
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from qwenvl.cli import main
+
+    root, _cfg, result = lora_run
+    shallower = Path(shutil.copytree(result.final_path, tmp_path / "shallower"))
+    weights = load_file(str(shallower / "adapter_model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".h.1." not in k}, str(shallower / "adapter_model.safetensors"))
+    with warnings.catch_warnings(record=True) as caught:  # what the command line prints on stderr
+        warnings.simplefilter("always")
+        assert main(["convert", "--merge_lora", "--adapter", str(shallower), str(root / "base"),
+                     str(tmp_path / "out")]) == 2
+    assert [str(w.message)[:60] for w in caught] == []
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qwenvl convert: error: the adapter {shallower} is not for the model") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_writes_the_shards_and_format_asked_for(lora_run, tmp_path: Path) -> None:
@@ -213,3 +280,17 @@ def test_a_merge_into_float16_that_would_overflow_is_refused(lora_run, tmp_path:
         merge_lora(tmp_path / "base", result.final_path, tmp_path / "merged", dtype="float16")
     assert not (tmp_path / "merged").exists()
     merge_lora(tmp_path / "base", result.final_path, tmp_path / "merged", dtype="bfloat16")  # fits there
+
+
+def test_a_rank_beyond_a_layers_width_is_warned(make_cfg, tmp_path: Path, caplog) -> None:
+    # lora_r=200 on layers 128 wide was taken without a word: an adapter's update B @ A has a rank of at most
+    # min(in, out), so the rest of r is parameters that add nothing (and a smaller lora_alpha / lora_r scale)
+    from qwenvl.train.lora import apply_lora
+
+    for r, warned in ((200, True), (128, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="qwenvl.train.lora"):
+            apply_lora(QwenVL.from_config("tiny", seed=0), make_cfg(tmp_path, use_lora=True, lora_r=r))
+        assert (f"lora_r={r} is larger than min(in, out) of 8 layer(s) with an adapter (smallest: "
+                "transformer.h.0.attn.c_attn, 128 in, 384 out): an adapter's update cannot have a rank above that, so "
+                "the rest adds parameters but no capacity; lower lora_r to 128 or less" in caplog.text) is warned, r

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,6 +105,7 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | 
         raise ValueError(f"LoRA target {cfg.lora_target!r} matches no module of the model: {e}") from e
     if check:
         check_adapters_are_used(model)
+    _warn_rank_beyond_layers(model, cfg.lora_r)
     params = dict(model.named_parameters())
     for name in extra_trainable or []:
         params[name].requires_grad_(True)
@@ -111,6 +113,21 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | 
     logger.info("LoRA r=%d alpha=%d on %r: %d adapter parameters (+%d trained in full)", cfg.lora_r,
                 cfg.lora_alpha, cfg.lora_target, n_lora, sum(params[n].numel() for n in extra_trainable or []))
     return lora_cfg
+
+
+def _warn_rank_beyond_layers(model: nn.Module, r: int) -> None:
+    """Warn when ``r`` exceeds min(in, out) of a layer with an adapter: its update ``B @ A`` cannot have a higher
+    rank than that, so the extra rank is parameters without capacity (and a smaller lora_alpha / lora_r scale).
+    A warning, not an error: peft accepts it, training is correct, and one lora_r for layers of several widths
+    should not be refused for its narrowest ones."""
+    narrow = sorted((min(m.in_features, m.out_features), name, m.in_features, m.out_features)
+                    for name, m in model.named_modules()
+                    if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and min(m.in_features, m.out_features) < r)
+    if narrow:
+        low, name, n_in, n_out = narrow[0]
+        logger.warning("lora_r=%d is larger than min(in, out) of %d layer(s) with an adapter (smallest: %s, %d in, %d "
+                       "out): an adapter's update cannot have a rank above that, so the rest adds parameters but no "
+                       "capacity; lower lora_r to %d or less", r, len(narrow), name, n_in, n_out, low)
 
 
 def check_adapters_are_used(model: nn.Module) -> None:
@@ -185,8 +202,16 @@ def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {config}: {e}") from None
-    if not isinstance(loaded, dict) or loaded.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{config} does not describe a LoRA adapter")
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{config} does not describe a LoRA adapter: it holds a {type(loaded).__name__}")
+    if loaded.get("peft_type") != "LORA":  # peft needs the key (else a bare KeyError: 'peft_type')
+        raise CheckpointError(f"{config} does not describe a LoRA adapter: its peft_type is "
+                              f"{loaded.get('peft_type', 'missing')!r} (peft writes \"peft_type\": \"LORA\")")
+    for key, positive_int in (("r", True), ("lora_alpha", False)):  # peft fails on others with a bare TypeError
+        value = loaded.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int if positive_int else (int, float)) or value <= 0:
+            raise CheckpointError(f"{config}: {key} must be a positive {'integer' if positive_int else 'number'}, "
+                                  f"got {value!r}")
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"adapter folder {folder} has no {ADAPTER_WEIGHTS}")
     return folder
@@ -247,11 +272,12 @@ def merge_lora(
     dtype). Parameters trained in full next to the adapters (``non_lora_trainables.safetensors``) replace
     the base ones. ``out_dir`` appears complete or not at all. ``adapter_dir`` must be a local folder
     (see :func:`adapter_folder`); a bad adapter, or one whose weights do not match the base model's layers
-    one for one, raises :class:`qwenvl.checkpoint.CheckpointError`.
+    one for one, or weights holding NaN or infinity (a run that diverged), raises
+    :class:`qwenvl.checkpoint.CheckpointError`.
     """
     folder = adapter_folder(adapter_dir)  # before anything slow, and before peft could go online
     peft = _peft()
-    from ..checkpoint import CheckpointError, cast_checked, save_pretrained
+    from ..checkpoint import CheckpointError, cast_checked, check_finite, save_pretrained
     from ..config import QwenVLConfig
     from ..model import QwenVL
     from ..model.qwenvl import as_dtype
@@ -260,7 +286,9 @@ def merge_lora(
     target = as_dtype(dtype if dtype is not None else config.torch_dtype) or torch.float32
     base = QwenVL.from_pretrained(base_dir, dtype=torch.float32)
     try:
-        adapted = peft.PeftModel.from_pretrained(base, str(folder))
+        with warnings.catch_warnings():  # its list of the keys it missed (lines of them): checked and said below
+            warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+            adapted = peft.PeftModel.from_pretrained(base, str(folder))
     except _ADAPTER_ERRORS as e:
         raise CheckpointError(f"cannot merge the adapter {folder} into {base_dir}: {error_line(e)}") from None
     # peft loads non-strictly: weights for layers the base lacks are dropped, layers without weights stay unadapted
@@ -274,6 +302,8 @@ def merge_lora(
                               "or with another lora_target?)")
     merged = adapted.merge_and_unload()
     _load_extras(merged, folder)
+    for name, t in merged.state_dict().items():  # the base loaded finite: a NaN comes from the adapter's weights
+        check_finite(f"cannot merge the adapter {folder} into {base_dir}: {name}", t)  # saved, it would not load
     cast_checked(merged, target, f"cannot merge into {str(target).removeprefix('torch.')}")  # float16: <= 65504
     out = save_pretrained(merged, merged.config, out_dir, max_shard_size=max_shard_size,
                           safe_serialization=safe_serialization)

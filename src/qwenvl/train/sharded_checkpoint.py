@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..checkpoint import CheckpointError, save_pretrained
+from ..checkpoint import CheckpointError, check_cast, check_finite, save_pretrained
 from ..config import QwenVLConfig
 from ..fileio import atomic_dir, error_line, fault_point, signals_held, write_error
 from ..outputs import record_files
@@ -241,7 +241,9 @@ def consolidate(
     """Write the model of a sharded training checkpoint in the official layout (one process, no process group).
 
     The output equals, byte for byte, what ``save_pretrained`` writes for the same weights in one process.
-    Host memory: the whole model once, in the stored dtype.
+    Host memory: the whole model once, in the stored dtype. NaN or infinite weights (a run that diverged), and
+    a ``dtype`` that cannot hold them (float16 beyond 65504), raise :class:`CheckpointError` before anything is
+    written: the folder would not load.
     """
     src = Path(ckpt_dir)
     if not is_sharded_checkpoint(src):
@@ -267,6 +269,10 @@ def consolidate(
         raise CheckpointError(f"{src} does not match its config.json: {'; '.join(problems)}")
     state = {n: torch.empty(stored[f"model.{n}"].size, dtype=stored[f"model.{n}"].properties.dtype) for n in names}
     _load({"model": state}, src, no_dist=True)
+    for n, t in state.items():  # written anyway, the folder would not load (NaN, or float16's overflow to inf)
+        check_finite(f"{src}: {n}", t)
+        if dtype is not None:
+            check_cast(f"cannot consolidate {src} as {str(dtype).removeprefix('torch.')}: {n}", t, dtype)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     with signals_held(f"the consolidated model {out_dir}"):  # its files are moved in one by one
