@@ -155,3 +155,14 @@ def test_an_adapter_without_merge_lora_is_refused(bad: dict[str, Path], capsys) 
     assert capsys.readouterr().err.strip() == ("qwenvl convert: error: --adapter is merged only with --merge_lora: add "
                                                "it (or leave --adapter out to re-save SOURCE)")
     assert not out.exists()
+
+
+def test_info_on_a_mindspore_ckpt_says_how_to_convert_it(tmp_path: Path, capsys) -> None:
+    # "checkpoint folder X.ckpt is not a folder", and nothing on what to do with the file
+    ckpt = tmp_path / "qwenvl.ckpt"
+    ckpt.write_bytes(b"not read")
+    assert cli.main(["info", str(ckpt)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qwenvl info: error: checkpoint folder {ckpt} is not a folder; a MindSpore .ckpt is converted first: "
+        f"qwenvl convert {ckpt} OUT --config ...")
+    assert ckpt.read_bytes() == b"not read"

@@ -380,3 +380,43 @@ def test_a_file_given_for_a_folder_is_said_to_be_no_folder(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError, match="^dataset_dir folder not found: "):
         require_folder(tmp_path / "gone", "dataset_dir folder")
     assert require_folder(tmp_path) == tmp_path
+
+
+@pytest.mark.parametrize("text", ['[\n  {"a": 1},\n  {"a": 2}\n]\n', '\n[{"a": 1},\n {"a": 2}]\n'])
+def test_a_json_list_given_for_json_lines_is_said_to_be_one(tmp_path: Path, text: str) -> None:
+    # an indented data.json given where JSON Lines are read said "line 1: invalid JSON: Expecting value"
+    file = tmp_path / "data.json"
+    file.write_text(text)
+    with pytest.raises(ValueError, match=r"data.json:\d: the file is a JSON list \(it starts with '\['\), not JSON "
+                                         r"Lines \(one JSON object per line\)$"):
+        list(fileio.iter_jsonl(file))
+    assert fileio.read_json_records(file) == [{"a": 1}, {"a": 2}]  # a reader of lists still reads it
+    file.write_text('{"a": 1}\n[1,\n')  # a bad line after the first is just invalid JSON
+    with pytest.raises(ValueError, match=r"data.json:2: invalid JSON"):
+        list(fileio.iter_jsonl(file))
+
+
+@pytest.mark.parametrize(("row", "kind"), [
+    ("null", "null"), ("true", "true"), ("false", "false"), ("[1]", "list"), ('"x"', "string"), ("3", "number"),
+    ("2.5", "number"),
+])
+def test_a_row_that_is_no_object_is_named_in_json_words(tmp_path: Path, row: str, kind: str) -> None:
+    # a null row said "got NoneType", a string "got str"
+    file = tmp_path / "data.jsonl"
+    file.write_text('{"a": 1}\n' + row + "\n")
+    with pytest.raises(ValueError, match=rf"data.jsonl:2: expected a JSON object, got {kind}$"):
+        list(fileio.iter_jsonl(file))
+
+
+def test_a_key_twice_in_one_row_is_refused(tmp_path: Path) -> None:
+    # json kept the last of two equal keys silently: {"image": "a.png", "image": "b.png"} lost a.png unseen
+    file = tmp_path / "data.jsonl"
+    file.write_text('{"a": 1}\n\n{"image": "a.png", "text": "x", "image": "b.png"}\n')
+    for read in (fileio.iter_jsonl, fileio.read_json_records):
+        with pytest.raises(ValueError, match=r'data.jsonl:3: the key "image" appears twice in one object$'):
+            list(read(file))
+    file.write_text('{"a": {"b": 1, "b": 2}}\n')  # in a nested object too
+    with pytest.raises(ValueError, match=r'data.jsonl:1: the key "b" appears twice'):
+        list(fileio.iter_jsonl(file))
+    file.write_text('{"a": 1, "b": {"a": 2}}\n')  # the same key in different objects is fine
+    assert list(fileio.iter_jsonl(file)) == [(1, {"a": 1, "b": {"a": 2}})]

@@ -214,3 +214,19 @@ def test_pixel_values_empty_and_mixed(sample: Image.Image) -> None:
     assert pixel_values([], 448).shape == (0, 3, 448, 448)
     px = pixel_values([sample, png_bytes(sample)], 56)
     assert px.shape == (2, 3, 56, 56) and torch.equal(px[0], px[1])
+
+
+def test_a_link_that_loops_is_said_to_loop(tmp_path: Path) -> None:
+    # a link to itself, or two links to each other, was "image not found" though `ls` lists them
+    (tmp_path / "self.png").symlink_to("self.png")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    (tmp_path / "dir").symlink_to("dir")
+    for name in ("self.png", "a.png", "dir/cat.png"):
+        for policy in (None, MediaPolicy(tmp_path)):  # the user's own paths, and the ones a media folder allows
+            with pytest.raises(ImageError, match=r"^image path '.*' cannot be resolved: a link in it loops") as caught:
+                load_image(name, tmp_path, policy=policy)
+            assert "\n" not in str(caught.value)
+    (tmp_path / "dangling.png").symlink_to("nothing.png")
+    with pytest.raises(ImageError, match="^image not found: "):  # a link to nothing is still not found
+        load_image("dangling.png", tmp_path)

@@ -225,7 +225,9 @@ def require_folder(path: str | os.PathLike[str], what: str = "checkpoint folder"
     path = Path(path)
     if not path.is_dir():
         if path.exists():
-            raise NotADirectoryError(f"{what} {path} is not a folder")
+            hint = (f"; a MindSpore .ckpt is converted first: qwenvl convert {path} OUT --config ..."
+                    if path.suffix == ".ckpt" else "")
+            raise NotADirectoryError(f"{what} {path} is not a folder{hint}")
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
 
@@ -520,7 +522,7 @@ def iter_jsonl(
     with file.open("rb") as f:
         for lineno, obj in _json_lines(_utf8_lines(f, file, error), file, error):
             if not isinstance(obj, dict):
-                raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise error(f"{file}:{lineno}: expected a JSON object, got {_json_kind(obj)}")
             yield lineno, obj
 
 
@@ -549,17 +551,50 @@ def _utf8_lines(lines: Iterable[bytes], file: Path, error: type[ValueError]) -> 
             raise error(f"{file}:{lineno}: not UTF-8 text ({e})") from None
 
 
+def _json_kind(value: Any) -> str:
+    """The kind of a parsed JSON value in JSON's words (``null``, not NoneType), for messages. Arrays are called
+    lists, as in this project's other messages ("a JSON list of records")."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    kinds = {dict: "object", list: "list", str: "string", int: "number", float: "number"}
+    return next((word for kind, word in kinds.items() if isinstance(value, kind)), type(value).__name__)
+
+
+class _DuplicateKey(Exception):
+    """A key that a JSON object holds twice (raised inside json.loads, turned into the caller's error)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json.loads: the object, or :class:`_DuplicateKey` where a key repeats (json keeps
+    the last one silently, so ``{"image": "a.png", ..., "image": "b.png"}`` would lose an image unseen)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> Iterator[tuple[int, Any]]:
-    """``(line number, value)`` of every non-blank line; a line that is not JSON raises ``error`` naming it."""
+    """``(line number, value)`` of every non-blank line; a line that is not JSON, or an object holding a key
+    twice, raises ``error`` naming it. A file whose first line opens a list that goes on (an indented JSON
+    list, a ``.json`` file given for JSON Lines) is said to be one."""
+    first = True
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise error(f"{file}:{lineno}: the key {json.dumps(e.args[0])[:80]} appears twice in one object") from None
         except json.JSONDecodeError as e:
+            if first and line.lstrip().startswith("["):
+                raise error(f"{file}:{lineno}: the file is a JSON list (it starts with '['), not JSON Lines "
+                            "(one JSON object per line)") from e
             raise error(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
         except (ValueError, RecursionError) as e:
             raise error(f"{file}:{lineno}: {_unparsable(e)}") from None
+        first = False
         yield lineno, value
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import io
 import os
 import warnings
@@ -302,7 +303,7 @@ def _open_source(
     path = policy.resolve(text)
     try:
         if not path.exists():
-            raise ImageError(f"image not found: {path}")
+            raise ImageError(_missing(path))
         if not path.is_file():
             raise ImageError(f"image path is not a file: {path}")
         if path.stat().st_size == 0:
@@ -317,6 +318,17 @@ def _open_source(
     except OSError as e:
         raise ImageError(f"cannot read image {path}: {e}") from e
     return img, str(path)
+
+
+def _missing(path: Path) -> str:
+    """Why ``path``, which Path.exists() calls missing, cannot be read: not found, or a link that loops (exists()
+    says False for both). Only asked of a path the media policy allows, so no refusal says more than another."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"image path {shown(str(path))} cannot be resolved: a link in it loops (it leads back to itself)"
+    return f"image not found: {path}"
 
 
 def preprocess(image: Image.Image, image_size: int = 448) -> torch.Tensor:
