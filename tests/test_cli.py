@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -803,3 +804,29 @@ def test_a_second_sigterm_does_not_cut_the_cleanup_of_the_first_short(tmp_path):
     assert run.returncode == 128 + signal.SIGTERM, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)"
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no temporary file, no lock left
+
+
+def test_chat_says_the_conversation_is_too_long_and_that_clear_starts_afresh(monkeypatch, capsys, golden_dir):
+    # the window (max_window_size) counts the history only: a message that fits alone failed after a long turn
+    # with "prompt of N tokens does not fit the context", saying neither why nor what to do
+    import qwenvl.inference
+    from qwenvl.inference import ChatSession
+
+    load = qwenvl.inference.load
+
+    def small_context(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        model.config.lm.max_position_embeddings = 400  # a fresh model: only this test's
+        return model, processor
+
+    monkeypatch.setattr(qwenvl.inference, "load", small_context)
+    script = f"{'word ' * 300}\n{'word ' * 100}\n{'word ' * 400}\n:clear\n{'word ' * 100}\n"
+    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, script, ChatSession.ask, "--max_new_tokens", "1")
+    assert rc == 0, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, err
+    assert re.fullmatch(r"error: the conversation is too long for the context \(\d+ tokens, the model holds 400\): "
+                        r":clear starts afresh", errors[0]), err
+    assert re.fullmatch(r"error: the message is too long for the context \(\d+ tokens with the system text, the "
+                        r"model holds 400\): send a shorter one", errors[1]), err
+    assert out.count("assistant> ") == 4

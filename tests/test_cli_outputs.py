@@ -226,3 +226,18 @@ def test_yaml_aliases_are_read_and_bounded(tmp_path: Path) -> None:
     f.write_text("a: &a [1, *a]\n")
     with pytest.raises(ValueError, match="a YAML alias refers to a value that contains it"):
         read_yaml(f)
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_convert_that_fails_leaves_the_output_folder_as_it_found_it(src: Path, tmp_path: Path, capsys,
+                                                                    made: bool) -> None:
+    # an existing empty folder kept our marker (and so became "ours") after a failed run; one made for the
+    # run goes again
+    (src / "model.safetensors").write_bytes(b"broken")
+    out = tmp_path / "out"
+    if made:
+        out.mkdir()
+    _refused(["convert", str(src), str(out)], capsys, "cannot read")
+    assert out.is_dir() == made
+    if made:
+        assert list(out.iterdir()) == []

@@ -27,6 +27,7 @@ from qwenvl.outputs import (
     check_separate,
     claim_output,
     read_marker,
+    record_files,
 )
 
 
@@ -97,6 +98,21 @@ def test_new_or_empty_folder_is_claimed_marked_and_unlocked_after(tmp_path: Path
             assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         assert read_marker(out)["command"] == "convert"
         assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE]  # the lock is gone
+
+
+def test_failed_run_leaves_an_empty_folder_empty_and_keeps_what_it_wrote(tmp_path: Path) -> None:
+    # a run that failed in an existing empty folder left our marker there (the folder then passed for ours)
+    out = tmp_path / "empty"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="bad source"), claim_output(out, "convert"):
+        raise RuntimeError("bad source")
+    assert out.is_dir() and list(out.iterdir()) == []
+    with pytest.raises(RuntimeError, match="disk full"), claim_output(out, "convert") as root:
+        (root / "model.safetensors").write_bytes(b"half")  # written, then the run failed: kept, and listed as ours
+        record_files(root, ["model.safetensors"])
+        raise RuntimeError("disk full")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_FILE, "model.safetensors"]
+    assert read_marker(out)["files"] == ["model.safetensors"]
 
 
 def test_output_folder_that_is_a_dangling_link_is_refused_in_one_line(tmp_path: Path) -> None:

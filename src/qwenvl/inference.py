@@ -176,8 +176,18 @@ def iter_predict(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    prompts = list(prompts)
+    wrong = _type_errors(prompts)
+    if on_error == "raise" and wrong:
+        raise ValueError(next(iter(wrong.values())))
     params = _params(model, params)
-    return _iter_predict(model, processor, list(prompts), params, batch_size, base_dir, progress, compile, on_error)
+    return _iter_predict(model, processor, prompts, params, batch_size, base_dir, progress, compile, on_error)
+
+
+def _type_errors(prompts: list[Any], start: int = 0) -> dict[int, str]:
+    """The errors of the ``prompts`` (``prompts[start:]`` of the caller's) that are not even of a prompt's type."""
+    return {k: f"prompts[{start + k}] is of type {type(p).__name__}, not a prompt: a prompt is a string, a list-format "
+               "list or a list of messages" for k, p in enumerate(prompts) if not isinstance(p, (str, list))}
 
 
 def _iter_predict(model: QwenVL, processor: Processor, prompts: list[Any], params: SamplingParams, batch_size: int,
@@ -191,7 +201,7 @@ def _iter_predict(model: QwenVL, processor: Processor, prompts: list[Any], param
     try:
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
-            inputs, errors = _process(processor, chunk, base_dir, on_error)
+            inputs, errors = _process(processor, chunk, base_dir, on_error, _type_errors(chunk, s))
             answered = iter(_answer(model, processor, chunk, inputs, errors, params, base_dir, compile, on_error))
             done = [Prediction(_prompt_text(prompt), "", "", error=errors[k]) if k in errors else next(answered)
                     for k, prompt in enumerate(chunk)]
@@ -204,16 +214,19 @@ def _iter_predict(model: QwenVL, processor: Processor, prompts: list[Any], param
 
 
 def _process(processor: Processor, chunk: list[Any], base_dir: str | os.PathLike | None,
-             on_error: str) -> tuple[dict[str, Any] | None, dict[int, str]]:
-    """The processor's inputs for the prompts of ``chunk`` that it takes, and the errors of the others by index."""
-    try:
-        return processor(chunk, base_dir=base_dir), {}  # a list of prompts is always a batch
-    except ValueError:
-        if on_error == "raise":
-            raise
-    errors: dict[int, str] = {}
+             on_error: str, errors: dict[int, str]) -> tuple[dict[str, Any] | None, dict[int, str]]:
+    """The processor's inputs for the prompts of ``chunk`` that it takes, and the errors of the others by index
+    (``errors``: those of the prompts not even of a prompt's type, with ``on_error="record"``)."""
+    if not errors:
+        try:
+            return processor(chunk, base_dir=base_dir), {}  # a list of prompts is always a batch
+        except ValueError:
+            if on_error == "raise":
+                raise
     good = []
     for k, prompt in enumerate(chunk):  # find the culprits one by one; the others are answered as a batch
+        if k in errors:
+            continue
         try:
             processor([prompt], base_dir=base_dir)
             good.append(prompt)
@@ -314,6 +327,21 @@ def stream_text(
         yield tail
 
 
+class ConversationTooLong(ValueError):
+    """A chat message that fits the context alone but not after the history the processor keeps (its window,
+    ``max_window_size``, counts the history only, as the official code): ``advice`` says how to go on."""
+
+    API_ADVICE = "clear() starts afresh, or drop the oldest turns of .history"
+
+    def __init__(self, tokens: int, context: int, advice: str = API_ADVICE):
+        self.tokens, self.context = tokens, context
+        super().__init__(self.message(advice))
+
+    def message(self, advice: str) -> str:
+        return (f"the conversation is too long for the context ({self.tokens} tokens, the model holds "
+                f"{self.context}): {advice}")
+
+
 @dataclass
 class ChatSession:
     """A multi-turn ChatML conversation with pictures; history is trimmed oldest-first by the processor.
@@ -370,6 +398,18 @@ class ChatSession:
         msgs.append({"role": "user", "content": query})
         return msgs
 
+    def _check_fits(self, ids: list[int], query: list[dict[str, Any]]) -> None:
+        """A prompt the model cannot take: :class:`ConversationTooLong`, or a ValueError when the message alone
+        (with the system text) is too long, which no clearing helps."""
+        context = self.model.config.lm.max_position_embeddings
+        if len(ids) < context:
+            return
+        alone = len(self.processor.build_chat_prompt(query, system=self.system)[1])
+        if alone >= context:
+            raise ValueError(f"the message is too long for the context ({alone} tokens with the system text, the "
+                             f"model holds {context}): send a shorter one")
+        raise ConversationTooLong(len(ids), context)
+
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         if not isinstance(text, str):
             raise TypeError(f"ask expects the message as a str, got {type(text).__name__}")
@@ -380,6 +420,7 @@ class ChatSession:
         # the pictures of the turns that fit the window, from memory; a span typed into a message is read now,
         # once, and kept as an added picture is (a file moved or deleted later changes nothing)
         _, ids = self.processor.build_messages_prompt(messages)
+        self._check_fits(ids, query)
         shown = self.processor.tokenizer.image_paths(ids)
         typed = {p: self.processor.load_image(p, self.base_dir) for p in dict.fromkeys(shown) if p not in self.images}
         images = [self.images[p] if p in self.images else typed[p] for p in shown]

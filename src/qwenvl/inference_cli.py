@@ -568,7 +568,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.image_dir:  # else every :image would be "not found" under it
         require_folder(args.image_dir, "--image_dir folder")
     from .config import QwenVLConfig
-    from .inference import ChatSession, chat_params, load  # torch: after the checks above
+    from .inference import ChatSession, ConversationTooLong, chat_params, load  # torch: after the checks
 
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}
@@ -623,7 +623,10 @@ def run_chat(args: argparse.Namespace) -> int:
         print("assistant> ", end="", flush=True)
         try:
             answer = session.ask(line, on_text=lambda d: print(d, end="", flush=True))
-        except ValueError as e:  # e.g. the conversation no longer fits: keep the session alive
+        except ConversationTooLong as e:  # the history the window keeps leaves no room for this message
+            print(f"\nerror: {e.message(':clear starts afresh')}", file=sys.stderr)
+            continue
+        except ValueError as e:  # e.g. the message alone is too long: keep the session alive
             print(f"\nerror: {e}", file=sys.stderr)
             continue
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (its pictures wait for the next message)

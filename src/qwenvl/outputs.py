@@ -390,7 +390,8 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
                  flag: str = "--overwrite") -> Iterator[Path]:
     """Hold ``folder`` for one run of ``command``: create it (or accept it empty or ours; a foreign non-empty
     folder needs ``overwrite``), take its lock, mark it ours and clean what a killed run left there.
-    A folder this call created is removed again when the run fails before writing anything into it."""
+    A folder this call created is removed again when the run fails before writing anything into it; one that
+    was empty is left empty (our marker and lock go)."""
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise OutputDirError(f"the output folder {root} exists and is not a folder")
@@ -408,10 +409,11 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
         if created:  # holds the lock: that run may have made the folder at the same time, and it is its own now)
             _remove_if_unused(root)
         raise
-    failed, claimed = True, False
+    failed, claimed, was_empty = True, False, False
     try:
         marker = read_marker(root)
         if marker is None:
+            was_empty = all(p.name == LOCK_FILE for p in root.iterdir())
             entries = _foreign_entries(root)
             if entries and not overwrite:
                 _refuse_foreign(root, entries, flag)
@@ -427,6 +429,8 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
         try:
             if failed and claimed:  # Ctrl-C or an error while a write, a swap or a delete was under way: finish it
                 _clean_quietly(root)
+            if failed and was_empty:  # before the lock goes: after it, the marker may be another run's
+                _unmark_if_unused(root)
         finally:
             lock.release()
             if failed and created:
@@ -442,6 +446,16 @@ def _clean_quietly(root: Path) -> None:
         clean_temporary(root)
     except Exception as e:  # noqa: BLE001 - logged, and the run's own error goes on
         logger.warning("%s: could not clean temporary entries: %s", root, e)
+
+
+def _unmark_if_unused(root: Path) -> None:
+    """Remove our marker from a folder that holds nothing else but our lock (a run that failed before any
+    output in a folder that was empty)."""
+    try:
+        if all(p.name in (MARKER_FILE, LOCK_FILE) for p in root.iterdir()):
+            (root / MARKER_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _remove_if_unused(root: Path) -> None:
