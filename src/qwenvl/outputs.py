@@ -430,7 +430,7 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
             if failed and claimed:  # Ctrl-C or an error while a write, a swap or a delete was under way: finish it
                 _clean_quietly(root)
             if failed and was_empty:  # before the lock goes: after it, the marker may be another run's
-                _unmark_if_unused(root)
+                _remove_if_unused(root, keep_folder=True)
         finally:
             lock.release()
             if failed and created:
@@ -448,24 +448,16 @@ def _clean_quietly(root: Path) -> None:
         logger.warning("%s: could not clean temporary entries: %s", root, e)
 
 
-def _unmark_if_unused(root: Path) -> None:
-    """Remove our marker from a folder that holds nothing else but our lock (a run that failed before any
-    output in a folder that was empty)."""
-    try:
-        if all(p.name in (MARKER_FILE, LOCK_FILE) for p in root.iterdir()):
-            (root / MARKER_FILE).unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _remove_if_unused(root: Path) -> None:
-    """Remove a folder that holds nothing but our marker and lock (a run that failed before any output)."""
+def _remove_if_unused(root: Path, keep_folder: bool = False) -> None:
+    """Remove a folder that holds nothing but our marker and lock (a run that failed before any output);
+    ``keep_folder`` (it was there, empty, before the run; its lock is released by its holder): our marker only."""
     own = {MARKER_FILE, LOCK_FILE}
     try:
         if all(p.name in own for p in root.iterdir()):
-            for name in own:
-                (root / name).unlink(missing_ok=True)
-            root.rmdir()
+            (root / MARKER_FILE).unlink(missing_ok=True)
+            if not keep_folder:
+                (root / LOCK_FILE).unlink(missing_ok=True)
+                root.rmdir()
     except OSError:
         pass
 
