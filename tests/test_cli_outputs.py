@@ -241,3 +241,29 @@ def test_convert_that_fails_leaves_the_output_folder_as_it_found_it(src: Path, t
     assert out.is_dir() == made
     if made:
         assert list(out.iterdir()) == []
+
+
+def test_convert_that_fails_with_overwrite_leaves_a_users_folder_the_users(src: Path, tmp_path: Path, capsys) -> None:
+    # the failed run left its marker in the user's folder, which then passed for ours: the next convert wrote there
+    # without --overwrite
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("notes")
+    good = Path(shutil.copytree(src, tmp_path / "good"))
+    (src / "model.safetensors").write_bytes(b"broken")
+    _refused(["convert", str(src), str(out), "--overwrite"], capsys, "cannot read")
+    assert _tree(out) == {"notes.txt": b"notes"} and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    _refused(["convert", str(good), str(out)], capsys, "not empty and was not written by qwenvl (notes.txt)")
+    assert main(["convert", str(good), str(out), "--overwrite"]) == 0  # written: the marker lists what it wrote
+    assert (out / "notes.txt").read_text() == "notes" and "notes.txt" not in json.loads(
+        (out / MARKER_FILE).read_text())["files"]
+    assert main(["convert", str(good), str(out)]) == 0  # ours now
+
+
+def test_demo_that_fails_with_overwrite_leaves_a_users_folder_the_users(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "data").write_text("a file where the demo writes a folder")
+    _refused(["demo", "--output_dir", str(out), "--overwrite", "--steps", "1"], capsys, "is not a folder")
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
+    _refused(["demo", "--output_dir", str(out), "--steps", "1"], capsys, "not empty and was not written by qwenvl")

@@ -115,6 +115,82 @@ def test_failed_run_leaves_an_empty_folder_empty_and_keeps_what_it_wrote(tmp_pat
     assert read_marker(out)["files"] == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("stop", [RuntimeError("bad source"), KeyboardInterrupt()])
+def test_failed_run_with_overwrite_leaves_a_users_folder_as_it_found_it(tmp_path: Path, stop: BaseException) -> None:
+    # a run given overwrite that failed (or was stopped) before writing anything left its marker in the user's
+    # folder: a later run without overwrite then wrote there with no refusal
+    out = tmp_path / "mine"
+    before = _user_folder(out)
+    with pytest.raises(type(stop)), claim_output(out, "convert", overwrite=True):
+        raise stop
+    assert _tree(out) == before and not (out / MARKER_FILE).exists() and not (out / LOCK_FILE).exists()
+    with pytest.raises(OutputDirError, match="not empty and was not written by qwenvl"), claim_output(out, "convert"):
+        pytest.fail("must not get here")
+
+
+def test_failed_run_with_overwrite_keeps_the_marker_of_what_it_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    _user_folder(out)
+    with pytest.raises(RuntimeError, match="disk full"), claim_output(out, "convert", overwrite=True) as root:
+        (root / "model.safetensors").write_bytes(b"half")  # recorded: ours, to replace or delete later
+        record_files(root, ["model.safetensors"])
+        raise RuntimeError("disk full")
+    assert read_marker(out)["files"] == ["model.safetensors"]
+    with claim_output(out, "convert"):  # ours now: no overwrite needed
+        pass
+    # a run that wrote an entry without recording it yet (finetune's checkpoint-STEP, a demo's data/): kept too
+    other = tmp_path / "other"
+    before = _user_folder(other)
+    with pytest.raises(KeyboardInterrupt), claim_output(other, "finetune", overwrite=True) as root:
+        (root / "checkpoint-2").mkdir()
+        raise KeyboardInterrupt
+    assert read_marker(other)["files"] == [] and (other / "checkpoint-2").is_dir()
+    with claim_output(other, "finetune"):  # --resume_training needs no overwrite
+        pass
+    assert {p.name for p in other.iterdir()} == {MARKER_FILE, "checkpoint-2", *(name.split("/")[0] for name in before)}
+
+
+_KILLED_IN_CLAIM = """
+import os, signal, sys
+from qwenvl.outputs import claim_output
+with claim_output(sys.argv[1], "convert", overwrite=True) as root:
+    if len(sys.argv) > 2:
+        (root / sys.argv[2]).write_text("ours")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_killed_before_writing_does_not_make_a_users_folder_ours(tmp_path: Path, caplog, tiny) -> None:
+    # kill -9 leaves the marker (and the lock): it named no file and the folder held only what the run found there,
+    # so the folder is still the user's: refused without overwrite (by save_pretrained too), and the refusal of a
+    # claim leaves it as the user had it
+    out = tmp_path / "mine"
+    before = _user_folder(out)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_IN_CLAIM, str(out)], timeout=120)
+    assert killed.returncode == -9 and (out / MARKER_FILE).is_file()
+    with pytest.raises(OutputDirError, match=r"not empty and was not written by qwenvl .*overwrite=True"):
+        save_pretrained(*tiny, out)
+    with (caplog.at_level(logging.WARNING, logger="qwenvl.outputs"),
+          pytest.raises(OutputDirError, match=r"not empty and was not written by qwenvl \(model-card.md, "),
+          claim_output(out, "convert")):
+        pytest.fail("must not get here")
+    assert "taking over the lock of a run that is no longer running" in caplog.text
+    assert _tree(out) == before and not (out / LOCK_FILE).exists()
+    # one that wrote an entry before it was killed made the folder ours (its next run cleans up after it)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_IN_CLAIM, str(out), "trainer_state.json"], timeout=120)
+    assert killed.returncode == -9
+    with claim_output(out, "convert"):
+        pass
+    assert read_marker(out)["files"] == [] and (out / "trainer_state.json").read_text() == "ours"
+    # in an empty folder, the killed run's marker is taken over like its lock
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert subprocess.run([sys.executable, "-c", _KILLED_IN_CLAIM, str(empty)], timeout=120).returncode == -9
+    with pytest.raises(RuntimeError), claim_output(empty, "convert"):
+        raise RuntimeError("bad source")
+    assert list(empty.iterdir()) == []
+
+
 def test_output_folder_that_is_a_dangling_link_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "out").symlink_to(tmp_path / "gone")  # was a raw FileExistsError from mkdir
     with pytest.raises(OutputDirError, match="is a symbolic link to .*gone, which does not exist"), \

@@ -5,7 +5,9 @@ The rules (README "Safety"):
 - **Never delete what we did not write.** An output folder is new, empty, or *ours*: it holds the marker
   file ``.qwenvl-output.json`` (written first thing; it names the command and the files we wrote there).
   A non-empty folder without the marker is refused; ``overwrite=True`` (``--overwrite``) lets a command write
-  there anyway, replacing only the files it writes itself. Weight files of an earlier save are deleted only
+  there anyway, replacing only the files it writes itself. A run that claimed a folder (its marker lists the
+  entries it found there) and wrote nothing into it does not make it ours: its marker goes when it fails, and
+  one left by a killed run is not counted. Weight files of an earlier save are deleted only
   when the marker lists them as ours and the new save does not rewrite them (a ``model-card.md`` or a
   ``model.safetensors.md5`` is never touched: names are matched exactly, not by prefix).
 - **Inputs stay untouched**: :func:`check_separate` refuses an output folder that is, contains or lies
@@ -244,10 +246,48 @@ def is_ours(folder: str | os.PathLike[str]) -> bool:
     return read_marker(folder) is not None
 
 
-def _write_marker(folder: Path, command: str, files: Iterable[str]) -> None:
-    body = {"written_by": "qwenvl", "command": command,
-            "files": sorted(set(files) - {MARKER_FILE, LOCK_FILE})}
+def _write_marker(folder: Path, command: str, files: Iterable[str], found: Iterable[str] | None = None) -> None:
+    body: dict[str, Any] = {"written_by": "qwenvl", "command": command,
+                            "files": sorted(set(files) - {MARKER_FILE, LOCK_FILE})}
+    if found is not None:  # a claim: what the folder held then (nothing of ours)
+        body["found"] = sorted(found)
     atomic_write_text(folder / MARKER_FILE, json.dumps(body, indent=1) + "\n")
+
+
+def _claimed_only(folder: Path, marker: Mapping[str, Any]) -> bool:
+    """Whether ``marker`` is that of a run that claimed ``folder`` and wrote nothing into it: it lists no file of
+    ours and the entries it found there are all the folder holds (besides our marker, lock and temporary names).
+    Such a folder is not ours: it is as that run found it (empty, or with files we did not write)."""
+    found = marker.get("found")
+    if marker["files"] or not isinstance(found, list):  # files recorded, or a marker written another way: ours
+        return False
+    return set(_foreign_entries(folder)) - {MARKER_FILE} <= {f for f in found if isinstance(f, str)}
+
+
+def _lock_held(folder: Path) -> bool:
+    """Whether a run (this process's too) holds ``folder``'s lock now: its claim of the folder is live."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # none (or a planted link): no run holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another open of the file: refused while a run holds it
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops our shared lock, if we got it
+    return False
+
+
+def _unclaim(folder: Path) -> None:
+    """Remove the marker of a run that claimed ``folder`` and wrote nothing into it (:func:`_claimed_only`), so
+    that the folder is left as that run found it; one that names what the run wrote stays."""
+    try:
+        marker = read_marker(folder)
+        if marker is not None and _claimed_only(folder, marker):
+            (folder / MARKER_FILE).unlink()
+    except OSError as e:  # the run's own error goes on; the next claim does not count such a marker anyway
+        logger.warning("%s: could not remove %s: %s", folder, MARKER_FILE, e)
 
 
 def record_files(folder: str | os.PathLike[str], names: Iterable[str], command: str = "qwenvl",
@@ -390,8 +430,11 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
                  flag: str = "--overwrite") -> Iterator[Path]:
     """Hold ``folder`` for one run of ``command``: create it (or accept it empty or ours; a foreign non-empty
     folder needs ``overwrite``), take its lock, mark it ours and clean what a killed run left there.
-    A folder this call created is removed again when the run fails before writing anything into it; one that
-    was empty is left empty (our marker and lock go)."""
+    A run that fails (an error, Ctrl-C) before writing anything into the folder leaves it as it found it: one this
+    call created is removed, one that was empty is left empty, one with files we did not write keeps just those
+    (our marker and lock go). A run that did write there (files its marker records, or entries the folder did not
+    hold before) keeps the marker. The marker of a killed run that wrote nothing (:func:`_claimed_only`) does not
+    make the folder ours."""
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise OutputDirError(f"the output folder {root} exists and is not a folder")
@@ -409,15 +452,17 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
         if created:  # holds the lock: that run may have made the folder at the same time, and it is its own now)
             _remove_if_unused(root)
         raise
-    failed, claimed, was_empty = True, False, False
+    failed, claimed, marking = True, False, False
     try:
         marker = read_marker(root)
+        if marker is not None and _claimed_only(root, marker):  # a killed run's claim: the folder is not ours
+            marker = None
         if marker is None:
-            was_empty = all(p.name == LOCK_FILE for p in root.iterdir())
-            entries = _foreign_entries(root)
+            marking = True  # from here a failure removes our marker (a killed run's too) unless a file is recorded
+            entries = [name for name in _foreign_entries(root) if name != MARKER_FILE]
             if entries and not overwrite:
                 _refuse_foreign(root, entries, flag)
-            _write_marker(root, command, [])
+            _write_marker(root, command, [], found=entries)
         claimed = True
         cleaned = clean_temporary(root)
         if cleaned:
@@ -429,8 +474,8 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
         try:
             if failed and claimed:  # Ctrl-C or an error while a write, a swap or a delete was under way: finish it
                 _clean_quietly(root)
-            if failed and was_empty:  # before the lock goes: after it, the marker may be another run's
-                _remove_if_unused(root, keep_folder=True)
+            if failed and marking:  # before the lock goes: after it, the marker may be another run's
+                _unclaim(root)
         finally:
             lock.release()
             if failed and created:
@@ -448,16 +493,14 @@ def _clean_quietly(root: Path) -> None:
         logger.warning("%s: could not clean temporary entries: %s", root, e)
 
 
-def _remove_if_unused(root: Path, keep_folder: bool = False) -> None:
-    """Remove a folder that holds nothing but our marker and lock (a run that failed before any output);
-    ``keep_folder`` (it was there, empty, before the run; its lock is released by its holder): our marker only."""
+def _remove_if_unused(root: Path) -> None:
+    """Remove a folder made for a run that failed before any output: it holds nothing but our marker and lock."""
     own = {MARKER_FILE, LOCK_FILE}
     try:
         if all(p.name in own for p in root.iterdir()):
             (root / MARKER_FILE).unlink(missing_ok=True)
-            if not keep_folder:
-                (root / LOCK_FILE).unlink(missing_ok=True)
-                root.rmdir()
+            (root / LOCK_FILE).unlink(missing_ok=True)
+            root.rmdir()
     except OSError:
         pass
 
@@ -485,8 +528,11 @@ def output_files(folder: str | os.PathLike[str], command: str = "save_pretrained
     if not root.is_dir():
         raise OutputDirError(f"the output folder {root} exists and is not a folder")
     marker = read_marker(root)
-    if marker is None and _foreign_entries(root) and not overwrite:
-        _refuse_foreign(root, _foreign_entries(root), "overwrite=True")
+    if marker is not None and _claimed_only(root, marker) and not _lock_held(root):  # a killed run's claim
+        marker = None
+    entries = [name for name in _foreign_entries(root) if name != MARKER_FILE]
+    if marker is None and entries and not overwrite:
+        _refuse_foreign(root, entries, "overwrite=True")
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".publish.qwenvl-tmp-"))
     try:
         yield staging

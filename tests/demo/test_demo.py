@@ -468,7 +468,7 @@ def test_an_output_entry_of_the_wrong_kind_is_refused_before_any_work(tmp_path: 
         (out / name).write_text("mine", encoding="utf-8")
     with pytest.raises(OutputDirError, match=rf"{re.escape(str(out / name))} .*; the demo writes its"):
         run_demo(out, steps=1, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [".qwenvl-output.json", name]  # nothing else written
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written, not even our marker
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 

@@ -615,7 +615,7 @@ def test_runner_keeps_the_predictions_when_the_output_cannot_be_written(tmp_path
     whole = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, progress=False)
     assert json.loads(out.read_text())["predictions"] == whole.predictions == resumed.predictions
     assert resumed.score == whole.score == 0.25
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs", "o.json", "o.json.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs", "o.json"]  # o.json holds its rows
 
 
 def test_runner_keeps_the_rows_written_before_the_disk_filled_up(tmp_path: Path, image_dir: Path,
@@ -684,8 +684,8 @@ def _task_data(task: str, tmp_path: Path) -> tuple[Path, Any]:
 def test_a_crash_keeps_the_rows_and_resuming_from_them_generates_only_the_rest(
         tmp_path: Path, image_dir: Path, task: str, caplog: pytest.LogCaptureFixture) -> None:
     # a CUDA error, a bug: any exception after two batches leaves their rows in OUT.partial; resuming from that file
-    # while a new OUT.partial is written (OUT.partial-2: the file resumed from is never touched) generates the rest
-    # and gives the output of one uninterrupted run; the partial file of the finished run is gone
+    # while a new OUT.partial is written (OUT.partial-2: the file resumed from is not touched while the run goes)
+    # generates the rest and gives the output of one uninterrupted run; then both partial files are gone
     data, evaluate = _task_data(task, tmp_path)
 
     def answer(prompts: Sequence[str]) -> list[str]:  # caption prompts differ only in their image
@@ -715,7 +715,7 @@ def test_a_crash_keeps_the_rows_and_resuming_from_them_generates_only_the_rest(
 
     def the_rest(prompts: Sequence[str]) -> list[str]:  # the file being written holds every row resumed from
         calls.append(list(prompts))
-        assert read_partial(tmp_path / "o.json.partial-2")[1] == rows
+        assert read_partial(tmp_path / "o.json.partial-2")[1] == rows and kept.read_bytes() == before
         return answer(prompts)
 
     calls.clear()
@@ -726,12 +726,12 @@ def test_a_crash_keeps_the_rows_and_resuming_from_them_generates_only_the_rest(
                                  "caption": runners.CAPTION_PROMPT}[task]]]]
     whole = evaluate(data, generate_fn=answer, image_dir=image_dir, batch_size=2, progress=False)
     assert json.loads(out.read_text()) == whole.to_dict() == resumed.to_dict()
-    assert kept.read_bytes() == before and not (tmp_path / "o.json.partial-2").exists()
+    assert not kept.exists() and not (tmp_path / "o.json.partial-2").exists()  # OUT holds every row of both
     # the Python API without an output keeps no file, crashed or not
     calls.clear()
     with pytest.raises(RuntimeError):
         evaluate(data, generate_fn=crash_in_the_third_batch, image_dir=image_dir, batch_size=2, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "imgs", "o.json", "o.json.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "imgs", "o.json"]
 
 
 # ---- scale: each image is checked once, however many samples name it --------------------------------------------
@@ -808,18 +808,22 @@ def test_cli_resume_from_the_partial_file_generates_only_the_rest(tmp_path: Path
     calls.clear()
     with caplog.at_level("INFO"):
         assert main([*_eval_args(data, out), "--resume_from", str(first)]) == 130  # 2 more answered
-    assert calls == [2, 2] and first.read_bytes() == before
+    assert calls == [2, 2] and first.read_bytes() == before  # a failed run keeps the file it resumed from
     assert ("resuming: the answers to the first 2 of 6 samples are the earlier run's (this run keeps them, with its "
             f"own, in {second})") in caplog.text
     assert f"interrupted: the predictions for the first 4 of 6 samples are in {second} (JSON Lines" in caplog.text
     assert [r["sent"] for r in read_partial(second)[1]] == [f"thing {k}" for k in range(4)]
     calls.clear()
     stop[0] = 0
-    assert main([*_eval_args(data, out), "--resume_from", str(second)]) == 0
+    with caplog.at_level("INFO"):
+        assert main([*_eval_args(data, out), "--resume_from", str(second)]) == 0
     assert calls == [2]  # only the last two samples were generated
     resumed = json.loads(out.read_text())
     assert "partial" not in resumed and resumed["num_samples"] == 6
-    assert not (tmp_path / "out.json.partial-3").exists() and first.exists() and second.exists()  # not ours to delete
+    # the file resumed from is gone (OUT holds its rows; as the run's own OUT.partial-3); the earlier OUT.partial,
+    # which this run did not read, stays
+    assert not (tmp_path / "out.json.partial-3").exists() and not second.exists() and first.read_bytes() == before
+    assert f"removed {second}, resumed from: its 4 rows are in {out}" in caplog.text
     # the same predictions and score as one uninterrupted run
     calls.clear()
     assert main([*_eval_args(data, tmp_path / "whole.json")]) == 0 and calls == [2, 2, 2]
@@ -946,3 +950,67 @@ def test_runner_resume_from_a_complete_output(tmp_path: Path, image_dir: Path) -
     again = evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=tmp_path / "again.json",
                                progress=False, resume=out)
     assert gen.calls == [] and again.to_dict() == done.to_dict() == json.loads((tmp_path / "again.json").read_text())
+
+
+def _resume_case(tmp_path: Path, image_dir: Path) -> tuple[Path, Path, Path, Any]:
+    """Grounding data of 5 samples, the output path, the OUT.partial of a run that crashed after 4, and a stub."""
+    data, evaluate = _task_data("grounding", tmp_path)
+    gen = stub({"": "(0,0),(499,999)</box>"})
+    out, calls = tmp_path / "o.json", []
+
+    def crash_in_the_third_batch(prompts: Sequence[str]) -> list[str]:
+        calls.append(prompts)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error")
+        return gen(prompts)
+
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        evaluate(data, generate_fn=crash_in_the_third_batch, image_dir=image_dir, batch_size=2, output=out,
+                 progress=False)
+    return data, out, tmp_path / "o.json.partial", gen
+
+
+def test_the_partial_file_resumed_from_goes_only_when_the_output_holds_its_rows(
+        tmp_path: Path, image_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # it was always left behind, for the user to delete; now it goes, but never a file that holds rows the output
+    # does not (a resumed run with a lower limit), a complete output, or a file of another name, folder or kind
+    data, out, kept, gen = _resume_case(tmp_path, image_dir)
+    before = kept.read_bytes()
+    records = runners.load_grounding_data(data, image_dir)
+    with caplog.at_level("INFO", logger="qwenvl.eval.runners"):  # its 4 rows, 3 samples: the 4th is not in OUT
+        evaluate_grounding(records[:3], generate_fn=gen, image_dir=image_dir, output=out, progress=False, resume=kept)
+    assert kept.read_bytes() == before and json.loads(out.read_text())["num_samples"] == 3
+    assert f"kept {kept}: it holds rows that {out} does not" in caplog.text
+    # what the API was given as rows, not as a path, is not a file to remove
+    evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=out, progress=False,
+                       resume=runners.read_resume(kept))
+    assert kept.read_bytes() == before
+    # a copy of it under another name, or in another folder, or a link named OUT.partial-2: kept
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for copy in (tmp_path / "saved.partial", tmp_path / "o.json.partial-old", other / "o.json.partial"):
+        copy.write_bytes(before)
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=out, progress=False, resume=copy)
+        assert copy.read_bytes() == before
+    link = tmp_path / "o.json.partial-2"
+    link.symlink_to(kept)
+    evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=out, progress=False, resume=link)
+    assert link.is_symlink() and kept.read_bytes() == before
+    link.unlink()
+    # a complete output resumed from (given another output) is never removed, even under a partial file's name
+    complete = tmp_path / "o2.json.partial"
+    complete.write_bytes(out.read_bytes())
+    evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=tmp_path / "o2.json", progress=False,
+                       resume=complete)
+    assert complete.read_bytes() == out.read_bytes()
+    # a run that fails keeps both files: the one it resumed from and its own
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate_grounding(data, generate_fn=lambda p: (_ for _ in ()).throw(RuntimeError("disk full")),
+                           image_dir=image_dir, output=out, progress=False, resume=kept, batch_size=1)
+    assert kept.read_bytes() == before and len(read_partial(tmp_path / "o.json.partial-2")[1]) == 4
+    (tmp_path / "o.json.partial-2").unlink()
+    # OUT.partial itself, with every row in OUT: removed once OUT is written
+    evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=out, progress=False, resume=kept)
+    assert not kept.exists() and not (tmp_path / "o.json.partial-2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "elsewhere", "imgs", "o.json", "o.json.partial-old",
+                                                          "o2.json", "o2.json.partial", "saved.partial"]

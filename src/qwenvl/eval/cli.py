@@ -10,7 +10,9 @@ Input formats: :data:`DATA_FORMATS` (shown by ``--help`` and in the README; the 
 in the output JSON's ``settings``, with the score and every prediction; it is written atomically. Each batch's
 predictions go to ``OUTPUT.partial`` (JSON Lines) as the batch finishes, and that file is removed once ``OUTPUT``
 is written: a run that stops early (Ctrl-C, SIGTERM, a full disk, a crash, ``kill -9``) leaves them there, and
-``--resume_from OUTPUT.partial`` (or a complete ``OUTPUT`` of an earlier run) generates only the samples after them.
+``--resume_from OUTPUT.partial`` (or a complete ``OUTPUT`` of an earlier run) generates only the samples after them;
+once ``OUTPUT`` is written, the partial file resumed from is removed too (only ``OUTPUT.partial`` or
+``OUTPUT.partial-N`` next to ``OUTPUT``, and only when ``OUTPUT`` holds every row of it).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--resume_from", metavar="FILE",
                    help="what a run that stopped early left (OUTPUT.partial, written as its batches finished; or "
                         "an OUTPUT): its predictions are kept and only the samples after them are generated (same "
-                        "--data, prompt and token limits)")
+                        "--data, prompt and token limits); --output's own OUTPUT.partial(-N) is removed once "
+                        "--output holds its rows")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generation batch (default 8)")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     add_runtime_flags(p)
@@ -172,7 +175,6 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     metric = runners.resolve_vqa_metric(records, args.metric) if task == "vqa" else None
     prompt, protocol = _prompt(args, task)
     runners.fill_prompt(prompt, **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
-    resume = None
     if args.resume_from:  # a file of another run is said now, not after the model loads
         resume = runners.read_resume(args.resume_from, "--resume_from file")
         try:
@@ -191,7 +193,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
         prompt=prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         chat_format=args.chat_format, output=args.output, progress=not args.no_progress, compile=args.compile,
-        settings={"protocol": protocol}, resume=resume,
+        settings={"protocol": protocol},
+        resume=args.resume_from or None,  # the path: a partial file of --output goes once --output holds its rows
     )  # fmt: skip
     if task == "grounding":
         result = runners.evaluate_grounding(records, threshold=args.iou_threshold, **common)

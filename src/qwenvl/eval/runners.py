@@ -36,7 +36,8 @@ generator refuses with a ``ValueError`` (an undecodable image, say) does not sto
 gets an ``error`` field and an empty answer (scored as wrong), and ``details["num_errors"]`` counts them.
 A run with an ``output`` appends each batch's answers, as it finishes, to ``OUTPUT.partial`` (JSON Lines, removed
 once ``OUTPUT`` is written): a run that stops early (Ctrl-C, a full disk, a crash, ``kill -9``) keeps them there,
-and ``resume`` (``--resume_from``) generates only the samples after them.
+and ``resume`` (``--resume_from``) generates only the samples after them; once ``OUTPUT`` holds every row of the
+partial file it resumed from (``OUTPUT.partial`` or ``OUTPUT.partial-N``), that file is removed too.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import json
 import logging
 import math
 import os
+import re
+import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +86,7 @@ __all__ = [
     "load_vqa_data",
     "model_generate_fn",
     "read_resume",
+    "remove_resumed_partial",
     "resumed_answers",
 ]
 
@@ -325,20 +329,24 @@ def _run(
     ``kill -9``) leaves the answers so far there and, unless killed, says in one log line where, how many and the
     score over them; the error goes on. ``resume``: an earlier run's partial file or output (a path, read with
     :func:`read_resume`, or what that returns), whose answers are kept, not generated again; they are the new
-    partial file's first rows, so that it alone holds what a later resume needs."""
-    if isinstance(resume, (str, os.PathLike)):
-        resume = read_resume(resume)
+    partial file's first rows, so that it alone holds what a later resume needs. Given as a path, a partial file of
+    ``output`` is removed once ``output`` is written (:func:`remove_resumed_partial`); the failed run keeps it."""
+    resume_path = resume if isinstance(resume, (str, os.PathLike)) else None
+    if resume_path is not None:
+        resume = read_resume(resume_path)
     answers: list[str] = []
     errors: dict[int, str] = {}
     if resume is not None:
         answers, errors = resumed_answers(resume, desc, records, generation or {})
     kept = PartialRows(output) if output is not None else None
 
+    def row(k: int) -> dict[str, Any]:  # sample k's row of a partial file
+        return {**_sample(records[k]), _ANSWER_KEY[desc]: answers[k], **({"error": errors[k]} if k in errors else {})}
+
     def keep(idx: range) -> None:  # one append a sample (kept.rows counts them), the header with the first
         assert kept is not None
         for k in idx:
-            rows: list[dict[str, Any]] = [
-                {**_sample(records[k]), _ANSWER_KEY[desc]: answers[k], **({"error": errors[k]} if k in errors else {})}]
+            rows: list[dict[str, Any]] = [row(k)]
             if kept.rows == 0:
                 rows.insert(0, {PARTIAL_HEADER: 1, "task": desc, "settings": generation or {},
                                 "num_planned": len(records)})
@@ -364,7 +372,44 @@ def _run(
         raise
     if kept is not None:
         kept.discard()
+    if resume_path is not None and output is not None:
+        remove_resumed_partial(resume_path, output, desc, generation or {}, [row(k) for k in range(len(records))])
     return result
+
+
+def remove_resumed_partial(path: str | os.PathLike, output: str | os.PathLike, task: str,
+                           generation: dict[str, Any], rows: Sequence[dict[str, Any]]) -> bool:
+    """After a resumed run wrote ``output``: remove ``path``, the file it resumed from, when that is one of our
+    partial files of ``output`` (``OUTPUT.partial`` or ``OUTPUT.partial-N`` in its folder, a regular file whose
+    first line is the :data:`PARTIAL_HEADER` of ``task`` run with the ``generation`` settings) and each of its rows
+    is the row, in ``rows``, that ``output`` holds for the same sample (it is read again now: what it holds, not
+    what it held when the run began). Anything else stays: a complete output, a file of another name or folder,
+    one with rows ``output`` does not hold (a ``--limit`` below them). Returns whether it was removed."""
+    src, out = Path(path), Path(output)
+    if re.fullmatch(re.escape(out.name) + r"\.partial(-[0-9]+)?", src.name) is None:
+        return False
+    try:
+        if not stat.S_ISREG(src.lstat().st_mode) or not src.parent.samefile(out.parent):
+            return False
+        with src.open("rb") as f:  # the header: a complete output (JSON) is never read as a partial file
+            head = json.loads(f.readline())
+        if not (isinstance(head, dict) and PARTIAL_HEADER in head):
+            return False
+        earlier = read_resume(src)
+    except (OSError, ValueError):  # gone, unreadable, not JSON (EvalDataError is a ValueError): not ours to touch
+        return False
+    done = earlier["predictions"]
+    if earlier["task"] != task or earlier["settings"] != generation or len(done) > len(rows) \
+            or any(old != new for old, new in zip(done, rows)):
+        logger.info("kept %s: it holds rows that %s does not", src, out)
+        return False
+    try:
+        src.unlink()
+    except OSError as e:  # the run succeeded: only its leftover stays
+        logger.warning("could not remove %s (its rows are in %s): %s", src, out, e)
+        return False
+    logger.info("removed %s, resumed from: its %d rows are in %s", src, len(done), out)
+    return True
 
 
 def _say_kept(e: BaseException, path: str, done: int, records: Sequence[Any], answers: list[str],
