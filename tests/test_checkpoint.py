@@ -919,3 +919,41 @@ def test_loading_a_folder_reads_its_config_once(golden_dir: Path, monkeypatch: p
         QwenVL.from_pretrained(golden_dir, config=QwenVLConfig.from_preset("mid"))
     with pytest.raises(TypeError, match="config must be a QwenVLConfig"):
         QwenVL.from_pretrained(golden_dir, config=config.to_official())
+
+
+def test_a_lora_adapter_given_as_the_model_says_how_to_use_it(tmp_path, golden_dir, capsys, monkeypatch):
+    # peft's output folder (adapter_config.json + adapter_model.safetensors) given as the model was "no config.json
+    # in DIR", which said neither what the folder is nor what to do with it
+    from qwenvl import cli, inference
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(8, 128)},
+              str(adapter / "adapter_model.safetensors"))
+    said = (f"{adapter} is a LoRA adapter (adapter_config.json, no model weights), not a checkpoint: merge it into the "
+            f"checkpoint it was trained from with `qwenvl convert BASE OUT --merge_lora --adapter {adapter}` "
+            "(qwenvl.train.lora.merge_lora in Python), then use OUT")
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "g.jsonl"
+    data.write_text('{"image": "images/cat.png", "sent": "a cat", "bbox": [0, 0, 1, 1], "height": 8, "width": 8}\n')
+    for argv in (["predict", "--model", str(adapter), "--predict_data", "hi", "--modal_type", "text"],
+                 ["chat", "--model", str(adapter)], ["info", str(adapter)], ["convert", str(adapter), "out"],
+                 ["eval", "grounding", "--model", str(adapter), "--data", str(data), "--image_dir", str(golden_dir)]):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"qwenvl {argv[0]}: error: {said}", argv
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError) as e:
+        inference.load(adapter)
+    assert str(e.value) == said
+    # with a config.json beside it (copied from the base): the weights are what it lacks
+    shutil.copy(golden_dir / "config.json", adapter / "config.json")
+    with pytest.raises(CheckpointError) as e:
+        QwenVL.from_pretrained(adapter)
+    assert str(e.value) == said
+    # a checkpoint folder that also holds an adapter's files is a checkpoint
+    both = tmp_path / "both"
+    shutil.copytree(golden_dir, both)
+    shutil.copy(adapter / "adapter_config.json", both)
+    checkpoint.refuse_adapter_folder(both)
+    assert find_weights(both) == [both / "model.safetensors"]

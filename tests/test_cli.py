@@ -302,7 +302,7 @@ def test_predict_checks_images_before_loading_the_model(tmp_path, golden_dir):
                  "--jsonl", str(prompts))
     assert out.returncode == 2
     note, error = out.stderr.strip().splitlines()
-    assert note.startswith(f"note: prompt 2 of 3: cannot read image {tmp_path / 'notes.jpg'}: ")
+    assert note.startswith(f"note: prompt 2 of 3: cannot decode image {tmp_path / 'notes.jpg'}: not a PNG/JPEG/GIF/BMP/WEBP/... file ")
     assert note.endswith("(2 prompts have a bad image); answering the others (the bad ones become rows with an "
                          "'error' field)")
     assert error.startswith("qwenvl predict: error: checkpoint folder not found")

@@ -304,6 +304,24 @@ def test_bad_generation_inputs_name_the_problem(tiny_model, inputs, message):
         tiny_model.generate(**inputs, max_new_tokens=2)
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    ({1: float("nan")}, r"^images\[1\] holds NaN or infinite pixel values: pass finite pixels"),
+    ({0: float("inf"), 1: -float("inf")}, r"^images\[0\] holds NaN or infinite pixel values \(so do 1 other image"),
+])
+def test_nan_or_infinite_pixels_are_refused_naming_the_image(golden_model, golden_dir, bad, message):
+    # were taken as they were: the vision tower turned them into NaN features and the answer was garbage
+    from qwenvl import generation
+
+    inputs = Processor.from_pretrained(golden_dir)([PROMPTS[2]], base_dir=golden_dir)
+    for k, value in bad.items():
+        inputs["images"][k, 1, 200, 300] = value
+    with pytest.raises(ValueError, match=message):
+        golden_model.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match=message):
+        generation.generate(golden_model, inputs["input_ids"], inputs["attention_mask"], inputs["images"],
+                            max_new_tokens=2)
+
+
 @pytest.mark.parametrize("kwargs", [{"temperature": 1e-40}, {"repetition_penalty": 1e-45},
                                     {"temperature": 1e-40, "repetition_penalty": 1e-45},
                                     # 0 in float32: NaN probabilities

@@ -230,3 +230,22 @@ def test_a_link_that_loops_is_said_to_loop(tmp_path: Path) -> None:
     (tmp_path / "dangling.png").symlink_to("nothing.png")
     with pytest.raises(ImageError, match="^image not found: "):  # a link to nothing is still not found
         load_image("dangling.png", tmp_path)
+
+
+def test_check_image_reads_only_the_header_when_asked(tmp_path):
+    # the check before predict loads the weights: every refusal of load_image, with its words, without decoding
+    from qwenvl.images import check_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(buf, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:-40])  # the header is whole, the pixel data cut short
+    assert check_image("cut.png", tmp_path, decode=False) == (64, 48)
+    with pytest.raises(ImageError, match="truncated or corrupt file"):
+        check_image("cut.png", tmp_path)
+    (tmp_path / "folder.png").mkdir()
+    for src, decode in (("folder.png", False), ("folder.png", True), ("file:cut.png", False)):
+        with pytest.raises(ImageError) as header_only:
+            check_image(src, tmp_path, decode=decode)
+        with pytest.raises(ImageError) as loaded:
+            load_image(src, tmp_path)
+        assert str(header_only.value) == str(loaded.value)

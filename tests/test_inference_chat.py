@@ -58,3 +58,29 @@ def test_predict_names_a_prompt_of_a_wrong_type(golden_model, golden_dir):
     with pytest.raises(ValueError, match=r"^prompts\[2\] is of type NoneType, not a prompt: a prompt is a string, "
                                          r"a list-format list or a list of messages$"):
         predict(golden_model, processor, ["Hello", "Bye", None], SamplingParams(max_new_tokens=2))
+
+
+JUNK_LIST = ("is a list, but its item 0 is 1, not a dict: a prompt is a string, a list-format list or a list of messages "
+             "(list format: [{'image': PATH}, {'text': TEXT}], messages: [{'role': 'user', 'content': TEXT or list "
+             "format}])")
+JUNK_DICT = JUNK_LIST.replace("is 1, not a dict", "is {'foo': 1}, with none of the keys 'role', 'image', 'text' or 'box'")
+
+
+def test_predict_names_a_prompt_that_is_a_list_of_junk(golden_model, golden_dir):
+    # [1, 2] or [{"foo": 1}] reached the tokenizer: "unsupported list-format element (expected a dict): 1", naming
+    # neither the prompt nor what a prompt may be
+    processor = Processor.from_pretrained(golden_dir)
+    params = SamplingParams(max_new_tokens=2, do_sample=False)
+    want = predict(golden_model, processor, ["Hello", "Bye"], params)
+    got = predict(golden_model, processor, ["Hello", [1, 2], [{"foo": 1}], "Bye"], params, batch_size=2,
+                  on_error="record")
+    assert [p.error for p in got] == [None, f"prompts[1] {JUNK_LIST}", f"prompts[2] {JUNK_DICT}", None]
+    assert [p.response for p in (got[0], got[3])] == [p.response for p in want]
+    assert got[1].prompt == "[1, 2]" and got[2].response == ""
+    for prompts, error in ((["Hello", [1, 2]], f"prompts[1] {JUNK_LIST}"), ([[{"foo": 1}]], f"prompts[0] {JUNK_DICT}")):
+        with pytest.raises(ValueError) as e:
+            predict(golden_model, processor, prompts, params)
+        assert str(e.value) == error
+    with pytest.raises(ValueError) as e:  # the processor says it too, naming the prompt of a batch
+        processor(["Hello", [1, 2]])
+    assert str(e.value) == f"the prompt (prompt 2 of the 2 in the batch) {JUNK_LIST}"

@@ -51,3 +51,66 @@ def test_compile_without_a_cpp_compiler_is_one_line_before_the_weights_load(tmp_
     with pytest.raises(FileNotFoundError, match="needs a C\\+\\+ compiler"):
         generation.compiled_decode_step("cpu")
     generation.require_cpp_compiler(torch.device("cuda").type)  # only CPUs' code is C++
+
+
+def test_the_up_front_image_note_gives_the_reason_of_the_rows_own_error(tmp_path, golden_dir, capsys):
+    # the check before the weights load said "image not found" for a file: URL, and "cannot read image ... [Errno
+    # 21] Is a directory" or "... cannot identify image file" where the row then said what was really wrong
+    import os
+    import shutil
+
+    from qwenvl.images import MediaPolicy
+    from qwenvl.inference_cli import bad_prompt_images
+
+    media = tmp_path / "media"
+    media.mkdir()
+    shutil.copy(golden_dir / "images" / "cat.png", media / "cat.png")
+    (media / "folder.png").mkdir()
+    (media / "empty.png").write_bytes(b"")
+    (media / "notes.png").write_text("not a picture")
+    os.symlink("loop-b.png", media / "loop-a.png")
+    os.symlink("loop-a.png", media / "loop-b.png")
+    images = ["file:cat.png", "folder.png", "empty.png", "notes.png", "loop-a.png", "cat.png/inside.png",
+              "https://example.com/cat.png", "data:image/png;base64,AAA", "a</img>b.png"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"image": p, "text": "What is it?"}) + "\n" for p in ["cat.png", *images]))
+    out = tmp_path / "answers.jsonl"
+    for any_path in ("true", "false"):
+        assert cli.main(["predict", "--model", str(golden_dir), "--dtype", "float32", "--device", "cpu", "--jsonl",
+                         str(prompts), "--output", str(out), "--overwrite", "--image_dir", str(media),
+                         "--allow_any_local_path", any_path, "--max_new_tokens", "1"]) == 2
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert "error" not in rows[0] and all("error" in row for row in rows[1:])
+        note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: prompt 2 of"))
+        assert note == (f"note: prompt 2 of 10: {rows[1]['error']} (9 prompts have a bad image); answering the "
+                        "others (the bad ones become rows with an 'error' field)")
+        bad = bad_prompt_images([[{"image": p}] for p in ["cat.png", *images]], MediaPolicy(media, any_path == "true"))
+        assert [k for k, _ in bad] == list(range(2, 11))
+        assert [problem for _, problem in bad[:-1]] == [row["error"] for row in rows[1:-1]]
+        # a path that no <img> span can hold: the same reason, said as the prompt's words cannot show it
+        assert "'</img>'" in rows[-1]["error"] and bad[-1][1] == ("image path 'a</img>b.png' holds the special token "
+                                                                  "</img>: a prompt cannot show it (<img>PATH</img>)")
+
+
+@pytest.mark.parametrize(("row", "error"), [
+    ({"query": [1, 2]}, "'query' is a list, but its item 0 is 1, not a dict: a prompt is a string, a list-format list "
+                        "or a list of messages (list format: [{'image': PATH}, {'text': TEXT}], messages: [{'role': "
+                        "'user', 'content': TEXT or list format}])"),
+    ({"messages": [{"foo": 1}]}, "'messages' is a list, but its item 0 is {'foo': 1}, with none of the keys 'role', "
+                                 "'image', 'text' or 'box': a prompt is a string, a list-format list or a list of "
+                                 "messages (list format: [{'image': PATH}, {'text': TEXT}], messages: [{'role': "
+                                 "'user', 'content': TEXT or list format}])"),
+])
+def test_predict_names_the_row_whose_prompt_is_a_list_of_junk(tmp_path, golden_dir, capsys, monkeypatch, row, error):
+    # the row reached the processor after the weights had loaded, and its error row said only "unsupported
+    # list-format element (expected a dict): 1"
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(inference, "load", no_load)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps(row) + "\n")
+    assert cli.main(["predict", "--model", str(golden_dir), "--jsonl", str(prompts), "--output",
+                     str(tmp_path / "out.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {prompts}:2: {error}"
+    assert not (tmp_path / "out.jsonl").exists()

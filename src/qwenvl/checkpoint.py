@@ -58,6 +58,7 @@ __all__ = [
     "load_state_dict",
     "load_weights",
     "parse_size",
+    "refuse_adapter_folder",
     "save_pretrained",
 ]
 
@@ -71,6 +72,7 @@ SAFE_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 VOCAB_NAME = "qwen.tiktoken"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # peft's: a LoRA adapter folder (qwenvl.train.lora), not a checkpoint
 BUNDLED_VOCAB = Path(__file__).resolve().parent / "vocab" / VOCAB_NAME
 
 MAX_LISTED_PROBLEMS = 20
@@ -142,6 +144,21 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
+def refuse_adapter_folder(ckpt_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointError`, saying how to use it, when ``ckpt_dir`` is a LoRA adapter folder (peft's
+    ``adapter_config.json`` and adapter weights, no model weights) given where a model checkpoint belongs: it was
+    "no config.json in DIR". A checkpoint folder that also holds an adapter's files loads as the checkpoint."""
+    path = Path(ckpt_dir)
+    weights = (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, BIN_WEIGHTS_NAME, BIN_INDEX_NAME)
+    if not (path / ADAPTER_CONFIG_NAME).is_file() or any((path / name).is_file() for name in weights):
+        return
+    raise CheckpointError(
+        f"{path} is a LoRA adapter ({ADAPTER_CONFIG_NAME}, no model weights), not a checkpoint: merge it into the "
+        f"checkpoint it was trained from with `qwenvl convert BASE OUT --merge_lora --adapter {path}` "
+        "(qwenvl.train.lora.merge_lora in Python), then use OUT"
+    )
+
+
 def locate_weights(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
     """Weight files of a checkpoint (in order) and the index's weight_map (None for a single file)."""
     path = Path(ckpt_dir)
@@ -151,6 +168,7 @@ def locate_weights(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[s
         raise CheckpointError(f"{path} is a file, not a checkpoint folder (nor a .safetensors or .bin weights file)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
+    refuse_adapter_folder(path)
     for single, index_name in ((SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME), (BIN_WEIGHTS_NAME, BIN_INDEX_NAME)):
         if (path / single).is_file():
             return [path / single], None

@@ -209,7 +209,7 @@ def _log_first_call(fn: Callable, what: str) -> Callable:
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images: torch.Tensor | None,
                  vocab_size: int) -> None:
     """Raise ``ValueError`` naming what is wrong with generation inputs that the model would take silently (right
-    padding, ids out of range, unnormalized pixels) or fail on deep inside (wrong shapes or dtypes)."""
+    padding, ids out of range, NaN or infinite pixels) or fail on deep inside (wrong shapes or dtypes)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
         raise ValueError(f"input_ids must be an integer tensor (batch, tokens), got {describe_value(input_ids)}")
     b, t = input_ids.shape
@@ -232,6 +232,12 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, i
                                or not images.dtype.is_floating_point):
         raise ValueError(f"images must be float pixels (images, 3, height, width) as the processor makes them, got "
                          f"{describe_value(images)}")
+    if images is not None and images.numel():  # NaN/inf pixels give a garbage answer, silently
+        bad = (~torch.isfinite(images).flatten(1).all(1)).nonzero()
+        if bad.numel():
+            more = f" (so do {bad.numel() - 1} other image(s))" if bad.numel() > 1 else ""
+            raise ValueError(f"images[{int(bad[0])}] holds NaN or infinite pixel values{more}: pass finite pixels, "
+                             "as the processor makes them")
 
 
 def stream_tokens(

@@ -180,8 +180,9 @@ def open_image(fp: str | os.PathLike[str] | BinaryIO, name: str | None = None) -
     return Image.open(fp, formats=[f for f in Image.OPEN if f not in _NOT_READ])
 
 
-def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
-    """Open and fully decode; every PIL failure becomes an ImageError naming ``name``."""
+def _open(fp: BinaryIO, name: str, max_pixels: int, decode: bool = True) -> Image.Image:
+    """Open and fully decode (the header only without ``decode``); every PIL failure becomes an ImageError naming
+    ``name``."""
     try:
         with warnings.catch_warnings():
             # We check the size ourselves below with a clear message; PIL's warning would only be noise.
@@ -193,7 +194,8 @@ def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
                     f"image {name} is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels} "
                     "(a decompression bomb?)"
                 )
-            img.load()  # decode now, so a truncated or corrupt file fails here and not inside the model
+            if decode:
+                img.load()  # decode now, so a truncated or corrupt file fails here and not inside the model
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
@@ -258,27 +260,32 @@ def check_image(
     *,
     max_pixels: int = MAX_IMAGE_PIXELS,
     policy: MediaPolicy | None = None,
+    decode: bool = True,
 ) -> tuple[int, int]:
     """Decode ``src`` fully (as :func:`load_image`, without the RGB conversion) and return its (width, height).
 
-    For checks made before long work: a truncated or corrupt file fails here, not hours later.
+    For checks made before long work: a truncated or corrupt file fails here, not hours later. ``decode=False``
+    reads the header only (milliseconds, for thousands of images): every refusal :func:`load_image` makes, with
+    its message, but for pixel data that turns out truncated or corrupt.
     """
-    img, name = _open_source(src, base_dir, max_pixels, policy)
+    img, name = _open_source(src, base_dir, max_pixels, policy, decode)
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
     return img.size
 
 
 def _open_source(
-    src: ImageSource, base_dir: str | os.PathLike | None, max_pixels: int, policy: MediaPolicy | None
+    src: ImageSource, base_dir: str | os.PathLike | None, max_pixels: int, policy: MediaPolicy | None,
+    decode: bool = True,
 ) -> tuple[Image.Image, str]:
-    """The decoded image of any source kind, and its name for messages."""
+    """The decoded image of any source kind (opened, its header read, without ``decode``), and its name for
+    messages."""
     if isinstance(src, Image.Image):
         return src, "<PIL image>"
     if isinstance(src, (bytes, bytearray)):
         if not src:
             raise ImageError("image bytes are empty (zero size)")
-        return _open(io.BytesIO(bytes(src)), _describe(src), max_pixels), _describe(src)
+        return _open(io.BytesIO(bytes(src)), _describe(src), max_pixels, decode), _describe(src)
     if not isinstance(src, (str, os.PathLike)):
         raise ImageError(f"cannot load an image from a {type(src).__name__}: pass a path, bytes, or a PIL image")
     text = os.fsdecode(os.fspath(src))
@@ -293,7 +300,7 @@ def _open_source(
         data = _decode_data_url(text)
         if not data:
             raise ImageError("data URL holds no data (zero size)")
-        return _open(io.BytesIO(data), _describe(text), max_pixels), _describe(text)
+        return _open(io.BytesIO(data), _describe(text), max_pixels, decode), _describe(text)
     if not text:
         raise ImageError("empty image path")
     if policy is None:
@@ -312,7 +319,7 @@ def _open_source(
         raise ImageError(f"cannot read image {shown(str(path))}: {e.strerror or e}") from e
     try:
         with path.open("rb") as fp:  # closed even when decoding fails; the pixels are loaded before it closes
-            img = _open(fp, str(path), max_pixels)
+            img = _open(fp, str(path), max_pixels, decode)
     except ImageError:
         raise
     except OSError as e:

@@ -18,7 +18,7 @@ from .generation import STOP_IDS, SamplingParams, TextStream, sampling_params, s
 from .hardware import pick_device  # noqa: F401 (qwenvl.inference.pick_device, as before)
 from .images import ImageSource
 from .model import QwenVL
-from .processor import Processor
+from .processor import Processor, prompt_problem
 from .tokenizer import image_path_problem
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,11 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     the returned model is for inference only. On the CPU, a model whose weights the machine's available
     memory cannot hold is refused before any is read (:func:`check_memory`: ValueError saying what int8 needs).
     """
+    from .checkpoint import refuse_adapter_folder
     from .quantize import optimize_for_inference
 
     model_dir = require_folder(model_dir)
+    refuse_adapter_folder(model_dir)  # before anything slow: it has no config.json
     device = pick_device(device)
     compute = resolve_dtype(dtype, device)
     if config is None:
@@ -185,9 +187,9 @@ def iter_predict(
 
 
 def _type_errors(prompts: list[Any], start: int = 0) -> dict[int, str]:
-    """The errors of the ``prompts`` (``prompts[start:]`` of the caller's) that are not even of a prompt's type."""
-    return {k: f"prompts[{start + k}] is of type {type(p).__name__}, not a prompt: a prompt is a string, a list-format "
-               "list or a list of messages" for k, p in enumerate(prompts) if not isinstance(p, (str, list))}
+    """The errors of the ``prompts`` (``prompts[start:]`` of the caller's) that are not even of a prompt's form
+    (:func:`qwenvl.processor.prompt_problem`: a None, an int, a list of numbers)."""
+    return {k: f"prompts[{start + k}] {problem}" for k, p in enumerate(prompts) if (problem := prompt_problem(p))}
 
 
 def _iter_predict(model: QwenVL, processor: Processor, prompts: list[Any], params: SamplingParams, batch_size: int,

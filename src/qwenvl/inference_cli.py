@@ -169,7 +169,11 @@ def run_info(args: argparse.Namespace) -> int:
         raise ValueError("give a checkpoint folder or --preset NAME (one of them)")
     if args.checkpoint:
         require_folder(args.checkpoint)
+    from .checkpoint import refuse_adapter_folder
     from .model.summary import describe  # torch: after the checks
+
+    if args.checkpoint:
+        refuse_adapter_folder(args.checkpoint)
     info = describe(args.checkpoint or QwenVLConfig.from_preset(args.preset))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -274,9 +278,13 @@ def _prompt_of_record(rec: Any, where: str) -> Any:
     if kind and ignored:  # a row is one prompt: another field beside a whole prompt was silently dropped
         raise ValueError(f"{where}: a row with {kind!r} is the whole prompt: {', '.join(map(repr, ignored))} would be "
                          "ignored (a row has one of 'messages', 'prompt', 'query' or 'image'/'text')")
+    from .processor import prompt_problem  # torch-free: said before the weights load
+
     if "messages" in rec:
         if not isinstance(rec["messages"], list):
             raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} messages")
+        if problem := prompt_problem(rec["messages"]):  # [1, 2] failed in the processor, on "list-format element 1"
+            raise ValueError(f"{where}: 'messages' {problem}")
         return rec["messages"]
     if "prompt" in rec:
         if not isinstance(rec["prompt"], str):
@@ -285,9 +293,12 @@ def _prompt_of_record(rec: Any, where: str) -> Any:
     if "query" in rec:
         if not isinstance(rec["query"], (str, list)):
             raise ValueError(f"{where}: 'query' must be a string or a list-format list, got {rec['query']!r:.80}")
+        if problem := prompt_problem(rec["query"]):
+            raise ValueError(f"{where}: 'query' {problem}")
         return rec["query"]
     if "text" not in rec and "image" not in rec:
-        raise ValueError(f"{where}: needs 'text' (and optionally 'image'), 'prompt', 'query' or 'messages'")
+        training = " ('conversations' is a training record, for qwenvl finetune)" if "conversations" in rec else ""
+        raise ValueError(f"{where}: needs 'text' (and optionally 'image'), 'prompt', 'query' or 'messages'{training}")
     images = [] if rec.get("image") is None else rec["image"]
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
@@ -342,31 +353,25 @@ def prompt_images(prompts: list[Any], policy: Any) -> dict[str, Path]:
 
 
 def bad_prompt_images(prompts: list[Any], policy: Any) -> list[tuple[int, str]]:
-    """(prompt number from 1, problem) for every prompt naming a local image that ``policy``
-    (:class:`qwenvl.images.MediaPolicy`) refuses, that does not exist, or whose header PIL cannot read (the
-    header only: seconds for thousands of images). Meant for before the weights load."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .images import ImageError, open_image
+    """(prompt number from 1, problem) for every prompt naming an image that its answer would fail on: a path no
+    ``<img>`` span can hold, or one that :func:`qwenvl.images.check_image` refuses under ``policy``
+    (:class:`qwenvl.images.MediaPolicy`) with the header only (seconds for thousands of images), with the message
+    the prompt's own error then gives. Meant for before the weights load."""
+    from .images import ImageError, check_image, shown
+    from .tokenizer import image_path_problem
 
     bad: list[tuple[int, str]] = []
     for k, prompt in enumerate(prompts, 1):
         for ref in _image_refs(prompt):
-            if ref.lower().startswith(("data:", "http://", "https://")):
-                continue  # not a file: the processor says what is wrong with it
+            problem = image_path_problem(ref)  # what the tokenizer refuses first: '</img>', too long
+            if problem:
+                bad.append((k, f"image path {shown(ref)} {problem}: a prompt cannot show it (<img>PATH</img>)"))
+                break
             try:
-                path = policy.resolve(ref)
-                with open_image(path) as im:
-                    im.size  # noqa: B018 (the header is read: a text file named .jpg fails here)
-                continue
-            except ImageError as e:  # refused by the media policy, or PostScript
-                problem = str(e)
-            except FileNotFoundError:
-                problem = f"image not found: {path}"
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-                problem = f"cannot read image {path}: {e}"
-            bad.append((k, problem))
-            break
+                check_image(ref, policy=policy, decode=False)
+            except ImageError as e:
+                bad.append((k, str(e)))
+                break
     return bad
 
 
@@ -451,9 +456,11 @@ def run_predict(args: argparse.Namespace) -> int:
     _check_images_first(prompts, policy, per_row=bool(args.jsonl))
     require_folder(opts["load_checkpoint"])
     # torch and the model code load only now, after the input checks (which need neither): bad input is said at once
+    from .checkpoint import refuse_adapter_folder
     from .config import QwenVLConfig
     from .inference import iter_predict, load
 
+    refuse_adapter_folder(opts["load_checkpoint"])  # else "no config.json in DIR"
     config = QwenVLConfig.from_pretrained(opts["load_checkpoint"])
     params = _sampling(config, opts, greedy_default=True)  # before the weights: a bad value is said at once
     refuse_unused_sampling_flags(args, params)
@@ -567,9 +574,11 @@ def run_chat(args: argparse.Namespace) -> int:
     require_folder(args.load_checkpoint)
     if args.image_dir:  # else every :image would be "not found" under it
         require_folder(args.image_dir, "--image_dir folder")
+    from .checkpoint import refuse_adapter_folder
     from .config import QwenVLConfig
     from .inference import ChatSession, ConversationTooLong, chat_params, load  # torch: after the checks
 
+    refuse_adapter_folder(args.load_checkpoint)
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p",
                                           "top_k", "repetition_penalty", "seed")}
     config = QwenVLConfig.from_pretrained(args.load_checkpoint)
@@ -718,10 +727,12 @@ def run_convert(args: argparse.Namespace) -> int:
         require_peft("--merge_lora")
     if not Path(source).exists():  # said before torch loads (seconds)
         raise FileNotFoundError(f"checkpoint not found: {source}")
-    from .checkpoint import parse_size
+    from .checkpoint import parse_size, refuse_adapter_folder
     from .mindformers import convert as convert_mindspore
     from .mindformers import is_mindspore_path
     from .outputs import check_output_file, check_separate, claim_output
+
+    refuse_adapter_folder(source)  # `convert ADAPTER OUT`: the adapter goes with --adapter, SOURCE is its base
 
     if args.max_shard_size is not None and is_mindspore_path(output):
         raise ValueError("--max_shard_size does not apply: a MindSpore .ckpt is written as one file")

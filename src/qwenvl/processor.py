@@ -19,16 +19,18 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, QwenVLConfig
 from .images import ImageSource, MediaPolicy, load_image, pixel_values
 from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
 
-__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "ModelInputs", "Processor"]
+if TYPE_CHECKING:  # torch loads where tensors are made: checking prompts (the CLI, before the weights) does not need it
+    import torch
+
+__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "PROMPT_KINDS", "ModelInputs", "Processor", "prompt_problem"]
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
@@ -45,6 +47,30 @@ _ASSISTANT_SPECIAL_TOKENS = tuple(t for t in IMAGE_SPECIAL_TOKENS if t not in ("
 Prompt = str | list[Any]
 
 
+PROMPT_KINDS = "a prompt is a string, a list-format list or a list of messages"
+_ITEM_KEYS = ("role", "image", "text", "box")  # what marks a message, or a list-format item
+
+
+def prompt_problem(prompt: object) -> str | None:
+    """Why ``prompt`` is no prompt at all (checked before anything is tokenized: the words of a predicate, to
+    follow the prompt's name), or None. A prompt is a string, or a list of dicts each of which is a message
+    (``role``) or a list-format item (``image``, ``text``, ``box``); what those hold is checked where it is read."""
+    if isinstance(prompt, str):
+        return None
+    if not isinstance(prompt, list):
+        return f"is of type {type(prompt).__name__}, not a prompt: {PROMPT_KINDS}"
+    for k, item in enumerate(prompt):
+        if not isinstance(item, dict):
+            wrong = f"{item!r:.60}, not a dict"
+        elif not any(key in item for key in _ITEM_KEYS):
+            wrong = f"{item!r:.60}, with none of the keys 'role', 'image', 'text' or 'box'"
+        else:
+            continue
+        return (f"is a list, but its item {k} is {wrong}: {PROMPT_KINDS} (list format: [{{'image': PATH}}, "
+                "{'text': TEXT}], messages: [{'role': 'user', 'content': TEXT or list format}])")
+    return None
+
+
 def _is_messages(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(m, dict) for m in items) and any("role" in m for m in items)
 
@@ -56,6 +82,8 @@ class ModelInputs(dict[str, Any]):  # Any so that model(**inputs) type-checks
 
     def to(self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None,
            non_blocking: bool = False) -> ModelInputs:
+        import torch
+
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         return ModelInputs({k: v.to(device=device, dtype=dtype if v.is_floating_point() else None,
@@ -198,6 +226,8 @@ class Processor:
         padding True or "longest" (always, on the left); False or "do_not_pad" only when the prompts have one
         length (a tensor needs it); truncation False or None (a prompt is never cut: its image spans would break).
         """
+        import torch
+
         if return_tensors != "pt":
             raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
         if not (isinstance(padding, bool) or padding in ("longest", "do_not_pad")):
@@ -209,9 +239,12 @@ class Processor:
         prompts = self._split_batch(text)
         rows = []
         for k, prompt in enumerate(prompts):
+            where = f" (prompt {k + 1} of the {len(prompts)} in the batch)" if len(prompts) > 1 else ""
+            problem = prompt_problem(prompt)
+            if problem:  # else the tokenizer's words about one list-format element ("expected a dict: 1")
+                raise ValueError(f"the prompt{where} {problem}")
             ids = self._prompt_ids(prompt)
             if not ids:
-                where = f" (prompt {k + 1} of the {len(prompts)} in the batch)" if len(prompts) > 1 else ""
                 raise ValueError(f"empty prompt{where}: there is nothing to condition on")
             rows.append(ids)
         spans = [path for ids in rows for path in self.tokenizer.image_paths(ids)]
