@@ -173,7 +173,7 @@ def test_a_body_that_never_arrives_is_answered_408(golden_model, processor):
     engine = make_engine(golden_model, processor, max_batch_size=1)
     settings = ServeSettings(model_name=MODEL_NAME, request_body_timeout=0.5)
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 1000\r\n\r\n"
     )
     with running(engine, processor, settings) as r:

@@ -90,6 +90,10 @@ def test_a_real_server_process(golden_dir):
         got = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                         temperature=0)
         assert got.usage.completion_tokens == 4
+        # on 127.0.0.1 by default only this machine's names are answered (DNS rebinding)
+        refused = httpx.get(url + "/v1/models", headers={"Host": "evil.example"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "host_not_allowed", refused.text
+        assert httpx.get(url + "/v1/models", headers={"Host": "localhost:1"}).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -32,7 +32,7 @@ def test_a_repetition_penalty_float32_cannot_hold_answers(server):
     """repetition_penalty=5e-324 passed "> 0" but is 0 in float32: logits / 0 gave NaN probabilities and a 500
     ("probability tensor contains either inf, nan ...") from the engine; 1e300 is inf there. Both act as the
     nearest float32."""
-    for value in (5e-324, 1e-46, "1e-300", 1e300):
+    for value in (5e-324, 1e-46, 1e-300, 1e300):
         r = post(server, "/chat/completions", chat(repetition_penalty=value, temperature=1, seed=0))
         assert r.status_code == 200, r.text
         r = post(server, "/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3,
@@ -112,7 +112,7 @@ def test_requests_beyond_the_slots_and_the_queue_are_refused_before_their_bodies
     max_batch_size + max_queue requests with a body are in progress; one more is answered 429 at once, and
     requests without a body (/health probes) still get through."""
     engine = make_engine(golden_model, processor, max_batch_size=1, max_queue=1)
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n")
     with running(engine, processor) as r:
         uploads = [raw(r.url, head + b'{"model": "') for _ in range(2)]  # bodies still arriving
@@ -202,15 +202,50 @@ def test_a_prompt_with_more_image_spans_than_allowed_is_refused_before_tokenizin
 
 def test_stream_options_without_stream_are_refused(server):
     """stream_options on a request that is not streamed was taken silently (include_usage then changed nothing);
-    OpenAI and vLLM answer 400. ``stream`` is read as vLLM reads it (pydantic): "yes", "true", 1 stream."""
+    OpenAI and vLLM answer 400."""
     completion = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3}
     for path, body in (("/chat/completions", chat()), ("/completions", completion)):
-        for stream in ({}, {"stream": False}, {"stream": None}, {"stream": 0}, {"stream": "no"}):
+        for stream in ({}, {"stream": False}, {"stream": None}):
             error = error_of(post(server, path, {**body, **stream, "stream_options": {"include_usage": True}}))
             assert error["param"] == "stream_options" and "stream is true" in error["message"], (path, stream, error)
         assert post(server, path, {**body, "stream_options": None}).status_code == 200
-        for stream in (True, "yes", "true", 1):
-            r = post(server, path, {**body, "stream": stream, "stream_options": {"include_usage": True}})
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
-            assert '"usage": {"prompt_tokens"' in r.text and r.text.endswith("data: [DONE]\n\n")
+        r = post(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+        assert '"usage": {"prompt_tokens"' in r.text and r.text.endswith("data: [DONE]\n\n")
         assert error_of(post(server, path, {**body, "stream": 2}))["param"] == "stream"
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(server, processor, monkeypatch):
+    """15 MiB of plain text was tokenized whole (4 s of words, 19 s of one repeated letter) before the context
+    check refused it. A token stands for at most 128 bytes (Qwen's longest, a run of spaces), a character is at
+    least one byte: more than 128 x 1024 characters cannot fit this server's context of 1024, and are refused
+    untokenized. A history turn that cannot fit is dropped, with the older ones, untokenized. The bound never
+    refuses a prompt that fits: 1022 tokens of 128 spaces do, with a 2-token answer."""
+    encoded = []
+    encode = processor.tokenizer.encode
+    monkeypatch.setattr(processor.tokenizer, "encode",
+                        lambda text, *a, **kw: (encoded.append(len(text)), encode(text, *a, **kw))[1])
+    too_long = " " * (128 * 1024 + 1)
+    error = error_of(post(server, "/completions", {"model": MODEL_NAME, "prompt": too_long}))
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt", error
+    assert "131073 characters" in error["message"] and "at most 128 bytes" in error["message"], error
+    error = error_of(post(server, "/chat/completions", chat(too_long)))
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages", error
+    assert encoded == []
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+               {"role": "user", "content": [{"type": "text", "text": too_long}]}, {"role": "assistant", "content": "c"},
+               {"role": "user", "content": "d"}, {"role": "assistant", "content": too_long},
+               {"role": "user", "content": "hi"}]
+    for messages in (history, [{"role": "system", "content": "s"}, *history]):
+        r = post(server, "/chat/completions", {"model": MODEL_NAME, "max_tokens": 2, "messages": messages})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] < 50, r.text
+    assert max(encoded) < 100, encoded
+    fits = " " * (128 * 1022)
+    r = post(server, "/completions", {"model": MODEL_NAME, "prompt": fits, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 1022, "completion_tokens": 2,
+                                                          "total_tokens": 1024}, r.text
+    # counted as the tokenizer reads it, NFC-normalized: 140000 characters that are 70000 ("e" + U+0301 is "é")
+    encoded.clear()
+    error = error_of(post(server, "/completions", {"model": MODEL_NAME, "prompt": "e\u0301" * 70000}))
+    assert error["code"] == "context_length_exceeded" and "the prompt has" in error["message"], error
+    assert "tokens" in error["message"].split("the prompt has")[1] and encoded == [140000], error

@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.message
 import hmac
 import importlib.resources
+import ipaddress
 import json
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import OpenAPI
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
@@ -40,11 +46,13 @@ from .engine import Request as EngineRequest
 from .media import MediaError, MediaLimits, decode_image, read_image
 from .metrics import ServeMetrics
 
-__all__ = ["APIError", "Server", "ServeSettings", "create_app"]
+__all__ = ["APIError", "Server", "ServeSettings", "create_app", "host_allowed"]
 
 logger = logging.getLogger(__name__)
 
 _SAMPLING_EPS = 1e-5  # a smaller temperature is greedy (vLLM's _SAMPLING_EPS)
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 @dataclass
@@ -58,6 +66,35 @@ class ServeSettings:
     # requests whose images are decoded and resized at once: a picture of max_image_pixels is ~150 MB decoded
     decode_concurrency: int = 4
     media: MediaLimits = field(default_factory=MediaLimits)
+    # Host header names answered besides localhost, *.localhost and loopback IPs (a web page's script reaching a
+    # server on this machine through a name of its own, DNS rebinding, is refused); None: any Host
+    allowed_hosts: tuple[str, ...] | None = ()
+
+
+def host_allowed(host: str, allowed: tuple[str, ...] | None) -> bool:
+    """Whether a request's Host header value (``name``, ``name:port``, ``[v6]:port``) names this machine's
+    loopback (localhost, ``*.localhost``, 127.x.x.x, ::1) or one of ``allowed`` (exact names, ``*.domain`` for its
+    subdomains; ``*`` any; None: any)."""
+    if allowed is None or "*" in allowed:
+        return True
+    host = host.strip().lower()
+    if host.startswith("["):  # [v6] or [v6]:port
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        if ipaddress.ip_address(name).is_loopback:
+            return True
+    except ValueError:
+        pass
+    for pattern in allowed:
+        pattern = pattern.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+        if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
 
 
 class APIError(Exception):
@@ -96,7 +133,8 @@ class _Refused(Exception):
 
 
 class _Guard:
-    """ASGI middleware: refuses bodies over ``limit`` bytes (413, before the app reads them), bodies that take
+    """ASGI middleware: refuses a Host header that is not in ``allowed_hosts`` (400, see :func:`host_allowed`),
+    bodies over ``limit`` bytes (413, before the app reads them), bodies that take
     longer than ``timeout`` seconds to arrive (408: a client that announces a body and sends it slowly or never
     would hold its connection for ever; uvicorn has no such limit) and, while ``busy`` requests with a body wait
     for their answer to start, one more (429, before its body is read: the engine's queue counts only requests
@@ -105,8 +143,10 @@ class _Guard:
     answer in ``qwenvl_requests_total`` by endpoint and status."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int, metrics: ServeMetrics,
-                 endpoints: frozenset[str], timeout: float = 60.0, busy: int | None = None) -> None:
+                 endpoints: frozenset[str], timeout: float = 60.0, busy: int | None = None,
+                 allowed_hosts: tuple[str, ...] | None = None) -> None:
         self.app, self.limit, self.metrics, self.endpoints, self.timeout = app, limit, metrics, endpoints, timeout
+        self.allowed_hosts = allowed_hosts
         self.busy, self.in_progress = busy, 0  # requests with a body (probes have none: never refused)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
@@ -132,6 +172,7 @@ class _Guard:
         has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         try:
             try:
+                self._check_host(headers.get(b"host"))
                 self._check_size(headers)
                 if has_body:
                     if self.busy is not None and self.in_progress >= self.busy:
@@ -145,10 +186,12 @@ class _Guard:
             replayed = False
 
             async def replay() -> dict[str, Any]:
-                nonlocal replayed
+                nonlocal replayed, body
                 if not replayed:
                     replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
+                    message = {"type": "http.request", "body": body, "more_body": False}
+                    body = b""  # not held here for the whole request: the app has it
+                    return message
                 return await receive()  # after the body: the client's disconnect
 
             await self.app(scope, replay, counted_send)
@@ -156,6 +199,15 @@ class _Guard:
             release()
             if status[0]:
                 self.metrics.requests.inc(endpoint=endpoint, status=str(status[0]))
+
+    def _check_host(self, host: bytes | None) -> None:
+        """A request without Host (HTTP/1.0) passes: a browser always sends one."""
+        if host is None or host_allowed(host.decode("latin-1"), self.allowed_hosts):
+            return
+        raise _Refused(400, f"the Host header {shown(host.decode('latin-1'))} is not allowed: this server answers "
+                            "only requests for localhost, a loopback IP or a name of --allowed_hosts (else a web page "
+                            "could reach it through a DNS name of its own); to serve that name, add it to "
+                            "--allowed_hosts (comma-separated; '*': any)", "host_not_allowed")
 
     def _check_size(self, headers: dict[bytes, bytes]) -> None:
         declared = headers.get(b"content-length", b"")
@@ -224,6 +276,9 @@ class _Server:
         self.defaults = engine.model.config.generation
         self.max_model_len = engine.config.max_model_len
         self.decoding = threading.BoundedSemaphore(settings.decode_concurrency)
+        # the most bytes one token stands for (Qwen's vocabulary: 128, a run of spaces): see _check_length
+        tokenizer = processor.tokenizer
+        self.max_token_bytes = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size))))
 
     # ---- turning requests into token ids and pixels ----------------------------------------------------
     def prepare_chat(self, body: protocol.ChatCompletionRequest) -> _Prepared:
@@ -231,6 +286,7 @@ class _Server:
         messages: list[dict[str, Any]] = []
         urls: list[str] = []
         first_of_last = 0  # the question's images are urls[first_of_last:]; the history's count as far as it is kept
+        lengths: list[int] = []  # characters of text per message
         for k, m in enumerate(body.messages):
             first_of_last = len(urls)
             parts = [protocol.TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
@@ -246,7 +302,18 @@ class _Server:
                     items.append({"image": f"image-{len(urls)}"})  # a name only: the pixels come from `urls`
             text_only = "".join(i.get("text", "") for i in items)
             messages.append({"role": m.role, "content": items if m.role == "user" else text_only})
+            lengths.append(len(text_only))
         self._check_image_count(len(urls) - first_of_last)
+        self._check_length(messages[-1]["content"], lengths[-1], "messages")
+        # a turn that cannot fit goes with the older ones before the prompt is built (_fit_history would drop them
+        # all, after tokenizing them)
+        head = 1 if messages[0]["role"] == "system" else 0
+        turns = (len(messages) - head) % 2 == 1 and all(
+            m["role"] == ("assistant" if (k - head) % 2 else "user") for k, m in enumerate(messages) if k >= head)
+        over = [k for k in range(head, len(messages) - 1) if self._cannot_fit(messages[k]["content"], lengths[k])]
+        if over and turns:  # (else the prompt's builder refuses the roles)
+            drop = over[-1] + 2 - (over[-1] - head) % 2  # through the assistant answer of the turn
+            messages = messages[:head] + messages[drop:]
         try:
             messages, ids = self._fit_history(messages, self._answer_room(body))
             spans = len(self.processor.tokenizer.image_paths(ids))
@@ -307,6 +374,7 @@ class _Server:
             prompt = body.prompt_text()
             # each <img> opens a span of 258 ids (or is refused as malformed): counted before tokenizing
             self._check_image_count(prompt.count("<img>"), "prompt")
+            self._check_length(prompt, len(prompt), "prompt")
             ids = self.processor.tokenizer.encode(prompt)
             self._check_room(body, len(ids), "prompt")  # before reading its spans or images
             spans = len(self.processor.tokenizer.image_paths(ids))
@@ -325,6 +393,24 @@ class _Server:
         why = body.unsupported()
         if why is not None:
             raise APIError(400, why, param=why.split(":")[0])
+
+    def _cannot_fit(self, content: Any, chars: int) -> bool:
+        """Whether a text of ``chars`` characters (``content``: a message's, a string or list-format items) has more
+        tokens than the context holds, told without tokenizing it: a token stands for at most max_token_bytes bytes
+        and a character is at least one byte once NFC-normalized, as the tokenizer normalizes it (NFC may merge or
+        split characters, so a long text is counted normalized). Never true of a text that fits."""
+        bound = self.max_model_len * self.max_token_bytes
+        if chars <= bound:
+            return False  # NFC may lengthen it: then the tokenizer and _check_room tell
+        text = content if isinstance(content, str) else "".join(i.get("text", "") for i in content)
+        return len(unicodedata.normalize("NFC", text)) > bound
+
+    def _check_length(self, content: Any, chars: int, param: str) -> None:
+        """Refuse a prompt that cannot fit before tokenizing it: 15 MiB of text took 4 to 19 s of tokenizing."""
+        if self._cannot_fit(content, chars):
+            raise APIError(400, f"this server's context is {self.max_model_len} tokens for prompt and answer; the "
+                                f"prompt has {chars} characters, more than that many tokens hold (a token stands for "
+                                f"at most {self.max_token_bytes} bytes)", code="context_length_exceeded", param=param)
 
     def _check_image_count(self, n: int, param: str = "messages") -> None:
         if n > self.settings.max_images_per_request:
@@ -468,6 +554,39 @@ def _body_problem(content_type: str, missing: bool) -> str:
     return "the request body must be a JSON object ({...})"
 
 
+def _is_json(content_type: str) -> bool:
+    """Whether a body of ``content_type`` is read as JSON: application/json or application/*+json (as FastAPI
+    reads a body; no Content-Type is not JSON)."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return bool(content_type) and message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+async def _parse(http: Request, model: type[_Body]) -> _Body:
+    """The request body as ``model``. Read and parsed here, with the errors FastAPI's body parameter gave, rather
+    than by FastAPI, which kept the parsed JSON for the whole request: fields this server ignores are dropped
+    once validated (20 MiB of ``[{}, {}, ...]`` in one is ~550 MB of Python objects, of ``[[[]], [[]], ...]``
+    ~740 MB). Parsed on the event loop as FastAPI did, so one body at a time. (pydantic's
+    ``model_validate_json`` parses into a tree of its own first: 1.4 GB for those 20 MiB of ``[[]]``.)"""
+    data = b"".join([chunk async for chunk in http.stream()])
+    content_type = http.headers.get("content-type", "")
+    if not data or not _is_json(content_type):
+        raise APIError(400, _body_problem(content_type, missing=not data))
+    try:
+        parsed = json.loads(data)
+    except json.JSONDecodeError:
+        raise APIError(400, "the request body is not valid JSON") from None
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, _unparsable(e)) from None
+    del data
+    try:
+        return model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: the same messages
+    except ValidationError as e:  # answered as FastAPI's validation errors are (see create_app's handler)
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
 def _unparsable(cause: BaseException) -> str:
     if isinstance(cause, RecursionError):
         return "the request body is not valid JSON here: it is nested too deeply"
@@ -508,7 +627,8 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     endpoints = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
     app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints,
                        timeout=settings.request_body_timeout,
-                       busy=engine.config.max_batch_size + engine.config.max_queue)
+                       busy=engine.config.max_batch_size + engine.config.max_queue,
+                       allowed_hosts=settings.allowed_hosts)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> Response:
@@ -588,8 +708,14 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
             raise APIError(404, f"the model {shown(name)} does not exist", code="model_not_found", param="model")
         return model_card()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(body: protocol.ChatCompletionRequest, http: Request) -> Response:
+    def body_of(model: type[BaseModel]) -> dict[str, Any]:  # the request body in /openapi.json (see _parse)
+        schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)],
+              openapi_extra=body_of(protocol.ChatCompletionRequest))
+    async def chat(http: Request) -> Response:
+        body = await _parse(http, protocol.ChatCompletionRequest)
         prepared = await run_in_threadpool(server.prepare_chat, body)
         request, events = server.submit(prepared)
         rid, name = protocol.new_id("chatcmpl"), settings.model_name
@@ -614,8 +740,9 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
             server.stream(request, events, first, lambda t: protocol.chat_chunk(rid, name, {"content": t}), last),
             request)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def complete(body: protocol.CompletionRequest, http: Request) -> Response:
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], openapi_extra=body_of(protocol.CompletionRequest))
+    async def complete(http: Request) -> Response:
+        body = await _parse(http, protocol.CompletionRequest)
         prepared = await run_in_threadpool(server.prepare_completion, body)
         request, events = server.submit(prepared)
         rid, name = protocol.new_id("cmpl"), settings.model_name
@@ -638,6 +765,22 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         return _EventStream(server.stream(request, events, None, lambda t: protocol.completion(rid, name, t), last),
                              request)
 
+    spec = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's, with the request bodies' schemas, which it leaves out as no parameter declares them."""
+        if app.openapi_schema is None:
+            full = spec()
+            schemas = full.setdefault("components", {}).setdefault("schemas", {})
+            for model in (protocol.ChatCompletionRequest, protocol.CompletionRequest):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            # in FastAPI's form (its OpenAPI model, no nulls), as it writes the schemas of the models it sees
+            app.openapi_schema = jsonable_encoder(OpenAPI(**full), by_alias=True, exclude_none=True)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

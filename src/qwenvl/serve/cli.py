@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import socket
 from pathlib import Path
@@ -45,6 +46,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "path through the layers (1, 2, 3, 5, 9, 13, 33 slots, up to --max_batch_size); seconds to "
                         "minutes")
     p.add_argument("--api_key", help="require 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    p.add_argument("--allowed_hosts", metavar="NAMES",
+                   help="comma-separated Host header names answered besides localhost, *.localhost and loopback IPs "
+                        "('*.example.com': its subdomains; '*': any). Default: on a loopback --host (127.0.0.1, "
+                        "::1) only those, so that a web page cannot reach the server through a DNS name of its own "
+                        "(DNS rebinding); on any other --host (e.g. 0.0.0.0) any Host")
     p.add_argument("--allow_remote_images", action="store_true",
                    help="fetch http(s) image URLs (size and time limited); default: only data: URLs")
     p.add_argument("--remote_image_timeout", type=float, default=10.0, metavar="SECONDS",
@@ -78,6 +84,19 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     sock.listen(2048)
     return sock
+
+
+def allowed_hosts(flag: str | None, address: str) -> tuple[str, ...] | None:
+    """ServeSettings.allowed_hosts for ``--allowed_hosts`` ``flag`` on a server bound to ``address`` (an IP):
+    None (any Host) for ``*``, or by default when it is not a loopback address."""
+    if flag is None:
+        return () if ipaddress.ip_address(address.split("%")[0]).is_loopback else None
+    names = tuple(n.strip() for n in flag.split(",") if n.strip())
+    for name in names:  # a Host header's port is not compared: "name:8000" would never match
+        if "/" in name or (":" in name and not name.startswith("[") and name.count(":") == 1):
+            raise ValueError(f"--allowed_hosts: {name!r} is not a host name; give names without scheme, port or path "
+                             "(e.g. example.com,*.example.com)")
+    return None if "*" in names else names
 
 
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
@@ -117,6 +136,11 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from .media import MediaLimits
 
     sock = _listen(args.host, args.port)
+    try:
+        hosts = allowed_hosts(args.allowed_hosts, sock.getsockname()[0])  # the bound IP: "localhost" resolved
+    except ValueError:
+        sock.close()
+        raise
     # the one media policy: file:// image URLs only under --allowed_local_media_path, else no local file
     model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize, allowed_media_dir=root)
     lm = model.config.lm
@@ -134,7 +158,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
         max_request_bytes=args.max_request_bytes, request_body_timeout=args.request_body_timeout,
         max_images_per_request=args.max_images_per_request,
-        max_tokens_cap=args.max_tokens_cap,
+        max_tokens_cap=args.max_tokens_cap, allowed_hosts=hosts,
         media=MediaLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                           allow_remote=args.allow_remote_images, remote_timeout=args.remote_image_timeout),
     )

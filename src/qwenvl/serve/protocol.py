@@ -39,8 +39,10 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# JSON numbers only: not true/false, not "5" (OpenAI's API answers 400; pydantic's lax mode took them as 1, 0, 5). An
+# integer given as 5.0 is 5, as pydantic reads it (1.5 is refused)
 _NUMBERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-            "min_tokens", "seed", "n")
+            "min_tokens", "seed", "n", "presence_penalty", "frequency_penalty", "best_of")
 # null, as OpenAI's spec allows, for fields whose default is not None here: the default
 _NULL_IS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "stream", "min_tokens", "echo")
 
@@ -70,7 +72,7 @@ class Message(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class _Sampling(_Model):
@@ -86,7 +88,7 @@ class _Sampling(_Model):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     n: int = Field(default=1, ge=1)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)  # JSON true/false only (pydantic took "yes", "true", 1)
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -106,17 +108,25 @@ class _Sampling(_Model):
 
     @field_validator(*_NUMBERS, mode="before", check_fields=False)
     @classmethod
-    def _not_a_bool(cls, value: Any) -> Any:
-        """JSON true/false where a number belongs is a flag in the wrong place, not 1 or 0."""
+    def _a_number(cls, value: Any) -> Any:
+        """JSON true/false where a number belongs is a flag in the wrong place, not 1 or 0; "5" is a string."""
         if isinstance(value, bool):
             raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+        if isinstance(value, str):
+            raise PydanticCustomError("str_not_number", "Input should be a number, not a string")
+        return value
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _a_flag_or_count(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, (bool, int)):
+            raise PydanticCustomError("logprobs_type", "Input should be a boolean or an integer")
         return value
 
     @field_validator("stream_options")
     @classmethod
     def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        """As OpenAI and vLLM: options of a stream on a request that is not streamed are a mistake, not a no-op.
-        (``stream`` is read as pydantic and vLLM read it: "yes", "true", 1 are true; "no", 0 false.)"""
+        """As OpenAI and vLLM: options of a stream on a request that is not streamed are a mistake, not a no-op."""
         if value is not None and not info.data.get("stream"):
             raise PydanticCustomError("stream_options_without_stream", "only allowed when stream is true")
         return value
@@ -173,7 +183,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    echo: bool = Field(default=False, strict=True)
     suffix: str | None = None
     best_of: int | None = None
     images: list[str] | None = None  # extension: one image URL per <img></img> span of the prompt
