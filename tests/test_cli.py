@@ -830,3 +830,22 @@ def test_chat_says_the_conversation_is_too_long_and_that_clear_starts_afresh(mon
     assert re.fullmatch(r"error: the message is too long for the context \(\d+ tokens with the system text, the "
                         r"model holds 400\): send a shorter one", errors[1]), err
     assert out.count("assistant> ") == 4
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    # a prefix of a flag was taken as the flag: --dtyp ran as --dtype, --output as data-convert's --output_path
+    (["convert", "a", "b", "--dtyp", "fp16"], "qwenvl convert: error: unrecognized arguments: --dtyp fp16 (did you "
+                                              "mean --dtype?)"),
+    (["info", "ckpt", "--pres", "tiny"], "qwenvl info: error: unrecognized arguments: --pres tiny (did you mean --preset?)"),
+    # an unknown flag was said under qwenvl's own usage, with no hint
+    (["predict", "--modle", "m", "--predict_data", "hi", "--modal_type", "text"],
+     "qwenvl predict: error: unrecognized arguments: --modle m (did you mean --model?)"),
+])
+def test_a_flag_is_spelled_whole_and_an_unknown_one_is_said_by_its_command(capsys, argv, said):
+    from qwenvl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1] == said
+    assert err.startswith(f"usage: qwenvl {argv[0]} ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import logging
 import os
@@ -46,7 +47,23 @@ def said_by_another_process() -> bool:
 
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors under torchrun are printed by one process per node
-    (:func:`said_by_another_process`); the others exit with the same status 2, silently."""
+    (:func:`said_by_another_process`); the others exit with the same status 2, silently. A flag must be spelled
+    whole (``allow_abbrev=False``, as vLLM's parser): ``--dtyp`` was taken as ``--dtype``, so a flag added later
+    with the same prefix would have changed what an old command line meant."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers (build_parser)
+
+    def refuse_unknown(self, extra: Sequence[str]) -> NoReturn:
+        """Exit with argparse's "unrecognized arguments" under this (sub)command's usage, naming the closest
+        flag it has to the first unknown one."""
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        flag = next((a.partition("=")[0] for a in extra if a.startswith("--")), "")
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
     def error(self, message: str) -> NoReturn:
         if said_by_another_process():
@@ -63,7 +80,7 @@ class _Subcommands(argparse._SubParsersAction):
         return super().add_parser(name, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(
         prog="qwenvl",
         description="Qwen-VL in PyTorch: load the official checkpoints, predict, chat, serve, fine-tune, evaluate.",
@@ -74,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):
         module = importlib.import_module(module_name)
         module.add_parser(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 
@@ -139,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if extra and args.command not in TAKES_OVERRIDES:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and args.command not in TAKES_OVERRIDES:  # said under the command's usage, not qwenvl's
+        command_parser = parser.commands.get(args.command)
+        (command_parser if isinstance(command_parser, _Parser) else parser).refuse_unknown(extra)
     module = importlib.import_module(SUBCOMMANDS[args.command])
     try:
         with _terminate_as_interrupt(args.command in TERM_AS_INTERRUPT):
