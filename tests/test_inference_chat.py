@@ -84,3 +84,22 @@ def test_predict_names_a_prompt_that_is_a_list_of_junk(golden_model, golden_dir)
     with pytest.raises(ValueError) as e:  # the processor says it too, naming the prompt of a batch
         processor(["Hello", [1, 2]])
     assert str(e.value) == f"the prompt (prompt 2 of the 2 in the batch) {JUNK_LIST}"
+
+
+def test_chat_session_without_params_uses_the_checkpoints_chat_settings(golden_model, golden_dir, monkeypatch):
+    # ChatSession(model, processor) was a TypeError (params required), where predict and stream_text default
+    import qwenvl.inference as inference
+
+    seen = []
+
+    def fake_stream_text(model, processor, messages, params, *args, **kwargs):
+        seen.append(params)
+        yield "ok"
+
+    monkeypatch.setattr(inference, "stream_text", fake_stream_text)
+    processor = Processor.from_pretrained(golden_dir)
+    processor.chat_format = "chatml"
+    assert ChatSession(golden_model, processor).ask("hi") == "ok"
+    assert seen == [inference.chat_params(golden_model)]
+    mine = SamplingParams(max_new_tokens=1, do_sample=False)
+    assert ChatSession(golden_model, processor, mine).ask("hi") == "ok" and seen[-1] is mine

@@ -349,12 +349,13 @@ class ChatSession:
     """A multi-turn ChatML conversation with pictures; history is trimmed oldest-first by the processor.
 
     A picture is read once, by :meth:`add_image`, and kept (decoded) for the turns that show it: moving or
-    deleting the file later does not change the conversation. :meth:`clear` forgets them.
+    deleting the file later does not change the conversation. :meth:`clear` forgets them. ``params`` defaults to
+    the checkpoint's chat settings (:func:`chat_params`, as ``qwenvl chat`` uses).
     """
 
     model: QwenVL
     processor: Processor
-    params: SamplingParams
+    params: SamplingParams | None = None
     system: str | None = None
     base_dir: str | os.PathLike | None = None
     history: list[tuple[list[dict[str, Any]], str]] = field(default_factory=list)
@@ -427,7 +428,8 @@ class ChatSession:
         typed = {p: self.processor.load_image(p, self.base_dir) for p in dict.fromkeys(shown) if p not in self.images}
         images = [self.images[p] if p in self.images else typed[p] for p in shown]
         pieces = []
-        for delta in stream_text(self.model, self.processor, messages, self.params, self.base_dir, self.compile,
+        params = chat_params(self.model) if self.params is None else self.params
+        for delta in stream_text(self.model, self.processor, messages, params, self.base_dir, self.compile,
                                  images=images):
             pieces.append(delta)
             if on_text is not None:

@@ -231,3 +231,14 @@ def test_repetition_penalty_and_min_tokens_per_request(server, golden_model, pro
     want, _, n = expected_answer(golden_model, processor, ours, [], 24, repetition_penalty=1.8)
     assert want != plain and ask("hi", repetition_penalty=1.8) == (want, n)
     assert ask("hi", repetition_penalty=1.0)[0] == plain
+
+
+def test_a_request_without_model_is_for_the_served_model(server):
+    # "model" was required ("model: Field required"); vLLM answers with the served model, and so do we now
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                       ("/v1/completions", {"prompt": "Hi"})):
+        r = httpx.post(server.url + path, json={**body, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == MODEL_NAME
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "model": "other", "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -387,7 +387,7 @@ class _Server:
         return self._finish(body, prompt, urls, len(urls), STOP_IDS[self.defaults.chat_format])
 
     def _check_common(self, body: protocol.ChatCompletionRequest | protocol.CompletionRequest) -> None:
-        if body.model != self.settings.model_name:
+        if body.model is not None and body.model != self.settings.model_name:
             raise APIError(404, f"the model {shown(body.model)} does not exist; this server serves "
                                 f"{self.settings.model_name!r}", code="model_not_found", param="model")
         why = body.unsupported()

@@ -76,7 +76,7 @@ class StreamOptions(_Model):
 
 
 class _Sampling(_Model):
-    model: str
+    model: str | None = None  # None: the served model (as vLLM; OpenAI's API requires it)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
