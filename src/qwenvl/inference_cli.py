@@ -144,7 +144,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user_role_name", default="user", help="role of the human turns (qwenvl finetune reads only "
                                                              "user/assistant)")
     p.add_argument("--assistant_role_name", default="assistant", help="role of the model's turns")
-    p.add_argument("--image_prefix", default="train2014/COCO_train2014_")
+    p.add_argument("--image_prefix", default="train2014/COCO_train2014_",
+                   help="put before each record's image name: the picture is IMAGE_LOCATION/PREFIX+NAME and the "
+                        "prompt shows PREFIX+NAME (default train2014/COCO_train2014_, LLaVA's COCO names)")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed record instead of skipping it")
     p.add_argument("--tag_in_place", action="store_true",
                    help="put the picture line where <image> stood, as MindFormers' data_convert.py (a trailing "

@@ -294,3 +294,18 @@ def test_a_rank_beyond_a_layers_width_is_warned(make_cfg, tmp_path: Path, caplog
         assert (f"lora_r={r} is larger than min(in, out) of 8 layer(s) with an adapter (smallest: "
                 "transformer.h.0.attn.c_attn, 128 in, 384 out): an adapter's update cannot have a rank above that, so "
                 "the rest adds parameters but no capacity; lower lora_r to 128 or less" in caplog.text) is warned, r
+
+
+def test_a_lora_runs_output_folder_given_as_the_adapter_names_its_adapter_folder(tmp_path):
+    # `convert BASE OUT --merge_lora --adapter runs/lora` said "not an adapter folder" and no more
+    from qwenvl.checkpoint import CheckpointError
+    from qwenvl.train.lora import adapter_folder
+
+    run = tmp_path / "lora"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"not an adapter folder: .* \(the adapter of a LoRA run is in its "
+                                              rf"adapter/ folder: --adapter {run / 'adapter'}\)$"):
+        adapter_folder(run)
+    with pytest.raises(CheckpointError, match=r"it has no adapter_config.json$"):  # no adapter inside: no hint
+        adapter_folder(tmp_path)

@@ -198,8 +198,11 @@ def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
     config = folder / ADAPTER_CONFIG
     try:
         loaded = json.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}") from None
+    except FileNotFoundError:  # a LoRA run's output_dir holds its adapter in adapter/ (checkpoints: checkpoint-N/)
+        inside = [p for p in (folder / "adapter", *sorted(folder.glob("checkpoint-*/adapter")))
+                  if (p / ADAPTER_CONFIG).is_file()]
+        hint = f" (the adapter of a LoRA run is in its adapter/ folder: --adapter {inside[0]})" if inside else ""
+        raise CheckpointError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}{hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {config}: {e}") from None
     if not isinstance(loaded, dict):
