@@ -187,3 +187,19 @@ def test_cli_compile_decodes_with_torch_compile(tmp_path: Path, image_dir: Path,
                            "--no_progress", *flag], capsys)
         assert rc == 0, err
         assert seen == [want, want], seen
+
+
+@pytest.mark.parametrize(("template", "said"), [
+    ("no placeholders", "uses no {image} or {expression}: the model sees no picture"),
+    ("<img>{image}</img> find it", "uses no {expression}: samples of one image get one prompt"),
+])
+def test_cli_a_prompt_template_that_leaves_out_a_field_is_warned_of(tmp_path: Path, image_dir: Path,
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    caplog: pytest.LogCaptureFixture,
+                                                                    template: str, said: str) -> None:
+    # ran without a word: every sample got the same image-less prompt
+    data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10]}])
+    rc, err = run_cli(["eval", "grounding", "--model", str(tmp_path / "no-model"), "--data", str(data),
+                       "--image_dir", str(image_dir), "--prompt", template], capsys)
+    assert rc == 2 and "checkpoint folder not found" in err  # the warning comes before the model is looked for
+    assert f"the prompt template {said}" in caplog.text

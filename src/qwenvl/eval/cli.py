@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,11 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     metric = runners.resolve_vqa_metric(records, args.metric) if task == "vqa" else None
     prompt, protocol = _prompt(args, task)
     runners.fill_prompt(prompt, **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
+    used = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+    unused = [f"{{{k}}}" for k in _PROMPT_FIELDS[task] if k not in used]
+    if unused:  # may be meant (a text-only baseline), but every sample then shares what the field would have said
+        logger.warning("the prompt template uses no %s: %s", " or ".join(unused),
+                       "the model sees no picture" if "{image}" in unused else "samples of one image get one prompt")
     if args.resume_from:  # a file of another run is said now, not after the model loads
         resume = runners.read_resume(args.resume_from, "--resume_from file")
         try:
