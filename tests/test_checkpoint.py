@@ -946,6 +946,9 @@ def test_a_lora_adapter_given_as_the_model_says_how_to_use_it(tmp_path, golden_d
     with pytest.raises(CheckpointError) as e:
         inference.load(adapter)
     assert str(e.value) == said
+    with pytest.raises(CheckpointError) as e:  # the transformers habit: was "no config.json in DIR"
+        QwenVL.from_pretrained(adapter)
+    assert str(e.value) == said
     # with a config.json beside it (copied from the base): the weights are what it lacks
     shutil.copy(golden_dir / "config.json", adapter / "config.json")
     with pytest.raises(CheckpointError) as e:

@@ -353,6 +353,10 @@ class QwenVLConfig:
         if path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt") and path.is_file():  # read as JSON it was
             raise ConfigError(f"{path} is a weights file: give the checkpoint folder that holds it and its config.json")
         if not cfg_file.is_file():
+            if path.is_dir():  # a LoRA adapter folder says so, and how to use it
+                from .checkpoint import refuse_adapter_folder  # here: checkpoint imports this module
+
+                refuse_adapter_folder(path)
             raise FileNotFoundError(f"no config.json in {path}")
         d = _read_json_object(cfg_file)
         gen_file = cfg_file.parent / "generation_config.json"
