@@ -286,7 +286,7 @@ class _Server:
         messages: list[dict[str, Any]] = []
         urls: list[str] = []
         first_of_last = 0  # the question's images are urls[first_of_last:]; the history's count as far as it is kept
-        lengths: list[int] = []  # characters of text per message
+        texts: list[str] = []  # the text of each message (its parts' text, joined)
         for k, m in enumerate(body.messages):
             first_of_last = len(urls)
             parts = [protocol.TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
@@ -302,15 +302,15 @@ class _Server:
                     items.append({"image": f"image-{len(urls)}"})  # a name only: the pixels come from `urls`
             text_only = "".join(i.get("text", "") for i in items)
             messages.append({"role": m.role, "content": items if m.role == "user" else text_only})
-            lengths.append(len(text_only))
+            texts.append(text_only)
         self._check_image_count(len(urls) - first_of_last)
-        self._check_length(messages[-1]["content"], lengths[-1], "messages")
+        self._check_length(texts[-1], "messages")
         # a turn that cannot fit goes with the older ones before the prompt is built (_fit_history would drop them
         # all, after tokenizing them)
         head = 1 if messages[0]["role"] == "system" else 0
         turns = (len(messages) - head) % 2 == 1 and all(
             m["role"] == ("assistant" if (k - head) % 2 else "user") for k, m in enumerate(messages) if k >= head)
-        over = [k for k in range(head, len(messages) - 1) if self._cannot_fit(messages[k]["content"], lengths[k])]
+        over = [k for k in range(head, len(messages) - 1) if self._cannot_fit(texts[k])]
         if over and turns:  # (else the prompt's builder refuses the roles)
             drop = over[-1] + 2 - (over[-1] - head) % 2  # through the assistant answer of the turn
             messages = messages[:head] + messages[drop:]
@@ -374,7 +374,7 @@ class _Server:
             prompt = body.prompt_text()
             # each <img> opens a span of 258 ids (or is refused as malformed): counted before tokenizing
             self._check_image_count(prompt.count("<img>"), "prompt")
-            self._check_length(prompt, len(prompt), "prompt")
+            self._check_length(prompt, "prompt")
             ids = self.processor.tokenizer.encode(prompt)
             self._check_room(body, len(ids), "prompt")  # before reading its spans or images
             spans = len(self.processor.tokenizer.image_paths(ids))
@@ -394,23 +394,23 @@ class _Server:
         if why is not None:
             raise APIError(400, why, param=why.split(":")[0])
 
-    def _cannot_fit(self, content: Any, chars: int) -> bool:
-        """Whether a text of ``chars`` characters (``content``: a message's, a string or list-format items) has more
-        tokens than the context holds, told without tokenizing it: a token stands for at most max_token_bytes bytes
-        and a character is at least one byte once NFC-normalized, as the tokenizer normalizes it (NFC may merge or
-        split characters, so a long text is counted normalized). Never true of a text that fits."""
+    def _cannot_fit(self, text: str) -> bool:
+        """Whether ``text`` (a prompt, or the text of a message's parts) has more tokens than the context holds, told
+        without tokenizing it: a token stands for at most max_token_bytes bytes and a character is at least one byte
+        once NFC-normalized, as the tokenizer normalizes it (NFC may merge or split characters, so a long text is
+        counted normalized). Never true of a text that fits."""
         bound = self.max_model_len * self.max_token_bytes
-        if chars <= bound:
+        if len(text) <= bound:
             return False  # NFC may lengthen it: then the tokenizer and _check_room tell
-        text = content if isinstance(content, str) else "".join(i.get("text", "") for i in content)
         return len(unicodedata.normalize("NFC", text)) > bound
 
-    def _check_length(self, content: Any, chars: int, param: str) -> None:
+    def _check_length(self, text: str, param: str) -> None:
         """Refuse a prompt that cannot fit before tokenizing it: 15 MiB of text took 4 to 19 s of tokenizing."""
-        if self._cannot_fit(content, chars):
+        if self._cannot_fit(text):
             raise APIError(400, f"this server's context is {self.max_model_len} tokens for prompt and answer; the "
-                                f"prompt has {chars} characters, more than that many tokens hold (a token stands for "
-                                f"at most {self.max_token_bytes} bytes)", code="context_length_exceeded", param=param)
+                                f"prompt has {len(text)} characters, more than that many tokens hold (a token stands "
+                                f"for at most {self.max_token_bytes} bytes)", code="context_length_exceeded",
+                           param=param)
 
     def _check_image_count(self, n: int, param: str = "messages") -> None:
         if n > self.settings.max_images_per_request:
