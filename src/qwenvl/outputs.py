@@ -261,7 +261,7 @@ def _claimed_only(folder: Path, marker: Mapping[str, Any]) -> bool:
     found = marker.get("found")
     if marker["files"] or not isinstance(found, list):  # files recorded, or a marker written another way: ours
         return False
-    return set(_foreign_entries(folder)) - {MARKER_FILE} <= {f for f in found if isinstance(f, str)}
+    return set(_foreign_entries(folder)) <= {f for f in found if isinstance(f, str)}
 
 
 def _lock_held(folder: Path) -> bool:
@@ -301,8 +301,9 @@ def record_files(folder: str | os.PathLike[str], names: Iterable[str], command: 
 
 
 def _foreign_entries(folder: Path) -> list[str]:
-    """Entries of a folder that are neither our lock nor our temporary names."""
-    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name))
+    """Entries of a folder that are neither our marker, our lock nor our temporary names."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in (MARKER_FILE, LOCK_FILE)
+                  and not is_temporary(p.name))
 
 
 def _refuse_foreign(folder: Path, entries: list[str], flag: str) -> None:
@@ -459,7 +460,7 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
             marker = None
         if marker is None:
             marking = True  # from here a failure removes our marker (a killed run's too) unless a file is recorded
-            entries = [name for name in _foreign_entries(root) if name != MARKER_FILE]
+            entries = _foreign_entries(root)
             if entries and not overwrite:
                 _refuse_foreign(root, entries, flag)
             _write_marker(root, command, [], found=entries)
@@ -530,7 +531,7 @@ def output_files(folder: str | os.PathLike[str], command: str = "save_pretrained
     marker = read_marker(root)
     if marker is not None and _claimed_only(root, marker) and not _lock_held(root):  # a killed run's claim
         marker = None
-    entries = [name for name in _foreign_entries(root) if name != MARKER_FILE]
+    entries = _foreign_entries(root)
     if marker is None and entries and not overwrite:
         _refuse_foreign(root, entries, "overwrite=True")
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".publish.qwenvl-tmp-"))
