@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import hashlib
 import logging
 import numbers
@@ -338,6 +339,12 @@ class QwenTokenizer:
     @property
     def special_tokens(self) -> dict[str, int]:
         return dict(SPECIAL_TOKENS)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: its longest BPE token's (128 in Qwen's vocabulary, a run of spaces)
+        or special token's. Computed once, from the BPE ranks (converting every id took ~0.1-0.2 s)."""
+        return max(max(map(len, self._enc.token_byte_values())), max(len(s.encode()) for s in SPECIAL_TOKENS))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # transformers' and the official remote code's ``tokenizer(text, return_tensors="pt")``: here the model

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from qwenvl import Processor, QwenVL
 from qwenvl.config import IM_END_ID
 from qwenvl.generation import STOP_IDS
 from qwenvl.serve.app import Server, ServeSettings, create_app
+from qwenvl.serve.connection import server_config
 from qwenvl.serve.engine import Engine, EngineConfig
 
 GOLDEN = "tests/fixtures/qwenvl-tiny"
@@ -50,8 +50,10 @@ def running(engine: Engine, processor: Processor, settings: ServeSettings | None
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    app = create_app(engine, processor, settings or ServeSettings(model_name=MODEL_NAME))
-    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2), engine)
+    settings = settings or ServeSettings(model_name=MODEL_NAME)
+    app = create_app(engine, processor, settings)
+    config = server_config(app, settings.request_body_timeout, log_level="warning", timeout_graceful_shutdown=2)
+    server = Server(config, engine)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

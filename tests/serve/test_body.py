@@ -64,3 +64,37 @@ def test_json_types_are_strict(server):
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (path, extra, r.text)
         r = httpx.post(server.v1 + path, json={**body, "stream": True, "stream_options": {"include_usage": True}})
         assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+
+
+def test_a_union_field_of_a_wrong_type_says_what_it_takes(server):
+    """``{"stop": 5}`` was answered "stop.str: Input should be a valid string" with param "stop.str" (pydantic's
+    name for the union's first branch; a list is as welcome), and a content part's field was named after the part's
+    type too: "messages.0.content.0.image_url.image_url"."""
+    def chat(content="hi", **extra):
+        return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+    completion = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+    strings = "Input should be a string or a list of strings"
+    for path, body, param, message in (
+        ("/chat/completions", chat(stop=5), "stop", strings),
+        ("/chat/completions", chat(stop={"a": 1}), "stop", strings),
+        ("/completions", {**completion, "stop": 5.5}, "stop", strings),
+        ("/completions", {**completion, "stop": ["a", 5]}, "stop.1", "Input should be a valid string"),
+        ("/completions", {**completion, "prompt": 5}, "prompt", strings),
+        ("/completions", {**completion, "prompt": None}, "prompt", strings),
+        ("/chat/completions", chat(5), "messages.0.content", "Input should be a string or a list of content parts"),
+        ("/chat/completions", chat([{"type": "image_url", "image_url": 5}]), "messages.0.content.0.image_url",
+         "Input should be a valid dictionary"),
+        ("/chat/completions", chat([{"type": "image_url", "image_url": {"url": 5}}]),
+         "messages.0.content.0.image_url.url", "Input should be a valid string"),
+        ("/chat/completions", chat([{"type": "image_url"}]), "messages.0.content.0.image_url", "Field required"),
+        ("/chat/completions", chat([{"type": "text", "text": 5}]), "messages.0.content.0.text",
+         "Input should be a valid string"),
+    ):
+        r = httpx.post(server.v1 + path, json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"].startswith(f"{param}: {message}"), (body, error)
+    for stop in ("x", ["x", "y"], None, []):
+        for path, body in (("/chat/completions", chat(stop=stop)), ("/completions", {**completion, "stop": stop})):
+            assert httpx.post(server.v1 + path, json=body, timeout=60).status_code == 200, (path, stop)

@@ -27,7 +27,7 @@ def test_help_lists_the_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--dtype", "--max_batch_size", "--api_key", "--allow_remote_images",
                  "--allowed_local_media_path", "--max_request_bytes", "--max_image_pixels", "--max_tokens_cap",
-                 "--quantize", "--request_body_timeout"):
+                 "--quantize", "--request_body_timeout", "--max_request_bytes_in_flight"):
         assert flag in text, flag
 
 
@@ -47,6 +47,9 @@ def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(golden_dir), "--kv_cache_memory", "0"]) == 2
     assert "--kv_cache_memory must be > 0 GiB" in capsys.readouterr().err
+    assert main(["serve", "--model", str(golden_dir), "--max_request_bytes", "1000",
+                 "--max_request_bytes_in_flight", "999"]) == 2  # a largest body would never fit
+    assert "--max_request_bytes_in_flight must be >= --max_request_bytes (1000), got 999" in capsys.readouterr().err
     for flag in ("--request_body_timeout", "--remote_image_timeout"):  # 0 or less: every download timed out
         for value in ("0", "-1", "nan"):
             assert main(["serve", "--model", str(golden_dir), flag, value]) == 2

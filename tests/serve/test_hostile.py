@@ -11,6 +11,7 @@ import httpx
 
 from qwenvl.serve import app as app_module
 from qwenvl.serve.app import ServeSettings
+from qwenvl.serve.engine import Engine
 
 from .conftest import MODEL_NAME, data_url, make_engine, raw, running
 
@@ -134,6 +135,69 @@ def test_requests_beyond_the_slots_and_the_queue_are_refused_before_their_bodies
         assert again.status_code == 200, again.text
 
 
+def test_the_bytes_of_bodies_held_at_once_are_bounded(golden_model, processor):
+    """Each request's body, up to --max_request_bytes, was held from its arrival until its answer started, with no
+    bound but the count of requests in progress: 96 requests of 20 MiB held 2 GB. A body that would take the bytes
+    held over --max_request_bytes_in_flight is answered 503, at once when its Content-Length says so, else as it
+    arrives; smaller requests still fit, and a client that leaves gives its bytes back."""
+    settings = ServeSettings(model_name=MODEL_NAME, max_request_bytes=100_000, max_request_bytes_in_flight=150_000)
+    big = chat(user="x" * 70_000)  # an ignored field: answered 200 when it fits
+    with running(make_engine(golden_model, processor, max_batch_size=1), processor, settings) as r:
+        assert post(r, "/chat/completions", big).status_code == 200
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        upload = raw(r.url, head + b'{"model": "' + b"x" * 90_000)  # arriving slowly: 90 KB held
+        for _ in range(200):
+            refused = post(r, "/chat/completions", big)
+            if refused.status_code != 200:
+                break
+            time.sleep(0.02)
+        error = error_of(refused, 503)
+        assert error["type"] == "server_error" and error["code"] == "server_busy", error
+        assert "busy" in error["message"] and "\n" not in error["message"], error
+        assert post(r, "/chat/completions", chat()).status_code == 200  # what fits still gets through
+        announced = raw(r.url, head.replace(b"100000", b"70000"))  # refused before a byte of its body is read
+        assert announced.recv(4096).startswith(b"HTTP/1.1 503 ")
+        announced.close()
+        upload.close()  # its bytes are free again
+        for _ in range(200):
+            again = post(r, "/chat/completions", big)
+            if again.status_code != 503:
+                break
+            time.sleep(0.02)
+        assert again.status_code == 200, again.text
+
+
+def test_a_body_is_given_back_once_its_request_is_prepared(golden_model, processor):
+    """The parsed body (its data: URLs above all) is dropped once its request is prepared, and its bytes count no
+    more: a non-streamed answer being generated does not keep a second large request out."""
+    picking = threading.Event()
+    go_on = threading.Event()
+
+    class Held(Engine):
+        def _pick(self, logits, rows):
+            picking.set()
+            go_on.wait(30)
+            return super()._pick(logits, rows)
+
+    settings = ServeSettings(model_name=MODEL_NAME, max_request_bytes=100_000, max_request_bytes_in_flight=100_000)
+    big = chat(user="x" * 70_000)
+    engine = make_engine(golden_model, processor, Held, max_batch_size=2)
+    with running(engine, processor, settings) as r, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(post, r, "/chat/completions", big)
+            assert picking.wait(30)
+            second = pool.submit(post, r, "/chat/completions", big)
+            for _ in range(500):  # until the second is queued for a slot, or answered (503 when refused)
+                if engine.waiting or second.done():
+                    break
+                time.sleep(0.02)
+            assert not second.done(), second.result().text
+        finally:
+            go_on.set()
+        assert first.result().status_code == second.result().status_code == 200
+
+
 def test_images_are_decoded_a_few_requests_at_a_time(golden_model, processor, monkeypatch):
     """Requests were prepared in as many threads as arrived (anyio's 40), each decoding up to
     --max_images_per_request pictures of --max_image_pixels (a 115 KB PNG of 40 M pixels is 150 MB decoded): 40
@@ -249,3 +313,17 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(ser
     error = error_of(post(server, "/completions", {"model": MODEL_NAME, "prompt": "e\u0301" * 70000}))
     assert error["code"] == "context_length_exceeded" and "the prompt has" in error["message"], error
     assert "tokens" in error["message"].split("the prompt has")[1] and encoded == [140000], error
+
+
+def test_the_longest_token_is_not_found_by_converting_every_id(golden_model, processor, monkeypatch):
+    """The bound above (the most bytes one token stands for) was found at every server start by converting all
+    151,851 ids to tokens (~0.2 s); the tokenizer now tells it from its BPE ranks, the same 128."""
+    tokenizer = processor.tokenizer
+    tokens = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+    assert tokenizer.max_token_bytes == max(len(t) for t in tokens) == 128
+
+    def refused(*args):
+        raise AssertionError("every id converted")
+
+    monkeypatch.setattr(type(tokenizer), "convert_ids_to_tokens", refused)
+    app_module.create_app(make_engine(golden_model, processor, max_batch_size=1), processor)

@@ -8,12 +8,14 @@ import json
 
 import httpx
 import openai
+import pytest
 import torch
 from PIL import Image
 
+from qwenvl import Processor
 from qwenvl.generation import STOP_IDS
 
-from .conftest import GROUNDED_ANSWER, MODEL_NAME, data_url, expected_answer
+from .conftest import GROUNDED_ANSWER, MODEL_NAME, data_url, expected_answer, make_engine, running
 
 CAT = "tests/fixtures/qwenvl-tiny/images/cat.png"
 STREET = "tests/fixtures/qwenvl-tiny/images/street.jpg"
@@ -242,3 +244,25 @@ def test_a_request_without_model_is_for_the_served_model(server):
         assert r.json()["model"] == MODEL_NAME
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "model": "other", "max_tokens": 2})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_chat_to_a_base_checkpoint_refuses_what_it_would_drop(golden_model, golden_dir):
+    """A base (chat_format raw) checkpoint is prompted with the last message alone, as the official code does: a
+    system message or earlier turns were dropped with a 200 answer to a question the client did not ask (only the
+    server's log said so). They are refused, naming the messages; one user message is answered as before."""
+    processor = Processor.from_pretrained(golden_dir, allowed_media_dir=None)
+    assert processor.chat_format == "raw"  # the golden checkpoint's generation_config
+    with running(make_engine(golden_model, processor, max_batch_size=1), processor) as r:
+        c = client(r)
+        for messages in ([{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+                         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                          {"role": "user", "content": "And?"}]):
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=3)
+            error = e.value.body
+            assert error["param"] == "messages" and "base checkpoint" in error["message"], error
+            assert f"the {len(messages) - 1} message(s) before it" in error["message"], error
+        question = [{"role": "user", "content": "Hi"}]
+        want, _, _ = expected_answer(golden_model, processor, question, [], 3, STOP_IDS["raw"])
+        got = c.chat.completions.create(model=MODEL_NAME, messages=question, max_tokens=3, temperature=0)
+        assert got.choices[0].message.content == want

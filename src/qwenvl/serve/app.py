@@ -54,6 +54,8 @@ _SAMPLING_EPS = 1e-5  # a smaller temperature is greedy (vLLM's _SAMPLING_EPS)
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
+_RELEASE_BODY = "qwenvl.release_body"  # the scope key of a request's callable that gives its body's bytes back
+
 
 @dataclass
 class ServeSettings:
@@ -61,6 +63,9 @@ class ServeSettings:
     api_key: str | None = None  # clients must send "Authorization: Bearer KEY" to /v1/*
     max_request_bytes: int = 20 * 2**20
     request_body_timeout: float = 60.0  # seconds for a whole request body to arrive (408 after: slowloris)
+    # bytes of request bodies the server holds at once, from their arrival until their requests are prepared (503
+    # past it); None: decode_concurrency x max_request_bytes, as many largest bodies as are decoded at once
+    max_request_bytes_in_flight: int | None = None
     max_images_per_request: int = 4
     max_tokens_cap: int = 2048
     # requests whose images are decoded and resized at once: a picture of max_image_pixels is ~150 MB decoded
@@ -139,15 +144,18 @@ class _Guard:
     would hold its connection for ever; uvicorn has no such limit) and, while ``busy`` requests with a body wait
     for their answer to start, one more (429, before its body is read: the engine's queue counts only requests
     already prepared, so that bodies were otherwise read, parsed and prepared for as many clients as connect; a
-    stream counts until its first chunk, so that clients who read slowly do not keep others out), and counts every
-    answer in ``qwenvl_requests_total`` by endpoint and status."""
+    stream counts until its first chunk, so that clients who read slowly do not keep others out), refuses a body
+    that would take the bytes of bodies held at once over ``budget`` (503: announced or as it arrives; a body is
+    held until the app calls ``scope[_RELEASE_BODY]`` once it no longer holds it, or its answer starts), and counts
+    every answer in ``qwenvl_requests_total`` by endpoint and status."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int, metrics: ServeMetrics,
                  endpoints: frozenset[str], timeout: float = 60.0, busy: int | None = None,
-                 allowed_hosts: tuple[str, ...] | None = None) -> None:
+                 allowed_hosts: tuple[str, ...] | None = None, budget: int | None = None) -> None:
         self.app, self.limit, self.metrics, self.endpoints, self.timeout = app, limit, metrics, endpoints, timeout
         self.allowed_hosts = allowed_hosts
         self.busy, self.in_progress = busy, 0  # requests with a body (probes have none: never refused)
+        self.budget, self.held = budget, 0  # bytes of bodies read and not yet released
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -156,9 +164,23 @@ class _Guard:
         endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
         status = [0]
         counted = False
+        held = 0  # this request's bytes in self.held
+
+        def hold(size: int) -> None:
+            nonlocal held
+            if self.budget is not None and self.held + size > self.budget:
+                raise _Refused(503, f"the server is busy: {self.held} bytes of request bodies are in progress and "
+                                    f"this one would take them over {self.budget}; try again later",
+                               "server_busy", "server_error")
+            self.held, held = self.held + size, held + size
+
+        def unhold() -> None:
+            nonlocal held
+            self.held, held = self.held - held, 0
 
         def release() -> None:
             nonlocal counted
+            unhold()
             if counted:
                 self.in_progress, counted = self.in_progress - 1, False
 
@@ -174,12 +196,17 @@ class _Guard:
             try:
                 self._check_host(headers.get(b"host"))
                 self._check_size(headers)
+                declared = headers.get(b"content-length", b"")
+                if declared.isdigit():  # refused at once if it cannot fit; counted as it arrives
+                    hold(int(declared))
+                    unhold()
                 if has_body:
                     if self.busy is not None and self.in_progress >= self.busy:
                         raise _Refused(429, f"the server is busy: {self.in_progress} requests are in progress; "
                                             "try again later", "rate_limit_exceeded", "rate_limit_exceeded")
                     self.in_progress, counted = self.in_progress + 1, True
-                body = await self._read_body(receive)
+                scope[_RELEASE_BODY] = unhold
+                body = await self._read_body(receive, hold)
             except _Refused as e:
                 await self._refuse(counted_send, e)
                 return
@@ -214,16 +241,16 @@ class _Guard:
         if declared.isdigit() and int(declared) > self.limit:
             raise self._too_large()
 
-    async def _read_body(self, receive: Callable) -> bytes:
-        """The whole body; raises _Refused when it is larger than the limit or has not arrived within the
-        timeout."""
+    async def _read_body(self, receive: Callable, hold: Callable[[int], None]) -> bytes:
+        """The whole body, each chunk passed to ``hold`` as it arrives; raises _Refused when it is larger than the
+        limit or has not arrived within the timeout."""
         try:
-            return await asyncio.wait_for(self._receive_body(receive), self.timeout)
+            return await asyncio.wait_for(self._receive_body(receive, hold), self.timeout)
         except asyncio.TimeoutError:
             raise _Refused(408, f"the request body did not arrive within {self.timeout:g} seconds",
                            "request_timeout") from None
 
-    async def _receive_body(self, receive: Callable) -> bytes:
+    async def _receive_body(self, receive: Callable, hold: Callable[[int], None]) -> bytes:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -233,6 +260,7 @@ class _Guard:
             size += len(chunk)
             if size > self.limit:
                 raise self._too_large()
+            hold(len(chunk))
             chunks.append(chunk)
             more = message.get("more_body", False)
         return b"".join(chunks)
@@ -277,12 +305,18 @@ class _Server:
         self.max_model_len = engine.config.max_model_len
         self.decoding = threading.BoundedSemaphore(settings.decode_concurrency)
         # the most bytes one token stands for (Qwen's vocabulary: 128, a run of spaces): see _check_length
-        tokenizer = processor.tokenizer
-        self.max_token_bytes = max(len(t) for t in tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size))))
+        self.max_token_bytes = processor.tokenizer.max_token_bytes
 
     # ---- turning requests into token ids and pixels ----------------------------------------------------
     def prepare_chat(self, body: protocol.ChatCompletionRequest) -> _Prepared:
         self._check_common(body)
+        if self.processor.chat_format == "raw" and len(body.messages) > 1:
+            # a base checkpoint's prompt is the last user message alone (the official make_context): the rest would
+            # be dropped unseen with a 200, as vLLM refuses chat its model's template cannot write
+            raise APIError(400, "this server's model is a base checkpoint (chat_format raw): it is prompted with the "
+                                f"last message alone, so the {len(body.messages) - 1} message(s) before it would be "
+                                "dropped; send one user message, or the whole prompt to /v1/completions",
+                           param="messages")
         messages: list[dict[str, Any]] = []
         urls: list[str] = []
         first_of_last = 0  # the question's images are urls[first_of_last:]; the history's count as far as it is kept
@@ -320,8 +354,7 @@ class _Server:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         self._check_room(body, len(ids), "messages")
-        # history trimmed to the window (or left out: chat_format "raw" prompts are the query alone) drops the
-        # oldest images
+        # history trimmed to the window drops the oldest images
         kept = urls[len(urls) - spans :] if spans else []
         return self._finish(body, messages, kept, len(urls), STOP_IDS[self.processor.chat_format])
 
@@ -584,7 +617,23 @@ async def _parse(http: Request, model: type[_Body]) -> _Body:
     try:
         return model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: the same messages
     except ValidationError as e:  # answered as FastAPI's validation errors are (see create_app's handler)
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+        raise RequestValidationError([{**err, "loc": ("body", *_input_path(parsed, err))}
+                                      for err in e.errors()]) from None
+
+
+def _input_path(data: Any, error: Any) -> tuple[str | int, ...]:
+    """Where in the request's JSON ``data`` a pydantic ``error`` is: its loc without the names pydantic gives a
+    union's branches ("str", "list[str]", a content part's type: "messages.0.content.0.image_url.image_url"),
+    which are no field of the request; the name of a missing field is kept."""
+    loc, path = error["loc"], []
+    for k, key in enumerate(loc):
+        field = isinstance(data, dict) and isinstance(key, str) and key in data
+        if field or (isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)):
+            data = data[key]
+        elif not (error["type"] == "missing" and k == len(loc) - 1):
+            continue
+        path.append(key)
+    return tuple(path)
 
 
 def _unparsable(cause: BaseException) -> str:
@@ -625,10 +674,16 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
                   lifespan=lifespan, docs_url=None, redoc_url=None,  # no CDN: the docs pages load theirs
                   responses={"4XX": errors, "5XX": {**errors, "description": "failed: OpenAI's error body"}})
     endpoints = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+    budget = settings.max_request_bytes_in_flight
+    if budget is None:
+        budget = settings.decode_concurrency * settings.max_request_bytes
+    if budget < settings.max_request_bytes:
+        raise ValueError(f"max_request_bytes_in_flight ({budget}) must be >= max_request_bytes "
+                         f"({settings.max_request_bytes}): a largest body would never fit")
     app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints,
                        timeout=settings.request_body_timeout,
                        busy=engine.config.max_batch_size + engine.config.max_queue,
-                       allowed_hosts=settings.allowed_hosts)
+                       allowed_hosts=settings.allowed_hosts, budget=budget)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> Response:
@@ -717,15 +772,17 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     async def chat(http: Request) -> Response:
         body = await _parse(http, protocol.ChatCompletionRequest)
         prepared = await run_in_threadpool(server.prepare_chat, body)
+        stream, include_usage = body.stream, _include_usage(body)
+        del body  # its images are pixels now: the bytes of data: URLs are given back
+        _release_body(http)
         request, events = server.submit(prepared)
         rid, name = protocol.new_id("chatcmpl"), settings.model_name
         grounding = _grounding_of(prepared)
 
-        if not body.stream:
+        if not stream:
             done = await server.collect(http, request, events)
             return JSONResponse(protocol.chat_completion(rid, name, done.text, done.reason, done.prompt_tokens,
                                                          done.completion_tokens, grounding(done.text)))
-        include_usage = _include_usage(body)
 
         def last(done: Finished) -> list[dict[str, Any]]:
             g = grounding(done.text)
@@ -744,16 +801,18 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     async def complete(http: Request) -> Response:
         body = await _parse(http, protocol.CompletionRequest)
         prepared = await run_in_threadpool(server.prepare_completion, body)
+        stream, include_usage = body.stream, _include_usage(body)
+        del body
+        _release_body(http)
         request, events = server.submit(prepared)
         rid, name = protocol.new_id("cmpl"), settings.model_name
         grounding = _grounding_of(prepared)
 
-        if not body.stream:
+        if not stream:
             done = await server.collect(http, request, events)
             return JSONResponse(protocol.completion(rid, name, done.text, done.reason,
                                                     protocol.usage(done.prompt_tokens, done.completion_tokens),
                                                     grounding(done.text)))
-        include_usage = _include_usage(body)
 
         def last(done: Finished) -> list[dict[str, Any]]:
             out = [protocol.completion(rid, name, "", done.reason, grounding=grounding(done.text))]
@@ -787,6 +846,13 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
 def _grounding_of(prepared: Any) -> Callable[[str], list[dict[str, Any]] | None]:
     """The grounding extension field of an answer to ``prepared`` (boxes in pixels of its last image)."""
     return lambda text: protocol.grounding_field(text, prepared.image_size, prepared.image_count or None)
+
+
+def _release_body(http: Request) -> None:
+    """Give the request's body bytes back to the server's budget (see _Guard): the request no longer holds them."""
+    release = http.scope.get(_RELEASE_BODY)
+    if release is not None:
+        release()
 
 
 def _include_usage(body: Any) -> bool:

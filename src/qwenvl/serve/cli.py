@@ -58,8 +58,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--allowed_local_media_path", metavar="DIR",
                    help="let requests name image files (file:// URLs) under DIR; default: no local files")
     p.add_argument("--max_request_bytes", type=int, default=20 * 2**20, help="largest request body (default 20 MiB)")
+    p.add_argument("--max_request_bytes_in_flight", type=int, metavar="BYTES",
+                   help="bytes of request bodies held at once, from their arrival until their requests are "
+                        "prepared; a body that would go over is answered 503 (default: 4 x --max_request_bytes, "
+                        "as many largest bodies as are decoded at once)")
     p.add_argument("--request_body_timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="time a request body may take to arrive; a slower one is answered 408 and its connection "
+                   help="time a request's head (request line and headers) may take to arrive, and then its body; "
+                        "a connection with a late head is closed, a late body is answered 408 and its connection "
                         "closed (default 60)")
     p.add_argument("--max_image_bytes", type=int, default=10 * 2**20,
                    help="largest image in bytes: a data: URL's, a download's or a file's (default 10 MiB)")
@@ -102,7 +107,7 @@ def allowed_hosts(flag: str | None, address: str) -> tuple[str, ...] | None:
 def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise ValueError(f"qwenvl serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'qwenvl[serve]'") from e
@@ -110,6 +115,9 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_request_bytes_in_flight is not None and args.max_request_bytes_in_flight < args.max_request_bytes:
+        raise ValueError(f"--max_request_bytes_in_flight must be >= --max_request_bytes ({args.max_request_bytes}), "
+                         f"got {args.max_request_bytes_in_flight}")
     if args.max_model_len is not None and args.max_model_len < 2:  # 0 read as "not given" took the default
         raise ValueError(f"--max_model_len must be >= 2 (a prompt token and an answer token), got {args.max_model_len}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     # torch and the model code load only now (seconds): a mistyped flag or folder is said at once
     from ..inference import load
     from .app import Server, ServeSettings, create_app
+    from .connection import server_config
     from .engine import Engine, EngineConfig, auto_batch_size, slot_bytes
     from .media import MediaLimits
 
@@ -156,7 +165,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     processor.max_window_size = min(processor.max_window_size, config.max_model_len)
     settings = ServeSettings(
         model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
-        max_request_bytes=args.max_request_bytes, request_body_timeout=args.request_body_timeout,
+        max_request_bytes=args.max_request_bytes, max_request_bytes_in_flight=args.max_request_bytes_in_flight,
+        request_body_timeout=args.request_body_timeout,
         max_images_per_request=args.max_images_per_request,
         max_tokens_cap=args.max_tokens_cap, allowed_hosts=hosts,
         media=MediaLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
@@ -168,5 +178,6 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     kv_gib = config.max_batch_size * slot_bytes(model, config.max_model_len) / 2**30
     logger.info("serving %s on http://%s:%d (%d slots of %d positions, KV cache %.2f GiB; chat page at /)",
                 settings.model_name, host, port, config.max_batch_size, config.max_model_len, kv_gib)
-    Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5), engine).run(sockets=[sock])
+    http = server_config(app, settings.request_body_timeout, log_level="info", timeout_graceful_shutdown=5)
+    Server(http, engine).run(sockets=[sock])
     return 0

@@ -47,6 +47,15 @@ _NUMBERS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_
 _NULL_IS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "stream", "min_tokens", "echo")
 
 
+def _string_or_list(value: Any, what: str, nullable: bool = False) -> Any:
+    """``value`` when it is a string or a list (or None where ``nullable``), else an error saying what the field
+    takes: pydantic answered ``"stop": 5`` with its first branch's error alone, "stop.str: Input should be a valid
+    string"."""
+    if isinstance(value, (str, list)) or (nullable and value is None):
+        return value
+    raise PydanticCustomError("string_or_list_type", f"Input should be a string or a list of {what}")
+
+
 class TextPart(_Model):
     type: Literal["text"]
     text: str
@@ -69,6 +78,11 @@ class Message(_Model):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_type(cls, value: Any) -> Any:
+        return _string_or_list(value, "content parts")
 
 
 class StreamOptions(_Model):
@@ -122,6 +136,11 @@ class _Sampling(_Model):
         if value is not None and not isinstance(value, (bool, int)):
             raise PydanticCustomError("logprobs_type", "Input should be a boolean or an integer")
         return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_type(cls, value: Any) -> Any:
+        return _string_or_list(value, "strings", nullable=True)
 
     @field_validator("stream_options")
     @classmethod
@@ -187,6 +206,11 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = None
     images: list[str] | None = None  # extension: one image URL per <img></img> span of the prompt
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_type(cls, value: Any) -> Any:
+        return _string_or_list(value, "strings")
 
     @property
     def answer_limit(self) -> int | None:
