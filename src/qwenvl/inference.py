@@ -351,6 +351,10 @@ class ChatSession:
     A picture is read once, by :meth:`add_image`, and kept (decoded) for the turns that show it: moving or
     deleting the file later does not change the conversation. :meth:`clear` forgets them. ``params`` defaults to
     the checkpoint's chat settings (:func:`chat_params`, as ``qwenvl chat`` uses).
+
+    ``base_dir``: the media folder of this conversation's image paths, as the ``base_dir`` of :func:`stream_text`
+    and :func:`predict`: the processor's media policy applies with this folder in place of its
+    ``allowed_media_dir``; None (default): the processor's own (set it with ``load(..., allowed_media_dir=...)``).
     """
 
     model: QwenVL

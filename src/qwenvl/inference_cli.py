@@ -90,9 +90,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predict_data", nargs="+", metavar="ITEM",
                    help="items grouped by --modal_type, e.g. demo.jpeg 'Describe the image in English:'")
     p.add_argument("--modal_type", nargs="+", choices=["image", "text"], help="kinds of the items of one prompt")
-    p.add_argument("--predict_batch_size", type=int, help="prompts per batch (default 1)")
-    p.add_argument("--jsonl", help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
-    p.add_argument("--output", help="with --jsonl: where to write the answers (JSONL; default: stdout)")
+    p.add_argument("--batch_size", "--predict_batch_size", dest="predict_batch_size", type=int, metavar="N",
+                   help="prompts per batch (default 1)")
+    p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE",
+                   help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
+    p.add_argument("--output", metavar="FILE", help="with --data: where to write the answers (JSONL; default: stdout)")
     p.add_argument("--output_only", action="store_true",
                    help="with --predict_data: print only the answers, not the prompts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -137,10 +139,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "or chatml (a chat model, as Qwen/Qwen-VL-Chat); default: --config's when it has one, else raw")
 
     p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
-    p.add_argument("--data_path", required=True, help="LLaVA JSON (e.g. detail_23k.json)")
+    p.add_argument("--data", "--data_path", dest="data_path", required=True, metavar="FILE",
+                   help="LLaVA JSON (e.g. detail_23k.json)")
     p.add_argument("--image_location", required=True, help="folder holding train2014/COCO_train2014_*.jpg")
-    p.add_argument("--output_path", required=True, help="a JSON list, or JSON Lines when it ends in .jsonl")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output_path file")
+    p.add_argument("--output", "--output_path", dest="output_path", required=True, metavar="FILE",
+                   help="a JSON list, or JSON Lines when it ends in .jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--user_role_name", default="user", help="role of the human turns (qwenvl finetune reads only "
                                                              "user/assistant)")
     p.add_argument("--assistant_role_name", default="assistant", help="role of the model's turns")

@@ -1,8 +1,10 @@
 """``qwenvl finetune``: parse flags into a :class:`TrainConfig` and call :func:`qwenvl.train.train`.
 
 The MindFormers-style flags keep working (``--config``, ``--load_checkpoint``, ``--run_mode finetune``,
-``--train_data``, ``--use_parallel``, ``--resume_training``); any other ``--field value`` (or
-``--field=value``; a bare ``--flag`` for true/false settings) overrides that field of the YAML config.
+``--train_data``, ``--use_parallel``, ``--resume_training``); ``--model DIR`` and ``--data FILE``, the names of
+the checkpoint and the data file in the other commands, are ``--load_checkpoint`` and ``--train_data``. Any
+other ``--field value`` (or ``--field=value``; a bare ``--flag`` for true/false settings) overrides that field of
+the YAML config.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ _FLAG_FIELDS = frozenset(name for name, tp in typing.get_type_hints(TrainConfig)
 
 class _Once(argparse.Action):
     """Store a named flag's value and note in ``namespace.flags_twice`` a flag given a second time (or under its
-    other name, as --train_data and --data_path): :func:`config_from_args` refuses it as it refuses a repeated
-    ``--field value`` override, instead of argparse's silent "the last one wins"."""
+    other names, as --data, --train_data and --data_path): :func:`config_from_args` refuses it as it refuses a
+    repeated ``--field value`` override, instead of argparse's silent "the last one wins"."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
@@ -57,9 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(*names, action=_Once, **kwargs)
 
     flag("--config", help="YAML run config (e.g. configs/finetune_qwenvl_9.6b_bf16.yaml)")
-    flag("--load_checkpoint", help="checkpoint folder (official layout) to start from")
+    flag("--model", "--load_checkpoint", dest="load_checkpoint", metavar="DIR",
+         help="checkpoint folder (official layout) to start from (the load_checkpoint setting)")
     flag("--run_mode", help="must be 'finetune' (kept for MindFormers-style command lines)")
-    flag("--train_data", "--data_path", dest="data_path", help="conversation JSON/JSONL file")
+    flag("--data", "--train_data", "--data_path", dest="data_path", metavar="FILE",
+         help="conversation JSON/JSONL file (the data_path setting)")
     flag("--dataset_dir", help="folder that relative image paths are resolved against")
     flag("--output_dir", help="where checkpoints and the final model go")
     flag("--resume_training", nargs="?", const="true", metavar="true|false|auto|CHECKPOINT_DIR",
@@ -105,7 +109,7 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
     overrides = parse_overrides(extra)
     twice = getattr(args, "flags_twice", None)
     if twice:
-        raise TrainConfigError(f"{twice[0]} is given twice (or under both of its names)")
+        raise TrainConfigError(f"{twice[0]} is given twice (or under another of its names)")
     if args.run_mode is not None and args.run_mode != "finetune":
         raise TrainConfigError(f"--run_mode {args.run_mode!r} is not supported by 'finetune'; use --run_mode finetune "
                                "(prediction is 'qwenvl predict')")
