@@ -3,7 +3,9 @@
 Reading: :func:`find_weights` locates ``model.safetensors``, ``model-0000K-of-0000N.safetensors`` + index, or
 the older ``pytorch_model*.bin`` (+ index); safetensors win when a folder has both. :func:`load_state_dict`
 opens them lazily (``safe_open``; ``torch.load(mmap=True, weights_only=True)``): nothing is read until used,
-no pickled code is run, and ``.py`` files in the folder are ignored.
+no pickled code is run, and ``.py`` files in the folder are ignored. :func:`verify_weights` reads every value, one
+file at a time, and lists the tensors holding NaN or infinity and the files that cannot be read (``qwenvl info
+--verify``).
 
 Loading: :func:`load_weights` checks every key and shape *before* touching the model, then fills it (usually
 built on the meta device) with ``load_state_dict(assign=True)``, casting/moving one tensor at a time.
@@ -35,7 +37,7 @@ import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeGuard
 
@@ -49,6 +51,7 @@ from .outputs import output_files
 
 __all__ = [
     "CheckpointError",
+    "WeightsReport",
     "cast_checked",
     "check_cast",
     "check_config",
@@ -60,6 +63,7 @@ __all__ = [
     "parse_size",
     "refuse_adapter_folder",
     "save_pretrained",
+    "verify_weights",
 ]
 
 if TYPE_CHECKING:
@@ -490,9 +494,23 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())  # the sum may overflow float32 without any bad value
 
 
+def non_finite_counts(t: torch.Tensor) -> tuple[int, int]:
+    """How many values of ``t`` are not finite, and how many of those are NaN; counted in slices, so that no
+    mask of the whole tensor is made."""
+    if not t.is_floating_point():
+        return 0, 0
+    flat = t.reshape(-1)
+    bad = nan = 0
+    for i in range(0, flat.numel(), 1 << 22):
+        part = flat[i : i + (1 << 22)]
+        bad += int((~torch.isfinite(part)).sum())
+        nan += int(torch.isnan(part).sum())
+    return bad, nan
+
+
 def count_non_finite(t: torch.Tensor) -> str:
-    bad = ~torch.isfinite(t)
-    return f"{int(bad.sum())} of {t.numel()} values ({int(torch.isnan(t).sum())} NaN)"
+    bad, nan = non_finite_counts(t)
+    return f"{bad} of {t.numel()} values ({nan} NaN)"
 
 
 def _overflow(t: torch.Tensor, dtype: torch.dtype) -> tuple[int, float]:
@@ -546,6 +564,77 @@ def check_finite(name: str, t: torch.Tensor) -> None:
     if not all_finite(t):
         raise CheckpointError(f"{name} holds NaN or infinite values ({count_non_finite(t)}): a corrupt file, or a "
                               "training run that diverged")
+
+
+# ---- reading every value ----------------------------------------------------------------------------------
+@dataclass
+class WeightsReport:
+    """What :func:`verify_weights` found in a checkpoint's weight files."""
+
+    files: int = 0  # weight files (shards) of the checkpoint
+    tensors: int = 0  # tensors whose every value was read
+    nbytes: int = 0  # their bytes
+    non_finite: list[dict[str, Any]] = field(default_factory=list)  # {"name", "file", "count", "nan", "numel"}
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # {"file", "problem"}: the problem names the file
+
+    @property
+    def ok(self) -> bool:
+        return not (self.non_finite or self.unreadable)
+
+    def verdict(self) -> str:
+        """One line: OK, or FAILED and what."""
+        read = f"{self.tensors} tensors, {self.nbytes / 1e9:.2f} GB read from {self.files} file(s)"
+        if self.ok:
+            return f"verify: OK: every value finite ({read})"
+        found = [f"{len(self.non_finite)} tensor(s) with NaN or infinite values"] if self.non_finite else []
+        found += [f"{len(self.unreadable)} of {self.files} file(s) unreadable"] if self.unreadable else []
+        return f"verify: FAILED: {', '.join(found)} ({read})"
+
+    def lines(self) -> list[str]:
+        """A line per problem, then the verdict."""
+        lines = [f"NaN/inf in {t['name']} ({Path(t['file']).name}): {t['count']} of {t['numel']} values "
+                 f"({t['nan']} NaN)" for t in self.non_finite]
+        if len(lines) > MAX_LISTED_PROBLEMS:  # a diverged run: every tensor (--json lists them all)
+            lines[MAX_LISTED_PROBLEMS:] = [f"... and {len(lines) - MAX_LISTED_PROBLEMS} more tensors"]
+        lines += [f"unreadable: {u['problem']}" for u in self.unreadable]
+        return [*lines, self.verdict()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "files": self.files, "tensors": self.tensors, "bytes": self.nbytes,
+                "non_finite": self.non_finite, "unreadable": self.unreadable, "verdict": self.verdict()}
+
+
+def verify_weights(ckpt_dir: str | os.PathLike[str]) -> WeightsReport:
+    """Read every value of every weight file of ``ckpt_dir`` (a folder or one weights file), one file at a time,
+    and report the tensors that hold NaN or infinite values (with their counts) and the files that cannot be read
+    (truncated, corrupt, refused), instead of stopping at the first: ``qwenvl info --verify``.
+
+    Each file is opened as :func:`load_state_dict` opens it (mapped, read as its tensors are checked) and released
+    before the next, so memory holds about one file's pages at a time (the kernel can drop them: they are clean
+    file pages). A missing shard or an unreadable index raises :class:`CheckpointError` as loading does.
+    """
+    files, _ = locate_weights(ckpt_dir)
+    report = WeightsReport(files=len(files))
+    for i, file in enumerate(files, 1):
+        logger.info("reading %s (%d of %d)", file, i, len(files))
+        try:
+            tensors = _open_shard(file)
+            if not tensors:
+                raise CheckpointError(f"{file} holds no tensors (an empty or unfinished save?)")
+            for key in list(tensors):
+                t = tensors.pop(key)  # released once checked: the file's mapping goes with its last tensor
+                if not all_finite(t):
+                    bad, nan = non_finite_counts(t)
+                    report.non_finite.append({"name": key, "file": str(file), "count": bad, "nan": nan,
+                                              "numel": t.numel()})
+                report.tensors += 1
+                report.nbytes += _tensor_bytes(t)
+                del t
+        except CheckpointError as e:
+            report.unreadable.append({"file": str(file), "problem": str(e)})
+        except (RuntimeError, OSError) as e:  # the data past a readable header (an I/O error)
+            report.unreadable.append({"file": str(file), "problem": f"cannot read {file}: {error_line(e)}"})
+    return report
 
 
 # ---- config settings the shapes do not show ---------------------------------------------------------------

@@ -25,9 +25,11 @@ import errno
 import io
 import os
 import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,6 +47,7 @@ __all__ = [
     "MediaPolicy",
     "as_rgb",
     "check_image",
+    "image_problems",
     "load_image",
     "open_image",
     "pixel_values",
@@ -56,6 +59,7 @@ __all__ = [
 MAX_IMAGE_PIXELS = 178_956_970
 
 ImageSource = str | os.PathLike | bytes | bytearray | Image.Image
+_Path = TypeVar("_Path", str, Path)
 
 
 class ImageError(ValueError):
@@ -272,6 +276,28 @@ def check_image(
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
     return img.size
+
+
+def image_problems(paths: Iterable[_Path], policy: MediaPolicy | None = None) -> dict[_Path, str | None]:
+    """Each distinct path of ``paths`` -> why it cannot be used (:func:`check_image`'s message: missing, refused by
+    ``policy``, truncated or corrupt), or None; decoded a few at a time (Pillow decodes without the GIL: 6,080 small
+    PNGs took 2.7 s instead of 4.5 s on 2 cores). On Ctrl-C the paths not started are not decoded."""
+
+    def problem(path: _Path) -> str | None:
+        try:
+            check_image(path, policy=policy)
+        except ValueError as e:  # ImageError, MediaAccessError
+            return str(e)
+        return None
+
+    todo = list(dict.fromkeys(paths))
+    if len(todo) < 2:
+        return {path: problem(path) for path in todo}
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
+        return dict(zip(todo, pool.map(problem, todo)))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _open_source(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -493,3 +494,87 @@ def test_nothing_converted_is_an_error_and_writes_nothing(tmp_path: Path, images
     assert json.loads(out.read_text()) == []
     assert convert_llava(_write(tmp_path / "mixed.json", [EXPECTED[0], RECORDS[0]]), images, out,
                          overwrite=True).written == 1
+
+
+# ---- check_images: decode each image in full ------------------------------------------------------------------
+def _jpeg(path: Path, truncated: bool = False) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.radial_gradient("L").convert("RGB").save(path, quality=90)  # 256x256
+    if truncated:  # a download cut short: the header reads, the pixels do not
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _image_record(i: int, image: str) -> dict[str, Any]:
+    return {"id": f"r{i}", "image": image,
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "This."}]}
+
+
+@pytest.fixture
+def cut_images(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """An image folder with a good and a truncated JPEG, and records naming them (the truncated one twice)."""
+    root = tmp_path / "coco"
+    _jpeg(root / "good.jpg")
+    _jpeg(root / "cut.jpg", truncated=True)
+    records = [_image_record(0, "good.jpg"), _image_record(1, "cut.jpg"), RECORDS[3], _image_record(3, "cut.jpg")]
+    return root, records
+
+
+def test_check_images_drops_records_whose_image_does_not_decode(cut_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenvl import images
+
+    root, records = cut_images
+    converted, summary = convert_records(records, root, image_prefix="")  # the default: only the files' existence
+    assert summary.written == 4 and summary.bad_images == []
+
+    decoded: list[Path] = []
+    real = images.check_image  # qwenvl.images': no checker of its own
+    monkeypatch.setattr(images, "check_image", lambda file, **kw: decoded.append(file) or real(file, **kw))
+    converted, summary = convert_records(records, root, image_prefix="", check_images=True)
+    assert sorted(decoded) == [root / "cut.jpg", root / "good.jpg"]  # each distinct file once
+    assert [r["id"] for r in converted] == ["r0", "text-3"]
+    assert [(b.index, b.id) for b in summary.bad_images] == [(1, "r1"), (3, "r3")]
+    for bad in summary.bad_images:
+        assert re.fullmatch(rf"cannot decode image {re.escape(str(root / 'cut.jpg'))}: image file is truncated .*"
+                            r"\(truncated or corrupt file\?\)", bad.reason), bad.reason
+    assert summary.total == summary.written + summary.missing_images + len(summary.bad_images) + len(summary.malformed)
+    assert summary.image_files == {0: root / "good.jpg"}  # what the written records name
+    lines = str(summary).splitlines()
+    assert lines[0] == ("4 records read, 2 written (1 text-only, 0 with an untagged image), 0 dropped for a missing "
+                        "image, 2 for an image that does not decode, 0 malformed skipped")
+    assert lines[1] == f"bad image: {summary.bad_images[0]}" and len(lines) == 3
+
+
+def test_check_images_with_strict_is_an_error(cut_images, tmp_path: Path) -> None:
+    root, records = cut_images
+    src = _write(tmp_path / "detail.json", records)
+    out = tmp_path / "out.json"
+    with pytest.raises(ValueError, match=r"^LLaVA record 1 \(id='r1'\): cannot decode image .*cut\.jpg: image file is "
+                                         r"truncated"):
+        convert_llava(src, root, out, image_prefix="", strict=True, check_images=True)
+    assert not out.exists()
+    assert convert_llava(src, root, out, image_prefix="", strict=True).written == 4  # not decoded: kept
+
+
+def test_check_images_flag_of_the_command(cut_images, tmp_path: Path, capsys) -> None:
+    from qwenvl.cli import main
+
+    root, records = cut_images
+    argv = ["data-convert", "--data_path", str(_write(tmp_path / "detail.json", records)), "--image_location",
+            str(root), "--image_prefix", "", "--output_path"]
+    assert main([*argv, str(tmp_path / "all.json")]) == 0
+    assert len(json.loads((tmp_path / "all.json").read_text())) == 4
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "checked.json"), "--check_images"]) == 0
+    assert [r["id"] for r in json.loads((tmp_path / "checked.json").read_text())] == ["r0", "text-3"]
+    assert "2 for an image that does not decode" in capsys.readouterr().out
+    assert main([*argv, str(tmp_path / "strict.json"), "--check_images", "--strict"]) == 2
+    assert capsys.readouterr().err.startswith("qwenvl data-convert: error: LLaVA record 1 (id='r1'): cannot decode ")
+    # nothing that decodes: an error naming the first, nothing written
+    only_cut = _write(tmp_path / "cut.json", [records[1]])
+    assert main([*argv[:2], str(only_cut), *argv[3:], str(tmp_path / "none.json"), "--check_images"]) == 2
+    assert f"cut.json: none of its 1 records could be converted, nothing written: record 0 (id='r1'): cannot decode " \
+        f"image {root / 'cut.jpg'}: image file is truncated" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()

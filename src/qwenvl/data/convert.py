@@ -33,6 +33,10 @@ Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
   ``..`` or a link leading out; :class:`qwenvl.images.MediaPolicy`, which training applies to ``dataset_dir``
   too) makes the record malformed before any file is looked at, with the same reason whether it exists or not;
   ``allow_any_local_path`` (``--allow_any_local_path true``) lets the data name any file, as training's option.
+- ``check_images=True`` (``--check_images``) also decodes each image file in full (once per distinct file, with
+  :func:`qwenvl.images.check_image`, as the fine-tuning dataset does before step 1): a record whose image does not
+  decode (truncated, corrupt, not an image, too large) is dropped and counted with the reason, as one whose file is
+  missing, or raises ``ValueError`` with ``strict=True``. Without it only the file's existence is checked.
 - A record without an ``image`` key is kept as text-only.
 - Malformed records are skipped and listed (index, id, reason), or raise ``ValueError`` with ``strict=True``.
   Malformed means: not an object; ``conversations`` missing, not a list, or empty; a turn that is not an
@@ -50,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenvl.fileio import atomic_write_text, read_json_records
-from qwenvl.images import ImageError, MediaPolicy
+from qwenvl.images import ImageError, MediaPolicy, image_problems
 from qwenvl.outputs import check_output_file
 from qwenvl.tokenizer import image_path_problem
 
@@ -79,7 +83,7 @@ class MalformedRecord:
 
 @dataclass
 class ConvertSummary:
-    """What :func:`convert_llava` did. ``total == written + missing_images + len(malformed)``."""
+    """What :func:`convert_llava` did. ``total == written + missing_images + len(bad_images) + len(malformed)``."""
 
     total: int = 0
     written: int = 0
@@ -89,6 +93,7 @@ class ConvertSummary:
     missing_images: int = 0
     missing_image_examples: list[str] = field(default_factory=list)  # the first MAX_EXAMPLES paths
     malformed: list[MalformedRecord] = field(default_factory=list)
+    bad_images: list[MalformedRecord] = field(default_factory=list)  # check_images: records whose image did not decode
     output_path: Path | None = None
     image_files: dict[int, Path] = field(default_factory=dict, repr=False, compare=False)  # record index -> image
 
@@ -96,7 +101,8 @@ class ConvertSummary:
         lines = [
             f"{self.total} records read, {self.written} written ({self.text_only} text-only, "
             f"{self.untagged} with an untagged image), {self.missing_images} dropped for a missing image, "
-            f"{len(self.malformed)} malformed skipped"
+            + (f"{len(self.bad_images)} for an image that does not decode, " if self.bad_images else "")
+            + f"{len(self.malformed)} malformed skipped"
         ]
         if self.missing_images:
             more = self.missing_images - len(self.missing_image_examples)
@@ -105,6 +111,9 @@ class ConvertSummary:
                 + ", ".join(self.missing_image_examples)
                 + (f" (and {more} more)" if more > 0 else "")
             )
+        lines.extend(f"bad image: {m}" for m in self.bad_images[:MAX_EXAMPLES])
+        if len(self.bad_images) > MAX_EXAMPLES:
+            lines.append(f"(and {len(self.bad_images) - MAX_EXAMPLES} more bad images)")
         lines.extend(f"malformed {m}" for m in self.malformed[:MAX_EXAMPLES])
         if len(self.malformed) > MAX_EXAMPLES:
             lines.append(f"(and {len(self.malformed) - MAX_EXAMPLES} more malformed records)")
@@ -215,10 +224,12 @@ def convert_records(
     strict: bool = False,
     tag_in_place: bool = False,
     allow_any_local_path: bool = False,
+    check_images: bool = False,
 ) -> tuple[list[dict[str, Any]], ConvertSummary]:
     """Convert already-loaded LLaVA records (see the module docstring); nothing is written.
     ``allow_any_local_path``: image paths may lead out of ``image_location`` (absolute paths, ``..``, links out),
-    as training's option of that name allows."""
+    as training's option of that name allows. ``check_images``: decode every image in full and drop the records
+    whose image does not decode (``strict``: raise)."""
     if user_role_name == assistant_role_name or (user_role_name, assistant_role_name) == ("assistant", "user"):
         raise ValueError(f"user_role_name {user_role_name!r} and assistant_role_name {assistant_role_name!r}: the "
                          "questions would be taken for answers")
@@ -234,7 +245,7 @@ def convert_records(
     policy = MediaPolicy(root, allow_any_local_path=allow_any_local_path)
 
     summary = ConvertSummary(total=len(records))
-    converted: list[dict[str, Any]] = []
+    kept: list[tuple[int, dict[str, Any], bool]] = []  # (index, converted record, untagged)
     for index, record in enumerate(records):
         try:
             out, rel_path, untagged = _convert_record(record, roles, image_prefix, policy, tag_in_place)
@@ -260,8 +271,24 @@ def convert_records(
                     summary.missing_image_examples.append(str(image_file))
                 continue
             summary.image_files[index] = image_file
-        else:
-            summary.text_only += 1
+        kept.append((index, out, untagged))
+    problems: dict[Path, str | None] = {}
+    if check_images:
+        logger.info("decoding %d image file(s)", len(set(summary.image_files.values())))
+        problems = image_problems(summary.image_files.values())
+    converted: list[dict[str, Any]] = []
+    for index, out, untagged in kept:
+        kept_file = summary.image_files.get(index)
+        problem = problems.get(kept_file) if kept_file is not None else None
+        if problem is not None:
+            bad = MalformedRecord(index, out.get("id"), problem)
+            if strict:
+                raise ValueError(f"LLaVA {bad}")
+            logger.debug("dropping %s", bad)
+            summary.bad_images.append(bad)
+            del summary.image_files[index]
+            continue
+        summary.text_only += int(kept_file is None)
         summary.untagged += int(untagged)
         converted.append(out)
     summary.written = len(converted)
@@ -279,14 +306,16 @@ def convert_llava(
     tag_in_place: bool = False,
     overwrite: bool = False,
     allow_any_local_path: bool = False,
+    check_images: bool = False,
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
     The output is UTF-8 JSON written atomically: a list, or one record per line when ``output_path`` ends
     in ``.jsonl`` (the package reads a ``.jsonl`` file as JSON Lines). It is not written at all when
     the input cannot be read (missing file, invalid JSON, top level not a list: FileNotFoundError /
-    ValueError naming the file), with ``strict``, when a record is malformed, when no record converts (malformed
-    or missing its image: ValueError naming the first), or when ``output_path`` exists
+    ValueError naming the file), with ``strict``, when a record is malformed (or, with ``check_images``, its image
+    does not decode), when no record converts (malformed, missing its image or with one that does not decode:
+    ValueError naming the first), or when ``output_path`` exists
     and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`).
     Returns the summary (for the caller to show: it is logged only at DEBUG level, so that the command
     line prints it once).
@@ -296,10 +325,11 @@ def convert_llava(
     records = _load_llava(data_path)
     converted, summary = convert_records(
         records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place,
-        allow_any_local_path,
+        allow_any_local_path, check_images,
     )
     if records and not converted:  # an empty file would only move the question to the fine-tune
-        first = summary.malformed[0] if summary.malformed else f"image not found: {summary.missing_image_examples[0]}"
+        first = (summary.malformed[0] if summary.malformed else summary.bad_images[0] if summary.bad_images
+                 else f"image not found: {summary.missing_image_examples[0]}")
         raise ValueError(f"{data_path}: none of its {len(records)} records could be converted, nothing written: "
                          f"{first}" + (f" (and {len(records) - 1} more)" if len(records) > 1 else ""))
     # the images are inputs too: never written over

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ..config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from ..fileio import read_json_records
-from ..images import check_image
+from ..images import image_problems
 from ..tokenizer import IMAGE_SPECIAL_TOKENS, SPECIAL_TOKENS, image_spans
 from .convert import LLAVA_IMAGE_TOKEN, MalformedRecord
 
@@ -269,25 +268,13 @@ class ConversationDataset(Dataset):
         return _Encoded(record.get("id"), ids, labels, paths)
 
     def _check_images(self, paths: Iterable[str]) -> None:
-        """Decode every path not decoded yet, a few at a time (2 cores: 2.7 s instead of 4.5 s for 6,080 small
-        PNGs), and remember which ones cannot be used."""
-
-        def check(path: str) -> str | None:
-            try:
-                check_image(path, policy=self._policy)
-                return None
-            except ValueError as e:  # ImageError, MediaAccessError
-                relative = ":" not in path and not os.path.isabs(path)  # not a URL ("http://", "data:")
-                if self._unnamed_dir and relative and not os.path.lexists(self.dataset_dir / path):
-                    self._missing_in_unnamed_dir = True
-                return str(e)
-
-        todo = [p for p in paths if p not in self._checked]
-        if len(todo) < 2:
-            self._checked.update((p, check(p)) for p in todo)
-            return
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            self._checked.update(zip(todo, pool.map(check, todo)))
+        """Decode every path not decoded yet, a few at a time, and remember which ones cannot be used."""
+        found = image_problems([p for p in paths if p not in self._checked], policy=self._policy)
+        for path, problem in found.items():
+            relative = ":" not in path and not os.path.isabs(path)  # not a URL ("http://", "data:")
+            if problem is not None and self._unnamed_dir and relative and not os.path.lexists(self.dataset_dir / path):
+                self._missing_in_unnamed_dir = True
+        self._checked.update(found)
 
     def _check_image(self, path: str) -> None:
         """Raise ValueError if ``path`` cannot be used (decoded once per dataset: a path shared by many records is
