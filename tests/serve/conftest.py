@@ -45,14 +45,16 @@ def processor(golden_dir) -> Processor:
 
 
 @contextlib.contextmanager
-def running(engine: Engine, processor: Processor, settings: ServeSettings | None = None) -> Iterator[Running]:
+def running(engine: Engine, processor: Processor, settings: ServeSettings | None = None,
+            max_connections: int | None = None) -> Iterator[Running]:
     """Serve ``engine`` on 127.0.0.1 at a free port until the block ends."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     settings = settings or ServeSettings(model_name=MODEL_NAME)
     app = create_app(engine, processor, settings)
-    config = server_config(app, settings.request_body_timeout, log_level="warning", timeout_graceful_shutdown=2)
+    config = server_config(app, settings.request_body_timeout, max_connections, log_level="warning",
+                           timeout_graceful_shutdown=2)
     server = Server(config, engine)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

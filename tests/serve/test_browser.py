@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwenvl.config import IM_END_ID
+from qwenvl import Processor
+from qwenvl.config import ENDOFTEXT_ID, IM_END_ID
 from qwenvl.serve.app import ServeSettings
 
-from .conftest import MODEL_NAME, ScriptedEngine, make_engine, running
+from .conftest import GROUNDED_ANSWER, MODEL_NAME, ScriptedEngine, make_engine, running
 
 CAT = Path("tests/fixtures/qwenvl-tiny/images/cat.png").resolve()
 ARTIFACTS = Path(os.environ.get("QWENVL_TEST_ARTIFACTS", "test-artifacts"))
@@ -117,6 +118,7 @@ def test_page_streams_the_answer_and_draws_the_box(grounding_server, browser):
                              " x.style.width, x.style.height])")
     answer = browser.script("return document.querySelector('.msg.assistant').textContent")
     assert answer == "the cat is here"  # <ref>/<box> tags shown as plain text; the box is drawn instead
+    assert browser.script("return document.getElementById('note').hidden")  # a chat model: no base-model note
     label, left, top, width, height = boxes[0]
     assert len(boxes) == 1 and label == "the cat"
     # (100,200),(500,800) on the [0, 1000) grid -> pixels / 999 -> percent of the picture
@@ -148,9 +150,10 @@ class BreakingEngine(ScriptedEngine):
         return super()._pick(logits, rows)
 
 
-def scripted(golden_model, processor, answer: str, cls: type[ScriptedEngine] = ScriptedEngine) -> ScriptedEngine:
+def scripted(golden_model, processor, answer: str, cls: type[ScriptedEngine] = ScriptedEngine,
+             stop: int = IM_END_ID) -> ScriptedEngine:
     engine = make_engine(golden_model, processor, cls, max_batch_size=2)
-    engine.script = processor.tokenizer.encode(answer) + [IM_END_ID]
+    engine.script = processor.tokenizer.encode(answer) + [stop]
     return engine
 
 
@@ -227,3 +230,32 @@ def test_a_file_that_is_not_an_image_is_named_in_an_error(server, browser, tmp_p
     error = browser.wait_for("const e = document.querySelector('.msg.error'); return e && e.textContent")
     assert error == "not an image: notes <img src=x onerror=alert(1)>.txt"
     assert browser.script("return document.getElementById('picture').hidden")
+
+
+def test_a_base_model_is_asked_each_message_alone_with_the_picture(golden_model, golden_dir, browser):
+    # a base checkpoint (chat_format raw) takes one message (more get a 400): the page says so, and sends each
+    # question alone, with the picture on the stage, so a second question about it is answered and its boxes drawn
+    base = Processor.from_pretrained(golden_dir, allowed_media_dir=None)
+    assert base.chat_format == "raw"  # the golden checkpoint's generation_config
+    with running(scripted(golden_model, base, GROUNDED_ANSWER, stop=ENDOFTEXT_ID), base) as server:
+        open_page(browser, server.url)
+        note = browser.wait_for("const n = document.getElementById('note'); return !n.hidden && n.textContent")
+        assert "answers each message alone" in note
+        browser.script("window.sent = []; const f = window.fetch; window.fetch = (url, init) => {"
+                       " if (init && init.body) window.sent.push(JSON.parse(init.body)); return f(url, init); }")
+        browser.type("#file", str(CAT))
+        browser.wait_for("const i = document.getElementById('picture'); return !i.hidden && i.naturalWidth > 0")
+        for k, question in enumerate(("Where is the cat?", "And now?")):
+            browser.script("clearBoxes()")
+            browser.type("#question", question + "\n")
+            browser.wait_for(f"return window.sent.length === {k + 1} && !document.getElementById('send').disabled")
+            assert browser.script("const e = document.querySelector('.msg.error'); return e && e.textContent") is None
+            assert browser.script(f"return document.querySelectorAll('.msg.assistant')[{k}].textContent") == (
+                "the cat is here")
+            assert browser.script("return document.querySelectorAll('#stage .box').length") == 1
+        sent = browser.script("return window.sent")
+        for body, question in zip(sent, ("Where is the cat?", "And now?")):
+            (message,) = body["messages"]
+            assert message["role"] == "user" and [p["type"] for p in message["content"]] == ["image_url", "text"]
+            assert message["content"][1]["text"] == question
+            assert message["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")

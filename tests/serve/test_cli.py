@@ -27,7 +27,7 @@ def test_help_lists_the_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--host", "--port", "--dtype", "--max_batch_size", "--api_key", "--allow_remote_images",
                  "--allowed_local_media_path", "--max_request_bytes", "--max_image_pixels", "--max_tokens_cap",
-                 "--quantize", "--request_body_timeout", "--max_request_bytes_in_flight"):
+                 "--quantize", "--request_body_timeout", "--max_request_bytes_in_flight", "--max_connections"):
         assert flag in text, flag
 
 
@@ -45,6 +45,8 @@ def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
         busy.close()
     assert main(["serve", "--model", str(golden_dir), "--max_batch_size", "0"]) == 2
     assert "--max_batch_size must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(golden_dir), "--max_connections", "0"]) == 2
+    assert "--max_connections must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(golden_dir), "--kv_cache_memory", "0"]) == 2
     assert "--kv_cache_memory must be > 0 GiB" in capsys.readouterr().err
     assert main(["serve", "--model", str(golden_dir), "--max_request_bytes", "1000",

@@ -139,14 +139,23 @@ def test_the_bytes_of_bodies_held_at_once_are_bounded(golden_model, processor):
     """Each request's body, up to --max_request_bytes, was held from its arrival until its answer started, with no
     bound but the count of requests in progress: 96 requests of 20 MiB held 2 GB. A body that would take the bytes
     held over --max_request_bytes_in_flight is answered 503, at once when its Content-Length says so, else as it
-    arrives; smaller requests still fit, and a client that leaves gives its bytes back."""
+    arrives; smaller requests still fit, and a client that leaves gives its bytes back. /metrics shows the bytes held,
+    the limit and the 503s."""
     settings = ServeSettings(model_name=MODEL_NAME, max_request_bytes=100_000, max_request_bytes_in_flight=150_000)
     big = chat(user="x" * 70_000)  # an ignored field: answered 200 when it fits
     with running(make_engine(golden_model, processor, max_batch_size=1), processor, settings) as r:
         assert post(r, "/chat/completions", big).status_code == 200
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 100000\r\n\r\n")
+        assert metric(r, "qwenvl_request_body_bytes_limit") == 150_000
+        assert metric(r, "qwenvl_request_body_bytes_in_flight") == 0
         upload = raw(r.url, head + b'{"model": "' + b"x" * 90_000)  # arriving slowly: 90 KB held
+        for _ in range(200):
+            if metric(r, "qwenvl_request_body_bytes_in_flight") == 90_011:
+                break
+            time.sleep(0.02)
+        assert metric(r, "qwenvl_request_body_bytes_in_flight") == 90_011
+        assert metric(r, "qwenvl_server_busy_total") == 0
         for _ in range(200):
             refused = post(r, "/chat/completions", big)
             if refused.status_code != 200:
@@ -159,6 +168,8 @@ def test_the_bytes_of_bodies_held_at_once_are_bounded(golden_model, processor):
         announced = raw(r.url, head.replace(b"100000", b"70000"))  # refused before a byte of its body is read
         assert announced.recv(4096).startswith(b"HTTP/1.1 503 ")
         announced.close()
+        assert metric(r, "qwenvl_server_busy_total") == 2
+        assert metric(r, "qwenvl_request_body_bytes_in_flight") == 90_011  # the refused ones hold nothing
         upload.close()  # its bytes are free again
         for _ in range(200):
             again = post(r, "/chat/completions", big)
@@ -166,6 +177,13 @@ def test_the_bytes_of_bodies_held_at_once_are_bounded(golden_model, processor):
                 break
             time.sleep(0.02)
         assert again.status_code == 200, again.text
+        assert metric(r, "qwenvl_request_body_bytes_in_flight") == 0
+
+
+def metric(server, name: str) -> float:
+    """The value of the unlabelled metric ``name`` in the server's /metrics."""
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    return float(next(line.split(" ")[1] for line in lines if line.split(" ")[0] == name))
 
 
 def test_a_body_is_given_back_once_its_request_is_prepared(golden_model, processor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import httpx
 import openai
@@ -246,10 +247,12 @@ def test_a_request_without_model_is_for_the_served_model(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
-def test_chat_to_a_base_checkpoint_refuses_what_it_would_drop(golden_model, golden_dir):
+def test_chat_to_a_base_checkpoint_refuses_what_it_would_drop(golden_model, golden_dir, caplog):
     """A base (chat_format raw) checkpoint is prompted with the last message alone, as the official code does: a
     system message or earlier turns were dropped with a 200 answer to a question the client did not ask (only the
-    server's log said so). They are refused, naming the messages; one user message is answered as before."""
+    server's log said so). They are refused, naming the messages; one user message is answered as before. No
+    request makes the processor's advice to use --chat_format chatml (a flag serve has not) reach the log."""
+    caplog.set_level(logging.INFO)
     processor = Processor.from_pretrained(golden_dir, allowed_media_dir=None)
     assert processor.chat_format == "raw"  # the golden checkpoint's generation_config
     with running(make_engine(golden_model, processor, max_batch_size=1), processor) as r:
@@ -266,3 +269,7 @@ def test_chat_to_a_base_checkpoint_refuses_what_it_would_drop(golden_model, gold
         want, _, _ = expected_answer(golden_model, processor, question, [], 3, STOP_IDS["raw"])
         got = c.chat.completions.create(model=MODEL_NAME, messages=question, max_tokens=3, temperature=0)
         assert got.choices[0].message.content == want
+        prompt = "<img>x</img>Generate the caption in English:"
+        done = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, extra_body={"images": [data_url(CAT)]})
+        assert done.choices[0].text is not None
+    assert not [r.getMessage() for r in caplog.records if "--chat_format" in r.getMessage()]

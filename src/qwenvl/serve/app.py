@@ -156,6 +156,7 @@ class _Guard:
         self.allowed_hosts = allowed_hosts
         self.busy, self.in_progress = busy, 0  # requests with a body (probes have none: never refused)
         self.budget, self.held = budget, 0  # bytes of bodies read and not yet released
+        metrics.request_body_bytes.read = lambda: self.held
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -169,6 +170,7 @@ class _Guard:
         def hold(size: int) -> None:
             nonlocal held
             if self.budget is not None and self.held + size > self.budget:
+                self.metrics.server_busy.inc()
                 raise _Refused(503, f"the server is busy: {self.held} bytes of request bodies are in progress and "
                                     f"this one would take them over {self.budget}; try again later",
                                "server_busy", "server_error")
@@ -680,6 +682,7 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
     if budget < settings.max_request_bytes:
         raise ValueError(f"max_request_bytes_in_flight ({budget}) must be >= max_request_bytes "
                          f"({settings.max_request_bytes}): a largest body would never fit")
+    metrics.request_body_bytes_limit.read = lambda: budget
     app.add_middleware(_Guard, limit=settings.max_request_bytes, metrics=metrics, endpoints=endpoints,
                        timeout=settings.request_body_timeout,
                        busy=engine.config.max_batch_size + engine.config.max_queue,
@@ -748,8 +751,9 @@ def create_app(engine: Engine, processor: Processor, settings: ServeSettings | N
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:
+        # chat_format (the checkpoint's generation_config): "raw", a base model, is prompted with one message alone
         return {"id": settings.model_name, "object": "model", "created": int(started), "owned_by": "qwenvl",
-                "max_model_len": engine.config.max_model_len}
+                "max_model_len": engine.config.max_model_len, "chat_format": processor.chat_format}
 
     started = time.time()
 

@@ -66,6 +66,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="time a request's head (request line and headers) may take to arrive, and then its body; "
                         "a connection with a late head is closed, a late body is answered 408 and its connection "
                         "closed (default 60)")
+    p.add_argument("--max_connections", type=int, metavar="N",
+                   help="connections kept open at once; one more closes the oldest one waiting for a request (else "
+                        "itself), so that idle connections cannot use up the process's open files and stop it "
+                        "accepting any (default: half the open-files limit, whose soft limit is first raised as far as the hard "
+                        "one allows, up to 65535)")
     p.add_argument("--max_image_bytes", type=int, default=10 * 2**20,
                    help="largest image in bytes: a data: URL's, a download's or a file's (default 10 MiB)")
     p.add_argument("--max_image_pixels", type=int, default=40_000_000,
@@ -112,7 +117,8 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         raise ValueError(f"qwenvl serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'qwenvl[serve]'") from e
 
-    for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap"):
+    for name in ("max_batch_size", "max_request_bytes", "max_image_bytes", "max_image_pixels", "max_tokens_cap",
+                 "max_connections"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_request_bytes_in_flight is not None and args.max_request_bytes_in_flight < args.max_request_bytes:
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     # torch and the model code load only now (seconds): a mistyped flag or folder is said at once
     from ..inference import load
     from .app import Server, ServeSettings, create_app
-    from .connection import server_config
+    from .connection import open_files_limit, server_config
     from .engine import Engine, EngineConfig, auto_batch_size, slot_bytes
     from .media import MediaLimits
 
@@ -178,6 +184,14 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     kv_gib = config.max_batch_size * slot_bytes(model, config.max_model_len) / 2**30
     logger.info("serving %s on http://%s:%d (%d slots of %d positions, KV cache %.2f GiB; chat page at /)",
                 settings.model_name, host, port, config.max_batch_size, config.max_model_len, kv_gib)
-    http = server_config(app, settings.request_body_timeout, log_level="info", timeout_graceful_shutdown=5)
+    # asyncio accepts up to `backlog` connections per turn of the loop, a few turns before the first is counted (and
+    # closed past --max_connections): half the open files for connections, an eighth per turn keeps them all within
+    files = open_files_limit()
+    connections = args.max_connections if args.max_connections is not None else files // 2
+    if connections > files:
+        logger.warning("--max_connections %d is more than the %d files this process may open: idle connections "
+                       "can stop it accepting any", connections, files)
+    http = server_config(app, settings.request_body_timeout, connections, backlog=min(2048, max(files // 8, 1)),
+                         log_level="info", timeout_graceful_shutdown=5)
     Server(http, engine).run(sockets=[sock])
     return 0

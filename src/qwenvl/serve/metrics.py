@@ -104,6 +104,15 @@ class ServeMetrics:
         self.queue_depth = Gauge("qwenvl_queue_depth", "requests waiting for a decode slot", queue_depth)
         self.active_slots = Gauge("qwenvl_active_slots", "decode slots holding a sequence", active_slots)
         self.slots = Gauge("qwenvl_slots", "decode slots (--max_batch_size)", lambda: slots)
+        self.request_body_bytes = Gauge("qwenvl_request_body_bytes_in_flight",
+                                        "bytes of request bodies held, from their arrival until their requests are "
+                                        "prepared", lambda: 0)
+        self.request_body_bytes_limit = Gauge("qwenvl_request_body_bytes_limit",
+                                              "bytes of request bodies held at once, at most "
+                                              "(--max_request_bytes_in_flight)", lambda: 0)
+        self.server_busy = Counter("qwenvl_server_busy_total",
+                                   "requests answered 503 server_busy: their body would have taken the bytes held "
+                                   "over --max_request_bytes_in_flight")
         self.batch_size = Histogram("qwenvl_batch_size", "sequences per decode step", (1, 2, 4, 8, 16, 32, 64))
         self.time_to_first_token = Histogram("qwenvl_time_to_first_token_seconds",
                                              "from a request's arrival at the engine to its first token", _LATENCY)
@@ -115,6 +124,7 @@ class ServeMetrics:
     def render(self) -> str:
         parts: list[Counter | Gauge | Histogram] = [
             self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.queue_depth,
-            self.active_slots, self.slots, self.batch_size, self.time_to_first_token, self.inter_token_latency,
+            self.active_slots, self.slots, self.request_body_bytes, self.request_body_bytes_limit, self.server_busy,
+            self.batch_size, self.time_to_first_token, self.inter_token_latency,
             self.request_latency]
         return "\n".join(line for m in parts for line in m.render()) + "\n"
