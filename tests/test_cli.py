@@ -365,7 +365,7 @@ def test_predict_config_value_of_the_wrong_type_is_named_before_the_model_loads(
     ("args", "message"),
     [
         (["--predict_batch_size", "0"], "--predict_batch_size must be >= 1, got 0"),  # said after loading the model
-        (["--output", "answers.jsonl"], "--output writes the answers of --jsonl; --predict_data prints them "
+        (["--output", "answers.jsonl"], "--output writes the answers of --data/--jsonl; --predict_data prints them "
                                         "(redirect stdout)"),  # was ignored: printed, and no file written
     ],
 )

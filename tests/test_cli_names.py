@@ -90,7 +90,7 @@ def test_predict_batch_size_and_data_reach_the_run(tmp_path, golden_dir, monkeyp
 def test_predict_batch_size_is_checked_under_either_name(tmp_path, capsys, flag):
     argv = ["predict", "--model", str(tmp_path / "no-model"), "--predict_data", "hi", "--modal_type", "text", flag, "0"]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == "qwenvl predict: error: --predict_batch_size must be >= 1, got 0"
+    assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {flag} must be >= 1, got 0"  # as typed
 
 
 def _llava(tmp_path: Path) -> Path:

@@ -121,7 +121,7 @@ def test_predict_eval_and_data_convert_output_is_never_an_image_or_inside_the_ch
     _refused(["predict", "--model", str(src), "--jsonl", str(prompts), "--output", "images/cat.png"], capsys,
              "is the image of prompt 1")
     _refused(["predict", "--model", str(src), "--predict_data", "images/street.jpg", "hi", "--output",
-              str(media / "street.jpg")], capsys, "--output writes the answers of --jsonl")  # never written
+              str(media / "street.jpg")], capsys, "--output writes the answers of --data/--jsonl")  # never written
     _refused(["predict", "--model", str(src), "--jsonl", str(prompts), "--output", str(src / "config.json")], capsys,
              "lies inside the checkpoint folder")
     _refused(["eval", "vqa", "--model", str(src), "--data", str(vqa), "--output", "images/cat.png"], capsys,

@@ -451,7 +451,7 @@ def test_chat_picture_whose_path_cannot_be_shown_is_refused_when_added(golden_mo
     processor.chat_format = "chatml"
     session = ChatSession(golden_model, processor, SamplingParams(max_new_tokens=2, do_sample=False),
                           base_dir=tmp_path)
-    with pytest.raises(ValueError, match="cannot hold '</img>'"):
+    with pytest.raises(ValueError, match="holds the special token </img>: a prompt cannot show it"):
         session.add_image("x</img>/cat.png")
     assert session.pending_images == [] and session.last_image is None and not session.images
     assert isinstance(session.ask("hello"), str)

@@ -70,8 +70,13 @@ def test_the_up_front_image_note_gives_the_reason_of_the_rows_own_error(tmp_path
     (media / "notes.png").write_text("not a picture")
     os.symlink("loop-b.png", media / "loop-a.png")
     os.symlink("loop-a.png", media / "loop-b.png")
+    # the last three no <img> span can hold: their rows said "image not found" of 'a\ufffd.png' (the tokenizer reads
+    # a lone surrogate as U+FFFD), "a list-format image path cannot hold '</img>'" and "image path is 304 bytes
+    # long ..." while the note gave each its own words; the row with the lone surrogate stopped the whole output
+    # ("'utf-8' codec can't encode character '\ud800'")
     images = ["file:cat.png", "folder.png", "empty.png", "notes.png", "loop-a.png", "cat.png/inside.png",
-              "https://example.com/cat.png", "data:image/png;base64,AAA", "a</img>b.png"]
+              "https://example.com/cat.png", "data:image/png;base64,AAA", "a\ud800.png", "a</img>b.png",
+              "x" * 300 + ".png"]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"image": p, "text": "What is it?"}) + "\n" for p in ["cat.png", *images]))
     out = tmp_path / "answers.jsonl"
@@ -82,14 +87,20 @@ def test_the_up_front_image_note_gives_the_reason_of_the_rows_own_error(tmp_path
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert "error" not in rows[0] and all("error" in row for row in rows[1:])
         note = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("note: prompt 2 of"))
-        assert note == (f"note: prompt 2 of 10: {rows[1]['error']} (9 prompts have a bad image); answering the "
+        assert note == (f"note: prompt 2 of 12: {rows[1]['error']} (11 prompts have a bad image); answering the "
                         "others (the bad ones become rows with an 'error' field)")
         bad = bad_prompt_images([[{"image": p}] for p in ["cat.png", *images]], MediaPolicy(media, any_path == "true"))
-        assert [k for k, _ in bad] == list(range(2, 11))
-        assert [problem for _, problem in bad[:-1]] == [row["error"] for row in rows[1:-1]]
-        # a path that no <img> span can hold: the same reason, said as the prompt's words cannot show it
-        assert "'</img>'" in rows[-1]["error"] and bad[-1][1] == ("image path 'a</img>b.png' holds the special token "
-                                                                  "</img>: a prompt cannot show it (<img>PATH</img>)")
+        assert [k for k, _ in bad] == list(range(2, 13))
+        assert [problem for _, problem in bad] == [row["error"] for row in rows[1:]]
+        assert json.loads(out.read_text().splitlines()[9])["prompt"] == json.dumps(
+            [{"image": "a\ud800.png"}, {"text": "What is it?"}], ensure_ascii=False)  # the row as it came
+        # a path that no <img> span can hold: said as the prompt's words cannot show it
+        assert [row["error"] for row in rows[-3:]] == [
+            "image path 'a\\ud800.png' is not valid Unicode text (a lone surrogate): a prompt cannot show it "
+            "(<img>PATH</img>)",
+            "image path 'a</img>b.png' holds the special token </img>: a prompt cannot show it (<img>PATH</img>)",
+            f"image path {'x' * 77 + '...'!r} is 304 bytes long (UTF-8), more than the 256 that fit between <img> and "
+            "</img>: a prompt cannot show it (<img>PATH</img>)"]
 
 
 @pytest.mark.parametrize(("row", "error"), [
@@ -114,3 +125,54 @@ def test_predict_names_the_row_whose_prompt_is_a_list_of_junk(tmp_path, golden_d
                      str(tmp_path / "out.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {prompts}:2: {error}"
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_predict_checks_only_the_images_of_the_turns_the_prompt_reads(tmp_path, golden_dir, capsys):
+    # a base checkpoint (chat_format raw) is prompted with the last user message alone: a missing picture in an
+    # earlier turn was a note (or, with every row such, the error) about a file that is never read
+    messages = [{"role": "user", "content": [{"image": "gone.png"}, {"text": "What is it?"}]},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Thanks"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    argv = ["predict", "--model", str(golden_dir), "--dtype", "float32", "--device", "cpu", "--data", str(prompts),
+            "--output", str(out), "--image_dir", str(golden_dir), "--max_new_tokens", "1"]
+    assert cli.main(argv) == 0
+    assert "gone.png" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["prompt"] == "Thanks"
+    # chatml keeps the history, and with it the picture: that one is read, so it is checked first
+    assert cli.main([*argv, "--overwrite", "--chat_format", "chatml"]) == 2
+    assert capsys.readouterr().err.strip() == f"qwenvl predict: error: image not found: {golden_dir / 'gone.png'}"
+
+
+@pytest.mark.parametrize("data", ["--data", "--jsonl"])
+def test_predict_messages_name_the_data_flag_as_typed(tmp_path, capsys, data):
+    # --data is --jsonl: the messages said --jsonl whichever the command line had
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "hi"}) + "\n")
+    base = ["predict", "--model", str(tmp_path / "no-model"), data, str(prompts)]
+    for extra, message in [
+        (["--output_only"], f"--output_only prints the answers of --predict_data alone; the rows of {data} hold each "
+                            "answer in their 'response' field"),
+        (["--predict_data", "hi", "--modal_type", "text"], f"give --predict_data ITEMS... or {data} FILE (one of them)"),
+        (["--output", str(prompts)], f"the output file {prompts} is the {data} file {prompts}; write the output "
+                                     "somewhere else"),
+    ]:
+        assert cli.main([*base, *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {message}"
+
+
+def test_predict_batch_size_of_the_config_is_named_as_its_key(tmp_path, capsys):
+    # "predict_batch_size: 0" in the YAML was said as "--predict_batch_size must be >= 1"; a YAML "batch_size" (the
+    # flag's new name) is not a key of the MindFormers predict config: refused, naming the key it is
+    config = tmp_path / "predict.yaml"
+    argv = ["predict", "--config", str(config), "--model", str(tmp_path / "no-model"), "--predict_data", "hi",
+            "--modal_type", "text"]
+    config.write_text("predict_batch_size: 0\n")
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"qwenvl predict: error: {config}: predict_batch_size must be >= 1, got 0"
+    config.write_text("batch_size: 2\n")
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"qwenvl predict: error: {config}: unknown option(s) batch_size (the key of --batch_size is predict_batch_size); "
+        "known: ")

@@ -154,6 +154,32 @@ def test_call_errors(chat: Processor, tmp_path: Path) -> None:
         chat("hi", return_tensors="np")
 
 
+def test_an_image_path_no_span_can_hold_is_refused_before_tokenizing(tok: QwenTokenizer, tmp_path: Path) -> None:
+    # in the words of predict's check before the weights load (image_path_error): a lone surrogate ("\ud800" in
+    # JSON) was read as U+FFFD by the tokenizer, so the prompt failed on "image not found: .../a\ufffd.png"
+    from qwenvl.processor import image_path_error
+
+    chat = Processor(tok, chat_format="chatml", base_dir=tmp_path)
+    for path in ("a\ud800.png", "a</img>b.png", "x" * 300):
+        message = image_path_error(path)
+        assert message is not None and message.startswith("image path ")
+        for prompt in ([{"image": path}, {"text": "What?"}], [{"role": "user", "content": [{"image": path}]}]):
+            with pytest.raises(ValueError) as e:
+                chat(prompt)
+            assert str(e.value) == message
+    assert "is not valid Unicode text (a lone surrogate)" in image_path_error("a\ud800.png")
+    with pytest.raises(ValueError) as e:
+        chat(["hi", "Picture 1: <img>a\ud800.png</img>\nWhat?"])
+    assert str(e.value) == image_path_error("a\ud800.png") + " (prompt 2 of the 2 in the batch)"
+    # a turn a raw (base) prompt drops is never read: its picture is not checked either
+    raw = Processor(tok, chat_format="raw", base_dir=tmp_path)
+    messages = [{"role": "user", "content": "<img>a\ud800.png</img>"}, {"role": "assistant", "content": "Hm."},
+                {"role": "user", "content": "Bye"}]
+    assert raw(messages)["input_ids"][0].tolist() == tok.encode("Bye")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        chat(messages)
+
+
 def test_from_pretrained_sources(tmp_path: Path) -> None:
     p = Processor.from_pretrained(FIXTURE)
     assert (p.chat_format, p.image_size, p.max_window_size) == ("raw", 448, 6144)

@@ -18,8 +18,7 @@ from .generation import STOP_IDS, SamplingParams, TextStream, sampling_params, s
 from .hardware import pick_device  # noqa: F401 (qwenvl.inference.pick_device, as before)
 from .images import ImageSource
 from .model import QwenVL
-from .processor import Processor, prompt_problem
-from .tokenizer import image_path_problem
+from .processor import Processor, image_path_error, prompt_problem
 
 logger = logging.getLogger(__name__)
 
@@ -376,11 +375,9 @@ class ChatSession:
         a bad picture fails here with a clear message, not at every next question."""
         if isinstance(image, (str, os.PathLike)) and not str(image).startswith("data:"):
             name = os.fspath(image)
-            self.processor.tokenizer.from_list_format([{"image": name}])  # a path the prompt can show ('</img>')
-            problem = image_path_problem(name)  # too long, a special token
+            problem = image_path_error(name)  # '</img>' or another special token, too long, not Unicode
             if problem:  # the prompt could not show it: every later question would fail on it
-                shown = name if len(name) <= 60 else name[:60] + "..."
-                raise ValueError(f"image path {shown!r} {problem}: a prompt cannot show it (<img>PATH</img>)")
+                raise ValueError(problem)
             picture = self.processor.load_image(name, self.base_dir)
         else:
             picture = self.processor.load_image(image)  # bytes, PIL or a data URL (no file read, whatever base_dir)

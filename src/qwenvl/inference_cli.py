@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import difflib
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,9 @@ PREDICT_KEYS: dict[str, type[Any]] = {  # YAML key -> type (a predict config hol
     "top_k": int, "repetition_penalty": float, "seed": int, "chat_format": str, "image_dir": str, "run_mode": str,
     "use_parallel": bool, "auto_trans_ckpt": bool, "quantize": str, "allow_any_local_path": bool,
 }
+
+# flags whose YAML key is the MindFormers name (the predict YAML's keys are MindFormers' predict config keys)
+_KEY_OF_FLAG = {"batch_size": "predict_batch_size", "model": "load_checkpoint"}
 
 MEDIA_HELP = ("which image files your prompts may name: true (default) reads any file you can read (absolute "
               "paths, ~, ..; relative ones against --image_dir); false reads only files inside --image_dir "
@@ -38,6 +40,21 @@ def str2bool(v: str) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {v!r}")
+
+
+class _Spelled(argparse.Action):
+    """Store a flag's value and note in ``namespace.spelled`` the name it was given under (``--data`` or its
+    MindFormers name ``--jsonl``), so that a message about it says the flag the user typed (:func:`_flag`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.spelled = {**(getattr(namespace, "spelled", None) or {}), self.dest: option_string}
+
+
+def _flag(args: argparse.Namespace, dest: str, names: str) -> str:
+    """The name the flag of ``dest`` was typed under, else ``names`` (all of them, as argparse: --data/--jsonl)."""
+    return (getattr(args, "spelled", None) or {}).get(dest) or names
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -93,8 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="items grouped by --modal_type, e.g. demo.jpeg 'Describe the image in English:'")
     p.add_argument("--modal_type", nargs="+", choices=["image", "text"], help="kinds of the items of one prompt")
     p.add_argument("--batch_size", "--predict_batch_size", dest="predict_batch_size", type=int, metavar="N",
-                   help="prompts per batch (default 1)")
-    p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE",
+                   action=_Spelled, help="prompts per batch (default 1)")
+    p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE", action=_Spelled,
                    help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
     p.add_argument("--output", metavar="FILE", help="with --data: where to write the answers (JSONL; default: stdout)")
     p.add_argument("--output_only", action="store_true",
@@ -229,7 +246,8 @@ def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
         loaded = read_yaml(path, what="predict config")
         unknown = sorted(set(loaded) - set(PREDICT_KEYS))
         if unknown:
-            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(PREDICT_KEYS))}")
+            said = ", ".join(f"{k} (the key of --{k} is {_KEY_OF_FLAG[k]})" if k in _KEY_OF_FLAG else k for k in unknown)
+            raise ValueError(f"{path}: unknown option(s) {said}; known: {', '.join(sorted(PREDICT_KEYS))}")
         for key, value in loaded.items():
             if value is not None:
                 opts[key] = _checked_option(key, value, str(path))
@@ -240,7 +258,9 @@ def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
     if opts.get("run_mode", "predict") != "predict":
         raise ValueError(f"--run_mode {opts['run_mode']!r}: this command predicts; use 'qwenvl finetune' to train")
     if opts.get("predict_batch_size", 1) < 1:  # said now, not after the weights load
-        raise ValueError(f"--predict_batch_size must be >= 1, got {opts['predict_batch_size']}")
+        where = (_flag(args, "predict_batch_size", "--batch_size/--predict_batch_size")
+                 if getattr(args, "predict_batch_size", None) is not None else f"{args.config}: predict_batch_size")
+        raise ValueError(f"{where} must be >= 1, got {opts['predict_batch_size']}")
     return opts
 
 
@@ -335,39 +355,17 @@ def _prompt_of_record(rec: Any, where: str) -> Any:
     return [{"image": p} for p in images] + [{"text": text}]
 
 
-_IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.S)
-
-
-def _image_refs(prompt: Any) -> list[str]:
-    """The image paths a prompt names: ``<img>`` spans in text, list-format ``{"image": P}`` items, and both
-    inside messages (assistant turns excepted: their pictures are never read)."""
-    if isinstance(prompt, str):
-        return _IMG_SPAN.findall(prompt)
-    if not isinstance(prompt, list):
-        return []
-    refs: list[str] = []
-    for item in prompt:
-        if not isinstance(item, dict):
-            continue
-        if "role" in item:
-            if item.get("role") != "assistant":
-                refs += _image_refs(item.get("content"))
-        elif isinstance(item.get("image"), str):
-            refs.append(item["image"])
-        elif isinstance(item.get("text"), str):
-            refs += _IMG_SPAN.findall(item["text"])
-    return refs
-
-
 def prompt_images(prompts: list[Any], policy: Any) -> dict[str, Path]:
     """The local image files the prompts name, by label ("image of prompt 2", "image 2 of prompt 3"), resolved
-    under ``policy`` (:class:`qwenvl.images.MediaPolicy`); refused paths and URLs are left out (never read)."""
+    under ``policy`` (:class:`qwenvl.images.MediaPolicy`); refused paths (a prompt cannot even show some) and URLs
+    are left out (never read)."""
     from .images import ImageError
+    from .processor import image_path_error, prompt_image_paths
 
     files: dict[str, Path] = {}
     for k, prompt in enumerate(prompts, 1):
-        for j, ref in enumerate(_image_refs(prompt), 1):
-            if ref.lower().startswith(("data:", "http://", "https://")):
+        for j, ref in enumerate(prompt_image_paths(prompt), 1):
+            if ref.lower().startswith(("data:", "http://", "https://")) or image_path_error(ref):
                 continue
             try:
                 files[f"image {j} of prompt {k}" if j > 1 else f"image of prompt {k}"] = policy.resolve(ref)
@@ -376,20 +374,21 @@ def prompt_images(prompts: list[Any], policy: Any) -> dict[str, Path]:
     return files
 
 
-def bad_prompt_images(prompts: list[Any], policy: Any) -> list[tuple[int, str]]:
+def bad_prompt_images(prompts: list[Any], policy: Any, chat_format: str | None = None) -> list[tuple[int, str]]:
     """(prompt number from 1, problem) for every prompt naming an image that its answer would fail on: a path no
     ``<img>`` span can hold, or one that :func:`qwenvl.images.check_image` refuses under ``policy``
     (:class:`qwenvl.images.MediaPolicy`) with the header only (seconds for thousands of images), with the message
-    the prompt's own error then gives. Meant for before the weights load."""
-    from .images import ImageError, check_image, shown
-    from .tokenizer import image_path_problem
+    the prompt's own error then gives. ``chat_format`` "raw": of messages, only the last one is read (None: not
+    known, every turn). Meant for before the weights load."""
+    from .images import ImageError, check_image
+    from .processor import image_path_error, prompt_image_paths
 
     bad: list[tuple[int, str]] = []
     for k, prompt in enumerate(prompts, 1):
-        for ref in _image_refs(prompt):
-            problem = image_path_problem(ref)  # what the tokenizer refuses first: '</img>', too long
+        for ref in prompt_image_paths(prompt, chat_format):
+            problem = image_path_error(ref)  # what the processor refuses first: '</img>', too long, not Unicode
             if problem:
-                bad.append((k, f"image path {shown(ref)} {problem}: a prompt cannot show it (<img>PATH</img>)"))
+                bad.append((k, problem))
                 break
             try:
                 check_image(ref, policy=policy, decode=False)
@@ -454,12 +453,13 @@ def run_predict(args: argparse.Namespace) -> int:
     opts = _merged_predict_options(args)
     if not opts.get("load_checkpoint"):
         raise ValueError("no checkpoint: pass --model DIR (or --load_checkpoint DIR, or load_checkpoint in --config)")
+    data = _flag(args, "jsonl", "--data/--jsonl")  # as typed
     if bool(args.predict_data) == bool(args.jsonl):
-        raise ValueError("give --predict_data ITEMS... or --jsonl FILE (one of them)")
+        raise ValueError(f"give --predict_data ITEMS... or {data} FILE (one of them)")
     if args.output and not args.jsonl:  # --predict_data prints its answers: the file would never be written
-        raise ValueError("--output writes the answers of --jsonl; --predict_data prints them (redirect stdout)")
+        raise ValueError(f"--output writes the answers of {data}; --predict_data prints them (redirect stdout)")
     if args.output_only and args.jsonl:  # was accepted and did nothing
-        raise ValueError("--output_only prints the answers of --predict_data alone; the rows of --jsonl hold each "
+        raise ValueError(f"--output_only prints the answers of --predict_data alone; the rows of {data} hold each "
                          "answer in their 'response' field")
     if opts.get("image_dir"):  # else every image would be "not found" under it
         require_folder(opts["image_dir"], "--image_dir folder")
@@ -474,10 +474,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
     any_path = opts.get("allow_any_local_path", True)
     policy = MediaPolicy(opts.get("image_dir") or ".", any_path)
-    check_output_file(args.output, {"--jsonl file": args.jsonl, "--config file": args.config,
+    check_output_file(args.output, {f"{data} file": args.jsonl, "--config file": args.config,
                                     **prompt_images(prompts, policy)},
                       folders={"checkpoint folder": opts["load_checkpoint"]}, overwrite=args.overwrite)
-    _check_images_first(prompts, policy, per_row=bool(args.jsonl))
+    _check_images_first(prompts, policy, per_row=bool(args.jsonl), chat_format=_known_chat_format(opts))
     require_folder(opts["load_checkpoint"])
     # torch and the model code load only now, after the input checks (which need neither): bad input is said at once
     from .checkpoint import refuse_adapter_folder
@@ -555,12 +555,13 @@ def _kept_note(kept: Any, total: int) -> str:
     return f"{head} in {kept.path} (JSONL, in the prompts' order)"
 
 
-def _check_images_first(prompts: list[Any], policy: Any, per_row: bool) -> None:
+def _check_images_first(prompts: list[Any], policy: Any, per_row: bool, chat_format: str | None) -> None:
     """Bad images are said before minutes of loading weights: an error (one line) when every prompt has one or
-    without ``per_row``; else a one-line note, and those prompts become rows with an 'error' field."""
+    without ``per_row``; else a one-line note, and those prompts become rows with an 'error' field. The images of
+    turns a ``chat_format`` "raw" prompt drops are never read: not checked."""
     from .images import ImageError
 
-    bad = bad_prompt_images(prompts, policy)
+    bad = bad_prompt_images(prompts, policy, chat_format)
     if not bad:
         return
     k, problem = bad[0]
@@ -574,7 +575,33 @@ def _check_images_first(prompts: list[Any], policy: Any, per_row: bool) -> None:
 
 def _jsonl(preds: list[Any]) -> str:
     """The output rows of ``preds``, one JSON object a line."""
-    return "".join(json.dumps(_result_row(p), ensure_ascii=False) + "\n" for p in preds)
+    return "".join(_json_line(_result_row(p)) for p in preds)
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    """``row`` as one line of UTF-8 JSON; a row holding a lone surrogate (a prompt's JSON "\\ud800", which UTF-8
+    cannot write) is written in ASCII escapes, as it came."""
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row)
+    return text + "\n"
+
+
+def _known_chat_format(opts: dict[str, Any]) -> str | None:
+    """The chat format the prompts will be built in, where it is known before the checkpoint loads: --chat_format,
+    else its folder's generation_config.json (absent: chatml, every turn kept); None when it cannot be read yet
+    (a missing folder, a bad file: said in its turn)."""
+    if opts.get("chat_format"):
+        return str(opts["chat_format"])
+    from .config import ConfigError, GenerationDefaults
+
+    file = Path(opts["load_checkpoint"]) / "generation_config.json"
+    try:
+        return GenerationDefaults.from_file(file).chat_format if file.is_file() else None
+    except (ConfigError, OSError):
+        return None
 
 
 def _result_row(p: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from .config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, GenerationDefaults, QwenVLConfig
-from .images import ImageSource, MediaPolicy, load_image, pixel_values
-from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer
+from .images import ImageSource, MediaPolicy, load_image, pixel_values, shown
+from .tokenizer import IMAGE_SPECIAL_TOKENS, QwenTokenizer, image_path_problem
 
 if TYPE_CHECKING:  # torch loads where tensors are made: checking prompts (the CLI, before the weights) does not need it
     import torch
 
-__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "PROMPT_KINDS", "ModelInputs", "Processor", "prompt_problem"]
+__all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "PROMPT_KINDS", "ModelInputs", "Processor", "image_path_error",
+           "prompt_image_paths", "prompt_problem"]
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
@@ -73,6 +75,42 @@ def prompt_problem(prompt: object) -> str | None:
 
 def _is_messages(items: list[Any]) -> bool:
     return bool(items) and all(isinstance(m, dict) for m in items) and any("role" in m for m in items)
+
+
+_IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.S)
+
+
+def prompt_image_paths(prompt: object, chat_format: str | None = None) -> list[str]:
+    """The image paths a prompt names: ``<img>`` spans in text, list-format ``{"image": P}`` items, and both
+    inside messages, assistant turns excepted (their pictures are never read). With ``chat_format="raw"`` a list
+    of messages is prompted with its last message alone (:meth:`Processor.build_chat_prompt`): only its paths
+    count; None (not known yet) counts every turn's."""
+    if isinstance(prompt, str):
+        return _IMG_SPAN.findall(prompt)
+    if not isinstance(prompt, list):
+        return []
+    if chat_format == "raw" and _is_messages(prompt):
+        prompt = prompt[-1:]
+    paths: list[str] = []
+    for item in prompt:
+        if not isinstance(item, dict):
+            continue
+        if "role" in item:
+            if item.get("role") != "assistant":
+                paths += prompt_image_paths(item.get("content"))
+        elif isinstance(item.get("image"), str):
+            paths.append(item["image"])
+        elif isinstance(item.get("text"), str):
+            paths += _IMG_SPAN.findall(item["text"])
+    return paths
+
+
+def image_path_error(path: str) -> str | None:
+    """The one-line error for an image path that no ``<img>PATH</img>`` span can hold
+    (:func:`qwenvl.tokenizer.image_path_problem`: ``</img>`` or another special token in it, a lone surrogate,
+    more than 256 bytes), or None."""
+    problem = image_path_problem(path)
+    return None if problem is None else f"image path {shown(path)} {problem}: a prompt cannot show it (<img>PATH</img>)"
 
 
 class ModelInputs(dict[str, Any]):  # Any so that model(**inputs) type-checks
@@ -243,6 +281,10 @@ class Processor:
             problem = prompt_problem(prompt)
             if problem:  # else the tokenizer's words about one list-format element ("expected a dict: 1")
                 raise ValueError(f"the prompt{where} {problem}")
+            # before tokenizing: it would read a lone surrogate as U+FFFD ("image not found" of another name)
+            bad = next(filter(None, map(image_path_error, prompt_image_paths(prompt, self.chat_format))), None)
+            if bad:
+                raise ValueError(f"{bad}{where}")
             ids = self._prompt_ids(prompt)
             if not ids:
                 raise ValueError(f"empty prompt{where}: there is nothing to condition on")

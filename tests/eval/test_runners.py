@@ -284,12 +284,28 @@ def test_caption_coco_json_of_the_wrong_shape_names_the_problem(tmp_path: Path, 
 
 
 def test_a_repeated_caption_id_names_both_lines(tmp_path: Path, image_dir: Path) -> None:
-    # the second line has no id, so it takes its index, 1: the same as the first line's; the message named neither
     data = write_jsonl(tmp_path / "c.jsonl", [{"image": "a.png", "captions": ["x"], "id": 1},
-                                              {"image": "b.png", "captions": ["y"]}])
-    with pytest.raises(EvalDataError, match=r"c\.jsonl:2: caption id 1 is also the id of .*c\.jsonl:1 \(a record "
-                                            r"without 'id' takes its index"):
+                                              {"image": "b.png", "captions": ["y"], "id": 1}])
+    with pytest.raises(EvalDataError, match=r"c\.jsonl:2: caption id 1 is also the id of .*c\.jsonl:1: ids must be "
+                                            r"unique$"):
         runners.load_caption_data(data, image_dir)
+
+
+def test_a_caption_record_without_id_never_takes_another_records_id(tmp_path: Path, image_dir: Path) -> None:
+    # it took its index: the id of another record numbering its ids from 1 ("caption id 1 is also the id of ...")
+    rows = [{"image": "a.png", "captions": ["x"], "id": 1}, {"image": "b.png", "captions": ["y"]},
+            {"image": "a.png", "captions": ["z"]}, {"image": "b.png", "captions": ["w"], "id": "4"},
+            {"image": "a.png", "captions": ["v"]}]
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    records = runners.load_caption_data(data, image_dir)
+    assert [r.id for r in records] == [1, 5, 2, "4", 6]  # an index another record has: the first free from 5 up
+    # the ids are the output's, and a run resumes from its output
+    out = tmp_path / "o.json"
+    gen = stub({"": "a photo"})
+    first = evaluate_caption(records[:3], generate_fn=gen, image_dir=image_dir, output=out, progress=False)
+    assert [p["id"] for p in first.to_dict()["predictions"]] == [1, 5, 2]
+    again = evaluate_caption(data, generate_fn=gen, image_dir=image_dir, progress=False, resume=out)
+    assert [p["id"] for p in again.to_dict()["predictions"]] == [1, 5, 2, "4", 6]
 
 
 @pytest.mark.parametrize("name", ["c.json", "c.jsonl"])
@@ -1014,3 +1030,20 @@ def test_the_partial_file_resumed_from_goes_only_when_the_output_holds_its_rows(
     assert not kept.exists() and not (tmp_path / "o.json.partial-2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "elsewhere", "imgs", "o.json", "o.json.partial-old",
                                                           "o2.json", "o2.json.partial", "saved.partial"]
+
+
+def test_the_partial_file_resumed_from_is_read_once_to_be_removed(tmp_path: Path, image_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # its header was read, then the whole file again
+    _, out, kept, _ = _resume_case(tmp_path, image_dir)
+    earlier = runners.read_resume(kept)  # its rows, as the run that resumed from it would have them
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        opened.append(self)
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    assert runners.remove_resumed_partial(kept, out, "grounding", earlier["settings"], earlier["predictions"])
+    assert opened.count(kept) == 1 and not kept.exists()

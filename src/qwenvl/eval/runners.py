@@ -26,7 +26,9 @@ folder: relative paths resolve there and, unless ``allow_any_local_path=True``, 
 - VQA: ``{"image": "...", "question": "...", "answers": ["yes", "yes", ...]}`` (VQAv2: the 10 annotators'
   answers; ``{"answer": ...}`` dicts are accepted too) or ``"answer": "yes"`` for a single reference (not all
   blank); optional ``question_id`` (a number or a string, unique).
-- captioning: ``{"image": "...", "captions": ["...", ...]}`` (none blank) with an optional unique ``id``, or
+- captioning: ``{"image": "...", "captions": ["...", ...]}`` (none blank) with an optional unique ``id`` (a
+  record without one takes its index, from 0, or, when another record has that id, the first number from the
+  number of records up that none has), or
   the COCO-style JSON that Qwen-VL's caption eval reads (``{"images": [{"id", "image"|"file_name"}],
   "annotations": [{"image_id", "caption"}]}``; a ``.json`` file that holds JSON Lines is read as such).
 
@@ -42,6 +44,7 @@ partial file it resumed from (``OUTPUT.partial`` or ``OUTPUT.partial-N``), that 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -272,6 +275,13 @@ def read_resume(path: str | os.PathLike, what: str = "file to resume from") -> A
                 raise
             raise EvalDataError(f"{path}:1: not the header of a qwenvl eval partial file (no {PARTIAL_HEADER!r}), "
                                 "and the file is not the output JSON of qwenvl eval either") from None
+    return _partial_run(path, head, lines)
+
+
+def _partial_run(path: str | os.PathLike, head: dict[str, Any], lines: Iterator[tuple[int, dict[str, Any]]]
+                 ) -> dict[str, Any]:
+    """The run a partial file holds (``{"task", "settings", "predictions"}``, see :func:`read_resume`): its header
+    ``head`` (it has :data:`PARTIAL_HEADER`) checked and its rows read from ``lines``, the lines after it."""
     if head[PARTIAL_HEADER] != 1 or not isinstance(head.get("task"), str) or not isinstance(head.get("settings"), dict):
         raise EvalDataError(f"{path}:1: not the header of a qwenvl eval partial file of format 1 (it needs "
                             f"{PARTIAL_HEADER!r}: 1, 'task' and 'settings')")
@@ -391,13 +401,13 @@ def remove_resumed_partial(path: str | os.PathLike, output: str | os.PathLike, t
     try:
         if not stat.S_ISREG(src.lstat().st_mode) or not src.parent.samefile(out.parent):
             return False
-        with src.open("rb") as f:  # the header: a complete output (JSON) is never read as a partial file
-            head = json.loads(f.readline())
-        if not (isinstance(head, dict) and PARTIAL_HEADER in head):
+        lines = iter_jsonl(src, EvalDataError)  # one read: its header, then (only if it is ours) its rows
+        _, head = next(lines)  # a complete output (JSON) fails here, on its "{": never read as a partial file
+        if PARTIAL_HEADER not in head:
             return False
-        earlier = read_resume(src)
-    except (OSError, ValueError):  # gone, unreadable, not JSON (EvalDataError is a ValueError): not ours to touch
-        return False
+        earlier = _partial_run(src, head, lines)
+    except (OSError, ValueError, StopIteration):  # gone, unreadable, empty, not JSON lines (EvalDataError is a
+        return False  # ValueError): not ours to touch
     done = earlier["predictions"]
     if earlier["task"] != task or earlier["settings"] != generation or len(done) > len(rows) \
             or any(old != new for old, new in zip(done, rows)):
@@ -708,15 +718,18 @@ def load_caption_data(
         cid = _optional_id(obj, "id", where)
         _check_prompt_image(image, where)
         _image_path(image, policy, where, known)
-        records.append(CaptionRecord(image, captions, len(records) if cid is None else cid, where))
+        records.append(CaptionRecord(image, captions, cid, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
-    seen: dict[str, CaptionRecord] = {}
+    seen: dict[str, str] = {}  # id (as CIDEr keys it) -> where
     for r in records:
-        first = seen.setdefault(str(r.id), r).where
-        if seen[str(r.id)] is not r:
-            raise EvalDataError(f"{r.where}: caption id {r.id!r} is also the id of {first} (a record without 'id' "
-                                "takes its index, from 0): ids must be unique")
+        if r.id is not None and seen.setdefault(str(r.id), r.where) != r.where:
+            raise EvalDataError(f"{r.where}: caption id {r.id!r} is also the id of {seen[str(r.id)]}: ids must be "
+                                "unique")
+    spare = (n for n in itertools.count(len(records)) if str(n) not in seen)  # no index: never an implicit id
+    for k, r in enumerate(records):
+        if r.id is None:  # its index, unless another record has that id (a file numbering its ids from 1)
+            r.id = k if str(k) not in seen else next(spare)
     return records
 
 
