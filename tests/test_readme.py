@@ -54,9 +54,9 @@ def _in_scope(command: str) -> bool:
 
 # README commands that are not run here, and why
 NOT_RUN = {
-    "qwenvl predict --model /models/Qwen-VL-Chat --jsonl prompts.jsonl --output answers.jsonl --compile":
+    "qwenvl predict --model /models/Qwen-VL-Chat --data prompts.jsonl --output answers.jsonl --compile":
         "torch.compile takes 20-60 s on this machine; tests/test_cli.py runs predict --compile (and checks the log)",
-    "qwenvl predict --model /models/Qwen-VL-Chat --quantize int8 --jsonl prompts.jsonl --output answers.jsonl "
+    "qwenvl predict --model /models/Qwen-VL-Chat --quantize int8 --data prompts.jsonl --output answers.jsonl "
     "--compile": "as above; tests/test_quantize.py checks compiled int8 decoding against eager",
     "qwenvl eval grounding --model /models/Qwen-VL --data refcoco_val.jsonl --image_dir coco/ --output refcoco.json "
     "--resume_from refcoco.json.partial": "needs an interrupted run: tests/eval/test_runners.py interrupts one "
@@ -217,7 +217,7 @@ def check_eval_demo(d: Path, out: str, err: str, log: str) -> None:
     assert (d / "demo_out" / "eval_prompt.txt").read_text() in again["settings"]["prompt"]
 
 
-TINY_RUN = ("--config configs/finetune_qwenvl_tiny.yaml --train_data demo_out/data/train.json --dataset_dir "
+TINY_RUN = ("--config configs/finetune_qwenvl_tiny.yaml --data demo_out/data/train.json --dataset_dir "
             "demo_out/data --output_dir runs/tiny --use_lora true")
 STEPS: dict[str, Step] = {
     "qwenvl demo --output_dir demo_out": Step(check_demo, ["--steps", "3"]),
@@ -226,7 +226,7 @@ STEPS: dict[str, Step] = {
     "qwenvl predict --config configs/predict_qwenvl_9.6b.yaml --load_checkpoint /models/Qwen-VL --predict_data "
     "demo.jpeg \"Describe the image in English:\" --modal_type image text --predict_batch_size 1":
         Step(check_predict_seed_flags, ["--max_new_tokens", "8"]),
-    "qwenvl predict --model /models/Qwen-VL-Chat --jsonl prompts.jsonl --output answers.jsonl --predict_batch_size 8":
+    "qwenvl predict --model /models/Qwen-VL-Chat --data prompts.jsonl --output answers.jsonl --batch_size 8":
         Step(check_predict_jsonl, ["--max_new_tokens", "8"]),
     "qwenvl chat --model /models/Qwen-VL-Chat --draw boxes/": Step(check_chat, ["--max_new_tokens", "8"]),
     "qwenvl convert /models/Qwen-VL /models/Qwen-VL-fp16 --dtype float16 --max_shard_size 2GB":
@@ -245,10 +245,10 @@ STEPS: dict[str, Step] = {
     "qwenvl convert output/checkpoint/rank_0/my_finetune.ckpt /models/my-finetune --config /models/Qwen-VL-Chat "
     "--dtype bfloat16": Step(check_ckpt_import(torch.bfloat16, "my-finetune"),
                              subs={"output/checkpoint/rank_0/my_finetune.ckpt": "qwenvl_9.6b.ckpt"}, defer=True),
-    "qwenvl data-convert --data_path detail_23k.json --image_location coco/ --output_path detail_23k_qwenvl.json "
+    "qwenvl data-convert --data detail_23k.json --image_location coco/ --output detail_23k_qwenvl.json "
     "--user_role_name user --assistant_role_name assistant": Step(check_data_convert),
-    "qwenvl finetune --config configs/finetune_qwenvl_9.6b_bf16.yaml --load_checkpoint /models/Qwen-VL-Chat "
-    "--run_mode finetune --train_data detail_23k_qwenvl.json --dataset_dir coco/ --output_dir runs/ft":
+    "qwenvl finetune --config configs/finetune_qwenvl_9.6b_bf16.yaml --model /models/Qwen-VL-Chat "
+    "--data detail_23k_qwenvl.json --dataset_dir coco/ --output_dir runs/ft":
         Step(check_finetune_stage3),
     f"qwenvl finetune {TINY_RUN}": Step(check_finetune_tiny),
     "qwenvl finetune --config configs/finetune_qwenvl_tiny.yaml ... --resume_training":
@@ -283,7 +283,7 @@ def test_every_readme_command_is_run_or_excused() -> None:
 
 
 # ---- the inputs the README's commands name ------------------------------------------------------------------
-PROMPTS = [  # one of each form the README lists for --jsonl
+PROMPTS = [  # one of each form the README lists for --data
     {"image": "demo.jpeg", "text": "What is in the picture?"},
     {"prompt": "Hello"},
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is it?"},
