@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -45,11 +46,33 @@ def said_by_another_process() -> bool:
     return launched and os.environ.get("LOCAL_RANK", "0").strip() not in ("0", "")
 
 
+# how long a process that leaves an error to its node's LOCAL_RANK 0 waits for torchrun to stop it
+LEFT_TO_LOCAL_RANK_0_WAIT_S = 60.0
+
+
+def left_to_local_rank_0(status: int = 2) -> int:
+    """The exit status of a process that leaves its error to the node's LOCAL_RANK 0 (:func:`said_by_another_process`),
+    returned only after waiting, at most :data:`LEFT_TO_LOCAL_RANK_0_WAIT_S`, for torchrun to stop it. torchrun's agent
+    stops every other process (SIGTERM) as soon as one exits: a silent one that exited first stopped local rank 0
+    before it printed the line (2 to 4 of 30 launches with a missing data file or a bad flag), and the user saw only
+    torchrun's summary. Waiting, it is stopped once local rank 0 has said the error and exited (status 128 + the
+    signal's number, without a word). Only under torchrun's agent (``TORCHELASTIC_RUN_ID``); elsewhere nothing stops
+    the others."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return status
+    try:
+        time.sleep(LEFT_TO_LOCAL_RANK_0_WAIT_S)
+    except KeyboardInterrupt as e:  # and Terminated: SIGTERM from torchrun, SIGINT from a Ctrl-C of the whole job
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    return status
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors under torchrun are printed by one process per node
-    (:func:`said_by_another_process`); the others exit with the same status 2, silently. A flag must be spelled
-    whole (``allow_abbrev=False``, as vLLM's parser): ``--dtyp`` was taken as ``--dtype``, so a flag added later
-    with the same prefix would have changed what an old command line meant."""
+    (:func:`said_by_another_process`); the others exit with the same status 2, silently, once that one has said it
+    (:func:`left_to_local_rank_0`). A flag must be spelled whole (``allow_abbrev=False``, as vLLM's parser):
+    ``--dtyp`` was taken as ``--dtype``, so a flag added later with the same prefix would have changed what an old
+    command line meant."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -67,7 +90,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if said_by_another_process():
-            sys.exit(2)
+            sys.exit(left_to_local_rank_0(2))
         super().error(message)
 
 

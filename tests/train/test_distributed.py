@@ -354,6 +354,52 @@ def test_a_failure_of_one_rank_is_one_line_naming_that_rank(setup, tmp_path: Pat
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+_LOCAL_RANK_0_LAST = """
+import os, sys, time
+from pathlib import Path
+from qwenvl import cli
+from qwenvl.train import cli as finetune_cli
+
+reached = Path(sys.argv[1])  # rank 1 has reached the end of its silent exit
+if os.environ["LOCAL_RANK"] == "0":
+    for _ in range(2400):  # rank 0 meets the error last: the order in which it was stopped before saying it
+        if reached.exists():
+            break
+        time.sleep(0.05)
+else:
+    wait = getattr(cli, "left_to_local_rank_0", None)  # where rank 1 waits (none: it exits at once)
+
+    def waiting(status):
+        reached.touch()
+        return wait(status)
+
+    if wait is not None:
+        cli.left_to_local_rank_0 = finetune_cli.left_to_local_rank_0 = waiting
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("argv", "want"), [
+    (["--train_data", "/nonexistent/train.json"], "error: training data file not found: /nonexistent/train.json"),
+    (["--config"], "error: argument --config: expected one argument"),
+])
+def test_an_error_every_process_meets_is_said_even_when_local_rank_0_meets_it_last(tmp_path: Path, argv: list[str],
+                                                                                   want: str) -> None:
+    """A missing data file or a bad flag, which every process meets alike and local rank 0 alone says: the others
+    exited at once, silently, and torchrun stopped local rank 0 (SIGTERM) before it said it when it met the error
+    last (4 of 30 launches on 2 cores): no line at all, only torchrun's summary naming rank 1 with exit code 2."""
+    script = tmp_path / "local_rank_0_last.py"
+    script.write_text(_LOCAL_RANK_0_LAST)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_standalone(2), str(script), str(tmp_path / "reached"),
+           "finetune", "--config", str(TINY), "--output_dir", str(tmp_path / "out"), *argv]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0
+    errors = [line for line in log.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(f"qwenvl finetune: {want}"), log[-4000:]
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in log.split("Root Cause")[-1], log[-3000:]
+
+
 # ---- the Python API under torchrun -----------------------------------------------------------------------------
 _API_SCRIPT = """
 import gc, sys

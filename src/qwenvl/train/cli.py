@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..cli import said_by_another_process
+from ..cli import left_to_local_rank_0, said_by_another_process
 from .config import TrainConfig, TrainConfigError, check_known
 
 __all__ = ["add_parser", "main", "parse_overrides", "run"]
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
             require_peft("LoRA (use_lora)")
     except (ValueError, OSError):
         if said_by_another_process():
-            return 2
+            return left_to_local_rank_0(2)
         raise
     import torch
 
