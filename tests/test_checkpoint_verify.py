@@ -69,8 +69,8 @@ def test_info_verify_names_non_finite_tensors_and_exits_2(config: QwenVLConfig, 
     lines = capsys.readouterr().out.splitlines()
     name = "model-0000{}-of-00003.safetensors" if safe else "pytorch_model-0000{}-of-00003.bin"
     assert lines[-3:] == [
-        f"NaN/inf in {BAD} ({name.format(2)}): 3 of 49152 values (2 NaN)",
-        f"NaN/inf in lm_head.weight ({name.format(3)}): 1 of 19447808 values (0 NaN)",
+        f"NaN/inf in {BAD} ({name.format(2)}): 3 of 49152 values (2 NaN, 1 infinite)",
+        f"NaN/inf in lm_head.weight ({name.format(3)}): 1 of 19447808 values (1 infinite)",
         "verify: FAILED: 2 tensor(s) with NaN or infinite values (41 tensors, 0.08 GB read from 3 file(s))",
     ]
     assert main(["info", str(ckpt), "--verify", "--json"]) == 2
@@ -95,6 +95,7 @@ def test_info_verify_reports_every_unreadable_shard_and_reads_the_others(config:
     for line, file in zip(lines[3:5], (first, third)):
         assert line.startswith(f"unreadable: cannot read {file}: ") and line.endswith("(truncated or corrupt file?)")
     assert lines[5].startswith("verify: FAILED: 1 tensor(s) with NaN or infinite values, 2 of 3 file(s) unreadable (")
+    assert lines[5].endswith(" read from 1 of 3 file(s))")  # not "from 3 file(s)": two were not read
     assert len(lines) == 6
     report = verify_weights(ckpt)
     assert [u["file"] for u in report.unreadable] == [str(first), str(third)]
@@ -148,3 +149,26 @@ def test_verify_weights_reports_a_read_error_past_the_header(config: QwenVLConfi
     assert report.unreadable == [{"file": str(second), "problem": f"cannot read {second}: [Errno 5] Input/output error"}]
     assert report.non_finite == [] and not report.ok and report.files == 3
     assert report.verdict().startswith("verify: FAILED: 1 of 3 file(s) unreadable (")
+
+
+def test_info_verify_reports_a_missing_shard_and_reads_the_others(config: QwenVLConfig, tmp_path: Path,
+                                                                   capsys) -> None:
+    # an incomplete download: the index names a shard the folder lacks. --json still prints the report (a script
+    # reads stdout as JSON); the other shards are read
+    ckpt = _save(config, tmp_path / "ckpt", {BAD: [float("nan")]})
+    first, second, third = _shards(ckpt)
+    first.unlink()
+    assert main(["info", str(ckpt), "--verify", "--json"]) == 2
+    out, err = capsys.readouterr()
+    report = json.loads(out)["verify"]
+    assert not report["ok"] and report["files"] == 3
+    assert report["unreadable"] == [{"file": str(first), "problem": f"{first} is missing: the index names it (an "
+                                                                    "incomplete download?)"}]
+    assert [t["name"] for t in report["non_finite"]] == [BAD]
+    assert report["verdict"].endswith(" read from 2 of 3 file(s))")
+    assert main(["info", str(ckpt), "--verify"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [f"unreadable: {first} is missing: the index names it (an incomplete download?)",
+                          report["verdict"]]
+    assert main(["info", str(ckpt)]) == 2  # without --verify: the error, as loading says it
+    assert "references shard(s) missing from" in capsys.readouterr().err

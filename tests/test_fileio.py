@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwenvl import fileio
-from qwenvl.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
+from qwenvl.fileio import atomic_dir, atomic_write_bytes, atomic_write_text, json_text
 
 
 def _names(folder: Path) -> list[str]:
@@ -420,3 +421,11 @@ def test_a_key_twice_in_one_row_is_refused(tmp_path: Path) -> None:
         list(fileio.iter_jsonl(file))
     file.write_text('{"a": 1, "b": {"a": 2}}\n')  # the same key in different objects is fine
     assert list(fileio.iter_jsonl(file)) == [(1, {"a": 1, "b": {"a": 2}})]
+
+
+def test_json_text_is_utf8_unless_it_holds_a_lone_surrogate() -> None:
+    # the one writer of predict's rows and eval's outputs: "\ud800" (JSON read from a data file) cannot be UTF-8
+    assert json_text({"q": "déjà"}) == '{"q": "déjà"}'
+    assert json_text({"q": "déjà \ud800"}) == '{"q": "d\\u00e9j\\u00e0 \\ud800"}'
+    assert json.loads(json_text({"q": "déjà \ud800"}, indent=1)) == {"q": "déjà \ud800"}
+    json_text({"q": "\ud800"}, indent=1).encode("utf-8")

@@ -103,3 +103,14 @@ def test_chat_session_without_params_uses_the_checkpoints_chat_settings(golden_m
     assert seen == [inference.chat_params(golden_model)]
     mine = SamplingParams(max_new_tokens=1, do_sample=False)
     assert ChatSession(golden_model, processor, mine).ask("hi") == "ok" and seen[-1] is mine
+
+
+@pytest.mark.parametrize("path", ["a\ud800.png", "y" * 300])
+def test_chat_session_refuses_a_typed_image_path_no_prompt_can_show(golden_model, golden_dir, monkeypatch, path):
+    # a lone surrogate reached the tokenizer, which read it as U+FFFD: "image not found: ...a\ufffd.png", another
+    # name than the one typed; said as the processor and add_image say it, and the conversation is unchanged
+    session = _session(golden_model, golden_dir, monkeypatch, 2048)
+    with pytest.raises(ValueError, match=r"^image path .* a prompt cannot show it \(<img>PATH</img>\)$") as e:
+        session.ask(f"look <img>{path}</img> here")
+    assert "\ufffd" not in str(e.value)
+    assert session.history == [] and session.images == {}

@@ -75,6 +75,19 @@ def test_output_file_that_is_an_input_is_refused(tmp_path: Path) -> None:
     check_output_file(tmp_path / "answers.jsonl", {"--jsonl file": data, "--config file": None})
 
 
+def test_output_file_check_takes_an_input_name_too_long_to_exist(tmp_path: Path) -> None:
+    # an image path of a prompt with a name part over 255 bytes: Path.exists() raised "[Errno 36] File name too
+    # long" and the whole predict run stopped; such a file cannot exist, so it is not the output file
+    out = tmp_path / "answers.jsonl"
+    out.write_text("old\n")
+    check_output_file(out, {"image of prompt 1": "y" * 256, "image of prompt 2": tmp_path / ("y" * 256)})
+    os.symlink("loop", tmp_path / "loop")  # [Errno 40] Too many levels of symbolic links: neither
+    check_output_file(out, {"image of prompt 3": tmp_path / "loop" / "x.png"})
+    (tmp_path / "same.jsonl").hardlink_to(out)
+    with pytest.raises(OutputDirError, match="is the image of prompt 4"):  # the check still works
+        check_output_file(out, {"image of prompt 1": "y" * 256, "image of prompt 4": tmp_path / "same.jsonl"})
+
+
 def test_output_file_that_is_a_pipe_or_device_is_refused(tmp_path: Path) -> None:
     # not a file we wrote (nor is /dev/null or the /dev/stdout link): the atomic write would replace it
     os.mkfifo(tmp_path / "pipe")

@@ -120,8 +120,9 @@ def parse_size(size: int | str) -> int:
 
 
 # ---- finding the files ---------------------------------------------------------------------------------
-def _read_index(index_file: Path) -> dict[str, str]:
-    """The ``weight_map`` of an index file, checked: plain file names only, all files present."""
+def _read_index(index_file: Path, allow_missing: bool = False) -> dict[str, str]:
+    """The ``weight_map`` of an index file, checked: plain file names only, all files present (unless
+    ``allow_missing``)."""
     try:
         index = read_json(index_file, CheckpointError)  # also nesting too deep to parse, 5000-digit numbers
     except OSError as e:
@@ -140,7 +141,7 @@ def _read_index(index_file: Path) -> dict[str, str]:
     for name in sorted(set(weight_map.values())):
         if not (folder / name).is_file():
             missing.append(name)
-    if missing:
+    if missing and not allow_missing:
         raise CheckpointError(
             f"{index_file} references shard(s) missing from {folder}: {', '.join(missing)} "
             "(an incomplete download?)"
@@ -163,8 +164,11 @@ def refuse_adapter_folder(ckpt_dir: str | os.PathLike[str]) -> None:
     )
 
 
-def locate_weights(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
-    """Weight files of a checkpoint (in order) and the index's weight_map (None for a single file)."""
+def locate_weights(ckpt_dir: str | os.PathLike[str],
+                   allow_missing: bool = False) -> tuple[list[Path], dict[str, str] | None]:
+    """Weight files of a checkpoint (in order) and the index's weight_map (None for a single file).
+    ``allow_missing``: the index may name shards the folder lacks (listed all the same), else a
+    :class:`CheckpointError` names them."""
     path = Path(ckpt_dir)
     if path.is_file() and path.suffix in (".safetensors", ".bin"):
         return [path], None
@@ -177,7 +181,7 @@ def locate_weights(ckpt_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[s
         if (path / single).is_file():
             return [path / single], None
         if (path / index_name).is_file():
-            weight_map = _read_index(path / index_name)
+            weight_map = _read_index(path / index_name, allow_missing)
             stem = single.split(".")[0]
             unlisted = sorted(p.name for p in path.glob(f"{stem}-*-of-*{Path(single).suffix}")
                               if p.name not in weight_map.values())
@@ -508,9 +512,15 @@ def non_finite_counts(t: torch.Tensor) -> tuple[int, int]:
     return bad, nan
 
 
+def describe_non_finite(bad: int, nan: int, numel: int) -> str:
+    """"3 of 32768 values (2 NaN, 1 infinite)": ``bad`` values not finite of ``numel``, ``nan`` of them NaN."""
+    kinds = [f"{nan} NaN"] if nan else []
+    kinds += [f"{bad - nan} infinite"] if bad > nan else []
+    return f"{bad} of {numel} values ({', '.join(kinds)})"
+
+
 def count_non_finite(t: torch.Tensor) -> str:
-    bad, nan = non_finite_counts(t)
-    return f"{bad} of {t.numel()} values ({nan} NaN)"
+    return describe_non_finite(*non_finite_counts(t), t.numel())
 
 
 def _overflow(t: torch.Tensor, dtype: torch.dtype) -> tuple[int, float]:
@@ -583,7 +593,9 @@ class WeightsReport:
 
     def verdict(self) -> str:
         """One line: OK, or FAILED and what."""
-        read = f"{self.tensors} tensors, {self.nbytes / 1e9:.2f} GB read from {self.files} file(s)"
+        whole = self.files - len(self.unreadable)
+        read = (f"{self.tensors} tensors, {self.nbytes / 1e9:.2f} GB read from "
+                + (f"{whole} of {self.files}" if self.unreadable else f"{self.files}") + " file(s)")
         if self.ok:
             return f"verify: OK: every value finite ({read})"
         found = [f"{len(self.non_finite)} tensor(s) with NaN or infinite values"] if self.non_finite else []
@@ -592,8 +604,8 @@ class WeightsReport:
 
     def lines(self) -> list[str]:
         """A line per problem, then the verdict."""
-        lines = [f"NaN/inf in {t['name']} ({Path(t['file']).name}): {t['count']} of {t['numel']} values "
-                 f"({t['nan']} NaN)" for t in self.non_finite]
+        lines = [f"NaN/inf in {t['name']} ({Path(t['file']).name}): "
+                 + describe_non_finite(t["count"], t["nan"], t["numel"]) for t in self.non_finite]
         if len(lines) > MAX_LISTED_PROBLEMS:  # a diverged run: every tensor (--json lists them all)
             lines[MAX_LISTED_PROBLEMS:] = [f"... and {len(lines) - MAX_LISTED_PROBLEMS} more tensors"]
         lines += [f"unreadable: {u['problem']}" for u in self.unreadable]
@@ -611,13 +623,17 @@ def verify_weights(ckpt_dir: str | os.PathLike[str]) -> WeightsReport:
 
     Each file is opened as :func:`load_state_dict` opens it (mapped, read as its tensors are checked) and released
     before the next, so memory holds about one file's pages at a time (the kernel can drop them: they are clean
-    file pages). A missing shard or an unreadable index raises :class:`CheckpointError` as loading does.
+    file pages). A shard the index names but the folder lacks (an incomplete download) is reported as unreadable,
+    the others are read; an unreadable index, or a folder with no weights, raises :class:`CheckpointError` as
+    loading does.
     """
-    files, _ = locate_weights(ckpt_dir)
+    files, _ = locate_weights(ckpt_dir, allow_missing=True)
     report = WeightsReport(files=len(files))
     for i, file in enumerate(files, 1):
         logger.info("reading %s (%d of %d)", file, i, len(files))
         try:
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing: the index names it (an incomplete download?)")
             tensors = _open_shard(file)
             if not tensors:
                 raise CheckpointError(f"{file} holds no tensors (an empty or unfinished save?)")

@@ -52,6 +52,7 @@ __all__ = [
     "write_error",
     "is_temporary",
     "iter_jsonl",
+    "json_text",
     "parse_json",
     "read_json_records",
     "read_yaml",
@@ -508,6 +509,18 @@ def _swap_in(new: Path, target: Path) -> None:
             remove_path(old)
         except OSError as e:  # the new folder is in place; a leftover old copy is only wasted space
             logger.warning("replaced %s but could not delete the previous version %s: %s", target, old, e)
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as JSON text that UTF-8 can write: other characters as they are (``ensure_ascii=False``), but all
+    of it in ASCII escapes when it holds a lone surrogate (a data file's JSON "\\ud800", which UTF-8 cannot
+    encode): written as it came, where writing it as UTF-8 failed at the end of a long run."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, indent=indent)
+    return text
 
 
 def iter_jsonl(

@@ -87,11 +87,13 @@ class MediaPolicy:
     ``data:`` URLs). ``allow_any_local_path=True`` reads any path the process can read (relative ones against
     ``root``, or the working directory when it is None): for the user's own prompts on their own machine.
 
-    Refusals raise :class:`MediaAccessError` with the same message whether the file exists or not.
+    Refusals raise :class:`MediaAccessError` with the same message whether the file exists or not; they call
+    ``root`` ``root_name`` (the name the caller knows it by, as ``"image_location 'imgs'"``).
     """
 
     root: str | os.PathLike | None = "."
     allow_any_local_path: bool = False
+    root_name: str = "the media folder"
 
     def resolve(self, path: str | os.PathLike) -> Path:
         """The file ``path`` names under this policy (not checked for existence); raise if it is refused."""
@@ -117,7 +119,7 @@ class MediaPolicy:
         given = Path(os.path.normpath(Path(self.root).expanduser().absolute()))
         root = Path(os.path.realpath(given))
         refused = MediaAccessError(
-            f"image path {shown(text)} is not allowed: only files inside the media folder are read "
+            f"image path {shown(text)} is not allowed: only files inside {self.root_name} are read "
             "(no absolute path outside it, no '~', no '..' or link leading out of it)"
         )
         if text.startswith("~"):

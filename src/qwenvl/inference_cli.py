@@ -575,18 +575,9 @@ def _check_images_first(prompts: list[Any], policy: Any, per_row: bool, chat_for
 
 def _jsonl(preds: list[Any]) -> str:
     """The output rows of ``preds``, one JSON object a line."""
-    return "".join(_json_line(_result_row(p)) for p in preds)
+    from .fileio import json_text
 
-
-def _json_line(row: dict[str, Any]) -> str:
-    """``row`` as one line of UTF-8 JSON; a row holding a lone surrogate (a prompt's JSON "\\ud800", which UTF-8
-    cannot write) is written in ASCII escapes, as it came."""
-    text = json.dumps(row, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(row)
-    return text + "\n"
+    return "".join(json_text(_result_row(p)) + "\n" for p in preds)  # a lone surrogate: in ASCII escapes
 
 
 def _known_chat_format(opts: dict[str, Any]) -> str | None:
@@ -857,6 +848,6 @@ def run_data_convert(args: argparse.Namespace) -> int:
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
                             image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place,
                             overwrite=args.overwrite, allow_any_local_path=args.allow_any_local_path,
-                            check_images=args.check_images)
+                            check_images=args.check_images, flag="--overwrite")
     print(summary)  # once: the library only logs it at DEBUG level
     return 0

@@ -125,6 +125,15 @@ def check_separate(
             raise OutputDirError(f"the {what} {output} lies inside the {label} {path}; choose a folder outside it")
 
 
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one existing file (a hard link too); False when either cannot exist, as a name
+    part over 255 bytes (``[Errno 36] File name too long``) or a loop of links."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str, str | os.PathLike[str] | None],
                       folders: Mapping[str, str | os.PathLike[str] | None] | None = None,
                       overwrite: bool = True, flag: str = "--overwrite") -> None:
@@ -137,7 +146,7 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
         return
     out = _real(output)
     for label, path in inputs.items():
-        if path and (out == _real(path) or (out.exists() and Path(path).exists() and out.samefile(path))):
+        if path and (out == _real(path) or _same_file(out, path)):
             raise OutputDirError(f"the output file {output} is the {label} {path}; write the output somewhere else")
     for label, folder in (folders or {}).items():
         if folder and _within(out, _real(folder)):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch loads where tensors are made: checking prompts (the C
     import torch
 
 __all__ = ["DEFAULT_SYSTEM", "IGNORE_INDEX", "PROMPT_KINDS", "ModelInputs", "Processor", "image_path_error",
-           "prompt_image_paths", "prompt_problem"]
+           "prompt_image_path_error", "prompt_image_paths", "prompt_problem"]
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IGNORE_INDEX = -100  # label of positions that do not contribute to the loss (PyTorch cross_entropy default)
@@ -103,6 +103,13 @@ def prompt_image_paths(prompt: object, chat_format: str | None = None) -> list[s
         elif isinstance(item.get("text"), str):
             paths += _IMG_SPAN.findall(item["text"])
     return paths
+
+
+def prompt_image_path_error(prompt: object, chat_format: str | None = None) -> str | None:
+    """:func:`image_path_error` of the first image path of ``prompt`` (:func:`prompt_image_paths`) that no span
+    can hold, or None: said before tokenizing, which would read a lone surrogate as U+FFFD ("image not found" of
+    another name)."""
+    return next(filter(None, map(image_path_error, prompt_image_paths(prompt, chat_format))), None)
 
 
 def image_path_error(path: str) -> str | None:
@@ -281,8 +288,7 @@ class Processor:
             problem = prompt_problem(prompt)
             if problem:  # else the tokenizer's words about one list-format element ("expected a dict: 1")
                 raise ValueError(f"the prompt{where} {problem}")
-            # before tokenizing: it would read a lone surrogate as U+FFFD ("image not found" of another name)
-            bad = next(filter(None, map(image_path_error, prompt_image_paths(prompt, self.chat_format))), None)
+            bad = prompt_image_path_error(prompt, self.chat_format)
             if bad:
                 raise ValueError(f"{bad}{where}")
             ids = self._prompt_ids(prompt)

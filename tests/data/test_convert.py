@@ -355,7 +355,7 @@ def test_existing_output_is_replaced_only_when_asked(tmp_path: Path, images: Pat
     src = _write(tmp_path / "d.json", RECORDS)
     out = tmp_path / "out.json"
     out.write_text("old", encoding="utf-8")
-    with pytest.raises(OutputDirError, match="out.json exists; pass --overwrite"):
+    with pytest.raises(OutputDirError, match=r"out.json exists; pass overwrite=True to replace it$"):
         convert_llava(src, images, out)  # a file we may not have written: kept
     assert out.read_text(encoding="utf-8") == "old"
     convert_llava(src, images, out, overwrite=True)
@@ -443,7 +443,7 @@ def test_image_paths_out_of_the_image_folder_are_refused_alike_whether_they_exis
     assert converted == [] and summary.missing_images == 0 and summary.image_files == {}
     reasons = [m.reason for m in summary.malformed]
     assert len(reasons) == len(records)
-    assert all("is not allowed: only files inside the media folder are read" in r for r in reasons)
+    assert all(f"is not allowed: only files inside image_location {str(root)!r} are read" in r for r in reasons)
     assert reasons[0::2] == [r.replace("absent", "secret") for r in reasons[1::2]]  # existing or not: the same
     (root / "train2014").mkdir()
     (root / "train2014" / "COCO_train2014_1.jpg").write_bytes(b"\xff\xd8\xff")  # inside: still taken
@@ -578,3 +578,28 @@ def test_check_images_flag_of_the_command(cut_images, tmp_path: Path, capsys) ->
     assert f"cut.json: none of its 1 records could be converted, nothing written: record 0 (id='r1'): cannot decode " \
         f"image {root / 'cut.jpg'}: image file is truncated" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
+
+
+def test_command_messages_name_images_and_records_as_the_user_does(cut_images, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
+    # missing and undecodable images both as --image_location/NAME (as typed: here relative), a record without an
+    # id without "id=None", a path out of the folder refused naming image_location, an existing output refused
+    # naming the flag alone (not the Python keyword too)
+    from qwenvl.cli import main
+
+    root, records = cut_images
+    monkeypatch.chdir(tmp_path)
+    untitled = {"image": "../x.jpg", "conversations": [{"from": "human", "value": "<image>\nQ"}]}
+    src = _write(tmp_path / "detail.json", [*records, _image_record(4, "gone.jpg"), untitled])
+    argv = ["data-convert", "--data_path", "detail.json", "--image_location", "coco", "--image_prefix", "",
+            "--output_path", "out.json", "--check_images"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "missing images: coco/gone.jpg"
+    assert lines[2].startswith("bad image: record 1 (id='r1'): cannot decode image coco/cut.jpg: ")
+    assert lines[-1] == ("malformed record 5: image path '../x.jpg' is not allowed: only files inside image_location "
+                         "'coco' are read (no absolute path outside it, no '~', no '..' or link leading out of it)")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("qwenvl data-convert: error: the output file out.json exists; "
+                                                        "pass --overwrite to replace it")
+    assert src.exists()

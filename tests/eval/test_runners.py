@@ -1047,3 +1047,46 @@ def test_the_partial_file_resumed_from_is_read_once_to_be_removed(tmp_path: Path
     monkeypatch.setattr(Path, "open", counting_open)
     assert runners.remove_resumed_partial(kept, out, "grounding", earlier["settings"], earlier["predictions"])
     assert opened.count(kept) == 1 and not kept.exists()
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_cli_writes_text_that_is_not_valid_unicode_as_it_came(tmp_path: Path, task: str, capsys) -> None:
+    # a lone surrogate (JSON "\ud800") in a question or caption: the UTF-8 write of OUT.partial (the first batch)
+    # and of OUT (the end of a long run) failed with UnicodeEncodeError; such rows are written in ASCII escapes
+    from qwenvl.cli import main
+
+    odd = "What is \ud800?"
+    row = {"image": "cat.png", "question": odd, "answers": ["cat"] * 10} if task == "vqa" else \
+        {"image": "cat.png", "captions": [odd, "a cat"]}
+    data = write_jsonl(tmp_path / "d.jsonl", [row, {**row, "image": "street.jpg"}])
+    out = tmp_path / "out.json"
+    assert main(["eval", task, "--model", str(GOLDEN), "--data", str(data), "--image_dir", str(GOLDEN / "images"),
+                 "--output", str(out), "--max_new_tokens", "2", "--min_new_tokens", "1", "--batch_size", "1",
+                 "--device", "cpu", "--no_progress"]) == 0, capsys.readouterr().err  # fmt: skip
+    first = json.loads(out.read_text(encoding="utf-8"))["predictions"][0]
+    assert first["question"] == odd if task == "vqa" else first["references"] == [odd, "a cat"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out.json"]  # the partial file went
+
+
+def test_runner_keeps_rows_that_are_not_valid_unicode_in_the_partial_file(tmp_path: Path, image_dir: Path) -> None:
+    # interrupted after the first batch: its row, with a lone surrogate, is in OUT.partial, and resuming reads it
+    calls = []
+
+    def gen(prompts: Sequence[str]) -> list[str]:
+        calls.append(prompts)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return ["2"] * len(prompts)
+
+    odd = "How many \ud800?"
+    data = write_jsonl(tmp_path / "v.jsonl", [{"image": "a.png", "question": odd, "answers": ["2"] * 10},
+                                              {"image": "b.png", "question": "Color?", "answers": ["red"] * 10}])
+    out = tmp_path / "o.json"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_vqa(data, generate_fn=gen, image_dir=image_dir, batch_size=1, output=out, progress=False)
+    _, rows = read_partial(tmp_path / "o.json.partial")
+    assert [r["question"] for r in rows] == [odd]
+    result = evaluate_vqa(data, generate_fn=stub({"Color": "red"}), image_dir=image_dir, output=out,
+                          progress=False, resume=tmp_path / "o.json.partial")
+    assert [p["question"] for p in result.predictions] == [odd, "Color?"] and result.score == 1.0
+    assert json.loads(out.read_text(encoding="utf-8"))["predictions"][0]["question"] == odd

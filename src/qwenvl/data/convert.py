@@ -78,7 +78,8 @@ class MalformedRecord:
     reason: str
 
     def __str__(self) -> str:
-        return f"record {self.index} (id={self.id!r}): {self.reason}"
+        named = "" if self.id is None else f" (id={self.id!r})"
+        return f"record {self.index}{named}: {self.reason}"
 
 
 @dataclass
@@ -242,7 +243,7 @@ def convert_records(
     if not root.is_dir():
         raise NotADirectoryError(f"image_location is not a folder: {root}")
     roles = {"human": user_role_name, "gpt": assistant_role_name}
-    policy = MediaPolicy(root, allow_any_local_path=allow_any_local_path)
+    policy = MediaPolicy(root, allow_any_local_path=allow_any_local_path, root_name=f"image_location {str(root)!r}")
 
     summary = ConvertSummary(total=len(records))
     kept: list[tuple[int, dict[str, Any], bool]] = []  # (index, converted record, untagged)
@@ -263,9 +264,7 @@ def convert_records(
             except OSError:  # a name the file system cannot take (ENAMETOOLONG): no such image
                 found = False
             if not found:
-                logger.debug(
-                    "dropping record %d (id=%r): image not found: %s", index, out.get("id"), image_file
-                )
+                logger.debug("dropping %s", MalformedRecord(index, out.get("id"), f"image not found: {image_file}"))
                 summary.missing_images += 1
                 if len(summary.missing_image_examples) < MAX_EXAMPLES:
                     summary.missing_image_examples.append(str(image_file))
@@ -276,6 +275,9 @@ def convert_records(
     if check_images:
         logger.info("decoding %d image file(s)", len(set(summary.image_files.values())))
         problems = image_problems(summary.image_files.values())
+        for file, problem in problems.items():  # the file as the missing ones are named, not its absolute path
+            if problem is not None:
+                problems[file] = problem.replace(str(file.expanduser().absolute()), str(file))
     converted: list[dict[str, Any]] = []
     for index, out, untagged in kept:
         kept_file = summary.image_files.get(index)
@@ -307,6 +309,7 @@ def convert_llava(
     overwrite: bool = False,
     allow_any_local_path: bool = False,
     check_images: bool = False,
+    flag: str = "overwrite=True",
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
@@ -316,7 +319,7 @@ def convert_llava(
     ValueError naming the file), with ``strict``, when a record is malformed (or, with ``check_images``, its image
     does not decode), when no record converts (malformed, missing its image or with one that does not decode:
     ValueError naming the first), or when ``output_path`` exists
-    and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`).
+    and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`, telling the user to pass ``flag``).
     Returns the summary (for the caller to show: it is logged only at DEBUG level, so that the command
     line prints it once).
     """
@@ -334,7 +337,7 @@ def convert_llava(
                          f"{first}" + (f" (and {len(records) - 1} more)" if len(records) > 1 else ""))
     # the images are inputs too: never written over
     check_output_file(output_path, {f"image of record {k}": f for k, f in summary.image_files.items()},
-                      overwrite=overwrite, flag="--overwrite (overwrite=True)")
+                      overwrite=overwrite, flag=flag)
     if Path(output_path).suffix == ".jsonl":  # the suffix rule of fileio.read_json_records
         text = "".join(_json_line(record) for record in converted)
     else:

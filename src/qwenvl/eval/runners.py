@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write_text, error_line, iter_jsonl, read_json
+from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, read_json
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
 from ..outputs import PartialRows
@@ -230,7 +230,7 @@ class EvalResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON, atomically (a crash leaves the previous file, never half of one)."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
+        return atomic_write_text(path, json_text(self.to_dict(), indent=1) + "\n")  # a lone surrogate: escaped
 
 
 def _sample(r: Any) -> dict[str, Any]:
@@ -360,7 +360,7 @@ def _run(
             if kept.rows == 0:
                 rows.insert(0, {PARTIAL_HEADER: 1, "task": desc, "settings": generation or {},
                                 "num_planned": len(records)})
-            kept.append("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            kept.append("".join(json_text(row) + "\n" for row in rows))
 
     try:
         if kept is not None and answers:
