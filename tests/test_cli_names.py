@@ -136,12 +136,106 @@ def test_finetune_checkpoint_under_each_of_its_names(model, data, tmp_path):
     assert (cfg.load_checkpoint, cfg.data_path, cfg.learning_rate) == (str(tmp_path), "d.json", 3e-4)
 
 
-@pytest.mark.parametrize("argv", [["--data", "a.json", "--train_data", "b.json"],
-                                  ["--model", "a", "--load_checkpoint", "b"],
-                                  ["--data_path", "a.json", "--data", "b.json"],
-                                  ["--data", "a.json", "--data", "a.json"]])
-def test_finetune_data_file_given_twice_is_refused(argv):
+@pytest.mark.parametrize(("argv", "said"), [(["--data", "a.json", "--train_data", "b.json"],
+                                            "--train_data is given twice (first as --data)"),
+                                           (["--model", "a", "--load_checkpoint", "b"],
+                                            "--load_checkpoint is given twice (first as --model)"),
+                                           (["--data_path", "a.json", "--data", "b.json"],
+                                            "--data is given twice (first as --data_path)"),
+                                           (["--data", "a.json", "--data", "a.json"], "--data is given twice")])
+def test_finetune_data_file_given_twice_is_refused(argv, said):
     from qwenvl.train import TrainConfigError
 
-    with pytest.raises(TrainConfigError, match=r"is given twice \(or under another of its names\)"):
+    with pytest.raises(TrainConfigError, match=f"^{re.escape(said)}$"):
         _finetune_config(argv)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    # the last one won silently in predict and data-convert (finetune said it, naming one of the two)
+    (["predict", "--model", "a", "--load_checkpoint", "b", "--predict_data", "hi"],
+     "qwenvl predict: error: --load_checkpoint is given twice (first as --model)"),
+    (["predict", "--data", "x.jsonl", "--jsonl", "y.jsonl"], "qwenvl predict: error: --jsonl is given twice (first as --data)"),
+    (["predict", "--predict_batch_size", "2", "--batch_size", "3"],
+     "qwenvl predict: error: --batch_size is given twice (first as --predict_batch_size)"),
+    (["chat", "--load_checkpoint", "a", "--model", "a"], "qwenvl chat: error: --model is given twice (first as --load_checkpoint)"),
+    (["data-convert", "--data", "x", "--data_path", "y", "--image_location", "i", "--output", "o"],
+     "qwenvl data-convert: error: --data_path is given twice (first as --data)"),
+    (["data-convert", "--data", "x", "--image_location", "i", "--output", "o", "--output_path", "p"],
+     "qwenvl data-convert: error: --output_path is given twice (first as --output)"),
+    (["eval", "vqa", "--model", "a", "--load_checkpoint", "b", "--data", "d"],
+     "qwenvl eval: error: --load_checkpoint is given twice (first as --model)"),
+    (["convert", "--model", "a", "--load_checkpoint", "b", "--output_dir", "o"],
+     "qwenvl convert: error: --load_checkpoint is given twice (first as --model)"),
+    (["finetune", "--train_data", "a.json", "--data", "b.json"],
+     "qwenvl finetune: error: --data is given twice (first as --train_data)"),
+    (["serve", "--model", "a", "--load_checkpoint", "b"], "qwenvl serve: error: --load_checkpoint is given twice (first as --model)"),
+    # the positional one won silently
+    (["convert", "a", "b", "--model", "c"], "qwenvl convert: error: SOURCE is given twice: a and --model c; give it once"),
+    (["convert", "a", "b", "--output_dir", "c"], "qwenvl convert: error: OUTPUT is given twice: b and --output_dir c; give it once"),
+])
+def test_a_flag_given_twice_under_its_names_is_refused_naming_both(capsys, argv, said):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == said  # one line, before anything is read
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    # argparse said "the following arguments are required: --data/--data_path", hiding the typo and its hint
+    (["data-convert", "--data_pth", "x", "--image_location", "c", "--output", "o"],
+     "qwenvl data-convert: error: unrecognized arguments: --data_pth x (did you mean --data_path?)"),
+    (["eval", "vqa", "--model", "m", "--dat", "g.jsonl"],
+     "qwenvl eval vqa: error: unrecognized arguments: --dat g.jsonl (did you mean --data?)"),
+    # said under `qwenvl eval`'s usage with no hint: eval's own parser has no flags but --help
+    (["eval", "caption", "--model", "m", "--data", "g.jsonl", "--limt", "3"],
+     "qwenvl eval caption: error: unrecognized arguments: --limt 3 (did you mean --limit?)"),
+    # argparse's own message when no flag is unknown (-v is qwenvl's)
+    (["data-convert", "--image_location", "c", "--output", "o", "-v"],
+     "qwenvl data-convert: error: the following arguments are required: --data/--data_path"),
+    # --help is never the hint: --model is not a misspelled --help
+    (["info", "DIR", "--halp"], "qwenvl info: error: unrecognized arguments: --halp"),
+    (["convert", "a", "b", "--halp"], "qwenvl convert: error: unrecognized arguments: --halp"),
+])
+def test_an_unknown_flag_is_said_first_with_its_hint(capsys, argv, said):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1] == said
+    assert err.startswith(f"usage: qwenvl {' '.join(argv[:2] if argv[0] == 'eval' else argv[:1])} ")
+
+
+@pytest.mark.parametrize("argv", [["info", "DIR"], ["info", "--model", "DIR"]])
+def test_info_takes_the_checkpoint_as_an_argument_or_as_model(argv):
+    # `qwenvl info --model DIR` said "unrecognized arguments: --model (did you mean --help?)"
+    assert build_parser().parse_args(argv).checkpoint == "DIR"
+    assert build_parser().parse_args(["info", "--preset", "tiny"]).checkpoint is None
+
+
+def test_info_refuses_the_checkpoint_given_both_ways(capsys):
+    assert main(["info", "A", "--model", "B"]) == 2
+    assert capsys.readouterr().err.strip() == "qwenvl info: error: --model is given twice (first as the argument checkpoint)"
+
+
+def test_convert_takes_model_as_load_checkpoint():
+    # `convert --merge_lora --model DIR ...` said "(did you mean --help?)"
+    parse = build_parser().parse_args
+    argv = ["convert", "--merge_lora", "--adapter", "a", "--output_dir", "o"]
+    assert parse([*argv, "--model", "m"]).source_flag == parse([*argv, "--load_checkpoint", "m"]).source_flag == "m"
+
+
+@pytest.mark.parametrize("flag", ["--image_dir", "--image_location"])
+def test_data_convert_takes_image_dir_as_image_location(tmp_path, capsys, flag):
+    out = tmp_path / "out.json"
+    assert main(["data-convert", "--data", str(_llava(tmp_path)), flag, str(tmp_path), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("1 records read, 1 written")
+
+
+@pytest.mark.parametrize("flag", ["--image_dir", "--dataset_dir"])
+def test_finetune_takes_image_dir_as_dataset_dir(flag):
+    assert _finetune_config(["--data", "d.json", flag, "imgs"]).dataset_dir == "imgs"
+
+
+def test_help_still_shows_the_required_flags_as_required(capsys):
+    # an unknown flag is looked for only once argparse finds a required flag missing: --help is parsed as before
+    with pytest.raises(SystemExit) as e:
+        main(["data-convert", "--help"])
+    assert e.value.code == 0
+    assert "usage: qwenvl data-convert [-h] --data FILE --image_dir DIR --output FILE" in capsys.readouterr().out

@@ -245,7 +245,7 @@ STEPS: dict[str, Step] = {
     "qwenvl convert output/checkpoint/rank_0/my_finetune.ckpt /models/my-finetune --config /models/Qwen-VL-Chat "
     "--dtype bfloat16": Step(check_ckpt_import(torch.bfloat16, "my-finetune"),
                              subs={"output/checkpoint/rank_0/my_finetune.ckpt": "qwenvl_9.6b.ckpt"}, defer=True),
-    "qwenvl data-convert --data detail_23k.json --image_location coco/ --output detail_23k_qwenvl.json "
+    "qwenvl data-convert --data detail_23k.json --image_dir coco/ --output detail_23k_qwenvl.json "
     "--user_role_name user --assistant_role_name assistant": Step(check_data_convert),
     "qwenvl finetune --config configs/finetune_qwenvl_9.6b_bf16.yaml --model /models/Qwen-VL-Chat "
     "--data detail_23k_qwenvl.json --dataset_dir coco/ --output_dir runs/ft":

@@ -67,6 +67,10 @@ def left_to_local_rank_0(status: int = 2) -> int:
     return status
 
 
+class _MissingRequired(Exception):
+    """argparse's "the following arguments are required" error, held back by :meth:`_Parser.parse_known_args`."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors under torchrun are printed by one process per node
     (:func:`said_by_another_process`); the others exit with the same status 2, silently, once that one has said it
@@ -78,20 +82,79 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers (build_parser)
+        self.missing_deferred = False  # while parsing: argparse's "arguments are required" raises _MissingRequired
+        self.chosen: _Parser | None = None  # the subcommand's parser the last parse went into (_Subcommands)
+        self.register("action", "parsers", _Subcommands)  # also for the subcommands' own (eval's tasks)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, except that a required flag missing is said only when no flag is unknown: a typo in a
+        required flag (``--data_pth``) was said as "the following arguments are required: --data/--data_path",
+        hiding the typo and the hint :meth:`refuse_unknown` gives. (A parser with required flags takes no
+        ``--field value`` overrides.)"""
+        self.missing_deferred = True
+        try:
+            return super().parse_known_args(args, namespace)
+        except _MissingRequired as missing:
+            required = [action for action in self._actions if action.required and action.option_strings]
+            for action in required:
+                action.required = False
+            try:
+                _, extra = super().parse_known_args(args, namespace)
+            finally:
+                for action in required:
+                    action.required = True
+            unknown = [a for a in extra if a not in _VERBOSE]  # -v: qwenvl's own flag, after the command
+            if unknown:
+                self.refuse_unknown(unknown)
+            self.error(str(missing))
+        finally:
+            self.missing_deferred = False
+
+    def innermost(self) -> _Parser:
+        """The parser of the (sub)command the last parse ended in: ``qwenvl eval vqa``'s for ``eval vqa ...``."""
+        return self if self.chosen is None else self.chosen.innermost()
 
     def refuse_unknown(self, extra: Sequence[str]) -> NoReturn:
         """Exit with argparse's "unrecognized arguments" under this (sub)command's usage, naming the closest
-        flag it has to the first unknown one."""
-        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        flag it has to the first unknown one (never ``--help``: ``--model`` is not a misspelled ``--help``)."""
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
         flag = next((a.partition("=")[0] for a in extra if a.startswith("--")), "")
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
     def error(self, message: str) -> NoReturn:
+        if self.missing_deferred and message.startswith("the following arguments are required:"):
+            self.missing_deferred = False
+            raise _MissingRequired(message)  # said by parse_known_args, unless a flag is unknown
         if said_by_another_process():
             sys.exit(left_to_local_rank_0(2))
         super().error(message)
+
+
+class Once(argparse.Action):
+    """Store a flag's value, noting in ``namespace.spelled`` the name it was given under (``--data`` or its
+    MindFormers name ``--jsonl``), so that a message about it can say the flag as typed, and in
+    ``namespace.given_twice`` a flag given a second time under any of its names (``--model a --load_checkpoint b``),
+    which :func:`main` refuses (:func:`given_twice`) instead of argparse's silent "the last one wins". A positional
+    argument may share it with a flag (``qwenvl info DIR`` or ``--model DIR``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        name = option_string or f"the argument {self.metavar or self.dest}"
+        spelled = dict(getattr(namespace, "spelled", None) or {})
+        if self.dest in spelled and getattr(namespace, "given_twice", None) is None:
+            first = spelled[self.dest]
+            namespace.given_twice = f"{name} is given twice" + ("" if first == name else f" (first as {first})")
+        namespace.spelled = {**spelled, self.dest: name}
+        setattr(namespace, self.dest, values)
+
+
+def given_twice(args: argparse.Namespace) -> str | None:
+    """What :class:`Once` noted of a flag given twice in ``args`` (``--data_path is given twice (first as
+    --data)``), else None."""
+    return getattr(args, "given_twice", None)
 
 
 class _Subcommands(argparse._SubParsersAction):
@@ -101,6 +164,13 @@ class _Subcommands(argparse._SubParsersAction):
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         kwargs.setdefault("description", kwargs.get("help"))
         return super().add_parser(name, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        chosen = self.choices.get(values[0]) if values else None
+        if isinstance(parser, _Parser) and isinstance(chosen, _Parser):
+            parser.chosen = chosen  # an unknown flag is said under its usage (main)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def build_parser() -> _Parser:
@@ -181,8 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if extra and args.command not in TAKES_OVERRIDES:  # said under the command's usage, not qwenvl's
-        command_parser = parser.commands.get(args.command)
-        (command_parser if isinstance(command_parser, _Parser) else parser).refuse_unknown(extra)
+        parser.innermost().refuse_unknown(extra)
+    twice = given_twice(args)
+    if twice is not None:  # one line, as finetune's settings given twice
+        if said_by_another_process():
+            return left_to_local_rank_0(2)
+        print(f"qwenvl {args.command}: error: {twice}", file=sys.stderr)
+        return 2
     module = importlib.import_module(SUBCOMMANDS[args.command])
     try:
         with _terminate_as_interrupt(args.command in TERM_AS_INTERRUPT):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli import Once
 from .config import QwenVLConfig
 
 PREDICT_KEYS: dict[str, type[Any]] = {  # YAML key -> type (a predict config holds these; command-line flags win)
@@ -42,18 +43,9 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {v!r}")
 
 
-class _Spelled(argparse.Action):
-    """Store a flag's value and note in ``namespace.spelled`` the name it was given under (``--data`` or its
-    MindFormers name ``--jsonl``), so that a message about it says the flag the user typed (:func:`_flag`)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, values)
-        namespace.spelled = {**(getattr(namespace, "spelled", None) or {}), self.dest: option_string}
-
-
 def _flag(args: argparse.Namespace, dest: str, names: str) -> str:
-    """The name the flag of ``dest`` was typed under, else ``names`` (all of them, as argparse: --data/--jsonl)."""
+    """The name the flag of ``dest`` was typed under (noted by :class:`qwenvl.cli.Once`), else ``names`` (all of
+    them, as argparse: --data/--jsonl)."""
     return (getattr(args, "spelled", None) or {}).get(dest) or names
 
 
@@ -69,7 +61,7 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--load_checkpoint", dest="load_checkpoint", metavar="DIR",
+    p.add_argument("--model", "--load_checkpoint", dest="load_checkpoint", metavar="DIR", action=Once,
                    help="checkpoint folder in the official layout (Qwen/Qwen-VL, Qwen/Qwen-VL-Chat or ours)")
     add_runtime_flags(p)
     p.add_argument("--compile", action="store_true",
@@ -96,7 +88,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, chat_format: bool = True) ->
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's config, parameter counts by part and dtype")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint folder")
+    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, action=Once, help="checkpoint folder")
+    p.add_argument("--model", dest="checkpoint", metavar="DIR", action=Once,
+                   help="the checkpoint folder, as a flag (as the other commands and vLLM's serve)")
     p.add_argument("--preset", help="describe a preset instead (tiny, mid, qwen-vl-9.6b, qwen-vl-chat-9.6b)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--verify", action="store_true", help="also read every weight, one shard at a time: report tensors "
@@ -110,8 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="items grouped by --modal_type, e.g. demo.jpeg 'Describe the image in English:'")
     p.add_argument("--modal_type", nargs="+", choices=["image", "text"], help="kinds of the items of one prompt")
     p.add_argument("--batch_size", "--predict_batch_size", dest="predict_batch_size", type=int, metavar="N",
-                   action=_Spelled, help="prompts per batch (default 1)")
-    p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE", action=_Spelled,
+                   action=Once, help="prompts per batch (default 1)")
+    p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE", action=Once,
                    help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
     p.add_argument("--output", metavar="FILE", help="with --data: where to write the answers (JSONL; default: stdout)")
     p.add_argument("--output_only", action="store_true",
@@ -132,7 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                        "checkpoint (RUN/checkpoint-STEP) into the official layout")
     p.add_argument("source", nargs="?", help="checkpoint folder to convert, or a MindFormers .ckpt (or --load_checkpoint)")
     p.add_argument("output", nargs="?", help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
-    p.add_argument("--load_checkpoint", dest="source_flag", help="same as SOURCE")
+    p.add_argument("--model", "--load_checkpoint", dest="source_flag", metavar="DIR", action=Once, help="same as SOURCE")
     p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
     p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="dtype written (default: the source's; a sharded training checkpoint: float32, its master "
@@ -158,10 +152,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "or chatml (a chat model, as Qwen/Qwen-VL-Chat); default: --config's when it has one, else raw")
 
     p = sub.add_parser("data-convert", help="LLaVA instruction data -> Qwen-VL conversations")
-    p.add_argument("--data", "--data_path", dest="data_path", required=True, metavar="FILE",
+    p.add_argument("--data", "--data_path", dest="data_path", required=True, metavar="FILE", action=Once,
                    help="LLaVA JSON (e.g. detail_23k.json)")
-    p.add_argument("--image_location", required=True, help="folder holding train2014/COCO_train2014_*.jpg")
-    p.add_argument("--output", "--output_path", dest="output_path", required=True, metavar="FILE",
+    p.add_argument("--image_dir", "--image_location", dest="image_location", required=True, metavar="DIR", action=Once,
+                   help="folder that the images' paths are resolved against (holding train2014/COCO_train2014_*.jpg)")
+    p.add_argument("--output", "--output_path", dest="output_path", required=True, metavar="FILE", action=Once,
                    help="a JSON list, or JSON Lines when it ends in .jsonl")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--user_role_name", default="user", help="role of the human turns (qwenvl finetune reads only "
@@ -176,7 +171,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "'\\n<image>' then follows the question with no separator); default: it starts the turn, "
                         "as LLaVA's own training puts it")
     p.add_argument("--allow_any_local_path", type=str2bool, default=False, metavar="BOOL",
-                   help="image paths may lead out of --image_location (absolute, '..', a link leading out, e.g. "
+                   help="image paths may lead out of --image_dir (absolute, '..', a link leading out, e.g. "
                         "train2014 -> /mnt/coco), as finetune's allow_any_local_path; default false: such a record "
                         "is malformed, whether or not the file exists")
     p.add_argument("--check_images", action="store_true", help="decode every image in full (about 3 ms of CPU for a "
@@ -193,7 +188,7 @@ def run_info(args: argparse.Namespace) -> int:
     from .fileio import require_folder
 
     if bool(args.checkpoint) == bool(args.preset):
-        raise ValueError("give a checkpoint folder or --preset NAME (one of them)")
+        raise ValueError("give a checkpoint folder (DIR or --model DIR) or --preset NAME (one of them)")
     if args.checkpoint:
         require_folder(args.checkpoint)
     from .checkpoint import refuse_adapter_folder
@@ -755,10 +750,15 @@ def _draw_answer(answer: str, image: Any, base_dir: str | None, out_dir: Path, t
 
 # ---- convert -------------------------------------------------------------------------------------------
 def run_convert(args: argparse.Namespace) -> int:
+    for name, positional, dest, flag in (("SOURCE", args.source, "source_flag", "--model"),
+                                         ("OUTPUT", args.output, "output_flag", "--output_dir")):
+        value = getattr(args, dest)
+        if positional and value:  # the positional one won, silently
+            raise ValueError(f"{name} is given twice: {positional} and {_flag(args, dest, flag)} {value}; give it once")
     source = args.source or args.source_flag
     output = args.output or args.output_flag
     if not source or not output:
-        raise ValueError("give SOURCE and OUTPUT folders (or --load_checkpoint and --output_dir)")
+        raise ValueError("give SOURCE and OUTPUT folders (or --model and --output_dir)")
     if args.merge_lora and not args.adapter:
         raise ValueError("--merge_lora needs --adapter DIR")
     if args.adapter and not args.merge_lora:  # OUTPUT would be SOURCE re-saved, the adapter silently left out

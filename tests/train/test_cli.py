@@ -38,6 +38,10 @@ def test_flags_and_overrides_become_the_config(tmp_path: Path) -> None:
     [
         (["--run_mode", "predict"], r"--run_mode 'predict' is not supported"),
         (["--learning_rat", "1"], r"'learning_rat' \(did you mean 'learning_rate'\?\)"),
+        # a misspelled named flag got no hint: only the settings were suggested
+        (["--modl", "m"], r"'modl' \(did you mean --model\?\)"),
+        (["--trian_data", "d.json"], r"'trian_data' \(did you mean --train_data\?\)"),
+        (["--imag_dir", "imgs"], r"'imag_dir' \(did you mean --image_dir\?\)"),
         (["--max_steps"], r"--max_steps needs a value"),
         (["--max_steps", "x"], r"max_steps: cannot read 'x' as int"),
         (["--seed", "1", "--seed", "2"], r"--seed is given twice"),
@@ -84,7 +88,7 @@ def test_no_training_data_is_said_before_the_model_loads(tmp_path: Path, monkeyp
     monkeypatch.setattr(trainer, "train", no_training)
     (tmp_path / "d.json").write_text("[]")
     for argv, message in (
-        ([], "no training data: set data_path (--train_data FILE)"),
+        ([], "no training data: set data_path (--data FILE)"),  # the name every command has
         (["--train_data", str(tmp_path / "d.json"), "--dataset_dir", str(tmp_path / "nope")],
          f"dataset_dir folder not found: {tmp_path / 'nope'}"),
     ):

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..cli import Once
 from ..inference_cli import add_runtime_flags, require_compiler, str2bool
 from .runners import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_METRICS, VQA_PROMPT
 
@@ -61,7 +62,7 @@ match); optionally "question_id". Example:
 
 def _common(p: argparse.ArgumentParser, task: str) -> None:
     prompt, max_new, min_new = _DEFAULTS[task]
-    p.add_argument("--model", "--load_checkpoint", dest="model", required=True, metavar="DIR",
+    p.add_argument("--model", "--load_checkpoint", dest="model", required=True, metavar="DIR", action=Once,
                    help="checkpoint folder (official layout or ours)")
     p.add_argument("--data", required=True, metavar="FILE", help="evaluation data (format below)")
     p.add_argument("--image_dir", metavar="DIR", help="folder relative image paths are resolved against (default: cwd)")

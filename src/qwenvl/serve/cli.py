@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..cli import Once
 from ..fileio import require_folder
 from ..inference_cli import add_runtime_flags, require_compiler
 
@@ -24,7 +25,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                     "streaming), /v1/completions, /v1/models, /health, /metrics, and a chat page at /. "
                     "Requests are decoded together with continuous batching.",
     )
-    p.add_argument("--model", "--load_checkpoint", dest="model", required=True, metavar="DIR",
+    p.add_argument("--model", "--load_checkpoint", dest="model", required=True, metavar="DIR", action=Once,
                    help="checkpoint folder in the official layout (Qwen/Qwen-VL-Chat, Qwen/Qwen-VL or ours)")
     p.add_argument("--served_model_name", help="the model name clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")

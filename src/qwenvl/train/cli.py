@@ -1,8 +1,9 @@
 """``qwenvl finetune``: parse flags into a :class:`TrainConfig` and call :func:`qwenvl.train.train`.
 
 The MindFormers-style flags keep working (``--config``, ``--load_checkpoint``, ``--run_mode finetune``,
-``--train_data``, ``--use_parallel``, ``--resume_training``); ``--model DIR`` and ``--data FILE``, the names of
-the checkpoint and the data file in the other commands, are ``--load_checkpoint`` and ``--train_data``. Any
+``--train_data``, ``--use_parallel``, ``--resume_training``); ``--model DIR``, ``--data FILE`` and ``--image_dir
+DIR``, the names of the checkpoint, the data file and the image folder in the other commands, are
+``--load_checkpoint``, ``--train_data`` and ``--dataset_dir``. Any
 other ``--field value`` (or ``--field=value``; a bare ``--flag`` for true/false settings) overrides that field of
 the YAML config.
 """
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..cli import left_to_local_rank_0, said_by_another_process
+from ..cli import Once, given_twice, left_to_local_rank_0, said_by_another_process
 from .config import TrainConfig, TrainConfigError, check_known
 
 __all__ = ["add_parser", "main", "parse_overrides", "run"]
@@ -27,18 +28,6 @@ logger = logging.getLogger(__name__)
 # settings a bare --flag turns on: the true/false ones, bf16 (auto|true|false) and resume_training (true|false|auto)
 _FLAG_FIELDS = frozenset(name for name, tp in typing.get_type_hints(TrainConfig).items()
                          if tp is bool or tp == bool | str or name == "bf16")
-
-
-class _Once(argparse.Action):
-    """Store a named flag's value and note in ``namespace.flags_twice`` a flag given a second time (or under its
-    other names, as --data, --train_data and --data_path): :func:`config_from_args` refuses it as it refuses a
-    repeated ``--field value`` override, instead of argparse's silent "the last one wins"."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if getattr(namespace, self.dest, None) is not None:
-            namespace.flags_twice = [*(getattr(namespace, "flags_twice", None) or []), option_string]
-        setattr(namespace, self.dest, values)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -56,7 +45,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     def flag(*names: str, **kwargs: Any) -> None:
-        p.add_argument(*names, action=_Once, **kwargs)
+        p.add_argument(*names, action=Once, **kwargs)
 
     flag("--config", help="YAML run config (e.g. configs/finetune_qwenvl_9.6b_bf16.yaml)")
     flag("--model", "--load_checkpoint", dest="load_checkpoint", metavar="DIR",
@@ -64,13 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("--run_mode", help="must be 'finetune' (kept for MindFormers-style command lines)")
     flag("--data", "--train_data", "--data_path", dest="data_path", metavar="FILE",
          help="conversation JSON/JSONL file (the data_path setting)")
-    flag("--dataset_dir", help="folder that relative image paths are resolved against")
+    flag("--image_dir", "--dataset_dir", dest="dataset_dir", metavar="DIR",
+         help="folder that relative image paths are resolved against (the dataset_dir setting)")
     flag("--output_dir", help="where checkpoints and the final model go")
     flag("--resume_training", nargs="?", const="true", metavar="true|false|auto|CHECKPOINT_DIR",
          help="continue from the newest checkpoint in output_dir (auto: if there is one), or from the given folder")
     flag("--use_parallel", nargs="?", const="true", metavar="true|false",
          help="accepted for compatibility: launch with torchrun to train on several devices or nodes")
-    p.set_defaults(flags_twice=None)
 
 
 def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
@@ -94,22 +83,30 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
             elif name in _FLAG_FIELDS:
                 value = "true"
             else:
-                check_known({name: None}, "command line")
+                check_known({name: None}, "command line", named_flags())
                 raise TrainConfigError(f"--{name} needs a value")
         if name in out:
             raise TrainConfigError(f"--{name} is given twice")
         out[name] = value
         i += 1
-    check_known(out, "command line")
+    check_known(out, "command line", named_flags())
     return out
+
+
+def named_flags() -> list[str]:
+    """The names of ``finetune``'s named flags, without dashes (``model``, ``data``, ``config``, ...): an
+    unknown ``--field value`` close to one of them is said with it as the hint."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    return [o[2:] for action in p._actions for o in action.option_strings]
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> TrainConfig:
     """The run's TrainConfig: the YAML file, then the named flags, then the ``--field value`` overrides."""
     overrides = parse_overrides(extra)
-    twice = getattr(args, "flags_twice", None)
-    if twice:
-        raise TrainConfigError(f"{twice[0]} is given twice (or under another of its names)")
+    twice = given_twice(args)  # qwenvl's main refuses it first; this is for a namespace parsed elsewhere
+    if twice is not None:
+        raise TrainConfigError(twice)
     if args.run_mode is not None and args.run_mode != "finetune":
         raise TrainConfigError(f"--run_mode {args.run_mode!r} is not supported by 'finetune'; use --run_mode finetune "
                                "(prediction is 'qwenvl predict')")

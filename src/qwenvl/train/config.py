@@ -42,7 +42,7 @@ class TrainConfigError(ValueError):
 
 
 NO_MODEL = "no model: set load_checkpoint (a checkpoint folder) or preset"
-NO_DATA = "no training data: set data_path (--train_data FILE)"
+NO_DATA = "no training data: set data_path (--data FILE)"
 
 
 @dataclass
@@ -274,15 +274,18 @@ def flatten(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def check_known(values: dict[str, Any], source: str) -> None:
+def check_known(values: dict[str, Any], source: str, flags: Sequence[str] = ()) -> None:
+    """Refuse the names in ``values`` that are not TrainConfig fields, each with the closest field or, on the
+    command line, the closest of ``flags`` (the command's named flags, without dashes: ``--modl`` is a misspelled
+    ``--model``, not a setting)."""
     known = [f.name for f in fields(TrainConfig)]
     unknown = [k for k in values if k not in known]
     if not unknown:
         return
     hints = []
     for k in unknown:
-        close = difflib.get_close_matches(str(k), known, n=1)
-        hint = [f"did you mean {close[0]!r}?"] if close else []
+        close = difflib.get_close_matches(str(k), [*known, *flags], n=1)
+        hint = [f"did you mean {close[0]!r}?" if close[0] in known else f"did you mean --{close[0]}?"] if close else []
         if values[k] is None:  # `lora:` with every line below commented out reads as lora: null
             hint.insert(0, "an empty section?")
         hints.append(f"{k!r}" + (f" ({' '.join(hint)})" if hint else ""))
