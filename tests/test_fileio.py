@@ -429,3 +429,12 @@ def test_json_text_is_utf8_unless_it_holds_a_lone_surrogate() -> None:
     assert json_text({"q": "déjà \ud800"}) == '{"q": "d\\u00e9j\\u00e0 \\ud800"}'
     assert json.loads(json_text({"q": "déjà \ud800"}, indent=1)) == {"q": "déjà \ud800"}
     json_text({"q": "\ud800"}, indent=1).encode("utf-8")
+
+
+def test_jsonl_line_escapes_what_str_splitlines_splits_at() -> None:
+    # the one JSON Lines writer (predict's rows, eval's partial rows, data-convert): U+2028, U+2029 and U+0085 were
+    # written as they are by predict and eval, and a reader splitting with str.splitlines broke the row there
+    rows = [{"q": "a\u2028b\u2029c\x85d déjà"}, {"q": "\ud800\u2028"}, {"q": "plain"}]
+    text = "".join(fileio.jsonl_line(row) for row in rows)
+    assert [json.loads(line) for line in text.splitlines()] == rows
+    assert fileio.jsonl_line({"q": "déjà\u2028"}) == '{"q": "déjà\\u2028"}\n'

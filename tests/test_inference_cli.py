@@ -27,6 +27,28 @@ def test_predict_seeded_answers_do_not_depend_on_the_batch_size(tmp_path, golden
     assert answers[0] == answers[1]
 
 
+
+def test_predict_rows_are_one_line_each_for_str_splitlines(tmp_path, golden_dir):
+    # U+2028, U+2029 and U+0085 in a prompt were written as they are: str.splitlines (and some JavaScript readers)
+    # broke the row there; they are escaped, as data-convert's JSON Lines
+    prompts = tmp_path / "p.jsonl"
+    texts = ["a\u2028b", "c\u2029d\x85e"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    out = tmp_path / "answers.jsonl"
+    assert cli.main(["predict", "--model", str(golden_dir), "--dtype", "float32", "--device", "cpu", "--jsonl",
+                     str(prompts), "--output", str(out), "--max_new_tokens", "1"]) == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text(encoding="utf-8").splitlines()] == texts
+
+
+def test_predict_output_check_takes_a_checkpoint_path_with_a_nul_character(tmp_path, capsys):
+    # load_checkpoint "a\0b" in --config, with --output: the error was "embedded null byte" alone (from the check
+    # that the output is not inside the checkpoint folder); such a folder cannot exist, which is said as usual
+    config, prompts, out = tmp_path / "c.yaml", tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    config.write_text('load_checkpoint: "a\\0b"\n')
+    prompts.write_text('{"prompt": "Hello"}\n')
+    assert cli.main(["predict", "--config", str(config), "--jsonl", str(prompts), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == "qwenvl predict: error: checkpoint folder not found: a\0b\n"
+
 def test_compile_without_a_cpp_compiler_is_one_line_before_the_weights_load(tmp_path, golden_dir, capsys,
                                                                              monkeypatch):
     # was inductor's long traceback (InvalidCxxCompiler) at the first token, after the weights had loaded

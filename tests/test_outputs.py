@@ -88,6 +88,16 @@ def test_output_file_check_takes_an_input_name_too_long_to_exist(tmp_path: Path)
         check_output_file(out, {"image of prompt 1": "y" * 256, "image of prompt 4": tmp_path / "same.jsonl"})
 
 
+
+def test_output_file_check_takes_an_input_with_a_nul_character(tmp_path: Path) -> None:
+    # a config's load_checkpoint "a\0b" with predict --output: os.path.realpath raised "embedded null byte", the
+    # whole message of the error; such a path names no file, so the output is neither it nor inside it
+    out = tmp_path / "answers.jsonl"
+    check_output_file(out, {"--config file": "a\0b", "image of prompt 1": tmp_path / "a\0b.png"},
+                      folders={"checkpoint folder": f"{tmp_path}\0x"})
+    with pytest.raises(OutputDirError, match="lies inside the checkpoint folder"):  # the check still works
+        check_output_file(out, {"image of prompt 1": "a\0b.png"}, folders={"checkpoint folder": tmp_path})
+
 def test_output_file_that_is_a_pipe_or_device_is_refused(tmp_path: Path) -> None:
     # not a file we wrote (nor is /dev/null or the /dev/stdout link): the atomic write would replace it
     os.mkfifo(tmp_path / "pipe")

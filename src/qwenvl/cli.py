@@ -67,6 +67,18 @@ def left_to_local_rank_0(status: int = 2) -> int:
     return status
 
 
+def stopped_before_local_rank_0_error(e: KeyboardInterrupt) -> int | None:
+    """The exit status (128 + the signal's number), said without a word, of a process that leaves the errors every
+    process meets alike to its node's LOCAL_RANK 0 (:func:`said_by_another_process`) and was stopped (``e``) under
+    torchrun's agent before it could meet one: the agent stops every other process (SIGTERM) as soon as one
+    exits, and local rank 0 had said the error and exited while this one still read the config (2 of 20 launches
+    with a missing data file printed "terminated (SIGTERM)" after the error). A stop of the whole job (a Ctrl-C,
+    a SIGTERM to torchrun) is said by local rank 0. None elsewhere: the stop is said as usual."""
+    if said_by_another_process() and "TORCHELASTIC_RUN_ID" in os.environ:
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    return None
+
+
 class _MissingRequired(Exception):
     """argparse's "the following arguments are required" error, held back by :meth:`_Parser.parse_known_args`."""
 

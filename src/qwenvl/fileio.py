@@ -523,6 +523,17 @@ def json_text(value: Any, indent: int | None = None) -> str:
     return text
 
 
+def jsonl_line(value: Any) -> str:
+    """``value`` as one line of JSON Lines (:func:`json_text`, then a newline). ``ensure_ascii=False`` leaves
+    U+2028, U+2029 and U+0085 in strings as they are, and ``str.splitlines`` (and some JavaScript readers) split
+    lines at them: they are escaped, which JSON allows anywhere in a string (outside strings the encoder writes
+    none of them)."""
+    text = json_text(value)
+    for char in ("\u2028", "\u2029", "\x85"):
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text + "\n"
+
+
 def iter_jsonl(
     path: str | os.PathLike[str], error: type[ValueError] = ValueError, what: str = "data"
 ) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -570,9 +570,9 @@ def _check_images_first(prompts: list[Any], policy: Any, per_row: bool, chat_for
 
 def _jsonl(preds: list[Any]) -> str:
     """The output rows of ``preds``, one JSON object a line."""
-    from .fileio import json_text
+    from .fileio import jsonl_line
 
-    return "".join(json_text(_result_row(p)) + "\n" for p in preds)  # a lone surrogate: in ASCII escapes
+    return "".join(jsonl_line(_result_row(p)) for p in preds)  # a lone surrogate: in ASCII escapes
 
 
 def _known_chat_format(opts: dict[str, Any]) -> str | None:

@@ -125,6 +125,12 @@ def check_separate(
             raise OutputDirError(f"the {what} {output} lies inside the {label} {path}; choose a folder outside it")
 
 
+def _names_no_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a NUL character (a config's ``"a\\0b"``), which no file name can:
+    ``os.path.realpath`` raised a bare "embedded null byte"."""
+    return "\0" in os.fspath(path)
+
+
 def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Whether ``a`` and ``b`` name one existing file (a hard link too); False when either cannot exist, as a name
     part over 255 bytes (``[Errno 36] File name too long``) or a loop of links."""
@@ -145,11 +151,11 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
     if not output:
         return
     out = _real(output)
-    for label, path in inputs.items():
-        if path and (out == _real(path) or _same_file(out, path)):
+    for label, path in inputs.items():  # one that names no file is not the output file (its check says it)
+        if path and not _names_no_file(path) and (out == _real(path) or _same_file(out, path)):
             raise OutputDirError(f"the output file {output} is the {label} {path}; write the output somewhere else")
     for label, folder in (folders or {}).items():
-        if folder and _within(out, _real(folder)):
+        if folder and not _names_no_file(folder) and _within(out, _real(folder)):
             raise OutputDirError(f"the output file {output} lies inside the {label} {folder}; write the output "
                                  "somewhere else")
     if out.is_dir():

@@ -534,6 +534,31 @@ def test_cli_interrupted_keeps_the_predictions_so_far(tmp_path: Path, monkeypatc
     assert all(set(r) == {"image", "sent", "bbox", "answer"} and isinstance(r["answer"], str) for r in rows)
 
 
+
+def test_cli_partial_rows_are_one_line_each_for_str_splitlines(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # a sample's text holding U+2028, U+2029 or U+0085 was written as it is: str.splitlines (read_partial) broke
+    # the row there; they are escaped, as data-convert's JSON Lines
+    import qwenvl.generation
+    from qwenvl.cli import main
+
+    real, calls = qwenvl.generation.generate, []
+
+    def stop_at_the_second_batch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qwenvl.generation, "generate", stop_at_the_second_batch)
+    sents = ["a\u2028b", "c\u2029d\x85e", "f", "g"]
+    data = write_jsonl(tmp_path / "g.jsonl", [
+        {"image": "cat.png", "sent": s, "bbox": [10, 10, 100, 100], "height": 240, "width": 320} for s in sents
+    ])  # fmt: skip
+    assert main(_eval_args(data, tmp_path / "out.json")) == 130
+    _, rows = read_partial(tmp_path / "out.json.partial")
+    assert [r["sent"] for r in rows] == sents[:2]
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_cli_terminated_keeps_the_predictions_so_far(tmp_path: Path, how: str) -> None:
     # a real SIGTERM from outside (a batch scheduler's cancel) while the third batch runs; or kill -9, after which

@@ -400,6 +400,42 @@ def test_an_error_every_process_meets_is_said_even_when_local_rank_0_meets_it_la
     assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in log.split("Root Cause")[-1], log[-3000:]
 
 
+
+_STOPPED_READING_THE_CONFIG = """
+import os, sys, time
+from pathlib import Path
+from qwenvl import cli
+from qwenvl.train import cli as finetune_cli
+
+reached = Path(sys.argv[1])  # rank 1 is reading the config
+if os.environ["LOCAL_RANK"] == "0":
+    while not reached.exists():  # rank 0 meets the error once rank 1 reads the config: torchrun stops it there
+        time.sleep(0.05)
+else:
+    def reading(*args, **kwargs):
+        reached.touch()
+        time.sleep(600)  # until torchrun's SIGTERM, once rank 0 has said the error
+
+    finetune_cli.config_from_args = reading
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_rank_torchrun_stops_before_it_meets_the_error_says_nothing(tmp_path: Path) -> None:
+    """Local rank 0 said the missing data file and exited while rank 1 still read the config (2 of 20 launches on
+    2 cores): torchrun's SIGTERM made rank 1 print "terminated (SIGTERM)" after the error."""
+    script = tmp_path / "stopped_reading_the_config.py"
+    script.write_text(_STOPPED_READING_THE_CONFIG)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *_standalone(2), str(script), str(tmp_path / "reached"),
+           "finetune", "--config", str(TINY), "--output_dir", str(tmp_path / "out"), "--train_data",
+           "/nonexistent/train.json"]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    log = res.stdout + res.stderr
+    assert res.returncode != 0 and (tmp_path / "reached").exists(), log[-4000:]
+    said = [line for line in log.splitlines() if "error:" in line or "terminated" in line or "interrupted" in line]
+    assert said == ["qwenvl finetune: error: training data file not found: /nonexistent/train.json"], log[-4000:]
+    assert "rank      : 1 (local_rank: 1)\n  exitcode  : 143" in log, log[-3000:]
+
 # ---- the Python API under torchrun -----------------------------------------------------------------------------
 _API_SCRIPT = """
 import gc, sys

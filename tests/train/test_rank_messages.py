@@ -121,6 +121,40 @@ def test_usage_errors_are_said_by_one_process_per_node(launch_env, capsys) -> No
         assert e.value.code == 2 and err.count("error:") == 1 and err.startswith("usage: qwenvl"), (argv, err)
 
 
+
+def test_a_rank_stopped_by_torchrun_before_it_met_the_error_says_nothing(train_data: Path, tmp_path: Path,
+                                                                         launch_env, capsys, monkeypatch) -> None:
+    # every process meets a missing data file alike, and local rank 0 says it; torchrun stops the others (SIGTERM)
+    # when it exits: one still reading the config (2 of 20 launches) printed "terminated (SIGTERM)" as well
+    import os
+    import signal
+    import time
+
+    from qwenvl.cli import main
+    from qwenvl.train import cli as train_cli
+
+    real = train_cli.config_from_args
+
+    def terminated_while_reading_the_config(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's agent, at this point
+        time.sleep(30)  # interrupted by the handler's Terminated
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "config_from_args", terminated_while_reading_the_config)
+    argv = ["finetune", "--train_data", str(train_data), "--output_dir", str(tmp_path / "out"), "--preset", "tiny"]
+    launch_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", TORCHELASTIC_RUN_ID="r")
+    assert main(argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ""
+    # local rank 0 says a stop (of the whole job) as before, and so does every rank of a launcher other than
+    # torchrun's agent, which does not stop the others
+    launch_env(RANK="0", LOCAL_RANK="0")
+    assert main(argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "terminated (SIGTERM)\n"
+    launch_env(RANK="1", LOCAL_RANK="1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert main(argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "terminated (SIGTERM)\n"
+
 # ---- what one rank alone meets (the other ranks' view is simulated: gather returns what they said) ------------
 def _rank(rank: int, said_by_others: dict[int, str | None], world: int = 2) -> DistEnv:
     """Rank ``rank`` of ``world`` whose collectives are answered with what the other ranks said."""

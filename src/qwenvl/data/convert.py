@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenvl.fileio import atomic_write_text, read_json_records
+from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records
 from qwenvl.images import ImageError, MediaPolicy, image_problems
 from qwenvl.outputs import check_output_file
 from qwenvl.tokenizer import image_path_problem
@@ -123,16 +123,6 @@ class ConvertSummary:
 
 class _Malformed(Exception):
     """Internal: carries the reason a record is rejected."""
-
-
-def _json_line(record: Any) -> str:
-    """``record`` as one line of JSON Lines. ``ensure_ascii=False`` leaves U+2028, U+2029 and U+0085 in strings
-    as they are, and ``str.splitlines`` (and other line readers) split at them: they are escaped, which JSON
-    allows anywhere in a string (outside strings the encoder writes none of them)."""
-    text = json.dumps(record, ensure_ascii=False)
-    for char in ("\u2028", "\u2029", "\x85"):
-        text = text.replace(char, f"\\u{ord(char):04x}")
-    return text + "\n"
 
 
 def _load_llava(data_path: Path) -> list[Any]:
@@ -339,7 +329,7 @@ def convert_llava(
     check_output_file(output_path, {f"image of record {k}": f for k, f in summary.image_files.items()},
                       overwrite=overwrite, flag=flag)
     if Path(output_path).suffix == ".jsonl":  # the suffix rule of fileio.read_json_records
-        text = "".join(_json_line(record) for record in converted)
+        text = "".join(jsonl_line(record) for record in converted)
     else:
         text = json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
     summary.output_path = atomic_write_text(output_path, text)

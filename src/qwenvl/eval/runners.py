@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, read_json
+from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, jsonl_line, read_json
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
 from ..outputs import PartialRows
@@ -360,7 +360,7 @@ def _run(
             if kept.rows == 0:
                 rows.insert(0, {PARTIAL_HEADER: 1, "task": desc, "settings": generation or {},
                                 "num_planned": len(records)})
-            kept.append("".join(json_text(row) + "\n" for row in rows))
+            kept.append("".join(jsonl_line(row) for row in rows))
 
     try:
         if kept is not None and answers:

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..cli import Once, given_twice, left_to_local_rank_0, said_by_another_process
+from ..cli import (
+    Once,
+    given_twice,
+    left_to_local_rank_0,
+    said_by_another_process,
+    stopped_before_local_rank_0_error,
+)
 from .config import TrainConfig, TrainConfigError, check_known
 
 __all__ = ["add_parser", "main", "parse_overrides", "run"]
@@ -140,6 +146,11 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         if said_by_another_process():
             return left_to_local_rank_0(2)
         raise
+    except KeyboardInterrupt as e:  # and Terminated: torchrun stopping this rank once local rank 0 said its error
+        status = stopped_before_local_rank_0_error(e)
+        if status is None:
+            raise
+        return status
     import torch
 
     from ..fileio import error_line
