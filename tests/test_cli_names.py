@@ -163,7 +163,7 @@ def test_finetune_data_file_given_twice_is_refused(argv, said):
     (["data-convert", "--data", "x", "--image_location", "i", "--output", "o", "--output_path", "p"],
      "qwenvl data-convert: error: --output_path is given twice (first as --output)"),
     (["eval", "vqa", "--model", "a", "--load_checkpoint", "b", "--data", "d"],
-     "qwenvl eval: error: --load_checkpoint is given twice (first as --model)"),
+     "qwenvl eval vqa: error: --load_checkpoint is given twice (first as --model)"),
     (["convert", "--model", "a", "--load_checkpoint", "b", "--output_dir", "o"],
      "qwenvl convert: error: --load_checkpoint is given twice (first as --model)"),
     (["finetune", "--train_data", "a.json", "--data", "b.json"],

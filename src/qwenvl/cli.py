@@ -55,14 +55,15 @@ def left_to_local_rank_0(status: int = 2) -> int:
     returned only after waiting, at most :data:`LEFT_TO_LOCAL_RANK_0_WAIT_S`, for torchrun to stop it. torchrun's agent
     stops every other process (SIGTERM) as soon as one exits: a silent one that exited first stopped local rank 0
     before it printed the line (2 to 4 of 30 launches with a missing data file or a bad flag), and the user saw only
-    torchrun's summary. Waiting, it is stopped once local rank 0 has said the error and exited (status 128 + the
-    signal's number, without a word). Only under torchrun's agent (``TORCHELASTIC_RUN_ID``); elsewhere nothing stops
+    torchrun's summary. Waiting, it is stopped once local rank 0 has said the error and exited, without a word:
+    killed by the SIGTERM (no handler is installed yet while the command line is parsed), or, where finetune's
+    run has installed one, status 128 + the signal's number. Only under torchrun's agent (``TORCHELASTIC_RUN_ID``); elsewhere nothing stops
     the others."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return status
     try:
         time.sleep(LEFT_TO_LOCAL_RANK_0_WAIT_S)
-    except KeyboardInterrupt as e:  # and Terminated: SIGTERM from torchrun, SIGINT from a Ctrl-C of the whole job
+    except KeyboardInterrupt as e:  # a Ctrl-C of the whole job; Terminated: SIGTERM where a handler is installed
         return 128 + getattr(e, "signum", signal.SIGINT)
     return status
 
@@ -268,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if twice is not None:  # one line, as finetune's settings given twice
         if said_by_another_process():
             return left_to_local_rank_0(2)
-        print(f"qwenvl {args.command}: error: {twice}", file=sys.stderr)
+        print(f"{parser.innermost().prog}: error: {twice}", file=sys.stderr)  # under eval's task too
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command])
     try:

@@ -577,7 +577,7 @@ def _jsonl(preds: list[Any]) -> str:
 
 def _known_chat_format(opts: dict[str, Any]) -> str | None:
     """The chat format the prompts will be built in, where it is known before the checkpoint loads: --chat_format,
-    else its folder's generation_config.json (absent: chatml, every turn kept); None when it cannot be read yet
+    else its folder's generation_config.json; None (every turn checked) when there is none or it cannot be read yet
     (a missing folder, a bad file: said in its turn)."""
     if opts.get("chat_format"):
         return str(opts["chat_format"])
