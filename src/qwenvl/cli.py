@@ -46,6 +46,17 @@ def said_by_another_process() -> bool:
     return launched and os.environ.get("LOCAL_RANK", "0").strip() not in ("0", "")
 
 
+def _under_torchrun_agent() -> bool:
+    """Whether torchrun's agent started this process (it stops every other worker as soon as one exits)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _stopped_status(e: KeyboardInterrupt) -> int:
+    """The exit status of a process stopped by ``e``: 128 + its signal's number (:class:`Terminated`'s, else
+    SIGINT: a Ctrl-C)."""
+    return 128 + getattr(e, "signum", signal.SIGINT)
+
+
 # how long a process that leaves an error to its node's LOCAL_RANK 0 waits for torchrun to stop it
 LEFT_TO_LOCAL_RANK_0_WAIT_S = 60.0
 
@@ -59,12 +70,12 @@ def left_to_local_rank_0(status: int = 2) -> int:
     killed by the SIGTERM (no handler is installed yet while the command line is parsed), or, where finetune's
     run has installed one, status 128 + the signal's number. Only under torchrun's agent (``TORCHELASTIC_RUN_ID``); elsewhere nothing stops
     the others."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    if not _under_torchrun_agent():
         return status
     try:
         time.sleep(LEFT_TO_LOCAL_RANK_0_WAIT_S)
     except KeyboardInterrupt as e:  # a Ctrl-C of the whole job; Terminated: SIGTERM where a handler is installed
-        return 128 + getattr(e, "signum", signal.SIGINT)
+        return _stopped_status(e)
     return status
 
 
@@ -75,9 +86,7 @@ def stopped_before_local_rank_0_error(e: KeyboardInterrupt) -> int | None:
     exits, and local rank 0 had said the error and exited while this one still read the config (2 of 20 launches
     with a missing data file printed "terminated (SIGTERM)" after the error). A stop of the whole job (a Ctrl-C,
     a SIGTERM to torchrun) is said by local rank 0. None elsewhere: the stop is said as usual."""
-    if said_by_another_process() and "TORCHELASTIC_RUN_ID" in os.environ:
-        return 128 + getattr(e, "signum", signal.SIGINT)
-    return None
+    return _stopped_status(e) if said_by_another_process() and _under_torchrun_agent() else None
 
 
 class _MissingRequired(Exception):
