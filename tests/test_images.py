@@ -249,3 +249,31 @@ def test_check_image_reads_only_the_header_when_asked(tmp_path):
         with pytest.raises(ImageError) as loaded:
             load_image(src, tmp_path)
         assert str(header_only.value) == str(loaded.value)
+
+
+def test_check_image_names_a_file_as_the_caller_spells_it(tmp_path, monkeypatch):
+    # data-convert --check_images named the file as typed (image_location/NAME) by replacing the absolute path in
+    # the message; check_image(name=...) and image_problems(name_as_given=True) say it so in the first place
+    from qwenvl.images import check_image, image_problems
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    (tmp_path / "imgs" / "cut.png").write_bytes(buf.getvalue()[:-40])
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")
+    (tmp_path / "imgs" / "folder.png").mkdir()
+    (tmp_path / "imgs" / "loop.png").symlink_to("loop.png")
+    files = [Path("imgs", n) for n in ("cut.png", "empty.png", "folder.png", "gone.png")]
+    given = image_problems(files, name_as_given=True)
+    resolved = image_problems(files)
+    for file in files:
+        assert str(file) in given[file] and str(tmp_path) not in given[file], given[file]
+        # the default names the file it resolves to; else the words are the same
+        assert resolved[file] == given[file].replace(str(file), str(tmp_path / file)), resolved[file]
+    for file in [*files, Path("imgs", "loop.png")]:
+        with pytest.raises(ImageError) as e:
+            check_image(str(tmp_path / file), name="the file")
+        assert "the file" in str(e.value) and str(tmp_path) not in str(e.value), str(e.value)
+    assert given[files[0]].startswith("cannot decode image imgs/cut.png: ")
+    assert given[files[-1]] == "image not found: imgs/gone.png"

@@ -7,6 +7,7 @@ import pytest
 from qwenvl import Processor
 from qwenvl.generation import SamplingParams
 from qwenvl.inference import ChatSession, ConversationTooLong, predict
+from qwenvl.processor import image_path_error
 
 
 def _session(golden_model, golden_dir, monkeypatch, context: int) -> ChatSession:
@@ -112,5 +113,5 @@ def test_chat_session_refuses_a_typed_image_path_no_prompt_can_show(golden_model
     session = _session(golden_model, golden_dir, monkeypatch, 2048)
     with pytest.raises(ValueError, match=r"^image path .* a prompt cannot show it \(<img>PATH</img>\)$") as e:
         session.ask(f"look <img>{path}</img> here")
-    assert "\ufffd" not in str(e.value)
+    assert "\ufffd" not in str(e.value) and str(e.value) == image_path_error(path)
     assert session.history == [] and session.images == {}

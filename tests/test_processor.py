@@ -180,6 +180,41 @@ def test_an_image_path_no_span_can_hold_is_refused_before_tokenizing(tok: QwenTo
         chat(messages)
 
 
+def test_every_way_into_a_prompt_refuses_an_image_path_no_span_can_hold(tok: QwenTokenizer, tmp_path: Path) -> None:
+    # the check ran in __call__ only (and by hand in ChatSession.ask): build_messages_prompt and build_chat_prompt
+    # read a lone surrogate as U+FFFD, so the picture then read was "image not found" of another name
+    from qwenvl.processor import image_path_error
+
+    chat = Processor(tok, chat_format="chatml", base_dir=tmp_path)
+    span = "<img>a\ud800.png</img>"
+    long_turns = [("older", "ok")] + [("x " * 50, "y")] * 3  # a window of 200 tokens ends at "older" (left out)
+    for build, path in ((lambda: chat.build_chat_prompt([{"image": "a\ud800.png"}, {"text": "What?"}]), "a\ud800.png"),
+                        (lambda: chat.build_chat_prompt("hi", [(span, "ok")]), "a\ud800.png"),
+                        (lambda: chat.build_chat_prompt("hi", [(span, "ok"), *long_turns], max_window_size=200),
+                         "a\ud800.png"),
+                        (lambda: chat.build_messages_prompt([{"role": "system", "content": span},
+                                                             {"role": "user", "content": "hi"}]), "a\ud800.png"),
+                        (lambda: chat.build_messages_prompt([{"role": "user", "content": [{"image": "a</img>b.png"}]}]),
+                         "a</img>b.png")):
+        with pytest.raises(ValueError) as e:
+            build()
+        assert str(e.value) == image_path_error(path)
+    assert "older" not in chat.build_chat_prompt("hi", long_turns, max_window_size=200)[0]
+    with pytest.raises(ValueError, match="must be a .query, response. pair"):  # the turns left out are checked too
+        chat.build_chat_prompt("hi", [("q",), *long_turns], max_window_size=200)
+    # an assistant's answer shows no picture, and a raw (base) prompt drops the system message: neither is checked
+    assert span in chat.build_chat_prompt("hi", [("q", span)])[0]
+    raw = Processor(tok, chat_format="raw", base_dir=tmp_path)
+    assert raw.build_messages_prompt([{"role": "system", "content": span}, {"role": "user", "content": "Bye"}]) == (
+        "Bye", tok.encode("Bye"))
+    # in a batch, which prompt: of messages too, and for the tokenizer's own refusals
+    with pytest.raises(ValueError) as e:
+        chat(["hi", [{"role": "user", "content": span}]])
+    assert str(e.value) == image_path_error("a\ud800.png") + " (prompt 2 of the 2 in the batch)"
+    with pytest.raises(ValueError, match=r"^unclosed <img> .* \(prompt 2 of the 2 in the batch\)$"):
+        chat(["hi", "<img>a.png"])
+
+
 def test_from_pretrained_sources(tmp_path: Path) -> None:
     p = Processor.from_pretrained(FIXTURE)
     assert (p.chat_format, p.image_size, p.max_window_size) == ("raw", 448, 6144)

@@ -267,27 +267,31 @@ def check_image(
     max_pixels: int = MAX_IMAGE_PIXELS,
     policy: MediaPolicy | None = None,
     decode: bool = True,
+    name: str | None = None,
 ) -> tuple[int, int]:
     """Decode ``src`` fully (as :func:`load_image`, without the RGB conversion) and return its (width, height).
 
     For checks made before long work: a truncated or corrupt file fails here, not hours later. ``decode=False``
     reads the header only (milliseconds, for thousands of images): every refusal :func:`load_image` makes, with
-    its message, but for pixel data that turns out truncated or corrupt.
+    its message, but for pixel data that turns out truncated or corrupt. ``name``: what the messages call the
+    file of a path (default: the file it resolves to, an absolute path), as the user knows it.
     """
-    img, name = _open_source(src, base_dir, max_pixels, policy, decode)
+    img, name = _open_source(src, base_dir, max_pixels, policy, decode, name)
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has zero size ({img.width}x{img.height})")
     return img.size
 
 
-def image_problems(paths: Iterable[_Path], policy: MediaPolicy | None = None) -> dict[_Path, str | None]:
+def image_problems(paths: Iterable[_Path], policy: MediaPolicy | None = None, *,
+                   name_as_given: bool = False) -> dict[_Path, str | None]:
     """Each distinct path of ``paths`` -> why it cannot be used (:func:`check_image`'s message: missing, refused by
     ``policy``, truncated or corrupt), or None; decoded a few at a time (Pillow decodes without the GIL: 6,080 small
-    PNGs took 2.7 s instead of 4.5 s on 2 cores). On Ctrl-C the paths not started are not decoded."""
+    PNGs took 2.7 s instead of 4.5 s on 2 cores). On Ctrl-C the paths not started are not decoded.
+    ``name_as_given``: the messages call each file as ``paths`` spells it (default: the file it resolves to)."""
 
     def problem(path: _Path) -> str | None:
         try:
-            check_image(path, policy=policy)
+            check_image(path, policy=policy, name=os.fspath(path) if name_as_given else None)
         except ValueError as e:  # ImageError, MediaAccessError
             return str(e)
         return None
@@ -304,10 +308,10 @@ def image_problems(paths: Iterable[_Path], policy: MediaPolicy | None = None) ->
 
 def _open_source(
     src: ImageSource, base_dir: str | os.PathLike | None, max_pixels: int, policy: MediaPolicy | None,
-    decode: bool = True,
+    decode: bool = True, name: str | None = None,
 ) -> tuple[Image.Image, str]:
     """The decoded image of any source kind (opened, its header read, without ``decode``), and its name for
-    messages."""
+    messages (of a path: ``name``, default the file it resolves to)."""
     if isinstance(src, Image.Image):
         return src, "<PIL image>"
     if isinstance(src, (bytes, bytearray)):
@@ -336,34 +340,36 @@ def _open_source(
     elif base_dir is not None:
         policy = MediaPolicy(base_dir, policy.allow_any_local_path)
     path = policy.resolve(text)
+    name = str(path) if name is None else name
     try:
         if not path.exists():
-            raise ImageError(_missing(path))
+            raise ImageError(_missing(path, name))
         if not path.is_file():
-            raise ImageError(f"image path is not a file: {path}")
+            raise ImageError(f"image path is not a file: {name}")
         if path.stat().st_size == 0:
-            raise ImageError(f"image file {path} is empty (zero size)")
+            raise ImageError(f"image file {name} is empty (zero size)")
     except OSError as e:  # a name too long for the filesystem, a folder we may not look into, ...
-        raise ImageError(f"cannot read image {shown(str(path))}: {e.strerror or e}") from e
+        raise ImageError(f"cannot read image {shown(name)}: {e.strerror or e}") from e
     try:
         with path.open("rb") as fp:  # closed even when decoding fails; the pixels are loaded before it closes
-            img = _open(fp, str(path), max_pixels, decode)
+            img = _open(fp, name, max_pixels, decode)
     except ImageError:
         raise
     except OSError as e:
-        raise ImageError(f"cannot read image {path}: {e}") from e
-    return img, str(path)
+        raise ImageError(f"cannot read image {name}: {e}") from e
+    return img, name
 
 
-def _missing(path: Path) -> str:
-    """Why ``path``, which Path.exists() calls missing, cannot be read: not found, or a link that loops (exists()
-    says False for both). Only asked of a path the media policy allows, so no refusal says more than another."""
+def _missing(path: Path, name: str) -> str:
+    """Why ``path`` (called ``name``), which Path.exists() calls missing, cannot be read: not found, or a link that
+    loops (exists() says False for both). Only asked of a path the media policy allows, so no refusal says more
+    than another."""
     try:
         path.stat()
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return f"image path {shown(str(path))} cannot be resolved: a link in it loops (it leads back to itself)"
-    return f"image not found: {path}"
+            return f"image path {shown(name)} cannot be resolved: a link in it loops (it leads back to itself)"
+    return f"image not found: {name}"
 
 
 def preprocess(image: Image.Image, image_size: int = 448) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .generation import STOP_IDS, SamplingParams, TextStream, sampling_params, s
 from .hardware import pick_device  # noqa: F401 (qwenvl.inference.pick_device, as before)
 from .images import ImageSource
 from .model import QwenVL
-from .processor import Processor, image_path_error, prompt_image_path_error, prompt_problem
+from .processor import Processor, image_path_error, prompt_problem
 
 logger = logging.getLogger(__name__)
 
@@ -420,13 +420,10 @@ class ChatSession:
         if not text.strip() and not self.pending_images:
             raise ValueError("empty message")
         query = [{"image": p} for p in self.pending_images] + [{"text": text}]
-        bad = prompt_image_path_error(query)  # a path typed as <img>PATH</img> that no span can hold
-        if bad:
-            raise ValueError(bad)
         messages = self.messages(query)
         # the pictures of the turns that fit the window, from memory; a span typed into a message is read now,
         # once, and kept as an added picture is (a file moved or deleted later changes nothing)
-        _, ids = self.processor.build_messages_prompt(messages)
+        _, ids = self.processor.build_messages_prompt(messages)  # refuses a path that no <img>PATH</img> can hold
         self._check_fits(ids, query)
         shown = self.processor.tokenizer.image_paths(ids)
         typed = {p: self.processor.load_image(p, self.base_dir) for p in dict.fromkeys(shown) if p not in self.images}

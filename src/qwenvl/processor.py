@@ -288,10 +288,12 @@ class Processor:
             problem = prompt_problem(prompt)
             if problem:  # else the tokenizer's words about one list-format element ("expected a dict: 1")
                 raise ValueError(f"the prompt{where} {problem}")
-            bad = prompt_image_path_error(prompt, self.chat_format)
-            if bad:
-                raise ValueError(f"{bad}{where}")
-            ids = self._prompt_ids(prompt)
+            try:
+                ids = self._prompt_ids(prompt)
+            except ValueError as e:  # an image path, a tag or a message at fault: in which prompt of the batch
+                if not where:
+                    raise
+                raise ValueError(f"{e}{where}") from e
             if not ids:
                 raise ValueError(f"empty prompt{where}: there is nothing to condition on")
             rows.append(ids)
@@ -338,14 +340,19 @@ class Processor:
         raise TypeError("a batch must be a list of prompts (str, list-format lists or message lists)")
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if _is_messages(prompt):
+        if not isinstance(prompt, str) and _is_messages(prompt):
             return self.build_messages_prompt(prompt)[1]
-        return self.tokenizer.encode(self.tokenizer.from_list_format(prompt))
+        return self.tokenizer.encode(self._content_text(prompt, "prompt"))  # a string or a list-format list
 
     # ---- chat ------------------------------------------------------------------------------------
-    def _content_text(self, content: Any, where: str) -> str:
+    def _content_text(self, content: Any, where: str, pictures: bool = True) -> str:
+        """The text of a prompt or of one message's content (a str or a list-format list), as it is tokenized.
+        Where it may show pictures (``pictures``: not an assistant's), an image path no ``<img>PATH</img>`` span can
+        hold is refused first (:func:`prompt_image_path_error`): tokenizing would read a lone surrogate as U+FFFD,
+        and fail on "image not found" of another name."""
+        bad = prompt_image_path_error(content) if pictures else None
+        if bad:
+            raise ValueError(bad)
         if isinstance(content, str):
             return content
         if isinstance(content, list):
@@ -388,14 +395,16 @@ class Processor:
             tags = _ASSISTANT_SPECIAL_TOKENS if role == "assistant" else IMAGE_SPECIAL_TOKENS
             return enc(role, allowed_special=IMAGE_SPECIAL_TOKENS) + nl + enc(content, allowed_special=tags)
 
+        turns = []  # every turn checked, also those the window leaves out
+        for turn in history or []:
+            if len(turn) != 2:
+                raise ValueError(f"each history turn must be a (query, response) pair, got {turn!r}")
+            turns.append((self._content_text(turn[0], "history query"),
+                          None if turn[1] is None else self._content_text(turn[1], "history response", pictures=False)))
         system_ids = im_start + part("system", system) + im_end
         context: list[int] = []
         raw = ""
-        for turn in reversed(list(history or [])):
-            if len(turn) != 2:
-                raise ValueError(f"each history turn must be a (query, response) pair, got {turn!r}")
-            q = self._content_text(turn[0], "history query")
-            r = None if turn[1] is None else self._content_text(turn[1], "history response")
+        for q, r in reversed(turns):
             nxt = nl + im_start + part("user", q) + im_end + nl
             text = f"\n<|im_start|>user\n{q}<|im_end|>\n"
             if r is not None:
@@ -438,7 +447,8 @@ class Processor:
                 raise ValueError(f"message {k} has unknown role {m['role']!r}; expected system, user or assistant")
         system = None
         if msgs[0]["role"] == "system":
-            system = self._content_text(msgs[0]["content"], "system message")
+            # (a raw prompt drops it: its pictures are never read)
+            system = self._content_text(msgs[0]["content"], "system message", pictures=self.chat_format != "raw")
             msgs = msgs[1:]
         if not msgs or msgs[-1]["role"] != "user":
             raise ValueError("the last message must be the user's (the model answers it)")

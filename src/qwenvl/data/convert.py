@@ -264,10 +264,8 @@ def convert_records(
     problems: dict[Path, str | None] = {}
     if check_images:
         logger.info("decoding %d image file(s)", len(set(summary.image_files.values())))
-        problems = image_problems(summary.image_files.values())
-        for file, problem in problems.items():  # the file as the missing ones are named, not its absolute path
-            if problem is not None:
-                problems[file] = problem.replace(str(file.expanduser().absolute()), str(file))
+        # each file named as the missing ones are (image_location/NAME, as typed), not by its absolute path
+        problems = image_problems(summary.image_files.values(), name_as_given=True)
     converted: list[dict[str, Any]] = []
     for index, out, untagged in kept:
         kept_file = summary.image_files.get(index)
