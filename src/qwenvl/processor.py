@@ -105,11 +105,11 @@ def prompt_image_paths(prompt: object, chat_format: str | None = None) -> list[s
     return paths
 
 
-def prompt_image_path_error(prompt: object, chat_format: str | None = None) -> str | None:
+def prompt_image_path_error(prompt: object) -> str | None:
     """:func:`image_path_error` of the first image path of ``prompt`` (:func:`prompt_image_paths`) that no span
     can hold, or None: said before tokenizing, which would read a lone surrogate as U+FFFD ("image not found" of
     another name)."""
-    return next(filter(None, map(image_path_error, prompt_image_paths(prompt, chat_format))), None)
+    return next(filter(None, map(image_path_error, prompt_image_paths(prompt))), None)
 
 
 def image_path_error(path: str) -> str | None:
