@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
+import tracemalloc
 
 import httpx
+from starlette.requests import Request
 
 from qwenvl.serve import app as app_module
+from qwenvl.serve import protocol
 
 from .conftest import MODEL_NAME, data_url
 
@@ -98,3 +102,29 @@ def test_a_union_field_of_a_wrong_type_says_what_it_takes(server):
     for stop in ("x", ["x", "y"], None, []):
         for path, body in (("/chat/completions", chat(stop=stop)), ("/completions", {**completion, "stop": stop})):
             assert httpx.post(server.v1 + path, json=body, timeout=60).status_code == 200, (path, stop)
+
+
+def test_the_body_bytes_are_dropped_before_its_json_is_parsed():
+    """A body's bytes, its decoded text and the objects parsed from it were held at once (json.loads of the bytes
+    decodes them first): ~3x the body at its peak, 60 MiB for 20 MiB of a data: URL. The bytes go once decoded."""
+    url = "data:image/png;base64," + "A" * 2**22
+    body = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+    chunks = [body[: len(body) // 2].encode(), body[len(body) // 2 :].encode()]  # joined into bytes the trace sees
+    del url, body
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-type", b"application/json")]}
+
+    async def parse() -> tuple[protocol.ChatCompletionRequest, int]:
+        tracemalloc.start()
+        try:
+            parsed = await app_module._parse(Request(scope, receive), protocol.ChatCompletionRequest)
+            return parsed, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    parsed, peak = asyncio.run(parse())
+    assert len(parsed.messages[0].content[0].image_url.url) > 2**22
+    assert peak < 2.5 * 2**22, peak  # the text and the parsed URL: 2x; with the bytes 3x

@@ -253,6 +253,7 @@ def test_a_base_model_is_asked_each_message_alone_with_the_picture(golden_model,
             assert browser.script(f"return document.querySelectorAll('.msg.assistant')[{k}].textContent") == (
                 "the cat is here")
             assert browser.script("return document.querySelectorAll('#stage .box').length") == 1
+            assert browser.script("return history.length") == 0  # no chat kept that would never be sent
         sent = browser.script("return window.sent")
         for body, question in zip(sent, ("Where is the cat?", "And now?")):
             (message,) = body["messages"]

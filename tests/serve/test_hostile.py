@@ -54,6 +54,15 @@ def test_a_wrong_method_says_which_methods_are_allowed(server):
         assert set(r.headers.get("allow", "").split(", ")) == set(allowed.split(", ")), (method, path, r.headers)
 
 
+def test_an_unknown_path_is_named(server):
+    """A path no endpoint serves was answered "Not Found" alone; OpenAI's API names the request (a long path
+    cut short)."""
+    for method, path, shown in (("GET", "/v1/nope", "'/v1/nope'"), ("POST", "/v1/chat/completion", "'/v1/chat/completion'"),
+                                ("GET", "/" + "x" * 200, repr("/" + "x" * 76 + "..."))):
+        error = error_of(httpx.request(method, server.url + path), 404)
+        assert error["message"] == f"Invalid URL ({method} {shown})" and error["code"] == "not_found", error
+
+
 def test_a_body_that_is_not_a_json_object_is_named(server):
     """An empty body was answered 'Field required', a JSON body without Content-Type: application/json (curl -d
     sends a form type) 'Input should be a valid dictionary or object to extract fields from', a body nested too
@@ -124,6 +133,7 @@ def test_requests_beyond_the_slots_and_the_queue_are_refused_before_their_bodies
             time.sleep(0.02)
         error = error_of(refused, 429)
         assert error["code"] == "rate_limit_exceeded" and "2 requests" in error["message"], error
+        assert refused.headers["retry-after"] == "1"  # when to try again (OpenAI's clients wait that long)
         assert httpx.get(r.url + "/health").json()["status"] == "ok"
         for s in uploads:  # the clients leave: their places are free again
             s.close()
@@ -163,10 +173,12 @@ def test_the_bytes_of_bodies_held_at_once_are_bounded(golden_model, processor):
             time.sleep(0.02)
         error = error_of(refused, 503)
         assert error["type"] == "server_error" and error["code"] == "server_busy", error
+        assert refused.headers["retry-after"] == "1"  # when to try again (OpenAI's clients wait that long)
         assert "busy" in error["message"] and "\n" not in error["message"], error
         assert post(r, "/chat/completions", chat()).status_code == 200  # what fits still gets through
         announced = raw(r.url, head.replace(b"100000", b"70000"))  # refused before a byte of its body is read
-        assert announced.recv(4096).startswith(b"HTTP/1.1 503 ")
+        head_of_503 = announced.recv(4096).split(b"\r\n\r\n")[0].lower()
+        assert head_of_503.startswith(b"http/1.1 503 ") and b"\r\nretry-after: 1" in head_of_503, head_of_503
         announced.close()
         assert metric(r, "qwenvl_server_busy_total") == 2
         assert metric(r, "qwenvl_request_body_bytes_in_flight") == 90_011  # the refused ones hold nothing

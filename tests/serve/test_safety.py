@@ -195,7 +195,9 @@ def test_api_key(golden_model, processor):
         bad = openai.OpenAI(base_url=r.v1, api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        assert_error(httpx.post(r.v1 + "/chat/completions", json=chat("hi")), 401, "API key")
+        refused = httpx.post(r.v1 + "/chat/completions", json=chat("hi"))
+        assert_error(refused, 401, "API key")
+        assert refused.headers["www-authenticate"] == "Bearer"  # the scheme to authenticate with (RFC 9110)
         good = openai.OpenAI(base_url=r.v1, api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=2).choices[0].finish_reason
@@ -219,6 +221,7 @@ def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(golden_model, pr
             with pytest.raises(openai.RateLimitError) as e:
                 busy.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_exceeded"
+            assert e.value.response.headers["retry-after"] == "1"
             # refused by the engine's queue: a stream that has started no longer counts among the requests whose
             # bodies are read and prepared (a client that reads slowly would keep everyone out)
             assert "waiting for a slot" in e.value.body["message"], e.value.body

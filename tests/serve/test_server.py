@@ -15,6 +15,7 @@ from PIL import Image
 
 from qwenvl import Processor
 from qwenvl.generation import STOP_IDS
+from qwenvl.serve.metrics import ServeMetrics
 
 from .conftest import GROUNDED_ANSWER, MODEL_NAME, data_url, expected_answer, make_engine, running
 
@@ -173,6 +174,19 @@ def test_models_health_metrics(server):
                  "qwenvl_request_latency_seconds_count"):
         assert f"\n{name}" in text, name
     assert 'qwenvl_requests_total{endpoint="/v1/models",status="200"}' in text
+
+
+def test_a_labelled_counter_has_no_unlabelled_series():
+    """Before their first count, the counters by labels showed an unlabelled 0 (`qwenvl_sequences_finished_total
+    0`): a series that then vanished, beside the labelled ones, in every sum by reason. Plain counters show 0."""
+    metrics = ServeMetrics()
+    lines = metrics.render().splitlines()
+    assert "# TYPE qwenvl_sequences_finished_total counter" in lines and "qwenvl_server_busy_total 0" in lines
+    assert not [line for line in lines if line.split(" ")[0] in ("qwenvl_sequences_finished_total",
+                                                                 "qwenvl_requests_total")]
+    metrics.finished.inc(reason="stop")
+    assert [line for line in metrics.render().splitlines()
+            if line.startswith("qwenvl_sequences_finished_total")] == ['qwenvl_sequences_finished_total{reason="stop"} 1']
 
 
 def test_grounding_boxes_in_pixels(grounding_server):

@@ -28,8 +28,11 @@ def _num(v: float) -> str:
 
 
 class Counter:
-    def __init__(self, name: str, help: str) -> None:
-        self.name, self.help = name, help
+    """``labelled``: counted by labels only, so that no unlabelled series is shown before the first count (as
+    prometheus_client shows none: it would appear as a series of its own, then vanish)."""
+
+    def __init__(self, name: str, help: str, labelled: bool = False) -> None:
+        self.name, self.help, self.labelled = name, help, labelled
         self._values: dict[tuple[tuple[str, str], ...], float] = {}
         self._lock = threading.Lock()
 
@@ -44,7 +47,7 @@ class Counter:
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         with self._lock:
-            items = sorted(self._values.items()) or [((), 0)]
+            items = sorted(self._values.items()) or ([] if self.labelled else [((), 0)])
         lines += [f"{self.name}{_labels(k)} {_num(v)}" for k, v in items]
         return lines
 
@@ -96,9 +99,10 @@ class ServeMetrics:
 
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0, active_slots: Callable[[], float] = lambda: 0,
                  slots: int = 0) -> None:
-        self.requests = Counter("qwenvl_requests_total", "HTTP requests answered, by endpoint and status code")
+        self.requests = Counter("qwenvl_requests_total", "HTTP requests answered, by endpoint and status code",
+                                labelled=True)
         self.finished = Counter("qwenvl_sequences_finished_total",
-                                "generations ended, by reason (stop, length, cancelled, error)")
+                                "generations ended, by reason (stop, length, cancelled, error)", labelled=True)
         self.prompt_tokens = Counter("qwenvl_prompt_tokens_total", "prompt tokens prefilled")
         self.generation_tokens = Counter("qwenvl_generation_tokens_total", "tokens generated")
         self.queue_depth = Gauge("qwenvl_queue_depth", "requests waiting for a decode slot", queue_depth)
