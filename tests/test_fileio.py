@@ -288,6 +288,17 @@ def test_json_that_python_cannot_parse_is_a_one_line_error_naming_the_file(tmp_p
             fileio.read_json(file)
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_a_line_cut_short_is_said_at_its_end(tmp_path: Path, ending: str) -> None:
+    # a line missing its closing brace was said at "column 1" (of the line after its newline)
+    file = tmp_path / "data.jsonl"
+    file.write_text('{"a": 1}\n{"image": "x.jpg", "b": 2' + ending, encoding="utf-8", newline="")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: invalid JSON: Expecting ',' delimiter \(column 26\)$"):
+        list(fileio.iter_jsonl(file))  # predict's and eval's reader
+    with pytest.raises(ValueError, match=r"data.jsonl:2: invalid JSON: Expecting ',' delimiter \(column 26\)$"):
+        fileio.read_json_records(file)
+
+
 def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
     # JSON strings may hold U+2028, U+0085 and the like unescaped; str.splitlines() cut such a valid line in two
     file = tmp_path / "data.jsonl"

@@ -608,7 +608,8 @@ def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> It
         if not line.strip():
             continue
         try:
-            value = json.loads(line, object_pairs_hook=_unique_keys)
+            # without its line ending: a line cut short is said at its end, not at "column 1" of the next line
+            value = json.loads(line.rstrip("\r\n"), object_pairs_hook=_unique_keys)
         except _DuplicateKey as e:
             raise error(f"{file}:{lineno}: the key {json.dumps(e.args[0])[:80]} appears twice in one object") from None
         except json.JSONDecodeError as e:
