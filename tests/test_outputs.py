@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -97,6 +99,43 @@ def test_output_file_check_takes_an_input_with_a_nul_character(tmp_path: Path) -
                       folders={"checkpoint folder": f"{tmp_path}\0x"})
     with pytest.raises(OutputDirError, match="lies inside the checkpoint folder"):  # the check still works
         check_output_file(out, {"image of prompt 1": "a\0b.png"}, folders={"checkpoint folder": tmp_path})
+
+def test_an_input_path_that_cannot_name_a_file_matches_no_output(tmp_path: Path, monkeypatch) -> None:
+    # a lone surrogate (a JSON "\\ud800") raised a bare UnicodeEncodeError, NUL in check_separate a bare "embedded
+    # null byte", and a relative path once the current folder was deleted a bare FileNotFoundError (getcwd): none
+    # can be the output, nor hold it (their own checks say what is wrong with them)
+    out = tmp_path / "answers.jsonl"
+    impossible = {"image of prompt 1": "\ud800.png", "image of prompt 2": tmp_path / "a\0b.png",
+                  "image of prompt 3": "y" * 256, "image of prompt 4": tmp_path / ("y" * 256)}
+    check_output_file(out, impossible, folders={"checkpoint folder": f"{tmp_path}/\ud800", "SOURCE": "y" * 300})
+    check_separate(tmp_path / "run", {"load_checkpoint": "a\0b", "training data": "\ud800.json",
+                                      "dataset_dir": f"{tmp_path}/y{'y' * 300}"})
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    check_output_file(out, {"--data file": "prompts.jsonl"}, folders={"checkpoint folder": "ckpt"})
+    check_separate(tmp_path / "run", {"load_checkpoint": "ckpt"})
+    # the checks still work beside them
+    with pytest.raises(OutputDirError, match="is the image of prompt 5"):
+        check_output_file(out, {**impossible, "image of prompt 5": tmp_path / "x" / ".." / "answers.jsonl"})
+    with pytest.raises(OutputDirError, match="lies inside the SOURCE"):
+        check_output_file(out, impossible, folders={"checkpoint folder": "a\0b", "SOURCE": tmp_path})
+    with pytest.raises(OutputDirError, match="contains the training data"):
+        check_separate(tmp_path, {"load_checkpoint": "a\0b", "training data": tmp_path / "d.json"})
+    with pytest.raises(OutputDirError, match="lies inside the load_checkpoint"):
+        check_separate(tmp_path / "run", {"training data": "\ud800.json", "load_checkpoint": tmp_path})
+
+
+@pytest.mark.parametrize("name", ["a\0b", "\ud800"])
+def test_an_output_path_that_cannot_name_a_file_is_a_one_line_error_naming_it(tmp_path: Path, name: str) -> None:
+    # a YAML's output_dir "out\0x": `qwenvl finetune` said only "error: embedded null byte"
+    for check in (lambda: check_separate(tmp_path / name, {"load_checkpoint": None}, what="output_dir"),
+                  lambda: check_output_file(tmp_path / name, {})):
+        with pytest.raises(OutputDirError, match=r"^the (output_dir|output file) .* cannot be a file name") as e:
+            check()
+        assert repr(os.fspath(tmp_path / name)) in str(e.value) and "\n" not in str(e.value)
+
 
 def test_output_file_that_is_a_pipe_or_device_is_refused(tmp_path: Path) -> None:
     # not a file we wrote (nor is /dev/null or the /dev/stdout link): the atomic write would replace it
@@ -214,6 +253,27 @@ def test_a_run_killed_before_writing_does_not_make_a_users_folder_ours(tmp_path:
     assert list(empty.iterdir()) == []
 
 
+def test_a_checkpoint_folder_a_killed_run_only_claimed_is_not_deleted_as_ours(tmp_path: Path) -> None:
+    # `qwenvl convert ... run/checkpoint-2 --overwrite` killed before writing left its marker in the user's folder:
+    # is_ours said yes, and finetune's pruning (save_total_limit) or --overwrite deleted the user's files as ours
+    from qwenvl.outputs import is_ours
+    from qwenvl.train.state import STATE_FILE, prune_checkpoints
+
+    theirs, ours = tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"
+    for folder in (theirs, ours):
+        folder.mkdir(parents=True)
+        (folder / STATE_FILE).write_bytes(b"state")
+    record_files(ours, [STATE_FILE], command="finetune")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_IN_CLAIM, str(theirs)], timeout=120)
+    assert killed.returncode == -9 and (theirs / MARKER_FILE).is_file()
+    assert not is_ours(theirs) and is_ours(ours)
+    assert prune_checkpoints(tmp_path / "run", 1) == []
+    assert (theirs / STATE_FILE).read_bytes() == b"state"
+    # a run killed after it wrote there did make it ours
+    killed = subprocess.run([sys.executable, "-c", _KILLED_IN_CLAIM, str(theirs), "model.safetensors"], timeout=120)
+    assert killed.returncode == -9 and is_ours(theirs)
+
+
 def test_output_folder_that_is_a_dangling_link_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "out").symlink_to(tmp_path / "gone")  # was a raw FileExistsError from mkdir
     with pytest.raises(OutputDirError, match="is a symbolic link to .*gone, which does not exist"), \
@@ -305,6 +365,95 @@ def test_a_lock_file_naming_a_pid_reused_by_a_later_process_is_taken_over(tmp_pa
         assert f"taking over the lock of a run that is no longer running (pid {later.pid}" in caplog.text
     finally:
         later.communicate(b"")
+
+
+# where acquire_lock may be stopped between making the lock file and returning its RunLock: right after each function
+# it calls there (module, name), as a Ctrl-C landing then is; the folder has no lock file ("none"), or that of a run
+# that is gone: its pid no longer runs ("dead"), or now runs a process started after that run's lock ("reused")
+_ALWAYS = ["os.open", "fcntl.flock", "same_file", "_holder", "RunLock", "json.dumps", "os.ftruncate", "os.pwrite",
+           "os.fsync"]
+_LOCK_STOPS = [*(("none", s) for s in _ALWAYS), *(("dead", s) for s in [*_ALWAYS, "_pid_alive", "logger.warning"]),
+               *(("reused", s) for s in [*_ALWAYS, "_pid_alive", "_started_after", "logger.warning"])]
+
+
+@pytest.mark.parametrize(("previous", "step"), _LOCK_STOPS)
+def test_acquire_lock_stopped_anywhere_leaves_no_lock_of_its_own(tmp_path: Path, monkeypatch, previous: str,
+                                                                 step: str) -> None:
+    # Ctrl-C inside acquire_lock after the lock file was made left it, and the open file holding the flock when it
+    # came after flock: the folder kept a lock file until the next run took it over, and in this process it stayed
+    # locked ("in use by another qwenvl run", naming this very process)
+    import qwenvl.outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    before, later = None, None
+    if previous != "none":
+        later = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        if previous == "dead":
+            later.communicate(b"")
+        started = datetime.datetime.now().astimezone() - datetime.timedelta(hours=1)
+        before = json.dumps({"pid": later.pid, "host": socket.gethostname(), "command": "finetune",
+                             "started": started.isoformat(timespec="seconds")})
+        (out / LOCK_FILE).write_text(before)
+    where, _, name = step.rpartition(".")
+    owner = {"os": os, "fcntl": fcntl, "json": json, "logger": qwenvl.outputs.logger, "": qwenvl.outputs}[where]
+    real, real_open, lock_fds, stopped = getattr(owner, name), os.open, [], []
+
+    def open_lock(*args: Any, **kwargs: Any) -> int:
+        fd = real_open(*args, **kwargs)
+        if Path(args[0]) == out / LOCK_FILE:
+            lock_fds.append(fd)
+        return fd
+
+    def ran_then_stopped(*args: Any, **kwargs: Any) -> Any:
+        result = (open_lock if step == "os.open" else real)(*args, **kwargs)
+        if (Path(args[0]) != out / LOCK_FILE) if step == "os.open" else (where in ("os", "fcntl")
+                                                                          and args[0] not in lock_fds):
+            return result  # another file of this process
+        if not stopped:  # once: what acquire_lock does on its way out runs as it is
+            stopped.append(step)
+            raise KeyboardInterrupt
+        return result
+
+    fds = len(os.listdir("/proc/self/fd"))
+    try:
+        monkeypatch.setattr(os, "open", open_lock)
+        monkeypatch.setattr(owner, name, ran_then_stopped)
+        with pytest.raises(KeyboardInterrupt):
+            acquire_lock(out, "convert").release()
+        monkeypatch.undo()
+        assert stopped == [step]
+        if step in ("os.open", "RunLock"):  # the descriptor never reached acquire_lock: lost (it holds no lock)
+            os.close(lock_fds[0])
+        assert len(os.listdir("/proc/self/fd")) == fds
+        left = sorted(p.name for p in out.iterdir())
+        # the lock file of a run that is gone is that run's: left as it was unless this run had taken it over
+        assert left == [] or (before is not None and left == [LOCK_FILE] and (out / LOCK_FILE).read_text() == before)
+        acquire_lock(out, "convert").release()  # the folder is free, in this process too
+        assert list(out.iterdir()) == []
+    finally:
+        if later is not None and later.returncode is None:
+            later.communicate(b"")
+
+
+def test_a_folder_made_for_a_run_stopped_while_taking_its_lock_goes_again(tmp_path: Path, monkeypatch) -> None:
+    # Ctrl-C (here: as the lock file's bytes went to disk) left the new folder behind, holding the lock file
+    import qwenvl.outputs
+
+    real_fsync = os.fsync
+
+    def fsync_then_stopped(fd: int) -> None:
+        real_fsync(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwenvl.outputs.os, "fsync", fsync_then_stopped)
+    with pytest.raises(KeyboardInterrupt), claim_output(tmp_path / "new" / "out", "convert"):
+        pytest.fail("must not get here")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"] and list((tmp_path / "new").iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a folder that was there stays, as it was
+    with pytest.raises(KeyboardInterrupt), claim_output(tmp_path / "mine", "convert"):
+        pytest.fail("must not get here")
+    assert list((tmp_path / "mine").iterdir()) == []
 
 
 def test_a_filesystem_without_locks_is_a_one_line_error_naming_the_folder(tmp_path: Path, monkeypatch) -> None:

@@ -7,16 +7,19 @@ The rules (README "Safety"):
   A non-empty folder without the marker is refused; ``overwrite=True`` (``--overwrite``) lets a command write
   there anyway, replacing only the files it writes itself. A run that claimed a folder (its marker lists the
   entries it found there) and wrote nothing into it does not make it ours: its marker goes when it fails, and
-  one left by a killed run is not counted. Weight files of an earlier save are deleted only
+  one left by a killed run is not counted (nor by :func:`is_ours`, so such a folder is never deleted as ours,
+  a ``checkpoint-STEP`` by finetune's pruning). Weight files of an earlier save are deleted only
   when the marker lists them as ours and the new save does not rewrite them (a ``model-card.md`` or a
   ``model.safetensors.md5`` is never touched: names are matched exactly, not by prefix).
 - **Inputs stay untouched**: :func:`check_separate` refuses an output folder that is, contains or lies
-  inside an input (a checkpoint being read, an adapter).
+  inside an input (a checkpoint being read, an adapter); an input path no file can have (a NUL character) matches
+  no output.
 - **One run per folder**: :func:`claim_output` holds ``.qwenvl-lock`` (``fcntl.flock``; the file names the
   holder's pid, host, command and start time) for the whole run. A second run is refused with a message
   naming the holder. The kernel drops a flock when its process dies, so the lock file of a killed run is
   taken over, with a warning (unless its pid still runs on this host, in a process started before the lock
-  was taken: then we refuse and say how to clear it).
+  was taken: then we refuse and say how to clear it). A run stopped while it takes the lock (an error, Ctrl-C)
+  leaves no lock file of its own.
 - **Recovery**: after taking the lock, temporary names left by a killed run (``*.qwenvl-tmp-*``,
   ``-old-``, ``-trash-``: see :mod:`qwenvl.fileio`) are cleaned; a run that fails or is interrupted (Ctrl-C)
   cleans them itself before it lets the folder go.
@@ -91,8 +94,24 @@ class OutputDirError(ValueError):
 
 
 # ---- inputs vs outputs ---------------------------------------------------------------------------------
-def _real(path: str | os.PathLike[str]) -> Path:
-    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+def _real(path: str | os.PathLike[str]) -> Path | None:
+    """``path`` with ``~``, ``..`` and symbolic links resolved, or None when it cannot name a file: a NUL character
+    (a config's ``"a\\0b"``: ``os.path.realpath`` raised a bare "embedded null byte"), a lone surrogate, or another
+    error resolving it (the current folder deleted). None matches no path: an input named so is not the output
+    (its own check says what is wrong with it)."""
+    try:
+        return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+    except (OSError, ValueError):
+        return None
+
+
+def _real_output(output: str | os.PathLike[str], what: str) -> Path:
+    """:func:`_real` of an output, which must name a file or folder: said in one line naming it when it cannot."""
+    out = _real(output)
+    if out is None:
+        raise OutputDirError(f"the {what} {os.fspath(output)!r} cannot be a file name (it holds a NUL character or a "
+                             "lone surrogate, or the current folder is gone); choose another")
+    return out
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -111,12 +130,12 @@ def check_separate(
     Paths are compared after resolving symlinks, ``~`` and ``..``, so another spelling of the same folder
     (the current directory as ``.``, a link to it) is caught too.
     """
-    out = _real(output)
+    out = _real_output(output, what)
     lenient = set(may_lie_inside)
     for label, path in inputs.items():
-        if path is None or os.fspath(path) == "":
+        src = _real(path) if path else None
+        if src is None:
             continue
-        src = _real(path)
         if out == src:
             raise OutputDirError(f"the {what} {output} is the {label} {path}; write the output somewhere else")
         if _within(src, out):
@@ -125,17 +144,17 @@ def check_separate(
             raise OutputDirError(f"the {what} {output} lies inside the {label} {path}; choose a folder outside it")
 
 
-def _names_no_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` holds a NUL character (a config's ``"a\\0b"``), which no file name can:
-    ``os.path.realpath`` raised a bare "embedded null byte"."""
-    return "\0" in os.fspath(path)
-
-
-def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether ``a`` and ``b`` name one existing file (a hard link too); False when either cannot exist, as a name
-    part over 255 bytes (``[Errno 36] File name too long``) or a loop of links."""
+def _is_file(out: Path, path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names the file ``out`` (resolved): by its name after resolving, or as a hard link to it;
+    False when ``path`` cannot name a file (:func:`_real`) or no such file exists (a name part over 255 bytes,
+    ``[Errno 36] File name too long``, or a loop of links, ``[Errno 40]``, can never)."""
+    src = _real(path)
+    if src is None:
+        return False
+    if src == out:
+        return True
     try:
-        return os.path.samefile(a, b)
+        return os.path.samefile(out, src)
     except OSError:
         return False
 
@@ -150,12 +169,13 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
     ``flag`` is what the error tells the user to pass): said before the run, not after it."""
     if not output:
         return
-    out = _real(output)
+    out = _real_output(output, "output file")
     for label, path in inputs.items():  # one that names no file is not the output file (its check says it)
-        if path and not _names_no_file(path) and (out == _real(path) or _same_file(out, path)):
+        if path and _is_file(out, path):
             raise OutputDirError(f"the output file {output} is the {label} {path}; write the output somewhere else")
     for label, folder in (folders or {}).items():
-        if folder and not _names_no_file(folder) and _within(out, _real(folder)):
+        src = _real(folder) if folder else None
+        if src is not None and _within(out, src):
             raise OutputDirError(f"the output file {output} lies inside the {label} {folder}; write the output "
                                  "somewhere else")
     if out.is_dir():
@@ -258,7 +278,10 @@ def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def is_ours(folder: str | os.PathLike[str]) -> bool:
-    return read_marker(folder) is not None
+    """Whether we wrote into ``folder`` (its marker says so): not one that a run only claimed, finding there all it
+    holds (:func:`_claimed_only`; a run killed before writing leaves such a marker), so it is never deleted as ours."""
+    marker = read_marker(folder)
+    return marker is not None and not _claimed_only(Path(folder), marker)
 
 
 def _write_marker(folder: Path, command: str, files: Iterable[str], found: Iterable[str] | None = None) -> None:
@@ -346,6 +369,11 @@ class RunLock:
         except OSError as e:
             logger.warning("could not remove the lock file %s: %s", self.path, e)
         finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let the lock go and leave its file (a file naming another run is that run's)."""
+        if self.fd >= 0:
             os.close(self.fd)  # drops the flock
             self.fd = -1
 
@@ -395,50 +423,76 @@ def _started_after(pid: int, started: Any) -> bool:
 
 
 def acquire_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
-    """Take ``folder``'s run lock or raise :class:`OutputDirError` naming the run that holds it."""
+    """Take ``folder``'s run lock or raise :class:`OutputDirError` naming the run that holds it. Stopped on the way
+    (an error, Ctrl-C), it leaves no lock file of its own and no open one (:func:`_let_go`)."""
     path = Path(folder) / LOCK_FILE
     host = socket.gethostname()
-    for _attempt in range(20):
-        try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise OutputDirError(f"cannot create the lock file {path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _holder(fd)
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK: an NFS mount without locks
-                raise OutputDirError(f"cannot lock {path}: {e.strerror} (the filesystem of {folder} does not support "
-                                     "file locks?); choose an output folder on a local disk") from None
-            raise OutputDirError(f"{folder} is in use by another qwenvl run ({_describe(holder)}); wait for it to "
-                                 "finish or choose another output folder") from None
-        if not same_file(fd, path):  # the previous holder removed the file between our open and flock
-            os.close(fd)
-            continue
-        previous = _holder(fd)
-        pid = previous.get("pid")
-        if previous and pid != os.getpid():
-            if previous.get("host") == host and _pid_alive(pid) and not _started_after(pid, previous.get("started")):
-                os.close(fd)
-                raise OutputDirError(
-                    f"{folder} is locked by {_describe(previous)}, which is still running (this filesystem may not "
-                    f"support locks); if no qwenvl run uses the folder, delete {path}")
-            logger.warning("%s: taking over the lock of a run that is no longer running (%s)", folder,
-                           _describe(previous))
-        me = {"pid": os.getpid(), "host": host, "command": command,
-              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        data = (json.dumps(me) + "\n").encode("utf-8")
-        try:
-            os.ftruncate(fd, 0)
-            if os.pwrite(fd, data, 0) != len(data):  # the bytes that fit: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
-        except OSError as e:  # a full disk: said naming the lock file, which goes (the flock is ours)
-            RunLock(path, fd).release()
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        return RunLock(path, fd)
+    lock, taken = None, False  # taken: the lock file is ours (we hold its flock and take it over)
+    try:
+        for _attempt in range(20):
+            try:  # O_NOFOLLOW: a planted symlink must not make us truncate its target
+                lock = RunLock(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+            except OSError as e:
+                raise OutputDirError(f"cannot create the lock file {path}: {e.strerror}") from None
+            try:
+                fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK: NFS without locks
+                    raise OutputDirError(f"cannot lock {path}: {e.strerror} (the filesystem of {folder} does not "
+                                         "support file locks?); choose an output folder on a local disk") from None
+                raise OutputDirError(f"{folder} is in use by another qwenvl run ({_describe(_holder(lock.fd))}); wait "
+                                     "for it to finish or choose another output folder") from None
+            if not same_file(lock.fd, path):  # the previous holder removed the file between our open and flock
+                lock.close()
+                continue
+            previous = _holder(lock.fd)
+            pid = previous.get("pid")
+            if previous and pid != os.getpid():
+                if previous.get("host") == host and _pid_alive(pid) and not _started_after(pid, previous.get("started")):
+                    raise OutputDirError(
+                        f"{folder} is locked by {_describe(previous)}, which is still running (this filesystem may not "
+                        f"support locks); if no qwenvl run uses the folder, delete {path}")
+                logger.warning("%s: taking over the lock of a run that is no longer running (%s)", folder,
+                               _describe(previous))
+            taken = True
+            me = {"pid": os.getpid(), "host": host, "command": command,
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+            data = (json.dumps(me) + "\n").encode("utf-8")
+            try:
+                os.ftruncate(lock.fd, 0)
+                if os.pwrite(lock.fd, data, 0) != len(data):  # the bytes that fit: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(lock.fd)
+            except OSError as e:  # a full disk: said naming the lock file, which goes (the flock is ours)
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            return lock
+    except BaseException:
+        _let_go(lock, taken, path)
+        raise
     raise OutputDirError(f"could not lock {folder}: its lock file keeps changing; is another run starting there?")
+
+
+def _let_go(lock: RunLock | None, taken: bool, path: Path) -> None:
+    """On the way out of a failed or interrupted :func:`acquire_lock`: remove the lock file when it is ours
+    (``taken``) or nobody's (empty, and no run holds it: one this run made, maybe before ``lock`` had it); a lock
+    file naming a run is that run's (the next run takes it over if the run is gone)."""
+    if lock is not None and taken:
+        lock.release()
+        return
+    if lock is not None:
+        lock.close()
+    try:
+        found = RunLock(path, os.open(path, os.O_RDWR | os.O_NOFOLLOW))
+    except OSError:  # none there (or a planted link, not ours)
+        return
+    try:
+        fcntl.flock(found.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused while a run holds it
+        if not _holder(found.fd):
+            found.release()
+    except OSError:
+        pass
+    finally:
+        found.close()
 
 
 @contextlib.contextmanager
@@ -464,9 +518,10 @@ def claim_output(folder: str | os.PathLike[str], command: str, overwrite: bool =
     root.mkdir(parents=True, exist_ok=True)
     try:
         lock = acquire_lock(root, command)
-    except OSError:  # no room for the lock file: a folder made for this run goes again (not when another run
-        if created:  # holds the lock: that run may have made the folder at the same time, and it is its own now)
-            _remove_if_unused(root)
+    except BaseException:  # no room for the lock file, Ctrl-C: a folder made for this run goes again (acquire_lock
+        if created:  # left nothing there; rmdir keeps it when another run, which may have made it too, holds it)
+            with contextlib.suppress(OSError):
+                root.rmdir()
         raise
     failed, claimed, marking = True, False, False
     try:
