@@ -166,3 +166,39 @@ def test_info_on_a_mindspore_ckpt_says_how_to_convert_it(tmp_path: Path, capsys)
         f"qwenvl info: error: checkpoint folder {ckpt} is not a folder; a MindSpore .ckpt is converted first: "
         f"qwenvl convert {ckpt} OUT --config ...")
     assert ckpt.read_bytes() == b"not read"
+
+
+def test_a_path_holding_control_characters_is_said_escaped_in_one_line(tmp_path: Path, capsys) -> None:
+    # the newline (or NUL, ESC) was printed as it is: the one-line error became two lines, or coloured the terminal
+    from PIL import Image
+
+    odd = tmp_path / "odd\n\x1b[31m"
+    odd.mkdir()
+    (odd / "c.yaml").write_text("bogus: 1\n")
+    (odd / "empty.jsonl").write_text("")
+    (odd / "file").write_text("x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "vqa.jsonl").write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}) + "\n")
+    said = repr(str(odd))[1:-1]  # inside the quotes of the path shown
+    assert "\n" not in said and "\\n\\x1b[31m" in said
+    for argv, message in (
+        (["convert", str(odd / "nope"), "out"], f"checkpoint not found: '{said}/nope'"),
+        (["info", "--model", str(odd), "b"], f"DIR is given twice: --model '{said}' and b; give it once"),
+        (["predict", "--model", str(GOLDEN), "--data", str(odd / "empty.jsonl")], f"'{said}/empty.jsonl': no prompts"),
+        (["predict", "--model", str(GOLDEN), "--config", str(odd / "c.yaml"), "--predict_data", "hi"],
+         f"'{said}/c.yaml': unknown option(s) bogus; known: "),
+        (["chat", "--model", str(GOLDEN), "--draw", str(odd / "file")], f"--draw '{said}/file' is not a folder"),
+        (["eval", "vqa", "--model", str(GOLDEN), "--data", str(tmp_path / "vqa.jsonl"), "--image_dir", str(tmp_path),
+          "--prompt_file", str(odd / "nope")], f"--prompt_file '{said}/nope': no such file"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qwenvl {argv[0]}: error: {message}") and err.count("\n") == 1, (argv, err)
+
+
+def test_a_path_without_control_characters_is_said_as_it_is(tmp_path: Path) -> None:
+    from qwenvl.cli import shown_path
+
+    for name in ("a b", "a\\nb", "a\xa0é", "a\u200bb", "'quoted'"):  # a backslash, a no-break and a zero-width space
+        assert shown_path(tmp_path / name) == str(tmp_path / name)
+    assert shown_path("a\u2028b\x85c\x7f") == "'a\\u2028b\\x85c\\x7f'"  # line separators and DEL: escaped

@@ -209,16 +209,27 @@ def test_info_takes_the_checkpoint_as_an_argument_or_as_model(argv):
     assert build_parser().parse_args(["info", "--preset", "tiny"]).checkpoint is None
 
 
-def test_info_refuses_the_checkpoint_given_both_ways(capsys):
-    assert main(["info", "A", "--model", "B"]) == 2
-    assert capsys.readouterr().err.strip() == "qwenvl info: error: --model is given twice (first as the argument checkpoint)"
+@pytest.mark.parametrize(("argv", "said"), [
+    # "the argument checkpoint is given twice (first as --model)": named neither what was typed nor the folders
+    (["info", "A", "--model", "B"], "DIR is given twice: A and --model B; give it once"),
+    (["info", "--model", "A", "A"], "DIR is given twice: --model A and A; give it once"),
+    (["info", "--model", "A", "--model", "B"], "--model is given twice"),
+    # as convert says its SOURCE and OUTPUT given both ways (below)
+    (["convert", "--model", "a", "b", "c"], "SOURCE is given twice: --model a and b; give it once"),
+    (["convert", "a", "b", "--output_dir", "c"], "OUTPUT is given twice: b and --output_dir c; give it once"),
+    # the last --output_dir won, silently: it is OUTPUT's second name, as --model is SOURCE's
+    (["convert", "a", "--output_dir", "b", "--output_dir", "c"], "--output_dir is given twice"),
+])
+def test_the_checkpoint_given_both_ways_is_said_as_typed(capsys, argv, said):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"qwenvl {argv[0]}: error: {said}"
 
 
 def test_convert_takes_model_as_load_checkpoint():
     # `convert --merge_lora --model DIR ...` said "(did you mean --help?)"
     parse = build_parser().parse_args
     argv = ["convert", "--merge_lora", "--adapter", "a", "--output_dir", "o"]
-    assert parse([*argv, "--model", "m"]).source_flag == parse([*argv, "--load_checkpoint", "m"]).source_flag == "m"
+    assert parse([*argv, "--model", "m"]).source == parse([*argv, "--load_checkpoint", "m"]).source == "m"
 
 
 @pytest.mark.parametrize("flag", ["--image_dir", "--image_location"])

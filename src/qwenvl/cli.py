@@ -155,20 +155,39 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+# characters that would break a message's one line (str.splitlines breaks at \n, \r, \x0b, \x0c, \x1c-\x1e, \x85,
+# U+2028, U+2029) or reach the terminal as a command (ESC): the C0 and C1 controls, DEL and the two separators
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a message names it: as it is, or, when it holds a control character (a newline, NUL, ESC, ...),
+    quoted with them escaped as Python writes them (``'runs/a\\nb'``), so that the message stays one line."""
+    text = os.fspath(path)
+    return repr(text) if _CONTROL_CHARACTERS.search(text) else text
+
+
 class Once(argparse.Action):
     """Store a flag's value, noting in ``namespace.spelled`` the name it was given under (``--data`` or its
     MindFormers name ``--jsonl``), so that a message about it can say the flag as typed, and in
     ``namespace.given_twice`` a flag given a second time under any of its names (``--model a --load_checkpoint b``),
     which :func:`main` refuses (:func:`given_twice`) instead of argparse's silent "the last one wins". A positional
-    argument may share it with a flag (``qwenvl info DIR`` or ``--model DIR``)."""
+    argument (noted under its metavar) may share it with a flag (``qwenvl info DIR`` or ``--model DIR``): given
+    both, they are said with their values, as typed (``DIR is given twice: --model a and b; give it once``)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        name = option_string or f"the argument {self.metavar or self.dest}"
+        name = option_string or str(self.metavar or self.dest)
         spelled = dict(getattr(namespace, "spelled", None) or {})
         if self.dest in spelled and getattr(namespace, "given_twice", None) is None:
             first = spelled[self.dest]
-            namespace.given_twice = f"{name} is given twice" + ("" if first == name else f" (first as {first})")
+            if option_string and first.startswith("-"):  # a flag twice, under one name or two
+                namespace.given_twice = f"{name} is given twice" + ("" if first == name else f" (first as {first})")
+            else:  # the positional argument and its flag, in the order typed
+                typed = [f"{flag} {shown_path(value)}" if flag.startswith("-") else shown_path(value)
+                         for flag, value in ((first, getattr(namespace, self.dest)), (name, values))]
+                positional = name if option_string is None else first
+                namespace.given_twice = f"{positional} is given twice: {typed[0]} and {typed[1]}; give it once"
         namespace.spelled = {**spelled, self.dest: name}
         setattr(namespace, self.dest, values)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import Once
+from .cli import Once, shown_path
 from .config import QwenVLConfig
 
 PREDICT_KEYS: dict[str, type[Any]] = {  # YAML key -> type (a predict config holds these; command-line flags win)
@@ -88,7 +88,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, chat_format: bool = True) ->
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a checkpoint's config, parameter counts by part and dtype")
-    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, action=Once, help="checkpoint folder")
+    p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS, action=Once, metavar="DIR",
+                   help="checkpoint folder")
     p.add_argument("--model", dest="checkpoint", metavar="DIR", action=Once,
                    help="the checkpoint folder, as a flag (as the other commands and vLLM's serve)")
     p.add_argument("--preset", help="describe a preset instead (tiny, mid, qwen-vl-9.6b, qwen-vl-chat-9.6b)")
@@ -124,10 +125,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="re-save a checkpoint (dtype, shards, format), merge a LoRA adapter, "
                                        "convert from/to a MindFormers .ckpt, or consolidate a sharded training "
                                        "checkpoint (RUN/checkpoint-STEP) into the official layout")
-    p.add_argument("source", nargs="?", help="checkpoint folder to convert, or a MindFormers .ckpt (or --load_checkpoint)")
-    p.add_argument("output", nargs="?", help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
-    p.add_argument("--model", "--load_checkpoint", dest="source_flag", metavar="DIR", action=Once, help="same as SOURCE")
-    p.add_argument("--output_dir", dest="output_flag", help="same as OUTPUT")
+    p.add_argument("source", nargs="?", default=argparse.SUPPRESS, action=Once, metavar="SOURCE",
+                   help="checkpoint folder to convert, or a MindFormers .ckpt (or --model)")
+    p.add_argument("output", nargs="?", default=argparse.SUPPRESS, action=Once, metavar="OUTPUT",
+                   help="output folder, or OUT.ckpt for MindFormers (or --output_dir)")
+    p.add_argument("--model", "--load_checkpoint", dest="source", metavar="DIR", action=Once, help="same as SOURCE")
+    p.add_argument("--output_dir", dest="output", metavar="OUTPUT", action=Once, help="same as OUTPUT")
     p.add_argument("--dtype", choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="dtype written (default: the source's; a sharded training checkpoint: float32, its master "
                         "weights; exporting a .ckpt: float16; importing one: the dtype holding most of its weights)")
@@ -136,6 +139,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     p.add_argument("--merge_lora", action="store_true", help="merge --adapter into the base checkpoint")
     p.add_argument("--adapter", help="LoRA adapter folder (from qwenvl finetune with lora)")
+    p.add_argument("--ignore_mismatched_base", action="store_true",
+                   help="merge --adapter even into a base other than the one it was trained on")
     p.add_argument("--overwrite", action="store_true",
                    help="write into OUTPUT even if it is a non-empty folder qwenvl did not write (only the files "
                         "of the checkpoint are replaced; nothing else is deleted)")
@@ -212,14 +217,15 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info | {"verify": report.to_dict()}, indent=2))
     else:
-        print("\n".join([format_info(info) if error is None else f"checkpoint: {args.checkpoint}", "", *report.lines()]))
+        print("\n".join([format_info(info) if error is None else f"checkpoint: {shown_path(args.checkpoint)}", "",
+                          *report.lines()]))
     if error is not None and not report.unreadable:  # not about the files: said as without --verify
         raise error
     return 0 if report.ok else 2
 
 
 def format_info(info: dict[str, Any]) -> str:
-    lines = [f"checkpoint: {info['source']}", f"dtype: {info['dtype']}"]
+    lines = [f"checkpoint: {shown_path(info['source'])}", f"dtype: {info['dtype']}"]
     lines += [f"loads as: {info['loads_as']}"] if "loads_as" in info else []
     lines += ["", "parameters:"]
     for part, n in info["parameters"].items():
@@ -242,10 +248,10 @@ def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
         unknown = sorted(set(loaded) - set(PREDICT_KEYS))
         if unknown:
             said = ", ".join(f"{k} (the key of --{k} is {_KEY_OF_FLAG[k]})" if k in _KEY_OF_FLAG else k for k in unknown)
-            raise ValueError(f"{path}: unknown option(s) {said}; known: {', '.join(sorted(PREDICT_KEYS))}")
+            raise ValueError(f"{shown_path(path)}: unknown option(s) {said}; known: {', '.join(sorted(PREDICT_KEYS))}")
         for key, value in loaded.items():
             if value is not None:
-                opts[key] = _checked_option(key, value, str(path))
+                opts[key] = _checked_option(key, value, shown_path(path))
     for key in PREDICT_KEYS:
         value = getattr(args, key, None)
         if value is not None:
@@ -254,7 +260,7 @@ def _merged_predict_options(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--run_mode {opts['run_mode']!r}: this command predicts; use 'qwenvl finetune' to train")
     if opts.get("predict_batch_size", 1) < 1:  # said now, not after the weights load
         where = (_flag(args, "predict_batch_size", "--batch_size/--predict_batch_size")
-                 if getattr(args, "predict_batch_size", None) is not None else f"{args.config}: predict_batch_size")
+                 if getattr(args, "predict_batch_size", None) is not None else f"{shown_path(args.config)}: predict_batch_size")
         raise ValueError(f"{where} must be >= 1, got {opts['predict_batch_size']}")
     return opts
 
@@ -292,12 +298,12 @@ def _prompts_from_jsonl(path: str) -> list[Any]:
 
     prompts, other_keys = [], {}
     for n, rec in iter_jsonl(path, what="prompt file"):
-        prompts.append(_prompt_of_record(rec, f"{path}:{n}"))
+        prompts.append(_prompt_of_record(rec, f"{shown_path(path)}:{n}"))
         other_keys.update(dict.fromkeys(k for k in rec if k not in _ROW_KEYS))
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{shown_path(path)}: no prompts")
     if other_keys:  # an "id" or other notes of the user's: said, so that a key meant for the prompt is not lost unseen
-        print(f"note: {path}: no prompt reads the key(s) {', '.join(map(repr, other_keys))}; they are left out",
+        print(f"note: {shown_path(path)}: no prompt reads the key(s) {', '.join(map(repr, other_keys))}; they are left out",
               file=sys.stderr)
     return prompts
 
@@ -521,7 +527,7 @@ def run_predict(args: argparse.Namespace) -> int:
         failed = sum(p.error is not None for p in preds)
         if failed:  # every other answer is written: a bad row costs only itself
             raise ValueError(f"{failed} of {len(preds)} prompt(s) failed: see the rows with an 'error' field "
-                             f"in {args.output or 'the output'}")
+                             f"in {shown_path(args.output or 'the output')}")
         return 0
     for p in answers:
         print(p.response if args.output_only else p.text)
@@ -547,7 +553,7 @@ def _kept_note(kept: Any, total: int) -> str:
         head = f"the answers to the first {kept.rows} of {total} prompts are"
     else:
         head = "the answer is" if total == 1 else f"the answers to all {total} prompts are"
-    return f"{head} in {kept.path} (JSONL, in the prompts' order)"
+    return f"{head} in {shown_path(kept.path)} (JSONL, in the prompts' order)"
 
 
 def _check_images_first(prompts: list[Any], policy: Any, per_row: bool, chat_format: str | None) -> None:
@@ -607,7 +613,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if not args.load_checkpoint:
         raise ValueError("no checkpoint: pass --model DIR")
     if args.draw and Path(args.draw).exists() and not Path(args.draw).is_dir():
-        raise NotADirectoryError(f"--draw {args.draw} is not a folder")  # said now, not at the first box
+        raise NotADirectoryError(f"--draw {shown_path(args.draw)} is not a folder")  # said now, not at the first box
     require_folder(args.load_checkpoint)
     if args.image_dir:  # else every :image would be "not found" under it
         require_folder(args.image_dir, "--image_dir folder")
@@ -630,7 +636,7 @@ def run_chat(args: argparse.Namespace) -> int:
     processor.chat_format = "chatml"
     session = ChatSession(model, processor, params, system=args.system, base_dir=args.image_dir,
                           compile=args.compile)
-    print(f"qwenvl chat: {args.load_checkpoint}\n{CHAT_HELP}", file=sys.stderr)
+    print(f"qwenvl chat: {shown_path(args.load_checkpoint)}\n{CHAT_HELP}", file=sys.stderr)
     turn = 0
     while True:
         try:
@@ -660,7 +666,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 path = _unquoted(rest.strip())
                 try:
                     session.add_image(path)
-                    print(f"(picture added: {path})", file=sys.stderr)
+                    print(f"(picture added: {shown_path(path)})", file=sys.stderr)
                 except ValueError as e:
                     print(f"error: {e}", file=sys.stderr)
             else:
@@ -687,9 +693,10 @@ def run_chat(args: argparse.Namespace) -> int:
             try:
                 drawn = _draw_answer(answer, session.images[session.last_image], args.image_dir, Path(args.draw), turn)
             except OSError as e:  # e.g. --draw under a file, or a full disk: said, and the chat goes on
-                print(f"(nothing drawn: cannot write into --draw {args.draw}: {e.strerror or e})", file=sys.stderr)
+                print(f"(nothing drawn: cannot write into --draw {shown_path(args.draw)}: {e.strerror or e})",
+                      file=sys.stderr)
                 continue
-            print(f"(boxes drawn: {drawn})" if drawn else _no_box_note(answer), file=sys.stderr)
+            print(f"(boxes drawn: {shown_path(drawn)})" if drawn else _no_box_note(answer), file=sys.stderr)
     return 0
 
 
@@ -750,25 +757,21 @@ def _draw_answer(answer: str, image: Any, base_dir: str | None, out_dir: Path, t
 
 # ---- convert -------------------------------------------------------------------------------------------
 def run_convert(args: argparse.Namespace) -> int:
-    for name, positional, dest, flag in (("SOURCE", args.source, "source_flag", "--model"),
-                                         ("OUTPUT", args.output, "output_flag", "--output_dir")):
-        value = getattr(args, dest)
-        if positional and value:  # the positional one won, silently
-            raise ValueError(f"{name} is given twice: {positional} and {_flag(args, dest, flag)} {value}; give it once")
-    source = args.source or args.source_flag
-    output = args.output or args.output_flag
+    source, output = args.source, args.output  # each given once, as SOURCE or as its flag (cli.Once)
     if not source or not output:
         raise ValueError("give SOURCE and OUTPUT folders (or --model and --output_dir)")
     if args.merge_lora and not args.adapter:
         raise ValueError("--merge_lora needs --adapter DIR")
     if args.adapter and not args.merge_lora:  # OUTPUT would be SOURCE re-saved, the adapter silently left out
         raise ValueError("--adapter is merged only with --merge_lora: add it (or leave --adapter out to re-save SOURCE)")
+    if args.ignore_mismatched_base and not args.merge_lora:
+        raise ValueError("--ignore_mismatched_base is for --merge_lora")
     if args.merge_lora:
         from .train.lora import require_peft
 
         require_peft("--merge_lora")
     if not Path(source).exists():  # said before torch loads (seconds)
-        raise FileNotFoundError(f"checkpoint not found: {source}")
+        raise FileNotFoundError(f"checkpoint not found: {shown_path(source)}")
     from .checkpoint import parse_size, refuse_adapter_folder
     from .mindformers import convert as convert_mindspore
     from .mindformers import is_mindspore_path
@@ -818,7 +821,8 @@ def run_convert(args: argparse.Namespace) -> int:
             from .train.lora import merge_lora
 
             merge_lora(source, args.adapter, output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                       safe_serialization=args.format == "safetensors")
+                       safe_serialization=args.format == "safetensors",
+                       ignore_mismatched_base=args.ignore_mismatched_base)
         elif Path(source, ".metadata").is_file():  # a sharded training checkpoint (finetune's checkpoint-STEP)
             from .model.qwenvl import as_dtype
             from .train.sharded_checkpoint import consolidate
@@ -834,7 +838,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 model.config.torch_dtype = str(model.dtype).removeprefix("torch.")
             model.save_pretrained(output, max_shard_size=args.max_shard_size,
                                   safe_serialization=args.format == "safetensors")
-    print(f"wrote {output}")
+    print(f"wrote {shown_path(output)}")
     return 0
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from qwenvl.model import QwenVL
 from qwenvl.train import TrainConfigError
-from qwenvl.train.cli import add_parser, config_from_args, main, parse_overrides, run
+from qwenvl.train.cli import add_parser, config_from_args, main, named_flags, parse_overrides, run
 
 TINY = Path(__file__).parents[2] / "configs" / "finetune_qwenvl_tiny.yaml"
 
@@ -67,6 +68,27 @@ def test_named_flags_given_twice_are_refused(argv: list[str], message: str) -> N
     args, extra = _parse(["--config", str(TINY), *argv])
     with pytest.raises(TrainConfigError, match=message):
         config_from_args(args, extra)
+
+
+def test_a_named_flag_given_again_with_dashes_is_said_as_typed(capsys) -> None:
+    # parsed without qwenvl's main (which spells --output-dir as --output_dir first: Once says it), the dashed
+    # spelling reached the overrides and was said as "--output_dir is given twice", naming neither as typed
+    from qwenvl.cli import build_parser
+    from qwenvl.cli import main as qwenvl_main
+
+    for argv, said in ((["--output_dir", "a", "--output-dir", "b"], "--output-dir is given twice (also as --output_dir)"),
+                       (["--data-path=b.json", "--data", "a.json"], "--data-path is given twice (also as --data)")):
+        args, extra = build_parser().parse_known_args(["finetune", "--config", str(TINY), *argv])
+        with pytest.raises(TrainConfigError, match=f"^{re.escape(said)}$"):
+            config_from_args(args, extra)
+    assert qwenvl_main(["finetune", "--config", str(TINY), "--output_dir", "a", "--output-dir", "b"]) == 2
+    assert capsys.readouterr().err.strip() == "qwenvl finetune: error: --output_dir is given twice"
+
+
+def test_named_flags_are_listed_once() -> None:
+    # each --field value override built a parser of its own to list them
+    assert named_flags() is named_flags()
+    assert {"model", "load_checkpoint", "data", "train_data", "image_dir", "output_dir"} <= set(named_flags())
 
 
 def test_bare_bf16_flag_turns_it_on() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..cli import Once
+from ..cli import Once, shown_path
 from ..inference_cli import add_runtime_flags, require_compiler, str2bool
 from .runners import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_METRICS, VQA_PROMPT
 
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
             runners.resumed_answers(resume, task, records, runners.generation_settings(
                 prompt, args.max_new_tokens, args.min_new_tokens, args.chat_format))
         except runners.EvalDataError as e:
-            raise runners.EvalDataError(f"--resume_from {args.resume_from}: {e}") from None
+            raise runners.EvalDataError(f"--resume_from {shown_path(args.resume_from)}: {e}") from None
     require_folder(args.model)
     if args.compile:  # no C++ compiler: said before the weights load
         require_compiler(args.device)
@@ -215,10 +215,11 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         line = f"CIDEr: {result.score:.4f} over {result.num_samples} images"
     print(line)  # the command's answer, for the user
     if args.output:
-        print(f"predictions written to {Path(args.output)}")
+        print(f"predictions written to {shown_path(Path(args.output))}")
     failed = result.details.get("num_errors", 0)
     if failed:  # scored as wrong; every other prediction is kept
-        where = f"the predictions with an 'error' field in {args.output}" if args.output else "the warnings above"
+        where = (f"the predictions with an 'error' field in {shown_path(args.output)}" if args.output
+                 else "the warnings above")
         raise ValueError(f"{failed} of {result.num_samples} sample(s) failed and were scored as wrong: see {where}")
     return 0
 
@@ -228,11 +229,11 @@ def _prompt(args: argparse.Namespace, task: str) -> tuple[str, str]:
     if args.prompt_file:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--prompt_file {path}: no such file")
+            raise FileNotFoundError(f"--prompt_file {shown_path(path)}: no such file")
         try:
             return path.read_text(encoding="utf-8"), f"--prompt_file {path}"
         except UnicodeDecodeError as e:
-            raise ValueError(f"--prompt_file {path}: not UTF-8 text ({e})") from None
+            raise ValueError(f"--prompt_file {shown_path(path)}: not UTF-8 text ({e})") from None
     return args.prompt, "official" if args.prompt == _DEFAULTS[task][0] else "--prompt"
 
 

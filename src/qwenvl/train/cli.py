@@ -11,6 +11,7 @@ the YAML config.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import typing
@@ -99,12 +100,13 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def named_flags() -> list[str]:
+@functools.cache
+def named_flags() -> tuple[str, ...]:
     """The names of ``finetune``'s named flags, without dashes (``model``, ``data``, ``config``, ...): an
     unknown ``--field value`` close to one of them is said with it as the hint."""
     p = argparse.ArgumentParser(add_help=False)
     add_arguments(p)
-    return [o[2:] for action in p._actions for o in action.option_strings]
+    return tuple(o[2:] for action in p._actions for o in action.option_strings)
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> TrainConfig:
@@ -119,8 +121,11 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
     named = {name: getattr(args, name) for name in ("load_checkpoint", "data_path", "dataset_dir", "output_dir")}
     for name, value in named.items():
         if value is not None:
-            if name in overrides:
-                raise TrainConfigError(f"--{name} is given twice")
+            if name in overrides:  # parsed without qwenvl's main (build_parser().parse_known_args): a dashed
+                # spelling (--output-dir) was left to the overrides; main spells it --output_dir, which Once refuses
+                typed = next(flag for flag, _, _ in (t.partition("=") for t in extra)
+                             if flag.startswith("--") and flag[2:].replace("-", "_") == name)
+                raise TrainConfigError(f"{typed} is given twice (also as {args.spelled[name]})")
             overrides[name] = value
     if args.resume_training is not None:
         flag = args.resume_training.strip().lower()
