@@ -184,6 +184,11 @@ def test_a_path_holding_control_characters_is_said_escaped_in_one_line(tmp_path:
     for argv, message in (
         (["convert", str(odd / "nope"), "out"], f"checkpoint not found: '{said}/nope'"),
         (["info", "--model", str(odd), "b"], f"DIR is given twice: --model '{said}' and b; give it once"),
+        (["info", str(odd / "nope")], f"checkpoint folder not found: '{said}/nope'"),
+        (["finetune", "--preset", "tiny", "--data", str(odd / "nope.json")],
+         f"training data file not found: '{said}/nope.json'"),
+        (["eval", "vqa", "--model", str(GOLDEN), "--data", str(odd / "nope.jsonl")],
+         f"evaluation data not found: '{said}/nope.jsonl'"),
         (["predict", "--model", str(GOLDEN), "--data", str(odd / "empty.jsonl")], f"'{said}/empty.jsonl': no prompts"),
         (["predict", "--model", str(GOLDEN), "--config", str(odd / "c.yaml"), "--predict_data", "hi"],
          f"'{said}/c.yaml': unknown option(s) bogus; known: "),
@@ -197,7 +202,7 @@ def test_a_path_holding_control_characters_is_said_escaped_in_one_line(tmp_path:
 
 
 def test_a_path_without_control_characters_is_said_as_it_is(tmp_path: Path) -> None:
-    from qwenvl.cli import shown_path
+    from qwenvl.fileio import shown_path
 
     for name in ("a b", "a\\nb", "a\xa0é", "a\u200bb", "'quoted'"):  # a backslash, a no-break and a zero-width space
         assert shown_path(tmp_path / name) == str(tmp_path / name)

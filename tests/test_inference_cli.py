@@ -47,7 +47,7 @@ def test_predict_output_check_takes_a_checkpoint_path_with_a_nul_character(tmp_p
     config.write_text('load_checkpoint: "a\\0b"\n')
     prompts.write_text('{"prompt": "Hello"}\n')
     assert cli.main(["predict", "--config", str(config), "--jsonl", str(prompts), "--output", str(out)]) == 2
-    assert capsys.readouterr().err == "qwenvl predict: error: checkpoint folder not found: a\0b\n"
+    assert capsys.readouterr().err == "qwenvl predict: error: checkpoint folder not found: 'a\\x00b'\n"  # NUL escaped
 
 def test_compile_without_a_cpp_compiler_is_one_line_before_the_weights_load(tmp_path, golden_dir, capsys,
                                                                              monkeypatch):

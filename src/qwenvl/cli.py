@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
+from .fileio import shown_path
 
 # name -> module providing add_parser(subparsers) and run(args, extra)
 SUBCOMMANDS = {
@@ -153,18 +154,6 @@ class _Parser(argparse.ArgumentParser):
         if said_by_another_process():
             sys.exit(left_to_local_rank_0(2))
         super().error(message)
-
-
-# characters that would break a message's one line (str.splitlines breaks at \n, \r, \x0b, \x0c, \x1c-\x1e, \x85,
-# U+2028, U+2029) or reach the terminal as a command (ESC): the C0 and C1 controls, DEL and the two separators
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def shown_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as a message names it: as it is, or, when it holds a control character (a newline, NUL, ESC, ...),
-    quoted with them escaped as Python writes them (``'runs/a\\nb'``), so that the message stays one line."""
-    text = os.fspath(path)
-    return repr(text) if _CONTROL_CHARACTERS.search(text) else text
 
 
 class Once(argparse.Action):

@@ -219,6 +219,18 @@ def is_temporary(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
+# characters that would break a message's one line (str.splitlines breaks at \n, \r, \x0b, \x0c, \x1c-\x1e, \x85,
+# U+2028, U+2029) or reach the terminal as a command (ESC): the C0 and C1 controls, DEL and the two separators
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a message names it: as it is, or, when it holds a control character (a newline, NUL, ESC, ...),
+    quoted with them escaped as Python writes them (``'runs/a\\nb'``), so that the message stays one line."""
+    text = os.fspath(path)
+    return repr(text) if _CONTROL_CHARACTERS.search(text) else text
+
+
 def require_folder(path: str | os.PathLike[str], what: str = "checkpoint folder") -> Path:
     """``path`` as a Path, or FileNotFoundError ("<what> not found: <path>") when nothing is there, or
     NotADirectoryError when something else is (a file given for a folder). Needs no torch: the CLI checks its
@@ -228,8 +240,8 @@ def require_folder(path: str | os.PathLike[str], what: str = "checkpoint folder"
         if path.exists():
             hint = (f"; a MindSpore .ckpt is converted first: qwenvl convert {path} OUT --config ..."
                     if path.suffix == ".ckpt" else "")
-            raise NotADirectoryError(f"{what} {path} is not a folder{hint}")
-        raise FileNotFoundError(f"{what} not found: {path}")
+            raise NotADirectoryError(f"{what} {shown_path(path)} is not a folder{hint}")
+        raise FileNotFoundError(f"{what} not found: {shown_path(path)}")
     return path
 
 
@@ -558,9 +570,9 @@ def _regular_file(path: str | os.PathLike[str], error: type[ValueError], what: s
     try:
         mode = file.stat().st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {file}") from None
+        raise FileNotFoundError(f"{what} not found: {shown_path(file)}") from None
     if not stat.S_ISREG(mode):
-        raise error(f"{what} {file} is not a regular file")
+        raise error(f"{what} {shown_path(file)} is not a regular file")
     return file
 
 
@@ -769,9 +781,9 @@ def read_yaml(
     try:
         size = file.stat().st_size
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {file}") from None
+        raise FileNotFoundError(f"{what} not found: {shown_path(file)}") from None
     if not file.is_file():
-        raise error(f"{what} {file} is not a file")
+        raise error(f"{what} {shown_path(file)} is not a file")
     if size > max_bytes:
         raise error(f"{file}: {size} bytes is too large for a {what} (at most {max_bytes})")
     with file.open("rb") as f:

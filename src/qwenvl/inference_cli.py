@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import Once, shown_path
+from .cli import Once
 from .config import QwenVLConfig
+from .fileio import shown_path
 
 PREDICT_KEYS: dict[str, type[Any]] = {  # YAML key -> type (a predict config holds these; command-line flags win)
     "load_checkpoint": str, "dtype": str, "device": str, "predict_batch_size": int, "modal_type": list,

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..cli import Once, shown_path
+from ..cli import Once
+from ..fileio import shown_path
 from ..inference_cli import add_runtime_flags, require_compiler, str2bool
 from .runners import CAPTION_PROMPT, GROUNDING_PROMPT, VQA_METRICS, VQA_PROMPT
 

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, jsonl_line, read_json
+from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, jsonl_line, read_json, shown_path
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
 from ..outputs import PartialRows
@@ -701,7 +701,7 @@ def load_caption_data(
     policy = media_policy(image_dir, allow_any_local_path)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation data not found: {path}")
+        raise FileNotFoundError(f"evaluation data not found: {shown_path(path)}")
     entries = _coco_captions(path) if path.suffix == ".json" else None
     if entries is None:
         entries = [(f"{path}:{n}", o) for n, o in _read_jsonl(path)]

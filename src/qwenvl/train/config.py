@@ -226,7 +226,7 @@ class TrainConfig:
         if not self.data_path:  # the command line has no other way to give a dataset
             raise TrainConfigError(NO_DATA)
         if not os.path.isfile(self.data_path):
-            raise FileNotFoundError(f"training data file not found: {self.data_path}")
+            raise FileNotFoundError(f"training data file not found: {fileio.shown_path(self.data_path)}")
         if self.dataset_dir:
             fileio.require_folder(self.dataset_dir, "dataset_dir folder")
 
