@@ -15,6 +15,7 @@ import email.message
 import hmac
 import importlib.resources
 import ipaddress
+import itertools
 import json
 import logging
 import threading
@@ -51,6 +52,8 @@ __all__ = ["APIError", "Server", "ServeSettings", "create_app", "host_allowed"]
 logger = logging.getLogger(__name__)
 
 _SAMPLING_EPS = 1e-5  # a smaller temperature is greedy (vLLM's _SAMPLING_EPS)
+
+_IGNORED_NAMED = 10  # the unknown fields of a request that are told apart from the rest: named, checked for typos
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -635,10 +638,30 @@ async def _parse(http: Request, model: type[_Body]) -> _Body:
     except (ValueError, RecursionError) as e:
         raise APIError(400, _unparsable(e)) from None
     try:
-        return model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: the same messages
+        body = model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: the same messages
     except ValidationError as e:  # answered as FastAPI's validation errors are (see create_app's handler)
         raise RequestValidationError([{**err, "loc": ("body", *_input_path(parsed, err))}
                                       for err in e.errors()]) from None
+    _check_unknown(body, parsed)
+    return body
+
+
+def _check_unknown(body: BaseModel, data: Any) -> None:
+    """Refuse fields of the request ``data`` that misspell one of ours, in OpenAI's words for a field it does not
+    know, with the CLI's "did you mean" (``max_tokns`` asked for nothing, and got the default 512 tokens); log
+    the names of the other fields nothing reads, as vLLM does: clients send fields of OpenAI's API that change
+    nothing here (``metadata``, ``store``, ``service_tier``, ...), which OpenAI's API would refuse if unknown."""
+    found = protocol.unknown_fields(body, data)
+    named = list(itertools.islice(found, _IGNORED_NAMED))  # a body may hold millions
+    typos = [(path, close) for path, name, fields in named if (close := protocol.close_field(name, fields))]
+    if typos:
+        raise APIError(400, f"Unrecognized request argument{'s' if len(typos) > 1 else ''} supplied: "
+                            + ", ".join(f"{path} (did you mean {close}?)" for path, close in typos),
+                       param=typos[0][0])
+    if named:
+        more = sum(1 for _ in found)
+        logger.warning("The following fields were present in the request but ignored: %s%s",
+                       ", ".join(shown(path) for path, _, _ in named), f" and {more} more" if more else "")
 
 
 def _input_path(data: Any, error: Any) -> tuple[str | int, ...]:

@@ -1,9 +1,10 @@
 """OpenAI's chat/completions wire format: request models (validated by pydantic) and response bodies.
 
 Only what the server implements is accepted with a meaning; fields OpenAI clients send that change nothing
-here (``user``, ``metadata``, ...) are ignored, and options we cannot honour (``n`` > 1, ``logprobs``,
-presence/frequency penalties, ``logit_bias``, tools, JSON ``response_format``, audio) are refused with a 400
-rather than silently dropped.
+here (``user``, ``metadata``, ...) are ignored (the server logs their names: see :func:`unknown_fields`), a field
+whose name is a close match of one of ours (``max_tokns``) is refused as misspelled (:func:`close_field`), and
+options we cannot honour (``n`` > 1, ``logprobs``, presence/frequency penalties, ``logit_bias``, tools, JSON
+``response_format``, audio) are refused with a 400 rather than silently dropped.
 
 Extensions (vLLM's names): ``top_k``, ``repetition_penalty`` and ``min_tokens`` on both requests; ``images`` (a list of image URLs, one per ``<img></img>`` span of
 the prompt, in order) on ``/v1/completions``; ``grounding`` on answers that hold boxes (see
@@ -12,8 +13,10 @@ the prompt, in order) on ``/v1/completions``; ``grounding`` on answers that hold
 
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -30,8 +33,10 @@ __all__ = [
     "ImagePart",
     "Message",
     "TextPart",
+    "close_field",
     "error_body",
     "grounding_field",
+    "unknown_fields",
 ]
 
 
@@ -234,6 +239,39 @@ class CompletionRequest(_Sampling):
         if self.best_of not in (None, 1):
             return "best_of: only best_of=1 is supported"
         return super().unsupported()
+
+
+def unknown_fields(request: BaseModel, data: Mapping[str, Any],
+                   where: str = "") -> Iterator[tuple[str, str, Mapping[str, Any]]]:
+    """The fields of ``data``, the JSON object ``request`` was validated from, that no model reads (pydantic drops
+    them), nested ones included: each as its path ("metadata", "messages.0.cache_control"), its name and the
+    fields of the model that has no such field (for :func:`close_field`). Lazily: a body may hold millions."""
+    fields = type(request).model_fields
+    for name, value in data.items():
+        if name not in fields:
+            yield f"{where}{name}", name, fields
+        elif isinstance(value, dict):
+            held = getattr(request, name)
+            if isinstance(held, BaseModel):
+                yield from unknown_fields(held, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            for k, (model, raw) in enumerate(zip(getattr(request, name), value)):
+                if isinstance(model, BaseModel) and isinstance(raw, dict):
+                    yield from unknown_fields(model, raw, f"{where}{name}.{k}.")
+
+
+# how close (difflib's ratio, after lower-casing) an unknown field's name must be to one of ours to be refused as a
+# misspelling of it: 0.8, not the 0.6 of the CLI's "did you mean", since a false match breaks a client that worked
+# (OpenAI's "store" is 0.73 of "stream"); no field of OpenAI's API or of vLLM's extensions comes this close to ours
+_MISSPELLED = 0.8
+
+
+def close_field(name: str, fields: Mapping[str, Any]) -> str | None:
+    """The field of ``fields`` that ``name`` (none of them) misspells: the closest, case aside, or None."""
+    if len(name) > 64:  # 1.5x longer than a field's name (21 at most) is below 0.8; difflib's time grows with it
+        return None
+    close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=_MISSPELLED)
+    return close[0] if close else None
 
 
 def new_id(prefix: str) -> str:

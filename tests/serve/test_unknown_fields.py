@@ -1,0 +1,120 @@
+"""Fields of a request that no model of the server reads: a misspelling of one of ours is refused (OpenAI's API
+answers 400 to any field it does not know), the others (what OpenAI clients send that changes nothing here) are
+logged by name, as vLLM does, and the request is answered."""
+
+from __future__ import annotations
+
+import logging
+import typing
+
+import httpx
+import openai
+import pytest
+from openai.types import completion_create_params
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionContentPartImageParam,
+    ChatCompletionContentPartTextParam,
+    ChatCompletionStreamOptionsParam,
+    ChatCompletionSystemMessageParam,
+    ChatCompletionUserMessageParam,
+)
+from openai.types.chat import completion_create_params as chat_create_params
+from openai.types.chat.chat_completion_content_part_image_param import ImageURL
+
+from qwenvl.serve import protocol
+
+from .conftest import MODEL_NAME, data_url
+
+CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+COMPLETION = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+IGNORED = "The following fields were present in the request but ignored: "
+
+
+def ignored_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "qwenvl.serve.app" and IGNORED in r.getMessage()]
+
+
+@pytest.mark.parametrize("path, body", [("/chat/completions", CHAT), ("/completions", COMPLETION)])
+def test_a_misspelled_field_is_refused_naming_the_field_it_misspells(server, path, body):
+    """``"max_tokns": 3`` was answered 200 with the default answer length (512 tokens with Qwen-VL-Chat): the
+    misspelled field was dropped unseen."""
+    request = {k: v for k, v in body.items() if k != "max_tokens"}
+    r = httpx.post(server.v1 + path, json={**request, "max_tokns": 3}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": "Unrecognized request argument supplied: max_tokns (did you mean "
+                                            "max_tokens?)", "type": "invalid_request_error",
+                                 "param": "max_tokns", "code": None}
+
+
+def test_misspellings_are_found_in_nested_objects_and_whatever_the_case(server):
+    body = {**CHAT, "Temperature": 0, "messages": [{"role": "user", "content": "hi", "names": "bob"}]}
+    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == ("Unrecognized request arguments supplied: messages.0.names (did you "
+                                            "mean name?), Temperature (did you mean temperature?)")  # as sent
+    assert r.json()["error"]["param"] == "messages.0.names"
+
+
+def test_fields_clients_send_that_change_nothing_are_answered_and_logged(server, caplog):
+    """What the openai client sends for options of OpenAI's API this server does not implement, and a field of a
+    content part, is logged by name (one line per request) and the request answered."""
+    caplog.set_level(logging.WARNING, logger="qwenvl.serve.app")
+    c = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+    image = {"type": "image_url", "image_url": {"url": data_url("tests/fixtures/qwenvl-tiny/images/cat.png")},
+             "prompt_cache_breakpoint": True}
+    answer = c.chat.completions.create(model=MODEL_NAME, max_tokens=2, user="u", metadata={"k": "v"}, store=False,
+                                       service_tier="auto", messages=[{"role": "user", "content": [image]}])
+    assert answer.choices[0].message.content is not None
+    [line] = ignored_lines(caplog)  # in the order the client sent them
+    assert sorted(line.removeprefix(IGNORED).split(", ")) == [
+        "'messages.0.content.0.prompt_cache_breakpoint'", "'metadata'", "'service_tier'", "'store'"]
+    caplog.clear()
+    r = httpx.post(server.v1 + "/completions", json={**COMPLETION, "ignore_eos": True}, timeout=60)  # vLLM's
+    assert r.status_code == 200, r.text
+    assert ignored_lines(caplog) == [IGNORED + "'ignore_eos'"]
+    caplog.clear()
+    r = httpx.post(server.v1 + "/completions", json=COMPLETION, timeout=60)
+    assert r.status_code == 200, r.text
+    assert ignored_lines(caplog) == []
+
+
+def test_the_log_line_of_many_ignored_fields_is_bounded(server, caplog):
+    caplog.set_level(logging.WARNING, logger="qwenvl.serve.app")
+    body = {**CHAT, **{f"x{k}": 0 for k in range(1000)}, "y" * 10_000: 0}
+    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    [line] = ignored_lines(caplog)
+    assert line.startswith(IGNORED + "'x0', 'x1', ") and line.endswith(", 'x9' and 991 more")
+    body = {**CHAT, "y" * 10_000: 0}
+    caplog.clear()
+    assert httpx.post(server.v1 + "/chat/completions", json=body, timeout=60).status_code == 200
+    [line] = ignored_lines(caplog)
+    assert line == IGNORED + repr("y" * 77 + "...")
+
+
+# the fields of vLLM's chat and completion requests that are no field of ours (clients written for vLLM send them)
+VLLM = ("min_p", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+        "use_beam_search", "length_penalty", "prompt_logprobs", "add_generation_prompt", "continue_final_message",
+        "chat_template", "chat_template_kwargs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+        "guided_decoding_backend", "structured_outputs", "priority", "request_id", "truncate_prompt_tokens",
+        "allowed_token_ids", "bad_words", "spaces_between_special_tokens", "add_special_tokens", "documents",
+        "mm_processor_kwargs", "return_tokens_as_token_ids", "logits_processors", "cache_salt", "prompt_embeds",
+        "echo", "add_generation_prompt", "vllm_xargs", "kv_transfer_params", "return_token_ids")
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (protocol.ChatCompletionRequest, [*typing.get_type_hints(chat_create_params.CompletionCreateParamsBase), *VLLM]),
+    (protocol.CompletionRequest, [*typing.get_type_hints(completion_create_params.CompletionCreateParamsBase),
+                                  *VLLM]),
+    (protocol.Message, [k for m in (ChatCompletionSystemMessageParam, ChatCompletionUserMessageParam,
+                                    ChatCompletionAssistantMessageParam) for k in typing.get_type_hints(m)]),
+    (protocol.TextPart, typing.get_type_hints(ChatCompletionContentPartTextParam)),
+    (protocol.ImagePart, typing.get_type_hints(ChatCompletionContentPartImageParam)),
+    (protocol.ImageURL, typing.get_type_hints(ImageURL)),
+    (protocol.StreamOptions, typing.get_type_hints(ChatCompletionStreamOptionsParam)),
+])
+def test_no_field_of_openais_api_or_vllms_is_taken_for_a_misspelling(ours, theirs):
+    """A field a real client sends is never refused as a misspelling of one of ours ("store" is near "stream")."""
+    assert [(name, protocol.close_field(name, ours.model_fields)) for name in theirs
+            if name not in ours.model_fields and protocol.close_field(name, ours.model_fields)] == []
