@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import peft  # noqa: F401 -- a dev dependency: the LoRA tests run, never skip
@@ -66,7 +67,7 @@ def test_adapter_folder_and_resume(lora_run, processor) -> None:
     adapter = root / "out" / "adapter"
     assert result.final_path == adapter
     assert {p.name for p in adapter.iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"}
+        "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors", "base_model.json"}
     assert (root / "out" / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
     # the run is finished (resume_training alone would say so and train nothing): resume its checkpoint by name
     resumed = train(cfg.replace(resume_training=True, resume_from=str(root / "out" / "checkpoint-2"),
@@ -309,3 +310,96 @@ def test_a_lora_runs_output_folder_given_as_the_adapter_names_its_adapter_folder
         adapter_folder(run)
     with pytest.raises(CheckpointError, match=r"it has no adapter_config.json$"):  # no adapter inside: no hint
         adapter_folder(tmp_path)
+
+
+def test_an_adapter_records_its_base_as_peft_does_and_by_fingerprint(lora_run, make_cfg, tmp_path: Path) -> None:
+    # adapter_config.json said "base_model_name_or_path": null, and nothing told the base's weights apart
+    import json
+
+    from qwenvl.train.lora import base_fingerprint, lora_config_from
+
+    root, _cfg, result = lora_run
+    adapter = Path(result.final_path)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(root / "base")
+    recorded = json.loads((adapter / "base_model.json").read_text())
+    assert recorded == {"base_model_fingerprint": base_fingerprint(QwenVL.from_pretrained(root / "base"))}
+    assert recorded["base_model_fingerprint"] == base_fingerprint(result.model)  # with its LoRA layers
+    assert lora_config_from(make_cfg(tmp_path, use_lora=True)).base_model_name_or_path == "tiny"  # a random preset
+
+
+def test_a_merge_into_another_base_of_the_same_shapes_is_refused(lora_run, tmp_path: Path, capsys) -> None:
+    # `convert --merge_lora` merged an adapter into any base of the same shapes (Qwen-VL's into Qwen-VL-Chat, a
+    # random preset's into a real checkpoint), exit 0, no word
+    from qwenvl.checkpoint import CheckpointError
+    from qwenvl.cli import main
+
+    root, _cfg, result = lora_run
+    chat = QwenVL.from_pretrained(root / "base")  # the same model fine-tuned further
+    with torch.no_grad():
+        chat.transformer.h[0].attn.c_attn.weight.mul_(1.01)
+    chat.save_pretrained(tmp_path / "chat")
+    QwenVL.from_config("tiny", seed=1).save_pretrained(tmp_path / "other")
+    for base in (tmp_path / "chat", tmp_path / "other"):
+        with pytest.raises(CheckpointError, match=rf"^the adapter {result.final_path} was trained on the base "
+                                                  rf"{root / 'base'}, not on the weights in {base} \(") as info:
+            merge_lora(base, result.final_path, tmp_path / "merged")
+        assert "\n" not in str(info.value) and "--ignore_mismatched_base" in str(info.value)
+        assert not (tmp_path / "merged").exists()
+    command = ["convert", "--merge_lora", "--adapter", str(result.final_path), str(tmp_path / "chat"),
+               str(tmp_path / "merged")]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"qwenvl convert: error: the adapter {result.final_path} was trained on") and "\n" not in err
+    assert not (tmp_path / "merged").exists()
+    assert main([*command, "--ignore_mismatched_base"]) == 0  # said on purpose: merged
+    assert set(QwenVL.from_pretrained(tmp_path / "merged").state_dict()) == set(chat.state_dict())
+    assert main(["convert", str(root / "base"), str(tmp_path / "copy"), "--ignore_mismatched_base"]) == 2
+    assert "--ignore_mismatched_base is for --merge_lora" in capsys.readouterr().err
+
+
+def test_the_fingerprint_is_the_same_in_bfloat16_and_float32(lora_run, tmp_path: Path) -> None:
+    # a float32 base, its bfloat16 copy, and either loaded in the other dtype are the same model: merged without a word
+    from qwenvl.train.lora import base_fingerprint
+
+    root, _cfg, result = lora_run
+    QwenVL.from_pretrained(root / "base", dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    want = base_fingerprint(QwenVL.from_pretrained(root / "base"))
+    for folder in (root / "base", tmp_path / "bf16"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert base_fingerprint(QwenVL.from_pretrained(folder, dtype=dtype)) == want, (folder, dtype)
+    merge_lora(tmp_path / "bf16", result.final_path, tmp_path / "merged")
+    assert QwenVL.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+
+
+def test_an_adapter_without_a_fingerprint_merges_with_a_warning(lora_run, tmp_path: Path, caplog) -> None:
+    # peft's own adapters, and ours from before: the base cannot be checked, so it is said, not refused
+    import shutil
+
+    root, _cfg, result = lora_run
+    old = Path(shutil.copytree(result.final_path, tmp_path / "old"))
+    (old / "base_model.json").unlink()
+    QwenVL.from_config("tiny", seed=1).save_pretrained(tmp_path / "other")
+    with caplog.at_level("WARNING", logger="qwenvl.train.lora"):
+        merge_lora(tmp_path / "other", old, tmp_path / "merged")
+    assert (f"the adapter {old} does not record the base model it was trained on (no base_model.json): make sure "
+            f"{tmp_path / 'other'} is that model") in caplog.text
+    assert (tmp_path / "merged" / "config.json").is_file()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwenvl.train.lora"):
+        merge_lora(root / "base", result.final_path, tmp_path / "merged-again")
+    assert "base" not in caplog.text, caplog.text  # with one, the matching base is merged without a word
+
+
+def test_an_unreadable_base_record_is_a_one_line_error(lora_run, tmp_path: Path) -> None:
+    import shutil
+
+    from qwenvl.checkpoint import CheckpointError
+
+    root, _cfg, result = lora_run
+    for i, (text, said) in enumerate((("{", "^cannot read {}: "), ("[]", '^{} holds no "base_model_fingerprint" string'),
+                                      ('{"other": 1}', '^{} holds no "base_model_fingerprint" string'))):
+        bad = Path(shutil.copytree(result.final_path, tmp_path / f"bad{i}"))
+        (bad / "base_model.json").write_text(text)
+        with pytest.raises(CheckpointError, match=said.format(re.escape(str(bad / "base_model.json"))) + "[^\n]+$"):
+            merge_lora(root / "base", bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -9,12 +9,16 @@ resampler trained in full) require gradients.
 Saved adapter folder (peft's ``PeftModel.save_pretrained`` format, so ``PeftModel.from_pretrained(QwenVL(...),
 folder)`` reads it too)::
 
-    adapter_config.json            the LoraConfig
+    adapter_config.json            the LoraConfig (base_model_name_or_path: the load_checkpoint or preset trained on)
     adapter_model.safetensors      base_model.model.<module>.lora_A.weight / lora_B.weight
     non_lora_trainables.safetensors  parameters trained in full next to the adapters (official names), if any
+    base_model.json                ours (peft ignores it): {"base_model_fingerprint": "sha256:..."}
 
 :func:`merge_lora` folds the adapters into the base weights and writes a normal checkpoint in the
-official layout.
+official layout, after checking that the base is the one the adapter was trained on: another model of the same
+shapes (Qwen-VL for Qwen-VL-Chat, another random init) merges without an error into weights the adapter never saw.
+A path says little (folders move and get copied), so the base's weights are fingerprinted
+(:func:`base_fingerprint`).
 
 Nothing is downloaded: an adapter is a local folder, checked before peft sees it (peft would take a missing
 folder for a Hugging Face Hub id and go online), and peft is imported with ``HF_HUB_OFFLINE=1`` unless the
@@ -23,6 +27,7 @@ environment says otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +46,7 @@ __all__ = [
     "ADAPTER_PREFIX",
     "adapter_folder",
     "apply_lora",
+    "base_fingerprint",
     "check_adapters_are_used",
     "load_adapter",
     "lora_config_from",
@@ -54,6 +60,11 @@ ADAPTER_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names adap
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 EXTRA_WEIGHTS = "non_lora_trainables.safetensors"
+BASE_MODEL = "base_model.json"
+# Weights whose first row identifies a base model: a few KB of it, read from the loaded model, and rows that any
+# fine-tune of the language model changes (Qwen-VL -> Qwen-VL-Chat trained them all).
+FINGERPRINT_WEIGHTS = ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.w1.weight",
+                       "lm_head.weight")
 
 # What peft (or safetensors under it) raises for a bad adapter folder: a corrupt file, a config with unknown
 # fields, weights that do not fit the base model.
@@ -85,7 +96,36 @@ def lora_config_from(cfg: TrainConfig):  # noqa: ANN201 - peft.LoraConfig
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target,
         bias="none",
+        base_model_name_or_path=cfg.load_checkpoint or cfg.preset or None,  # as given (a model passed in: None)
     )
+
+
+def _adapter_weights(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    # never the embeddings (the targets are inside transformer.h.N); peft's "auto" would look base_model_name_or_path
+    # up, on the Hub for a preset name
+    return _peft().get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """``"sha256:HEX"`` of the first row of each of :data:`FINGERPRINT_WEIGHTS` of ``model`` (with or without LoRA
+    layers), rounded to bfloat16: milliseconds, whatever the model's size.
+
+    The same for the same weights loaded in bfloat16 or float32, on any device, and for a float32 checkpoint and
+    its bfloat16 copy: bfloat16 values are exact in float32, and a float32 value cast to bfloat16 rounds the same
+    way once. Hashing float32 bytes would tell a bfloat16 copy from its float32 original (the same model); a
+    float16 copy of a float32 checkpoint (rounded twice) may still differ.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_WEIGHTS:
+        weight: torch.Tensor = params[name]
+        if isinstance(weight, DTensor):  # FSDP shards rows: rank 0, the one that saves, holds the first ones
+            weight = weight.to_local()
+        row = weight.detach()[0].to("cpu", torch.bfloat16)
+        digest.update(name.encode() + row.view(torch.int16).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | None = None,  # noqa: ANN201
@@ -167,9 +207,7 @@ def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str],  #
 
     ``state``: the trained parameters by name, whole (for a sharded model: gathered), instead of the model's own.
     """
-    peft = _peft()
-    adapters = peft.get_peft_model_state_dict(model, state_dict=state)
-    adapters = {ADAPTER_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapters.items()}
+    adapters = {ADAPTER_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in _adapter_weights(model, state).items()}
     trained = _extra_trainables(model) if state is None else {k: v for k, v in state.items() if "lora_" not in k}
     extras = {k: v.detach().to("cpu").contiguous() for k, v in trained.items()}
     out = Path(out_dir)
@@ -178,6 +216,8 @@ def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str],  #
         lora_cfg.save_pretrained(str(tmp))
         if extras:
             save_file(extras, str(tmp / EXTRA_WEIGHTS), metadata={"format": "pt"})
+        (tmp / BASE_MODEL).write_text(json.dumps({"base_model_fingerprint": base_fingerprint(model)}) + "\n",
+                                      encoding="utf-8")
     return out
 
 
@@ -237,7 +277,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {folder}")
     state = {k.removeprefix(ADAPTER_PREFIX): v for k, v in _read_weights(file).items()}
-    expected = set(peft.get_peft_model_state_dict(model))
+    expected = set(_adapter_weights(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter {folder} does not match the model's adapters: missing {missing[:5]}, "
@@ -261,6 +301,35 @@ def _load_extras(model: nn.Module, folder: Path) -> None:
             params[k].copy_(v)
 
 
+def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`~qwenvl.checkpoint.CheckpointError` when the adapter in ``adapter_dir`` records a base
+    fingerprint (:data:`BASE_MODEL`) other than ``model``'s (loaded from ``base_dir``); warn when it records none
+    (an adapter written by peft, or by qwenvl before it recorded one): its base cannot be checked."""
+    from ..checkpoint import CheckpointError
+
+    file = adapter_dir / BASE_MODEL
+    if not file.is_file():
+        logger.warning("the adapter %s does not record the base model it was trained on (no %s): make sure %s is that "
+                       "model", adapter_dir, BASE_MODEL, base_dir)
+        return
+    try:
+        recorded = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {error_line(e)}") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("base_model_fingerprint"), str):
+        raise CheckpointError(f"{file} holds no \"base_model_fingerprint\" string: the base cannot be checked (add "
+                              "--ignore_mismatched_base to merge without checking it)")
+    if recorded["base_model_fingerprint"] == base_fingerprint(model):
+        return
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))  # read by adapter_folder
+    name = config.get("base_model_name_or_path")
+    trained_on = f"the base {name}" if name else "another base"
+    raise CheckpointError(f"the adapter {adapter_dir} was trained on {trained_on}, not on the weights in {base_dir} "
+                          f"(they differ from that base's: another model of the same shapes?): merge it into the base "
+                          f"it was trained on, or add --ignore_mismatched_base (ignore_mismatched_base=True in Python) "
+                          f"to merge it into {base_dir} all the same")
+
+
 def merge_lora(
     base_dir: str | os.PathLike[str],
     adapter_dir: str | os.PathLike[str],
@@ -268,6 +337,7 @@ def merge_lora(
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
+    ignore_mismatched_base: bool = False,
 ) -> Path:
     """Fold a saved adapter into the base checkpoint and write a full checkpoint in the official layout.
 
@@ -276,7 +346,8 @@ def merge_lora(
     the base ones. ``out_dir`` appears complete or not at all. ``adapter_dir`` must be a local folder
     (see :func:`adapter_folder`); a bad adapter, or one whose weights do not match the base model's layers
     one for one, or weights holding NaN or infinity (a run that diverged), raises
-    :class:`qwenvl.checkpoint.CheckpointError`.
+    :class:`qwenvl.checkpoint.CheckpointError`; so does a base of the same shapes whose weights are not those the
+    adapter was trained on (:func:`base_fingerprint`), unless ``ignore_mismatched_base``.
     """
     folder = adapter_folder(adapter_dir)  # before anything slow, and before peft could go online
     peft = _peft()
@@ -297,12 +368,14 @@ def merge_lora(
     # peft loads non-strictly: weights for layers the base lacks are dropped, layers without weights stay unadapted
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as f:  # read by peft above: only the names
         stored = set(f.keys())  # noqa: SIM118 (safe_open is not a dict)
-    expected = set(peft.get_peft_model_state_dict(adapted))
+    expected = set(_adapter_weights(adapted))
     if stored != expected:
         missing, extra = sorted(expected - stored), sorted(stored - expected)
         raise CheckpointError(f"the adapter {folder} is not for the model in {base_dir}: missing {missing[:3]} "
                               f"({len(missing)}), unexpected {extra[:3]} ({len(extra)}) (trained on another model, "
                               "or with another lora_target?)")
+    if not ignore_mismatched_base:  # the shapes fit: are these the weights it was trained on?
+        _check_base(folder, base, base_dir)  # base: wrapped in place by peft
     merged = adapted.merge_and_unload()
     _load_extras(merged, folder)
     for name, t in merged.state_dict().items():  # the base loaded finite: a NaN comes from the adapter's weights
