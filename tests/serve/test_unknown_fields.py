@@ -70,13 +70,33 @@ def test_fields_clients_send_that_change_nothing_are_answered_and_logged(server,
     assert sorted(line.removeprefix(IGNORED).split(", ")) == [
         "'messages.0.content.0.prompt_cache_breakpoint'", "'metadata'", "'service_tier'", "'store'"]
     caplog.clear()
-    r = httpx.post(server.v1 + "/completions", json={**COMPLETION, "ignore_eos": True}, timeout=60)  # vLLM's
+    r = httpx.post(server.v1 + "/completions", json={**COMPLETION, "priority": 0}, timeout=60)  # vLLM's
     assert r.status_code == 200, r.text
-    assert ignored_lines(caplog) == [IGNORED + "'ignore_eos'"]
+    assert ignored_lines(caplog) == [IGNORED + "'priority'"]
     caplog.clear()
     r = httpx.post(server.v1 + "/completions", json=COMPLETION, timeout=60)
     assert r.status_code == 200, r.text
     assert ignored_lines(caplog) == []
+
+
+@pytest.mark.parametrize("path, body", [("/chat/completions", CHAT), ("/completions", COMPLETION)])
+def test_vllms_sampling_extensions_we_do_not_implement_are_refused_unless_at_their_default(server, path, body,
+                                                                                           caplog):
+    """``"ignore_eos": true`` (vLLM's benchmarks send it) was logged as ignored and the answer stopped at the first
+    end-of-text: a benchmark measured other lengths than it asked for, unwarned."""
+    caplog.set_level(logging.WARNING, logger="qwenvl.serve.app")
+    for extra in ({"ignore_eos": True}, {"min_p": 0.05}, {"stop_token_ids": [151643]}, {"use_beam_search": True},
+                  {"guided_json": {"type": "object"}}):
+        r = httpx.post(server.v1 + path, json={**body, **extra}, timeout=60)
+        assert r.status_code == 400, (extra, r.text)
+        [name] = extra
+        assert r.json()["error"]["param"] == name
+        assert r.json()["error"]["message"].startswith(f"{name}: not supported (vLLM's extension; only its default")
+    defaults = {"ignore_eos": False, "min_p": 0, "stop_token_ids": [], "use_beam_search": False, "guided_json": None,
+                "length_penalty": 1.0, "include_stop_str_in_output": False}
+    r = httpx.post(server.v1 + path, json={**body, **defaults}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert ignored_lines(caplog) == []  # asking for nothing, and known: not said as ignored
 
 
 def test_the_log_line_of_many_ignored_fields_is_bounded(server, caplog):

@@ -14,6 +14,7 @@ the prompt, in order) on ``/v1/completions``; ``grounding`` on answers that hold
 from __future__ import annotations
 
 import difflib
+import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -94,6 +95,16 @@ class StreamOptions(_Model):
     include_usage: bool = Field(default=False, strict=True)
 
 
+# vLLM's sampling extensions that would change the answer and that this server does not implement, with vLLM's
+# defaults: a client written for vLLM (its benchmarks send ignore_eos) is told, not answered as if they held
+_VLLM_DEFAULTS: dict[str, Any] = {
+    "min_p": 0.0, "ignore_eos": False, "stop_token_ids": None, "include_stop_str_in_output": False,
+    "length_penalty": 1.0, "use_beam_search": False, "prompt_logprobs": None, "bad_words": None,
+    "allowed_token_ids": None, "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None,
+    "guided_choice": None, "guided_grammar": None, "structured_outputs": None, "logits_processors": None,
+}
+
+
 class _Sampling(_Model):
     model: str | None = None  # None: the served model (as vLLM; OpenAI's API requires it)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -117,6 +128,23 @@ class _Sampling(_Model):
     logit_bias: Any = None
     top_logprobs: Any = None
     response_format: Any = None
+    # vLLM's extra sampling parameters we do not implement (see _VLLM_DEFAULTS): the same
+    min_p: Any = None
+    ignore_eos: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    length_penalty: Any = None
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    truncate_prompt_tokens: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    logits_processors: Any = None
 
     @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -165,6 +193,10 @@ class _Sampling(_Model):
 
     def unsupported(self) -> str | None:
         """Why the request asks for something this server does not do, or None."""
+        for name, default in _VLLM_DEFAULTS.items():  # at vLLM's default (or null, empty) it asks for nothing
+            value = getattr(self, name)
+            if value is not None and value != default and value not in ([], {}):
+                return f"{name}: not supported (vLLM's extension; only its default, {json.dumps(default)}, is)"
         if self.n != 1:
             return "n: only n=1 is supported"
         if self.logprobs:
