@@ -207,3 +207,20 @@ def test_a_path_without_control_characters_is_said_as_it_is(tmp_path: Path) -> N
     for name in ("a b", "a\\nb", "a\xa0é", "a\u200bb", "'quoted'"):  # a backslash, a no-break and a zero-width space
         assert shown_path(tmp_path / name) == str(tmp_path / name)
     assert shown_path("a\u2028b\x85c\x7f") == "'a\\u2028b\\x85c\\x7f'"  # line separators and DEL: escaped
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["predcit"], "qwenvl: error: argument COMMAND: invalid choice: 'predcit' (choose from 'info', 'predict', 'chat', "
+                  "'convert', 'data-convert', 'serve', 'finetune', 'eval', 'demo') (did you mean predict?)"),
+    (["eval", "grouding", "--model", "m"], "qwenvl eval: error: argument TASK: invalid choice: 'grouding' (choose from "
+                                           "'grounding', 'vqa', 'caption') (did you mean grounding?)"),
+    (["eval", "--model", "m", "--data", "d"], "qwenvl eval: error: argument TASK: invalid choice: 'm' (choose from "
+                                              "'grounding', 'vqa', 'caption'); TASK comes first: qwenvl eval TASK "
+                                              "[flags]"),
+])
+def test_a_misspelled_or_misplaced_command_is_said_with_a_hint(argv: list[str], said: str, capsys) -> None:
+    # argparse said only "invalid choice": of the model folder, when the task was left out after `qwenvl eval`
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == said

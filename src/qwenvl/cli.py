@@ -94,6 +94,10 @@ class _MissingRequired(Exception):
     """argparse's "the following arguments are required" error, held back by :meth:`_Parser.parse_known_args`."""
 
 
+# argparse's words for a value not among a positional's choices (a subcommand's name)
+_INVALID_CHOICE = re.compile(r"argument (?P<name>[^:]+): invalid choice: '(?P<value>.*)' \(choose from ")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors under torchrun are printed by one process per node
     (:func:`said_by_another_process`); the others exit with the same status 2, silently, once that one has said it
@@ -153,7 +157,21 @@ class _Parser(argparse.ArgumentParser):
             raise _MissingRequired(message)  # said by parse_known_args, unless a flag is unknown
         if said_by_another_process():
             sys.exit(left_to_local_rank_0(2))
-        super().error(message)
+        super().error(message + self._choice_hint(message))
+
+    def _choice_hint(self, message: str) -> str:
+        """For argparse's "invalid choice" of a command or task: the one meant (``qwenvl eval grouding``), else that
+        it comes first (``qwenvl eval --model M ...`` took M for the task)."""
+        said = _INVALID_CHOICE.match(message)
+        commands = [a for a in self._actions if isinstance(a.choices, dict) and said and said["name"] == a.metavar]
+        if not commands:
+            return ""
+        close = difflib.get_close_matches(said["value"], list(commands[0].choices), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]}?)"
+        if " " not in self.prog:  # qwenvl's COMMAND: no flag comes before it
+            return ""
+        return f"; {said['name']} comes first: {self.prog} {said['name']} [flags]"
 
 
 class Once(argparse.Action):
