@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import peft  # noqa: F401 -- a dev dependency: the LoRA tests run, never skip
@@ -263,7 +264,21 @@ def test_resuming_an_adapter_on_another_base_is_warned(lora_run, processor, tmp_
     with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
         train(cfg.replace(output_dir=str(tmp_path / "other"), load_checkpoint=str(tmp_path / "other-base"), **resume),
               processor=processor)
-    assert f"was trained on the base {root / 'base'}; this run loads {tmp_path / 'other-base'}" in caplog.text
+    assert (f"trained on the base {root / 'base'}; the weights this run loads ({tmp_path / 'other-base'}) are not that "
+            "base's") in caplog.text
+    caplog.clear()  # the same weights moved: told by their fingerprint, not by the path (it warned before)
+    shutil.copytree(root / "base", tmp_path / "moved-base")
+    with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
+        train(cfg.replace(output_dir=str(tmp_path / "moved"), load_checkpoint=str(tmp_path / "moved-base"), **resume),
+              processor=processor)
+    assert "base" not in caplog.text, caplog.text
+    caplog.clear()  # an adapter that records no fingerprint (older, peft's): by the path, as before
+    shutil.copytree(root / "out" / "checkpoint-2", tmp_path / "unrecorded")
+    (tmp_path / "unrecorded" / "adapter" / "base_model.json").unlink()
+    with caplog.at_level("WARNING", logger="qwenvl.train.trainer"):
+        train(cfg.replace(output_dir=str(tmp_path / "moved2"), load_checkpoint=str(tmp_path / "moved-base"),
+                          resume_from=str(tmp_path / "unrecorded"), resume_training=True), processor=processor)
+    assert f"was trained on the base {root / 'base'}; this run loads {tmp_path / 'moved-base'}" in caplog.text
 
 
 def test_a_merge_into_float16_that_would_overflow_is_refused(lora_run, tmp_path: Path) -> None:

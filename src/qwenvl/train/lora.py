@@ -47,6 +47,7 @@ __all__ = [
     "adapter_folder",
     "apply_lora",
     "base_fingerprint",
+    "recorded_base_fingerprint",
     "check_adapters_are_used",
     "load_adapter",
     "lora_config_from",
@@ -301,17 +302,15 @@ def _load_extras(model: nn.Module, folder: Path) -> None:
             params[k].copy_(v)
 
 
-def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike[str]) -> None:
-    """Raise :class:`~qwenvl.checkpoint.CheckpointError` when the adapter in ``adapter_dir`` records a base
-    fingerprint (:data:`BASE_MODEL`) other than ``model``'s (loaded from ``base_dir``); warn when it records none
-    (an adapter written by peft, or by qwenvl before it recorded one): its base cannot be checked."""
+def recorded_base_fingerprint(adapter_dir: str | os.PathLike[str]) -> str | None:
+    """The :func:`base_fingerprint` of the base an adapter folder was trained on (its :data:`BASE_MODEL`), or None
+    when it records none (an adapter written by peft, or by qwenvl before it recorded one);
+    :class:`~qwenvl.checkpoint.CheckpointError` when the record cannot be read."""
     from ..checkpoint import CheckpointError
 
-    file = adapter_dir / BASE_MODEL
+    file = Path(adapter_dir) / BASE_MODEL
     if not file.is_file():
-        logger.warning("the adapter %s does not record the base model it was trained on (no %s): make sure %s is that "
-                       "model", adapter_dir, BASE_MODEL, base_dir)
-        return
+        return None
     try:
         recorded = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -319,7 +318,21 @@ def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike
     if not isinstance(recorded, dict) or not isinstance(recorded.get("base_model_fingerprint"), str):
         raise CheckpointError(f"{file} holds no \"base_model_fingerprint\" string: the base cannot be checked (add "
                               "--ignore_mismatched_base to merge without checking it)")
-    if recorded["base_model_fingerprint"] == base_fingerprint(model):
+    return recorded["base_model_fingerprint"]
+
+
+def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`~qwenvl.checkpoint.CheckpointError` when the adapter in ``adapter_dir`` records a base
+    fingerprint (:data:`BASE_MODEL`) other than ``model``'s (loaded from ``base_dir``); warn when it records none
+    (an adapter written by peft, or by qwenvl before it recorded one): its base cannot be checked."""
+    from ..checkpoint import CheckpointError
+
+    recorded = recorded_base_fingerprint(adapter_dir)
+    if recorded is None:
+        logger.warning("the adapter %s does not record the base model it was trained on (no %s): make sure %s is that "
+                       "model", adapter_dir, BASE_MODEL, base_dir)
+        return
+    if recorded == base_fingerprint(model):
         return
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))  # read by adapter_folder
     name = config.get("base_model_name_or_path")

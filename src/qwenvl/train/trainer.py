@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import save_pretrained
+from ..checkpoint import CheckpointError, save_pretrained
 from ..config import ENDOFTEXT_ID, QwenVLConfig
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, DatasetError, collate
 from ..fileio import atomic_write_text, remove_tree, signals_held
@@ -589,7 +589,7 @@ def _maybe_resume(run: _Run) -> Path | None:
         run.order.load_state_dict(state["data"])
         _check_same_model(path, run.model.config)
         if run.lora_config is not None and saved is not None:
-            _warn_other_base(path, saved, cfg)
+            _warn_other_base(path, saved, cfg, run.model)
         if other:
             logger.warning("%s was trained with other inputs: %s; the run goes on with this run's (the sample order "
                            "continues by step)", path, ", ".join(other))
@@ -606,15 +606,26 @@ def _maybe_resume(run: _Run) -> Path | None:
     return path
 
 
-def _warn_other_base(path: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+def _warn_other_base(path: Path, saved: dict[str, Any], cfg: TrainConfig, model: nn.Module) -> None:
     """A LoRA checkpoint holds the adapter only; the frozen base it trained on comes from ``load_checkpoint``
     (or ``preset``). Another base of the same shapes (Qwen-VL for Qwen-VL-Chat, say) loads without an error, so
-    a base named otherwise than at the checkpoint is said (a moved folder is said too: a path is all we know)."""
+    it is said: by the base's weights when the adapter records their fingerprint (:func:`lora.base_fingerprint`),
+    else by its name (a moved folder is said too: a path is all we know then)."""
     def base(c: dict[str, Any]) -> str:
         ckpt = c.get("load_checkpoint") or ""
         return str(Path(ckpt).resolve()) if ckpt else f"preset {c.get('preset') or ''}"
 
     before, now = base(saved), base(cfg.to_dict())
+    try:
+        recorded = lora.recorded_base_fingerprint(path / sharded.ADAPTER_DIR)
+    except CheckpointError:  # an unreadable record: the names are still compared
+        recorded = None
+    if recorded is not None:  # (under FSDP only the main rank, which holds the first rows, logs warnings)
+        if recorded != lora.base_fingerprint(model):
+            logger.warning("%s is a LoRA checkpoint trained on the base %s; the weights this run loads (%s) are not "
+                           "that base's. The adapter only fits the base it was trained on: resume with that "
+                           "load_checkpoint", path, before, now)
+        return
     if before != now:
         logger.warning("%s is a LoRA checkpoint: it was trained on the base %s; this run loads %s. The adapter only "
                        "fits the base it was trained on: resume with that load_checkpoint unless this is the same "
