@@ -272,12 +272,13 @@ def test_predict_jsonl_field_of_the_wrong_type_is_a_clear_error(tmp_path, row, m
 
 
 def test_predict_jsonl_keys_no_prompt_reads_are_noted_once(tmp_path):
-    # an "id" of the user's is no typo of a prompt key: the rows are answered, and the keys left out are said once
+    # an "id" of the user's is no typo of a prompt key: the rows are answered, and the keys carried into the output
+    # rows (tests/test_predict_rows.py) are said once
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a", "id": 7}, {"text": "b", "id": 8, "src": "x"}]))
     out = qwenvl("predict", "--model", str(tmp_path / "no-model"), "--jsonl", str(prompts))
     note, error = out.stderr.strip().splitlines()
-    assert note == f"note: {prompts}: no prompt reads the key(s) 'id', 'src'; they are left out"
+    assert note == f"note: {prompts}: no prompt reads the key(s) 'id', 'src'; they are copied into the output rows"
     assert out.returncode == 2 and error.startswith("qwenvl predict: error: checkpoint folder not found")
 
 

@@ -108,7 +108,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch_size", "--predict_batch_size", dest="predict_batch_size", type=int, metavar="N",
                    action=Once, help="prompts per batch (default 1)")
     p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE", action=Once,
-                   help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}")
+                   help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}; "
+                        "a row's other keys (an 'id') are copied into its answer row")
     p.add_argument("--output", metavar="FILE", help="with --data: where to write the answers (JSONL; default: stdout)")
     p.add_argument("--output_only", action="store_true",
                    help="with --predict_data: print only the answers, not the prompts")
@@ -294,19 +295,28 @@ def _prompts_from_predict_data(items: list[str], modal_types: list[str]) -> list
     return prompts
 
 
-def _prompts_from_jsonl(path: str) -> list[Any]:
+def _prompts_from_jsonl(path: str) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The prompts of the JSONL file ``path``, and for each its row's keys that no prompt reads (an "id", notes of
+    the user's), which its output row carries (as vLLM's run_batch carries custom_id). Any bad row is said now,
+    naming its line, before the weights load."""
     from .fileio import iter_jsonl
 
-    prompts, other_keys = [], {}
+    prompts, carried, other_keys = [], [], {}
     for n, rec in iter_jsonl(path, what="prompt file"):
-        prompts.append(_prompt_of_record(rec, f"{shown_path(path)}:{n}"))
-        other_keys.update(dict.fromkeys(k for k in rec if k not in _ROW_KEYS))
+        where = f"{shown_path(path)}:{n}"
+        prompts.append(_prompt_of_record(rec, where))
+        carried.append({k: v for k, v in rec.items() if k not in _ROW_KEYS})
+        for key in carried[-1]:
+            if key in _RESULT_FIELDS:  # carried, it would overwrite our field of that name (or ours it)
+                raise ValueError(f"{where}: key {key!r} is a field of the output rows ({', '.join(_RESULT_FIELDS)}): "
+                                 "rename it to have it carried into its row")
+        other_keys.update(dict.fromkeys(carried[-1]))
     if not prompts:
         raise ValueError(f"{shown_path(path)}: no prompts")
-    if other_keys:  # an "id" or other notes of the user's: said, so that a key meant for the prompt is not lost unseen
-        print(f"note: {shown_path(path)}: no prompt reads the key(s) {', '.join(map(repr, other_keys))}; they are left out",
-              file=sys.stderr)
-    return prompts
+    if other_keys:  # said, so that a key meant for the prompt ("question") is not taken for a note unseen
+        print(f"note: {shown_path(path)}: no prompt reads the key(s) {', '.join(map(repr, other_keys))}; they are "
+              "copied into the output rows", file=sys.stderr)
+    return prompts, carried
 
 
 _WHOLE_PROMPT_KEYS = ("messages", "prompt", "query")
@@ -314,7 +324,7 @@ _ROW_KEYS = (*_WHOLE_PROMPT_KEYS, "image", "text")
 
 
 def _prompt_of_record(rec: Any, where: str) -> Any:
-    for key in rec:  # {"images": [...], "text": T} was answered without its pictures; other keys ("id") are noted
+    for key in rec:  # {"images": [...], "text": T} was answered without its pictures; other keys ("id") are carried
         close = difflib.get_close_matches(key, _ROW_KEYS, n=1) if key not in _ROW_KEYS else None
         if close:
             raise ValueError(f"{where}: unknown key {key!r} (did you mean {close[0]!r}?): a row has 'messages', "
@@ -468,7 +478,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.predict_data:
         prompts: list[Any] = _prompts_from_predict_data(args.predict_data, opts.get("modal_type", ["image", "text"]))
     else:
-        prompts = _prompts_from_jsonl(args.jsonl)
+        prompts, carried = _prompts_from_jsonl(args.jsonl)
     if opts.get("use_parallel"):
         print("note: --use_parallel is not needed for prediction; running in one process", file=sys.stderr)
     from .images import MediaPolicy
@@ -501,21 +511,23 @@ def run_predict(args: argparse.Namespace) -> int:
                            base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,
                            on_error="record" if args.jsonl else "raise")
     if args.jsonl:
+        from .fileio import jsonl_line
         from .outputs import PartialRows
 
-        preds = []
+        rows, failed = [], 0
         # each row as soon as its batch is answered: printed, or kept in OUTPUT.partial until OUTPUT is written, so
         # that a full disk (there or at the end), Ctrl-C, a crash or kill -9 loses none of the answers made
         kept = PartialRows(args.output) if args.output else None
         try:
-            for p in answers:
-                preds.append(p)
+            for p, keys in zip(answers, carried):  # one answer per prompt, in the prompts' order
+                rows.append(jsonl_line({**keys, **_result_row(p)}))  # a lone surrogate: in ASCII escapes
+                failed += p.error is not None
                 if kept is None:
-                    _print_row(_jsonl([p]))
+                    _print_row(rows[-1])
                 else:
-                    kept.append(_jsonl([p]))
+                    kept.append(rows[-1])
             if args.output:
-                atomic_write_text(args.output, _jsonl(preds))
+                atomic_write_text(args.output, "".join(rows))
         except BaseException:
             answers.close()  # its progress bar ends now, not after the lines below
             if kept is not None:
@@ -525,9 +537,8 @@ def run_predict(args: argparse.Namespace) -> int:
             raise
         if kept is not None:
             kept.discard()
-        failed = sum(p.error is not None for p in preds)
         if failed:  # every other answer is written: a bad row costs only itself
-            raise ValueError(f"{failed} of {len(preds)} prompt(s) failed: see the rows with an 'error' field "
+            raise ValueError(f"{failed} of {len(rows)} prompt(s) failed: see the rows with an 'error' field "
                              f"in {shown_path(args.output or 'the output')}")
         return 0
     for p in answers:
@@ -575,13 +586,6 @@ def _check_images_first(prompts: list[Any], policy: Any, per_row: bool, chat_for
           file=sys.stderr)
 
 
-def _jsonl(preds: list[Any]) -> str:
-    """The output rows of ``preds``, one JSON object a line."""
-    from .fileio import jsonl_line
-
-    return "".join(jsonl_line(_result_row(p)) for p in preds)  # a lone surrogate: in ASCII escapes
-
-
 def _known_chat_format(opts: dict[str, Any]) -> str | None:
     """The chat format the prompts will be built in, where it is known before the checkpoint loads: --chat_format,
     else its folder's generation_config.json; None (every turn checked) when there is none or it cannot be read yet
@@ -597,7 +601,12 @@ def _known_chat_format(opts: dict[str, Any]) -> str | None:
         return None
 
 
+_RESULT_FIELDS = ("prompt", "response", "num_tokens", "stopped", "error")  # of _result_row: no input key may carry these
+
+
 def _result_row(p: Any) -> dict[str, Any]:
+    """The fields of :data:`_RESULT_FIELDS` of a :class:`qwenvl.inference.Prediction`, as predict --data writes
+    them ("error" only in the row of a prompt that failed)."""
     row = {"prompt": p.prompt, "response": p.response, "num_tokens": p.num_tokens, "stopped": p.stopped}
     if p.error is not None:
         row["error"] = p.error
