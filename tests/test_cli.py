@@ -108,6 +108,7 @@ def test_info_prints_parts_and_dtype(golden_dir):
     assert info["parameters"]["LM head (lm_head)"] == 151936 * 128
     out = qwenvl("info", "--preset", "qwen-vl-9.6b")
     assert "9.657 B" in out.stdout
+    assert out.stdout.startswith("preset: qwen-vl-9.6b\n")  # was "checkpoint: preset"
 
 
 # eager decoding, the compiled decode step (one-row products as reductions in the graph)

@@ -207,6 +207,8 @@ def run_info(args: argparse.Namespace) -> int:
         raise ValueError("--verify reads a checkpoint's weights: give a checkpoint folder, not --preset")
     if not args.verify:
         info = describe(args.checkpoint or QwenVLConfig.from_preset(args.preset))
+        if args.preset:  # which one ("source" says only "preset")
+            info = {"source": info["source"], "preset": args.preset} | info
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
     from .checkpoint import CheckpointError, verify_weights
@@ -227,7 +229,8 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    lines = [f"checkpoint: {shown_path(info['source'])}", f"dtype: {info['dtype']}"]
+    lines = [f"preset: {info['preset']}" if "preset" in info else f"checkpoint: {shown_path(info['source'])}",
+             f"dtype: {info['dtype']}"]
     lines += [f"loads as: {info['loads_as']}"] if "loads_as" in info else []
     lines += ["", "parameters:"]
     for part, n in info["parameters"].items():
