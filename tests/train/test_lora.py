@@ -386,6 +386,23 @@ def test_the_fingerprint_is_the_same_in_bfloat16_and_float32(lora_run, tmp_path:
     assert QwenVL.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
 
 
+def test_the_fingerprint_is_the_same_for_a_bfloat16_base_and_its_float16_copy(tmp_path: Path) -> None:
+    # float16 keeps values below 2**-14 with fewer bits than bfloat16: a float16 copy of a bfloat16 checkpoint (for
+    # GPUs without bfloat16) was taken for another model whenever a fingerprinted row held one (most rows at scale)
+    from qwenvl.train.lora import base_fingerprint
+
+    model = QwenVL.from_config("tiny", seed=0).to(torch.bfloat16)
+    with torch.no_grad():
+        for weight in (model.transformer.wte.weight, model.lm_head.weight):
+            weight[0, :4] = torch.tensor([1.001e-6, -3.3e-7, 2.0**-15 * 1.37, 0.5])
+    fp16 = QwenVL.from_config("tiny", seed=0)
+    fp16.load_state_dict({k: v.to(torch.float16) for k, v in model.state_dict().items()})
+    assert base_fingerprint(fp16.to(torch.float16)) == base_fingerprint(model)
+    with torch.no_grad():
+        model.lm_head.weight[0, 3] = 0.5078125  # one bfloat16 step away: another model
+    assert base_fingerprint(fp16) != base_fingerprint(model)
+
+
 def test_an_adapter_without_a_fingerprint_merges_with_a_warning(lora_run, tmp_path: Path, caplog) -> None:
     # peft's own adapters, and ours from before: the base cannot be checked, so it is said, not refused
     import shutil

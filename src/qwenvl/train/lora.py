@@ -64,6 +64,7 @@ EXTRA_WEIGHTS = "non_lora_trainables.safetensors"
 BASE_MODEL = "base_model.json"
 # Weights whose first row identifies a base model: a few KB of it, read from the loaded model, and rows that any
 # fine-tune of the language model changes (Qwen-VL -> Qwen-VL-Chat trained them all).
+_FLOAT16_TINY = 2.0**-14  # float16's smallest normal number: below it float16 keeps fewer bits than bfloat16
 FINGERPRINT_WEIGHTS = ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.w1.weight",
                        "lm_head.weight")
 
@@ -111,10 +112,12 @@ def base_fingerprint(model: nn.Module) -> str:
     """``"sha256:HEX"`` of the first row of each of :data:`FINGERPRINT_WEIGHTS` of ``model`` (with or without LoRA
     layers), rounded to bfloat16: milliseconds, whatever the model's size.
 
-    The same for the same weights loaded in bfloat16 or float32, on any device, and for a float32 checkpoint and
-    its bfloat16 copy: bfloat16 values are exact in float32, and a float32 value cast to bfloat16 rounds the same
-    way once. Hashing float32 bytes would tell a bfloat16 copy from its float32 original (the same model); a
-    float16 copy of a float32 checkpoint (rounded twice) may still differ.
+    The same for the same weights loaded in bfloat16 or float32, on any device, for a float32 checkpoint and its
+    bfloat16 copy (bfloat16 values are exact in float32, and a float32 value cast to bfloat16 rounds the same way
+    once), and for a bfloat16 checkpoint and its float16 copy: float16 holds every bfloat16 value of its normal
+    range exactly, and the smaller ones (below 2**-14, which float16 keeps only in part) count as 0. Hashing float32
+    bytes would tell a bfloat16 copy from its float32 original (the same model); a float16 copy of a float32
+    checkpoint (rounded twice) may still differ (``ignore_mismatched_base`` then).
     """
     from torch.distributed.tensor import DTensor
 
@@ -125,6 +128,7 @@ def base_fingerprint(model: nn.Module) -> str:
         if isinstance(weight, DTensor):  # FSDP shards rows: rank 0, the one that saves, holds the first ones
             weight = weight.to_local()
         row = weight.detach()[0].to("cpu", torch.bfloat16)
+        row = torch.where(row.abs() < _FLOAT16_TINY, 0, row)  # what a float16 copy keeps of them differs
         digest.update(name.encode() + row.view(torch.int16).numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 
@@ -338,7 +342,8 @@ def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike
     name = config.get("base_model_name_or_path")
     trained_on = f"the base {name}" if name else "another base"
     raise CheckpointError(f"the adapter {adapter_dir} was trained on {trained_on}, not on the weights in {base_dir} "
-                          f"(they differ from that base's: another model of the same shapes?): merge it into the base "
+                          f"(they differ from that base's: another model of the same shapes, or a copy rounded to "
+                          f"another dtype?): merge it into the base "
                           f"it was trained on, or add --ignore_mismatched_base (ignore_mismatched_base=True in Python) "
                           f"to merge it into {base_dir} all the same")
 
