@@ -120,7 +120,9 @@ VLLM = ("min_p", "ignore_eos", "stop_token_ids", "skip_special_tokens", "include
         "guided_decoding_backend", "structured_outputs", "priority", "request_id", "truncate_prompt_tokens",
         "allowed_token_ids", "bad_words", "spaces_between_special_tokens", "add_special_tokens", "documents",
         "mm_processor_kwargs", "return_tokens_as_token_ids", "logits_processors", "cache_salt", "prompt_embeds",
-        "echo", "add_generation_prompt", "vllm_xargs", "kv_transfer_params", "return_token_ids")
+        "echo", "add_generation_prompt", "vllm_xargs", "kv_transfer_params", "return_token_ids",
+        # other servers' (OpenRouter, text-generation-webui, TabbyAPI): refused as misspellings before
+        "top_a", "models", "temperature_last", "repetition_penalty_range", "logit_bias_type", "top_logprobs_num")
 
 
 @pytest.mark.parametrize("ours, theirs", [

@@ -650,7 +650,9 @@ def _check_unknown(body: BaseModel, data: Any) -> None:
     """Refuse fields of the request ``data`` that misspell one of ours, in OpenAI's words for a field it does not
     know, with the CLI's "did you mean" (``max_tokns`` asked for nothing, and got the default 512 tokens); log
     the names of the other fields nothing reads, as vLLM does: clients send fields of OpenAI's API that change
-    nothing here (``metadata``, ``store``, ``service_tier``, ...), which OpenAI's API would refuse if unknown."""
+    nothing here (``metadata``, ``store``, ``service_tier``, ...), which OpenAI's API would refuse if unknown. Only
+    the first :data:`_IGNORED_NAMED` unknown fields are named and checked (a body may hold millions): a misspelling
+    after as many other unknown fields is only counted."""
     found = protocol.unknown_fields(body, data)
     named = list(itertools.islice(found, _IGNORED_NAMED))  # a body may hold millions
     typos = [(path, close) for path, name, fields in named if (close := protocol.close_field(name, fields))]

@@ -298,11 +298,18 @@ def unknown_fields(request: BaseModel, data: Mapping[str, Any],
 _MISSPELLED = 0.8
 
 
+# fields of other servers' APIs one edit away from one of ours: theirs, not misspellings (OpenRouter's)
+_OTHER_SERVERS_FIELDS = frozenset({"top_a", "models"})
+
+
 def close_field(name: str, fields: Mapping[str, Any]) -> str | None:
-    """The field of ``fields`` that ``name`` (none of them) misspells: the closest, case aside, or None."""
-    if len(name) > 64:  # 1.5x longer than a field's name (21 at most) is below 0.8; difflib's time grows with it
-        return None
-    close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=_MISSPELLED)
+    """The field of ``fields`` that ``name`` (none of them) misspells: the closest, case aside, or None. A name
+    that is one of ours with a ``_...`` suffix (``temperature_last``, ``repetition_penalty_range``: fields of other
+    servers' APIs) or one of :data:`_OTHER_SERVERS_FIELDS` is no misspelling."""
+    lowered = name.lower()
+    if len(name) > 64 or lowered in _OTHER_SERVERS_FIELDS or any(lowered.startswith(f"{f}_") for f in fields):
+        return None  # (over 64: 1.5x a field's name, 21 at most, is below 0.8; difflib's time grows with it)
+    close = difflib.get_close_matches(lowered, fields, n=1, cutoff=_MISSPELLED)
     return close[0] if close else None
 
 
