@@ -177,6 +177,8 @@ def test_a_path_holding_control_characters_is_said_escaped_in_one_line(tmp_path:
     (odd / "c.yaml").write_text("bogus: 1\n")
     (odd / "empty.jsonl").write_text("")
     (odd / "file").write_text("x")
+    (odd / "cut.jsonl").write_text('{"text": "hi"\n')
+    (tmp_path / "p.jsonl").write_text('{"text": "hi"}\n')
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "vqa.jsonl").write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}) + "\n")
     said = repr(str(odd))[1:-1]  # inside the quotes of the path shown
@@ -190,6 +192,9 @@ def test_a_path_holding_control_characters_is_said_escaped_in_one_line(tmp_path:
         (["eval", "vqa", "--model", str(GOLDEN), "--data", str(odd / "nope.jsonl")],
          f"evaluation data not found: '{said}/nope.jsonl'"),
         (["predict", "--model", str(GOLDEN), "--data", str(odd / "empty.jsonl")], f"'{said}/empty.jsonl': no prompts"),
+        (["predict", "--model", str(GOLDEN), "--data", str(odd / "cut.jsonl")], f"'{said}/cut.jsonl':1: invalid JSON"),
+        (["predict", "--model", str(GOLDEN), "--data", str(tmp_path / "p.jsonl"), "--output", str(odd)],
+         f"the output file '{said}' is a folder"),
         (["predict", "--model", str(GOLDEN), "--config", str(odd / "c.yaml"), "--predict_data", "hi"],
          f"'{said}/c.yaml': unknown option(s) bogus; known: "),
         (["chat", "--model", str(GOLDEN), "--draw", str(odd / "file")], f"--draw '{said}/file' is not a folder"),

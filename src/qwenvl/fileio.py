@@ -558,7 +558,7 @@ def iter_jsonl(
     with file.open("rb") as f:
         for lineno, obj in _json_lines(_utf8_lines(f, file, error), file, error):
             if not isinstance(obj, dict):
-                raise error(f"{file}:{lineno}: expected a JSON object, got {_json_kind(obj)}")
+                raise error(f"{shown_path(file)}:{lineno}: expected a JSON object, got {_json_kind(obj)}")
             yield lineno, obj
 
 
@@ -584,7 +584,7 @@ def _utf8_lines(lines: Iterable[bytes], file: Path, error: type[ValueError]) -> 
         try:
             yield line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise error(f"{file}:{lineno}: not UTF-8 text ({e})") from None
+            raise error(f"{shown_path(file)}:{lineno}: not UTF-8 text ({e})") from None
 
 
 def _json_kind(value: Any) -> str:
@@ -623,14 +623,14 @@ def _json_lines(lines: Iterable[str], file: Path, error: type[ValueError]) -> It
             # without its line ending: a line cut short is said at its end, not at "column 1" of the next line
             value = json.loads(line.rstrip("\r\n"), object_pairs_hook=_unique_keys)
         except _DuplicateKey as e:
-            raise error(f"{file}:{lineno}: the key {json.dumps(e.args[0])[:80]} appears twice in one object") from None
+            raise error(f"{shown_path(file)}:{lineno}: the key {json.dumps(e.args[0])[:80]} appears twice in one object") from None
         except json.JSONDecodeError as e:
             if first and line.lstrip().startswith("["):
-                raise error(f"{file}:{lineno}: the file is a JSON list (it starts with '['), not JSON Lines "
+                raise error(f"{shown_path(file)}:{lineno}: the file is a JSON list (it starts with '['), not JSON Lines "
                             "(one JSON object per line)") from e
-            raise error(f"{file}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+            raise error(f"{shown_path(file)}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
         except (ValueError, RecursionError) as e:
-            raise error(f"{file}:{lineno}: {_unparsable(e)}") from None
+            raise error(f"{shown_path(file)}:{lineno}: {_unparsable(e)}") from None
         first = False
         yield lineno, value
 
@@ -643,7 +643,7 @@ def read_json(path: str | os.PathLike[str], error: type[ValueError] = ValueError
     try:
         raw = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON's
     except UnicodeDecodeError as e:
-        raise error(f"{file}: not UTF-8 text ({e})") from None
+        raise error(f"{shown_path(file)}: not UTF-8 text ({e})") from None
     return parse_json(raw, file, error)
 
 
@@ -653,9 +653,9 @@ def parse_json(raw: str, file: str | os.PathLike[str], error: type[ValueError]) 
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise error(f"{file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
+        raise error(f"{shown_path(file)}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})") from e
     except (ValueError, RecursionError) as e:
-        raise error(f"{file}: {_unparsable(e)}") from None
+        raise error(f"{shown_path(file)}: {_unparsable(e)}") from None
 
 
 def _unparsable(e: BaseException) -> str:
@@ -680,14 +680,14 @@ def read_json_records(
     try:
         raw = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON's
     except UnicodeDecodeError as e:
-        raise error(f"{file}: not UTF-8 text ({e})") from e
+        raise error(f"{shown_path(file)}: not UTF-8 text ({e})") from e
     if file.suffix == ".jsonl":
         # Lines end at "\n" only, as in iter_jsonl: str.splitlines() also splits at U+2028, U+0085, ..., which a
         # JSON string may hold unescaped ("\r\n" leaves a "\r", which JSON reads as whitespace).
         return [value for _lineno, value in _json_lines(raw.split("\n"), file, error)]
     data = parse_json(raw, file, error)
     if not isinstance(data, list):
-        raise error(f"{file}: expected a JSON list of {items} at the top level, got {type(data).__name__}")
+        raise error(f"{shown_path(file)}: expected a JSON list of {items} at the top level, got {type(data).__name__}")
     return data
 
 
@@ -713,7 +713,7 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
             event = self.peek_event()
             self.depth += 1
             if self.depth > MAX_YAML_DEPTH:
-                raise error(f"{file}:{event.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+                raise error(f"{shown_path(file)}:{event.start_mark.line + 1}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
             try:
                 return super().compose_node(parent, index)
             finally:
@@ -725,14 +725,14 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
 
             def expanded(n: Any) -> int:
                 if sizes.get(id(n)) == -1:
-                    raise error(f"{file}:{n.start_mark.line + 1}: a YAML alias refers to a value that contains it")
+                    raise error(f"{shown_path(file)}:{n.start_mark.line + 1}: a YAML alias refers to a value that contains it")
                 if id(n) not in sizes:
                     sizes[id(n)] = -1
                     children = ([c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else
                                 n.value if isinstance(n, yaml.SequenceNode) else [])
                     sizes[id(n)] = 1 + sum(expanded(c) for c in children)
                     if sizes[id(n)] > MAX_YAML_VALUES:
-                        raise error(f"{file}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
+                        raise error(f"{shown_path(file)}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values "
                                     "(aliases of aliases?); write the values out")
                 return sizes[id(n)]
 
@@ -740,7 +740,7 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
                 if node is not None:
                     expanded(node)
             except RecursionError:  # a long chain of aliases of sections that alias the next
-                raise error(f"{file}: YAML aliases nested too deep; write the values out") from None
+                raise error(f"{shown_path(file)}: YAML aliases nested too deep; write the values out") from None
             return node
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -749,7 +749,7 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
             for key, _ in node.value:
                 if isinstance(key, yaml.ScalarNode):
                     if key.value in seen:
-                        raise error(f"{file}:{key.start_mark.line + 1}: {key.value!r} is set twice in one mapping")
+                        raise error(f"{shown_path(file)}:{key.start_mark.line + 1}: {key.value!r} is set twice in one mapping")
                     seen.add(key.value)
             return super().construct_mapping(node, deep)
 
@@ -759,7 +759,7 @@ def _bounded_loader(file: Path, error: type[ValueError]) -> type:
             try:  # Python's own errors of a scalar (an integer of 5,000 digits, the date 2001-02-30) name no file
                 return super().construct_object(node, deep)
             except (ValueError, OverflowError) as e:
-                raise error(f"{file}:{node.start_mark.line + 1}: cannot read {node.value[:40]!r}: {error_line(e)}"
+                raise error(f"{shown_path(file)}:{node.start_mark.line + 1}: cannot read {node.value[:40]!r}: {error_line(e)}"
                             ) from None
 
     return BoundedLoader
@@ -785,21 +785,21 @@ def read_yaml(
     if not file.is_file():
         raise error(f"{what} {shown_path(file)} is not a file")
     if size > max_bytes:
-        raise error(f"{file}: {size} bytes is too large for a {what} (at most {max_bytes})")
+        raise error(f"{shown_path(file)}: {size} bytes is too large for a {what} (at most {max_bytes})")
     with file.open("rb") as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise error(f"{file}: too large for a {what} (at most {max_bytes} bytes)")
+        raise error(f"{shown_path(file)}: too large for a {what} (at most {max_bytes} bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{file}: not UTF-8 text ({e})") from None
+        raise error(f"{shown_path(file)}: not UTF-8 text ({e})") from None
     try:
         data = yaml.load(text, Loader=_bounded_loader(file, error))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
-        raise error(f"{file}: invalid YAML: {' '.join(str(e).split())}") from None
+        raise error(f"{shown_path(file)}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise error(f"{file}: expected a mapping of settings at the top level, got {type(data).__name__}")
+        raise error(f"{shown_path(file)}: expected a mapping of settings at the top level, got {type(data).__name__}")
     return data

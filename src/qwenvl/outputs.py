@@ -57,6 +57,7 @@ from .fileio import (
     is_temporary,
     remove_path,
     same_file,
+    shown_path,
     signals_held,
     write_error,
 )
@@ -137,11 +138,14 @@ def check_separate(
         if src is None:
             continue
         if out == src:
-            raise OutputDirError(f"the {what} {output} is the {label} {path}; write the output somewhere else")
+            raise OutputDirError(f"the {what} {shown_path(output)} is the {label} {shown_path(path)}; write the output "
+                                 "somewhere else")
         if _within(src, out):
-            raise OutputDirError(f"the {what} {output} contains the {label} {path}; choose a folder outside it")
+            raise OutputDirError(f"the {what} {shown_path(output)} contains the {label} {shown_path(path)}; choose a "
+                                 "folder outside it")
         if label not in lenient and _within(out, src):
-            raise OutputDirError(f"the {what} {output} lies inside the {label} {path}; choose a folder outside it")
+            raise OutputDirError(f"the {what} {shown_path(output)} lies inside the {label} {shown_path(path)}; choose "
+                                 "a folder outside it")
 
 
 def _is_file(out: Path, path: str | os.PathLike[str]) -> bool:
@@ -172,25 +176,28 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
     out = _real_output(output, "output file")
     for label, path in inputs.items():  # one that names no file is not the output file (its check says it)
         if path and _is_file(out, path):
-            raise OutputDirError(f"the output file {output} is the {label} {path}; write the output somewhere else")
+            raise OutputDirError(f"the output file {shown_path(output)} is the {label} {shown_path(path)}; write the "
+                                 "output somewhere else")
     for label, folder in (folders or {}).items():
         src = _real(folder) if folder else None
         if src is not None and _within(out, src):
-            raise OutputDirError(f"the output file {output} lies inside the {label} {folder}; write the output "
-                                 "somewhere else")
+            raise OutputDirError(f"the output file {shown_path(output)} lies inside the {label} {shown_path(folder)}; "
+                                 "write the output somewhere else")
     if out.is_dir():
-        raise OutputDirError(f"the output file {output} is a folder; name a file to write")
+        raise OutputDirError(f"the output file {shown_path(output)} is a folder; name a file to write")
     if out.exists() and not out.is_file():  # the atomic write would replace it: not a file we wrote
-        raise OutputDirError(f"the output file {output} is not a regular file (a pipe, socket or device); "
+        raise OutputDirError(f"the output file {shown_path(output)} is not a regular file (a pipe, socket or device); "
                              "name a file to write")
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
-        raise OutputDirError(f"the output file {output} cannot be written: {above} is not a folder")
+        raise OutputDirError(f"the output file {shown_path(output)} cannot be written: {shown_path(above)} is not a "
+                             "folder")
     if above is not None and not os.access(above, os.W_OK | os.X_OK):  # else found after the run, at its end
-        raise OutputDirError(f"the output file {output} cannot be written: the folder {above} is read-only or not "
+        raise OutputDirError(f"the output file {shown_path(output)} cannot be written: the folder "
+                             f"{shown_path(above)} is read-only or not "
                              "yours to write in")
     if not overwrite and out.is_file():
-        raise OutputDirError(f"the output file {output} exists; pass {flag} to replace it")
+        raise OutputDirError(f"the output file {shown_path(output)} exists; pass {flag} to replace it")
 
 
 def partial_path(output: str | os.PathLike[str]) -> Path:
