@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -370,6 +371,13 @@ def test_a_merge_into_another_base_of_the_same_shapes_is_refused(lora_run, tmp_p
     assert set(QwenVL.from_pretrained(tmp_path / "merged").state_dict()) == set(chat.state_dict())
     assert main(["convert", str(root / "base"), str(tmp_path / "copy"), "--ignore_mismatched_base"]) == 2
     assert "--ignore_mismatched_base is for --merge_lora" in capsys.readouterr().err
+    # trained on the folder merged into, whose weights changed since: said so ("trained on the base X, not on X")
+    moved = Path(shutil.copytree(result.final_path, tmp_path / "adapter"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "chat")}))
+    with pytest.raises(CheckpointError, match=rf"^the adapter {moved} was trained on the weights {tmp_path / 'chat'} "
+                                              r"held then, not on those it holds now \("):
+        merge_lora(tmp_path / "chat", moved, tmp_path / "merged2")
 
 
 def test_the_fingerprint_is_the_same_in_bfloat16_and_float32(lora_run, tmp_path: Path) -> None:

@@ -340,12 +340,14 @@ def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike
         return
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))  # read by adapter_folder
     name = config.get("base_model_name_or_path")
-    trained_on = f"the base {name}" if name else "another base"
-    raise CheckpointError(f"the adapter {adapter_dir} was trained on {trained_on}, not on the weights in {base_dir} "
-                          f"(they differ from that base's: another model of the same shapes, or a copy rounded to "
-                          f"another dtype?): merge it into the base "
-                          f"it was trained on, or add --ignore_mismatched_base (ignore_mismatched_base=True in Python) "
-                          f"to merge it into {base_dir} all the same")
+    if name and Path(name).resolve() == Path(base_dir).resolve():  # the folder it was trained on, other weights now
+        trained_on = f"the weights {base_dir} held then, not on those it holds now"
+    else:
+        trained_on = f"{'the base ' + str(name) if name else 'another base'}, not on the weights in {base_dir}"
+    raise CheckpointError(f"the adapter {adapter_dir} was trained on {trained_on} (they differ: another model of the "
+                          "same shapes, or a copy rounded to another dtype?): merge it into the base it was trained "
+                          "on, or add --ignore_mismatched_base (ignore_mismatched_base=True in Python) to merge it "
+                          f"into {base_dir} all the same")
 
 
 def merge_lora(
