@@ -146,6 +146,11 @@ def test_predict_jsonl_batched(tmp_path, golden_dir):
     assert len(rows) == 3
     assert rows[2]["prompt"].startswith("Picture 1: <img>images/cat.png</img>\nPicture 2: <img>images/street.jpg</img>")
     assert all(0 < r["num_tokens"] <= 4 for r in rows)
+    assert "3/3" in out.stderr  # the progress bar; --no_progress (as eval's) has none
+    quiet = qwenvl("predict", "--model", str(golden_dir), "--dtype", "fp32", "--image_dir", str(golden_dir),
+                   "--data", str(prompts), "--output", str(tmp_path / "quiet.jsonl"), "--max_new_tokens", "4",
+                   "--no_progress")
+    assert quiet.returncode == 0 and "3/3" not in quiet.stderr, quiet.stderr
 
 
 def test_predict_jsonl_keeps_every_answer_when_one_image_is_bad(tmp_path, golden_dir):

@@ -111,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}; "
                         "a row's other keys (an 'id') are copied into its answer row")
     p.add_argument("--output", metavar="FILE", help="with --data: where to write the answers (JSONL; default: stdout)")
+    p.add_argument("--no_progress", action="store_true", help="with --data: no progress bar (as eval's)")
     p.add_argument("--output_only", action="store_true",
                    help="with --predict_data: print only the answers, not the prompts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -511,7 +512,7 @@ def run_predict(args: argparse.Namespace) -> int:
     processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
     prompts = [_as_chat(p, fmt) for p in prompts]
     answers = iter_predict(model, processor, prompts, params, batch_size=opts.get("predict_batch_size", 1),
-                           base_dir=opts.get("image_dir"), progress=bool(args.jsonl), compile=args.compile,
+                           base_dir=opts.get("image_dir"), progress=bool(args.jsonl) and not args.no_progress, compile=args.compile,
                            on_error="record" if args.jsonl else "raise")
     if args.jsonl:
         from .fileio import jsonl_line
