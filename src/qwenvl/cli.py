@@ -163,10 +163,13 @@ class _Parser(argparse.ArgumentParser):
         """For argparse's "invalid choice" of a command or task: the one meant (``qwenvl eval grouding``), else that
         it comes first (``qwenvl eval --model M ...`` took M for the task)."""
         said = _INVALID_CHOICE.match(message)
-        commands = [a for a in self._actions if isinstance(a.choices, dict) and said and said["name"] == a.metavar]
-        if not commands:
+        if said is None:
             return ""
-        close = difflib.get_close_matches(said["value"], list(commands[0].choices), n=1, cutoff=0.6)
+        names = next((list(a.choices) for a in self._actions if isinstance(a.choices, dict) and a.metavar == said["name"]),
+                     None)
+        if names is None:
+            return ""
+        close = difflib.get_close_matches(said["value"], names, n=1, cutoff=0.6)
         if close:
             return f" (did you mean {close[0]}?)"
         if " " not in self.prog:  # qwenvl's COMMAND: no flag comes before it

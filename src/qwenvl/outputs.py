@@ -134,8 +134,7 @@ def check_separate(
     out = _real_output(output, what)
     lenient = set(may_lie_inside)
     for label, path in inputs.items():
-        src = _real(path) if path else None
-        if src is None:
+        if not path or (src := _real(path)) is None:
             continue
         if out == src:
             raise OutputDirError(f"the {what} {shown_path(output)} is the {label} {shown_path(path)}; write the output "
@@ -179,8 +178,7 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
             raise OutputDirError(f"the output file {shown_path(output)} is the {label} {shown_path(path)}; write the "
                                  "output somewhere else")
     for label, folder in (folders or {}).items():
-        src = _real(folder) if folder else None
-        if src is not None and _within(out, src):
+        if folder and (src := _real(folder)) is not None and _within(out, src):
             raise OutputDirError(f"the output file {shown_path(output)} lies inside the {label} {shown_path(folder)}; "
                                  "write the output somewhere else")
     if out.is_dir():
