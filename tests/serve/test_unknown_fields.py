@@ -99,6 +99,17 @@ def test_vllms_sampling_extensions_we_do_not_implement_are_refused_unless_at_the
     assert ignored_lines(caplog) == []  # asking for nothing, and known: not said as ignored
 
 
+def test_a_misspelled_required_field_is_said_with_the_field_sent(server):
+    # pydantic's "messages: Field required" did not say that the request had "mesages"
+    r = httpx.post(server.v1 + "/chat/completions", json={"mesages": CHAT["messages"], "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "messages: Field required (the request has 'mesages': did you mean messages?)"
+    r = httpx.post(server.v1 + "/chat/completions", json={"messages": [{"rol": "user", "content": "hi"}]}, timeout=60)
+    assert r.json()["error"]["message"] == "messages.0.role: Field required (the request has 'rol': did you mean role?)"
+    r = httpx.post(server.v1 + "/completions", json={"max_tokens": 2}, timeout=60)  # nothing close: as before
+    assert r.json()["error"]["message"] == "prompt: Field required"
+
+
 def test_the_log_line_of_many_ignored_fields_is_bounded(server, caplog):
     caplog.set_level(logging.WARNING, logger="qwenvl.serve.app")
     body = {**CHAT, **{f"x{k}": 0 for k in range(1000)}, "y" * 10_000: 0}

@@ -640,10 +640,26 @@ async def _parse(http: Request, model: type[_Body]) -> _Body:
     try:
         body = model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: the same messages
     except ValidationError as e:  # answered as FastAPI's validation errors are (see create_app's handler)
-        raise RequestValidationError([{**err, "loc": ("body", *_input_path(parsed, err))}
-                                      for err in e.errors()]) from None
+        raise RequestValidationError([{**err, "loc": ("body", *_input_path(parsed, err)),
+                                       "msg": _missing_hint(parsed, err)} for err in e.errors()]) from None
     _check_unknown(body, parsed)
     return body
+
+
+def _missing_hint(data: Any, error: Any) -> str:
+    """pydantic's message of ``error``; for a required field left out, with the field of the request that misspells
+    it (``"mesages"``: "Field required (the request has 'mesages': did you mean messages?)")."""
+    if error["type"] != "missing" or not error["loc"]:
+        return error["msg"]
+    *path, name = error["loc"]
+    for step in path:  # the object that lacks the field, as sent
+        held = (isinstance(data, dict) and step in data
+                or isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data))
+        if not held:
+            return error["msg"]
+        data = data[step]
+    typed = next((k for k in data if protocol.close_field(k, {name: None})), None) if isinstance(data, dict) else None
+    return error["msg"] if typed is None else f"{error['msg']} (the request has {shown(typed)}: did you mean {name}?)"
 
 
 def _check_unknown(body: BaseModel, data: Any) -> None:
