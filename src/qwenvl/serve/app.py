@@ -640,25 +640,29 @@ async def _parse(http: Request, model: type[_Body]) -> _Body:
     try:
         body = model.model_validate(parsed, from_attributes=True)  # as FastAPI validates: the same messages
     except ValidationError as e:  # answered as FastAPI's validation errors are (see create_app's handler)
-        raise RequestValidationError([{**err, "loc": ("body", *_input_path(parsed, err)),
-                                       "msg": _missing_hint(parsed, err)} for err in e.errors()]) from None
+        found = [(err, _input_path(parsed, err)) for err in e.errors()]
+        raise RequestValidationError([{**err, "loc": ("body", *path), "msg": _missing_hint(parsed, path, err)}
+                                      for err, path in found]) from None
     _check_unknown(body, parsed)
     return body
 
 
-def _missing_hint(data: Any, error: Any) -> str:
-    """pydantic's message of ``error``; for a required field left out, with the field of the request that misspells
-    it (``"mesages"``: "Field required (the request has 'mesages': did you mean messages?)")."""
-    if error["type"] != "missing" or not error["loc"]:
+# how many keys of an object that lacks a required field are looked at for one misspelling it: a request holds a
+# few dozen; a hostile one millions, each a difflib comparison on the event loop
+_MISSING_HINT_KEYS = 64
+
+
+def _missing_hint(data: Any, path: tuple[str | int, ...], error: Any) -> str:
+    """pydantic's message of ``error``, at ``path`` in the request's JSON ``data`` (:func:`_input_path`); for a
+    required field left out, with the field of the request that misspells it (``"mesages"``: "Field required (the
+    request has 'mesages': did you mean messages?)")."""
+    if error["type"] != "missing" or not path:
         return error["msg"]
-    *path, name = error["loc"]
-    for step in path:  # the object that lacks the field, as sent
-        held = (isinstance(data, dict) and step in data
-                or isinstance(data, list) and isinstance(step, int) and 0 <= step < len(data))
-        if not held:
-            return error["msg"]
+    *where, name = path
+    for step in where:  # the object that lacks the field: every step of the path is in the data
         data = data[step]
-    typed = next((k for k in data if protocol.close_field(k, {name: None})), None) if isinstance(data, dict) else None
+    keys = itertools.islice(data, _MISSING_HINT_KEYS) if isinstance(data, dict) else ()
+    typed = next((k for k in keys if protocol.close_field(k, {str(name): None})), None)
     return error["msg"] if typed is None else f"{error['msg']} (the request has {shown(typed)}: did you mean {name}?)"
 
 
