@@ -501,23 +501,29 @@ def read_partial(path: Path) -> tuple[dict, list[dict]]:
     return header, rows
 
 
+def _interrupt_generation_at_batch(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C in the ``n``-th call of ``qwenvl.generation.generate`` (the ``n``-th batch of an eval)."""
+    import qwenvl.generation
+
+    real, calls = qwenvl.generation.generate, []
+
+    def generate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qwenvl.generation, "generate", generate)
+
+
 def test_cli_interrupted_keeps_the_predictions_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str],
                                                       caplog: pytest.LogCaptureFixture) -> None:
     # Ctrl-C in the third batch: the first 4 predictions are already next to --output, under a name that says they
     # are partial (an existing file of that name is kept), one JSON line each; nothing is written at --output
-    import qwenvl.generation
     from qwenvl.cli import main
 
-    real, calls = qwenvl.generation.generate, []
-
-    def stop_at_the_third_batch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(qwenvl.generation, "generate", stop_at_the_third_batch)
+    _interrupt_generation_at_batch(3, monkeypatch)
     data, out = _six_grounding_rows(tmp_path), tmp_path / "out.json"
     (tmp_path / "out.json.partial").write_text("an earlier run's predictions")
     with caplog.at_level("INFO"):
@@ -539,18 +545,9 @@ def test_cli_partial_rows_are_one_line_each_for_str_splitlines(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # a sample's text holding U+2028, U+2029 or U+0085 was written as it is: str.splitlines (read_partial) broke
     # the row there; they are escaped, as data-convert's JSON Lines
-    import qwenvl.generation
     from qwenvl.cli import main
 
-    real, calls = qwenvl.generation.generate, []
-
-    def stop_at_the_second_batch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(qwenvl.generation, "generate", stop_at_the_second_batch)
+    _interrupt_generation_at_batch(2, monkeypatch)
     sents = ["a\u2028b", "c\u2029d\x85e", "f", "g"]
     data = write_jsonl(tmp_path / "g.jsonl", [
         {"image": "cat.png", "sent": s, "bbox": [10, 10, 100, 100], "height": 240, "width": 320} for s in sents
