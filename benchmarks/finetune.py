@@ -66,18 +66,19 @@ def matmul_peak(n: int = 2048, repeat: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def synthetic_samples(config: QwenVLConfig, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` samples of SEQ tokens: 20 prompt tokens, one image span, text, a LABELLED-token answer."""
+def synthetic_samples(config: QwenVLConfig, n: int, seed: int = 0, seq: int = SEQ, labelled: int = LABELLED
+                      ) -> list[dict[str, Any]]:
+    """``n`` samples of ``seq`` tokens: 20 prompt tokens, one image span, text, a ``labelled``-token answer."""
     g = torch.Generator().manual_seed(seed)
     size = config.visual.image_size
     samples = []
     for _ in range(n):
-        ids = torch.randint(0, 150000, (SEQ,), generator=g)
+        ids = torch.randint(0, 150000, (seq,), generator=g)
         ids[20] = IMG_START_ID
         ids[21:277] = IMG_PAD_ID
         ids[277] = IMG_END_ID
-        labels = torch.full((SEQ,), -100)
-        labels[-LABELLED:] = ids[-LABELLED:]
+        labels = torch.full((seq,), -100)
+        labels[-labelled:] = ids[-labelled:]
         samples.append({"input_ids": ids, "labels": labels, "images": torch.randn(1, 3, size, size, generator=g)})
     return samples
 
