@@ -15,6 +15,8 @@ as each is measured:
   (largest logit difference, top-1 agreement over its last 200 positions), and the prefill with attention held
   to the flash kernel (``sdpa_kernel(FLASH_ATTENTION)``) against PyTorch's own choice;
 * ``prefill``: that prompt's prefill in bf16: ms and achieved FLOP/s over the measured peak;
+* ``layer``: one LM matrix's product at 1 and 8 rows, bf16 and int8, eager and compiled, timed with CUDA graphs
+  (no launch overhead): the kernels alone against the weight-read floor;
 * ``decode``: batch 1 and batch 8, eager and ``compile=True``, bf16 and int8: ms per step, tokens/s, and batch 1
   over the weight-read floor (bytes of the LM matrices / the measured bandwidth; the design's aim is >= 70% of the
   bandwidth bound, a ratio <= 1.43);
@@ -269,6 +271,40 @@ def decode(device: torch.device, args: argparse.Namespace, read_gbs: float | Non
     return out
 
 
+def layer(device: torch.device, args: argparse.Namespace, read_gbs: float | None) -> dict[str, Any]:
+    """One LM matrix's product (``--layer-shape``, the MLP's 11008 x 4096) at 1 and 8 rows, timed with CUDA graphs
+    (``triton.testing.do_bench_cudagraph``: no launch overhead) where there is a GPU: how close the kernels alone
+    come to the weight-read floor, bf16 against int8 (:class:`qwenvl.quantize.Int8Linear`), eager and compiled."""
+    from qwenvl.quantize import Int8Linear
+
+    n, k = args.layer_shape
+    linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    int8 = Int8Linear.from_linear(linear, torch.bfloat16)
+    if device.type == "cuda":
+        from triton.testing import do_bench_cudagraph
+
+        def bench(fn: Callable[[], Any]) -> float:
+            return do_bench_cudagraph(fn) / 1e3
+    else:
+        def bench(fn: Callable[[], Any]) -> float:
+            return timed(fn, device, repeat=20)
+    out: dict[str, Any] = {}
+    lines = []
+    for rows in (1, 8):
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+        variants = {"bf16": lambda x=x: linear(x), "int8": lambda x=x: int8(x)}
+        for name, fn in list(variants.items()):
+            variants[f"{name} compiled"] = torch.compile(fn, dynamic=False)
+        for name, fn in variants.items():
+            with torch.no_grad():
+                s = bench(fn)
+            floor = n * k * (2 if name.startswith("bf16") else 1) / (read_gbs * 1e9) if read_gbs else None
+            out[f"{name}_rows{rows}_us"] = s * 1e6
+            lines.append(f"{rows} row(s) {name}: {s * 1e6:.1f} us" + (f" ({s / floor:.2f}x floor)" if floor else ""))
+    out["summary"] = f"{n} x {k} product: " + "; ".join(lines)
+    return out
+
+
 def _train_config(args: argparse.Namespace) -> QwenVLConfig:
     cfg = QwenVLConfig.from_preset(args.preset)
     return dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, num_hidden_layers=args.train_layers))
@@ -348,8 +384,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="qwen-vl-9.6b", help="the model measured in bf16, decode and LoRA")
-    ap.add_argument("--sections", nargs="+", default=["golden", "parity", "limits", "bf16", "prefill", "train", "decode"])
+    ap.add_argument("--sections", nargs="+", default=["golden", "parity", "limits", "bf16", "prefill", "layer", "train", "decode"])
     ap.add_argument("--parity-preset", default="mid", help="the model compared with the CPU in fp32")
+    ap.add_argument("--layer-shape", type=int, nargs=2, default=[11008, 4096], metavar=("OUT", "IN"))
     ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per run")
     ap.add_argument("--train-layers", type=int, default=16, help="LM layers of the fully fine-tuned model")
     ap.add_argument("--train-batch", type=int, default=4, help="samples per step")
@@ -375,6 +412,7 @@ def main() -> None:
     calls = {"golden": lambda: golden(device, args), "parity": lambda: parity(device, args), "limits": lambda: limits(device, args),
              "bf16": lambda: bf16(device, args), "prefill": lambda: prefill(device, args, measured("bf16_peak_tflops")),
              "decode": lambda: decode(device, args, measured("read_gbs")),
+             "layer": lambda: layer(device, args, measured("read_gbs")),
              "train": lambda: train(device, args, measured("bf16_peak_tflops"))}
     for name in args.sections:
         if time.perf_counter() > args.deadline:
