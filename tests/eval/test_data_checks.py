@@ -67,6 +67,49 @@ def test_a_target_box_may_overhang_the_image_by_a_rounding_pixel(tmp_path: Path,
     assert load_grounding_data(data, image_dir)[0].bbox == (-0.5, 0.0, 200.6, 100.0)
 
 
+def test_a_given_size_that_is_not_the_images_is_warned_of_once_and_used(
+        tmp_path: Path, image_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # was: used silently; every predicted box of such a row is scaled by the wrong size, so it misses its target
+    from qwenvl.eval import runners
+
+    sized = []
+    read_size = runners._read_size
+    monkeypatch.setattr(runners, "_read_size", lambda path, where: sized.append(path) or read_size(path, where))
+    Image.new("RGB", (100, 100), "gray").save(image_dir / "b.png")
+    rows = [{"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10], "width": 200, "height": 100.0},  # a.png: 200x100
+            {"image": "b.png", "sent": "x", "bbox": [0, 0, 10, 10], "width": 100, "height": 100},
+            {"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10], "width": 100, "height": 200},  # swapped
+            {"image": "a.png", "sent": "x", "bbox": [0, 0, 10, 10], "width": 400, "height": 200}]
+    data = write_jsonl(tmp_path / "g.jsonl", rows)
+    with caplog.at_level("WARNING", logger="qwenvl.eval.runners"):
+        records = load_grounding_data(data, image_dir)
+    warned = [r.getMessage() for r in caplog.records if "not their image's size" in r.getMessage()]
+    assert warned == [f"{data}: 2 of 4 rows give a width x height that is not their image's size (the first, "
+                      f"{data}:3, gives 100x200 for a.png, which is 200x100): their boxes are scaled by the given "
+                      "size, as the official evaluation does"]
+    assert [(r.width, r.height) for r in records] == [(200, 100), (100, 100), (100, 200), (400, 200)]  # as given
+    assert sorted(p.name for p in sized) == ["a.png", "b.png"]  # each image's header read once
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwenvl.eval.runners"):
+        load_grounding_data(write_jsonl(tmp_path / "ok.jsonl", rows[:2]), image_dir)
+    assert not caplog.records
+
+
+def test_a_given_size_of_an_unreadable_image_is_left_to_the_model(tmp_path: Path, image_dir: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # its size is not needed to load the row: the model refuses the image, an error of that sample only
+    (image_dir / "bad.png").write_bytes(b"not an image")
+    row = {"image": "bad.png", "sent": "x", "bbox": [0, 0, 10, 10], "width": 200, "height": 100}
+    with caplog.at_level("WARNING", logger="qwenvl.eval.runners"):
+        assert len(load_grounding_data(write_jsonl(tmp_path / "g.jsonl", [row]), image_dir)) == 1
+    assert not caplog.records
+    # a later row without a size needs it: the header is read for it, and refused naming that row
+    data = write_jsonl(tmp_path / "h.jsonl", [row, {"image": "bad.png", "sent": "x", "bbox": [0, 0, 10, 10]}])
+    with pytest.raises(EvalDataError, match=r"h\.jsonl:2: cannot read the size of"):
+        load_grounding_data(data, image_dir)
+
+
 def test_a_width_of_the_wrong_type_says_number(tmp_path: Path, image_dir: Path) -> None:
     data = write_jsonl(tmp_path / "g.jsonl", [{"image": "a.png", "sent": "x", "bbox": [0, 0, 1, 1], "width": "200",
                                                "height": 100}])

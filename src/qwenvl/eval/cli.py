@@ -44,7 +44,8 @@ DATA_FORMATS = {
     "grounding": """\
 --data: JSONL, one referring expression per line: "image" (relative to --image_dir), "sent", "bbox" in pixels
 of the original image ([x1, y1, x2, y2]; COCO's [x, y, w, h] with --bbox_format xywh), and optionally
-"height"/"width" (else read from the image file). Example:
+"height"/"width" (else read from the image file; given, they scale the predicted boxes as the official evaluation
+does, with a warning when they are not the image file's size). Example:
 {"image": "val2014/COCO_val2014_000000000139.jpg", "sent": "the man on the left", "bbox": [10.5, 20, 200, 310.2], "height": 426, "width": 640}
 {"image": "val2014/COCO_val2014_000000000285.jpg", "sent": "brown bear", "bbox": [0, 50, 640, 586]}""",
     "vqa": """\

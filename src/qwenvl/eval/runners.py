@@ -21,8 +21,9 @@ folder: relative paths resolve there and, unless ``allow_any_local_path=True``, 
 
 - grounding: ``{"image": "...", "sent": "the man on the left", "bbox": [x1, y1, x2, y2], "height": H,
   "width": W}`` with ``bbox`` in pixels of the original image (``bbox_format="xywh"`` reads COCO's
-  ``[x, y, w, h]`` instead). ``height``/``width`` may be omitted: they are then read from the image file. The
-  box must lie in the image (up to a pixel of overhang).
+  ``[x, y, w, h]`` instead). ``height``/``width`` may be omitted: they are then read from the image file. Given,
+  they scale the predicted boxes as given (as the official evaluation does), with one warning naming how many rows
+  give a size that is not their image file's. The box must lie in the image (up to a pixel of overhang).
 - VQA: ``{"image": "...", "question": "...", "answers": ["yes", "yes", ...]}`` (VQAv2: the 10 annotators'
   answers; ``{"answer": ...}`` dicts are accepted too) or ``"answer": "yes"`` for a single reference (not all
   blank); optional ``question_id`` (a number or a string, unique).
@@ -550,7 +551,9 @@ def load_grounding_data(
     path = Path(path)
     records = []
     known: dict[str, Path] = {}
-    sizes: dict[Path, tuple[int, int]] = {}
+    sizes: dict[Path, tuple[int, int] | None] = {}  # (width, height) of each file; None: unreadable (to a row that
+    # gives its size, which does not need it; a row that does reads it again, and says why it cannot)
+    mismatched: list[tuple[str, float, float, str, int, int]] = []  # (where, given w, h, image, actual w, h)
     for lineno, obj in _read_jsonl(path):
         where = f"{path}:{lineno}"
         image = _require(obj, "image", str, where)
@@ -572,10 +575,19 @@ def load_grounding_data(
                 raise EvalDataError(f"{where}: width and height must be positive finite numbers, got "
                                     f"{_short(width_)}x{_short(height_)}")
             width, height = float(width_), float(height_)
+            if file not in sizes:  # to warn of a size that is not the image's (an image whose header cannot be
+                try:  # read is left to the model to refuse: an error of that sample, as when the size is omitted)
+                    sizes[file] = _read_size(file, where)
+                except EvalDataError:
+                    sizes[file] = None
+            actual = sizes[file]
+            if actual is not None and (float(actual[0]), float(actual[1])) != (width, height):
+                mismatched.append((where, width, height, image, *actual))
         else:
-            if file not in sizes:
-                sizes[file] = _read_size(file, where)
-            w, h = sizes[file]
+            size = sizes.get(file)
+            if size is None:  # not read yet, or unreadable for a row that gave its size: this one needs it
+                size = sizes[file] = _read_size(file, where)
+            w, h = size
             if not (w > 0 and h > 0):
                 raise EvalDataError(f"{where}: width and height must be positive finite numbers, got {w}x{h}")
             width, height = float(w), float(h)
@@ -586,6 +598,11 @@ def load_grounding_data(
         records.append(GroundingRecord(image, sent, bbox, width, height, where))
     if not records:
         raise EvalDataError(f"{path}: no samples")
+    if mismatched:
+        where, width, height, image, w, h = mismatched[0]
+        logger.warning("%s: %d of %d rows give a width x height that is not their image's size (the first, %s, gives "
+                       "%gx%g for %s, which is %dx%d): their boxes are scaled by the given size, as the official "
+                       "evaluation does", path, len(mismatched), len(records), where, width, height, image, w, h)
     return records
 
 
