@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from qwenvl.model import QwenVL
 from qwenvl.train import train
+from qwenvl.train.lora import base_fingerprint, recorded_base_fingerprint
 from qwenvl.train.sharded_checkpoint import consolidate
 
 ROOT = Path(__file__).parents[2]
@@ -223,6 +224,11 @@ def test_lora_on_two_ranks_equals_one(setup, lora_reference) -> None:
     _assert_same_weights(got, want)
     _assert_same_weights(load_file(str(out / "adapter" / "non_lora_trainables.safetensors")),
                          load_file(str(Path(lora_reference.output_dir) / "adapter" / "non_lora_trainables.safetensors")))
+    # the base the adapters record is the one they trained on: under FSDP each rank holds a shard of the rows that
+    # base_fingerprint reads (rank 0, which saves, the first ones), and a wrong record refuses every merge and load
+    base = base_fingerprint(QwenVL.from_pretrained(setup["base"]))
+    for adapter in (out / "adapter", out / "checkpoint-2" / "adapter"):
+        assert recorded_base_fingerprint(adapter) == base, adapter
 
 
 # ---- failure ------------------------------------------------------------------------------------------------

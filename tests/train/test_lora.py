@@ -443,3 +443,63 @@ def test_an_unreadable_base_record_is_a_one_line_error(lora_run, tmp_path: Path)
         with pytest.raises(CheckpointError, match=said.format(re.escape(str(bad / "base_model.json"))) + "[^\n]+$"):
             merge_lora(root / "base", bad, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def _with_adapters(cfg, seed: int = 0) -> QwenVL:
+    """A tiny model (``seed``: its base weights) with the adapters of ``cfg``, untrained, as load_adapter wants."""
+    from qwenvl.train.lora import apply_lora
+
+    model = QwenVL.from_config("tiny", seed=seed)
+    apply_lora(model, cfg)
+    return model
+
+
+def test_an_adapter_loads_into_the_base_it_was_trained_on(lora_run) -> None:
+    from qwenvl.train.lora import base_fingerprint, load_adapter
+
+    root, cfg, result = lora_run
+    model = _with_adapters(cfg)
+    params = dict(model.named_parameters())
+    # peft renames the wrapped Linears' weights: the fingerprint reads them as the base's
+    assert "transformer.h.0.attn.c_attn.base_layer.weight" in params
+    assert "transformer.h.0.attn.c_attn.weight" not in params
+    assert base_fingerprint(model) == base_fingerprint(QwenVL.from_pretrained(root / "base"))
+    load_adapter(model, result.final_path)
+    want, got = result.model.state_dict(), model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(want[k], got[k]) for k in want)  # adapters and resampler
+
+
+def test_an_adapter_is_not_loaded_into_another_base_unless_asked(lora_run, caplog) -> None:
+    # load_adapter loaded an adapter into any model of the same shapes, without a word (merge_lora refused it)
+    from qwenvl.checkpoint import CheckpointError
+    from qwenvl.train.lora import load_adapter
+
+    root, cfg, result = lora_run
+    other = _with_adapters(cfg, seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"^the adapter {result.final_path} was trained on the base "
+                                              rf"{root / 'base'}, not on this model's base weights \(") as info:
+        load_adapter(other, result.final_path)
+    assert "\n" not in str(info.value) and str(info.value).endswith(
+        "load it into the base it was trained on, or pass ignore_mismatched_base=True to load it all the same")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # refused before loading anything
+    with caplog.at_level("WARNING", logger="qwenvl.train.lora"):
+        load_adapter(other, result.final_path, ignore_mismatched_base=True)  # said on purpose: loaded
+    assert not caplog.records
+    want, got = result.model.state_dict(), other.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want if "lora_" in k or k.startswith(RESAMPLER))
+
+
+def test_an_adapter_without_a_fingerprint_loads_with_a_warning(lora_run, tmp_path: Path, caplog) -> None:
+    # peft's own adapters, and ours from before: the base cannot be checked, so it is said (as merge_lora says it)
+    from qwenvl.train.lora import load_adapter
+
+    root, cfg, result = lora_run
+    old = Path(shutil.copytree(result.final_path, tmp_path / "old"))
+    (old / "base_model.json").unlink()
+    model = _with_adapters(cfg, seed=1)
+    with caplog.at_level("WARNING", logger="qwenvl.train.lora"):
+        load_adapter(model, old)
+    assert (f"the adapter {old} does not record the base model it was trained on (no base_model.json): make sure "
+            "the model it is loaded into is that model") in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items() if "lora_" in k)

@@ -15,8 +15,9 @@ folder)`` reads it too)::
     base_model.json                ours (peft ignores it): {"base_model_fingerprint": "sha256:..."}
 
 :func:`merge_lora` folds the adapters into the base weights and writes a normal checkpoint in the
-official layout, after checking that the base is the one the adapter was trained on: another model of the same
-shapes (Qwen-VL for Qwen-VL-Chat, another random init) merges without an error into weights the adapter never saw.
+official layout, after checking that the base is the one the adapter was trained on (:func:`load_adapter` checks it
+too): another model of the same shapes (Qwen-VL for Qwen-VL-Chat, another random init) merges without an error
+into weights the adapter never saw.
 A path says little (folders move and get copied), so the base's weights are fingerprinted
 (:func:`base_fingerprint`).
 
@@ -274,8 +275,13 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {file}: {error_line(e)} (truncated or corrupt file?)") from None
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
-    """Load saved adapter (and full-trained) weights into a model that already has the same adapters."""
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str], ignore_mismatched_base: bool = False) -> None:
+    """Load saved adapter (and full-trained) weights into a model that already has the same adapters.
+
+    As :func:`merge_lora`, an adapter that records the base it was trained on (:func:`base_fingerprint`) is refused
+    (:class:`~qwenvl.checkpoint.CheckpointError`) by a model of the same shapes with other base weights, unless
+    ``ignore_mismatched_base``: it would load without an error into weights it never saw.
+    """
     peft = _peft()
     folder = Path(adapter_dir)
     file = folder / ADAPTER_WEIGHTS
@@ -287,6 +293,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str]) -> None:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter {folder} does not match the model's adapters: missing {missing[:5]}, "
                          f"unexpected {extra[:5]} (different lora_r or lora_target?)")
+    if not ignore_mismatched_base:  # the shapes fit: are these the weights it was trained on? (before the
+        _check_base(folder, model)  # parameters trained in full replace some of them)
     peft.set_peft_model_state_dict(model, state)
     _load_extras(model, folder)
 
@@ -320,34 +328,41 @@ def recorded_base_fingerprint(adapter_dir: str | os.PathLike[str]) -> str | None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"cannot read {file}: {error_line(e)}") from None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("base_model_fingerprint"), str):
-        raise CheckpointError(f"{file} holds no \"base_model_fingerprint\" string: the base cannot be checked (add "
-                              "--ignore_mismatched_base to merge without checking it)")
+        raise CheckpointError(f"{file} holds no \"base_model_fingerprint\" string: the base cannot be checked "
+                              "(--ignore_mismatched_base, ignore_mismatched_base=True in Python, skips the check)")
     return recorded["base_model_fingerprint"]
 
 
-def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike[str]) -> None:
+def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike[str] | None = None) -> None:
     """Raise :class:`~qwenvl.checkpoint.CheckpointError` when the adapter in ``adapter_dir`` records a base
-    fingerprint (:data:`BASE_MODEL`) other than ``model``'s (loaded from ``base_dir``); warn when it records none
-    (an adapter written by peft, or by qwenvl before it recorded one): its base cannot be checked."""
+    fingerprint (:data:`BASE_MODEL`) other than ``model``'s base weights; warn when it records none (an adapter
+    written by peft, or by qwenvl before it recorded one): its base cannot be checked. ``base_dir``: the folder
+    ``model`` was loaded from, to merge into (:func:`merge_lora`); None: a model to load it into (:func:`load_adapter`).
+    """
     from ..checkpoint import CheckpointError
 
     recorded = recorded_base_fingerprint(adapter_dir)
     if recorded is None:
+        target = base_dir if base_dir is not None else "the model it is loaded into"
         logger.warning("the adapter %s does not record the base model it was trained on (no %s): make sure %s is that "
-                       "model", adapter_dir, BASE_MODEL, base_dir)
+                       "model", adapter_dir, BASE_MODEL, target)
         return
     if recorded == base_fingerprint(model):
         return
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))  # read by adapter_folder
-    name = config.get("base_model_name_or_path")
-    if name and Path(name).resolve() == Path(base_dir).resolve():  # the folder it was trained on, other weights now
+    try:  # read by adapter_folder for a merge; a folder given to load_adapter needs only its weights
+        name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if name and base_dir is not None and Path(name).resolve() == Path(base_dir).resolve():  # other weights now
         trained_on = f"the weights {base_dir} held then, not on those it holds now"
     else:
-        trained_on = f"{'the base ' + str(name) if name else 'another base'}, not on the weights in {base_dir}"
+        weights = f"the weights in {base_dir}" if base_dir is not None else "this model's base weights"
+        trained_on = f"{'the base ' + str(name) if name else 'another base'}, not on {weights}"
+    fix = (f"merge it into the base it was trained on, or add --ignore_mismatched_base (ignore_mismatched_base=True "
+           f"in Python) to merge it into {base_dir} all the same" if base_dir is not None else
+           "load it into the base it was trained on, or pass ignore_mismatched_base=True to load it all the same")
     raise CheckpointError(f"the adapter {adapter_dir} was trained on {trained_on} (they differ: another model of the "
-                          "same shapes, or a copy rounded to another dtype?): merge it into the base it was trained "
-                          "on, or add --ignore_mismatched_base (ignore_mismatched_base=True in Python) to merge it "
-                          f"into {base_dir} all the same")
+                          f"same shapes, or a copy rounded to another dtype?): {fix}")
 
 
 def merge_lora(
