@@ -426,3 +426,43 @@ def test_a_model_the_memory_cannot_hold_is_refused_before_loading(golden_dir, mo
             f"weights, and this machine has {available / 1e6:.0f} MB available (RAM + swap): {advice}\n")
     assert cli.main([*argv, "--quantize", "int8"]) == 2
     assert "with int8 weights needs" in capsys.readouterr().err
+
+
+def test_int8_layers_off_the_cpu_keep_the_plain_products(monkeypatch) -> None:
+    """The CPU paths (transposed slices, compiled few-row reductions) are set up only for weights on the CPU: on a
+    GPU an AMD host's fp32 path made compiled 2-8-row products padded reductions (86 vs 64 us an 11,008 x 4,096
+    product on an H200). The meta device stands in for a GPU."""
+    import qwenvl.quantize as qz
+
+    monkeypatch.setattr(qz, "fp32_product_path", lambda: "amd")
+    on_cpu = QwenVL.from_config("tiny", seed=0)
+    qz.quantize_int8(on_cpu)
+    assert on_cpu.lm_head.few_row_reductions and on_cpu.lm_head.transposed_slices
+    elsewhere = QwenVL.on_meta("tiny")
+    assert qz.quantize_int8(elsewhere) == len(elsewhere.transformer.h) * 5 + 1
+    layers = [m for m in elsewhere.modules() if isinstance(m, Int8Linear)]
+    assert layers and not any(m.few_row_reductions or m.transposed_slices for m in layers)
+
+
+def test_compiled_products_off_the_cpu_are_not_rewritten_to_pytorchs_int8_product(monkeypatch) -> None:
+    """Off the CPU an int8 layer multiplies by the dequantized weight. Compiled, a 3-D input (a decode step's
+    (B, 1, K)) times bf16 scales matched inductor's weight-only int8 pattern, which put in
+    aten._weight_int8pack_mm: on an H200 15x slower than this product (a batch-8 decode step of the 9.6B model took
+    145 ms). The layer scales in fp32 instead, with the same numbers. ``_cpu_no_grad`` False stands in for GPU
+    weights (it is what sends them this way)."""
+    import qwenvl.quantize as qz
+
+    monkeypatch.setattr(qz, "_cpu_no_grad", lambda x, weight: False)
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(256, 512).to(torch.bfloat16), torch.bfloat16)
+    x = torch.randn(8, 1, 256, dtype=torch.bfloat16)
+    compiled = torch.compile(q, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        eager = q(x)
+        compiled(x)  # compiles
+        with torch.profiler.profile() as prof:
+            got = compiled(x)
+    assert "aten::_weight_int8pack_mm" not in {e.key for e in prof.key_averages()}
+    want = (nn.functional.linear(x.float(), q.dequantize()) + q.bias.float()).to(torch.bfloat16)
+    torch.testing.assert_close(eager, want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, eager, rtol=1e-2, atol=1e-2)

@@ -394,7 +394,12 @@ class Int8Linear(nn.Module):
         else:
             xi = _interleave(x, self.groups)  # the input in the stored column order: the same product
             if not _cpu_no_grad(x, self.weight):
-                y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+                # Scaled in fp32 and rounded once: the same numbers as a multiply in x's dtype (which computes in
+                # fp32), but not inductor's weight-only int8 pattern: that rewrites a compiled product of a 3-D
+                # input times scales of x's dtype into aten._weight_int8pack_mm, whose CUDA kernel took 939 us for
+                # 8 rows of an 11,008 x 4,096 weight on an H200 (this form: 62 us), and a compiled batch-8 decode
+                # step of the 9.6B model 145 ms (benchmarks/README.md)
+                y = (F.linear(xi, self.weight.to(x.dtype)) * self.scales.float()).to(x.dtype)
             elif x.dtype == torch.bfloat16 and _rows(x) <= _FEW_ROWS and self.in_features % _INT8PACK_K == 0:
                 # PyTorch's own int8 product (module doc)
                 x2 = xi.reshape(-1, self.in_features).contiguous()
@@ -470,12 +475,14 @@ def lm_linears(model: QwenVL) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 def quantize_int8(model: QwenVL, dtype: torch.dtype | None = None) -> int:
     """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
-    full-precision weight of a layer is freed as soon as its int8 copy exists), set up for the machine's path
-    (:func:`use_row_products`); their scales and biases in ``dtype`` (default: each weight's). Returns how many."""
+    full-precision weight of a layer is freed as soon as its int8 copy exists), on the CPU set up for the machine's
+    path (:func:`use_row_products`; elsewhere they keep the plain products); their scales and biases in ``dtype``
+    (default: each weight's). Returns how many."""
     layers = lm_linears(model)
     for parent, name, layer in layers:
         setattr(parent, name, Int8Linear.from_linear(layer, dtype))
-    use_row_products(model)
+    if layers and layers[0][2].weight.device.type == "cpu":  # the CPU's paths: measured on CPUs, for CPUs
+        use_row_products(model)
     return len(layers)
 
 
