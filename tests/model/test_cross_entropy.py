@@ -3,9 +3,13 @@ bf16 autocast, in one slice or many, with either input frozen."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qwenvl.model.cross_entropy as ce
 from qwenvl import QwenVL
@@ -93,3 +97,59 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     assert out.num_loss_tokens == int(keep.sum())
     out.loss.backward()
     assert model.lm_head.weight.grad is not None and model.transformer.ln_f.weight.grad is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_row_block_size_does_not_change_the_numbers(monkeypatch, autocast):
+    """The GPU's large row blocks give each row what the CPU's 8-row blocks give it (every op in the pass is
+    per row): the same gradients, and the loss up to the order of its fp32 sum."""
+    h, w, y = _inputs(n=45, d=32, vocab=3000)
+    got = {}
+    for block in (8, 45):  # 8: the CPU's, with a partial last block; 45: the whole input in one block
+        monkeypatch.setattr(ce, "_ROW_BLOCK", block)
+        got[block] = _grads(linear_cross_entropy, h, w, y, autocast=autocast)
+    torch.testing.assert_close(got[45][0], got[8][0], rtol=1e-6, atol=0)
+    for a, b in zip(got[45][1:], got[8][1:], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_row_block_per_device():
+    assert ce._row_block(torch.device("cpu"), 441, 151936) == 8  # in cache, measured there
+    cuda = torch.device("cuda")  # a 441-row slice at the real vocabulary: 2 equal blocks, not 56 of 8
+    assert ce._row_block(cuda, 441, 151936) == 221
+    assert ce._row_block(cuda, 5, 11) == 5 and ce._row_block(cuda, 0, 151936) == 1
+
+
+class _CountOps(TorchDispatchMode):
+    """Ops that allocate or compute (a kernel launch each on a GPU); views launch nothing."""
+
+    VIEWS = {"slice", "view", "t", "unsqueeze", "expand", "select", "alias", "detach"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.count[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_launches_on_a_gpu_are_per_block_not_per_token(monkeypatch, dtype):
+    """Counted on meta tensors, which stand in for a GPU's: 2048 labelled tokens at the real vocabulary are 5
+    logit slices of 2 blocks each, about 10 ops a block, where 8-row blocks were about one op per token."""
+    _autocast = torch.autocast  # meta has no autocast state; the pass only turns autocast off
+    monkeypatch.setattr(
+        torch, "autocast", lambda dev, **kw: contextlib.nullcontext() if dev == "meta" else _autocast(dev, **kw)
+    )
+    n = 2048
+    h = torch.empty(n, 64, dtype=dtype, device="meta")
+    w = torch.empty(151936, 64, dtype=dtype, device="meta")
+    y = torch.zeros(n, dtype=torch.long, device="meta")
+    with _CountOps() as ops:
+        ce._loss_and_grads(h, w, y, dtype, True, True)
+    assert ops.count["mm"] == 3 * 5  # logits, grad_h, grad_w per slice
+    assert ops.count["gather"] == 10  # one per block
+    assert sum(ops.count.values()) < n // 10

@@ -8,6 +8,12 @@ them in place into ``softmax - one_hot`` (the gradient of the summed loss with r
 two matrix products give the gradients of the hidden states and of the weight. The backward pass only
 scales them by the incoming gradient.
 
+The row blocks are sized per device. On the CPU a block is 8 rows, so that the pass over its ~5 MB of
+fp32 stays in cache. On a GPU every op on a block is a kernel launch (eight to twelve per block), and 8-row
+blocks would make that about one launch per labelled token and op, which leaves the GPU waiting on the
+host; there a block is as many rows as a memory bound on its fp32 temporaries allows (``_row_block``).
+Every op in the pass is per row, so the block size does not change any row's numbers.
+
 The numbers are the ones autocast gives to the unfused expression: logits in the compute dtype (bf16 under
 autocast), log-sum-exp and softmax in fp32, the logits' gradient rounded to the compute dtype before the
 two products, the weight's gradient accumulated in fp32 (tests/model/test_cross_entropy.py).
@@ -23,8 +29,14 @@ __all__ = ["linear_cross_entropy"]
 
 # Rows of logits materialized at once (128 MiB in bf16 at the real vocabulary); larger inputs go in slices.
 _MAX_LOGIT_ELEMENTS = 1 << 26
-# Rows turned into softmax - one_hot per pass: ~5 MB of fp32 at the real vocabulary, so the pass stays in cache.
+# Rows turned into softmax - one_hot per pass on the CPU: ~5 MB of fp32 at the real vocabulary, so the pass
+# stays in cache (measured there).
 _ROW_BLOCK = 8
+# Elements of one fp32 [rows, vocab] temporary per pass on other devices, where each op is a kernel launch:
+# 2**25 elements = 128 MiB, and the bf16 path holds two at once (the fp32 cast and log_softmax's output), so
+# 256 MiB. At the real vocabulary a 441-row slice is 2 blocks of 221 rows (2 x 221 x 151936 x 4 B = 269 MB)
+# instead of 56 blocks of 8.
+_MAX_BLOCK_ELEMENTS = 1 << 25
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -32,6 +44,16 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return hidden.dtype
+
+
+def _row_block(device: torch.device, rows: int, vocab: int) -> int:
+    """Rows per softmax - one_hot pass in a slice of ``rows`` logit rows: ``_ROW_BLOCK`` on the CPU, else the
+    slice in equal blocks, as few as hold it at ``_MAX_BLOCK_ELEMENTS`` each (rounding up may add a row to a
+    block; equal blocks leave no short tail block whose ops would be launched for a few rows)."""
+    if device.type == "cpu":
+        return _ROW_BLOCK
+    blocks = -(-rows * vocab // _MAX_BLOCK_ELEMENTS)
+    return max(1, -(-rows // max(1, blocks)))
 
 
 @torch.no_grad()
@@ -47,13 +69,14 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Te
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = None  # fp32, summed over the slices
         rows = max(1, _MAX_LOGIT_ELEMENTS // vocab)
-        minus_one = torch.full((_ROW_BLOCK, 1), -1.0, dtype=acc, device=h.device)
+        step = _row_block(h.device, min(rows, n), vocab)
+        minus_one = torch.full((step, 1), -1.0, dtype=acc, device=h.device)
         for s in range(0, n, rows):
             hs, ys = h[s : s + rows], target[s : s + rows]
             logits = hs @ w.t()  # (r, vocab), compute dtype; becomes the logits' gradient in place
-            for b in range(0, logits.shape[0], _ROW_BLOCK):
-                yb = ys[b : b + _ROW_BLOCK, None]
-                block = logits[b : b + _ROW_BLOCK]
+            for b in range(0, logits.shape[0], step):
+                yb = ys[b : b + step, None]
+                block = logits[b : b + step]
                 if block.dtype == acc:  # fp32 logits: turned into softmax - one_hot in place, no temporary
                     top = block.amax(dim=-1, keepdim=True)
                     picked = block.gather(1, yb)
