@@ -4,6 +4,7 @@ compiles as one graph, cancelled sequences free their slot, the queue is bounded
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 import time
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from qwenvl import QwenVL
 from qwenvl.config import LMConfig, QwenVLConfig, VisionConfig
@@ -372,3 +374,54 @@ def test_a_request_takes_one_seed(short_model):
     run_all(engine, requests)
     assert requests[0].on_event.events[-1] == requests[1].on_event.events[-1]
     assert isinstance(requests[1].on_event.events[-1], Finished)
+
+
+class _HostReads(TorchFunctionMode):
+    """What makes a GPU's host wait, counted on the CPU: reads of tensor values (``item``/``tolist``/``bool``...,
+    each a stream sync) and tensors made from Python values (a blocking host-to-device copy)."""
+
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: collections.Counter = collections.Counter()
+        self.copies: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if func in self.READS:
+            self.reads[name] += 1
+        elif name in ("tensor", "new_tensor", "as_tensor") or (
+            name in ("__getitem__", "__setitem__")
+            and any(isinstance(a, list) for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        ):
+            self.copies[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("params", [
+    dict(),
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.8, do_sample=True, top_p=0.8, top_k=20, seed=3),
+], ids=["greedy", "repetition_penalty", "sampled_penalty"])
+def test_a_decode_step_reads_the_device_once_and_copies_nothing_to_it(short_model, params):
+    """Per decode step, whatever the slots' parameters: the new tokens read back once (tolist), plus the eager
+    model's check for an all-ones mask (module docstring), and no tensor made from Python values. A repetition
+    penalty's history grew by a tensor made from each slot's int token: a host-to-device copy per slot per
+    step, which on a GPU waits for the stream."""
+    engine = Engine(short_model, lambda t: "", EngineConfig(max_batch_size=3, max_model_len=64, window_bucket=16))
+    for k in range(3):
+        engine.submit(Request(list(range(100, 106 + k)), SamplingParams(max_new_tokens=20, stop_token_ids=(), **params),
+                              Collector()))
+    steps = 5
+    with torch.no_grad():
+        engine._admit()
+        engine._step()
+        with _HostReads() as counted:
+            for _ in range(steps):
+                engine._step()
+    assert engine.active == 3  # every slot decoded every counted step
+    assert counted.copies == {}
+    assert counted.reads["tolist"] == steps
+    assert sum(counted.reads.values()) <= 2 * steps, counted.reads

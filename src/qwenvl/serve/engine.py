@@ -435,7 +435,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(n)
             self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted)
-        if self._accept(i, int(token[0])):
+        if self._accept(i, int(token[0]), token):
             self.tokens[i] = token[0]
             self.positions[i] = n
             self.occupied[i] = 1
@@ -455,7 +455,7 @@ class Engine:
             slot = self.slots[i]
             if slot is not None:
                 slot.length += 1
-                self._accept(i, token)
+                self._accept(i, token, new[i : i + 1])
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[_Slot | None]) -> torch.Tensor:
         """Next token per row: argmax, or sampled with the row's own parameters and generator; a row's
@@ -469,8 +469,10 @@ class Engine:
                 new[i] = pick(process_logits(logits[i : i + 1], s.history, s.generated, p), p, s.generator)[0]
         return new
 
-    def _accept(self, i: int, token: int) -> bool:
-        """Record slot ``i``'s new token; False when that ended its sequence (the slot is then free)."""
+    def _accept(self, i: int, token: int, on_device: torch.Tensor) -> bool:
+        """Record slot ``i``'s new token, given as an int and as the (1,) tensor it was read from; False when
+        that ended its sequence (the slot is then free). A repetition penalty's history grows by the tensor:
+        one made from the int would be a host-to-device copy per token, which on a GPU waits for the stream."""
         slot = self.slots[i]
         assert slot is not None
         slot.generated += 1
@@ -481,7 +483,7 @@ class Engine:
                 self.metrics.inter_token_latency.observe(now - slot.last_time)
         slot.last_time = now
         if slot.history is not None:
-            slot.history = torch.cat([slot.history, slot.history.new_tensor([[token]])], dim=1)
+            slot.history = torch.cat([slot.history, on_device[None]], dim=1)
         p = slot.request.params
         if token in p.stop_token_ids:
             self._send_tail(slot)
