@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qwenvl import cli, generation, inference
 
@@ -72,7 +71,27 @@ def test_compile_without_a_cpp_compiler_is_one_line_before_the_weights_load(tmp_
     monkeypatch.setattr(generation, "_compiled_steps", {})
     with pytest.raises(FileNotFoundError, match="needs a C\\+\\+ compiler"):
         generation.compiled_decode_step("cpu")
-    generation.require_cpp_compiler(torch.device("cuda").type)  # only CPUs' code is C++
+    generation.require_compiler_for("mps")  # nothing is checked where torch.compile's needs are not known
+
+
+def test_compile_on_a_gpu_without_a_c_compiler_is_one_line_before_the_weights_load(monkeypatch):
+    """On CUDA, Triton builds its kernel launcher with $CC, else gcc, else clang, the first time a compiled step
+    runs: without any, --compile failed then with Triton's "Failed to find C compiler" traceback."""
+    from qwenvl import generation
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CC", raising=False)
+    for device in ("cuda", "xpu"):
+        with pytest.raises(FileNotFoundError) as e:
+            generation.require_compiler_for(device)
+        assert str(e.value) == ("--compile (compile=True) needs a C compiler on a GPU (Triton builds its kernel "
+                                "launcher with it), and none works here (neither gcc nor clang is found): install "
+                                "one (gcc) or name it in CC, or run without --compile")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(FileNotFoundError, match="'/nonexistent/cc' is not found"):
+        generation.require_compiler_for("cuda")
+    monkeypatch.setenv("CC", "/bin/sh")  # any command that is found
+    generation.require_compiler_for("cuda")
 
 
 def test_the_up_front_image_note_gives_the_reason_of_the_rows_own_error(tmp_path, golden_dir, capsys):

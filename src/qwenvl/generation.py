@@ -168,23 +168,31 @@ def compiled_decode_step(device_type: str = "cpu", options: InductorOptions | No
     The first call compiles, which takes long enough to look like a hang: it is logged when it starts and ends."""
     key = (device_type, tuple(sorted((options or {}).items())))
     if key not in _compiled_steps:
-        require_cpp_compiler(device_type)
+        require_compiler_for(device_type)
         compiled = torch.compile(decode_step, dynamic=True, fullgraph=True, options=options)
         _compiled_steps[key] = _log_first_call(compiled, f"the decode step ({device_type})")
     return _compiled_steps[key]
 
 
-def require_cpp_compiler(device_type: str) -> None:
-    """Raise FileNotFoundError (one line) when ``torch.compile`` cannot work on ``device_type`` for want of a C++
-    compiler, which inductor needs for CPU code: without one, ``--compile`` failed with inductor's traceback at the
-    first token, after the weights had loaded. Inductor runs ``$CXX`` or else ``g++`` (``clang++`` on macOS): that
-    command must be found. Nothing is checked for other devices."""
-    if device_type != "cpu":
-        return
-    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
-    if shutil.which(cxx) is None:
-        raise FileNotFoundError(f"--compile (compile=True) needs a C++ compiler on a CPU, and none works here ({cxx!r} "
-                                "is not found): install one (g++) or name it in CXX, or run without --compile")
+def require_compiler_for(device_type: str) -> None:
+    """Raise FileNotFoundError (one line) when ``torch.compile`` cannot work on ``device_type`` for want of a
+    compiler: without one, ``--compile`` failed with a traceback at the first token, after the weights had loaded.
+    On a CPU inductor writes C++ and runs ``$CXX`` or else ``g++`` (``clang++`` on macOS); on a CUDA or XPU GPU it
+    writes Triton kernels, and Triton builds its kernel launcher with a C compiler the first time it runs
+    (``$CC``, else ``gcc``, else ``clang``). That command must be found. Nothing is checked for other devices."""
+    if device_type == "cpu":
+        cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+        if shutil.which(cxx) is None:
+            raise FileNotFoundError(f"--compile (compile=True) needs a C++ compiler on a CPU, and none works here "
+                                    f"({cxx!r} is not found): install one (g++) or name it in CXX, or run without "
+                                    "--compile")
+    elif device_type in ("cuda", "xpu"):
+        cc = os.environ.get("CC")
+        if (shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")) is None:
+            missing = f"{cc!r} is not found" if cc else "neither gcc nor clang is found"
+            raise FileNotFoundError(f"--compile (compile=True) needs a C compiler on a GPU (Triton builds its kernel "
+                                    f"launcher with it), and none works here ({missing}): install one (gcc) or name "
+                                    "it in CC, or run without --compile")
 
 
 def _log_first_call(fn: Callable, what: str) -> Callable:

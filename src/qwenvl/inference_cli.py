@@ -448,12 +448,12 @@ def refuse_unused_sampling_flags(args: argparse.Namespace, params: Any) -> None:
 
 
 def require_compiler(device: str | None) -> None:
-    """For ``--compile``: a one-line error, before the weights load, when ``device`` (a ``--device`` value) is a
-    CPU and no C++ compiler works (:func:`qwenvl.generation.require_cpp_compiler`)."""
-    from .generation import require_cpp_compiler
+    """For ``--compile``: a one-line error, before the weights load, when ``device`` (a ``--device`` value) needs a
+    compiler for ``torch.compile`` and none works (:func:`qwenvl.generation.require_compiler_for`)."""
+    from .generation import require_compiler_for
     from .hardware import pick_device
 
-    require_cpp_compiler(pick_device(device).split(":")[0])
+    require_compiler_for(pick_device(device).split(":")[0])
 
 
 def _as_chat(prompt: Any, chat_format: str) -> Any:
