@@ -142,3 +142,22 @@ def test_available_memory_reads_meminfo(monkeypatch, tmp_path) -> None:
     assert hardware.available_memory() is None
     meminfo.unlink()
     assert hardware.available_memory() is None
+
+
+def test_cuda_bf16_is_asked_of_the_device_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda.is_bf16_supported asks the current device: on a host with a V100 (7.0) as GPU 0 and an A100
+    (8.0) as GPU 1, cuda:1 got the V100's answer (fp32)."""
+    from types import SimpleNamespace
+
+    majors = {0: 7, 1: 8}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(major=majors[i]))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: majors[0] >= 8)
+    assert hardware.supports_bf16("cuda:1") and hardware.default_dtype("cuda:1") == torch.bfloat16
+    assert not hardware.supports_bf16("cuda:0") and not hardware.supports_bf16("cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # torch.cuda.set_device(1): plain "cuda" is GPU 1
+    assert hardware.supports_bf16("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not hardware.supports_bf16("cuda:1")

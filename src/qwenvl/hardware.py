@@ -115,7 +115,15 @@ def supports_bf16(device: str | torch.device = "cpu") -> bool:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        if not torch.cuda.is_available():
+            return False
+        if torch.version.hip:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        # compute capability 8 (Ampere) and newer, as torch.cuda.is_bf16_supported checks it, but of this device:
+        # that function asks the current one (GPU 0 unless set), so cuda:1 on a host with a V100 and an A100 got
+        # the V100's answer
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.cuda.get_device_properties(index).major >= 8
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return device.type in ("xpu", "mps")
