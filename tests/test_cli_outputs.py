@@ -97,6 +97,8 @@ def test_predict_eval_and_data_convert_output_must_not_be_their_input(tmp_path: 
     llava.write_text("[]")
     _refused(["data-convert", "--data_path", str(llava), "--image_location", str(tmp_path), "--output_path",
               str(llava)], capsys, "is the --data_path file")
+    _refused(["data-convert", "--data", str(llava), "--image_dir", str(tmp_path), "--output", str(llava)], capsys,
+             "is the --data file")  # the flag as typed (it said --data_path)
     assert prompts.read_text() == '{"text": "Hello"}\n' and data.read_text().startswith('{"image"')
     assert llava.read_text() == "[]"
 

@@ -861,7 +861,7 @@ def run_data_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert_llava
     from .outputs import check_output_file
 
-    check_output_file(args.output_path, {"--data_path file": args.data_path})
+    check_output_file(args.output_path, {f"{_flag(args, 'data_path', '--data/--data_path')} file": args.data_path})
     summary = convert_llava(args.data_path, args.image_location, args.output_path,
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
                             image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place,
