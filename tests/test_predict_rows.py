@@ -83,3 +83,18 @@ def test_a_key_named_as_a_field_of_ours_is_refused_before_the_weights_load(tmp_p
         f"qwenvl predict: error: {prompts}:2: key {key!r} is a field of the output rows (prompt, response, "
         "num_tokens, stopped, error): rename it to have it carried into its row\n")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_query_row_is_asked_as_the_official_chat_asks_its_query(tmp_path, golden_dir):
+    # {"query": Q} is the official model.chat(tokenizer, query)'s query: a chat checkpoint asks it as a ChatML user
+    # turn, as {"text": Q} is asked (it was sent raw, as {"prompt": Q}); a raw-format checkpoint gets Q as before
+    query = "Picture 1: <img>images/cat.png</img>\nWhat is it?"
+    prompts = write_rows(tmp_path / "p.jsonl", [{"query": query}, {"text": query}, {"prompt": query}])
+    for fmt in ("chatml", "raw"):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert predict(golden_dir, prompts, "--output", str(out), "--chat_format", fmt) == 0
+        asked = [json.loads(line)["prompt"] for line in out.read_text().splitlines()]
+        if fmt == "chatml":
+            assert asked[0] == asked[1] != asked[2] and asked[0].startswith("<|im_start|>system")
+        else:
+            assert asked[0] == asked[1] == asked[2] == query

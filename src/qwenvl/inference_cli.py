@@ -355,7 +355,10 @@ def _prompt_of_record(rec: Any, where: str) -> Any:
             raise ValueError(f"{where}: 'query' must be a string or a list-format list, got {rec['query']!r:.80}")
         if problem := prompt_problem(rec["query"]):
             raise ValueError(f"{where}: 'query' {problem}")
-        return rec["query"]
+        # the official model.chat's query (tokenizer.from_list_format's string, say): a list-format prompt of that
+        # text, so that a chat checkpoint asks it as a ChatML user turn as chat(query) does (it was sent raw, as
+        # "prompt" is); to a raw-format checkpoint the same string as before
+        return [{"text": rec["query"]}] if isinstance(rec["query"], str) else rec["query"]
     if "text" not in rec and "image" not in rec:
         training = " ('conversations' is a training record, for qwenvl finetune)" if "conversations" in rec else ""
         raise ValueError(f"{where}: needs 'text' (and optionally 'image'), 'prompt', 'query' or 'messages'{training}")
