@@ -363,9 +363,9 @@ def test_load_int8_quantizes_the_weights_as_stored(golden_dir, monkeypatch) -> N
     seen = []
     from_linear = Int8Linear.from_linear.__func__
 
-    def spy(cls, linear, dtype=None):
+    def spy(cls, linear, *args, **kwargs):
         seen.append(linear.weight.dtype)
-        return from_linear(cls, linear, dtype)
+        return from_linear(cls, linear, *args, **kwargs)
 
     monkeypatch.setattr(Int8Linear, "from_linear", classmethod(spy))
     model, processor = load(golden_dir, dtype="float32", quantize="int8", allowed_media_dir=golden_dir)

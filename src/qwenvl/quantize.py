@@ -366,10 +366,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> Int8Linear:
         """``linear`` quantized (its weight as it is stored, in any float dtype; the scales are computed in
-        fp32), with scales and bias in ``dtype``, the compute dtype (default: the weight's)."""
-        w = linear.weight.detach()
+        fp32), with scales and bias in ``dtype``, the compute dtype (default: the weight's), on ``device``
+        (default: the weight's). The weight is copied there and quantized there, and that full-precision copy is
+        freed on return: ``linear`` itself is left as it was."""
+        w = linear.weight.detach().to(device)
         dtype = dtype or w.dtype
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta")
         q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
@@ -379,7 +382,7 @@ class Int8Linear(nn.Module):
             block, scales[rows] = quantize_weight(w[rows])
             q[rows] = _interleave(block, layer.groups)
         layer.weight, layer.scales = q, scales.to(dtype)
-        layer.bias = None if linear.bias is None else linear.bias.detach().to(dtype, copy=True)
+        layer.bias = None if linear.bias is None else linear.bias.detach().to(w.device, dtype, copy=True)
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -473,15 +476,18 @@ def lm_linears(model: QwenVL) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
-def quantize_int8(model: QwenVL, dtype: torch.dtype | None = None) -> int:
+def quantize_int8(model: QwenVL, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> int:
     """Replace the LM's linear layers (blocks and ``lm_head``) by :class:`Int8Linear`, one at a time (the
     full-precision weight of a layer is freed as soon as its int8 copy exists), on the CPU set up for the machine's
     path (:func:`use_row_products`; elsewhere they keep the plain products); their scales and biases in ``dtype``
-    (default: each weight's). Returns how many."""
+    (default: each weight's). ``device``: where the int8 layers are made (default: where each weight is): each
+    weight is copied there and quantized there, one layer at a time, so the device never holds more than one
+    full-precision weight (the rest of the model stays where it is). Returns how many."""
     layers = lm_linears(model)
     for parent, name, layer in layers:
-        setattr(parent, name, Int8Linear.from_linear(layer, dtype))
-    if layers and layers[0][2].weight.device.type == "cpu":  # the CPU's paths: measured on CPUs, for CPUs
+        setattr(parent, name, Int8Linear.from_linear(layer, dtype, device))
+    where = torch.device(device) if device is not None else layers[0][2].weight.device if layers else None
+    if where is not None and where.type == "cpu":  # the CPU's paths: measured on CPUs, for CPUs
         use_row_products(model)
     return len(layers)
 
@@ -529,8 +535,8 @@ def compile_options(model: nn.Module) -> InductorOptions | None:
     return dict(_STORE_MULTI_READS)
 
 
-def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: torch.dtype | str | None = None
-                           ) -> QwenVL:
+def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: torch.dtype | str | None = None,
+                           device: torch.device | str | None = None) -> QwenVL:
     """Apply the inference layer swaps in place (see the module doc) and return the model.
 
     ``quantize``: None/"none" keeps the weights, "int8" quantizes the LM weight-only. ``dtype``: the compute
@@ -538,7 +544,13 @@ def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: to
     afterwards (None or "auto": as they are). With int8, the LM's linear weights are quantized from the dtype
     they have (the checkpoint's, say: ``load`` reads them as stored), so they never exist in a wider compute
     dtype: for Qwen-VL-Chat computing in fp32 the load's peak is then about the int8 model (17.3 GB of tensors),
-    not the fp32 one (38.6 GB). The model stops requiring gradients (these layers are for inference only)."""
+    not the fp32 one (38.6 GB). The model stops requiring gradients (these layers are for inference only).
+
+    ``device``: where the model ends up (default: where it is). ``load`` keeps an int8 model on the CPU (its
+    tensors mapped from the files) and passes the GPU here: each linear weight goes there alone, is quantized
+    there and freed (:func:`quantize_int8`), then the rest moves one tensor at a time and is cast there. The GPU
+    then never holds more than the int8 model (plus one tensor while casting): the 9.6B model computing in bf16
+    peaks at 12.2 GB of tensors there, where copying it all to the GPU before quantizing peaked at 19.3 GB."""
     from .model.qwenvl import as_dtype
 
     quantize = quantize or "none"
@@ -547,8 +559,10 @@ def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: to
     dtype = as_dtype(dtype)  # a name ("bfloat16") failed deep inside the int8 layers
     model.requires_grad_(False)
     if quantize == "int8":
-        n = quantize_int8(model, dtype)
+        n = quantize_int8(model, dtype, device)
         logger.info("int8 weight-only: %d linear layers of the language model quantized", n)
+    if device is not None:
+        model.to(device)
     if dtype is not None:
         from .checkpoint import cast_checked
 
@@ -563,7 +577,8 @@ def copied_bytes(model: QwenVL, quantize: str | None, dtype: torch.dtype, mapped
     ``load`` has read its checkpoint and applied :func:`optimize_for_inference` with ``quantize`` and ``dtype``,
     beyond what stays mapped from the files: every tensor in ``dtype``, or for int8 the LM's linear layers as
     int8 weights with ``dtype`` scales (and biases) and the rest in ``dtype``; with ``mapped`` (the checkpoint
-    stores ``dtype``) tensors that are not quantized are read in place and take none."""
+    stores ``dtype``, loaded on the CPU) tensors that are not quantized are read in place and take none. On a GPU
+    (``mapped`` False) it is also the load's peak there: int8 weights are quantized on it one layer at a time."""
     quantized: set[int] = set()
     total = 0
     if quantize == "int8":
