@@ -929,9 +929,20 @@ def publish_weights(model: QwenVL, out_dir: Path, dtype: torch.dtype = torch.flo
     :func:`~qwenvl.checkpoint.save_pretrained` stages the files in a unique hidden folder, moves them in
     (``config.json`` last) and deletes only weight files that our marker lists and the new save lacks. A sharded
     model is gathered one file at a time (every rank calls this; rank 0 writes).
+
+    A whole (unsharded) model is cast to ``dtype`` as it is written, one tensor at a time on the host
+    (:func:`~qwenvl.checkpoint.save_pretrained`'s ``load``): a cast copy of the whole state made up front would
+    sit on the training GPU beside the fp32 weights and AdamW's moments (2 bytes a parameter in bf16: 17.9 GiB
+    for the 9.6B model, enough to run out of memory at the final save). A sharded model's tensors are cast per
+    rank (each holds 1/N of them) before they are gathered.
     """
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    return save_pretrained(state, model.config, out_dir)
+    state = model.state_dict()
+    if any(hasattr(v, "full_tensor") for v in state.values()):  # DTensors (FSDP)
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        return save_pretrained(cast, model.config, out_dir)
+    described = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="meta")
+                 for k, v in state.items()}
+    return save_pretrained(described, model.config, out_dir, load=state.__getitem__)
 
 
 def _json(obj: Any) -> str:
