@@ -248,7 +248,10 @@ def setup(device_name: str, timeout_s: float, use_parallel: bool = False) -> Dis
         if use_parallel:
             logger.warning("use_parallel: not launched by torchrun (no RANK/WORLD_SIZE), training in one process; "
                            "launch with `torchrun --nproc_per_node N --no-python qwenvl finetune ...`")
-        return DistEnv.single(_device_for(device_name, 0))
+        device = _device_for(device_name, 0)
+        if device.type == "cuda":  # the pin-memory thread and all that uses the current device: this GPU, not 0
+            torch.cuda.set_device(device)
+        return DistEnv.single(device)
     if not dist.is_available():
         raise DistributedError("launched by torchrun, but this torch build has no torch.distributed")
     rank, world, local_rank = launch or (dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
