@@ -108,7 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch_size", "--predict_batch_size", dest="predict_batch_size", type=int, metavar="N",
                    action=Once, help="prompts per batch (default 1)")
     p.add_argument("--data", "--jsonl", dest="jsonl", metavar="FILE", action=Once,
-                   help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'messages': [...]}; "
+                   help="a JSONL file of prompts: {'image': P | [P..], 'text': T} | {'prompt': RAW} | {'query': Q} | {'messages': [...]}; "
                         "a row's other keys (an 'id') are copied into its answer row")
     p.add_argument("--output", metavar="FILE", help="with --data: where to write the answers (JSONL; default: stdout)")
     p.add_argument("--no_progress", action="store_true", help="with --data: no progress bar (as eval's)")
