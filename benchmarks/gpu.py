@@ -1,7 +1,12 @@
 """What only a GPU shows, measured in one run on one CUDA device.
 
-    python benchmarks/gpu.py --json gpu.json      # the full-size model (random weights): ~9 min on one H200
-    python benchmarks/gpu.py --device cpu --preset tiny --train-layers 1 --seq 512   # a dry run of the script
+    python benchmarks/gpu.py --json gpu.json      # the full-size model (random weights), on a CUDA GPU
+    python benchmarks/gpu.py --device cpu --preset tiny --parity-preset tiny --train-layers 1 --seq 512 \
+        --train-batch 2 --train-steps 1 --matmul-n 512 --read-gib 0.2 --layer-shape 1024 256 --new-tokens 4
+        # a dry run of every section on a CPU (~3 min on 2 cores)
+
+On one H200 its sections but ``golden`` and ``layer`` took 505 s (``--budget 380``; compiling the decode step
+~74 s per configuration): ``--budget`` (default 420 s) keeps a run inside a lease of the device.
 
 Prints the device (name, compute capability, memory; torch and CUDA versions) and, section by section, as soon
 as each is measured:
@@ -38,6 +43,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -50,6 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qwenvl import QwenVL
 from qwenvl.config import IMG_START_ID, QwenVLConfig
+from qwenvl.fileio import atomic_write_text
 from qwenvl.generation import SamplingParams, stream_tokens
 from qwenvl.quantize import optimize_for_inference
 
@@ -86,6 +93,11 @@ def device_line(device: torch.device) -> str:
     p = torch.cuda.get_device_properties(device)
     return (f"{p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
             f"{p.multi_processor_count} SMs; torch {torch.__version__}, CUDA {torch.version.cuda}")
+
+
+def rate(flop_per_s: float) -> str:
+    """FLOP/s in the unit that shows it (a CPU dry run's GFLOP/s printed as "0 TFLOP/s" said nothing)."""
+    return f"{flop_per_s / 1e12:.0f} TFLOP/s" if flop_per_s >= 1e12 else f"{flop_per_s / 1e9:.1f} GFLOP/s"
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -155,7 +167,7 @@ def limits(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     x = torch.ones(int(args.read_gib * 2**30) // 4, device=device)
     bandwidth = x.numel() * 4 / timed(x.sum, device, repeat=10)
     return {"bf16_peak_tflops": peak / 1e12, "read_gbs": bandwidth / 1e9,
-            "summary": f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s ({n}^3); read bandwidth {bandwidth / 1e9:.0f} GB/s"}
+            "summary": f"bf16 matmul peak {rate(peak)} ({n}^3); read bandwidth {bandwidth / 1e9:.0f} GB/s"}
 
 
 def _image_prompt(model: QwenVL, device: torch.device, tokens: int = 270) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +221,7 @@ def prefill(device: torch.device, args: argparse.Namespace, peak_tflops: float |
     flops = G.prefill_flops(model, ids.shape[1], 1)
     out: dict[str, Any] = {"ms": s * 1e3, "tflops": flops / s / 1e12}
     of_peak = f" = {flops / s / 1e12 / peak_tflops:.2f} of the measured peak" if peak_tflops else ""
-    out["summary"] = f"prefill, 270-token one-image prompt: {s * 1e3:.1f} ms, {flops / s / 1e12:.0f} TFLOP/s{of_peak}"
+    out["summary"] = f"prefill, 270-token one-image prompt: {s * 1e3:.1f} ms, {rate(flops / s)}{of_peak}"
     return out
 
 
@@ -365,9 +377,10 @@ def train(device: torch.device, args: argparse.Namespace, peak_tflops: float | N
         _free(device)
         out["runs"].append(r)
         of_peak = f", {r['mfu_measured_peak']:.1%} of the measured peak" if "mfu_measured_peak" in r else ""
-        lines.append(f"{what}: {r['step_s'] * 1e3:.0f} ms a step, {r['tokens_per_s']:.0f} tokens/s, {r['tflops']:.0f} "
-                     f"TFLOP/s, MFU {r['mfu_datasheet']:.1%} of {args.datasheet_tflops:.0f}{of_peak}; peak "
-                     f"{r['peak_gib']:.1f} GiB; {r['trainable_params'] / 1e9:.2f}B trainable")
+        memory = f"{r['peak_gib']:.1f} GiB" if device.type == "cuda" else "n/a"
+        lines.append(f"{what}: {r['step_s'] * 1e3:.0f} ms a step, {r['tokens_per_s']:.0f} tokens/s, "
+                     f"{rate(r['tflops'] * 1e12)}, MFU {r['mfu_datasheet']:.1%} of {args.datasheet_tflops:.0f}{of_peak}; "
+                     f"peak {memory}; {r['trainable_params'] / 1e9:.2f}B trainable")
         print("  " + lines[-1], flush=True)
     out["summary"] = "; ".join(lines)
     return out
@@ -384,7 +397,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="qwen-vl-9.6b", help="the model measured in bf16, decode and LoRA")
-    ap.add_argument("--sections", nargs="+", default=["golden", "parity", "limits", "bf16", "prefill", "layer", "train", "decode"])
+    sections = ["golden", "parity", "limits", "bf16", "prefill", "layer", "train", "decode"]
+    ap.add_argument("--sections", nargs="+", choices=sections, default=sections, metavar="SECTION",
+                    help=f"the sections to run, in this order (default: all: {' '.join(sections)})")
     ap.add_argument("--parity-preset", default="mid", help="the model compared with the CPU in fp32")
     ap.add_argument("--layer-shape", type=int, nargs=2, default=[11008, 4096], metavar=("OUT", "IN"))
     ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per run")
@@ -400,6 +415,12 @@ def main() -> None:
     ap.add_argument("--json", help="write the numbers here (rewritten after every section)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"no CUDA device here (torch {torch.__version__}): --device cpu runs the script as a dry run")
+    if args.json:  # checked before anything runs: a typo found after the first section lost a GPU's time
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            ap.error(f"--json {args.json}: {folder} is not a folder this process can write to")
     torch.manual_seed(0)
     res: dict[str, Any] = {"device": device_line(device), "args": vars(args)}
     print(res["device"], flush=True)
@@ -428,7 +449,7 @@ def main() -> None:
             traceback.print_exc()
         _free(device)
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+            atomic_write_text(args.json, json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":
