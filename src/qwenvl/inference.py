@@ -102,8 +102,9 @@ def check_memory(model_dir: str | os.PathLike, dtype: torch.dtype, quantize: str
     from .quantize import copied_bytes
 
     kind = torch.device(device).type
-    if kind == "cuda":
-        available: int | None = torch.cuda.mem_get_info(device)[0]
+    if kind == "cuda":  # free, and what PyTorch's caching allocator holds but no tensor uses (a model let go)
+        available: int | None = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                                 - torch.cuda.memory_allocated(device))
         memory, where, bigger = "GPU memory", f"{device} has {{}} free", "a GPU with more memory"
     elif kind == "cpu":
         available = available_memory()

@@ -396,13 +396,16 @@ class Int8Linear(nn.Module):
             y = (self._packed_row_product(x) * self.scales.float()).to(x.dtype)
         else:
             xi = _interleave(x, self.groups)  # the input in the stored column order: the same product
-            if not _cpu_no_grad(x, self.weight):
+            if not _cpu_no_grad(x, self.weight) and torch.compiler.is_compiling():
                 # Scaled in fp32 and rounded once: the same numbers as a multiply in x's dtype (which computes in
                 # fp32), but not inductor's weight-only int8 pattern: that rewrites a compiled product of a 3-D
                 # input times scales of x's dtype into aten._weight_int8pack_mm, whose CUDA kernel took 939 us for
                 # 8 rows of an 11,008 x 4,096 weight on an H200 (this form: 62 us), and a compiled batch-8 decode
-                # step of the 9.6B model 145 ms (benchmarks/README.md)
+                # step of the 9.6B model 145 ms (benchmarks/README.md). Eager code keeps the plain form: two
+                # kernels fewer per product (decoding on a GPU is bound by launching them)
                 y = (F.linear(xi, self.weight.to(x.dtype)) * self.scales.float()).to(x.dtype)
+            elif not _cpu_no_grad(x, self.weight):
+                y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
             elif x.dtype == torch.bfloat16 and _rows(x) <= _FEW_ROWS and self.in_features % _INT8PACK_K == 0:
                 # PyTorch's own int8 product (module doc)
                 x2 = xi.reshape(-1, self.in_features).contiguous()
@@ -484,12 +487,15 @@ def quantize_int8(model: QwenVL, dtype: torch.dtype | None = None, device: torch
     weight is copied there and quantized there, one layer at a time, so the device never holds more than one
     full-precision weight (the rest of the model stays where it is). Returns how many."""
     layers = lm_linears(model)
-    for parent, name, layer in layers:
-        setattr(parent, name, Int8Linear.from_linear(layer, dtype, device))
+    count = len(layers)
     where = torch.device(device) if device is not None else layers[0][2].weight.device if layers else None
+    while layers:  # each layer is let go as it is replaced: its weight is freed unless the caller holds it
+        parent, name, layer = layers.pop(0)
+        setattr(parent, name, Int8Linear.from_linear(layer, dtype, device))
+        del layer
     if where is not None and where.type == "cpu":  # the CPU's paths: measured on CPUs, for CPUs
         use_row_products(model)
-    return len(layers)
+    return count
 
 
 def use_row_products(model: QwenVL, path: str | None = None) -> int:
@@ -548,7 +554,7 @@ def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: to
 
     ``device``: where the model ends up (default: where it is). ``load`` keeps an int8 model on the CPU (its
     tensors mapped from the files) and passes the GPU here: each linear weight goes there alone, is quantized
-    there and freed (:func:`quantize_int8`), then the rest moves one tensor at a time and is cast there. The GPU
+    there and freed (:func:`quantize_int8`), then the rest is cast on the host and moved one tensor at a time. The GPU
     then never holds more than the int8 model (plus one tensor while casting): the 9.6B model computing in bf16
     peaks at 12.2 GB of tensors there, where copying it all to the GPU before quantizing peaked at 19.3 GB."""
     from .model.qwenvl import as_dtype
@@ -561,12 +567,12 @@ def optimize_for_inference(model: QwenVL, quantize: str | None = None, dtype: to
     if quantize == "int8":
         n = quantize_int8(model, dtype, device)
         logger.info("int8 weight-only: %d linear layers of the language model quantized", n)
-    if device is not None:
-        model.to(device)
-    if dtype is not None:
+    if dtype is not None:  # before the move: the rest goes to the device in the compute dtype, never wider
         from .checkpoint import cast_checked
 
         cast_checked(model, dtype, f"cannot compute in {str(dtype).removeprefix('torch.')}")
+    if device is not None:
+        model.to(device)
     if quantize != "int8" and next(model.parameters()).device.type == "cpu":
         use_row_products(model)
     return model
