@@ -503,3 +503,18 @@ def test_an_adapter_without_a_fingerprint_loads_with_a_warning(lora_run, tmp_pat
     assert (f"the adapter {old} does not record the base model it was trained on (no base_model.json): make sure "
             "the model it is loaded into is that model") in caplog.text
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items() if "lora_" in k)
+
+
+def test_an_adapter_loads_into_an_int8_model_with_a_warning(lora_run, caplog) -> None:
+    # adapters injected, then int8 (optimize_for_inference): the base's weights are int8 buffers, which the
+    # fingerprint cannot read; load_adapter raised a bare KeyError ('transformer.h.0.attn.c_attn.weight')
+    from qwenvl.quantize import optimize_for_inference
+    from qwenvl.train.lora import load_adapter
+
+    root, cfg, result = lora_run
+    model = optimize_for_inference(_with_adapters(cfg, seed=0), "int8")
+    with caplog.at_level("WARNING", logger="qwenvl.train.lora"):
+        load_adapter(model, result.final_path)
+    assert (f"the model's weights are quantized (int8): whether the adapter {result.final_path} was trained on them "
+            "cannot be checked; load it before quantizing to check it") in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items() if "lora_" in k)

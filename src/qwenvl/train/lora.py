@@ -134,6 +134,12 @@ def base_fingerprint(model: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _fingerprintable(model: nn.Module) -> bool:
+    """Whether ``model`` has the weights :func:`base_fingerprint` reads as parameters (int8 layers hold buffers)."""
+    names = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters()}
+    return all(name in names for name in FINGERPRINT_WEIGHTS)
+
+
 def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | None = None,  # noqa: ANN201
                check: bool = True):
     """Freeze ``model``, add LoRA adapters in place and return the ``LoraConfig``.
@@ -293,8 +299,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str], ignore_m
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter {folder} does not match the model's adapters: missing {missing[:5]}, "
                          f"unexpected {extra[:5]} (different lora_r or lora_target?)")
-    if not ignore_mismatched_base:  # the shapes fit: are these the weights it was trained on? (before the
-        _check_base(folder, model)  # parameters trained in full replace some of them)
+    if not ignore_mismatched_base and _fingerprintable(model):  # the shapes fit: are these the weights it was
+        _check_base(folder, model)  # trained on? (before the parameters trained in full replace some of them)
+    elif not ignore_mismatched_base:
+        logger.warning("the model's weights are quantized (int8): whether the adapter %s was trained on them cannot "
+                       "be checked; load it before quantizing to check it", folder)
     peft.set_peft_model_state_dict(model, state)
     _load_extras(model, folder)
 
