@@ -57,6 +57,7 @@ __all__ = [
     "check_config",
     "check_finite",
     "find_weights",
+    "is_sharded",
     "iter_tensor_bytes",
     "load_state_dict",
     "load_weights",
@@ -742,13 +743,14 @@ def _host_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def _is_sharded(t: torch.Tensor) -> TypeGuard[DTensor]:
-    return hasattr(t, "full_tensor")  # a DTensor (FSDP2 / tensor parallel): the rows live on several ranks
+def is_sharded(t: torch.Tensor) -> TypeGuard[DTensor]:
+    """Whether ``t`` is a DTensor (FSDP2, tensor parallel): its rows live on several ranks."""
+    return hasattr(t, "full_tensor")
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:
     """A whole tensor: DTensors are gathered from every rank (a collective: all ranks must call it in turn)."""
-    return _host_contiguous(t.full_tensor()) if _is_sharded(t) else t
+    return _host_contiguous(t.full_tensor()) if is_sharded(t) else t
 
 
 def _writes_files() -> bool:
@@ -916,7 +918,7 @@ def save_pretrained(
 
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.fields_by_name(UNSEEN_FIELDS))}
     out = Path(out_dir)
-    if any(_is_sharded(t) for t in state.values()) and not _writes_files():
+    if any(is_sharded(t) for t in state.values()) and not _writes_files():
         for keys in plan:  # take part in every gather, in the writer's order; rank 0 writes
             for k in keys:
                 _gathered(state[k])

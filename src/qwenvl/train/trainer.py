@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, save_pretrained
+from ..checkpoint import CheckpointError, is_sharded, save_pretrained
 from ..config import ENDOFTEXT_ID, QwenVLConfig
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, DatasetError, collate
 from ..fileio import atomic_write_text, remove_tree, signals_held
@@ -937,7 +937,7 @@ def publish_weights(model: QwenVL, out_dir: Path, dtype: torch.dtype = torch.flo
     rank (each holds 1/N of them) before they are gathered.
     """
     state = model.state_dict()
-    if any(hasattr(v, "full_tensor") for v in state.values()):  # DTensors (FSDP)
+    if any(is_sharded(v) for v in state.values()):  # DTensors (FSDP)
         cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
         return save_pretrained(cast, model.config, out_dir)
     described = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="meta")
