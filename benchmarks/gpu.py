@@ -48,6 +48,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def bf16(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
         ref = model(ids, images=images, logits_to_keep=keep).logits[0]
         model.to(torch.bfloat16)
         got = model(ids, images=images.bfloat16(), logits_to_keep=keep).logits[0]
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if device.type == "cuda" else _nothing():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if device.type == "cuda" else nullcontext():
             flash = model(ids, images=images.bfloat16(), logits_to_keep=keep).logits[0]
     out: dict[str, Any] = {"bf16_vs_fp32": compare(got, ref), "flash_vs_default": compare(flash, got)}
     out["summary"] = (f"{args.preset} bf16 vs fp32, 270-token image prompt: largest logit difference "
@@ -193,14 +194,6 @@ def bf16(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
                       f"top-1 {out['bf16_vs_fp32']['top1']:.1%} of 200; attention held to flash vs default: "
                       f"largest difference {out['flash_vs_default']['max_abs_diff']:.2e}")
     return out
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _bf16_model(args: argparse.Namespace, device: torch.device, quantize: str | None = None) -> QwenVL:
@@ -328,7 +321,7 @@ def _train_one(device: torch.device, args: argparse.Namespace, config: QwenVLCon
     from qwenvl.train import trainer as T
 
     steps = args.train_steps
-    labelled = args.seq // 2
+    labelled = min(args.seq // 2, args.seq - 278)  # the answer after the image span (tokens 20-277)
     cfg = TrainConfig(batch_size=args.train_batch, max_steps=steps + 1, gradient_checkpointing=recompute, bf16="auto",
                       warmup_steps=0, device=device.type, use_lora=lora, num_workers=0)
     model = QwenVL.from_config(config, dtype=torch.float32, device=device, seed=0)
@@ -414,6 +407,9 @@ def main() -> None:
                     help="seconds after which no new section (or decode measurement) starts")
     ap.add_argument("--json", help="write the numbers here (rewritten after every section)")
     args = ap.parse_args()
+    if args.seq < 300:
+        ap.error(f"--seq {args.seq}: a sample holds a 258-token image span from token 20 and an answer after it: "
+                 "give at least 300")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"no CUDA device here (torch {torch.__version__}): --device cpu runs the script as a dry run")
