@@ -37,6 +37,10 @@ def test_sections_are_flattened_and_overrides_typed(tmp_path: Path) -> None:
     [
         ("optim:\n  learning_rat: 1e-4\n", {}, r"unknown training setting\(s\): 'learning_rat' \(did you mean 'learning_rate'\?\)"),
         ("", {"bogus": "1"}, r"command line: unknown training setting\(s\): 'bogus'"),
+        # the official finetune.py's (Hugging Face's) names and "lr": no spelling is close enough for a hint
+        ("", {"lr": "2"}, r"'lr' \(did you mean 'learning_rate'\?\)"),
+        ("num_train_epochs: 3\nper_device_train_batch_size: 2\n", {},
+         r"'num_train_epochs' \(did you mean 'num_epochs'\?\), 'per_device_train_batch_size' \(did you mean 'batch_size'\?\)"),
         ("a:\n  seed: 1\nb:\n  seed: 2\n", {}, r"'seed' is set twice \(a\.seed and b\.seed\)"),
         ("batch_size: two\n", {}, r"batch_size: cannot read 'two' as int"),
         ("bf16: maybe\n", {}, r"bf16 must be auto, true or false, got .maybe."),

@@ -274,6 +274,20 @@ def flatten(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+# What the official Qwen-VL finetune.py (Hugging Face's TrainingArguments) and habit call some of our settings: no
+# spelling is close enough for difflib ("lr" for learning_rate), so they are named outright
+OTHER_NAMES = {
+    "lr": "learning_rate",
+    "epochs": "num_epochs",
+    "num_train_epochs": "num_epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "model_max_length": "max_length",
+    "model_name_or_path": "load_checkpoint",
+    "fix_vit": "freeze_vision",
+}
+
+
 def check_known(values: dict[str, Any], source: str, flags: Sequence[str] = ()) -> None:
     """Refuse the names in ``values`` that are not TrainConfig fields, each with the closest field or, on the
     command line, the closest of ``flags`` (the command's named flags, without dashes: ``--modl`` is a misspelled
@@ -284,7 +298,7 @@ def check_known(values: dict[str, Any], source: str, flags: Sequence[str] = ()) 
         return
     hints = []
     for k in unknown:
-        close = difflib.get_close_matches(str(k), [*known, *flags], n=1)
+        close = [OTHER_NAMES[k]] if k in OTHER_NAMES else difflib.get_close_matches(str(k), [*known, *flags], n=1)
         hint = [f"did you mean {close[0]!r}?" if close[0] in known else f"did you mean --{close[0]}?"] if close else []
         if values[k] is None:  # `lora:` with every line below commented out reads as lora: null
             hint.insert(0, "an empty section?")
