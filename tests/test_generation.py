@@ -149,6 +149,30 @@ def test_min_new_tokens_suppresses_stop(tiny_model):
     assert out.shape[1] == 14 and first not in out[0, 10:].tolist()
 
 
+def test_min_new_tokens_masks_the_stops_without_a_host_index_a_step():
+    # logits[:, list(stop_ids)] = -inf copied the list to the device on every step of min_new_tokens (a stream
+    # wait on a GPU); the index tensor is made once per stop ids and device
+    from torch.overrides import TorchFunctionMode
+
+    from qwenvl.generation import SamplingParams, process_logits
+
+    class ListIndexes(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.__setitem__, torch.Tensor.__getitem__) and any(
+                    isinstance(a, list) for a in (args[1] if isinstance(args[1], tuple) else (args[1],))):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    p = SamplingParams(min_new_tokens=3, stop_token_ids=(2, 5))
+    with ListIndexes() as seen:
+        out = [process_logits(torch.zeros(2, 8), None, step, p) for step in range(4)]
+    assert seen.count == 0
+    for step, row in enumerate(out):
+        assert (row[:, [2, 5]] == (float("-inf") if step < 3 else 0)).all() and (row[:, [0, 1, 3, 4, 6, 7]] == 0).all()
+
+
 def test_stop_tokens_follow_the_chat_format(golden_model):
     from qwenvl.generation import sampling_params
 

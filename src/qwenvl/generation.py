@@ -6,6 +6,7 @@ unpadded length, so a batch yields the same greedy tokens as each prompt alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -105,13 +106,20 @@ def _require_int(name: str, value: object) -> int:
     return int(value)
 
 
+@functools.lru_cache(maxsize=64)
+def _index_on(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``ids`` as an index tensor on ``device``, made once: indexing with the Python list copied it from the host
+    on every step, which on a GPU waits for the stream."""
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def process_logits(
     logits: torch.Tensor, tokens: torch.Tensor | None, step: int, p: SamplingParams
 ) -> torch.Tensor:
     """Apply min_new_tokens, repetition penalty, temperature, top-k and top-p to float32 logits (B, V)."""
     logits = logits.float()
     if step < p.min_new_tokens:
-        logits[:, list(p.stop_token_ids)] = float("-inf")
+        logits.index_fill_(1, _index_on(tuple(p.stop_token_ids), logits.device), float("-inf"))
     if p.repetition_penalty != 1.0 and tokens is not None:
         seen = logits.gather(1, tokens)
         # in float32 a penalty below ~1e-45 is 0 and one above ~3e38 inf (NaN): the nearest float32 acts the same
