@@ -302,6 +302,15 @@ def test_bad_checkpoints_fail_with_one_line_and_no_output(mindformers_ckpt, tmp_
     _fails([str(mindformers_ckpt("tiny_fp16")), str(out), "--config", str(tmp_path / "wide.json")], capsys,
            "'llm_model.transformer.layers.0.feed_forward.w1.weight' has shape [256, 128], the config needs [320, 128]")
 
+    # a config of fewer layers than the file (a smaller preset, another model's --config): the counts, not "not a
+    # Qwen-VL checkpoint?"
+    shallow = json.loads((GOLDEN / "config.json").read_text()) | {"num_hidden_layers": 1}
+    (tmp_path / "shallow.json").write_text(json.dumps(shallow))
+    err = _fails([str(mindformers_ckpt("tiny_fp16")), str(out), "--config", str(tmp_path / "shallow.json")], capsys,
+                 "'llm_model.transformer.layers.1.")
+    assert err.endswith("(the file holds 2 language-model layers where the config has 1: does --config describe "
+                        "this checkpoint?)"), err
+    _fails([str(tmp_path / "extra.ckpt"), str(out), *cfg], capsys, "(not a Qwen-VL checkpoint?)")
     _fails([str(mindformers_ckpt("tiny_fp16")), str(out)], capsys, "needs --config")
     _fails([str(mindformers_ckpt("tiny_fp16")), str(out), "--config", "no-such-preset"], capsys, "neither a folder")
     assert not out.exists() and _leftovers(tmp_path) == []

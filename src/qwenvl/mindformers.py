@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -343,8 +343,27 @@ def _classify(entries: dict[str, CkptTensor], wanted: set[str], path: str) -> li
     if unknown:
         raise CheckpointError(_one_line(
             f"{path}: {len(unknown)} tensor(s) are neither MindFormers Qwen-VL weights nor trainer state",
-            [f"{n!r} {list(entries[n].shape)}" for n in unknown]) + " (not a Qwen-VL checkpoint?)")
+            [f"{n!r} {list(entries[n].shape)}" for n in unknown]) + f" ({_layer_hint(entries, wanted)})")
     return ignored
+
+
+_BLOCKS = {".layers.": "language-model layers", ".resblocks.": "vision layers"}
+
+
+def _layer_hint(entries: dict[str, CkptTensor], wanted: set[str]) -> str:
+    """Why tensors were not expected: where the file holds more blocks than the config says (a smaller preset or
+    another model's --config), the two counts; else that it may not be a Qwen-VL checkpoint at all."""
+
+    def blocks(names: Iterable[str], key: str) -> int:
+        found = {int(part.split(".", 1)[0]) for n in names if key in n
+                 and (part := n.split(key, 1)[1]).split(".", 1)[0].isdigit()}
+        return max(found) + 1 if found else 0
+
+    counts = [(what, blocks(entries, key), blocks(wanted, key)) for key, what in _BLOCKS.items()]
+    differ = [f"{have} {what} where the config has {want}" for what, have, want in counts if have > want > 0]
+    if differ:
+        return f"the file holds {' and '.join(differ)}: does --config describe this checkpoint?"
+    return "not a Qwen-VL checkpoint?"
 
 
 @dataclass
