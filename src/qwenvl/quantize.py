@@ -396,16 +396,16 @@ class Int8Linear(nn.Module):
             y = (self._packed_row_product(x) * self.scales.float()).to(x.dtype)
         else:
             xi = _interleave(x, self.groups)  # the input in the stored column order: the same product
-            if not _cpu_no_grad(x, self.weight) and torch.compiler.is_compiling():
-                # Scaled in fp32 and rounded once: the same numbers as a multiply in x's dtype (which computes in
-                # fp32), but not inductor's weight-only int8 pattern: that rewrites a compiled product of a 3-D
-                # input times scales of x's dtype into aten._weight_int8pack_mm, whose CUDA kernel took 939 us for
-                # 8 rows of an 11,008 x 4,096 weight on an H200 (this form: 62 us), and a compiled batch-8 decode
-                # step of the 9.6B model 145 ms (benchmarks/README.md). Eager code keeps the plain form: two
-                # kernels fewer per product (decoding on a GPU is bound by launching them)
-                y = (F.linear(xi, self.weight.to(x.dtype)) * self.scales.float()).to(x.dtype)
-            elif not _cpu_no_grad(x, self.weight):
-                y = F.linear(xi, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            if not _cpu_no_grad(x, self.weight):
+                y = F.linear(xi, self.weight.to(x.dtype))
+                # Compiled, scaled in fp32 and rounded once: the same numbers as a multiply in x's dtype (which
+                # computes in fp32), but not inductor's weight-only int8 pattern: that rewrites a compiled product
+                # of a 3-D input times scales of x's dtype into aten._weight_int8pack_mm, whose CUDA kernel took
+                # 939 us for 8 rows of an 11,008 x 4,096 weight on an H200 (this form: 62 us), and a compiled
+                # batch-8 decode step of the 9.6B model 145 ms (benchmarks/README.md). Eager code keeps the plain
+                # form: two kernels fewer per product (decoding on a GPU is bound by launching them)
+                y = ((y * self.scales.float()).to(x.dtype) if torch.compiler.is_compiling()
+                     else y * self.scales.to(x.dtype))
             elif x.dtype == torch.bfloat16 and _rows(x) <= _FEW_ROWS and self.in_features % _INT8PACK_K == 0:
                 # PyTorch's own int8 product (module doc)
                 x2 = xi.reshape(-1, self.in_features).contiguous()
