@@ -71,12 +71,11 @@ def load(model_dir: str | os.PathLike, dtype: str | torch.dtype | None = None, d
     model_dir = require_folder(model_dir)
     refuse_adapter_folder(model_dir)  # before anything slow: it has no config.json
     device = pick_device(device)
-    where = torch.device(device)
     compute = resolve_dtype(dtype, device)
     if config is None:
         config = QwenVLConfig.from_pretrained(model_dir)
     check_memory(model_dir, compute, quantize, device, config)
-    if quantize == "int8" and where.type != "cpu":  # read as stored on the CPU, quantized on the device
+    if quantize == "int8" and torch.device(device).type != "cpu":  # read as stored on the CPU, quantized there
         model = QwenVL.from_pretrained(model_dir, device="cpu", config=config)
         optimize_for_inference(model.eval(), quantize, dtype=compute, device=device)
     else:
