@@ -122,7 +122,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """
     from torch.distributed.tensor import DTensor
 
-    params = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+    params = _base_parameters(model)
     digest = hashlib.sha256()
     for name in FINGERPRINT_WEIGHTS:
         weight: torch.Tensor = params[name]
@@ -134,10 +134,14 @@ def base_fingerprint(model: nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s parameters by their names without LoRA's wrapping (peft's ``.base_layer.``)."""
+    return {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+
+
 def _fingerprintable(model: nn.Module) -> bool:
     """Whether ``model`` has the weights :func:`base_fingerprint` reads as parameters (int8 layers hold buffers)."""
-    names = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters()}
-    return all(name in names for name in FINGERPRINT_WEIGHTS)
+    return set(FINGERPRINT_WEIGHTS) <= _base_parameters(model).keys()
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig, extra_trainable: list[str] | None = None,  # noqa: ANN201
@@ -299,11 +303,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike[str], ignore_m
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter {folder} does not match the model's adapters: missing {missing[:5]}, "
                          f"unexpected {extra[:5]} (different lora_r or lora_target?)")
-    if not ignore_mismatched_base and _fingerprintable(model):  # the shapes fit: are these the weights it was
-        _check_base(folder, model)  # trained on? (before the parameters trained in full replace some of them)
-    elif not ignore_mismatched_base:
-        logger.warning("the model's weights are quantized (int8): whether the adapter %s was trained on them cannot "
-                       "be checked; load it before quantizing to check it", folder)
+    if not ignore_mismatched_base:  # the shapes fit: are these the weights it was trained on? (before the
+        if _fingerprintable(model):  # parameters trained in full replace some of them)
+            _check_base(folder, model)
+        else:
+            logger.warning("the model's weights are quantized (int8): whether the adapter %s was trained on them "
+                           "cannot be checked; load it before quantizing to check it", folder)
     peft.set_peft_model_state_dict(model, state)
     _load_extras(model, folder)
 
