@@ -133,7 +133,7 @@ def test_a_cuda_device_this_machine_lacks_is_one_line(bad: dict[str, Path], caps
     status = cli.main(["predict", "--model", str(GOLDEN), "--dtype", "fp32", "--device", "cuda:1",
                        "--predict_data", "hi", "--modal_type", "text"])
     err = capsys.readouterr().err.strip()
-    assert status == 2 and err == "qwenvl predict: error: --device cuda:1: there is no CUDA device 1 (this machine has 1)"
+    assert status == 2 and err == "qwenvl predict: error: device 'cuda:1': there is no CUDA device 1 (this machine has 1)"
 
 
 def test_an_image_dir_that_is_not_there_is_said_before_the_model_loads(tmp_path: Path, capsys) -> None:

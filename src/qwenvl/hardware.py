@@ -238,17 +238,17 @@ def pick_device(device: str | None) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+        raise ValueError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: there is no CUDA device {dev.index} (this machine has "
+            raise ValueError(f"device {device!r}: there is no CUDA device {dev.index} (this machine has "
                              f"{torch.cuda.device_count()})")
     elif dev.type in ("mps", "xpu"):
         backend = torch.backends.mps if dev.type == "mps" else torch.xpu
         if not backend.is_available():
-            raise ValueError(f"--device {device}: {dev.type} is not available on this machine")
+            raise ValueError(f"device {device!r}: {dev.type} is not available on this machine")
     elif dev.type != "cpu":
-        raise ValueError(f"--device {device!r}: qwenvl runs on cpu, cuda, cuda:N (or mps, xpu) or auto")
+        raise ValueError(f"device {device!r}: qwenvl runs on cpu, cuda, cuda:N (or mps, xpu) or auto")
     return device
