@@ -194,10 +194,14 @@ def test_resampler_kv_gain_keeps_the_colour_in_the_image_tokens() -> None:
     assert low > 0.85 and low > default + 0.15, (low, default)  # measured: 0.91 vs 0.69
 
 
-def test_run_demo_small_end_to_end(tmp_path: Path) -> None:
+def test_run_demo_small_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from qwenvl.demo import run_demo
 
-    result = run_demo(tmp_path / "out", steps=3, seed=0)
+    with caplog.at_level("INFO"):
+        result = run_demo(tmp_path / "out", steps=3, seed=0)
+    # the trainer counts the embedding's and lm_head's trained rows only: the demo says so, with their full size
+    # (a log of "training 669185 of 1719297 parameters" beside a report of a 40.6M-parameter model read as a bug)
+    assert "the embedding and lm_head (38.9M parameters) train as the rows of the tokens the data uses" in caplog.text
     out = tmp_path / "out"
     for name in ("loss_curve.png", "predictions.png"):
         with Image.open(out / name) as im:

@@ -659,6 +659,7 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
         recency_attention_init(model, cfg.recency_init_layers, cfg.recency_init_amplitude,
                                copy_scale=cfg.recency_copy_scale)
     n_params = sum(p.numel() for p in model.parameters())
+    vocab_params = model.transformer.wte.weight.numel() + model.lm_head.weight.numel()
     if cfg.shared_head:
         shared_head_init(model, label_ids(dataset))
 
@@ -680,7 +681,9 @@ def _run_demo(out: Path, config: DemoConfig, start: float) -> DemoResult:
     for n, frozen in phases:
         if n == 0:
             continue
-        logger.info("training %d steps (%s)", n, "LM only, vision tower frozen" if frozen else "every parameter")
+        logger.info("training %d steps (%s); the embedding and lm_head (%.1fM parameters) train as the rows of the "
+                    "tokens the data uses, and the trainer's count below counts only those", n,
+                    "LM only, vision tower frozen" if frozen else "every parameter", vocab_params / 1e6)
         lr = cfg.learning_rate if frozen or not cfg.frozen_vision_steps else cfg.full_learning_rate
         phase_cfg = train_cfg.replace(max_steps=n, freeze_vision=frozen, freeze_resampler=frozen,
                                       learning_rate=lr, min_lr=min(cfg.min_lr, lr),
