@@ -99,6 +99,26 @@ def test_vllms_sampling_extensions_we_do_not_implement_are_refused_unless_at_the
     assert ignored_lines(caplog) == []  # asking for nothing, and known: not said as ignored
 
 
+@pytest.mark.parametrize("name, default", [("ignore_eos", "false"), ("min_p", "0.0"), ("length_penalty", "1.0"),
+                                           ("use_beam_search", "false"), ("guided_json", "null")])
+def test_a_refused_vllm_extension_says_vllms_default(name, default):
+    """The default each field is marked with, as written: false, not 0.0 (marks that compare equal would be one in
+    typing's cache of Annotated)."""
+    for request in (protocol.ChatCompletionRequest.model_validate({**CHAT, name: "x"}),
+                    protocol.CompletionRequest.model_validate({**COMPLETION, name: "x"})):
+        assert request.unsupported() == f"{name}: not supported (vLLM's extension; only its default, {default}, is)"
+
+
+@pytest.mark.parametrize("model, body", [(protocol.ChatCompletionRequest, CHAT), (protocol.CompletionRequest,
+                                                                                  COMPLETION)])
+def test_every_field_of_any_type_is_refused_when_it_asks_for_something(model, body):
+    """A field typed Any is one whose option this server does not do (a vLLM extension is marked with its default):
+    one declared but not refused would be dropped unseen, neither refused nor logged as ignored."""
+    untyped = [name for name, field in model.model_fields.items() if field.annotation is typing.Any]
+    assert {"min_p", "logit_bias"} <= set(untyped)  # a marked field's annotation is Any to pydantic
+    assert [name for name in untyped if model.model_validate({**body, name: "x"}).unsupported() is None] == []
+
+
 def test_a_misspelled_required_field_is_said_with_the_field_sent(server):
     # pydantic's "messages: Field required" did not say that the request had "mesages"
     r = httpx.post(server.v1 + "/chat/completions", json={"mesages": CHAT["messages"], "max_tokens": 2}, timeout=60)

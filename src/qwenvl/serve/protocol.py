@@ -95,14 +95,14 @@ class StreamOptions(_Model):
     include_usage: bool = Field(default=False, strict=True)
 
 
-# vLLM's sampling extensions that would change the answer and that this server does not implement, with vLLM's
-# defaults: a client written for vLLM (its benchmarks send ignore_eos) is told, not answered as if they held
-_VLLM_DEFAULTS: dict[str, Any] = {
-    "min_p": 0.0, "ignore_eos": False, "stop_token_ids": None, "include_stop_str_in_output": False,
-    "length_penalty": 1.0, "use_beam_search": False, "prompt_logprobs": None, "bad_words": None,
-    "allowed_token_ids": None, "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None,
-    "guided_choice": None, "guided_grammar": None, "structured_outputs": None, "logits_processors": None,
-}
+class _VLLMDefault:
+    """Marks a field of vLLM's sampling extensions that would change the answer and that this server does not
+    implement, with vLLM's ``default``: refused unless at it (see ``unsupported``), so that a client written for
+    vLLM (its benchmarks send ignore_eos) is told, not answered as if it held."""
+
+    def __init__(self, default: Any) -> None:
+        # no dataclass: marks that compare equal (False and 0.0) are one to typing, which caches Annotated[...]
+        self.default = default
 
 
 class _Sampling(_Model):
@@ -128,23 +128,23 @@ class _Sampling(_Model):
     logit_bias: Any = None
     top_logprobs: Any = None
     response_format: Any = None
-    # vLLM's extra sampling parameters we do not implement (see _VLLM_DEFAULTS): the same
-    min_p: Any = None
-    ignore_eos: Any = None
-    stop_token_ids: Any = None
-    include_stop_str_in_output: Any = None
-    length_penalty: Any = None
-    use_beam_search: Any = None
-    prompt_logprobs: Any = None
-    bad_words: Any = None
-    allowed_token_ids: Any = None
-    truncate_prompt_tokens: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
-    logits_processors: Any = None
+    # vLLM's extra sampling parameters we do not implement: refused too, unless at vLLM's default (marked)
+    min_p: Annotated[Any, _VLLMDefault(0.0)] = None
+    ignore_eos: Annotated[Any, _VLLMDefault(False)] = None
+    stop_token_ids: Annotated[Any, _VLLMDefault(None)] = None
+    include_stop_str_in_output: Annotated[Any, _VLLMDefault(False)] = None
+    length_penalty: Annotated[Any, _VLLMDefault(1.0)] = None
+    use_beam_search: Annotated[Any, _VLLMDefault(False)] = None
+    prompt_logprobs: Annotated[Any, _VLLMDefault(None)] = None
+    bad_words: Annotated[Any, _VLLMDefault(None)] = None
+    allowed_token_ids: Annotated[Any, _VLLMDefault(None)] = None
+    truncate_prompt_tokens: Annotated[Any, _VLLMDefault(None)] = None
+    guided_json: Annotated[Any, _VLLMDefault(None)] = None
+    guided_regex: Annotated[Any, _VLLMDefault(None)] = None
+    guided_choice: Annotated[Any, _VLLMDefault(None)] = None
+    guided_grammar: Annotated[Any, _VLLMDefault(None)] = None
+    structured_outputs: Annotated[Any, _VLLMDefault(None)] = None
+    logits_processors: Annotated[Any, _VLLMDefault(None)] = None
 
     @field_validator(*_NULL_IS_DEFAULT, mode="before", check_fields=False)
     @classmethod
@@ -210,6 +210,11 @@ class _Sampling(_Model):
         if self.response_format is not None and self.response_format != {"type": "text"}:
             return "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schema)"
         return None
+
+
+# each field marked with vLLM's default, and that default
+_VLLM_DEFAULTS: dict[str, Any] = {name: mark.default for name, field in _Sampling.model_fields.items()
+                                  for mark in field.metadata if isinstance(mark, _VLLMDefault)}
 
 
 class ChatCompletionRequest(_Sampling):
