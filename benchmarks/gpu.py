@@ -3,7 +3,7 @@
     python benchmarks/gpu.py --json gpu.json      # the full-size model (random weights), on a CUDA GPU
     python benchmarks/gpu.py --device cpu --preset tiny --parity-preset tiny --train-layers 1 --seq 512 \
         --train-batch 2 --train-steps 1 --matmul-n 512 --read-gib 0.2 --layer-shape 1024 256 --new-tokens 4
-        # a dry run of every section on a CPU (~3 min on 2 cores)
+        # a dry run of every section on a CPU (~4 min on 2 cores)
 
 On one H200 its sections but ``golden`` and ``layer`` took 505 s (``--budget 380``; compiling the decode step
 ~74 s per configuration): ``--budget`` (default 420 s) keeps a run inside a lease of the device.
@@ -25,6 +25,9 @@ as each is measured:
 * ``decode``: batch 1 and batch 8, eager and ``compile=True``, bf16 and int8: ms per step, tokens/s, and batch 1
   over the weight-read floor (bytes of the LM matrices / the measured bandwidth; the design's aim is >= 70% of the
   bandwidth bound, a ratio <= 1.43);
+* ``graphs``: an experiment: the serve engine's decode step, every shape fixed, compiled with CUDA graphs
+  (``mode="reduce-overhead"``) against the default mode, 1 and 8 slots: ms a step, batch 1 over the floor, the
+  logits' difference, graphs skipped (see the function);
 * ``train``: fine-tuning steps as ``qwenvl finetune`` takes them (``_train_step``: fp32 master weights, bf16
   autocast, fused AdamW, stage-3 trainability) on the full-size model's dimensions with ``--train-layers`` LM layers
   (all 32 with their AdamW state do not fit one GPU: a full fine-tune is sharded over several), with and without
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -276,6 +280,70 @@ def decode(device: torch.device, args: argparse.Namespace, read_gbs: float | Non
     return out
 
 
+def graphs(device: torch.device, args: argparse.Namespace, read_gbs: float | None) -> dict[str, Any]:
+    """An experiment for what ``decode`` found (on one H200 a compiled batch-1 step took 12.1 ms, of which the GPU
+    worked 4.65: the rest was the host launching ~160 products): the serve engine's decode step
+    (:func:`qwenvl.serve.engine.decode_slots`: slot cache, positions as a tensor, a fixed attention window, so every
+    shape is fixed) compiled with ``mode="reduce-overhead"`` (CUDA graphs: one replay launches the whole step)
+    against inductor's default mode, bf16, 1 and 8 slots after a prefill of 64 tokens each (half the window if smaller): ms a step, batch 1 over the
+    weight-read floor, the largest logit difference between the two modes, and how many graphs inductor skipped
+    (its ``cudagraph_skips`` counter; the reason is in its log). The KV buffers are mutated in place by every step,
+    so they are marked as static addresses (as gpt-fast's module buffers are), else the graphs would be skipped.
+    Not a path of the package yet: this measures whether it is worth making one."""
+    from torch._dynamo.utils import counters
+
+    from qwenvl.model.kv_cache import SlotKVCache
+    from qwenvl.serve.engine import decode_slots
+
+    model = _bf16_model(args, device)
+    lm = model.config.lm
+    window, slots = args.graph_window, 8
+    prompt = min(64, window // 2)  # the step writes at position `prompt`, inside the window
+    cache = SlotKVCache(lm.num_hidden_layers, slots, lm.num_attention_heads, lm.kv_channels, window, model.dtype,
+                        device)
+    with torch.no_grad():
+        for i in range(slots):  # as the engine fills a slot: a batch-1 prefill into its rows
+            kv = cache.slot(i)
+            model(torch.tensor([G.prompt(prompt, False, seed=i)], device=device), past_key_values=kv, logits_to_keep=1)
+            cache.keep_rope(i, kv)
+    for t in (*cache.k, *cache.v, cache.rope_alpha, cache.rope_inv_freq):
+        torch._dynamo.mark_static_address(t)
+    tokens = torch.randint(0, lm.vocab_size, (slots,), device=device)
+    positions = torch.full((slots,), prompt, device=device)
+    key_positions = torch.arange(window, device=device)
+    floor = G.lm_weight_bytes(model) / (read_gbs * 1e9) if read_gbs else None
+    out: dict[str, Any] = {"window": window}
+    lines, logits = [], {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        skipped = counters["inductor"]["cudagraph_skips"]
+        step = torch.compile(decode_slots, mode=mode, dynamic=False, fullgraph=True)
+        for n in (1, 8):
+            if time.perf_counter() > args.deadline:
+                lines.append(f"{mode} {n} slot(s): not started (--budget spent)")
+                continue
+            run = functools.partial(step, model, cache, tokens[:n], positions[:n], key_positions)
+            with torch.no_grad():
+                t = time.perf_counter()
+                logits[mode, n] = run().clone()  # compiles (a replay's output is overwritten by the next)
+                compile_s = time.perf_counter() - t
+                s = timed(run, device, repeat=20)
+            out[f"{mode}_n{n}_ms"], out[f"{mode}_n{n}_compile_s"] = s * 1e3, compile_s
+            ratio = f", {s / floor:.2f}x the weight-read floor ({floor * 1e3:.2f} ms)" if floor and n == 1 else ""
+            diff = ""
+            if mode != "default" and ("default", n) in logits:
+                d = float((logits[mode, n] - logits["default", n]).abs().max())
+                out[f"{mode}_n{n}_max_abs_diff"] = d
+                diff = f", logits within {d:.3g} of the default mode's"
+            lines.append(f"{mode} {n} slot(s): {s * 1e3:.2f} ms a step, {n / s:.0f} tokens/s{ratio}{diff} "
+                         f"(compiled in {compile_s:.0f} s)")
+            print("  " + lines[-1], flush=True)
+        out[f"{mode}_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skipped
+    lines.append(f"graphs skipped by inductor: {out.get('reduce-overhead_cudagraph_skips', 'n/a')}")
+    out["summary"] = f"window {window}: " + "; ".join(lines)
+    return out
+
+
 def layer(device: torch.device, args: argparse.Namespace, read_gbs: float | None) -> dict[str, Any]:
     """One LM matrix's product (``--layer-shape``, the MLP's 11008 x 4096) at 1 and 8 rows, timed with CUDA graphs
     (``triton.testing.do_bench_cudagraph``: no launch overhead) where there is a GPU: how close the kernels alone
@@ -390,12 +458,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="qwen-vl-9.6b", help="the model measured in bf16, decode and LoRA")
-    sections = ["golden", "parity", "limits", "bf16", "prefill", "layer", "train", "decode"]
+    sections = ["golden", "parity", "limits", "bf16", "prefill", "layer", "train", "decode", "graphs"]
     ap.add_argument("--sections", nargs="+", choices=sections, default=sections, metavar="SECTION",
                     help=f"the sections to run, in this order (default: all: {' '.join(sections)})")
     ap.add_argument("--parity-preset", default="mid", help="the model compared with the CPU in fp32")
     ap.add_argument("--layer-shape", type=int, nargs=2, default=[11008, 4096], metavar=("OUT", "IN"))
     ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed per run")
+    ap.add_argument("--graph-window", type=int, default=256, help="attention window (positions) of the graphs section")
     ap.add_argument("--train-layers", type=int, default=16, help="LM layers of the fully fine-tuned model")
     ap.add_argument("--train-batch", type=int, default=4, help="samples per step")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sample (one image each)")
@@ -430,6 +499,7 @@ def main() -> None:
              "bf16": lambda: bf16(device, args), "prefill": lambda: prefill(device, args, measured("bf16_peak_tflops")),
              "decode": lambda: decode(device, args, measured("read_gbs")),
              "layer": lambda: layer(device, args, measured("read_gbs")),
+             "graphs": lambda: graphs(device, args, measured("read_gbs")),
              "train": lambda: train(device, args, measured("bf16_peak_tflops"))}
     for name in args.sections:
         if time.perf_counter() > args.deadline:
