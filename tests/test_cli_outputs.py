@@ -269,3 +269,103 @@ def test_demo_that_fails_with_overwrite_leaves_a_users_folder_the_users(tmp_path
     _refused(["demo", "--output_dir", str(out), "--overwrite", "--steps", "1"], capsys, "is not a folder")
     assert sorted(p.name for p in out.iterdir()) == ["data"]
     _refused(["demo", "--output_dir", str(out), "--steps", "1"], capsys, "not empty and was not written by qwenvl")
+
+
+def _appears_during_the_run(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
+    """A file is created at ``out`` (the user's notes, or a second run writing the same output) while the run
+    makes its answers: right after the first row is kept in ``OUT.partial``."""
+    from qwenvl import outputs
+
+    real = outputs.PartialRows.append
+
+    def append(self: outputs.PartialRows, text: str) -> None:
+        real(self, text)
+        if not out.exists():
+            out.write_text("my precious notes")
+
+    monkeypatch.setattr(outputs.PartialRows, "append", append)
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_an_output_file_that_appears_during_the_run_is_never_replaced(tmp_path: Path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     command: str) -> None:
+    # OUT was checked absent at the start, then replaced at the end by the run's atomic write (os.replace), exit 0:
+    # without --overwrite it stays, and the error says where the answers are (OUT.partial, kept)
+    prompts, vqa, _ = _one_file_inputs(tmp_path)
+    out = tmp_path / "answers.out"
+    argv = {"predict": ["predict", "--model", str(GOLDEN), "--jsonl", str(prompts), "--max_new_tokens", "2",
+                        "--output", str(out)],
+            "eval": ["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN),
+                     "--max_new_tokens", "2", "--no_progress", "--output", str(out)]}[command]
+    _appears_during_the_run(monkeypatch, out)
+    assert main(argv) == 2
+    kept = tmp_path / "answers.out.partial"
+    where = {"predict": f"the answer is in {kept} (JSONL, in the prompts' order)",
+             "eval": f"the predictions for all 1 samples are in {kept} (JSON Lines, to resume from; accuracy over "
+                     "those 1: "}[command]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"qwenvl {command}: error: the output file {out} was created by something else during "
+                              f"the run and is left as it is; {where}"), err
+    assert not any(str(kept) in line for line in err[:-1]), err  # said once, in the error
+    assert out.read_text() == "my precious notes"
+    rows = kept.read_text().splitlines()
+    key, asked = {"predict": ("prompt", "Hello"), "eval": ("question", "q?")}[command]
+    assert json.loads(rows[-1])[key] == asked  # the answer is there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.out", "answers.out.partial", "llava.json",
+                                                          "prompts.jsonl", "vqa.jsonl"]  # no temporary file left
+    kept.unlink()
+    out.unlink()
+    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err  # asked for: replaced, as before
+    assert out.read_text() != "my precious notes" and not kept.exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_an_output_file_made_while_the_weights_load_is_said_before_generating(tmp_path: Path, capsys,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             command: str) -> None:
+    # checked again once the model is loaded (minutes for a real one): refused before any answer is generated
+    from qwenvl import inference
+
+    prompts, vqa, _ = _one_file_inputs(tmp_path)
+    out = tmp_path / "results.json"
+    real = inference.load
+
+    def load_then_appear(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        loaded = real(*args, **kwargs)
+        out.write_text("my precious notes")
+        return loaded
+
+    monkeypatch.setattr(inference, "load", load_then_appear)
+    argv = {"predict": ["predict", "--model", str(GOLDEN), "--jsonl", str(prompts)],
+            "eval": ["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN)]}[command]
+    _refused([*argv, "--max_new_tokens", "2", "--no_progress", "--output", str(out)], capsys,
+             f"qwenvl {command}: error: the output file {out} exists; pass --overwrite to replace it")
+    assert out.read_text() == "my precious notes" and not (tmp_path / "results.json.partial").exists()
+
+
+def test_data_convert_never_replaces_an_output_file_that_appears_before_its_write(tmp_path: Path, capsys,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    # created after the last check that OUT is absent (just before the write): left as it is
+    from qwenvl.data import convert
+
+    _, _, llava = _one_file_inputs(tmp_path)
+    out = tmp_path / "train.json"
+    real = convert.check_output_file
+
+    def check_then_appear(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        real(*args, **kwargs)
+        if "overwrite" in kwargs and not out.exists():  # the last check, with the user's --overwrite
+            out.write_text("my precious notes")
+
+    monkeypatch.setattr(convert, "check_output_file", check_then_appear)
+    argv = ["data-convert", "--data_path", str(llava), "--image_location", str(tmp_path), "--output_path", str(out)]
+    _refused(argv, capsys, f"the output file {out} was created by something else during the run and is left as it "
+                           "is; nothing was written (pass --overwrite to replace it)")
+    assert out.read_text() == "my precious notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava.json", "prompts.jsonl", "train.json", "vqa.jsonl"]
+    out.unlink()
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(out.read_text()) == []
+

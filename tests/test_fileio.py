@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -102,6 +103,49 @@ def test_write_over_a_pipe_device_or_link_to_one_is_refused(tmp_path: Path) -> N
             atomic_write_text(tmp_path / name, "x")
     assert stat.S_ISFIFO((tmp_path / "pipe").lstat().st_mode) and (tmp_path / "to-pipe").is_symlink()
     assert _names(tmp_path) == ["pipe", "to-pipe"]  # no temporary left either
+
+
+def test_a_write_that_may_not_replace_keeps_what_appeared_while_it_ran(tmp_path: Path) -> None:
+    # replace=False: published with link(2), which never replaces (os.replace did, silently)
+    target = tmp_path / "out.json"
+    with pytest.raises(FileExistsError) as info, fileio.atomic_file(target, replace=False) as f:
+        f.write(b"ours")
+        target.write_text("theirs")  # another writer, between the start and the end of the write
+    assert (info.value.errno, info.value.filename) == (errno.EEXIST, str(target))
+    assert target.read_text() == "theirs" and _names(tmp_path) == ["out.json"]  # no temporary file left
+    (tmp_path / "link").symlink_to("out.json")
+    for name in ("out.json", "link"):  # there at the start, or a link to it: refused before anything is written
+        with pytest.raises(FileExistsError):
+            atomic_write_text(tmp_path / name, "ours", replace=False)
+    assert target.read_text() == "theirs" and (tmp_path / "link").is_symlink()
+    assert atomic_write_text(tmp_path / "new.json", "ours", replace=False).read_text() == "ours"
+    assert _mode(tmp_path / "new.json") == 0o666 & ~fileio._umask() and (tmp_path / "new.json").stat().st_nlink == 1
+    # a dangling link, there at the start or made meanwhile: nothing to lose, replaced (check_output_file lets it be)
+    (tmp_path / "dangling").symlink_to("nowhere")
+    atomic_write_text(tmp_path / "dangling", "ours", replace=False)
+    with fileio.atomic_file(tmp_path / "appeared", replace=False) as f:
+        f.write(b"ours")
+        (tmp_path / "appeared").symlink_to("nowhere")
+    for name in ("dangling", "appeared"):
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name).read_text() == "ours"
+    assert _names(tmp_path) == ["appeared", "dangling", "link", "new.json", "out.json"]
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP], ids=["EPERM", "EOPNOTSUPP"])
+def test_a_write_that_may_not_replace_works_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               refusal: int) -> None:
+    # FAT, exFAT and some FUSE filesystems have no hard links: a check, then a rename
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(fileio.os, "link", no_links)
+    target = tmp_path / "out.json"
+    assert atomic_write_text(target, "ours", replace=False).read_text() == "ours"
+    target.unlink()
+    with pytest.raises(FileExistsError) as info, fileio.atomic_file(target, replace=False) as f:
+        f.write(b"ours")
+        target.write_text("theirs")
+    assert info.value.filename == str(target) and target.read_text() == "theirs" and _names(tmp_path) == ["out.json"]
 
 
 # ---- folders ----

@@ -5,7 +5,9 @@ place with ``os.replace``/``os.rename``, which are atomic on POSIX. Readers neve
 and a failure leaves the previous version (if any) untouched and no temporary files behind.
 
 Not meant for several writers racing on the same path: the last one to finish wins, as with plain writes
-(``qwenvl.outputs`` gives a run its output folder to itself).
+(``qwenvl.outputs`` gives a run its output folder to itself); unless a file is written with ``replace=False``
+(:func:`atomic_file`, published with ``os.link``, which never replaces): then the first one wins, and a later one
+fails without replacing it.
 
 Every temporary name contains ``.qwenvl-tmp-`` (staging), ``.qwenvl-old-`` (a replaced folder waiting to be
 deleted) or ``.qwenvl-trash-`` (a folder being deleted): :func:`clean_temporary` recognises them, so the next
@@ -323,7 +325,7 @@ def _discard_staging(e: BaseException, target: Path, staging: Path) -> OSError |
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[BinaryIO]:
+def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True, replace: bool = True) -> Iterator[BinaryIO]:
     """Write a file through the yielded binary stream; it appears at ``path`` when the ``with`` block succeeds.
 
     For data too large to hold in memory (streamed piece by piece). Parent folders are created. A file being
@@ -331,8 +333,15 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
     temporary file is deleted (a stop signal that comes meanwhile waits for it: :func:`signals_held`) and
     ``path`` is left as it was. With ``fsync`` the data (and the rename) are
     flushed to disk before the block exits, so a power loss leaves either the old or the new file.
+
+    ``replace=False``: a file at ``path`` (or a link to one) stays, whether it was there at the start or appeared
+    while the block ran (a file of the user's, another run writing the same output): FileExistsError naming
+    ``path`` (errno EEXIST), and the temporary file is deleted as on any other failure (:func:`_put_new`). A
+    dangling link is replaced, as ``qwenvl.outputs.check_output_file`` lets it be (nothing there to lose).
     """
     target = Path(path)
+    if not replace and target.exists():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
     try:
         st = target.stat()  # follows a link: what a reader of ``path`` would get
     except FileNotFoundError:  # nothing there (or a dangling link, which is replaced)
@@ -356,7 +365,10 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
             if fsync:
                 os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp creates 0o600
-        os.replace(tmp, target)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _put_new(tmp, target)
     except BaseException as e:
         named = _discard_staging(e, target, tmp)
         if named is not None:
@@ -366,6 +378,32 @@ def atomic_file(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         os.close(lock_fd)
     if fsync:
         fsync_dir(target.parent)
+
+
+# link(2) refused by a filesystem without hard links: EPERM (FAT, exFAT, Linux's vfat), EOPNOTSUPP (some FUSE and
+# network filesystems), ENOSYS; EMLINK (no more links to the file) cannot happen to a new file but means the same
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _put_new(tmp: Path, target: Path) -> None:
+    """Move the finished temporary file ``tmp`` to ``target`` unless a file is there (FileExistsError naming
+    ``target``; ``tmp`` stays, for the caller to delete). A hard link does it in one step, as ``os.replace`` does
+    for a replacing write: ``link`` never replaces (EEXIST), and the file appears whole. A dangling link at
+    ``target`` (nothing to lose) and a filesystem without hard links take a check and a rename, two steps:
+    something appearing between them (a few microseconds, not the length of a run) is replaced, as without
+    ``replace=False``; copying into a file opened with ``O_EXCL`` instead would never replace, but a crash could
+    leave half a file under the final name."""
+    try:
+        os.link(tmp, target)
+    except OSError as e:
+        if not isinstance(e, FileExistsError) and e.errno not in _NO_HARD_LINKS:
+            raise
+        if target.exists():  # a file, or a link to something (a dangling one is replaced)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.replace(tmp, target)
+        return
+    with contextlib.suppress(OSError):  # the file is at target: a second name left here goes at the next write
+        tmp.unlink()
 
 
 def _flock(fd: int) -> bool | None:
@@ -428,18 +466,20 @@ def _remove_dead_temps(target: Path, mine: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`); return the path."""
-    with atomic_file(path, fsync=fsync) as f:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True, replace: bool = True
+                       ) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`, and its ``replace``); return the path."""
+    with atomic_file(path, fsync=fsync, replace=replace) as f:
         f.write(data)
     return Path(path)
 
 
 def atomic_write_text(
-    path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", fsync: bool = True
+    path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8", fsync: bool = True, replace: bool = True
 ) -> Path:
-    """Write ``text`` to ``path`` atomically (no newline translation); return the path."""
-    return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+    """Write ``text`` to ``path`` atomically (no newline translation; ``replace``: see :func:`atomic_file`); return
+    the path."""
+    return atomic_write_bytes(path, text.encode(encoding), fsync=fsync, replace=replace)
 
 
 def fsync_tree(root: Path) -> None:

@@ -511,6 +511,7 @@ def run_predict(args: argparse.Namespace) -> int:
         require_compiler(opts.get("device"))
     model, processor = load(opts["load_checkpoint"], opts.get("dtype"), opts.get("device"), opts.get("image_dir"),
                             quantize=opts.get("quantize"), allow_any_local_path=any_path, config=config)
+    check_output_file(args.output, {}, overwrite=args.overwrite)  # one created while the weights loaded: said now
     fmt = opts.get("chat_format", model.config.generation.chat_format)
     processor.chat_format = fmt  # messages are built in the format asked for, not only stopped by it
     prompts = [_as_chat(p, fmt) for p in prompts]
@@ -525,6 +526,7 @@ def run_predict(args: argparse.Namespace) -> int:
         # each row as soon as its batch is answered: printed, or kept in OUTPUT.partial until OUTPUT is written, so
         # that a full disk (there or at the end), Ctrl-C, a crash or kill -9 loses none of the answers made
         kept = PartialRows(args.output) if args.output else None
+        said = False  # where the answers are: in the error itself
         try:
             for p, keys in zip(answers, carried):  # one answer per prompt, in the prompts' order
                 rows.append(jsonl_line({**keys, **_result_row(p)}))  # a lone surrogate: in ASCII escapes
@@ -534,12 +536,21 @@ def run_predict(args: argparse.Namespace) -> int:
                 else:
                     kept.append(rows[-1])
             if args.output:
-                atomic_write_text(args.output, "".join(rows))
+                try:  # without --overwrite, a file that appeared at OUTPUT during the run (checked absent at the start)
+                    atomic_write_text(args.output, "".join(rows), replace=args.overwrite)  # is not replaced
+                except FileExistsError as e:
+                    if kept is None or e.filename is None or Path(e.filename) != Path(args.output):
+                        raise
+                    said = bool(kept.rows)
+                    kept.close()
+                    where = f"; {_kept_note(kept, len(prompts))}" if said else ""
+                    raise FileExistsError(f"the output file {shown_path(args.output)} was created by something else "
+                                          f"during the run and is left as it is{where}") from None
         except BaseException:
             answers.close()  # its progress bar ends now, not after the lines below
             if kept is not None:
                 kept.close()
-                if kept.rows:
+                if kept.rows and not said:
                     print(_kept_note(kept, len(prompts)), file=sys.stderr)
             raise
         if kept is not None:

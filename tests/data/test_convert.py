@@ -603,3 +603,31 @@ def test_command_messages_name_images_and_records_as_the_user_does(cut_images, t
     assert capsys.readouterr().err.splitlines()[-1] == ("qwenvl data-convert: error: the output file out.json exists; "
                                                         "pass --overwrite to replace it")
     assert src.exists()
+
+
+def test_qwen_vl_image_tags_in_llava_text_are_malformed(tmp_path: Path) -> None:
+    """<img>PATH</img> in a LLaVA turn is text to LLaVA but a picture to qwenvl finetune: it was copied into the
+    output unchanged, so the data's text named a file to read (any local file with allow_any_local_path; finetune
+    without it refused the record only for a path outside dataset_dir)."""
+    (tmp_path / "x.jpg").write_bytes(b"x")
+
+    def rec(i: int, *values: str, image: str | None = "x.jpg") -> dict:
+        r = {"id": str(i), "conversations": [{"from": w, "value": v} for w, v in zip(("human", "gpt") * 2, values)]}
+        return r if image is None else {**r, "image": image}
+
+    records = [rec(0, "<image>\nWhat <img>/etc/passwd</img> is it?", "A cat."),
+               rec(1, "<image>\nWhat?", "See </img> here"),  # an answer: finetune reads every turn's tags
+               rec(2, "Hi <img>x.jpg</img>", "Hello", image=None),  # text-only
+               rec(3, "<image>\nWhat?", "A cat.", "And <ref>this</ref> <box>(1,2),(3,4)</box>?", "A dog.")]
+    converted, summary = convert_records(records, tmp_path, image_prefix="")
+    assert [c["id"] for c in converted] == ["3"]  # <ref>/<box> read no file: kept
+    said = "<img> tags in LLaVA text are not allowed (qwenvl finetune would read the text up to </img> as an image " \
+           "path); a record's picture is its 'image'"
+    assert summary.malformed == [MalformedRecord(0, "0", f"turn 0 holds <img>: {said}"),
+                                 MalformedRecord(1, "1", f"turn 1 holds </img>: {said}"),
+                                 MalformedRecord(2, "2", f"turn 0 holds <img>: {said}")]
+    with pytest.raises(ValueError, match=re.escape(f"malformed LLaVA record 0 (id='0'): turn 0 holds <img>: {said}")):
+        convert_records(records, tmp_path, image_prefix="", strict=True)
+    out = tmp_path / "out.json"
+    convert_llava(_write(tmp_path / "in.json", records), tmp_path, out, image_prefix="", allow_any_local_path=True)
+    assert "/etc/passwd" not in out.read_text() and [r["id"] for r in json.loads(out.read_text())] == ["3"]

@@ -21,6 +21,7 @@ from qwenvl.eval.runners import (
     evaluate_vqa,
     load_grounding_data,
 )
+from qwenvl.outputs import OutputDirError
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "qwenvl-tiny"
 
@@ -654,6 +655,44 @@ def test_runner_keeps_the_predictions_when_the_output_cannot_be_written(tmp_path
     assert json.loads(out.read_text())["predictions"] == whole.predictions == resumed.predictions
     assert resumed.score == whole.score == 0.25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs", "o.json"]  # o.json holds its rows
+
+
+def test_runner_without_overwrite_never_replaces_an_output_file(tmp_path: Path, image_dir: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    # overwrite=False (the CLI without --overwrite): a file that appears at OUT while the run generates (another run
+    # writing the same OUT, the user's) stays; the error names it and says where the predictions are (OUT.partial,
+    # kept, from which a resumed run writes another output without generating again); one there at the start is
+    # refused before anything is generated
+    data, out = write_jsonl(tmp_path / "g.jsonl", grounding_rows()), tmp_path / "o.json"
+    answers = stub({"half": "(0,0),(499,999)</box>", "middle": "x", "nothing": "y"})
+
+    def gen(prompts: Sequence[str]) -> list[str]:
+        if not out.exists():
+            out.write_text("the other run's results")
+        return answers(prompts)
+
+    kept = tmp_path / "o.json.partial"
+    with pytest.raises(FileExistsError) as info, caplog.at_level("WARNING"):
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, batch_size=3, output=out, progress=False,
+                           overwrite=False)
+    assert str(info.value) == (f"the output file {out} was created by something else during the run and is left as "
+                               f"it is; the predictions for all 4 samples are in {kept} (JSON Lines, to resume from; "
+                               "accuracy over those 4: 0.2500)")
+    assert caplog.records == []  # said once, in the error
+    assert out.read_text() == "the other run's results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "imgs", "o.json", "o.json.partial"]
+    answers.calls.clear()
+    with pytest.raises(OutputDirError, match=f"the output file {out} exists; pass overwrite=True to replace it"):
+        evaluate_grounding(data, generate_fn=gen, image_dir=image_dir, output=out, progress=False, overwrite=False)
+    assert answers.calls == [] and out.read_text() == "the other run's results"
+
+    def nothing_left(prompts: Sequence[str]) -> list[str]:
+        raise AssertionError("every answer is in the partial file")
+
+    mine = tmp_path / "mine.json"
+    resumed = evaluate_grounding(data, generate_fn=nothing_left, image_dir=image_dir, output=mine, progress=False,
+                                 resume=kept, overwrite=False)
+    assert resumed.score == 0.25 and json.loads(mine.read_text())["predictions"] == resumed.predictions
 
 
 def test_runner_keeps_the_rows_written_before_the_disk_filled_up(tmp_path: Path, image_dir: Path,

@@ -41,7 +41,9 @@ Rules (DESIGN.md section 1, "Fine-tuning (stage 3)"):
 - Malformed records are skipped and listed (index, id, reason), or raise ``ValueError`` with ``strict=True``.
   Malformed means: not an object; ``conversations`` missing, not a list, or empty; a turn that is not an
   object or lacks a string ``from``/``value``; an unknown ``from``; an ``image`` that is not a non-empty
-  string; more than one image tag; an image tag in a ``gpt`` turn; an image tag with no ``image`` key.
+  string; more than one image tag; an image tag in a ``gpt`` turn; an image tag with no ``image`` key; Qwen-VL's
+  ``<img>`` or ``</img>`` in any turn (plain text to LLaVA, but the fine-tuning dataset would read the text up to
+  ``</img>`` as an image path: a file the record's ``image`` does not name).
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records
+from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records, shown_path
 from qwenvl.images import ImageError, MediaPolicy, image_problems
-from qwenvl.outputs import check_output_file
+from qwenvl.outputs import OutputDirError, check_output_file
 from qwenvl.tokenizer import image_path_problem
 
 __all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
@@ -65,6 +67,8 @@ logger = logging.getLogger(__name__)
 LLAVA_IMAGE_TOKEN = "<image>"
 # Tried in this order; the bare token is the fallback.
 _IMAGE_TAG_FORMS = (LLAVA_IMAGE_TOKEN + "\n", "\n" + LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKEN)
+# Qwen-VL's picture tags: finetune reads the text between them, in any turn, as an image path
+QWEN_IMAGE_TAGS = ("<img>", "</img>")
 DEFAULT_IMAGE_PREFIX = "train2014/COCO_train2014_"
 MAX_EXAMPLES = 5  # missing-image paths kept in the summary / shown in the log
 
@@ -176,6 +180,11 @@ def _convert_record(
         if speaker not in roles:
             again = "; is the file converted already?" if speaker in roles.values() else ""
             raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt'{again})")
+        found = [(value.find(tag), tag) for tag in QWEN_IMAGE_TAGS if tag in value]
+        if found:  # text to LLaVA; finetune would read the file it names (the data's text names no file to read)
+            raise _Malformed(f"turn {t} holds {min(found)[1]}: <img> tags in LLaVA text are not allowed (qwenvl "
+                             "finetune would read the text up to </img> as an image path); a record's picture is "
+                             "its 'image'")
         replaced = _replace_image_tag(value, picture, tag_in_place)
         if replaced is not None:
             tagged += value.count(LLAVA_IMAGE_TOKEN)  # in the turn as written: the image name may hold one
@@ -307,7 +316,8 @@ def convert_llava(
     ValueError naming the file), with ``strict``, when a record is malformed (or, with ``check_images``, its image
     does not decode), when no record converts (malformed, missing its image or with one that does not decode:
     ValueError naming the first), or when ``output_path`` exists
-    and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`, telling the user to pass ``flag``).
+    and ``overwrite`` is not set (:class:`~qwenvl.outputs.OutputDirError`, telling the user to pass ``flag``; also
+    for a file created there between that check and the write, which is left as it is).
     Returns the summary (for the caller to show: it is logged only at DEBUG level, so that the command
     line prints it once).
     """
@@ -330,6 +340,12 @@ def convert_llava(
         text = "".join(jsonl_line(record) for record in converted)
     else:
         text = json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
-    summary.output_path = atomic_write_text(output_path, text)
+    try:  # without overwrite, a file that appeared since the check above (another run's, the user's) stays
+        summary.output_path = atomic_write_text(output_path, text, replace=overwrite)
+    except FileExistsError as e:
+        if e.filename is None or Path(e.filename) != Path(output_path):
+            raise
+        raise OutputDirError(f"the output file {shown_path(output_path)} was created by something else during the "
+                             f"run and is left as it is; nothing was written (pass {flag} to replace it)") from None
     logger.debug("converted %s -> %s: %s", data_path, summary.output_path, summary)
     return summary

@@ -37,8 +37,6 @@ _DEFAULTS = {  # task -> (prompt, max_new_tokens, min_new_tokens): the official 
     "caption": (CAPTION_PROMPT, 30, 8),
 }
 
-_PROMPT_FIELDS = {"grounding": ("image", "expression"), "vqa": ("image", "question"), "caption": ("image",)}
-
 # What --data holds, per task: shown by `qwenvl eval TASK --help` and in the README (tests keep them equal).
 DATA_FORMATS = {
     "grounding": """\
@@ -178,9 +176,11 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     records = _limit(records, args.limit)
     metric = runners.resolve_vqa_metric(records, args.metric) if task == "vqa" else None
     prompt, protocol = _prompt(args, task)
-    runners.fill_prompt(prompt, **{k: "" for k in _PROMPT_FIELDS[task]})  # a template that cannot be filled
+    runners.fill_prompt(prompt, **{k: "" for k in runners.PROMPT_FIELDS[task]})  # a template that cannot be filled
+    runners.check_prompt_template(prompt, protocol)  # an <img> span holding more than {image}
+    runners.build_prompts(task, prompt, records)  # text completing an image tag of the template: said now
     used = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
-    unused = [f"{{{k}}}" for k in _PROMPT_FIELDS[task] if k not in used]
+    unused = [f"{{{k}}}" for k in runners.PROMPT_FIELDS[task] if k not in used]
     if unused:  # may be meant (a text-only baseline), but every sample then shares what the field would have said
         logger.warning("the prompt template uses no %s: %s", " or ".join(unused),
                        "the model sees no picture" if "{image}" in unused else "samples of one image get one prompt")
@@ -197,6 +197,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
     from ..inference import load  # torch: after the checks of the data, the prompt and the folder
 
     model, processor = load(args.model, args.dtype, args.device, args.image_dir, quantize=args.quantize, **media)
+    check_output_file(args.output, {}, overwrite=args.overwrite)  # one created while the weights loaded: said now
     _say_prompt(task, prompt, protocol, args, model.config.generation.chat_format)
     common: dict[str, Any] = dict(
         model=model, processor=processor, image_dir=args.image_dir, batch_size=args.batch_size,
@@ -204,6 +205,7 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         chat_format=args.chat_format, output=args.output, progress=not args.no_progress, compile=args.compile,
         settings={"protocol": protocol},
         resume=args.resume_from or None,  # the path: a partial file of --output goes once --output holds its rows
+        overwrite=args.overwrite,  # without it, a file that appears at --output during the run is not replaced
     )  # fmt: skip
     if task == "grounding":
         result = runners.evaluate_grounding(records, threshold=args.iou_threshold, **common)

@@ -33,6 +33,11 @@ folder: relative paths resolve there and, unless ``allow_any_local_path=True``, 
   the COCO-style JSON that Qwen-VL's caption eval reads (``{"images": [{"id", "image"|"file_name"}],
   "annotations": [{"image_id", "caption"}]}``; a ``.json`` file that holds JSON Lines is read as such).
 
+A record's image is its ``image`` only: a ``question`` or ``sent`` holding ``<img>`` or ``</img>`` (the processor
+would read the text between them as an image path) is an error naming the line, and so is a prompt template with
+an image tag anywhere but in ``<img>{image}</img>`` (:func:`build_prompts`). ``<ref>``/``<box>`` read no file and
+stay allowed, as in the official evaluation; reference answers and captions never reach the prompt.
+
 Generation is abstracted as a :data:`GenerateFn` (prompts -> continuation texts), so the runners can be
 driven by a real model (:func:`model_generate_fn`) or by a stub in tests. A sample whose prompt the
 generator refuses with a ``ValueError`` (an undecodable image, say) does not stop the run: its prediction
@@ -64,7 +69,7 @@ from tqdm.auto import tqdm
 from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, jsonl_line, read_json, shown_path
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
-from ..outputs import PartialRows
+from ..outputs import PartialRows, check_output_file
 from .metrics import cider, exact_match, grounding_iou, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
@@ -81,6 +86,8 @@ __all__ = [
     "GenerateFn",
     "GroundingRecord",
     "VQARecord",
+    "build_prompts",
+    "check_prompt_template",
     "evaluate_caption",
     "evaluate_grounding",
     "evaluate_vqa",
@@ -229,9 +236,11 @@ class EvalResult:
             "predictions": self.predictions,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON, atomically (a crash leaves the previous file, never half of one)."""
-        return atomic_write_text(path, json_text(self.to_dict(), indent=1) + "\n")  # a lone surrogate: escaped
+    def save(self, path: str | os.PathLike, replace: bool = True) -> Path:
+        """Write :meth:`to_dict` as JSON, atomically (a crash leaves the previous file, never half of one);
+        ``replace=False``: a file at ``path`` stays, FileExistsError (:func:`~qwenvl.fileio.atomic_file`)."""
+        return atomic_write_text(path, json_text(self.to_dict(), indent=1) + "\n",  # a lone surrogate: escaped
+                                 replace=replace)
 
 
 def _sample(r: Any) -> dict[str, Any]:
@@ -326,10 +335,13 @@ def _run(
     records: Sequence[Any], prompts: Sequence[str], generate_fn: GenerateFn, batch_size: int, progress: bool,
     desc: str, output: str | os.PathLike | None, settings: dict[str, Any] | None,
     score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult], resume: Any = None,
-    generation: dict[str, Any] | None = None,
+    generation: dict[str, Any] | None = None, overwrite: bool = True,
 ) -> EvalResult:
     """Generate for every record and ``score`` the answers; written to ``output`` (when given) with ``settings``
-    added, atomically (an existing file stays whole when the write fails).
+    added, atomically (an existing file stays whole when the write fails). Without ``overwrite`` a file at
+    ``output`` is never replaced: one there at the start is an :class:`~qwenvl.outputs.OutputDirError` (before any
+    generation), one that appears during the run a FileExistsError that names it and says where the predictions
+    are (``OUTPUT.partial``, kept).
 
     With an ``output``, each batch's answers go to ``OUTPUT.partial`` (``OUTPUT.partial-2``, ... when that exists:
     :class:`~qwenvl.outputs.PartialRows`) as the batch finishes, and the file is removed once ``output`` is
@@ -343,6 +355,8 @@ def _run(
     partial file's first rows, so that it alone holds what a later resume needs. Given as a path, a partial file of
     ``output`` is removed once ``output`` is written (:func:`remove_resumed_partial`); the failed run keeps it."""
     resume_path = resume if isinstance(resume, (str, os.PathLike)) else None
+    if not overwrite:  # a file there now is said before the run, not after it
+        check_output_file(output, {}, overwrite=False, flag="overwrite=True")
     if resume_path is not None:
         resume = read_resume(resume_path)
     answers: list[str] = []
@@ -363,6 +377,7 @@ def _run(
                                 "num_planned": len(records)})
             kept.append("".join(jsonl_line(row) for row in rows))
 
+    said = False  # the error says where the rows are
     try:
         if kept is not None and answers:
             keep(range(len(answers)))
@@ -374,11 +389,20 @@ def _run(
         result = score(records, answers, errors)
         result.settings.update(settings or {})
         if output is not None:
-            result.save(output)
+            try:
+                result.save(output, replace=overwrite)
+            except FileExistsError as e:  # created by something else during the run: left as it is
+                if kept is None or e.filename is None or Path(e.filename) != Path(output):
+                    raise
+                kept.close()
+                said = bool(kept.rows)
+                where = f"; {_kept_text(str(kept.path), kept.rows, records, answers, errors, score)}" if said else ""
+                raise FileExistsError(f"the output file {shown_path(output)} was created by something else during "
+                                      f"the run and is left as it is{where}") from None
     except BaseException as e:  # Ctrl-C, a full disk, a crash: the rows are in the file, said in one line
         if kept is not None:
             kept.close()
-            if kept.rows:
+            if kept.rows and not said:
                 _say_kept(e, str(kept.path), kept.rows, records, answers, errors, score)
         raise
     if kept is not None:
@@ -426,15 +450,20 @@ def remove_resumed_partial(path: str | os.PathLike, output: str | os.PathLike, t
 def _say_kept(e: BaseException, path: str, done: int, records: Sequence[Any], answers: list[str],
               errors: dict[int, str], score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult]) -> None:
     """Log where the rows of a run that ``e`` stopped are (``done`` of them), with the score over those."""
+    why = "interrupted" if isinstance(e, KeyboardInterrupt) else error_line(e)
+    logger.warning("%s: %s", why, _kept_text(path, done, records, answers, errors, score))
+
+
+def _kept_text(path: str, done: int, records: Sequence[Any], answers: list[str], errors: dict[int, str],
+               score: Callable[[Sequence[Any], list[str], dict[int, str]], EvalResult]) -> str:
+    """Where the rows of a run that stopped are (``done`` of them, in ``path``), with the score over those."""
     which = f"all {done}" if done == len(records) else f"the first {done} of {len(records)}"
     try:
         partial = score(records[:done], answers[:done], {k: v for k, v in errors.items() if k < done})
         scored = f"; {partial.metric} over those {done}: {partial.score:.4f}"
     except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the score is a bonus: the line and the error go on
         scored = ""
-    why = "interrupted" if isinstance(e, KeyboardInterrupt) else error_line(e)
-    logger.warning("%s: the predictions for %s samples are in %s (JSON Lines, to resume from%s)", why, which, path,
-                   scored)
+    return f"the predictions for {which} samples are in {path} (JSON Lines, to resume from{scored})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,6 +514,27 @@ def _check_prompt_image(image: str, where: str) -> None:
         raise EvalDataError(f"{where}: image path is longer than the 256 bytes that fit in <img>...</img>")
     if "<" in image and ">" in image:
         raise EvalDataError(f"{where}: image path {image!r} looks like it holds a tag")
+
+
+# The processor reads the text between these tags as an image path. A record's image is its 'image' only: in its
+# text (a question, a referring expression) they would make it read a file the record does not name (any local
+# file with allow_any_local_path, whose "cannot decode image" error tells that it exists; one in image_dir without).
+IMAGE_TAGS = ("<img>", "</img>")
+_IMAGE_SPAN = "<img>{image}</img>"  # the one place a prompt template may hold them
+
+
+def _image_tag(text: str) -> str | None:
+    """The first image tag in ``text`` (one of :data:`IMAGE_TAGS`), or None."""
+    found = [(text.find(tag), tag) for tag in IMAGE_TAGS if tag in text]
+    return min(found)[1] if found else None
+
+
+def _check_text(text: str, key: str, where: str) -> None:
+    """Refuse ``text``, the field ``key`` of the record at ``where``, when it holds an image tag."""
+    tag = _image_tag(text)
+    if tag is not None:
+        raise EvalDataError(f"{where}: {key!r} holds {tag}: <img> tags in the data's text are not allowed; a record's "
+                            "image is its 'image'")
 
 
 def _finite_number(v: Any) -> bool:
@@ -558,6 +608,7 @@ def load_grounding_data(
         where = f"{path}:{lineno}"
         image = _require(obj, "image", str, where)
         sent = _require(obj, "sent", str, where)
+        _check_text(sent, "sent", where)
         box = _require(obj, "bbox", list, where)
         if len(box) != 4 or not all(_finite_number(v) for v in box):
             raise EvalDataError(f"{where}: 'bbox' must be 4 finite numbers, got {_short(box)}")
@@ -650,6 +701,7 @@ def load_vqa_data(
         where = f"{path}:{lineno}"
         image = _require(obj, "image", str, where)
         question = _require(obj, "question", str, where)
+        _check_text(question, "question", where)
         question_id = _optional_id(obj, "question_id", where)
         if question_id is not None:
             first = seen.setdefault(question_id, where)
@@ -793,6 +845,42 @@ def fill_prompt(template: str, **fields: str) -> str:
         ) from e
 
 
+# Each task's template fields -> the record attribute that fills them.
+PROMPT_FIELDS = {"grounding": {"image": "image", "expression": "sent"}, "vqa": {"image": "image", "question": "question"},
+                 "caption": {"image": "image"}}
+
+
+def check_prompt_template(template: str, what: str = "prompt template") -> None:
+    """Refuse a template (``what``: how to name it) with an image tag anywhere but in ``<img>{image}</img>``: the
+    text of an ``<img>`` span is read as an image path, and only the record's image may be one."""
+    tag = _image_tag(template.replace(_IMAGE_SPAN, ""))
+    if tag is not None:
+        raise ValueError(f"{what} {template!r}: {tag} outside {_IMAGE_SPAN}; an <img> span of the prompt may hold only "
+                         "{image}, the record's image (other text there would be read as an image path)")
+
+
+def build_prompts(task: str, template: str, records: Sequence[Any]) -> list[str]:
+    """The prompt of each record of ``task``: ``template`` filled with its fields (:data:`PROMPT_FIELDS`).
+
+    Raises ValueError for a template that :func:`check_prompt_template` refuses or that cannot be filled, and
+    :class:`EvalDataError` naming the record for a prompt holding an image tag that is not one of the template's
+    ``<img>{image}</img>`` (a record in memory whose text holds one, or text that completes one of the template's)."""
+    check_prompt_template(template)
+    spans = template.count(_IMAGE_SPAN)
+    prompts = []
+    for k, r in enumerate(records):
+        values = {name: getattr(r, attr) for name, attr in PROMPT_FIELDS[task].items()}
+        prompt = fill_prompt(template, **values)
+        if prompt.count(IMAGE_TAGS[0]) != spans or prompt.count(IMAGE_TAGS[1]) != spans:  # filling only adds
+            where = r.where or f"sample {k}"
+            for name, attr in PROMPT_FIELDS[task].items():
+                _check_text(values[name], attr, where)
+            raise EvalDataError(f"{where}: the prompt template and this record's text together hold an image tag "
+                                "(<img> or </img>), which the data's text may not")
+        prompts.append(prompt)
+    return prompts
+
+
 def evaluate_grounding(
     data: str | os.PathLike | Sequence[GroundingRecord],
     *,
@@ -813,6 +901,7 @@ def evaluate_grounding(
     compile: bool = False,
     settings: dict[str, Any] | None = None,
     resume: dict[str, Any] | str | os.PathLike | None = None,
+    overwrite: bool = True,
 ) -> EvalResult:
     """Acc@``threshold`` of referring-expression grounding with the official Qwen-VL protocol.
 
@@ -822,7 +911,9 @@ def evaluate_grounding(
     added to the result's (and the output's) ``settings``, in each runner. ``resume``, in each runner: a run on the
     same data with the same generation settings that stopped early, its ``OUTPUT.partial`` (JSON Lines, written
     as the batches finish) or an output JSON (a path, or what :func:`read_resume` returns): its answers are kept
-    and only the samples after them are generated.
+    and only the samples after them are generated. ``overwrite=False``, in each runner: a file at ``output``,
+    there at the start or appearing during the run, is never replaced (an error, the predictions kept in
+    ``OUTPUT.partial``).
     """
     check_threshold(threshold)
     records = data if not isinstance(data, (str, os.PathLike)) else load_grounding_data(
@@ -830,7 +921,7 @@ def evaluate_grounding(
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=False,
                             compile=compile)
-    prompts = [fill_prompt(prompt, image=r.image, expression=r.sent) for r in records]
+    prompts = build_prompts("grounding", prompt, records)
     opens_box = prompt.rstrip().endswith("<box>")
 
     generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
@@ -840,7 +931,7 @@ def evaluate_grounding(
                                 settings={**generation, "iou_threshold": threshold, "scale": 999})
 
     result = _run(records, prompts, run, batch_size, progress, "grounding", output, settings, score, resume,
-                  generation)
+                  generation, overwrite)
     logger.info("grounding: Acc@%.1f = %.4f (%d/%d correct, %d without a box)", threshold, result.score,
                 result.details["num_correct"], result.num_samples, result.details["num_unparseable"])
     return result
@@ -923,6 +1014,7 @@ def evaluate_vqa(
     compile: bool = False,
     settings: dict[str, Any] | None = None,
     resume: dict[str, Any] | str | os.PathLike | None = None,
+    overwrite: bool = True,
 ) -> EvalResult:
     """VQA accuracy (0..1) with the official prompt; ``prompt`` may use ``{image}`` and ``{question}``.
 
@@ -940,7 +1032,7 @@ def evaluate_vqa(
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
                             compile=compile)
-    prompts = [fill_prompt(prompt, image=r.image, question=r.question) for r in records]
+    prompts = build_prompts("vqa", prompt, records)
 
     generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
 
@@ -959,7 +1051,8 @@ def evaluate_vqa(
             details={"num_errors": len(errors)},
         )  # fmt: skip
 
-    result = _run(records, prompts, run, batch_size, progress, "vqa", output, settings, score, resume, generation)
+    result = _run(records, prompts, run, batch_size, progress, "vqa", output, settings, score, resume, generation,
+                  overwrite)
     logger.info("vqa (%s): accuracy = %.4f over %d questions", metric, result.score, result.num_samples)
     return result
 
@@ -982,6 +1075,7 @@ def evaluate_caption(
     compile: bool = False,
     settings: dict[str, Any] | None = None,
     resume: dict[str, Any] | str | os.PathLike | None = None,
+    overwrite: bool = True,
 ) -> EvalResult:
     """Corpus CIDEr(-D) of greedy captions with the official prompt (``prompt`` may use ``{image}``)."""
     records = data if not isinstance(data, (str, os.PathLike)) else load_caption_data(
@@ -989,7 +1083,7 @@ def evaluate_caption(
     run = _resolve_generate(generate_fn, model, processor, image_dir, allow_any_local_path, max_new_tokens=max_new_tokens,
                             min_new_tokens=min_new_tokens, chat_format=chat_format, skip_special_tokens=True,
                             compile=compile)
-    prompts = [fill_prompt(prompt, image=r.image) for r in records]
+    prompts = build_prompts("caption", prompt, records)
 
     generation = generation_settings(prompt, max_new_tokens, min_new_tokens, chat_format)
 
@@ -1006,7 +1100,7 @@ def evaluate_caption(
         )  # fmt: skip
 
     result = _run(records, prompts, run, batch_size, progress, "caption", output, settings, score, resume,
-                  generation)
+                  generation, overwrite)
     logger.info("caption: CIDEr = %.4f over %d images", result.score, result.num_samples)
     return result
 
