@@ -465,6 +465,12 @@ def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
     assert _draw_answer("<box>(100,200),(600</box>", "images/street.jpg", str(golden_dir), tmp_path, 5) is None
     assert _no_box_note("<box>(100,200),(600</box>") == ("(nothing drawn: the answer's <box> is malformed; a box is "
                                                          "<box>(x1,y1),(x2,y2)</box>)")
+    # a file already there (the user's, or an earlier chat's turn 3) is never replaced: the next free name
+    (tmp_path / "turn-003.png").write_bytes(b"mine")
+    (tmp_path / "turn-003-2.png").mkdir()
+    assert _draw_answer(answer, "images/street.jpg", str(golden_dir), tmp_path, 3) == tmp_path / "turn-003-3.png"
+    assert (tmp_path / "turn-003.png").read_bytes() == b"mine"
+    assert Image.open(tmp_path / "turn-003-3.png").size == original.size
 
 
 def _chat_in_process(monkeypatch, capsys, golden_dir, script: str | bytes, ask, *flags: str):

@@ -192,6 +192,24 @@ def test_export_equals_the_mindspore_written_fixture(name, mindformers_ckpt, tmp
         [n for n, _dtype, _shape in MANIFEST["fixtures"][name]["tensors"]]
 
 
+def test_an_export_never_replaces_a_file_that_appears_during_the_run(tmp_path, capsys, monkeypatch):
+    # checked absent at the start, the .ckpt was then written with a replacing rename over whatever came meanwhile
+    out, read = tmp_path / "qwenvl.ckpt", mf.check_finite
+
+    def user_writes(*args, **kwargs):  # the user's file appears while the tensors are written
+        if not out.exists():
+            out.write_text("my notes")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(mf, "check_finite", user_writes)
+    assert main(["convert", str(GOLDEN), str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (f"qwenvl convert: error: the output file {out} was created by "
+                                               "something else during the run and is left as it is; nothing was "
+                                               "written (pass --overwrite to replace it)")
+    assert out.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["qwenvl.ckpt"]
+    assert main(["convert", str(GOLDEN), str(out), "--overwrite"]) == 0 and out.stat().st_size > 1000
+
+
 def test_export_by_the_command(mindformers_ckpt, tmp_path, capsys):
     assert main(["convert", str(GOLDEN), str(tmp_path / "qwenvl.ckpt")]) == 0  # float16, as convert_weight.py
     assert (tmp_path / "qwenvl.ckpt").read_bytes() == mindformers_ckpt("tiny_fp16").read_bytes()

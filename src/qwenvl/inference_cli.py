@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -520,7 +521,7 @@ def run_predict(args: argparse.Namespace) -> int:
                            on_error="record" if args.jsonl else "raise")
     if args.jsonl:
         from .fileio import jsonl_line
-        from .outputs import PartialRows
+        from .outputs import PartialRows, appeared_during_run
 
         rows, failed = [], 0
         # each row as soon as its batch is answered: printed, or kept in OUTPUT.partial until OUTPUT is written, so
@@ -544,8 +545,7 @@ def run_predict(args: argparse.Namespace) -> int:
                     said = bool(kept.rows)
                     kept.close()
                     where = f"; {_kept_note(kept, len(prompts))}" if said else ""
-                    raise FileExistsError(f"the output file {shown_path(args.output)} was created by something else "
-                                          f"during the run and is left as it is{where}") from None
+                    raise FileExistsError(appeared_during_run(args.output) + where) from None
         except BaseException:
             answers.close()  # its progress bar ends now, not after the lines below
             if kept is not None:
@@ -764,7 +764,8 @@ def _no_box_note(answer: str) -> str:
 
 
 def _draw_answer(answer: str, image: Any, base_dir: str | None, out_dir: Path, turn: int) -> Path | None:
-    """Draw the boxes of ``answer`` over ``image`` (a picture or its path) into ``out_dir``; None when it has none."""
+    """Draw the boxes of ``answer`` over ``image`` (a picture or its path) into ``out_dir`` as ``turn-NNN.png`` (or
+    ``turn-NNN-2.png``, ... where that name is taken); None when it has none."""
     from .fileio import atomic_write_bytes
     from .grounding import denormalize_objects, draw_boxes, parse_grounding
     from .images import load_image
@@ -778,9 +779,13 @@ def _draw_answer(answer: str, image: Any, base_dir: str | None, out_dir: Path, t
 
     buf = io.BytesIO()
     drawn.save(buf, format="PNG")
-    out = out_dir / f"turn-{turn:03d}.png"
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    for n in itertools.count(1):  # never over a file already there (the user's, an earlier chat's): the next name
+        out = out_dir / (f"turn-{turn:03d}.png" if n == 1 else f"turn-{turn:03d}-{n}.png")
+        try:
+            return atomic_write_bytes(out, buf.getvalue(), replace=False)
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 # ---- convert -------------------------------------------------------------------------------------------
@@ -829,7 +834,7 @@ def run_convert(args: argparse.Namespace) -> int:
             check_output_file(output, {"SOURCE": source, "--config": config},
                               folders={"SOURCE": source if Path(source).is_dir() else None},
                               overwrite=args.overwrite)
-            print(convert_mindspore(source, output, **kw))
+            print(convert_mindspore(source, output, overwrite=args.overwrite, **kw))
             return 0
         check_separate(output, {"SOURCE": source, "--config": config}, what="OUTPUT folder")
         with claim_output(output, "convert", overwrite=args.overwrite):

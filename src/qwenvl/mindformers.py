@@ -36,6 +36,7 @@ from .checkpoint import DTYPE_NAMES, CheckpointError, check_cast, check_finite, 
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
 from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, CrcCheck, read_tensor, scan
+from .outputs import OutputDirError, appeared_during_run
 
 if TYPE_CHECKING:
     from .config import GenerationDefaults
@@ -498,7 +499,7 @@ def _official_tensors(src: str | os.PathLike[str], shapes: dict[str, torch.Size]
 
 def export_checkpoint(
     src: str | os.PathLike[str], out_file: str | os.PathLike[str], dtype: torch.dtype = torch.float16,
-    use_qkv_concat: bool = False, emb_strategy: int | None = None, crc_check: bool = False,
+    use_qkv_concat: bool = False, emb_strategy: int | None = None, crc_check: bool = False, overwrite: bool = True,
 ) -> Summary:
     """Write the ``.ckpt`` that MindFormers' ``convert_weight.py`` writes from the official folder ``src``.
 
@@ -506,7 +507,8 @@ def export_checkpoint(
     float16 by default). ``use_qkv_concat`` keeps the LM's qkv fused; ``emb_strategy`` N pads wte and lm_head
     with zero rows to a multiple of 512 x N (``--enable_emb_opt True --emb_strategy N``). ``crc_check`` ends the
     file with the CRC32 trailer of ``save_checkpoint(..., crc_check=True)``. Written atomically, one tensor at a
-    time.
+    time; without ``overwrite`` a file at ``out_file`` (there at the start, or appearing meanwhile) is never
+    replaced (:class:`~qwenvl.outputs.OutputDirError`).
     """
     config = QwenVLConfig.from_pretrained(src)
     shapes = official_shapes(config)
@@ -519,19 +521,25 @@ def export_checkpoint(
         raise ValueError(f"--emb_strategy {emb_strategy} pads wte and lm_head to a multiple of {512 * emb_strategy} "
                          f"rows, more than their {vocab}: it is the number of cards the embedding is split over "
                          f"(at most {vocab // 512} here)")
-    with atomic_file(out_file) as f:
-        writer = CkptWriter(f, crc_check=crc_check)
-        for name, shape in shapes.items():
-            r = rule(name, use_qkv_concat)
-            pad = 0
-            if r.kind == VOCAB and emb_strategy:
-                pad = -shape[0] % (512 * emb_strategy)
-            t = get(name)
-            check_finite(f"{src}: {name}", t)
-            for ms_name, parts in zip(r.ms_names, _split(r, t, heads, pad)):
-                writer.write(ms_name, parts, dtype)
-            del t
-        writer.finish()
+    try:  # without overwrite, a file that appeared at out_file meanwhile stays (the check before the run saw none)
+        with atomic_file(out_file, replace=overwrite) as f:
+            writer = CkptWriter(f, crc_check=crc_check)
+            for name, shape in shapes.items():
+                r = rule(name, use_qkv_concat)
+                pad = 0
+                if r.kind == VOCAB and emb_strategy:
+                    pad = -shape[0] % (512 * emb_strategy)
+                t = get(name)
+                check_finite(f"{src}: {name}", t)
+                for ms_name, parts in zip(r.ms_names, _split(r, t, heads, pad)):
+                    writer.write(ms_name, parts, dtype)
+                del t
+            writer.finish()
+    except FileExistsError as e:
+        if e.filename is None or Path(e.filename) != Path(out_file):
+            raise
+        raise OutputDirError(f"{appeared_during_run(out_file)}; nothing was written (pass --overwrite to replace it)"
+                             ) from None
     return Summary(os.fspath(src), os.fspath(out_file), writer.tensors, Counter(writer.dtypes), writer.bytes, [],
                    "CRC32 trailer written" if crc_check else "")
 
@@ -545,7 +553,7 @@ def ms_names(config: QwenVLConfig, use_qkv_concat: bool = False) -> list[str]:
 def convert(
     source: str, output: str, config: str | None = None, dtype: str | None = None, use_qkv_concat: bool = False,
     emb_strategy: int | None = None, max_shard_size: int | str = "5GB", chat_format: str | None = None,
-    crc_check: bool = False,
+    crc_check: bool = False, overwrite: bool = True,
 ) -> Summary:
     """``qwenvl convert`` where SOURCE or OUTPUT is a ``.ckpt``: import (needs ``config``) or export.
 
@@ -553,6 +561,7 @@ def convert(
     the one ``config`` carries (a preset; a folder's or config.json's generation_config.json), else the base
     model's (raw: nothing in a ``.ckpt`` or a MindFormers YAML tells a chat model); logged. ``crc_check``
     (export): end the ``.ckpt`` with a CRC32 trailer. An import checks a trailer whenever the file has one.
+    ``overwrite`` (export): see :func:`export_checkpoint` (an import writes into a folder its caller holds).
     """
     from .model.qwenvl import as_dtype
 
@@ -589,4 +598,4 @@ def convert(
         raise ValueError("--chat_format is for importing a .ckpt (the generation_config.json written with the "
                          "folder); an export writes weights only")
     return export_checkpoint(source, output, dtype=torch_dtype or torch.float16, use_qkv_concat=use_qkv_concat,
-                             emb_strategy=emb_strategy, crc_check=crc_check)
+                             emb_strategy=emb_strategy, crc_check=crc_check, overwrite=overwrite)

@@ -198,6 +198,12 @@ def check_output_file(output: str | os.PathLike[str] | None, inputs: Mapping[str
         raise OutputDirError(f"the output file {shown_path(output)} exists; pass {flag} to replace it")
 
 
+def appeared_during_run(output: str | os.PathLike[str]) -> str:
+    """What to say of an output file that a write without replacing found (``atomic_file(replace=False)``): the run
+    checked it absent at the start."""
+    return f"the output file {shown_path(output)} was created by something else during the run and is left as it is"
+
+
 def partial_path(output: str | os.PathLike[str]) -> Path:
     """Where an interrupted run keeps what it has for ``output``: ``OUTPUT.partial``, or ``OUTPUT.partial-2``,
     ... when that exists (an earlier interrupted run's: nothing is replaced)."""

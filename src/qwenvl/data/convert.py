@@ -55,9 +55,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records, shown_path
+from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records
 from qwenvl.images import ImageError, MediaPolicy, image_problems
-from qwenvl.outputs import OutputDirError, check_output_file
+from qwenvl.outputs import OutputDirError, appeared_during_run, check_output_file
 from qwenvl.tokenizer import image_path_problem
 
 __all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
@@ -345,7 +345,7 @@ def convert_llava(
     except FileExistsError as e:
         if e.filename is None or Path(e.filename) != Path(output_path):
             raise
-        raise OutputDirError(f"the output file {shown_path(output_path)} was created by something else during the "
-                             f"run and is left as it is; nothing was written (pass {flag} to replace it)") from None
+        raise OutputDirError(f"{appeared_during_run(output_path)}; nothing was written (pass {flag} to replace it)"
+                             ) from None
     logger.debug("converted %s -> %s: %s", data_path, summary.output_path, summary)
     return summary

@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, jsonl_line, read_json, shown_path
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
-from ..outputs import PartialRows, check_output_file
+from ..outputs import PartialRows, appeared_during_run, check_output_file
 from .metrics import cider, exact_match, grounding_iou, relaxed_correctness, vqa_accuracy
 
 if TYPE_CHECKING:
@@ -397,8 +397,7 @@ def _run(
                 kept.close()
                 said = bool(kept.rows)
                 where = f"; {_kept_text(str(kept.path), kept.rows, records, answers, errors, score)}" if said else ""
-                raise FileExistsError(f"the output file {shown_path(output)} was created by something else during "
-                                      f"the run and is left as it is{where}") from None
+                raise FileExistsError(appeared_during_run(output) + where) from None
     except BaseException as e:  # Ctrl-C, a full disk, a crash: the rows are in the file, said in one line
         if kept is not None:
             kept.close()
