@@ -885,6 +885,7 @@ def run_data_convert(args: argparse.Namespace) -> int:
                             user_role_name=args.user_role_name, assistant_role_name=args.assistant_role_name,
                             image_prefix=args.image_prefix, strict=args.strict, tag_in_place=args.tag_in_place,
                             overwrite=args.overwrite, allow_any_local_path=args.allow_any_local_path,
-                            check_images=args.check_images, flag="--overwrite")
+                            check_images=args.check_images, flag="--overwrite",
+                            image_flag=_flag(args, "image_location", "--image_dir"))
     print(summary)  # once: the library only logs it at DEBUG level
     return 0

@@ -597,12 +597,15 @@ def test_command_messages_name_images_and_records_as_the_user_does(cut_images, t
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "missing images: coco/gone.jpg"
     assert lines[2].startswith("bad image: record 1 (id='r1'): cannot decode image coco/cut.jpg: ")
-    assert lines[-1] == ("malformed record 5: image path '../x.jpg' is not allowed: only files inside image_location "
+    assert lines[-1] == ("malformed record 5: image path '../x.jpg' is not allowed: only files inside --image_location "
                          "'coco' are read (no absolute path outside it, no '~', no '..' or link leading out of it)")
     assert main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1] == ("qwenvl data-convert: error: the output file out.json exists; "
                                                         "pass --overwrite to replace it")
     assert src.exists()
+    # the folder named by the flag the user typed (it said "image_location is not a folder" to --image_dir)
+    assert main(["data-convert", "--data", "detail.json", "--image_dir", "cocoo", "--output", "x.json"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "qwenvl data-convert: error: --image_dir is not a folder: cocoo"
 
 
 def test_qwen_vl_image_tags_in_llava_text_are_malformed(tmp_path: Path) -> None:

@@ -225,11 +225,13 @@ def convert_records(
     tag_in_place: bool = False,
     allow_any_local_path: bool = False,
     check_images: bool = False,
+    image_flag: str = "image_location",
 ) -> tuple[list[dict[str, Any]], ConvertSummary]:
     """Convert already-loaded LLaVA records (see the module docstring); nothing is written.
     ``allow_any_local_path``: image paths may lead out of ``image_location`` (absolute paths, ``..``, links out),
     as training's option of that name allows. ``check_images``: decode every image in full and drop the records
-    whose image does not decode (``strict``: raise)."""
+    whose image does not decode (``strict``: raise). ``image_flag``: how messages name ``image_location`` (the
+    command line's ``--image_dir``, as typed)."""
     if user_role_name == assistant_role_name or (user_role_name, assistant_role_name) == ("assistant", "user"):
         raise ValueError(f"user_role_name {user_role_name!r} and assistant_role_name {assistant_role_name!r}: the "
                          "questions would be taken for answers")
@@ -240,9 +242,9 @@ def convert_records(
                            "Qwen-VL-Chat) and will refuse this file; it is for another trainer", flag, name)
     root = Path(image_location)
     if not root.is_dir():
-        raise NotADirectoryError(f"image_location is not a folder: {root}")
+        raise NotADirectoryError(f"{image_flag} is not a folder: {root}")
     roles = {"human": user_role_name, "gpt": assistant_role_name}
-    policy = MediaPolicy(root, allow_any_local_path=allow_any_local_path, root_name=f"image_location {str(root)!r}")
+    policy = MediaPolicy(root, allow_any_local_path=allow_any_local_path, root_name=f"{image_flag} {str(root)!r}")
 
     summary = ConvertSummary(total=len(records))
     kept: list[tuple[int, dict[str, Any], bool]] = []  # (index, converted record, untagged)
@@ -307,6 +309,7 @@ def convert_llava(
     allow_any_local_path: bool = False,
     check_images: bool = False,
     flag: str = "overwrite=True",
+    image_flag: str = "image_location",
 ) -> ConvertSummary:
     """Convert a LLaVA JSON file (e.g. ``detail_23k.json``) to the Qwen-VL format at ``output_path``.
 
@@ -326,7 +329,7 @@ def convert_llava(
     records = _load_llava(data_path)
     converted, summary = convert_records(
         records, image_location, user_role_name, assistant_role_name, image_prefix, strict, tag_in_place,
-        allow_any_local_path, check_images,
+        allow_any_local_path, check_images, image_flag,
     )
     if records and not converted:  # an empty file would only move the question to the fine-tune
         first = (summary.malformed[0] if summary.malformed else summary.bad_images[0] if summary.bad_images
