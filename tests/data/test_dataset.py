@@ -245,6 +245,20 @@ def test_records_that_would_train_on_garbage_are_bad(processor, data_dir: Path, 
     assert len(ConversationDataset(path, processor, skip_bad=True)) == 1
 
 
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_llava_file_is_said_in_one_line(processor, data_dir: Path, caplog, skip_bad: bool) -> None:
+    # a LLaVA file given to the fine-tune as it is: 12 lines (a header, 10 records, "... and 1990 more") whose hint
+    # was to skip bad records, which then gave a warning per record and "no usable sample"
+    llava = [record(f"r{i}", turn("human", "<image>\nWhat is it?"), turn("gpt", "A cat.")) for i in range(30)]
+    path = write(data_dir / "detail.json", llava)
+    with pytest.raises(DatasetError) as caught:
+        ConversationDataset(path, processor, skip_bad=skip_bad)
+    assert str(caught.value) == (f"{path}: all 30 record(s) are LLaVA data, not Qwen-VL conversations (the first: "
+                                 "record 0 (id='r0'): turn 0 has the LLaVA role 'human': convert LLaVA data with "
+                                 "qwenvl data-convert)")
+    assert "skipping" not in caplog.text
+
+
 def test_image_tags_and_an_image_key_next_to_them_are_fine(processor, data_dir: Path) -> None:
     # the Qwen-VL tags are what user text may hold; a record that keeps its 'image' key next to the tag is read
     tagged = {**RECORDS[0], "image": "img/cat.png"}

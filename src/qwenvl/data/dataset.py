@@ -286,6 +286,10 @@ class ConversationDataset(Dataset):
             raise ValueError(problem)
 
     def _report(self, total: int, skip_bad: bool) -> None:
+        if total and len(self.skipped) == total and all(_CONVERT_HINT in b.reason for b in self.skipped):
+            # a LLaVA file: one line, not one per record (or, skipping them, a warning each and "no usable sample")
+            raise DatasetError(f"{self.source}: all {total} record(s) are LLaVA data, not Qwen-VL conversations "
+                               f"(the first: {self.skipped[0]})")
         where = (f"relative image paths are read under dataset_dir {self.dataset_dir} ({self._unnamed_dir}): set "
                  "dataset_dir (--dataset_dir when training) to the folder that holds them; "
                  if self._missing_in_unnamed_dir else "")
