@@ -115,7 +115,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = task_parser("vqa", "visual question answering, VQAv2 accuracy")
     _common(v, "vqa")
     v.add_argument("--metric", choices=VQA_METRICS, default="auto",
-                   help="auto: VQAv2 accuracy when every question has several answers, else exact match for all")
+                   help="auto: VQAv2 accuracy when every question has several answers, else exact match for all; "
+                        "relaxed: ChartQA's relaxed accuracy (numbers within 5%%)")
 
     c = task_parser("caption", "captioning, CIDEr")
     _common(c, "caption")
