@@ -212,6 +212,14 @@ def test_failed_run_with_overwrite_keeps_the_marker_of_what_it_wrote(tmp_path: P
     assert {p.name for p in other.iterdir()} == {MARKER_FILE, "checkpoint-2", *(name.split("/")[0] for name in before)}
 
 
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000 + "]" * 100_000, '{"a": ' * 100_000 + "1" + "}" * 100_000],
+                         ids=["not-json", "deep-list", "deep-object"])
+def test_a_damaged_marker_is_read_as_ours_but_damaged(tmp_path: Path, text: str) -> None:
+    # a marker nested too deeply raised RecursionError (a traceback from `qwenvl convert`), not read as damaged
+    (tmp_path / MARKER_FILE).write_text(text)
+    assert read_marker(tmp_path) == {"written_by": "qwenvl", "command": "unknown", "files": []}
+
+
 _KILLED_IN_CLAIM = """
 import os, signal, sys
 from qwenvl.outputs import claim_output

@@ -240,7 +240,7 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
         if "weights only" in first_line.lower():
             raise CheckpointError(
                 f"refusing to load {file}: it is not a plain tensor file, weights_only=True rejected it "
-                f"(it may reference code): {_weights_only_reason(e)}"
+                f"(it may reference code): {weights_only_reason(e)}"
             ) from e
         raise CheckpointError(f"cannot read {file}: {first_line} (truncated or corrupt file?)") from e
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError,
@@ -266,12 +266,13 @@ def _open_bin(file: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _weights_only_reason(e: Exception) -> str:
-    """The line of torch's weights_only message that names the refused global, if any."""
+def weights_only_reason(e: Exception) -> str:
+    """The line of torch's weights_only message that names the refused global, if any, without torch's advice to
+    allow it (``Please use torch.serialization.add_safe_globals(...)``: advice for a file one trusts)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     for ln in lines:
         if "GLOBAL" in ln or "Unsupported" in ln:
-            return ln
+            return ln.split(". Please use")[0]
     return lines[0] if lines else repr(e)
 
 

@@ -290,6 +290,12 @@ def _umask() -> int:
     return mask
 
 
+def set_default_mode(path: str | os.PathLike[str]) -> None:
+    """Give the file ``path`` the mode a plain ``open`` gives a new file (0o666 less the umask): safetensors'
+    ``save_file`` creates 0o600 files, which others on a shared machine cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable. Best effort: not every platform can open a folder."""
     if os.name != "posix":

@@ -55,6 +55,7 @@ from .fileio import (
     fsync_dir,
     fsync_tree,
     is_temporary,
+    parse_json,
     remove_path,
     same_file,
     shown_path,
@@ -278,7 +279,7 @@ def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = parse_json(file.read_text(encoding="utf-8"), file, ValueError)  # nested too deeply too: a ValueError
     except (OSError, ValueError):
         data = None
     if not isinstance(data, dict):  # ours (only we use that name) but damaged: start its list afresh

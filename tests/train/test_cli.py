@@ -113,6 +113,9 @@ def test_no_training_data_is_said_before_the_model_loads(tmp_path: Path, monkeyp
         ([], "no training data: set data_path (--data FILE)"),  # the name every command has
         (["--train_data", str(tmp_path / "d.json"), "--dataset_dir", str(tmp_path / "nope")],
          f"dataset_dir folder not found: {tmp_path / 'nope'}"),
+        # there, but not a file: it said "training data file not found"
+        (["--train_data", str(tmp_path)], f"training data path is not a file: {tmp_path}"),
+        (["--train_data", "/dev/zero"], "training data path is not a file: /dev/zero"),
     ):
         assert qwenvl_main(["finetune", "--config", str(TINY), "--output_dir", str(tmp_path / "out"), *argv]) == 2
         err = capsys.readouterr().err.strip()

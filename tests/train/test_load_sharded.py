@@ -4,6 +4,7 @@ load, and the same refusals (NaN/inf values, a config.json that does not describ
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -56,3 +57,17 @@ def test_refuses_a_config_that_does_not_describe_the_weights(golden_dir, tmp_pat
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="layer_norm_epsilon"):
         load_sharded_weights(_empty_model(ckpt / "saved"), ckpt / "saved")
+
+
+@pytest.mark.parametrize("header", [b"[" * 100_000 + b"]" * 100_000, b"[]"], ids=["nested-too-deeply", "a-list"])
+def test_a_shard_header_that_is_not_a_json_object_is_a_one_line_error(golden_dir, tmp_path, header: bytes) -> None:
+    # json.loads raised RecursionError, and a list a TypeError (its pop takes no default): a traceback. The last
+    # shard's header: safetensors itself opens the first shard (the settings the shapes do not show) and says it
+    ckpt = tmp_path / "ckpt"
+    QwenVL.from_pretrained(golden_dir).save_pretrained(ckpt, max_shard_size="20MB")
+    bad = sorted(ckpt.glob("*.safetensors"))[-1]
+    bad.write_bytes(len(header).to_bytes(8, "little") + header)
+    said = ("JSON nested too deeply to parse" if len(header) > 2 else
+            r"not a safetensors file \(its header is not a JSON object\)")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(bad))}: {said}$"):
+        load_sharded_weights(_empty_model(ckpt), ckpt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -71,6 +72,12 @@ def test_adapter_folder_and_resume(lora_run, processor) -> None:
     assert {p.name for p in adapter.iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors", "base_model.json"}
     assert (root / "out" / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
+    # the weights as readable as every other output (safetensors' save_file made them 0o600: a teammate on a
+    # shared cluster could not read the adapter)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in adapter.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask), modes
     # the run is finished (resume_training alone would say so and train nothing): resume its checkpoint by name
     resumed = train(cfg.replace(resume_training=True, resume_from=str(root / "out" / "checkpoint-2"),
                                 output_dir=str(root / "out")), processor=processor)
@@ -140,7 +147,7 @@ def test_a_bad_adapter_file_is_a_clear_error(lora_run, tmp_path: Path) -> None:
         merge_lora(root / "base", bad, tmp_path / "merged")
     assert "\n" not in str(info.value)
     (bad / "adapter_config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="cannot read .*adapter_config.json"):
+    with pytest.raises(CheckpointError, match="adapter_config.json: not valid JSON: Expecting property name"):
         merge_lora(root / "base", bad, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
@@ -436,12 +443,33 @@ def test_an_unreadable_base_record_is_a_one_line_error(lora_run, tmp_path: Path)
     from qwenvl.checkpoint import CheckpointError
 
     root, _cfg, result = lora_run
-    for i, (text, said) in enumerate((("{", "^cannot read {}: "), ("[]", '^{} holds no "base_model_fingerprint" string'),
+    for i, (text, said) in enumerate((("{", "^{}: not valid JSON: "), ("[]", '^{} holds no "base_model_fingerprint" string'),
                                       ('{"other": 1}', '^{} holds no "base_model_fingerprint" string'))):
         bad = Path(shutil.copytree(result.final_path, tmp_path / f"bad{i}"))
         (bad / "base_model.json").write_text(text)
         with pytest.raises(CheckpointError, match=said.format(re.escape(str(bad / "base_model.json"))) + "[^\n]+$"):
             merge_lora(root / "base", bad, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize(("name", "load_adapter_says"), [
+    ("adapter_config.json", "the adapter {} was trained on another base"),  # read there only to name the base
+    ("base_model.json", "{}: JSON nested too deeply to parse$"),
+])
+def test_a_record_nested_too_deeply_is_a_one_line_error(lora_run, tmp_path: Path, name: str,
+                                                        load_adapter_says: str) -> None:
+    # json.loads raised RecursionError: a traceback from `qwenvl convert --merge_lora`
+    from qwenvl.checkpoint import CheckpointError
+    from qwenvl.train.lora import load_adapter
+
+    root, cfg, result = lora_run
+    bad = Path(shutil.copytree(result.final_path, tmp_path / "bad"))
+    (bad / name).write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)  # deeper than Python's recursion limit
+    shown = bad if name == "adapter_config.json" else bad / name
+    with pytest.raises(CheckpointError, match=load_adapter_says.format(re.escape(str(shown)))):
+        load_adapter(_with_adapters(cfg, seed=1), bad)  # another base: the fingerprints differ
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(bad / name))}: JSON nested too deeply to parse$"):
+        merge_lora(root / "base", bad, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
 
@@ -518,3 +546,20 @@ def test_an_adapter_loads_into_an_int8_model_with_a_warning(lora_run, caplog) ->
     assert (f"the model's weights are quantized (int8): whether the adapter {result.final_path} was trained on them "
             "cannot be checked; load it before quantizing to check it") in caplog.text
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items() if "lora_" in k)
+
+
+def test_converting_a_lora_checkpoint_says_a_merge_command_that_works(lora_run, tmp_path, capsys) -> None:
+    # it said `qwenvl convert --merge_lora --load_checkpoint BASE --adapter DIR OUT`, which failed as written:
+    # "SOURCE is given twice: --load_checkpoint BASE and OUT"
+    import re
+    import shlex
+
+    from qwenvl.cli import main
+
+    root, _cfg, _result = lora_run
+    assert main(["convert", str(root / "out" / "checkpoint-2"), str(tmp_path / "consolidated")]) == 2
+    said = re.search(r"merge it with `(qwenvl convert [^`]+)`", capsys.readouterr().err)
+    assert said is not None
+    argv = shlex.split(said.group(1).replace("BASE", str(root / "base")).replace("OUT", str(tmp_path / "merged")))
+    assert main(argv[1:]) == 0, capsys.readouterr().err
+    assert (tmp_path / "merged" / "config.json").is_file()

@@ -247,6 +247,34 @@ def test_a_users_folder_needs_overwrite_and_keeps_its_files(make_cfg, processor,
     assert json.loads((tmp_path / MARKER_FILE).read_text())["command"] == "finetune"
 
 
+@pytest.mark.parametrize("name, changes", [("checkpoint-1", {}), ("adapter", {"use_lora": True, "lora_r": 2})])
+def test_overwrite_never_replaces_a_users_folder_under_a_name_the_run_saves(make_cfg, processor, tmp_path: Path,
+                                                                          name: str, changes: dict) -> None:
+    # --overwrite replaced the user's checkpoint-1/ (or a LoRA run's adapter/) whole, with the files in it
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "notes.txt").write_text("notes")
+    with pytest.raises(OutputDirError, match=rf"holds {name}, which qwenvl did not write, under the name of what "
+                                             r"this run saves \(it would be replaced whole, --overwrite or not\)"):
+        train(make_cfg(tmp_path, max_steps=1, save_steps=1, overwrite=True, **changes), processor=processor)
+    assert (tmp_path / name / "notes.txt").read_text() == "notes"
+
+
+def test_a_users_folder_made_during_the_run_under_a_checkpoints_name_stops_the_run(make_cfg, processor,
+                                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    def make_folder(info) -> None:  # noqa: ANN001
+        if info.step == 1:
+            (out / "checkpoint-2").mkdir()
+            (out / "checkpoint-2" / "notes.txt").write_text("notes")
+
+    with pytest.raises(OutputDirError, match=r"checkpoint-2 exists and qwenvl did not write it: the run stops at step "
+                                             r"2 rather than replace it"):
+        train(make_cfg(out, max_steps=3, save_steps=1, save_total_limit=0), processor=processor, callback=make_folder)
+    assert (out / "checkpoint-2" / "notes.txt").read_text() == "notes"
+    assert (out / "checkpoint-1" / STATE_FILE).is_file()  # the run can resume from there
+
+
 def test_leftovers_of_a_killed_run_are_cleaned_by_the_next(done, processor, tmp_path: Path) -> None:
     cfg, _result = done
     out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
@@ -275,6 +303,8 @@ def _resume_argv(train_data: Path, out: Path) -> list[str]:
 
 
 def test_a_damaged_sharded_checkpoint_is_a_one_line_error(done, train_data: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
     cfg, _result = done
     out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
     (out / "trainer_state.json").unlink()  # a run killed after checkpoint-1
@@ -294,6 +324,8 @@ def test_a_damaged_sharded_checkpoint_is_a_one_line_error(done, train_data: Path
     _one_line_error(argv, capsys, f"cannot read {rng}")
     rng.write_bytes(b"step\n")  # the unpickler raises IndexError on it
     _one_line_error(argv, capsys, f"cannot read {rng}")
+    torch.save({"numpy": 1}, rng)  # readable, not RNG states: a KeyError traceback
+    _one_line_error(argv, capsys, f"cannot read {rng}: KeyError: 'python'")
     (ckpt / ".metadata").write_text("garbage\n")
     _one_line_error(argv, capsys, f"cannot read {ckpt / '.metadata'}")
     _one_line_error(["convert", str(ckpt), str(tmp_path / "c3")], capsys, f"cannot read {ckpt / '.metadata'}")
@@ -331,6 +363,28 @@ def test_a_missing_rng_file_is_named_on_resume(done, train_data: Path, tmp_path:
     assert "rank(s), this run has" not in caplog.text
 
 
+@pytest.mark.parametrize("where", ["final", "checkpoint", "old-checkpoint", "resume_from"])
+def test_a_trainer_state_json_nested_too_deeply_is_read_as_unreadable(done, processor, tmp_path: Path,
+                                                                      where: str) -> None:
+    # json.loads raised RecursionError (a traceback from `qwenvl finetune --resume_training`) where an unreadable
+    # trainer_state.json is passed over: the run resumes from checkpoint-1's trainer_state.pt
+    import torch
+
+    cfg, result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    ckpt = out / "checkpoint-1"
+    if where == "old-checkpoint":  # a trainer state without its settings (they are read from the JSON copy), of
+        state = torch.load(ckpt / STATE_FILE, weights_only=True)  # a run killed after checkpoint-1
+        del state["config"]
+        torch.save(state, ckpt / STATE_FILE)
+        (out / "trainer_state.json").unlink()
+    (out if where == "final" else ckpt).joinpath("trainer_state.json").write_text(
+        '{"a": ' * 100_000 + "1" + "}" * 100_000)  # deeper than Python's recursion limit
+    resume = {"resume_from": str(ckpt)} if where == "resume_from" else {}
+    again = train(cfg.replace(output_dir=str(out), resume_training=True, **resume), processor=processor)
+    assert again.resumed_from == ckpt and again.losses == result.losses
+
+
 class _RunsCode:
     def __reduce__(self):  # noqa: ANN204 - what a crafted pickle does: call anything on load
         return (Path.touch, (Path(os.environ["QWENVL_TEST_SENTINEL"]),))
@@ -350,6 +404,51 @@ def test_checkpoint_metadata_is_never_unpickled_unsafely(done, train_data: Path,
     _one_line_error(["convert", str(ckpt), str(tmp_path / "converted")], capsys, "not checkpoint metadata")
     _one_line_error(_resume_argv(train_data, out), capsys, "not checkpoint metadata")
     assert not sentinel.exists() and not (tmp_path / "converted").exists()
+
+
+@pytest.mark.parametrize(("where", "change"), [("final", {"config": 1}), ("checkpoint", {"progress": []}),
+                                              ("checkpoint", {"progress": {"step": "x"}})])
+def test_a_damaged_trainer_state_json_is_passed_over(done, processor, tmp_path: Path, where: str,
+                                                     change: dict) -> None:
+    # valid JSON of other types: an AttributeError ('int' object has no attribute 'get'), a TypeError or a
+    # ValueError traceback from `qwenvl finetune --resume_training`, where an unreadable one is passed over
+    cfg, result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    ckpt = out / "checkpoint-1"
+    file = (out if where == "final" else ckpt) / "trainer_state.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **change}))
+    again = train(cfg.replace(output_dir=str(out), resume_training=True), processor=processor)
+    assert again.resumed_from == ckpt and again.losses == result.losses
+
+
+@pytest.mark.parametrize("name", [STATE_FILE, "rng-0.pt"])
+def test_a_state_file_that_may_run_code_is_refused_in_one_line(done, train_data: Path, tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # torch's UserWarning (its source file and line) came first, then its error advising to load the file with
+    # weights_only=False, which "can result in arbitrary code execution"
+    import pickle
+    import warnings
+
+    cfg, _result = done
+    out = Path(shutil.copytree(cfg.output_dir, tmp_path / "out"))
+    (out / "trainer_state.json").unlink()  # a run killed after checkpoint-1
+    sentinel = tmp_path / "code-ran"
+    monkeypatch.setenv("QWENVL_TEST_SENTINEL", str(sentinel))
+    file = out / "checkpoint-1" / name
+    said = {2: f"refusing to load {file}: it is not a plain tensor file, weights_only=True rejected it (it may "
+               "reference code): WeightsUnpickler error: Unsupported global: GLOBAL getattr",
+            # from protocol 4 on, torch warns of the protocol first, then stops at an opcode it does not read
+            pickle.HIGHEST_PROTOCOL: "UnpicklingError: Unsupported operand 149"}
+    for protocol, message in said.items():
+        file.write_bytes(pickle.dumps(_RunsCode(), protocol=protocol))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(_resume_argv(train_data, out)) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and str(file) in err and len(err.splitlines()) == 1 and "False" not in err, err
+        assert "add_safe_globals" not in err, err  # torch's advice to allow the global: for files one trusts
+        assert not [w for w in caught if "pickle" in str(w.message)], [str(w.message) for w in caught]
+    assert not sentinel.exists()
 
 
 def test_consolidating_refuses_a_config_that_does_not_describe_the_checkpoint(done, tmp_path: Path, capsys) -> None:

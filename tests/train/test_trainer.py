@@ -358,3 +358,37 @@ def test_the_final_weights_are_cast_as_they_are_written(tmp_path: Path, monkeypa
     with Casts() as casts:
         T.publish_weights(model, tmp_path / "out", torch.bfloat16)
     assert casts.most <= 2 * block and casts.count >= total // block, (casts.most, casts.count, total)
+
+
+# ---- ranks that must agree (real 2-rank runs: tests/train/test_distributed.py) --------------------------------
+def test_every_rank_resumes_the_checkpoint_rank_0_finds(make_cfg, tmp_path: Path) -> None:
+    # each rank listed output_dir itself: rank 1's lagging listing (an NFS client's cache after a restart) resumed
+    # checkpoint-2 while rank 0 resumed checkpoint-4, mixing the two into one model that trained on
+    from qwenvl.train.state import STATE_FILE
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / STATE_FILE).write_bytes(b"")
+    cfg = make_cfg(tmp_path, resume_training=True)
+    rank_1 = SimpleNamespace(is_main=False, broadcast=lambda obj: str(tmp_path / "checkpoint-4"))
+    assert T._resume_path(cfg, rank_1) == tmp_path / "checkpoint-4"  # rank 0's, not its own listing's
+    rank_0 = SimpleNamespace(is_main=True, broadcast=lambda obj: obj)
+    assert T._resume_path(cfg, rank_0) == tmp_path / "checkpoint-2"
+    assert T._resume_path(make_cfg(tmp_path / "empty", resume_training="auto"), rank_0) is None
+    assert T._resume_path(cfg.replace(resume_from="elsewhere/checkpoint-9"), rank_1) == Path("elsewhere/checkpoint-9")
+
+
+def test_ranks_whose_data_differ_in_size_stop_in_one_line() -> None:
+    # a rank that skipped samples only it could not read (skip_bad_samples) ordered the others' samples by its
+    # own count: the job trained on other samples than documented, or planned other step counts and hung
+    from qwenvl.data.dataset import DatasetError
+    from qwenvl.train.distributed import ReportedByAnotherRank
+
+    def rank(r: int) -> SimpleNamespace:
+        return SimpleNamespace(gather=lambda n: [16, 12], is_main=r == 0, rank=r, world_size=2)
+
+    said = r"the ranks' training data differ in size \(rank 0: 16, rank 1: 12 samples\): a rank skipped samples"
+    with pytest.raises(DatasetError, match="^" + said):
+        T._check_same_data_size(rank(0), 16)
+    with pytest.raises(ReportedByAnotherRank, match="^rank 1 of 2: stopped because " + said):
+        T._check_same_data_size(rank(1), 12)
+    T._check_same_data_size(SimpleNamespace(gather=lambda n: [16, 16], is_main=True, rank=0, world_size=2), 16)

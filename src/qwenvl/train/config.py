@@ -225,8 +225,10 @@ class TrainConfig:
             raise TrainConfigError(NO_MODEL)
         if not self.data_path:  # the command line has no other way to give a dataset
             raise TrainConfigError(NO_DATA)
-        if not os.path.isfile(self.data_path):
+        if not os.path.exists(self.data_path):
             raise FileNotFoundError(f"training data file not found: {fileio.shown_path(self.data_path)}")
+        if not os.path.isfile(self.data_path):  # a folder, a FIFO, /dev/zero: there, but not a data file
+            raise TrainConfigError(f"training data path is not a file: {fileio.shown_path(self.data_path)}")
         if self.dataset_dir:
             fileio.require_folder(self.dataset_dir, "dataset_dir folder")
 

@@ -21,7 +21,6 @@ names.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -42,7 +41,7 @@ from ..checkpoint import (
     locate_weights,
 )
 from ..config import QwenVLConfig
-from ..fileio import error_line
+from ..fileio import error_line, parse_json
 from .distributed import DistEnv, ReportedByAnotherRank
 
 __all__ = ["init_lora_parameters", "load_sharded_weights", "local_rows"]
@@ -77,9 +76,17 @@ def _is_lora(name: str) -> bool:
 
 
 def _read_header(file: Path) -> tuple[int, dict]:
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    """Where the data of the safetensors file ``file`` starts, and its header's entries; CheckpointError (naming
+    ``file``) when it cannot be read."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(n).decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the header of {file}: {e}") from e
+    header = parse_json(raw, file, CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     return 8 + n, header
 
@@ -89,10 +96,7 @@ def _safetensors_index(files: list[Path]) -> tuple[dict[str, tuple[Path, int, di
     where: dict[str, tuple[Path, int, dict]] = {}
     shapes: dict[str, torch.Tensor] = {}
     for file in files:
-        try:
-            start, header = _read_header(file)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read the header of {file}: {e}") from e
+        start, header = _read_header(file)
         for key, info in header.items():
             if info["dtype"] not in _ST_TO_TORCH:
                 raise CheckpointError(f"{file}: {key} has dtype {info['dtype']}, which this loader does not read")

@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..fileio import atomic_dir, error_line
+from ..fileio import atomic_dir, error_line, parse_json, set_default_mode
 from .config import TrainConfig
 
 __all__ = [
@@ -229,9 +229,11 @@ def save_adapter(model: nn.Module, lora_cfg, out_dir: str | os.PathLike[str],  #
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_file(adapters, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        set_default_mode(tmp / ADAPTER_WEIGHTS)
         lora_cfg.save_pretrained(str(tmp))
         if extras:
             save_file(extras, str(tmp / EXTRA_WEIGHTS), metadata={"format": "pt"})
+            set_default_mode(tmp / EXTRA_WEIGHTS)
         (tmp / BASE_MODEL).write_text(json.dumps({"base_model_fingerprint": base_fingerprint(model)}) + "\n",
                                       encoding="utf-8")
     return out
@@ -253,13 +255,13 @@ def adapter_folder(adapter_dir: str | os.PathLike[str]) -> Path:
                               "`qwenvl finetune` with use_lora; nothing is downloaded)")
     config = folder / ADAPTER_CONFIG
     try:
-        loaded = json.loads(config.read_text(encoding="utf-8"))
+        loaded = parse_json(config.read_text(encoding="utf-8"), config, CheckpointError)
     except FileNotFoundError:  # a LoRA run's output_dir holds its adapter in adapter/ (checkpoints: checkpoint-N/)
         inside = [p for p in (folder / "adapter", *sorted(folder.glob("checkpoint-*/adapter")))
                   if (p / ADAPTER_CONFIG).is_file()]
         hint = f" (the adapter of a LoRA run is in its adapter/ folder: --adapter {inside[0]})" if inside else ""
         raise CheckpointError(f"{folder} is not an adapter folder: it has no {ADAPTER_CONFIG}{hint}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {config}: {e}") from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{config} does not describe a LoRA adapter: it holds a {type(loaded).__name__}")
@@ -338,8 +340,8 @@ def recorded_base_fingerprint(adapter_dir: str | os.PathLike[str]) -> str | None
     if not file.is_file():
         return None
     try:
-        recorded = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        recorded = parse_json(file.read_text(encoding="utf-8"), file, CheckpointError)
+    except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {file}: {error_line(e)}") from None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("base_model_fingerprint"), str):
         raise CheckpointError(f"{file} holds no \"base_model_fingerprint\" string: the base cannot be checked "
@@ -364,7 +366,8 @@ def _check_base(adapter_dir: Path, model: nn.Module, base_dir: str | os.PathLike
     if recorded == base_fingerprint(model):
         return
     try:  # read by adapter_folder for a merge; a folder given to load_adapter needs only its weights
-        name = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        config = adapter_dir / ADAPTER_CONFIG
+        name = parse_json(config.read_text(encoding="utf-8"), config, ValueError).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         name = None
     if name and base_dir is not None and Path(name).resolve() == Path(base_dir).resolve():  # other weights now

@@ -38,7 +38,7 @@ from ..config import QwenVLConfig
 from ..fileio import atomic_dir, error_line, fault_point, signals_held, write_error
 from ..outputs import record_files
 from .distributed import RANK_LOGGER, DistEnv
-from .state import STATE_FILE, STATE_JSON, read_state, rng_state, set_rng_state
+from .state import STATE_FILE, STATE_JSON, load_weights_only, read_state, rng_state, set_rng_state
 
 __all__ = ["consolidate", "is_sharded_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -222,10 +222,11 @@ def load_checkpoint(
     rng = path / f"rng-{env.rank}.pt"
     if state.get("world_size") == env.world_size and rng.is_file():
         try:
-            rng_states = torch.load(rng, map_location="cpu", weights_only=True)
+            set_rng_state(load_weights_only(rng, CheckpointError))  # a dict of other keys or values: a KeyError, ...
+        except CheckpointError:
+            raise
         except _READ_ERRORS as e:
             raise CheckpointError(f"cannot read {rng}: {_reason(e)} (truncated or corrupt file?)") from None
-        set_rng_state(rng_states)
     elif state.get("world_size") == env.world_size:
         logging.getLogger(RANK_LOGGER).warning("%s has no %s (deleted?): random streams (dropout) restart from the "
                                                "seed", path, rng.name)
@@ -250,7 +251,7 @@ def consolidate(
         raise CheckpointError(f"{src} is not a sharded training checkpoint (no DCP .metadata)")
     if (src / ADAPTER_DIR).is_dir():
         raise CheckpointError(f"{src} is a LoRA checkpoint (it holds the adapter, not the model): merge it with "
-                              f"`qwenvl convert --merge_lora --load_checkpoint BASE --adapter {src / ADAPTER_DIR} OUT`")
+                              f"`qwenvl convert --merge_lora --load_checkpoint BASE --adapter {src / ADAPTER_DIR} --output_dir OUT`")
     from ..model import QwenVL
 
     config = QwenVLConfig.from_pretrained(src)

@@ -13,10 +13,11 @@ it to end (:func:`qwenvl.fileio.signals_held`).
 
 from __future__ import annotations
 
-import json
 import logging
+import pickle
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from ..fileio import error_line, remove_tree
+from ..checkpoint import weights_only_reason
+from ..fileio import error_line, parse_json, remove_tree
 from ..outputs import is_ours
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Progress",
     "checkpoint_dirs",
     "latest_checkpoint",
+    "load_weights_only",
     "prune_checkpoints",
     "read_state",
     "rng_state",
@@ -49,6 +52,11 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is one a run gives its checkpoint folders (``checkpoint-STEP``)."""
+    return _CKPT_RE.match(name) is not None
 
 
 class TrainStateError(ValueError):
@@ -178,6 +186,26 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+def load_weights_only(file: Path, error: type[ValueError]) -> Any:
+    """``torch.load(file, weights_only=True)`` of a file a run wrote (trainer state, RNG states). A pickle naming a
+    global that weights_only does not allow (code: a crafted or foreign file) raises ``error`` refusing it, as a
+    ``.bin`` checkpoint is refused (:func:`qwenvl.checkpoint.load_state_dict`); an opcode weights_only does not read
+    (damaged bytes, another pickle protocol) raises ``pickle.UnpicklingError`` with that reason alone, like other
+    errors of a damaged file. Neither passes on torch's message, which advises loading it with weights_only=False."""
+    with warnings.catch_warnings():  # torch warns (two lines) about a pickle protocol it then refuses
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only" not in error_line(e).lower():
+                raise
+            reason = weights_only_reason(e)
+            if "global" not in reason.lower():
+                raise pickle.UnpicklingError(reason) from None
+            raise error(f"refusing to load {file}: it is not a plain tensor file, weights_only=True rejected it "
+                        f"(it may reference code): {reason}") from None
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint folder; a missing, truncated or corrupt file is a one-line
     :class:`TrainStateError` (``FileNotFoundError`` when there is none)."""
@@ -185,7 +213,9 @@ def read_state(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint: no {STATE_FILE}")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_weights_only(file, TrainStateError)
+    except TrainStateError:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise (IndexError, ...)
         raise TrainStateError(f"{file}: corrupt or unreadable trainer state ({type(e).__name__}: {error_line(e)}); "
                               "resume from another checkpoint (--resume_training DIR) or delete this one") from None
@@ -200,7 +230,7 @@ def saved_config(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(config, dict):
         return config
     try:
-        readable = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        readable = parse_json((path / STATE_JSON).read_text(encoding="utf-8"), path / STATE_JSON, ValueError)
     except (OSError, ValueError):
         return None
     config = readable.get("config") if isinstance(readable, dict) else None

@@ -52,11 +52,11 @@ from tqdm.auto import tqdm
 from ..checkpoint import CheckpointError, is_sharded, save_pretrained
 from ..config import ENDOFTEXT_ID, QwenVLConfig
 from ..data.dataset import IGNORE_INDEX, ConversationDataset, DatasetError, collate
-from ..fileio import atomic_write_text, remove_tree, signals_held
+from ..fileio import atomic_write_text, parse_json, remove_tree, signals_held
 from ..hardware import resolve_bf16
 from ..model import QwenVL
 from ..model.qwenvl import as_dtype
-from ..outputs import OutputDirError, check_separate, claim_output, is_ours, record_files
+from ..outputs import OutputDirError, check_separate, claim_output, is_ours, read_marker, record_files
 from . import distributed, lora
 from . import sharded_checkpoint as sharded
 from .config import NO_MODEL, TrainConfig, TrainConfigError
@@ -69,6 +69,7 @@ from .state import (
     TrainStateError,
     check_resume_settings,
     checkpoint_dirs,
+    is_checkpoint_name,
     latest_checkpoint,
     prune_checkpoints,
     read_state,
@@ -217,10 +218,12 @@ def _finished_progress(cfg: TrainConfig, world_size: int = 1) -> Progress | None
         return None
     out = Path(cfg.output_dir)
     try:
-        final = json.loads((out / STATE_JSON).read_text(encoding="utf-8"))
+        final = parse_json((out / STATE_JSON).read_text(encoding="utf-8"), out / STATE_JSON, ValueError)
         progress = Progress(**final["progress"])
         saved = final["config"]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(saved, dict):  # a damaged record (its "progress" read: it is an object)
         return None
     current = cfg.to_dict()
     same = (*RESUME_KEYS, "data_path", "load_checkpoint", "preset")
@@ -230,14 +233,31 @@ def _finished_progress(cfg: TrainConfig, world_size: int = 1) -> Progress | None
         return None  # another run's result: resuming goes on as usual (and names what differs)
     latest = latest_checkpoint(out)
     if latest is not None:
+        file = latest / STATE_JSON
         try:
-            ckpt = json.loads((latest / STATE_JSON).read_text(encoding="utf-8"))["progress"]
+            ckpt = parse_json(file.read_text(encoding="utf-8"), file, ValueError)["progress"]
+            n = int(ckpt["step"])
+            if n >= progress.step or json.dumps(progress.losses[:n]) != json.dumps(ckpt["losses"]):
+                return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        n = int(ckpt["step"])
-        if n >= progress.step or json.dumps(progress.losses[:n]) != json.dumps(ckpt["losses"]):
-            return None
     return progress
+
+
+def _check_same_data_size(env: DistEnv, size: int) -> None:
+    """Every rank orders the samples from its own count (:class:`~qwenvl.train.state.BatchOrder`): counts that
+    differ (a rank that skipped samples whose images only it could not read, ``skip_bad_samples``) would train on
+    other samples than the documented order, or plan other step counts and hang. Stop every rank in one line."""
+    sizes = env.gather(size)
+    if len(set(sizes)) == 1:
+        return
+    counts = ", ".join(f"rank {r}: {n}" for r, n in enumerate(sizes))
+    error = DatasetError(f"the ranks' training data differ in size ({counts} samples): a rank skipped samples that "
+                         "the others kept (an image only some nodes cannot read?); every rank must read the same "
+                         "data and images")
+    if env.is_main:
+        raise distributed.told_every_rank(error)
+    raise distributed.ReportedByAnotherRank(f"rank {env.rank} of {env.world_size}: stopped because {error}")
 
 
 def _train(
@@ -255,6 +275,7 @@ def _train(
 
     # every rank reads the same config, data and images: a problem with them is said once, by rank 0
     model, dataset = env.agree(model_and_data)
+    _check_same_data_size(env, len(dataset))
     run = _setup_run(cfg, model, dataset, env.device, env)
     _seed_everything(cfg.seed)  # the loop's randomness (dropout) does not depend on the setup
     resumed_from = _maybe_resume(run)  # restores the RNG states of the checkpoint
@@ -293,6 +314,7 @@ def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
     Resuming the newest checkpoint first finishes a pruning that an interrupted run did not get to.
     ``resume_training auto`` with no checkpoint to resume is a new run, unless the folder's run is complete."""
     found = checkpoint_dirs(cfg.output_dir)
+    _refuse_foreign_save_names(cfg, new_run=not cfg.resume_from and not (cfg.resume_training and found))
     if cfg.resume_from:
         _check_same_run(cfg, found)
         return
@@ -324,6 +346,25 @@ def _check_earlier_run(cfg: TrainConfig, world_size: int = 1) -> None:
         logger.info("overwrite: deleted %s of an earlier run", path)
 
 
+def _refuse_foreign_save_names(cfg: TrainConfig, new_run: bool) -> None:
+    """Refuse, with ``overwrite`` too, entries of ``output_dir`` that the run would replace whole and that we did
+    not write: for a new run ``checkpoint-STEP`` (each save replaces its folder; a resumed run checks the one it
+    saves, :func:`_save_checkpoint`) and, for LoRA, ``adapter`` (the final adapter's folder). ``overwrite``
+    replaces the files a run writes, never a folder of the user's under one of its names."""
+    out = Path(cfg.output_dir)
+    if not out.is_dir():
+        return
+    ours = set((read_marker(out) or {}).get("files", []))
+    foreign = sorted(p.name for p in out.iterdir() if new_run and is_checkpoint_name(p.name) and not is_ours(p))
+    adapter = out / sharded.ADAPTER_DIR
+    if cfg.use_lora and (adapter.exists() or adapter.is_symlink()) and sharded.ADAPTER_DIR not in ours:
+        foreign.append(sharded.ADAPTER_DIR)
+    if foreign:
+        raise OutputDirError(f"output_dir {cfg.output_dir} holds {', '.join(foreign)}, which qwenvl did not write, "
+                             f"under the name{'s' if len(foreign) > 1 else ''} of what this run saves (it would be "
+                             "replaced whole, --overwrite or not): move it away or choose another output_dir")
+
+
 def _check_same_run(cfg: TrainConfig, found: list[tuple[int, Path]]) -> None:
     """``resume_from`` PATH continues the run of PATH in ``output_dir``, where it prunes checkpoints and replaces
     the trained model: those of another run there (a loss history that is not a prefix or continuation of
@@ -332,7 +373,8 @@ def _check_same_run(cfg: TrainConfig, found: list[tuple[int, Path]]) -> None:
     and keep those, and ``resume_training`` would take them up again. Earlier ones stay."""
     def losses(folder: Path) -> list[Any] | None:
         try:
-            value = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))["progress"]["losses"]
+            file = folder / STATE_JSON
+            value = parse_json(file.read_text(encoding="utf-8"), file, ValueError)["progress"]["losses"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return value if isinstance(value, list) else None
@@ -563,11 +605,21 @@ def _setup_run(cfg: TrainConfig, model: QwenVL, dataset: Any, device: torch.devi
                 Progress(), total, env, lora_config, [p for _n, p in named], bf16)
 
 
+def _resume_path(cfg: TrainConfig, env: DistEnv) -> Path | None:
+    """The checkpoint to resume: ``resume_from``, or rank 0's newest in ``output_dir`` on every rank (another rank's
+    listing may lag, as an NFS client's cache does after a restart: ranks resuming different steps mixed two
+    checkpoints into one model and trained on)."""
+    if cfg.resume_from:
+        return Path(cfg.resume_from)
+    latest = env.broadcast(str(latest_checkpoint(cfg.output_dir) or "") if env.is_main else None)
+    return Path(latest) if latest else None
+
+
 def _maybe_resume(run: _Run) -> Path | None:
     cfg = run.cfg
     if not (cfg.resume_training or cfg.resume_from):
         return None
-    path = Path(cfg.resume_from) if cfg.resume_from else latest_checkpoint(cfg.output_dir)
+    path = _resume_path(cfg, run.env)
     if path is None:
         if cfg.resume_training == "auto":
             logger.info("resume_training auto: no checkpoint in %s yet, starting from step 0", cfg.output_dir)
@@ -866,6 +918,13 @@ def _trainer_state(run: _Run) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _save_checkpoint(run: _Run) -> Path:
     path = Path(run.cfg.output_dir) / f"checkpoint-{run.progress.step}"
+    # a folder of that name that we did not write (made during the run, or kept beside the one resumed) would be
+    # replaced whole: refused on every rank as rank 0 sees it
+    foreign = run.env.is_main and (path.exists() or path.is_symlink()) and not is_ours(path)
+    if run.env.broadcast(foreign):
+        raise OutputDirError(f"{path} exists and qwenvl did not write it: the run stops at step {run.progress.step} "
+                             "rather than replace it with its checkpoint; move it away and resume with "
+                             "--resume_training")
     state, readable = _trainer_state(run)
     extra = functools.partial(_write_adapter, run) if run.lora_config is not None else None
     sharded.save_checkpoint(path, run.env, run.model, run.optimizer, state, readable, run.model.config,
