@@ -220,6 +220,13 @@ def test_a_damaged_marker_is_read_as_ours_but_damaged(tmp_path: Path, text: str)
     assert read_marker(tmp_path) == {"written_by": "qwenvl", "command": "unknown", "files": []}
 
 
+def test_a_lock_file_nested_too_deeply_reads_as_held_by_an_unknown_run(tmp_path: Path) -> None:
+    # the lock file's holder was read with json.loads: "[" * 4000 raised RecursionError, a traceback from any command
+    (tmp_path / LOCK_FILE).write_text("[" * 100_000)
+    lock = acquire_lock(tmp_path, "convert")  # no live holder: taken over
+    lock.release()
+
+
 _KILLED_IN_CLAIM = """
 import os, signal, sys
 from qwenvl.outputs import claim_output

@@ -393,7 +393,7 @@ class RunLock:
 def _holder(fd: int) -> dict[str, Any]:
     try:
         raw = os.pread(fd, 4096, 0)
-        data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+        data = parse_json(raw.decode("utf-8"), LOCK_FILE, ValueError) if raw.strip() else {}  # too deep: ValueError
     except (OSError, ValueError):
         data = {}
     return data if isinstance(data, dict) else {}
