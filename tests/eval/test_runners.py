@@ -883,6 +883,15 @@ def test_cli_resume_from_the_partial_file_generates_only_the_rest(tmp_path: Path
     assert len(read_partial(first)[1]) == 2
     before = first.read_bytes()
     calls.clear()
+    # the same command again: it starts over, saying how to go on instead (it did so without a word)
+    with caplog.at_level("WARNING"):
+        assert main(_eval_args(data, out)) == 130
+    assert (f"{out}.partial holds the predictions of an earlier run that stopped: add --resume_from {out}.partial to "
+            "generate only the rest (this run starts over and keeps that file)") in caplog.text
+    assert first.read_bytes() == before
+    second.unlink()  # that run's own rows
+    calls.clear()
+    caplog.clear()
     with caplog.at_level("INFO"):
         assert main([*_eval_args(data, out), "--resume_from", str(first)]) == 130  # 2 more answered
     assert calls == [2, 2] and first.read_bytes() == before  # a failed run keeps the file it resumed from

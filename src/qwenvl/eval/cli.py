@@ -192,6 +192,10 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
                 prompt, args.max_new_tokens, args.min_new_tokens, args.chat_format))
         except runners.EvalDataError as e:
             raise runners.EvalDataError(f"--resume_from {shown_path(args.resume_from)}: {e}") from None
+    elif args.output and Path(f"{args.output}.partial").is_file():  # a run into OUT that stopped: it can go on
+        logger.warning("%s.partial holds the predictions of an earlier run that stopped: add --resume_from %s.partial "
+                       "to generate only the rest (this run starts over and keeps that file)", shown_path(args.output),
+                       shown_path(args.output))
     require_folder(args.model)
     if args.compile:  # no C++ compiler: said before the weights load
         require_compiler(args.device)
