@@ -31,7 +31,7 @@ def test_help_lists_the_flags(capsys):
         assert flag in text, flag
 
 
-def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
+def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path, monkeypatch):
     assert main(["serve", "--model", str(golden_dir), "--allowed_local_media_path", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not a folder" in err
@@ -59,6 +59,18 @@ def test_user_errors_are_one_line_and_exit_2(capsys, golden_dir, tmp_path):
     for port in ("99999", "-5"):  # an OverflowError traceback from bind(), after the weights had loaded
         assert main(["serve", "--model", str(golden_dir), "--port", port]) == 2
         assert capsys.readouterr().err.strip() == f"qwenvl serve: error: --port must be 0-65535 (0: any free port), got {port}"
+    # more positions than the model has: said before the weights load (refused only after loading them: minutes
+    # at 9.6B), as no other flag's value is
+    from qwenvl import inference
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the weights loaded")
+
+    monkeypatch.setattr(inference, "load", no_load)
+    assert main(["serve", "--model", str(golden_dir), "--max_model_len", "100000"]) == 2
+    limit = json.loads((golden_dir / "config.json").read_text())["max_position_embeddings"]
+    assert capsys.readouterr().err.strip() == (f"qwenvl serve: error: --max_model_len 100000 is more than the model's "
+                                               f"{limit} positions (max_position_embeddings in its config.json)")
 
 
 def test_a_real_server_process(golden_dir):

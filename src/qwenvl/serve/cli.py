@@ -142,6 +142,13 @@ def run(args: argparse.Namespace, extra: list[str] | None = None) -> int:
         if not root.is_dir():
             raise NotADirectoryError(f"--allowed_local_media_path {root}: not a folder")
     require_folder(args.model)
+    if args.max_model_len is not None:  # more positions than the model has: said now, not after the weights load
+        from ..config import QwenVLConfig
+
+        limit = QwenVLConfig.from_pretrained(args.model).lm.max_position_embeddings
+        if args.max_model_len > limit:
+            raise ValueError(f"--max_model_len {args.max_model_len} is more than the model's {limit} positions "
+                             "(max_position_embeddings in its config.json)")
     if args.compile:  # no C++ compiler: said before the weights load
         require_compiler(args.device)
     # torch and the model code load only now (seconds): a mistyped flag or folder is said at once
