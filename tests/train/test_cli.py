@@ -174,6 +174,9 @@ def test_a_lost_peer_is_one_line_naming_the_rank(train_data: Path, tmp_path: Pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("qwenvl finetune: error: rank 3 of 4: lost the other ranks") and "Connection reset" in err
+    # torchrun's summary names this rank first after a timeout: the line said it named the rank that failed (a
+    # reviewer's hung rank 1 was named by rank 0's line and the summary as rank 0)
+    assert "after a timeout that is the rank that waited, this one, not the one that hung" in err
 
 
 def test_lora_without_peft_is_one_line_before_anything_runs(train_data: Path, tmp_path: Path,

@@ -185,7 +185,8 @@ class DistEnv:
         limit = f"dist_timeout={self.timeout_s:g} s" if self.timeout_s else "dist_timeout"
         return DistributedError(
             f"rank {self.rank} of {self.world_size}: lost the other ranks (one died, hung for more than {limit}, or "
-            f"the network failed; torchrun's summary names the rank that failed first): {first}"
+            "the network failed; a rank that died is the one torchrun's summary names first, but after a timeout that "
+            f"is the rank that waited, this one, not the one that hung): {first}"
         )
 
 
