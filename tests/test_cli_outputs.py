@@ -286,18 +286,22 @@ def _appears_during_the_run(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
     monkeypatch.setattr(outputs.PartialRows, "append", append)
 
 
+def _answering(command: str, tmp_path: Path, out: Path) -> list[str]:
+    """The command line of ``predict`` or ``eval vqa`` answering the one-file inputs in ``tmp_path`` into ``out``."""
+    prompts, vqa, _ = _one_file_inputs(tmp_path)
+    inputs = {"predict": ["predict", "--model", str(GOLDEN), "--jsonl", str(prompts)],
+              "eval": ["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN)]}
+    return [*inputs[command], "--max_new_tokens", "2", "--no_progress", "--output", str(out)]
+
+
 @pytest.mark.parametrize("command", ["predict", "eval"])
 def test_an_output_file_that_appears_during_the_run_is_never_replaced(tmp_path: Path, capsys,
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      command: str) -> None:
     # OUT was checked absent at the start, then replaced at the end by the run's atomic write (os.replace), exit 0:
     # without --overwrite it stays, and the error says where the answers are (OUT.partial, kept)
-    prompts, vqa, _ = _one_file_inputs(tmp_path)
     out = tmp_path / "answers.out"
-    argv = {"predict": ["predict", "--model", str(GOLDEN), "--jsonl", str(prompts), "--max_new_tokens", "2",
-                        "--output", str(out)],
-            "eval": ["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN),
-                     "--max_new_tokens", "2", "--no_progress", "--output", str(out)]}[command]
+    argv = _answering(command, tmp_path, out)
     _appears_during_the_run(monkeypatch, out)
     assert main(argv) == 2
     kept = tmp_path / "answers.out.partial"
@@ -327,8 +331,8 @@ def test_an_output_file_made_while_the_weights_load_is_said_before_generating(tm
     # checked again once the model is loaded (minutes for a real one): refused before any answer is generated
     from qwenvl import inference
 
-    prompts, vqa, _ = _one_file_inputs(tmp_path)
     out = tmp_path / "results.json"
+    argv = _answering(command, tmp_path, out)
     real = inference.load
 
     def load_then_appear(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -337,10 +341,7 @@ def test_an_output_file_made_while_the_weights_load_is_said_before_generating(tm
         return loaded
 
     monkeypatch.setattr(inference, "load", load_then_appear)
-    argv = {"predict": ["predict", "--model", str(GOLDEN), "--jsonl", str(prompts)],
-            "eval": ["eval", "vqa", "--model", str(GOLDEN), "--data", str(vqa), "--image_dir", str(GOLDEN)]}[command]
-    _refused([*argv, "--max_new_tokens", "2", "--no_progress", "--output", str(out)], capsys,
-             f"qwenvl {command}: error: the output file {out} exists; pass --overwrite to replace it")
+    _refused(argv, capsys, f"qwenvl {command}: error: the output file {out} exists; pass --overwrite to replace it")
     assert out.read_text() == "my precious notes" and not (tmp_path / "results.json.partial").exists()
 
 
