@@ -473,17 +473,17 @@ def test_chat_draws_boxes_of_an_answer(tmp_path, golden_dir):
     assert Image.open(tmp_path / "turn-003-3.png").size == original.size
 
 
-def _chat_in_process(monkeypatch, capsys, golden_dir, script: str | bytes, ask, *flags: str):
+def _chat_in_process(monkeypatch, capsys, golden_dir, script: str | bytes, ask, *flags: str, errors: str = "strict"):
     """``qwenvl chat`` on the golden checkpoint, in this process, with ``ChatSession.ask`` replaced by ``ask``
     (a random model writes neither boxes nor long enough answers to interrupt on cue); a ``script`` of bytes is
-    read as a pipe under a UTF-8 locale reads it (strictly)."""
+    read as a pipe under a UTF-8 locale reads it (``errors``: strictly; under C.UTF-8, "surrogateescape")."""
     import io
 
     from qwenvl.cli import main
     from qwenvl.inference import ChatSession
 
     monkeypatch.setattr(ChatSession, "ask", ask)
-    stdin = io.StringIO(script) if isinstance(script, str) else io.TextIOWrapper(io.BytesIO(script), "utf-8", "strict")
+    stdin = io.StringIO(script) if isinstance(script, str) else io.TextIOWrapper(io.BytesIO(script), "utf-8", errors)
     monkeypatch.setattr(sys, "stdin", stdin)
     rc = main(["chat", "--model", str(golden_dir), "--dtype", "fp32", "--image_dir", str(golden_dir), *flags])
     out = capsys.readouterr()
@@ -508,8 +508,10 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(monkeypatch, capsys,
     assert out.count("assistant> ") == 2 and out.endswith("Once upon a time\n")
 
 
-def test_chat_line_that_is_not_utf8_costs_only_itself(monkeypatch, capsys, golden_dir):
-    # a line typed in Latin-1 ended the chat ("error: 'utf-8' codec can't decode ..."), its conversation lost
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_chat_line_that_is_not_utf8_costs_only_itself(monkeypatch, capsys, golden_dir, errors):
+    # a line typed in Latin-1 ended the chat ("error: 'utf-8' codec can't decode ..."), its conversation lost; under
+    # C.UTF-8 (Docker, CI: stdin's errors "surrogateescape") it went to the model with a lone surrogate
     asked = []
 
     def ask(self, text, on_text=None):
@@ -517,7 +519,7 @@ def test_chat_line_that_is_not_utf8_costs_only_itself(monkeypatch, capsys, golde
         return "ok"
 
     script = "Hello\r\ncaf\u00e9 au lait\n".encode() + b"caf\xe9\nStill there?\n"
-    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, script, ask)
+    rc, out, err = _chat_in_process(monkeypatch, capsys, golden_dir, script, ask, errors=errors)
     assert rc == 0, err
     assert asked == ["Hello", "caf\u00e9 au lait", "Still there?"]
     assert "error: the line is not utf-8 text (invalid continuation byte at byte 4); it was not sent" in err

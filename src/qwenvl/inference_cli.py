@@ -735,10 +735,14 @@ def _read_line() -> str | None:
         with contextlib.suppress(ImportError):  # not on every platform: input() then works without editing
             import readline  # noqa: F401 (importing it gives input() line editing and history)
         try:
-            return input("user> ")
+            line = input("user> ")
         except EOFError:  # Ctrl-D: the shell's prompt goes on a line of its own
             print(file=sys.stderr)
             return None
+        # under C.UTF-8 (Docker, CI) Python reads the terminal with surrogateescape: bytes that are not UTF-8 came
+        # as lone surrogates and went to the model; their bytes decoded strictly raise the error the chat says
+        encoding = sys.stdin.encoding or "utf-8"
+        return line.encode(encoding, "surrogateescape").decode(encoding)
     if sys.stdin.isatty():
         print("user> ", end="", flush=True, file=sys.stderr)
     raw = getattr(sys.stdin, "buffer", None)
@@ -747,8 +751,8 @@ def _read_line() -> str | None:
         return line.rstrip("\n") if line else None
     # a line at a time from the bytes: one that is not UTF-8 (UnicodeDecodeError) costs only itself, where the text
     # layer's decoder failed on its whole read-ahead and then read nothing more (the chat ended)
-    data = raw.readline()
-    return data.decode(sys.stdin.encoding or "utf-8", sys.stdin.errors or "strict").rstrip("\r\n") if data else None
+    data = raw.readline()  # strict whatever stdin's errors (surrogateescape under C.UTF-8 sent them on unseen)
+    return data.decode(sys.stdin.encoding or "utf-8").rstrip("\r\n") if data else None
 
 
 def _unquoted(path: str) -> str:
