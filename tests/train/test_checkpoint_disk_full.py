@@ -58,3 +58,26 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line(train_data: Path,
     monkeypatch.undo()
     assert main(_argv(train_data, out, "--resume_training")) == 0  # space freed: resumes from checkpoint-1
     assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_rank_that_cannot_write_its_rng_file_is_one_line(train_data: Path, tmp_path: Path, capsys,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # each rank writes its RNG states into the checkpoint first, outside the save's error handling: a rank whose node
+    # sees the folder read-only (or not at all) printed a 30-line traceback of torch.save's RuntimeError
+    import torch
+
+    from qwenvl.train import sharded_checkpoint
+
+    def read_only(obj: object, file: object, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: Read-only "
+                           "file system")
+
+    monkeypatch.setattr(sharded_checkpoint.torch, "save", read_only)
+    out = tmp_path / "out"
+    assert main(_argv(train_data, out)) == 2
+    monkeypatch.setattr(sharded_checkpoint.torch, "save", torch.save)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"qwenvl finetune: error: cannot write the training checkpoint {out / 'checkpoint-1'}: "
+                       "RuntimeError: [enforce fail at inline_container.cc:747] . open file failed with strerror: "
+                       "Read-only file system"), err
+    assert not out.exists()  # the staging folder went, and with it the folder the run made (nothing else written)

@@ -183,7 +183,11 @@ def save_checkpoint(
     folder is in place (:func:`~qwenvl.fileio.signals_held`)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trained_only))
     with signals_held(path.name), _shared_staging(path, env) as tmp:
-        torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
+        try:  # a rank that cannot write there (a read-only mount, a folder only rank 0's node has): one line
+            torch.save(rng_state(), tmp / f"rng-{env.rank}.pt")
+        except (OSError, RuntimeError) as e:
+            raise write_error(e, path, tmp) or CheckpointError(
+                f"cannot write the training checkpoint {path}: {_reason(e)}") from None
         # collective: when it returns every rank's shards (and its RNG file, written before) are on disk
         try:
             with _one_process_quiet(not env.distributed):
