@@ -163,6 +163,11 @@ def test_missing_image_names_line_and_path(tmp_path: Path, image_dir: Path) -> N
     data = write_jsonl(tmp_path / "g.jsonl", rows)
     with pytest.raises(FileNotFoundError, match=r"g\.jsonl:2: image not found: .*nope\.png"):
         evaluate_grounding(data, generate_fn=lambda ps: [""] * len(ps), image_dir=image_dir, progress=False)
+    # a folder (or a FIFO) under the image's name is there but no image file: said so, not "not found"
+    (image_dir / "adir.png").mkdir()
+    data = write_jsonl(tmp_path / "g.jsonl", [{**grounding_rows()[0], "image": "adir.png"}])
+    with pytest.raises(EvalDataError, match=r"g\.jsonl:1: image path is not a file: .*adir\.png"):
+        evaluate_grounding(data, generate_fn=lambda ps: [""] * len(ps), image_dir=image_dir, progress=False)
 
 
 def test_missing_data_file(tmp_path: Path) -> None:
@@ -389,6 +394,9 @@ def test_cli_grounding(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplo
         caplog.text
     assert main([*args, "--prompt_file", str(tmp_path / "nope.txt"), "--overwrite"]) == 2
     assert "--prompt_file" in capsys.readouterr().err
+    for there in (tmp_path, Path("/dev/zero")):  # there, but no prompt file: said so (it said "no such file")
+        assert main([*args, "--prompt_file", str(there), "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"--prompt_file {there}: not a file")
 
 
 def test_cli_checks_the_data_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -237,8 +237,10 @@ def _prompt(args: argparse.Namespace, task: str) -> tuple[str, str]:
     """The prompt template and where it came from: "official", "--prompt" or "--prompt_file FILE"."""
     if args.prompt_file:
         path = Path(args.prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"--prompt_file {shown_path(path)}: no such file")
+        if not path.is_file():  # a folder, /dev/zero (read forever), a FIFO
+            raise ValueError(f"--prompt_file {shown_path(path)}: not a file")
         try:
             return path.read_text(encoding="utf-8"), f"--prompt_file {path}"
         except UnicodeDecodeError as e:

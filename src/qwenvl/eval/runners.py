@@ -500,8 +500,9 @@ def _image_path(image: str, policy: MediaPolicy, where: str, known: dict[str, Pa
         path = policy.resolve(image)
     except ImageError as e:
         raise EvalDataError(f"{where}: {e}") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: image not found: {path}")
+    if not path.is_file():  # a folder, a FIFO: there, but no image file (said as the processor says it)
+        raise (FileNotFoundError(f"{where}: image not found: {path}") if not path.exists() else
+               EvalDataError(f"{where}: image path is not a file: {path}"))
     if known is not None:
         known[image] = path
     return path
