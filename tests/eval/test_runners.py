@@ -270,6 +270,19 @@ def test_caption_coco_json_format(tmp_path: Path, image_dir: Path) -> None:
     assert [(r.id, r.image, r.captions) for r in records] == [(7, "a.png", ["white"]), (8, "b.png", ["gray"])]
 
 
+def test_caption_coco_json_captions_of_no_listed_image_are_said(tmp_path: Path, image_dir: Path, caplog) -> None:
+    # a subset of the images (the Karpathy test split of val2014's captions) is fine, but their captions were
+    # dropped without a word, also when the ids were of another type ("7" for 7) and no image got its captions
+    data = tmp_path / "c.json"
+    data.write_text(json.dumps({"images": [{"id": 7, "image": "a.png"}],
+                                "annotations": [{"image_id": 7, "caption": "white"}, {"image_id": "8", "caption": "x"}]}))
+    with caplog.at_level("WARNING"):
+        records = runners.load_caption_data(data, image_dir)
+    assert [(r.id, r.captions) for r in records] == [(7, ["white"])]
+    assert f"{data}: 1 image_id(s) of 'annotations' name no entry of 'images' (the first: '8'): their captions are " \
+           "not used" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -279,6 +292,8 @@ def test_caption_coco_json_format(tmp_path: Path, image_dir: Path) -> None:
          "annotations[0]: 'image_id' must be a number or a string"),
         ({"images": [{"id": {"a": 1}, "image": "a.png"}], "annotations": []},
          "images[0]: 'id' must be a number or a string"),
+        # it said "'image' must be a str", a key COCO's files do not use
+        ({"images": [{"id": 1, "coco_url": "a.png"}], "annotations": []}, "images[0]: needs 'image' or 'file_name'"),
     ],
 )
 def test_caption_coco_json_of_the_wrong_shape_names_the_problem(tmp_path: Path, image_dir: Path, content: dict,

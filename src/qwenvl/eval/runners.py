@@ -758,7 +758,14 @@ def _coco_captions(path: Path) -> list[tuple[str, dict[str, Any]]] | None:
         if not isinstance(img["id"], (int, float, str)):
             raise EvalDataError(f"{where}: 'id' must be a number or a string")
         image = img.get("image", img.get("file_name"))
+        if image is None:  # said as "'image' must be a str" by the row check, a name the COCO file does not use
+            raise EvalDataError(f"{where}: needs 'image' or 'file_name' (the image's path)")
         out.append((where, {"id": img["id"], "image": image, "captions": refs.get(img["id"], [])}))
+    ids = {img["id"] for img in data["images"]}
+    unmatched = [i for i in refs if i not in ids]
+    if unmatched:  # a subset of the images (the Karpathy test split of val2014's captions), or ids of another type
+        logger.warning("%s: %d image_id(s) of 'annotations' name no entry of 'images' (the first: %r): their captions "
+                       "are not used", path, len(unmatched), unmatched[0])
     return out
 
 
