@@ -40,6 +40,17 @@ def test_chat_session_says_a_message_too_long_alone(golden_model, golden_dir, mo
     assert not isinstance(e.value, ConversationTooLong)
 
 
+def test_chat_session_says_a_system_text_too_long_at_once(golden_model, golden_dir, monkeypatch):
+    # accepted at the start (qwenvl chat --system ...), then every message failed on it
+    monkeypatch.setattr(golden_model.config.lm, "max_position_embeddings", 300)
+    processor = Processor.from_pretrained(golden_dir)
+    processor.chat_format = "chatml"
+    with pytest.raises(ValueError, match=r"^the system text is too long for the context \(\d+ tokens with an empty "
+                                         r"message, the model holds 300\): give a shorter one$"):
+        ChatSession(golden_model, processor, system="word " * 400)
+    assert ChatSession(golden_model, processor, system="Be brief.").system == "Be brief."
+
+
 def test_predict_records_a_prompt_of_a_wrong_type_and_answers_the_others(golden_model, golden_dir):
     # a None (a missing field read from a file) or an int among good prompts was a TypeError for the whole batch,
     # with on_error="record" too: every other answer lost

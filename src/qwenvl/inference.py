@@ -387,6 +387,16 @@ class ChatSession:
     compile: bool = False  # decode with the torch.compile-d step
     images: dict[str, Image.Image] = field(default_factory=dict, repr=False)  # path as added -> its picture
 
+    def __post_init__(self) -> None:
+        """A system text that leaves no room for a message is said now: every message failed on it."""
+        if self.system is None:
+            return
+        context = self.model.config.lm.max_position_embeddings
+        n = len(self.processor.build_chat_prompt([{"text": ""}], system=self.system)[1])
+        if n >= context:
+            raise ValueError(f"the system text is too long for the context ({n} tokens with an empty message, the "
+                             f"model holds {context}): give a shorter one")
+
     def add_image(self, image: ImageSource) -> str:
         """Show a picture with the next question; return the name the prompt shows it by (``<img>NAME</img>``).
 
