@@ -179,6 +179,29 @@ def test_a_lost_peer_is_one_line_naming_the_rank(train_data: Path, tmp_path: Pat
     assert "after a timeout that is the rank that waited, this one, not the one that hung" in err
 
 
+def test_ctrl_c_names_the_checkpoint_a_resume_goes_on_from(train_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # it said only "interrupted", where predict and eval say where their answers are
+    from qwenvl.cli import main as qwenvl_main
+    from qwenvl.train import trainer
+    from qwenvl.train.state import STATE_FILE
+
+    out = tmp_path / "out"
+
+    def stopped_after_two_checkpoints(cfg):
+        for step in (2, 4):
+            (out / f"checkpoint-{step}").mkdir(parents=True)
+            (out / f"checkpoint-{step}" / STATE_FILE).write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", stopped_after_two_checkpoints)
+    monkeypatch.delenv("RANK", raising=False)
+    argv = ["finetune", "--config", str(TINY), "--train_data", str(train_data), "--output_dir", str(out)]
+    assert qwenvl_main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"{out / 'checkpoint-4'} is kept: add --resume_training to go on from it", "interrupted"]
+
+
 def test_lora_without_peft_is_one_line_before_anything_runs(train_data: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     # peft is an extra (qwenvl[lora]); without it `--use_lora true` ended in an ImportError traceback (exit 1)

@@ -11,8 +11,10 @@ the YAML config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -138,6 +140,19 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Tra
     return TrainConfig.from_yaml(args.config, overrides)
 
 
+def _say_kept_checkpoint(output_dir: str) -> None:
+    """After Ctrl-C or SIGTERM (rank 0 alone): which checkpoint a resume would go on from, as predict and eval say
+    where their answers are."""
+    from .state import latest_checkpoint
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    with contextlib.suppress(OSError, ValueError):  # a terminal gone with SIGHUP: the line is a courtesy
+        latest = latest_checkpoint(output_dir)
+        if latest is not None:
+            print(f"{latest} is kept: add --resume_training to go on from it", file=sys.stderr)
+
+
 def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     """Run ``finetune`` with parsed ``args`` and the leftover ``--field value`` tokens; return the exit status."""
     try:
@@ -176,6 +191,7 @@ def run(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     except KeyboardInterrupt:  # torchrun stops the other ranks (SIGTERM) when one fails: that one says why
         if word_of_another_rank() is not None:
             return 2
+        _say_kept_checkpoint(cfg.output_dir)
         raise
     except DistributedError as e:  # another rank died or hung: one line naming this rank, not a traceback
         print(f"qwenvl finetune: error: {e}", file=sys.stderr)
