@@ -54,6 +54,8 @@ def test_sections_are_flattened_and_overrides_typed(tmp_path: Path) -> None:
         # accepted before: an infinite rate or decay trains a model of NaNs and saves it (exit 0)
         ("", {"learning_rate": "inf"}, r"learning_rate must be a finite number, got inf"),
         ("weight_decay: .inf\n", {}, r"weight_decay must be a finite number, got inf"),
+        # NaN fails ">= 0" too: it was said twice in one line
+        ("weight_decay: .nan\n", {}, r"^[^;]*c\.yaml: weight_decay must be a finite number, got nan$"),
         ("", {"lora_dropout": "2"}, r"lora_dropout must be in \[0, 1\), got 2\.0"),
         ("", {"lora_target": "("}, r"lora_target '\(' is not a regular expression: missing \)"),
         ("", {"lora_alpha": "0"}, r"lora_alpha must be > 0, got 0"),

@@ -139,11 +139,13 @@ class TrainConfig:
              f"unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}", "preset")
         for name in ("batch_size", "gradient_accumulation_steps", "logging_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        finite = ("learning_rate", "min_lr", "weight_decay", "adam_eps", "vision_lr_scale", "resampler_lr_scale",
+                  "dist_timeout")  # inf passes the bounds: a rate or decay of inf trains a model of NaNs
         for name in ("save_steps", "save_total_limit", "max_steps", "num_epochs", "warmup_steps", "lora_dropout",
                      "weight_decay", "max_grad_norm", "min_lr", "adam_eps", "vision_lr_scale", "resampler_lr_scale"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "adam_eps", "vision_lr_scale", "resampler_lr_scale",
-                     "dist_timeout"):  # inf passes the bounds: a rate or decay of inf trains a model of NaNs
+            value = getattr(self, name)  # NaN fails both checks: said once, as not finite, where that is checked
+            need(value >= 0 or (name in finite and math.isnan(value)), f"{name} must be >= 0, got {value}")
+        for name in finite:
             need(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         need(self.max_steps > 0 or self.num_epochs > 0, "set max_steps or num_epochs (both are 0)",
              "max_steps", "num_epochs")
