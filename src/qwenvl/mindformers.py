@@ -36,7 +36,7 @@ from .checkpoint import DTYPE_NAMES, CheckpointError, check_cast, check_finite, 
 from .config import IMG_START_ID, PRESETS, ConfigError, LMConfig, QwenVLConfig, VisionConfig
 from .fileio import atomic_file, read_yaml
 from .mindspore_ckpt import CODE_OF_DTYPE, CkptTensor, CkptWriter, CrcCheck, read_tensor, scan
-from .outputs import OutputDirError, appeared_during_run
+from .outputs import refusing_appeared
 
 if TYPE_CHECKING:
     from .config import GenerationDefaults
@@ -521,25 +521,20 @@ def export_checkpoint(
         raise ValueError(f"--emb_strategy {emb_strategy} pads wte and lm_head to a multiple of {512 * emb_strategy} "
                          f"rows, more than their {vocab}: it is the number of cards the embedding is split over "
                          f"(at most {vocab // 512} here)")
-    try:  # without overwrite, a file that appeared at out_file meanwhile stays (the check before the run saw none)
-        with atomic_file(out_file, replace=overwrite) as f:
-            writer = CkptWriter(f, crc_check=crc_check)
-            for name, shape in shapes.items():
-                r = rule(name, use_qkv_concat)
-                pad = 0
-                if r.kind == VOCAB and emb_strategy:
-                    pad = -shape[0] % (512 * emb_strategy)
-                t = get(name)
-                check_finite(f"{src}: {name}", t)
-                for ms_name, parts in zip(r.ms_names, _split(r, t, heads, pad)):
-                    writer.write(ms_name, parts, dtype)
-                del t
-            writer.finish()
-    except FileExistsError as e:
-        if e.filename is None or Path(e.filename) != Path(out_file):
-            raise
-        raise OutputDirError(f"{appeared_during_run(out_file)}; nothing was written (pass --overwrite to replace it)"
-                             ) from None
+    # without overwrite, a file that appeared at out_file meanwhile stays (the check before the run saw none)
+    with refusing_appeared(out_file, "--overwrite"), atomic_file(out_file, replace=overwrite) as f:
+        writer = CkptWriter(f, crc_check=crc_check)
+        for name, shape in shapes.items():
+            r = rule(name, use_qkv_concat)
+            pad = 0
+            if r.kind == VOCAB and emb_strategy:
+                pad = -shape[0] % (512 * emb_strategy)
+            t = get(name)
+            check_finite(f"{src}: {name}", t)
+            for ms_name, parts in zip(r.ms_names, _split(r, t, heads, pad)):
+                writer.write(ms_name, parts, dtype)
+            del t
+        writer.finish()
     return Summary(os.fspath(src), os.fspath(out_file), writer.tensors, Counter(writer.dtypes), writer.bytes, [],
                    "CRC32 trailer written" if crc_check else "")
 

@@ -205,6 +205,20 @@ def appeared_during_run(output: str | os.PathLike[str]) -> str:
     return f"the output file {shown_path(output)} was created by something else during the run and is left as it is"
 
 
+@contextlib.contextmanager
+def refusing_appeared(output: str | os.PathLike[str], flag: str) -> Iterator[None]:
+    """Around a write of ``output`` without replacing (``atomic_file(replace=False)``) that keeps nothing when it
+    fails: a file found there is an :class:`OutputDirError` saying so (:func:`appeared_during_run`) and that
+    ``flag`` replaces it. Other errors, a FileExistsError of another path included, pass."""
+    try:
+        yield
+    except FileExistsError as e:
+        if e.filename is None or Path(e.filename) != Path(output):
+            raise
+        raise OutputDirError(f"{appeared_during_run(output)}; nothing was written (pass {flag} to replace it)"
+                             ) from None
+
+
 def partial_path(output: str | os.PathLike[str]) -> Path:
     """Where an interrupted run keeps what it has for ``output``: ``OUTPUT.partial``, or ``OUTPUT.partial-2``,
     ... when that exists (an earlier interrupted run's: nothing is replaced)."""

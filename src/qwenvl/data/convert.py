@@ -57,7 +57,7 @@ from typing import Any
 
 from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records
 from qwenvl.images import ImageError, MediaPolicy, image_problems
-from qwenvl.outputs import OutputDirError, appeared_during_run, check_output_file
+from qwenvl.outputs import check_output_file, refusing_appeared
 from qwenvl.tokenizer import image_path_problem
 
 __all__ = ["ConvertSummary", "MalformedRecord", "convert_llava", "convert_records"]
@@ -343,12 +343,7 @@ def convert_llava(
         text = "".join(jsonl_line(record) for record in converted)
     else:
         text = json.dumps(converted, ensure_ascii=False, indent=1) + "\n"
-    try:  # without overwrite, a file that appeared since the check above (another run's, the user's) stays
+    with refusing_appeared(output_path, flag):  # without overwrite, a file that appeared since the check above stays
         summary.output_path = atomic_write_text(output_path, text, replace=overwrite)
-    except FileExistsError as e:
-        if e.filename is None or Path(e.filename) != Path(output_path):
-            raise
-        raise OutputDirError(f"{appeared_during_run(output_path)}; nothing was written (pass {flag} to replace it)"
-                             ) from None
     logger.debug("converted %s -> %s: %s", data_path, summary.output_path, summary)
     return summary
