@@ -29,6 +29,15 @@ IMG_END_ID = 151858
 IMG_PAD_ID = 151859
 TOKENIZER_SIZE = 151860
 IMG_TOKEN_SPAN = 256  # ids strictly between <img> and </img>
+# the text of <img> and </img>: the processor reads the text between them as an image path
+IMAGE_TAGS = ("<img>", "</img>")
+
+
+def first_image_tag(text: str) -> str | None:
+    """The first of :data:`IMAGE_TAGS` in ``text``, or None: text that comes with data (a question, a message, a
+    LLaVA turn) must hold none, or the processor would read a file the data does not name as its image."""
+    found = [(text.find(tag), tag) for tag in IMAGE_TAGS if tag in text]
+    return min(found)[1] if found else None
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwenvl.config import first_image_tag
 from qwenvl.fileio import atomic_write_text, jsonl_line, read_json_records
 from qwenvl.images import ImageError, MediaPolicy, image_problems
 from qwenvl.outputs import check_output_file, refusing_appeared
@@ -67,8 +68,6 @@ logger = logging.getLogger(__name__)
 LLAVA_IMAGE_TOKEN = "<image>"
 # Tried in this order; the bare token is the fallback.
 _IMAGE_TAG_FORMS = (LLAVA_IMAGE_TOKEN + "\n", "\n" + LLAVA_IMAGE_TOKEN, LLAVA_IMAGE_TOKEN)
-# Qwen-VL's picture tags: finetune reads the text between them, in any turn, as an image path
-QWEN_IMAGE_TAGS = ("<img>", "</img>")
 DEFAULT_IMAGE_PREFIX = "train2014/COCO_train2014_"
 MAX_EXAMPLES = 5  # missing-image paths kept in the summary / shown in the log
 
@@ -180,9 +179,9 @@ def _convert_record(
         if speaker not in roles:
             again = "; is the file converted already?" if speaker in roles.values() else ""
             raise _Malformed(f"turn {t} has unknown 'from' {speaker!r} (expected 'human' or 'gpt'{again})")
-        found = [(value.find(tag), tag) for tag in QWEN_IMAGE_TAGS if tag in value]
-        if found:  # text to LLaVA; finetune would read the file it names (the data's text names no file to read)
-            raise _Malformed(f"turn {t} holds {min(found)[1]}: <img> tags in LLaVA text are not allowed (qwenvl "
+        tag = first_image_tag(value)
+        if tag is not None:  # text to LLaVA; finetune would read the file it names (the data's text names no file)
+            raise _Malformed(f"turn {t} holds {tag}: <img> tags in LLaVA text are not allowed (qwenvl "
                              "finetune would read the text up to </img> as an image path); a record's picture is "
                              "its 'image'")
         replaced = _replace_image_tag(value, picture, tag_in_place)

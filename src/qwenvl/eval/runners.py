@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import IMAGE_TAGS, first_image_tag
 from ..fileio import atomic_write_text, error_line, iter_jsonl, json_text, jsonl_line, read_json, shown_path
 from ..grounding import denormalize_box, first_box
 from ..images import MAX_IMAGE_PIXELS, ImageError, MediaPolicy, open_image
@@ -516,22 +517,15 @@ def _check_prompt_image(image: str, where: str) -> None:
         raise EvalDataError(f"{where}: image path {image!r} looks like it holds a tag")
 
 
-# The processor reads the text between these tags as an image path. A record's image is its 'image' only: in its
-# text (a question, a referring expression) they would make it read a file the record does not name (any local
+# The processor reads the text between <img> and </img> as an image path. A record's image is its 'image' only: in
+# its text (a question, a referring expression) they would make it read a file the record does not name (any local
 # file with allow_any_local_path, whose "cannot decode image" error tells that it exists; one in image_dir without).
-IMAGE_TAGS = ("<img>", "</img>")
 _IMAGE_SPAN = "<img>{image}</img>"  # the one place a prompt template may hold them
-
-
-def _image_tag(text: str) -> str | None:
-    """The first image tag in ``text`` (one of :data:`IMAGE_TAGS`), or None."""
-    found = [(text.find(tag), tag) for tag in IMAGE_TAGS if tag in text]
-    return min(found)[1] if found else None
 
 
 def _check_text(text: str, key: str, where: str) -> None:
     """Refuse ``text``, the field ``key`` of the record at ``where``, when it holds an image tag."""
-    tag = _image_tag(text)
+    tag = first_image_tag(text)
     if tag is not None:
         raise EvalDataError(f"{where}: {key!r} holds {tag}: <img> tags in the data's text are not allowed; a record's "
                             "image is its 'image'")
@@ -860,7 +854,7 @@ PROMPT_FIELDS = {"grounding": {"image": "image", "expression": "sent"}, "vqa": {
 def check_prompt_template(template: str, what: str = "prompt template") -> None:
     """Refuse a template (``what``: how to name it) with an image tag anywhere but in ``<img>{image}</img>``: the
     text of an ``<img>`` span is read as an image path, and only the record's image may be one."""
-    tag = _image_tag(template.replace(_IMAGE_SPAN, ""))
+    tag = first_image_tag(template.replace(_IMAGE_SPAN, ""))
     if tag is not None:
         raise ValueError(f"{what} {template!r}: {tag} outside {_IMAGE_SPAN}; an <img> span of the prompt may hold only "
                          "{image}, the record's image (other text there would be read as an image path)")

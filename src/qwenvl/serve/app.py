@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from ..config import first_image_tag
 from ..fileio import error_line
 from ..generation import STOP_IDS, SamplingParams
 from ..images import shown
@@ -590,7 +591,7 @@ class _Server:
 
 def _check_text(text: str, where: str) -> None:
     """Images come only as image_url parts: an <img> tag in text could otherwise claim a picture's place."""
-    if "<img>" in text or "</img>" in text:
+    if first_image_tag(text) is not None:
         raise APIError(400, f"{where}: <img> tags in message text are not allowed; send images as image_url "
                             "content parts", param="messages")
 
